@@ -1,0 +1,68 @@
+"""Tunables of the compiled kernels, in one place.
+
+Every number that changes how fast a kernel runs, but never what it computes
+beyond round-off, lives here. They are read once, when a kernel module is first
+imported, so set the environment variables before importing :mod:`ptoc`.
+
+Environment variables
+---------------------
+PTOC_FASTMATH
+    ``1`` (default) lets LLVM contract ``a*b + c`` into fused multiply-adds and
+    reassociate sums so that loops vectorise; ``0`` keeps strict IEEE order. Either
+    way a kernel is deterministic: the same inputs give the same bits on every run
+    and for every number of threads.
+PTOC_CHUNK
+    Samples per work item of the batch-parallel kernels (default 32). The parameter
+    gradient is summed per chunk and the chunk sums are added in chunk order, so
+    the result does not depend on the number of threads.
+PTOC_CACHE
+    ``1`` (default) caches compiled CPU kernels on disk (``cache=True``).
+PTOC_CUDA_THREADS
+    Threads per block along each axis of the 2-D CUDA launches (default 16, so
+    16 x 16 = 256 threads per block).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"environment variable {name}={value} must be >= {minimum}")
+    return value
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if raw.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} is not a boolean (use 0 or 1)")
+
+
+#: LLVM fast-math flags for the Numba CPU kernels (see module docstring). Only flags
+#: that keep NaN and infinity semantics: a diverging run must still produce NaN.
+CPU_FASTMATH: set[str] | bool = (
+    {"contract", "reassoc", "nsz"} if _env_flag("PTOC_FASTMATH", True) else False
+)
+
+#: Samples per work item in the batch-parallel CPU and CUDA kernels.
+CHUNK: int = _env_int("PTOC_CHUNK", 32)
+
+#: Cache compiled CPU kernels on disk. Numba's cache is keyed on the source, not on
+#: compiler flags, so it is switched off when PTOC_FASTMATH is not the default.
+CACHE: bool = _env_flag("PTOC_CACHE", True) and _env_flag("PTOC_FASTMATH", True)
+
+#: Threads per block along each axis of the 2-D CUDA grids.
+CUDA_THREADS: int = _env_int("PTOC_CUDA_THREADS", 16)

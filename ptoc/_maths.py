@@ -1,0 +1,138 @@
+"""The per-element mathematics of one residual layer, written once.
+
+These are plain Python functions on scalars and array entries: they run as they
+are in the interpreter (and in the CUDA simulator), and each compiled target
+registers them as jitable functions (:func:`numba.extending.register_jitable` for
+the CPU in :mod:`ptoc.kernels.cpu`, the numba-cuda equivalent in
+:mod:`ptoc.kernels.cuda`), so kernels of both targets call exactly this code. The
+targets differ only in how the loops over samples ``s`` and features ``i, j`` map
+to threads. The readable, vectorised form of the same equations is
+:mod:`ptoc.kernels.reference`.
+
+Notation (``DESIGN.md`` section 1). One layer maps a batch of states ``x`` (S, d)
+to ``x + h sigma(a)`` with pre-activation ``a[s, i] = b[i] + sum_j K[i, j] x[s, j]``.
+Every sum below runs in ascending index order; the CPU kernels interchange loops
+for contiguous access but add the same terms in the same order.
+
+Activation codes are small integers because compiled kernels take scalars only;
+the public API uses :class:`ptoc.Activation`.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Private activation codes used inside compiled kernels (see ``Activation.code``).
+TANH = 0
+RELU = 1
+SMOOTHRELU = 2
+
+#: Half-width of the quadratic blend of SmoothReLU (Günther et al. 2020, sec. 4).
+SMOOTHRELU_ETA = 0.1
+
+# Cody-Waite split of ln 2 (high part exact in 32 bits) and 1/ln 2.
+_LN2_HI = 0.693145751953125
+_LN2_LO = 1.42860682030941723212e-6
+_INV_LN2 = 1.4426950408889634
+
+
+def tanh(a):
+    """Hyperbolic tangent to about 2 ulp, written so that a loop of it vectorises.
+
+    A library ``tanh`` is an opaque call that blocks SIMD code; this one is only
+    arithmetic. With ``y = min(|a|, 20)`` (``tanh(20)`` rounds to 1), compute
+    ``u = expm1(-2y)`` by the reduction ``-2y = k ln 2 + r``, ``|r| <= ln(2)/2``,
+    a degree-13 Taylor polynomial for ``expm1(r)`` (truncation < 1e-17) and
+    ``expm1(-2y) = 2^k expm1(r) + (2^k - 1)``; then ``tanh(y) = -u / (2 + u)``, which
+    keeps full relative accuracy for tiny ``|a|``. NaN propagates (it is replaced
+    by 20 inside the computation, so the integer conversion never sees it).
+    """
+    y = abs(a)
+    if not y <= 20.0:
+        y = 20.0
+    z = -2.0 * y
+    k = math.floor(z * _INV_LN2 + 0.5)
+    r = (z - k * _LN2_HI) - k * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    em1_r = p * r
+    two_k = 1.0 / float(1 << int(-k))
+    u = two_k * em1_r + (two_k - 1.0)
+    t = math.copysign(-u / (2.0 + u), a)
+    return t if a == a else a
+
+
+def activation(a, act):
+    """``(sigma(a), sigma'(a))`` for activation code ``act`` (``DESIGN.md`` section 1).
+
+    * tanh: ``(t, 1 - t^2)`` with ``t = tanh(a)``;
+    * ReLU: ``(max(a, 0), [a > 0])`` (derivative 0 at ``a = 0``);
+    * SmoothReLU, ``eta = 0.1``: ``(a^2/(4 eta) + a/2 + eta/4, a/(2 eta) + 1/2)`` for
+      ``|a| < eta``, the ReLU pair otherwise; value and slope are continuous.
+    """
+    if act == TANH:
+        t = tanh(a)
+        return t, 1.0 - t * t
+    if act == SMOOTHRELU and abs(a) < SMOOTHRELU_ETA:
+        return (a * a / (4.0 * SMOOTHRELU_ETA) + 0.5 * a + 0.25 * SMOOTHRELU_ETA,
+                a / (2.0 * SMOOTHRELU_ETA) + 0.5)
+    if a > 0.0:
+        return a, 1.0
+    return 0.0, 0.0
+
+
+def preactivation(x, K, b, s, i):
+    """``a[s, i] = b[i] + sum_j K[i, j] x[s, j]``."""
+    acc = b[i]
+    for j in range(x.shape[1]):
+        acc += K[i, j] * x[s, j]
+    return acc
+
+
+def adjoint_entry(lam, K, g, gs, h, s, j):
+    """One entry of the adjoint step, ``DESIGN.md`` section 2.
+
+    ``lambda_n[s, j] = lam[s, j] + h sum_i K[i, j] g[gs, i]`` with
+    ``g = sigma'(a) * lam`` (row ``gs`` of ``g`` belongs to sample ``s``).
+    """
+    acc = 0.0 * h
+    for i in range(K.shape[0]):
+        acc += K[i, j] * g[gs, i]
+    return lam[s, j] + h * acc
+
+
+def gradient_partial_entry(g, x, h, i, j, lo, hi):
+    """Chunk partial of the weight gradient, ``sum_{s=lo}^{hi-1} (h g[s, i]) x[s, j]``.
+
+    ``dJ/dK_n[i, j] = h sum_s g[s, i] x[s, j]`` is the sum of these partials over
+    consecutive chunks of ``chunk`` samples, added in chunk order, which makes the
+    result independent of the number of threads.
+    """
+    acc = 0.0 * h
+    for s in range(lo, hi):
+        acc += (h * g[s, i]) * x[s, j]
+    return acc
+
+
+def bias_partial_entry(g, h, i, lo, hi):
+    """Chunk partial of the bias gradient, ``sum_{s=lo}^{hi-1} h g[s, i]``."""
+    acc = 0.0 * h
+    for s in range(lo, hi):
+        acc += h * g[s, i]
+    return acc
+
+
+#: Functions each compiled target registers as jitable, in dependency order.
+ELEMENT_FUNCTIONS = (tanh, activation, preactivation, adjoint_entry, gradient_partial_entry,
+                     bias_partial_entry)

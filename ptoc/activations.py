@@ -1,0 +1,92 @@
+"""Activation functions: the public enum and the vectorised NumPy forms.
+
+The compiled kernels use the scalar definitions in :mod:`ptoc._maths`; the NumPy
+forms here are the readable reference and are tested against them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from . import _maths
+
+
+class Activation(str, enum.Enum):
+    """Activation ``sigma`` of the residual layers (``DESIGN.md`` section 1).
+
+    ``TANH``
+        ``tanh(a)``.
+    ``RELU``
+        ``max(a, 0)``; its derivative at 0 is taken as 0.
+    ``SMOOTHRELU``
+        ReLU with a quadratic blend on ``|a| < eta``, ``eta = 0.1``:
+        ``a^2/(4 eta) + a/2 + eta/4`` there, ``max(a, 0)`` elsewhere (Günther et al.
+        2020, used for the Peaks experiments).
+    """
+
+    TANH = "tanh"
+    RELU = "relu"
+    SMOOTHRELU = "smoothrelu"
+
+    @property
+    def code(self) -> int:
+        """The integer code the compiled kernels take (private)."""
+        return _CODES[self]
+
+    @classmethod
+    def parse(cls, value: Activation | str) -> Activation:
+        """Return the activation named by ``value``, with a clear error if unknown."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower().replace("_", "").replace("-", "")
+            for member in cls:
+                if member.value == key:
+                    return member
+        valid = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"unknown activation {value!r}; valid activations are {valid}")
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        """``sigma(a)``, elementwise (NumPy reference)."""
+        return sigma(a, self)
+
+    def derivative(self, a: np.ndarray) -> np.ndarray:
+        """``sigma'(a)``, elementwise (NumPy reference)."""
+        return dsigma(a, self)
+
+
+_CODES = {
+    Activation.TANH: _maths.TANH,
+    Activation.RELU: _maths.RELU,
+    Activation.SMOOTHRELU: _maths.SMOOTHRELU,
+}
+
+SMOOTHRELU_ETA = _maths.SMOOTHRELU_ETA
+
+
+def sigma(a: np.ndarray, activation: Activation) -> np.ndarray:
+    """Vectorised activation ``sigma(a)`` (reference form of :func:`ptoc._maths.sigma`)."""
+    a = np.asarray(a)
+    if activation is Activation.TANH:
+        return np.tanh(a)
+    relu = np.where(a > 0, a, np.zeros_like(a))
+    if activation is Activation.RELU:
+        return relu
+    eta = a.dtype.type(SMOOTHRELU_ETA) if a.dtype.kind == "f" else SMOOTHRELU_ETA
+    blend = a * a / (4 * eta) + a / 2 + eta / 4
+    return np.where(np.abs(a) < eta, blend, relu)
+
+
+def dsigma(a: np.ndarray, activation: Activation) -> np.ndarray:
+    """Vectorised derivative ``sigma'(a)`` (reference form of :func:`ptoc._maths.dsigma`)."""
+    a = np.asarray(a)
+    if activation is Activation.TANH:
+        t = np.tanh(a)
+        return 1 - t * t
+    step = (a > 0).astype(a.dtype)
+    if activation is Activation.RELU:
+        return step
+    eta = a.dtype.type(SMOOTHRELU_ETA) if a.dtype.kind == "f" else SMOOTHRELU_ETA
+    return np.where(np.abs(a) < eta, a / (2 * eta) + a.dtype.type(0.5), step)

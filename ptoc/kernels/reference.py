@@ -1,0 +1,107 @@
+"""NumPy reference kernels: the equations of one layer, vectorised and readable.
+
+This is the target to teach from and to check the compiled targets against. Every
+function has the same signature in :mod:`ptoc.kernels.cpu` and
+:mod:`ptoc.kernels.cuda`; the public, validating wrappers are in :mod:`ptoc.kernels`.
+
+Conventions (``DESIGN.md`` sections 1-3). A batch of states is ``x`` with shape
+``(S, d)``, one sample per row. Layer ``n`` has weights ``K`` (d, d) and bias ``b``
+(d,); its pre-activation is ``a = x K^T + b`` and its step is
+
+    Phi_n(x) = x + h sigma(a).                                            (forward)
+
+Given ``lam = lambda_{n+1}`` (S, d), the adjoint step and the parameter gradient are
+
+    g        = sigma'(a) * lam
+    lambda_n = lam + h g K                  (row form of lam + h K^T g)    (adjoint)
+    dJ/dK_n += h g^T x,     dJ/db_n += h sum_s g_s                        (gradient)
+
+and with the co-state ``p = -lambda`` the data part of the layer Hamiltonian is
+``sum_s p_s . Phi_n(x_s)``, whose gradient in ``(K, b)`` is the gradient formula
+above with ``p`` in place of ``lam`` (Li & Hao 2018).
+
+``act`` is the integer activation code of :mod:`ptoc._maths`; ``chunk`` is accepted
+for a common signature and ignored here (NumPy sums in its own order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..activations import Activation, dsigma, sigma
+
+_BY_CODE = {a.code: a for a in Activation}
+
+
+def _activation(act: int) -> Activation:
+    return _BY_CODE[act]
+
+
+def step(x, K, b, h, act, out, dsig, chunk):
+    """``out = x + h sigma(x K^T + b)``; if ``dsig`` is not None, store ``sigma'(a)`` in it."""
+    a = x @ K.T + b
+    activation = _activation(act)
+    out[...] = x + h * sigma(a, activation)
+    if dsig is not None:
+        dsig[...] = dsigma(a, activation)
+    return out
+
+
+def _g(x, lam, K, b, act, dsig):
+    """``g = sigma'(a) * lam``, using the stored derivative when given."""
+    d = dsig if dsig is not None else dsigma(x @ K.T + b, _activation(act))
+    return d * lam
+
+
+def adjoint_step(x, lam, K, b, h, act, out, gK, gb, dsig, chunk):
+    """``out = lam + h (sigma'(a) * lam) K``; if ``gK`` is given, accumulate the gradient.
+
+    ``gK += h g^T x`` and ``gb += h sum_s g_s`` with ``g = sigma'(a) * lam``.
+    """
+    g = _g(x, lam, K, b, act, dsig)
+    if gK is not None:
+        gK += h * (g.T @ x)
+        gb += h * g.sum(axis=0)
+    out[...] = lam + h * (g @ K)
+    return out
+
+
+def param_grad(x, lam, K, b, h, act, gK, gb, dsig, chunk):
+    """Accumulate ``gK += h g^T x``, ``gb += h sum_s g_s`` with ``g = sigma'(a) * lam``."""
+    g = _g(x, lam, K, b, act, dsig)
+    gK += h * (g.T @ x)
+    gb += h * g.sum(axis=0)
+
+
+def hamiltonian(x, p, K, b, h, act, chunk):
+    """Data part of the layer Hamiltonian, ``sum_s p_s . (x_s + h sigma(K x_s + b))``."""
+    phi = x + h * sigma(x @ K.T + b, _activation(act))
+    return float(np.sum(p * phi))
+
+
+def forward_sweep(states, K, b, h, act, dsig, chunk):
+    """Fill ``states[n + 1] = Phi_n(states[n])`` for ``n = 0..N-1`` (``states[0]`` given).
+
+    ``K`` (N, d, d), ``b`` (N, d), ``states`` (N+1, S, d); ``dsig`` (N, S, d) or None.
+    """
+    for n in range(K.shape[0]):
+        step(states[n], K[n], b[n], h, act, states[n + 1],
+             None if dsig is None else dsig[n], chunk)
+
+
+def adjoint_sweep(states, lam_N, K, b, h, act, dsig, gK, gb, lams, chunk):
+    """Backward sweep ``lambda_n = Phi_n'(x_n)^T lambda_{n+1}`` from ``lambda_N = lam_N``.
+
+    Accumulates the data part of the gradient into ``gK`` (N, d, d) and ``gb`` (N, d);
+    if ``lams`` (N+1, S, d) is given, every ``lambda_n`` is stored in it. Returns
+    ``lambda_0``.
+    """
+    lam = lam_N.copy()
+    if lams is not None:
+        lams[-1] = lam
+    for n in range(K.shape[0] - 1, -1, -1):
+        lam = adjoint_step(states[n], lam, K[n], b[n], h, act, np.empty_like(lam), gK[n], gb[n],
+                           None if dsig is None else dsig[n], chunk)
+        if lams is not None:
+            lams[n] = lam
+    return lam

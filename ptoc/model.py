@@ -1,0 +1,347 @@
+"""The network description and its parameters.
+
+A :class:`ResNet` is the discrete optimal-control problem of ``DESIGN.md`` section 1:
+an opening layer, ``N`` forward-Euler residual layers on ``[0, T]`` with step
+``h = T/N`` and a softmax classifier. Its trainable values are a :class:`Params`,
+which converts losslessly to and from a plain ``dict`` of NumPy arrays so that
+ptoc can be checked against any other framework.
+
+Array layout (used everywhere in ptoc): a batch of ``S`` samples is an array of
+shape ``(S, features)``, one sample per row, C-contiguous.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from .activations import Activation
+
+#: Keys of the parameter dictionary, in a fixed order.
+PARAM_KEYS = ("K", "b", "K_in", "b_in", "W", "mu")
+_SUPPORTED_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
+
+
+class Opening(str, enum.Enum):
+    """The opening layer mapping an input ``y`` to the first state ``x_0``.
+
+    ``DENSE``: ``x_0 = sigma(K_in y + b_in)``. ``IDENTITY``: ``x_0 = y`` (needs
+    ``n_in == width``; the parameters then have no ``K_in``, ``b_in``).
+    """
+
+    DENSE = "dense"
+    IDENTITY = "identity"
+
+    @classmethod
+    def parse(cls, value: Opening | str) -> Opening:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.strip().lower():
+                    return member
+        valid = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"unknown opening layer {value!r}; valid openings are {valid}")
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _nonnegative_float(name: str, value: object) -> float:
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if not np.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class ResNet:
+    """A residual network seen as a discrete optimal-control problem.
+
+    Forward propagation (``DESIGN.md`` section 1, Günther et al. 2020, eq. (2.2))::
+
+        x_0     = sigma(K_in y + b_in)                (or x_0 = y, identity opening)
+        x_{n+1} = x_n + h sigma(K_n x_n + b_n),       n = 0..N-1,  h = T/N
+        z       = W x_N + mu,   loss = mean_s CE(softmax(z_s), c_s)
+
+    and the regulariser
+    ``R = gamma/2 sum_n h(|K_n|^2 + |b_n|^2) + gamma_t/2 sum_n h |(theta_{n+1} - theta_n)/h|^2
+    + gamma_c/2 (|W|^2 + |mu|^2 + |K_in|^2 + |b_in|^2)``, with ``theta_n = (K_n, b_n)``.
+
+    Parameters
+    ----------
+    width : int
+        State dimension ``d``.
+    depth : int
+        Number of residual layers ``N``.
+    T : float
+        Final time; the step is ``h = T / N``.
+    activation : Activation or str
+        ``"tanh"``, ``"relu"`` or ``"smoothrelu"``.
+    n_in : int
+        Input dimension ``d_in``.
+    n_classes : int
+        Number of classes ``C`` (at least 2).
+    opening : Opening or str
+        ``"dense"`` (default) or ``"identity"`` (requires ``n_in == width``).
+    gamma, gamma_t, gamma_c : float
+        Weights of the Tikhonov, time-smoothness and classifier/opening regularisers.
+    dtype : numpy dtype
+        ``float64`` (default) or ``float32``.
+
+    Examples
+    --------
+    >>> import ptoc
+    >>> net = ptoc.ResNet(width=8, depth=32, T=1.0, activation="tanh", n_in=2, n_classes=5)
+    >>> net.h
+    0.03125
+    """
+
+    width: int
+    depth: int
+    T: float = 1.0
+    activation: Activation = Activation.TANH
+    n_in: int = 2
+    n_classes: int = 2
+    opening: Opening = Opening.DENSE
+    gamma: float = 1e-4
+    gamma_t: float = 1e-4
+    gamma_c: float = 1e-4
+    dtype: np.dtype = field(default=np.dtype(np.float64))
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "width", _positive_int("width", self.width))
+        set_(self, "depth", _positive_int("depth", self.depth))
+        set_(self, "n_in", _positive_int("n_in", self.n_in))
+        set_(self, "n_classes", _positive_int("n_classes", self.n_classes))
+        if self.n_classes < 2:
+            raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
+        T = _nonnegative_float("T", self.T)
+        if T == 0:
+            raise ValueError("T must be > 0, got 0")
+        set_(self, "T", T)
+        set_(self, "activation", Activation.parse(self.activation))
+        set_(self, "opening", Opening.parse(self.opening))
+        for name in ("gamma", "gamma_t", "gamma_c"):
+            set_(self, name, _nonnegative_float(name, getattr(self, name)))
+        try:
+            dt = np.dtype(self.dtype)
+        except TypeError:
+            raise ValueError(f"dtype {self.dtype!r} is not a NumPy dtype") from None
+        if dt not in _SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be float64 or float32, got {dt}")
+        set_(self, "dtype", dt)
+        if self.opening is Opening.IDENTITY and self.n_in != self.width:
+            raise ValueError(
+                f"an identity opening layer needs n_in == width, got n_in={self.n_in}, "
+                f"width={self.width}; use opening='dense'"
+            )
+
+    @property
+    def h(self) -> float:
+        """Layer step ``h = T / N``."""
+        return self.T / self.depth
+
+    @property
+    def has_opening_weights(self) -> bool:
+        """True when the opening layer is dense (has ``K_in``, ``b_in``)."""
+        return self.opening is Opening.DENSE
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the parameter arrays, keyed as in :data:`PARAM_KEYS`."""
+        d, N = self.width, self.depth
+        shapes = {"K": (N, d, d), "b": (N, d)}
+        if self.has_opening_weights:
+            shapes["K_in"] = (d, self.n_in)
+            shapes["b_in"] = (d,)
+        shapes["W"] = (self.n_classes, d)
+        shapes["mu"] = (self.n_classes,)
+        return shapes
+
+    @property
+    def n_params(self) -> int:
+        """Total number of scalar parameters."""
+        return int(sum(np.prod(s) for s in self.param_shapes().values()))
+
+    def init_params(self, seed: int | np.random.Generator | None = 0, scale: float = 1.0) -> Params:
+        """Random parameters: Gaussian weights of variance ``scale^2 / fan_in``, zero biases.
+
+        ``K_n ~ N(0, scale^2/d)``, ``K_in ~ N(0, scale^2/d_in)``, ``W ~ N(0, scale^2/d)``;
+        ``b_n = b_in = mu = 0``. ``scale = 0`` gives all-zero parameters, for which the
+        loss is exactly ``ln C``.
+        """
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        scale = _nonnegative_float("scale", scale)
+        d, N = self.width, self.depth
+        dt = self.dtype
+
+        def gauss(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+            return (rng.standard_normal(shape) * (scale / np.sqrt(fan_in))).astype(dt)
+
+        K = gauss((N, d, d), d)
+        K_in = gauss((d, self.n_in), self.n_in) if self.has_opening_weights else None
+        W = gauss((self.n_classes, d), d)
+        return Params(
+            K=K,
+            b=np.zeros((N, d), dt),
+            K_in=K_in,
+            b_in=np.zeros(d, dt) if self.has_opening_weights else None,
+            W=W,
+            mu=np.zeros(self.n_classes, dt),
+        )
+
+    def zero_params(self) -> Params:
+        """All-zero parameters of the right shapes and dtype."""
+        return Params(**{k: np.zeros(s, self.dtype) for k, s in self.param_shapes().items()})
+
+    def check_params(self, params: Params | Mapping[str, np.ndarray]) -> Params:
+        """Validate ``params`` against this network and return them as :class:`Params`.
+
+        Accepts a :class:`Params` or a mapping with the keys of :meth:`param_shapes`.
+        Raises ``ValueError`` naming the offending key for a missing or unexpected
+        key, a wrong shape, a non-real dtype or a non-finite entry. Arrays are
+        converted to the network's dtype and made C-contiguous (no copy when they
+        already are).
+        """
+        if isinstance(params, Params):
+            items = {k: v for k, v in params.items()}
+        elif isinstance(params, Mapping):
+            items = dict(params)
+        else:
+            raise TypeError(
+                f"params must be a ptoc.Params or a dict of arrays, got {type(params).__name__}"
+            )
+        shapes = self.param_shapes()
+        missing = [k for k in shapes if items.get(k) is None]
+        extra = [k for k, v in items.items() if k not in shapes and v is not None]
+        if missing:
+            raise ValueError(f"params is missing {missing}; expected keys {list(shapes)}")
+        if extra:
+            hint = ""
+            if set(extra) & {"K_in", "b_in"}:
+                hint = " (this network's opening layer is the identity: it has no K_in, b_in)"
+            raise ValueError(f"params has unexpected keys {extra}{hint}")
+        out: dict[str, np.ndarray] = {}
+        for key, shape in shapes.items():
+            arr = np.asarray(items[key])
+            if arr.shape != shape:
+                raise ValueError(
+                    f"params[{key!r}] has shape {arr.shape}, expected {shape} for {self.describe()}"
+                )
+            if arr.dtype.kind not in "fiu":
+                raise ValueError(f"params[{key!r}] has non-real dtype {arr.dtype}")
+            arr = np.ascontiguousarray(arr, dtype=self.dtype)
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"params[{key!r}] contains non-finite values (NaN or inf)")
+            out[key] = arr
+        return Params(**out)
+
+    def describe(self) -> str:
+        """One-line summary, e.g. ``ResNet(d=8, N=32, T=1, tanh, 2->5)``."""
+        return (
+            f"ResNet(d={self.width}, N={self.depth}, T={self.T:g}, {self.activation.value}, "
+            f"{self.n_in}->{self.n_classes}, opening={self.opening.value})"
+        )
+
+
+@dataclass
+class Params(Mapping):
+    """Trainable parameters of a :class:`ResNet`.
+
+    Attributes
+    ----------
+    K : ndarray, shape (N, d, d)
+        Residual-layer weights ``K_n``.
+    b : ndarray, shape (N, d)
+        Residual-layer biases ``b_n``.
+    K_in : ndarray, shape (d, d_in), or None
+        Opening-layer weight (None for an identity opening).
+    b_in : ndarray, shape (d,), or None
+        Opening-layer bias.
+    W : ndarray, shape (C, d)
+        Classifier weight.
+    mu : ndarray, shape (C,)
+        Classifier bias.
+
+    A ``Params`` is a read-only mapping from the keys of :data:`PARAM_KEYS` (those
+    that are not None) to arrays, so ``dict(params)`` is the plain-dict form;
+    :meth:`from_dict` is its inverse. Gradients have the same type and layout.
+    """
+
+    K: np.ndarray
+    b: np.ndarray
+    K_in: np.ndarray | None
+    b_in: np.ndarray | None
+    W: np.ndarray
+    mu: np.ndarray
+
+    # Mapping protocol ---------------------------------------------------------
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in PARAM_KEYS or getattr(self, key) is None:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in PARAM_KEYS if getattr(self, k) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable arrays
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return list(self) == list(other) and all(np.array_equal(self[k], other[k]) for k in self)
+
+    # Conversions ----------------------------------------------------------------
+    def to_dict(self, copy: bool = True) -> dict[str, np.ndarray]:
+        """Plain ``dict`` of arrays with keys ``K, b, [K_in, b_in,] W, mu``."""
+        return {k: (v.copy() if copy else v) for k, v in self.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, np.ndarray]) -> Params:
+        """Inverse of :meth:`to_dict`; missing ``K_in``/``b_in`` mean an identity opening.
+
+        No validation against a network happens here; use :meth:`ResNet.check_params`.
+        """
+        unknown = set(d) - set(PARAM_KEYS)
+        if unknown:
+            raise ValueError(f"unknown parameter keys {sorted(unknown)}; valid keys {PARAM_KEYS}")
+        return cls(**{f.name: (None if d.get(f.name) is None else np.asarray(d[f.name]))
+                      for f in fields(cls)})
+
+    def copy(self) -> Params:
+        """Deep copy."""
+        return Params(**{f.name: (None if getattr(self, f.name) is None
+                                  else getattr(self, f.name).copy()) for f in fields(self)})
+
+    def ravel(self) -> np.ndarray:
+        """All parameters as one flat vector, in the order of :data:`PARAM_KEYS`."""
+        return np.concatenate([v.ravel() for v in self.values()])
+
+    def unravel(self, vector: np.ndarray) -> Params:
+        """Parameters of the same shapes as ``self`` filled from a flat ``vector``."""
+        vector = np.asarray(vector)
+        sizes = [v.size for v in self.values()]
+        if vector.shape != (sum(sizes),):
+            raise ValueError(f"vector has shape {vector.shape}, expected ({sum(sizes)},)")
+        out, start = {}, 0
+        for (k, v), n in zip(self.items(), sizes, strict=True):
+            out[k] = vector[start:start + n].reshape(v.shape).astype(v.dtype, copy=True)
+            start += n
+        return Params.from_dict(out)
+
+    def norm(self) -> float:
+        """Euclidean norm of all parameters together."""
+        return float(np.sqrt(sum(float(np.vdot(v, v)) for v in self.values())))

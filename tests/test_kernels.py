@@ -1,0 +1,221 @@
+"""The three kernel targets against each other and against the element maths."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ptoc._maths as M
+from ptoc import kernels
+from ptoc.activations import Activation, dsigma, sigma
+from ptoc.kernels import Target, reference
+
+ACTS = list(Activation)
+COMPILED = [Target.CPU, Target.CUDA]
+
+
+def _layer(rng, S, d, dtype=np.float64, scale=1.0):
+    x = rng.standard_normal((S, d)).astype(dtype)
+    K = (rng.standard_normal((d, d)) * scale / np.sqrt(d)).astype(dtype)
+    b = rng.standard_normal(d).astype(dtype)
+    lam = rng.standard_normal((S, d)).astype(dtype)
+    return x, K, b, lam
+
+
+def _rel(a, b):
+    return np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(np.max(np.abs(b)), 1e-300)
+
+
+# --- scalar maths ----------------------------------------------------------------------------
+
+def test_tanh_is_accurate_to_a_few_ulp():
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.standard_normal(20000) * 4, rng.uniform(-30, 30, 2000),
+                        10.0 ** rng.uniform(-300, 1.5, 2000), [0.0, 19.999, 20.0, 20.001, 1e300]])
+    a = np.concatenate([a, -a])
+    ours = np.array([M.tanh(v) for v in a])
+    ref = np.tanh(a)
+    ulps = np.abs(ours - ref) / np.spacing(np.abs(ref))
+    assert ulps.max() <= 4
+    assert math.isnan(M.tanh(float("nan")))
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_scalar_activation_matches_vectorised_reference(act):
+    a = np.concatenate([np.linspace(-3, 3, 2001), [-0.1, 0.1, 0.0, -1e-12, 1e-12]])
+    pairs = np.array([M.activation(v, act.code) for v in a])
+    assert _rel(pairs[:, 0], sigma(a, act)) < 1e-15
+    assert _rel(pairs[:, 1], dsigma(a, act)) < 1e-15
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_derivative_is_the_derivative(act):
+    # central differences away from the kinks of ReLU / the blend points of SmoothReLU
+    a = np.linspace(-2.5, 2.5, 1000)
+    a = a[np.min(np.abs(a[:, None] - np.array([0.0, -0.1, 0.1])), axis=1) > 1e-3]
+    eps = 1e-6
+    fd = (sigma(a + eps, act) - sigma(a - eps, act)) / (2 * eps)
+    assert np.max(np.abs(fd - dsigma(a, act))) < 1e-8
+
+
+def test_smoothrelu_is_c1_at_the_blend_points():
+    act = Activation.SMOOTHRELU
+    for p in (-0.1, 0.1):
+        left, right = np.array([p - 1e-12]), np.array([p + 1e-12])
+        assert abs(sigma(left, act) - sigma(right, act))[0] < 1e-11
+        assert abs(dsigma(left, act) - dsigma(right, act))[0] < 1e-10
+
+
+# --- targets agree ----------------------------------------------------------------------------
+
+def _run_all(target, x, K, b, h, act, lam):
+    step, dsig = kernels.layer_step(x, K, b, h, act, target=target, return_derivative=True)
+    adj, gK, gb = kernels.layer_adjoint_step(x, lam, K, b, h, act, target=target,
+                                             accumulate_grad=True)
+    pK, pb = kernels.layer_param_grad(x, lam, K, b, h, act, target=target)
+    H = kernels.layer_hamiltonian(x, lam, K, b, h, act, target=target)
+    return step, dsig, adj, gK, gb, pK, pb, H
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("target", COMPILED)
+def test_compiled_targets_match_numpy_reference(target, act):
+    rng = np.random.default_rng(1)
+    S, d = (70, 9) if target is Target.CPU else (5, 3)
+    x, K, b, lam = _layer(rng, S, d)
+    ref = _run_all(Target.NUMPY, x, K, b, 0.3, act, lam)
+    got = _run_all(target, x, K, b, 0.3, act, lam)
+    for r, g in zip(ref, got, strict=True):
+        assert _rel(g, r) < 1e-12
+
+
+@given(S=st.integers(1, 150), d=st.integers(1, 20), h=st.floats(1e-3, 2.0),
+       act=st.sampled_from(ACTS), seed=st.integers(0, 2**31), chunk=st.integers(1, 64))
+def test_cpu_matches_reference_for_random_shapes_and_chunks(S, d, h, act, seed, chunk):
+    rng = np.random.default_rng(seed)
+    x, K, b, lam = _layer(rng, S, d, scale=2.0)
+    cpu = kernels.backend("cpu")
+    c = act.code
+    o_ref, ds_ref = np.empty_like(x), np.empty_like(x)
+    reference.step(x, K, b, h, c, o_ref, ds_ref, chunk)
+    o, ds = np.empty_like(x), np.empty_like(x)
+    cpu.step(x, K, b, h, c, o, ds, chunk)
+    assert _rel(o, o_ref) < 1e-12 and np.max(np.abs(ds - ds_ref)) < 1e-12
+    gK0 = rng.standard_normal((d, d))
+    gb0 = rng.standard_normal(d)
+    outs = []
+    for kern in (reference, cpu):
+        gK, gb, out = gK0.copy(), gb0.copy(), np.empty_like(x)
+        kern.adjoint_step(x, lam, K, b, h, c, out, gK, gb, None, chunk)
+        outs.append((out, gK, gb))
+    for r, g in zip(*outs, strict=True):
+        assert _rel(g, r) < 1e-12
+    assert abs(cpu.hamiltonian(x, lam, K, b, h, c, chunk)
+               - reference.hamiltonian(x, lam, K, b, h, c, chunk)) < 1e-12 * (1 + np.abs(x).sum())
+
+
+def test_cpu_gradient_is_independent_of_thread_count():
+    import numba
+
+    rng = np.random.default_rng(3)
+    x, K, b, lam = _layer(rng, 257, 11)
+    results = []
+    for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+        numba.set_num_threads(threads)
+        results.append(kernels.layer_adjoint_step(x, lam, K, b, 0.1, "tanh",
+                                                  accumulate_grad=True))
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for r in results[1:]:
+        for a, c in zip(r, results[0], strict=True):
+            assert np.array_equal(a, c)
+
+
+def test_stored_derivative_gives_the_same_adjoint():
+    rng = np.random.default_rng(4)
+    x, K, b, lam = _layer(rng, 40, 6)
+    cpu = kernels.backend("cpu")
+    _, ds = kernels.layer_step(x, K, b, 0.2, "tanh", return_derivative=True)
+    out1, out2 = np.empty_like(x), np.empty_like(x)
+    g1 = np.zeros((6, 6)), np.zeros(6)
+    g2 = np.zeros((6, 6)), np.zeros(6)
+    cpu.adjoint_step(x, lam, K, b, 0.2, 0, out1, *g1, None, 32)
+    cpu.adjoint_step(x, lam, K, b, 0.2, 0, out2, *g2, ds, 32)
+    assert _rel(out2, out1) < 1e-14 and _rel(g2[0], g1[0]) < 1e-14
+
+
+@pytest.mark.parametrize("target", [Target.NUMPY, Target.CPU])
+def test_float32_is_supported(target):
+    rng = np.random.default_rng(5)
+    x, K, b, lam = _layer(rng, 33, 5, dtype=np.float32)
+    out = kernels.layer_step(x, K, b, 0.1, "tanh", target=target)
+    assert out.dtype == np.float32
+    ref = kernels.layer_step(x.astype(np.float64), K.astype(np.float64), b.astype(np.float64),
+                             0.1, "tanh", target="numpy")
+    assert _rel(out, ref) < 1e-6
+
+
+# --- the Hamiltonian ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [Target.NUMPY, Target.CPU])
+@pytest.mark.parametrize("act", ACTS)
+def test_hamiltonian_gradient_is_minus_the_loss_gradient_of_the_layer(target, act):
+    """With p = -lambda, grad_theta sum_s p.Phi = -(h sum_s g x^T): ascent = descent."""
+    rng = np.random.default_rng(6)
+    x, K, b, lam = _layer(rng, 30, 7)
+    hK, hb = kernels.layer_hamiltonian_grad(x, -lam, K, b, 0.25, act, target=target)
+    gK, gb = kernels.layer_param_grad(x, lam, K, b, 0.25, act, target=target)
+    np.testing.assert_allclose(hK, -gK, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(hb, -gb, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("act", ["tanh", "smoothrelu"])
+def test_hamiltonian_gradient_matches_finite_differences(act):
+    rng = np.random.default_rng(7)
+    x, K, b, p = _layer(rng, 12, 4)
+    h, eps = 0.3, 1e-6
+    gK, gb = kernels.layer_hamiltonian_grad(x, p, K, b, h, act)
+    for i, j in [(0, 0), (1, 3), (3, 2)]:
+        Kp, Km = K.copy(), K.copy()
+        Kp[i, j] += eps
+        Km[i, j] -= eps
+        fd = (kernels.layer_hamiltonian(x, p, Kp, b, h, act)
+              - kernels.layer_hamiltonian(x, p, Km, b, h, act)) / (2 * eps)
+        assert abs(fd - gK[i, j]) <= 1e-6 * max(1.0, abs(gK[i, j]))
+    bp = b.copy()
+    bp[2] += eps
+    bm = b.copy()
+    bm[2] -= eps
+    fd = (kernels.layer_hamiltonian(x, p, K, bp, h, act)
+          - kernels.layer_hamiltonian(x, p, K, bm, h, act)) / (2 * eps)
+    assert abs(fd - gb[2]) <= 1e-6 * max(1.0, abs(gb[2]))
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"x": np.ones((0, 3))}, "empty"),
+    ({"K": np.ones((3, 2))}, "K has shape"),
+    ({"b": np.ones(4)}, "b has shape"),
+    ({"x": np.ones(3)}, "x must be a 2-D"),
+    ({"x": np.full((2, 3), np.nan)}, "non-finite"),
+    ({"K": np.full((3, 3), np.inf)}, "non-finite"),
+    ({"h": float("nan")}, "h must be finite"),
+    ({"activation": "sigmoid"}, "unknown activation"),
+    ({"target": "tpu"}, "unknown target"),
+])
+def test_bad_input_is_named(kwargs, match):
+    args = {"x": np.ones((2, 3)), "K": np.eye(3), "b": np.zeros(3), "h": 0.1,
+            "activation": "tanh", "target": "cpu"} | kwargs
+    with pytest.raises(ValueError, match=match):
+        kernels.layer_step(args.pop("x"), args.pop("K"), args.pop("b"), args.pop("h"),
+                           args.pop("activation"), **args)
+
+
+def test_bad_adjoint_shapes_are_named():
+    with pytest.raises(ValueError, match="lam_next has shape"):
+        kernels.layer_adjoint_step(np.ones((2, 3)), np.ones((3, 3)), np.eye(3), np.zeros(3), 0.1)
+    with pytest.raises(ValueError, match="grad_K must be"):
+        kernels.layer_param_grad(np.ones((2, 3)), np.ones((2, 3)), np.eye(3), np.zeros(3), 0.1,
+                                 grad_K=np.zeros((2, 2)))
