@@ -202,7 +202,8 @@ class ResNet:
 
     def zero_params(self) -> Params:
         """All-zero parameters of the right shapes and dtype."""
-        return Params(**{k: np.zeros(s, self.dtype) for k, s in self.param_shapes().items()})
+        shapes = self.param_shapes()
+        return Params.from_dict({k: np.zeros(s, self.dtype) for k, s in shapes.items()})
 
     def check_params(self, params: Params | Mapping[str, np.ndarray]) -> Params:
         """Validate ``params`` against this network and return them as :class:`Params`.
@@ -244,7 +245,7 @@ class ResNet:
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"params[{key!r}] contains non-finite values (NaN or inf)")
             out[key] = arr
-        return Params(**out)
+        return Params.from_dict(out)
 
     def describe(self) -> str:
         """One-line summary, e.g. ``ResNet(d=8, N=32, T=1, tanh, 2->5)``."""

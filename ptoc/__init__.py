@@ -1,0 +1,74 @@
+"""ptoc: parallel-in-time optimal control of residual neural networks.
+
+A residual network is a forward-Euler discretisation of a controlled ODE; training
+it is a discrete optimal-control problem. ptoc implements the network
+(:class:`ResNet`), its exact discrete adjoint (:func:`loss_and_grad`), the layer
+Hamiltonian of the maximum principle (:func:`hamiltonian`), per-layer kernels on
+three targets (:mod:`ptoc.kernels`: NumPy, Numba CPU, Numba CUDA), and the
+propagator contract that layer-parallel solvers use (:class:`Propagator`,
+:func:`check_propagator`). The mathematics and its one sign convention are in
+``DESIGN.md``; every docstring names the equation it implements.
+
+Quick example
+-------------
+>>> import ptoc
+>>> data = ptoc.data.peaks(n_per_class=20, n_val_per_class=5)
+>>> net = ptoc.ResNet(width=8, depth=16, T=1.0, activation="tanh", n_in=2, n_classes=5)
+>>> params = net.init_params(seed=0)
+>>> loss, grads = ptoc.loss_and_grad(net, params, data.X_train, data.y_train)
+>>> grads["K"].shape
+(16, 8, 8)
+"""
+
+from . import data, kernels
+from .activations import Activation
+from .hamiltonian import hamiltonian, hamiltonian_grad
+from .kernels import Target
+from .model import PARAM_KEYS, Opening, Params, ResNet
+from .propagator import (
+    Check,
+    Propagator,
+    PropagatorReport,
+    ResNetPropagator,
+    check_propagator,
+)
+from .sweeps import (
+    AdjointResult,
+    ForwardResult,
+    accuracy,
+    adjoint,
+    forward,
+    loss,
+    loss_and_grad,
+    predict,
+    predict_logits,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation",
+    "AdjointResult",
+    "Check",
+    "ForwardResult",
+    "Opening",
+    "PARAM_KEYS",
+    "Params",
+    "Propagator",
+    "PropagatorReport",
+    "ResNet",
+    "ResNetPropagator",
+    "Target",
+    "accuracy",
+    "adjoint",
+    "check_propagator",
+    "data",
+    "forward",
+    "hamiltonian",
+    "hamiltonian_grad",
+    "kernels",
+    "loss",
+    "loss_and_grad",
+    "predict",
+    "predict_logits",
+]

@@ -1,0 +1,288 @@
+"""Serial forward and adjoint sweeps, the loss and its full gradient.
+
+The forward sweep propagates a batch through all layers; the adjoint sweep runs
+backward from ``lambda_N = dPhi/dx_N`` (``DESIGN.md`` section 2) and accumulates the
+parameter gradient on the way. Together with the opening layer, the classifier and
+the regulariser (:mod:`ptoc.objective`) they give ``J`` and ``dJ/dtheta`` exactly:
+the discrete adjoint *is* reverse-mode differentiation of the forward code.
+
+Memory. Keeping every state costs ``(N+1) S d`` numbers, plus ``N S d`` for the stored
+``sigma'(a_n)`` that spare the adjoint sweep a recomputation of the pre-activations.
+With ``checkpoint_every=c`` only the states at layers ``0, c, 2c, ...`` are kept
+(``ceil(N/c)+1`` states); the adjoint sweep recomputes one segment of ``c`` layers at a
+time from its checkpoint (``(2c+1) S d`` working memory). The total is smallest for
+``c ~ sqrt(N)``; the price is one extra forward sweep (about a third more work).
+Recomputation uses the same kernels on the same inputs, so the gradient is bit for
+bit the one without checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _config
+from ._validate import check_inputs, check_positive_int
+from .kernels import Target, backend
+from .model import Params, ResNet
+from .objective import (
+    add_regulariser_grad,
+    classifier_loss,
+    logits,
+    opening_backward,
+    opening_forward,
+    regulariser,
+)
+
+
+@dataclass
+class ForwardResult:
+    """States of a forward sweep.
+
+    Attributes
+    ----------
+    states : ndarray
+        With ``checkpoint_every=None``: all states, shape (N+1, S, d), ``states[n] = x_n``.
+        Otherwise the checkpoints ``x_0, x_c, x_2c, ..., x_N`` (the last one is always
+        ``x_N``), shape (ceil(N/c)+1, S, d).
+    checkpoint_every : int or None
+        Spacing ``c`` of the checkpoints, or None when all states are kept.
+    derivatives : ndarray or None
+        ``sigma'(a_n)`` for ``n = 0..N-1`` (N, S, d) when all states are kept and
+        ``store_derivatives`` was requested; used by the adjoint sweep.
+    opening_derivative : ndarray or None
+        ``sigma'(a_in)`` of a dense opening layer (for its gradient).
+    """
+
+    states: np.ndarray
+    checkpoint_every: int | None
+    derivatives: np.ndarray | None
+    opening_derivative: np.ndarray | None
+
+    @property
+    def final_state(self) -> np.ndarray:
+        """``x_N`` (S, d)."""
+        return self.states[-1]
+
+    @property
+    def initial_state(self) -> np.ndarray:
+        """``x_0`` (S, d)."""
+        return self.states[0]
+
+
+def _checkpoint_layers(N: int, c: int) -> list[int]:
+    return list(range(0, N, c)) + [N]
+
+
+def _as_params(network: ResNet, params) -> Params:
+    return network.check_params(params)
+
+
+def forward(network: ResNet, params: Params | Mapping, X, *, target: Target | str = Target.CPU,
+            checkpoint_every: int | None = None, store_derivatives: bool = True) -> ForwardResult:
+    """Serial forward sweep ``x_{n+1} = x_n + h sigma(K_n x_n + b_n)`` from ``x_0 = opening(X)``.
+
+    Parameters
+    ----------
+    network : ResNet
+    params : Params or dict
+    X : array (S, n_in)
+        Inputs, one sample per row.
+    target : Target or str
+        Kernel target (``"numpy"``, ``"cpu"``, ``"cuda"``).
+    checkpoint_every : int, optional
+        Keep only every ``c``-th state (see the module docstring); None keeps all.
+    store_derivatives : bool
+        Keep ``sigma'(a_n)`` for the adjoint sweep (only when all states are kept).
+    """
+    params = _as_params(network, params)
+    X, _ = check_inputs(network, X)
+    kern = backend(target)
+    c = check_positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+    return _forward(network, params, X, kern, c, store_derivatives)
+
+
+def _forward(network, params, X, kern, c, store_derivatives) -> ForwardResult:
+    N, d, S = network.depth, network.width, X.shape[0]
+    act = network.activation.code
+    x0, dsig_in = opening_forward(network, params, X)
+    if c is None or c >= N:
+        states = np.empty((N + 1, S, d), network.dtype)
+        states[0] = x0
+        dsig = np.empty((N, S, d), network.dtype) if store_derivatives else None
+        kern.forward_sweep(states, params.K, params.b, network.h, act, dsig, _config.CHUNK)
+        return ForwardResult(states, None, dsig, dsig_in)
+    marks = _checkpoint_layers(N, c)
+    checkpoints = np.empty((len(marks), S, d), network.dtype)
+    checkpoints[0] = x0
+    segment = np.empty((c + 1, S, d), network.dtype)
+    for k in range(len(marks) - 1):
+        n0, n1 = marks[k], marks[k + 1]
+        seg = segment[: n1 - n0 + 1]
+        seg[0] = checkpoints[k]
+        kern.forward_sweep(seg, params.K[n0:n1], params.b[n0:n1], network.h, act, None,
+                           _config.CHUNK)
+        checkpoints[k + 1] = seg[-1]
+    return ForwardResult(checkpoints, c, None, dsig_in)
+
+
+@dataclass
+class AdjointResult:
+    """Result of an adjoint sweep.
+
+    Attributes
+    ----------
+    initial_adjoint : ndarray (S, d)
+        ``lambda_0``.
+    grad_K, grad_b : ndarrays (N, d, d), (N, d)
+        Data part of ``dJ/dK_n``, ``dJ/db_n`` (no regulariser).
+    adjoints : ndarray (N+1, S, d) or None
+        All ``lambda_n`` when requested (only without checkpoints).
+    """
+
+    initial_adjoint: np.ndarray
+    grad_K: np.ndarray
+    grad_b: np.ndarray
+    adjoints: np.ndarray | None = None
+
+
+def adjoint(network: ResNet, params: Params | Mapping, fwd: ForwardResult, lam_N, *,
+            target: Target | str = Target.CPU, keep_adjoints: bool = False) -> AdjointResult:
+    """Serial adjoint sweep ``lambda_n = lambda_{n+1} + h K_n^T (sigma'(a_n) * lambda_{n+1})``.
+
+    Starts from ``lambda_N = lam_N`` (S, d) and accumulates ``dJ/dK_n``, ``dJ/db_n``
+    (``DESIGN.md`` section 2). With a checkpointed ``fwd`` each segment is recomputed
+    from its checkpoint first.
+    """
+    params = _as_params(network, params)
+    lam_N = np.ascontiguousarray(lam_N, dtype=network.dtype)
+    if lam_N.shape != fwd.final_state.shape:
+        raise ValueError(f"lam_N has shape {lam_N.shape}, expected {fwd.final_state.shape}")
+    if not np.all(np.isfinite(lam_N)):
+        raise ValueError("lam_N contains non-finite values (NaN or inf)")
+    if keep_adjoints and fwd.checkpoint_every is not None:
+        raise ValueError("keep_adjoints needs a forward result with all states "
+                         "(checkpoint_every=None)")
+    return _adjoint(network, params, fwd, lam_N, backend(target), keep_adjoints)
+
+
+def _adjoint(network, params, fwd, lam_N, kern, keep_adjoints) -> AdjointResult:
+    N, d = network.depth, network.width
+    act, h = network.activation.code, network.h
+    gK = np.zeros((N, d, d), network.dtype)
+    gb = np.zeros((N, d), network.dtype)
+    if fwd.checkpoint_every is None:
+        lams = np.empty((N + 1,) + lam_N.shape, network.dtype) if keep_adjoints else None
+        lam0 = kern.adjoint_sweep(fwd.states, lam_N, params.K, params.b, h, act,
+                                  fwd.derivatives, gK, gb, lams, _config.CHUNK)
+        return AdjointResult(lam0, gK, gb, lams)
+    c = fwd.checkpoint_every
+    marks = _checkpoint_layers(N, c)
+    S = lam_N.shape[0]
+    segment = np.empty((c + 1, S, d), network.dtype)
+    dsig = np.empty((c, S, d), network.dtype)
+    lam = lam_N
+    for k in range(len(marks) - 2, -1, -1):
+        n0, n1 = marks[k], marks[k + 1]
+        seg, ds = segment[: n1 - n0 + 1], dsig[: n1 - n0]
+        seg[0] = fwd.states[k]
+        kern.forward_sweep(seg, params.K[n0:n1], params.b[n0:n1], h, act, ds, _config.CHUNK)
+        lam = kern.adjoint_sweep(seg, lam, params.K[n0:n1], params.b[n0:n1], h, act, ds,
+                                 gK[n0:n1], gb[n0:n1], None, _config.CHUNK)
+    return AdjointResult(np.asarray(lam), gK, gb, None)
+
+
+def _loss_and_grad(network: ResNet, params: Params, X, y, kern, checkpoint_every):
+    fwd = _forward(network, params, X, kern, checkpoint_every, store_derivatives=True)
+    loss, lam_N, dW, dmu = classifier_loss(params, fwd.final_state, y)
+    adj = _adjoint(network, params, fwd, lam_N, kern, False)
+    grads = Params(K=adj.grad_K, b=adj.grad_b,
+                   K_in=np.zeros_like(params.K_in) if params.K_in is not None else None,
+                   b_in=np.zeros_like(params.b_in) if params.b_in is not None else None,
+                   W=np.ascontiguousarray(dW, dtype=network.dtype),
+                   mu=np.asarray(dmu, dtype=network.dtype))
+    opening_backward(params, X, adj.initial_adjoint, fwd.opening_derivative, grads)
+    add_regulariser_grad(network, params, grads)
+    return loss + regulariser(network, params), grads
+
+
+def loss_and_grad(network: ResNet, params: Params | Mapping, X, labels, *,
+                  target: Target | str = Target.CPU, checkpoint_every: int | None = None):
+    """Objective ``J = Phi(x_N) + R`` and its gradient with respect to every parameter.
+
+    ``Phi`` is the batch-mean softmax cross-entropy (``DESIGN.md`` section 1); the
+    gradient comes from the discrete adjoint (section 2), which equals reverse-mode
+    differentiation of the forward sweep to round-off.
+
+    Parameters
+    ----------
+    network : ResNet
+    params : Params or dict of arrays
+        Keys ``K, b, K_in, b_in, W, mu`` (no ``K_in, b_in`` for an identity opening).
+    X : array (S, n_in)
+        Inputs, one sample per row.
+    labels : array of int (S,)
+        Class indices in ``[0, n_classes)``.
+    target : Target or str
+        ``"numpy"``, ``"cpu"`` (default) or ``"cuda"``.
+    checkpoint_every : int, optional
+        Keep every ``c``-th state only and recompute the rest (same result, less memory).
+
+    Returns
+    -------
+    loss : float
+        ``J(theta)``.
+    grads : dict or Params
+        ``dJ/dtheta`` with the same keys and shapes as ``params``; a plain ``dict`` when
+        ``params`` is a dict, a :class:`Params` when it is one.
+
+    Examples
+    --------
+    >>> import numpy as np, ptoc
+    >>> net = ptoc.ResNet(width=4, depth=8, n_in=2, n_classes=3)
+    >>> params = net.init_params(seed=0).to_dict()
+    >>> X, y = np.random.default_rng(0).standard_normal((10, 2)), np.arange(10) % 3
+    >>> loss, grads = ptoc.loss_and_grad(net, params, X, y)
+    >>> sorted(grads) == sorted(params)
+    True
+    """
+    as_dict = not isinstance(params, Params)
+    p = _as_params(network, params)
+    X, y = check_inputs(network, X, labels)
+    c = check_positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+    loss, grads = _loss_and_grad(network, p, X, y, backend(target), c)
+    return loss, (grads.to_dict(copy=False) if as_dict else grads)
+
+
+def loss(network: ResNet, params: Params | Mapping, X, labels, *,
+         target: Target | str = Target.CPU) -> float:
+    """Objective ``J = Phi(x_N) + R`` without the gradient (one forward sweep)."""
+    p = _as_params(network, params)
+    X, y = check_inputs(network, X, labels)
+    fwd = _forward(network, p, X, backend(target), None, store_derivatives=False)
+    value, *_ = classifier_loss(p, fwd.final_state, y)
+    return value + regulariser(network, p)
+
+
+def predict_logits(network: ResNet, params: Params | Mapping, X, *,
+                   target: Target | str = Target.CPU) -> np.ndarray:
+    """Classifier scores ``z = W x_N + mu`` (S, C) for inputs ``X``."""
+    p = _as_params(network, params)
+    X, _ = check_inputs(network, X)
+    fwd = _forward(network, p, X, backend(target), None, store_derivatives=False)
+    return logits(p, fwd.final_state)
+
+
+def predict(network: ResNet, params: Params | Mapping, X, *,
+            target: Target | str = Target.CPU) -> np.ndarray:
+    """Predicted class of each row of ``X`` (argmax of the scores)."""
+    return np.argmax(predict_logits(network, params, X, target=target), axis=1)
+
+
+def accuracy(network: ResNet, params: Params | Mapping, X, labels, *,
+             target: Target | str = Target.CPU) -> float:
+    """Fraction of rows of ``X`` whose predicted class equals ``labels``."""
+    _, y = check_inputs(network, X, labels)
+    return float(np.mean(predict(network, params, X, target=target) == y))
