@@ -21,6 +21,8 @@ kernels call the very code the CPU target calls.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 try:
@@ -137,10 +139,14 @@ def _hamiltonian_kernel(x, p, K, b, h, act, chunk, part):
 # --- launch helpers ----------------------------------------------------------------------------
 
 def _grid2(n_fast: int, n_slow: int):
+    """Blocks and threads of a 2-D launch covering ``n_fast x n_slow`` entries.
+
+    The fast axis gets ``min(n_fast, CUDA_THREADS)`` threads and the slow axis fills
+    the block up to ``CUDA_THREADS**2`` threads.
+    """
     t = _config.CUDA_THREADS
-    tx = min(t * t, max(1, min(t, n_fast)) if n_fast < t else t)
-    ty = max(1, (t * t) // tx)
-    ty = min(ty, max(1, n_slow))
+    tx = max(1, min(n_fast, t))
+    ty = max(1, min(n_slow, (t * t) // tx))
     return ((n_fast + tx - 1) // tx, (n_slow + ty - 1) // ty), (tx, ty)
 
 
@@ -150,7 +156,9 @@ def _to_device(a):
     return cuda.to_device(np.ascontiguousarray(a))
 
 
+@functools.cache
 def _dummy(dtype, ndim):
+    """A 1-element device array standing in for an absent optional output."""
     return cuda.to_device(np.zeros((1,) * ndim, dtype=dtype))
 
 
@@ -168,22 +176,29 @@ def _step_dev(x, K, b, h, act, out, dsig):
                                   store)
 
 
-def _adjoint_dev(x, lam, K, b, h, act, out, gK, gb, dsig, chunk):
+class _Workspace:
+    """Device scratch of the adjoint: ``g`` (S, d) and the chunk partials, allocated once."""
+
+    def __init__(self, S: int, d: int, dtype, chunk: int):
+        self.n_chunks = (S + chunk - 1) // chunk
+        self.g = cuda.device_array((S, d), dtype=dtype)
+        self.part_K = cuda.device_array((self.n_chunks, d, d), dtype=dtype)
+        self.part_b = cuda.device_array((self.n_chunks, d), dtype=dtype)
+        self.dummy = _dummy(dtype, 2)
+
+
+def _adjoint_dev(x, lam, K, b, h, act, out, gK, gb, dsig, chunk, work):
     S, d = x.shape
-    g = cuda.device_array((S, d), dtype=x.dtype)
     have = dsig is not None
     blocks, threads = _grid2(d, S)
-    _g_kernel[blocks, threads](x, lam, K, b, act, dsig if have else _dummy(x.dtype, 2), have, g)
+    _g_kernel[blocks, threads](x, lam, K, b, act, dsig if have else work.dummy, have, work.g)
     if out is not None:
-        _adjoint_kernel[blocks, threads](lam, K, g, h, out)
+        _adjoint_kernel[blocks, threads](lam, K, work.g, h, out)
     if gK is not None:
-        n_chunks = (S + chunk - 1) // chunk
-        part_K = cuda.device_array((n_chunks, d, d), dtype=x.dtype)
-        part_b = cuda.device_array((n_chunks, d), dtype=x.dtype)
-        blocks, threads = _grid2(d * d, n_chunks)
-        _partials_kernel[blocks, threads](g, x, h, chunk, part_K, part_b)
+        blocks, threads = _grid2(d * d, work.n_chunks)
+        _partials_kernel[blocks, threads](work.g, x, h, chunk, work.part_K, work.part_b)
         blocks, threads = _grid2(d, d)
-        _add_partials_kernel[blocks, threads](part_K, part_b, gK, gb)
+        _add_partials_kernel[blocks, threads](work.part_K, work.part_b, gK, gb)
 
 
 # --- functions with the common signature of kernels.reference ------------------------------------
@@ -207,7 +222,8 @@ def adjoint_step(x, lam, K, b, h, act, out, gK, gb, dsig, chunk):
     dx, dlam, dK, db, ddsig = map(_to_device, (x, lam, K, b, dsig))
     dout = out if _is_device(out) else cuda.device_array(x.shape, x.dtype)
     dgK, dgb = _to_device(gK), _to_device(gb)
-    _adjoint_dev(dx, dlam, dK, db, h, act, dout, dgK, dgb, ddsig, chunk)
+    _adjoint_dev(dx, dlam, dK, db, h, act, dout, dgK, dgb, ddsig, chunk,
+                 _Workspace(*x.shape, x.dtype, chunk))
     _back(dout, out)
     if gK is not None:
         _back(dgK, gK)
@@ -218,7 +234,8 @@ def adjoint_step(x, lam, K, b, h, act, out, gK, gb, dsig, chunk):
 def param_grad(x, lam, K, b, h, act, gK, gb, dsig, chunk):
     h = x.dtype.type(h)
     dx, dlam, dK, db, ddsig, dgK, dgb = map(_to_device, (x, lam, K, b, dsig, gK, gb))
-    _adjoint_dev(dx, dlam, dK, db, h, act, None, dgK, dgb, ddsig, chunk)
+    _adjoint_dev(dx, dlam, dK, db, h, act, None, dgK, dgb, ddsig, chunk,
+                 _Workspace(*x.shape, x.dtype, chunk))
     _back(dgK, gK)
     _back(dgb, gb)
 
@@ -261,9 +278,10 @@ def adjoint_sweep(states, lam_N, K, b, h, act, dsig, gK, gb, lams, chunk):
     if lams is not None:
         dlams = lams if _is_device(lams) else cuda.device_array(lams.shape, lams.dtype)
         dlams[-1].copy_to_device(lam)
+    work = _Workspace(*lam_N.shape, lam_N.dtype, chunk)
     for n in range(K.shape[0] - 1, -1, -1):
         _adjoint_dev(dstates[n], lam, dK[n], db[n], h, act, nxt, dgK[n], dgb[n],
-                     None if ddsig is None else ddsig[n], chunk)
+                     None if ddsig is None else ddsig[n], chunk, work)
         lam, nxt = nxt, lam
         if dlams is not None:
             dlams[n].copy_to_device(lam)
