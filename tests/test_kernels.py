@@ -219,3 +219,28 @@ def test_bad_adjoint_shapes_are_named():
     with pytest.raises(ValueError, match="grad_K must be"):
         kernels.layer_param_grad(np.ones((2, 3)), np.ones((2, 3)), np.eye(3), np.zeros(3), 0.1,
                                  grad_K=np.zeros((2, 2)))
+
+
+# --- optional targets load lazily and explain themselves --------------------------------------
+
+def test_importing_ptoc_compiles_nothing_and_loads_no_optional_target():
+    import subprocess
+    import sys
+
+    code = ("import sys, ptoc; "
+            "print(int('numba' in sys.modules), int('numba.cuda' in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["0", "0"]
+
+
+def test_cuda_without_a_device_gives_the_fix(monkeypatch):
+    from numba import cuda
+
+    cuda_kernels = kernels.backend("cuda")
+    monkeypatch.setattr(cuda, "is_available", lambda: False)
+    with pytest.raises(ImportError, match="NUMBA_ENABLE_CUDASIM=1"):
+        cuda_kernels.check_available()
+    monkeypatch.delitem(kernels._loaded, Target.CUDA)
+    with pytest.raises(ImportError, match="no usable CUDA GPU"):
+        kernels.layer_step(np.ones((2, 2)), np.eye(2), np.zeros(2), 0.1, target="cuda")
