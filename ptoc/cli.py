@@ -1,0 +1,400 @@
+"""The ``ptoc`` command line.
+
+``ptoc train``
+    Train a ResNet on Peaks (default) or digits and write the model, the history
+    (JSON and CSV) and a plot into an output folder. With no options it trains
+    width 8, depth 32, ``T = 5``, tanh, on Peaks with Adam (``lr = 3e-3``, batch 50,
+    100 epochs) on exact serial gradients, which reaches about 96-99% validation
+    accuracy in well under a minute on two cores.
+``ptoc info``
+    Versions, Numba threads and which kernel targets can run here.
+
+Exit codes: 0 success; 1 training diverged (the last good model is kept); 2 bad
+options or a missing optional dependency (one ``ptoc: error: ...`` line, never a
+traceback); 130 interrupted with Ctrl-C (the last good model is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DEFAULT_LR", "build_parser", "main"]
+
+#: Learning rate used when ``--lr`` is not given, per optimiser.
+DEFAULT_LR = {"adam": 3e-3, "sgd": 1e-2}
+
+PROG = "ptoc"
+
+
+class _Error(Exception):
+    """A user error: printed as ``ptoc: error: ...``, exit code 2."""
+
+
+# --- argument types (each error names the value; argparse adds the option) ---------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = _float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must satisfy 0 <= value < 1, got {text!r}")
+    return value
+
+
+def _batch_size(text: str) -> int | None:
+    if text.strip().lower() in ("full", "none", "all"):
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or 'full', got {text!r}") from None
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show ``(default: ...)`` except for flags and options whose default is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, without the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ptoc`` argument parser (subcommands ``train`` and ``info``)."""
+    from . import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        description=(
+            "ptoc: parallel-in-time optimal control of residual neural networks.\n\n"
+            "Subcommands:\n"
+            "  train  train a ResNet on Peaks or digits; writes model.npz, history.json,\n"
+            "         history.csv and training.png into an output folder\n"
+            "  info   versions, Numba threads and the available kernel targets\n\n"
+            "Run 'ptoc <subcommand> --help' for the options of each."
+        ),
+        epilog=("exit codes: 0 success, 1 training diverged (last good model kept), "
+                "2 bad options, 130 interrupted"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ptoc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,info}", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="train a ResNet and write model, history and plot",
+        description=(
+            "Train a residual network (forward-Euler ResNet, DESIGN.md section 1) with\n"
+            "mini-batch Adam or SGD on exact serial adjoint gradients. The training set\n"
+            "is reshuffled every epoch with numpy.random.default_rng(--seed); the\n"
+            "initial parameters are ResNet.init_params(--seed, --init-scale).\n\n"
+            "Outputs (in --output): model.npz (load with ptoc.io.load_model),\n"
+            "history.json and history.csv (per epoch: epoch, steps, train_loss,\n"
+            "train_accuracy, val_loss, val_accuracy, time) and training.png.\n"
+            "A progress bar is shown on stderr when it is a terminal (not with --quiet)."
+        ),
+        epilog=("exit codes: 0 success, 1 training diverged (the last good model is "
+                "written), 2 bad options, 130 interrupted"),
+        formatter_class=_Formatter,
+    )
+    g = t.add_argument_group("data")
+    g.add_argument("--data", choices=("peaks", "digits"), default="peaks",
+                   help="data set (digits needs scikit-learn)")
+    g.add_argument("--data-seed", type=_nonnegative_int, default=0,
+                   help="seed of the data set's sampling/split")
+    g = t.add_argument_group("network")
+    g.add_argument("--width", type=_positive_int, default=8, help="state dimension d")
+    g.add_argument("--depth", type=_positive_int, default=32, help="number of residual layers N")
+    g.add_argument("--T", type=_positive_float, default=5.0, help="final time (step h = T/N)")
+    g.add_argument("--activation", choices=("tanh", "relu", "smoothrelu"), default="tanh",
+                   help="activation sigma")
+    g.add_argument("--opening", choices=("dense", "identity"), default="dense",
+                   help="opening layer (identity needs n_in == width)")
+    g.add_argument("--gamma", type=_nonnegative_float, default=1e-4,
+                   help="Tikhonov weight on the layer weights")
+    g.add_argument("--gamma-t", type=_nonnegative_float, default=1e-4,
+                   help="time-smoothness weight between layers")
+    g.add_argument("--gamma-c", type=_nonnegative_float, default=1e-4,
+                   help="weight on the classifier and opening weights")
+    g.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="floating-point type")
+    g.add_argument("--init-scale", type=_nonnegative_float, default=1.0,
+                   help="scale of the random initial weights")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimiser")
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: "
+                   + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")
+    g.add_argument("--momentum", type=_unit_float, default=0.9, help="SGD momentum")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    g.add_argument("--epochs", type=_positive_int, default=100, help="passes over the data")
+    g.add_argument("--batch-size", type=_batch_size, default=50,
+                   help="samples per step, or 'full' for full-batch steps")
+    g.add_argument("--eval-every", type=_positive_int, default=1,
+                   help="evaluate accuracies every this many epochs")
+    g.add_argument("--seed", type=_nonnegative_int, default=0,
+                   help="seed of the initial parameters and of the shuffling")
+    g = t.add_argument_group("run")
+    g.add_argument("--target", choices=("numpy", "cpu", "cuda"), default="cpu",
+                   help="where the layer kernels run")
+    g.add_argument("--output", "-o", metavar="DIR", default=None,
+                   help="output folder (default: ptoc-runs/<YYYYmmdd-HHMMSS> in the "
+                   "current directory)")
+    g.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress bar and no header; still prints the final result")
+    t.set_defaults(func=_cmd_train)
+
+    i = sub.add_parser("info", help="versions, Numba threads and available targets",
+                       description="Print versions (ptoc, python, numpy, numba), the number "
+                       "of Numba threads and which kernel targets are available here.",
+                       formatter_class=_Formatter)
+    i.set_defaults(func=_cmd_info)
+    return parser
+
+
+# --- train -------------------------------------------------------------------------------------
+
+def _default_output() -> Path:
+    base = Path("ptoc-runs") / time.strftime("%Y%m%d-%H%M%S")
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import ptoc
+    from ptoc.kernels import backend
+    from ptoc.optim import make_optimizer
+    from ptoc.training import train
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+
+    try:
+        backend(args.target)
+    except (ImportError, ValueError) as exc:
+        raise _Error(f"argument --target {args.target}: {exc}") from None
+    try:
+        if args.data == "peaks":
+            data = ptoc.data.peaks(seed=args.data_seed)
+        else:
+            data = ptoc.data.digits(seed=args.data_seed)
+    except ImportError as exc:
+        raise _Error(str(exc)) from None
+    try:
+        network = ptoc.ResNet(
+            width=args.width, depth=args.depth, T=args.T, activation=args.activation,
+            n_in=data.n_in, n_classes=data.n_classes, opening=args.opening,
+            gamma=args.gamma, gamma_t=args.gamma_t, gamma_c=args.gamma_c, dtype=args.dtype,
+        )
+    except ValueError as exc:
+        raise _Error(f"invalid network for the {args.data} data set: {exc}") from None
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    if args.optimizer == "sgd":
+        hyper = {"lr": lr, "momentum": args.momentum, "nesterov": args.nesterov}
+        if args.nesterov and args.momentum == 0:
+            raise _Error("argument --nesterov: needs --momentum > 0")
+    else:
+        hyper = {"lr": lr}
+        if args.nesterov:
+            raise _Error("argument --nesterov: only applies to --optimizer sgd")
+    try:
+        optimizer = make_optimizer(args.optimizer, **hyper)
+    except ValueError as exc:
+        raise _Error(str(exc)) from None
+    params = network.init_params(args.seed, scale=args.init_scale)
+    output = Path(args.output) if args.output is not None else _default_output()
+    if output.exists() and not output.is_dir():
+        raise _Error(f"argument --output: {str(output)!r} exists and is not a directory")
+
+    n_train, n_val = data.X_train.shape[0], data.X_val.shape[0]
+    batch = "full" if args.batch_size is None else args.batch_size
+    say(f"ptoc: training {network.describe()} on {data.name} ({n_train} training, "
+        f"{n_val} validation samples)")
+    opt_desc = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in hyper.items())
+    say(f"ptoc: {args.optimizer}({opt_desc}), {args.epochs} epochs, batch {batch}, "
+        f"target {args.target}, seed {args.seed}; output in {output}")
+    result = train(
+        network, params, data, optimizer=optimizer, epochs=args.epochs,
+        batch_size=args.batch_size, target=args.target, seed=args.seed,
+        eval_every=args.eval_every, output_dir=output, progress=not args.quiet,
+    )
+    print(f"train accuracy {result.train_accuracy:.4f}, validation accuracy "
+          f"{result.val_accuracy:.4f} (train loss {result.train_loss:.4f}, validation loss "
+          f"{result.val_loss:.4f}) after {result.epochs} epochs, {result.steps} steps, "
+          f"{result.wall_time:.1f} s")
+    model = result.outputs.get("model")
+    files = ", ".join(p.name for p in result.outputs.values())
+    if result.diverged:
+        print(f"ptoc: error: {result.reason}. The last good model was kept in {model}",
+              file=sys.stderr)
+        return 1
+    if result.stopped_early:
+        print(f"ptoc: {result.reason}. The last good model was kept in {model}",
+              file=sys.stderr)
+        return 130
+    print(f"wrote {files} to {output}{os.sep}")
+    return 0
+
+
+# --- info --------------------------------------------------------------------------------------
+
+def _version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return None
+    return str(getattr(mod, "__version__", "unknown version"))
+
+
+def _cuda_status() -> str:
+    simulator = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    try:
+        from numba import cuda
+    except ImportError as exc:
+        return f"not installed (numba.cuda cannot be imported: {exc}; pip install 'ptoc[cuda]')"
+    if simulator:
+        return "simulator (NUMBA_ENABLE_CUDASIM=1: kernels run on the CPU, slowly)"
+    if _version("numba_cuda") is None:
+        return ("not installed (the numba-cuda package is missing; pip install 'ptoc[cuda]')")
+    try:
+        available = cuda.is_available()
+    except Exception as exc:  # noqa: BLE001 - driver errors vary by platform
+        return f"not available ({exc})"
+    if not available:
+        reason = ""
+        try:
+            err = cuda.cuda_error()
+            reason = " ".join(str(err).split()) if err else ""
+        except Exception:  # noqa: BLE001
+            pass
+        return f"not available ({reason or 'no CUDA GPU found'})"
+    try:
+        dev = cuda.get_current_device()
+        name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+        cc = ".".join(map(str, dev.compute_capability))
+        return f"available ({name}, compute capability {cc})"
+    except Exception as exc:  # noqa: BLE001
+        return f"available (device query failed: {exc})"
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import numba
+
+    from . import __version__
+
+    print(f"ptoc {__version__}")
+    print(f"python {platform.python_version()} ({platform.python_implementation()}, "
+          f"{platform.system()} {platform.machine()})")
+    print(f"numpy {np.__version__}")
+    print(f"numba {numba.__version__}")
+    print(f"numba threads: {numba.get_num_threads()} (NUMBA_NUM_THREADS="
+          f"{numba.config.NUMBA_NUM_THREADS}, {os.cpu_count()} CPUs)")
+    print("targets:")
+    print("  numpy: available")
+    try:
+        from .kernels import backend
+
+        backend("cpu")
+        print("  cpu:   available (Numba njit/prange)")
+    except Exception as exc:  # noqa: BLE001
+        print(f"  cpu:   not available ({exc})")
+    print(f"  cuda:  {_cuda_status()}")
+    print("optional packages:")
+    for module, name, purpose in (("sklearn", "scikit-learn", "digits data set"),
+                                  ("mpi4py", "mpi4py", "MPI layer parallelism"),
+                                  ("numba_cuda", "numba-cuda", "cuda target")):
+        v = _version(module)
+        print(f"  {name}: {v if v is not None else 'not installed'} ({purpose})")
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``ptoc`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Never raises for user errors: argparse errors and invalid combinations print one
+    ``ptoc: error: ...`` line and return 2; ``--help`` returns 0.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # --help, --version, or an argparse error
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return int(args.func(args))
+    except _Error as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

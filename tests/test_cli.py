@@ -1,0 +1,161 @@
+"""The ``ptoc`` command line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ptoc
+from ptoc.cli import main
+from ptoc.io import load_model
+
+FAST = ["train", "--epochs", "1", "--depth", "4", "--width", "4", "--batch-size", "500"]
+
+
+def test_train_writes_outputs_and_prints_accuracies(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(FAST + ["--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "train accuracy" in captured.out and "validation accuracy" in captured.out
+    assert str(out) in captured.out
+    assert "Traceback" not in captured.err
+    for name in ("model.npz", "history.json", "history.csv", "training.png"):
+        assert (out / name).is_file()
+    net, params, extra = load_model(out / "model.npz")
+    assert (net.width, net.depth, net.T, net.activation.value) == (4, 4, 5.0, "tanh")
+    assert extra["optimizer"] == {"name": "adam", "lr": 3e-3, "beta1": 0.9, "beta2": 0.999,
+                                  "eps": 1e-8}
+    assert extra["batch_size"] == 500 and extra["data"] == "peaks"
+    rows = json.loads((out / "history.json").read_text())
+    assert len(rows) == 1 and rows[0]["steps"] == 10
+
+
+def test_train_options_reach_the_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--epochs", "2", "--depth", "3", "--width", "2", "--T", "0.5",
+            "--activation", "smoothrelu", "--optimizer", "sgd", "--lr", "0.05",
+            "--momentum", "0.5", "--batch-size", "full", "--gamma", "0.01", "--seed", "3",
+            "--dtype", "float32", "--target", "numpy", "--quiet", "--output", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""  # --quiet: no progress bar, no header
+    assert "ptoc: training" not in captured.out and "validation accuracy" in captured.out
+    net, params, extra = load_model(out / "model.npz")
+    assert net == ptoc.ResNet(width=2, depth=3, T=0.5, activation="smoothrelu", n_in=2,
+                              n_classes=5, gamma=0.01, dtype="float32")
+    assert extra["optimizer"] == {"name": "sgd", "lr": 0.05, "momentum": 0.5,
+                                  "nesterov": False}
+    assert extra["batch_size"] is None and extra["steps"] == 2 and extra["seed"] == 3
+
+
+def test_divergence_exits_1_and_keeps_the_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = FAST + ["--optimizer", "sgd", "--lr", "1e300", "--output", str(out), "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "diverged" in err and "step" in err and "last good model" in err
+    assert str(out / "model.npz") in err and "Traceback" not in err
+    _, params, _ = load_model(out / "model.npz")
+    assert all(np.all(np.isfinite(v)) for v in params.values())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["info", "--help"]])
+def test_help_exits_0(argv, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "usage: ptoc" in out
+
+
+def test_help_lists_subcommands_and_every_train_option(capsys):
+    main(["--help"])
+    top = capsys.readouterr().out
+    assert "train" in top and "info" in top
+    main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--data", "--width", "--depth", "--T", "--activation", "--optimizer",
+                   "--lr", "--momentum", "--epochs", "--batch-size", "--target", "--seed",
+                   "--output", "--gamma", "--quiet"):
+        assert option in text, option
+    assert "(default: 32)" in text and "(default: adam)" in text and "(default: peaks)" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["--width", "0"], "--width"),
+        (["--depth", "-3"], "--depth"),
+        (["--activation", "foo"], "--activation"),
+        (["--target", "tpu"], "--target"),
+        (["--lr", "-1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--momentum", "1"], "--momentum"),
+        (["--epochs", "x"], "--epochs"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--data", "mnist"], "--data"),
+        (["--no-such-option"], "--no-such-option"),
+        (["--nesterov"], "--nesterov"),
+        (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], "--nesterov"),
+    ],
+)
+def test_bad_options_exit_2_with_one_clear_line(argv, option, capsys, tmp_path):
+    assert main(["train", *argv, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "ptoc" in err and "error" in err and option in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_subcommand_is_an_error(capsys):
+    assert main([]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_invalid_network_is_a_clean_error(tmp_path, capsys):
+    # an identity opening needs width == n_in (2 for Peaks)
+    assert main(["train", "--opening", "identity", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ptoc: error:") and "identity" in err and "Traceback" not in err
+
+
+def test_unavailable_target_is_a_clean_error(monkeypatch, tmp_path, capsys):
+    def backend(target):
+        raise ImportError("target 'cuda' found no usable CUDA GPU")
+
+    monkeypatch.setattr(ptoc.kernels, "backend", backend)
+    assert main(["train", "--target", "cuda", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ptoc: error: argument --target cuda:") and "no usable" in err
+
+
+def test_missing_scikit_learn_is_a_clean_error(monkeypatch, tmp_path, capsys):
+    message = "the digits data set needs scikit-learn: pip install 'ptoc[digits]'"
+
+    def digits(**kwargs):
+        raise ImportError(message)
+
+    monkeypatch.setattr(ptoc.data, "digits", digits)
+    assert main(["train", "--data", "digits", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("ptoc 0.1.0", "numpy", "numba", "python", "numba threads", "cpu:", "cuda:"):
+        assert word in out, word
+    cuda_line = next(line for line in out.splitlines() if "cuda:" in line)
+    assert any(s in cuda_line for s in ("available", "simulator", "not installed"))
+
+
+def test_python_dash_m_ptoc():
+    proc = subprocess.run([sys.executable, "-m", "ptoc", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: ptoc" in proc.stdout and "train" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "ptoc", "train", "--width", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--width" in proc.stderr and "Traceback" not in proc.stderr
