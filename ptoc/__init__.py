@@ -20,11 +20,13 @@ Quick example
 (16, 8, 8)
 """
 
-from . import data, kernels
+from . import data, io, kernels, optim, plotting, training
 from .activations import Activation
 from .hamiltonian import hamiltonian, hamiltonian_grad
+from .io import load_model, save_model
 from .kernels import Target
 from .model import PARAM_KEYS, Opening, Params, ResNet
+from .optim import OPTIMISERS, SGD, Adam
 from .propagator import (
     Check,
     Propagator,
@@ -43,11 +45,24 @@ from .sweeps import (
     predict,
     predict_logits,
 )
+from .training import History, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "OPTIMISERS",
+    "SGD",
     "Activation",
+    "Adam",
+    "History",
+    "TrainResult",
+    "io",
+    "load_model",
+    "optim",
+    "plotting",
+    "save_model",
+    "train",
+    "training",
     "AdjointResult",
     "Check",
     "ForwardResult",
