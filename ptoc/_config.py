@@ -57,8 +57,24 @@ CPU_FASTMATH: set[str] | bool = (
     {"contract", "reassoc", "nsz"} if _env_flag("PTOC_FASTMATH", True) else False
 )
 
-#: Samples per work item in the batch-parallel CPU and CUDA kernels.
+#: Samples per chunk of the gradient sums (CPU and CUDA) and per work item of the CUDA
+#: and Hamiltonian kernels. The results depend on it (through the order of the sums),
+#: so it is passed to every kernel as a runtime argument, never read inside one.
 CHUNK: int = _env_int("PTOC_CHUNK", 32)
+
+#: Target samples per work item of the CPU sweeps (``ptoc.kernels.cpu``). A work item
+#: is ``chunk * group`` consecutive samples with ``group = CPU_LANES // chunk`` (at
+#: least 1), halved while the batch would give fewer than ``CPU_MIN_ITEMS`` work
+#: items. The rule reads only the batch size and ``chunk``, never the thread count,
+#: so it cannot change a result; it changes only speed (longer inner loops over
+#: samples against enough work items to keep every thread busy).
+CPU_LANES: int = 128
+CPU_MIN_ITEMS: int = 4
+
+#: Bytes of gradient partials (one ``(d, d)`` matrix per chunk and layer) that the CPU
+#: adjoint sweep keeps before adding them up: it processes ``CPU_PARTIAL_BYTES //
+#: (n_chunks * (d*d + d) * itemsize)`` layers (at least one) per parallel loop.
+CPU_PARTIAL_BYTES: int = 1 << 20
 
 #: Cache compiled CPU kernels on disk. Numba's cache is keyed on the source, not on
 #: compiler flags, so it is switched off when PTOC_FASTMATH is not the default.

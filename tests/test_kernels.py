@@ -1,5 +1,6 @@
 """The three kernel targets against each other and against the element maths."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -244,3 +245,104 @@ def test_cuda_without_a_device_gives_the_fix(monkeypatch):
     monkeypatch.delitem(kernels._loaded, Target.CUDA)
     with pytest.raises(ImportError, match="no usable CUDA GPU"):
         kernels.layer_step(np.ones((2, 2)), np.eye(2), np.zeros(2), 0.1, target="cuda")
+
+
+# --- sweeps: many layers per call (CPU work items, layer blocks) -----------------------------
+
+@contextlib.contextmanager
+def _cpu_settings(lanes, partial_bytes):
+    """Temporarily set the CPU work-item width and layer-block size (``ptoc._config``)."""
+    from ptoc import _config
+
+    old = _config.CPU_LANES, _config.CPU_PARTIAL_BYTES
+    _config.CPU_LANES, _config.CPU_PARTIAL_BYTES = lanes, partial_bytes
+    try:
+        yield
+    finally:
+        _config.CPU_LANES, _config.CPU_PARTIAL_BYTES = old
+
+
+def _sweeps(kern, X, K, b, h, act, lam, chunk, store=True, gK0=None, gb0=None):
+    N, (S, d) = K.shape[0], X.shape
+    states = np.empty((N + 1, S, d), X.dtype)
+    states[0] = X
+    dsig = np.empty((N, S, d), X.dtype) if store else None
+    kern.forward_sweep(states, K, b, h, act, dsig, chunk)
+    gK = np.zeros_like(K) if gK0 is None else gK0.copy()
+    gb = np.zeros_like(b) if gb0 is None else gb0.copy()
+    lams = np.empty((N + 1, S, d), X.dtype)
+    lam0 = kern.adjoint_sweep(states, lam, K, b, h, act, dsig, gK, gb, lams, chunk)
+    return [states] + ([dsig] if store else []) + [gK, gb, lams, lam0]
+
+
+def _deep(rng, S, d, N, dtype=np.float64):
+    X = rng.standard_normal((S, d)).astype(dtype)
+    K = (rng.standard_normal((N, d, d)) * 1.5 / np.sqrt(d)).astype(dtype)
+    b = rng.standard_normal((N, d)).astype(dtype)
+    lam = rng.standard_normal((S, d)).astype(dtype)
+    return X, K, b, lam
+
+
+@given(S=st.integers(1, 150), d=st.integers(1, 20), N=st.integers(0, 5),
+       act=st.sampled_from(ACTS), seed=st.integers(0, 2**31), chunk=st.integers(1, 64),
+       store=st.booleans(), lanes=st.sampled_from([1, 16, 128]),
+       partial_bytes=st.sampled_from([1, 1 << 20]))
+def test_cpu_sweeps_match_reference(S, d, N, act, seed, chunk, store, lanes, partial_bytes):
+    # every remainder of the 8/4/1-term products and of the 4 x 4 gradient tiles
+    # (d = 1..20), work items of one or several chunks (lanes), one layer or all
+    # layers per adjoint block (partial_bytes), stored or recomputed sigma'
+    rng = np.random.default_rng(seed)
+    X, K, b, lam = _deep(rng, S, d, N)
+    gK0, gb0 = rng.standard_normal((N, d, d)), rng.standard_normal((N, d))
+    ref = _sweeps(reference, X, K, b, 0.2, act.code, lam, chunk, store, gK0, gb0)
+    with _cpu_settings(lanes, partial_bytes):
+        got = _sweeps(kernels.backend("cpu"), X, K, b, 0.2, act.code, lam, chunk, store,
+                      gK0, gb0)
+    for r, g in zip(ref, got, strict=True):
+        assert g.shape == r.shape
+        if r.size:
+            assert _rel(g, r) < 1e-12
+
+
+@pytest.mark.parametrize("S, d, N, chunk", [(203, 13, 5, 16), (257, 8, 3, 32), (64, 5, 4, 1)])
+def test_cpu_sweeps_are_bitwise_independent_of_threads_and_work_split(S, d, N, chunk):
+    import numba
+
+    rng = np.random.default_rng(8)
+    X, K, b, lam = _deep(rng, S, d, N)
+    cpu = kernels.backend("cpu")
+    results = []
+    try:
+        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(threads)
+            for lanes in (1, 32, 128):
+                for partial_bytes in (1, 1 << 20):
+                    with _cpu_settings(lanes, partial_bytes):
+                        results.append(_sweeps(cpu, X, K, b, 0.3, 0, lam, chunk))
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for r in results[1:]:
+        for a, c in zip(r, results[0], strict=True):
+            assert np.array_equal(a, c)
+
+
+def test_cpu_sweeps_in_float32():
+    rng = np.random.default_rng(9)
+    X, K, b, lam = _deep(rng, 70, 9, 4, dtype=np.float32)
+    got = _sweeps(kernels.backend("cpu"), X, K, b, 0.2, 0, lam, 32)
+    ref = _sweeps(reference, *(a.astype(np.float64) for a in (X, K, b)), 0.2, 0,
+                  lam.astype(np.float64), 32)
+    for r, g in zip(ref, got, strict=True):
+        assert g.dtype == np.float32
+        assert _rel(g, r) < 1e-5
+
+
+def test_cpu_sweeps_propagate_nan():
+    rng = np.random.default_rng(10)
+    X, K, b, lam = _deep(rng, 40, 6, 3)
+    X[3, 2] = np.nan
+    states, dsig, gK, gb, lams, lam0 = _sweeps(kernels.backend("cpu"), X, K, b, 0.2, 0, lam, 32)
+    assert np.isnan(states[-1][3]).all() and np.isnan(dsig[0][3]).all()
+    assert np.isfinite(np.delete(states[-1], 3, axis=0)).all()
+    assert np.isnan(gK).all() and np.isnan(gb).all()
+    assert np.isnan(lam0[3]).all() and np.isfinite(np.delete(lam0, 3, axis=0)).all()
