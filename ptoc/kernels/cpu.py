@@ -401,21 +401,19 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
 def _add_partials(part_K, part_b, gK, gb, n0, n1):
     """``gK[n] += part_K[0, n - n0]``, then ``part_K[1, n - n0]``, ...: chunks in order.
 
-    The same for ``gb`` with ``part_b``; layers ``n0 <= n < n1`` run in parallel.
+    The same for ``gb`` with ``part_b``, for layers ``n0 <= n < n1``; the rows
+    ``(n, i)`` run in parallel (a block may hold a single layer).
     """
     n_chunks, _, d, _ = part_K.shape
-    for n in prange(n0, n1):
-        gKn = gK[n]
-        gbn = gb[n]
+    for q in prange((n1 - n0) * d):
+        l = q // d
+        i = q % d
+        gKi = gK[n0 + l, i]
         for c in range(n_chunks):
-            pK = part_K[c, n - n0]
-            pb = part_b[c, n - n0]
-            for i in range(d):
-                gbn[i] += pb[i]
-                gKi = gKn[i]
-                pKi = pK[i]
-                for j in range(d):
-                    gKi[j] += pKi[j]
+            gb[n0 + l, i] += part_b[c, l, i]
+            pKi = part_K[c, l, i]
+            for j in range(d):
+                gKi[j] += pKi[j]
 
 
 @njit(**_opts)
