@@ -34,6 +34,7 @@ SMOOTHRELU_ETA = 0.1
 _LN2_HI = 0.693145751953125
 _LN2_LO = 1.42860682030941723212e-6
 _INV_LN2 = 1.4426950408889634
+_TWO_M58 = 2.0**-58
 
 
 def tanh(a):
@@ -67,7 +68,7 @@ def tanh(a):
     p = p * r + 0.5
     p = p * r + 1.0
     em1_r = p * r
-    two_k = 1.0 / float(1 << int(-k))
+    two_k = float(1 << int(58 + k)) * _TWO_M58  # exact: k >= -58 because y <= 20
     u = two_k * em1_r + (two_k - 1.0)
     t = math.copysign(-u / (2.0 + u), a)
     return t if a == a else a
@@ -80,6 +81,9 @@ def activation(a, act):
     * ReLU: ``(max(a, 0), [a > 0])`` (derivative 0 at ``a = 0``);
     * SmoothReLU, ``eta = 0.1``: ``(a^2/(4 eta) + a/2 + eta/4, a/(2 eta) + 1/2)`` for
       ``|a| < eta``, the ReLU pair otherwise; value and slope are continuous.
+
+    A NaN ``a`` gives ``(NaN, NaN)`` for every activation, so a diverging run is
+    never silently turned into zeros.
     """
     if act == TANH:
         t = tanh(a)
@@ -89,7 +93,9 @@ def activation(a, act):
                 a / (2.0 * SMOOTHRELU_ETA) + 0.5)
     if a > 0.0:
         return a, 1.0
-    return 0.0, 0.0
+    if a <= 0.0:
+        return 0.0, 0.0
+    return a, a  # NaN: propagate it to the value and the slope
 
 
 def preactivation(x, K, b, s, i):

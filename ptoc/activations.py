@@ -71,7 +71,7 @@ def sigma(a: np.ndarray, activation: Activation) -> np.ndarray:
     a = np.asarray(a)
     if activation is Activation.TANH:
         return np.tanh(a)
-    relu = np.where(a > 0, a, np.zeros_like(a))
+    relu = np.where(a <= 0, np.zeros_like(a), a)  # NaN stays NaN
     if activation is Activation.RELU:
         return relu
     eta = a.dtype.type(SMOOTHRELU_ETA) if a.dtype.kind == "f" else SMOOTHRELU_ETA
@@ -85,7 +85,7 @@ def dsigma(a: np.ndarray, activation: Activation) -> np.ndarray:
     if activation is Activation.TANH:
         t = np.tanh(a)
         return 1 - t * t
-    step = (a > 0).astype(a.dtype)
+    step = np.where(a > 0, 1, np.where(a <= 0, 0, a)).astype(a.dtype)  # NaN stays NaN
     if activation is Activation.RELU:
         return step
     eta = a.dtype.type(SMOOTHRELU_ETA) if a.dtype.kind == "f" else SMOOTHRELU_ETA

@@ -337,12 +337,44 @@ def test_cpu_sweeps_in_float32():
         assert _rel(g, r) < 1e-5
 
 
-def test_cpu_sweeps_propagate_nan():
+@pytest.mark.parametrize("target", [Target.NUMPY, Target.CPU])
+@pytest.mark.parametrize("act", ACTS)
+def test_sweeps_propagate_nan(target, act):
+    """A NaN entering a sample poisons that sample and the gradient, never becomes 0."""
     rng = np.random.default_rng(10)
     X, K, b, lam = _deep(rng, 40, 6, 3)
     X[3, 2] = np.nan
-    states, dsig, gK, gb, lams, lam0 = _sweeps(kernels.backend("cpu"), X, K, b, 0.2, 0, lam, 32)
+    kern = kernels.backend(target)
+    states, dsig, gK, gb, lams, lam0 = _sweeps(kern, X, K, b, 0.2, act.code, lam, 32)
     assert np.isnan(states[-1][3]).all() and np.isnan(dsig[0][3]).all()
     assert np.isfinite(np.delete(states[-1], 3, axis=0)).all()
     assert np.isnan(gK).all() and np.isnan(gb).all()
     assert np.isnan(lam0[3]).all() and np.isfinite(np.delete(lam0, 3, axis=0)).all()
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_activation_maps_nan_to_nan(act):
+    assert all(math.isnan(v) for v in maths.activation(float("nan"), act.code))
+    a = np.array([np.nan, -1.0, 0.05, 2.0])
+    assert np.isnan(sigma(a, act)[0]) and np.isnan(dsigma(a, act)[0])
+    assert np.isfinite(sigma(a, act)[1:]).all() and np.isfinite(dsigma(a, act)[1:]).all()
+    cuda_out = np.empty((1, 1))
+    kernels.backend("cuda").step(np.full((1, 1), np.nan), np.ones((1, 1)), np.zeros(1), 0.1,
+                                 act.code, cuda_out, None, 32)
+    assert np.isnan(cuda_out).all()
+
+def test_cpu_cache_is_dropped_when_the_inlined_maths_changes(tmp_path, monkeypatch):
+    """Numba keys its cache on cpu.py only; cpu.py drops it when _maths/_config change."""
+    cpu = kernels.backend("cpu")
+    monkeypatch.setattr(cpu._forward._cache, "_cache_path", str(tmp_path))
+    stale = tmp_path / "cpu._forward-1.py311.nbi"
+    stale.write_text("stale")
+    other = tmp_path / "other_module.f-1.py311.nbi"
+    other.write_text("not ours")
+    (tmp_path / "ptoc_kernels_cpu.sha256").write_text("digest of older maths")
+    cpu._drop_stale_cache()
+    assert not stale.exists() and other.exists()
+    stamp = (tmp_path / "ptoc_kernels_cpu.sha256").read_text()
+    stale.write_text("compiled from the current maths")
+    cpu._drop_stale_cache()  # digest unchanged: the cache is kept
+    assert stale.exists() and (tmp_path / "ptoc_kernels_cpu.sha256").read_text() == stamp

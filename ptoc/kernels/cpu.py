@@ -52,6 +52,9 @@ parallel loop adds the partials of its layers, in chunk order, to ``gK`` and ``g
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 from numba import njit, prange
 from numba.extending import register_jitable
@@ -479,6 +482,36 @@ def _hamiltonian(x, p, K, b, h, act, chunk):
     for c in range(n_chunks):
         total += part[c]
     return total
+
+
+
+def _drop_stale_cache() -> None:
+    """Delete this module's compiled-kernel cache when the maths it inlines has changed.
+
+    Numba keys its disk cache on the source file of each cached function only, but
+    these kernels inline :mod:`ptoc._maths` and read :mod:`ptoc._config`; an edit
+    there alone would silently reuse stale machine code. A digest of both files is
+    kept next to the cache; when it differs, this module's cache files are removed
+    before anything is compiled or loaded.
+    """
+    if not _config.CACHE:
+        return
+    try:
+        cache_dir = Path(_forward._cache._cache_path)
+        digest = hashlib.sha256(Path(_maths.__file__).read_bytes()
+                                + Path(_config.__file__).read_bytes()).hexdigest()
+        stamp = cache_dir / "ptoc_kernels_cpu.sha256"
+        if stamp.is_file() and stamp.read_text() == digest:
+            return
+        for f in cache_dir.glob(f"{Path(__file__).stem}.*.nb[ic]"):
+            f.unlink(missing_ok=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest)
+    except (OSError, AttributeError):  # read-only install, or Numba internals moved:
+        pass  # keep Numba's own behaviour
+
+
+_drop_stale_cache()
 
 
 # --- functions with the common signature of kernels.reference --------------------------------
