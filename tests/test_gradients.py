@@ -292,3 +292,21 @@ def test_bad_solver_options():
         ptoc.loss_and_grad(net, params, X, y, checkpoint_every=0)
     with pytest.raises(ValueError, match="unknown target"):
         ptoc.loss_and_grad(net, params, X, y, target="gpu")
+
+
+def test_reused_buffers_never_alias_returned_results():
+    """loss_and_grad/loss/predict reuse internal buffers; what they return must not."""
+    net, params, X, y = problem("tanh", depth=5)
+    fwd = ptoc.forward(net, params, X)
+    states = fwd.states.copy()
+    loss1, g1 = ptoc.loss_and_grad(net, params, X, y)
+    g1_copy = g1.copy()
+    X2 = X + 1.0
+    loss2, g2 = ptoc.loss_and_grad(net, params, X2, y)
+    ptoc.predict(net, params, X2)
+    ptoc.loss(net, params, X2, y)
+    assert np.array_equal(fwd.states, states)
+    assert g1 == g1_copy and loss1 != loss2
+    assert ptoc.loss_and_grad(net, params, X, y)[0] == loss1
+    ptoc.sweeps.release_workspace()
+    assert ptoc.loss_and_grad(net, params, X, y)[1] == g1_copy
