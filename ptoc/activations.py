@@ -11,6 +11,7 @@ import enum
 import numpy as np
 
 from . import _maths
+from ._options import parse_option
 
 
 class Activation(str, enum.Enum):
@@ -37,16 +38,8 @@ class Activation(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: Activation | str) -> Activation:
-        """Return the activation named by ``value``, with a clear error if unknown."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            key = value.strip().lower().replace("_", "").replace("-", "")
-            for member in cls:
-                if member.value == key:
-                    return member
-        valid = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(f"unknown activation {value!r}; valid activations are {valid}")
+        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
+        return parse_option(cls, value, "activation")
 
     def __call__(self, a: np.ndarray) -> np.ndarray:
         """``sigma(a)``, elementwise (NumPy reference)."""

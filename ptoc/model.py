@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from ._options import parse_option
 from .activations import Activation
 
 #: Keys of the parameter dictionary, in a fixed order.
@@ -37,14 +38,8 @@ class Opening(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: Opening | str) -> Opening:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            for member in cls:
-                if member.value == value.strip().lower():
-                    return member
-        valid = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(f"unknown opening layer {value!r}; valid openings are {valid}")
+        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
+        return parse_option(cls, value, "opening layer")
 
 
 def _positive_int(name: str, value: object) -> int:

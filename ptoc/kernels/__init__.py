@@ -30,6 +30,7 @@ from types import ModuleType
 import numpy as np
 
 from .. import _config
+from .._options import parse_option
 from ..activations import Activation
 
 __all__ = [
@@ -58,14 +59,8 @@ class Target(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: Target | str) -> Target:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            for member in cls:
-                if member.value == value.strip().lower():
-                    return member
-        valid = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(f"unknown target {value!r}; valid targets are {valid}")
+        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
+        return parse_option(cls, value, "target")
 
 
 _MODULES = {Target.NUMPY: "reference", Target.CPU: "cpu", Target.CUDA: "cuda"}
