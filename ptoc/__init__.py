@@ -20,13 +20,25 @@ Quick example
 (16, 8, 8)
 """
 
-from . import data, io, kernels, optim, plotting, training
+from . import data, io, kernels, optim, parallel, plotting, training
 from .activations import Activation
 from .hamiltonian import hamiltonian, hamiltonian_grad
 from .io import load_model, save_model
 from .kernels import Target
 from .model import PARAM_KEYS, Opening, Params, ResNet
 from .optim import OPTIMISERS, SGD, Adam
+from .parallel import (
+    MGRIT,
+    CoarseWeights,
+    Cycle,
+    DivergenceError,
+    MPIRanks,
+    Parareal,
+    Relaxation,
+    Serial,
+    SimulatedRanks,
+    SolveResult,
+)
 from .propagator import (
     Check,
     Propagator,
@@ -50,6 +62,17 @@ from .training import History, TrainResult, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "MGRIT",
+    "CoarseWeights",
+    "Cycle",
+    "DivergenceError",
+    "MPIRanks",
+    "Parareal",
+    "Relaxation",
+    "Serial",
+    "SimulatedRanks",
+    "SolveResult",
+    "parallel",
     "OPTIMISERS",
     "SGD",
     "Activation",

@@ -20,7 +20,7 @@ def parse_option(cls: type[E], value: object, what: str) -> E:
     if isinstance(value, str):
         key = value.strip().lower().replace("_", "").replace("-", "")
         for member in cls:
-            if str(member.value).replace("_", "").replace("-", "") == key:
+            if str(member.value).lower().replace("_", "").replace("-", "") == key:
                 return member
     valid = ", ".join(repr(m.value) for m in cls)
     raise ValueError(f"unknown {what} {value!r}; valid choices are {valid}")

@@ -74,6 +74,25 @@ class Propagator(abc.ABC):
         """Zeros with the structure of :meth:`parameters`."""
         return [np.zeros_like(p) for p in self.parameters()]
 
+    # --- coarse grids (needed by parareal with built-in coarse steps, and by MGRIT) ------
+    def layer_parameters(self, n: int) -> tuple[np.ndarray, ...]:
+        """The parameters of layer ``n`` as a tuple of arrays (averaged elementwise to
+        form :class:`~ptoc.parallel.CoarseWeights` ``AVERAGE`` coarse weights)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no coarse grid: parareal with built-in coarse steps "
+            "and MGRIT need layer_parameters, coarse_step and coarse_adjoint_step "
+            "(or give Parareal a coarse Propagator)")
+
+    def coarse_step(self, params: tuple[np.ndarray, ...], n_layers: int,
+                    x: np.ndarray) -> np.ndarray:
+        """One step standing for ``n_layers`` layers, with layer parameters ``params``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no coarse_step")
+
+    def coarse_adjoint_step(self, params: tuple[np.ndarray, ...], n_layers: int,
+                            x: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        """Transposed Jacobian of :meth:`coarse_step` at ``x``, applied to ``lam``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no coarse_adjoint_step")
+
     def propagate(self, x: np.ndarray, start: int = 0, stop: int | None = None,
                   states: np.ndarray | None = None) -> np.ndarray:
         """Apply layers ``start..stop-1`` to ``x`` and return ``x_stop``.
@@ -102,6 +121,62 @@ class Propagator(abc.ABC):
         for n in range(stop - 1, start - 1, -1):
             lam = self.adjoint_step(n, states[n - start], lam, grad)
         return lam
+
+
+class LayerSlice(Propagator):
+    """The layers ``start..stop-1`` of a propagator, holding copies of those layers only.
+
+    Layer indices stay global (``step(n, x)`` for ``start <= n < stop``); asking for any
+    other layer raises, which is how a rank proves it touches only what it owns.
+    Parameters and gradients are the owned slices (leading axis ``stop - start``).
+    """
+
+    def __init__(self, prop: ResNetPropagator, start: int, stop: int):
+        self.network = prop.network
+        self.start, self.stop = int(start), int(stop)
+        self.n_layers = prop.n_layers
+        local = Params(K=prop.params.K[start:stop].copy(), b=prop.params.b[start:stop].copy(),
+                       K_in=None, b_in=None, W=prop.params.W, mu=prop.params.mu)
+        self._inner = ResNetPropagator.__new__(ResNetPropagator)
+        self._inner.__dict__.update(prop.__dict__)
+        self._inner.params = local
+        self._inner.n_layers = stop - start
+
+    def _local(self, n: int) -> int:
+        if not self.start <= n < self.stop:
+            raise IndexError(f"layer {n} is not held here (this slice holds layers "
+                             f"{self.start}..{self.stop - 1})")
+        return n - self.start
+
+    def step(self, n, x):
+        return self._inner.step(self._local(n), x)
+
+    def adjoint_step(self, n, x, lam, grad=None):
+        return self._inner.adjoint_step(self._local(n), x, lam, grad)
+
+    def layer_gradient(self, n, x, lam_next, grad):
+        self._inner.layer_gradient(self._local(n), x, lam_next, grad)
+
+    def objective(self, x):
+        return self._inner.objective(x)
+
+    def objective_gradient(self, x):
+        return self._inner.objective_gradient(x)
+
+    def parameters(self):
+        return self._inner.parameters()
+
+    def layer_parameters(self, n):
+        return self._inner.layer_parameters(self._local(n))
+
+    def coarse_step(self, params, n_layers, x):
+        return self._inner.coarse_step(params, n_layers, x)
+
+    def coarse_adjoint_step(self, params, n_layers, x, lam):
+        return self._inner.coarse_adjoint_step(params, n_layers, x, lam)
+
+    def level_kernels(self):
+        return self._inner.level_kernels()
 
 
 class ResNetPropagator(Propagator):
@@ -176,6 +251,38 @@ class ResNetPropagator(Propagator):
 
     def parameters(self):
         return [self.params.K, self.params.b]
+
+    def layer_parameters(self, n):
+        return (self.params.K[n], self.params.b[n])
+
+    def layer_gradient(self, n, x, lam_next, grad):
+        """Add ``d(lam_next . Phi_n(x))/d theta_n`` to ``grad`` (no adjoint output)."""
+        self._kern.param_grad(x, lam_next, self.params.K[n], self.params.b[n], self._h,
+                              self._act, grad[0][n], grad[1][n], None, _config.CHUNK)
+
+    def level_kernels(self):
+        """``(kernel module, activation code, h, chunk)`` when the target has compiled
+        level kernels (used by the layer-parallel solvers), else None."""
+        if hasattr(self._kern, "state_runs"):
+            return self._kern, self._act, self._h, _config.CHUNK
+        return None
+
+    def coarse_step(self, params, n_layers, x):
+        """``x + n_layers h sigma(K x + b)`` with ``(K, b) = params`` (``DESIGN.md`` sec. 4)."""
+        K, b = params
+        out = np.empty_like(x)
+        self._kern.step(x, np.ascontiguousarray(K), np.ascontiguousarray(b),
+                        n_layers * self._h, self._act, out, None, _config.CHUNK)
+        return out
+
+    def coarse_adjoint_step(self, params, n_layers, x, lam):
+        """``lam + n_layers h K^T (sigma'(K x + b) * lam)``."""
+        K, b = params
+        out = np.empty_like(lam)
+        self._kern.adjoint_step(x, lam, np.ascontiguousarray(K), np.ascontiguousarray(b),
+                                n_layers * self._h, self._act, out, None, None, None,
+                                _config.CHUNK)
+        return out
 
     def propagate(self, x, start=0, stop=None, states=None):
         stop = self.n_layers if stop is None else stop

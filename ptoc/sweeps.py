@@ -37,6 +37,8 @@ from .objective import (
     opening_forward,
     regulariser,
 )
+from .parallel.driver import parallel_forward, parallel_gradient
+from .parallel.options import Serial, SolveResult, check_solver
 
 
 class _Scratch(threading.local):
@@ -114,12 +116,15 @@ class ForwardResult:
         ``store_derivatives`` was requested; used by the adjoint sweep.
     opening_derivative : ndarray or None
         ``sigma'(a_in)`` of a dense opening layer (for its gradient).
+    solve : SolveResult or None
+        Record of a layer-parallel solve (None for the plain serial sweep).
     """
 
     states: np.ndarray
     checkpoint_every: int | None
     derivatives: np.ndarray | None
     opening_derivative: np.ndarray | None
+    solve: SolveResult | None = None
 
     @property
     def final_state(self) -> np.ndarray:
@@ -132,6 +137,19 @@ class ForwardResult:
         return self.states[0]
 
 
+def _guess(guess, network: ResNet, S: int, name: str):
+    """A warm start as an (N+1, S, d) array of finite values, or None."""
+    if guess is None:
+        return None
+    arr = np.asarray(getattr(guess, "states", guess), dtype=network.dtype)
+    shape = (network.depth + 1, S, network.width)
+    if arr.shape != shape:
+        raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return arr
+
+
 def _checkpoint_layers(N: int, c: int) -> list[int]:
     return list(range(0, N, c)) + [N]
 
@@ -141,7 +159,8 @@ def _as_params(network: ResNet, params) -> Params:
 
 
 def forward(network: ResNet, params: Params | Mapping, X, *, target: Target | str = Target.CPU,
-            checkpoint_every: int | None = None, store_derivatives: bool = True) -> ForwardResult:
+            checkpoint_every: int | None = None, store_derivatives: bool = True,
+            solver=None, comm=None, initial_guess=None) -> ForwardResult:
     """Serial forward sweep ``x_{n+1} = x_n + h sigma(K_n x_n + b_n)`` from ``x_0 = opening(X)``.
 
     Parameters
@@ -156,11 +175,27 @@ def forward(network: ResNet, params: Params | Mapping, X, *, target: Target | st
         Keep only every ``c``-th state (see the module docstring); None keeps all.
     store_derivatives : bool
         Keep ``sigma'(a_n)`` for the adjoint sweep (only when all states are kept).
+    solver : Serial, Parareal or MGRIT, optional
+        Solve the sweep layer-parallel (``DESIGN.md`` section 4); the result's ``solve``
+        holds the record (residuals, iterations, layer steps).
+    comm : int, SimulatedRanks or Communicator, optional
+        The ranks (see :mod:`ptoc.parallel.driver`).
+    initial_guess : array (N+1, S, d) or ForwardResult, optional
+        Warm start of MGRIT (e.g. the states of the previous optimisation step).
     """
     params = _as_params(network, params)
     X, _ = check_inputs(network, X)
     kern = backend(target)
     c = check_positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+    solver = check_solver(solver)
+    if comm is not None or not isinstance(solver, Serial):
+        if c is not None:
+            raise ValueError("checkpoint_every applies to the plain serial sweep only")
+        guess = _guess(initial_guess, network, X.shape[0], "initial_guess")
+        states, record = parallel_forward(network, params, X, solver, comm=comm,
+                                          target=Target.parse(target), initial_states=guess)
+        return ForwardResult(states, None, None, opening_forward(network, params, X)[1],
+                             record)
     with _single_threaded_blas(kern):
         return _forward(network, params, X, kern, c, store_derivatives)
 
@@ -206,22 +241,29 @@ class AdjointResult:
     grad_K, grad_b : ndarrays (N, d, d), (N, d)
         Data part of ``dJ/dK_n``, ``dJ/db_n`` (no regulariser).
     adjoints : ndarray (N+1, S, d) or None
-        All ``lambda_n`` when requested (only without checkpoints).
+        All ``lambda_n`` when requested (only without checkpoints), and always after a
+        layer-parallel solve.
+    solve : SolveResult or None
+        Record of a layer-parallel solve (None for the plain serial sweep).
     """
 
     initial_adjoint: np.ndarray
     grad_K: np.ndarray
     grad_b: np.ndarray
     adjoints: np.ndarray | None = None
+    solve: SolveResult | None = None
 
 
 def adjoint(network: ResNet, params: Params | Mapping, fwd: ForwardResult, lam_N, *,
-            target: Target | str = Target.CPU, keep_adjoints: bool = False) -> AdjointResult:
+            target: Target | str = Target.CPU, keep_adjoints: bool = False, solver=None,
+            comm=None, initial_guess=None) -> AdjointResult:
     """Serial adjoint sweep ``lambda_n = lambda_{n+1} + h K_n^T (sigma'(a_n) * lambda_{n+1})``.
 
     Starts from ``lambda_N = lam_N`` (S, d) and accumulates ``dJ/dK_n``, ``dJ/db_n``
     (``DESIGN.md`` section 2). With a checkpointed ``fwd`` each segment is recomputed
-    from its checkpoint first.
+    from its checkpoint first. With a ``solver`` (and ``comm``) the sweep is solved
+    layer-parallel from the states of ``fwd`` (all states needed), warm-started from
+    ``initial_guess`` (N+1, S, d) if given.
     """
     params = _as_params(network, params)
     lam_N = np.ascontiguousarray(lam_N, dtype=network.dtype)
@@ -284,7 +326,8 @@ def _loss_and_grad_body(network: ResNet, params: Params, X, y, kern, checkpoint_
 
 
 def loss_and_grad(network: ResNet, params: Params | Mapping, X, labels, *,
-                  target: Target | str = Target.CPU, checkpoint_every: int | None = None):
+                  target: Target | str = Target.CPU, checkpoint_every: int | None = None,
+                  solver=None, comm=None):
     """Objective ``J = Phi(x_N) + R`` and its gradient with respect to every parameter.
 
     ``Phi`` is the batch-mean softmax cross-entropy (``DESIGN.md`` section 1); the
@@ -304,6 +347,14 @@ def loss_and_grad(network: ResNet, params: Params | Mapping, X, labels, *,
         ``"numpy"``, ``"cpu"`` (default) or ``"cuda"``.
     checkpoint_every : int, optional
         Keep every ``c``-th state only and recompute the rest (same result, less memory).
+    solver : Serial, Parareal or MGRIT, optional
+        Solve the state and adjoint sweeps layer-parallel (``DESIGN.md`` section 4); at
+        convergence the gradient equals the serial one. For the solve records and warm
+        starts use :func:`ptoc.parallel.parallel_gradient`.
+    comm : int, SimulatedRanks or Communicator, optional
+        The ranks: a number of simulated ranks, ``ptoc.parallel.SimulatedRanks(P)`` or
+        ``ptoc.parallel.MPIRanks()`` under ``mpiexec``. Default: one rank (parareal:
+        ``chunks`` simulated ranks).
 
     Returns
     -------
@@ -327,7 +378,15 @@ def loss_and_grad(network: ResNet, params: Params | Mapping, X, labels, *,
     p = _as_params(network, params)
     X, y = check_inputs(network, X, labels)
     c = check_positive_int("checkpoint_every", checkpoint_every, allow_none=True)
-    loss, grads = _loss_and_grad(network, p, X, y, backend(target), c)
+    kern = backend(target)
+    solver = check_solver(solver)
+    if comm is not None or not isinstance(solver, Serial):
+        if c is not None:
+            raise ValueError("checkpoint_every applies to the plain serial sweep only")
+        result = parallel_gradient(network, p, X, y, solver, comm=comm,
+                                   target=Target.parse(target))
+        return result.loss, (result.grads.to_dict(copy=False) if as_dict else result.grads)
+    loss, grads = _loss_and_grad(network, p, X, y, kern, c)
     return loss, (grads.to_dict(copy=False) if as_dict else grads)
 
 

@@ -485,6 +485,124 @@ def _hamiltonian(x, p, K, b, h, act, chunk):
 
 
 
+# --- level kernels: many steps of one MGRIT/parareal level in one call ---------------------
+#
+# Same contract as in kernels.reference: ``u`` (n, S, d) holds consecutive positions of one
+# level and the step producing position ``k`` has weights ``K[k]``, ``b[k]``, size ``dt[k]``
+# (and linearisation state ``X[k]`` for the adjoint). The runs (or points) are independent
+# and run in parallel, each work item of samples keeping its tile across a run's steps; the
+# arithmetic of each step is that of the sweeps above, bit for bit.
+
+@njit(parallel=True, **_opts)
+def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W):
+    n, S, d = u.shape
+    n_items = (S + W - 1) // W
+    for q in prange(len(starts) * n_items):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        x = np.empty((d, W + _PAD), u.dtype)
+        a = np.empty((d, W + _PAD), u.dtype)
+        gt = np.empty((d, W + _PAD), u.dtype)
+        _load_t(u[starts[r] - 1], lo, m, x)
+        for k in range(starts[r], ends[r] + 1):
+            _preact_t(K[k], b[k], x, a, m)
+            _activate_t(a, x, dt[k], act, m)
+            if has_g:
+                _load_t(g[k], lo, m, gt)
+                for i in range(d):
+                    xi = x[i]
+                    gi = gt[i]
+                    for t in range(m):
+                        xi[t] = xi[t] + gi[t]
+            _store_t(x, u[k], lo, m)
+
+
+@njit(parallel=True, **_opts)
+def _state_points(u, K, b, dt, act, positions, out, W):
+    n, S, d = u.shape
+    n_items = (S + W - 1) // W
+    for q in prange(len(positions) * n_items):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        k = positions[r]
+        x = np.empty((d, W + _PAD), u.dtype)
+        a = np.empty((d, W + _PAD), u.dtype)
+        _load_t(u[k - 1], lo, m, x)
+        _preact_t(K[k], b[k], x, a, m)
+        _activate_t(a, x, dt[k], act, m)
+        _store_t(x, out[r], lo, m)
+
+
+@njit(**_opts)
+def _adjoint_tile_step(X, K, KT, b, dt, act, k, lam, x, g, acc, lo, m):
+    """``lam <- lam + dt[k] (sigma'(a) * lam) K[k]`` on a tile, ``a = X[k] K[k]^T + b[k]``."""
+    d = lam.shape[0]
+    _load_t(X[k], lo, m, x)
+    _preact_t(K[k], b[k], x, g, m)
+    _dsigma_t(g, act, m)
+    for i in range(d):
+        gi = g[i]
+        li = lam[i]
+        for t in range(m):
+            gi[t] = gi[t] * li[t]
+    for j in range(d):
+        aj = acc[j]
+        for t in range(m):
+            aj[t] = 0.0
+    _matmul_t(KT[k], g, acc, m)
+    h = dt[k]
+    for j in range(d):
+        aj = acc[j]
+        lj = lam[j]
+        for t in range(m):
+            lj[t] = lj[t] + h * aj[t]
+
+
+@njit(parallel=True, **_opts)
+def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W):
+    n, S, d = lam.shape
+    n_items = (S + W - 1) // W
+    for q in prange(len(starts) * n_items):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        lt = np.empty((d, W + _PAD), lam.dtype)
+        x = np.empty((d, W + _PAD), lam.dtype)
+        gg = np.empty((d, W + _PAD), lam.dtype)
+        acc = np.empty((d, W + _PAD), lam.dtype)
+        _load_t(lam[starts[r] - 1], lo, m, lt)
+        for k in range(starts[r], ends[r] + 1):
+            _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
+            if has_g:
+                _load_t(g[k], lo, m, gg)
+                for i in range(d):
+                    li = lt[i]
+                    gi = gg[i]
+                    for t in range(m):
+                        li[t] = li[t] + gi[t]
+            _store_t(lt, lam[k], lo, m)
+
+
+@njit(parallel=True, **_opts)
+def _adjoint_points(lam, X, K, KT, b, dt, act, positions, out, W):
+    n, S, d = lam.shape
+    n_items = (S + W - 1) // W
+    for q in prange(len(positions) * n_items):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        k = positions[r]
+        lt = np.empty((d, W + _PAD), lam.dtype)
+        x = np.empty((d, W + _PAD), lam.dtype)
+        gg = np.empty((d, W + _PAD), lam.dtype)
+        acc = np.empty((d, W + _PAD), lam.dtype)
+        _load_t(lam[k - 1], lo, m, lt)
+        _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
+        _store_t(lt, out[r], lo, m)
+
+
 def _drop_stale_cache() -> None:
     """Delete this module's compiled-kernel cache when the maths it inlines has changed.
 
@@ -588,3 +706,33 @@ def adjoint_sweep(states, lam_N, K, b, h, act, dsig, gK, gb, lams, chunk):
     out = np.empty_like(lam_N)
     _adjoint_call(states, lam_N, K, b, h, act, dsig, gK, gb, lams, out, chunk)
     return out
+
+
+def _width(S: int, chunk: int) -> int:
+    return chunk * _group(S, chunk)
+
+
+def _idx(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
+    has_g = g is not None
+    _state_runs(u, g if has_g else u, has_g, K, b, np.asarray(dt, u.dtype), act, _idx(starts),
+                _idx(ends), _width(u.shape[1], chunk))
+
+
+def state_points(u, K, b, dt, act, positions, out, chunk):
+    _state_points(u, K, b, np.asarray(dt, u.dtype), act, _idx(positions), out,
+                  _width(u.shape[1], chunk))
+
+
+def adjoint_runs(lam, g, X, K, KT, b, dt, act, starts, ends, chunk):
+    has_g = g is not None
+    _adjoint_runs(lam, g if has_g else lam, has_g, X, K, KT, b, np.asarray(dt, lam.dtype), act,
+                  _idx(starts), _idx(ends), _width(lam.shape[1], chunk))
+
+
+def adjoint_points(lam, X, K, KT, b, dt, act, positions, out, chunk):
+    _adjoint_points(lam, X, K, KT, b, np.asarray(dt, lam.dtype), act, _idx(positions), out,
+                    _width(lam.shape[1], chunk))

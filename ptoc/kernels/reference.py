@@ -105,3 +105,43 @@ def adjoint_sweep(states, lam_N, K, b, h, act, dsig, gK, gb, lams, chunk):
         if lams is not None:
             lams[n] = lam
     return lam
+
+
+# --- level kernels: many steps of one MGRIT/parareal level in one call ---------------------
+#
+# ``u`` (n, S, d) holds consecutive positions of one level; the step producing position
+# ``k`` from ``k - 1`` has weights ``K[k]``, ``b[k]``, size ``dt[k]`` and, for the adjoint,
+# linearisation state ``X[k]``; ``KT`` is ``K`` transposed (used by the compiled targets).
+# ``g`` (or None) is a right-hand side added after the step.
+
+def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
+    """In place, for each run ``r``: ``u[k] = u[k-1] + dt[k] sigma(u[k-1] K[k]^T + b[k]) (+ g[k])``
+    for ``k = starts[r] .. ends[r]`` in order (the runs are independent)."""
+    for s, e in zip(starts, ends, strict=True):
+        for k in range(s, e + 1):
+            step(u[k - 1], K[k], b[k], dt[k], act, u[k], None, chunk)
+            if g is not None:
+                u[k] += g[k]
+
+
+def state_points(u, K, b, dt, act, positions, out, chunk):
+    """``out[r] = u[k-1] + dt[k] sigma(u[k-1] K[k]^T + b[k])`` with ``k = positions[r]``."""
+    for r, k in enumerate(positions):
+        step(u[k - 1], K[k], b[k], dt[k], act, out[r], None, chunk)
+
+
+def adjoint_runs(lam, g, X, K, KT, b, dt, act, starts, ends, chunk):
+    """In place, for each run: ``lam[k] = lam[k-1] + dt[k] (sigma'(a) * lam[k-1]) K[k] (+ g[k])``
+    with ``a = X[k] K[k]^T + b[k]``, for ``k = starts[r] .. ends[r]`` in order."""
+    for s, e in zip(starts, ends, strict=True):
+        for k in range(s, e + 1):
+            adjoint_step(X[k], lam[k - 1], K[k], b[k], dt[k], act, lam[k], None, None, None,
+                         chunk)
+            if g is not None:
+                lam[k] += g[k]
+
+
+def adjoint_points(lam, X, K, KT, b, dt, act, positions, out, chunk):
+    """``out[r]`` = the adjoint step producing position ``k = positions[r]`` from ``lam[k-1]``."""
+    for r, k in enumerate(positions):
+        adjoint_step(X[k], lam[k - 1], K[k], b[k], dt[k], act, out[r], None, None, None, chunk)

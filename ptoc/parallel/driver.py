@@ -1,0 +1,344 @@
+"""Layer-parallel sweeps and the gradient: the SPMD programs and how they are run.
+
+:func:`parallel_forward`, :func:`parallel_adjoint` and :func:`parallel_gradient` run
+the same program on every rank of a communicator:
+
+1. rank 0 applies the opening layer; the state sweep is solved by the chosen solver
+   (serial pipeline, parareal or MGRIT), each rank holding its own layers only
+   (:class:`ptoc.propagator.LayerSlice`);
+2. the last rank evaluates the classifier loss and ``lambda_N``;
+3. the adjoint sweep is solved by the same solver, backward, from those (possibly
+   inexact) states;
+4. each rank forms the gradient of its own layers from ``x_n`` and ``lambda_{n+1}``
+   (``DESIGN.md`` section 2), rank 0 that of the opening layer, the last rank that
+   of the classifier, and every rank its part of the regulariser (neighbouring
+   layers are exchanged for the time-smoothness term);
+5. results are gathered, so every rank returns the full loss, gradient and states.
+
+``comm`` may be None (one rank, or ``chunks`` simulated ranks for parareal), an
+integer (that many simulated ranks), :class:`~ptoc.parallel.SimulatedRanks`, or a
+:class:`~ptoc.parallel.Communicator` such as :class:`~ptoc.parallel.MPIRanks`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..model import Params, ResNet
+from ..objective import classifier_loss, opening_backward, opening_forward
+from ..propagator import LayerSlice, ResNetPropagator
+from .comm import Communicator, SimulatedRanks, SingleRank
+from .layout import partition
+from .mgrit import MGRITSolve
+from .options import Parareal, Serial, SolveResult
+from .parareal import PararealSolve
+from .problem import SweepProblem, level_steps
+
+TAG_SERIAL, TAG_BOUNDARY = 6, 7
+
+
+@dataclass
+class GradientResult:
+    """Loss, gradient and the records of both layer-parallel sweeps.
+
+    Attributes
+    ----------
+    loss : float
+        ``J = Phi(x_N) + R`` at the computed states.
+    grads : Params
+    forward, adjoint : SolveResult
+        Records of the state and adjoint sweeps.
+    states, adjoints : ndarray (N+1, S, d), optional
+        The computed ``x_n`` and ``lambda_n`` (for warm starts).
+    """
+
+    loss: float
+    grads: Params
+    forward: SolveResult
+    adjoint: SolveResult
+    states: np.ndarray | None = None
+    adjoints: np.ndarray | None = None
+
+
+# --- running a program on ranks ---------------------------------------------------------------
+
+def _runner(solver, comm) -> tuple[Any, int]:
+    """``(runner, n_ranks)``: what runs the SPMD program, and on how many ranks."""
+    if comm is None:
+        if isinstance(solver, Parareal) and solver.chunks not in (None, 1):
+            comm = SimulatedRanks(solver.chunks)
+        else:
+            comm = SingleRank()
+    elif isinstance(comm, bool) or (isinstance(comm, int) and comm < 1):
+        raise ValueError(f"comm must be a positive number of simulated ranks or a "
+                         f"communicator, got {comm!r}")
+    elif isinstance(comm, int):
+        comm = SimulatedRanks(comm)
+    if not isinstance(comm, (SimulatedRanks, Communicator)):
+        raise TypeError("comm must be None, a number of simulated ranks, ptoc.parallel."
+                        f"SimulatedRanks or a ptoc.parallel Communicator, got {comm!r}")
+    return comm, comm.size
+
+
+def _run(runner, program):
+    if isinstance(runner, SimulatedRanks):
+        return runner.run(program)[0]
+    return runner.run(program)
+
+
+def check_layout(solver, n_layers: int, n_ranks: int) -> None:
+    """Raise (identically on every rank) when the solver cannot run on these ranks."""
+    if n_ranks > n_layers:
+        raise ValueError(f"{n_ranks} ranks for {n_layers} layers: every rank needs at least "
+                         "one layer")
+    if isinstance(solver, Parareal):
+        P = solver.chunks if solver.chunks is not None else n_ranks
+        if P != n_ranks:
+            raise ValueError(f"Parareal(chunks={P}) runs one chunk per rank, but the "
+                             f"communicator has {n_ranks} rank(s)")
+        if P > n_layers:
+            raise ValueError(f"Parareal(chunks={P}) needs at most {n_layers} chunks (one per "
+                             "layer at least)")
+        coarse = solver.coarse
+        if hasattr(coarse, "step") and getattr(coarse, "n_layers", P) != P:
+            raise ValueError(f"the coarse propagator has {coarse.n_layers} layers; parareal "
+                             f"with {P} chunks needs one per chunk")
+
+
+# --- one sweep on one rank ---------------------------------------------------------------------
+
+def _solve_sweep(comm: Communicator, problem: SweepProblem, solver, u0, shape, dtype,
+                 guess: dict[int, np.ndarray] | None) -> tuple[dict[int, np.ndarray], SolveResult]:
+    """Solve one sweep; returns this rank's positions (ghost included) and the record."""
+    before = comm.step_count()
+    t0 = time.perf_counter()
+    sweep = "adjoint" if problem.backward else "forward"
+    levels = None
+    if isinstance(solver, Serial):
+        local, converged, iterations, residuals = _serial_sweep(comm, problem, u0, shape,
+                                                                dtype), True, 1, []
+    elif isinstance(solver, Parareal):
+        coarse = None if hasattr(solver.coarse, "value") else solver.coarse
+        run = PararealSolve(comm, problem, solver, u0, shape, dtype, coarse)
+        converged, iterations = run.solve()
+        local, residuals = run.local_solution(), run.residuals
+    else:
+        run = MGRITSolve(comm, problem, solver, u0, shape, dtype, guess)
+        converged, iterations = run.solve()
+        local, residuals, levels = run.local_solution(), run.residuals, len(run.levels)
+    wall = time.perf_counter() - t0
+    after = comm.step_count()
+    record = SolveResult(method=solver.name, sweep=sweep, residuals=list(residuals),
+                         iterations=iterations, converged=converged,
+                         steps_total=after.total - before.total,
+                         steps_critical_path=after.critical_path - before.critical_path,
+                         ranks=comm.size, levels=levels, wall_time=wall)
+    return local, record
+
+
+def _serial_sweep(comm, problem, u0, shape, dtype) -> dict[int, np.ndarray]:
+    """The serial sweep as a pipeline: each rank waits for the value before its first
+    position, runs its steps, and passes its last value on."""
+    mine = np.flatnonzero(problem.owner == comm.rank)
+    lo, hi = int(mine[0]), int(mine[-1]) + 1
+    base = lo if lo == 0 else lo - 1
+    u = np.empty((hi - base,) + tuple(shape), dtype)
+    u[0] = u0 if lo == 0 else comm.recv(int(problem.owner[base]), TAG_SERIAL)
+    if len(u) > 1:
+        level_steps(problem, 0, np.arange(problem.n_steps + 1), base, hi).runs(
+            u, None, [1], [len(u) - 1])
+    if hi < len(problem.owner):
+        comm.send(u[-1], int(problem.owner[hi]), TAG_SERIAL)
+    return {base + j: u[j] for j in range(len(u))}
+
+
+# --- the programs -------------------------------------------------------------------------------
+
+def _gather_positions(comm: Communicator, local: dict[int, np.ndarray], owner: np.ndarray,
+                      n_positions: int, backward: bool) -> np.ndarray:
+    """All positions, in layer order (``x_n`` or ``lambda_n`` at index ``n``), on every rank."""
+    mine = {k: v for k, v in local.items() if owner[k] == comm.rank}
+    parts = comm.allgather(mine)
+    first = next(iter(parts[0].values()))
+    out = np.empty((n_positions,) + first.shape, first.dtype)
+    for part in parts:
+        for k, v in part.items():
+            out[n_positions - 1 - k if backward else k] = v
+    return out
+
+
+def _forward_program(comm, network, params, X, solver, target, guess, need_all):
+    N = network.depth
+    check_layout(solver, N, comm.size)
+    bounds = partition(N, comm.size)
+    a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
+    prop = LayerSlice(ResNetPropagator(network, params, target=target), a, b)
+    comm.reset_count()
+    x0 = opening_forward(network, params, X)[0] if comm.rank == 0 else None
+    shape = (X.shape[0], network.width)
+    problem = SweepProblem(comm, prop, bounds, backward=False)
+    g = None if guess is None else {k: guess[k] for k in range(a, b + 1)}
+    states, record = _solve_sweep(comm, problem, solver, x0, shape, network.dtype, g)
+    full = _gather_positions(comm, states, problem.owner, N + 1, False) if need_all else None
+    return prop, bounds, problem, states, record, full
+
+
+def _adjoint_program(comm, network, params, prop, bounds, states, lam_N, solver, guess):
+    N = network.depth
+    a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
+    problem = SweepProblem(comm, prop, bounds, backward=True,
+                           states={n: states[n] for n in range(a, b)})
+    g = None if guess is None else {N - n: guess[n] for n in range(a, b + 1)}
+    shape = next(iter(states.values())).shape
+    lam, record = _solve_sweep(comm, problem, solver, lam_N, shape, network.dtype, g)
+    # by layer: lambda_n for n = a .. b (lambda_b is the ghost from the next rank)
+    by_layer = {N - k: v for k, v in lam.items()}
+    return problem, by_layer, record
+
+
+def _layer_gradients(comm, network, params, prop, bounds, states, lams):
+    """Gradient of this rank's layers (data part and regulariser), by slices."""
+    a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
+    d = network.width
+    gK = np.zeros((b - a, d, d), network.dtype)
+    gb = np.zeros((b - a, d), network.dtype)
+    for n in range(a, b):
+        prop.layer_gradient(n, states[n], lams[n + 1], [gK, gb])
+    comm.count(b - a)
+    # regulariser: gamma h theta_n + gamma_t / h ((theta_n - theta_{n-1}) - (theta_{n+1} - theta_n))
+    h, N = network.h, network.depth
+    Kl, bl = params.K[a:b], params.b[a:b]
+    if comm.rank > 0:
+        comm.send((Kl[0], bl[0]), comm.rank - 1, TAG_BOUNDARY)
+    if comm.rank < comm.size - 1:
+        comm.send((Kl[-1], bl[-1]), comm.rank + 1, TAG_BOUNDARY)
+    left = comm.recv(comm.rank - 1, TAG_BOUNDARY) if comm.rank > 0 else None
+    right = comm.recv(comm.rank + 1, TAG_BOUNDARY) if comm.rank < comm.size - 1 else None
+    value = 0.5 * network.gamma * h * (float(np.vdot(Kl, Kl)) + float(np.vdot(bl, bl)))
+    gK += network.gamma * h * Kl
+    gb += network.gamma * h * bl
+    if network.gamma_t and N > 1:
+        c = network.gamma_t / h
+        off = 1 if left is not None else 0
+        for side, (theta, g) in enumerate(((Kl, gK), (bl, gb))):
+            # own layers with the neighbouring ones (where they exist) on either side
+            stack = [theta]
+            if left is not None:
+                stack.insert(0, left[side][None])
+            if right is not None:
+                stack.append(right[side][None])
+            diff = np.diff(np.concatenate(stack), axis=0)  # theta_{n+1} - theta_n
+            grad = np.zeros((len(diff) + 1,) + theta.shape[1:], theta.dtype)
+            grad[1:] += c * diff
+            grad[:-1] -= c * diff
+            g += grad[off:off + (b - a)]
+            own_pairs = diff[off:]  # the pairs (n, n+1) whose first layer is ours
+            value += 0.5 * c * float(np.vdot(own_pairs, own_pairs))
+    return gK, gb, value
+
+
+def _gradient_program(comm, network, params, X, y, solver, target, guess_states, guess_lams):
+    N = network.depth
+    prop, bounds, fproblem, states, frecord, _ = _forward_program(
+        comm, network, params, X, solver, target, guess_states, need_all=False)
+    last = comm.size - 1
+    lam_N = None
+    pieces: dict[str, Any] = {}
+    if comm.rank == last:
+        data_loss, lam_N, dW, dmu = classifier_loss(params, states[N], y)
+        pieces.update(data_loss=data_loss, W=dW, mu=dmu)
+    aproblem, lams, arecord = _adjoint_program(comm, network, params, prop, bounds, states,
+                                               lam_N, solver, guess_lams)
+    gK, gb, reg = _layer_gradients(comm, network, params, prop, bounds, states, lams)
+    pieces.update(rank=comm.rank, K=gK, b=gb, reg=reg)
+    if comm.rank == 0 and network.has_opening_weights:
+        grads0 = Params(K=gK, b=gb, K_in=np.zeros_like(params.K_in),
+                        b_in=np.zeros_like(params.b_in), W=params.W, mu=params.mu)
+        _, dsig_in = opening_forward(network, params, X)
+        opening_backward(params, X, lams[0], dsig_in, grads0)
+        pieces.update(K_in=grads0.K_in, b_in=grads0.b_in)
+    gathered = comm.allgather(pieces)
+    total_reg = 0.0
+    for p in gathered:
+        total_reg += p["reg"]
+    head, tail = gathered[0], gathered[last]
+    grads = Params(
+        K=np.concatenate([p["K"] for p in gathered]), b=np.concatenate([p["b"] for p in gathered]),
+        K_in=head.get("K_in"), b_in=head.get("b_in"),
+        W=np.ascontiguousarray(tail["W"], dtype=network.dtype),
+        mu=np.asarray(tail["mu"], dtype=network.dtype))
+    gc = network.gamma_c
+    creg = 0.0
+    if gc:
+        for k in ("W", "mu", "K_in", "b_in"):
+            if grads[k] is not None:
+                grads[k][...] += gc * params[k]
+                creg += float(np.vdot(params[k], params[k]))
+    loss = tail["data_loss"] + total_reg + 0.5 * gc * creg
+    full_states = _gather_positions(comm, states, fproblem.owner, N + 1, False)
+    full_lams = _gather_positions(comm, {N - n: v for n, v in lams.items()}, aproblem.owner,
+                                  N + 1, True)
+    return GradientResult(loss, grads, frecord, arecord, full_states, full_lams)
+
+
+# --- public entry points --------------------------------------------------------------------------
+
+def parallel_gradient(network: ResNet, params: Params, X, y, solver, *, comm=None, target="cpu",
+                      initial_states=None, initial_adjoints=None) -> GradientResult:
+    """Loss and gradient with the state and adjoint sweeps solved by ``solver`` on ranks.
+
+    Inputs must already be validated (``ptoc.loss_and_grad`` does it).
+    """
+    runner, size = _runner(solver, comm)
+    check_layout(solver, network.depth, size)
+    return _run(runner, lambda c: _gradient_program(c, network, params, X, y, solver, target,
+                                                     initial_states, initial_adjoints))
+
+
+def parallel_forward(network: ResNet, params: Params, X, solver, *, comm=None, target="cpu",
+                     initial_states=None) -> tuple[np.ndarray, SolveResult]:
+    """All states ``x_0..x_N`` (N+1, S, d) from the state sweep solved by ``solver``."""
+    runner, size = _runner(solver, comm)
+    check_layout(solver, network.depth, size)
+
+    def program(c):
+        *_, record, full = _forward_program(c, network, params, X, solver, target,
+                                            initial_states, need_all=True)
+        return full, record
+    return _run(runner, program)
+
+
+def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N: np.ndarray,
+                     solver, *, comm=None, target="cpu",
+                     initial_adjoints=None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                     SolveResult]:
+    """``(lambda (N+1, S, d), grad_K, grad_b, record)``: the adjoint sweep from given states
+    solved by ``solver``, and the data part of the layer gradients."""
+    runner, size = _runner(solver, comm)
+    check_layout(solver, network.depth, size)
+    N = network.depth
+
+    def program(c):
+        bounds = partition(N, c.size)
+        a, b = int(bounds[c.rank]), int(bounds[c.rank + 1])
+        prop = LayerSlice(ResNetPropagator(network, params, target=target), a, b)
+        c.reset_count()
+        local = {n: states[n] for n in range(a, b + 1)}
+        lamN = lam_N if c.rank == c.size - 1 else None
+        aproblem, lams, record = _adjoint_program(c, network, params, prop, bounds, local, lamN,
+                                                  solver, initial_adjoints)
+        d = network.width
+        gK = np.zeros((b - a, d, d), network.dtype)
+        gb = np.zeros((b - a, d), network.dtype)
+        for n in range(a, b):
+            prop.layer_gradient(n, local[n], lams[n + 1], [gK, gb])
+        parts = c.allgather((gK, gb))
+        full = _gather_positions(c, {N - n: v for n, v in lams.items()}, aproblem.owner, N + 1,
+                                 True)
+        return (full, np.concatenate([p[0] for p in parts]),
+                np.concatenate([p[1] for p in parts]), record)
+    return _run(runner, program)

@@ -1,0 +1,326 @@
+"""MGRIT for one sweep, as the program of one rank (SPMD).
+
+Falgout, Friedhoff, Kolev, MacLachlan & Schroder, *Parallel time integration with
+multigrid* (SIAM J. Sci. Comput. 2014), in the nonlinear FAS form used for ResNets
+by Günther et al. 2020 (sec. 3); iteration structure as in PyMGRIT 1.0.6.
+
+On level ``l`` the unknowns are ``u_k`` at positions ``k = 0..n_l`` with
+``A_l(u)_0 = u_0`` and ``A_l(u)_k = u_k - Phi^l_{k-1}(u_{k-1})``; level 0 solves
+``A_0(u) = (x_0, 0, ..., 0)`` and coarse levels ``A_l(u) = g_l``. Every ``m``-th
+position (and the last) is a C-point; the others are F-points.
+
+* F-relaxation: ``u_k = Phi(u_{k-1}) + g_k`` along each run of F-points, from its
+  C-point (runs are independent, hence parallel);
+* C-relaxation: the same update at each C-point, from the F-point before it;
+* restriction (FAS, injection): ``v = u`` at the C-points and
+  ``g_c,k = (g_k + Phi(u_{k-1}) - u_k) + v_k - Phi_c(v_{k-1})``;
+* correction: ``u_k += u_c,k - v_k`` at the C-points, then F-relaxation
+  (interpolation);
+* coarsest level: one sequential sweep ``u_k = Phi(u_{k-1}) + g_k``.
+
+The functions that compute (``_f_relax``, ``_c_relax``, ``_restrict``, ``_correct``,
+``_residual``) only read and write this rank's arrays; the values they need from a
+neighbour are exchanged before they run (``_exchange_*``), except in F-relaxation,
+where a run of F-points split between ranks is continued by the right-hand rank
+once the left-hand rank has finished its part (the pipeline is inherent to the
+method).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .comm import Communicator
+from .layout import mgrit_levels
+from .options import MGRIT, Cycle, DivergenceError
+from .problem import SweepProblem, level_steps
+
+# message tags: TAG_* + 16 * level
+TAG_F, TAG_C, TAG_V = 2, 3, 4
+
+
+@dataclass
+class _Level:
+    """Grid of one level as seen by one rank."""
+
+    points: np.ndarray  # fine positions of the level's positions
+    is_c: np.ndarray  # C-point flags (coarsest level: only position 0)
+    owner: np.ndarray  # owner rank of every position
+    lo: int  # this rank's positions are lo..hi-1
+    hi: int
+    base: int  # position stored at local index 0 (lo - 1 when there is a ghost)
+    prev: int | None  # owner of position lo - 1
+    next: int | None  # owner of position hi
+    coarse_of: np.ndarray | None  # position on the next level of each C-point, else -1
+
+    @property
+    def empty(self) -> bool:
+        return self.lo == self.hi
+
+    @property
+    def n(self) -> int:
+        return len(self.points) - 1
+
+    def loc(self, k: int) -> int:
+        return k - self.base
+
+    def f_runs(self) -> list[tuple[int, int]]:
+        """Maximal runs ``(s, e)`` (inclusive) of this rank's F-points, in order."""
+        runs, start = [], None
+        for k in range(self.lo, self.hi):
+            f = k > 0 and not self.is_c[k]
+            if f and start is None:
+                start = k
+            if not f and start is not None:
+                runs.append((start, k - 1))
+                start = None
+        if start is not None:
+            runs.append((start, self.hi - 1))
+        return runs
+
+    def c_points(self) -> list[int]:
+        return [k for k in range(self.lo, self.hi) if k > 0 and self.is_c[k]]
+
+
+def _make_level(points: np.ndarray, next_points: np.ndarray | None, fine_owner: np.ndarray,
+                rank: int) -> _Level:
+    owner = fine_owner[points]
+    if next_points is None:
+        is_c = np.zeros(len(points), dtype=bool)
+        is_c[0] = True
+        coarse_of = None
+    else:
+        is_c = np.isin(points, next_points)
+        coarse_of = np.full(len(points), -1, dtype=np.int64)
+        coarse_of[is_c] = np.arange(len(next_points))
+    mine = np.flatnonzero(owner == rank)
+    if mine.size == 0:
+        return _Level(points, is_c, owner, 0, 0, 0, None, None, coarse_of)
+    lo, hi = int(mine[0]), int(mine[-1]) + 1
+    prev = int(owner[lo - 1]) if lo > 0 else None
+    nxt = int(owner[hi]) if hi < len(points) else None
+    base = lo - 1 if lo > 0 else lo
+    return _Level(points, is_c, owner, lo, hi, base, prev, nxt, coarse_of)
+
+
+class MGRITSolve:
+    """MGRIT iterations for one sweep on one rank.
+
+    Parameters
+    ----------
+    comm : Communicator
+    problem : SweepProblem
+    options : MGRIT
+    u0 : array or None
+        Value of position 0 (the initial state or the terminal adjoint) on the rank
+        that owns it.
+    shape, dtype
+        Shape and dtype of one state.
+    guess : dict of int to array, optional
+        Warm start: values of this rank's fine positions.
+    """
+
+    def __init__(self, comm: Communicator, problem: SweepProblem, options: MGRIT,
+                 u0: np.ndarray | None, shape: tuple[int, ...], dtype,
+                 guess: dict[int, np.ndarray] | None = None):
+        self.comm = comm
+        self.problem = problem
+        self.opt = options
+        points = mgrit_levels(problem.n_steps, options.coarsening, options.max_levels,
+                              options.min_coarse_steps)
+        self.levels = [
+            _make_level(p, points[i + 1] if i + 1 < len(points) else None, problem.owner,
+                        comm.rank)
+            for i, p in enumerate(points)
+        ]
+        needs = [[] for _ in range(comm.size)]
+        for lv in self.levels[1:]:
+            for k in range(lv.n):
+                needs[int(lv.owner[k + 1])].append(
+                    problem.layers(int(lv.points[k]), int(lv.points[k + 1])))
+        if len(self.levels) > 1:
+            problem.gather_coarse_weights(needs, options.coarse_weights)
+
+        def zeros(lv: _Level) -> np.ndarray:
+            return np.zeros((lv.hi - lv.base,) + tuple(shape), dtype)
+
+        self.steps = [None if lv.empty else level_steps(problem, i, lv.points, lv.base, lv.hi)
+                      for i, lv in enumerate(self.levels)]
+        # local indices of this rank's C-points on each level, and of the same points on
+        # the next level
+        self._c_local = [np.array([lv.loc(k) for k in lv.c_points()], dtype=np.int64)
+                         for lv in self.levels]
+        self._cc_local = [
+            np.array([self.levels[i + 1].loc(int(lv.coarse_of[k])) for k in lv.c_points()],
+                     dtype=np.int64) if i + 1 < len(self.levels) else np.empty(0, np.int64)
+            for i, lv in enumerate(self.levels)]
+        self.u = [zeros(lv) for lv in self.levels]
+        self.v = [None] + [zeros(lv) for lv in self.levels[1:]]
+        self.g = [None] + [zeros(lv) for lv in self.levels[1:]]
+        for lv, u in zip(self.levels, self.u, strict=True):
+            if not lv.empty and lv.lo == 0:
+                u[0] = u0
+        if guess is not None:
+            lv = self.levels[0]
+            for k in range(max(lv.lo, 1), lv.hi):
+                self.u[0][lv.loc(k)] = guess[k]
+        self.residuals: list[float] = []
+
+    # --- exchanges (no arithmetic) -------------------------------------------------------------
+    def _exchange_c_ghost(self, level: int, arr: np.ndarray) -> None:
+        """Refresh the ghost ``arr[lo - 1]`` where this rank's first position is a C-point."""
+        lv = self.levels[level]
+        if lv.empty:
+            return
+        if lv.next is not None and lv.is_c[lv.hi]:
+            self.comm.send(arr[lv.loc(lv.hi - 1)], lv.next, TAG_C + 16 * level)
+        if lv.prev is not None and lv.is_c[lv.lo]:
+            arr[0] = self.comm.recv(lv.prev, TAG_C + 16 * level)
+
+    def _exchange_ghost(self, level: int, arr: np.ndarray) -> None:
+        """Refresh the ghost ``arr[lo - 1]`` on every rank that has one."""
+        lv = self.levels[level]
+        if lv.empty:
+            return
+        if lv.next is not None:
+            self.comm.send(arr[lv.loc(lv.hi - 1)], lv.next, TAG_V + 16 * level)
+        if lv.prev is not None:
+            arr[0] = self.comm.recv(lv.prev, TAG_V + 16 * level)
+
+    # --- relaxation and grid transfer ----------------------------------------------------------
+    def _f_relax(self, level: int) -> None:
+        """``u_k = Phi(u_{k-1}) + g_k`` along the runs of F-points (on the coarsest level:
+        along all positions, which is the serial coarse solve).
+
+        A run that starts at this rank's first position continues a run of the rank
+        before; it waits for that rank's last value and is done last, the other runs
+        (independent of any neighbour) first, in one batched call.
+        """
+        lv, u, g = self.levels[level], self.u[level], self.g[level]
+        if lv.empty:
+            return
+        steps = self.steps[level]
+        tag = TAG_F + 16 * level
+        send_last = lv.next is not None and not lv.is_c[lv.hi]
+        recv_first = lv.prev is not None and not lv.is_c[lv.lo]
+        if send_last and lv.is_c[lv.hi - 1]:
+            self.comm.send(u[lv.loc(lv.hi - 1)], lv.next, tag)
+        runs = [(lv.loc(s), lv.loc(e)) for s, e in lv.f_runs()]
+        waiting = runs[:1] if runs and recv_first and runs[0][0] == lv.loc(lv.lo) else []
+        free = runs[len(waiting):]
+        if free:
+            steps.runs(u, g, [s for s, _ in free], [e for _, e in free])
+            if send_last and free[-1][1] == lv.loc(lv.hi - 1):
+                self.comm.send(u[free[-1][1]], lv.next, tag)
+        if waiting:
+            u[0] = self.comm.recv(lv.prev, tag)
+            steps.runs(u, g, [waiting[0][0]], [waiting[0][1]])
+            if send_last and waiting[0][1] == lv.loc(lv.hi - 1):
+                self.comm.send(u[waiting[0][1]], lv.next, tag)
+
+    def _c_relax(self, level: int) -> None:
+        """``u_k = Phi(u_{k-1}) + g_k`` at the C-points, all from the values before the sweep."""
+        u, g = self.u[level], self.g[level]
+        self._exchange_c_ghost(level, u)
+        c = self._c_local[level]
+        if len(c):
+            new = self.steps[level].points_apply(u, c)
+            u[c] = new if g is None else new + g[c]
+
+    def _restrict(self, level: int) -> None:
+        """Inject ``u`` at the C-points into ``v`` and form the FAS right-hand side
+        ``g_c = (g + Phi(u_{k-1}) - u_k) + (v_k - Phi_c(v_{k-1}))``."""
+        fine, coarse = self.levels[level], self.levels[level + 1]
+        u, g = self.u[level], self.g[level]
+        v, gc = self.v[level + 1], self.g[level + 1]
+        self._exchange_c_ghost(level, u)
+        c, cc = self._c_local[level], self._cc_local[level]
+        v[cc] = u[c]
+        if not fine.empty and fine.lo == 0 and not coarse.empty:
+            v[coarse.loc(0)] = u[fine.loc(0)]
+        self._exchange_ghost(level + 1, v)
+        if len(c):
+            r = self.steps[level].points_apply(u, c) - u[c]
+            if g is not None:
+                r = g[c] + r
+            gc[cc] = r + (v[cc] - self.steps[level + 1].points_apply(v, cc))
+        self.u[level + 1][...] = v
+
+    def _correct(self, level: int) -> None:
+        """``u_k += u_c - v`` at this rank's C-points."""
+        c, cc = self._c_local[level], self._cc_local[level]
+        if len(c):
+            self.u[level][c] += self.u[level + 1][cc] - self.v[level + 1][cc]
+
+    def _residual(self) -> float:
+        """``sqrt(sum_k |Phi(u_{k-1}) - u_k|^2)`` over the finest C-points (collective)."""
+        u = self.u[0]
+        self._exchange_c_ghost(0, u)
+        c = self._c_local[0]
+        sq = 0.0
+        if len(c):
+            r = self.steps[0].points_apply(u, c) - u[c]
+            sq = float(np.vdot(r, r))
+        return math.sqrt(self.comm.sum(sq))
+
+    # --- cycles --------------------------------------------------------------------------------
+    def _cycle(self, level: int, iteration: int, first_f: bool, cycle: Cycle) -> None:
+        if level == len(self.levels) - 1:
+            self._f_relax(level)  # coarsest level: the serial sweep
+            return
+        if first_f and (level > 0 or iteration == 0):
+            self._f_relax(level)
+        for _ in range(self.opt.relaxation_on(level).cf_sweeps):
+            self._c_relax(level)
+            self._f_relax(level)
+        self._restrict(level)
+        self._cycle(level + 1, iteration, True, cycle)
+        self._correct(level)
+        self._f_relax(level)
+        if level > 0 and cycle is Cycle.F:
+            self._cycle(level, iteration, False, Cycle.V)
+
+    def _nested_iteration(self) -> None:
+        """Initial guess from the coarse problems (``g = 0``), coarsest first."""
+        last = len(self.levels) - 1
+        self._f_relax(last)
+        for level in range(last - 1, -1, -1):
+
+            c, cc = self._c_local[level], self._cc_local[level]
+            self.u[level][c] = self.u[level + 1][cc]
+            if level > 0:
+                self._cycle(level, 0, True, Cycle.V)
+
+    def solve(self) -> tuple[bool, int]:
+        """Iterate until the residual meets a tolerance; returns ``(converged, iterations)``.
+
+        Raises
+        ------
+        DivergenceError
+            On every rank alike, when the residual is not finite or grows beyond
+            ``divergence_factor`` times the first one.
+        """
+        opt = self.opt
+        if opt.nested_iteration and len(self.levels) > 1:
+            self._nested_iteration()
+        for it in range(opt.max_iterations):
+            self._cycle(0, it, True, opt.cycle)
+            r = self._residual()
+            self.residuals.append(r)
+            if not math.isfinite(r):
+                raise DivergenceError(f"MGRIT diverged: residual {r} at iteration {it + 1}")
+            if r > opt.divergence_factor * max(self.residuals[0], np.finfo(float).tiny):
+                raise DivergenceError(
+                    f"MGRIT diverged: residual {r:.3e} at iteration {it + 1} is more than "
+                    f"{opt.divergence_factor:g} times the first one ({self.residuals[0]:.3e})")
+            if r <= opt.tol or (opt.rtol is not None and r <= opt.rtol * self.residuals[0]):
+                return True, it + 1
+        return False, opt.max_iterations
+
+    def local_solution(self) -> dict[int, np.ndarray]:
+        """This rank's finest-level values by position, including the ghost ``lo - 1``."""
+        lv = self.levels[0]
+        return {k: self.u[0][lv.loc(k)] for k in range(lv.base, lv.hi)}

@@ -1,0 +1,249 @@
+"""A sweep (state or adjoint) as a time-stepping problem seen by one rank.
+
+Solvers step in solver time (see :mod:`ptoc.parallel.layout`): step ``i`` maps
+position ``i`` to ``i + 1``. :class:`SweepProblem` turns that into propagator
+calls, for the fine layers and for coarse steps standing for several layers:
+
+* state sweep: step ``i`` is layer ``i``, ``x_{i+1} = Phi_i(x_i)``; a coarse step over
+  layers ``s..e-1`` is ``prop.coarse_step(theta, e - s, x)``;
+* adjoint sweep: step ``i`` is layer ``n = N - 1 - i``,
+  ``lambda_n = Phi_n'(x_n)^T lambda_{n+1}``; a coarse step over layers ``s..e-1`` is the
+  transposed Jacobian of the coarse state step at ``x_s``,
+  ``prop.coarse_adjoint_step(theta, e - s, x_s, lambda)``.
+
+The coarse weights ``theta`` of a step over layers ``s..e-1`` are those of layer ``s``
+or their mean over ``s..e-1`` (:class:`~ptoc.parallel.options.CoarseWeights`). A rank
+holds the parameters of its own layers only; :meth:`SweepProblem.gather_coarse_weights`
+fetches, once per solve, those of other ranks' layers that its coarse steps need.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .comm import Communicator
+from .layout import layer_owner, position_owner, step_layers
+from .options import CoarseWeights
+
+TAG_WEIGHTS = 1
+
+
+class SweepProblem:
+    """One sweep on one rank.
+
+    Parameters
+    ----------
+    comm : Communicator
+    prop : Propagator
+        The fine propagator (only its owned layers are used).
+    bounds : array
+        Layer partition (:func:`~ptoc.parallel.layout.partition`).
+    backward : bool
+        True for the adjoint sweep.
+    states : dict of int to array, optional
+        Adjoint sweep: the states ``x_n`` this rank needs (inputs of its layers).
+    """
+
+    def __init__(self, comm: Communicator, prop, bounds: np.ndarray, backward: bool,
+                 states: dict[int, np.ndarray] | None = None):
+        self.comm = comm
+        self.prop = prop
+        self.bounds = bounds
+        self.backward = backward
+        self.n_steps = int(bounds[-1])
+        self.owner = position_owner(bounds, backward)
+        self.layer_of_step = step_layers(self.n_steps, backward)
+        self.first_layer = int(bounds[comm.rank])
+        self.end_layer = int(bounds[comm.rank + 1])
+        self.states = states or {}
+        self.weights: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+
+    # --- layers covered by steps -----------------------------------------------------------
+    def layers(self, p: int, q: int) -> tuple[int, int]:
+        """Forward layers ``[s, e)`` covered by the solver-time steps from position p to q."""
+        if self.backward:
+            return self.n_steps - q, self.n_steps - p
+        return p, q
+
+    def state(self, n: int) -> np.ndarray:
+        try:
+            return self.states[n]
+        except KeyError:
+            raise RuntimeError(f"rank {self.comm.rank} holds no state x_{n}") from None
+
+    # --- steps -------------------------------------------------------------------------------
+    def fine_step(self, i: int, u: np.ndarray) -> np.ndarray:
+        """Step ``i`` (position ``i`` to ``i + 1``) with the fine layer."""
+        n = int(self.layer_of_step[i])
+        self.comm.count(1)
+        if self.backward:
+            return self.prop.adjoint_step(n, self.state(n), u)
+        return self.prop.step(n, u)
+
+    def coarse_step(self, p: int, q: int, u: np.ndarray) -> np.ndarray:
+        """One coarse step from position ``p`` to ``q`` (standing for ``q - p`` layers)."""
+        s, e = self.layers(p, q)
+        theta = self.weights[(s, e)]
+        self.comm.count(1)
+        if self.backward:
+            return self.prop.coarse_adjoint_step(theta, e - s, self.state(s), u)
+        return self.prop.coarse_step(theta, e - s, u)
+
+    # --- coarse weights ------------------------------------------------------------------------
+    def gather_coarse_weights(self, needs: list[list[tuple[int, int]]],
+                              rule: CoarseWeights) -> None:
+        """Make ``self.weights[(s, e)]`` for every layer range ``(s, e)`` in ``needs[rank]``.
+
+        ``needs[r]`` lists the layer ranges whose coarse weights rank ``r`` needs; every
+        rank knows every rank's needs, so each sends the parameters of its own layers
+        that others need (one message per pair of ranks, at most) and receives the
+        ones it lacks. Averages are summed in layer order, whatever the partition.
+        """
+        comm = self.comm
+        owner = layer_owner(self.bounds)
+
+        def layers_of(rng: tuple[int, int]) -> range:
+            s, e = rng
+            return range(s, e) if rule is CoarseWeights.AVERAGE else range(s, s + 1)
+
+        def wanted(r: int, q: int) -> list[int]:
+            """Layers owned by rank q that rank r needs."""
+            return sorted({n for rng in needs[r] for n in layers_of(rng) if owner[n] == q})
+
+        for r in range(comm.size):
+            if r != comm.rank:
+                mine = wanted(r, comm.rank)
+                if mine:
+                    comm.send({n: tuple(np.array(a) for a in self.prop.layer_parameters(n))
+                               for n in mine}, r, TAG_WEIGHTS)
+        have: dict[int, tuple[np.ndarray, ...]] = {}
+        for q in range(comm.size):
+            if q != comm.rank and wanted(comm.rank, q):
+                have.update(comm.recv(q, TAG_WEIGHTS))
+        for n in wanted(comm.rank, comm.rank):
+            have[n] = tuple(self.prop.layer_parameters(n))
+        for rng in needs[comm.rank]:
+            if rng in self.weights:
+                continue
+            ns = list(layers_of(rng))
+            if len(ns) == 1:
+                self.weights[rng] = tuple(np.array(a) for a in have[ns[0]])
+            else:
+                total = [np.array(a, dtype=np.result_type(a, np.float32)) for a in have[ns[0]]]
+                for n in ns[1:]:
+                    for t, a in zip(total, have[n], strict=True):
+                        t += a
+                self.weights[rng] = tuple(t / len(ns) for t in total)
+
+
+# --- the steps of one level, batched ---------------------------------------------------------
+
+class LevelSteps:
+    """The steps that produce one rank's positions ``base+1 .. hi-1`` of one level.
+
+    Arrays passed in hold those positions at local indices ``0 .. hi-base-1`` (index 0 is
+    position ``base``). Two batched operations, so that a whole relaxation is one call:
+
+    * :meth:`runs`: ``u[j] = Phi_j(u[j-1]) (+ g[j])`` for ``j = s..e`` of each run, in order;
+    * :meth:`points`: ``Phi_j(u[j-1])`` for a list of ``j``, from the current values.
+
+    This generic version calls the propagator once per step; :class:`ResNetLevelSteps`
+    does a whole call in compiled code.
+    """
+
+    def __init__(self, problem: SweepProblem, level: int, points: np.ndarray, base: int):
+        self.problem = problem
+        self.level = level
+        self.points = points
+        self.base = base
+
+    def _one(self, j: int, u: np.ndarray) -> np.ndarray:
+        k = self.base + j
+        if self.level == 0:
+            return self.problem.fine_step(k - 1, u)
+        return self.problem.coarse_step(int(self.points[k - 1]), int(self.points[k]), u)
+
+    def runs(self, u, g, starts, ends) -> None:
+        for s, e in zip(starts, ends, strict=True):
+            for j in range(s, e + 1):
+                new = self._one(j, u[j - 1])
+                u[j] = new if g is None else new + g[j]
+
+    def points_apply(self, u, positions) -> np.ndarray:
+        return np.stack([self._one(j, u[j - 1]) for j in positions]) if len(positions) else \
+            np.empty((0,) + u.shape[1:], u.dtype)
+
+
+class ResNetLevelSteps(LevelSteps):
+    """:class:`LevelSteps` of a :class:`ptoc.ResNetPropagator`, on compiled level kernels.
+
+    Every step of a level has the same form, ``x + dt sigma(K x + b)`` (fine: one layer,
+    ``dt = h``; coarse: the coarse weights, ``dt = (e - s) h``), so the level's weights
+    are stacked into arrays once per solve and the kernels run whole relaxations.
+    """
+
+    def __init__(self, problem: SweepProblem, level: int, points: np.ndarray, base: int,
+                 hi: int, kern, act: int, h: float, chunk: int):
+        super().__init__(problem, level, points, base)
+        prop = problem.prop
+        n_loc = hi - base
+        K0, b0 = prop.layer_parameters(problem.first_layer)
+        dtype = K0.dtype
+        d = K0.shape[0]
+        self.K = np.zeros((n_loc, d, d), dtype)
+        self.b = np.zeros((n_loc, d), dtype)
+        self.dt = np.zeros(n_loc, dtype)
+        self.X = None
+        for j in range(1, n_loc):
+            k = base + j
+            s, e = problem.layers(int(points[k - 1]), int(points[k]))
+            K, b = prop.layer_parameters(s) if level == 0 else problem.weights[(s, e)]
+            self.K[j], self.b[j], self.dt[j] = K, b, (e - s) * h
+        if problem.backward:
+            first = problem.states[min(problem.states)] if problem.states else None
+            shape = first.shape if first is not None else (0, d)
+            self.X = np.zeros((n_loc,) + shape, dtype)
+            for j in range(1, n_loc):
+                k = base + j
+                s, _ = problem.layers(int(points[k - 1]), int(points[k]))
+                self.X[j] = problem.state(s)
+            self.KT = np.ascontiguousarray(np.swapaxes(self.K, 1, 2))
+        self.kern, self.act, self.chunk = kern, act, chunk
+
+    def runs(self, u, g, starts, ends) -> None:
+        starts = np.asarray(starts, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        if len(starts) == 0:
+            return
+        self.problem.comm.count(int(np.sum(ends - starts + 1)))
+        if self.X is None:
+            self.kern.state_runs(u, g, self.K, self.b, self.dt, self.act, starts, ends,
+                                 self.chunk)
+        else:
+            self.kern.adjoint_runs(u, g, self.X, self.K, self.KT, self.b, self.dt, self.act,
+                                   starts, ends, self.chunk)
+
+    def points_apply(self, u, positions) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(positions),) + u.shape[1:], u.dtype)
+        if len(positions) == 0:
+            return out
+        self.problem.comm.count(len(positions))
+        if self.X is None:
+            self.kern.state_points(u, self.K, self.b, self.dt, self.act, positions, out,
+                                   self.chunk)
+        else:
+            self.kern.adjoint_points(u, self.X, self.K, self.KT, self.b, self.dt, self.act,
+                                     positions, out, self.chunk)
+        return out
+
+
+def level_steps(problem: SweepProblem, level: int, points: np.ndarray, base: int,
+                hi: int) -> LevelSteps:
+    """The fastest :class:`LevelSteps` the propagator supports."""
+    fast = getattr(problem.prop, "level_kernels", None)
+    spec = fast() if fast is not None else None
+    if spec is None:
+        return LevelSteps(problem, level, points, base)
+    kern, act, h, chunk = spec
+    return ResNetLevelSteps(problem, level, points, base, hi, kern, act, h, chunk)
