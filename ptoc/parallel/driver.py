@@ -32,9 +32,9 @@ from ..model import Params, ResNet
 from ..objective import classifier_loss, opening_backward, opening_forward
 from ..propagator import LayerSlice, ResNetPropagator
 from .comm import Communicator, SimulatedRanks, SingleRank
-from .layout import partition
+from .layout import mgrit_levels, partition
 from .mgrit import MGRITSolve
-from .options import Parareal, Serial, SolveResult
+from .options import MGRIT, Parareal, Serial, SolveResult
 from .parareal import PararealSolve
 from .problem import SweepProblem, level_steps
 
@@ -92,9 +92,15 @@ def _run(runner, program):
 
 def check_layout(solver, n_layers: int, n_ranks: int) -> None:
     """Raise (identically on every rank) when the solver cannot run on these ranks."""
-    if n_ranks > n_layers:
-        raise ValueError(f"{n_ranks} ranks for {n_layers} layers: every rank needs at least "
-                         "one layer")
+    if isinstance(solver, MGRIT) and solver.max_levels > 1:
+        levels = mgrit_levels(n_layers, solver.coarsening, solver.max_levels,
+                              solver.min_coarse_steps)
+        if len(levels) == 1:
+            raise ValueError(
+                f"MGRIT cannot coarsen {n_layers} layers with coarsening factor "
+                f"{solver.coarsening} and min_coarse_steps={solver.min_coarse_steps}: the coarse "
+                "grid would be too small; use a smaller coarsening factor or min_coarse_steps, "
+                "or max_levels=1 for the serial sweep")
     if isinstance(solver, Parareal):
         P = solver.chunks if solver.chunks is not None else n_ranks
         if P != n_ranks:
@@ -107,6 +113,9 @@ def check_layout(solver, n_layers: int, n_ranks: int) -> None:
         if hasattr(coarse, "step") and getattr(coarse, "n_layers", P) != P:
             raise ValueError(f"the coarse propagator has {coarse.n_layers} layers; parareal "
                              f"with {P} chunks needs one per chunk")
+    if n_ranks > n_layers:
+        raise ValueError(f"{n_ranks} ranks for {n_layers} layers: every rank needs at least "
+                         "one layer")
 
 
 # --- one sweep on one rank ---------------------------------------------------------------------

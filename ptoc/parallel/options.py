@@ -109,7 +109,8 @@ class Parareal:
     coarse : CoarseWeights, str or Propagator
         Coarse propagator (see above).
     max_iterations : int, optional
-        Default ``chunks`` (exactness).
+        Default ``chunks`` (exactness). 0 gives the coarse sweep followed by one fine sweep
+        of every chunk.
     tol : float
         Stop when the norm of the chunk-boundary residuals
         ``||F_j(U_j) - U_{j+1}||`` is at most ``tol`` (absolute).
@@ -130,7 +131,7 @@ class Parareal:
             raise ValueError("Parareal coarse must be 'inject', 'average' or a Propagator "
                              f"with one layer per chunk, got {self.coarse!r}")
         if self.max_iterations is not None:
-            _pos_int("Parareal max_iterations", self.max_iterations)
+            _pos_int("Parareal max_iterations", self.max_iterations, 0)
         object.__setattr__(self, "tol", _pos_float("Parareal tol", self.tol))
 
 

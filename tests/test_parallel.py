@@ -1,0 +1,286 @@
+"""Layer-parallel solvers against the serial sweep (DESIGN.md section 4)."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ptoc
+from ptoc.parallel import (
+    MGRIT,
+    DivergenceError,
+    Parareal,
+    Serial,
+    SimulatedRanks,
+    mgrit_levels,
+    partition,
+)
+from ptoc.parallel.driver import parallel_gradient
+
+
+def problem(width=4, depth=12, S=6, seed=0, act="tanh", T=1.0, scale=1.0, gammas=(1e-2,) * 3):
+    rng = np.random.default_rng(seed)
+    net = ptoc.ResNet(width=width, depth=depth, T=T, activation=act, n_in=3, n_classes=3,
+                      gamma=gammas[0], gamma_t=gammas[1], gamma_c=gammas[2])
+    params = net.init_params(rng, scale=scale)
+    params.b[...] = rng.standard_normal(params.b.shape)
+    X = rng.standard_normal((S, 3))
+    y = rng.integers(0, 3, S)
+    return net, params, X, y
+
+
+def serial(net, params, X, y):
+    fwd = ptoc.forward(net, params, X)
+    loss, grads = ptoc.loss_and_grad(net, params, X, y)
+    _, lam_N, _, _ = ptoc.objective.classifier_loss(params, fwd.final_state, y)
+    adj = ptoc.adjoint(net, params, fwd, lam_N, keep_adjoints=True)
+    return fwd.states, adj.adjoints, loss, grads
+
+
+def rel(a, b):
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def grad_rel(g, ref):
+    return max(rel(g[k], ref[k]) for k in ref)
+
+
+# --- exactness properties ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_one_level_mgrit_is_the_serial_sweep_bitwise(ranks):
+    net, params, X, y = problem(depth=10)
+    states, lams, loss, grads = serial(net, params, X, y)
+    r = parallel_gradient(net, params, X, y, MGRIT(max_levels=1), comm=ranks)
+    assert np.array_equal(r.states, states) and np.array_equal(r.adjoints, lams)
+    assert all(np.array_equal(r.grads[k], grads[k]) for k in grads) or ranks > 1
+    assert r.forward.iterations == 1 and r.forward.levels == 1
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 5])
+def test_serial_on_ranks_is_the_serial_sweep_bitwise(ranks):
+    net, params, X, y = problem(depth=11)
+    states, lams, loss, grads = serial(net, params, X, y)
+    r = parallel_gradient(net, params, X, y, Serial(), comm=ranks)
+    assert np.array_equal(r.states, states) and np.array_equal(r.adjoints, lams)
+    for k in ("K", "b", "K_in", "b_in", "W", "mu"):
+        assert rel(r.grads[k], grads[k]) < 1e-14  # regulariser sums split across ranks
+    assert r.forward.steps_total == net.depth == r.forward.steps_critical_path
+
+
+@pytest.mark.parametrize("P, N", [(3, 12), (4, 10), (5, 5)])
+def test_parareal_is_exact_on_the_first_k_chunks_after_k_iterations(P, N):
+    net, params, X, y = problem(depth=N, scale=1.5)
+    states, *_ = serial(net, params, X, y)
+    bounds = partition(N, P)
+    for k in range(P + 1):
+        fwd = ptoc.forward(net, params, X, solver=Parareal(chunks=P, max_iterations=k,
+                                                           tol=1e-300))
+        exact_to = bounds[min(k + 1, P)]  # chunks 0..k run from exact boundaries
+        assert np.array_equal(fwd.states[: exact_to + 1], states[: exact_to + 1]), k
+        # the next chunk is not yet exact (unless it has one layer: then G_j = F_j)
+        if exact_to < N and bounds[k + 2] - bounds[k + 1] > 1:
+            assert not np.array_equal(fwd.states[exact_to + 1], states[exact_to + 1])
+    assert np.array_equal(fwd.states, states)  # after P iterations: everywhere, bitwise
+
+
+@pytest.mark.parametrize("coarse", ["inject", "average"])
+def test_two_level_mgrit_with_f_relaxation_gives_the_parareal_iterates(coarse):
+    m, P = 4, 5
+    net, params, X, y = problem(depth=m * P, scale=1.5)
+    for k in (1, 2, 3):
+        par = ptoc.forward(net, params, X, solver=Parareal(chunks=P, coarse=coarse,
+                                                           max_iterations=k, tol=1e-300))
+        mg = ptoc.forward(net, params, X, solver=MGRIT(
+            coarsening=m, max_levels=2, relaxation="F", nested_iteration=True,
+            coarse_weights=coarse, max_iterations=k, tol=1e-300))
+        assert mg.solve.iterations == par.solve.iterations == k
+        f_points = [n for n in range(net.depth + 1) if n % m]  # the fine trajectories
+        assert rel(mg.states[f_points], par.states[f_points]) < 1e-13
+        serial_states = ptoc.forward(net, params, X).states
+        assert rel(mg.states[f_points], serial_states[f_points]) > 1e-8 or k >= P
+
+
+def test_fcf_makes_two_more_c_points_exact_per_iteration():
+    m, n_c = 3, 8
+    net, params, X, y = problem(depth=m * n_c, scale=1.5)
+    states = ptoc.forward(net, params, X).states
+    for k in (1, 2, 3):
+        fwd = ptoc.forward(net, params, X, solver=MGRIT(
+            coarsening=m, max_levels=2, relaxation="FCF", max_iterations=k, tol=1e-300))
+        err = np.max(np.abs(fwd.states - states), axis=(1, 2)) / np.max(np.abs(states))
+        c_exact = 2 * k  # C-points 0..2k
+        assert np.all(err[: c_exact * m + 1] < 1e-13), (k, err[: c_exact * m + 1].max())
+        assert err[(c_exact + 1) * m] > 1e-10  # the next C-point is not yet exact
+    with_f = ptoc.forward(net, params, X, solver=MGRIT(
+        coarsening=m, max_levels=2, relaxation="F", max_iterations=2, tol=1e-300))
+    err_f = np.max(np.abs(with_f.states - states), axis=(1, 2)) / np.max(np.abs(states))
+    assert err_f[3 * m] > 1e-10  # F-relaxation alone: only one more per iteration
+
+
+# --- convergence to the serial solution --------------------------------------------------------
+
+@given(depth=st.integers(2, 24), m=st.integers(2, 5), ranks=st.integers(1, 4),
+       levels=st.integers(2, 5), cycle=st.sampled_from(["V", "F"]),
+       relax=st.sampled_from(["F", "FCF"]), weights=st.sampled_from(["inject", "average"]),
+       seed=st.integers(0, 10_000))
+def test_mgrit_converges_to_the_serial_gradient(depth, m, ranks, levels, cycle, relax, weights,
+                                                seed):
+    ranks = min(ranks, depth)
+    net, params, X, y = problem(depth=depth, seed=seed)
+    states, lams, loss, grads = serial(net, params, X, y)
+    solver = MGRIT(coarsening=m, max_levels=levels, min_coarse_steps=1, cycle=cycle,
+                   relaxation=relax, coarse_weights=weights, tol=1e-14, max_iterations=60)
+    r = parallel_gradient(net, params, X, y, solver, comm=ranks)
+    assert r.forward.converged and r.adjoint.converged
+    assert rel(r.states, states) < 1e-10 and rel(r.adjoints, lams) < 1e-10
+    assert abs(r.loss - loss) < 1e-10 * abs(loss) and grad_rel(r.grads, grads) < 1e-10
+
+
+@given(depth=st.integers(1, 20), chunks=st.integers(1, 6), seed=st.integers(0, 10_000),
+       coarse=st.sampled_from(["inject", "average"]))
+def test_parareal_converges_to_the_serial_gradient(depth, chunks, seed, coarse):
+    chunks = min(chunks, depth)
+    net, params, X, y = problem(depth=depth, seed=seed)
+    states, lams, loss, grads = serial(net, params, X, y)
+    r = parallel_gradient(net, params, X, y, Parareal(chunks=chunks, coarse=coarse, tol=1e-14))
+    assert r.forward.iterations <= chunks and r.adjoint.iterations <= chunks
+    assert rel(r.states, states) < 1e-10 and rel(r.adjoints, lams) < 1e-10
+    assert grad_rel(r.grads, grads) < 1e-10
+
+
+def test_errors_decrease_as_iterations_grow():
+    net, params, X, y = problem(depth=32, scale=1.2, S=8)
+    states, lams, loss, grads = serial(net, params, X, y)
+    errors = []
+    for k in (1, 2, 4, 8):
+        r = parallel_gradient(net, params, X, y, MGRIT(coarsening=2, max_iterations=k,
+                                                       tol=1e-300))
+        errors.append((rel(r.states, states), rel(r.adjoints, lams), grad_rel(r.grads, grads)))
+    for quantity in zip(*errors, strict=True):
+        assert all(b < a for a, b in zip(quantity, quantity[1:], strict=False))
+    assert errors[-1][2] < 1e-8
+
+
+def test_residual_history_is_recorded_and_decreases():
+    net, params, X, y = problem(depth=64, S=8)
+    fwd = ptoc.forward(net, params, X, solver=MGRIT(coarsening=4, tol=1e-12))
+    res = fwd.solve.residuals
+    assert fwd.solve.converged and len(res) == fwd.solve.iterations and res[-1] <= 1e-12
+    assert all(b < a for a, b in zip(res, res[1:], strict=False))
+
+
+def test_warm_start_from_the_solution_converges_at_once():
+    net, params, X, y = problem(depth=32)
+    states = ptoc.forward(net, params, X).states
+    fwd = ptoc.forward(net, params, X, solver=MGRIT(coarsening=4, tol=1e-12),
+                       initial_guess=states)
+    assert fwd.solve.iterations == 1
+    cold = ptoc.forward(net, params, X, solver=MGRIT(coarsening=4, tol=1e-12))
+    assert cold.solve.iterations > 1
+
+
+# --- ranks -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", [MGRIT(coarsening=3, max_iterations=3, tol=1e-300),
+                                    MGRIT(coarsening=2, cycle="F", coarse_weights="average",
+                                          max_iterations=2, tol=1e-300)])
+def test_results_do_not_depend_on_the_number_of_ranks(solver):
+    net, params, X, y = problem(depth=17)
+    results = [parallel_gradient(net, params, X, y, solver, comm=p) for p in (1, 2, 3, 7)]
+    for r in results[1:]:
+        assert np.array_equal(r.states, results[0].states)
+        assert np.array_equal(r.adjoints, results[0].adjoints)
+        assert grad_rel(r.grads, results[0].grads) < 1e-14
+
+
+def test_critical_path_shrinks_with_ranks():
+    net, params, X, y = problem(depth=64, S=4)
+    paths = []
+    for p in (1, 2, 4, 8):
+        fwd = ptoc.forward(net, params, X, solver=MGRIT(coarsening=4, tol=1e-10), comm=p)
+        assert fwd.solve.ranks == p
+        paths.append(fwd.solve.steps_critical_path)
+        if p == 1:
+            assert fwd.solve.steps_total == fwd.solve.steps_critical_path
+    assert all(b < a for a, b in zip(paths, paths[1:], strict=False))
+
+
+def test_each_rank_uses_only_its_own_layers():
+    from ptoc.propagator import LayerSlice, ResNetPropagator
+
+    net, params, X, y = problem(depth=6)
+    piece = LayerSlice(ResNetPropagator(net, params), 2, 4)
+    piece.step(2, np.zeros((2, net.width)))
+    with pytest.raises(IndexError, match="layer 4 is not held here"):
+        piece.step(4, np.zeros((2, net.width)))
+    assert piece.parameters()[0].shape[0] == 2
+
+
+def test_mgrit_levels():
+    assert [len(p) - 1 for p in mgrit_levels(1024, 4, 10, 1)] == [1024, 256, 64, 16, 4, 1]
+    assert [len(p) - 1 for p in mgrit_levels(1024, 4, 10, 2)] == [1024, 256, 64, 16, 4]
+    lv = mgrit_levels(10, 4, 3, 1)
+    assert lv[1].tolist() == [0, 4, 8, 10] and lv[2].tolist() == [0, 10]
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: MGRIT(coarsening=1), "coarsening factor m must be an integer >= 2"),
+    (lambda: MGRIT(tol=0), "MGRIT tol must be a positive"),
+    (lambda: MGRIT(tol=-1e-3), "MGRIT tol must be a positive"),
+    (lambda: MGRIT(max_levels=0), "max_levels"),
+    (lambda: MGRIT(relaxation="FF"), "unknown relaxation"),
+    (lambda: MGRIT(cycle="W"), "unknown cycle"),
+    (lambda: Parareal(chunks=0), "chunks"),
+    (lambda: Parareal(tol=0.0), "Parareal tol must be a positive"),
+    (lambda: Parareal(coarse="median"), "unknown coarse-weight rule"),
+])
+def test_bad_options_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_layouts_are_named_on_every_rank():
+    net, params, X, y = problem(depth=4)
+    with pytest.raises(ValueError, match=r"Parareal\(chunks=5\) needs at most 4"):
+        ptoc.loss_and_grad(net, params, X, y, solver=Parareal(chunks=5))
+    with pytest.raises(ValueError, match="5 ranks for 4 layers"):
+        ptoc.loss_and_grad(net, params, X, y, solver=MGRIT(coarsening=2), comm=5)
+    with pytest.raises(ValueError, match=r"Parareal\(chunks=2\) runs one chunk per rank, but "
+                                         "the communicator has 3"):
+        ptoc.loss_and_grad(net, params, X, y, solver=Parareal(chunks=2), comm=3)
+    with pytest.raises(ValueError, match="cannot coarsen"):
+        ptoc.loss_and_grad(net, params, X, y, solver=MGRIT(coarsening=4, max_levels=3,
+                                                           min_coarse_steps=2))
+    with pytest.raises(TypeError, match="pass an instance"):
+        ptoc.loss_and_grad(net, params, X, y, solver=MGRIT)
+
+
+def test_bad_initial_guess_is_named():
+    net, params, X, y = problem(depth=6)
+    guess = np.zeros((7, X.shape[0], net.width))
+    guess[3, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="initial_guess contains non-finite"):
+        ptoc.forward(net, params, X, solver=MGRIT(coarsening=2), initial_guess=guess)
+    with pytest.raises(ValueError, match="initial_guess has shape"):
+        ptoc.forward(net, params, X, solver=MGRIT(coarsening=2), initial_guess=guess[:3])
+
+
+def test_divergence_stops_with_a_clear_error():
+    # an unstable coarse step (huge weights, T large): MGRIT's residual grows
+    net, params, X, y = problem(depth=64, T=40.0, scale=6.0, act="relu", gammas=(0, 0, 0))
+    with pytest.raises(DivergenceError, match="MGRIT diverged"):
+        ptoc.forward(net, params, X, solver=MGRIT(coarsening=8, max_levels=2,
+                                                  relaxation="F", max_iterations=30))
+
+
+def test_a_failing_rank_does_not_hang_the_others():
+    def program(comm):
+        if comm.rank == 1:
+            raise RuntimeError("rank 1 broke")
+        return comm.recv(1, 99)  # would wait forever without failure propagation
+
+    with pytest.raises(RuntimeError, match="rank 1 broke"):
+        SimulatedRanks(3, timeout=30).run(program)
