@@ -122,7 +122,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``ptoc`` argument parser (subcommands ``train`` and ``info``)."""
+    """The ``ptoc`` argument parser (subcommands ``train``, ``solve`` and ``info``)."""
     from . import __version__
 
     parser = _Parser(
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Subcommands:\n"
             "  train  train a ResNet on Peaks or digits; writes model.npz, history.json,\n"
             "         history.csv and training.png into an output folder\n"
+            "  solve  solve the state/adjoint sweeps layer-parallel (parareal, MGRIT) on\n"
+            "         simulated ranks or under mpiexec; prints residuals and step counts\n"
             "  info   versions, Numba threads and the available kernel targets\n\n"
             "Run 'ptoc <subcommand> --help' for the options of each."
         ),
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"ptoc {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,info}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,solve,info}", required=True)
 
     t = sub.add_parser(
         "train",
@@ -205,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bar and no header; still prints the final result")
     t.set_defaults(func=_cmd_train)
+
+    from . import solve_cli
+
+    solve_cli.add_parser(sub, _Formatter, _positive_int, _nonnegative_int, _positive_float)
 
     i = sub.add_parser("info", help="versions, Numba threads and available targets",
                        description="Print versions (ptoc, python, numpy, numba), the number "

@@ -1,0 +1,186 @@
+"""``ptoc solve``: one layer-parallel solve from the command line, on simulated or MPI ranks.
+
+Kept apart from :mod:`ptoc.cli` (which registers the subcommand) because it is the
+part that runs under ``mpiexec``: every rank parses the same options and fails the
+same way on bad input, before any message is sent, so no rank is left waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+MPI_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+def add_parser(sub, formatter, positive_int, nonnegative_int, positive_float) -> None:
+    s = sub.add_parser(
+        "solve",
+        help="solve the state/adjoint sweeps layer-parallel (serial, parareal, MGRIT)",
+        description=(
+            "Solve the forward (state) sweep, the adjoint sweep, or both with the\n"
+            "gradient, of a ResNet layer-parallel (DESIGN.md section 4) and print the\n"
+            "iterations, the residual history, the time and the layer steps in total and\n"
+            "on the critical path.\n\n"
+            "The default problem is the benchmark of issue 3: X_{n+1} = X_n +\n"
+            "h tanh(X_n K_n^T + b_n), d = 16, batch 32, N = 1024, T = 1, K_n ~ N(0, 1/d),\n"
+            "b_n ~ N(0, 1), X_0 ~ N(0, 1) (an identity opening layer).\n\n"
+            "Ranks: under mpiexec every rank takes its share of the layers (MPI);\n"
+            "otherwise --ranks simulates that many ranks in this process. Set\n"
+            "OPENBLAS_NUM_THREADS=1 under mpiexec; Numba uses cores/ranks threads per rank\n"
+            "unless NUMBA_NUM_THREADS is set.\n\n"
+            "example: mpiexec -n 4 ptoc solve --method mgrit --coarsening 4"),
+        formatter_class=formatter)
+    g = s.add_argument_group("problem")
+    g.add_argument("--width", type=positive_int, default=16, help="state dimension d")
+    g.add_argument("--depth", type=positive_int, default=1024, help="number of layers N")
+    g.add_argument("--batch", type=positive_int, default=32, help="samples S")
+    g.add_argument("--T", type=positive_float, default=1.0, help="final time")
+    g.add_argument("--activation", choices=("tanh", "relu", "smoothrelu"), default="tanh")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of K, b, X, labels")
+    g.add_argument("--sweep", choices=("forward", "adjoint", "gradient"), default="gradient",
+                   help="what to solve (gradient: both sweeps and the parameter gradient)")
+    g = s.add_argument_group("solver")
+    g.add_argument("--method", choices=("serial", "parareal", "mgrit"), default="mgrit")
+    g.add_argument("--coarsening", type=positive_int, default=4, help="MGRIT factor m (>= 2)")
+    g.add_argument("--levels", type=positive_int, default=10, help="MGRIT max levels")
+    g.add_argument("--min-coarse", type=positive_int, default=2,
+                   help="MGRIT: fewest steps on the coarsest grid")
+    g.add_argument("--relaxation", choices=("F", "FCF"), default="FCF")
+    g.add_argument("--cycle", choices=("V", "F"), default="V")
+    g.add_argument("--coarse-weights", choices=("inject", "average"), default="inject")
+    g.add_argument("--nested", action="store_true", help="MGRIT nested iteration")
+    g.add_argument("--tol", type=positive_float, default=1e-10,
+                   help="absolute residual tolerance")
+    g.add_argument("--max-iterations", type=positive_int, default=50)
+    g = s.add_argument_group("run")
+    g.add_argument("--ranks", type=positive_int, default=1,
+                   help="simulated ranks when not under mpiexec")
+    g.add_argument("--check", action="store_true",
+                   help="also run the serial sweep and print the largest relative differences")
+    g.add_argument("--json", metavar="PATH", help="write the records as JSON (rank 0)")
+    g.add_argument("--save", metavar="PATH",
+                   help="write states, adjoints and gradient to an .npz file (rank 0)")
+    s.set_defaults(func=run)
+
+
+def _under_mpi() -> bool:
+    return any(k in os.environ for k in MPI_ENV)
+
+
+def _problem(args):
+    import ptoc
+
+    rng = np.random.default_rng(args.seed)
+    net = ptoc.ResNet(width=args.width, depth=args.depth, T=args.T, activation=args.activation,
+                      n_in=args.width, n_classes=2, opening="identity", gamma=0.0, gamma_t=0.0,
+                      gamma_c=0.0)
+    d = args.width
+    params = ptoc.Params(K=rng.standard_normal((args.depth, d, d)) / np.sqrt(d),
+                         b=rng.standard_normal((args.depth, d)), K_in=None, b_in=None,
+                         W=rng.standard_normal((2, d)) / np.sqrt(d), mu=np.zeros(2))
+    X = rng.standard_normal((args.batch, d))
+    y = rng.integers(0, 2, args.batch)
+    return net, params, X, y
+
+
+def _solver(args):
+    import ptoc
+
+    if args.method == "serial":
+        return ptoc.Serial()
+    if args.method == "parareal":
+        return ptoc.Parareal(tol=args.tol, max_iterations=args.max_iterations)
+    return ptoc.MGRIT(coarsening=args.coarsening, max_levels=args.levels,
+                      min_coarse_steps=args.min_coarse, relaxation=args.relaxation,
+                      cycle=args.cycle, tol=args.tol, max_iterations=args.max_iterations,
+                      coarse_weights=args.coarse_weights, nested_iteration=args.nested)
+
+
+def run(args: argparse.Namespace) -> int:
+    import ptoc
+    from ptoc.parallel import MPIRanks, SimulatedRanks, SingleRank
+    from ptoc.parallel.driver import parallel_adjoint, parallel_forward, parallel_gradient
+
+    from .cli import _Error
+
+    try:
+        solver = _solver(args)
+        net, params, X, y = _problem(args)
+    except ValueError as exc:
+        raise _Error(str(exc)) from None
+    if _under_mpi():
+        comm = MPIRanks()
+        if "NUMBA_NUM_THREADS" not in os.environ and comm.size > 1:
+            import numba
+
+            numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS,
+                                             (os.cpu_count() or 1) // comm.size)))
+    else:
+        comm = SimulatedRanks(args.ranks) if args.ranks > 1 else SingleRank()
+    rank = getattr(comm, "rank", 0)
+
+    def say(*a):
+        if rank == 0:
+            print(*a, flush=True)
+
+    say(f"ptoc solve: {net.describe()}, batch {args.batch}; {args.method} on {comm.size} "
+        f"{'MPI' if isinstance(comm, MPIRanks) else 'simulated'} rank(s), sweep "
+        f"{args.sweep}")
+    t0 = time.perf_counter()
+    try:
+        if args.sweep == "forward":
+            states, rec = parallel_forward(net, params, X, solver, comm=comm)
+            records, out = [rec], {"states": states}
+        else:
+            states = ptoc.forward(net, params, X).states
+            if args.sweep == "adjoint":
+                lam_N = ptoc.objective.classifier_loss(params, states[-1], y)[1]
+                lams, gK, gb, rec = parallel_adjoint(net, params, states, lam_N, solver,
+                                                     comm=comm)
+                records, out = [rec], {"adjoints": lams, "grad_K": gK, "grad_b": gb}
+            else:
+                res = parallel_gradient(net, params, X, y, solver, comm=comm)
+                records = [res.forward, res.adjoint]
+                out = {"states": res.states, "adjoints": res.adjoints, "loss": res.loss}
+                out.update({f"grad_{k}": v for k, v in res.grads.items()})
+    except ValueError as exc:
+        raise _Error(str(exc)) from None
+    except ptoc.DivergenceError as exc:
+        say(f"ptoc: error: {exc}")
+        return 1
+    wall = time.perf_counter() - t0
+    for rec in records:
+        say(rec.summary())
+        if rec.residuals:
+            say("  residuals: " + " ".join(f"{r:.2e}" for r in rec.residuals))
+        say(f"  time {rec.wall_time:.3f} s")
+    say(f"total time {wall:.3f} s")
+    check = {}
+    if args.check and rank == 0:
+        serial_states = ptoc.forward(net, params, X).states
+        if "states" in out:
+            check["states"] = float(np.max(np.abs(out["states"] - serial_states))
+                                    / np.max(np.abs(serial_states)))
+        if args.sweep == "gradient":
+            _, g = ptoc.loss_and_grad(net, params, X, y)
+            check["gradient"] = max(float(np.max(np.abs(out[f"grad_{k}"] - g[k]))
+                                          / max(np.max(np.abs(g[k])), 1e-300)) for k in g)
+        for k, v in check.items():
+            print(f"  max relative difference from the serial sweep, {k}: {v:.2e}")
+    if rank == 0 and args.json:
+        record = {"problem": vars(args) | {"func": None}, "ranks": comm.size,
+                  "mpi": isinstance(comm, MPIRanks), "wall_time": wall,
+                  "records": [vars(r) for r in records], "check": check}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1, default=str)
+    if rank == 0 and args.save:
+        np.savez(args.save, **out)
+    return 0
+
+
+__all__ = ["add_parser", "run"]
