@@ -35,6 +35,7 @@ import numpy as np
 
 from .comm import Communicator
 from .layout import mgrit_levels
+from .layout import sum_of_squares as _sum_of_squares
 from .options import MGRIT, Cycle, DivergenceError
 from .problem import SweepProblem, level_steps
 
@@ -263,7 +264,7 @@ class MGRITSolve:
         sq = 0.0
         if len(c):
             r = self.steps[0].points_apply(u, c) - u[c]
-            sq = float(np.vdot(r, r))
+            sq = _sum_of_squares(r)
         return math.sqrt(self.comm.sum(sq))
 
     # --- cycles --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from .comm import Communicator
+from .layout import sum_of_squares as _sum_of_squares
 from .options import DivergenceError, Parareal
 from .problem import SweepProblem, level_steps
 
@@ -109,7 +110,7 @@ class PararealSolve:
                 F_end = self._F(U)
                 swept_from = U
             r = F_end - U_next
-            res = math.sqrt(comm.sum(float(np.vdot(r, r))))
+            res = math.sqrt(comm.sum(_sum_of_squares(r)))
             self.residuals.append(res)
             if not math.isfinite(res):
                 raise DivergenceError(f"parareal diverged: residual {res} at iteration {k}")
