@@ -157,6 +157,14 @@ class LayerSlice(Propagator):
     def layer_gradient(self, n, x, lam_next, grad):
         self._inner.layer_gradient(self._local(n), x, lam_next, grad)
 
+    def stacked_parameters(self, layers):
+        layers = np.asarray(layers, dtype=np.int64)
+        if len(layers) and (layers.min() < self.start or layers.max() >= self.stop):
+            bad = layers[(layers < self.start) | (layers >= self.stop)][0]
+            raise IndexError(f"layer {bad} is not held here (this slice holds layers "
+                             f"{self.start}..{self.stop - 1})")
+        return self._inner.stacked_parameters(layers - self.start)
+
     def objective(self, x):
         return self._inner.objective(x)
 
@@ -254,6 +262,11 @@ class ResNetPropagator(Propagator):
 
     def layer_parameters(self, n):
         return (self.params.K[n], self.params.b[n])
+
+    def stacked_parameters(self, layers):
+        """``(K[layers], b[layers])`` as stacked arrays (one fancy-indexing copy)."""
+        layers = np.asarray(layers, dtype=np.int64)
+        return self.params.K[layers], self.params.b[layers]
 
     def layer_gradient(self, n, x, lam_next, grad):
         """Add ``d(lam_next . Phi_n(x))/d theta_n`` to ``grad`` (no adjoint output)."""

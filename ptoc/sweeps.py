@@ -19,13 +19,13 @@ bit the one without checkpoints.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _config
+from ._scratch import Scratch
 from ._validate import check_inputs, check_positive_int
 from .kernels import Target, backend
 from .model import Params, ResNet
@@ -40,36 +40,15 @@ from .objective import (
 from .parallel.driver import parallel_forward, parallel_gradient
 from .parallel.options import Serial, SolveResult, check_solver
 
-
-class _Scratch(threading.local):
-    """Per-thread buffers reused across calls for arrays that never leave this module.
-
-    The states and derivatives of :func:`loss_and_grad`, :func:`loss` and
-    :func:`predict` are needed only inside the call; allocating them afresh each time
-    costs page faults that, for mid-sized problems, take longer than the kernels. The
-    few most recent shapes are kept (:func:`release_workspace` frees them).
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple, np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        key = (name, shape, np.dtype(dtype))
-        buf = self.buffers.pop(key, None)
-        if buf is None:
-            buf = np.empty(shape, dtype)
-            while len(self.buffers) >= 8:
-                self.buffers.pop(next(iter(self.buffers)))
-        self.buffers[key] = buf  # most recently used last
-        return buf
-
-
-_scratch = _Scratch()
+_scratch = Scratch()
 
 
 def release_workspace() -> None:
     """Free the buffers that :func:`loss_and_grad` and friends keep for reuse."""
-    _scratch.buffers.clear()
+    _scratch.clear()
+    from .parallel.problem import scratch as parallel_scratch
+
+    parallel_scratch.clear()
 
 
 _blas_controller = None

@@ -28,14 +28,15 @@ method).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import _rows
 from .comm import Communicator
 from .layout import mgrit_levels
-from .layout import sum_of_squares as _sum_of_squares
 from .options import MGRIT, Cycle, DivergenceError
 from .problem import SweepProblem, level_steps
 
@@ -107,6 +108,59 @@ def _make_level(points: np.ndarray, next_points: np.ndarray | None, fine_owner: 
     return _Level(points, is_c, owner, lo, hi, base, prev, nxt, coarse_of)
 
 
+class _RelaxPlan:
+    """Index sets of one level's relaxations on this rank, computed once."""
+
+    def __init__(self, lv: _Level):
+        self.send_last = not lv.empty and lv.next is not None and not lv.is_c[lv.hi]
+        self.recv_first = not lv.empty and lv.prev is not None and not lv.is_c[lv.lo]
+        self.send_at_start = self.send_last and lv.is_c[lv.hi - 1]
+        runs = [] if lv.empty else [(lv.loc(s), lv.loc(e)) for s, e in lv.f_runs()]
+        # a run that starts at this rank's first position waits for the rank before
+        self.waiting = runs[:1] if runs and self.recv_first and runs[0][0] == lv.loc(lv.lo) \
+            else []
+        free = runs[len(self.waiting):]
+        self.free_starts = np.array([r[0] for r in free], dtype=np.int64)
+        self.free_ends = np.array([r[1] for r in free], dtype=np.int64)
+        self.free_sends = bool(free) and self.send_last and free[-1][1] == lv.loc(lv.hi - 1)
+        self.last = lv.loc(lv.hi - 1) if not lv.empty else -1
+        # C-points, split so that a C-relaxation in place reads only old values: a C-point
+        # right after another C-point (a last interval of length one) goes first
+        c = [] if lv.empty else [lv.loc(k) for k in lv.c_points()]
+        cset = set(c)
+        self.c_first = np.array([j for j in c if j - 1 in cset][::-1], dtype=np.int64)
+        self.c_rest = np.array([j for j in c if j - 1 not in cset], dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _structure(n_steps: int, owner: tuple[int, ...], rank: int, size: int, coarsening: int,
+               max_levels: int, min_coarse_steps: int, backward: bool):
+    """Everything about the grids that does not depend on the numbers: the levels as seen
+    by ``rank``, the coarse weights every rank needs, the relaxation plans and the index
+    arrays of the C-points (cached: training solves the same shapes again and again)."""
+    owner_arr = np.asarray(owner)
+    points = mgrit_levels(n_steps, coarsening, max_levels, min_coarse_steps)
+    levels = [_make_level(p, points[i + 1] if i + 1 < len(points) else None, owner_arr, rank)
+              for i, p in enumerate(points)]
+    needs: list[list[tuple[int, int]]] = [[] for _ in range(size)]
+    for lv in levels[1:]:
+        p = lv.points
+        if backward:
+            s_, e_ = n_steps - p[1:], n_steps - p[:-1]
+        else:
+            s_, e_ = p[:-1], p[1:]
+        for r, s, e in zip(lv.owner[1:].tolist(), s_.tolist(), e_.tolist(), strict=True):
+            needs[r].append((s, e))
+    plans = [_RelaxPlan(lv) for lv in levels]
+    c_local = [np.array([lv.loc(k) for k in lv.c_points()], dtype=np.int64) for lv in levels]
+    cc_local = [
+        np.array([levels[i + 1].loc(int(lv.coarse_of[k])) for k in lv.c_points()],
+                 dtype=np.int64) if i + 1 < len(levels) else np.empty(0, np.int64)
+        for i, lv in enumerate(levels)]
+    c_all = np.concatenate([plans[0].c_first, plans[0].c_rest])
+    return levels, needs, plans, c_local, cc_local, c_all
+
+
 class MGRITSolve:
     """MGRIT iterations for one sweep on one rank.
 
@@ -130,34 +184,20 @@ class MGRITSolve:
         self.comm = comm
         self.problem = problem
         self.opt = options
-        points = mgrit_levels(problem.n_steps, options.coarsening, options.max_levels,
-                              options.min_coarse_steps)
-        self.levels = [
-            _make_level(p, points[i + 1] if i + 1 < len(points) else None, problem.owner,
-                        comm.rank)
-            for i, p in enumerate(points)
-        ]
-        needs = [[] for _ in range(comm.size)]
-        for lv in self.levels[1:]:
-            for k in range(lv.n):
-                needs[int(lv.owner[k + 1])].append(
-                    problem.layers(int(lv.points[k]), int(lv.points[k + 1])))
+        (self.levels, needs, self._plan, self._c_local, self._cc_local,
+         self._c_all) = _structure(problem.n_steps, tuple(problem.owner.tolist()), comm.rank,
+                                   comm.size, options.coarsening, options.max_levels,
+                                   options.min_coarse_steps, problem.backward)
         if len(self.levels) > 1:
             problem.gather_coarse_weights(needs, options.coarse_weights)
+        self.steps = [None if lv.empty else level_steps(problem, i, lv.points, lv.base, lv.hi)
+                      for i, lv in enumerate(self.levels)]
 
         def zeros(lv: _Level) -> np.ndarray:
             return np.zeros((lv.hi - lv.base,) + tuple(shape), dtype)
 
         self.steps = [None if lv.empty else level_steps(problem, i, lv.points, lv.base, lv.hi)
                       for i, lv in enumerate(self.levels)]
-        # local indices of this rank's C-points on each level, and of the same points on
-        # the next level
-        self._c_local = [np.array([lv.loc(k) for k in lv.c_points()], dtype=np.int64)
-                         for lv in self.levels]
-        self._cc_local = [
-            np.array([self.levels[i + 1].loc(int(lv.coarse_of[k])) for k in lv.c_points()],
-                     dtype=np.int64) if i + 1 < len(self.levels) else np.empty(0, np.int64)
-            for i, lv in enumerate(self.levels)]
         self.u = [zeros(lv) for lv in self.levels]
         self.v = [None] + [zeros(lv) for lv in self.levels[1:]]
         self.g = [None] + [zeros(lv) for lv in self.levels[1:]]
@@ -200,36 +240,47 @@ class MGRITSolve:
         before; it waits for that rank's last value and is done last, the other runs
         (independent of any neighbour) first, in one batched call.
         """
-        lv, u, g = self.levels[level], self.u[level], self.g[level]
+        lv, u, g, plan = self.levels[level], self.u[level], self.g[level], self._plan[level]
         if lv.empty:
             return
         steps = self.steps[level]
         tag = TAG_F + 16 * level
-        send_last = lv.next is not None and not lv.is_c[lv.hi]
-        recv_first = lv.prev is not None and not lv.is_c[lv.lo]
-        if send_last and lv.is_c[lv.hi - 1]:
-            self.comm.send(u[lv.loc(lv.hi - 1)], lv.next, tag)
-        runs = [(lv.loc(s), lv.loc(e)) for s, e in lv.f_runs()]
-        waiting = runs[:1] if runs and recv_first and runs[0][0] == lv.loc(lv.lo) else []
-        free = runs[len(waiting):]
-        if free:
-            steps.runs(u, g, [s for s, _ in free], [e for _, e in free])
-            if send_last and free[-1][1] == lv.loc(lv.hi - 1):
-                self.comm.send(u[free[-1][1]], lv.next, tag)
-        if waiting:
+        if plan.send_at_start:
+            self.comm.send(u[plan.last], lv.next, tag)
+        if len(plan.free_starts):
+            steps.runs(u, g, plan.free_starts, plan.free_ends)
+            if plan.free_sends:
+                self.comm.send(u[plan.last], lv.next, tag)
+        if plan.waiting:
+            (s, e), = plan.waiting
             u[0] = self.comm.recv(lv.prev, tag)
-            steps.runs(u, g, [waiting[0][0]], [waiting[0][1]])
-            if send_last and waiting[0][1] == lv.loc(lv.hi - 1):
-                self.comm.send(u[waiting[0][1]], lv.next, tag)
+            steps.runs(u, g, [s], [e])
+            if plan.send_last and e == plan.last:
+                self.comm.send(u[plan.last], lv.next, tag)
 
     def _c_relax(self, level: int) -> None:
-        """``u_k = Phi(u_{k-1}) + g_k`` at the C-points, all from the values before the sweep."""
-        u, g = self.u[level], self.g[level]
+        """``u_k = Phi(u_{k-1}) + g_k`` at the C-points, all from the values before the sweep
+        (in place: C-points that follow a C-point first, then the others in parallel)."""
+        u, g, plan = self.u[level], self.g[level], self._plan[level]
         self._exchange_c_ghost(level, u)
-        c = self._c_local[level]
-        if len(c):
-            new = self.steps[level].points_apply(u, c)
-            u[c] = new if g is None else new + g[c]
+        steps = self.steps[level]
+        for c in (plan.c_first, plan.c_rest):
+            if len(c):
+                steps.runs(u, g, c, c)
+
+    def _c_relax_with_residual(self) -> float:
+        """C-relaxation on the finest level that also returns the residual of the iterate
+        before it, ``sqrt(sum_k |Phi(u_{k-1}) - u_k|^2)`` over the C-points (collective):
+        with ``g = 0`` there, the change of each C-point is its residual. The old values
+        are kept in ``self._c_before`` so the sweep can be undone."""
+        c = self._c_all
+        self._c_before = self.u[0][c]
+        self._c_relax(0)
+        sq = _rows.sumsq_diff(self.u[0], c, self._c_before, np.arange(len(c)))
+        return math.sqrt(self.comm.sum(sq))
+
+    def _undo_c_relax(self) -> None:
+        self.u[0][self._c_all] = self._c_before
 
     def _restrict(self, level: int) -> None:
         """Inject ``u`` at the C-points into ``v`` and form the FAS right-hand side
@@ -239,22 +290,21 @@ class MGRITSolve:
         v, gc = self.v[level + 1], self.g[level + 1]
         self._exchange_c_ghost(level, u)
         c, cc = self._c_local[level], self._cc_local[level]
-        v[cc] = u[c]
+        _rows.copy_rows(v, cc, u, c)
         if not fine.empty and fine.lo == 0 and not coarse.empty:
             v[coarse.loc(0)] = u[fine.loc(0)]
         self._exchange_ghost(level + 1, v)
         if len(c):
-            r = self.steps[level].points_apply(u, c) - u[c]
-            if g is not None:
-                r = g[c] + r
-            gc[cc] = r + (v[cc] - self.steps[level + 1].points_apply(v, cc))
+            phi_f = self.steps[level].points_apply(u, c)
+            phi_c = self.steps[level + 1].points_apply(v, cc)
+            _rows.fas_rhs(gc, cc, phi_f, u, c, g, v, phi_c)
         self.u[level + 1][...] = v
 
     def _correct(self, level: int) -> None:
         """``u_k += u_c - v`` at this rank's C-points."""
         c, cc = self._c_local[level], self._cc_local[level]
         if len(c):
-            self.u[level][c] += self.u[level + 1][cc] - self.v[level + 1][cc]
+            _rows.correct(self.u[level], c, self.u[level + 1], self.v[level + 1], cc)
 
     def _residual(self) -> float:
         """``sqrt(sum_k |Phi(u_{k-1}) - u_k|^2)`` over the finest C-points (collective)."""
@@ -263,19 +313,23 @@ class MGRITSolve:
         c = self._c_local[0]
         sq = 0.0
         if len(c):
-            r = self.steps[0].points_apply(u, c) - u[c]
-            sq = _sum_of_squares(r)
+            phi = self.steps[0].points_apply(u, c)
+            sq = _rows.sumsq_diff(phi, np.arange(len(c)), u, c)
         return math.sqrt(self.comm.sum(sq))
 
     # --- cycles --------------------------------------------------------------------------------
-    def _cycle(self, level: int, iteration: int, first_f: bool, cycle: Cycle) -> None:
+    def _cycle(self, level: int, iteration: int, first_f: bool, cycle: Cycle,
+               c_done: bool = False) -> None:
+        """One V- (or F-) cycle from ``level``; ``c_done``: the first C-relaxation of this
+        level was already done (by :meth:`_c_relax_with_residual`)."""
         if level == len(self.levels) - 1:
             self._f_relax(level)  # coarsest level: the serial sweep
             return
         if first_f and (level > 0 or iteration == 0):
             self._f_relax(level)
-        for _ in range(self.opt.relaxation_on(level).cf_sweeps):
-            self._c_relax(level)
+        for sweep in range(self.opt.relaxation_on(level).cf_sweeps):
+            if not (c_done and sweep == 0):
+                self._c_relax(level)
             self._f_relax(level)
         self._restrict(level)
         self._cycle(level + 1, iteration, True, cycle)
@@ -290,8 +344,8 @@ class MGRITSolve:
         self._f_relax(last)
         for level in range(last - 1, -1, -1):
 
-            c, cc = self._c_local[level], self._cc_local[level]
-            self.u[level][c] = self.u[level + 1][cc]
+            _rows.copy_rows(self.u[level], self._c_local[level], self.u[level + 1],
+                            self._cc_local[level])
             if level > 0:
                 self._cycle(level, 0, True, Cycle.V)
 
@@ -307,21 +361,30 @@ class MGRITSolve:
         opt = self.opt
         if opt.nested_iteration and len(self.levels) > 1:
             self._nested_iteration()
-        for it in range(opt.max_iterations):
-            self._cycle(0, it, True, opt.cycle)
-            r = self._residual()
+        # With C-relaxation on the finest level, each iteration after the first starts
+        # with exactly the steps the residual needs: measure it there (PyMGRIT's
+        # residual, without spending steps on it) and undo that sweep when stopping.
+        reuse = len(self.levels) > 1 and self.opt.relaxation_on(0).cf_sweeps > 0
+        self._cycle(0, 0, True, opt.cycle)
+        for it in range(1, opt.max_iterations + 1):
+            r = self._c_relax_with_residual() if reuse else self._residual()
             self.residuals.append(r)
             if not math.isfinite(r):
-                raise DivergenceError(f"MGRIT diverged: residual {r} at iteration {it + 1}")
+                raise DivergenceError(f"MGRIT diverged: residual {r} at iteration {it}")
             if r > opt.divergence_factor * max(self.residuals[0], np.finfo(float).tiny):
                 raise DivergenceError(
-                    f"MGRIT diverged: residual {r:.3e} at iteration {it + 1} is more than "
+                    f"MGRIT diverged: residual {r:.3e} at iteration {it} is more than "
                     f"{opt.divergence_factor:g} times the first one ({self.residuals[0]:.3e})")
-            if r <= opt.tol or (opt.rtol is not None and r <= opt.rtol * self.residuals[0]):
-                return True, it + 1
-        return False, opt.max_iterations
+            converged = r <= opt.tol or (opt.rtol is not None and r <= opt.rtol * self.residuals[0])
+            if converged or it == opt.max_iterations:
+                if reuse:
+                    self._undo_c_relax()
+                return converged, it
+            self._cycle(0, it, True, opt.cycle, c_done=reuse)
+        raise AssertionError("unreachable")
 
     def local_solution(self) -> dict[int, np.ndarray]:
-        """This rank's finest-level values by position, including the ghost ``lo - 1``."""
+        """This rank's finest-level values by position, including the ghost ``lo - 1``
+        (copies: the grids are reused by the next solve)."""
         lv = self.levels[0]
-        return {k: self.u[0][lv.loc(k)] for k in range(lv.base, lv.hi)}
+        return {k: self.u[0][lv.loc(k)].copy() for k in range(lv.base, lv.hi)}

@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._scratch import Scratch
 from .comm import Communicator
 from .layout import layer_owner, position_owner, step_layers
 from .options import CoarseWeights
+
+#: Buffers of the layer-parallel solvers, reused across solves (per thread).
+scratch = Scratch(capacity=64)
 
 TAG_WEIGHTS = 1
 
@@ -187,27 +191,34 @@ class ResNetLevelSteps(LevelSteps):
         super().__init__(problem, level, points, base)
         prop = problem.prop
         n_loc = hi - base
-        K0, b0 = prop.layer_parameters(problem.first_layer)
-        dtype = K0.dtype
-        d = K0.shape[0]
-        self.K = np.zeros((n_loc, d, d), dtype)
-        self.b = np.zeros((n_loc, d), dtype)
-        self.dt = np.zeros(n_loc, dtype)
-        self.X = None
-        for j in range(1, n_loc):
-            k = base + j
-            s, e = problem.layers(int(points[k - 1]), int(points[k]))
-            K, b = prop.layer_parameters(s) if level == 0 else problem.weights[(s, e)]
-            self.K[j], self.b[j], self.dt[j] = K, b, (e - s) * h
+        # layer ranges [s, e) of the steps producing local positions 1 .. n_loc-1
+        k = np.arange(base + 1, hi)
+        p0, p1 = points[k - 1], points[k]
         if problem.backward:
-            first = problem.states[min(problem.states)] if problem.states else None
-            shape = first.shape if first is not None else (0, d)
-            self.X = np.zeros((n_loc,) + shape, dtype)
-            for j in range(1, n_loc):
-                k = base + j
-                s, _ = problem.layers(int(points[k - 1]), int(points[k]))
-                self.X[j] = problem.state(s)
-            self.KT = np.ascontiguousarray(np.swapaxes(self.K, 1, 2))
+            s_, e_ = problem.n_steps - p1, problem.n_steps - p0
+        else:
+            s_, e_ = p0, p1
+        K0, b0 = prop.layer_parameters(problem.first_layer)
+        d = K0.shape[0]
+        tag = f"{'adj' if problem.backward else 'fwd'}{level}"
+        self.K = scratch.get("K" + tag, (n_loc, d, d), K0.dtype)
+        self.b = scratch.get("b" + tag, (n_loc, d), K0.dtype)
+        self.dt = scratch.get("dt" + tag, (n_loc,), K0.dtype)
+        self.dt[0] = 0.0
+        self.dt[1:] = (e_ - s_) * h
+        if level == 0:
+            self.K[1:], self.b[1:] = prop.stacked_parameters(s_)
+        else:
+            for j, rng in enumerate(zip(s_.tolist(), e_.tolist(), strict=True), start=1):
+                self.K[j], self.b[j] = problem.weights[rng]
+        self.X = None
+        if problem.backward:
+            shape = next(iter(problem.states.values())).shape
+            self.X = scratch.get("X" + tag, (n_loc,) + shape, K0.dtype)
+            for j, layer in enumerate(s_.tolist(), start=1):
+                self.X[j] = problem.state(layer)
+            self.KT = scratch.get("KT" + tag, self.K.shape, K0.dtype)
+            self.KT[...] = np.swapaxes(self.K, 1, 2)
         self.kern, self.act, self.chunk = kern, act, chunk
 
     def runs(self, u, g, starts, ends) -> None:
