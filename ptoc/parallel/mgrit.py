@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _rows
 from .comm import Communicator
 from .layout import mgrit_levels
 from .options import MGRIT, Cycle, DivergenceError
@@ -161,6 +160,13 @@ def _structure(n_steps: int, owner: tuple[int, ...], rank: int, size: int, coars
     return levels, needs, plans, c_local, cc_local, c_all
 
 
+def _rows():
+    """The compiled row operations, imported on first use (importing ptoc loads no numba)."""
+    from . import _rows as module
+
+    return module
+
+
 class MGRITSolve:
     """MGRIT iterations for one sweep on one rank.
 
@@ -276,7 +282,7 @@ class MGRITSolve:
         c = self._c_all
         self._c_before = self.u[0][c]
         self._c_relax(0)
-        sq = _rows.sumsq_diff(self.u[0], c, self._c_before, np.arange(len(c)))
+        sq = _rows().sumsq_diff(self.u[0], c, self._c_before, np.arange(len(c)))
         return math.sqrt(self.comm.sum(sq))
 
     def _undo_c_relax(self) -> None:
@@ -290,21 +296,21 @@ class MGRITSolve:
         v, gc = self.v[level + 1], self.g[level + 1]
         self._exchange_c_ghost(level, u)
         c, cc = self._c_local[level], self._cc_local[level]
-        _rows.copy_rows(v, cc, u, c)
+        _rows().copy_rows(v, cc, u, c)
         if not fine.empty and fine.lo == 0 and not coarse.empty:
             v[coarse.loc(0)] = u[fine.loc(0)]
         self._exchange_ghost(level + 1, v)
         if len(c):
             phi_f = self.steps[level].points_apply(u, c)
             phi_c = self.steps[level + 1].points_apply(v, cc)
-            _rows.fas_rhs(gc, cc, phi_f, u, c, g, v, phi_c)
+            _rows().fas_rhs(gc, cc, phi_f, u, c, g, v, phi_c)
         self.u[level + 1][...] = v
 
     def _correct(self, level: int) -> None:
         """``u_k += u_c - v`` at this rank's C-points."""
         c, cc = self._c_local[level], self._cc_local[level]
         if len(c):
-            _rows.correct(self.u[level], c, self.u[level + 1], self.v[level + 1], cc)
+            _rows().correct(self.u[level], c, self.u[level + 1], self.v[level + 1], cc)
 
     def _residual(self) -> float:
         """``sqrt(sum_k |Phi(u_{k-1}) - u_k|^2)`` over the finest C-points (collective)."""
@@ -314,7 +320,7 @@ class MGRITSolve:
         sq = 0.0
         if len(c):
             phi = self.steps[0].points_apply(u, c)
-            sq = _rows.sumsq_diff(phi, np.arange(len(c)), u, c)
+            sq = _rows().sumsq_diff(phi, np.arange(len(c)), u, c)
         return math.sqrt(self.comm.sum(sq))
 
     # --- cycles --------------------------------------------------------------------------------
@@ -344,7 +350,7 @@ class MGRITSolve:
         self._f_relax(last)
         for level in range(last - 1, -1, -1):
 
-            _rows.copy_rows(self.u[level], self._c_local[level], self.u[level + 1],
+            _rows().copy_rows(self.u[level], self._c_local[level], self.u[level + 1],
                             self._cc_local[level])
             if level > 0:
                 self._cycle(level, 0, True, Cycle.V)
