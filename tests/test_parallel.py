@@ -284,3 +284,86 @@ def test_a_failing_rank_does_not_hang_the_others():
 
     with pytest.raises(RuntimeError, match="rank 1 broke"):
         SimulatedRanks(3, timeout=30).run(program)
+
+
+# --- any propagator ---------------------------------------------------------------------------
+
+class LinearODE(ptoc.Propagator):
+    """A user-written propagator: x_{n+1} = x_n + h x_n A_n^T, with coarse steps."""
+
+    def __init__(self, A, h=0.05):
+        self.A, self.h, self.n_layers = A, h, A.shape[0]
+
+    def step(self, n, x):
+        return x + self.h * x @ self.A[n].T
+
+    def adjoint_step(self, n, x, lam, grad=None):
+        if grad is not None:
+            grad[0][n] += self.h * lam.T @ x
+        return lam + self.h * lam @ self.A[n]
+
+    def objective(self, x):
+        return 0.5 * float(np.sum(x * x))
+
+    def objective_gradient(self, x):
+        return x
+
+    def parameters(self):
+        return [self.A]
+
+    def layer_parameters(self, n):
+        return (self.A[n],)
+
+    def coarse_step(self, params, n_layers, x):
+        return x + n_layers * self.h * x @ params[0].T
+
+    def coarse_adjoint_step(self, params, n_layers, x, lam):
+        return lam + n_layers * self.h * lam @ params[0]
+
+
+@pytest.mark.parametrize("solver, ranks", [
+    (MGRIT(coarsening=3, tol=1e-13), 1), (MGRIT(coarsening=2, cycle="F", tol=1e-13), 3),
+    (Parareal(chunks=4, coarse="average", tol=1e-13), None), (Serial(), 2)])
+def test_solvers_work_on_a_user_written_propagator(solver, ranks):
+    from ptoc.parallel import solve_adjoints, solve_states
+
+    rng = np.random.default_rng(5)
+    prop = LinearODE(rng.standard_normal((17, 3, 3)))
+    x0 = rng.standard_normal((4, 3))
+    ref = np.empty((18, 4, 3))
+    prop.propagate(x0, states=ref)
+    states, rec = solve_states(prop, x0, solver, comm=ranks)
+    assert rel(states, ref) < 1e-12 and rec.converged
+    lam_N = prop.objective_gradient(ref[-1])
+    lams, grad, arec = solve_adjoints(prop, ref, lam_N, solver, comm=ranks)
+    g_ref = prop.zero_gradient()
+    lam0 = prop.adjoint_propagate(ref, lam_N, grad=g_ref)
+    assert rel(lams[0], lam0) < 1e-12 and rel(grad[0], g_ref[0]) < 1e-12
+
+
+def test_parareal_accepts_a_coarse_network_or_a_function():
+    P, N = 4, 16
+    net, params, X, y = problem(depth=N)
+    states, lams, loss, grads = serial(net, params, X, y)
+    # a coarse ResNet with one layer per chunk: the chunks' first-layer weights
+    coarse_net = ptoc.ResNet(width=net.width, depth=P, T=net.T, n_in=3, n_classes=3)
+    cparams = coarse_net.init_params(0)
+    cparams.K[...] = params.K[::N // P]
+    cparams.b[...] = params.b[::N // P]
+    coarse = ptoc.ResNetPropagator(coarse_net, cparams)
+    r = parallel_gradient(net, params, X, y, Parareal(chunks=P, coarse=coarse, tol=1e-14))
+    builtin = parallel_gradient(net, params, X, y, Parareal(chunks=P, tol=1e-14))
+    assert r.forward.iterations == builtin.forward.iterations
+    assert grad_rel(r.grads, grads) < 1e-10
+    fwd = ptoc.forward(net, params, X, solver=Parareal(chunks=P, coarse=coarse.step, tol=1e-14))
+    assert rel(fwd.states, states) < 1e-12
+    with pytest.raises(TypeError, match="adjoint sweep needs the coarse propagator's adjoint"):
+        ptoc.loss_and_grad(net, params, X, y, solver=Parareal(chunks=P, coarse=coarse.step))
+
+
+def test_cuda_target_through_the_solvers():
+    net, params, X, y = problem(depth=6, S=3, width=3)
+    loss, grads = ptoc.loss_and_grad(net, params, X, y)
+    loss_c, grads_c = ptoc.loss_and_grad(net, params, X, y, target="cuda", comm=2,
+                                         solver=MGRIT(coarsening=2, tol=1e-13))
+    assert grad_rel(grads_c, grads) < 1e-10

@@ -22,6 +22,7 @@ kernels call the very code the CPU target calls.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 
@@ -51,6 +52,19 @@ _preactivation = _maths.preactivation
 _adjoint_entry = _maths.adjoint_entry
 _gradient_partial_entry = _maths.gradient_partial_entry
 _bias_partial_entry = _maths.bias_partial_entry
+
+
+#: One launch sequence at a time: simulated ranks are threads, and the CUDA simulator
+#: (like a single device) does not take concurrent launches from several host threads.
+_LOCK = threading.RLock()
+
+
+def _serialized(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _LOCK:
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def check_available() -> None:
@@ -203,6 +217,7 @@ def _adjoint_dev(x, lam, K, b, h, act, out, gK, gb, dsig, chunk, work):
 
 # --- functions with the common signature of kernels.reference ------------------------------------
 
+@_serialized
 def step(x, K, b, h, act, out, dsig, chunk):
     h = x.dtype.type(h)
     dx, dK, db = _to_device(x), _to_device(K), _to_device(b)
@@ -217,6 +232,7 @@ def step(x, K, b, h, act, out, dsig, chunk):
     return out
 
 
+@_serialized
 def adjoint_step(x, lam, K, b, h, act, out, gK, gb, dsig, chunk):
     h = x.dtype.type(h)
     dx, dlam, dK, db, ddsig = map(_to_device, (x, lam, K, b, dsig))
@@ -231,6 +247,7 @@ def adjoint_step(x, lam, K, b, h, act, out, gK, gb, dsig, chunk):
     return out
 
 
+@_serialized
 def param_grad(x, lam, K, b, h, act, gK, gb, dsig, chunk):
     h = x.dtype.type(h)
     dx, dlam, dK, db, ddsig, dgK, dgb = map(_to_device, (x, lam, K, b, dsig, gK, gb))
@@ -240,6 +257,7 @@ def param_grad(x, lam, K, b, h, act, gK, gb, dsig, chunk):
     _back(dgb, gb)
 
 
+@_serialized
 def hamiltonian(x, p, K, b, h, act, chunk):
     h = x.dtype.type(h)
     S = x.shape[0]
@@ -254,6 +272,7 @@ def hamiltonian(x, p, K, b, h, act, chunk):
     return float(total)
 
 
+@_serialized
 def forward_sweep(states, K, b, h, act, dsig, chunk):
     h = states.dtype.type(h)
     dstates, dK, db = map(_to_device, (states, K, b))
@@ -268,6 +287,7 @@ def forward_sweep(states, K, b, h, act, dsig, chunk):
         _back(ddsig, dsig)
 
 
+@_serialized
 def adjoint_sweep(states, lam_N, K, b, h, act, dsig, gK, gb, lams, chunk):
     h = states.dtype.type(h)
     dstates, dK, db, ddsig, dgK, dgb = map(_to_device, (states, K, b, dsig, gK, gb))

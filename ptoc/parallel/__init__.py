@@ -7,7 +7,14 @@ from ``comm=`` (:class:`SimulatedRanks` in one process, :class:`MPIRanks` under
 """
 
 from .comm import Communicator, MPIRanks, RankFailedError, SimulatedRanks, SingleRank, StepCount
-from .driver import GradientResult, parallel_adjoint, parallel_forward, parallel_gradient
+from .driver import (
+    GradientResult,
+    parallel_adjoint,
+    parallel_forward,
+    parallel_gradient,
+    solve_adjoints,
+    solve_states,
+)
 from .layout import mgrit_levels, partition
 from .options import (
     MGRIT,
@@ -43,4 +50,6 @@ __all__ = [
     "parallel_forward",
     "parallel_gradient",
     "partition",
+    "solve_adjoints",
+    "solve_states",
 ]

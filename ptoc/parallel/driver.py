@@ -34,7 +34,7 @@ from ..propagator import LayerSlice, ResNetPropagator
 from .comm import Communicator, SimulatedRanks, SingleRank
 from .layout import mgrit_levels, partition
 from .mgrit import MGRITSolve
-from .options import MGRIT, Parareal, Serial, SolveResult
+from .options import MGRIT, CoarseWeights, Parareal, Serial, SolveResult
 from .parareal import PararealSolve
 from .problem import SweepProblem, level_steps
 
@@ -131,7 +131,7 @@ def _solve_sweep(comm: Communicator, problem: SweepProblem, solver, u0, shape, d
         local, converged, iterations, residuals = _serial_sweep(comm, problem, u0, shape,
                                                                 dtype), True, 1, []
     elif isinstance(solver, Parareal):
-        coarse = None if hasattr(solver.coarse, "value") else solver.coarse
+        coarse = None if isinstance(solver.coarse, CoarseWeights) else solver.coarse
         run = PararealSolve(comm, problem, solver, u0, shape, dtype, coarse)
         converged, iterations = run.solve()
         local, residuals = run.local_solution(), run.residuals
@@ -350,4 +350,103 @@ def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N:
                                  True)
         return (full, np.concatenate([p[0] for p in parts]),
                 np.concatenate([p[1] for p in parts]), record)
+    return _run(runner, program)
+
+
+# --- any propagator --------------------------------------------------------------------------
+
+def _check_states_guess(guess, n_positions: int, shape, name: str):
+    if guess is None:
+        return None
+    arr = np.asarray(guess)
+    if arr.shape != (n_positions,) + tuple(shape):
+        raise ValueError(f"{name} has shape {arr.shape}, expected {(n_positions,) + tuple(shape)}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return arr
+
+
+def solve_states(prop, x0, solver, *, comm=None, initial_guess=None
+                 ) -> tuple[np.ndarray, SolveResult]:
+    """States ``x_0..x_N`` of any :class:`ptoc.Propagator` by ``solver`` on ranks.
+
+    Every rank calls ``prop.step(n, x)`` for its own layers only. MGRIT and parareal
+    with built-in coarse steps also need ``layer_parameters``, ``coarse_step`` and
+    ``coarse_adjoint_step`` (see :class:`ptoc.Propagator`).
+
+    Returns
+    -------
+    states : ndarray (N+1, ...)
+    record : SolveResult
+    """
+    from .options import check_solver
+
+    solver = check_solver(solver)
+    x0 = np.asarray(x0)
+    N = int(prop.n_layers)
+    guess = _check_states_guess(initial_guess, N + 1, x0.shape, "initial_guess")
+    runner, size = _runner(solver, comm)
+    check_layout(solver, N, size)
+
+    def program(c):
+        bounds = partition(N, c.size)
+        problem = SweepProblem(c, prop, bounds, backward=False)
+        c.reset_count()
+        mine = np.flatnonzero(problem.owner == c.rank)
+        g = None if guess is None else {int(k): guess[k] for k in range(max(mine[0] - 1, 0),
+                                                                       mine[-1] + 1)}
+        local, record = _solve_sweep(c, problem, solver, x0 if c.rank == 0 else None,
+                                     x0.shape, x0.dtype, g)
+        return _gather_positions(c, local, problem.owner, N + 1, False), record
+    return _run(runner, program)
+
+
+def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
+                   ) -> tuple[np.ndarray, list[np.ndarray], SolveResult]:
+    """Adjoints ``lambda_0..lambda_N`` of any :class:`ptoc.Propagator` by ``solver`` on
+    ranks, from given states, and the parameter gradient ``sum_n d(lambda_{n+1} .
+    Phi_n(x_n))/d theta_n`` (each rank adds its own layers; the parts are gathered).
+
+    Returns
+    -------
+    adjoints : ndarray (N+1, ...)
+        ``adjoints[n]`` is ``lambda_n``.
+    grad : list of ndarray
+        Structure of ``prop.zero_gradient()``.
+    record : SolveResult
+    """
+    from .options import check_solver
+
+    solver = check_solver(solver)
+    states = np.asarray(states)
+    lam_N = np.asarray(lam_N)
+    N = int(prop.n_layers)
+    if states.shape[0] != N + 1:
+        raise ValueError(f"states has {states.shape[0]} entries, expected N+1 = {N + 1}")
+    guess = _check_states_guess(initial_guess, N + 1, lam_N.shape, "initial_guess")
+    runner, size = _runner(solver, comm)
+    check_layout(solver, N, size)
+
+    def program(c):
+        bounds = partition(N, c.size)
+        a, b = int(bounds[c.rank]), int(bounds[c.rank + 1])
+        problem = SweepProblem(c, prop, bounds, backward=True,
+                               states={n: states[n] for n in range(a, b)})
+        c.reset_count()
+        g = None if guess is None else {N - n: guess[n] for n in range(a, b + 1)}
+        local, record = _solve_sweep(c, problem, solver,
+                                     lam_N if c.rank == c.size - 1 else None, lam_N.shape,
+                                     lam_N.dtype, g)
+        lams = {N - k: v for k, v in local.items()}
+        grad = prop.zero_gradient()
+        for n in range(a, b):
+            prop.adjoint_step(n, states[n], lams[n + 1], grad)
+        c.count(b - a)
+        parts = c.allgather(grad)
+        total = [np.zeros_like(p) for p in grad]
+        for part in parts:  # each rank filled only its own layers
+            for t, p in zip(total, part, strict=True):
+                t += p
+        full = _gather_positions(c, local, problem.owner, N + 1, True)
+        return full, total, record
     return _run(runner, program)

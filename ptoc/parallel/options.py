@@ -106,8 +106,9 @@ class Parareal:
     chunks : int, optional
         Number of chunks ``P`` (uneven chunks allowed, ``P <= N``). Default: the number of
         ranks of the communicator.
-    coarse : CoarseWeights, str or Propagator
-        Coarse propagator (see above).
+    coarse : CoarseWeights, str, Propagator or callable
+        Coarse propagator (see above); a plain function ``coarse(j, x) -> x`` serves the
+        state sweep only (the adjoint sweep needs a Propagator's ``adjoint_step``).
     max_iterations : int, optional
         Default ``chunks`` (exactness). 0 gives the coarse sweep followed by one fine sweep
         of every chunk.
@@ -127,9 +128,10 @@ class Parareal:
             _pos_int("Parareal chunks", self.chunks)
         if isinstance(self.coarse, (str, CoarseWeights)):
             object.__setattr__(self, "coarse", CoarseWeights.parse(self.coarse))
-        elif not hasattr(self.coarse, "step"):
-            raise ValueError("Parareal coarse must be 'inject', 'average' or a Propagator "
-                             f"with one layer per chunk, got {self.coarse!r}")
+        elif not (hasattr(self.coarse, "step") or callable(self.coarse)):
+            raise ValueError("Parareal coarse must be 'inject', 'average', a Propagator with "
+                             "one layer per chunk, or a function coarse(j, x), got "
+                             f"{self.coarse!r}")
         if self.max_iterations is not None:
             _pos_int("Parareal max_iterations", self.max_iterations, 0)
         object.__setattr__(self, "tol", _pos_float("Parareal tol", self.tol))

@@ -82,9 +82,15 @@ class PararealSolve:
         self.comm.count(1)
         j = self.comm.rank
         if self.problem.backward:
+            if not hasattr(self.coarse, "adjoint_step"):
+                raise TypeError("the adjoint sweep needs the coarse propagator's adjoint: give "
+                                "Parareal a Propagator (step and adjoint_step), not a "
+                                "function")
             s, _ = self.problem.layers(self.base, end)
             return self.coarse.adjoint_step(j, self.problem.state(s), U)
-        return self.coarse.step(j, U)
+        if hasattr(self.coarse, "step"):
+            return self.coarse.step(j, U)
+        return self.coarse(j, U)
 
     def _F(self, U: np.ndarray) -> np.ndarray:
         """Run the chunk's fine steps from ``U``; the trajectory stays in ``self.u``."""
