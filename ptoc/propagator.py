@@ -157,6 +157,11 @@ class LayerSlice(Propagator):
     def layer_gradient(self, n, x, lam_next, grad):
         self._inner.layer_gradient(self._local(n), x, lam_next, grad)
 
+    def layer_gradients(self, first, xs, lams_next, grad):
+        self._local(first)
+        self._local(first + len(xs) - 1)
+        self._inner.layer_gradients(first - self.start, xs, lams_next, grad)
+
     def stacked_parameters(self, layers):
         layers = np.asarray(layers, dtype=np.int64)
         if len(layers) and (layers.min() < self.start or layers.max() >= self.stop):
@@ -262,6 +267,20 @@ class ResNetPropagator(Propagator):
 
     def layer_parameters(self, n):
         return (self.params.K[n], self.params.b[n])
+
+    def layer_gradients(self, first, xs, lams_next, grad):
+        """Add the gradients of layers ``first .. first+L-1`` to ``grad`` in one call:
+        ``xs[l]`` is ``x_{first+l}`` and ``lams_next[l]`` is ``lambda_{first+l+1}``."""
+        L = len(xs)
+        K, b = self.params.K[first:first + L], self.params.b[first:first + L]
+        gK, gb = grad[0][first:first + L], grad[1][first:first + L]
+        if hasattr(self._kern, "layer_gradients"):
+            self._kern.layer_gradients(xs, lams_next, K, b, self._h, self._act, gK, gb,
+                                       _config.CHUNK)
+        else:
+            for n in range(L):
+                self._kern.param_grad(xs[n], lams_next[n], K[n], b[n], self._h, self._act,
+                                      gK[n], gb[n], None, _config.CHUNK)
 
     def stacked_parameters(self, layers):
         """``(K[layers], b[layers])`` as stacked arrays (one fancy-indexing copy)."""

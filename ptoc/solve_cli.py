@@ -60,6 +60,9 @@ def add_parser(sub, formatter, positive_int, nonnegative_int, positive_float) ->
     g = s.add_argument_group("run")
     g.add_argument("--ranks", type=positive_int, default=1,
                    help="simulated ranks when not under mpiexec")
+    g.add_argument("--repeat", type=positive_int, default=1,
+                   help="solve this many times and report the median time (the first solve "
+                   "also loads the compiled kernels)")
     g.add_argument("--check", action="store_true",
                    help="also run the serial sweep and print the largest relative differences")
     g.add_argument("--json", metavar="PATH", help="write the records as JSON (rank 0)")
@@ -131,34 +134,43 @@ def run(args: argparse.Namespace) -> int:
     say(f"ptoc solve: {net.describe()}, batch {args.batch}; {args.method} on {comm.size} "
         f"{'MPI' if isinstance(comm, MPIRanks) else 'simulated'} rank(s), sweep "
         f"{args.sweep}")
-    t0 = time.perf_counter()
-    try:
+    def solve_once():
         if args.sweep == "forward":
             states, rec = parallel_forward(net, params, X, solver, comm=comm)
-            records, out = [rec], {"states": states}
-        else:
+            return [rec], {"states": states}
+        if args.sweep == "adjoint":
             states = ptoc.forward(net, params, X).states
-            if args.sweep == "adjoint":
-                lam_N = ptoc.objective.classifier_loss(params, states[-1], y)[1]
-                lams, gK, gb, rec = parallel_adjoint(net, params, states, lam_N, solver,
-                                                     comm=comm)
-                records, out = [rec], {"adjoints": lams, "grad_K": gK, "grad_b": gb}
-            else:
-                res = parallel_gradient(net, params, X, y, solver, comm=comm)
-                records = [res.forward, res.adjoint]
-                out = {"states": res.states, "adjoints": res.adjoints, "loss": res.loss}
-                out.update({f"grad_{k}": v for k, v in res.grads.items()})
+            lam_N = ptoc.objective.classifier_loss(params, states[-1], y)[1]
+            lams, gK, gb, rec = parallel_adjoint(net, params, states, lam_N, solver, comm=comm)
+            return [rec], {"adjoints": lams, "grad_K": gK, "grad_b": gb}
+        res = parallel_gradient(net, params, X, y, solver, comm=comm)
+        out = {"states": res.states, "adjoints": res.adjoints, "loss": res.loss}
+        out.update({f"grad_{k}": v for k, v in res.grads.items()})
+        return [res.forward, res.adjoint], out
+
+    t0 = time.perf_counter()
+    times = []
+    try:
+        for _ in range(args.repeat):
+            records, out = solve_once()
+            times.append([r.wall_time for r in records])
     except ValueError as exc:
         raise _Error(str(exc)) from None
     except ptoc.DivergenceError as exc:
         say(f"ptoc: error: {exc}")
         return 1
     wall = time.perf_counter() - t0
-    for rec in records:
+    medians = np.median(np.array(times), axis=0)
+    for rec, med in zip(records, medians, strict=True):
         say(rec.summary())
         if rec.residuals:
             say("  residuals: " + " ".join(f"{r:.2e}" for r in rec.residuals))
-        say(f"  time {rec.wall_time:.3f} s")
+        if args.repeat > 1:
+            say(f"  time {med:.4f} s (median of {args.repeat} solves; the first "
+                f"{times[0][list(records).index(rec)]:.4f} s)")
+        else:
+            say(f"  time {rec.wall_time:.4f} s (includes loading the compiled kernels; use "
+                "--repeat for warm timings)")
     say(f"total time {wall:.3f} s")
     check = {}
     if args.check and rank == 0:
@@ -175,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0 and args.json:
         record = {"problem": vars(args) | {"func": None}, "ranks": comm.size,
                   "mpi": isinstance(comm, MPIRanks), "wall_time": wall,
-                  "records": [vars(r) for r in records], "check": check}
+                  "records": [vars(r) for r in records], "check": check,
+                  "solve_times": times}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1, default=str)
     if rank == 0 and args.save:

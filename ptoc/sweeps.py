@@ -363,7 +363,7 @@ def loss_and_grad(network: ResNet, params: Params | Mapping, X, labels, *,
         if c is not None:
             raise ValueError("checkpoint_every applies to the plain serial sweep only")
         result = parallel_gradient(network, p, X, y, solver, comm=comm,
-                                   target=Target.parse(target))
+                                   target=Target.parse(target), keep_states=False)
         return result.loss, (result.grads.to_dict(copy=False) if as_dict else result.grads)
     loss, grads = _loss_and_grad(network, p, X, y, kern, c)
     return loss, (grads.to_dict(copy=False) if as_dict else grads)

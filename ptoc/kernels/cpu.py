@@ -603,6 +603,52 @@ def _adjoint_points(lam, X, K, KT, b, dt, act, positions, out, W):
         _store_t(lt, out[r], lo, m)
 
 
+@njit(parallel=True, **_opts)
+def _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, group):
+    """Gradient partials of layers ``n0..n1-1``: one per chunk and layer, in parallel over
+    (layer, work item); the arithmetic of the adjoint sweep's partials."""
+    S, d = xs.shape[1], xs.shape[2]
+    W = chunk * group
+    n_items = (S + W - 1) // W
+    n_chunks = (S + chunk - 1) // chunk
+    for q in prange((n1 - n0) * n_items):
+        n = n0 + q // n_items
+        w = q % n_items
+        lo = w * W
+        m = min(S, lo + W) - lo
+        x = np.empty((d, W + _PAD), xs.dtype)
+        g = np.empty((d, W + _PAD), xs.dtype)
+        lt = np.empty((d, W + _PAD), xs.dtype)
+        _load_t(xs[n], lo, m, x)
+        _preact_t(K[n], b[n], x, g, m)
+        _dsigma_t(g, act, m)
+        _load_t(lams[n], lo, m, lt)
+        for i in range(d):
+            gi = g[i]
+            li = lt[i]
+            for t in range(m):
+                gi[t] = gi[t] * li[t]
+        for c in range(w * group, min(n_chunks, (w + 1) * group)):
+            _partial_t(g, x, h, part_K[c, n - n0], part_b[c, n - n0], c * chunk - lo,
+                       min(S, (c + 1) * chunk) - lo)
+
+
+@njit(**_opts)
+def _layer_grads(xs, lams, K, b, h, act, gK, gb, chunk, group, block):
+    N = K.shape[0]
+    S, d = xs.shape[1], xs.shape[2]
+    n_chunks = (S + chunk - 1) // chunk
+    L = min(block, max(N, 1))
+    part_K = np.empty((n_chunks, L, d, d), xs.dtype)
+    part_b = np.empty((n_chunks, L, d), xs.dtype)
+    n0 = 0
+    while n0 < N:
+        n1 = min(N, n0 + L)
+        _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, group)
+        _add_partials(part_K, part_b, gK, gb, n0, n1)
+        n0 = n1
+
+
 def _drop_stale_cache() -> None:
     """Delete this module's compiled-kernel cache when the maths it inlines has changed.
 
@@ -736,3 +782,9 @@ def adjoint_runs(lam, g, X, K, KT, b, dt, act, starts, ends, chunk):
 def adjoint_points(lam, X, K, KT, b, dt, act, positions, out, chunk):
     _adjoint_points(lam, X, K, KT, b, np.asarray(dt, lam.dtype), act, _idx(positions), out,
                     _width(lam.shape[1], chunk))
+
+
+def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):
+    S, d = xs.shape[1], xs.shape[2]
+    _layer_grads(xs, lams, K, b, xs.dtype.type(h), act, gK, gb, chunk, _group(S, chunk),
+                 _layer_block(S, d, K.shape[0], chunk, xs.dtype.itemsize))

@@ -145,3 +145,10 @@ def adjoint_points(lam, X, K, KT, b, dt, act, positions, out, chunk):
     """``out[r]`` = the adjoint step producing position ``k = positions[r]`` from ``lam[k-1]``."""
     for r, k in enumerate(positions):
         adjoint_step(X[k], lam[k - 1], K[k], b[k], dt[k], act, out[r], None, None, None, chunk)
+
+
+def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):
+    """For every layer ``n`` of a block: ``gK[n] += h g_n^T xs[n]``, ``gb[n] += h sum_s g_n``
+    with ``g_n = sigma'(xs[n] K[n]^T + b[n]) * lams[n]`` (``lams[n]`` is ``lambda_{n+1}``)."""
+    for n in range(K.shape[0]):
+        param_grad(xs[n], lams[n], K[n], b[n], h, act, gK[n], gb[n], None, chunk)

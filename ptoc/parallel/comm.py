@@ -136,6 +136,21 @@ class SingleRank(Communicator):
         return [payload]
 
 
+def _read_only(obj: Any) -> Any:
+    """Mark every NumPy array inside ``obj`` (nested lists, tuples, dicts) read-only."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        obj.setflags(write=False)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _read_only(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _read_only(item)
+    return obj
+
+
 class _Hub:
     """Shared state of a simulated run: message queues and a barrier for collectives."""
 
@@ -194,9 +209,13 @@ class _SimulatedRank(Communicator):
         hub = self.hub
         try:
             hub.barrier.wait(timeout=hub.timeout)
-            hub.slots[self.rank] = payload
+            # each rank copies its own payload once (as a message would) and marks its
+            # arrays read-only: every rank then reads the same copies, and a rank that
+            # tried to modify what it received would fail loudly instead of corrupting
+            # another rank's data
+            hub.slots[self.rank] = _read_only(copy.deepcopy(payload))
             hub.barrier.wait(timeout=hub.timeout)
-            out = [copy.deepcopy(p) for p in hub.slots]  # private copies, as over MPI
+            out = list(hub.slots)
             hub.barrier.wait(timeout=hub.timeout)
         except threading.BrokenBarrierError:
             raise RankFailedError(f"rank {self.rank}: another rank failed or timed out") from None

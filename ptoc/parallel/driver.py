@@ -36,7 +36,7 @@ from .layout import mgrit_levels, partition
 from .mgrit import MGRITSolve
 from .options import MGRIT, CoarseWeights, Parareal, Serial, SolveResult
 from .parareal import PararealSolve
-from .problem import SweepProblem, level_steps
+from .problem import Block, SweepProblem, level_steps
 
 TAG_SERIAL, TAG_BOUNDARY = 6, 7
 
@@ -121,8 +121,12 @@ def check_layout(solver, n_layers: int, n_ranks: int) -> None:
 # --- one sweep on one rank ---------------------------------------------------------------------
 
 def _solve_sweep(comm: Communicator, problem: SweepProblem, solver, u0, shape, dtype,
-                 guess: dict[int, np.ndarray] | None) -> tuple[dict[int, np.ndarray], SolveResult]:
-    """Solve one sweep; returns this rank's positions (ghost included) and the record."""
+                 guess: dict[int, np.ndarray] | None) -> tuple[Block, SolveResult]:
+    """Solve one sweep; returns this rank's positions (ghost included) and the record.
+
+    ``wall_time`` is that of the slowest rank: it is read after the collective that
+    gathers the step counts.
+    """
     before = comm.step_count()
     t0 = time.perf_counter()
     sweep = "adjoint" if problem.backward else "forward"
@@ -139,8 +143,8 @@ def _solve_sweep(comm: Communicator, problem: SweepProblem, solver, u0, shape, d
         run = MGRITSolve(comm, problem, solver, u0, shape, dtype, guess)
         converged, iterations = run.solve()
         local, residuals, levels = run.local_solution(), run.residuals, len(run.levels)
-    wall = time.perf_counter() - t0
     after = comm.step_count()
+    wall = time.perf_counter() - t0
     record = SolveResult(method=solver.name, sweep=sweep, residuals=list(residuals),
                          iterations=iterations, converged=converged,
                          steps_total=after.total - before.total,
@@ -149,7 +153,7 @@ def _solve_sweep(comm: Communicator, problem: SweepProblem, solver, u0, shape, d
     return local, record
 
 
-def _serial_sweep(comm, problem, u0, shape, dtype) -> dict[int, np.ndarray]:
+def _serial_sweep(comm, problem, u0, shape, dtype) -> Block:
     """The serial sweep as a pipeline: each rank waits for the value before its first
     position, runs its steps, and passes its last value on."""
     mine = np.flatnonzero(problem.owner == comm.rank)
@@ -162,29 +166,33 @@ def _serial_sweep(comm, problem, u0, shape, dtype) -> dict[int, np.ndarray]:
             u, None, [1], [len(u) - 1])
     if hi < len(problem.owner):
         comm.send(u[-1], int(problem.owner[hi]), TAG_SERIAL)
-    return {base + j: u[j] for j in range(len(u))}
+    return Block(base, u)
 
 
 # --- the programs -------------------------------------------------------------------------------
 
-def _gather_positions(comm: Communicator, local: dict[int, np.ndarray], owner: np.ndarray,
-                      n_positions: int, backward: bool) -> np.ndarray:
+def _gather_positions(comm: Communicator, local: Block, owner: np.ndarray,
+                      backward: bool) -> np.ndarray:
     """All positions, in layer order (``x_n`` or ``lambda_n`` at index ``n``), on every rank."""
-    mine = {k: v for k, v in local.items() if owner[k] == comm.rank}
-    parts = comm.allgather(mine)
-    first = next(iter(parts[0].values()))
-    out = np.empty((n_positions,) + first.shape, first.dtype)
-    for part in parts:
-        for k, v in part.items():
-            out[n_positions - 1 - k if backward else k] = v
-    return out
+    mine = np.flatnonzero(owner == comm.rank)
+    lo, hi = int(mine[0]), int(mine[-1]) + 1
+    parts = comm.allgather((lo, local.values[lo - local.base:hi - local.base]))
+    first = parts[0][1]
+    out = np.empty((len(owner),) + first.shape[1:], first.dtype)
+    for start, values in parts:
+        out[start:start + len(values)] = values
+    return out[::-1].copy() if backward else out
+
+
+def _bounds(comm, N):
+    bounds = partition(N, comm.size)
+    return bounds, int(bounds[comm.rank]), int(bounds[comm.rank + 1])
 
 
 def _forward_program(comm, network, params, X, solver, target, guess, need_all):
     N = network.depth
     check_layout(solver, N, comm.size)
-    bounds = partition(N, comm.size)
-    a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
+    bounds, a, b = _bounds(comm, N)
     prop = LayerSlice(ResNetPropagator(network, params, target=target), a, b)
     comm.reset_count()
     x0 = opening_forward(network, params, X)[0] if comm.rank == 0 else None
@@ -192,34 +200,45 @@ def _forward_program(comm, network, params, X, solver, target, guess, need_all):
     problem = SweepProblem(comm, prop, bounds, backward=False)
     g = None if guess is None else {k: guess[k] for k in range(a, b + 1)}
     states, record = _solve_sweep(comm, problem, solver, x0, shape, network.dtype, g)
-    full = _gather_positions(comm, states, problem.owner, N + 1, False) if need_all else None
+    full = _gather_positions(comm, states, problem.owner, False) if need_all else None
     return prop, bounds, problem, states, record, full
 
 
-def _adjoint_program(comm, network, params, prop, bounds, states, lam_N, solver, guess):
+def _adjoint_program(comm, network, prop, bounds, states: Block, lam_N, solver, guess):
+    """The adjoint sweep from the states ``x_a .. x_b`` of this rank's layers."""
     N = network.depth
     a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
-    problem = SweepProblem(comm, prop, bounds, backward=True,
-                           states={n: states[n] for n in range(a, b)})
+    problem = SweepProblem(comm, prop, bounds, backward=True, states=states)
     g = None if guess is None else {N - n: guess[n] for n in range(a, b + 1)}
-    shape = next(iter(states.values())).shape
-    lam, record = _solve_sweep(comm, problem, solver, lam_N, shape, network.dtype, g)
-    # by layer: lambda_n for n = a .. b (lambda_b is the ghost from the next rank)
-    by_layer = {N - k: v for k, v in lam.items()}
-    return problem, by_layer, record
+    lams, record = _solve_sweep(comm, problem, solver, lam_N, states.values.shape[1:],
+                                network.dtype, g)
+    return problem, lams, record
 
 
-def _layer_gradients(comm, network, params, prop, bounds, states, lams):
+def _layer_states(a: int, b: int, states: Block) -> np.ndarray:
+    """``x_n`` for the layers ``n = a .. b-1`` (a view)."""
+    return states.values[a - states.base:b - states.base]
+
+
+def _next_adjoints(N: int, a: int, b: int, lams: Block) -> np.ndarray:
+    """``lambda_{n+1}`` for the layers ``n = a .. b-1``, solver positions ``N - n - 1``
+    (a view in layer order, with a negative stride)."""
+    first, last = N - 1 - a - lams.base, N - b - lams.base  # rows of n = a and n = b-1
+    return lams.values[last:first + 1][::-1]
+
+
+def _layer_gradients(comm, network, params, prop, bounds, states: Block, lams: Block):
     """Gradient of this rank's layers (data part and regulariser), by slices."""
+    N = network.depth
     a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
     d = network.width
     gK = np.zeros((b - a, d, d), network.dtype)
     gb = np.zeros((b - a, d), network.dtype)
-    for n in range(a, b):
-        prop.layer_gradient(n, states[n], lams[n + 1], [gK, gb])
+    prop.layer_gradients(a, _layer_states(a, b, states), _next_adjoints(N, a, b, lams),
+                         [gK, gb])
     comm.count(b - a)
     # regulariser: gamma h theta_n + gamma_t / h ((theta_n - theta_{n-1}) - (theta_{n+1} - theta_n))
-    h, N = network.h, network.depth
+    h = network.h
     Kl, bl = params.K[a:b], params.b[a:b]
     if comm.rank > 0:
         comm.send((Kl[0], bl[0]), comm.rank - 1, TAG_BOUNDARY)
@@ -250,7 +269,8 @@ def _layer_gradients(comm, network, params, prop, bounds, states, lams):
     return gK, gb, value
 
 
-def _gradient_program(comm, network, params, X, y, solver, target, guess_states, guess_lams):
+def _gradient_program(comm, network, params, X, y, solver, target, guess_states, guess_lams,
+                      gather_all=True):
     N = network.depth
     prop, bounds, fproblem, states, frecord, _ = _forward_program(
         comm, network, params, X, solver, target, guess_states, need_all=False)
@@ -260,26 +280,29 @@ def _gradient_program(comm, network, params, X, y, solver, target, guess_states,
     if comm.rank == last:
         data_loss, lam_N, dW, dmu = classifier_loss(params, states[N], y)
         pieces.update(data_loss=data_loss, W=dW, mu=dmu)
-    aproblem, lams, arecord = _adjoint_program(comm, network, params, prop, bounds, states,
-                                               lam_N, solver, guess_lams)
+    aproblem, lams, arecord = _adjoint_program(comm, network, prop, bounds, states, lam_N,
+                                               solver, guess_lams)
     gK, gb, reg = _layer_gradients(comm, network, params, prop, bounds, states, lams)
     pieces.update(rank=comm.rank, K=gK, b=gb, reg=reg)
     if comm.rank == 0 and network.has_opening_weights:
         grads0 = Params(K=gK, b=gb, K_in=np.zeros_like(params.K_in),
                         b_in=np.zeros_like(params.b_in), W=params.W, mu=params.mu)
         _, dsig_in = opening_forward(network, params, X)
-        opening_backward(params, X, lams[0], dsig_in, grads0)
+        opening_backward(params, X, lams[N], dsig_in, grads0)  # lambda_0: position N
         pieces.update(K_in=grads0.K_in, b_in=grads0.b_in)
     gathered = comm.allgather(pieces)
     total_reg = 0.0
     for p in gathered:
         total_reg += p["reg"]
     head, tail = gathered[0], gathered[last]
+
+    def own(a):  # gathered arrays are shared read-only between simulated ranks
+        return None if a is None else np.array(a, dtype=network.dtype)
+
     grads = Params(
         K=np.concatenate([p["K"] for p in gathered]), b=np.concatenate([p["b"] for p in gathered]),
-        K_in=head.get("K_in"), b_in=head.get("b_in"),
-        W=np.ascontiguousarray(tail["W"], dtype=network.dtype),
-        mu=np.asarray(tail["mu"], dtype=network.dtype))
+        K_in=own(head.get("K_in")), b_in=own(head.get("b_in")), W=own(tail["W"]),
+        mu=own(tail["mu"]))
     gc = network.gamma_c
     creg = 0.0
     if gc:
@@ -288,24 +311,29 @@ def _gradient_program(comm, network, params, X, y, solver, target, guess_states,
                 grads[k][...] += gc * params[k]
                 creg += float(np.vdot(params[k], params[k]))
     loss = tail["data_loss"] + total_reg + 0.5 * gc * creg
-    full_states = _gather_positions(comm, states, fproblem.owner, N + 1, False)
-    full_lams = _gather_positions(comm, {N - n: v for n, v in lams.items()}, aproblem.owner,
-                                  N + 1, True)
+    if not gather_all:
+        return GradientResult(loss, grads, frecord, arecord)
+    full_states = _gather_positions(comm, states, fproblem.owner, False)
+    full_lams = _gather_positions(comm, lams, aproblem.owner, True)
     return GradientResult(loss, grads, frecord, arecord, full_states, full_lams)
 
 
 # --- public entry points --------------------------------------------------------------------------
 
 def parallel_gradient(network: ResNet, params: Params, X, y, solver, *, comm=None, target="cpu",
-                      initial_states=None, initial_adjoints=None) -> GradientResult:
+                      initial_states=None, initial_adjoints=None,
+                      keep_states: bool = True) -> GradientResult:
     """Loss and gradient with the state and adjoint sweeps solved by ``solver`` on ranks.
 
-    Inputs must already be validated (``ptoc.loss_and_grad`` does it).
+    Inputs must already be validated (``ptoc.loss_and_grad`` does it). With
+    ``keep_states`` every rank also receives all states and adjoints (for warm starts
+    and inspection); without, only the loss, the gradient and the records.
     """
     runner, size = _runner(solver, comm)
     check_layout(solver, network.depth, size)
     return _run(runner, lambda c: _gradient_program(c, network, params, X, y, solver, target,
-                                                     initial_states, initial_adjoints))
+                                                     initial_states, initial_adjoints,
+                                                     keep_states))
 
 
 def parallel_forward(network: ResNet, params: Params, X, solver, *, comm=None, target="cpu",
@@ -332,22 +360,21 @@ def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N:
     N = network.depth
 
     def program(c):
-        bounds = partition(N, c.size)
-        a, b = int(bounds[c.rank]), int(bounds[c.rank + 1])
+        bounds, a, b = _bounds(c, N)
         prop = LayerSlice(ResNetPropagator(network, params, target=target), a, b)
         c.reset_count()
-        local = {n: states[n] for n in range(a, b + 1)}
+        local = Block(a, np.ascontiguousarray(states[a:b + 1]))
         lamN = lam_N if c.rank == c.size - 1 else None
-        aproblem, lams, record = _adjoint_program(c, network, params, prop, bounds, local, lamN,
+        aproblem, lams, record = _adjoint_program(c, network, prop, bounds, local, lamN,
                                                   solver, initial_adjoints)
         d = network.width
         gK = np.zeros((b - a, d, d), network.dtype)
         gb = np.zeros((b - a, d), network.dtype)
-        for n in range(a, b):
-            prop.layer_gradient(n, local[n], lams[n + 1], [gK, gb])
+        prop.layer_gradients(a, _layer_states(a, b, local), _next_adjoints(N, a, b, lams),
+                             [gK, gb])
+        c.count(b - a)
         parts = c.allgather((gK, gb))
-        full = _gather_positions(c, {N - n: v for n, v in lams.items()}, aproblem.owner, N + 1,
-                                 True)
+        full = _gather_positions(c, lams, aproblem.owner, True)
         return (full, np.concatenate([p[0] for p in parts]),
                 np.concatenate([p[1] for p in parts]), record)
     return _run(runner, program)
@@ -397,7 +424,7 @@ def solve_states(prop, x0, solver, *, comm=None, initial_guess=None
                                                                        mine[-1] + 1)}
         local, record = _solve_sweep(c, problem, solver, x0 if c.rank == 0 else None,
                                      x0.shape, x0.dtype, g)
-        return _gather_positions(c, local, problem.owner, N + 1, False), record
+        return _gather_positions(c, local, problem.owner, False), record
     return _run(runner, program)
 
 
@@ -431,22 +458,21 @@ def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
         bounds = partition(N, c.size)
         a, b = int(bounds[c.rank]), int(bounds[c.rank + 1])
         problem = SweepProblem(c, prop, bounds, backward=True,
-                               states={n: states[n] for n in range(a, b)})
+                               states=Block(a, np.ascontiguousarray(states[a:b + 1])))
         c.reset_count()
         g = None if guess is None else {N - n: guess[n] for n in range(a, b + 1)}
         local, record = _solve_sweep(c, problem, solver,
                                      lam_N if c.rank == c.size - 1 else None, lam_N.shape,
                                      lam_N.dtype, g)
-        lams = {N - k: v for k, v in local.items()}
         grad = prop.zero_gradient()
         for n in range(a, b):
-            prop.adjoint_step(n, states[n], lams[n + 1], grad)
+            prop.adjoint_step(n, states[n], local[N - n - 1], grad)
         c.count(b - a)
         parts = c.allgather(grad)
         total = [np.zeros_like(p) for p in grad]
         for part in parts:  # each rank filled only its own layers
             for t, p in zip(total, part, strict=True):
                 t += p
-        full = _gather_positions(c, local, problem.owner, N + 1, True)
+        full = _gather_positions(c, local, problem.owner, True)
         return full, total, record
     return _run(runner, program)

@@ -37,7 +37,7 @@ import numpy as np
 from .comm import Communicator
 from .layout import mgrit_levels
 from .options import MGRIT, Cycle, DivergenceError
-from .problem import SweepProblem, level_steps
+from .problem import Block, SweepProblem, level_steps, scratch
 
 # message tags: TAG_* + 16 * level
 TAG_F, TAG_C, TAG_V = 2, 3, 4
@@ -199,14 +199,18 @@ class MGRITSolve:
         self.steps = [None if lv.empty else level_steps(problem, i, lv.points, lv.base, lv.hi)
                       for i, lv in enumerate(self.levels)]
 
-        def zeros(lv: _Level) -> np.ndarray:
-            return np.zeros((lv.hi - lv.base,) + tuple(shape), dtype)
+        side = "adj" if problem.backward else "fwd"
 
-        self.steps = [None if lv.empty else level_steps(problem, i, lv.points, lv.base, lv.hi)
-                      for i, lv in enumerate(self.levels)]
-        self.u = [zeros(lv) for lv in self.levels]
-        self.v = [None] + [zeros(lv) for lv in self.levels[1:]]
-        self.g = [None] + [zeros(lv) for lv in self.levels[1:]]
+        def zeros(name: str, i: int) -> np.ndarray:
+            lv = self.levels[i]
+            return scratch.zeros(f"mgrit-{name}{i}-{side}", (lv.hi - lv.base,) + tuple(shape),
+                                 dtype)
+
+        # the grids live in reused buffers: what leaves this object is copied first
+        n = len(self.levels)
+        self.u = [zeros("u", i) for i in range(n)]
+        self.v = [None] + [zeros("v", i) for i in range(1, n)]
+        self.g = [None] + [zeros("g", i) for i in range(1, n)]
         for lv, u in zip(self.levels, self.u, strict=True):
             if not lv.empty and lv.lo == 0:
                 u[0] = u0
@@ -389,8 +393,7 @@ class MGRITSolve:
             self._cycle(0, it, True, opt.cycle, c_done=reuse)
         raise AssertionError("unreachable")
 
-    def local_solution(self) -> dict[int, np.ndarray]:
-        """This rank's finest-level values by position, including the ghost ``lo - 1``
-        (copies: the grids are reused by the next solve)."""
-        lv = self.levels[0]
-        return {k: self.u[0][lv.loc(k)].copy() for k in range(lv.base, lv.hi)}
+    def local_solution(self) -> Block:
+        """This rank's finest-level values, ghost ``lo - 1`` included (a copy: the grids
+        are reused by the next solve)."""
+        return Block(self.levels[0].base, self.u[0].copy())

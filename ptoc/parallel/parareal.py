@@ -28,7 +28,7 @@ import numpy as np
 from .comm import Communicator
 from .layout import sum_of_squares as _sum_of_squares
 from .options import DivergenceError, Parareal
-from .problem import SweepProblem, level_steps
+from .problem import Block, SweepProblem, level_steps
 
 TAG_U = 5
 
@@ -132,6 +132,6 @@ class PararealSolve:
             U, G_old = U_new, G_new
             k += 1
 
-    def local_solution(self) -> dict[int, np.ndarray]:
-        """This rank's fine trajectory by position, including the chunk start ``base``."""
-        return {self.base + j: self.u[j] for j in range(len(self.u))}
+    def local_solution(self) -> Block:
+        """This rank's fine trajectory, the chunk start ``base`` included."""
+        return Block(self.base, self.u)

@@ -32,6 +32,32 @@ scratch = Scratch(capacity=64)
 TAG_WEIGHTS = 1
 
 
+class Block:
+    """Consecutive positions ``base .. base + len(values) - 1`` of one sweep on one rank.
+
+    ``block[k]`` is the value at position ``k``; ``values`` is one array (positions
+    along its first axis), so that whole ranges move as slices.
+    """
+
+    def __init__(self, base: int, values: np.ndarray):
+        self.base = int(base)
+        self.values = values
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        j = k - self.base
+        if not 0 <= j < len(self.values):
+            raise KeyError(f"position {k} is not in this block ({self.base}.."
+                           f"{self.base + len(self.values) - 1})")
+        return self.values[j]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def rows(self, positions) -> np.ndarray:
+        """The values at several positions, stacked (a copy)."""
+        return self.values[np.asarray(positions, dtype=np.int64) - self.base]
+
+
 class SweepProblem:
     """One sweep on one rank.
 
@@ -44,12 +70,12 @@ class SweepProblem:
         Layer partition (:func:`~ptoc.parallel.layout.partition`).
     backward : bool
         True for the adjoint sweep.
-    states : dict of int to array, optional
+    states : Block or dict of int to array, optional
         Adjoint sweep: the states ``x_n`` this rank needs (inputs of its layers).
     """
 
     def __init__(self, comm: Communicator, prop, bounds: np.ndarray, backward: bool,
-                 states: dict[int, np.ndarray] | None = None):
+                 states: Block | dict[int, np.ndarray] | None = None):
         self.comm = comm
         self.prop = prop
         self.bounds = bounds
@@ -213,10 +239,14 @@ class ResNetLevelSteps(LevelSteps):
                 self.K[j], self.b[j] = problem.weights[rng]
         self.X = None
         if problem.backward:
-            shape = next(iter(problem.states.values())).shape
+            states = problem.states
+            shape = problem.state(int(s_[0]) if len(s_) else problem.first_layer).shape
             self.X = scratch.get("X" + tag, (n_loc,) + shape, K0.dtype)
-            for j, layer in enumerate(s_.tolist(), start=1):
-                self.X[j] = problem.state(layer)
+            if isinstance(states, Block):
+                self.X[1:] = states.rows(s_)
+            else:
+                for j, layer in enumerate(s_.tolist(), start=1):
+                    self.X[j] = problem.state(layer)
             self.KT = scratch.get("KT" + tag, self.K.shape, K0.dtype)
             self.KT[...] = np.swapaxes(self.K, 1, 2)
         self.kern, self.act, self.chunk = kern, act, chunk
