@@ -71,6 +71,12 @@ CHUNK: int = _env_int("PTOC_CHUNK", 32)
 CPU_LANES: int = 128
 CPU_MIN_ITEMS: int = 4
 
+#: Narrowest work item of the CPU kernels without gradient sums (state steps and
+#: sweeps, adjoint steps of the level kernels), which may split a chunk to reach
+#: ``CPU_MIN_ITEMS`` work items; below 16 samples the vector loops lose more than a
+#: second thread gains (measured: d = 16, S = 32, 2 threads).
+CPU_MIN_LANES: int = 16
+
 #: Bytes of gradient partials (one ``(d, d)`` matrix per chunk and layer) that the CPU
 #: adjoint sweep keeps before adding them up: it processes ``CPU_PARTIAL_BYTES //
 #: (n_chunks * (d*d + d) * itemsize)`` layers (at least one) per parallel loop.

@@ -124,7 +124,7 @@ class Propagator(abc.ABC):
 
 
 class LayerSlice(Propagator):
-    """The layers ``start..stop-1`` of a propagator, holding copies of those layers only.
+    """The layers ``start..stop-1`` of a propagator, holding (views of) those layers only.
 
     Layer indices stay global (``step(n, x)`` for ``start <= n < stop``); asking for any
     other layer raises, which is how a rank proves it touches only what it owns.
@@ -135,7 +135,7 @@ class LayerSlice(Propagator):
         self.network = prop.network
         self.start, self.stop = int(start), int(stop)
         self.n_layers = prop.n_layers
-        local = Params(K=prop.params.K[start:stop].copy(), b=prop.params.b[start:stop].copy(),
+        local = Params(K=prop.params.K[start:stop], b=prop.params.b[start:stop],
                        K_in=None, b_in=None, W=prop.params.W, mu=prop.params.mu)
         self._inner = ResNetPropagator.__new__(ResNetPropagator)
         self._inner.__dict__.update(prop.__dict__)
@@ -283,9 +283,20 @@ class ResNetPropagator(Propagator):
                                       gK[n], gb[n], None, _config.CHUNK)
 
     def stacked_parameters(self, layers):
-        """``(K[layers], b[layers])`` as stacked arrays (one fancy-indexing copy)."""
+        """``(K[layers], b[layers])`` as stacked arrays: views when ``layers`` is a range
+        with step 1 or -1, else fancy-indexing copies (read them, never write)."""
         layers = np.asarray(layers, dtype=np.int64)
-        return self.params.K[layers], self.params.b[layers]
+        K, b = self.params.K, self.params.b
+        if len(layers) > 1:
+            step = int(layers[1] - layers[0])
+            if step in (1, -1) and np.array_equal(np.diff(layers), np.full(len(layers) - 1,
+                                                                            step)):
+                first, last = int(layers[0]), int(layers[-1])
+                if step == 1:
+                    return K[first:last + 1], b[first:last + 1]
+                stop = last - 1 if last > 0 else None
+                return K[first:stop:-1], b[first:stop:-1]
+        return K[layers], b[layers]
 
     def layer_gradient(self, n, x, lam_next, grad):
         """Add ``d(lam_next . Phi_n(x))/d theta_n`` to ``grad`` (no adjoint output)."""

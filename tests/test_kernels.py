@@ -250,16 +250,17 @@ def test_cuda_without_a_device_gives_the_fix(monkeypatch):
 # --- sweeps: many layers per call (CPU work items, layer blocks) -----------------------------
 
 @contextlib.contextmanager
-def _cpu_settings(lanes, partial_bytes):
-    """Temporarily set the CPU work-item width and layer-block size (``ptoc._config``)."""
+def _cpu_settings(lanes, partial_bytes, min_lanes=16):
+    """Temporarily set the CPU work-item widths and layer-block size (``ptoc._config``)."""
     from ptoc import _config
 
-    old = _config.CPU_LANES, _config.CPU_PARTIAL_BYTES
+    old = _config.CPU_LANES, _config.CPU_PARTIAL_BYTES, _config.CPU_MIN_LANES
     _config.CPU_LANES, _config.CPU_PARTIAL_BYTES = lanes, partial_bytes
+    _config.CPU_MIN_LANES = min_lanes
     try:
         yield
     finally:
-        _config.CPU_LANES, _config.CPU_PARTIAL_BYTES = old
+        _config.CPU_LANES, _config.CPU_PARTIAL_BYTES, _config.CPU_MIN_LANES = old
 
 
 def _sweeps(kern, X, K, b, h, act, lam, chunk, store=True, gK0=None, gb0=None):
@@ -315,10 +316,104 @@ def test_cpu_sweeps_are_bitwise_independent_of_threads_and_work_split(S, d, N, c
     try:
         for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
             numba.set_num_threads(threads)
-            for lanes in (1, 32, 128):
+            for lanes, min_lanes in ((1, 1), (32, 1), (32, 16), (128, 16)):
                 for partial_bytes in (1, 1 << 20):
-                    with _cpu_settings(lanes, partial_bytes):
+                    with _cpu_settings(lanes, partial_bytes, min_lanes):
                         results.append(_sweeps(cpu, X, K, b, 0.3, 0, lam, chunk))
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for r in results[1:]:
+        for a, c in zip(r, results[0], strict=True):
+            assert np.array_equal(a, c)
+
+
+def _level_problem(rng, S, d, n, dtype=np.float64):
+    """Positions ``0..n-1`` of one level: values, right-hand sides, weights, step sizes
+    (position 0 is produced by no step), linearisation states."""
+    u = rng.standard_normal((n, S, d)).astype(dtype)
+    g = rng.standard_normal((n, S, d)).astype(dtype)
+    K = (rng.standard_normal((n, d, d)) * 1.5 / np.sqrt(d)).astype(dtype)
+    b = rng.standard_normal((n, d)).astype(dtype)
+    dt = rng.uniform(0.05, 0.5, n).astype(dtype)
+    dt[0] = 0.0
+    X = rng.standard_normal((n, S, d)).astype(dtype)
+    return u, g, K, b, dt, X
+
+
+def _runs(rng, n):
+    """Independent runs ``(starts, ends)`` in positions ``1..n-1`` (no run starts from a
+    position that another run writes, as in a relaxation), and points."""
+    cuts = np.sort(rng.choice(np.arange(1, n), size=min(n - 1, int(rng.integers(1, 6))),
+                              replace=False))
+    starts, ends = [], []
+    for i, c in enumerate(cuts):
+        end = cuts[i + 1] - 2 if i + 1 < len(cuts) else n - 1
+        if c <= end and rng.random() < 0.8:
+            starts.append(int(c))
+            ends.append(int(rng.integers(c, end + 1)))
+    points = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(1, n)), replace=False))
+    return np.array(starts, np.int64), np.array(ends, np.int64), points
+
+
+def _level_calls(kern, u, g, K, b, dt, X, act, starts, ends, points, chunk):
+    """Every level kernel once, on copies; the outputs in a list."""
+    KT = np.ascontiguousarray(np.swapaxes(K, 1, 2))
+    out = []
+    for rhs in (None, g):
+        v = u.copy()
+        kern.state_runs(v, rhs, K, b, dt, act, starts, ends, chunk)
+        lam = u.copy()
+        kern.adjoint_runs(lam, rhs, X, K, KT, b, dt, act, starts, ends, chunk)
+        out += [v, lam]
+    p = np.empty((len(points),) + u.shape[1:], u.dtype)
+    kern.state_points(u, K, b, dt, act, points, p, chunk)
+    q = np.empty_like(p)
+    kern.adjoint_points(u, X, K, KT, b, dt, act, points, q, chunk)
+    return out + [p, q]
+
+
+@given(S=st.integers(1, 80), d=st.integers(1, 20), n=st.integers(2, 9),
+       act=st.sampled_from(ACTS), seed=st.integers(0, 2**31), chunk=st.integers(1, 64),
+       lanes=st.sampled_from([1, 16, 128]), min_lanes=st.sampled_from([1, 8, 16]))
+def test_cpu_level_kernels_match_reference(S, d, n, act, seed, chunk, lanes, min_lanes):
+    # the batched steps of the layer-parallel solvers: runs with and without a
+    # right-hand side, points, state and adjoint, any work-item width
+    rng = np.random.default_rng(seed)
+    u, g, K, b, dt, X = _level_problem(rng, S, d, n)
+    starts, ends, points = _runs(rng, n)
+    ref = _level_calls(reference, u, g, K, b, dt, X, act.code, starts, ends, points, chunk)
+    with _cpu_settings(lanes, 1 << 20, min_lanes):
+        got = _level_calls(kernels.backend("cpu"), u, g, K, b, dt, X, act.code, starts, ends,
+                           points, chunk)
+    for r, c in zip(ref, got, strict=True):
+        assert _rel(c, r) < 1e-12
+
+
+@pytest.mark.parametrize("S, d, chunk", [(32, 16, 32), (45, 7, 16), (3, 9, 32)])
+def test_cpu_level_kernels_are_bitwise_independent_of_threads_and_work_split(S, d, chunk):
+    # the work-item width of these kernels depends on the number of runs (a serial
+    # coarse sweep splits its batch, a relaxation with many runs does not): the same
+    # position must come out the same either way
+    import numba
+
+    rng = np.random.default_rng(11)
+    u, g, K, b, dt, X = _level_problem(rng, S, d, 7)
+    starts, ends, points = np.array([1, 5], np.int64), np.array([3, 6], np.int64), \
+        np.arange(1, 7)
+    cpu = kernels.backend("cpu")
+    results = []
+    try:
+        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(threads)
+            for lanes, min_lanes in ((1, 1), (8, 1), (32, 16), (128, 16), (128, 128)):
+                with _cpu_settings(lanes, 1 << 20, min_lanes):
+                    results.append(_level_calls(cpu, u, g, K, b, dt, X, 0, starts, ends,
+                                                points, chunk))
+                    # one run at a time (the narrowest work items) gives the same bits
+                    one = u.copy()
+                    for s, e in zip(starts, ends, strict=True):
+                        cpu.state_runs(one, g, K, b, dt, 0, [s], [e], chunk)
+                    assert np.array_equal(one, results[-1][2])
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for r in results[1:]:

@@ -194,6 +194,34 @@ def test_results_do_not_depend_on_the_number_of_ranks(solver):
         assert grad_rel(r.grads, results[0].grads) < 1e-14
 
 
+@given(depth=st.integers(2, 30), seed=st.integers(0, 2**31),
+       rule=st.sampled_from(["inject", "average"]))
+def test_stacked_coarse_weights_are_those_of_each_range(depth, seed, rule):
+    # the one-rank fast path (a few array operations for a whole level) gives the bits
+    # of the per-range rule that ranks holding other layers use
+    from ptoc.parallel.comm import SingleRank
+    from ptoc.parallel.options import CoarseWeights
+    from ptoc.parallel.problem import SweepProblem
+    from ptoc.propagator import ResNetPropagator
+
+    rng = np.random.default_rng(seed)
+    net, params, X, y = problem(depth=depth, seed=seed % 1000)
+    cuts = np.unique(np.concatenate([[0, depth], rng.integers(0, depth, rng.integers(1, 6))]))
+    starts, ends = cuts[:-1], cuts[1:]
+    order = rng.permutation(len(starts))
+    starts, ends = starts[order], ends[order]
+    prob = SweepProblem(SingleRank(), ResNetPropagator(net, params), partition(depth, 1),
+                        backward=False)
+    prob.gather_coarse_weights([list(zip(starts.tolist(), ends.tolist(), strict=True))],
+                               CoarseWeights.parse(rule))
+    K, b = prob.coarse_weight_stack(starts, ends)
+    for j, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        theta = prob.coarse_weights(s, e)
+        assert np.array_equal(K[j], theta[0]) and np.array_equal(b[j], theta[1])
+        want = params.K[s] if rule == "inject" else params.K[s:e].mean(axis=0)
+        assert np.allclose(theta[0], want, rtol=1e-14, atol=1e-15)
+
+
 def test_critical_path_shrinks_with_ranks():
     net, params, X, y = problem(depth=64, S=4)
     paths = []

@@ -173,9 +173,15 @@ def _serial_sweep(comm, problem, u0, shape, dtype) -> Block:
 
 def _gather_positions(comm: Communicator, local: Block, owner: np.ndarray,
                       backward: bool) -> np.ndarray:
-    """All positions, in layer order (``x_n`` or ``lambda_n`` at index ``n``), on every rank."""
+    """All positions, in layer order (``x_n`` or ``lambda_n`` at index ``n``), on every rank.
+
+    The solvers hand out blocks they no longer write to, so on one rank the block's
+    array is returned as it is (state sweep) or reversed into a new one (adjoint).
+    """
     mine = np.flatnonzero(owner == comm.rank)
     lo, hi = int(mine[0]), int(mine[-1]) + 1
+    if comm.size == 1 and local.base == lo and len(local.values) == hi - lo:
+        return local.values[::-1].copy() if backward else local.values
     parts = comm.allgather((lo, local.values[lo - local.base:hi - local.base]))
     first = parts[0][1]
     out = np.empty((len(owner),) + first.shape[1:], first.dtype)

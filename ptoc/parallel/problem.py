@@ -87,6 +87,8 @@ class SweepProblem:
         self.end_layer = int(bounds[comm.rank + 1])
         self.states = states or {}
         self.weights: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        self.coarse_rule = CoarseWeights.INJECT
+        self._foreign: dict[int, tuple[np.ndarray, ...]] = {}
 
     # --- layers covered by steps -----------------------------------------------------------
     def layers(self, p: int, q: int) -> tuple[int, int]:
@@ -113,7 +115,7 @@ class SweepProblem:
     def coarse_step(self, p: int, q: int, u: np.ndarray) -> np.ndarray:
         """One coarse step from position ``p`` to ``q`` (standing for ``q - p`` layers)."""
         s, e = self.layers(p, q)
-        theta = self.weights[(s, e)]
+        theta = self.coarse_weights(s, e)
         self.comm.count(1)
         if self.backward:
             return self.prop.coarse_adjoint_step(theta, e - s, self.state(s), u)
@@ -122,23 +124,24 @@ class SweepProblem:
     # --- coarse weights ------------------------------------------------------------------------
     def gather_coarse_weights(self, needs: list[list[tuple[int, int]]],
                               rule: CoarseWeights) -> None:
-        """Make ``self.weights[(s, e)]`` for every layer range ``(s, e)`` in ``needs[rank]``.
+        """Fetch the parameters of other ranks' layers that coarse steps over the layer
+        ranges ``needs[rank]`` use (collective), and set the rule of :meth:`coarse_weights`.
 
-        ``needs[r]`` lists the layer ranges whose coarse weights rank ``r`` needs; every
-        rank knows every rank's needs, so each sends the parameters of its own layers
-        that others need (one message per pair of ranks, at most) and receives the
-        ones it lacks. Averages are summed in layer order, whatever the partition.
+        ``needs[r]`` lists the layer ranges ``(s, e)`` whose coarse weights rank ``r``
+        needs; every rank knows every rank's needs, so each sends the parameters of its
+        own layers that others need (one message per pair of ranks, at most) and
+        receives the ones it lacks. On one rank nothing moves.
         """
+        self.coarse_rule = rule
         comm = self.comm
+        if comm.size == 1:
+            return
         owner = layer_owner(self.bounds)
-
-        def layers_of(rng: tuple[int, int]) -> range:
-            s, e = rng
-            return range(s, e) if rule is CoarseWeights.AVERAGE else range(s, s + 1)
 
         def wanted(r: int, q: int) -> list[int]:
             """Layers owned by rank q that rank r needs."""
-            return sorted({n for rng in needs[r] for n in layers_of(rng) if owner[n] == q})
+            return sorted({n for s, e in needs[r] for n in self._rule_layers(s, e)
+                           if owner[n] == q})
 
         for r in range(comm.size):
             if r != comm.rank:
@@ -146,24 +149,61 @@ class SweepProblem:
                 if mine:
                     comm.send({n: tuple(np.array(a) for a in self.prop.layer_parameters(n))
                                for n in mine}, r, TAG_WEIGHTS)
-        have: dict[int, tuple[np.ndarray, ...]] = {}
         for q in range(comm.size):
             if q != comm.rank and wanted(comm.rank, q):
-                have.update(comm.recv(q, TAG_WEIGHTS))
-        for n in wanted(comm.rank, comm.rank):
-            have[n] = tuple(self.prop.layer_parameters(n))
-        for rng in needs[comm.rank]:
-            if rng in self.weights:
-                continue
-            ns = list(layers_of(rng))
+                self._foreign.update(comm.recv(q, TAG_WEIGHTS))
+
+    def _rule_layers(self, s: int, e: int) -> range:
+        """The layers whose parameters the coarse weights of layers ``s..e-1`` use."""
+        return range(s, e) if self.coarse_rule is CoarseWeights.AVERAGE else range(s, s + 1)
+
+    def _local(self, s: int, e: int) -> bool:
+        return self.first_layer <= s and e <= self.end_layer
+
+    def _layer_parameters(self, n: int) -> tuple[np.ndarray, ...]:
+        if self.first_layer <= n < self.end_layer:
+            return tuple(self.prop.layer_parameters(n))
+        return self._foreign[n]
+
+    def coarse_weights(self, s: int, e: int) -> tuple[np.ndarray, ...]:
+        """Coarse weights of a step over layers ``s..e-1``: those of layer ``s``
+        (``INJECT``) or their mean over ``s..e-1`` (``AVERAGE``, summed in layer order,
+        whatever the partition). Needs :meth:`gather_coarse_weights` first when another
+        rank owns one of those layers."""
+        theta = self.weights.get((s, e))
+        if theta is None:
+            ns = self._rule_layers(s, e)
             if len(ns) == 1:
-                self.weights[rng] = tuple(np.array(a) for a in have[ns[0]])
+                theta = tuple(np.array(a) for a in self._layer_parameters(s))
             else:
-                total = [np.array(a, dtype=np.result_type(a, np.float32)) for a in have[ns[0]]]
+                total = [np.array(a, dtype=np.result_type(a, np.float32))
+                         for a in self._layer_parameters(s)]
                 for n in ns[1:]:
-                    for t, a in zip(total, have[n], strict=True):
+                    for t, a in zip(total, self._layer_parameters(n), strict=True):
                         t += a
-                self.weights[rng] = tuple(t / len(ns) for t in total)
+                theta = tuple(t / len(ns) for t in total)
+            self.weights[(s, e)] = theta
+        return theta
+
+    def coarse_weight_stack(self, starts: np.ndarray, ends: np.ndarray):
+        """The coarse weights of the ranges ``starts[j]..ends[j]-1`` stacked, as
+        :meth:`coarse_weights` gives them one by one (the same bits), in a few array
+        operations; None unless this rank owns all those layers and the propagator
+        has ``stacked_parameters``."""
+        stacked = getattr(self.prop, "stacked_parameters", None)
+        if stacked is None or not len(starts) or not self._local(int(starts.min()),
+                                                                  int(ends.max())):
+            return None
+        first = stacked(starts)
+        if self.coarse_rule is CoarseWeights.INJECT:
+            return first
+        total = [np.array(a, dtype=np.result_type(a, np.float32)) for a in first]
+        lengths = ends - starts
+        for offset in range(1, int(lengths.max())):
+            rows = np.flatnonzero(lengths > offset)
+            for t, a in zip(total, stacked(starts[rows] + offset), strict=True):
+                t[rows] += a
+        return [t / lengths.reshape((-1,) + (1,) * (t.ndim - 1)) for t in total]
 
 
 # --- the steps of one level, batched ---------------------------------------------------------
@@ -232,11 +272,13 @@ class ResNetLevelSteps(LevelSteps):
         self.dt = scratch.get("dt" + tag, (n_loc,), K0.dtype)
         self.dt[0] = 0.0
         self.dt[1:] = (e_ - s_) * h
-        if level == 0:
-            self.K[1:], self.b[1:] = prop.stacked_parameters(s_)
+        stack = prop.stacked_parameters(s_) if level == 0 else \
+            problem.coarse_weight_stack(s_, e_)
+        if stack is not None:
+            self.K[1:], self.b[1:] = stack
         else:
             for j, rng in enumerate(zip(s_.tolist(), e_.tolist(), strict=True), start=1):
-                self.K[j], self.b[j] = problem.weights[rng]
+                self.K[j], self.b[j] = problem.coarse_weights(*rng)
         self.X = None
         if problem.backward:
             states = problem.states
