@@ -184,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="floating-point type")
     g.add_argument("--init-scale", type=_nonnegative_float, default=1.0,
                    help="scale of the random initial weights")
+    g = t.add_argument_group("method")
+    g.add_argument("--method", nargs="?", const="list", default="serial",
+                   choices=tuple(METHODS) + ("list",),
+                   help="training method; '--method' alone lists them, one line each")
+    g.add_argument("--mgrit-iterations", type=_positive_int, default=2,
+                   help="simultaneous: MGRIT iterations per sweep and optimisation step")
+    g.add_argument("--coarsening", type=_positive_int, default=4,
+                   help="simultaneous: MGRIT coarsening factor m (>= 2)")
+    g.add_argument("--ranks", type=_positive_int, default=1,
+                   help="simultaneous: simulated ranks the layers are split over")
     g = t.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimiser")
     g.add_argument("--lr", type=_positive_float, default=None,
@@ -231,6 +241,37 @@ def _default_output() -> Path:
     return out
 
 
+#: ``ptoc train --method`` choices, with the line ``--method`` alone prints for each.
+METHODS = {
+    "serial": "exact gradients from the serial state and adjoint sweeps (the default)",
+    "simultaneous": "Guenther et al. 2020: each step runs only --mgrit-iterations MGRIT "
+                    "iterations per sweep, warm-started from the previous step",
+}
+
+
+def _grad_fn(args: argparse.Namespace, network):
+    """The ``grad_fn`` of ``--method`` (None for serial)."""
+    if args.method == "serial":
+        for flag, value, default in (("--mgrit-iterations", args.mgrit_iterations, 2),
+                                     ("--coarsening", args.coarsening, 4),
+                                     ("--ranks", args.ranks, 1)):
+            if value != default:
+                raise _Error(f"argument {flag}: only applies to --method simultaneous")
+        return None
+    from ptoc.parallel import MGRIT
+    from ptoc.parallel.driver import check_layout
+    from ptoc.simultaneous import SimultaneousGradient
+
+    try:
+        solver = MGRIT(coarsening=args.coarsening, max_iterations=args.mgrit_iterations,
+                       tol=1e-13)
+        check_layout(solver, network.depth, args.ranks)
+    except ValueError as exc:
+        raise _Error(f"--method simultaneous: {exc}") from None
+    return SimultaneousGradient(network, solver, comm=None if args.ranks == 1 else args.ranks,
+                                target=args.target)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import ptoc
     from ptoc.kernels import backend
@@ -238,6 +279,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ptoc.training import train
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    if args.method == "list":
+        width = max(map(len, METHODS))
+        for name, line in METHODS.items():
+            print(f"{name:<{width}}  {line}")
+        return 0
 
     try:
         backend(args.target)
@@ -271,6 +317,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         optimizer = make_optimizer(args.optimizer, **hyper)
     except ValueError as exc:
         raise _Error(str(exc)) from None
+    grad_fn = _grad_fn(args, network)
     params = network.init_params(args.seed, scale=args.init_scale)
     output = Path(args.output) if args.output is not None else _default_output()
     if output.exists() and not output.is_dir():
@@ -284,10 +331,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          for k, v in hyper.items())
     say(f"ptoc: {args.optimizer}({opt_desc}), {args.epochs} epochs, batch {batch}, "
         f"target {args.target}, seed {args.seed}; output in {output}")
+    if grad_fn is not None:
+        say(f"ptoc: simultaneous layer-parallel training, {grad_fn.solver!r} on "
+            f"{args.ranks} simulated rank(s)")
     result = train(
         network, params, data, optimizer=optimizer, epochs=args.epochs,
         batch_size=args.batch_size, target=args.target, seed=args.seed,
         eval_every=args.eval_every, output_dir=output, progress=not args.quiet,
+        grad_fn=grad_fn,
     )
     print(f"train accuracy {result.train_accuracy:.4f}, validation accuracy "
           f"{result.val_accuracy:.4f} (train loss {result.train_loss:.4f}, validation loss "

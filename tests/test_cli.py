@@ -97,6 +97,11 @@ def test_help_lists_subcommands_and_every_train_option(capsys):
         (["--no-such-option"], "--no-such-option"),
         (["--nesterov"], "--nesterov"),
         (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], "--nesterov"),
+        (["--method", "nope"], "--method"),
+        (["--ranks", "2"], "--ranks"),
+        (["--mgrit-iterations", "3"], "--mgrit-iterations"),
+        (["--method", "simultaneous", "--coarsening", "1"], "coarsening"),
+        (["--method", "simultaneous", "--ranks", "40"], "--method simultaneous"),
     ],
 )
 def test_bad_options_exit_2_with_one_clear_line(argv, option, capsys, tmp_path):
@@ -105,6 +110,22 @@ def test_bad_options_exit_2_with_one_clear_line(argv, option, capsys, tmp_path):
     assert "ptoc" in err and "error" in err and option in err
     assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_method_alone_lists_the_methods(capsys):
+    assert main(["train", "--method"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["serial", "simultaneous"]
+    assert all(len(line.split(maxsplit=1)[1]) > 20 for line in lines)
+
+
+def test_simultaneous_training_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "simultaneous", "--ranks", "2", "--depth", "8",
+                 "--epochs", "4", "--batch-size", "full", "--output", str(out), "-q"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 4 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert (out / "model.npz").exists()
 
 
 def test_no_subcommand_is_an_error(capsys):
