@@ -26,7 +26,7 @@ from .hamiltonian import hamiltonian, hamiltonian_grad
 from .io import load_model, save_model
 from .kernels import Target
 from .model import PARAM_KEYS, Opening, Params, ResNet
-from .optim import OPTIMISERS, SGD, Adam
+from .optim import LBFGS, OPTIMISERS, SGD, Adam
 from .parallel import (
     MGRIT,
     CoarseWeights,
@@ -73,6 +73,7 @@ __all__ = [
     "SimulatedRanks",
     "SolveResult",
     "parallel",
+    "LBFGS",
     "OPTIMISERS",
     "SGD",
     "Activation",

@@ -1,4 +1,4 @@
-"""First-order optimisers with an explicit, checkpointable state.
+"""Optimisers with an explicit, checkpointable state: SGD, Adam and L-BFGS.
 
 An optimiser is a small frozen dataclass holding its hyper-parameters only. Its
 state lives in a separate object that the caller threads through the updates::
@@ -24,8 +24,8 @@ Hyper-parameters are not part of the state; :meth:`config` and
 
 Room for second-order methods: :meth:`update` takes an optional ``closure``, a
 callable ``closure(params) -> (loss, grads)`` evaluating the objective and its
-gradient at other parameters (L-BFGS needs it for its line search). SGD and Adam
-ignore it.
+gradient at other parameters. :class:`LBFGS` requires it (for its line search);
+SGD and Adam ignore it.
 """
 
 from __future__ import annotations
@@ -40,13 +40,16 @@ import numpy as np
 from .model import Params
 
 __all__ = [
+    "LBFGS",
     "OPTIMISERS",
     "SGD",
     "Adam",
     "AdamState",
     "Closure",
+    "LBFGSState",
     "Optimizer",
     "SGDState",
+    "lbfgs_two_loop",
     "make_optimizer",
 ]
 
@@ -82,6 +85,28 @@ def _unit_interval(name: str, value: object) -> float:
     if not 0.0 <= v < 1.0:
         raise ValueError(f"{name} must satisfy 0 <= {name} < 1, got {value!r}")
     return v
+
+
+def _open_unit_interval(name: str, value: object) -> float:
+    v = _real(name, value)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name} must satisfy 0 < {name} < 1, got {value!r}")
+    return v
+
+
+def _nonnegative(name: str, value: object) -> float:
+    v = _real(name, value)
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return v
+
+
+def _integer(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 # --- helpers on mappings of arrays -------------------------------------------------------------
@@ -385,12 +410,381 @@ class Adam(Optimizer):
         return AdamState(int(_scalar(d, "step")), m, v)
 
 
+# --- L-BFGS -----------------------------------------------------------------------------------
+
+def lbfgs_two_loop(grad: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray:
+    r"""The L-BFGS inverse-Hessian approximation applied to a vector: ``H grad``.
+
+    The two-loop recursion (Nocedal & Wright, *Numerical Optimization*, 2nd ed.,
+    Algorithm 7.4) with the pairs ``(s_i, y_i)``, ``i = 0 .. m-1`` (oldest first),
+    ``rho_i = 1 / (y_i' s_i)`` and the initial matrix ``H_0 = gamma I``,
+    ``gamma = s_{m-1}' y_{m-1} / y_{m-1}' y_{m-1}`` (Nocedal & Wright eq. (7.20))::
+
+        q = grad
+        for i = m-1, ..., 0:   alpha_i = rho_i s_i' q;   q = q - alpha_i y_i
+        r = gamma q
+        for i = 0, ..., m-1:   beta = rho_i y_i' r;      r = r + (alpha_i - beta) s_i
+        return r
+
+    which equals ``H_m grad`` for the matrices of the BFGS inverse update
+    ``H_{i+1} = (I - rho_i s_i y_i') H_i (I - rho_i y_i s_i') + rho_i s_i s_i'``
+    (Nocedal & Wright eq. (7.19)), in ``O(m n)`` operations and without forming them.
+    With no pairs (``m = 0``) it returns ``grad`` (``H = I``).
+
+    Parameters
+    ----------
+    grad : ndarray, shape (n,)
+        The vector to multiply (a gradient).
+    s, y : ndarray, shape (m, n)
+        Parameter and gradient differences, oldest first; every pair needs
+        ``s_i' y_i > 0`` (the caller's curvature test guarantees it).
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        ``H grad``, computed in (at least) float64.
+    """
+    dtype = np.result_type(grad, s, y, np.float64)
+    q = np.array(grad, dtype=dtype, copy=True)
+    s = np.asarray(s, dtype=dtype)
+    y = np.asarray(y, dtype=dtype)
+    m = s.shape[0]
+    if m == 0:
+        return q
+    rho = 1.0 / np.einsum("ij,ij->i", y, s)
+    alpha = np.empty(m, dtype=dtype)
+    for i in range(m - 1, -1, -1):
+        alpha[i] = rho[i] * (s[i] @ q)
+        q -= alpha[i] * y[i]
+    gamma = (s[-1] @ y[-1]) / (y[-1] @ y[-1])
+    r = gamma * q
+    for i in range(m):
+        beta = rho[i] * (y[i] @ r)
+        r += (alpha[i] - beta) * s[i]
+    return r
+
+
+class _Layout:
+    """Fixed flattening of a mapping of arrays: keys in the mapping's order."""
+
+    def __init__(self, params: Mapping):
+        self.keys = list(params)
+        arrays = [np.asarray(params[k]) for k in self.keys]
+        self.shapes = [a.shape for a in arrays]
+        self.dtypes = [a.dtype for a in arrays]
+        self.sizes = [a.size for a in arrays]
+        self.n = int(sum(self.sizes))
+        dtype = np.result_type(*arrays) if arrays else np.dtype(np.float64)
+        self.dtype = dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+
+    def flatten(self, tree: Mapping) -> np.ndarray:
+        if not self.keys:
+            return np.zeros(0, dtype=self.dtype)
+        return np.concatenate([np.asarray(tree[k], dtype=self.dtype).ravel() for k in self.keys])
+
+    def unflatten(self, vector: np.ndarray) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        start = 0
+        for k, shape, dt, size in zip(self.keys, self.shapes, self.dtypes, self.sizes, strict=True):
+            out[k] = np.array(vector[start:start + size], dtype=dt).reshape(shape)
+            start += size
+        return out
+
+
+@dataclass(frozen=True)
+class LBFGSState:
+    """State of :class:`LBFGS`.
+
+    Attributes
+    ----------
+    step : int
+        Number of :meth:`LBFGS.update` calls made (accepted or not).
+    s, y : ndarray, shape (n_pairs, n)
+        The stored pairs ``s_i = x_{i+1} - x_i`` and ``y_i = g_{i+1} - g_i``, oldest
+        first, ``n_pairs <= memory``; ``n`` is the total number of parameters,
+        flattened in the key order of the parameter mapping. Dtype of the parameters.
+    grad : ndarray, shape (n,), or None
+        Gradient from the closure at the parameters the last update returned
+        (None before the first update).
+    loss : float or None
+        Loss from the closure at those parameters (None before the first update).
+    closure_calls : int
+        Total number of closure evaluations.
+    failed_line_searches : int
+        Number of updates whose line search accepted no step.
+    """
+
+    step: int
+    s: np.ndarray
+    y: np.ndarray
+    grad: np.ndarray | None
+    loss: float | None
+    closure_calls: int
+    failed_line_searches: int
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of stored ``(s, y)`` pairs."""
+        return int(self.s.shape[0])
+
+
+@dataclass(frozen=True)
+class LBFGS(Optimizer):
+    r"""Limited-memory BFGS with a backtracking Armijo line search.
+
+    The optimiser Günther et al. (2020, "Layer-parallel training of deep residual
+    neural networks", SIAM J. Math. Data Sci. 2(1)) use for ResNet training. All
+    parameter arrays are flattened, in the key order of the mapping, into one vector
+    ``x`` with gradient ``g``. One :meth:`update`:
+
+    1. Evaluates ``f(x)`` with the closure (see "The loss at x" below).
+    2. Direction ``d = -H g`` by the two-loop recursion over the stored pairs
+       (:func:`lbfgs_two_loop`, Nocedal & Wright Algorithm 7.4, ``H_0 = gamma I`` with
+       ``gamma = s'y / y'y`` of the newest pair). With no stored pairs (the first
+       step, or after a reset) ``d = -g / max(1, ||g||)``, a steepest-descent step
+       of length at most 1 (so the first trial step has length at most ``lr``). If
+       ``d`` is not a descent direction (``g'd >= 0``, or not finite) the memory is
+       cleared and that scaled steepest-descent direction is used instead.
+    3. Backtracking line search (Nocedal & Wright Algorithm 3.1): the trial steps
+       ``t = lr, lr backtrack, lr backtrack^2, ...`` (at most ``max_backtracks``
+       reductions, so ``max_backtracks + 1`` trials) until the Armijo
+       (sufficient-decrease) condition::
+
+           f(x + t d) <= f(x) + c1 t g'd
+
+       holds. A trial whose loss or gradient is not finite is rejected. If no trial
+       is accepted, the parameters are returned unchanged, the memory is cleared
+       and ``failed_line_searches`` is incremented; the update never returns
+       non-finite parameters.
+    4. With the accepted point ``x+ = x + t d`` and the closure's gradient ``g+``
+       there, the pair ``s = x+ - x``, ``y = g+ - g`` is stored if
+       ``s'y > curvature_eps ||s|| ||y||`` (which keeps ``H`` positive definite;
+       the Armijo search alone does not guarantee ``s'y > 0``) and skipped
+       otherwise; only the newest ``memory`` pairs are kept.
+
+    The loss at x. The closure is evaluated afresh at the current parameters at the
+    start of every update (one closure call more than the trials), instead of
+    reusing the loss from the previous update's accepted point kept in the state.
+    In mini-batch training the closure is bound to the current batch, so the
+    previous value belongs to another objective; evaluating afresh is correct for
+    both full-batch and mini-batch training. The gradient used for ``d``, the Armijo
+    condition and ``y`` is the ``grads`` argument, which must be the gradient of the
+    closure's objective at ``params``.
+
+    Parameters
+    ----------
+    memory : int
+        Number of ``(s, y)`` pairs kept, ``>= 1``.
+    lr : float
+        First trial step length ``t``, finite and > 0 (1 is the natural step of a
+        quasi-Newton method).
+    c1 : float
+        Armijo constant, ``0 < c1 < 1``.
+    backtrack : float
+        Step reduction factor of the line search, ``0 < backtrack < 1``.
+    max_backtracks : int
+        Maximum number of step reductions per update, ``>= 0``.
+    curvature_eps : float
+        Relative curvature threshold for storing a pair, ``>= 0``.
+
+    Raises
+    ------
+    ValueError
+        For a hyper-parameter out of range; the message names it.
+
+    Notes
+    -----
+    Computations on the flat vectors (the two-loop recursion, ``g'd``) are done in
+    float64; the trial points, the stored pairs and the returned parameters have the
+    dtypes of the parameters. Everything is deterministic, and :meth:`state_dict` /
+    :meth:`load_state` round-trip the state exactly, so a resumed run continues bit
+    for bit. A state loaded into an optimiser with a smaller ``memory`` uses the
+    newest ``memory`` pairs.
+    """
+
+    memory: int = 10
+    lr: float = 1.0
+    c1: float = 1e-4
+    backtrack: float = 0.5
+    max_backtracks: int = 20
+    curvature_eps: float = 1e-10
+
+    name: ClassVar[str] = "lbfgs"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "memory", _integer("memory", self.memory, 1))
+        object.__setattr__(self, "lr", _positive("lr", self.lr))
+        object.__setattr__(self, "c1", _open_unit_interval("c1", self.c1))
+        object.__setattr__(self, "backtrack", _open_unit_interval("backtrack", self.backtrack))
+        object.__setattr__(self, "max_backtracks",
+                           _integer("max_backtracks", self.max_backtracks, 0))
+        object.__setattr__(self, "curvature_eps",
+                           _nonnegative("curvature_eps", self.curvature_eps))
+
+    def init(self, params: Mapping) -> LBFGSState:
+        """Initial state: step 0, no pairs, no gradient or loss yet, zero counters."""
+        layout = _Layout(params)
+        empty = np.zeros((0, layout.n), dtype=layout.dtype)
+        return LBFGSState(0, empty, empty.copy(), None, None, 0, 0)
+
+    def _check_state(self, state: LBFGSState, n: int) -> None:
+        s, y = np.asarray(state.s), np.asarray(state.y)
+        if s.ndim != 2 or s.shape != y.shape:
+            raise ValueError(f"the L-BFGS state has pairs of shapes s {s.shape} and y {y.shape}; "
+                             "expected two arrays of the same shape (n_pairs, n)")
+        if s.shape[1] != n:
+            raise ValueError(f"the L-BFGS state was made for {s.shape[1]} parameters but "
+                             f"params has {n}; was the state made for other parameters?")
+
+    @staticmethod
+    def _evaluate(closure: Closure, params: Mapping, candidate: dict[str, np.ndarray],
+                  layout: _Layout) -> tuple[float, np.ndarray]:
+        loss, grads = closure(_rebuild(params, candidate))
+        _check_pair(params, grads)
+        return float(loss), layout.flatten(grads)
+
+    def update(self, params: P, grads: Mapping, state: LBFGSState,
+               closure: Closure | None = None) -> tuple[P, LBFGSState]:
+        """One L-BFGS step with a line search; returns ``(new_params, new_state)``.
+
+        The inputs are not modified.
+
+        Parameters
+        ----------
+        params : Params or mapping of arrays
+            Current parameters ``x``.
+        grads : mapping of arrays
+            Gradient ``g`` of the closure's objective at ``params``, same keys and shapes.
+        state : LBFGSState
+            From :meth:`init` or the previous :meth:`update`.
+        closure : callable
+            ``closure(params) -> (loss, grads)``: the objective and its gradient at
+            other parameters (given as the same kind of container as ``params``).
+            Required.
+
+        Returns
+        -------
+        new_params : same type as ``params``
+            The accepted point, or a copy of ``params`` if the line search failed.
+        new_state : LBFGSState
+
+        Raises
+        ------
+        ValueError
+            If ``closure`` is missing, if ``grads`` (or a closure's gradient) does not
+            match ``params``, if the state was made for other parameters, or if the
+            loss at ``params`` or ``grads`` is not finite.
+        """
+        if closure is None:
+            raise ValueError("LBFGS needs closure=...: a callable closure(params) -> "
+                             "(loss, grads) evaluating the objective for its line search")
+        if not callable(closure):
+            raise ValueError(f"closure must be callable, got {type(closure).__name__}")
+        _check_pair(params, grads)
+        layout = _Layout(params)
+        self._check_state(state, layout.n)
+        x = layout.flatten(params)
+        g = layout.flatten(grads)
+        if not np.all(np.isfinite(g)):
+            raise ValueError("LBFGS got non-finite grads")
+        s_mem = np.asarray(state.s, dtype=layout.dtype)[-self.memory:]
+        y_mem = np.asarray(state.y, dtype=layout.dtype)[-self.memory:]
+
+        f0, _ = self._evaluate(closure, params, layout.unflatten(x), layout)
+        calls = 1
+        if not math.isfinite(f0):
+            raise ValueError(f"the closure returned a non-finite loss ({f0}) at the current "
+                             "parameters")
+
+        def finish(new_x: np.ndarray, s_new: np.ndarray, y_new: np.ndarray,
+                   grad: np.ndarray, loss: float, failed: int) -> tuple[Any, LBFGSState]:
+            new_state = LBFGSState(state.step + 1, s_new, y_new, grad, loss,
+                                   state.closure_calls + calls,
+                                   state.failed_line_searches + failed)
+            return _rebuild(params, layout.unflatten(new_x)), new_state
+
+        empty = np.zeros((0, layout.n), dtype=layout.dtype)
+        g64 = g.astype(np.float64)
+        if not np.any(g64):  # stationary point: nothing to do
+            return finish(x, s_mem, y_mem, g, f0, 0)
+
+        d = None
+        if s_mem.shape[0]:
+            d = -lbfgs_two_loop(g64, s_mem, y_mem)
+            gd = float(g64 @ d)
+            if not (math.isfinite(gd) and gd < 0 and np.all(np.isfinite(d))):
+                d, s_mem, y_mem = None, empty, empty.copy()
+        if d is None:
+            d = -g64 / max(1.0, float(np.linalg.norm(g64)))
+            gd = float(g64 @ d)
+
+        x64 = x.astype(np.float64)
+        t = self.lr
+        for _ in range(self.max_backtracks + 1):
+            candidate = layout.unflatten(x64 + t * d)
+            f_t, g_t = self._evaluate(closure, params, candidate, layout)
+            calls += 1
+            if (math.isfinite(f_t) and f_t <= f0 + self.c1 * t * gd
+                    and np.all(np.isfinite(g_t))):
+                break
+            t *= self.backtrack
+        else:
+            # no acceptable step: keep the parameters, forget the curvature pairs
+            return finish(x, empty, empty.copy(), g, f0, 1)
+
+        x_new = layout.flatten(candidate)  # the point actually taken (after rounding)
+        s_vec = x_new - x
+        y_vec = g_t - g
+        s64, y64 = s_vec.astype(np.float64), y_vec.astype(np.float64)
+        sy = float(s64 @ y64)
+        if sy > self.curvature_eps * float(np.linalg.norm(s64)) * float(np.linalg.norm(y64)):
+            s_mem = np.concatenate([s_mem, s_vec[None, :]])[-self.memory:]
+            y_mem = np.concatenate([y_mem, y_vec[None, :]])[-self.memory:]
+        return finish(x_new, s_mem, y_mem, g_t, f_t, 0)
+
+    def state_dict(self, state: LBFGSState) -> dict[str, Any]:
+        """Flat dict (copies): ``optimizer`` (``"lbfgs"``), ``step``, ``s``, ``y``,
+        ``closure_calls``, ``failed_line_searches``, and ``grad`` and ``loss`` once set."""
+        d: dict[str, Any] = {
+            "optimizer": self.name,
+            "step": np.int64(state.step),
+            "s": np.array(state.s, copy=True),
+            "y": np.array(state.y, copy=True),
+            "closure_calls": np.int64(state.closure_calls),
+            "failed_line_searches": np.int64(state.failed_line_searches),
+        }
+        if state.grad is not None:
+            d["grad"] = np.array(state.grad, copy=True)
+        if state.loss is not None:
+            d["loss"] = np.float64(state.loss)
+        return d
+
+    def load_state(self, d: Mapping[str, Any]) -> LBFGSState:
+        """Inverse of :meth:`state_dict` (also accepts what ``np.load`` returns)."""
+        _check_name(d, self.name)
+        for key in ("s", "y"):
+            if key not in d:
+                raise ValueError(f"optimiser state dict has no {key!r} entry")
+        s, y = np.array(d["s"], copy=True), np.array(d["y"], copy=True)
+        if s.ndim != 2 or s.shape != y.shape:
+            raise ValueError(f"the saved L-BFGS pairs have shapes s {s.shape} and y {y.shape}; "
+                             "expected two arrays of the same shape (n_pairs, n)")
+        grad = np.array(d["grad"], copy=True) if "grad" in d else None
+        if grad is not None and grad.shape != (s.shape[1],):
+            raise ValueError(f"the saved L-BFGS gradient has shape {grad.shape}, "
+                             f"expected ({s.shape[1]},)")
+        loss = float(_scalar(d, "loss")) if "loss" in d else None
+        return LBFGSState(int(_scalar(d, "step")), s, y, grad, loss,
+                          int(_scalar(d, "closure_calls")),
+                          int(_scalar(d, "failed_line_searches")))
+
+
 #: Optimisers by name, for the command line and for :func:`make_optimizer`.
-OPTIMISERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam}
+OPTIMISERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "lbfgs": LBFGS}
 
 
 def make_optimizer(name: str, **hyper: Any) -> Optimizer:
-    """Build an optimiser by name: ``make_optimizer("adam", lr=1e-3)``.
+    """Build an optimiser by name: ``make_optimizer("adam", lr=1e-3)``, ``make_optimizer("lbfgs")``.
 
     ``make_optimizer(**opt.config())`` rebuilds ``opt``.
 
