@@ -31,7 +31,7 @@ import numpy as np
 __all__ = ["DEFAULT_LR", "build_parser", "main"]
 
 #: Learning rate used when ``--lr`` is not given, per optimiser.
-DEFAULT_LR = {"adam": 3e-3, "sgd": 1e-2}
+DEFAULT_LR = {"adam": 3e-3, "sgd": 1e-2, "lbfgs": 1.0}
 
 PROG = "ptoc"
 
@@ -195,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ranks", type=_positive_int, default=1,
                    help="simultaneous: simulated ranks the layers are split over")
     g = t.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimiser")
+    g.add_argument("--optimizer", choices=("adam", "sgd", "lbfgs"), default="adam",
+                   help="optimiser (lbfgs: memory 10, Armijo backtracking from --lr; use it "
+                        "with --batch-size full, as Guenther et al.)")
     g.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default: "
                    + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")

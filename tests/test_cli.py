@@ -128,6 +128,16 @@ def test_simultaneous_training_from_the_command_line(tmp_path, capsys):
     assert (out / "model.npz").exists()
 
 
+def test_lbfgs_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--optimizer", "lbfgs", "--activation", "smoothrelu", "--depth", "8",
+                 "--epochs", "5", "--batch-size", "full", "--output", str(out), "-q"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    losses = [h["train_loss"] for h in history]
+    assert all(b <= a for a, b in zip(losses, losses[1:], strict=False))  # Armijo steps
+    assert losses[-1] < 0.8 * losses[0]
+
+
 def test_no_subcommand_is_an_error(capsys):
     assert main([]) == 2
     assert "error" in capsys.readouterr().err

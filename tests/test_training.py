@@ -136,13 +136,15 @@ def test_bad_hyperparameters_name_the_option(cls, kwargs, name):
 
 
 def test_registry_and_make_optimizer():
-    assert OPTIMISERS == {"sgd": SGD, "adam": Adam}
+    from ptoc.optim import LBFGS
+
+    assert OPTIMISERS == {"sgd": SGD, "adam": Adam, "lbfgs": LBFGS}
     opt = make_optimizer("adam", lr=1e-3)
     assert opt == Adam(lr=1e-3)
     assert make_optimizer(**opt.config()) == opt
     assert make_optimizer(**SGD(0.5, 0.9, True).config()) == SGD(0.5, 0.9, True)
-    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
-        make_optimizer("lbfgs")
+    with pytest.raises(ValueError, match="unknown optimizer 'bfgs'"):
+        make_optimizer("bfgs")
     with pytest.raises(ValueError, match="momentum"):
         make_optimizer("adam", momentum=0.9)
 
