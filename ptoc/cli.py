@@ -33,6 +33,16 @@ __all__ = ["DEFAULT_LR", "build_parser", "main"]
 #: Learning rate used when ``--lr`` is not given, per optimiser.
 DEFAULT_LR = {"adam": 3e-3, "sgd": 1e-2, "lbfgs": 1.0}
 
+#: ``ptoc train --method`` choices, with the line ``--method`` alone prints for each.
+METHODS = {
+    "serial": "exact gradients from the serial state and adjoint sweeps (the default)",
+    "simultaneous": "Guenther et al. 2020: each step runs only --mgrit-iterations MGRIT "
+                    "iterations per sweep, warm-started from the previous step",
+}
+
+#: Defaults of the options that only ``--method simultaneous`` reads.
+SIMULTANEOUS_DEFAULTS = {"mgrit_iterations": 2, "coarsening": 4, "ranks": 1}
+
 PROG = "ptoc"
 
 
@@ -188,11 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", nargs="?", const="list", default="serial",
                    choices=tuple(METHODS) + ("list",),
                    help="training method; '--method' alone lists them, one line each")
-    g.add_argument("--mgrit-iterations", type=_positive_int, default=2,
+    g.add_argument("--mgrit-iterations", type=_positive_int,
+                   default=SIMULTANEOUS_DEFAULTS["mgrit_iterations"],
                    help="simultaneous: MGRIT iterations per sweep and optimisation step")
-    g.add_argument("--coarsening", type=_positive_int, default=4,
+    g.add_argument("--coarsening", type=_positive_int,
+                   default=SIMULTANEOUS_DEFAULTS["coarsening"],
                    help="simultaneous: MGRIT coarsening factor m (>= 2)")
-    g.add_argument("--ranks", type=_positive_int, default=1,
+    g.add_argument("--ranks", type=_positive_int, default=SIMULTANEOUS_DEFAULTS["ranks"],
                    help="simultaneous: simulated ranks the layers are split over")
     g = t.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("adam", "sgd", "lbfgs"), default="adam",
@@ -243,21 +255,12 @@ def _default_output() -> Path:
     return out
 
 
-#: ``ptoc train --method`` choices, with the line ``--method`` alone prints for each.
-METHODS = {
-    "serial": "exact gradients from the serial state and adjoint sweeps (the default)",
-    "simultaneous": "Guenther et al. 2020: each step runs only --mgrit-iterations MGRIT "
-                    "iterations per sweep, warm-started from the previous step",
-}
-
-
 def _grad_fn(args: argparse.Namespace, network):
     """The ``grad_fn`` of ``--method`` (None for serial)."""
     if args.method == "serial":
-        for flag, value, default in (("--mgrit-iterations", args.mgrit_iterations, 2),
-                                     ("--coarsening", args.coarsening, 4),
-                                     ("--ranks", args.ranks, 1)):
-            if value != default:
+        for name, default in SIMULTANEOUS_DEFAULTS.items():
+            if getattr(args, name) != default:
+                flag = "--" + name.replace("_", "-")
                 raise _Error(f"argument {flag}: only applies to --method simultaneous")
         return None
     from ptoc.parallel import MGRIT

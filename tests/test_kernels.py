@@ -117,20 +117,30 @@ def test_cpu_matches_reference_for_random_shapes_and_chunks(S, d, h, act, seed, 
                - reference.hamiltonian(x, lam, K, b, h, c, chunk)) < 1e-12 * (1 + np.abs(x).sum())
 
 
-def test_cpu_gradient_is_independent_of_thread_count():
+def _thread_counts():
+    """Each Numba thread count from 1 to the maximum, set in turn (restored afterwards)."""
     import numba
 
-    rng = np.random.default_rng(3)
-    x, K, b, lam = _layer(rng, 257, 11)
-    results = []
-    for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
-        numba.set_num_threads(threads)
-        results.append(kernels.layer_adjoint_step(x, lam, K, b, 0.1, "tanh",
-                                                  accumulate_grad=True))
-    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    try:
+        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(threads)
+            yield threads
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def _assert_all_bitwise_equal(results):
     for r in results[1:]:
         for a, c in zip(r, results[0], strict=True):
             assert np.array_equal(a, c)
+
+
+def test_cpu_gradient_is_independent_of_thread_count():
+    rng = np.random.default_rng(3)
+    x, K, b, lam = _layer(rng, 257, 11)
+    _assert_all_bitwise_equal([
+        kernels.layer_adjoint_step(x, lam, K, b, 0.1, "tanh", accumulate_grad=True)
+        for _ in _thread_counts()])
 
 
 def test_stored_derivative_gives_the_same_adjoint():
@@ -307,24 +317,16 @@ def test_cpu_sweeps_match_reference(S, d, N, act, seed, chunk, store, lanes, par
 
 @pytest.mark.parametrize("S, d, N, chunk", [(203, 13, 5, 16), (257, 8, 3, 32), (64, 5, 4, 1)])
 def test_cpu_sweeps_are_bitwise_independent_of_threads_and_work_split(S, d, N, chunk):
-    import numba
-
     rng = np.random.default_rng(8)
     X, K, b, lam = _deep(rng, S, d, N)
     cpu = kernels.backend("cpu")
     results = []
-    try:
-        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
-            numba.set_num_threads(threads)
-            for lanes, min_lanes in ((1, 1), (32, 1), (32, 16), (128, 16)):
-                for partial_bytes in (1, 1 << 20):
-                    with _cpu_settings(lanes, partial_bytes, min_lanes):
-                        results.append(_sweeps(cpu, X, K, b, 0.3, 0, lam, chunk))
-    finally:
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    for r in results[1:]:
-        for a, c in zip(r, results[0], strict=True):
-            assert np.array_equal(a, c)
+    for _ in _thread_counts():
+        for lanes, min_lanes in ((1, 1), (32, 1), (32, 16), (128, 16)):
+            for partial_bytes in (1, 1 << 20):
+                with _cpu_settings(lanes, partial_bytes, min_lanes):
+                    results.append(_sweeps(cpu, X, K, b, 0.3, 0, lam, chunk))
+    _assert_all_bitwise_equal(results)
 
 
 def _level_problem(rng, S, d, n, dtype=np.float64):
@@ -394,31 +396,23 @@ def test_cpu_level_kernels_are_bitwise_independent_of_threads_and_work_split(S, 
     # the work-item width of these kernels depends on the number of runs (a serial
     # coarse sweep splits its batch, a relaxation with many runs does not): the same
     # position must come out the same either way
-    import numba
-
     rng = np.random.default_rng(11)
     u, g, K, b, dt, X = _level_problem(rng, S, d, 7)
     starts, ends, points = np.array([1, 5], np.int64), np.array([3, 6], np.int64), \
         np.arange(1, 7)
     cpu = kernels.backend("cpu")
     results = []
-    try:
-        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
-            numba.set_num_threads(threads)
-            for lanes, min_lanes in ((1, 1), (8, 1), (32, 16), (128, 16), (128, 128)):
-                with _cpu_settings(lanes, 1 << 20, min_lanes):
-                    results.append(_level_calls(cpu, u, g, K, b, dt, X, 0, starts, ends,
-                                                points, chunk))
-                    # one run at a time (the narrowest work items) gives the same bits
-                    one = u.copy()
-                    for s, e in zip(starts, ends, strict=True):
-                        cpu.state_runs(one, g, K, b, dt, 0, [s], [e], chunk)
-                    assert np.array_equal(one, results[-1][2])
-    finally:
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    for r in results[1:]:
-        for a, c in zip(r, results[0], strict=True):
-            assert np.array_equal(a, c)
+    for _ in _thread_counts():
+        for lanes, min_lanes in ((1, 1), (8, 1), (32, 16), (128, 16), (128, 128)):
+            with _cpu_settings(lanes, 1 << 20, min_lanes):
+                results.append(_level_calls(cpu, u, g, K, b, dt, X, 0, starts, ends,
+                                            points, chunk))
+                # one run at a time (the narrowest work items) gives the same bits
+                one = u.copy()
+                for s, e in zip(starts, ends, strict=True):
+                    cpu.state_runs(one, g, K, b, dt, 0, [s], [e], chunk)
+                assert np.array_equal(one, results[-1][2])
+    _assert_all_bitwise_equal(results)
 
 
 def test_cpu_sweeps_in_float32():
