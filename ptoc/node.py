@@ -1,0 +1,1089 @@
+"""Parareal neural ODE (Lorin): the continuous-depth network solved parallel in time.
+
+Reference: E. Lorin, "Derivation and analysis of parallel-in-time neural ordinary
+differential equations" (the *parareal neural ODE*), Ann. Math. Artif. Intell. 88
+(2020) 1035-1059, doi:10.1007/s10472-020-09702-6. ``DESIGN.md`` sections 1-2 give the
+network, the loss and the adjoint; section 4 (last item) the parareal neural ODE.
+
+The model
+---------
+The residual layers of a :class:`ptoc.ResNet` are read as the ODE (Lorin; ``DESIGN.md`` section 4)::
+
+    x'(t) = sigma(K(t) x(t) + b(t)),   t in [0, T],   x(0) = x_0,
+
+with piecewise-constant weights ``K(t) = K_n``, ``b(t) = b_n`` on the *piece*
+``[t_n, t_{n+1})``, ``t_n = n h``, ``h = T/N``, taken from the network's parameters. The
+opening layer ``x_0 = sigma(K_in y + b_in)`` (or the identity), the classifier
+``z = W x(T) + mu`` with its batch-mean cross-entropy ``Phi`` and the regulariser ``R`` are
+those of the ResNet, so ``J = Phi(x_T) + R`` (``DESIGN.md`` section 1) with ``x_T`` the
+numerical solution at ``T``.
+
+Fine schemes
+------------
+Every piece is integrated with ``m = substeps`` steps of size ``tau = h/m`` of an explicit
+Runge-Kutta scheme (:class:`Scheme`) with Butcher coefficients ``A``, ``w``; on piece
+``n`` the right-hand side is ``f_n(x) = sigma(K_n x + b_n)`` and one step is::
+
+    X_i = x + tau sum_{j<i} A_ij k_j,   a_i = K_n X_i + b_n,   k_i = sigma(a_i),
+    x_+ = x + tau sum_i w_i k_i.
+
+Euler (``w = (1)``), Heun (``A_21 = 1``, ``w = (1/2, 1/2)``) and the classical RK4
+(``A_21 = A_32 = 1/2``, ``A_43 = 1``, ``w = (1/6, 1/3, 1/3, 1/6)``) have orders 1, 2, 4.
+Euler with one substep is the ResNet layer ``x_{n+1} = x_n + h sigma(K_n x_n + b_n)``.
+
+Parareal with an order-raising fine solver
+------------------------------------------
+The pieces are split into ``P`` contiguous chunks ``[p_j, p_{j+1})`` (Lorin). The
+coarse propagator ``G_j`` is forward Euler with one step per piece of the chunk (or one
+step of size ``(p_{j+1} - p_j) h`` with the weights of piece ``p_j``); the fine
+propagator ``F_j^{(k)}`` runs the scheme ``s_k`` of the *schedule* over the chunk's
+pieces. With ``U_0 = x_0`` and ``U_{j+1}^0 = G_j(U_j^0)``, iteration ``k = 1, 2, ...``::
+
+    U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1})),
+
+written in this order so that an unchanged ``U_j`` gives ``F_j`` exactly. The fine
+solves of one iteration are independent (parallel over chunks); the update is a
+sequential pipeline of cheap coarse steps. Lorin's point: while the coarse error
+dominates, the fine solver need not be accurate, so the schedule raises its order
+over the iterations (e.g. Euler, Heun, then RK4), cutting the right-hand-side
+evaluations spent before parareal has converged to the final scheme's solution.
+
+Gradient
+--------
+The gradient is the exact reverse-mode adjoint of the discrete scheme (``DESIGN.md``
+section 2, applied stage by stage): with ``bar k_i = tau w_i lambda_+`` and, for
+``i = s..1``, ``bar a_i = sigma'(a_i) * bar k_i``,
+``dJ/dK_n += sum_s bar a_i X_i^T``, ``dJ/db_n += sum_s bar a_i``,
+``bar X_i = K_n^T bar a_i``, ``lambda += bar X_i``, ``bar k_j += tau A_ij bar X_i``
+(``j < i``), starting from ``lambda = lambda_+``. The stages are recomputed from the
+stored state of every substep. For Euler with one substep this is the ResNet's
+adjoint ``lambda_n = lambda_{n+1} + h K_n^T (sigma'(a_n) * lambda_{n+1})``.
+
+Everything here is vectorised NumPy over the batch (a readable reference, no Numba).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._options import parse_option
+from ._validate import check_inputs
+from .activations import Activation, dsigma, sigma
+from .model import Params, ResNet
+from .objective import (
+    add_regulariser_grad,
+    classifier_loss,
+    opening_backward,
+    opening_forward,
+    regulariser,
+)
+from .parallel.options import DivergenceError
+
+__all__ = [
+    "NODECoarse",
+    "NODEDivergenceError",
+    "NODEParareal",
+    "NODESolution",
+    "NODEStepRecord",
+    "NeuralODEGradient",
+    "Scheme",
+    "node_forward",
+    "node_loss",
+    "node_loss_and_grad",
+    "node_solve",
+    "node_step",
+    "node_step_adjoint",
+    "node_step_tangent",
+]
+
+
+# ----------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------
+
+
+class Scheme(str, enum.Enum):
+    """Explicit Runge-Kutta scheme of the fine solver (Lorin, "Parareal neural ODE").
+
+    One step of size ``tau`` on a piece with weights ``K, b`` (``DESIGN.md`` section 4)::
+
+        X_i = x + tau sum_{j<i} A_ij k_j,  k_i = sigma(K X_i + b),  x_+ = x + tau sum_i w_i k_i
+
+    ``EULER``
+        Forward Euler, order 1, one right-hand-side evaluation per step.
+    ``HEUN``
+        Heun's method (explicit trapezoidal rule), order 2, two evaluations.
+    ``RK4``
+        The classical fourth-order Runge-Kutta method, four evaluations.
+    """
+
+    EULER = "euler"
+    HEUN = "heun"
+    RK4 = "rk4"
+
+    @classmethod
+    def parse(cls, value: Scheme | str) -> Scheme:
+        """The member named by ``value`` (``"euler"``, ``"heun"``, ``"rk4"``, any case).
+
+        Raises ``ValueError`` naming the valid choices otherwise.
+        """
+        return parse_option(cls, value, "ODE scheme")
+
+    @property
+    def stages(self) -> int:
+        """Right-hand-side evaluations per step."""
+        return len(_TABLEAUS[self][1])
+
+    @property
+    def order(self) -> int:
+        """Classical order of accuracy."""
+        return _ORDERS[self]
+
+
+#: Butcher coefficients ``(A rows, weights w)`` of each scheme; row ``i`` of ``A`` holds
+#: ``A_ij`` for ``j < i``.
+_TABLEAUS: dict[Scheme, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]] = {
+    Scheme.EULER: (((),), (1.0,)),
+    Scheme.HEUN: (((), (1.0,)), (0.5, 0.5)),
+    Scheme.RK4: (((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
+                 (1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0)),
+}
+_ORDERS = {Scheme.EULER: 1, Scheme.HEUN: 2, Scheme.RK4: 4}
+
+
+class NODECoarse(str, enum.Enum):
+    """Coarse propagator ``G_j`` of the parareal neural ODE (Lorin; ``DESIGN.md`` section 4).
+
+    Both are forward Euler:
+
+    ``PIECE``
+        One Euler step of size ``h`` per piece of the chunk, with that piece's weights:
+        ``x <- x + h sigma(K_n x + b_n)``, ``n = p_j .. p_{j+1}-1`` (the ResNet's layers).
+    ``CHUNK``
+        One Euler step for the whole chunk with the weights of its first piece:
+        ``x <- x + (p_{j+1} - p_j) h sigma(K_{p_j} x + b_{p_j})``.
+    """
+
+    PIECE = "piece"
+    CHUNK = "chunk"
+
+    @classmethod
+    def parse(cls, value: NODECoarse | str) -> NODECoarse:
+        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
+        return parse_option(cls, value, "coarse propagator")
+
+
+class NODEDivergenceError(DivergenceError):
+    """The parareal neural ODE diverged: a non-finite or unboundedly growing iterate.
+
+    A subclass of :class:`ptoc.parallel.DivergenceError`; the message names the
+    iteration (0 is the initial coarse sweep).
+    """
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_float(name: str, value: object) -> float:
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class NODEParareal:
+    """Options of the parareal neural ODE solve (Lorin; ``DESIGN.md`` section 4).
+
+    Lorin, "Parareal neural ODE" (module docstring for the full reference).
+
+    Iteration ``k >= 1`` computes
+    ``U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1}))`` from the coarse
+    sweep ``U_{j+1}^0 = G_j(U_j^0)``, ``U_0 = x_0`` (module docstring), where ``F_j^{(k)}``
+    uses the scheme ``schedule[min(k, len(schedule)) - 1]``: the schedule's entries in
+    order, then its last entry for all later iterations.
+
+    Parameters
+    ----------
+    chunks : int or sequence of int
+        The number of chunks ``P`` (``1 <= P <= N``; sizes as ``numpy.array_split``: the
+        first ``N mod P`` chunks get one piece more), or the number of pieces of every
+        chunk (positive, summing to ``N``; uneven chunks allowed).
+    schedule : Scheme, str or sequence of them
+        Fine scheme of each iteration, e.g. ``("euler", "heun", "rk4")`` (Lorin's
+        order-raising schedule) or ``("rk4",)`` (a fixed fine solver, the default).
+    max_iterations : int, optional
+        Most parareal iterations (0: the coarse sweep only). Default
+        ``len(schedule) - 1 + P``, after which the iterate equals the serial solve with
+        the schedule's last scheme exactly.
+    tol : float
+        Stop when ``max |U^k - U^{k-1}|`` (max-norm over all boundaries, samples and
+        features) is at most ``tol``; tested only at iterations that use the schedule's
+        last scheme. The solve also stops, exactly converged, once the last ``P``
+        iterations used the same scheme (then every boundary is exact).
+    coarse : NODECoarse or str
+        ``"piece"`` (one Euler step per piece, default) or ``"chunk"`` (one per chunk).
+    divergence_factor : float
+        Raise :class:`NODEDivergenceError` when a boundary update exceeds this multiple
+        of the first non-zero one (an iterate growing without bound). A non-finite
+        iterate always raises it.
+
+    Raises
+    ------
+    ValueError
+        For a bad chunk count or size, an empty schedule or an unknown scheme, a
+        negative ``max_iterations``, or a ``tol`` or ``divergence_factor`` that is not
+        positive and finite. ``P > N`` is detected when the network is known.
+    """
+
+    chunks: int | tuple[int, ...]
+    schedule: tuple[Scheme, ...] = (Scheme.RK4,)
+    max_iterations: int | None = None
+    tol: float = 1e-10
+    coarse: NODECoarse = NODECoarse.PIECE
+    divergence_factor: float = 1e6
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if isinstance(self.chunks, Sequence) and not isinstance(self.chunks, str):
+            sizes = tuple(_positive_int("every chunk size in NODEParareal chunks", c)
+                          for c in self.chunks)
+            if not sizes:
+                raise ValueError("NODEParareal chunks must be a positive integer or a "
+                                 "non-empty sequence of chunk sizes, got ()")
+            set_(self, "chunks", sizes)
+        else:
+            set_(self, "chunks", _positive_int("NODEParareal chunks", self.chunks))
+        schedule = self.schedule
+        if isinstance(schedule, (str, Scheme)):
+            schedule = (schedule,)
+        try:
+            schedule = tuple(schedule)
+        except TypeError:
+            raise ValueError(f"NODEParareal schedule must be a sequence of schemes, got "
+                             f"{self.schedule!r}") from None
+        if not schedule:
+            raise ValueError("NODEParareal schedule is empty: give at least one fine scheme, "
+                             "e.g. ('rk4',) or ('euler', 'heun', 'rk4')")
+        set_(self, "schedule", tuple(Scheme.parse(s) for s in schedule))
+        if self.max_iterations is not None:
+            m = self.max_iterations
+            if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
+                raise ValueError(f"NODEParareal max_iterations must be an integer >= 0, "
+                                 f"got {m!r}")
+            set_(self, "max_iterations", int(m))
+        set_(self, "tol", _positive_float("NODEParareal tol", self.tol))
+        set_(self, "coarse", NODECoarse.parse(self.coarse))
+        set_(self, "divergence_factor",
+             _positive_float("NODEParareal divergence_factor", self.divergence_factor))
+
+    @property
+    def final_scheme(self) -> Scheme:
+        """The schedule's last scheme: the one whose solution parareal converges to."""
+        return self.schedule[-1]
+
+    def scheme_at(self, k: int) -> Scheme:
+        """Fine scheme of iteration ``k >= 1``."""
+        return self.schedule[min(k, len(self.schedule)) - 1]
+
+    def chunk_bounds(self, n_pieces: int) -> np.ndarray:
+        """Piece bounds ``p_0 = 0 < p_1 < ... < p_P = N`` of the chunks.
+
+        Raises ``ValueError`` when there are more chunks than pieces or the chunk sizes
+        do not sum to ``n_pieces``.
+        """
+        if isinstance(self.chunks, tuple):
+            if sum(self.chunks) != n_pieces:
+                raise ValueError(f"NODEParareal chunk sizes {self.chunks} sum to "
+                                 f"{sum(self.chunks)}, but the network has N={n_pieces} pieces")
+            sizes = np.array(self.chunks, dtype=np.int64)
+        else:
+            P = self.chunks
+            if P > n_pieces:
+                raise ValueError(f"NODEParareal chunks P={P} exceeds the N={n_pieces} pieces "
+                                 "of the network: every chunk needs at least one piece")
+            sizes = np.full(P, n_pieces // P, dtype=np.int64)
+            sizes[: n_pieces % P] += 1
+        return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def iterations_for(self, n_chunks: int) -> int:
+        """The iteration budget: ``max_iterations``, or ``len(schedule) - 1 + P``."""
+        if self.max_iterations is not None:
+            return self.max_iterations
+        return len(self.schedule) - 1 + n_chunks
+
+
+# ----------------------------------------------------------------------------------------
+# One step: forward, tangent-linear and adjoint
+# ----------------------------------------------------------------------------------------
+
+
+def _stages(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float, scheme: Scheme,
+            act: Activation) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Stage inputs ``X_i``, pre-activations ``a_i`` and slopes ``k_i`` of one step."""
+    A, _ = _TABLEAUS[scheme]
+    Xs: list[np.ndarray] = []
+    As: list[np.ndarray] = []
+    ks: list[np.ndarray] = []
+    for row in A:
+        Xi = x
+        terms = [(aij, ks[j]) for j, aij in enumerate(row) if aij]
+        if terms:
+            inc = terms[0][0] * terms[0][1]
+            for aij, kj in terms[1:]:
+                inc = inc + aij * kj
+            Xi = x + tau * inc
+        ai = Xi @ K.T + b
+        Xs.append(Xi)
+        As.append(ai)
+        ks.append(sigma(ai, act))
+    return Xs, As, ks
+
+
+def _combine(x: np.ndarray, tau: float, weights: tuple[float, ...],
+             ks: list[np.ndarray]) -> np.ndarray:
+    """``x + tau sum_i w_i k_i``."""
+    inc = weights[0] * ks[0]
+    for w, k in zip(weights[1:], ks[1:], strict=True):
+        inc = inc + w * k
+    return x + tau * inc
+
+
+def _step(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float, scheme: Scheme,
+          act: Activation) -> np.ndarray:
+    ks = _stages(x, K, b, tau, scheme, act)[2]
+    return _combine(x, tau, _TABLEAUS[scheme][1], ks)
+
+
+def _check_step_args(x, K, b, tau, scheme, activation):
+    scheme = Scheme.parse(scheme)
+    act = Activation.parse(activation)
+    x, K, b = np.asarray(x), np.asarray(K), np.asarray(b)
+    if x.ndim != 2:
+        raise ValueError(f"x must be a 2-D array (batch, d), got shape {x.shape}")
+    d = x.shape[1]
+    if K.shape != (d, d):
+        raise ValueError(f"K has shape {K.shape}, expected {(d, d)} for x of shape {x.shape}")
+    if b.shape != (d,):
+        raise ValueError(f"b has shape {b.shape}, expected {(d,)} for x of shape {x.shape}")
+    tau = float(tau)
+    if not math.isfinite(tau):
+        raise ValueError(f"tau must be finite, got {tau!r}")
+    return x, K, b, tau, scheme, act
+
+
+def node_step(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
+              scheme: Scheme | str, activation: Activation | str) -> np.ndarray:
+    """One explicit Runge-Kutta step of ``x' = sigma(K x + b)`` for a batch of states.
+
+    Implements (module docstring; Lorin, "Parareal neural ODE";
+    ``DESIGN.md`` section 4)::
+
+        X_i = x + tau sum_{j<i} A_ij k_j,   k_i = sigma(K X_i + b),   x_+ = x + tau sum_i w_i k_i
+
+    Parameters
+    ----------
+    x : ndarray (S, d)
+        States, one sample per row.
+    K : ndarray (d, d)
+    b : ndarray (d,)
+    tau : float
+        Step size.
+    scheme : Scheme or str
+    activation : Activation or str
+
+    Returns
+    -------
+    ndarray (S, d)
+        ``x_+``.
+    """
+    x, K, b, tau, scheme, act = _check_step_args(x, K, b, tau, scheme, activation)
+    return _step(x, K, b, tau, scheme, act)
+
+
+def node_step_tangent(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
+                      scheme: Scheme | str, activation: Activation | str, dx: np.ndarray,
+                      dK: np.ndarray, db: np.ndarray) -> np.ndarray:
+    """Tangent-linear (forward-mode) derivative of :func:`node_step` in direction ``(dx, dK, db)``.
+
+    Differentiates the stages of the module docstring (Lorin, "Parareal neural ODE";
+    ``DESIGN.md`` section 2)::
+
+        dX_i = dx + tau sum_{j<i} A_ij dk_j
+        da_i = K dX_i + dK X_i + db,       dk_i = sigma'(a_i) * da_i
+        dx_+ = dx + tau sum_i w_i dk_i
+
+    Returns
+    -------
+    ndarray (S, d)
+        ``dx_+``.
+    """
+    x, K, b, tau, scheme, act = _check_step_args(x, K, b, tau, scheme, activation)
+    dx, dK, db = np.asarray(dx), np.asarray(dK), np.asarray(db)
+    if dx.shape != x.shape or dK.shape != K.shape or db.shape != b.shape:
+        raise ValueError("the direction (dx, dK, db) must have the shapes of (x, K, b)")
+    A, w = _TABLEAUS[scheme]
+    Xs, As, _ = _stages(x, K, b, tau, scheme, act)
+    dks: list[np.ndarray] = []
+    for i, row in enumerate(A):
+        dXi = dx
+        for j, aij in enumerate(row):
+            if aij:
+                dXi = dXi + (tau * aij) * dks[j]
+        dai = dXi @ K.T + Xs[i] @ dK.T + db
+        dks.append(dsigma(As[i], act) * dai)
+    return _combine(dx, tau, w, dks)
+
+
+def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
+                  scheme: Scheme, act: Activation, gK: np.ndarray,
+                  gb: np.ndarray) -> np.ndarray:
+    """Reverse-mode adjoint of one step; adds to ``gK``, ``gb`` and returns ``lambda``."""
+    A, w = _TABLEAUS[scheme]
+    Xs, As, _ = _stages(x, K, b, tau, scheme, act)
+    kbar: list[np.ndarray | None] = [(tau * wi) * lam if wi else None for wi in w]
+    lam_in = lam
+    for i in range(len(w) - 1, -1, -1):
+        ki = kbar[i]
+        if ki is None:
+            continue
+        abar = dsigma(As[i], act) * ki
+        gK += abar.T @ Xs[i]
+        gb += abar.sum(axis=0)
+        Xbar = abar @ K
+        lam_in = lam_in + Xbar
+        for j, aij in enumerate(A[i]):
+            if aij:
+                contrib = (tau * aij) * Xbar
+                kbar[j] = contrib if kbar[j] is None else kbar[j] + contrib
+    return lam_in
+
+
+def node_step_adjoint(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
+                      scheme: Scheme | str, activation: Activation | str,
+                      lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact reverse-mode adjoint of :func:`node_step` (the transpose of :func:`node_step_tangent`).
+
+    With ``lambda_+ = lam`` the sensitivity of ``J`` to ``x_+`` (Lorin, "Parareal neural
+    ODE"; ``DESIGN.md`` section 2, stage by stage)::
+
+        bar k_i = tau w_i lambda_+;   for i = s..1:
+            bar a_i = sigma'(a_i) * bar k_i
+            dJ/dK += sum_s bar a_i X_i^T,   dJ/db += sum_s bar a_i
+            bar X_i = K^T bar a_i,   lambda += bar X_i,   bar k_j += tau A_ij bar X_i (j < i)
+
+    starting from ``lambda = lambda_+``. So ``<lam, T(dx, dK, db)> = <lambda, dx> +
+    <gK, dK> + <gb, db>`` for the tangent map ``T``.
+
+    Returns
+    -------
+    lambda : ndarray (S, d)
+        Sensitivity to ``x``.
+    gK : ndarray (d, d)
+    gb : ndarray (d,)
+    """
+    x, K, b, tau, scheme, act = _check_step_args(x, K, b, tau, scheme, activation)
+    lam = np.asarray(lam)
+    if lam.shape != x.shape:
+        raise ValueError(f"lam has shape {lam.shape}, expected {x.shape}")
+    dt = np.result_type(x, K, b, lam)
+    gK = np.zeros(K.shape, dt)
+    gb = np.zeros(b.shape, dt)
+    lam0 = _step_adjoint(x, lam, K, b, tau, scheme, act, gK, gb)
+    return lam0, gK, gb
+
+
+# ----------------------------------------------------------------------------------------
+# Chunk solves
+# ----------------------------------------------------------------------------------------
+
+
+def _fine_trajectory(x0: np.ndarray, K: np.ndarray, b: np.ndarray, h: float, m: int,
+                     scheme: Scheme, act: Activation) -> np.ndarray:
+    """All substep states of ``scheme`` over pieces ``K, b`` from ``x0``: (L m + 1, S, d)."""
+    L = K.shape[0]
+    out = np.empty((L * m + 1,) + x0.shape, x0.dtype)
+    out[0] = x0
+    tau = h / m
+    x = x0
+    r = 0
+    for n in range(L):
+        for _ in range(m):
+            x = _step(x, K[n], b[n], tau, scheme, act)
+            r += 1
+            out[r] = x
+    return out
+
+
+def _coarse(x: np.ndarray, K: np.ndarray, b: np.ndarray, h: float, coarse: NODECoarse,
+            act: Activation) -> tuple[np.ndarray, int]:
+    """``G_j(x)`` over pieces ``K, b`` and the number of Euler steps it took."""
+    if coarse is NODECoarse.CHUNK:
+        H = K.shape[0] * h
+        return x + H * sigma(x @ K[0].T + b[0], act), 1
+    for n in range(K.shape[0]):
+        x = x + h * sigma(x @ K[n].T + b[n], act)
+    return x, K.shape[0]
+
+
+def _adjoint_trajectory(traj: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray,
+                        h: float, m: int, scheme: Scheme, act: Activation, gK: np.ndarray,
+                        gb: np.ndarray) -> np.ndarray:
+    """Adjoint of :func:`_fine_trajectory` from ``lambda`` at its end; returns it at its start."""
+    tau = h / m
+    for n in range(K.shape[0] - 1, -1, -1):
+        for q in range(m - 1, -1, -1):
+            lam = _step_adjoint(traj[n * m + q], lam, K[n], b[n], tau, scheme, act, gK[n],
+                                gb[n])
+    return lam
+
+
+# ----------------------------------------------------------------------------------------
+# The solve and its record
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class NODESolution:
+    """A neural-ODE solve (serial or parareal) and its cost and convergence record.
+
+    Lorin, "Parareal neural ODE"; ``DESIGN.md`` section 4. The boundary values ``U_j``
+    are those of ``U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1}))``.
+
+    Attributes
+    ----------
+    scheme : Scheme
+        Scheme of the returned trajectories (the schedule's last one for parareal).
+    substeps : int
+        Steps per piece ``m``.
+    bounds : ndarray (P+1,)
+        Piece bounds of the chunks (``[0, N]`` for a serial solve).
+    trajectories : list of ndarray
+        Chunk ``j``'s fine trajectory ``F_j(U_j)`` from the final boundary value ``U_j``,
+        all substep states, shape ((p_{j+1} - p_j) m + 1, S, d). The gradient is the
+        adjoint of these trajectories.
+    boundaries : ndarray (P+1, S, d)
+        Final parareal iterate ``U^K`` (serial: the states at the chunk bounds).
+    iterations : int
+        Parareal iterations done (0 for a serial solve).
+    converged : bool
+        Serial: True. Parareal: the boundary update fell to ``tol`` or the iterate is
+        exact (the last ``P`` iterations used the same scheme).
+    changes : list of float
+        ``max |U^k - U^{k-1}|`` after each iteration ``k = 1..K``.
+    schemes : list of Scheme
+        Fine scheme of each iteration.
+    fine_steps, fine_steps_critical : list of int
+        Fine (sub)steps of each iteration over all chunks, and the most of any one chunk
+        (the critical path when every chunk has its own processor). A chunk whose input
+        and scheme have not changed since its last fine solve is not solved again.
+    rhs_evaluations, rhs_evaluations_critical : list of int
+        Right-hand-side evaluations ``sigma(K X + b)`` of the fine solves, the same way.
+    coarse_steps : list of int
+        Coarse Euler steps of the initial coarse sweep (entry 0) and of each iteration.
+    final_fine_steps, final_fine_steps_critical : int
+        Fine steps of the final sweep that produces :attr:`trajectories` (serial: all).
+    final_rhs_evaluations, final_rhs_evaluations_critical : int
+    iterates : list of ndarray or None
+        ``U^0, U^1, ..., U^K`` when requested (``keep_iterates=True``).
+    """
+
+    scheme: Scheme
+    substeps: int
+    bounds: np.ndarray
+    trajectories: list[np.ndarray]
+    boundaries: np.ndarray
+    iterations: int = 0
+    converged: bool = True
+    changes: list[float] = field(default_factory=list)
+    schemes: list[Scheme] = field(default_factory=list)
+    fine_steps: list[int] = field(default_factory=list)
+    fine_steps_critical: list[int] = field(default_factory=list)
+    rhs_evaluations: list[int] = field(default_factory=list)
+    rhs_evaluations_critical: list[int] = field(default_factory=list)
+    coarse_steps: list[int] = field(default_factory=list)
+    final_fine_steps: int = 0
+    final_fine_steps_critical: int = 0
+    final_rhs_evaluations: int = 0
+    final_rhs_evaluations_critical: int = 0
+    iterates: list[np.ndarray] | None = None
+
+    @property
+    def final_state(self) -> np.ndarray:
+        """``x_T`` (S, d): the end of the last chunk's trajectory."""
+        return self.trajectories[-1][-1]
+
+    @property
+    def states(self) -> np.ndarray:
+        """All substep states, (N m + 1, S, d); chunk ``j`` starts at its ``U_j``.
+
+        Row ``n m + q`` is the state after ``q`` substeps of piece ``n``. After a
+        parareal solve that has not converged, the end of chunk ``j - 1``'s trajectory
+        (not stored here) differs from ``U_j``.
+        """
+        if len(self.trajectories) == 1:
+            return self.trajectories[0]
+        parts = [t[:-1] for t in self.trajectories[:-1]] + [self.trajectories[-1]]
+        return np.concatenate(parts, axis=0)
+
+    @property
+    def total_fine_steps(self) -> int:
+        """Fine steps of all iterations and the final sweep, over all chunks."""
+        return int(sum(self.fine_steps) + self.final_fine_steps)
+
+    @property
+    def critical_fine_steps(self) -> int:
+        """Fine steps on the critical path (per iteration the largest chunk), summed."""
+        return int(sum(self.fine_steps_critical) + self.final_fine_steps_critical)
+
+    @property
+    def total_rhs_evaluations(self) -> int:
+        """Right-hand-side evaluations of all fine solves."""
+        return int(sum(self.rhs_evaluations) + self.final_rhs_evaluations)
+
+    @property
+    def critical_rhs_evaluations(self) -> int:
+        """Right-hand-side evaluations on the critical path."""
+        return int(sum(self.rhs_evaluations_critical) + self.final_rhs_evaluations_critical)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record without the arrays (JSON-ready)."""
+        return {
+            "scheme": self.scheme.value, "substeps": self.substeps,
+            "chunks": [int(v) for v in np.diff(self.bounds)],
+            "iterations": self.iterations, "converged": self.converged,
+            "changes": list(self.changes), "schemes": [s.value for s in self.schemes],
+            "fine_steps": list(self.fine_steps),
+            "fine_steps_critical": list(self.fine_steps_critical),
+            "rhs_evaluations": list(self.rhs_evaluations),
+            "rhs_evaluations_critical": list(self.rhs_evaluations_critical),
+            "coarse_steps": list(self.coarse_steps),
+            "final_fine_steps": self.final_fine_steps,
+            "final_fine_steps_critical": self.final_fine_steps_critical,
+            "final_rhs_evaluations": self.final_rhs_evaluations,
+            "final_rhs_evaluations_critical": self.final_rhs_evaluations_critical,
+        }
+
+
+@dataclass
+class _Options:
+    scheme: Scheme
+    substeps: int
+    parareal: NODEParareal | None
+    bounds: np.ndarray
+
+
+def _resolve(network: ResNet, scheme: Scheme | str | None, substeps: int,
+             parareal: NODEParareal | None) -> _Options:
+    """Check the solve options against ``network`` (before any heavy work)."""
+    if not isinstance(network, ResNet):
+        raise TypeError(f"network must be a ptoc.ResNet, got {type(network).__name__}")
+    m = _positive_int("substeps", substeps)
+    if parareal is not None and not isinstance(parareal, NODEParareal):
+        raise TypeError(f"parareal must be None or a ptoc.node.NODEParareal, got "
+                        f"{type(parareal).__name__}")
+    s = None if scheme is None else Scheme.parse(scheme)
+    if parareal is None:
+        return _Options(s or Scheme.RK4, m, None, np.array([0, network.depth], np.int64))
+    if s is not None and s is not parareal.final_scheme:
+        raise ValueError(f"scheme {s.value!r} conflicts with the parareal schedule, whose last "
+                         f"scheme is {parareal.final_scheme.value!r}; leave scheme=None or "
+                         "end the schedule with it")
+    return _Options(parareal.final_scheme, m, parareal, parareal.chunk_bounds(network.depth))
+
+
+def _check_x0(network: ResNet, x0: Any) -> np.ndarray:
+    x0 = np.asarray(x0)
+    if x0.ndim != 2 or x0.shape[1] != network.width or x0.shape[0] == 0:
+        raise ValueError(f"x0 must have shape (S, {network.width}) with S >= 1, got {x0.shape}")
+    if x0.dtype.kind not in "fiu":
+        raise ValueError(f"x0 must hold real numbers, got dtype {x0.dtype}")
+    x0 = np.ascontiguousarray(x0, dtype=network.dtype)
+    if not np.all(np.isfinite(x0)):
+        raise ValueError("x0 contains non-finite values (NaN or inf)")
+    return x0
+
+
+def _serial(network: ResNet, params: Params, x0: np.ndarray, opts: _Options) -> NODESolution:
+    m, s = opts.substeps, opts.scheme
+    traj = _fine_trajectory(x0, params.K, params.b, network.h, m, s, network.activation)
+    steps = network.depth * m
+    return NODESolution(s, m, opts.bounds, [traj], traj[[0, -1]].copy(),
+                        final_fine_steps=steps, final_fine_steps_critical=steps,
+                        final_rhs_evaluations=steps * s.stages,
+                        final_rhs_evaluations_critical=steps * s.stages)
+
+
+def _diverged(k: int, what: str) -> NODEDivergenceError:
+    where = "the initial coarse sweep (iteration 0)" if k == 0 else f"iteration {k}"
+    return NODEDivergenceError(f"parareal neural ODE diverged at {where}: {what}")
+
+
+def _parareal(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
+              keep_iterates: bool) -> NODESolution:
+    """Parareal iterations (simulated serially; the record counts the parallel cost)."""
+    par = opts.parareal
+    assert par is not None
+    bounds, m, h, act = opts.bounds, opts.substeps, network.h, network.activation
+    P = len(bounds) - 1
+    K, b = params.K, params.b
+    Kc = [K[bounds[j]:bounds[j + 1]] for j in range(P)]
+    bc = [b[bounds[j]:bounds[j + 1]] for j in range(P)]
+    # cache[j] = (scheme, input, trajectory) of chunk j's last fine solve
+    cache: list[tuple[Scheme, np.ndarray, np.ndarray] | None] = [None] * P
+
+    def fine(j: int, U: np.ndarray, s: Scheme) -> tuple[np.ndarray, int]:
+        c = cache[j]
+        if c is not None and c[0] is s and np.array_equal(c[1], U):
+            return c[2], 0
+        traj = _fine_trajectory(U, Kc[j], bc[j], h, m, s, act)
+        cache[j] = (s, U, traj)
+        return traj, (bounds[j + 1] - bounds[j]) * m
+
+    sol = NODESolution(par.final_scheme, m, bounds, [], np.empty(0), converged=False)
+    U = np.empty((P + 1,) + x0.shape, x0.dtype)
+    U[0] = x0
+    G_old = np.empty((P,) + x0.shape, x0.dtype)
+    n_coarse = 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for j in range(P):
+            G_old[j], c = _coarse(U[j], Kc[j], bc[j], h, par.coarse, act)
+            n_coarse += c
+            U[j + 1] = G_old[j]
+        sol.coarse_steps.append(n_coarse)
+        if not np.all(np.isfinite(U)):
+            raise _diverged(0, "non-finite boundary values (NaN or inf)")
+        if keep_iterates:
+            sol.iterates = [U.copy()]
+        max_it = par.iterations_for(P)
+        run = 0  # consecutive iterations (up to now) with the current scheme
+        for k in range(1, max_it + 1):
+            s = par.scheme_at(k)
+            run = run + 1 if sol.schemes and sol.schemes[-1] is s else 1
+            ends = np.empty((P,) + x0.shape, x0.dtype)
+            counts = []
+            for j in range(P):  # independent: one processor per chunk
+                traj, c = fine(j, U[j], s)
+                ends[j] = traj[-1]
+                counts.append(c)
+            U_new = np.empty_like(U)
+            U_new[0] = x0
+            G_new = np.empty_like(G_old)
+            n_coarse = 0
+            for j in range(P):  # the sequential coarse pipeline
+                if np.array_equal(U_new[j], U[j]):
+                    G_new[j] = G_old[j]
+                else:
+                    G_new[j], c = _coarse(U_new[j], Kc[j], bc[j], h, par.coarse, act)
+                    n_coarse += c
+                U_new[j + 1] = ends[j] + (G_new[j] - G_old[j])
+            change = float(np.max(np.abs(U_new - U)))
+            sol.schemes.append(s)
+            sol.fine_steps.append(int(sum(counts)))
+            sol.fine_steps_critical.append(int(max(counts)))
+            sol.rhs_evaluations.append(int(sum(counts)) * s.stages)
+            sol.rhs_evaluations_critical.append(int(max(counts)) * s.stages)
+            sol.coarse_steps.append(n_coarse)
+            if not np.all(np.isfinite(U_new)):
+                raise _diverged(k, "non-finite boundary values (NaN or inf)")
+            first = next((c for c in sol.changes if c > 0), 0.0)
+            if first > 0 and change > par.divergence_factor * first:
+                raise _diverged(k, f"the boundary update {change:.3e} exceeds "
+                                   f"divergence_factor={par.divergence_factor:g} times the "
+                                   f"first non-zero one ({first:.3e})")
+            sol.changes.append(change)
+            U, G_old = U_new, G_new
+            sol.iterations = k
+            if keep_iterates:
+                sol.iterates.append(U.copy())  # type: ignore[union-attr]
+            final = s is par.final_scheme
+            if final and (change <= par.tol or run >= P):
+                sol.converged = True
+                break
+        # the solution: every chunk's fine trajectory from its final boundary value
+        counts = []
+        for j in range(P):
+            traj, c = fine(j, U[j], par.final_scheme)
+            sol.trajectories.append(traj)
+            counts.append(c)
+            if not np.all(np.isfinite(traj[-1])):
+                raise _diverged(sol.iterations, f"non-finite states in the final fine "
+                                                f"sweep of chunk {j}")
+    sol.boundaries = U
+    sol.final_fine_steps = int(sum(counts))
+    sol.final_fine_steps_critical = int(max(counts))
+    sol.final_rhs_evaluations = sol.final_fine_steps * par.final_scheme.stages
+    sol.final_rhs_evaluations_critical = sol.final_fine_steps_critical * par.final_scheme.stages
+    return sol
+
+
+def _solve(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
+           keep_iterates: bool = False) -> NODESolution:
+    if opts.parareal is None:
+        return _serial(network, params, x0, opts)
+    return _parareal(network, params, x0, opts, keep_iterates)
+
+
+def node_solve(network: ResNet, params: Params | Mapping[str, np.ndarray], x0: np.ndarray, *,
+               scheme: Scheme | str | None = None, substeps: int = 1,
+               parareal: NODEParareal | None = None,
+               keep_iterates: bool = False) -> NODESolution:
+    """Solve ``x' = sigma(K(t) x + b(t))`` on ``[0, T]`` from ``x(0) = x0``.
+
+    The weights are piecewise constant, ``K(t) = K_n``, ``b(t) = b_n`` on
+    ``[n h, (n+1) h)``, ``h = T/N`` (Lorin, "Parareal neural ODE"; ``DESIGN.md``
+    section 4). Serially, every piece takes ``substeps`` steps of ``scheme``; with
+    ``parareal`` the pieces are split into chunks and solved by parareal with the
+    coarse Euler propagator and the fine schedule of :class:`NODEParareal`::
+
+        U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1})).
+
+    Parameters
+    ----------
+    network : ResNet
+    params : Params or dict
+    x0 : ndarray (S, d)
+        Initial states (the output of the opening layer).
+    scheme : Scheme or str, optional
+        Fine scheme; default ``"rk4"`` serially and the schedule's last scheme with
+        ``parareal`` (a different value is an error there).
+    substeps : int
+        Steps per piece (``tau = h / substeps``).
+    parareal : NODEParareal, optional
+        Solve by parareal across chunks (None: serial).
+    keep_iterates : bool
+        Keep every parareal iterate ``U^k`` in :attr:`NODESolution.iterates`.
+
+    Returns
+    -------
+    NODESolution
+
+    Raises
+    ------
+    ValueError
+        Bad scheme, substeps, chunks or shapes (before any solving).
+    NODEDivergenceError
+        A non-finite or unboundedly growing parareal iterate (names the iteration).
+    """
+    opts = _resolve(network, scheme, substeps, parareal)
+    p = network.check_params(params)
+    x0 = _check_x0(network, x0)
+    return _solve(network, p, x0, opts, keep_iterates)
+
+
+def node_forward(network: ResNet, params: Params | Mapping[str, np.ndarray], X: np.ndarray, *,
+                 scheme: Scheme | str | None = None, substeps: int = 1,
+                 parareal: NODEParareal | None = None,
+                 keep_iterates: bool = False) -> NODESolution:
+    """Opening layer ``x_0 = sigma(K_in y + b_in)`` (or ``y``), then :func:`node_solve`.
+
+    ``DESIGN.md`` sections 1 and 4; Lorin, "Parareal neural ODE". ``X`` is (S, n_in).
+    """
+    opts = _resolve(network, scheme, substeps, parareal)
+    p = network.check_params(params)
+    X, _ = check_inputs(network, X)
+    x0, _ = opening_forward(network, p, X)
+    return _solve(network, p, x0, opts, keep_iterates)
+
+
+def node_loss(network: ResNet, params: Params | Mapping[str, np.ndarray], X: np.ndarray,
+              labels: np.ndarray, *, scheme: Scheme | str | None = None, substeps: int = 1,
+              parareal: NODEParareal | None = None) -> float:
+    """Objective ``J = Phi(x_T) + R`` of the neural ODE (no gradient).
+
+    ``Phi`` is the ResNet's batch-mean softmax cross-entropy of ``z = W x_T + mu`` and
+    ``R`` its regulariser (``DESIGN.md`` section 1); ``x_T`` is the end of the
+    trajectories of :func:`node_forward` (Lorin, "Parareal neural ODE").
+    """
+    opts = _resolve(network, scheme, substeps, parareal)
+    p = network.check_params(params)
+    X, y = check_inputs(network, X, labels)
+    x0, _ = opening_forward(network, p, X)
+    sol = _solve(network, p, x0, opts)
+    value, *_ = classifier_loss(p, sol.final_state, y)
+    return value + regulariser(network, p)
+
+
+def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray],
+                       X: np.ndarray, labels: np.ndarray, *,
+                       scheme: Scheme | str | None = None, substeps: int = 1,
+                       parareal: NODEParareal | None = None):
+    """Objective ``J = Phi(x_T) + R`` of the neural ODE and its exact discrete gradient.
+
+    Forward: opening layer, then the serial or parareal solve of :func:`node_solve`
+    (Lorin, "Parareal neural ODE"; ``DESIGN.md`` sections 1 and 4). Backward: from
+    ``lambda_T = dPhi/dx_T = W^T (softmax(z) - e_c) / S`` (section 2), the exact
+    reverse-mode adjoint of every Runge-Kutta step of the trajectories (module
+    docstring, :func:`node_step_adjoint`), chunk by chunk from the last, which adds::
+
+        dJ/dK_n = sum over the substeps and stages of piece n of sum_s bar a_i X_i^T,
+        dJ/db_n = sum over the same of sum_s bar a_i,
+
+    then the opening-layer gradient ``dJ/dK_in = sum_s (sigma'(a_in) * lambda_0) y^T``,
+    ``dJ/db_in``, the classifier gradient and ``dR/dtheta``. With ``parareal`` the
+    adjoint runs on the trajectories of the final parareal iterate with the schedule's
+    last scheme (exactly the serial gradient once parareal has converged exactly).
+    Euler with one substep gives :func:`ptoc.loss_and_grad` to round-off.
+
+    Parameters
+    ----------
+    network : ResNet
+    params : Params or dict of arrays
+    X : ndarray (S, n_in)
+    labels : ndarray of int (S,)
+    scheme : Scheme or str, optional
+        Default ``"rk4"`` (serial) or the schedule's last scheme (parareal).
+    substeps : int
+        Steps per piece.
+    parareal : NODEParareal, optional
+
+    Returns
+    -------
+    loss : float
+        ``J(theta)``.
+    grads : Params or dict
+        ``dJ/dtheta``, a dict when ``params`` is one (as :func:`ptoc.loss_and_grad`).
+    info : NODESolution
+        The forward solve and its record.
+
+    Examples
+    --------
+    >>> import numpy as np, ptoc
+    >>> from ptoc.node import NODEParareal, node_loss_and_grad
+    >>> net = ptoc.ResNet(width=4, depth=8, n_in=2, n_classes=3)
+    >>> X, y = np.random.default_rng(0).standard_normal((6, 2)), np.arange(6) % 3
+    >>> loss, grads, info = node_loss_and_grad(net, net.init_params(0), X, y,
+    ...     parareal=NODEParareal(4, schedule=("euler", "heun", "rk4")))
+    >>> info.converged, [s.value for s in info.schemes][:3]
+    (True, ['euler', 'heun', 'rk4'])
+    """
+    opts = _resolve(network, scheme, substeps, parareal)
+    as_dict = not isinstance(params, Params)
+    p = network.check_params(params)
+    X, y = check_inputs(network, X, labels)
+    x0, dsig_in = opening_forward(network, p, X)
+    sol = _solve(network, p, x0, opts)
+    loss, lam, dW, dmu = classifier_loss(p, sol.final_state, y)
+    gK = np.zeros_like(p.K)
+    gb = np.zeros_like(p.b)
+    bounds, act = sol.bounds, network.activation
+    for j in range(len(bounds) - 2, -1, -1):
+        lo, hi = bounds[j], bounds[j + 1]
+        lam = _adjoint_trajectory(sol.trajectories[j], lam, p.K[lo:hi], p.b[lo:hi], network.h,
+                                  sol.substeps, sol.scheme, act, gK[lo:hi], gb[lo:hi])
+    grads = Params(K=gK, b=gb,
+                   K_in=np.zeros_like(p.K_in) if p.K_in is not None else None,
+                   b_in=np.zeros_like(p.b_in) if p.b_in is not None else None,
+                   W=np.ascontiguousarray(dW, dtype=network.dtype),
+                   mu=np.asarray(dmu, dtype=network.dtype))
+    opening_backward(p, X, lam, dsig_in, grads)
+    add_regulariser_grad(network, p, grads)
+    total = loss + regulariser(network, p)
+    return total, (grads.to_dict(copy=False) if as_dict else grads), sol
+
+
+# ----------------------------------------------------------------------------------------
+# grad_fn for ptoc.training.train
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class NODEStepRecord:
+    """What one :class:`NeuralODEGradient` call cost.
+
+    Attributes
+    ----------
+    loss : float
+        ``J`` at the call's parameters.
+    iterations : int
+        Parareal iterations (0 serially).
+    converged : bool
+    changes : list of float
+        Boundary updates per parareal iteration.
+    fine_steps, fine_steps_critical : int
+        Fine steps of the forward solve (iterations and final sweep), over all chunks
+        and on the critical path.
+    rhs_evaluations, rhs_evaluations_critical : int
+        The same in right-hand-side evaluations.
+    """
+
+    loss: float
+    iterations: int
+    converged: bool
+    changes: list[float]
+    fine_steps: int
+    fine_steps_critical: int
+    rhs_evaluations: int
+    rhs_evaluations_critical: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-ready)."""
+        return {"loss": self.loss, "iterations": self.iterations, "converged": self.converged,
+                "changes": list(self.changes), "fine_steps": self.fine_steps,
+                "fine_steps_critical": self.fine_steps_critical,
+                "rhs_evaluations": self.rhs_evaluations,
+                "rhs_evaluations_critical": self.rhs_evaluations_critical}
+
+
+@dataclass
+class NeuralODEGradient:
+    """``grad_fn(params, X, y) -> (loss, grads)`` of the (parareal) neural ODE.
+
+    For :func:`ptoc.training.train`: every call is :func:`node_loss_and_grad` (Lorin,
+    "Parareal neural ODE"; ``DESIGN.md`` section 4) with these options, and appends a
+    :class:`NODEStepRecord` to :attr:`records`::
+
+        grad = NeuralODEGradient(net, parareal=NODEParareal(4, schedule=("euler", "rk4")))
+        result = train(net, params, data, grad_fn=grad)
+
+    Parameters
+    ----------
+    network : ResNet
+    scheme : Scheme or str, optional
+    substeps : int
+    parareal : NODEParareal, optional
+
+    Attributes
+    ----------
+    records : list of NODEStepRecord
+        One per call, in order.
+    """
+
+    network: ResNet
+    scheme: Scheme | str | None = None
+    substeps: int = 1
+    parareal: NODEParareal | None = None
+    records: list[NODEStepRecord] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        opts = _resolve(self.network, self.scheme, self.substeps, self.parareal)
+        self.scheme = opts.scheme
+        self.substeps = opts.substeps
+
+    def reset(self) -> None:
+        """Forget the records."""
+        self.records.clear()
+
+    def __call__(self, params: Params | Mapping[str, np.ndarray], X: np.ndarray,
+                 y: np.ndarray) -> tuple[float, Params | dict[str, np.ndarray]]:
+        loss, grads, sol = node_loss_and_grad(self.network, params, X, y, scheme=self.scheme,
+                                              substeps=self.substeps, parareal=self.parareal)
+        self.records.append(NODEStepRecord(
+            loss=float(loss), iterations=sol.iterations, converged=sol.converged,
+            changes=list(sol.changes), fine_steps=sol.total_fine_steps,
+            fine_steps_critical=sol.critical_fine_steps,
+            rhs_evaluations=sol.total_rhs_evaluations,
+            rhs_evaluations_critical=sol.critical_rhs_evaluations))
+        return float(loss), grads

@@ -1,0 +1,408 @@
+"""Parareal neural ODE (Lorin): fine schemes, exact discrete adjoint, parareal, training."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ptoc
+from ptoc.node import (
+    NeuralODEGradient,
+    NODECoarse,
+    NODEDivergenceError,
+    NODEParareal,
+    Scheme,
+    node_forward,
+    node_loss,
+    node_loss_and_grad,
+    node_solve,
+    node_step,
+    node_step_adjoint,
+    node_step_tangent,
+)
+from ptoc.optim import Adam
+from ptoc.training import train
+
+ACTIVATIONS = ("tanh", "relu", "smoothrelu")
+
+
+def _network(width, depth, *, n_in=None, n_classes=3, T=1.0, activation="tanh",
+             opening="dense", gammas=(1e-3, 1e-3, 1e-3)):
+    n_in = width if opening == "identity" else (n_in or 2)
+    return ptoc.ResNet(width=width, depth=depth, T=T, activation=activation, n_in=n_in,
+                       n_classes=n_classes, opening=opening, gamma=gammas[0],
+                       gamma_t=gammas[1], gamma_c=gammas[2])
+
+
+def _params(net, seed, scale=1.0):
+    """Random parameters with non-zero biases (the default init has zero biases)."""
+    rng = np.random.default_rng(seed)
+    p = net.init_params(rng, scale=scale)
+    p.b[...] = 0.5 * rng.standard_normal(p.b.shape)
+    p.mu[...] = 0.5 * rng.standard_normal(p.mu.shape)
+    if p.b_in is not None:
+        p.b_in[...] = 0.5 * rng.standard_normal(p.b_in.shape)
+    return p
+
+
+def _batch(net, S, seed):
+    rng = np.random.default_rng(seed + 1000)
+    return rng.standard_normal((S, net.n_in)), rng.integers(0, net.n_classes, S)
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
+
+
+# ----------------------------------------------------------------------------------------
+# Euler with one substep is the ResNet
+# ----------------------------------------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=20)
+@given(width=st.integers(1, 5), depth=st.integers(1, 6), S=st.integers(1, 6),
+       activation=st.sampled_from(ACTIVATIONS), opening=st.sampled_from(["dense", "identity"]),
+       T=st.floats(0.1, 4.0), seed=st.integers(0, 10_000))
+def test_euler_with_one_substep_is_the_resnet(width, depth, S, activation, opening, T, seed):
+    net = _network(width, depth, T=T, activation=activation, opening=opening)
+    p = _params(net, seed)
+    X, y = _batch(net, S, seed)
+    sol = node_forward(net, p, X, scheme="euler", substeps=1)
+    fwd = ptoc.forward(net, p, X)
+    assert sol.states.shape == fwd.states.shape
+    assert np.max(np.abs(sol.states - fwd.states)) <= 1e-12
+    loss, grads, info = node_loss_and_grad(net, p, X, y, scheme=Scheme.EULER, substeps=1)
+    ref_loss, ref_grads = ptoc.loss_and_grad(net, p, X, y)
+    assert abs(loss - ref_loss) <= 1e-12 * max(1.0, abs(ref_loss))
+    assert sorted(grads) == sorted(ref_grads)
+    scale = max(1.0, max(float(np.max(np.abs(g))) for g in ref_grads.values()))
+    assert _max_diff(grads, ref_grads) <= 1e-12 * scale
+    assert info.total_fine_steps == depth and info.total_rhs_evaluations == depth
+
+
+def test_euler_differs_from_the_higher_order_schemes():
+    # the comparison above is not between identical functions: Heun and RK4 differ
+    net = _network(3, 4, T=2.0)
+    p = _params(net, 1)
+    X, y = _batch(net, 4, 1)
+    ref = ptoc.loss(net, p, X, y)
+    for s in ("heun", "rk4"):
+        assert abs(node_loss(net, p, X, y, scheme=s) - ref) > 1e-6
+    assert abs(node_loss(net, p, X, y, scheme="euler", substeps=2) - ref) > 1e-6
+
+
+# ----------------------------------------------------------------------------------------
+# The gradient: finite differences and the dot-product identity
+# ----------------------------------------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=12)
+@given(scheme=st.sampled_from(list(Scheme)), substeps=st.integers(1, 3),
+       width=st.integers(1, 4), depth=st.integers(1, 4), S=st.integers(1, 4),
+       opening=st.sampled_from(["dense", "identity"]), seed=st.integers(0, 10_000))
+def test_gradients_match_central_differences(scheme, substeps, width, depth, S, opening,
+                                             seed):
+    net = _network(width, depth, T=1.5, opening=opening)
+    p = _params(net, seed)
+    X, y = _batch(net, S, seed)
+    _, grads, _ = node_loss_and_grad(net, p, X, y, scheme=scheme, substeps=substeps)
+    rng = np.random.default_rng(seed + 7)
+    eps = 1e-6
+    for key in p:
+        v = rng.standard_normal(p[key].shape)
+        plus, minus = p.copy(), p.copy()
+        plus[key][...] += eps * v
+        minus[key][...] -= eps * v
+        fd = (node_loss(net, plus, X, y, scheme=scheme, substeps=substeps)
+              - node_loss(net, minus, X, y, scheme=scheme, substeps=substeps)) / (2 * eps)
+        exact = float(np.vdot(grads[key], v))
+        assert abs(fd - exact) <= 1e-6 * abs(exact) + 1e-9, (key, fd, exact)
+
+
+@settings(deadline=None, max_examples=25)
+@given(scheme=st.sampled_from(list(Scheme)), activation=st.sampled_from(ACTIVATIONS),
+       S=st.integers(1, 5), d=st.integers(1, 5), tau=st.floats(0.01, 1.0),
+       seed=st.integers(0, 10_000))
+def test_step_adjoint_is_the_transpose_of_the_tangent(scheme, activation, S, d, tau, seed):
+    rng = np.random.default_rng(seed)
+    x, dx, lam = (rng.standard_normal((S, d)) for _ in range(3))
+    K, dK = rng.standard_normal((d, d)), rng.standard_normal((d, d))
+    b, db = rng.standard_normal(d), rng.standard_normal(d)
+    tangent = node_step_tangent(x, K, b, tau, scheme, activation, dx, dK, db)
+    lam0, gK, gb = node_step_adjoint(x, K, b, tau, scheme, activation, lam)
+    lhs = float(np.vdot(lam, tangent))
+    rhs = float(np.vdot(lam0, dx) + np.vdot(gK, dK) + np.vdot(gb, db))
+    size = np.sum(np.abs(lam) * np.abs(tangent)) + np.sum(np.abs(lam0 * dx)) \
+        + np.sum(np.abs(gK * dK)) + np.sum(np.abs(gb * db))
+    assert abs(lhs - rhs) <= 1e-13 * size
+    if activation == "tanh":  # and the tangent is the derivative of the step
+        eps = 1e-6
+        fd = (node_step(x + eps * dx, K + eps * dK, b + eps * db, tau, scheme, activation)
+              - node_step(x - eps * dx, K - eps * dK, b - eps * db, tau, scheme, activation)
+              ) / (2 * eps)
+        assert np.max(np.abs(fd - tangent)) <= 1e-7 * max(1.0, np.max(np.abs(tangent)))
+
+
+# ----------------------------------------------------------------------------------------
+# Orders of accuracy
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme, substeps", [("euler", (16, 32, 64)), ("heun", (8, 16, 32)),
+                                              ("rk4", (4, 8, 16))])
+def test_convergence_orders(scheme, substeps):
+    # smooth right-hand side (tanh), two pieces with different weights, T = 1
+    net = _network(4, 2, n_classes=2, opening="identity")
+    p = _params(net, 3, scale=2.0)
+    x0 = np.random.default_rng(4).standard_normal((5, 4))
+    exact = node_solve(net, p, x0, scheme="rk4", substeps=1024).final_state
+    errors = np.array([np.max(np.abs(node_solve(net, p, x0, scheme=scheme, substeps=m)
+                                     .final_state - exact)) for m in substeps])
+    slopes = np.log2(errors[:-1] / errors[1:])
+    assert np.all(np.abs(slopes - Scheme.parse(scheme).order) < 0.15), slopes
+
+
+# ----------------------------------------------------------------------------------------
+# Parareal
+# ----------------------------------------------------------------------------------------
+
+
+@st.composite
+def _chunk_sizes(draw, N):
+    P = draw(st.integers(1, N))
+    cuts = sorted(draw(st.lists(st.integers(1, N - 1), min_size=P - 1, max_size=P - 1,
+                                unique=True))) if P > 1 else []
+    return tuple(int(v) for v in np.diff([0, *cuts, N]))
+
+
+@settings(deadline=None, max_examples=30)
+@given(data=st.data(), N=st.integers(1, 9), width=st.integers(1, 4), S=st.integers(1, 4),
+       scheme=st.sampled_from(list(Scheme)), substeps=st.integers(1, 2),
+       coarse=st.sampled_from(list(NODECoarse)), seed=st.integers(0, 10_000))
+def test_parareal_is_exact_on_the_first_k_boundaries(data, N, width, S, scheme, substeps,
+                                                      coarse, seed):
+    sizes = data.draw(_chunk_sizes(N), label="chunk sizes")
+    P = len(sizes)
+    k = data.draw(st.integers(0, P), label="iterations")
+    net = _network(width, N, T=2.0, activation="tanh")
+    p = _params(net, seed)
+    X, y = _batch(net, S, seed)
+    serial = node_forward(net, p, X, scheme=scheme, substeps=substeps)
+    opts = NODEParareal(sizes, schedule=(scheme,), max_iterations=k, tol=1e-300,
+                        coarse=coarse)
+    sol = node_forward(net, p, X, substeps=substeps, parareal=opts)
+    at_bounds = serial.states[sol.bounds * substeps]
+    assert sol.iterations <= k
+    assert np.array_equal(sol.boundaries[: k + 1], at_bounds[: k + 1])
+    # after P iterations (the default) everything is the serial solve, bit for bit
+    full = NODEParareal(sizes, schedule=(scheme,), tol=1e-300, coarse=coarse)
+    loss, grads, info = node_loss_and_grad(net, p, X, y, substeps=substeps, parareal=full)
+    ref_loss, ref_grads, _ = node_loss_and_grad(net, p, X, y, scheme=scheme,
+                                                substeps=substeps)
+    assert info.converged
+    # P iterations, or fewer at a fixed point U^k == U^{k-1} (e.g. G = F: Euler with one
+    # substep and the per-piece coarse), which is the serial solution (asserted below)
+    assert info.iterations == P or info.changes[-1] == 0.0
+    assert np.array_equal(info.boundaries, at_bounds)
+    assert np.array_equal(info.states, serial.states)
+    assert loss == ref_loss and _max_diff(grads, ref_grads) == 0.0
+
+
+def _problem(depth=32):
+    net = _network(4, depth, T=1.0, n_classes=2, opening="identity")
+    p = _params(net, 11)
+    x0 = np.random.default_rng(12).standard_normal((6, 4))
+    return net, p, x0
+
+
+def test_parareal_converges_to_the_fine_serial_solution():
+    net, p, x0 = _problem()
+    serial = node_solve(net, p, x0, scheme="rk4", substeps=2)
+    sol = node_solve(net, p, x0, substeps=2, keep_iterates=True,
+                     parareal=NODEParareal(8, coarse="chunk", tol=1e-300))
+    exact = serial.states[sol.bounds * 2]
+    errors = [float(np.max(np.abs(U - exact))) for U in sol.iterates]
+    assert errors[0] > 1e-2  # a poor coarse solution ...
+    assert all(e1 < e0 for e0, e1 in zip(errors[:-1], errors[1:], strict=True))  # ... improved
+    assert errors[-1] == 0.0 and sol.iterations == 8
+    # iteration 0 is the coarse sweep: one Euler step per chunk with its first weights ...
+    U, H = sol.iterates[0], 4 * net.h
+    for j in range(8):
+        n = sol.bounds[j]
+        step = U[j] + H * np.tanh(U[j] @ p.K[n].T + p.b[n])
+        assert np.max(np.abs(U[j + 1] - step)) <= 1e-14
+    # ... or, by default, one per piece: the ResNet's forward sweep
+    piece = node_solve(net, p, x0, parareal=NODEParareal(8, max_iterations=0),
+                       keep_iterates=True)
+    resnet = ptoc.forward(net, p, x0).states[piece.bounds]
+    assert np.max(np.abs(piece.iterates[0] - resnet)) <= 1e-13
+    # changes are the max-norm of the boundary updates
+    assert sol.changes == [float(np.max(np.abs(b - a)))
+                           for a, b in zip(sol.iterates[:-1], sol.iterates[1:], strict=True)]
+    # stopping on the tolerance: earlier, and accurate to about the tolerance
+    early = node_solve(net, p, x0, substeps=2,
+                       parareal=NODEParareal(8, coarse="chunk", tol=1e-6))
+    assert early.converged and early.iterations < 8 and early.changes[-1] <= 1e-6
+    assert all(c > 1e-6 for c in early.changes[:-1])
+    assert np.max(np.abs(early.boundaries - exact)) <= 1e-5
+    short = node_solve(net, p, x0, substeps=2,
+                       parareal=NODEParareal(8, coarse="chunk", max_iterations=2))
+    assert not short.converged and short.iterations == 2
+
+
+def test_parareal_cost_record():
+    net, p, x0 = _problem(depth=6)
+    sizes, m = (3, 1, 2), 2
+    sol = node_solve(net, p, x0, substeps=m, parareal=NODEParareal(sizes, tol=1e-300))
+    assert sol.iterations == 3 and sol.schemes == [Scheme.RK4] * 3
+    # iteration 1 solves every chunk; later ones skip the chunks whose input is exact
+    assert sol.fine_steps == [12, 6, 4] and sol.fine_steps_critical == [6, 4, 4]
+    assert sol.rhs_evaluations == [48, 24, 16] and sol.rhs_evaluations_critical == [24, 16, 16]
+    assert sol.coarse_steps == [6, 3, 2, 0]  # one Euler step per piece
+    assert sol.final_fine_steps == 0  # every final trajectory was already computed
+    assert sol.total_fine_steps == 22 and sol.critical_fine_steps == 14
+    chunked = node_solve(net, p, x0, substeps=m,
+                         parareal=NODEParareal(sizes, coarse="chunk", tol=1e-300))
+    assert chunked.coarse_steps == [3, 2, 1, 0]
+    serial = node_solve(net, p, x0, scheme="heun", substeps=m)
+    assert serial.total_fine_steps == 12 and serial.total_rhs_evaluations == 24
+
+
+def test_order_raising_schedule_converges_to_the_last_scheme():
+    net, p, x0 = _problem()
+    X, y = x0, np.arange(6) % 2
+    rk4 = node_solve(net, p, x0, scheme="rk4", substeps=2)
+    euler = node_solve(net, p, x0, scheme="euler", substeps=2)
+    schedule = ("euler", "heun", "rk4")
+    sol = node_solve(net, p, x0, substeps=2,
+                     parareal=NODEParareal(8, schedule=schedule, coarse="chunk", tol=1e-300))
+    assert sol.schemes == [Scheme.EULER, Scheme.HEUN] + [Scheme.RK4] * 8
+    assert sol.converged and sol.iterations == 10
+    assert np.array_equal(sol.states, rk4.states)
+    assert sol.rhs_evaluations[:3] == [64, 128, 256]  # 1, 2, 4 evaluations per step
+    # with a tolerance it stops early, close to the RK4 solution and far from Euler's
+    early = node_solve(net, p, x0, substeps=2,
+                       parareal=NODEParareal(8, schedule=schedule, coarse="chunk", tol=1e-8))
+    assert early.converged and early.iterations < 10
+    assert np.max(np.abs(early.final_state - rk4.final_state)) <= 1e-7
+    assert np.max(np.abs(early.final_state - euler.final_state)) > 5e-4
+    # the gradient at exact convergence is the serial RK4 gradient, bit for bit
+    loss, grads, _ = node_loss_and_grad(net, p, X, y, substeps=2, parareal=NODEParareal(
+        8, schedule=schedule, coarse="chunk", tol=1e-300))
+    ref_loss, ref_grads, _ = node_loss_and_grad(net, p, X, y, scheme="rk4", substeps=2)
+    assert loss == ref_loss and _max_diff(grads, ref_grads) == 0.0
+
+
+def test_divergence_names_the_iteration():
+    d = 2
+    net = _network(d, 8, T=8.0, n_classes=2, activation="relu", opening="identity")
+    p = net.zero_params()
+    p.K[:] = 20.0 * np.eye(d)  # x' = 20 x + 1: Euler over a whole chunk is far too weak
+    p.b[:] = 1.0
+    x0 = np.ones((1, d))
+    with pytest.raises(NODEDivergenceError, match="iteration 2: the boundary update"):
+        node_solve(net, p, x0, substeps=4, parareal=NODEParareal(8, coarse="chunk"))
+    # the growth is real: with a huge divergence factor the iterates grow by > 1e6
+    sol = node_solve(net, p, x0, substeps=4, parareal=NODEParareal(
+        8, coarse="chunk", divergence_factor=1e300, max_iterations=2))
+    assert sol.changes[1] > 1e6 * sol.changes[0]
+    p.K[:] = 1e200 * np.eye(d)  # overflow
+    with pytest.raises(ptoc.DivergenceError, match=r"iteration 0\): non-finite"):
+        node_solve(net, p, x0, parareal=NODEParareal(4))
+    short = _network(d, 4, n_classes=2, activation="relu", opening="identity")
+    q = short.zero_params()
+    q.K[:] = 1e200 * np.eye(d)
+    q.b[:] = 1.0
+    with pytest.raises(NODEDivergenceError, match="iteration 1: non-finite"):
+        node_solve(short, q, x0, substeps=2, parareal=NODEParareal(1, coarse="chunk"))
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------
+
+
+def test_training_with_the_parareal_node_gradient_decreases_the_loss():
+    data = ptoc.data.peaks(n_per_class=20, n_val_per_class=4, grid=64)
+    net = ptoc.ResNet(width=4, depth=8, T=2.0, n_in=2, n_classes=5, activation="tanh")
+    p0 = net.init_params(0)
+    opts = NODEParareal(4, schedule=("euler", "rk4"), max_iterations=3)
+    grad = NeuralODEGradient(net, parareal=opts)
+    result = train(net, p0, data, optimizer=Adam(lr=2e-2), epochs=25, batch_size=None,
+                   progress=False, grad_fn=grad)
+    assert not result.diverged and len(grad.records) == 25
+    start = node_loss(net, p0, data.X_train, data.y_train, parareal=opts)
+    end = node_loss(net, result.params, data.X_train, data.y_train, parareal=opts)
+    assert end < 0.85 * start
+    assert grad.records[0].loss == pytest.approx(start, rel=1e-12)
+    assert all(r.iterations == 3 and r.fine_steps_critical < r.fine_steps
+               for r in grad.records)
+    assert grad.records[-1].to_dict()["rhs_evaluations"] == grad.records[-1].rhs_evaluations
+
+
+def test_gradient_class_keeps_records_and_the_key_types():
+    net = _network(3, 4)
+    p = _params(net, 0)
+    X, y = _batch(net, 5, 0)
+    grad = NeuralODEGradient(net, scheme="heun", substeps=2)
+    loss, grads = grad(p.to_dict(), X, y)
+    assert isinstance(grads, dict) and sorted(grads) == sorted(p)
+    ref_loss, ref_grads, info = node_loss_and_grad(net, p, X, y, scheme="heun", substeps=2)
+    assert loss == ref_loss and _max_diff(grads, ref_grads) == 0.0
+    record = grad.records[0]
+    assert (record.iterations, record.fine_steps, record.rhs_evaluations) == (0, 8, 16)
+    grad.reset()
+    assert grad.records == []
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_named(monkeypatch):
+    import ptoc.node as node
+
+    def no_work(*args, **kwargs):  # every check must come before any solving
+        raise AssertionError("solved before checking the inputs")
+
+    monkeypatch.setattr(node, "_fine_trajectory", no_work)
+    monkeypatch.setattr(node, "_coarse", no_work)
+    net = _network(3, 4)
+    p = _params(net, 0)
+    X, y = _batch(net, 5, 0)
+    with pytest.raises(ValueError, match="unknown ODE scheme 'rk5'"):
+        node_loss_and_grad(net, p, X, y, scheme="rk5")
+    with pytest.raises(ValueError, match="substeps must be a positive integer, got 0"):
+        node_loss_and_grad(net, p, X, y, substeps=0)
+    with pytest.raises(ValueError, match="chunks P=5 exceeds the N=4 pieces"):
+        node_loss_and_grad(net, p, X, y, parareal=NODEParareal(5))
+    with pytest.raises(ValueError, match=r"chunk sizes \(2, 1\) sum to 3"):
+        node_loss_and_grad(net, p, X, y, parareal=NODEParareal((2, 1)))
+    with pytest.raises(ValueError, match="tol must be a positive"):
+        NODEParareal(2, tol=0.0)
+    with pytest.raises(ValueError, match="schedule is empty"):
+        NODEParareal(2, schedule=())
+    with pytest.raises(ValueError, match="unknown ODE scheme 'rk3'"):
+        NODEParareal(2, schedule=("euler", "rk3"))
+    with pytest.raises(ValueError, match="unknown coarse propagator"):
+        NODEParareal(2, coarse="fine")
+    with pytest.raises(ValueError, match="max_iterations"):
+        NODEParareal(2, max_iterations=-1)
+    with pytest.raises(ValueError, match="chunks must be a positive integer"):
+        NODEParareal(0)
+    with pytest.raises(ValueError, match="conflicts with the parareal schedule"):
+        node_loss_and_grad(net, p, X, y, scheme="euler", parareal=NODEParareal(2))
+    with pytest.raises(ValueError, match="features per sample"):
+        node_loss_and_grad(net, p, X[:, :1], y)
+    with pytest.raises(ValueError, match=r"params\['K'\] has shape"):
+        node_loss_and_grad(net, {**p.to_dict(), "K": p.K[:2]}, X, y)
+    with pytest.raises(ValueError, match=r"x0 must have shape \(S, 3\)"):
+        node_solve(net, p, np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="K has shape"):
+        node_step(np.zeros((2, 3)), np.zeros((2, 2)), np.zeros(3), 0.1, "rk4", "tanh")
+    with pytest.raises(ValueError, match="unknown ODE scheme"):
+        NeuralODEGradient(net, scheme="midpoint")
+    with pytest.raises(TypeError, match="ResNet"):
+        NeuralODEGradient("net")
+    assert Scheme.parse("RK4") is Scheme.RK4 and Scheme.parse(" Heun ") is Scheme.HEUN
