@@ -228,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", "-o", metavar="DIR", default=None,
                    help="output folder (default: ptoc-runs/<YYYYmmdd-HHMMSS> in the "
                    "current directory)")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=100, metavar="K",
+                   help="write DIR/checkpoint.npz (atomically) every K steps and at the end")
+    g.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run in DIR from its checkpoint, with the options in "
+                   "DIR/run.json (only --epochs, to train longer, and --quiet may be given)")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bar and no header; still prints the final result")
     t.set_defaults(func=_cmd_train)
@@ -277,18 +282,68 @@ def _grad_fn(args: argparse.Namespace, network):
                                 target=args.target)
 
 
+#: Options a resumed run may change (everything else comes from ``run.json``).
+RESUME_OPTIONS = ("epochs", "quiet", "resume")
+#: Options that are not part of a run's identity and are not stored in ``run.json``.
+_NOT_STORED = ("func", "command", "quiet", "resume", "output")
+
+
+def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` of the run in ``--resume DIR`` (from ``DIR/run.json``), with ``--epochs``
+    and ``--quiet`` from the command line."""
+    import json
+
+    folder = Path(args.resume)
+    run_file = folder / "run.json"
+    if not run_file.is_file():
+        raise _Error(f"argument --resume: {str(run_file)!r} not found; --resume takes the "
+                     "output folder of an earlier 'ptoc train' run")
+    defaults = vars(build_parser().parse_args(["train"]))
+    given = sorted(k for k, v in vars(args).items()
+                   if k not in RESUME_OPTIONS + _NOT_STORED and v != defaults.get(k))
+    if args.output is not None:
+        given.append("output")
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise _Error(f"argument --resume: the options of a resumed run come from {run_file}; "
+                     f"only --epochs and --quiet may be given, not {flags}")
+    try:
+        stored = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _Error(f"argument --resume: cannot read {str(run_file)!r}: {exc}") from None
+    merged = dict(defaults)
+    merged.update(stored)
+    merged.update(output=str(folder), resume=str(folder), quiet=args.quiet, func=args.func)
+    if args.epochs != defaults["epochs"]:
+        merged["epochs"] = args.epochs
+    return argparse.Namespace(**merged)
+
+
+def _write_run_file(args: argparse.Namespace, output: Path) -> None:
+    import json
+
+    output.mkdir(parents=True, exist_ok=True)
+    stored = {k: v for k, v in vars(args).items() if k not in _NOT_STORED}
+    tmp = output / ".run.json.tmp"
+    tmp.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, output / "run.json")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import ptoc
     from ptoc.kernels import backend
+    from ptoc.methods import GradientMethod
     from ptoc.optim import make_optimizer
-    from ptoc.training import train
+    from ptoc.training import CHECKPOINT_NAME, train
 
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     if args.method == "list":
         width = max(map(len, METHODS))
         for name, line in METHODS.items():
             print(f"{name:<{width}}  {line}")
         return 0
+    if args.resume is not None:
+        args = _resumed_args(args)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
 
     try:
         backend(args.target)
@@ -323,10 +378,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _Error(str(exc)) from None
     grad_fn = _grad_fn(args, network)
+    method = GradientMethod(optimizer, grad_fn, args.target)
     params = network.init_params(args.seed, scale=args.init_scale)
     output = Path(args.output) if args.output is not None else _default_output()
     if output.exists() and not output.is_dir():
         raise _Error(f"argument --output: {str(output)!r} exists and is not a directory")
+    resume = args.resume is not None
+    if resume:
+        if not (output / CHECKPOINT_NAME).is_file():
+            raise _Error(f"argument --resume: no {CHECKPOINT_NAME} in {str(output)!r} (the run "
+                         "stopped before its first checkpoint); start it again instead")
+    else:
+        _write_run_file(args, output)
 
     n_train, n_val = data.X_train.shape[0], data.X_val.shape[0]
     batch = "full" if args.batch_size is None else args.batch_size
@@ -336,15 +399,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          for k, v in hyper.items())
     say(f"ptoc: {args.optimizer}({opt_desc}), {args.epochs} epochs, batch {batch}, "
         f"target {args.target}, seed {args.seed}; output in {output}")
+    if resume:
+        say(f"ptoc: resuming from {output / CHECKPOINT_NAME}")
     if grad_fn is not None:
         say(f"ptoc: simultaneous layer-parallel training, {grad_fn.solver!r} on "
             f"{args.ranks} simulated rank(s)")
-    result = train(
-        network, params, data, optimizer=optimizer, epochs=args.epochs,
-        batch_size=args.batch_size, target=args.target, seed=args.seed,
-        eval_every=args.eval_every, output_dir=output, progress=not args.quiet,
-        grad_fn=grad_fn,
-    )
+    try:
+        result = train(
+            network, params, data, method=method, epochs=args.epochs,
+            batch_size=args.batch_size, target=args.target, seed=args.seed,
+            eval_every=args.eval_every, output_dir=output, progress=not args.quiet,
+            checkpoint_every=args.checkpoint_every, resume=resume,
+        )
+    except ValueError as exc:
+        if not resume:
+            raise
+        raise _Error(f"argument --resume: {exc}") from None
     print(f"train accuracy {result.train_accuracy:.4f}, validation accuracy "
           f"{result.val_accuracy:.4f} (train loss {result.train_loss:.4f}, validation loss "
           f"{result.val_loss:.4f}) after {result.epochs} epochs, {result.steps} steps, "

@@ -135,6 +135,33 @@ class SimultaneousGradient:
         self._warm = None
         self.records.clear()
 
+    def config(self) -> dict[str, Any]:
+        """Description for checkpoints and model files: the solver, ranks and target."""
+        comm = self.comm if self.comm is None or isinstance(self.comm, int) \
+            else f"{type(self.comm).__name__}({getattr(self.comm, 'size', '?')})"
+        return {"name": "simultaneous", "solver": repr(self.solver), "comm": comm,
+                "target": self.target.value}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The warm start (batch, layer-space states and adjoints) as a flat dict of
+        copies; empty before the first call. Part of a training checkpoint, so that a
+        resumed run starts MGRIT from the same guess as an uninterrupted one."""
+        if self._warm is None:
+            return {}
+        X0, y0, states, adjoints = self._warm
+        return {"X": X0.copy(), "y": y0.copy(), "states": states.copy(),
+                "adjoints": adjoints.copy()}
+
+    def load_state(self, d) -> None:
+        """Inverse of :meth:`state_dict` (the records are not part of it)."""
+        if not d:
+            self._warm = None
+            return
+        missing = {"X", "y", "states", "adjoints"} - set(d)
+        if missing:
+            raise ValueError(f"the saved warm start lacks {sorted(missing)}")
+        self._warm = tuple(np.array(d[k], copy=True) for k in ("X", "y", "states", "adjoints"))
+
     def _guess(self, X: np.ndarray, y: np.ndarray):
         if self._warm is None:
             return None, None

@@ -1,8 +1,10 @@
-"""Mini-batch training loop: gradients in, optimiser steps, history and outputs out.
+"""The training loop: batches in, method steps, history, checkpoints and outputs out.
 
-:func:`train` knows nothing about how a gradient is computed: it calls
-``grad_fn(params, X, y) -> (loss, grads)``, by default the exact serial adjoint
-:func:`ptoc.loss_and_grad`, so layer-parallel gradient methods plug in unchanged.
+:func:`train` knows nothing about what a step does: it calls a
+:class:`ptoc.methods.TrainingMethod` (by default :class:`ptoc.methods.GradientMethod`,
+an optimiser on ``grad_fn(params, X, y) -> (loss, grads)``, itself by default the
+exact serial adjoint :func:`ptoc.loss_and_grad`), so layer-parallel gradients,
+Hamiltonian methods and predict-globally-correct-locally plug in unchanged.
 
 Random-number protocol (so a run can be reproduced, also by another program):
 one generator ``rng = np.random.default_rng(seed)`` is made at the start. In
@@ -13,15 +15,25 @@ time) ``perm = rng.permutation(n_train)`` is drawn; the epoch's batches are
 (``batch_size=None`` or ``>= n_train``) no random number is drawn and every step
 uses the training set in its stored order. Nothing else in the loop is random.
 
-Divergence: before every update the loss and the gradient are checked; if either
-holds NaN or infinity (or the update would produce non-finite parameters) the run
-stops at once, keeps the parameters from before that step and reports the epoch
-and step in :attr:`TrainResult.reason`. Nothing is raised.
+Divergence: the method checks the loss and the gradient of each step, and the loop
+checks the loss and the new parameters; if any holds NaN or infinity the run stops
+at once, keeps the parameters from before that step and reports the epoch and step
+in :attr:`TrainResult.reason`. Nothing is raised.
+
+Checkpoints and resuming: with ``checkpoint_every=k`` the loop writes
+``checkpoint.npz`` into the output folder every ``k`` steps and at the end
+(atomically, so a run killed at any moment leaves the previous checkpoint intact).
+It holds the parameters, the method's state, the generator's state (as it was
+before the current epoch's permutation) with the number of that epoch's batches
+done, and the history. ``train(..., resume=True)`` redraws the permutation and
+continues with the next batch: the final parameters are bitwise those of an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -38,15 +50,18 @@ from tqdm.auto import tqdm
 from . import io as _io
 from ._validate import check_inputs, check_positive_int
 from .kernels import Target, backend
+from .methods import GradientMethod, TrainingDivergedError, TrainingMethod, group_state
 from .model import Params, ResNet
 from .optim import Adam, Optimizer
-from .sweeps import accuracy, loss, loss_and_grad
+from .sweeps import accuracy, loss
 
 __all__ = [
+    "CHECKPOINT_NAME",
     "HISTORY_COLUMNS",
     "GradFn",
     "History",
     "TrainResult",
+    "load_checkpoint",
     "train",
 ]
 
@@ -59,6 +74,11 @@ HISTORY_COLUMNS: tuple[str, ...] = (
 )
 
 _INT_COLUMNS = ("epoch", "steps")
+
+#: File name of the checkpoint in a run's output folder.
+CHECKPOINT_NAME = "checkpoint.npz"
+CHECKPOINT_FORMAT = "ptoc-checkpoint"
+CHECKPOINT_VERSION = 1
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -86,7 +106,11 @@ class History(Sequence):
         epochs and at the last one, NaN otherwise (and NaN for ``val_*`` without
         validation data).
     ``time``
-        Wall-clock seconds since the start of training.
+        Wall-clock seconds since the start of training (of the first run, for a
+        resumed one).
+
+    A training method may add columns of its own after these (e.g.
+    ``nonzero_fraction`` for discrete weights, :meth:`ptoc.methods.TrainingMethod.metrics`).
     """
 
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -100,19 +124,30 @@ class History(Sequence):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.records)
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """:data:`HISTORY_COLUMNS`, then any method-specific columns in order of appearance."""
+        extra: dict[str, None] = {}
+        for r in self.records:
+            extra.update((k, None) for k in r if k not in HISTORY_COLUMNS)
+        return HISTORY_COLUMNS + tuple(extra)
+
     def append(self, record: Mapping[str, Any]) -> None:
-        """Add one epoch's record (missing columns become NaN)."""
-        self.records.append({k: record.get(k, math.nan) for k in HISTORY_COLUMNS})
+        """Add one epoch's record (missing standard columns become NaN; extra keys are kept)."""
+        row = {k: record.get(k, math.nan) for k in HISTORY_COLUMNS}
+        row.update((k, v) for k, v in record.items() if k not in HISTORY_COLUMNS)
+        self.records.append(row)
 
     def column(self, name: str) -> np.ndarray:
         """One column as a float array (NaN where not evaluated)."""
-        if name not in HISTORY_COLUMNS:
-            raise KeyError(f"unknown history column {name!r}; columns are {HISTORY_COLUMNS}")
-        return np.array([float(r[name]) for r in self.records], dtype=float)
+        if name not in self.columns:
+            raise KeyError(f"unknown history column {name!r}; columns are {self.columns}")
+        return np.array([float(r.get(name, math.nan)) for r in self.records], dtype=float)
 
     def to_list(self) -> list[dict[str, Any]]:
         """Records as plain dicts with NaN replaced by None (valid JSON)."""
-        return [{k: _nan_to_none(r[k]) for k in HISTORY_COLUMNS} for r in self.records]
+        cols = self.columns
+        return [{k: _nan_to_none(r.get(k, math.nan)) for k in cols} for r in self.records]
 
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write the records as a JSON list of objects (NaN as ``null``)."""
@@ -126,20 +161,27 @@ class History(Sequence):
         Floats are written with Python's round-trip ``repr``.
         """
         path = Path(path)
+        cols = self.columns
         with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(HISTORY_COLUMNS)
+            writer.writerow(cols)
             for r in self.records:
                 writer.writerow(["" if v is None else repr(v) for v in
-                                 (_nan_to_none(r[k]) for k in HISTORY_COLUMNS)])
+                                 (_nan_to_none(r.get(k, math.nan)) for k in cols)])
         return path
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> History:
         """Read a file written by :meth:`save_json` (``null`` back to NaN)."""
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls([{k: (math.nan if r.get(k) is None else r[k]) for k in HISTORY_COLUMNS}
-                    for r in rows])
+        return cls.load_json_records(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    @classmethod
+    def load_json_records(cls, rows: Sequence[Mapping[str, Any]]) -> History:
+        """From records as :meth:`to_list` gives them (``None`` back to NaN)."""
+        history = cls()
+        for r in rows:
+            history.append({k: (math.nan if v is None else v) for k, v in r.items()})
+        return history
 
 
 @dataclass
@@ -160,7 +202,8 @@ class TrainResult:
     history : History
         One record per completed epoch.
     optimizer_state : object
-        Optimiser state that goes with ``params`` (for resuming).
+        State of the training method that goes with ``params`` (for the gradient
+        method: the optimiser's state).
     steps : int
         Optimiser steps taken (good ones).
     epochs : int
@@ -179,7 +222,10 @@ class TrainResult:
         (NaN for validation without validation data).
     outputs : dict of str to Path
         Files written (keys ``"model"``, ``"history_json"``, ``"history_csv"``,
-        ``"plot"``); empty without ``output_dir``.
+        ``"plot"``, and ``"checkpoint"`` with ``checkpoint_every``); empty without
+        ``output_dir``.
+    method : TrainingMethod or None
+        The method that made the steps.
     """
 
     params: Params
@@ -198,20 +244,7 @@ class TrainResult:
     val_loss: float
     val_accuracy: float
     outputs: dict[str, Path] = field(default_factory=dict)
-
-
-def _first_nonfinite(loss_value: Any, grads: Mapping[str, np.ndarray]) -> str | None:
-    try:
-        lv = float(loss_value)
-    except (TypeError, ValueError):
-        raise TypeError(f"grad_fn must return (loss, grads) with a real loss, "
-                        f"got {type(loss_value).__name__}") from None
-    if not math.isfinite(lv):
-        return f"non-finite loss ({lv})"
-    for k, g in grads.items():
-        if not np.all(np.isfinite(g)):
-            return f"non-finite gradient of {k!r}"
-    return None
+    method: TrainingMethod | None = None
 
 
 def _all_finite(params: Mapping[str, np.ndarray]) -> bool:
@@ -228,12 +261,125 @@ def _progress_disable(progress: bool | str) -> bool | None:
     raise ValueError(f"progress must be True, False or 'force', got {progress!r}")
 
 
+def _fingerprint(data: Any) -> str:
+    """SHA-256 of the training and validation arrays (shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for attr in ("X_train", "y_train", "X_val", "y_val"):
+        a = np.ascontiguousarray(getattr(data, attr))
+        h.update(f"{attr}{a.shape}{a.dtype.str}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: everything :func:`train` needs to continue it exactly.
+
+    ``epoch_rng`` and ``next_batch`` describe the epoch in progress (``epochs_done +
+    1``): the shuffling generator's state *before* that epoch's permutation was drawn
+    and the number of its batches already done. ``next_batch == 0`` means the epoch has
+    not started; ``rng`` is then the generator's current state.
+    """
+
+    epochs_done: int = 0
+    steps: int = 0
+    next_batch: int = 0
+    batch_losses: list[float] = field(default_factory=list)
+    epoch_rng: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    history: History = field(default_factory=History)
+    best_params: Params | None = None
+    best_epoch: int | None = None
+    best_acc: float = -math.inf
+    elapsed: float = 0.0
+
+
+def _save_checkpoint(path: Path, network: ResNet, method: TrainingMethod, params: Params,
+                     state: Any, run: _Progress, identity: dict[str, Any]) -> Path:
+    entries: dict[str, Any] = {f"params.{k}": v for k, v in params.items()}
+    if run.best_params is not None:
+        entries.update({f"best.{k}": v for k, v in run.best_params.items()})
+    for k, v in method.state_dict(state).items():
+        if v is not None:
+            entries[f"state.{k}"] = np.asarray(v)
+    meta = dict(identity)
+    meta.update(
+        format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION,
+        epochs_done=run.epochs_done, steps=run.steps, next_batch=run.next_batch,
+        batch_losses=[float(v) for v in run.batch_losses], epoch_rng=run.epoch_rng,
+        rng=run.rng, history=run.history.to_list(), best_epoch=run.best_epoch,
+        best_acc=None if not math.isfinite(run.best_acc) else run.best_acc,
+        elapsed=run.elapsed,
+    )
+    entries["meta"] = np.array(json.dumps(meta, allow_nan=False))
+    _io._atomic_savez(path, entries)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`train` (``checkpoint_every``).
+
+    Returns
+    -------
+    dict
+        ``meta`` (the JSON record: network, method, batch size, seed, data
+        fingerprint, epochs and steps done, shuffling state, history), ``params``,
+        ``best_params`` (or None) and ``state`` (the method's flat state dict).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    with np.load(path, allow_pickle=False) as z:
+        d = {k: z[k] for k in z.files}
+    if "meta" not in d:
+        raise ValueError(f"{str(path)!r} is not a ptoc checkpoint (no 'meta' entry)")
+    meta = json.loads(str(d["meta"]))
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a ptoc checkpoint")
+    if meta.get("format_version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{str(path)!r} has checkpoint format version "
+                         f"{meta.get('format_version')}; this ptoc reads version "
+                         f"{CHECKPOINT_VERSION}")
+    best = group_state(d, "best")
+    return {"meta": meta, "params": group_state(d, "params"),
+            "best_params": best or None, "state": group_state(d, "state")}
+
+
+def _restore(ckpt: dict[str, Any], identity: dict[str, Any], network: ResNet,
+             method: TrainingMethod, epochs: int, path: Path) -> tuple[Params, Any, _Progress]:
+    meta = ckpt["meta"]
+    for key, what in (("network", "network"), ("method", "training method and its options"),
+                      ("batch_size", "batch size"), ("seed", "seed"),
+                      ("data", "data set (its arrays differ)"), ("eval_every", "eval_every")):
+        if meta.get(key) != identity[key]:
+            raise ValueError(f"cannot resume from {str(path)!r}: the {what} differs from the "
+                             f"run that wrote it ({meta.get(key)!r} there, {identity[key]!r} "
+                             "here)")
+    if meta["epochs_done"] > epochs:
+        raise ValueError(f"cannot resume from {str(path)!r}: it has done {meta['epochs_done']} "
+                         f"epochs, more than epochs={epochs}")
+    params = network.check_params(Params.from_dict(ckpt["params"]))
+    state = method.load_state(ckpt["state"], network, params)
+    history = History.load_json_records(meta["history"])
+    best = ckpt["best_params"]
+    run = _Progress(
+        epochs_done=meta["epochs_done"], steps=meta["steps"], next_batch=meta["next_batch"],
+        batch_losses=list(meta["batch_losses"]), epoch_rng=meta["epoch_rng"], rng=meta["rng"],
+        history=history,
+        best_params=None if best is None else network.check_params(Params.from_dict(best)),
+        best_epoch=meta["best_epoch"],
+        best_acc=-math.inf if meta["best_acc"] is None else meta["best_acc"],
+        elapsed=meta["elapsed"])
+    return params, state, run
+
+
 def train(
     network: ResNet,
     params: Params | Mapping[str, np.ndarray],
     data: Any,
     *,
-    optimizer: Optimizer = Adam(lr=3e-3),  # noqa: B008 - frozen, immutable dataclass
+    method: TrainingMethod | None = None,
+    optimizer: Optimizer | None = None,
     epochs: int = 100,
     batch_size: int | None = 50,
     target: Target | str = Target.CPU,
@@ -241,25 +387,33 @@ def train(
     grad_fn: GradFn | None = None,
     eval_every: int = 1,
     output_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
     progress: bool | Literal["force"] = True,
     callback: Callable[[dict[str, Any], Params], bool | None] | None = None,
 ) -> TrainResult:
-    """Train ``network`` from ``params`` on ``data`` with mini-batch ``optimizer`` steps.
+    """Train ``network`` from ``params`` on ``data``, one ``method`` step per batch.
 
     Parameters
     ----------
     network : ResNet
     params : Params or dict of arrays
         Initial parameters (not modified), e.g. ``network.init_params(seed)``.
+        Ignored when resuming (the checkpoint's are used).
     data : ptoc.data.Dataset
         Anything with ``X_train, y_train, X_val, y_val`` (the validation set may be
         empty).
-    optimizer : Optimizer
-        :class:`ptoc.optim.Adam` or :class:`ptoc.optim.SGD`; the default
-        ``Adam(lr=3e-3)`` (with ``epochs=100``, ``batch_size=50``) is the setting of
-        ``ptoc train``, tuned on Peaks.
+    method : TrainingMethod, optional
+        What a step does (:mod:`ptoc.methods`): e.g. :class:`ptoc.methods.GradientMethod`,
+        MSA, PGCL. Default: ``GradientMethod(optimizer, grad_fn, target)``. Give either
+        ``method`` or ``optimizer``/``grad_fn``, not both.
+    optimizer : Optimizer, optional
+        For the default gradient method: :class:`ptoc.optim.Adam`,
+        :class:`~ptoc.optim.SGD` or :class:`~ptoc.optim.LBFGS`; default
+        ``Adam(lr=3e-3)`` (with ``epochs=100``, ``batch_size=50``, the setting of
+        ``ptoc train``, tuned on Peaks).
     epochs : int
-        Passes over the training set.
+        Passes over the training set (in all, counting those of a resumed run).
     batch_size : int or None
         Samples per step; None, or a value ``>= n_train``, means full batch.
     target : Target or str
@@ -267,8 +421,8 @@ def train(
     seed : int
         Seed of the shuffling generator (see the module docstring for the protocol).
     grad_fn : callable, optional
-        ``grad_fn(params, X, y) -> (loss, grads)`` on one batch; default
-        ``ptoc.loss_and_grad(network, params, X, y, target=target)``.
+        For the default gradient method: ``grad_fn(params, X, y) -> (loss, grads)`` on
+        one batch; default ``ptoc.loss_and_grad(network, params, X, y, target=target)``.
     eval_every : int
         Evaluate training accuracy and validation loss and accuracy every this many
         epochs (and always after the last one).
@@ -277,6 +431,17 @@ def train(
         the final or last good parameters), ``history.json``, ``history.csv`` and
         ``training.png`` (:func:`ptoc.plotting.plot_history`) at the end, also after
         divergence or interruption.
+    checkpoint_every : int, optional
+        Write ``output_dir/checkpoint.npz`` (atomically: a temporary file, then a
+        rename) every this many steps, and at the end of the run (also after
+        divergence or interruption, with the last good state). It holds the
+        parameters, the method's state, the shuffling generator's state and the
+        history: everything needed to continue bit for bit.
+    resume : bool
+        Continue the run whose checkpoint is in ``output_dir``: the network, method,
+        batch size, seed, ``eval_every`` and data must be those of that run (else
+        ValueError); ``epochs`` may be larger. The result then equals, bit for bit,
+        that of a run never interrupted (the ``time`` column aside).
     progress : bool or "force"
         True: a tqdm bar over epochs on stderr, shown only when stderr is a terminal;
         False: none; ``"force"``: always.
@@ -292,7 +457,10 @@ def train(
     Raises
     ------
     ValueError
-        For invalid arguments or data that do not fit the network.
+        For invalid arguments, data that do not fit the network, or a checkpoint
+        that belongs to another run.
+    FileNotFoundError
+        When resuming and ``output_dir`` holds no checkpoint.
     ImportError
         When ``target`` is not available (e.g. ``"cuda"`` without a GPU).
 
@@ -316,14 +484,32 @@ def train(
     t_start = time.perf_counter()
     if not isinstance(network, ResNet):
         raise TypeError(f"network must be a ptoc.ResNet, got {type(network).__name__}")
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a ptoc.optim optimiser (Adam, SGD), "
-                        f"got {type(optimizer).__name__}")
+    if method is not None:
+        if optimizer is not None or grad_fn is not None:
+            raise ValueError("give either method= or optimizer=/grad_fn= (the gradient "
+                             "method's parts), not both")
+        if not isinstance(method, TrainingMethod):
+            raise TypeError(f"method must be a ptoc.methods.TrainingMethod, got "
+                            f"{type(method).__name__}")
+    else:
+        if optimizer is None:
+            optimizer = Adam(lr=3e-3)
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a ptoc.optim optimiser (Adam, SGD, LBFGS), "
+                            f"got {type(optimizer).__name__}")
+        if grad_fn is not None and not callable(grad_fn):
+            raise TypeError("grad_fn must be callable: grad_fn(params, X, y) -> (loss, grads)")
+        method = GradientMethod(optimizer, grad_fn, target)
     params = network.check_params(params)
     epochs = check_positive_int("epochs", epochs)
     eval_every = check_positive_int("eval_every", eval_every)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    checkpoint_every = check_positive_int("checkpoint_every", checkpoint_every,
+                                          allow_none=True)
+    if (checkpoint_every is not None or resume) and output_dir is None:
+        raise ValueError("checkpoint_every and resume need output_dir (where the "
+                         "checkpoint lives)")
     disable = _progress_disable(progress)
     target = Target.parse(target)
     backend(target)  # fail early (ImportError) when the target is unavailable
@@ -338,24 +524,31 @@ def train(
     n = X.shape[0]
     B = check_positive_int("batch_size", batch_size, allow_none=True)
     full_batch = B is None or B >= n
-    if grad_fn is None:
-        def grad_fn(p, Xb, yb):
-            return loss_and_grad(network, p, Xb, yb, target=target)
-    elif not callable(grad_fn):
-        raise TypeError("grad_fn must be callable: grad_fn(params, X, y) -> (loss, grads)")
     out_dir = None
     if output_dir is not None:
         out_dir = Path(output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"output_dir {str(out_dir)!r} exists and is not a directory")
+    from . import io as _io_mod
 
+    identity = {"network": _io_mod.network_to_dict(network),
+                "method": json.loads(json.dumps(method.config(), default=_io_mod._json_default)),
+                "batch_size": None if full_batch else B, "seed": int(seed),
+                "eval_every": eval_every, "data": _fingerprint(data)}
+    ckpt_path = None if out_dir is None else out_dir / CHECKPOINT_NAME
     rng = np.random.default_rng(int(seed))
-    state = optimizer.init(params)
-    history = History()
-    best_params: Params | None = None
-    best_epoch: int | None = None
-    best_acc = -math.inf
-    steps = 0
-    epochs_done = 0
+    if resume:
+        assert ckpt_path is not None
+        params, state, run = _restore(load_checkpoint(ckpt_path), identity, network, method,
+                                      epochs, ckpt_path)
+        if run.rng is not None:
+            rng.bit_generator.state = run.rng
+    else:
+        state = method.init(network, params)
+        run = _Progress()
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    t_offset = run.elapsed - t_start
     reason: str | None = None
     diverged = False
 
@@ -366,55 +559,70 @@ def train(
         return (train_acc, loss(network, p, X_val, y_val, target=target),
                 accuracy(network, p, X_val, y_val, target=target))
 
-    bar = tqdm(total=epochs, desc="training", unit="epoch", disable=disable,
-               file=sys.stderr, dynamic_ncols=True)
+    def checkpoint() -> None:
+        if checkpoint_every is None or ckpt_path is None:
+            return
+        run.rng = rng.bit_generator.state if run.next_batch == 0 else run.rng
+        run.elapsed = time.perf_counter() + t_offset
+        _save_checkpoint(ckpt_path, network, method, params, state, run, identity)
+
+    bar = tqdm(total=epochs, initial=run.epochs_done, desc="training", unit="epoch",
+               disable=disable, file=sys.stderr, dynamic_ncols=True)
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            for epoch in range(1, epochs + 1):
+            for epoch in range(run.epochs_done + 1, epochs + 1):
+                if run.next_batch == 0:
+                    run.epoch_rng = None if full_batch else rng.bit_generator.state
+                    run.batch_losses = []
+                elif run.epoch_rng is not None:
+                    rng.bit_generator.state = run.epoch_rng  # redraw the epoch's permutation
                 if full_batch:
                     batches: list[np.ndarray | None] = [None]
                 else:
                     perm = rng.permutation(n)
                     batches = [perm[i:i + B] for i in range(0, n, B)]
-                batch_losses: list[float] = []
-                for bi, idx in enumerate(batches):
+                for bi in range(run.next_batch, len(batches)):
+                    idx = batches[bi]
                     Xb, yb = (X, y) if idx is None else (X[idx], y[idx])
-                    loss_value, grads = grad_fn(params, Xb, yb)
-                    if not isinstance(grads, Params) and isinstance(grads, Mapping):
-                        grads = Params.from_dict(grads)
-                    where = (f"epoch {epoch}, step {steps + 1} "
+                    where = (f"epoch {epoch}, step {run.steps + 1} "
                              f"(batch {bi + 1} of {len(batches)})")
-                    bad = _first_nonfinite(loss_value, grads)
-                    if bad is None:
-                        def closure(p, Xb=Xb, yb=yb):
-                            return grad_fn(p, Xb, yb)
-                        new_params, new_state = optimizer.update(params, grads, state,
-                                                                 closure=closure)
-                        if not _all_finite(new_params):
+                    try:
+                        outcome = method.step(network, params, state, Xb, yb)
+                        bad = None
+                        if not math.isfinite(outcome.loss):
+                            bad = f"non-finite loss ({outcome.loss})"
+                        elif not _all_finite(outcome.params):
                             bad = "non-finite parameters after the update"
+                    except TrainingDivergedError as exc:
+                        bad = str(exc)
                     if bad is not None:
                         diverged = True
                         reason = (f"training diverged: {bad} at {where}; kept the parameters "
-                                  f"after step {steps}")
+                                  f"after step {run.steps}")
                         break
-                    params, state = new_params, new_state
-                    steps += 1
-                    batch_losses.append(float(loss_value))
+                    params, state = outcome.params, outcome.state
+                    run.steps += 1
+                    run.next_batch = bi + 1
+                    run.batch_losses.append(float(outcome.loss))
+                    if checkpoint_every is not None and run.steps % checkpoint_every == 0:
+                        checkpoint()
                 if diverged:
                     break
                 record: dict[str, Any] = {
                     "epoch": epoch,
-                    "steps": steps,
-                    "train_loss": float(np.mean(batch_losses)),
+                    "steps": run.steps,
+                    "train_loss": float(np.mean(run.batch_losses)),
                 }
                 if epoch % eval_every == 0 or epoch == epochs:
                     tr_acc, v_loss, v_acc = evaluate(params)
                     record.update(train_accuracy=tr_acc, val_loss=v_loss, val_accuracy=v_acc)
-                    if has_val and v_acc > best_acc:
-                        best_acc, best_epoch, best_params = v_acc, epoch, params.copy()
-                record["time"] = time.perf_counter() - t_start
-                history.append(record)
-                epochs_done = epoch
+                    if has_val and v_acc > run.best_acc:
+                        run.best_acc, run.best_epoch = v_acc, epoch
+                        run.best_params = params.copy()
+                record.update(method.metrics(network, params, state))
+                record["time"] = time.perf_counter() + t_offset
+                run.history.append(record)
+                run.epochs_done, run.next_batch, run.batch_losses = epoch, 0, []
                 post = {"loss": f"{record['train_loss']:.4f}"}
                 if "train_accuracy" in record:
                     post["acc"] = f"{record['train_accuracy']:.3f}"
@@ -422,26 +630,28 @@ def train(
                         post["val_acc"] = f"{record['val_accuracy']:.3f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
-                if callback is not None and callback(history[-1], params):
+                if callback is not None and callback(run.history[-1], params):
                     if epoch < epochs:
-                        reason = f"stopped by the callback after epoch {epoch}, step {steps}"
+                        reason = (f"stopped by the callback after epoch {epoch}, "
+                                  f"step {run.steps}")
                     break
     except KeyboardInterrupt:
-        reason = (f"interrupted (KeyboardInterrupt) during epoch {epochs_done + 1}; kept the "
-                  f"parameters after step {steps}")
+        reason = (f"interrupted (KeyboardInterrupt) during epoch {run.epochs_done + 1}; kept "
+                  f"the parameters after step {run.steps}")
     finally:
         bar.close()
+    checkpoint()
 
     tr_acc, v_loss, v_acc = evaluate(params)
     tr_loss = loss(network, params, X, y, target=target)
     result = TrainResult(
         params=params,
-        best_params=best_params,
-        best_epoch=best_epoch,
-        history=history,
+        best_params=run.best_params,
+        best_epoch=run.best_epoch,
+        history=run.history,
         optimizer_state=state,
-        steps=steps,
-        epochs=epochs_done,
+        steps=run.steps,
+        epochs=run.epochs_done,
         stopped_early=reason is not None,
         reason=reason,
         diverged=diverged,
@@ -450,21 +660,24 @@ def train(
         train_accuracy=tr_acc,
         val_loss=v_loss,
         val_accuracy=v_acc,
+        method=method,
     )
     if out_dir is not None:
-        result.outputs = _write_outputs(out_dir, network, result, optimizer, data,
+        result.outputs = _write_outputs(out_dir, network, result, method, data,
                                         batch_size=None if full_batch else B, seed=int(seed))
+        if checkpoint_every is not None and ckpt_path is not None:
+            result.outputs["checkpoint"] = ckpt_path
     result.wall_time = time.perf_counter() - t_start
     return result
 
 
-def _write_outputs(out_dir: Path, network: ResNet, result: TrainResult, optimizer: Optimizer,
+def _write_outputs(out_dir: Path, network: ResNet, result: TrainResult, method: TrainingMethod,
                    data: Any, *, batch_size: int | None, seed: int) -> dict[str, Path]:
     from .plotting import plot_history
 
     extra = {
         "data": getattr(data, "name", None),
-        "optimizer": optimizer.config(),
+        "method": method.config(),
         "batch_size": batch_size,
         "seed": seed,
         "epochs": result.epochs,
@@ -477,6 +690,8 @@ def _write_outputs(out_dir: Path, network: ResNet, result: TrainResult, optimize
         "val_loss": _nan_to_none(result.val_loss),
         "val_accuracy": _nan_to_none(result.val_accuracy),
     }
+    if isinstance(method, GradientMethod):
+        extra["optimizer"] = method.optimizer.config()
     outputs = {"model": _io.save_model(out_dir / "model.npz", network, result.params, extra)}
     outputs["history_json"] = result.history.save_json(out_dir / "history.json")
     outputs["history_csv"] = result.history.save_csv(out_dir / "history.csv")

@@ -1,0 +1,210 @@
+"""Training methods: what one optimisation step on a batch does.
+
+:func:`ptoc.training.train` owns the loop (batches, evaluation, history, divergence
+checks, checkpoints, progress); a :class:`TrainingMethod` owns the step. A method is
+a small object of options with an explicit state that the loop threads through::
+
+    state = method.init(network, params)
+    for each batch (X, y):
+        outcome = method.step(network, params, state, X, y)
+        params, state = outcome.params, outcome.state
+
+The methods of ``DESIGN.md`` sections 3-4:
+
+* :class:`GradientMethod`: an optimiser (:mod:`ptoc.optim`) on a gradient. The
+  gradient comes from ``grad_fn(params, X, y) -> (loss, grads)``: the exact serial
+  adjoint by default; :class:`ptoc.simultaneous.SimultaneousGradient` (a few
+  warm-started MGRIT iterations, Günther et al.) or a parareal neural ODE gradient
+  plug in here.
+* Hamiltonian methods (MSA, E-MSA, discrete weights; Li & Hao) and predict-globally-
+  correct-locally (Parpas & Muir) subclass :class:`TrainingMethod` directly.
+
+Checkpoints. :meth:`TrainingMethod.state_dict` turns a state into a flat dict of
+NumPy arrays and scalars that :func:`numpy.savez` stores; :meth:`load_state` takes
+that dict back (also as :func:`numpy.load` returns it) and rebuilds the state
+exactly, so a resumed run continues bit for bit. A method whose ``grad_fn`` or
+helper keeps memory between steps (a warm start) must put it in the state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .kernels import Target
+from .model import Params, ResNet
+from .optim import Adam, Optimizer
+from .sweeps import loss_and_grad
+
+__all__ = [
+    "GradientMethod",
+    "StepOutcome",
+    "TrainingDivergedError",
+    "TrainingMethod",
+    "group_state",
+]
+
+
+class TrainingDivergedError(RuntimeError):
+    """Raised by a method's :meth:`~TrainingMethod.step` when something it computed is
+    not finite; :func:`ptoc.training.train` stops, keeps the last good parameters and
+    reports the message."""
+
+
+@dataclass
+class StepOutcome:
+    """What one :meth:`TrainingMethod.step` returns.
+
+    Attributes
+    ----------
+    loss : float
+        The objective ``J`` on the batch at the parameters *before* the step.
+    params : Params
+        The parameters after the step.
+    state : object
+        The method's state after the step.
+    info : dict
+        Optional per-step numbers (e.g. residuals, layer steps), for logging.
+    """
+
+    loss: float
+    params: Params
+    state: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingMethod:
+    """Interface of a training method (see the module docstring).
+
+    Subclasses implement :meth:`init`, :meth:`step`, :meth:`state_dict`,
+    :meth:`load_state` and :meth:`config`; :meth:`metrics` is optional.
+    """
+
+    #: Short name, as used by ``ptoc train --method``.
+    name: ClassVar[str] = ""
+
+    def init(self, network: ResNet, params: Params) -> Any:  # pragma: no cover - interface
+        """The state before the first step."""
+        raise NotImplementedError
+
+    def step(self, network: ResNet, params: Params, state: Any, X: np.ndarray,
+             y: np.ndarray) -> StepOutcome:  # pragma: no cover - interface
+        """One optimisation step on the batch ``(X, y)``.
+
+        Must not modify ``params`` or ``state`` in place. Raises
+        :class:`TrainingDivergedError` when a computed quantity is not finite.
+        """
+        raise NotImplementedError
+
+    def state_dict(self, state: Any) -> dict[str, Any]:  # pragma: no cover - interface
+        """Flat dict of arrays and scalars (copies) describing ``state``."""
+        raise NotImplementedError
+
+    def load_state(self, d: Mapping[str, Any], network: ResNet,
+                   params: Params) -> Any:  # pragma: no cover - interface
+        """Inverse of :meth:`state_dict`."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:  # pragma: no cover - interface
+        """JSON-serialisable description (name and options), stored with checkpoints."""
+        raise NotImplementedError
+
+    def metrics(self, network: ResNet, params: Params, state: Any) -> dict[str, float]:
+        """Extra per-epoch numbers for the history (e.g. the fraction of nonzero
+        weights); none by default."""
+        return {}
+
+
+def group_state(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Entries of a flat state dict under ``prefix + "."``, with the prefix removed."""
+    start = prefix + "."
+    return {k[len(start):]: v for k, v in d.items() if k.startswith(start)}
+
+
+@dataclass
+class GradientMethod(TrainingMethod):
+    """``params <- optimizer.update(params, grad_fn(params, X, y))``.
+
+    Parameters
+    ----------
+    optimizer : Optimizer
+        :class:`ptoc.optim.SGD`, :class:`~ptoc.optim.Adam` or
+        :class:`~ptoc.optim.LBFGS` (whose line search evaluates ``grad_fn`` again on
+        the same batch).
+    grad_fn : callable, optional
+        ``grad_fn(params, X, y) -> (loss, grads)``; default the exact serial adjoint
+        :func:`ptoc.loss_and_grad` on ``target``. If it has ``state_dict()`` and
+        ``load_state(d)`` methods (as :class:`ptoc.simultaneous.SimultaneousGradient`
+        does for its warm start), its memory is part of the checkpoint.
+    target : Target or str
+        Kernel target of the default ``grad_fn``.
+    """
+
+    name: ClassVar[str] = "gradient"
+
+    optimizer: Optimizer = field(default_factory=lambda: Adam(lr=3e-3))
+    grad_fn: Callable[[Params, np.ndarray, np.ndarray], tuple[float, Any]] | None = None
+    target: Target | str = Target.CPU
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a ptoc.optim optimiser (SGD, Adam, LBFGS), "
+                            f"got {type(self.optimizer).__name__}")
+        if self.grad_fn is not None and not callable(self.grad_fn):
+            raise TypeError("grad_fn must be callable: grad_fn(params, X, y) -> (loss, grads)")
+        self.target = Target.parse(self.target)
+
+    def _gradient(self, network: ResNet, params: Params, X: np.ndarray,
+                  y: np.ndarray) -> tuple[float, Params]:
+        if self.grad_fn is None:
+            return loss_and_grad(network, params, X, y, target=self.target)
+        value, grads = self.grad_fn(params, X, y)
+        if not isinstance(grads, Params) and isinstance(grads, Mapping):
+            grads = Params.from_dict(grads)
+        return value, grads
+
+    def init(self, network: ResNet, params: Params) -> Any:
+        return self.optimizer.init(params)
+
+    def step(self, network: ResNet, params: Params, state: Any, X: np.ndarray,
+             y: np.ndarray) -> StepOutcome:
+        value, grads = self._gradient(network, params, X, y)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"grad_fn must return (loss, grads) with a real loss, "
+                            f"got {type(value).__name__}") from None
+        if not np.isfinite(value):
+            raise TrainingDivergedError(f"non-finite loss ({value})")
+        for k, g in grads.items():
+            if not np.all(np.isfinite(g)):
+                raise TrainingDivergedError(f"non-finite gradient of {k!r}")
+
+        def closure(p):
+            return self._gradient(network, p, X, y)
+
+        new_params, new_state = self.optimizer.update(params, grads, state, closure=closure)
+        return StepOutcome(value, new_params, new_state)
+
+    def state_dict(self, state: Any) -> dict[str, Any]:
+        d = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict(state).items()}
+        saver = getattr(self.grad_fn, "state_dict", None)
+        if callable(saver):
+            d.update({f"grad_fn.{k}": v for k, v in saver().items()})
+        return d
+
+    def load_state(self, d: Mapping[str, Any], network: ResNet, params: Params) -> Any:
+        loader = getattr(self.grad_fn, "load_state", None)
+        if callable(loader):
+            loader(group_state(d, "grad_fn"))
+        return self.optimizer.load_state(group_state(d, "optimizer"))
+
+    def config(self) -> dict[str, Any]:
+        # a user's function cannot describe itself: it is "custom", and resuming trusts
+        # the caller to pass the same one
+        grad = "exact" if self.grad_fn is None else getattr(
+            self.grad_fn, "config", lambda: "custom")()
+        return {"name": self.name, "optimizer": self.optimizer.config(), "gradient": grad}
