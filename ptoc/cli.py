@@ -38,10 +38,22 @@ METHODS = {
     "serial": "exact gradients from the serial state and adjoint sweeps (the default)",
     "simultaneous": "Guenther et al. 2020: each step runs only --mgrit-iterations MGRIT "
                     "iterations per sweep, warm-started from the previous step",
+    "node": "Lorin: the neural ODE x' = sigma(K(t)x + b(t)) with a --scheme fine solver, "
+            "solved by parareal over --chunks with an order-raising --schedule",
 }
 
-#: Defaults of the options that only ``--method simultaneous`` reads.
-SIMULTANEOUS_DEFAULTS = {"mgrit_iterations": 2, "coarsening": 4, "ranks": 1}
+#: Defaults of the options that only some methods read.
+METHOD_OPTION_DEFAULTS = {
+    "mgrit_iterations": 2, "coarsening": 4, "ranks": 1,
+    "scheme": "rk4", "substeps": 1, "chunks": 1, "schedule": None, "parareal_iterations": None,
+}
+
+#: Which of :data:`METHOD_OPTION_DEFAULTS` each method reads.
+METHOD_OPTIONS = {
+    "serial": (),
+    "simultaneous": ("mgrit_iterations", "coarsening", "ranks"),
+    "node": ("scheme", "substeps", "chunks", "schedule", "parareal_iterations"),
+}
 
 PROG = "ptoc"
 
@@ -199,13 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=tuple(METHODS) + ("list",),
                    help="training method; '--method' alone lists them, one line each")
     g.add_argument("--mgrit-iterations", type=_positive_int,
-                   default=SIMULTANEOUS_DEFAULTS["mgrit_iterations"],
+                   default=METHOD_OPTION_DEFAULTS["mgrit_iterations"],
                    help="simultaneous: MGRIT iterations per sweep and optimisation step")
     g.add_argument("--coarsening", type=_positive_int,
-                   default=SIMULTANEOUS_DEFAULTS["coarsening"],
+                   default=METHOD_OPTION_DEFAULTS["coarsening"],
                    help="simultaneous: MGRIT coarsening factor m (>= 2)")
-    g.add_argument("--ranks", type=_positive_int, default=SIMULTANEOUS_DEFAULTS["ranks"],
+    g.add_argument("--ranks", type=_positive_int, default=METHOD_OPTION_DEFAULTS["ranks"],
                    help="simultaneous: simulated ranks the layers are split over")
+    g.add_argument("--scheme", choices=("euler", "heun", "rk4"),
+                   default=METHOD_OPTION_DEFAULTS["scheme"],
+                   help="node: fine Runge-Kutta scheme (Euler with --substeps 1 is the ResNet)")
+    g.add_argument("--substeps", type=_positive_int, default=METHOD_OPTION_DEFAULTS["substeps"],
+                   help="node: fine steps per layer (piece of constant weights)")
+    g.add_argument("--chunks", type=_positive_int, default=METHOD_OPTION_DEFAULTS["chunks"],
+                   help="node: parareal chunks P (1: a serial solve)")
+    g.add_argument("--schedule", default=METHOD_OPTION_DEFAULTS["schedule"],
+                   metavar="S1,S2,...",
+                   help="node: fine scheme per parareal iteration, e.g. euler,heun,rk4 "
+                   "(default: --scheme throughout)")
+    g.add_argument("--parareal-iterations", type=_nonnegative_int,
+                   default=METHOD_OPTION_DEFAULTS["parareal_iterations"],
+                   help="node: most parareal iterations per step (default: enough to be "
+                   "exact)")
     g = t.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("adam", "sgd", "lbfgs"), default="adam",
                    help="optimiser (lbfgs: memory 10, Armijo backtracking from --lr; use it "
@@ -260,14 +287,42 @@ def _default_output() -> Path:
     return out
 
 
+def _check_method_options(args: argparse.Namespace) -> None:
+    """Options given that ``--method`` does not read are an error, not silently ignored."""
+    reads = METHOD_OPTIONS[args.method]
+    for name, default in METHOD_OPTION_DEFAULTS.items():
+        if name not in reads and getattr(args, name) != default:
+            users = [m for m, opts in METHOD_OPTIONS.items() if name in opts]
+            flag = "--" + name.replace("_", "-")
+            raise _Error(f"argument {flag}: only applies to --method "
+                         + " or ".join(users) + f", not {args.method}")
+
+
+def _node_grad_fn(args: argparse.Namespace, network):
+    from ptoc.node import NeuralODEGradient, NODEParareal
+
+    try:
+        if args.chunks == 1 and args.schedule is None and args.parareal_iterations is None:
+            return NeuralODEGradient(network, scheme=args.scheme, substeps=args.substeps)
+        schedule = (args.scheme,) if args.schedule is None else tuple(
+            part.strip() for part in args.schedule.split(","))
+        if args.schedule is not None and args.scheme != METHOD_OPTION_DEFAULTS["scheme"]:
+            raise ValueError("give --scheme or --schedule, not both (the schedule's last "
+                             "scheme is the fine solver)")
+        opts = NODEParareal(args.chunks, schedule=schedule,
+                            max_iterations=args.parareal_iterations)
+        return NeuralODEGradient(network, substeps=args.substeps, parareal=opts)
+    except ValueError as exc:
+        raise _Error(f"--method node: {exc}") from None
+
+
 def _grad_fn(args: argparse.Namespace, network):
-    """The ``grad_fn`` of ``--method`` (None for serial)."""
+    """The ``grad_fn`` of a gradient ``--method`` (None for serial)."""
+    _check_method_options(args)
     if args.method == "serial":
-        for name, default in SIMULTANEOUS_DEFAULTS.items():
-            if getattr(args, name) != default:
-                flag = "--" + name.replace("_", "-")
-                raise _Error(f"argument {flag}: only applies to --method simultaneous")
         return None
+    if args.method == "node":
+        return _node_grad_fn(args, network)
     from ptoc.parallel import MGRIT
     from ptoc.parallel.driver import check_layout
     from ptoc.simultaneous import SimultaneousGradient
@@ -401,9 +456,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"target {args.target}, seed {args.seed}; output in {output}")
     if resume:
         say(f"ptoc: resuming from {output / CHECKPOINT_NAME}")
-    if grad_fn is not None:
+    if args.method == "simultaneous":
         say(f"ptoc: simultaneous layer-parallel training, {grad_fn.solver!r} on "
             f"{args.ranks} simulated rank(s)")
+    elif args.method == "node":
+        say(f"ptoc: neural ODE, {grad_fn.scheme.value} with {grad_fn.substeps} step(s) per "
+            f"layer, {grad_fn.parareal or 'serial solve'}")
     try:
         result = train(
             network, params, data, method=method, epochs=args.epochs,

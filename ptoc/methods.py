@@ -112,6 +112,13 @@ class TrainingMethod:
         """JSON-serialisable description (name and options), stored with checkpoints."""
         raise NotImplementedError
 
+    def evaluator(self) -> Callable[[Params, np.ndarray, np.ndarray],
+                                    tuple[float, float]] | None:
+        """``evaluate(params, X, y) -> (J, accuracy)`` of the model this method trains, when
+        it is not the ResNet of ``DESIGN.md`` section 1 (e.g. a neural ODE); None (the
+        default) means the ResNet's own :func:`ptoc.loss` and :func:`ptoc.accuracy`."""
+        return None
+
     def metrics(self, network: ResNet, params: Params, state: Any) -> dict[str, float]:
         """Extra per-epoch numbers for the history (e.g. the fraction of nonzero
         weights); none by default."""
@@ -168,6 +175,10 @@ class GradientMethod(TrainingMethod):
 
     def init(self, network: ResNet, params: Params) -> Any:
         return self.optimizer.init(params)
+
+    def evaluator(self):
+        """The ``grad_fn``'s ``evaluate`` method if it has one (a neural ODE's), else None."""
+        return getattr(self.grad_fn, "evaluate", None)
 
     def step(self, network: ResNet, params: Params, state: Any, X: np.ndarray,
              y: np.ndarray) -> StepOutcome:

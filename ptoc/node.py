@@ -1076,6 +1076,25 @@ class NeuralODEGradient:
         """Forget the records."""
         self.records.clear()
 
+    def config(self) -> dict[str, Any]:
+        """Description for checkpoints and model files."""
+        return {"name": "node", "scheme": Scheme.parse(self.scheme).value,
+                "substeps": self.substeps, "parareal": repr(self.parareal)}
+
+    def evaluate(self, params: Params | Mapping[str, np.ndarray], X: np.ndarray,
+                 y: np.ndarray) -> tuple[float, float]:
+        """``(J, accuracy)`` of the neural ODE being trained, from a serial solve with the
+        final fine scheme (what :func:`ptoc.training.train` reports per epoch)."""
+        p = self.network.check_params(params)
+        X, y = check_inputs(self.network, X, y)
+        x0, _ = opening_forward(self.network, p, X)
+        opts = _resolve(self.network, self.scheme, self.substeps, None)
+        sol = _solve(self.network, p, x0, opts)
+        value, *_ = classifier_loss(p, sol.final_state, y)
+        scores = sol.final_state @ p.W.T + p.mu
+        accuracy = float(np.mean(np.argmax(scores, axis=1) == y))
+        return float(value + regulariser(self.network, p)), accuracy
+
     def __call__(self, params: Params | Mapping[str, np.ndarray], X: np.ndarray,
                  y: np.ndarray) -> tuple[float, Params | dict[str, np.ndarray]]:
         loss, grads, sol = node_loss_and_grad(self.network, params, X, y, scheme=self.scheme,

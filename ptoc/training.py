@@ -552,7 +552,13 @@ def train(
     reason: str | None = None
     diverged = False
 
+    model_eval = method.evaluator()
+
     def evaluate(p: Params) -> tuple[float, float, float]:
+        if model_eval is not None:
+            train_acc = model_eval(p, X, y)[1]
+            return (train_acc, *model_eval(p, X_val, y_val)) if has_val \
+                else (train_acc, math.nan, math.nan)
         train_acc = accuracy(network, p, X, y, target=target)
         if not has_val:
             return train_acc, math.nan, math.nan
@@ -643,7 +649,8 @@ def train(
     checkpoint()
 
     tr_acc, v_loss, v_acc = evaluate(params)
-    tr_loss = loss(network, params, X, y, target=target)
+    tr_loss = (loss(network, params, X, y, target=target) if model_eval is None
+               else model_eval(params, X, y)[0])
     result = TrainResult(
         params=params,
         best_params=run.best_params,

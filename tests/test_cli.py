@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ptoc
-from ptoc.cli import main
+from ptoc.cli import METHODS, main
 from ptoc.io import load_model
 
 FAST = ["train", "--epochs", "1", "--depth", "4", "--width", "4", "--batch-size", "500"]
@@ -102,6 +102,12 @@ def test_help_lists_subcommands_and_every_train_option(capsys):
         (["--mgrit-iterations", "3"], "--mgrit-iterations"),
         (["--method", "simultaneous", "--coarsening", "1"], "coarsening"),
         (["--method", "simultaneous", "--ranks", "40"], "--method simultaneous"),
+        (["--substeps", "2"], "--substeps"),
+        (["--method", "simultaneous", "--chunks", "2"], "--chunks"),
+        (["--method", "node", "--chunks", "40", "--depth", "8"], "chunks"),
+        (["--method", "node", "--schedule", "euler,rk5"], "rk5"),
+        (["--method", "node", "--scheme", "heun", "--schedule", "euler,rk4"], "--schedule"),
+        (["--checkpoint-every", "0"], "--checkpoint-every"),
     ],
 )
 def test_bad_options_exit_2_with_one_clear_line(argv, option, capsys, tmp_path):
@@ -115,7 +121,8 @@ def test_bad_options_exit_2_with_one_clear_line(argv, option, capsys, tmp_path):
 def test_method_alone_lists_the_methods(capsys):
     assert main(["train", "--method"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["serial", "simultaneous"]
+    assert [line.split()[0] for line in lines] == list(METHODS)
+    assert {"serial", "simultaneous", "node"} <= set(METHODS)
     assert all(len(line.split(maxsplit=1)[1]) > 20 for line in lines)
 
 
@@ -190,3 +197,51 @@ def test_python_dash_m_ptoc():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--width" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_node_training_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "node", "--chunks", "4", "--schedule", "euler,heun,rk4",
+                 "--parareal-iterations", "3", "--depth", "8", "--epochs", "6",
+                 "--batch-size", "full", "--optimizer", "adam", "--lr", "0.02",
+                 "--output", str(out), "-q"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    _, params, extra = ptoc.io.load_model(out / "model.npz")
+    assert extra["method"]["gradient"]["name"] == "node"
+    assert extra["method"]["gradient"]["scheme"] == "rk4"
+    net = ptoc.ResNet(width=8, depth=8, T=5.0, n_in=2, n_classes=5, gamma=1e-4,
+                      gamma_t=1e-4, gamma_c=1e-4)
+    data = ptoc.data.peaks()
+    # the reported validation loss is the neural ODE's (serial RK4), not the ResNet's
+    from ptoc.node import node_loss
+    assert history[-1]["val_loss"] == node_loss(net, params, data.X_val, data.y_val,
+                                                scheme="rk4")
+
+
+def test_resume_takes_its_options_from_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--depth", "4", "--width", "3", "--batch-size", "500", "--seed", "1",
+            "--checkpoint-every", "4", "-q"]
+    assert main([*base, "--epochs", "2", "--output", str(out)]) == 0
+    stored = json.loads((out / "run.json").read_text())
+    assert stored["depth"] == 4 and stored["seed"] == 1 and "output" not in stored
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--seed" in err and "run.json" in err and "Traceback" not in err
+    assert main(["train", "--resume", str(out), "--output", str(tmp_path / "x")]) == 2
+    assert "--output" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "run.json" in capsys.readouterr().err
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "run.json").write_text((out / "run.json").read_text())
+    assert main(["train", "--resume", str(tmp_path / "early")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    # a finished run continued to 4 epochs equals a 4-epoch run
+    assert main(["train", "--resume", str(out), "--epochs", "4", "-q"]) == 0
+    assert main([*base, "--epochs", "4", "--output", str(tmp_path / "whole")]) == 0
+    _, a, _ = ptoc.io.load_model(out / "model.npz")
+    _, b, _ = ptoc.io.load_model(tmp_path / "whole" / "model.npz")
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k

@@ -338,6 +338,15 @@ def test_training_with_the_parareal_node_gradient_decreases_the_loss():
     assert all(r.iterations == 3 and r.fine_steps_critical < r.fine_steps
                for r in grad.records)
     assert grad.records[-1].to_dict()["rhs_evaluations"] == grad.records[-1].rhs_evaluations
+    # the epoch reports are the neural ODE's (serial RK4), not the Euler ResNet's
+    serial_end = node_loss(net, result.params, data.X_train, data.y_train, scheme="rk4")
+    assert result.train_loss == serial_end
+    assert result.train_loss != ptoc.loss(net, result.params, data.X_train, data.y_train)
+    scores = node_forward(net, result.params, data.X_val, scheme="rk4").final_state \
+        @ result.params.W.T + result.params.mu
+    assert result.val_accuracy == np.mean(np.argmax(scores, axis=1) == data.y_val)
+    assert result.val_loss == node_loss(net, result.params, data.X_val, data.y_val,
+                                        scheme="rk4")
 
 
 def test_gradient_class_keeps_records_and_the_key_types():
