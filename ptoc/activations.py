@@ -83,3 +83,22 @@ def dsigma(a: np.ndarray, activation: Activation) -> np.ndarray:
         return step
     eta = a.dtype.type(SMOOTHRELU_ETA) if a.dtype.kind == "f" else SMOOTHRELU_ETA
     return np.where(np.abs(a) < eta, a / (2 * eta) + a.dtype.type(0.5), step)
+
+
+def second_derivative(a: np.ndarray, activation: Activation) -> np.ndarray:
+    """Vectorised second derivative ``sigma''(a)`` (NumPy only; no compiled form).
+
+    ``tanh``: ``-2 tanh(a) (1 - tanh(a)^2)``; ReLU: 0 (almost everywhere);
+    SmoothReLU: ``1/(2 eta)`` on ``|a| < eta``, 0 elsewhere. NaN stays NaN. Used by the
+    co-state penalty of E-MSA (:mod:`ptoc.msa`).
+    """
+    a = np.asarray(a)
+    activation = Activation.parse(activation)
+    if activation is Activation.TANH:
+        t = np.tanh(a)
+        return -2 * t * (1 - t * t)
+    zero = np.where(np.isnan(a), a, np.zeros_like(a))
+    if activation is Activation.RELU:
+        return zero
+    eta = a.dtype.type(SMOOTHRELU_ETA) if a.dtype.kind == "f" else SMOOTHRELU_ETA
+    return np.where(np.abs(a) < eta, 1 / (2 * eta) + zero, zero)

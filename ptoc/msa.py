@@ -1,0 +1,976 @@
+r"""Method of successive approximations: MSA, E-MSA and discrete-weight training.
+
+Training by the discrete Pontryagin maximum principle instead of by gradients
+(``DESIGN.md`` section 3): Li & Hao, "An optimal control approach to deep learning and
+applications to discrete-weight neural networks", ICML 2018 (arXiv:1803.01299; the
+discrete-time MSA, its error-controlled form and, in their section on discrete
+weights, the binary and ternary updates), and Li, Chen, Tai & E, "Maximum principle
+based algorithms for deep learning", JMLR 18 (2018) (the extended Hamiltonian of
+E-MSA). Equations below are written in ptoc's conventions: co-state ``p = -lambda``,
+row-wise batches, ``Phi_n(x; theta) = x + h sigma(K x + b)``.
+
+One step on a batch of ``S`` samples, for every method here:
+
+1. forward sweep: states ``x_0 .. x_N`` (:func:`ptoc.sweeps.forward`);
+2. backward sweep: co-states ``p_n = -lambda_n`` (:func:`ptoc.sweeps.adjoint`);
+3. every residual layer ``n``, independently of the others (so in parallel; here all
+   layers are processed together as one stack of arrays with a leading layer axis,
+   each with its own line search), increases its own objective in
+   ``theta_n = (K_n, b_n)``, with the neighbouring layers' regulariser terms held at
+   their current values;
+4. the head (classifier ``W, mu`` and a dense opening layer ``K_in, b_in``, which have no
+   layer Hamiltonian) takes one step of a gradient optimiser (default Adam) on the
+   gradient of ``J`` from the same sweeps.
+
+E-MSA (:class:`EMSA`) and MSA (:class:`MSA`, ``rho = 0``)
+---------------------------------------------------------
+
+Layer ``n`` maximises the extended Hamiltonian (``DESIGN.md`` section 3, E-MSA)
+
+.. math::
+
+    F_n(\theta) = \sum_s H_n(x_{n,s}, p_{n+1,s}, \theta)
+      - \frac{\rho}{2S} \sum_s \| x_{n+1,s} - \Phi_n(x_{n,s}; \theta) \|^2
+      - \frac{\rho S}{2} \sum_s \| p_{n,s} - \nabla_x H_n(x_{n,s}, p_{n+1,s}, \theta) \|^2,
+
+with ``sum_s H_n = sum_s p_{n+1,s} . Phi_n(x_{n,s}; theta) - R_n(theta)`` and
+``grad_x H_n(x, p, theta) = p + h K^T (sigma'(K x + b) * p)``.
+
+*How ``rho`` is scaled, and why.* ptoc's co-states carry the batch mean:
+``lambda_N = dPhi/dx_N`` includes ``1/S`` (``DESIGN.md`` section 2), so ``p_{n,s} = P_{n,s}/S``
+with per-sample co-states ``P_{n,s}`` of size O(1) that do not depend on ``S``. Li, Chen,
+Tai & E write the extended Hamiltonian per sample, with per-sample co-states, and
+maximise its batch *mean*:
+
+.. math::
+
+    \frac1S \sum_s \Big[ P_{n+1,s} \cdot \Phi_n(x_{n,s}; \theta)
+      - \frac{\rho}{2} \| x_{n+1,s} - \Phi_n(x_{n,s}; \theta) \|^2
+      - \frac{\rho}{2} \| P_{n,s} - \nabla_x \mathcal{H}_n(x_{n,s}, P_{n+1,s}, \theta) \|^2
+      \Big] - R_n(\theta).
+
+Substituting ``P = S p`` and using that ``grad_x H`` is linear in the co-state
+(``grad_x H(x, S p) = S grad_x H(x, p)``): the first term is ``sum_s p_{n+1,s} . Phi_n``;
+the state term is ``rho/(2S) sum_s ||.||^2``; the co-state term is
+``(1/S) (rho/2) S^2 sum_s ||p_{n,s} - grad_x H_n(x_{n,s}, p_{n+1,s}, theta)||^2``, which
+is ``(rho S/2) sum_s ||.||^2``.
+That is ``F_n`` above. Every term is a batch mean of per-sample O(1) quantities, so
+the same ``rho`` means the same trade-off for any batch size. (For a small change
+``delta theta`` both penalties are O(``rho h^2 ||delta theta||^2``), since ``Phi_n`` and
+``grad_x H_n`` depend on ``theta`` through ``h sigma(.)``: a "large" ``rho`` is large
+compared with ``1/h^2``.)
+
+At the current weights ``theta = theta_n`` both residuals vanish (the sweeps satisfy
+``x_{n+1} = Phi_n(x_n)`` and ``p_n = grad_x H_n``), and so do the penalties' gradients;
+hence ``grad F_n(theta_n) = grad_theta sum_s H_n = -dJ/dtheta_n`` for every ``rho``.
+
+The gradient used by the inner solver, with ``a_s = K x_s + b``,
+``r_s = x_{n+1,s} - Phi_n(x_s; theta)``, ``u_s = sigma'(a_s) * p_{n+1,s}``,
+``q_s = p_{n,s} - p_{n+1,s} - h K^T u_s`` and
+``v_s = (K q_s) * sigma''(a_s) * p_{n+1,s}``:
+
+.. math::
+
+    \partial_K F_n = \sum_s g_s x_s^T + \rho S h \sum_s u_s q_s^T - \partial_K R_n,
+    \quad
+    \partial_b F_n = \sum_s g_s - \partial_b R_n,
+    \quad
+    g_s = h u_s + \frac{\rho h}{S} \sigma'(a_s) * r_s + \rho S h\, v_s .
+
+It is checked against central finite differences in ``tests/test_msa.py``.
+
+Inner solver (:class:`InnerSolver`): ``inner_steps`` iterations per layer of either
+gradient ascent (``"gradient"``) or L-BFGS (``"lbfgs"``, Nocedal & Wright Algorithm 7.4
+per layer, memory ``inner_steps``), each with a backtracking Armijo line search on
+``F_n``: trial steps ``t = lr, lr backtrack, ...`` (L-BFGS: ``t = 1, backtrack, ...`` once it
+has a curvature pair) until ``F_n(theta + t d) >= F_n(theta) + c1 t grad F_n . d``. A layer
+whose line search accepts no step keeps its weights (and stops for this outer step).
+So every layer's ``F_n`` never decreases, which is the condition of the error estimate
+of Li & Hao / Li, Chen, Tai & E: for ``rho`` large enough, ``J`` decreases by at least
+the total increase of the ``F_n`` (up to the head update), which ``tests/test_msa.py``
+checks step by step.
+
+Discrete weights (:class:`DiscreteMSA`)
+---------------------------------------
+
+Layer ``n`` has ``K_n = a_n W_n`` with ``W_n`` in ``{-1, 0, +1}`` (ternary) or ``{-1, +1}``
+(binary) and a scale ``a_n = exp(s_n) > 0``; ``params.K`` is always exactly ``a_n W_n``
+(``a_n * (+-1)`` and ``a_n * 0`` are exact in floating point). One step:
+
+* ``M_n <- beta M_n + (1 - beta) M_n^batch`` with ``M_n^batch = d(sum_s H_n)/dW_n =
+  -a_n dJ/dK_n`` (Li & Hao's moving average of the linearised Hamiltonian);
+* ``W_n <- argmax_w  Mhat_n w - lam |w| - rho_k (w - W_n)^2`` entry by entry
+  (:func:`ptoc.discrete.ternary_maximiser` / :func:`~ptoc.discrete.binary_maximiser`), where
+  ``Mhat_n = M_n / mean|M_n|``: ``rho`` and ``lam`` are *dimensionless*, in units of the
+  layer's mean ``|M|``. With ``c = Mhat + 2 rho_k W``, an entry is nonzero iff
+  ``|c| > lam + rho_k``; so ``lam = 1`` roughly zeroes every entry whose Hamiltonian slope is
+  below the layer average. Normalising also makes the (uncorrected) start of the moving
+  average harmless: a common factor does not change the maximiser.
+* ``rho_k`` follows :class:`RhoSchedule` (constant, or growing with the step ``k`` so that
+  the weights settle, as Li & Hao do);
+* the log-scales ``s_n``, the biases ``b_n`` and the head take one step of ``optimizer``
+  (default Adam) on ``dJ/ds_n = a_n <dJ/dK_n, W_n>``, ``dJ/db_n`` and the head gradient, all
+  from the same sweep. A gradient step rather than the least-squares closed form
+  ``a = <K, W>/<W, W>``: there is no float ``K`` to fit after the first step, and ``J``
+  is smooth in ``s_n``.
+
+Initial weights (:meth:`DiscreteMSA.init`): ternary ``W = sign(K)`` where
+``|K| > init_threshold mean|K_n|`` (default 0.7, the usual ternary threshold) and 0
+elsewhere; binary ``W = sign(K)`` (+1 at 0); ``a_n = <K_n, W_n>/<W_n, W_n>``, the scale that
+makes ``a_n W_n`` closest to ``K_n`` in the Frobenius norm.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ._options import parse_option
+from ._validate import check_inputs
+from .activations import Activation, dsigma, second_derivative, sigma
+from .discrete import binary_maximiser, ternary_maximiser
+from .kernels import Target
+from .methods import StepOutcome, TrainingDivergedError, TrainingMethod, group_state
+from .model import Params, ResNet
+from .objective import add_regulariser_grad, classifier_loss, opening_backward, regulariser
+from .optim import SGD, Adam, Optimizer, make_optimizer
+from .sweeps import adjoint, forward, loss_and_grad
+
+__all__ = [
+    "EMSA",
+    "MSA",
+    "DiscreteMSA",
+    "DiscreteState",
+    "EMSAState",
+    "InnerSolver",
+    "RhoSchedule",
+    "WeightSet",
+    "extended_hamiltonian",
+    "make_msa_method",
+]
+
+#: Parameters without a layer Hamiltonian, trained by the head optimiser.
+HEAD_KEYS = ("K_in", "b_in", "W", "mu")
+
+#: Default sparsity penalty of ternary weights (units of the layer's mean ``|M|``).
+DEFAULT_LAM = 1.0
+
+
+# --- options ---------------------------------------------------------------------------------
+
+class InnerSolver(str, enum.Enum):
+    """How each layer increases its extended Hamiltonian.
+
+    ``GRADIENT``: gradient ascent with a backtracking Armijo line search.
+    ``LBFGS``: L-BFGS (two-loop recursion per layer) with the same line search.
+    """
+
+    GRADIENT = "gradient"
+    LBFGS = "lbfgs"
+
+    @classmethod
+    def parse(cls, value: InnerSolver | str) -> InnerSolver:
+        """The member named by ``value``; ``ValueError`` naming ``inner`` otherwise."""
+        return parse_option(cls, value, "inner")
+
+
+class WeightSet(str, enum.Enum):
+    """The discrete values of the residual weights (before the per-layer scale)."""
+
+    TERNARY = "ternary"
+    BINARY = "binary"
+
+    @classmethod
+    def parse(cls, value: WeightSet | str) -> WeightSet:
+        """The member named by ``value``; ``ValueError`` naming ``kind`` otherwise."""
+        return parse_option(cls, value, "kind")
+
+
+class RhoSchedule(str, enum.Enum):
+    """Penalty ``rho_k`` of the discrete update at step ``k = 0, 1, ...``.
+
+    ``CONSTANT``: ``rho``. ``LINEAR``: ``rho (1 + rho_growth k)``.
+    ``GEOMETRIC``: ``rho (1 + rho_growth)^k``.
+    """
+
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    GEOMETRIC = "geometric"
+
+    @classmethod
+    def parse(cls, value: RhoSchedule | str) -> RhoSchedule:
+        """The member named by ``value``; ``ValueError`` naming ``rho_schedule`` otherwise."""
+        return parse_option(cls, value, "rho_schedule")
+
+    def value_at(self, rho: float, growth: float, k: int) -> float:
+        """``rho_k``."""
+        if self is RhoSchedule.CONSTANT:
+            return rho
+        if self is RhoSchedule.LINEAR:
+            return rho * (1.0 + growth * k)
+        return rho * (1.0 + growth) ** k
+
+
+def _real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+          low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    bad = not math.isfinite(v)
+    if low is not None:
+        bad = bad or v < low or (low_open and v == low)
+    if high is not None:
+        bad = bad or v > high or (high_open and v == high)
+    if bad:
+        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
+        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
+        raise ValueError(f"{name} must be finite with {lo}{name}{hi}, got {value!r}")
+    return v
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _gradient_optimizer(name: str, value: Any) -> Optimizer:
+    if not isinstance(value, (SGD, Adam)):
+        raise ValueError(f"{name} must be ptoc.optim.SGD or ptoc.optim.Adam (a one-gradient "
+                         f"step), got {type(value).__name__}")
+    return value
+
+
+# --- the per-layer extended Hamiltonian, vectorised over a stack of layers ---------------------
+
+@dataclass
+class _Stack:
+    """The inner problems of a stack of layers (leading axis = layer).
+
+    ``X, Xn, P, Pn`` are ``x_n, x_{n+1}, p_n, p_{n+1}`` (L, S, d); the regulariser terms
+    of the neighbours use ``K_prev, b_prev`` (``has_prev`` masks the first layer) and
+    ``K_next, b_next`` (``has_next``).
+    """
+
+    X: np.ndarray
+    Xn: np.ndarray
+    P: np.ndarray
+    Pn: np.ndarray
+    K_prev: np.ndarray
+    b_prev: np.ndarray
+    has_prev: np.ndarray
+    K_next: np.ndarray
+    b_next: np.ndarray
+    has_next: np.ndarray
+
+    def take(self, idx: np.ndarray | None) -> _Stack:
+        if idx is None:
+            return self
+        return _Stack(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+@dataclass
+class _Problem:
+    """``F_n`` and its gradient for all layers of one step, on flattened ``theta = (K, b)``."""
+
+    h: float
+    activation: Activation
+    rho: float
+    S: int
+    d: int
+    reg_tikhonov: float  # gamma h
+    reg_smooth: float  # gamma_t / h
+    data: _Stack
+
+    @classmethod
+    def build(cls, network: ResNet, params: Params, states: np.ndarray, costates: np.ndarray,
+              rho: float, layers: np.ndarray | None = None) -> _Problem:
+        """Problems of ``layers`` (default all) from the sweeps' states and co-states
+        (N+1, S, d) at ``params``."""
+        N, d = network.depth, network.width
+        n = np.arange(N) if layers is None else np.asarray(layers)
+        K, b = params.K, params.b
+        prev, nxt = np.maximum(n - 1, 0), np.minimum(n + 1, N - 1)
+        data = _Stack(X=states[n], Xn=states[n + 1], P=costates[n], Pn=costates[n + 1],
+                      K_prev=K[prev], b_prev=b[prev], has_prev=(n > 0).astype(K.dtype),
+                      K_next=K[nxt], b_next=b[nxt], has_next=(n < N - 1).astype(K.dtype))
+        return cls(h=network.h, activation=network.activation, rho=float(rho),
+                   S=states.shape[1], d=d, reg_tikhonov=network.gamma * network.h,
+                   reg_smooth=network.gamma_t / network.h, data=data)
+
+    def flatten(self, K: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.concatenate([K.reshape(K.shape[0], -1), b], axis=1)
+
+    def unflatten(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = self.d
+        return theta[:, :d * d].reshape(-1, d, d), theta[:, d * d:]
+
+    def evaluate(self, theta: np.ndarray, idx: np.ndarray | None = None,
+                 grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """``F`` (L,) and, with ``grad``, ``dF/dtheta`` (L, d*d+d) of layers ``idx``."""
+        K, b = self.unflatten(theta)
+        value, gK, gb = _extended(self.h, self.activation, self.rho, self.S,
+                                  self.reg_tikhonov, self.reg_smooth, self.data.take(idx),
+                                  K, b, grad)
+        return value, (self.flatten(gK, gb) if grad else None)
+
+
+def _extended(h: float, act: Activation, rho: float, S: int, g_tik: float, g_smooth: float,
+              L: _Stack, K: np.ndarray, b: np.ndarray, want_grad: bool):
+    """Extended Hamiltonian ``F_n`` (see the module docstring) of a stack of layers."""
+    A = L.X @ K.transpose(0, 2, 1) + b[:, None, :]
+    sig = sigma(A, act)
+    phi = L.X + h * sig
+    value = np.einsum("lsi,lsi->l", L.Pn, phi)
+    # R_n: Tikhonov plus time smoothness towards the (fixed) neighbours
+    dKp, dbp = K - L.K_prev, b - L.b_prev
+    dKn, dbn = K - L.K_next, b - L.b_next
+    sq = np.einsum
+    value = value - 0.5 * g_tik * (sq("lij,lij->l", K, K) + sq("li,li->l", b, b))
+    value = value - 0.5 * g_smooth * (
+        L.has_prev * (sq("lij,lij->l", dKp, dKp) + sq("li,li->l", dbp, dbp))
+        + L.has_next * (sq("lij,lij->l", dKn, dKn) + sq("li,li->l", dbn, dbn)))
+    ds = dsigma(A, act) if (want_grad or rho) else None
+    if rho:
+        r = L.Xn - phi
+        U = ds * L.Pn
+        Q = L.P - L.Pn - h * (U @ K)
+        value = value - rho / (2.0 * S) * sq("lsi,lsi->l", r, r) \
+            - 0.5 * rho * S * sq("lsi,lsi->l", Q, Q)
+    if not want_grad:
+        return value, None, None
+    G = h * ds * L.Pn
+    if rho:
+        V = (Q @ K.transpose(0, 2, 1)) * second_derivative(A, act) * L.Pn
+        G = G + (rho * h / S) * ds * r + (rho * S * h) * V
+    gK = sq("lsi,lsj->lij", G, L.X)
+    if rho:
+        gK = gK + (rho * S * h) * sq("lsi,lsj->lij", U, Q)
+    gb = G.sum(axis=1)
+    mp, mn = L.has_prev[:, None], L.has_next[:, None]
+    gK = gK - g_tik * K - g_smooth * (mp[:, :, None] * dKp + mn[:, :, None] * dKn)
+    gb = gb - g_tik * b - g_smooth * (mp * dbp + mn * dbn)
+    return value, gK, gb
+
+
+def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x_next, p,
+                         p_next, K=None, b=None, *, rho: float = 0.0):
+    """E-MSA objective ``F_n(theta)`` of layer ``n`` and its gradient in ``theta = (K, b)``.
+
+    ``F_n = sum_s H_n(x_s, p_{n+1,s}, theta) - rho/(2S) sum_s ||x_{n+1,s} - Phi_n(x_s; theta)||^2
+    - (rho S/2) sum_s ||p_{n,s} - grad_x H_n(x_s, p_{n+1,s}, theta)||^2`` (module docstring;
+    Li, Chen, Tai & E 2018, extended Hamiltonian, with per-sample co-states ``S p``). At
+    ``rho = 0`` it is :func:`ptoc.hamiltonian.hamiltonian`.
+
+    Parameters
+    ----------
+    network, params
+        The network and its current parameters (the neighbours enter ``R_n``).
+    n : int
+        Layer index.
+    x, x_next : arrays (S, d)
+        States ``x_n``, ``x_{n+1}``.
+    p, p_next : arrays (S, d)
+        Co-states ``p_n = -lambda_n``, ``p_{n+1}``.
+    K, b : arrays, optional
+        Where to evaluate; default layer ``n``'s current weights.
+    rho : float
+        Penalty weight, ``>= 0``.
+
+    Returns
+    -------
+    (value, grad_K, grad_b) : float, ndarray (d, d), ndarray (d,)
+    """
+    prm = network.check_params(params)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < network.depth:
+        raise ValueError(f"layer index n must be an integer in [0, {network.depth}), got {n!r}")
+    rho = _real("rho", rho, low=0.0)
+    arrays = [np.asarray(a, dtype=network.dtype) for a in (x, x_next, p, p_next)]
+    shape = arrays[0].shape
+    if len(shape) != 2 or shape[1] != network.width or shape[0] == 0:
+        raise ValueError(f"x must have shape (S, {network.width}) with S >= 1, got {shape}")
+    for name, a in zip(("x_next", "p", "p_next"), arrays[1:], strict=True):
+        if a.shape != shape:
+            raise ValueError(f"{name} has shape {a.shape}, expected {shape} (the shape of x)")
+    K = prm.K[n] if K is None else np.asarray(K, dtype=network.dtype)
+    b = prm.b[n] if b is None else np.asarray(b, dtype=network.dtype)
+    N = network.depth
+    states = np.zeros((N + 1,) + shape, network.dtype)
+    costates = np.zeros_like(states)
+    states[n], states[n + 1] = arrays[0], arrays[1]
+    costates[n], costates[n + 1] = arrays[2], arrays[3]
+    prob = _Problem.build(network, prm, states, costates, rho, layers=np.array([n]))
+    value, gK, gb = _extended(prob.h, prob.activation, rho, shape[0], prob.reg_tikhonov,
+                              prob.reg_smooth, prob.data, K[None], b[None], True)
+    return float(value[0]), gK[0], gb[0]
+
+
+# --- inner maximisation (all layers at once, each with its own line search) --------------------
+
+@dataclass(frozen=True)
+class _LineSearch:
+    lr: float
+    backtrack: float
+    max_backtracks: int
+    c1: float
+
+
+def _search(prob: _Problem, theta: np.ndarray, F: np.ndarray, direction: np.ndarray,
+            slope: np.ndarray, t0: np.ndarray, active: np.ndarray, ls: _LineSearch):
+    """Backtracking Armijo search ``F(theta + t d) >= F + c1 t slope`` per active layer.
+
+    Returns the new ``theta``, ``F``, the accepted steps (0 where none) and the number of
+    layer evaluations.
+    """
+    theta_new, F_new = theta.copy(), F.copy()
+    t = t0.copy()
+    step = np.zeros_like(F)
+    pending = active.copy()
+    evaluations = 0
+    for _ in range(ls.max_backtracks + 1):
+        idx = np.flatnonzero(pending)
+        if idx.size == 0:
+            break
+        trial = theta[idx] + t[idx, None] * direction[idx]
+        Ft, _ = prob.evaluate(trial, idx, grad=False)
+        evaluations += idx.size
+        ok = np.isfinite(Ft) & (Ft >= F[idx] + ls.c1 * t[idx] * slope[idx])
+        acc = idx[ok]
+        theta_new[acc], F_new[acc], step[acc] = trial[ok], Ft[ok], t[acc]
+        pending[acc] = False
+        t[idx[~ok]] *= ls.backtrack
+    return theta_new, F_new, step, evaluations
+
+
+def _ascend_gradient(prob: _Problem, theta: np.ndarray, steps: int, ls: _LineSearch):
+    F, G = prob.evaluate(theta)
+    F0 = F.copy()
+    active = np.ones(F.shape, bool)
+    evaluations = F.size
+    for it in range(steps):
+        slope = np.einsum("li,li->l", G, G)
+        active &= slope > 0
+        if not active.any():
+            break
+        theta, F, step, ev = _search(prob, theta, F, G, slope, np.full(F.shape, ls.lr),
+                                     active, ls)
+        evaluations += ev
+        active &= step > 0
+        if it + 1 < steps and active.any():
+            idx = np.flatnonzero(active)
+            F[idx], G[idx] = prob.evaluate(theta[idx], idx)
+            evaluations += idx.size
+    return theta, F - F0, evaluations
+
+
+def _two_loop(grad: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+              gamma: np.ndarray) -> np.ndarray:
+    """``H grad`` per layer (Nocedal & Wright Algorithm 7.4); a pair with ``rho_i = 0``
+    (no valid curvature for that layer) has no effect."""
+    q = grad.copy()
+    alphas = []
+    for s, y, r in reversed(pairs):
+        a = r * np.einsum("li,li->l", s, q)
+        q -= a[:, None] * y
+        alphas.append(a)
+    out = gamma[:, None] * q
+    for (s, y, r), a in zip(pairs, reversed(alphas), strict=True):
+        beta = r * np.einsum("li,li->l", y, out)
+        out += (a - beta)[:, None] * s
+    return out
+
+
+def _ascend_lbfgs(prob: _Problem, theta: np.ndarray, steps: int, ls: _LineSearch):
+    # minimise f = -F: gradient -G, direction -H(-G) = H G
+    F, G = prob.evaluate(theta)
+    F0 = F.copy()
+    L = F.size
+    active = np.ones(L, bool)
+    has_pair = np.zeros(L, bool)
+    gamma = np.ones(L, theta.dtype)
+    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    evaluations = L
+    for it in range(steps):
+        direction = _two_loop(G, pairs, gamma) if pairs else G.copy()
+        slope = np.einsum("li,li->l", G, direction)
+        bad = ~has_pair | ~np.isfinite(slope) | (slope <= 0)
+        if bad.any():  # steepest ascent and a fresh memory for those layers
+            direction[bad] = G[bad]
+            slope[bad] = np.einsum("li,li->l", G[bad], G[bad])
+            for _, _, r in pairs:
+                r[bad] = 0.0
+            has_pair[bad] = False
+            gamma[bad] = 1.0
+        active &= slope > 0
+        if not active.any():
+            break
+        t0 = np.where(has_pair, 1.0, ls.lr)
+        theta_new, F, step, ev = _search(prob, theta, F, direction, slope, t0, active, ls)
+        evaluations += ev
+        active &= step > 0
+        if it + 1 == steps or not active.any():
+            theta = theta_new
+            break
+        idx = np.flatnonzero(active)
+        G_new = G.copy()
+        F[idx], G_new[idx] = prob.evaluate(theta_new[idx], idx)
+        evaluations += idx.size
+        s = theta_new - theta
+        y = G - G_new  # gradient difference of f = -F
+        sy = np.einsum("li,li->l", s, y)
+        yy = np.einsum("li,li->l", y, y)
+        ok = active & np.isfinite(sy) & (sy > 1e-12 * np.sqrt(
+            np.einsum("li,li->l", s, s) * yy))
+        r = np.where(ok, 1.0 / np.where(ok, sy, 1.0), 0.0)
+        pairs.append((s, y, r))
+        gamma = np.where(ok, sy / np.where(ok, yy, 1.0), gamma)
+        has_pair |= ok
+        theta, G = theta_new, G_new
+    return theta, F - F0, evaluations
+
+
+# --- shared pieces ---------------------------------------------------------------------------
+
+def _sweeps(network: ResNet, params: Params, X: np.ndarray, y: np.ndarray, target: Target):
+    """``J``, all states, all co-states ``p = -lambda`` and the full gradient of ``J``."""
+    fwd = forward(network, params, X, target=target)
+    value, lam_N, dW, dmu = classifier_loss(params, fwd.final_state, y)
+    value = float(value) + regulariser(network, params)
+    if not math.isfinite(value):
+        raise TrainingDivergedError(f"non-finite loss ({value})")
+    adj = adjoint(network, params, fwd, lam_N, target=target, keep_adjoints=True)
+    grads = Params(K=adj.grad_K, b=adj.grad_b,
+                   K_in=None if params.K_in is None else np.zeros_like(params.K_in),
+                   b_in=None if params.b_in is None else np.zeros_like(params.b_in),
+                   W=np.asarray(dW, dtype=network.dtype), mu=np.asarray(dmu, network.dtype))
+    opening_backward(params, X, adj.initial_adjoint, fwd.opening_derivative, grads)
+    add_regulariser_grad(network, params, grads)
+    for k, g in grads.items():
+        if not np.all(np.isfinite(g)):
+            raise TrainingDivergedError(f"non-finite gradient of {k!r}")
+    return value, fwd.states, -adj.adjoints, grads
+
+
+def _check_finite(params: Mapping[str, np.ndarray]) -> None:
+    for k, v in params.items():
+        if not np.all(np.isfinite(v)):
+            raise TrainingDivergedError(f"non-finite parameters {k!r} after the update")
+
+
+def _head(p: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: p[k] for k in HEAD_KEYS if k in p}
+
+
+def _scalar(d: Mapping[str, Any], key: str) -> Any:
+    if key not in d:
+        raise ValueError(f"method state dict has no {key!r} entry")
+    v = np.asarray(d[key])
+    if v.shape != ():
+        raise ValueError(f"method state dict entry {key!r} must be a scalar")
+    return v.item()
+
+
+def _array(d: Mapping[str, Any], key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    if key not in d:
+        raise ValueError(f"method state dict has no {key!r} entry")
+    v = np.array(d[key], dtype=dtype, copy=True)
+    if v.shape != shape:
+        raise ValueError(f"method state dict entry {key!r} has shape {v.shape}, "
+                         f"expected {shape}")
+    return v
+
+
+# --- E-MSA and MSA ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EMSAState:
+    """State of :class:`EMSA`: steps taken and the head optimiser's state."""
+
+    step: int
+    head: Any
+
+
+@dataclass
+class EMSA(TrainingMethod):
+    """Error-controlled method of successive approximations (Li, Chen, Tai & E 2018;
+    Li & Hao 2018), as a :class:`ptoc.methods.TrainingMethod`.
+
+    Each step: forward sweep, backward sweep, then every residual layer increases its
+    extended Hamiltonian ``F_n`` (module docstring) by ``inner_steps`` line-searched
+    iterations, independently of the other layers; the head takes one
+    ``head_optimizer`` step.
+
+    Parameters
+    ----------
+    rho : float
+        Penalty weight ``rho >= 0`` (batch-size independent; see the module docstring).
+        ``0`` is the plain MSA.
+    inner : InnerSolver or str
+        ``"gradient"`` (default) or ``"lbfgs"``.
+    inner_steps : int
+        Inner iterations per layer and step (>= 1).
+    lr : float
+        First trial step of the line search (of every L-BFGS step before the layer has
+        a curvature pair); > 0.
+    backtrack : float
+        Step reduction factor of the line search, ``0 < backtrack < 1``.
+    max_backtracks : int
+        Reductions before a layer gives up for this step (>= 0).
+    c1 : float
+        Armijo constant, ``0 < c1 < 1``.
+    head_optimizer : SGD or Adam
+        Optimiser of ``W, mu`` (and ``K_in, b_in``); default ``Adam(lr=1e-2)``.
+    target : Target or str
+        Kernel target of the sweeps.
+    """
+
+    name: ClassVar[str] = "emsa"
+
+    rho: float = 1.0
+    inner: InnerSolver | str = InnerSolver.GRADIENT
+    inner_steps: int = 3
+    lr: float = 1.0
+    backtrack: float = 0.5
+    max_backtracks: int = 8
+    c1: float = 1e-4
+    head_optimizer: Optimizer = field(default_factory=lambda: Adam(lr=1e-2))
+    target: Target | str = Target.CPU
+
+    def __post_init__(self) -> None:
+        self.rho = _real("rho", self.rho, low=0.0)
+        self.inner = InnerSolver.parse(self.inner)
+        self.inner_steps = _integer("inner_steps", self.inner_steps, 1)
+        self.lr = _real("lr", self.lr, low=0.0, low_open=True)
+        self.backtrack = _real("backtrack", self.backtrack, low=0.0, high=1.0, low_open=True,
+                               high_open=True)
+        self.max_backtracks = _integer("max_backtracks", self.max_backtracks, 0)
+        self.c1 = _real("c1", self.c1, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.head_optimizer = _gradient_optimizer("head_optimizer", self.head_optimizer)
+        try:
+            self.target = Target.parse(self.target)
+        except ValueError as exc:
+            raise ValueError(f"target: {exc}") from None
+
+    def init(self, network: ResNet, params: Params) -> EMSAState:
+        return EMSAState(0, self.head_optimizer.init(_head(network.check_params(params))))
+
+    def step(self, network: ResNet, params: Params, state: EMSAState, X: np.ndarray,
+             y: np.ndarray) -> StepOutcome:
+        p = network.check_params(params)
+        X, y = check_inputs(network, X, y)
+        value, states, costates, grads = _sweeps(network, p, X, y, self.target)
+        prob = _Problem.build(network, p, states, costates, self.rho)
+        ls = _LineSearch(self.lr, self.backtrack, self.max_backtracks, self.c1)
+        ascend = _ascend_lbfgs if self.inner is InnerSolver.LBFGS else _ascend_gradient
+        with np.errstate(over="ignore", invalid="ignore"):
+            theta, gain, evaluations = ascend(prob, prob.flatten(p.K, p.b), self.inner_steps,
+                                              ls)
+        K, b = prob.unflatten(theta)
+        head, head_state = self.head_optimizer.update(_head(p), _head(grads), state.head)
+        new = Params(K=np.ascontiguousarray(K, network.dtype),
+                     b=np.ascontiguousarray(b, network.dtype),
+                     K_in=head.get("K_in"), b_in=head.get("b_in"), W=head["W"], mu=head["mu"])
+        _check_finite(new)
+        info = {"hamiltonian_gain": float(np.sum(gain)),
+                "layers_moved": int(np.count_nonzero(gain > 0)),
+                "layer_evaluations": int(evaluations)}
+        return StepOutcome(value, new, EMSAState(state.step + 1, head_state), info)
+
+    def state_dict(self, state: EMSAState) -> dict[str, Any]:
+        d: dict[str, Any] = {"method": self.name, "step": np.int64(state.step)}
+        d.update({f"head.{k}": v for k, v in self.head_optimizer.state_dict(state.head).items()})
+        return d
+
+    def load_state(self, d: Mapping[str, Any], network: ResNet, params: Params) -> EMSAState:
+        name = _scalar(d, "method")
+        if name != self.name:
+            raise ValueError(f"this is the state of method {name!r}, not of {self.name!r}")
+        return EMSAState(int(_scalar(d, "step")),
+                         self.head_optimizer.load_state(group_state(d, "head")))
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "rho": self.rho, "inner": self.inner.value,
+                "inner_steps": self.inner_steps, "lr": self.lr, "backtrack": self.backtrack,
+                "max_backtracks": self.max_backtracks, "c1": self.c1,
+                "head_optimizer": self.head_optimizer.config(), "target": self.target.value}
+
+
+@dataclass
+class MSA(EMSA):
+    """The basic method of successive approximations (Li & Hao 2018): :class:`EMSA`
+    with ``rho = 0``, i.e. each layer increases ``sum_s H_n`` itself. Takes the same
+    options as :class:`EMSA` except ``rho``."""
+
+    name: ClassVar[str] = "msa"
+
+    rho: float = field(default=0.0, init=False)
+
+    def config(self) -> dict[str, Any]:
+        out = super().config()
+        del out["rho"]
+        return out
+
+
+# --- discrete weights ------------------------------------------------------------------------
+
+#: Default ``rho_0`` of the discrete update, by weight set (units of the layer's mean ``|M|``).
+DEFAULT_RHO = {WeightSet.TERNARY: 1.0, WeightSet.BINARY: 0.5}
+
+@dataclass(frozen=True)
+class DiscreteState:
+    """State of :class:`DiscreteMSA`.
+
+    Attributes
+    ----------
+    step : int
+        Steps taken (``k`` of ``rho_k``).
+    levels : ndarray (N, d, d)
+        The discrete weights ``W_n`` (values in ``{-1, 0, 1}`` or ``{-1, 1}``).
+    log_scale : ndarray (N,)
+        ``s_n``, with ``a_n = exp(s_n)``.
+    moving_average : ndarray (N, d, d)
+        ``M_n``, the moving average of ``d(sum_s H_n)/dW_n``.
+    optimizer : object
+        State of the optimiser of ``s, b`` and the head.
+    """
+
+    step: int
+    levels: np.ndarray
+    log_scale: np.ndarray
+    moving_average: np.ndarray
+    optimizer: Any
+
+    @property
+    def scale(self) -> np.ndarray:
+        """``a_n = exp(s_n)``."""
+        return np.exp(self.log_scale)
+
+    def weights(self) -> np.ndarray:
+        """``K_n = a_n W_n`` (N, d, d)."""
+        return self.scale[:, None, None] * self.levels
+
+
+@dataclass
+class DiscreteMSA(TrainingMethod):
+    """Discrete-weight MSA (Li & Hao 2018): ``K_n = a_n W_n``, ``W_n`` ternary or binary.
+
+    See the module docstring for the update. :attr:`name` is ``"ternary"`` or
+    ``"binary"`` (the ``kind``). The method's state holds ``W_n``, ``a_n`` and ``M_n``; the
+    residual weights of the ``params`` handed to :meth:`step` are ignored and replaced
+    by ``a_n W_n`` from the state (:meth:`init` quantises the float ``K`` it is given;
+    :meth:`discrete_params` gives those parameters before the first step).
+
+    Parameters
+    ----------
+    kind : WeightSet or str
+        ``"ternary"`` (default) or ``"binary"``.
+    lam : float, optional
+        Sparsity penalty ``>= 0`` in units of the layer's mean ``|M|``; default 1 for
+        ternary weights, and it must be 0 (the default) for binary weights.
+    rho : float, optional
+        Proximity penalty ``rho_0 >= 0``, in the same units; default 1 for ternary and
+        0.5 for binary weights (tuned on ``benchmarks/bench_discrete.py``). With
+        ``c = Mhat + 2 rho W``: a ternary ``+1`` becomes 0 when ``Mhat <= lam - rho`` and ``-1``
+        when ``Mhat < -lam - 3 rho``; a 0 becomes ``+-1`` when ``|Mhat| > lam + rho``.
+    rho_schedule : RhoSchedule or str
+        ``"constant"``, ``"linear"`` (default) or ``"geometric"``.
+    rho_growth : float
+        Growth rate of ``rho_k`` per step (>= 0; unused for ``"constant"``). The default
+        ``"linear"`` with 0.01 doubles ``rho`` after 100 steps and multiplies it by 11
+        after 1000, so the weights settle (fewer flips) as training goes on; without
+        growth the digits benchmark's loss kept jumping late in training.
+    beta : float
+        Moving-average factor of ``M``, ``0 <= beta < 1`` (default 0.99: on the digits
+        benchmark 0.9 let too many weights flip per step).
+    init_threshold : float
+        Ternary initialisation: entries with ``|K| <= init_threshold mean|K_n|`` start at 0.
+    optimizer : SGD or Adam
+        Optimiser of the log-scales, biases and head; default ``Adam(lr=1e-2)``.
+    target : Target or str
+        Kernel target of the sweeps.
+    """
+
+    kind: WeightSet | str = WeightSet.TERNARY
+    lam: float | None = None
+    rho: float | None = None
+    rho_schedule: RhoSchedule | str = RhoSchedule.LINEAR
+    rho_growth: float = 0.01
+    beta: float = 0.99
+    init_threshold: float = 0.7
+    optimizer: Optimizer = field(default_factory=lambda: Adam(lr=1e-2))
+    target: Target | str = Target.CPU
+
+    def __post_init__(self) -> None:
+        self.kind = WeightSet.parse(self.kind)
+        if self.lam is None:
+            self.lam = 0.0 if self.kind is WeightSet.BINARY else DEFAULT_LAM
+        self.lam = _real("lam", self.lam, low=0.0)
+        if self.kind is WeightSet.BINARY and self.lam != 0:
+            raise ValueError(f"lam must be 0 for binary weights (|w| = 1 always), got "
+                             f"{self.lam!r}")
+        if self.rho is None:
+            self.rho = DEFAULT_RHO[self.kind]
+        self.rho = _real("rho", self.rho, low=0.0)
+        self.rho_schedule = RhoSchedule.parse(self.rho_schedule)
+        self.rho_growth = _real("rho_growth", self.rho_growth, low=0.0)
+        self.beta = _real("beta", self.beta, low=0.0, high=1.0, high_open=True)
+        self.init_threshold = _real("init_threshold", self.init_threshold, low=0.0)
+        self.optimizer = _gradient_optimizer("optimizer", self.optimizer)
+        try:
+            self.target = Target.parse(self.target)
+        except ValueError as exc:
+            raise ValueError(f"target: {exc}") from None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """``"ternary"`` or ``"binary"``."""
+        return self.kind.value
+
+    def rho_at(self, k: int) -> float:
+        """``rho_k`` of step ``k``."""
+        return self.rho_schedule.value_at(self.rho, self.rho_growth, k)
+
+    def _trainable(self, params: Params, log_scale: np.ndarray) -> dict[str, np.ndarray]:
+        out = {"log_scale": log_scale, "b": params.b}
+        out.update(_head(params))
+        return out
+
+    def quantise(self, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Initial ``(W, s)`` from float weights ``K`` (N, d, d) (module docstring)."""
+        K = np.asarray(K)
+        if self.kind is WeightSet.BINARY:
+            levels = np.where(K >= 0, 1.0, -1.0).astype(K.dtype)
+        else:
+            thr = self.init_threshold * np.mean(np.abs(K), axis=(1, 2), keepdims=True)
+            levels = np.where(np.abs(K) > thr, np.sign(K), 0.0).astype(K.dtype)
+        nnz = np.einsum("nij,nij->n", levels, levels)
+        fit = np.einsum("nij,nij->n", K, levels) / np.maximum(nnz, 1.0)
+        if np.any(fit <= 0):  # an all-zero layer: any positive scale will do
+            fit = np.where(fit > 0, fit, np.maximum(np.mean(np.abs(K)), 1e-3))
+        return levels, np.log(fit).astype(K.dtype)
+
+    def init(self, network: ResNet, params: Params) -> DiscreteState:
+        p = network.check_params(params)
+        levels, log_scale = self.quantise(p.K)
+        opt = self.optimizer.init(self._trainable(p, log_scale))
+        return DiscreteState(0, levels, log_scale, np.zeros_like(p.K), opt)
+
+    def discrete_params(self, network: ResNet, params: Params, state: DiscreteState) -> Params:
+        """``params`` with ``K_n = a_n W_n`` from ``state``."""
+        p = network.check_params(params).copy()
+        p.K = np.ascontiguousarray(state.weights(), dtype=network.dtype)
+        return p
+
+    def step(self, network: ResNet, params: Params, state: DiscreteState, X: np.ndarray,
+             y: np.ndarray) -> StepOutcome:
+        p = self.discrete_params(network, params, state)
+        X, y = check_inputs(network, X, y)
+        value, grads = loss_and_grad(network, p, X, y, target=self.target)
+        value = float(value)
+        if not math.isfinite(value):
+            raise TrainingDivergedError(f"non-finite loss ({value})")
+        for k, g in grads.items():
+            if not np.all(np.isfinite(g)):
+                raise TrainingDivergedError(f"non-finite gradient of {k!r}")
+        a = state.scale
+        # d(sum_s H_n)/dW_n = -a_n dJ/dK_n (sum_s H_n includes -R_n)
+        M = self.beta * state.moving_average - (1.0 - self.beta) * a[:, None, None] * grads.K
+        size = np.mean(np.abs(M), axis=(1, 2), keepdims=True)
+        M_hat = M / np.where(size > 0, size, 1.0)
+        rho_k = self.rho_at(state.step)
+        if self.kind is WeightSet.BINARY:
+            levels = binary_maximiser(M_hat, state.levels, rho_k)
+        else:
+            levels = ternary_maximiser(M_hat, state.levels, rho_k, self.lam)
+        levels = np.where(size > 0, levels, state.levels).astype(network.dtype)
+        g = self._trainable(grads, a * np.einsum("nij,nij->n", grads.K, state.levels))
+        new, opt = self.optimizer.update(self._trainable(p, state.log_scale), g,
+                                         state.optimizer)
+        new_state = DiscreteState(state.step + 1, levels, new["log_scale"], M, opt)
+        out = Params(K=np.ascontiguousarray(new_state.weights(), network.dtype), b=new["b"],
+                     K_in=new.get("K_in"), b_in=new.get("b_in"), W=new["W"], mu=new["mu"])
+        _check_finite(out)
+        info = {"rho_k": rho_k, "flipped": int(np.count_nonzero(levels != state.levels)),
+                "nonzero_fraction": float(np.count_nonzero(levels) / levels.size)}
+        return StepOutcome(value, out, new_state, info)
+
+    def metrics(self, network: ResNet, params: Params, state: DiscreteState) -> dict[str, float]:
+        """``{"nonzero_fraction": ...}``: the fraction of nonzero residual-layer weights."""
+        return {"nonzero_fraction": float(np.count_nonzero(state.levels) / state.levels.size)}
+
+    def state_dict(self, state: DiscreteState) -> dict[str, Any]:
+        d: dict[str, Any] = {"method": self.name, "step": np.int64(state.step),
+                             "levels": state.levels.copy(),
+                             "log_scale": state.log_scale.copy(),
+                             "moving_average": state.moving_average.copy()}
+        d.update({f"optimizer.{k}": v
+                  for k, v in self.optimizer.state_dict(state.optimizer).items()})
+        return d
+
+    def load_state(self, d: Mapping[str, Any], network: ResNet,
+                   params: Params) -> DiscreteState:
+        name = _scalar(d, "method")
+        if name != self.name:
+            raise ValueError(f"this is the state of method {name!r}, not of {self.name!r}")
+        N, w = network.depth, network.width
+        levels = _array(d, "levels", (N, w, w), network.dtype)
+        allowed = (-1.0, 1.0) if self.kind is WeightSet.BINARY else (-1.0, 0.0, 1.0)
+        if not np.all(np.isin(levels, allowed)):
+            raise ValueError(f"method state 'levels' holds values outside {allowed}")
+        return DiscreteState(int(_scalar(d, "step")), levels,
+                             _array(d, "log_scale", (N,), network.dtype),
+                             _array(d, "moving_average", (N, w, w), network.dtype),
+                             self.optimizer.load_state(group_state(d, "optimizer")))
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind.value, "lam": self.lam, "rho": self.rho,
+                "rho_schedule": self.rho_schedule.value, "rho_growth": self.rho_growth,
+                "beta": self.beta, "init_threshold": self.init_threshold,
+                "optimizer": self.optimizer.config(), "target": self.target.value}
+
+
+# --- by name ---------------------------------------------------------------------------------
+
+_FACTORIES: dict[str, Callable[..., TrainingMethod]] = {
+    "msa": MSA,
+    "emsa": EMSA,
+    "ternary": lambda **kw: DiscreteMSA(kind=WeightSet.TERNARY, **kw),
+    "binary": lambda **kw: DiscreteMSA(kind=WeightSet.BINARY, **kw),
+}
+
+
+def make_msa_method(name: str, **options: Any) -> TrainingMethod:
+    """``"msa"``, ``"emsa"``, ``"ternary"`` or ``"binary"`` with its options, e.g.
+    ``make_msa_method("emsa", rho=10.0)``. Optimiser options may be given as configs
+    (``head_optimizer={"name": "adam", "lr": 1e-3}``), as :meth:`config` writes them.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name (listing the valid ones) or a bad option (naming it).
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in _FACTORIES:
+        valid = ", ".join(repr(k) for k in _FACTORIES)
+        raise ValueError(f"unknown method {name!r}; valid methods are {valid}")
+    options = dict(options)
+    options.pop("name", None)
+    if key in ("ternary", "binary"):
+        options.pop("kind", None)
+    for opt in ("head_optimizer", "optimizer"):
+        if isinstance(options.get(opt), Mapping):
+            cfg = dict(options[opt])
+            options[opt] = make_optimizer(cfg.pop("name"), **cfg)
+    try:
+        return _FACTORIES[key](**options)
+    except TypeError as exc:
+        raise ValueError(f"{key}: {exc}") from None
