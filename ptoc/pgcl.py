@@ -1,0 +1,824 @@
+r"""Predict globally, correct locally: layer-parallel training by chunks (Parpas & Muir).
+
+``DESIGN.md`` section 4 ("Predict globally, correct locally"). The ``N`` residual
+layers are split into ``P`` contiguous chunks, ``a_0 = 0 < a_1 < ... < a_P = N``
+(:func:`ptoc.parallel.partition`: uneven chunks allowed, ``P <= N``), one chunk per
+rank. Chunk ``j`` holds layers ``a_j .. a_{j+1}-1``, ``L_j = a_{j+1} - a_j`` of them, and
+its fine propagator ``F_j`` runs them exactly. Its coarse propagator is one step of
+size ``L_j h``,
+
+.. math::
+
+    G_j(x) = x + L_j h\, \sigma(\bar K_j x + \bar b_j),
+
+with the chunk's first-layer weights (``coarse="inject"``) or their mean over the chunk
+(``"average"``; :class:`ptoc.parallel.CoarseWeights`), and its transposed linearisation
+:math:`G_j'(x)^T \lambda = \lambda + L_j h \bar K_j^T (\sigma'(\bar K_j x + \bar b_j)
+\odot \lambda)`.
+
+One step on a batch ``(X, y)``
+------------------------------
+
+1. **Predict (global, cheap).** The chunk-boundary states :math:`U_j \approx x_{a_j}` go
+   forward through the coarse network, corrected parareal-style with the fine values
+   the chunks produced at the previous step (superscript ``old``):
+
+   .. math::
+
+       U_0 = x_0 = \sigma(K_{in} y + b_{in}), \qquad
+       U_{j+1} = F_j^{old} + \big(G_j(U_j) - G_j^{old}\big),
+
+   where :math:`F_j^{old}` is what chunk ``j``'s fine layers produced at the previous
+   step from its initial state then, and :math:`G_j^{old}` what its coarse step produced
+   from the same state with the weights of then. (The correction is the fine-minus-coarse
+   defect of the previous step; :math:`G_j(U_j) - G_j^{old}` carries both the change of
+   the initial state and the change of the weights through the coarse model. Written
+   in this order, unchanged weights and an unchanged ``U_j`` give
+   :math:`U_{j+1} = F_j^{old}` bit for bit.) The last chunk runs its fine layers from
+   :math:`U_{P-1}` and takes the terminal co-state from the loss at its *own* fine final
+   state, :math:`\Lambda_P = \partial\Phi/\partial x_N`. The co-states then go backward
+   through the linearised coarse network, corrected likewise:
+
+   .. math::
+
+       \Lambda_j = A_j^{old} + \big(G_j'(U_j)^T \Lambda_{j+1} - B_j^{old}\big),
+       \qquad j = P-1, \dots, 1,
+
+   with :math:`A_j^{old}` the fine co-state :math:`\lambda_{a_j}` chunk ``j`` computed at
+   the previous step and :math:`B_j^{old}` the coarse adjoint step of then.
+
+2. **Correct (local, parallel).** Every chunk ``j``, independently, runs its own layers
+   forward from :math:`U_j` and backward from :math:`\Lambda_{j+1}`
+   (``DESIGN.md`` section 2), which is the gradient of its *local objective*
+
+   .. math::
+
+       J_j(\theta_j) = \Lambda_{j+1} \cdot F_j(U_j; \theta_j) + R_j(\theta_j)
+       \quad (j < P-1), \qquad
+       J_{P-1} = \Phi\big(F_{P-1}(U_{P-1}; \theta_{P-1})\big) + R_{P-1},
+
+   where :math:`R_j` holds the regulariser terms of the chunk's own parameters
+   (the smoothness term :math:`\gamma_t` couples the chunk's end layers to its
+   neighbours', which stay at their values at the start of the step) and, for the first
+   chunk, :math:`U_0` is recomputed from the chunk's own opening weights. The chunk
+   then updates its own parameters with the optimiser (SGD, with momentum if asked,
+   or Adam; one optimiser state per chunk), ``local_steps`` times (each time a new local
+   forward and backward sweep). The head belongs to the chunks at the ends: the
+   opening layer ``K_in, b_in`` to the first, the classifier ``W, mu`` to the last.
+   When every prediction is exact, the local gradients at the start of the step are
+   the blocks of the exact gradient :math:`\partial J/\partial\theta`
+   (:func:`ptoc.loss_and_grad`), bit for bit.
+
+3. **Store.** Each chunk keeps :math:`F_j^{old} = F_j(U_j)`, :math:`G_j^{old} = G_j(U_j)`,
+   :math:`A_j^{old}` and :math:`B_j^{old}` from its *first* local sweep (the weights at
+   the start of the step, the same weights its coarse steps used) for the next
+   prediction; only boundary states, boundary co-states and, at the end, the updated
+   parameters travel between ranks. Every rank then gathers all chunks' parameters
+   (and the method state), so every rank returns the same full parameters.
+
+The corrections belong to one batch: they are used when the next step sees the same
+samples (full-batch training, ``batch_size=None``), and a step on another batch starts
+*cold* (``cold_start``): a purely coarse prediction (``"coarse"``, the default; no
+correction), or exact boundaries from the serial sweep run as a pipeline through the
+ranks (``"serial"``: that step is an exact gradient step; every step on mini-batches then
+is one, with the serial critical path).
+
+Fixed points. At a fixed point of the iteration the weights and the boundary values
+repeat, so the correction makes every prediction exact (:math:`U_{j+1} = F_j(U_j)`,
+:math:`\Lambda_j = F_j'^T\Lambda_{j+1}`), the local gradients are the exact gradient,
+and a gradient update that leaves the weights unchanged needs it to vanish: the fixed
+points of PGCL are the stationary points of the serial method. Away from them the step
+is a gradient step with errors that vanish as the predictions converge (Parpas & Muir;
+``DESIGN.md`` section 4). With unchanged weights, repeated steps are parareal
+iterations: after ``k`` of them the first ``k+1`` chunk initial states are exact.
+
+Costs (per step, one layer step = one fine layer, one fine adjoint layer with its
+gradient, or one coarse step): with ``local_steps=1`` the total work is ``2N`` fine plus
+at most ``2(P-1)`` coarse steps, and the critical path about ``2(P-1) + L_{P-1} + L_0``
+coarse and fine steps (serial training: ``2N``). ``info`` of every
+:class:`~ptoc.methods.StepOutcome` reports them from the communicator's logical clock.
+
+Reference: P. Parpas and C. Muir, "Predict globally, correct locally: parallel-in-time
+optimal control of neural networks" (the idea; these equations are written in ptoc's
+conventions and are not taken from the paper).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from . import _config
+from ._options import parse_option
+from ._validate import check_inputs
+from .hamiltonian import hamiltonian_grad
+from .kernels import Target, backend
+from .methods import StepOutcome, TrainingDivergedError, TrainingMethod, group_state
+from .model import Params, ResNet
+from .objective import classifier_loss, opening_backward, opening_forward, regulariser
+from .optim import SGD, Adam, Optimizer
+from .parallel.comm import Communicator, SimulatedRanks, SingleRank
+from .parallel.layout import partition, sum_of_squares
+from .parallel.options import CoarseWeights
+from .sweeps import _single_threaded_blas
+
+__all__ = [
+    "PGCL",
+    "ChunkMemory",
+    "ColdStart",
+    "LocalUpdate",
+    "PGCLState",
+    "Prediction",
+]
+
+TAG_STATE, TAG_COSTATE = 21, 22
+_HEADS = ("K_in", "b_in", "W", "mu")
+
+
+class LocalUpdate(str, enum.Enum):
+    r"""How a chunk forms the direction of its local update.
+
+    ``GRADIENT``: the parameter gradient accumulated by the fine adjoint sweep
+    (``DESIGN.md`` section 2) plus the regulariser's. ``HAMILTONIAN``: minus the gradient
+    of the layer Hamiltonians, :math:`-\nabla_\theta \sum_s H_n(x_n, p_{n+1}, \theta)`
+    with :math:`p = -\lambda`, from :func:`ptoc.hamiltonian_grad` layer by layer (a step
+    along it is Hamiltonian ascent). The two coincide, :math:`\nabla_\theta \sum_s H_n =
+    -\partial J/\partial\theta_n` (``DESIGN.md`` section 3), up to round-off from the
+    different summation; ``HAMILTONIAN`` is the slower reference path. The head takes
+    its gradient in both cases (it has no layer Hamiltonian).
+    """
+
+    GRADIENT = "gradient"
+    HAMILTONIAN = "hamiltonian"
+
+    @classmethod
+    def parse(cls, value: LocalUpdate | str) -> LocalUpdate:
+        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
+        return parse_option(cls, value, "local update")
+
+
+class ColdStart(str, enum.Enum):
+    """The prediction of a step without usable corrections (the first step, a new batch).
+
+    ``COARSE``: the plain coarse prediction, :math:`U_{j+1} = G_j(U_j)` and
+    :math:`\\Lambda_j = G_j'(U_j)^T \\Lambda_{j+1}` (cheap; the step's gradient is
+    inexact). ``SERIAL``: exact boundaries from the serial fine sweeps run as a pipeline
+    through the ranks (the step is an exact gradient step, at the serial critical path).
+    """
+
+    COARSE = "coarse"
+    SERIAL = "serial"
+
+    @classmethod
+    def parse(cls, value: ColdStart | str) -> ColdStart:
+        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
+        return parse_option(cls, value, "cold start")
+
+
+@dataclass(frozen=True)
+class ChunkMemory:
+    """The fine and coarse boundary values chunk ``j`` kept from its last sweep.
+
+    Attributes
+    ----------
+    forward : ndarray (S, d) or None
+        :math:`F_j^{old}`, the fine state at the chunk's end (None for the last chunk).
+    coarse_forward : ndarray (S, d) or None
+        :math:`G_j^{old}`, the coarse step from the same initial state and weights.
+    adjoint : ndarray (S, d) or None
+        :math:`A_j^{old}`, the fine co-state :math:`\\lambda_{a_j}` at the chunk's start
+        (None for the first chunk).
+    coarse_adjoint : ndarray (S, d) or None
+        :math:`B_j^{old}`, the coarse adjoint step from the same values.
+    """
+
+    forward: np.ndarray | None
+    coarse_forward: np.ndarray | None
+    adjoint: np.ndarray | None
+    coarse_adjoint: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class PGCLState:
+    """State of :class:`PGCL` between steps (identical on every rank).
+
+    Attributes
+    ----------
+    ranks : int
+        Number of chunks ``P`` it was made for.
+    step : int
+        Parameter updates made so far.
+    optimizer : tuple
+        One optimiser state per chunk (for the chunk's own parameters).
+    batch : tuple (X, y) or None
+        The batch the corrections belong to.
+    memory : tuple of ChunkMemory or None
+        Per chunk, the fine and coarse boundary values of the last sweep on ``batch``.
+    defects : tuple of float
+        ``(state_defect, costate_defect)`` of the last step (NaN before the first).
+    """
+
+    ranks: int
+    step: int
+    optimizer: tuple[Any, ...]
+    batch: tuple[np.ndarray, np.ndarray] | None = None
+    memory: tuple[ChunkMemory, ...] | None = None
+    defects: tuple[float, float] = (math.nan, math.nan)
+
+
+@dataclass
+class Prediction:
+    """The boundary values of one PGCL sweep (:meth:`PGCL.predict`).
+
+    Attributes
+    ----------
+    bounds : ndarray (P+1,)
+        Chunk bounds ``a_0 .. a_P``.
+    states : ndarray (P, S, d)
+        Predicted chunk initial states :math:`U_j \\approx x_{a_j}` (``U_0 = x_0`` exact).
+    costates : ndarray (P, S, d)
+        Predicted chunk terminal co-states :math:`\\Lambda_{j+1} \\approx
+        \\lambda_{a_{j+1}}`; the last is the last chunk's own :math:`\\partial\\Phi/\\partial x_N`.
+    fine_states : ndarray (P, S, d)
+        :math:`F_j(U_j)`, the fine state at every chunk's end.
+    fine_costates : ndarray (P, S, d)
+        The fine co-state :math:`\\lambda_{a_j}` at every chunk's start (from
+        :math:`\\Lambda_{j+1}`).
+    cold : bool
+        Whether the prediction started cold (no corrections for this batch).
+    state_defect, costate_defect : float
+        ``sqrt(sum_j |F_j(U_j) - U_{j+1}|^2)`` and ``sqrt(sum_j |lambda^fine_{a_j} - Lambda_j|^2)``
+        over the interior boundaries.
+    """
+
+    bounds: np.ndarray
+    states: np.ndarray
+    costates: np.ndarray
+    fine_states: np.ndarray
+    fine_costates: np.ndarray
+    cold: bool
+    state_defect: float
+    costate_defect: float
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def _resolve_comm(comm: Any) -> SimulatedRanks | Communicator:
+    """What runs the SPMD program: one rank, simulated ranks, or a communicator."""
+    if comm is None:
+        return SingleRank()
+    if isinstance(comm, (bool, np.bool_)):
+        raise ValueError(f"PGCL comm must be None, a positive number of simulated ranks or a "
+                         f"ptoc.parallel communicator, got {comm!r}")
+    if isinstance(comm, (int, np.integer)):
+        if comm < 1:
+            raise ValueError(f"PGCL comm must be a positive number of simulated ranks, "
+                             f"got {comm!r}")
+        return SingleRank() if comm == 1 else SimulatedRanks(int(comm))
+    if isinstance(comm, (SimulatedRanks, Communicator)):
+        return comm
+    raise ValueError("PGCL comm must be None, a number of simulated ranks, ptoc.parallel."
+                     f"SimulatedRanks or a ptoc.parallel Communicator (e.g. MPIRanks()), "
+                     f"got {comm!r}")
+
+
+def _copy_tree(obj: Any) -> Any:
+    """Writeable copies of the arrays in nested tuples, lists and dicts (and dataclasses
+    of arrays, such as optimiser states), for what comes back from a collective."""
+    if isinstance(obj, np.ndarray):
+        return np.array(obj, copy=True)
+    if isinstance(obj, tuple):
+        return tuple(_copy_tree(o) for o in obj)
+    if isinstance(obj, list):
+        return [_copy_tree(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _copy_tree(v) for k, v in obj.items()}
+    if hasattr(obj, "__dataclass_fields__"):
+        return type(obj)(**{k: _copy_tree(getattr(obj, k)) for k in obj.__dataclass_fields__})
+    return obj
+
+
+def _scalar(d: Mapping[str, Any], key: str) -> Any:
+    if key not in d:
+        raise ValueError(f"PGCL state dict has no {key!r} entry")
+    value = np.asarray(d[key])
+    if value.shape != ():
+        raise ValueError(f"PGCL state dict entry {key!r} must be a scalar")
+    return value.item()
+
+
+@dataclass
+class _Job:
+    """What every rank's program reads (never writes)."""
+
+    method: PGCL
+    network: ResNet
+    params: Params
+    X: np.ndarray
+    y: np.ndarray
+    state: PGCLState
+    warm: bool
+    update: bool
+    collect: bool
+
+
+# --- the method --------------------------------------------------------------------------------
+
+@dataclass
+class PGCL(TrainingMethod):
+    r"""Predict globally, correct locally (Parpas & Muir; ``DESIGN.md`` section 4).
+
+    See the module docstring for the equations. One :meth:`step` predicts the chunk
+    boundary states and co-states with the coarse network and last step's fine
+    corrections, then every chunk updates its own parameters from its own fine sweeps.
+
+    Parameters
+    ----------
+    optimizer : SGD or Adam
+        The local optimiser; each chunk keeps its own state (momentum, moments) for its
+        own parameters. Default ``Adam(lr=3e-3)``, as for
+        :class:`ptoc.methods.GradientMethod`. (L-BFGS needs the global objective and is
+        refused.)
+    local_steps : int
+        Local updates per step (``>= 1``); each after a new local forward and backward
+        sweep from the same predicted boundary values.
+    coarse : CoarseWeights or str
+        Weights of the coarse step of a chunk: ``"inject"`` (its first layer's, default)
+        or ``"average"`` (the mean over the chunk).
+    local_update : LocalUpdate or str
+        ``"gradient"`` (default) or ``"hamiltonian"`` (the same direction from
+        :func:`ptoc.hamiltonian_grad`; see :class:`LocalUpdate`).
+    cold_start : ColdStart or str
+        Prediction of a step without corrections for its batch: ``"coarse"`` (default) or
+        ``"serial"`` (see :class:`ColdStart`).
+    comm : None, int, SimulatedRanks or Communicator
+        The ranks, one chunk each: None or 1 (one rank, one chunk), ``P`` (``P``
+        simulated ranks, :class:`ptoc.parallel.SimulatedRanks`), or a communicator such as
+        :class:`ptoc.parallel.MPIRanks` under ``mpiexec -n P``.
+    target : Target or str
+        Kernel target of the layer sweeps.
+
+    Notes
+    -----
+    :attr:`StepOutcome.loss` is :math:`\Phi` at the last chunk's fine final state
+    :math:`F_{P-1}(U_{P-1})` (the predicted state) plus :math:`R(\theta)`, at the
+    parameters before the step: it equals :math:`J(\theta)` exactly when the prediction
+    of :math:`U_{P-1}` is exact (always for one chunk). ``info`` holds
+
+    * ``state_defect``, ``costate_defect``: the predictions' errors against this step's
+      fine values, :math:`\sqrt{\sum_j \|F_j(U_j) - U_{j+1}\|^2}` and
+      :math:`\sqrt{\sum_j \|\lambda^{fine}_{a_j} - \Lambda_j\|^2}` over the interior
+      boundaries (both 0 when the step's gradient is exact), and ``*_rel`` the same
+      divided by the norm of the fine values;
+    * ``cold``: whether the step started without corrections;
+    * ``steps_total`` and ``steps_critical_path``: layer steps on all ranks and on the
+      critical path (the communicator's logical clock);
+    * ``ranks``.
+
+    Raises
+    ------
+    ValueError
+        At construction, for an option out of range (the message names it); in
+        :meth:`init` and :meth:`step`, for more chunks than layers.
+    """
+
+    name: ClassVar[str] = "pgcl"
+
+    optimizer: Optimizer = field(default_factory=lambda: Adam(lr=3e-3))
+    local_steps: int = 1
+    coarse: CoarseWeights | str = CoarseWeights.INJECT
+    local_update: LocalUpdate | str = LocalUpdate.GRADIENT
+    cold_start: ColdStart | str = ColdStart.COARSE
+    comm: Any = None
+    target: Target | str = Target.CPU
+    _runner: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, (SGD, Adam)):
+            raise ValueError("PGCL optimizer must be ptoc.optim.SGD or ptoc.optim.Adam (each "
+                             "chunk updates its own parameters; L-BFGS needs the global "
+                             f"objective), got {self.optimizer!r}")
+        ls = self.local_steps
+        if isinstance(ls, (bool, np.bool_)) or not isinstance(ls, (int, np.integer)) or ls < 1:
+            raise ValueError(f"PGCL local_steps must be an integer >= 1, got {ls!r}")
+        self.local_steps = int(ls)
+        for name, cls in (("coarse", CoarseWeights), ("local_update", LocalUpdate),
+                          ("cold_start", ColdStart), ("target", Target)):
+            try:
+                setattr(self, name, cls.parse(getattr(self, name)))
+            except ValueError as exc:
+                raise ValueError(f"PGCL {name}: {exc}") from None
+        self._runner = _resolve_comm(self.comm)
+
+    # --- layout ---------------------------------------------------------------------------------
+    @property
+    def ranks(self) -> int:
+        """Number of chunks ``P`` (the number of ranks)."""
+        return int(self._runner.size)
+
+    def _bounds(self, network: ResNet) -> np.ndarray:
+        P, N = self.ranks, network.depth
+        if P > N:
+            raise ValueError(f"PGCL comm: {P} ranks (chunks) for {N} layers; every chunk needs "
+                             "at least one layer (use at most as many ranks as layers)")
+        return partition(N, P)
+
+    def _local_params(self, params: Params, a: int, e: int, j: int) -> dict[str, np.ndarray]:
+        """Copies of the parameters chunk ``j`` owns, in :data:`ptoc.model.PARAM_KEYS` order."""
+        P = self.ranks
+        out = {"K": params.K[a:e].copy(), "b": params.b[a:e].copy()}
+        if j == 0 and params.K_in is not None:
+            out["K_in"], out["b_in"] = params.K_in.copy(), params.b_in.copy()
+        if j == P - 1:
+            out["W"], out["mu"] = params.W.copy(), params.mu.copy()
+        return out
+
+    # --- interface ------------------------------------------------------------------------------
+    def init(self, network: ResNet, params: Params) -> PGCLState:
+        """Fresh state: no corrections, a zero optimiser state per chunk."""
+        params = network.check_params(params)
+        bounds = self._bounds(network)
+        opt = tuple(self.optimizer.init(self._local_params(params, int(bounds[j]),
+                                                           int(bounds[j + 1]), j))
+                    for j in range(self.ranks))
+        return PGCLState(ranks=self.ranks, step=0, optimizer=opt)
+
+    def step(self, network: ResNet, params: Params, state: PGCLState, X: np.ndarray,
+             y: np.ndarray) -> StepOutcome:
+        """One predict-correct step on ``(X, y)`` (see the module docstring)."""
+        result = self._run(network, params, state, X, y, update=True, collect=False)
+        return StepOutcome(result["loss"], result["params"], result["state"], result["info"])
+
+    def predict(self, network: ResNet, params: Params, state: PGCLState, X: np.ndarray,
+                y: np.ndarray) -> tuple[Prediction, PGCLState]:
+        """Predict and sweep without updating any parameter.
+
+        Runs phases 1 and 3 of a step (prediction, the chunks' fine sweeps, storing the
+        new corrections) with the weights left as they are. Returns the
+        :class:`Prediction` and the state with the refreshed corrections (optimiser
+        states and step count unchanged). With fixed weights, repeated calls are
+        parareal iterations for the boundary values.
+        """
+        result = self._run(network, params, state, X, y, update=False, collect=True)
+        return result["prediction"], result["state"]
+
+    def state_dict(self, state: PGCLState) -> dict[str, Any]:
+        """Flat dict of arrays and scalars: ``ranks``, ``step``, ``defects``,
+        ``optimizer.<j>.*``, and with corrections ``batch.X``, ``batch.y`` and
+        ``memory.<j>.<forward|coarse_forward|adjoint|coarse_adjoint>``."""
+        d: dict[str, Any] = {"method": self.name, "ranks": np.int64(state.ranks),
+                             "step": np.int64(state.step),
+                             "defects": np.array(state.defects, dtype=np.float64)}
+        for j, s in enumerate(state.optimizer):
+            d.update({f"optimizer.{j}.{k}": v for k, v in self.optimizer.state_dict(s).items()})
+        if state.memory is not None and state.batch is not None:
+            d["batch.X"], d["batch.y"] = state.batch[0].copy(), state.batch[1].copy()
+            for j, m in enumerate(state.memory):
+                for k in ChunkMemory.__dataclass_fields__:
+                    v = getattr(m, k)
+                    if v is not None:
+                        d[f"memory.{j}.{k}"] = v.copy()
+        return d
+
+    def load_state(self, d: Mapping[str, Any], network: ResNet, params: Params) -> PGCLState:
+        """Inverse of :meth:`state_dict` (also accepts what :func:`numpy.load` returns)."""
+        if "method" in d and _scalar(d, "method") != self.name:
+            raise ValueError(f"this is the state of method {_scalar(d, 'method')!r}, not "
+                             f"{self.name!r}")
+        P = int(_scalar(d, "ranks"))
+        if P != self.ranks:
+            raise ValueError(f"the saved PGCL state is for {P} ranks (chunks); this PGCL runs "
+                             f"on {self.ranks}: resume with the same number of ranks")
+        self._bounds(network)
+        opt = tuple(self.optimizer.load_state(group_state(d, f"optimizer.{j}"))
+                    for j in range(P))
+        defects = tuple(float(v) for v in np.asarray(d["defects"], dtype=np.float64))
+        batch = memory = None
+        if "batch.X" in d:
+            batch = (np.array(d["batch.X"], dtype=network.dtype, copy=True),
+                     np.array(d["batch.y"], dtype=np.int64, copy=True))
+            mem = []
+            for j in range(P):
+                g = group_state(d, f"memory.{j}")
+                mem.append(ChunkMemory(**{k: (np.array(g[k], dtype=network.dtype, copy=True)
+                                              if k in g else None)
+                                          for k in ChunkMemory.__dataclass_fields__}))
+            memory = tuple(mem)
+        return PGCLState(ranks=P, step=int(_scalar(d, "step")), optimizer=opt, batch=batch,
+                         memory=memory, defects=(defects[0], defects[1]))
+
+    def config(self) -> dict[str, Any]:
+        """Name and options (JSON-serialisable)."""
+        runner = self._runner
+        kind = ("single" if isinstance(runner, SingleRank) else "simulated"
+                if isinstance(runner, SimulatedRanks) else type(runner).__name__)
+        return {"name": self.name, "optimizer": self.optimizer.config(),
+                "local_steps": self.local_steps, "coarse": self.coarse.value,
+                "local_update": self.local_update.value, "cold_start": self.cold_start.value,
+                "ranks": self.ranks, "comm": kind, "target": self.target.value}
+
+    def metrics(self, network: ResNet, params: Params, state: PGCLState) -> dict[str, float]:
+        """The boundary defects of the last step (see :class:`PGCL` Notes)."""
+        if state.step == 0:
+            return {}
+        return {"state_defect": state.defects[0], "costate_defect": state.defects[1]}
+
+    # --- running --------------------------------------------------------------------------------
+    def _run(self, network: ResNet, params: Params, state: PGCLState, X: np.ndarray,
+             y: np.ndarray, update: bool, collect: bool) -> dict[str, Any]:
+        params = network.check_params(params)
+        X, y = check_inputs(network, X, y)
+        self._bounds(network)
+        if not isinstance(state, PGCLState):
+            raise TypeError(f"state must be a PGCLState (from PGCL.init), got "
+                            f"{type(state).__name__}")
+        if state.ranks != self.ranks:
+            raise ValueError(f"the PGCL state is for {state.ranks} ranks (chunks); this PGCL "
+                             f"runs on {self.ranks}")
+        warm = (state.memory is not None and state.batch is not None
+                and state.batch[0].shape == X.shape and np.array_equal(state.batch[0], X)
+                and np.array_equal(state.batch[1], y))
+        job = _Job(self, network, params, X, y, state, warm, update, collect)
+        kern = backend(self.target)
+        runner = self._runner
+        with _single_threaded_blas(kern):
+            if isinstance(runner, SimulatedRanks):
+                out = runner.run(lambda c: _program(c, job))[0]
+            else:
+                out = runner.run(lambda c: _program(c, job))
+        if isinstance(out, TrainingDivergedError):
+            raise out
+        return out
+
+
+# --- the program of one rank (SPMD) ---------------------------------------------------------------
+
+class _Chunk:
+    """Chunk ``j``'s sweeps, coarse steps and gradients (no communication here)."""
+
+    def __init__(self, job: _Job, j: int, bounds: np.ndarray):
+        m, net = job.method, job.network
+        self.job, self.net, self.j = job, net, j
+        self.P = len(bounds) - 1
+        self.a, self.e = int(bounds[j]), int(bounds[j + 1])
+        self.L = self.e - self.a
+        self.first, self.last = j == 0, j == self.P - 1
+        self.kern = backend(m.target)
+        self.act, self.h = net.activation.code, net.h
+        self.local = m._local_params(job.params, self.a, self.e, j)
+        K, b = self.local["K"], self.local["b"]
+        if m.coarse is CoarseWeights.INJECT or self.L == 1:
+            self.Kc, self.bc = K[0].copy(), b[0].copy()
+        else:  # summed in layer order, as ptoc.parallel does
+            Kc, bc = K[0].copy(), b[0].copy()
+            for n in range(1, self.L):
+                Kc += K[n]
+                bc += b[n]
+            self.Kc, self.bc = Kc / self.L, bc / self.L
+
+    # coarse propagator of the chunk: one step of size L h with the coarse weights
+    def coarse(self, U: np.ndarray) -> np.ndarray:
+        out = np.empty_like(U)
+        self.kern.step(U, self.Kc, self.bc, self.L * self.h, self.act, out, None, _config.CHUNK)
+        return out
+
+    def coarse_adjoint(self, U: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        out = np.empty_like(lam)
+        self.kern.adjoint_step(U, lam, self.Kc, self.bc, self.L * self.h, self.act, out, None,
+                               None, None, _config.CHUNK)
+        return out
+
+    def heads(self) -> Params:
+        loc = self.local
+        return Params(K=loc["K"], b=loc["b"], K_in=loc.get("K_in"), b_in=loc.get("b_in"),
+                      W=loc.get("W"), mu=loc.get("mu"))
+
+    def opening(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return opening_forward(self.net, self.heads(), self.job.X)
+
+    def fine_forward(self, U: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """States ``x_a .. x_e`` from ``x_a = U`` and the stored ``sigma'(a_n)``."""
+        xs = np.empty((self.L + 1,) + U.shape, U.dtype)
+        xs[0] = U
+        dsig = np.empty((self.L,) + U.shape, U.dtype)
+        self.kern.forward_sweep(xs, self.local["K"], self.local["b"], self.h, self.act, dsig,
+                                _config.CHUNK)
+        return xs, dsig
+
+    def terminal(self, xs: np.ndarray):
+        """Last chunk: ``(Phi, lambda_N, dPhi/dW, dPhi/dmu)`` at its own fine final state."""
+        return classifier_loss(self.heads(), xs[-1], self.job.y)
+
+    def fine_backward(self, xs, dsig, lamT, dsig_in, head_grads) -> tuple[np.ndarray, dict]:
+        """Co-state at the chunk's start and the gradient of the local objective."""
+        net, loc, dt = self.net, self.local, self.net.dtype
+        L, d = self.L, net.width
+        hamiltonian = self.job.method.local_update is LocalUpdate.HAMILTONIAN
+        gK = np.zeros((L, d, d), dt)
+        gb = np.zeros((L, d), dt)
+        lams = np.empty((L + 1,) + lamT.shape, dt) if hamiltonian else None
+        lam_a = self.kern.adjoint_sweep(xs, lamT, loc["K"], loc["b"], self.h, self.act, dsig,
+                                        None if hamiltonian else gK,
+                                        None if hamiltonian else gb, lams, _config.CHUNK)
+        lam_a = np.asarray(lam_a)
+        if hamiltonian:
+            self._hamiltonian_direction(xs, lams, gK, gb)
+        else:
+            self._add_regulariser(gK, gb)
+        grads: dict[str, np.ndarray] = {"K": gK, "b": gb}
+        gc = net.gamma_c
+        if self.first and "K_in" in loc:
+            g = Params(K=gK, b=gb, K_in=np.zeros_like(loc["K_in"]),
+                       b_in=np.zeros_like(loc["b_in"]), W=None, mu=None)
+            opening_backward(self.heads(), self.job.X, lam_a, dsig_in, g)
+            grads["K_in"], grads["b_in"] = g.K_in, g.b_in
+        if self.last:
+            dW, dmu = head_grads
+            grads["W"] = np.ascontiguousarray(dW, dtype=dt)
+            grads["mu"] = np.asarray(dmu, dtype=dt)
+        if gc:
+            for k in ("W", "mu", "K_in", "b_in"):  # the order of ptoc.objective
+                if k in grads:
+                    grads[k][...] += gc * loc[k]
+        return lam_a, grads
+
+    def _add_regulariser(self, gK: np.ndarray, gb: np.ndarray) -> None:
+        """``dR/dtheta_n`` of the chunk's layers, neighbours at the step's start values
+        (element by element the arithmetic of :func:`ptoc.objective.add_regulariser_grad`)."""
+        net, loc, params = self.net, self.local, self.job.params
+        h, N, a, e = net.h, net.depth, self.a, self.e
+        if net.gamma:
+            gK += net.gamma * h * loc["K"]
+            gb += net.gamma * h * loc["b"]
+        if net.gamma_t and N > 1:
+            scale = net.gamma_t / h
+            lo, hi = max(a - 1, 0), min(e + 1, N)
+            for theta, full, g in ((loc["K"], params.K, gK), (loc["b"], params.b, gb)):
+                ext = np.concatenate([full[lo:a], theta, full[e:hi]])
+                diff = np.diff(ext, axis=0)
+                t = np.zeros_like(ext)
+                t[1:] += scale * diff
+                t[:-1] -= scale * diff
+                g += t[a - lo:a - lo + self.L]
+
+    def _hamiltonian_direction(self, xs, lams, gK, gb) -> None:
+        """``-grad_theta sum_s H_n(x_n, p_{n+1}, theta_n)``, ``p = -lambda``, layer by layer."""
+        params = self.job.params
+        cur = Params(K=params.K.copy(), b=params.b.copy(), K_in=params.K_in, b_in=params.b_in,
+                     W=params.W, mu=params.mu)
+        cur.K[self.a:self.e] = self.local["K"]
+        cur.b[self.a:self.e] = self.local["b"]
+        target = self.job.method.target
+        for i in range(self.L):
+            hK, hb = hamiltonian_grad(self.net, cur, self.a + i, xs[i], -lams[i + 1],
+                                      target=target)
+            gK[i] = -hK
+            gb[i] = -hb
+
+
+def _finite(grads: Mapping[str, np.ndarray]) -> str | None:
+    for k, g in grads.items():
+        if not np.all(np.isfinite(g)):
+            return k
+    return None
+
+
+def _program(comm: Communicator, job: _Job) -> dict[str, Any] | TrainingDivergedError:
+    """One PGCL step (or sweep) on rank ``comm.rank``; every rank returns the same result."""
+    comm.reset_count()
+    m, net, state = job.method, job.network, job.state
+    bounds = partition(net.depth, comm.size)
+    c = _Chunk(job, comm.rank, bounds)
+    j, L = c.j, c.L
+    mem = state.memory[j] if job.warm else None
+    serial = not job.warm and m.cold_start is ColdStart.SERIAL
+
+    # 1. forward prediction; the fine sweep runs after the send (or, serially, before it)
+    dsig_in = None
+    if c.first:
+        U, dsig_in = c.opening()
+    else:
+        U = comm.recv(j - 1, TAG_STATE)
+    G = pred_next = None
+    if not c.last and not serial:
+        G = c.coarse(U)
+        comm.count(1)
+        pred_next = G if mem is None else mem.forward + (G - mem.coarse_forward)
+        comm.send(pred_next, j + 1, TAG_STATE)
+    xs, dsig = c.fine_forward(U)
+    comm.count(L)
+    if not c.last and serial:
+        pred_next = xs[-1]
+        comm.send(pred_next, j + 1, TAG_STATE)
+        G = c.coarse(U)
+        comm.count(1)
+
+    # 2. terminal co-state of the chunk, then the backward prediction for chunk j-1
+    data_loss, head_grads = math.nan, None
+    if c.last:
+        data_loss, lamT, dW, dmu = c.terminal(xs)
+        head_grads = (dW, dmu)
+    else:
+        lamT = comm.recv(j + 1, TAG_COSTATE)
+    B = pred_prev = None
+    if not c.first and not serial:
+        B = c.coarse_adjoint(U, lamT)
+        comm.count(1)
+        pred_prev = B if mem is None else mem.adjoint + (B - mem.coarse_adjoint)
+        comm.send(pred_prev, j - 1, TAG_COSTATE)
+    lam_a, grads = c.fine_backward(xs, dsig, lamT, dsig_in, head_grads)
+    comm.count(L)
+    if not c.first and serial:
+        pred_prev = lam_a
+        comm.send(pred_prev, j - 1, TAG_COSTATE)
+        B = c.coarse_adjoint(U, lamT)
+        comm.count(1)
+
+    memory = ChunkMemory(forward=None if c.last else xs[-1].copy(), coarse_forward=G,
+                         adjoint=None if c.first else lam_a.copy(), coarse_adjoint=B)
+    sq = [0.0, 0.0, 0.0, 0.0]  # state defect, fine state norm, costate defect, fine norm
+    if not c.last:
+        sq[0], sq[1] = sum_of_squares(xs[-1] - pred_next), sum_of_squares(xs[-1])
+    if not c.first:
+        sq[2], sq[3] = sum_of_squares(lam_a - pred_prev), sum_of_squares(lam_a)
+    bad = None if math.isfinite(data_loss) or not c.last else "loss"
+    bad = bad or (None if _finite(grads) is None else f"gradient of {_finite(grads)!r}")
+    collected = (U, lamT, xs[-1], lam_a) if job.collect else None
+
+    # 3. correct: local updates of the chunk's own parameters
+    opt_state = state.optimizer[j]
+    if job.update and bad is None:
+        for k in range(m.local_steps):
+            if k > 0:
+                if c.first:
+                    U, dsig_in = c.opening()
+                xs, dsig = c.fine_forward(U)
+                if c.last:
+                    _, lamT, dW, dmu = c.terminal(xs)
+                    head_grads = (dW, dmu)
+                _, grads = c.fine_backward(xs, dsig, lamT, dsig_in, head_grads)
+                comm.count(2 * L)
+                key = _finite(grads)
+                if key is not None:
+                    bad = f"local gradient of {key!r} (local step {k + 1})"
+                    break
+            c.local, opt_state = m.optimizer.update(c.local, grads, opt_state)
+        if bad is None:
+            key = _finite(c.local)
+            bad = None if key is None else f"updated parameter {key!r}"
+
+    payload = {"local": c.local, "opt": opt_state, "memory": memory, "sq": sq,
+               "loss": data_loss, "bad": bad, "clock": comm.clock, "steps": comm.steps,
+               "collected": collected}
+    parts = _copy_tree(comm.allgather(payload))
+    return _assemble(job, bounds, parts)
+
+
+def _assemble(job: _Job, bounds: np.ndarray, parts: list[dict[str, Any]]
+              ) -> dict[str, Any] | TrainingDivergedError:
+    """The full result from every chunk's part (the same on every rank)."""
+    for j, p in enumerate(parts):
+        if p["bad"] is not None:
+            return TrainingDivergedError(f"PGCL: non-finite {p['bad']} on chunk {j}")
+    net, params, state = job.network, job.params, job.state
+    P = len(parts)
+    sq = [0.0, 0.0, 0.0, 0.0]
+    for p in parts:  # rank order: the same bits on every rank
+        for i in range(4):
+            sq[i] += p["sq"][i]
+    sd, cd = math.sqrt(sq[0]), math.sqrt(sq[2])
+    loss = float(parts[-1]["loss"]) + regulariser(net, params)
+    info = {"state_defect": sd, "costate_defect": cd,
+            "state_defect_rel": sd / math.sqrt(sq[1]) if sq[1] > 0 else sd,
+            "costate_defect_rel": cd / math.sqrt(sq[3]) if sq[3] > 0 else cd,
+            "cold": not job.warm, "ranks": P,
+            "steps_total": int(sum(p["steps"] for p in parts)),
+            "steps_critical_path": int(max(p["clock"] for p in parts))}
+    memory = tuple(p["memory"] for p in parts)
+    batch = (job.X.copy(), job.y.copy())
+    out: dict[str, Any] = {"loss": loss, "info": info}
+    if job.update:
+        first, last = parts[0]["local"], parts[-1]["local"]
+        new = Params(K=np.concatenate([p["local"]["K"] for p in parts]),
+                     b=np.concatenate([p["local"]["b"] for p in parts]),
+                     K_in=first.get("K_in"), b_in=first.get("b_in"), W=last["W"],
+                     mu=last["mu"])
+        out["params"] = new
+        out["state"] = PGCLState(ranks=P, step=state.step + 1,
+                                 optimizer=tuple(p["opt"] for p in parts), batch=batch,
+                                 memory=memory, defects=(sd, cd))
+    else:
+        col = [p["collected"] for p in parts]
+        out["state"] = PGCLState(ranks=P, step=state.step, optimizer=state.optimizer,
+                                 batch=batch, memory=memory, defects=(sd, cd))
+        out["prediction"] = Prediction(
+            bounds=np.array(bounds), states=np.stack([c[0] for c in col]),
+            costates=np.stack([c[1] for c in col]), fine_states=np.stack([c[2] for c in col]),
+            fine_costates=np.stack([c[3] for c in col]), cold=not job.warm, state_defect=sd,
+            costate_defect=cd)
+    return out
