@@ -40,12 +40,21 @@ METHODS = {
                     "iterations per sweep, warm-started from the previous step",
     "node": "Lorin: the neural ODE x' = sigma(K(t)x + b(t)) with a --scheme fine solver, "
             "solved by parareal over --chunks with an order-raising --schedule",
+    "pgcl": "Parpas & Muir: a coarse network predicts chunk-boundary states and co-states, "
+            "then each of --ranks chunks updates its own layers",
 }
+
+#: Methods whose steps reuse the previous step's layer-space solution: full batch by default.
+FULL_BATCH_METHODS = ("simultaneous", "pgcl")
+
+#: ``--batch-size`` of the other methods when it is not given.
+DEFAULT_BATCH = 50
 
 #: Defaults of the options that only some methods read.
 METHOD_OPTION_DEFAULTS = {
     "mgrit_iterations": 2, "coarsening": 4, "ranks": 1,
     "scheme": "rk4", "substeps": 1, "chunks": 1, "schedule": None, "parareal_iterations": None,
+    "local_steps": 1, "coarse_weights": "inject", "cold_start": "coarse",
 }
 
 #: Which of :data:`METHOD_OPTION_DEFAULTS` each method reads.
@@ -53,6 +62,7 @@ METHOD_OPTIONS = {
     "serial": (),
     "simultaneous": ("mgrit_iterations", "coarsening", "ranks"),
     "node": ("scheme", "substeps", "chunks", "schedule", "parareal_iterations"),
+    "pgcl": ("ranks", "local_steps", "coarse_weights", "cold_start"),
 }
 
 PROG = "ptoc"
@@ -115,9 +125,11 @@ def _unit_float(text: str) -> float:
     return value
 
 
-def _batch_size(text: str) -> int | None:
+def _batch_size(text: str) -> int | str | None:
     if text.strip().lower() in ("full", "none", "all"):
         return None
+    if text.strip().lower() == "auto":  # the default: resolved per method in _cmd_train
+        return "auto"
     try:
         return _positive_int(text)
     except argparse.ArgumentTypeError:
@@ -217,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=METHOD_OPTION_DEFAULTS["coarsening"],
                    help="simultaneous: MGRIT coarsening factor m (>= 2)")
     g.add_argument("--ranks", type=_positive_int, default=METHOD_OPTION_DEFAULTS["ranks"],
-                   help="simultaneous: simulated ranks the layers are split over")
+                   help="simultaneous, pgcl: simulated ranks the layers are split over")
     g.add_argument("--scheme", choices=("euler", "heun", "rk4"),
                    default=METHOD_OPTION_DEFAULTS["scheme"],
                    help="node: fine Runge-Kutta scheme (Euler with --substeps 1 is the ResNet)")
@@ -233,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
                    default=METHOD_OPTION_DEFAULTS["parareal_iterations"],
                    help="node: most parareal iterations per step (default: enough to be "
                    "exact)")
+    g.add_argument("--local-steps", type=_positive_int,
+                   default=METHOD_OPTION_DEFAULTS["local_steps"],
+                   help="pgcl: local updates of each chunk per step")
+    g.add_argument("--coarse-weights", choices=("inject", "average"),
+                   default=METHOD_OPTION_DEFAULTS["coarse_weights"],
+                   help="pgcl: weights of a chunk's coarse step (its first layer's, or the mean)")
+    g.add_argument("--cold-start", choices=("coarse", "serial"),
+                   default=METHOD_OPTION_DEFAULTS["cold_start"],
+                   help="pgcl: prediction of a step with no corrections for its batch")
     g = t.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("adam", "sgd", "lbfgs"), default="adam",
                    help="optimiser (lbfgs: memory 10, Armijo backtracking from --lr; use it "
@@ -243,8 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=_unit_float, default=0.9, help="SGD momentum")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     g.add_argument("--epochs", type=_positive_int, default=100, help="passes over the data")
-    g.add_argument("--batch-size", type=_batch_size, default=50,
-                   help="samples per step, or 'full' for full-batch steps")
+    g.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help=f"samples per step, or 'full' for full-batch steps (default: "
+                   f"{DEFAULT_BATCH}, full for --method " + " and ".join(FULL_BATCH_METHODS)
+                   + ")")
     g.add_argument("--eval-every", type=_positive_int, default=1,
                    help="evaluate accuracies every this many epochs")
     g.add_argument("--seed", type=_nonnegative_int, default=0,
@@ -316,9 +339,28 @@ def _node_grad_fn(args: argparse.Namespace, network):
         raise _Error(f"--method node: {exc}") from None
 
 
+def _method(args: argparse.Namespace, network, optimizer):
+    """The :class:`ptoc.methods.TrainingMethod` of ``--method`` and its options."""
+    from ptoc.methods import GradientMethod
+
+    _check_method_options(args)
+    if args.method == "pgcl":
+        from ptoc.pgcl import PGCL
+
+        if args.ranks > network.depth:
+            raise _Error(f"argument --ranks: --method pgcl needs at most one rank per layer "
+                         f"({network.depth}), got {args.ranks}")
+        try:
+            return PGCL(optimizer, local_steps=args.local_steps, coarse=args.coarse_weights,
+                        cold_start=args.cold_start,
+                        comm=None if args.ranks == 1 else args.ranks, target=args.target)
+        except ValueError as exc:
+            raise _Error(f"--method pgcl: {exc}") from None
+    return GradientMethod(optimizer, _grad_fn(args, network), args.target)
+
+
 def _grad_fn(args: argparse.Namespace, network):
     """The ``grad_fn`` of a gradient ``--method`` (None for serial)."""
-    _check_method_options(args)
     if args.method == "serial":
         return None
     if args.method == "node":
@@ -387,7 +429,6 @@ def _write_run_file(args: argparse.Namespace, output: Path) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     import ptoc
     from ptoc.kernels import backend
-    from ptoc.methods import GradientMethod
     from ptoc.optim import make_optimizer
     from ptoc.training import CHECKPOINT_NAME, train
 
@@ -398,6 +439,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.resume is not None:
         args = _resumed_args(args)
+    if args.batch_size == "auto":
+        args.batch_size = None if args.method in FULL_BATCH_METHODS else DEFAULT_BATCH
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
 
     try:
@@ -432,8 +475,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         optimizer = make_optimizer(args.optimizer, **hyper)
     except ValueError as exc:
         raise _Error(str(exc)) from None
-    grad_fn = _grad_fn(args, network)
-    method = GradientMethod(optimizer, grad_fn, args.target)
+    method = _method(args, network, optimizer)
+    grad_fn = getattr(method, "grad_fn", None)
     params = network.init_params(args.seed, scale=args.init_scale)
     output = Path(args.output) if args.output is not None else _default_output()
     if output.exists() and not output.is_dir():
@@ -459,6 +502,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.method == "simultaneous":
         say(f"ptoc: simultaneous layer-parallel training, {grad_fn.solver!r} on "
             f"{args.ranks} simulated rank(s)")
+    elif args.method == "pgcl":
+        say(f"ptoc: predict globally, correct locally on {args.ranks} simulated rank(s), "
+            f"{args.local_steps} local step(s), {args.coarse_weights} coarse weights")
     elif args.method == "node":
         say(f"ptoc: neural ODE, {grad_fn.scheme.value} with {grad_fn.substeps} step(s) per "
             f"layer, {grad_fn.parareal or 'serial solve'}")

@@ -108,6 +108,9 @@ def test_help_lists_subcommands_and_every_train_option(capsys):
         (["--method", "node", "--schedule", "euler,rk5"], "rk5"),
         (["--method", "node", "--scheme", "heun", "--schedule", "euler,rk4"], "--schedule"),
         (["--checkpoint-every", "0"], "--checkpoint-every"),
+        (["--local-steps", "2"], "--local-steps"),
+        (["--method", "pgcl", "--optimizer", "lbfgs"], "L-BFGS"),
+        (["--method", "pgcl", "--ranks", "40", "--depth", "8"], "--ranks"),
     ],
 )
 def test_bad_options_exit_2_with_one_clear_line(argv, option, capsys, tmp_path):
@@ -245,3 +248,17 @@ def test_resume_takes_its_options_from_the_run(tmp_path, capsys):
     _, b, _ = ptoc.io.load_model(tmp_path / "whole" / "model.npz")
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+
+
+def test_pgcl_training_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "pgcl", "--ranks", "3", "--depth", "6", "--epochs", "6",
+                 "--lr", "0.02", "--coarse-weights", "average", "--output", str(out),
+                 "-q"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert [r["steps"] for r in history] == [1, 2, 3, 4, 5, 6]  # full batch by default
+    assert "state_defect" in history[-1]
+    _, _, extra = ptoc.io.load_model(out / "model.npz")
+    assert extra["method"]["name"] == "pgcl" and extra["batch_size"] is None
+    assert json.loads((out / "run.json").read_text())["batch_size"] is None
