@@ -42,6 +42,12 @@ METHODS = {
             "solved by parareal over --chunks with an order-raising --schedule",
     "pgcl": "Parpas & Muir: a coarse network predicts chunk-boundary states and co-states, "
             "then each of --ranks chunks updates its own layers",
+    "msa": "Li & Hao: forward and backward sweeps, then every layer maximises its "
+           "Hamiltonian (--inner-steps of --inner ascent)",
+    "emsa": "Li, Chen, Tai & E: MSA with the error-control penalties of weight --rho",
+    "ternary": "Li & Hao: weights a_n W_n with W_n in {-1,0,+1}, closed-form Hamiltonian "
+               "maximiser with a moving average of M and sparsity weight --lam",
+    "binary": "Li & Hao: weights a_n W_n with W_n in {-1,+1}, closed-form Hamiltonian maximiser",
 }
 
 #: Methods whose steps reuse the previous step's layer-space solution: full batch by default.
@@ -55,6 +61,8 @@ METHOD_OPTION_DEFAULTS = {
     "mgrit_iterations": 2, "coarsening": 4, "ranks": 1,
     "scheme": "rk4", "substeps": 1, "chunks": 1, "schedule": None, "parareal_iterations": None,
     "local_steps": 1, "coarse_weights": "inject", "cold_start": "coarse",
+    "rho": None, "inner": "gradient", "inner_steps": 3, "lam": None, "rho_schedule": "linear",
+    "beta": 0.99,
 }
 
 #: Which of :data:`METHOD_OPTION_DEFAULTS` each method reads.
@@ -63,6 +71,10 @@ METHOD_OPTIONS = {
     "simultaneous": ("mgrit_iterations", "coarsening", "ranks"),
     "node": ("scheme", "substeps", "chunks", "schedule", "parareal_iterations"),
     "pgcl": ("ranks", "local_steps", "coarse_weights", "cold_start"),
+    "msa": ("inner", "inner_steps"),
+    "emsa": ("rho", "inner", "inner_steps"),
+    "ternary": ("rho", "lam", "rho_schedule", "beta"),
+    "binary": ("rho", "rho_schedule", "beta"),
 }
 
 PROG = "ptoc"
@@ -254,6 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cold-start", choices=("coarse", "serial"),
                    default=METHOD_OPTION_DEFAULTS["cold_start"],
                    help="pgcl: prediction of a step with no corrections for its batch")
+    g.add_argument("--rho", type=_nonnegative_float, default=METHOD_OPTION_DEFAULTS["rho"],
+                   help="emsa, ternary, binary: error-control penalty (default: the method's, "
+                   "1 for emsa and ternary, 0.5 for binary)")
+    g.add_argument("--inner", choices=("gradient", "lbfgs"),
+                   default=METHOD_OPTION_DEFAULTS["inner"],
+                   help="msa, emsa: how each layer ascends its Hamiltonian")
+    g.add_argument("--inner-steps", type=_positive_int,
+                   default=METHOD_OPTION_DEFAULTS["inner_steps"],
+                   help="msa, emsa: inner ascent steps per layer and step")
+    g.add_argument("--lam", type=_nonnegative_float, default=METHOD_OPTION_DEFAULTS["lam"],
+                   help="ternary: sparsity weight, relative to the layer's mean |M| (default 1)")
+    g.add_argument("--rho-schedule", choices=("linear", "constant", "geometric"),
+                   default=METHOD_OPTION_DEFAULTS["rho_schedule"],
+                   help="ternary, binary: how rho grows with the step")
+    g.add_argument("--beta", type=_unit_float, default=METHOD_OPTION_DEFAULTS["beta"],
+                   help="ternary, binary: moving-average factor of M = dH/dW over batches")
     g = t.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("adam", "sgd", "lbfgs"), default="adam",
                    help="optimiser (lbfgs: memory 10, Armijo backtracking from --lr; use it "
@@ -356,6 +384,22 @@ def _method(args: argparse.Namespace, network, optimizer):
                         comm=None if args.ranks == 1 else args.ranks, target=args.target)
         except ValueError as exc:
             raise _Error(f"--method pgcl: {exc}") from None
+    if args.method in ("msa", "emsa", "ternary", "binary"):
+        from ptoc.msa import EMSA, MSA, DiscreteMSA
+
+        try:
+            if args.method == "msa":
+                return MSA(inner=args.inner, inner_steps=args.inner_steps,
+                           head_optimizer=optimizer, target=args.target)
+            if args.method == "emsa":
+                rho = 1.0 if args.rho is None else args.rho
+                return EMSA(rho=rho, inner=args.inner, inner_steps=args.inner_steps,
+                            head_optimizer=optimizer, target=args.target)
+            return DiscreteMSA(kind=args.method, lam=args.lam, rho=args.rho,
+                               rho_schedule=args.rho_schedule, beta=args.beta,
+                               optimizer=optimizer, target=args.target)
+        except ValueError as exc:
+            raise _Error(f"--method {args.method}: {exc}") from None
     return GradientMethod(optimizer, _grad_fn(args, network), args.target)
 
 
@@ -505,6 +549,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     elif args.method == "pgcl":
         say(f"ptoc: predict globally, correct locally on {args.ranks} simulated rank(s), "
             f"{args.local_steps} local step(s), {args.coarse_weights} coarse weights")
+    elif args.method in ("msa", "emsa", "ternary", "binary"):
+        say(f"ptoc: {method!r}")
     elif args.method == "node":
         say(f"ptoc: neural ODE, {grad_fn.scheme.value} with {grad_fn.substeps} step(s) per "
             f"layer, {grad_fn.parareal or 'serial solve'}")

@@ -262,3 +262,23 @@ def test_pgcl_training_from_the_command_line(tmp_path):
     _, _, extra = ptoc.io.load_model(out / "model.npz")
     assert extra["method"]["name"] == "pgcl" and extra["batch_size"] is None
     assert json.loads((out / "run.json").read_text())["batch_size"] is None
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_decreases_the_loss_on_peaks(method, tmp_path):
+    """Issue 4: every training method, from the command line, lowers the objective."""
+    out = tmp_path / method
+    extra = ["--ranks", "2"] if method in ("simultaneous", "pgcl") else []
+    assert main(["train", "--method", method, "--depth", "6", "--width", "4", "--epochs", "8",
+                 "--lr", "0.02", *extra, "--output", str(out), "-q"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    net, _, saved = ptoc.io.load_model(out / "model.npz")
+    data = ptoc.data.peaks()
+    start = ptoc.loss(net, net.init_params(0), data.X_val, data.y_val)
+    assert history[-1]["val_loss"] < 0.8 * start, (start, history)
+    assert saved["method"]["name"] == ("gradient" if method in ("serial", "simultaneous",
+                                                                 "node") else method)
+    if method in ("ternary", "binary"):
+        fractions = [r["nonzero_fraction"] for r in history]
+        assert all(0 < f <= 1 for f in fractions)
+        assert (method == "binary") == all(f == 1 for f in fractions)
