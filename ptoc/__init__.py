@@ -20,12 +20,29 @@ Quick example
 (16, 8, 8)
 """
 
-from . import data, io, kernels, optim, parallel, plotting, training
+from . import (
+    data,
+    discrete,
+    io,
+    kernels,
+    methods,
+    msa,
+    node,
+    optim,
+    parallel,
+    pgcl,
+    plotting,
+    simultaneous,
+    training,
+)
 from .activations import Activation
 from .hamiltonian import hamiltonian, hamiltonian_grad
 from .io import load_model, save_model
 from .kernels import Target
+from .methods import GradientMethod, TrainingMethod
 from .model import PARAM_KEYS, Opening, Params, ResNet
+from .msa import EMSA, MSA, DiscreteMSA
+from .node import NeuralODEGradient, NODEParareal
 from .optim import LBFGS, OPTIMISERS, SGD, Adam
 from .parallel import (
     MGRIT,
@@ -39,6 +56,7 @@ from .parallel import (
     SimulatedRanks,
     SolveResult,
 )
+from .pgcl import PGCL
 from .propagator import (
     Check,
     Propagator,
@@ -46,6 +64,7 @@ from .propagator import (
     ResNetPropagator,
     check_propagator,
 )
+from .simultaneous import SimultaneousGradient
 from .sweeps import (
     AdjointResult,
     ForwardResult,
@@ -62,6 +81,21 @@ from .training import History, TrainResult, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMSA",
+    "MSA",
+    "PGCL",
+    "DiscreteMSA",
+    "GradientMethod",
+    "NeuralODEGradient",
+    "NODEParareal",
+    "SimultaneousGradient",
+    "TrainingMethod",
+    "discrete",
+    "methods",
+    "msa",
+    "node",
+    "pgcl",
+    "simultaneous",
     "MGRIT",
     "CoarseWeights",
     "Cycle",
