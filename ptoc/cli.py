@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
             "         history.csv and training.png into an output folder\n"
             "  solve  solve the state/adjoint sweeps layer-parallel (parareal, MGRIT) on\n"
             "         simulated ranks or under mpiexec; prints residuals and step counts\n"
+            "  validate  check the papers' claims (validation/), one table\n"
             "  info   versions, Numba threads and the available kernel targets\n\n"
             "Run 'ptoc <subcommand> --help' for the options of each."
         ),
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"ptoc {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,solve,info}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,solve,validate,info}",
+                                required=True)
 
     t = sub.add_parser(
         "train",
@@ -318,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import solve_cli
 
     solve_cli.add_parser(sub, _Formatter, _positive_int, _nonnegative_int, _positive_float)
+
+    from . import validation
+
+    validation.add_parser(sub, _Formatter)
 
     i = sub.add_parser("info", help="versions, Numba threads and available targets",
                        description="Print versions (ptoc, python, numpy, numba), the number "

@@ -1,0 +1,292 @@
+"""Validation records and the runner behind ``ptoc validate``.
+
+The folder ``validation/`` of the repository holds one script per claim of the papers
+behind ptoc. A script is a module that defines
+
+``NUMBER`` (int)
+    The claim's number in ``validation/README.md`` (the order of the table).
+``CLAIM`` (str)
+    The claim, in one sentence.
+``SOURCE`` (str)
+    Paper, and equation, theorem or section where known.
+``run(quick: bool, out_dir: pathlib.Path) -> Record``
+    Checks the claim (``quick``: in seconds, for CI; otherwise the full run) and returns
+    its :class:`Record`; figures go into ``out_dir``.
+
+and ends with ``if __name__ == "__main__": raise SystemExit(script_main(__name__))`` so
+that ``python validation/<name>.py [--quick]`` runs it alone. ``ptoc validate [--quick]
+[--only NAME ...]`` runs them all (or the named ones), writes every record to
+``<out>/<name>.json`` and prints one table.
+
+A claim that does not hold is reported as ``fail`` with its numbers; nothing is
+loosened or hidden. ``skipped`` is only for a check that cannot run here (an optional
+dependency missing), with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import importlib.util
+import json
+import math
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Record",
+    "Verdict",
+    "discover",
+    "load_script",
+    "run_script",
+    "script_main",
+    "table",
+]
+
+
+class Verdict(str, enum.Enum):
+    """Outcome of a claim's check."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    SKIPPED = "skipped"
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready copy: NumPy scalars and arrays to numbers and lists, NaN/inf to strings."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        value = float(obj)
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@dataclass
+class Record:
+    """What one claim's check found.
+
+    Attributes
+    ----------
+    name : str
+        The script's name (file name without ``.py``); set by the runner.
+    claim, source : str
+        As the script's ``CLAIM`` and ``SOURCE``; set by the runner when empty.
+    verdict : Verdict
+        ``pass`` when every part of the claim held within its tolerance, ``fail``
+        otherwise, ``skipped`` when the check could not run (``reason`` says why).
+    our_value : object
+        The measured quantity (a number, or a dict of them).
+    paper_value : object, optional
+        The paper's figure, when it gives one.
+    tolerance : object, optional
+        What "holds" means here (e.g. ``"<= 1e-10 relative"``).
+    details : dict
+        Further numbers: per-case tables, histories.
+    figures : list of str
+        File names of the PNGs written into the output folder.
+    reason : str, optional
+        Why the check was skipped, or a one-line account of a failure.
+    mode : str
+        ``"quick"`` or ``"full"``; set by the runner.
+    seconds : float
+        Wall time of the check; set by the runner.
+    """
+
+    verdict: Verdict
+    our_value: Any
+    paper_value: Any = None
+    tolerance: Any = None
+    details: dict[str, Any] = field(default_factory=dict)
+    figures: list[str] = field(default_factory=list)
+    reason: str | None = None
+    name: str = ""
+    claim: str = ""
+    source: str = ""
+    mode: str = ""
+    seconds: float = math.nan
+
+    def __post_init__(self) -> None:
+        self.verdict = Verdict(self.verdict)
+
+    @classmethod
+    def from_checks(cls, checks: dict[str, bool], our_value: Any, **kw: Any) -> Record:
+        """``pass`` when every named check holds; the failing ones go into ``reason``."""
+        failed = [name for name, ok in checks.items() if not ok]
+        reason = kw.pop("reason", None)
+        if failed and reason is None:
+            reason = "does not hold: " + ", ".join(failed)
+        details = dict(kw.pop("details", {}))
+        details["checks"] = {k: bool(v) for k, v in checks.items()}
+        return cls(Verdict.FAIL if failed else Verdict.PASS, our_value, details=details,
+                   reason=reason, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    def save(self, out_dir: Path) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{self.name}.json"
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        return path
+
+
+def discover(folder: Path) -> dict[str, Path]:
+    """The claim scripts in ``folder``: every ``*.py`` not starting with ``_``, by name."""
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no validation folder at {str(folder)!r}: run 'ptoc validate' from a clone of "
+            "the repository (it holds validation/), or give --dir")
+    return {p.stem: p for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")}
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import a claim script by path and check that it defines what the runner needs."""
+    spec = importlib.util.spec_from_file_location(f"ptoc_validation_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {str(path)!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = [a for a in ("NUMBER", "CLAIM", "SOURCE", "run") if not hasattr(module, a)]
+    if missing:
+        raise AttributeError(f"validation script {path.name} lacks {', '.join(missing)}")
+    return module
+
+
+def run_script(module: ModuleType, name: str, *, quick: bool, out_dir: Path) -> Record:
+    """Run one script's check; an exception becomes a ``fail`` record with its traceback."""
+    t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        record = module.run(quick=quick, out_dir=out_dir)
+        if not isinstance(record, Record):
+            raise TypeError(f"run() returned {type(record).__name__}, not a Record")
+    except Exception as exc:  # a crash is reported as a failed claim, with the cause
+        record = Record(Verdict.FAIL, None, reason=f"the check raised {type(exc).__name__}: "
+                        f"{exc}", details={"traceback": traceback.format_exc()})
+    record.name = name
+    record.claim = record.claim or module.CLAIM
+    record.source = record.source or module.SOURCE
+    record.mode = "quick" if quick else "full"
+    record.seconds = time.perf_counter() - t0
+    record.save(out_dir)
+    return record
+
+
+def _short(value: Any, width: int = 38) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:.3g}"
+    elif isinstance(value, dict):
+        text = ", ".join(f"{k}={_short(v, 12)}" for k, v in value.items())
+    else:
+        text = str(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def table(records: Sequence[Record], numbers: dict[str, int]) -> str:
+    """One line per claim: number, name, verdict, our value, paper value, time."""
+    rows = [("#", "claim", "verdict", "ours", "paper", "s")]
+    for r in records:
+        rows.append((str(numbers.get(r.name, "")), r.name, r.verdict.value.upper(),
+                     _short(r.our_value), _short(r.paper_value, 24), f"{r.seconds:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in records:
+        if r.verdict is not Verdict.PASS and r.reason:
+            lines.append(f"{r.name}: {r.verdict.value}: {r.reason}")
+    return "\n".join(lines)
+
+
+def script_main(module_name: str, argv: Sequence[str] | None = None) -> int:
+    """``python validation/<name>.py [--quick] [--out DIR]``: run one claim and print it."""
+    module = sys.modules[module_name]
+    path = Path(module.__file__)
+    parser = argparse.ArgumentParser(description=f"claim {module.NUMBER}: {module.CLAIM}")
+    parser.add_argument("--quick", action="store_true", help="the seconds-long CI check")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the record and figures go (default: "
+                        "validation/results, or validation/results/quick with --quick)")
+    args = parser.parse_args(argv)
+    out = args.out or (path.parent / "results" / ("quick" if args.quick else ""))
+    record = run_script(module, path.stem, quick=args.quick, out_dir=out)
+    print(table([record], {path.stem: module.NUMBER}))
+    print(f"wrote {out / (path.stem + '.json')}")
+    return 0 if record.verdict is not Verdict.FAIL else 1
+
+
+def add_parser(sub, formatter) -> None:
+    """The ``ptoc validate`` subcommand."""
+    v = sub.add_parser(
+        "validate", help="check the papers' claims (validation/), print one table",
+        description="Run the claim scripts in validation/ (one per claim of the papers) and "
+        "print one table. Each writes a JSON record (claim, source, paper value, our value, "
+        "tolerance, verdict) and its figures. Exit code 1 when a claim fails.",
+        formatter_class=formatter)
+    v.add_argument("--quick", action="store_true",
+                   help="seconds per claim (what CI runs) instead of the full runs")
+    v.add_argument("--only", nargs="+", metavar="NAME", default=None,
+                   help="run only these claims (script names, see --list)")
+    v.add_argument("--list", action="store_true", help="list the claims and exit")
+    v.add_argument("--dir", type=Path, default=Path("validation"),
+                   help="the folder of claim scripts")
+    v.add_argument("--out", type=Path, default=None,
+                   help="where records and figures go (default: DIR/results, or "
+                   "DIR/results/quick with --quick)")
+    v.set_defaults(func=_cmd_validate)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .cli import _Error
+
+    try:
+        scripts = discover(args.dir)
+    except FileNotFoundError as exc:
+        raise _Error(str(exc)) from None
+    if args.only:
+        unknown = [n for n in args.only if n not in scripts]
+        if unknown:
+            raise _Error(f"argument --only: no claim named {', '.join(map(repr, unknown))}; "
+                         f"the claims are {', '.join(scripts)}")
+        scripts = {n: scripts[n] for n in args.only}
+    modules = {name: load_script(path) for name, path in scripts.items()}
+    order = sorted(modules, key=lambda n: (modules[n].NUMBER, n))
+    numbers = {n: modules[n].NUMBER for n in order}
+    if args.list:
+        for n in order:
+            print(f"{numbers[n]:>3}  {n:<28} {modules[n].CLAIM}")
+        return 0
+    out = args.out or (args.dir / "results" / ("quick" if args.quick else ""))
+    records = []
+    for n in order:
+        print(f"[{numbers[n]}] {n} ...", end=" ", flush=True)
+        record = run_script(modules[n], n, quick=args.quick, out_dir=out)
+        print(f"{record.verdict.value} ({record.seconds:.1f} s)", flush=True)
+        records.append(record)
+    print()
+    print(table(records, numbers))
+    print(f"\nrecords in {out}{'/'}")
+    return 1 if any(r.verdict is Verdict.FAIL for r in records) else 0
