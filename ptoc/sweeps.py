@@ -37,7 +37,7 @@ from .objective import (
     opening_forward,
     regulariser,
 )
-from .parallel.driver import parallel_forward, parallel_gradient
+from .parallel.driver import parallel_adjoint, parallel_forward, parallel_gradient
 from .parallel.options import Serial, SolveResult, check_solver
 
 _scratch = Scratch()
@@ -236,13 +236,14 @@ class AdjointResult:
 def adjoint(network: ResNet, params: Params | Mapping, fwd: ForwardResult, lam_N, *,
             target: Target | str = Target.CPU, keep_adjoints: bool = False, solver=None,
             comm=None, initial_guess=None) -> AdjointResult:
-    """Serial adjoint sweep ``lambda_n = lambda_{n+1} + h K_n^T (sigma'(a_n) * lambda_{n+1})``.
+    """Adjoint sweep ``lambda_n = lambda_{n+1} + h K_n^T (sigma'(a_n) * lambda_{n+1})``.
 
     Starts from ``lambda_N = lam_N`` (S, d) and accumulates ``dJ/dK_n``, ``dJ/db_n``
     (``DESIGN.md`` section 2). With a checkpointed ``fwd`` each segment is recomputed
     from its checkpoint first. With a ``solver`` (and ``comm``) the sweep is solved
     layer-parallel from the states of ``fwd`` (all states needed), warm-started from
-    ``initial_guess`` (N+1, S, d) if given.
+    ``initial_guess`` (N+1, S, d, or an earlier AdjointResult) if given; the result then
+    holds all adjoints and the solve record.
     """
     params = _as_params(network, params)
     lam_N = np.ascontiguousarray(lam_N, dtype=network.dtype)
@@ -253,7 +254,19 @@ def adjoint(network: ResNet, params: Params | Mapping, fwd: ForwardResult, lam_N
     if keep_adjoints and fwd.checkpoint_every is not None:
         raise ValueError("keep_adjoints needs a forward result with all states "
                          "(checkpoint_every=None)")
+    solver = check_solver(solver)
     kern = backend(target)
+    if comm is not None or not isinstance(solver, Serial):
+        if fwd.checkpoint_every is not None:
+            raise ValueError("a layer-parallel adjoint sweep needs a forward result with all "
+                             "states (checkpoint_every=None)")
+        guess = None if initial_guess is None else _guess(
+            getattr(initial_guess, "adjoints", initial_guess), network, lam_N.shape[0],
+            "initial_guess")
+        lams, gK, gb, record = parallel_adjoint(network, params, fwd.states, lam_N, solver,
+                                                comm=comm, target=Target.parse(target),
+                                                initial_adjoints=guess)
+        return AdjointResult(np.array(lams[0]), gK, gb, lams, record)
     with _single_threaded_blas(kern):
         return _adjoint(network, params, fwd, lam_N, kern, keep_adjoints)
 

@@ -15,7 +15,7 @@ from ptoc.parallel import (
     mgrit_levels,
     partition,
 )
-from ptoc.parallel.driver import parallel_gradient
+from ptoc.parallel.driver import parallel_adjoint, parallel_gradient
 
 
 def problem(width=4, depth=12, S=6, seed=0, act="tanh", T=1.0, scale=1.0, gammas=(1e-2,) * 3):
@@ -395,3 +395,29 @@ def test_cuda_target_through_the_solvers():
     loss_c, grads_c = ptoc.loss_and_grad(net, params, X, y, target="cuda", comm=2,
                                          solver=MGRIT(coarsening=2, tol=1e-13))
     assert grad_rel(grads_c, grads) < 1e-10
+
+
+def test_public_adjoint_runs_the_requested_solver():
+    """``ptoc.adjoint(..., solver=, comm=, initial_guess=)`` solves layer-parallel (it once
+    ignored these and ran the serial sweep)."""
+    net = ptoc.ResNet(width=4, depth=12, n_in=3, n_classes=3)
+    p = net.init_params(0, scale=1.5)
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((6, 3)), rng.integers(0, 3, 6)
+    fwd = ptoc.forward(net, p, X)
+    _, lam_N, _, _ = ptoc.objective.classifier_loss(p, fwd.final_state, y)
+    serial = ptoc.adjoint(net, p, fwd, lam_N, keep_adjoints=True)
+    rough = ptoc.Parareal(chunks=3, max_iterations=0, tol=1e-300)
+    one = ptoc.adjoint(net, p, fwd, lam_N, solver=rough, comm=3)
+    lams, gK, gb, _ = parallel_adjoint(net, p, fwd.states, lam_N, rough, comm=3)
+    assert one.solve is not None and one.solve.iterations == 0
+    assert np.array_equal(one.adjoints, lams) and np.array_equal(one.grad_K, gK)
+    assert np.max(np.abs(one.adjoints - serial.adjoints)) > 1e-3  # not the serial sweep
+    exact = ptoc.adjoint(net, p, fwd, lam_N, solver=ptoc.MGRIT(coarsening=2, tol=1e-13),
+                         comm=2, initial_guess=one)
+    assert exact.solve.converged
+    np.testing.assert_allclose(exact.adjoints, serial.adjoints, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(exact.grad_K, serial.grad_K, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(exact.initial_adjoint, exact.adjoints[0])
+    with pytest.raises(ValueError, match="all states"):
+        ptoc.adjoint(net, p, ptoc.forward(net, p, X, checkpoint_every=4), lam_N, solver=rough)
