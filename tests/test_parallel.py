@@ -421,3 +421,18 @@ def test_public_adjoint_runs_the_requested_solver():
     np.testing.assert_array_equal(exact.initial_adjoint, exact.adjoints[0])
     with pytest.raises(ValueError, match="all states"):
         ptoc.adjoint(net, p, ptoc.forward(net, p, X, checkpoint_every=4), lam_N, solver=rough)
+
+
+@pytest.mark.parametrize("solver", [ptoc.MGRIT(coarsening=2, tol=1e-13), ptoc.Parareal(chunks=2)])
+def test_layer_parallel_gradient_with_identity_opening_and_classifier_weight(solver):
+    """An identity opening has no K_in, b_in; with gamma_c > 0 the parallel gradient once
+    raised KeyError: 'K_in'."""
+    net = ptoc.ResNet(width=4, depth=8, n_in=4, n_classes=3, opening="identity", gamma_c=1e-2)
+    p = net.init_params(0)
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((5, 4)), rng.integers(0, 3, 5)
+    loss, grads = ptoc.loss_and_grad(net, p, X, y, solver=solver, comm=2)
+    ref_loss, ref = ptoc.loss_and_grad(net, p, X, y)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    for k in ref:
+        np.testing.assert_allclose(grads[k], ref[k], rtol=0, atol=1e-12)

@@ -313,7 +313,7 @@ def _gradient_program(comm, network, params, X, y, solver, target, guess_states,
     creg = 0.0
     if gc:
         for k in ("W", "mu", "K_in", "b_in"):
-            if grads[k] is not None:
+            if getattr(grads, k) is not None:  # no K_in, b_in with an identity opening
                 grads[k][...] += gc * params[k]
                 creg += float(np.vdot(params[k], params[k]))
     loss = tail["data_loss"] + total_reg + 0.5 * gc * creg
