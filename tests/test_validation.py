@@ -19,7 +19,16 @@ FOLDER = Path(__file__).resolve().parent.parent / "validation"
 SCRIPTS = discover(FOLDER)
 
 #: Verdicts other than ``pass``, with why (see validation/README.md).
-EXPECTED: dict[str, tuple[str, str]] = {}
+EXPECTED: dict[str, tuple[str, str]] = {
+    "ternary_digits": (
+        "fail", "at <= 5% nonzero the ternary net does no better than the no-residual-weights "
+        "floor (91.6%), 4 points below float (95.7%); where the floor is within 1 point of "
+        "float (identity opening) closeness to float says nothing"),
+    "node_schedule": (
+        "fail", "the Euler->Heun->RK4 schedule saves no total fine work in general (median "
+        "ratio 0.99 of RHS evaluations; it depends on P and the coarse solver); it does save "
+        "on the critical path (175 of 204 comparisons)"),
+}
 
 
 def _expected(name):
