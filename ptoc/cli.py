@@ -2,10 +2,16 @@
 
 ``ptoc train``
     Train a ResNet on Peaks (default) or digits and write the model, the history
-    (JSON and CSV) and a plot into an output folder. With no options it trains
-    width 8, depth 32, ``T = 5``, tanh, on Peaks with Adam (``lr = 3e-3``, batch 50,
-    100 epochs) on exact serial gradients, which reaches about 96-99% validation
-    accuracy in well under a minute on two cores.
+    (JSON and CSV), a plot and checkpoints into an output folder. With no options it
+    trains width 8, depth 32, ``T = 5``, tanh, on Peaks with Adam (``lr = 3e-3``,
+    batch 50, 100 epochs) on exact serial gradients, which reaches about 96-99%
+    validation accuracy in well under a minute on two cores. ``--method`` picks one
+    of the training methods (``--method`` alone lists them); ``--resume DIR``
+    continues a run from its checkpoint.
+``ptoc solve``
+    Solve the state and adjoint sweeps layer-parallel (:mod:`ptoc.solve_cli`).
+``ptoc validate``
+    Run the claim scripts of ``validation/`` (:mod:`ptoc.validation`).
 ``ptoc info``
     Versions, Numba threads and which kernel targets can run here.
 
@@ -176,12 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "ptoc: parallel-in-time optimal control of residual neural networks.\n\n"
             "Subcommands:\n"
-            "  train  train a ResNet on Peaks or digits; writes model.npz, history.json,\n"
-            "         history.csv and training.png into an output folder\n"
-            "  solve  solve the state/adjoint sweeps layer-parallel (parareal, MGRIT) on\n"
-            "         simulated ranks or under mpiexec; prints residuals and step counts\n"
+            "  train     train a ResNet on Peaks or digits with one of the training\n"
+            "            methods; writes model.npz, history, plot and checkpoints\n"
+            "  solve     solve the state/adjoint sweeps layer-parallel (parareal, MGRIT) on\n"
+            "            simulated ranks or under mpiexec; prints residuals and step counts\n"
             "  validate  check the papers' claims (validation/), one table\n"
-            "  info   versions, Numba threads and the available kernel targets\n\n"
+            "  info      versions, Numba threads and the available kernel targets\n\n"
             "Run 'ptoc <subcommand> --help' for the options of each."
         ),
         epilog=("exit codes: 0 success, 1 training diverged (last good model kept), "
