@@ -34,6 +34,8 @@ def add_parser(sub, formatter, positive_int, nonnegative_int, positive_float) ->
             "OPENBLAS_NUM_THREADS=1 under mpiexec; Numba uses cores/ranks threads per rank\n"
             "unless NUMBA_NUM_THREADS is set.\n\n"
             "example: mpiexec -n 4 ptoc solve --method mgrit --coarsening 4"),
+        epilog=("exit codes: 0 solved to the tolerance, 1 diverged, 2 bad options, "
+                "3 stopped at --max-iterations before reaching the tolerance"),
         formatter_class=formatter)
     g = s.add_argument_group("problem")
     g.add_argument("--width", type=positive_int, default=16, help="state dimension d")
@@ -193,6 +195,10 @@ def run(args: argparse.Namespace) -> int:
             json.dump(record, f, indent=1, default=str)
     if rank == 0 and args.save:
         np.savez(args.save, **out)
+    if not all(r.converged for r in records):
+        say("ptoc: the solve stopped at --max-iterations before reaching the tolerance "
+            "(exit code 3); raise --max-iterations or --tol")
+        return 3
     return 0
 
 

@@ -282,3 +282,12 @@ def test_every_method_decreases_the_loss_on_peaks(method, tmp_path):
         fractions = [r["nonzero_fraction"] for r in history]
         assert all(0 < f <= 1 for f in fractions)
         assert (method == "binary") == all(f == 1 for f in fractions)
+
+
+def test_solve_exit_codes(capsys):
+    """ptoc solve: 0 when solved to the tolerance, 3 when stopped at --max-iterations."""
+    assert main(["solve", "--method", "mgrit", "--depth", "16", "--ranks", "2"]) == 0
+    assert "NOT converged" not in capsys.readouterr().out
+    assert main(["solve", "--method", "mgrit", "--depth", "16", "--max-iterations", "1"]) == 3
+    out = capsys.readouterr().out
+    assert "NOT converged" in out and "exit code 3" in out
