@@ -262,7 +262,9 @@ def peaks(
     (see :func:`peaks_function`), where ``z_min`` and ``z_max`` are the minimum and
     maximum of ``z`` over the mesh, giving five classes. Both splits contain the same
     number of samples of every class, drawn with replacement from that class's mesh
-    points. The inputs are the coordinates ``(x, y)``, so ``n_in = 2``.
+    points. The inputs are the coordinates ``(x, y)``, so ``n_in = 2``. At zero weights
+    every network's loss on it is ``ln 5`` (``DESIGN.md`` section 1). Theory:
+    :doc:`/theory/resnet`.
 
     Parameters
     ----------

@@ -52,6 +52,10 @@ def discrete_objective(w, M, W, rho: float, lam: float = 0.0) -> np.ndarray:
 def ternary_maximiser(M, W, rho: float = 0.0, lam: float = 0.0) -> np.ndarray:
     """Entry-wise maximiser of :func:`discrete_objective` over ``{-1, 0, +1}``.
 
+    The closed form of the penalised Hamiltonian maximisation of Li & Hao 2018
+    (discrete weights; ``DESIGN.md`` section 3), derived in the module docstring.
+    Theory: :doc:`/theory/msa`.
+
     Parameters
     ----------
     M : array
@@ -75,6 +79,10 @@ def ternary_maximiser(M, W, rho: float = 0.0, lam: float = 0.0) -> np.ndarray:
 
 def binary_maximiser(M, W, rho: float = 0.0) -> np.ndarray:
     """Entry-wise maximiser of :func:`discrete_objective` over ``{-1, +1}``:
-    ``sign(M + 2 rho W)``, ``+1`` on ties."""
+    ``sign(M + 2 rho W)``, ``+1`` on ties.
+
+    Li & Hao 2018 (discrete weights; ``DESIGN.md`` section 3). Theory:
+    :doc:`/theory/msa`.
+    """
     M, W = _check(M, W, rho, 0.0)
     return np.where(M + 2.0 * rho * W >= 0.0, 1.0, -1.0)

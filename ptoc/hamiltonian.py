@@ -38,6 +38,10 @@ def hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, p_next, K=
                 *, target: Target | str = Target.CPU) -> float:
     """``sum_s H_n(x_s, p_{n+1,s}, theta)`` with ``theta = (K, b)`` (default: layer ``n``'s).
 
+    The layer Hamiltonian of the discrete maximum principle (Li & Hao 2018;
+    ``DESIGN.md`` section 3): ``sum_s p_{n+1,s} . Phi_n(x_s; theta) - R_n(theta)``.
+    Theory: :doc:`/theory/maximum_principle`.
+
     Parameters
     ----------
     network, params
@@ -60,6 +64,9 @@ def hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, p_next, K=
 def hamiltonian_grad(network: ResNet, params: Params | Mapping, n: int, x, p_next, K=None,
                      b=None, *, target: Target | str = Target.CPU):
     """Gradient in ``(K, b)`` of :func:`hamiltonian`; equals ``-dJ/dtheta_n`` at ``theta_n``.
+
+    ``grad_theta sum_s H_n = -dJ/dtheta_n`` (Li & Hao 2018; ``DESIGN.md`` section 3):
+    gradient descent is Hamiltonian ascent. Theory: :doc:`/theory/maximum_principle`.
 
     Returns
     -------

@@ -135,6 +135,11 @@ def group_state(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 class GradientMethod(TrainingMethod):
     """``params <- optimizer.update(params, grad_fn(params, X, y))``.
 
+    The gradient is the exact discrete adjoint (``DESIGN.md`` section 2) by default, or
+    an inexact layer-parallel one: simultaneous training (Günther et al. 2020) or the
+    parareal neural ODE (Lorin 2020), ``DESIGN.md`` section 4. Theory:
+    :doc:`/theory/adjoint`, :doc:`/theory/simultaneous`, :doc:`/theory/node`.
+
     Parameters
     ----------
     optimizer : Optimizer

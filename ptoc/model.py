@@ -72,6 +72,8 @@ class ResNet:
     ``R = gamma/2 sum_n h(|K_n|^2 + |b_n|^2) + gamma_t/2 sum_n h |(theta_{n+1} - theta_n)/h|^2
     + gamma_c/2 (|W|^2 + |mu|^2 + |K_in|^2 + |b_in|^2)``, with ``theta_n = (K_n, b_n)``.
 
+    Theory: :doc:`/theory/resnet`.
+
     Parameters
     ----------
     width : int
@@ -253,6 +255,10 @@ class ResNet:
 @dataclass
 class Params(Mapping):
     """Trainable parameters of a :class:`ResNet`.
+
+    The controls ``theta`` of the optimal-control problem (``DESIGN.md`` section 1;
+    Günther et al. 2020): ``theta_n = (K_n, b_n)`` of every residual layer, the opening
+    layer and the classifier. Theory: :doc:`/theory/resnet`.
 
     Attributes
     ----------

@@ -368,8 +368,9 @@ def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x
 
     ``F_n = sum_s H_n(x_s, p_{n+1,s}, theta) - rho/(2S) sum_s ||x_{n+1,s} - Phi_n(x_s; theta)||^2
     - (rho S/2) sum_s ||p_{n,s} - grad_x H_n(x_s, p_{n+1,s}, theta)||^2`` (module docstring;
-    Li, Chen, Tai & E 2018, extended Hamiltonian, with per-sample co-states ``S p``). At
-    ``rho = 0`` it is :func:`ptoc.hamiltonian.hamiltonian`.
+    Li, Chen, Tai & E 2018, extended Hamiltonian, with per-sample co-states ``S p``;
+    ``DESIGN.md`` section 3, E-MSA). At ``rho = 0`` it is
+    :func:`ptoc.hamiltonian`. Theory: :doc:`/theory/msa`.
 
     Parameters
     ----------
@@ -605,9 +606,9 @@ class EMSA(TrainingMethod):
     Li & Hao 2018), as a :class:`ptoc.methods.TrainingMethod`.
 
     Each step: forward sweep, backward sweep, then every residual layer increases its
-    extended Hamiltonian ``F_n`` (module docstring) by ``inner_steps`` line-searched
-    iterations, independently of the other layers; the head takes one
-    ``head_optimizer`` step.
+    extended Hamiltonian ``F_n`` (module docstring; ``DESIGN.md`` section 3, E-MSA) by
+    ``inner_steps`` line-searched iterations, independently of the other layers; the
+    head takes one ``head_optimizer`` step. Theory: :doc:`/theory/msa`.
 
     Parameters
     ----------
@@ -707,8 +708,11 @@ class EMSA(TrainingMethod):
 @dataclass
 class MSA(EMSA):
     """The basic method of successive approximations (Li & Hao 2018): :class:`EMSA`
-    with ``rho = 0``, i.e. each layer increases ``sum_s H_n`` itself. Takes the same
-    options as :class:`EMSA` except ``rho``."""
+    with ``rho = 0``, i.e. each layer increases ``sum_s H_n`` itself (``DESIGN.md``
+    section 3, MSA). Takes the same options as :class:`EMSA` except ``rho``.
+
+    Theory: :doc:`/theory/msa`.
+    """
 
     name: ClassVar[str] = "msa"
 
@@ -768,6 +772,7 @@ class DiscreteMSA(TrainingMethod):
     residual weights of the ``params`` handed to :meth:`step` are ignored and replaced
     by ``a_n W_n`` from the state (:meth:`init` quantises the float ``K`` it is given;
     :meth:`discrete_params` gives those parameters before the first step).
+    ``DESIGN.md`` section 3 (discrete weights). Theory: :doc:`/theory/msa`.
 
     Parameters
     ----------

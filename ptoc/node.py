@@ -109,7 +109,7 @@ __all__ = [
 
 
 class Scheme(str, enum.Enum):
-    """Explicit Runge-Kutta scheme of the fine solver (Lorin, "Parareal neural ODE").
+    """Explicit Runge-Kutta scheme of the fine solver (Lorin 2020, parareal neural ODE).
 
     One step of size ``tau`` on a piece with weights ``K, b`` (``DESIGN.md`` section 4)::
 
@@ -207,7 +207,8 @@ def _positive_float(name: str, value: object) -> float:
 class NODEParareal:
     """Options of the parareal neural ODE solve (Lorin; ``DESIGN.md`` section 4).
 
-    Lorin, "Parareal neural ODE" (module docstring for the full reference).
+    Lorin 2020, parareal neural ODE (module docstring for the full reference).
+    Theory: :doc:`/theory/node`.
 
     Iteration ``k >= 1`` computes
     ``U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1}))`` from the coarse
@@ -388,7 +389,7 @@ def node_step(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
               scheme: Scheme | str, activation: Activation | str) -> np.ndarray:
     """One explicit Runge-Kutta step of ``x' = sigma(K x + b)`` for a batch of states.
 
-    Implements (module docstring; Lorin, "Parareal neural ODE";
+    Implements (module docstring; Lorin 2020, parareal neural ODE;
     ``DESIGN.md`` section 4)::
 
         X_i = x + tau sum_{j<i} A_ij k_j,   k_i = sigma(K X_i + b),   x_+ = x + tau sum_i w_i k_i
@@ -418,7 +419,7 @@ def node_step_tangent(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
                       dK: np.ndarray, db: np.ndarray) -> np.ndarray:
     """Tangent-linear (forward-mode) derivative of :func:`node_step` in direction ``(dx, dK, db)``.
 
-    Differentiates the stages of the module docstring (Lorin, "Parareal neural ODE";
+    Differentiates the stages of the module docstring (Lorin 2020, parareal neural ODE;
     ``DESIGN.md`` section 2)::
 
         dX_i = dx + tau sum_{j<i} A_ij dk_j
@@ -559,7 +560,7 @@ def _adjoint_trajectory(traj: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.
 class NODESolution:
     """A neural-ODE solve (serial or parareal) and its cost and convergence record.
 
-    Lorin, "Parareal neural ODE"; ``DESIGN.md`` section 4. The boundary values ``U_j``
+    Lorin 2020, parareal neural ODE; ``DESIGN.md`` section 4. The boundary values ``U_j``
     are those of ``U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1}))``.
 
     Attributes
@@ -843,7 +844,7 @@ def node_solve(network: ResNet, params: Params | Mapping[str, np.ndarray], x0: n
     """Solve ``x' = sigma(K(t) x + b(t))`` on ``[0, T]`` from ``x(0) = x0``.
 
     The weights are piecewise constant, ``K(t) = K_n``, ``b(t) = b_n`` on
-    ``[n h, (n+1) h)``, ``h = T/N`` (Lorin, "Parareal neural ODE"; ``DESIGN.md``
+    ``[n h, (n+1) h)``, ``h = T/N`` (Lorin 2020, parareal neural ODE; ``DESIGN.md``
     section 4). Serially, every piece takes ``substeps`` steps of ``scheme``; with
     ``parareal`` the pieces are split into chunks and solved by parareal with the
     coarse Euler propagator and the fine schedule of :class:`NODEParareal`::
@@ -889,7 +890,7 @@ def node_forward(network: ResNet, params: Params | Mapping[str, np.ndarray], X: 
                  keep_iterates: bool = False) -> NODESolution:
     """Opening layer ``x_0 = sigma(K_in y + b_in)`` (or ``y``), then :func:`node_solve`.
 
-    ``DESIGN.md`` sections 1 and 4; Lorin, "Parareal neural ODE". ``X`` is (S, n_in).
+    ``DESIGN.md`` sections 1 and 4; Lorin 2020, parareal neural ODE. ``X`` is (S, n_in).
     """
     opts = _resolve(network, scheme, substeps, parareal)
     p = network.check_params(params)
@@ -905,7 +906,7 @@ def node_loss(network: ResNet, params: Params | Mapping[str, np.ndarray], X: np.
 
     ``Phi`` is the ResNet's batch-mean softmax cross-entropy of ``z = W x_T + mu`` and
     ``R`` its regulariser (``DESIGN.md`` section 1); ``x_T`` is the end of the
-    trajectories of :func:`node_forward` (Lorin, "Parareal neural ODE").
+    trajectories of :func:`node_forward` (Lorin 2020, parareal neural ODE).
     """
     opts = _resolve(network, scheme, substeps, parareal)
     p = network.check_params(params)
@@ -923,7 +924,7 @@ def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray
     """Objective ``J = Phi(x_T) + R`` of the neural ODE and its exact discrete gradient.
 
     Forward: opening layer, then the serial or parareal solve of :func:`node_solve`
-    (Lorin, "Parareal neural ODE"; ``DESIGN.md`` sections 1 and 4). Backward: from
+    (Lorin 2020, parareal neural ODE; ``DESIGN.md`` sections 1 and 4). Backward: from
     ``lambda_T = dPhi/dx_T = W^T (softmax(z) - e_c) / S`` (section 2), the exact
     reverse-mode adjoint of every Runge-Kutta step of the trajectories (module
     docstring, :func:`node_step_adjoint`), chunk by chunk from the last, which adds::
@@ -935,7 +936,8 @@ def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray
     ``dJ/db_in``, the classifier gradient and ``dR/dtheta``. With ``parareal`` the
     adjoint runs on the trajectories of the final parareal iterate with the schedule's
     last scheme (exactly the serial gradient once parareal has converged exactly).
-    Euler with one substep gives :func:`ptoc.loss_and_grad` to round-off.
+    Euler with one substep gives :func:`ptoc.loss_and_grad` to round-off. Theory:
+    :doc:`/theory/node`.
 
     Parameters
     ----------
@@ -1041,12 +1043,14 @@ class NODEStepRecord:
 class NeuralODEGradient:
     """``grad_fn(params, X, y) -> (loss, grads)`` of the (parareal) neural ODE.
 
-    For :func:`ptoc.training.train`: every call is :func:`node_loss_and_grad` (Lorin,
-    "Parareal neural ODE"; ``DESIGN.md`` section 4) with these options, and appends a
-    :class:`NODEStepRecord` to :attr:`records`::
+    For :func:`ptoc.training.train`: every call is :func:`node_loss_and_grad` (Lorin
+    2020, parareal neural ODE; ``DESIGN.md`` section 4) with these options, and appends
+    a :class:`NODEStepRecord` to :attr:`records`::
 
         grad = NeuralODEGradient(net, parareal=NODEParareal(4, schedule=("euler", "rk4")))
         result = train(net, params, data, grad_fn=grad)
+
+    Theory: :doc:`/theory/node`.
 
     Parameters
     ----------

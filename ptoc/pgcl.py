@@ -336,6 +336,7 @@ class PGCL(TrainingMethod):
     See the module docstring for the equations. One :meth:`step` predicts the chunk
     boundary states and co-states with the coarse network and last step's fine
     corrections, then every chunk updates its own parameters from its own fine sweeps.
+    Theory: :doc:`/theory/pgcl`.
 
     Parameters
     ----------

@@ -41,6 +41,12 @@ class Propagator(abc.ABC):
 
     Subclasses set ``n_layers`` and implement the abstract methods. States are NumPy
     arrays of any fixed shape (for ResNets: (S, d), one sample per row).
+
+    ``step`` is the state equation ``x_{n+1} = Phi_n(x_n)`` and ``adjoint_step`` the
+    adjoint equation ``lambda_n = Phi_n'(x_n)^T lambda_{n+1}`` with the gradient
+    accumulation: what the layer-parallel solvers (Günther et al. 2020) call
+    (``DESIGN.md`` sections 2 and 6, in the spirit of XBraid's adjoint interface).
+    Theory: :doc:`/theory/adjoint`, :doc:`/theory/parareal`, :doc:`/theory/mgrit`.
     """
 
     n_layers: int
@@ -197,7 +203,9 @@ class ResNetPropagator(Propagator):
 
     ``step`` is ``x + h sigma(K_n x + b_n)``, the objective is the batch-mean softmax
     cross-entropy of the classifier for ``labels``, and ``parameters()`` is
-    ``[K, b]`` (live views of ``params``). Kernels run on ``target``.
+    ``[K, b]`` (live views of ``params``). Kernels run on ``target``. ``adjoint_step``
+    is ``lambda + h K_n^T (sigma'(a_n) * lambda)`` with the gradient of ``DESIGN.md``
+    section 2. Theory: :doc:`/theory/resnet`, :doc:`/theory/adjoint`.
 
     Parameters
     ----------
@@ -425,6 +433,9 @@ def check_propagator(prop: Propagator, x0: np.ndarray, *, n_layers_checked: int 
        parameters and in ``x0``, from ``adjoint_propagate``, against finite differences;
     5. **range methods**: ``propagate`` and ``adjoint_propagate`` equal the loop over
        ``step`` and ``adjoint_step``.
+
+    Check 1 is the dot-product identity of ``DESIGN.md`` section 2 (the adjoint is the
+    transpose of the linearised step). Theory: :doc:`/theory/adjoint`.
 
     Parameters
     ----------

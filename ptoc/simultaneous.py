@@ -86,6 +86,12 @@ def _default_solver() -> MGRIT:
 class SimultaneousGradient:
     """``grad_fn(params, X, y) -> (loss, grads)`` from a few warm-started MGRIT iterations.
 
+    Simultaneous (one-shot) layer-parallel training of Günther et al. 2020
+    (``DESIGN.md`` section 4): each call runs ``solver.max_iterations`` MGRIT iterations
+    on the state sweep and on the adjoint sweep, warm-started from the previous call's
+    solution on the same batch, and returns the resulting inexact gradient. Theory:
+    :doc:`/theory/simultaneous`.
+
     Parameters
     ----------
     network : ResNet

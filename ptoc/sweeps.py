@@ -142,6 +142,11 @@ def forward(network: ResNet, params: Params | Mapping, X, *, target: Target | st
             solver=None, comm=None, initial_guess=None) -> ForwardResult:
     """Serial forward sweep ``x_{n+1} = x_n + h sigma(K_n x_n + b_n)`` from ``x_0 = opening(X)``.
 
+    The state equation of ``DESIGN.md`` section 1: forward Euler on the layer grid
+    (Günther et al. 2020), solved layer after layer or, with ``solver``, layer-parallel
+    (section 4). Theory: :doc:`/theory/resnet`, :doc:`/theory/parareal`,
+    :doc:`/theory/mgrit`.
+
     Parameters
     ----------
     network : ResNet
@@ -243,7 +248,8 @@ def adjoint(network: ResNet, params: Params | Mapping, fwd: ForwardResult, lam_N
     from its checkpoint first. With a ``solver`` (and ``comm``) the sweep is solved
     layer-parallel from the states of ``fwd`` (all states needed), warm-started from
     ``initial_guess`` (N+1, S, d, or an earlier AdjointResult) if given; the result then
-    holds all adjoints and the solve record.
+    holds all adjoints and the solve record. The adjoint-based gradient of Günther et
+    al. 2020; it equals backpropagation to round-off. Theory: :doc:`/theory/adjoint`.
     """
     params = _as_params(network, params)
     lam_N = np.ascontiguousarray(lam_N, dtype=network.dtype)
@@ -324,7 +330,8 @@ def loss_and_grad(network: ResNet, params: Params | Mapping, X, labels, *,
 
     ``Phi`` is the batch-mean softmax cross-entropy (``DESIGN.md`` section 1); the
     gradient comes from the discrete adjoint (section 2), which equals reverse-mode
-    differentiation of the forward sweep to round-off.
+    differentiation of the forward sweep to round-off (the adjoint-based gradient of
+    Günther et al. 2020). Theory: :doc:`/theory/resnet`, :doc:`/theory/adjoint`.
 
     Parameters
     ----------
@@ -384,7 +391,10 @@ def loss_and_grad(network: ResNet, params: Params | Mapping, X, labels, *,
 
 def loss(network: ResNet, params: Params | Mapping, X, labels, *,
          target: Target | str = Target.CPU) -> float:
-    """Objective ``J = Phi(x_N) + R`` without the gradient (one forward sweep)."""
+    """Objective ``J = Phi(x_N) + R`` without the gradient (one forward sweep).
+
+    ``DESIGN.md`` section 1 (Günther et al. 2020). Theory: :doc:`/theory/resnet`.
+    """
     p = _as_params(network, params)
     X, y = check_inputs(network, X, labels)
     kern = backend(target)
@@ -407,12 +417,19 @@ def predict_logits(network: ResNet, params: Params | Mapping, X, *,
 
 def predict(network: ResNet, params: Params | Mapping, X, *,
             target: Target | str = Target.CPU) -> np.ndarray:
-    """Predicted class of each row of ``X`` (argmax of the scores)."""
+    """Predicted class of each row of ``X`` (argmax of the scores).
+
+    The scores are the classifier ``z = W x_N + mu`` of ``DESIGN.md`` section 1.
+    Theory: :doc:`/theory/resnet`.
+    """
     return np.argmax(predict_logits(network, params, X, target=target), axis=1)
 
 
 def accuracy(network: ResNet, params: Params | Mapping, X, labels, *,
              target: Target | str = Target.CPU) -> float:
-    """Fraction of rows of ``X`` whose predicted class equals ``labels``."""
+    """Fraction of rows of ``X`` whose predicted class equals ``labels``.
+
+    Uses :func:`predict` (``DESIGN.md`` section 1). Theory: :doc:`/theory/resnet`.
+    """
     _, y = check_inputs(network, X, labels)
     return float(np.mean(predict(network, params, X, target=target) == y))

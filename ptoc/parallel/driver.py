@@ -334,6 +334,9 @@ def parallel_gradient(network: ResNet, params: Params, X, y, solver, *, comm=Non
     Inputs must already be validated (``ptoc.loss_and_grad`` does it). With
     ``keep_states`` every rank also receives all states and adjoints (for warm starts
     and inspection); without, only the loss, the gradient and the records.
+    ``initial_states`` and ``initial_adjoints`` (N+1, S, d) warm-start MGRIT, as
+    simultaneous training does (Günther et al. 2020; ``DESIGN.md`` sections 2 and 4).
+    Theory: :doc:`/theory/mgrit`, :doc:`/theory/simultaneous`.
     """
     runner, size = _runner(solver, comm)
     check_layout(solver, network.depth, size)
@@ -405,7 +408,8 @@ def solve_states(prop, x0, solver, *, comm=None, initial_guess=None
 
     Every rank calls ``prop.step(n, x)`` for its own layers only. MGRIT and parareal
     with built-in coarse steps also need ``layer_parameters``, ``coarse_step`` and
-    ``coarse_adjoint_step`` (see :class:`ptoc.Propagator`).
+    ``coarse_adjoint_step`` (see :class:`ptoc.Propagator`). ``DESIGN.md`` section 4.
+    Theory: :doc:`/theory/parareal`, :doc:`/theory/mgrit`.
 
     Returns
     -------
@@ -436,9 +440,14 @@ def solve_states(prop, x0, solver, *, comm=None, initial_guess=None
 
 def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
                    ) -> tuple[np.ndarray, list[np.ndarray], SolveResult]:
-    """Adjoints ``lambda_0..lambda_N`` of any :class:`ptoc.Propagator` by ``solver`` on
-    ranks, from given states, and the parameter gradient ``sum_n d(lambda_{n+1} .
-    Phi_n(x_n))/d theta_n`` (each rank adds its own layers; the parts are gathered).
+    """Adjoints ``lambda_0..lambda_N`` and the parameter gradient of any
+    :class:`ptoc.Propagator`, by ``solver`` on ranks, from given states.
+
+    The adjoint sweep ``lambda_n = Phi_n'(x_n)^T lambda_{n+1}`` runs backward from
+    ``lam_N`` (``DESIGN.md`` sections 2 and 4); the gradient is
+    ``sum_n d(lambda_{n+1} . Phi_n(x_n))/d theta_n`` (each rank adds its own layers; the
+    parts are gathered). Theory: :doc:`/theory/adjoint`, :doc:`/theory/parareal`,
+    :doc:`/theory/mgrit`.
 
     Returns
     -------

@@ -79,7 +79,11 @@ def _pos_float(name: str, value: Any) -> float:
 
 @dataclass(frozen=True)
 class Serial:
-    """The serial sweep: layer after layer (the reference every parallel solver must match)."""
+    """The serial sweep: layer after layer (the reference every parallel solver must match).
+
+    The state and adjoint sweeps of ``DESIGN.md`` sections 1-2; one-level MGRIT is this
+    sweep (section 4). Theory: :doc:`/theory/resnet`, :doc:`/theory/adjoint`.
+    """
 
     name = "serial"
 
@@ -99,7 +103,8 @@ class Parareal:
 
     written in this order so that a converged boundary gives ``F_j`` exactly. After
     ``k`` iterations the first ``k`` chunk boundaries are exact; after ``chunks``
-    iterations all are, bit for bit with the serial sweep.
+    iterations all are, bit for bit with the serial sweep. Theory:
+    :doc:`/theory/parareal`.
 
     Parameters
     ----------
@@ -150,6 +155,8 @@ class MGRIT:
     the finest level only the first iteration starts with an F-relaxation (later ones
     start from the previous interpolation), and the residual is measured at the
     finest C-points, ``r_i = Phi(u_{i-1}) - u_i``, in the 2-norm over all of them.
+    ``DESIGN.md`` section 4; two-level convergence theory: Dobrev, Kolev, Petersson &
+    Schroder 2017. Theory: :doc:`/theory/mgrit`.
 
     Parameters
     ----------
@@ -237,6 +244,10 @@ def check_solver(solver: Any) -> Solver:
 @dataclass
 class SolveResult:
     """Record of one layer-parallel solve (state or adjoint sweep).
+
+    The layer-step counts are the cost model of ``DESIGN.md`` sections 4-5 (one unit
+    per fine or coarse layer step, communication free). Theory:
+    :doc:`/theory/parareal`, :doc:`/theory/mgrit`.
 
     Attributes
     ----------
