@@ -43,6 +43,9 @@ __all__ = ["SimultaneousGradient", "StepRecord"]
 class StepRecord:
     """What one inexact gradient cost and how good it was.
 
+    One call of :class:`SimultaneousGradient` (Günther et al. 2020; ``DESIGN.md``
+    section 4). Theory: :doc:`/theory/simultaneous`.
+
     Attributes
     ----------
     loss : float

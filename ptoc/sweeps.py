@@ -82,6 +82,8 @@ def _single_threaded_blas(kern):
 class ForwardResult:
     """States of a forward sweep.
 
+    ``x_0 .. x_N`` of ``DESIGN.md`` section 1. Theory: :doc:`/theory/resnet`.
+
     Attributes
     ----------
     states : ndarray
@@ -217,6 +219,9 @@ def _forward(network, params, X, kern, c, store_derivatives, scratch=False) -> F
 @dataclass
 class AdjointResult:
     """Result of an adjoint sweep.
+
+    ``lambda_n`` and the layer gradients of ``DESIGN.md`` section 2. Theory:
+    :doc:`/theory/adjoint`.
 
     Attributes
     ----------

@@ -160,6 +160,9 @@ def layer_step(x, K, b, h, activation="tanh", *, target: Target | str = Target.C
                return_derivative: bool = False):
     """One residual layer, ``x + h sigma(x K^T + b)``, for a batch ``x`` of shape (S, d).
 
+    A forward-Euler step of ``DESIGN.md`` section 1 (Günther et al. 2020). Theory:
+    :doc:`/theory/resnet`.
+
     Parameters
     ----------
     x : array (S, d)
@@ -198,7 +201,8 @@ def layer_adjoint_step(x, lam_next, K, b, h, activation="tanh", *,
     ``DESIGN.md`` section 2, Günther et al. 2020 eq. (3.5). With
     ``accumulate_grad=True`` (or given ``grad_K``/``grad_b`` buffers) the data part of
     the parameter gradient, ``h sum_s g_s x_s^T`` and ``h sum_s g_s``, is added to
-    ``grad_K`` (d, d) and ``grad_b`` (d,) in place, XBraid-style.
+    ``grad_K`` (d, d) and ``grad_b`` (d,) in place, XBraid-style. Theory:
+    :doc:`/theory/adjoint`.
 
     Returns
     -------
