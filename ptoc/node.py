@@ -1043,7 +1043,7 @@ class NODEStepRecord:
 class NeuralODEGradient:
     """``grad_fn(params, X, y) -> (loss, grads)`` of the (parareal) neural ODE.
 
-    For :func:`ptoc.training.train`: every call is :func:`node_loss_and_grad` (Lorin
+    For :func:`ptoc.train`: every call is :func:`node_loss_and_grad` (Lorin
     2020, parareal neural ODE; ``DESIGN.md`` section 4) with these options, and appends
     a :class:`NODEStepRecord` to :attr:`records`::
 

@@ -359,8 +359,8 @@ class PGCL(TrainingMethod):
         ``"serial"`` (see :class:`ColdStart`).
     comm : None, int, SimulatedRanks or Communicator
         The ranks, one chunk each: None or 1 (one rank, one chunk), ``P`` (``P``
-        simulated ranks, :class:`ptoc.parallel.SimulatedRanks`), or a communicator such as
-        :class:`ptoc.parallel.MPIRanks` under ``mpiexec -n P``.
+        simulated ranks, :class:`ptoc.SimulatedRanks`), or a communicator such as
+        :class:`ptoc.MPIRanks` under ``mpiexec -n P``.
     target : Target or str
         Kernel target of the layer sweeps.
 

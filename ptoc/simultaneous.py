@@ -104,8 +104,8 @@ class SimultaneousGradient:
         Non-convergence within that budget is the point and is not an error; a
         diverging residual still raises :class:`ptoc.parallel.DivergenceError`.
     comm : None, int or Communicator
-        Where the sweeps run (see :func:`ptoc.parallel.driver.parallel_gradient`): one
-        rank, that many simulated ranks, or e.g. :class:`ptoc.parallel.MPIRanks`.
+        Where the sweeps run (see :func:`ptoc.parallel.parallel_gradient`): one
+        rank, that many simulated ranks, or e.g. :class:`ptoc.MPIRanks`.
     target : Target or str
         Kernel target.
     exact_every : int
