@@ -27,7 +27,7 @@ TANH = 0
 RELU = 1
 SMOOTHRELU = 2
 
-#: Half-width of the quadratic blend of SmoothReLU (Günther et al. 2020, sec. 4).
+#: Half-width of the quadratic blend of SmoothReLU (Günther et al. 2020, the Peaks experiments).
 SMOOTHRELU_ETA = 0.1
 
 # Cody-Waite split of ln 2 (high part exact in 32 bits) and 1/ln 2.

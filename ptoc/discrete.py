@@ -1,4 +1,4 @@
-"""Closed-form Hamiltonian maximisers over discrete weights (Li & Hao 2018, sec. 5).
+"""Closed-form Hamiltonian maximisers over discrete weights (Li & Hao 2018, discrete weights).
 
 In the method of successive approximations with discrete weights, layer ``n`` has
 weights ``K_n = a_n W_n`` with a per-layer scale ``a_n > 0`` and ``W_n`` in a discrete

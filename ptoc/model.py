@@ -62,7 +62,7 @@ def _nonnegative_float(name: str, value: object) -> float:
 class ResNet:
     """A residual network seen as a discrete optimal-control problem.
 
-    Forward propagation (``DESIGN.md`` section 1, Günther et al. 2020, eq. (2.2))::
+    Forward propagation (``DESIGN.md`` section 1; Günther et al. 2020)::
 
         x_0     = sigma(K_in y + b_in)                (or x_0 = y, identity opening)
         x_{n+1} = x_n + h sigma(K_n x_n + b_n),       n = 0..N-1,  h = T/N

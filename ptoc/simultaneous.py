@@ -1,7 +1,7 @@
 """Simultaneous layer-parallel training (Günther, Ruthotto, Schroder, Cyr & Gauger 2020).
 
 Exact training solves the state sweep and the adjoint sweep to the end at every
-optimisation step. Günther et al. (sec. 3.3, "simultaneous" or one-shot layer-parallel
+optimisation step. Günther et al. ("simultaneous" or one-shot layer-parallel
 training) observe that this is wasteful far from a minimum: each step may run only a
 few MGRIT iterations for the states and a few for the adjoints, *warm-started from the
 layer-space solution of the previous step*, and update the parameters with the

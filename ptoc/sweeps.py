@@ -271,6 +271,9 @@ def adjoint(network: ResNet, params: Params | Mapping, fwd: ForwardResult, lam_N
         if fwd.checkpoint_every is not None:
             raise ValueError("a layer-parallel adjoint sweep needs a forward result with all "
                              "states (checkpoint_every=None)")
+        if isinstance(initial_guess, AdjointResult) and initial_guess.adjoints is None:
+            raise ValueError("initial_guess is an AdjointResult without its adjoints: "
+                             "compute it with keep_adjoints=True (or with a solver)")
         guess = None if initial_guess is None else _guess(
             getattr(initial_guess, "adjoints", initial_guess), network, lam_N.shape[0],
             "initial_guess")

@@ -421,6 +421,13 @@ def test_public_adjoint_runs_the_requested_solver():
     np.testing.assert_array_equal(exact.initial_adjoint, exact.adjoints[0])
     with pytest.raises(ValueError, match="all states"):
         ptoc.adjoint(net, p, ptoc.forward(net, p, X, checkpoint_every=4), lam_N, solver=rough)
+    bare = ptoc.adjoint(net, p, fwd, lam_N)  # serial, without its adjoints
+    with pytest.raises(ValueError, match="keep_adjoints=True"):
+        ptoc.adjoint(net, p, fwd, lam_N, solver=rough, comm=2, initial_guess=bare)
+    warm = ptoc.adjoint(net, p, fwd, lam_N, solver=ptoc.MGRIT(coarsening=2, max_iterations=1,
+                                                                 tol=1e-300),
+                        initial_guess=serial)
+    np.testing.assert_allclose(warm.adjoints, serial.adjoints, rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("solver", [ptoc.MGRIT(coarsening=2, tol=1e-13), ptoc.Parareal(chunks=2)])

@@ -198,7 +198,7 @@ def layer_adjoint_step(x, lam_next, K, b, h, activation="tanh", *,
                        accumulate_grad: bool = False):
     """Adjoint of one layer: ``lambda_n = lambda_{n+1} + h K^T (sigma'(a) * lambda_{n+1})``.
 
-    ``DESIGN.md`` section 2, Günther et al. 2020 eq. (3.5). With
+    ``DESIGN.md`` section 2; Günther et al. 2020. With
     ``accumulate_grad=True`` (or given ``grad_K``/``grad_b`` buffers) the data part of
     the parameter gradient, ``h sum_s g_s x_s^T`` and ``h sum_s g_s``, is added to
     ``grad_K`` (d, d) and ``grad_b`` (d,) in place, XBraid-style. Theory:

@@ -2,7 +2,7 @@
 
 Falgout, Friedhoff, Kolev, MacLachlan & Schroder, *Parallel time integration with
 multigrid* (SIAM J. Sci. Comput. 2014), in the nonlinear FAS form used for ResNets
-by Günther et al. 2020 (sec. 3); iteration structure as in PyMGRIT 1.0.6.
+by Günther et al. 2020; iteration structure as in PyMGRIT 1.0.6.
 
 On level ``l`` the unknowns are ``u_k`` at positions ``k = 0..n_l`` with
 ``A_l(u)_0 = u_0`` and ``A_l(u)_k = u_k - Phi^l_{k-1}(u_{k-1})``; level 0 solves

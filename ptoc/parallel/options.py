@@ -97,7 +97,7 @@ class Parareal:
     (``coarse="inject"``), its averaged weights (``"average"``), or a user-chosen coarse
     network: a :class:`ptoc.Propagator` with ``n_layers == chunks`` whose ``step(j, x)``
     is ``G_j`` (and whose ``adjoint_step`` serves the adjoint sweep). Update
-    (Lions, Maday & Turinici 2001; Gander & Vandewalle 2007, eq. (1.3))::
+    (Lions, Maday & Turinici 2001; Gander & Vandewalle 2007)::
 
         U_{j+1}^{k} = F_j(U_j^{k-1}) + G_j(U_j^{k}) - G_j(U_j^{k-1}),
 
