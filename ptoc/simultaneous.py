@@ -55,8 +55,9 @@ class StepRecord:
     warm : bool
         Whether MGRIT started from the previous call's solution.
     steps_critical_path : int
-        Layer steps on the critical path of both sweeps and the layer gradients
-        (what a machine with one rank per layer range waits for).
+        Layer steps on the critical path of the two sweeps (what a machine with one
+        rank per layer range waits for); the layer gradients, ``N/P`` more steps per
+        rank after the adjoint sweep, are not included.
     steps_total : int
         Layer steps on all ranks together.
     grad_error : float or None
