@@ -202,7 +202,8 @@ class GradientMethod(TrainingMethod):
         def closure(p):
             return self._gradient(network, p, X, y)
 
-        new_params, new_state = self.optimizer.update(params, grads, state, closure=closure)
+        new_params, new_state = self.optimizer.update(params, grads, state, closure=closure,
+                                                      loss=value)
         return StepOutcome(value, new_params, new_state)
 
     def state_dict(self, state: Any) -> dict[str, Any]:

@@ -24,8 +24,10 @@ Hyper-parameters are not part of the state; :meth:`config` and
 
 Room for second-order methods: :meth:`update` takes an optional ``closure``, a
 callable ``closure(params) -> (loss, grads)`` evaluating the objective and its
-gradient at other parameters. :class:`LBFGS` requires it (for its line search);
-SGD and Adam ignore it.
+gradient at other parameters, and an optional ``loss``, the objective at
+``params`` that came with ``grads``. :class:`LBFGS` requires the closure (for its
+line search) and, given ``loss``, does not evaluate the closure at ``params`` again;
+SGD and Adam ignore both.
 """
 
 from __future__ import annotations
@@ -181,8 +183,8 @@ class Optimizer:
     def init(self, params: Mapping) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def update(self, params: P, grads: Mapping, state: Any,
-               closure: Closure | None = None) -> tuple[P, Any]:  # pragma: no cover
+    def update(self, params: P, grads: Mapping, state: Any, closure: Closure | None = None,
+               loss: float | None = None) -> tuple[P, Any]:  # pragma: no cover
         raise NotImplementedError
 
     def state_dict(self, state: Any) -> dict[str, Any]:  # pragma: no cover - interface
@@ -256,7 +258,8 @@ class SGD(Optimizer):
         return SGDState(0, _zeros_like(params) if self.momentum > 0 else None)
 
     def update(self, params: P, grads: Mapping, state: SGDState,
-               closure: Closure | None = None) -> tuple[P, SGDState]:
+               closure: Closure | None = None, loss: float | None = None
+               ) -> tuple[P, SGDState]:
         """One SGD step; returns ``(new_params, new_state)``, leaving the inputs untouched.
 
         Parameters
@@ -269,6 +272,8 @@ class SGD(Optimizer):
             From :meth:`init` or the previous :meth:`update`.
         closure : callable, optional
             Ignored (accepted for interface compatibility with line-search methods).
+        loss : float, optional
+            Ignored (likewise).
         """
         _check_pair(params, grads)
         lr, mu = self.lr, self.momentum
@@ -361,7 +366,8 @@ class Adam(Optimizer):
         return AdamState(0, _zeros_like(params), _zeros_like(params))
 
     def update(self, params: P, grads: Mapping, state: AdamState,
-               closure: Closure | None = None) -> tuple[P, AdamState]:
+               closure: Closure | None = None, loss: float | None = None
+               ) -> tuple[P, AdamState]:
         """One Adam step; returns ``(new_params, new_state)``, leaving the inputs untouched.
 
         Parameters
@@ -374,6 +380,8 @@ class Adam(Optimizer):
             From :meth:`init` or the previous :meth:`update`.
         closure : callable, optional
             Ignored (accepted for interface compatibility with line-search methods).
+        loss : float, optional
+            Ignored (likewise).
         """
         _check_pair(params, grads)
         _check_state_arrays("m", state.m, params)
@@ -644,7 +652,8 @@ class LBFGS(Optimizer):
         return float(loss), layout.flatten(grads)
 
     def update(self, params: P, grads: Mapping, state: LBFGSState,
-               closure: Closure | None = None) -> tuple[P, LBFGSState]:
+               closure: Closure | None = None, loss: float | None = None
+               ) -> tuple[P, LBFGSState]:
         """One L-BFGS step with a line search; returns ``(new_params, new_state)``.
 
         The inputs are not modified.
@@ -661,6 +670,12 @@ class LBFGS(Optimizer):
             ``closure(params) -> (loss, grads)``: the objective and its gradient at
             other parameters (given as the same kind of container as ``params``).
             Required.
+        loss : float, optional
+            The objective at ``params``, computed with ``grads``. When given, the
+            closure is not called at ``params`` again (one gradient evaluation fewer
+            per step; for an inexact, stateful gradient such as
+            :class:`ptoc.simultaneous.SimultaneousGradient` it also keeps the loss and
+            the gradient of the line search's start from the same solve).
 
         Returns
         -------
@@ -690,8 +705,11 @@ class LBFGS(Optimizer):
         s_mem = np.asarray(state.s, dtype=layout.dtype)[-self.memory:]
         y_mem = np.asarray(state.y, dtype=layout.dtype)[-self.memory:]
 
-        f0, _ = self._evaluate(closure, params, layout.unflatten(x), layout)
-        calls = 1
+        if loss is None:
+            f0, _ = self._evaluate(closure, params, layout.unflatten(x), layout)
+            calls = 1
+        else:
+            f0, calls = float(loss), 0
         if not math.isfinite(f0):
             raise ValueError(f"the closure returned a non-finite loss ({f0}) at the current "
                              "parameters")
