@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ptoc
@@ -443,3 +443,37 @@ def test_layer_parallel_gradient_with_identity_opening_and_classifier_weight(sol
     assert loss == pytest.approx(ref_loss, rel=1e-12)
     for k in ref:
         np.testing.assert_allclose(grads[k], ref[k], rtol=0, atol=1e-12)
+
+
+@settings(max_examples=12)
+@given(P=st.integers(2, 4), depth=st.integers(4, 14), seed=st.integers(0, 10**6),
+       which=st.sampled_from(["mgrit-fcf", "mgrit-f-2it", "parareal", "serial"]))
+def test_a_rank_reads_only_its_own_layers(P, depth, seed, which):
+    """Issue 3: a rank holds only its layers' parameters. Poisoning every other layer's
+    K_n, b_n on each rank (1e300) leaves the loss and gradient bitwise unchanged: foreign
+    layers (coarse weights, the regulariser's neighbours) arrive only as messages. The
+    head (W, mu, K_in, b_in) is replicated on every rank."""
+    from ptoc.parallel.driver import _bounds, _gradient_program
+
+    solver = {"mgrit-fcf": MGRIT(coarsening=2, tol=1e-13),
+              "mgrit-f-2it": MGRIT(coarsening=3, relaxation="F", max_iterations=2, tol=1e-13),
+              "parareal": Parareal(chunks=P, coarse="average"), "serial": Serial()}[which]
+    net = ptoc.ResNet(width=3, depth=depth, n_in=2, n_classes=3, gamma=1e-2, gamma_t=1e-2,
+                      gamma_c=1e-2)
+    p = net.init_params(seed % 97)
+    rng = np.random.default_rng(seed)
+    X, y = rng.standard_normal((5, 2)), rng.integers(0, 3, 5)
+    ref = parallel_gradient(net, p, X, y, solver, comm=P)
+
+    def program(c):
+        _, a, b = _bounds(c, depth)
+        local = p.copy()
+        foreign = np.ones(depth, bool)
+        foreign[a:b] = False
+        local.K[foreign], local.b[foreign] = 1e300, -1e300
+        return _gradient_program(c, net, local, X, y, solver, "cpu", None, None)
+
+    for got in SimulatedRanks(P).run(program):
+        assert got.loss == ref.loss
+        for k in ref.grads:
+            assert np.array_equal(got.grads[k], ref.grads[k]), k

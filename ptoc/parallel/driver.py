@@ -337,6 +337,13 @@ def parallel_gradient(network: ResNet, params: Params, X, y, solver, *, comm=Non
     ``initial_states`` and ``initial_adjoints`` (N+1, S, d) warm-start MGRIT, as
     simultaneous training does (Günther et al. 2020; ``DESIGN.md`` sections 2 and 4).
     Theory: :doc:`/theory/mgrit`, :doc:`/theory/simultaneous`.
+
+    Locality: rank ``r`` reads only its own layers ``params.K[a:b]``, ``params.b[a:b]``
+    (``a, b = partition(N, P)[r:r + 2]``); the coarse weights and the regulariser's
+    neighbours from other ranks' layers arrive as messages. The head (``W, mu, K_in,
+    b_in``) is read on every rank. Under MPI a process may therefore hold placeholders
+    (e.g. zeros) for the other ranks' layers and gets the same result, bit for bit
+    (``tests/test_parallel.py::test_a_rank_reads_only_its_own_layers``).
     """
     runner, size = _runner(solver, comm)
     check_layout(solver, network.depth, size)
