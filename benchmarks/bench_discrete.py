@@ -49,11 +49,11 @@ import argparse
 import datetime as _dt
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import _machine  # benchmarks/_machine.py
 import numpy as np
 
 import ptoc
@@ -104,14 +104,6 @@ def _train(network, method: TrainingMethod, data, epochs: int, batch: int, seed:
         "nonzero_fraction": float(frac),
         "wall_s": wall,
     }
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {"epochs": epochs, "batch_size": args.batch_size, "seeds": seeds},
             "machine": {"platform": platform.platform(), "python": platform.python_version(),
                         "numpy": np.__version__, "ptoc": getattr(ptoc, "__version__", None),
-                        "git_commit": _git_commit()},
+                        "git_commit": _machine.git_commit()},
             "elapsed_s": elapsed,
             "rows": rows,
         }

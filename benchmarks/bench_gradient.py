@@ -55,12 +55,11 @@ import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import _machine  # noqa: E402 - benchmarks/_machine.py
 import numpy as np  # noqa: E402
 
 import ptoc  # noqa: E402
@@ -88,22 +87,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # --- the machine ------------------------------------------------------------------------------
 
-def _cpuinfo() -> dict:
-    """Model name, vendor, family, nominal MHz and flags from /proc/cpuinfo (Linux)."""
-    info: dict = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if key in ("model name", "vendor_id", "cpu family", "cpu MHz", "flags") \
-                and key not in info:
-            info[key] = value
-    return info
-
-
 def peak_assumption(cpu: dict, override: float | None) -> tuple[float, str]:
     """Double-precision flops per cycle and per core, and the reason given for it."""
     if override is not None:
@@ -123,33 +106,16 @@ def peak_assumption(cpu: dict, override: float | None) -> tuple[float, str]:
 
 
 def machine_info(threads: int) -> dict:
-    import numba
 
-    cpu = _cpuinfo()
-    info = {
-        "cpu_model": cpu.get("model name") or platform.processor() or "unknown",
-        "cpu_vendor": cpu.get("vendor_id"),
-        "cpu_family": cpu.get("cpu family"),
-        "cpu_mhz": float(cpu["cpu MHz"]) if "cpu MHz" in cpu else None,
-        "logical_cpus": os.cpu_count(),
-        "simd": sorted(f for f in ("avx2", "fma", "avx512f", "avx512dq")
-                       if f in cpu.get("flags", "").split()),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "numba_threading_layer": None,
-        "torch": torch.__version__ if torch is not None else None,
-        "ptoc": ptoc.__version__,
-        "threads": threads,
-        "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
-    }
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["git_commit"] = None
+    cpu = _machine.cpuinfo()
+    info = _machine.machine_info()
+    info.update(
+        cpu_vendor=cpu.get("vendor_id"), cpu_family=cpu.get("cpu family"),
+        simd=sorted(f for f in ("avx2", "fma", "avx512f", "avx512dq")
+                    if f in cpu.get("flags", "").split()),
+        numba_threading_layer=None, torch=torch.__version__ if torch is not None else None,
+        threads=threads, OPENBLAS_THREAD_TIMEOUT=os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+    )
     try:
         from threadpoolctl import threadpool_info
 
@@ -439,7 +405,7 @@ def main(argv=None) -> int:
         notes.append("threadpoolctl is not installed: NumPy's BLAS uses its default threads.")
 
     info = machine_info(args.threads)
-    cpu = _cpuinfo()
+    cpu = _machine.cpuinfo()
     ghz = args.ghz or (info["cpu_mhz"] / 1000.0 if info["cpu_mhz"] else 1.0)
     fpc, why = peak_assumption(cpu, args.flops_per_cycle)
     peak = args.threads * ghz * fpc

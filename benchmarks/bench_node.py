@@ -45,11 +45,11 @@ import argparse
 import datetime as _dt
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import _machine  # benchmarks/_machine.py
 import numpy as np
 
 import ptoc
@@ -60,15 +60,6 @@ SCHEDULES: dict[str, tuple[Scheme, ...]] = {
     "rk4": (Scheme.RK4,),
     "euler>heun>rk4": (Scheme.EULER, Scheme.HEUN, Scheme.RK4),
 }
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
 
 
 def problem(width: int, depth: int, T: float, batch: int, seed: int):
@@ -177,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.argv[0]).name]
                                 + (argv if argv is not None else sys.argv[1:])),
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
-            "git_commit": _git_commit(),
+            "git_commit": _machine.git_commit(),
             "machine": {"python": platform.python_version(), "numpy": np.__version__,
                         "platform": platform.platform()},
             "settings": {"width": args.width, "depth": depth, "T": args.T,

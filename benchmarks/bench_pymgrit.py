@@ -64,14 +64,12 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
 import gc  # noqa: E402
-import importlib.metadata as _md  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import _machine  # noqa: E402 - benchmarks/_machine.py
 import numpy as np  # noqa: E402
 
 import ptoc  # noqa: E402
@@ -290,39 +288,12 @@ def time_rounds(runners: dict, repeats: int) -> dict:
 
 # --- the machine -------------------------------------------------------------------------------
 
-def _version(dist: str) -> str | None:
-    try:
-        return _md.version(dist)
-    except _md.PackageNotFoundError:
-        return None
-
-
 def machine_info(threads: int) -> dict:
-    import numba
-
-    cpu = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "cpu MHz") and key.strip() not in cpu:
-                cpu[key.strip()] = value.strip()
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {
-        "cpu_model": cpu.get("model name") or platform.processor() or "unknown",
-        "cpu_mhz": float(cpu["cpu MHz"]) if "cpu MHz" in cpu else None,
-        "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "numpy": np.__version__,
-        "numba": numba.__version__, "numba_threads": threads,
-        "numba_threading_layer": None, "ptoc": ptoc.__version__, "git_commit": commit,
-        "pymgrit": _version("pymgrit"), "mpi4py": _version("mpi4py"),
-        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-    }
+    info = _machine.machine_info()
+    info.update(numba_threads=threads, numba_threading_layer=None,
+                pymgrit=_machine.dist_version("pymgrit"), mpi4py=_machine.dist_version("mpi4py"),
+                OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS"))
+    return info
 
 
 # --- checks and output ---------------------------------------------------------------------------
@@ -351,9 +322,9 @@ def main(argv=None) -> int:
     if PYMGRIT_ERROR is not None:
         notes.append(f"PyMGRIT could not be imported ({PYMGRIT_ERROR}): only ptoc and the "
                      "NumPy loop are timed (pip install pymgrit==1.0.6).")
-    elif _version("pymgrit") != "1.0.6":
-        notes.append(f"PyMGRIT {_version('pymgrit')} is installed; this comparison was written "
-                     "for 1.0.6.")
+    elif _machine.dist_version("pymgrit") != "1.0.6":
+        notes.append(f"PyMGRIT {_machine.dist_version('pymgrit')} is installed; this "
+                     "comparison was written for 1.0.6.")
 
     numba.set_num_threads(args.threads)
     info = machine_info(args.threads)

@@ -75,12 +75,13 @@ import contextlib  # noqa: E402
 import datetime as _dt  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import _machine  # noqa: E402 - benchmarks/_machine.py
 
 DEPTHS = (1024, 2048, 4096, 8192, 16384)
 SIM_RANKS = (4, 8, 16, 32, 64)
@@ -261,32 +262,6 @@ def simulate(depth: int, ranks: int, method: str, tol: float, seed: int) -> dict
 # --- the machine -------------------------------------------------------------------------------
 
 def machine_info(mpiexec: str | None) -> dict:
-    import importlib.metadata as md
-
-    import numba
-    import numpy as np
-
-    import ptoc
-
-    def version(dist):
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return None
-
-    cpu = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "cpu MHz") and key.strip() not in cpu:
-                cpu[key.strip()] = value.strip()
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
     mpi_version = None
     if mpiexec is not None:
         try:
@@ -296,15 +271,10 @@ def machine_info(mpiexec: str | None) -> dict:
                                 if "Version" in line), text.strip()[:80]) or None
         except (OSError, subprocess.SubprocessError):
             pass
-    return {
-        "cpu_model": cpu.get("model name") or platform.processor() or "unknown",
-        "cpu_mhz": float(cpu["cpu MHz"]) if "cpu MHz" in cpu else None,
-        "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "numpy": np.__version__,
-        "numba": numba.__version__, "ptoc": ptoc.__version__, "git_commit": commit,
-        "mpi4py": version("mpi4py"), "mpich": version("mpich"), "mpiexec": mpiexec,
-        "mpiexec_version": mpi_version,
-    }
+    info = _machine.machine_info()
+    info.update(mpi4py=_machine.dist_version("mpi4py"), mpich=_machine.dist_version("mpich"),
+                mpiexec=mpiexec, mpiexec_version=mpi_version)
+    return info
 
 
 # --- analysis ----------------------------------------------------------------------------------

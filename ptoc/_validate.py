@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .model import ResNet
@@ -49,6 +51,17 @@ def check_inputs(network: ResNet, X, labels=None):
             f"label {bad} is out of range: labels must lie in [0, {network.n_classes})"
         )
     return X, y
+
+
+def check_positive_float(name: str, value) -> float:
+    """``float(value)`` when it is a positive finite number; ``ValueError`` naming ``name``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return v
 
 
 def check_positive_int(name: str, value, allow_none: bool = False):

@@ -73,7 +73,7 @@ from typing import Any
 import numpy as np
 
 from ._options import parse_option
-from ._validate import check_inputs
+from ._validate import check_inputs, check_positive_float, check_positive_int
 from .activations import Activation, dsigma, sigma
 from .model import Params, ResNet
 from .objective import (
@@ -187,22 +187,6 @@ class NODEDivergenceError(DivergenceError):
     """
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _positive_float(name: str, value: object) -> float:
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return v
-
-
 @dataclass(frozen=True)
 class NODEParareal:
     """Options of the parareal neural ODE solve (Lorin; ``DESIGN.md`` section 4).
@@ -259,14 +243,14 @@ class NODEParareal:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         if isinstance(self.chunks, Sequence) and not isinstance(self.chunks, str):
-            sizes = tuple(_positive_int("every chunk size in NODEParareal chunks", c)
+            sizes = tuple(check_positive_int("every chunk size in NODEParareal chunks", c)
                           for c in self.chunks)
             if not sizes:
                 raise ValueError("NODEParareal chunks must be a positive integer or a "
                                  "non-empty sequence of chunk sizes, got ()")
             set_(self, "chunks", sizes)
         else:
-            set_(self, "chunks", _positive_int("NODEParareal chunks", self.chunks))
+            set_(self, "chunks", check_positive_int("NODEParareal chunks", self.chunks))
         schedule = self.schedule
         if isinstance(schedule, (str, Scheme)):
             schedule = (schedule,)
@@ -285,10 +269,10 @@ class NODEParareal:
                 raise ValueError(f"NODEParareal max_iterations must be an integer >= 0, "
                                  f"got {m!r}")
             set_(self, "max_iterations", int(m))
-        set_(self, "tol", _positive_float("NODEParareal tol", self.tol))
+        set_(self, "tol", check_positive_float("NODEParareal tol", self.tol))
         set_(self, "coarse", NODECoarse.parse(self.coarse))
         set_(self, "divergence_factor",
-             _positive_float("NODEParareal divergence_factor", self.divergence_factor))
+             check_positive_float("NODEParareal divergence_factor", self.divergence_factor))
 
     @property
     def final_scheme(self) -> Scheme:
@@ -691,7 +675,7 @@ def _resolve(network: ResNet, scheme: Scheme | str | None, substeps: int,
     """Check the solve options against ``network`` (before any heavy work)."""
     if not isinstance(network, ResNet):
         raise TypeError(f"network must be a ptoc.ResNet, got {type(network).__name__}")
-    m = _positive_int("substeps", substeps)
+    m = check_positive_int("substeps", substeps)
     if parareal is not None and not isinstance(parareal, NODEParareal):
         raise TypeError(f"parareal must be None or a ptoc.node.NODEParareal, got "
                         f"{type(parareal).__name__}")

@@ -18,6 +18,8 @@ that ``python validation/<name>.py [--quick]`` runs it alone. ``ptoc validate [-
 [--only NAME ...]`` runs them all (or the named ones), writes every record to
 ``<out>/<name>.json`` and prints one table.
 
+Scripts may import helper modules ``_*.py`` of their folder (which are not claims).
+
 A claim that does not hold is reported as ``fail`` with its numbers; nothing is
 loosened or hidden. ``skipped`` is only for a check that cannot run here (an optional
 dependency missing), with the reason.
@@ -162,6 +164,9 @@ def discover(folder: Path) -> dict[str, Path]:
 
 def load_script(path: Path) -> ModuleType:
     """Import a claim script by path and check that it defines what the runner needs."""
+    folder = str(Path(path).resolve().parent)
+    if folder not in sys.path:  # the scripts share helper modules ``_*.py`` of their folder
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(f"ptoc_validation_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {str(path)!r}")

@@ -47,6 +47,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from _problems import random_problem, serial_sweeps  # validation/_problems.py
 
 import ptoc
 from ptoc.parallel import MGRIT, Parareal, SimulatedRanks, parallel_adjoint, parallel_gradient
@@ -64,23 +65,9 @@ ROUND_OFF = 1e-13
 GRAD_RANKS_TOL = 1e-14
 
 
-def _problem(act, depth, seed, width=4, S=6, T=1.0):
-    rng = np.random.default_rng(seed)
-    net = ptoc.ResNet(width=width, depth=depth, T=T, activation=act, n_in=3, n_classes=3,
-                      gamma=1e-2, gamma_t=1e-2, gamma_c=1e-2)
-    params = net.init_params(rng, scale=1.5)
-    params.b[...] = rng.standard_normal(params.b.shape)
-    X = rng.standard_normal((S, 3))
-    y = rng.integers(0, 3, S)
-    return net, params, X, y
-
-
 def _serial(net, params, X, y):
-    fwd = ptoc.forward(net, params, X)
-    _, lam_N, _, _ = ptoc.objective.classifier_loss(params, fwd.final_state, y)
-    adj = ptoc.adjoint(net, params, fwd, lam_N, keep_adjoints=True)
     loss, grads = ptoc.loss_and_grad(net, params, X, y)
-    return fwd, lam_N, adj, loss, grads
+    return (*serial_sweeps(net, params, X, y), loss, grads)
 
 
 def _rel(a, b):
@@ -90,7 +77,7 @@ def _rel(a, b):
 # --- (a) one level -------------------------------------------------------------------------------
 
 def _one_level(act, N, seed, ranks):
-    net, params, X, y = _problem(act, N, seed)
+    net, params, X, y = random_problem(act, N, seed)
     fwd, _, adj, loss, grads = _serial(net, params, X, y)
     rows = []
     for r in ranks:
@@ -110,7 +97,7 @@ def _one_level(act, N, seed, ranks):
 
 def _f_equals_parareal(act, m, P, seed, coarse, mgrit_ranks):
     N = m * P
-    net, params, X, y = _problem(act, N, seed)
+    net, params, X, y = random_problem(act, N, seed)
     fwd, lam_N, adj, *_ = _serial(net, params, X, y)
     f_points = np.array([n for n in range(N + 1) if n % m])  # same set for both sweeps
     worst = {"states": 0.0, "adjoints": 0.0}
@@ -144,7 +131,7 @@ def _leading_exact(err):
 
 
 def _c_points(act, m, N, seed, ranks):
-    net, params, X, y = _problem(act, N, seed)
+    net, params, X, y = random_problem(act, N, seed)
     fwd, lam_N, adj, *_ = _serial(net, params, X, y)
     C = list(range(0, N + 1, m))
     if C[-1] != N:

@@ -66,8 +66,8 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+from _problems import benchmark  # validation/_problems.py
 
-import ptoc
 from ptoc.node import NODECoarse, NODEParareal, Scheme, node_solve
 from ptoc.validation import Record, script_main
 
@@ -87,13 +87,8 @@ REF_SUBSTEPS = 64
 
 
 def _problem(width: int, depth: int, T: float, batch: int, seed: int):
-    net = ptoc.ResNet(width=width, depth=depth, T=T, activation="tanh", n_in=width,
-                      n_classes=2, opening="identity")
-    rng = np.random.default_rng(seed)
-    params = net.init_params(rng)
-    params.b[...] = 0.5 * rng.standard_normal(params.b.shape)
-    x0 = rng.standard_normal((batch, width))
-    return net, params, x0
+    """The network, parameters and initial states of ``benchmarks/bench_node.py``."""
+    return benchmark("bench_node").problem(width, depth, T, batch, seed)
 
 
 def _solve(net, params, x0, x_ref, P, substeps, schedule, coarse) -> dict:

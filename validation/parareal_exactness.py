@@ -47,6 +47,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from _problems import random_problem, serial_sweeps  # validation/_problems.py
 
 import ptoc
 from ptoc.parallel import Parareal, SimulatedRanks, parallel_adjoint, partition
@@ -62,28 +63,12 @@ SOURCE = ("Gander & Vandewalle 2007 (parareal exactness); Günther et al. 2020 "
 ACTS = ("tanh", "relu", "smoothrelu")
 
 
-def _problem(act, depth, seed, width=4, S=6, T=1.0):
-    rng = np.random.default_rng(seed)
-    net = ptoc.ResNet(width=width, depth=depth, T=T, activation=act, n_in=3, n_classes=3,
-                      gamma=1e-2, gamma_t=1e-2, gamma_c=1e-2)
-    params = net.init_params(rng, scale=1.5)
-    params.b[...] = rng.standard_normal(params.b.shape)
-    X = rng.standard_normal((S, 3))
-    y = rng.integers(0, 3, S)
-    return net, params, X, y
-
-
-def _serial(net, params, X, y):
-    fwd = ptoc.forward(net, params, X)
-    _, lam_N, _, _ = ptoc.objective.classifier_loss(params, fwd.final_state, y)
-    adj = ptoc.adjoint(net, params, fwd, lam_N, keep_adjoints=True)
-    return fwd, lam_N, adj
 
 
 def _case(act, N, P, seed, coarse):
     """Errors per position for every k, and the checks of one case."""
-    net, params, X, y = _problem(act, N, seed)
-    fwd, lam_N, adj = _serial(net, params, X, y)
+    net, params, X, y = random_problem(act, N, seed)
+    fwd, lam_N, adj = serial_sweeps(net, params, X, y)
     bounds = partition(N, P)
     x_scale = np.max(np.abs(fwd.states))
     l_scale = np.max(np.abs(adj.adjoints))

@@ -37,6 +37,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from _problems import benchmark  # validation/_problems.py
 
 import ptoc
 from ptoc.parallel import mgrit_levels, parallel_forward
@@ -48,100 +49,10 @@ CLAIM = ("ptoc's MGRIT takes the same number of iterations as PyMGRIT on the sam
 SOURCE = ("Falgout et al. 2014 / Günther et al. 2020, MGRIT as implemented by PyMGRIT "
           "1.0.6; DESIGN.md section 4; issue 3's comparison")
 
-WIDTH, BATCH, T_FINAL = 16, 32, 1.0
-M, TOL = 4, 1e-10
+M, TOL = 4, 1e-10  # the benchmark's COARSENING and TOL (checked in run)
 ITER_TOL = 1  # issue 3: counts equal within one
 REL_TOL, ABS_TOL = 1e-6, 1e-13
 INSTALL = "pip install pymgrit==1.0.6"
-
-
-def _import_pymgrit():
-    """PyMGRIT's pieces, or the reason they cannot be imported."""
-    if not hasattr(np, "in1d"):  # removed in NumPy 2.4; PyMGRIT 1.0.6 uses it on 1-D grids
-        setattr(np, "in1d", np.isin)  # noqa: B010
-    try:
-        from pymgrit.core.application import Application
-        from pymgrit.core.mgrit import Mgrit
-        from pymgrit.core.simple_setup_problem import simple_setup_problem
-        from pymgrit.core.vector import Vector
-    except Exception as exc:  # ImportError, or mpi4py failing to find an MPI library
-        return None, f"PyMGRIT cannot be imported ({type(exc).__name__}: {exc}); {INSTALL}"
-    return (Application, Mgrit, simple_setup_problem, Vector), None
-
-
-def _problem(depth: int, seed: int):
-    """Network, parameters and X_0, drawn as ``ptoc solve --seed`` draws them."""
-    rng = np.random.default_rng(seed)
-    d = WIDTH
-    net = ptoc.ResNet(width=d, depth=depth, T=T_FINAL, activation="tanh", n_in=d,
-                      n_classes=2, opening="identity", gamma=0.0, gamma_t=0.0, gamma_c=0.0)
-    K = rng.standard_normal((depth, d, d)) / np.sqrt(d)
-    b = rng.standard_normal((depth, d))
-    rng.standard_normal((2, d))  # the classifier weights of ptoc solve (unused)
-    X0 = rng.standard_normal((BATCH, d))
-    params = ptoc.Params(K=K, b=b, K_in=None, b_in=None, W=np.zeros((2, d)), mu=np.zeros(2))
-    return net, params, X0
-
-
-def _pymgrit_run(lib, K, b, X0, level: int) -> tuple[list[float], np.ndarray]:
-    """PyMGRIT's residual history and final state on this problem."""
-    Application, Mgrit, simple_setup_problem, Vector = lib
-
-    class State(Vector):
-        def __init__(self, values):
-            super().__init__()
-            self.values = values
-
-        def set_values(self, values):
-            self.values = values
-
-        def get_values(self):
-            return self.values
-
-        def clone(self):
-            return State(self.values.copy())
-
-        def clone_zero(self):
-            return State(np.zeros_like(self.values))
-
-        def clone_rand(self):
-            return State(np.random.default_rng(0).random(self.values.shape))
-
-        def __add__(self, other):
-            return State(self.values + other.values)
-
-        def __sub__(self, other):
-            return State(self.values - other.values)
-
-        def __mul__(self, other):
-            return State(self.values * other)
-
-        def norm(self):
-            return np.linalg.norm(self.values)
-
-        def pack(self):
-            return self.values
-
-        def unpack(self, values):
-            self.values = values
-
-    class Sweep(Application):
-        def __init__(self):
-            super().__init__(t_start=0.0, t_stop=T_FINAL, nt=len(K) + 1)
-            self.inv_h = len(K) / T_FINAL
-            self.vector_template = State(np.zeros_like(X0))
-            self.vector_t_start = State(X0.copy())
-
-        def step(self, u_start, t_start, t_stop):
-            n = int(round(t_start * self.inv_h))
-            u = u_start.values
-            return State(u + (t_stop - t_start) * np.tanh(u @ K[n].T + b[n]))
-
-    problem = simple_setup_problem(Sweep(), level=level, coarsening=M)
-    solver = Mgrit(problem, tol=TOL, nested_iteration=False, cf_iter=1, cycle_type="V",
-                   logging_lvl=30)
-    info = solver.solve()
-    return [float(r) for r in info["conv"]], solver.u[0][-1].values.copy()
 
 
 def _compare(ours: list[float], theirs: list[float]) -> tuple[bool, float, float, list[dict]]:
@@ -190,9 +101,12 @@ def _plot(cases: list[dict], path: Path) -> None:
 
 
 def run(quick: bool, out_dir: Path) -> Record:
-    lib, why = _import_pymgrit()
-    if lib is None:
-        return Record(Verdict.SKIPPED, None, reason=why,
+    bench = benchmark("bench_pymgrit")  # its make_problem and pymgrit_solve
+    if (bench.COARSENING, bench.TOL) != (M, TOL):
+        raise RuntimeError("bench_pymgrit.py's COARSENING and TOL differ from this claim's")
+    if bench.PYMGRIT_ERROR is not None:
+        return Record(Verdict.SKIPPED, None,
+                      reason=f"PyMGRIT cannot be imported ({bench.PYMGRIT_ERROR}); {INSTALL}",
                       tolerance=f"iterations within {ITER_TOL}; residuals within "
                       f"{REL_TOL:g} relative + {ABS_TOL:g}")
     import importlib.metadata as md
@@ -201,7 +115,7 @@ def run(quick: bool, out_dir: Path) -> Record:
     cases_in = [(256, 0)] if quick else [(1024, 0), (1024, 1), (1024, 2), (4096, 0)]
     cases, checks = [], {}
     for depth, seed in cases_in:
-        net, params, X0 = _problem(depth, seed)
+        net, params, X0 = bench.make_problem(seed, depth)
         serial = ptoc.forward(net, params, X0, target="cpu").states[-1]
         n_max = len(mgrit_levels(depth, M, 10, 1))
         for config, max_levels in (("two-level", 2), ("max-level", 10)):
@@ -210,7 +124,8 @@ def run(quick: bool, out_dir: Path) -> Record:
                                 coarse_weights="inject", nested_iteration=False)
             states, rec = parallel_forward(net, params, X0, solver)
             level = 2 if max_levels == 2 else n_max
-            theirs, x_end = _pymgrit_run(lib, params.K, params.b, X0, level)
+            _, pm_states, info, _ = bench.pymgrit_solve(params.K, params.b, X0, level)
+            theirs, x_end = [float(r) for r in info["conv"]], pm_states[-1]
             ours = list(rec.residuals)
             same, worst, worst_abs, rows = _compare(ours, theirs)
             name = f"N={depth} seed {seed} {config}"
@@ -247,7 +162,8 @@ def run(quick: bool, out_dir: Path) -> Record:
         details={"pymgrit": version, "summary": summary, "cases": cases,
                  "settings": {"m": M, "relaxation": "FCF", "cycle": "V", "tol": TOL,
                               "nested_iteration": False, "coarse_weights": "inject",
-                              "width": WIDTH, "batch": BATCH, "T": T_FINAL}},
+                              "width": bench.WIDTH, "batch": bench.BATCH,
+                              "T": bench.T_FINAL}},
         figures=[fig])
 
 

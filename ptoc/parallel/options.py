@@ -8,12 +8,12 @@ or numbers, never integer codes. Every solve returns a :class:`SolveResult`.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._options import parse_option
+from .._validate import check_positive_float
 
 
 class CoarseWeights(str, enum.Enum):
@@ -65,16 +65,6 @@ def _pos_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
-
-
-def _pos_float(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return v
 
 
 @dataclass(frozen=True)
@@ -139,7 +129,7 @@ class Parareal:
                              f"{self.coarse!r}")
         if self.max_iterations is not None:
             _pos_int("Parareal max_iterations", self.max_iterations, 0)
-        object.__setattr__(self, "tol", _pos_float("Parareal tol", self.tol))
+        object.__setattr__(self, "tol", check_positive_float("Parareal tol", self.tol))
 
 
 @dataclass(frozen=True)
@@ -209,13 +199,13 @@ class MGRIT:
                 raise ValueError("MGRIT relaxation must name at least one level")
             set_(self, "relaxation", relax)
         set_(self, "cycle", Cycle.parse(self.cycle))
-        set_(self, "tol", _pos_float("MGRIT tol", self.tol))
+        set_(self, "tol", check_positive_float("MGRIT tol", self.tol))
         if self.rtol is not None:
-            set_(self, "rtol", _pos_float("MGRIT rtol", self.rtol))
+            set_(self, "rtol", check_positive_float("MGRIT rtol", self.rtol))
         set_(self, "max_iterations", _pos_int("MGRIT max_iterations", self.max_iterations))
         set_(self, "coarse_weights", CoarseWeights.parse(self.coarse_weights))
         set_(self, "nested_iteration", bool(self.nested_iteration))
-        set_(self, "divergence_factor", _pos_float("MGRIT divergence_factor",
+        set_(self, "divergence_factor", check_positive_float("MGRIT divergence_factor",
                                                    self.divergence_factor))
 
     def relaxation_on(self, level: int) -> Relaxation:
