@@ -154,9 +154,16 @@ class ResNet:
         """True when the opening layer is dense (has ``K_in``, ``b_in``)."""
         return self.opening is Opening.DENSE
 
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of the parameter arrays, keyed as in :data:`PARAM_KEYS`."""
+    def param_shapes(self, layers: tuple[int, int] | None = None) -> dict[str, tuple[int, ...]]:
+        """Shapes of the parameter arrays, keyed as in :data:`PARAM_KEYS`.
+
+        With ``layers=(start, stop)``, those of a slice holding the residual layers
+        ``start..stop-1`` only (``K`` and ``b`` have ``stop - start`` rows; the head is
+        whole), as one rank of a layer-parallel run holds them.
+        """
         d, N = self.width, self.depth
+        if layers is not None:
+            N = layers[1] - layers[0]
         shapes = {"K": (N, d, d), "b": (N, d)}
         if self.has_opening_weights:
             shapes["K_in"] = (d, self.n_in)
@@ -202,14 +209,16 @@ class ResNet:
         shapes = self.param_shapes()
         return Params.from_dict({k: np.zeros(s, self.dtype) for k, s in shapes.items()})
 
-    def check_params(self, params: Params | Mapping[str, np.ndarray]) -> Params:
+    def check_params(self, params: Params | Mapping[str, np.ndarray],
+                     layers: tuple[int, int] | None = None) -> Params:
         """Validate ``params`` against this network and return them as :class:`Params`.
 
         Accepts a :class:`Params` or a mapping with the keys of :meth:`param_shapes`.
         Raises ``ValueError`` naming the offending key for a missing or unexpected
         key, a wrong shape, a non-real dtype or a non-finite entry. Arrays are
         converted to the network's dtype and made C-contiguous (no copy when they
-        already are).
+        already are). With ``layers=(start, stop)``, ``K`` and ``b`` must hold the
+        residual layers ``start..stop-1`` only (:meth:`param_shapes`).
         """
         if isinstance(params, Params):
             items = {k: v for k, v in params.items()}
@@ -219,7 +228,7 @@ class ResNet:
             raise TypeError(
                 f"params must be a ptoc.Params or a dict of arrays, got {type(params).__name__}"
             )
-        shapes = self.param_shapes()
+        shapes = self.param_shapes(layers)
         missing = [k for k in shapes if items.get(k) is None]
         extra = [k for k, v in items.items() if k not in shapes and v is not None]
         if missing:
@@ -233,9 +242,9 @@ class ResNet:
         for key, shape in shapes.items():
             arr = np.asarray(items[key])
             if arr.shape != shape:
-                raise ValueError(
-                    f"params[{key!r}] has shape {arr.shape}, expected {shape} for {self.describe()}"
-                )
+                held = "" if layers is None else f" (layers {layers[0]}..{layers[1] - 1})"
+                raise ValueError(f"params[{key!r}] has shape {arr.shape}, expected {shape}{held} "
+                                 f"for {self.describe()}")
             if arr.dtype.kind not in "fiu":
                 raise ValueError(f"params[{key!r}] has non-real dtype {arr.dtype}")
             arr = np.ascontiguousarray(arr, dtype=self.dtype)

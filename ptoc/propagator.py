@@ -138,15 +138,39 @@ class LayerSlice(Propagator):
     """
 
     def __init__(self, prop: ResNetPropagator, start: int, stop: int):
-        self.network = prop.network
-        self.start, self.stop = int(start), int(stop)
-        self.n_layers = prop.n_layers
         local = Params(K=prop.params.K[start:stop], b=prop.params.b[start:stop],
                        K_in=None, b_in=None, W=prop.params.W, mu=prop.params.mu)
+        self._setup(prop, local, start, stop)
+
+    def _setup(self, prop: ResNetPropagator, local: Params, start: int, stop: int) -> None:
+        self.network = prop.network
+        self.start, self.stop = int(start), int(stop)
+        self.n_layers = prop.network.depth
         self._inner = ResNetPropagator.__new__(ResNetPropagator)
         self._inner.__dict__.update(prop.__dict__)
         self._inner.params = local
         self._inner.n_layers = stop - start
+
+    @classmethod
+    def from_local(cls, network: ResNet, params: Params | Mapping, start: int, stop: int, *,
+                   target: Target | str = Target.CPU) -> LayerSlice:
+        """The slice built from parameters that hold the layers ``start..stop-1`` only.
+
+        ``params.K`` and ``params.b`` have ``stop - start`` rows (row ``n - start`` is
+        layer ``n``), as one rank of a layer-parallel run holds them; the full
+        parameter set never exists in this process. Checked by
+        ``network.check_params(params, layers=(start, stop))``.
+        """
+        if not 0 <= start < stop <= network.depth:
+            raise ValueError(f"layers {start}..{stop - 1} are not a non-empty range of the "
+                             f"network's {network.depth} layers")
+        local = network.check_params(params, layers=(start, stop))
+        template = ResNetPropagator.__new__(ResNetPropagator)
+        template._configure(network, local, None, target)
+        self = cls.__new__(cls)
+        self._setup(template, Params(K=local.K, b=local.b, K_in=None, b_in=None, W=local.W,
+                                     mu=local.mu), start, stop)
+        return self
 
     def _local(self, n: int) -> int:
         if not self.start <= n < self.stop:
@@ -218,8 +242,11 @@ class ResNetPropagator(Propagator):
 
     def __init__(self, network: ResNet, params: Params | Mapping, labels=None, *,
                  target: Target | str = Target.CPU):
+        self._configure(network, network.check_params(params), labels, target)
+
+    def _configure(self, network: ResNet, params: Params, labels, target) -> None:
         self.network = network
-        self.params = network.check_params(params)
+        self.params = params
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.target = Target.parse(target)
         self._kern = backend(self.target)

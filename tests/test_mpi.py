@@ -91,3 +91,38 @@ def test_bad_input_fails_on_every_rank_without_hanging(args, message):
     assert run.returncode != 0
     assert message in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_mpi_ranks_holding_only_their_layers_equal_the_full_run(P, tmp_path):
+    """Issue 3: each MPI process draws and holds only its own layers' parameters
+    (``local_gradient``); loss, head gradient and the stacked layer gradients equal
+    the simulated run with the full parameters, bit for bit."""
+    import importlib.util
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("mpi_local_script", here / "mpi_local_script.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+               OMP_NUM_THREADS="1")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    cmd = [MPIEXEC, "-n", str(P), sys.executable, str(here / "mpi_local_script.py"),
+           str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    net = script.network()
+    full = script.params_of_layers(0, net.depth)
+    _, X, y = script.head_and_batch()
+    ref = parallel_gradient(net, full, X, y, script.solver(), comm=SimulatedRanks(P))
+    parts = [np.load(tmp_path / f"rank{r}.npz") for r in range(P)]
+    bounds = [0] + [int(p["layers"][1]) for p in parts]
+    assert bounds == [int(v) for v in ptoc.parallel.partition(net.depth, P)]
+    for p in parts:
+        assert float(p["loss"]) == ref.loss
+        assert list(p["residuals"]) == ref.forward.residuals
+        for k in ("W", "mu", "K_in", "b_in"):
+            assert np.array_equal(p[f"grad_{k}"], ref.grads[k]), k
+    for k in ("K", "b"):
+        assert np.array_equal(np.concatenate([p[f"grad_{k}"] for p in parts]), ref.grads[k]), k

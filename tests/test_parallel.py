@@ -477,3 +477,126 @@ def test_a_rank_reads_only_its_own_layers(P, depth, seed, which):
         assert got.loss == ref.loss
         for k in ref.grads:
             assert np.array_equal(got.grads[k], ref.grads[k]), k
+
+
+def _slices(p, depth, P):
+    """``rank -> that rank's slice``: copies of its layers only, and the head."""
+    from ptoc.parallel import owned_layers
+
+    def for_rank(r):
+        a, b = owned_layers(depth, P, r)
+        return ptoc.Params(K=p.K[a:b].copy(), b=p.b[a:b].copy(), K_in=p.K_in, b_in=p.b_in,
+                           W=p.W, mu=p.mu)
+    return for_rank
+
+
+@settings(max_examples=12)
+@given(P=st.integers(1, 4), depth=st.integers(4, 14), seed=st.integers(0, 10**6),
+       opening=st.sampled_from(["dense", "identity"]),
+       which=st.sampled_from(["mgrit-fcf", "mgrit-f-2it", "parareal", "serial"]))
+def test_local_gradient_equals_the_full_parameter_run_bitwise(P, depth, seed, opening, which):
+    """Issue 3: with ``local_gradient`` each rank is given only its own layers (the full
+    K, b never exist on it); loss, head gradient and records equal those of
+    ``parallel_gradient`` with the full parameters, and the layer gradients, stacked in
+    rank order, equal the full gradient, bit for bit."""
+    from ptoc.parallel import local_gradient, owned_layers
+
+    solver = {"mgrit-fcf": MGRIT(coarsening=2, tol=1e-13),
+              "mgrit-f-2it": MGRIT(coarsening=3, relaxation="F", max_iterations=2, tol=1e-13),
+              "parareal": Parareal(coarse="average"), "serial": Serial()}[which]
+    net = ptoc.ResNet(width=3, depth=depth, n_in=3 if opening == "identity" else 2,
+                      n_classes=3, opening=opening, gamma=1e-2, gamma_t=1e-2, gamma_c=1e-2)
+    p = net.init_params(seed % 97)
+    rng = np.random.default_rng(seed)
+    X, y = rng.standard_normal((5, net.n_in)), rng.integers(0, 3, 5)
+    ref = parallel_gradient(net, p, X, y, solver, comm=P)
+    got = local_gradient(net, _slices(p, depth, P), X, y, solver, comm=P)
+    assert len(got) == P
+    for r, g in enumerate(got):
+        assert g.layers == owned_layers(depth, P, r)
+        assert g.grads.K.shape[0] == g.layers[1] - g.layers[0]
+        assert g.states is None and g.adjoints is None
+        assert g.loss == ref.loss
+        assert g.forward.residuals == ref.forward.residuals
+        assert g.adjoint.iterations == ref.adjoint.iterations
+        for k in ("W", "mu", "K_in", "b_in"):
+            mine, full = getattr(g.grads, k), getattr(ref.grads, k)
+            assert (mine is None and full is None) or np.array_equal(mine, full), k
+    for k in ("K", "b"):
+        assert np.array_equal(np.concatenate([g.grads[k] for g in got]), ref.grads[k]), k
+
+
+def test_local_gradient_on_one_rank_takes_the_whole_network():
+    from ptoc.parallel import local_gradient
+
+    net, p, X, y = problem(depth=6)
+    got = local_gradient(net, p, X, y, MGRIT(coarsening=2, tol=1e-13))
+    loss, grads = ptoc.loss_and_grad(net, p, X, y)
+    assert got.layers == (0, 6) and got.loss == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(got.grads.K, grads.K, rtol=0, atol=1e-12)
+
+
+def test_local_gradient_names_the_rank_with_a_bad_slice_on_every_rank(monkeypatch):
+    """A wrong slice on one rank is an error on every rank (a rank that went on would
+    wait for the failed one forever), raised before any sweep starts, naming the rank."""
+    import ptoc.parallel.driver as drv
+    from ptoc.parallel import local_gradient
+
+    net, p, X, y = problem(depth=7)
+    good = _slices(p, 7, 3)  # layers 0..2, 3..4, 5..6
+
+    def bad(r):
+        s = good(r)
+        if r == 1:
+            s.K = s.K[:-1]  # one layer short
+        return s
+
+    started = []
+    real = drv._gradient_program
+    monkeypatch.setattr(drv, "_gradient_program",
+                        lambda *a, **k: started.append(1) or real(*a, **k))
+    with pytest.raises(ValueError, match=r"rank 1: params\['K'\] has shape \(1, 4, 4\), "
+                                         r"expected \(2, 4, 4\) \(layers 3\.\.4\)"):
+        local_gradient(net, bad, X, y, Serial(), comm=3)
+    assert started == []  # no rank went past the check
+
+    def nan(r):
+        s = good(r)
+        if r == 2:
+            s.b = np.full_like(s.b, np.nan)
+        return s
+
+    with pytest.raises(ValueError, match=r"rank 2: params\['b'\] contains non-finite"):
+        local_gradient(net, nan, X, y, Serial(), comm=3)
+    assert started == []
+    local_gradient(net, good, X, y, Serial(), comm=3)
+    assert started == [1, 1, 1]  # the spy sees the ranks that do start
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"params": "slices-as-one"}, "params must be a function rank -> that rank's slice"),
+    ({"y": None}, "needs the labels"),
+])
+def test_local_gradient_bad_arguments(kwargs, message):
+    from ptoc.parallel import local_gradient
+
+    net, p, X, y = problem(depth=6)
+    args = {"params": _slices(p, 6, 2), "y": y}
+    args.update(kwargs)
+    if args["params"] == "slices-as-one":
+        args["params"] = _slices(p, 6, 2)(0)
+    with pytest.raises((TypeError, ValueError), match=message):
+        local_gradient(net, args["params"], X, args["y"], Serial(), comm=2)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((10, 0, 0), "n_ranks must be a positive integer"),
+    ((10, 3, 3), r"rank must be an integer in \[0, 3\)"),
+    ((2, 3, 0), "cannot spread 2 layers over 3 ranks"),
+])
+def test_owned_layers_bad_input(args, message):
+    from ptoc.parallel import owned_layers
+
+    with pytest.raises(ValueError, match=message):
+        owned_layers(*args)
+    assert owned_layers(10, 3, 0) == (0, 4) and owned_layers(10, 3, 2) == (7, 10)

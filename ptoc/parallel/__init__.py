@@ -9,6 +9,8 @@ from ``comm=`` (:class:`SimulatedRanks` in one process, :class:`MPIRanks` under
 from .comm import Communicator, MPIRanks, RankFailedError, SimulatedRanks, SingleRank, StepCount
 from .driver import (
     GradientResult,
+    local_gradient,
+    owned_layers,
     parallel_adjoint,
     parallel_forward,
     parallel_gradient,
@@ -45,7 +47,9 @@ __all__ = [
     "SolveResult",
     "StepCount",
     "check_solver",
+    "local_gradient",
     "mgrit_levels",
+    "owned_layers",
     "parallel_adjoint",
     "parallel_forward",
     "parallel_gradient",

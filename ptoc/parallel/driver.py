@@ -54,6 +54,9 @@ class GradientResult:
         Records of the state and adjoint sweeps.
     states, adjoints : ndarray (N+1, S, d), optional
         The computed ``x_n`` and ``lambda_n`` (for warm starts).
+    layers : (int, int), optional
+        Set by :func:`local_gradient`: ``grads.K`` and ``grads.b`` hold the layers
+        ``layers[0] .. layers[1]-1`` only (this rank's). None: all layers.
     """
 
     loss: float
@@ -62,6 +65,7 @@ class GradientResult:
     adjoint: SolveResult
     states: np.ndarray | None = None
     adjoints: np.ndarray | None = None
+    layers: tuple[int, int] | None = None
 
 
 # --- running a program on ranks ---------------------------------------------------------------
@@ -195,11 +199,14 @@ def _bounds(comm, N):
     return bounds, int(bounds[comm.rank]), int(bounds[comm.rank + 1])
 
 
-def _forward_program(comm, network, params, X, solver, target, guess, need_all):
+def _forward_program(comm, network, params, X, solver, target, guess, need_all, prop=None):
+    """The state sweep on this rank; ``prop`` is this rank's :class:`LayerSlice` (built
+    from the full ``params`` when None)."""
     N = network.depth
     check_layout(solver, N, comm.size)
     bounds, a, b = _bounds(comm, N)
-    prop = LayerSlice(ResNetPropagator(network, params, target=target), a, b)
+    if prop is None:
+        prop = LayerSlice(ResNetPropagator(network, params, target=target), a, b)
     comm.reset_count()
     x0 = opening_forward(network, params, X)[0] if comm.rank == 0 else None
     shape = (X.shape[0], network.width)
@@ -233,8 +240,9 @@ def _next_adjoints(N: int, a: int, b: int, lams: Block) -> np.ndarray:
     return lams.values[last:first + 1][::-1]
 
 
-def _layer_gradients(comm, network, params, prop, bounds, states: Block, lams: Block):
-    """Gradient of this rank's layers (data part and regulariser), by slices."""
+def _layer_gradients(comm, network, prop, bounds, states: Block, lams: Block):
+    """Gradient of this rank's layers (data part and regulariser), by slices; the layers'
+    parameters are those ``prop`` holds."""
     N = network.depth
     a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
     d = network.width
@@ -245,7 +253,7 @@ def _layer_gradients(comm, network, params, prop, bounds, states: Block, lams: B
     comm.count(b - a)
     # regulariser: gamma h theta_n + gamma_t / h ((theta_n - theta_{n-1}) - (theta_{n+1} - theta_n))
     h = network.h
-    Kl, bl = params.K[a:b], params.b[a:b]
+    Kl, bl = prop.parameters()
     if comm.rank > 0:
         comm.send((Kl[0], bl[0]), comm.rank - 1, TAG_BOUNDARY)
     if comm.rank < comm.size - 1:
@@ -276,10 +284,17 @@ def _layer_gradients(comm, network, params, prop, bounds, states: Block, lams: B
 
 
 def _gradient_program(comm, network, params, X, y, solver, target, guess_states, guess_lams,
-                      gather_all=True):
+                      gather_all=True, local=False):
+    """Loss and gradient on this rank. ``local``: ``params.K``, ``params.b`` hold this
+    rank's layers only, and the result keeps them local (no states, this rank's rows
+    of the layer gradients)."""
     N = network.depth
+    prop = None
+    if local:
+        _, a, b = _bounds(comm, N)
+        prop = LayerSlice.from_local(network, params, a, b, target=target)
     prop, bounds, fproblem, states, frecord, _ = _forward_program(
-        comm, network, params, X, solver, target, guess_states, need_all=False)
+        comm, network, params, X, solver, target, guess_states, need_all=False, prop=prop)
     last = comm.size - 1
     lam_N = None
     pieces: dict[str, Any] = {}
@@ -288,8 +303,10 @@ def _gradient_program(comm, network, params, X, y, solver, target, guess_states,
         pieces.update(data_loss=data_loss, W=dW, mu=dmu)
     aproblem, lams, arecord = _adjoint_program(comm, network, prop, bounds, states, lam_N,
                                                solver, guess_lams)
-    gK, gb, reg = _layer_gradients(comm, network, params, prop, bounds, states, lams)
-    pieces.update(rank=comm.rank, K=gK, b=gb, reg=reg)
+    gK, gb, reg = _layer_gradients(comm, network, prop, bounds, states, lams)
+    pieces.update(rank=comm.rank, reg=reg)
+    if not local:
+        pieces.update(K=gK, b=gb)
     if comm.rank == 0 and network.has_opening_weights:
         grads0 = Params(K=gK, b=gb, K_in=np.zeros_like(params.K_in),
                         b_in=np.zeros_like(params.b_in), W=params.W, mu=params.mu)
@@ -305,10 +322,13 @@ def _gradient_program(comm, network, params, X, y, solver, target, guess_states,
     def own(a):  # gathered arrays are shared read-only between simulated ranks
         return None if a is None else np.array(a, dtype=network.dtype)
 
-    grads = Params(
-        K=np.concatenate([p["K"] for p in gathered]), b=np.concatenate([p["b"] for p in gathered]),
-        K_in=own(head.get("K_in")), b_in=own(head.get("b_in")), W=own(tail["W"]),
-        mu=own(tail["mu"]))
+    if local:
+        K, b = gK, gb
+    else:
+        K, b = (np.concatenate([p["K"] for p in gathered]),
+                np.concatenate([p["b"] for p in gathered]))
+    grads = Params(K=K, b=b, K_in=own(head.get("K_in")), b_in=own(head.get("b_in")),
+                   W=own(tail["W"]), mu=own(tail["mu"]))
     gc = network.gamma_c
     creg = 0.0
     if gc:
@@ -317,6 +337,9 @@ def _gradient_program(comm, network, params, X, y, solver, target, guess_states,
                 grads[k][...] += gc * params[k]
                 creg += float(np.vdot(params[k], params[k]))
     loss = tail["data_loss"] + total_reg + 0.5 * gc * creg
+    if local:
+        a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
+        return GradientResult(loss, grads, frecord, arecord, layers=(a, b))
     if not gather_all:
         return GradientResult(loss, grads, frecord, arecord)
     full_states = _gather_positions(comm, states, fproblem.owner, False)
@@ -343,13 +366,104 @@ def parallel_gradient(network: ResNet, params: Params, X, y, solver, *, comm=Non
     neighbours from other ranks' layers arrive as messages. The head (``W, mu, K_in,
     b_in``) is read on every rank. Under MPI a process may therefore hold placeholders
     (e.g. zeros) for the other ranks' layers and gets the same result, bit for bit
-    (``tests/test_parallel.py::test_a_rank_reads_only_its_own_layers``).
+    (``tests/test_parallel.py::test_a_rank_reads_only_its_own_layers``);
+    :func:`local_gradient` takes only this rank's layers in the first place.
     """
     runner, size = _runner(solver, comm)
     check_layout(solver, network.depth, size)
     return _run(runner, lambda c: _gradient_program(c, network, params, X, y, solver, target,
                                                      initial_states, initial_adjoints,
                                                      keep_states))
+
+
+def owned_layers(n_layers: int, n_ranks: int, rank: int) -> tuple[int, int]:
+    """``(start, stop)``: the residual layers ``start..stop-1`` that rank ``rank`` of
+    ``n_ranks`` owns in every layer-parallel solve (contiguous, sizes differing by at
+    most one, the larger first: :func:`~ptoc.parallel.partition`)."""
+    for name, value in (("n_layers", n_layers), ("n_ranks", n_ranks)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) \
+            or not 0 <= rank < n_ranks:
+        raise ValueError(f"rank must be an integer in [0, {n_ranks}), got {rank!r}")
+    bounds = partition(int(n_layers), int(n_ranks))
+    return int(bounds[rank]), int(bounds[rank + 1])
+
+
+def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="cpu"):
+    """Loss and gradient on ranks that each hold only their own layers' parameters.
+
+    The memory-distributed form of :func:`parallel_gradient` (Günther et al. 2020,
+    section 3: each processor stores the states and weights of its layers only). On
+    rank ``r`` of ``P``, ``params.K`` and ``params.b`` hold the layers ``start..stop-1``
+    given by ``owned_layers(N, P, r)`` (``stop - start`` rows; row ``n - start`` is layer
+    ``n``); the head (``W, mu`` and, with a dense opening, ``K_in, b_in``) is whole on
+    every rank. No rank ever holds another rank's layers: the coarse weights and the
+    regulariser's neighbours arrive as messages. The loss, the head gradient and the
+    solve records are the same on every rank; the layer gradient stays local.
+
+    The results equal :func:`parallel_gradient` with the full parameters, bit for bit.
+
+    Parameters
+    ----------
+    network : ResNet
+    params : Params, dict, or callable
+        This rank's slice, or a function ``rank -> slice`` (needed with simulated ranks,
+        which all live in one process).
+    X : array (S, n_in)
+    y : array of int (S,)
+        The batch, the same on every rank.
+    solver : Serial, Parareal or MGRIT
+    comm : None, int, SimulatedRanks or Communicator
+        As in :func:`parallel_gradient`; None is one rank (then the slice is everything).
+    target : Target or str
+
+    Returns
+    -------
+    GradientResult or list of GradientResult
+        This rank's result, with ``grads.K``, ``grads.b`` of its own layers and
+        ``layers = (start, stop)``; no states or adjoints. With simulated ranks, the
+        list of every rank's result, in rank order.
+
+    Raises
+    ------
+    ValueError
+        On every rank alike, before any kernel runs, when any rank's slice has a wrong
+        key, shape or a non-finite entry (the message names the rank).
+    """
+    from .._validate import check_inputs
+    from ..kernels import Target
+    from .options import check_solver
+
+    if not isinstance(network, ResNet):
+        raise TypeError(f"network must be a ptoc.ResNet, got {type(network).__name__}")
+    solver = check_solver(solver)
+    X, y = check_inputs(network, X, y)
+    if y is None:
+        raise ValueError("local_gradient needs the labels y")
+    target = Target.parse(target)
+    runner, size = _runner(solver, comm)
+    check_layout(solver, network.depth, size)
+    if isinstance(runner, SimulatedRanks) and size > 1 and not callable(params):
+        raise TypeError("with simulated ranks params must be a function rank -> that rank's "
+                        "slice (all ranks live in this process)")
+
+    def program(c):
+        a, b = owned_layers(network.depth, c.size, c.rank)
+        problem = None
+        try:
+            mine = params(c.rank) if callable(params) else params
+            mine = network.check_params(mine, layers=(a, b))
+        except (TypeError, ValueError) as exc:
+            problem = f"rank {c.rank}: {exc}"
+        problems = [p for p in c.allgather(problem) if p is not None]
+        if problems:  # the same error on every rank: none is left waiting
+            raise ValueError("local_gradient: bad parameter slice on "
+                             f"{len(problems)} rank(s): " + "; ".join(problems))
+        return _gradient_program(c, network, mine, X, y, solver, target, None, None,
+                                 gather_all=False, local=True)
+
+    return runner.run(program)  # simulated ranks: every rank's result, in rank order
 
 
 def parallel_forward(network: ResNet, params: Params, X, solver, *, comm=None, target="cpu",
