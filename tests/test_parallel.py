@@ -600,3 +600,19 @@ def test_owned_layers_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
         owned_layers(*args)
     assert owned_layers(10, 3, 0) == (0, 4) and owned_layers(10, 3, 2) == (7, 10)
+
+
+@pytest.mark.parametrize("solver, extra", [
+    (Parareal(chunks=3, max_iterations=2, tol=1e-300), 1),
+    (Parareal(chunks=3, tol=1e-13), 1),
+    (MGRIT(coarsening=2, max_iterations=2, tol=1e-300), 0),
+    (MGRIT(coarsening=2, tol=1e-13), 0),
+])
+def test_residual_history_length_is_as_documented(solver, extra):
+    """SolveResult.residuals: parareal also records its iteration 0 (the coarse
+    prediction), MGRIT records one value per cycle; the last is the returned solution's."""
+    net, params, X, y = problem(depth=9)
+    r = parallel_gradient(net, params, X, y, solver, comm=3)
+    for rec in (r.forward, r.adjoint):
+        assert len(rec.residuals) == rec.iterations + extra
+        assert rec.converged == (rec.residuals[-1] <= solver.tol)

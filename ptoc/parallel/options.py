@@ -246,7 +246,12 @@ class SolveResult:
     sweep : str
         ``"forward"`` (states) or ``"adjoint"``.
     residuals : list of float
-        Residual norm after each iteration (empty for the serial sweep).
+        Residual norms, one per iterate, oldest first (empty for the serial sweep).
+        Parareal: ``iterations + 1`` values, ``residuals[k]`` that of the iterate after
+        ``k`` corrections (``residuals[0]``: the coarse prediction, iteration 0 of Lions,
+        Maday & Turinici). MGRIT: ``iterations`` values, ``residuals[k - 1]`` that after
+        ``k`` cycles (the initial guess is not measured: that would cost a sweep of
+        steps). Either way ``residuals[-1]`` is the residual of the returned solution.
     iterations : int
     converged : bool
     steps_total : int
