@@ -124,6 +124,13 @@ class TrainingMethod:
         weights); none by default."""
         return {}
 
+    @property
+    def writes_files(self) -> bool:
+        """Whether this process writes the run's checkpoint, model, history and plot
+        (and shows progress). Every rank of an MPI run computes the same result; only
+        rank 0 writes it. True by default."""
+        return True
+
 
 def group_state(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """Entries of a flat state dict under ``prefix + "."``, with the prefix removed."""
@@ -160,6 +167,12 @@ class GradientMethod(TrainingMethod):
     optimizer: Optimizer = field(default_factory=lambda: Adam(lr=3e-3))
     grad_fn: Callable[[Params, np.ndarray, np.ndarray], tuple[float, Any]] | None = None
     target: Target | str = Target.CPU
+
+    @property
+    def writes_files(self) -> bool:
+        """False on the MPI ranks other than 0 of a ``grad_fn`` that says so (as
+        :class:`ptoc.simultaneous.SimultaneousGradient` does)."""
+        return bool(getattr(self.grad_fn, "writes_files", True))
 
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, Optimizer):

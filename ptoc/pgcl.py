@@ -122,7 +122,7 @@ from .methods import StepOutcome, TrainingDivergedError, TrainingMethod, group_s
 from .model import Params, ResNet
 from .objective import classifier_loss, opening_backward, opening_forward, regulariser
 from .optim import SGD, Adam, Optimizer
-from .parallel.comm import Communicator, SimulatedRanks, SingleRank
+from .parallel.comm import Communicator, SimulatedRanks, SingleRank, is_root
 from .parallel.layout import partition, sum_of_squares
 from .parallel.options import CoarseWeights
 from .sweeps import _single_threaded_blas
@@ -512,6 +512,12 @@ class PGCL(TrainingMethod):
             memory = tuple(mem)
         return PGCLState(ranks=P, step=int(_scalar(d, "step")), optimizer=opt, batch=batch,
                          memory=memory, defects=(defects[0], defects[1]))
+
+    @property
+    def writes_files(self) -> bool:
+        """False on MPI ranks other than 0
+        (:attr:`ptoc.methods.TrainingMethod.writes_files`)."""
+        return is_root(self.comm)
 
     def config(self) -> dict[str, Any]:
         """Name and options (JSON-serialisable)."""

@@ -32,6 +32,7 @@ import numpy as np
 
 from .kernels import Target
 from .model import Params, ResNet
+from .parallel.comm import is_root
 from .parallel.driver import parallel_gradient
 from .parallel.options import MGRIT
 from .sweeps import loss_and_grad
@@ -139,6 +140,12 @@ class SimultaneousGradient:
             raise ValueError(f"exact_every must be a non-negative integer, got "
                              f"{self.exact_every!r}")
         self.target = Target.parse(self.target)
+
+    @property
+    def writes_files(self) -> bool:
+        """False on MPI ranks other than 0
+        (:attr:`ptoc.methods.TrainingMethod.writes_files`)."""
+        return is_root(self.comm)
 
     def reset(self) -> None:
         """Forget the warm start and the records."""

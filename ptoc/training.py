@@ -430,7 +430,9 @@ def train(
         If given (created if needed): write ``model.npz`` (:func:`ptoc.io.save_model`,
         the final or last good parameters), ``history.json``, ``history.csv`` and
         ``training.png`` (:func:`ptoc.plotting.plot_history`) at the end, also after
-        divergence or interruption.
+        divergence or interruption. Under MPI (a method on
+        :class:`ptoc.parallel.MPIRanks`) only rank 0 writes (and shows progress); the
+        others compute the same result (:attr:`TrainingMethod.writes_files`).
     checkpoint_every : int, optional
         Write ``output_dir/checkpoint.npz`` (atomically: a temporary file, then a
         rename) every this many steps, and at the end of the run (also after
@@ -511,6 +513,9 @@ def train(
         raise ValueError("checkpoint_every and resume need output_dir (where the "
                          "checkpoint lives)")
     disable = _progress_disable(progress)
+    writer = method.writes_files  # False on MPI ranks other than 0: they compute, not write
+    if not writer:
+        disable = True
     target = Target.parse(target)
     backend(target)  # fail early (ImportError) when the target is unavailable
     for attr in ("X_train", "y_train", "X_val", "y_val"):
@@ -546,7 +551,7 @@ def train(
     else:
         state = method.init(network, params)
         run = _Progress()
-    if out_dir is not None:
+    if out_dir is not None and writer:
         out_dir.mkdir(parents=True, exist_ok=True)
     t_offset = run.elapsed - t_start
     reason: str | None = None
@@ -566,7 +571,7 @@ def train(
                 accuracy(network, p, X_val, y_val, target=target))
 
     def checkpoint() -> None:
-        if checkpoint_every is None or ckpt_path is None:
+        if checkpoint_every is None or ckpt_path is None or not writer:
             return
         run.rng = rng.bit_generator.state if run.next_batch == 0 else run.rng
         run.elapsed = time.perf_counter() + t_offset
@@ -669,7 +674,7 @@ def train(
         val_accuracy=v_acc,
         method=method,
     )
-    if out_dir is not None:
+    if out_dir is not None and writer:
         result.outputs = _write_outputs(out_dir, network, result, method, data,
                                         batch_size=None if full_batch else B, seed=int(seed))
         if checkpoint_every is not None and ckpt_path is not None:

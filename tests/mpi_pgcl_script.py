@@ -59,11 +59,26 @@ def run(comm: Any, config: str) -> dict[str, np.ndarray]:
     return result
 
 
+def train(comm: Any, out_dir: Path | None) -> ptoc.TrainResult:
+    """``ptoc.train`` with PGCL on ``comm``, writing into ``out_dir`` (rank 0 only)."""
+    net, params, X, y = problem()
+    data = ptoc.data.Dataset(name="tiny", X_train=X, y_train=y, X_val=X[:2], y_val=y[:2],
+                             n_classes=net.n_classes)
+    return ptoc.train(net, params, data, epochs=3, batch_size=None, progress=False,
+                      method=PGCL(comm=comm, optimizer=SGD(lr=0.2)), output_dir=out_dir,
+                      checkpoint_every=1)
+
+
 def main(argv: list[str]) -> int:
     from ptoc.parallel import MPIRanks
 
     out_dir, config = Path(argv[1]), argv[2]
     comm = MPIRanks()
+    if config == "train":
+        result = train(comm, out_dir / "run")
+        np.savez(out_dir / f"rank{comm.rank}.npz", outputs=np.array(sorted(result.outputs)),
+                 **{f"param.{k}": v for k, v in result.params.items()})
+        return 0
     result = run(comm, config)
     result["size"] = np.int64(comm.size)
     np.savez(out_dir / f"rank{comm.rank}.npz", **result)

@@ -411,3 +411,27 @@ def test_divergence_raises_training_diverged_on_every_rank():
     m = PGCL(optimizer=SGD(lr=1e200), comm=3)
     with pytest.raises(TrainingDivergedError, match="PGCL: non-finite"):
         run(m, net, params, X, y, 5)
+
+
+def test_train_on_mpi_ranks_writes_once_and_equals_the_simulated_run(tmp_path):
+    """``ptoc.train`` with PGCL on 2 MPI ranks: rank 0 writes the run's files, rank 1
+    writes none and reports none, and both end with the parameters of the same run
+    on simulated ranks, bit for bit."""
+    assert MPIEXEC is not None, "mpiexec not found: pip install 'ptoc[test]' provides it"
+    script = load_script()
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+               OMP_NUM_THREADS="1")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    cmd = [MPIEXEC, "-n", "2", sys.executable, str(HERE / "mpi_pgcl_script.py"),
+           str(tmp_path), "train"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    simulated = script.train(2, tmp_path / "simulated")
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    assert sorted(ranks[0]["outputs"]) == sorted(simulated.outputs)
+    assert len(ranks[1]["outputs"]) == 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "simulated").iterdir())
+    for got in ranks:
+        for k, v in simulated.params.items():
+            assert np.array_equal(got[f"param.{k}"], v), k

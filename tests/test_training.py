@@ -456,3 +456,39 @@ def test_plot_history_from_plain_dicts(tmp_path):
     path = plot_history(rows, tmp_path / "h.png", title="t")
     assert path.read_bytes()[:8] == PNG_MAGIC
     assert plot_history([], tmp_path / "empty.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_only_the_writing_rank_writes_files(tmp_path):
+    """Under MPI every rank trains the same model and only rank 0 writes the run's files:
+    a method whose ``writes_files`` is False (an MPI rank > 0) leaves output_dir alone
+    and returns the same parameters."""
+    from ptoc.methods import GradientMethod
+    from ptoc.optim import SGD
+    from ptoc.parallel import SingleRank
+    from ptoc.parallel.comm import is_root
+    from ptoc.simultaneous import SimultaneousGradient
+
+    class OtherRank(GradientMethod):
+        @property
+        def writes_files(self):
+            return False
+
+    net = ptoc.ResNet(width=3, depth=4, n_in=2, n_classes=5)
+    data = ptoc.data.peaks(n_per_class=8, n_val_per_class=2, grid=32)
+    p0 = net.init_params(0)
+    kw = dict(epochs=2, batch_size=20, checkpoint_every=1, progress=False)
+    quiet = ptoc.train(net, p0, data, method=OtherRank(SGD(lr=0.1)),
+                       output_dir=tmp_path / "b", **kw)
+    loud = ptoc.train(net, p0, data, method=GradientMethod(SGD(lr=0.1)),
+                      output_dir=tmp_path / "a", **kw)
+    assert not (tmp_path / "b").exists() and quiet.outputs == {}
+    assert (tmp_path / "a" / "model.npz").exists() and (tmp_path / "a" / "checkpoint.npz").exists()
+    assert all(np.array_equal(quiet.params[k], loud.params[k]) for k in loud.params)
+
+    class Rank1(SingleRank):
+        rank = 1
+
+    assert is_root(None) and is_root(3) and is_root(SingleRank()) and not is_root(Rank1())
+    assert not SimultaneousGradient(net, comm=Rank1()).writes_files
+    assert not GradientMethod(SGD(lr=0.1), SimultaneousGradient(net, comm=Rank1())).writes_files
+    assert not ptoc.pgcl.PGCL(comm=Rank1()).writes_files and ptoc.pgcl.PGCL(comm=2).writes_files

@@ -222,6 +222,13 @@ class _SimulatedRank(Communicator):
         return out
 
 
+def is_root(comm: Any) -> bool:
+    """Whether this process should write a run's files: False only on the ranks other
+    than 0 of a :class:`Communicator` (MPI); simulated ranks (``None``, a number,
+    :class:`SimulatedRanks`) all live in one process, which writes once."""
+    return not isinstance(comm, Communicator) or comm.rank == 0
+
+
 class SimulatedRanks:
     """``size`` ranks simulated by threads of this process.
 
