@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Where one MGRIT solve of the PyMGRIT benchmark spends its time, phase by phase.
+
+The problem and solver settings are those of ``bench_pymgrit.py`` (d = 16, S = 32,
+N = 1024, tanh, m = 4, FCF, V-cycles, tol 1e-10). Each phase of
+:class:`ptoc.parallel.mgrit.MGRITSolve` (relaxations, restriction, correction, the
+batched level kernels) is wrapped with a timer; the table gives the median over the
+runs of the milliseconds per solve, the calls per solve and, for the kernels, the
+microseconds per layer step. Phases nest (``_restrict`` contains ``points_apply``),
+so the column does not add up; ``solve`` is the whole iteration and ``total`` the
+whole call of ``parallel_forward`` (setup and the copy of the states included).
+
+It answers: how far is a solve from (layer steps) x (cost of one step), and what is
+the rest. Usage::
+
+    python benchmarks/profile_mgrit.py                       # two-level, all cores
+    python benchmarks/profile_mgrit.py --levels 10 --threads 1
+
+Nothing is written; the timers add about 1 us per wrapped call.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import time  # noqa: E402
+
+import bench_pymgrit as bench  # noqa: E402 - benchmarks/bench_pymgrit.py
+import numpy as np  # noqa: E402
+
+import ptoc  # noqa: E402
+from ptoc.parallel import mgrit as _mgrit  # noqa: E402
+from ptoc.parallel import problem as _problem  # noqa: E402
+from ptoc.parallel.driver import parallel_forward  # noqa: E402
+
+PHASES = ("solve", "_f_relax", "_c_relax", "_c_relax_with_residual", "_restrict", "_correct")
+KERNELS = ("runs", "points_apply")
+
+
+def _instrument(times: dict, calls: collections.Counter, steps: collections.Counter) -> None:
+    """Wrap the phases and kernels with timers that add into ``times``/``calls``."""
+    def wrap(cls, name, is_kernel):
+        original = getattr(cls, name)
+
+        def timed(self, *args, **kwargs):
+            if is_kernel:
+                key = f"{name} (level {self.level})"
+                n = (int(np.sum(np.asarray(args[3]) - np.asarray(args[2]) + 1))
+                     if name == "runs" else len(args[1]))
+                steps[key] += n
+            else:
+                key = name
+            t0 = time.perf_counter()
+            out = original(self, *args, **kwargs)
+            times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+            calls[key] += 1
+            return out
+        setattr(cls, name, timed)
+
+    for name in PHASES:
+        wrap(_mgrit.MGRITSolve, name, False)
+    for name in KERNELS:
+        wrap(_problem.ResNetLevelSteps, name, True)
+
+
+def main(argv=None) -> int:
+    import numba
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", type=int, default=2, help="MGRIT max_levels (default 2)")
+    parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
+                        help="Numba threads (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed solves (default 30)")
+    args = parser.parse_args(argv)
+    if args.levels < 2 or args.threads < 1 or args.repeats < 1:
+        parser.error("--levels must be >= 2, --threads and --repeats >= 1")
+    numba.set_num_threads(args.threads)
+    net, params, X0 = bench.make_problem(0)
+    solver = ptoc.MGRIT(coarsening=bench.COARSENING, max_levels=args.levels, min_coarse_steps=1,
+                        relaxation="FCF", cycle="V", tol=bench.TOL, coarse_weights="inject",
+                        nested_iteration=False)
+    for _ in range(3):  # compile and warm the caches
+        parallel_forward(net, params, X0, solver)
+    _instrument(times := {}, calls := collections.Counter(), steps := collections.Counter())
+    per_run: dict[str, list[float]] = collections.defaultdict(list)
+    totals = []
+    for _ in range(args.repeats):
+        times.clear()
+        t0 = time.perf_counter()
+        _, record = parallel_forward(net, params, X0, solver)
+        totals.append(time.perf_counter() - t0)
+        for k, v in times.items():
+            per_run[k].append(v)
+    R = args.repeats
+    print(f"MGRIT, {args.levels} levels max, N = {bench.DEPTH}, d = {bench.WIDTH}, "
+          f"S = {bench.BATCH}, {args.threads} thread(s): {record.iterations} iterations, "
+          f"{record.steps_total} layer steps")
+    print(f"{'phase':32s} {'ms/solve':>9s} {'calls':>6s} {'us/step':>8s}")
+    print(f"{'total (parallel_forward)':32s} {1e3 * np.median(totals):9.3f}")
+    for k in sorted(per_run, key=lambda k: -np.median(per_run[k])):
+        med = np.median(per_run[k])
+        us = f"{1e6 * med / (steps[k] / R):8.3f}" if steps[k] else ""
+        print(f"{k:32s} {1e3 * med:9.3f} {calls[k] / R:6.0f} {us}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
