@@ -66,11 +66,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
-
-import ptoc
 from ptoc.parallel import MGRIT, Parareal, Serial, parallel_gradient
+from ptoc.solve_cli import _problem as solve_problem
 from ptoc.validation import Record, Verdict, script_main
 
 NUMBER = 14
@@ -91,15 +90,9 @@ QUIET_LOAD, QUIET_WAIT = 1.0, 180.0  # wait (at most 180 s) for a 1-min load ave
 
 # --- (a) counting ---------------------------------------------------------------------------
 
-def _small(N: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    d, S = 4, 3
-    net = ptoc.ResNet(width=d, depth=N, T=1.0, activation="tanh", n_in=d, n_classes=2,
-                      opening="identity", gamma=0.0, gamma_t=0.0, gamma_c=0.0)
-    params = ptoc.Params(K=rng.standard_normal((N, d, d)) / np.sqrt(d),
-                         b=rng.standard_normal((N, d)), K_in=None, b_in=None,
-                         W=rng.standard_normal((2, d)) / np.sqrt(d), mu=np.zeros(2))
-    return net, params, rng.standard_normal((S, d)), np.arange(S) % 2
+def _small(N: int):
+    """A small problem of the same kind for the step counts (which do not depend on it)."""
+    return _problem(N, width=4, batch=3)
 
 
 def parareal_critical_path(N: int, P: int, K: int) -> int:
@@ -164,18 +157,10 @@ def _counting() -> tuple[dict[str, bool], list[dict]]:
 
 # --- (b) measurement ---------------------------------------------------------------------------
 
-def _problem(depth: int, seed: int = 0):
-    """The problem of ``ptoc solve`` (issue 3), drawn in its order: K, b, W, X, y."""
-    rng = np.random.default_rng(seed)
-    d, S = 16, 32
-    net = ptoc.ResNet(width=d, depth=depth, T=1.0, activation="tanh", n_in=d, n_classes=2,
-                      opening="identity", gamma=0.0, gamma_t=0.0, gamma_c=0.0)
-    params = ptoc.Params(K=rng.standard_normal((depth, d, d)) / np.sqrt(d),
-                         b=rng.standard_normal((depth, d)), K_in=None, b_in=None,
-                         W=rng.standard_normal((2, d)) / np.sqrt(d), mu=np.zeros(2))
-    X = rng.standard_normal((S, d))
-    y = rng.integers(0, 2, S)
-    return net, params, X, y
+def _problem(depth: int, width: int = 16, batch: int = 32, seed: int = 0):
+    """The problem of ``ptoc solve`` (issue 3): its own builder, with these sizes."""
+    return solve_problem(SimpleNamespace(width=width, depth=depth, batch=batch, seed=seed,
+                                         T=1.0, activation="tanh"))
 
 
 def _solver(method: str):
