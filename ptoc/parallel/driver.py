@@ -454,8 +454,9 @@ def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="
         try:
             mine = params(c.rank) if callable(params) else params
             mine = network.check_params(mine, layers=(a, b))
-        except (TypeError, ValueError) as exc:
-            problem = f"rank {c.rank}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any failure must reach every rank, or they hang
+            problem = f"rank {c.rank}: {exc}" if isinstance(exc, (TypeError, ValueError)) \
+                else f"rank {c.rank}: {type(exc).__name__}: {exc}"
         problems = [p for p in c.allgather(problem) if p is not None]
         if problems:  # the same error on every rank: none is left waiting
             raise ValueError("local_gradient: bad parameter slice on "
