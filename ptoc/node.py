@@ -68,7 +68,7 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -1047,7 +1047,13 @@ class NeuralODEGradient:
     ----------
     records : list of NODEStepRecord
         One per call, in order.
+    deterministic : bool
+        True: a call is a pure function of (parameters, batch), so
+        :class:`ptoc.methods.GradientMethod` may reuse the line search's evaluation
+        at the accepted point instead of calling again (then no record is added).
     """
+
+    deterministic: ClassVar[bool] = True
 
     network: ResNet
     scheme: Scheme | str | None = None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -118,7 +118,13 @@ class SimultaneousGradient:
     ----------
     records : list of StepRecord
         One per call, in order.
+    deterministic : bool
+        False: the warm start makes a call depend on the calls before it, so
+        :class:`ptoc.methods.GradientMethod` calls again at the start of every step
+        (a second evaluation at the same point is a better one).
     """
+
+    deterministic: ClassVar[bool] = False
 
     network: ResNet
     solver: MGRIT = field(default_factory=_default_solver)

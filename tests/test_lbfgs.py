@@ -496,5 +496,6 @@ def test_training_with_lbfgs_evaluates_the_start_of_each_step_once():
     repeats = sum(np.array_equal(a, b) for a, b in zip(seen, seen[1:], strict=False))
     # the start of a step is evaluated once (it was twice: by train, then by the line
     # search). What remains: the next step starts at the point the line search accepted
-    # and evaluates it again, since train cannot know that the next batch is the same.
+    # and evaluates it again, since this grad_fn does not say it is deterministic (with
+    # deterministic = True that evaluation is reused: tests/test_gradient_reuse.py).
     assert repeats == res.steps - 1
