@@ -52,6 +52,11 @@ Usage::
     python benchmarks/bench_scaling.py                  # about 15-20 minutes
     python benchmarks/bench_scaling.py --quick          # N = 1024, 2048; P = 4, 16, 64
     python benchmarks/bench_scaling.py --depths 1024 4096 --sim-ranks 4 8 16
+    python benchmarks/bench_scaling.py --mpi-ranks 4 8 16   # also measure P = 4, 8, 16
+
+On a machine with 16 cores, ``--mpi-ranks 4 8 16`` adds launches of P ranks x 1 thread
+(P = 1 and 2 are always measured) and sets each measured speed-up beside its prediction;
+a launch of more ranks x threads than logical CPUs is noted as oversubscribed.
 
 Writes ``benchmarks/results/scaling_<timestamp>.json`` (machine, settings, every
 sample and step count) and ``scaling_<timestamp>.png`` (predicted speed-up against P)
@@ -92,6 +97,18 @@ SWEEPS = ("forward", "gradient")
 LAUNCHES = (("1 rank x 1 thread", 1, 1), ("1 rank x 2 threads", 1, 2),
             ("2 ranks x 1 thread", 2, 1))
 REFERENCE = LAUNCHES[0][0]
+
+
+def launch_configs(mpi_ranks=()) -> tuple[tuple[str, int, int], ...]:
+    """The launches measured: those of :data:`LAUNCHES`, then ``P ranks x 1 thread`` for
+    every ``P > 2`` of ``--mpi-ranks`` (a machine with that many cores)."""
+    return LAUNCHES + tuple((f"{P} ranks x 1 thread", P, 1)
+                            for P in sorted(set(mpi_ranks)) if P > 2)
+
+
+def measured_ranks(launch_set) -> dict[int, str]:
+    """``{P: label}`` of the launches of P ranks with one thread each."""
+    return {ranks: label for label, ranks, threads in launch_set if threads == 1}
 MGRIT_ARGS = ["--coarsening", "4", "--relaxation", "FCF", "--cycle", "V", "--levels", "10",
               "--min-coarse", "2"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -299,7 +316,7 @@ def rank0_samples(runs: list[dict], sweep: str) -> list[float]:
     return [r["forward"]["wall_time"] + r["adjoint"]["wall_time"] for r in runs]
 
 
-def analyse(depths, sim_ranks, measured: dict, simulated: dict) -> dict:
+def analyse(depths, measured: dict, simulated: dict, launch_set=LAUNCHES) -> dict:
     """Medians, per-step costs, predictions and speed-ups: ``out[sweep][depth][method]``."""
     out: dict = {}
     for sweep in SWEEPS:
@@ -312,7 +329,7 @@ def analyse(depths, sim_ranks, measured: dict, simulated: dict) -> dict:
                 cell: dict = {"measured_s": {}, "measured_speedup": {}, "predicted_s": {},
                               "predicted_speedup": {}, "algorithmic_speedup": {},
                               "critical_path": {}, "iterations": {}}
-                for label, _, _ in LAUNCHES:
+                for label, _, _ in launch_set:
                     runs = measured.get((N, label), {}).get((method, sweep))
                     if runs:
                         t = _median(sweep_samples(runs, sweep))
@@ -330,10 +347,8 @@ def analyse(depths, sim_ranks, measured: dict, simulated: dict) -> dict:
                 cost = {part: _median([r[part]["wall_time"] for r in runs])
                         / runs[0][part]["steps_total"] for part in parts}
                 cell["seconds_per_step"] = cost
-                for P in sorted({1, 2, *sim_ranks}):
-                    sim = simulated.get((N, P, method))
-                    if sim is None:
-                        continue
+                for P in sorted(p for n, p, m in simulated if n == N and m == method):
+                    sim = simulated[(N, P, method)]
                     cp = {part: sim[part]["steps_critical_path"] for part in parts}
                     t_pred = sum(cp[part] * cost[part] for part in parts)
                     cell["critical_path"][P] = cp
@@ -354,14 +369,16 @@ def _x(v):
     return "-" if v is None else f"{v:.2f}" if v < 10 else f"{v:.1f}"
 
 
-def tables(analysis: dict, depths, sim_ranks, measured: dict) -> str:
+def tables(analysis: dict, depths, measured: dict, launch_set=LAUNCHES) -> str:
     lines = []
-    ps = sorted({1, 2, *sim_ranks})
+    ps = sorted({P for sweep in SWEEPS for N in depths for method in METHODS
+                 for P in analysis[sweep][N][method]["predicted_speedup"]})
+    meas_p = measured_ranks(launch_set)
     for sweep in SWEEPS:
         what = "forward sweep" if sweep == "forward" else \
             "gradient (forward + adjoint sweep times)"
         lines.append(f"\n### Measured: {what}, median ms (MPI, slowest rank)\n")
-        head = ["N", "method"] + [lab for lab, _, _ in LAUNCHES] + \
+        head = ["N", "method"] + [lab for lab, _, _ in launch_set] + \
             ["2 ranks, rank 0's clock", "iterations P=1 / P=2", "levels"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         parts = ("forward",) if sweep == "forward" else ("forward", "adjoint")
@@ -376,7 +393,8 @@ def tables(analysis: dict, depths, sim_ranks, measured: dict) -> str:
                 runs = measured[(N, REFERENCE)][(method, sweep)][0]
                 lv = runs["forward"]["levels"] or "-"
                 lines.append("| " + " | ".join(
-                    [str(N), method] + [_ms(cell["measured_s"].get(lab)) for lab, _, _ in LAUNCHES]
+                    [str(N), method] + [_ms(cell["measured_s"].get(lab))
+                                        for lab, _, _ in launch_set]
                     + [_ms(cell.get("measured_rank0_s", {}).get("2 ranks x 1 thread")),
                        " / ".join(its) if method != "serial" else "-", str(lv)]) + " |")
         call = "parallel_forward" if sweep == "forward" else "parallel_gradient"
@@ -385,7 +403,7 @@ def tables(analysis: dict, depths, sim_ranks, measured: dict) -> str:
                      + "and the final gathers of " + ("the states" if sweep == "forward"
                                                       else "states, adjoints and gradient")
                      + " to every rank)\n")
-        head = ["N", "method"] + [lab for lab, _, _ in LAUNCHES] + \
+        head = ["N", "method"] + [lab for lab, _, _ in launch_set] + \
             [f"sweeps' share, {REFERENCE}"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for N in depths:
@@ -395,22 +413,23 @@ def tables(analysis: dict, depths, sim_ranks, measured: dict) -> str:
                 share = (f"{cell['measured_s'][REFERENCE] / calls[REFERENCE]:.0%}"
                          if REFERENCE in calls else "-")
                 lines.append("| " + " | ".join(
-                    [str(N), method] + [_ms(calls.get(lab)) for lab, _, _ in LAUNCHES]
+                    [str(N), method] + [_ms(calls.get(lab)) for lab, _, _ in launch_set]
                     + [share]) + " |")
         lines.append(f"\n### Speed-up over the serial {what.split(' (')[0]} on 1 rank x 1 "
                      "thread: measured (MPI) and predicted (critical path x per-step cost, "
                      "free communication)\n")
-        head = ["N", "method", "meas. P=1", "pred. P=1", "meas. P=2", "pred. P=2"] + \
-            [f"pred. P={P}" for P in ps if P > 2]
+        head = ["N", "method"]
+        for P in ps:
+            head += ([f"meas. P={P}"] if P in meas_p else []) + [f"pred. P={P}"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for N in depths:
             for method in METHODS:
                 c = analysis[sweep][N][method]
-                row = [str(N), method, _x(c["measured_speedup"].get(REFERENCE)),
-                       _x(c["predicted_speedup"].get(1)),
-                       _x(c["measured_speedup"].get("2 ranks x 1 thread")),
-                       _x(c["predicted_speedup"].get(2))]
-                row += [_x(c["predicted_speedup"].get(P)) for P in ps if P > 2]
+                row = [str(N), method]
+                for P in ps:
+                    if P in meas_p:
+                        row.append(_x(c["measured_speedup"].get(meas_p[P])))
+                    row.append(_x(c["predicted_speedup"].get(P)))
                 lines.append("| " + " | ".join(row) + " |")
         lines.append(f"\n### Algorithmic speed-up, {what.split(' (')[0]}: serial layer steps / "
                      "layer steps on the critical path (critical path in brackets)\n")
@@ -428,14 +447,16 @@ def tables(analysis: dict, depths, sim_ranks, measured: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(analysis: dict, depths, sim_ranks, path: Path, title: str) -> None:
+def plot(analysis: dict, depths, path: Path, title: str, launch_set=LAUNCHES) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), sharex=True, sharey=True)
-    ps = sorted({1, 2, *sim_ranks})
+    ps = sorted({P for sweep in SWEEPS for N in depths for method in METHODS
+                 for P in analysis[sweep][N][method]["predicted_speedup"]})
+    meas_p = measured_ranks(launch_set)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, sweep in enumerate(SWEEPS):
         for j, method in enumerate(("parareal", "mgrit")):
@@ -446,8 +467,7 @@ def plot(analysis: dict, depths, sim_ranks, path: Path, title: str) -> None:
                 xs = [P for P in ps if P in c["predicted_speedup"]]
                 ax.plot(xs, [c["predicted_speedup"][P] for P in xs], "-o", color=col, ms=3,
                         label=f"N={N} predicted")
-                meas = [(1, c["measured_speedup"].get(REFERENCE)),
-                        (2, c["measured_speedup"].get("2 ranks x 1 thread"))]
+                meas = [(P, c["measured_speedup"].get(label)) for P, label in meas_p.items()]
                 meas = [(P, v) for P, v in meas if v is not None]
                 ax.plot([P for P, _ in meas], [v for _, v in meas], "s", color=col, ms=8,
                         mfc="none", mew=1.5, label=f"N={N} measured (MPI)")
@@ -490,12 +510,17 @@ def main(argv=None) -> int:
     parser.add_argument("--cold-depths", type=int, nargs="*", default=None,
                         help="depths at which to also time single plain `mpiexec -n P python "
                         "-m ptoc solve` launches (default: the smallest depth; none to skip)")
+    parser.add_argument("--mpi-ranks", type=int, nargs="+", default=[],
+                        help="also measure these numbers of MPI ranks (one Numba thread "
+                        "each) beside 1 and 2, e.g. 4 8 16 on a 16-core machine")
     parser.add_argument("--mpiexec", default=shutil.which("mpiexec"))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per launch")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (PNG beside it)")
     parser.add_argument("--no-json", action="store_true")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
+    if any(P < 1 for P in args.mpi_ranks):
+        parser.error(f"--mpi-ranks must be >= 1, got {args.mpi_ranks}")
 
     depths = tuple(args.depths or (QUICK["depths"] if args.quick else DEPTHS))
     sim_ranks = tuple(sorted(set(args.sim_ranks or (QUICK["sim_ranks"] if args.quick
@@ -509,9 +534,17 @@ def main(argv=None) -> int:
         import mpi4py  # noqa: F401
     except ImportError:
         mpiexec = None
-    launch_set = LAUNCHES
+    launch_set = launch_configs(args.mpi_ranks)
+    too_deep = [P for P in args.mpi_ranks if P > min(depths)]
+    if too_deep:
+        parser.error(f"--mpi-ranks {too_deep}: more ranks than layers (N = {min(depths)})")
+    cores = os.cpu_count() or 1
+    if any(r * t > cores for _, r, t in launch_set):
+        notes.append(f"launches of more ranks x threads than the {cores} logical CPUs of "
+                     "this machine are oversubscribed: their times say nothing about "
+                     "parallel speed")
     if mpiexec is None:
-        launch_set = tuple(lc for lc in LAUNCHES if lc[1] == 1)
+        launch_set = tuple(lc for lc in launch_set if lc[1] == 1)
         cold_depths = ()
         notes.append("mpiexec or mpi4py not found: P = 1 runs as a plain process (one "
                      "rank, no MPI); P = 2 is not measured (pip install 'ptoc[mpi]').")
@@ -569,7 +602,7 @@ def main(argv=None) -> int:
     simulated: dict = {}
     sim_skipped = []
     t_sim0 = time.perf_counter()
-    for P in sorted({1, 2, *sim_ranks}):
+    for P in sorted({1, 2, *sim_ranks, *args.mpi_ranks}):
         for N in depths:
             if P > N:
                 continue
@@ -604,8 +637,8 @@ def main(argv=None) -> int:
     if mismatches:
         notes.extend(mismatches)
 
-    analysis = analyse(depths, sim_ranks, measured, simulated)
-    print(tables(analysis, depths, sim_ranks, measured))
+    analysis = analyse(depths, measured, simulated, launch_set)
+    print(tables(analysis, depths, measured, launch_set))
     print()
     print("Per-step costs (1 rank x 1 thread, us per layer step; forward / adjoint):")
     for N in depths:
@@ -640,10 +673,11 @@ def main(argv=None) -> int:
         try:
             png = path.with_suffix(".png")
             png.parent.mkdir(parents=True, exist_ok=True)
-            plot(analysis, depths, sim_ranks, png,
+            plot(analysis, depths, png,
                  "ptoc strong scaling across layers (d=16, batch 32, T=1, tol 1e-10)\n"
                  "lines: predicted = critical path x per-step cost measured on 1 rank x 1 "
-                 "thread (one core per rank, free communication); squares: measured (MPI)")
+                 "thread (one core per rank, free communication); squares: measured (MPI)",
+                 launch_set)
             print(f"Plot: {png}")
         except ImportError:
             print("Note: matplotlib is not installed; no plot")
