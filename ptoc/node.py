@@ -209,6 +209,8 @@ class NODEParareal:
     schedule : Scheme, str or sequence of them
         Fine scheme of each iteration, e.g. ``("euler", "heun", "rk4")`` (Lorin's
         order-raising schedule) or ``("rk4",)`` (a fixed fine solver, the default).
+        With ``coarse="piece"`` and one substep, Euler is the coarse propagator itself:
+        an Euler iteration returns the coarse sweep again and corrects nothing.
     max_iterations : int, optional
         Most parareal iterations (0: the coarse sweep only). Default
         ``len(schedule) - 1 + P``, after which the iterate equals the serial solve with

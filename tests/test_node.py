@@ -293,6 +293,24 @@ def test_order_raising_schedule_converges_to_the_last_scheme():
     assert loss == ref_loss and _max_diff(grads, ref_grads) == 0.0
 
 
+@settings(max_examples=10)
+@given(seed=st.integers(0, 100), chunks=st.integers(2, 6), later=st.sampled_from(["heun", "rk4"]))
+def test_an_euler_iteration_with_one_substep_per_piece_returns_the_coarse_sweep(seed, chunks,
+                                                                             later):
+    """docs/theory/node.md: with coarse="piece" and one substep, Euler is the coarse
+    propagator, so iteration 1 with Euler changes nothing at all; with two substeps, or
+    one coarse step per chunk, it does."""
+    net = _network(4, 12, opening="identity")
+    p, (x0, _) = _params(net, seed), _batch(net, 5, seed)
+    schedule = ("euler", later)
+    wasted = node_solve(net, p, x0, substeps=1, parareal=NODEParareal(chunks, schedule=schedule))
+    assert wasted.changes[0] == 0.0  # max |U^1 - U^0|
+    for substeps, coarse in ((2, "piece"), (1, "chunk")):
+        sol = node_solve(net, p, x0, substeps=substeps,
+                         parareal=NODEParareal(chunks, schedule=schedule, coarse=coarse))
+        assert sol.changes[0] > 1e-6
+
+
 def test_divergence_names_the_iteration():
     d = 2
     net = _network(d, 8, T=8.0, n_classes=2, activation="relu", opening="identity")
