@@ -1,4 +1,4 @@
-"""Figures of training runs, drawn off-screen.
+"""Figures of training runs and of layer-parallel solves, drawn off-screen.
 
 Figures are built with :class:`matplotlib.figure.Figure` and the Agg canvas
 directly, never through :mod:`matplotlib.pyplot`: nothing opens a window, no global
@@ -8,13 +8,13 @@ figure state is touched and the backend chosen by the user's session is left alo
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_history"]
+__all__ = ["plot_history", "plot_residuals", "residual_iterations"]
 
 
 def _column(records: list[Mapping[str, Any]], key: str) -> np.ndarray:
@@ -79,6 +79,113 @@ def plot_history(history: Iterable[Mapping[str, Any]], path: str | os.PathLike,
     ax_acc.set_ylim(-0.02, 1.02)
     if title:
         fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _labelled_results(results: Any) -> list[tuple[str, Any]]:
+    """``[(label, SolveResult), ...]`` from one result, a sequence or a mapping."""
+    from .parallel.options import SolveResult
+
+    if isinstance(results, SolveResult):
+        pairs = [(None, results)]
+    elif isinstance(results, Mapping):
+        pairs = [(str(k), v) for k, v in results.items()]
+    elif isinstance(results, Sequence) and not isinstance(results, (str, bytes)):
+        pairs = [(None, r) for r in results]
+    else:
+        raise TypeError("results must be a SolveResult, a sequence of them or a mapping "
+                        f"label -> SolveResult, got {type(results).__name__}")
+    if not pairs:
+        raise ValueError("no solve results to plot")
+    out = []
+    for i, (label, r) in enumerate(pairs):
+        if not isinstance(r, SolveResult):
+            raise TypeError(f"result {label or i} is a {type(r).__name__}, not a SolveResult")
+        if not r.residuals:
+            raise ValueError(f"result {label or i} ({r.method} {r.sweep} sweep) has no residual "
+                             "history: the serial sweep is not iterative")
+        out.append((label or f"{r.method}, {r.sweep} sweep", r))
+    return out
+
+
+def residual_iterations(result: Any) -> np.ndarray:
+    """The iteration number of each entry of ``result.residuals``.
+
+    Parareal records the coarse prediction as iteration 0, so its residuals belong to
+    iterations ``0 .. iterations``; MGRIT measures after each cycle, iterations
+    ``1 .. iterations`` (:class:`ptoc.parallel.SolveResult`).
+    """
+    first = 0 if result.method == "parareal" else 1
+    return np.arange(first, first + len(result.residuals))
+
+
+def _residual_figure(results: Any, title: str | None, tol: float | None):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    pairs = _labelled_results(results)
+    if tol is not None and not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be positive and finite, got {tol!r}")
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for label, r in pairs:
+        k = residual_iterations(r)
+        res = np.asarray(r.residuals, dtype=float)
+        shown = res > 0  # a log axis cannot show an exact 0 (parareal after P iterations)
+        exact = k[res == 0]
+        if exact.size:
+            label += f" (exactly 0 from iteration {exact[0]})"
+        ax.semilogy(k[shown], res[shown], marker="o", markersize=3, label=label)
+    if tol is not None:
+        ax.axhline(tol, color="grey", ls="--", lw=1, label=f"tolerance {tol:g}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("residual norm")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def plot_residuals(results: Any, path: str | os.PathLike, *, title: str | None = None,
+                   tol: float | None = None) -> Path:
+    """Save the residual history of layer-parallel solves (log scale) as one image.
+
+    One line per solve: ``SolveResult.residuals`` against the iteration number, from 0
+    for parareal (the coarse prediction) and from 1 for MGRIT (after the first cycle):
+    see :func:`residual_iterations`. Residuals that are exactly 0 (parareal is exact
+    after ``P`` iterations) cannot be drawn on a log axis; the legend says from which
+    iteration on.
+
+    Parameters
+    ----------
+    results : SolveResult, sequence of SolveResult, or mapping of str to SolveResult
+        What :func:`ptoc.parallel.parallel_forward` and the other drivers return as
+        records; a mapping gives the legend labels (default: method and sweep).
+    path : str or path-like
+        Output file; the format follows the suffix (``.png`` recommended).
+    title : str, optional
+    tol : float, optional
+        Draw this tolerance as a dashed line.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+
+    Raises
+    ------
+    TypeError
+        For anything that is not a SolveResult.
+    ValueError
+        For no results, a result without residuals (a serial sweep), or a bad ``tol``.
+    """
+    fig = _residual_figure(results, title, tol)
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path

@@ -70,6 +70,10 @@ def add_parser(sub, formatter, positive_int, nonnegative_int, positive_float) ->
     g.add_argument("--json", metavar="PATH", help="write the records as JSON (rank 0)")
     g.add_argument("--save", metavar="PATH",
                    help="write states, adjoints and gradient to an .npz file (rank 0)")
+    g.add_argument("--plot", metavar="PATH",
+                   help="draw the residual history of the (last) solve, log scale, with the "
+                   "tolerance, into an image such as residuals.png (rank 0; parareal and "
+                   "MGRIT)")
     s.set_defaults(func=run)
 
 
@@ -113,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .cli import _Error
 
+    if args.plot and args.method == "serial":
+        raise _Error("argument --plot: the serial sweep has no residual history; use "
+                     "--method parareal or mgrit")
     try:
         solver = _solver(args)
         net, params, X, y = _problem(args)
@@ -195,6 +202,14 @@ def run(args: argparse.Namespace) -> int:
             json.dump(record, f, indent=1, default=str)
     if rank == 0 and args.save:
         np.savez(args.save, **out)
+    if rank == 0 and args.plot:
+        from ptoc.plotting import plot_residuals
+
+        where = f"{comm.size} {'MPI' if isinstance(comm, MPIRanks) else 'simulated'} rank(s)"
+        path = plot_residuals({f"{r.sweep} sweep": r for r in records}, args.plot,
+                              tol=args.tol, title=f"ptoc solve: {args.method} on {where}\n"
+                              f"{net.describe()}, batch {args.batch}")
+        print(f"residual history: {path}")
     if not all(r.converged for r in records):
         say("ptoc: the solve stopped at --max-iterations before reaching the tolerance "
             "(exit code 3); raise --max-iterations or --tol")
