@@ -40,7 +40,7 @@ from .hamiltonian import hamiltonian, hamiltonian_grad
 from .io import load_model, save_model
 from .kernels import Target
 from .methods import GradientMethod, TrainingMethod
-from .model import PARAM_KEYS, Opening, Params, ResNet
+from .model import PARAM_KEYS, LayerInit, Opening, Params, ResNet
 from .msa import EMSA, MSA, DiscreteMSA
 from .node import NeuralODEGradient, NODEParareal
 from .optim import LBFGS, OPTIMISERS, SGD, Adam
@@ -124,6 +124,7 @@ __all__ = [
     "AdjointResult",
     "Check",
     "ForwardResult",
+    "LayerInit",
     "Opening",
     "PARAM_KEYS",
     "Params",

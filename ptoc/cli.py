@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Train a residual network (forward-Euler ResNet, DESIGN.md section 1) with\n"
             "mini-batch Adam or SGD on exact serial adjoint gradients. The training set\n"
             "is reshuffled every epoch with numpy.random.default_rng(--seed); the\n"
-            "initial parameters are ResNet.init_params(--seed, --init-scale).\n\n"
+            "initial parameters are ResNet.init_params(--seed, --init-scale,\n"
+            "--init-layers).\n\n"
             "Outputs (in --output): model.npz (load with ptoc.io.load_model),\n"
             "history.json and history.csv (per epoch: epoch, steps, train_loss,\n"
             "train_accuracy, val_loss, val_accuracy, time) and training.png.\n"
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="floating-point type")
     g.add_argument("--init-scale", type=_nonnegative_float, default=1.0,
                    help="scale of the random initial weights")
+    g.add_argument("--init-layers", choices=("independent", "smooth"), default="independent",
+                   help="initial K_n drawn independently, or varying smoothly with the "
+                   "layer (keeps the --gamma-t term bounded in deep networks)")
     g = t.add_argument_group("method")
     g.add_argument("--method", nargs="?", const="list", default="serial",
                    choices=tuple(METHODS) + ("list",),
@@ -533,7 +537,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise _Error(str(exc)) from None
     method = _method(args, network, optimizer)
     grad_fn = getattr(method, "grad_fn", None)
-    params = network.init_params(args.seed, scale=args.init_scale)
+    params = network.init_params(args.seed, scale=args.init_scale,
+                                 layers=getattr(args, "init_layers", "independent"))
     output = Path(args.output) if args.output is not None else _default_output()
     if output.exists() and not output.is_dir():
         raise _Error(f"argument --output: {str(output)!r} exists and is not a directory")

@@ -42,6 +42,43 @@ class Opening(str, enum.Enum):
         return parse_option(cls, value, "opening layer")
 
 
+def _interpolate_knots(knots: np.ndarray, n: int) -> np.ndarray:
+    """``n`` arrays from ``M = len(knots)`` draws at evenly spread positions: position
+    ``s = i (M - 1) / (n - 1)`` of item ``i`` lies between knots ``j = floor(s)`` and
+    ``j + 1``; with ``f = s - j`` the item is ``((1 - f) A + f B) / sqrt((1 - f)^2 + f^2)``,
+    which keeps the variance of independent Gaussian knots."""
+    m = len(knots)
+    if m == 1 or n == 1:
+        return np.repeat(knots[:1], n, axis=0)
+    s = np.arange(n) * ((m - 1) / (n - 1))
+    j = np.minimum(np.floor(s).astype(np.int64), m - 2)
+    f = (s - j)[:, None, None]
+    w0, w1 = 1.0 - f, f
+    return (w0 * knots[j] + w1 * knots[j + 1]) / np.sqrt(w0**2 + w1**2)
+
+
+class LayerInit(str, enum.Enum):
+    """How :meth:`ResNet.init_params` relates the weights of different layers.
+
+    ``INDEPENDENT``: every ``K_n`` drawn on its own. ``SMOOTH``: ``K_n`` varies
+    smoothly with the layer's time, so the time-smoothness regulariser stays bounded
+    as the depth grows (see :meth:`ResNet.init_params`).
+    """
+
+    INDEPENDENT = "independent"
+    SMOOTH = "smooth"
+
+    @classmethod
+    def parse(cls, value: LayerInit | str) -> LayerInit:
+        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
+        return parse_option(cls, value, "layer initialisation")
+
+
+#: Number of independent draws ("knots", evenly spread from the first layer to the
+#: last) that ``init_params(layers="smooth")`` interpolates between.
+SMOOTH_INIT_KNOTS = 9
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -177,22 +214,51 @@ class ResNet:
         """Total number of scalar parameters."""
         return int(sum(np.prod(s) for s in self.param_shapes().values()))
 
-    def init_params(self, seed: int | np.random.Generator | None = 0, scale: float = 1.0) -> Params:
+    def init_params(self, seed: int | np.random.Generator | None = 0, scale: float = 1.0,
+                    layers: LayerInit | str = LayerInit.INDEPENDENT) -> Params:
         """Random parameters: Gaussian weights of variance ``scale^2 / fan_in``, zero biases.
 
         ``K_n ~ N(0, scale^2/d)``, ``K_in ~ N(0, scale^2/d_in)``, ``W ~ N(0, scale^2/d)``;
         ``b_n = b_in = mu = 0``. ``scale = 0`` gives all-zero parameters, for which the
         loss is exactly ``ln C``.
+
+        Parameters
+        ----------
+        seed : int, Generator or None
+        scale : float
+            Standard deviation factor, ``>= 0``.
+        layers : LayerInit or str
+            ``"independent"`` (default): every ``K_n`` is an independent draw. The
+            time-smoothness term of the regulariser,
+            ``gamma_t/2 sum_n h |(K_{n+1} - K_n)/h|^2``, then starts at about
+            ``gamma_t scale^2 d N^2 / T``: for a deep network (``N = 1024``, ``T = 1``)
+            it outweighs the loss by orders of magnitude. ``"smooth"``: ``K_n`` is
+            drawn at ``SMOOTH_INIT_KNOTS`` = 9 layers spread evenly from the first to
+            the last (fewer if ``N < 9``) and interpolated between them,
+            ``K_n = (w_0 A + w_1 B) / sqrt(w_0^2 + w_1^2)`` with the linear weights
+            ``w_0, w_1`` of layer ``n`` between its knots ``A, B``. Each ``K_n`` has
+            the same distribution as an independent draw, but neighbouring layers
+            differ by ``O(1/N)``, so the time-smoothness term stays bounded as ``N``
+            grows: the weights of a neural ODE ``K(t)`` sampled at ``t_n = n h``.
+
+        Raises
+        ------
+        ValueError
+            For a negative or non-finite ``scale`` or an unknown ``layers``.
         """
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         scale = _nonnegative_float("scale", scale)
+        layers = LayerInit.parse(layers)
         d, N = self.width, self.depth
         dt = self.dtype
 
         def gauss(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
             return (rng.standard_normal(shape) * (scale / np.sqrt(fan_in))).astype(dt)
 
-        K = gauss((N, d, d), d)
+        if layers is LayerInit.INDEPENDENT:
+            K = gauss((N, d, d), d)
+        else:
+            K = _interpolate_knots(gauss((min(N, SMOOTH_INIT_KNOTS), d, d), d), N).astype(dt)
         K_in = gauss((d, self.n_in), self.n_in) if self.has_opening_weights else None
         W = gauss((self.n_classes, d), d)
         return Params(
