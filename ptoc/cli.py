@@ -538,7 +538,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     method = _method(args, network, optimizer)
     grad_fn = getattr(method, "grad_fn", None)
     params = network.init_params(args.seed, scale=args.init_scale,
-                                 layers=getattr(args, "init_layers", "independent"))
+                                 layers=args.init_layers)
     output = Path(args.output) if args.output is not None else _default_output()
     if output.exists() and not output.is_dir():
         raise _Error(f"argument --output: {str(output)!r} exists and is not a directory")

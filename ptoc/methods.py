@@ -166,9 +166,7 @@ class _Evaluation:
         """The newest of ``evaluations`` (``(params, loss, grads)`` triples) made at exactly
         ``params``, as an :class:`_Evaluation`; None if there is none."""
         for p, loss, grads in reversed(evaluations):
-            if _same_arrays(p, params):
-                if not isinstance(grads, Params) and isinstance(grads, Mapping):
-                    grads = Params.from_dict(grads)
+            if _same_arrays(p, params):  # grads: Params, as _gradient returns them
                 return cls(network, {k: np.array(v, copy=True) for k, v in params.items()},
                            np.array(X, copy=True), np.array(y, copy=True), loss,
                            grads.copy())

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_history", "plot_residuals", "residual_iterations"]
+__all__ = ["plot_history", "plot_residuals"]
 
 
 def _column(records: list[Mapping[str, Any]], key: str) -> np.ndarray:
@@ -110,17 +110,6 @@ def _labelled_results(results: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def residual_iterations(result: Any) -> np.ndarray:
-    """The iteration number of each entry of ``result.residuals``.
-
-    Parareal records the coarse prediction as iteration 0, so its residuals belong to
-    iterations ``0 .. iterations``; MGRIT measures after each cycle, iterations
-    ``1 .. iterations`` (:class:`ptoc.parallel.SolveResult`).
-    """
-    first = 0 if result.method == "parareal" else 1
-    return np.arange(first, first + len(result.residuals))
-
-
 def _residual_figure(results: Any, title: str | None, tol: float | None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -133,7 +122,7 @@ def _residual_figure(results: Any, title: str | None, tol: float | None):
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for label, r in pairs:
-        k = residual_iterations(r)
+        k = np.asarray(r.residual_iterations)
         res = np.asarray(r.residuals, dtype=float)
         shown = res > 0  # a log axis cannot show an exact 0 (parareal after P iterations)
         exact = k[res == 0]
@@ -158,9 +147,9 @@ def plot_residuals(results: Any, path: str | os.PathLike, *, title: str | None =
 
     One line per solve: ``SolveResult.residuals`` against the iteration number, from 0
     for parareal (the coarse prediction) and from 1 for MGRIT (after the first cycle):
-    see :func:`residual_iterations`. Residuals that are exactly 0 (parareal is exact
-    after ``P`` iterations) cannot be drawn on a log axis; the legend says from which
-    iteration on.
+    see :attr:`ptoc.parallel.SolveResult.residual_iterations`. Residuals that are
+    exactly 0 (parareal is exact after ``P`` iterations) cannot be drawn on a log axis;
+    the legend says from which iteration on.
 
     Parameters
     ----------

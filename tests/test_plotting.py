@@ -8,7 +8,7 @@ import ptoc
 from ptoc.cli import main
 from ptoc.parallel import MGRIT, Parareal, SolveResult
 from ptoc.parallel.driver import parallel_forward
-from ptoc.plotting import _residual_figure, plot_residuals, residual_iterations
+from ptoc.plotting import _residual_figure, plot_residuals
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -27,9 +27,9 @@ def test_iterations_start_at_0_for_parareal_and_at_1_for_mgrit(records):
     pr, mg = records
     # parareal on 3 chunks: the prediction and 3 corrections, the last exactly 0
     assert len(pr.residuals) == pr.iterations + 1 == 4 and pr.residuals[-1] == 0.0
-    assert residual_iterations(pr).tolist() == [0, 1, 2, 3]
+    assert pr.residual_iterations == [0, 1, 2, 3]
     assert len(mg.residuals) == mg.iterations
-    assert residual_iterations(mg).tolist() == list(range(1, mg.iterations + 1))
+    assert mg.residual_iterations == list(range(1, mg.iterations + 1))
 
 
 def test_the_lines_are_the_residuals(records):

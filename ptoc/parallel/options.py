@@ -277,6 +277,13 @@ class SolveResult:
     levels: int | None = None
     wall_time: float = 0.0
 
+    @property
+    def residual_iterations(self) -> list[int]:
+        """The iteration of each entry of :attr:`residuals`: ``0 .. iterations`` for
+        parareal (entry 0 is the coarse prediction), ``1 .. iterations`` for MGRIT."""
+        first = 0 if self.method == "parareal" else 1
+        return list(range(first, first + len(self.residuals)))
+
     def summary(self) -> str:
         """One line: method, iterations, last residual, steps."""
         res = f", residual {self.residuals[-1]:.3e}" if self.residuals else ""
