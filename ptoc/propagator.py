@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from . import _config
+from ._scratch import Scratch
 from ._validate import check_inputs
 from .kernels import Target, backend
 from .model import Params, ResNet
@@ -37,16 +38,37 @@ from .objective import classifier_loss, opening_forward
 
 
 class Propagator(abc.ABC):
-    """Abstract layer-by-layer model: the contract every solver relies on.
+    """Abstract layer-by-layer model: the contract every solver and method relies on.
 
     Subclasses set ``n_layers`` and implement the abstract methods. States are NumPy
     arrays of any fixed shape (for ResNets: (S, d), one sample per row).
 
-    ``step`` is the state equation ``x_{n+1} = Phi_n(x_n)`` and ``adjoint_step`` the
-    adjoint equation ``lambda_n = Phi_n'(x_n)^T lambda_{n+1}`` with the gradient
-    accumulation: what the layer-parallel solvers (Günther et al. 2020) call
-    (``DESIGN.md`` sections 2 and 6, in the spirit of XBraid's adjoint interface).
-    Theory: :doc:`/theory/adjoint`, :doc:`/theory/parareal`, :doc:`/theory/mgrit`.
+    **Required** (abstract):
+
+    * :meth:`step`: the state equation ``x_{n+1} = Phi_n(x_n)``;
+    * :meth:`adjoint_step`: the adjoint equation ``lambda_n = Phi_n'(x_n)^T lambda_{n+1}``
+      with the gradient accumulation (XBraid's ``step_diff``);
+    * :meth:`objective` and :meth:`objective_gradient`: ``Phi(x_N)`` and ``lambda_N``;
+    * :meth:`parameters`: the layer parameters, leading axis = layer.
+
+    **Provided, may be overridden for speed**: :meth:`zero_gradient`, :meth:`propagate`,
+    :meth:`adjoint_propagate`, :meth:`layer_gradient`, :meth:`layer_gradients`,
+    :meth:`level_steps` (all written with the required methods only).
+
+    **Optional**:
+
+    * the coarse grid, needed by MGRIT and by parareal with built-in coarse steps:
+      :meth:`layer_parameters`, :meth:`coarse_step`, :meth:`coarse_adjoint_step` (and
+      :meth:`stacked_parameters`, which has a default). A subclass that overrides all
+      three has :attr:`has_coarse_grid`; the solvers refuse to coarsen one that has not,
+      before any step runs.
+    * :meth:`tangent_step`, the linearised step; by default it returns None and
+      :func:`check_propagator` linearises by finite differences instead.
+
+    The gradient accumulation is what the layer-parallel solvers of Günther et al.
+    (2020) need, in the spirit of XBraid's adjoint interface. Theory:
+    :doc:`/theory/adjoint`, :doc:`/theory/parareal`, :doc:`/theory/mgrit`; the whole
+    contract: :doc:`/architecture`.
     """
 
     n_layers: int
@@ -80,25 +102,84 @@ class Propagator(abc.ABC):
         """Zeros with the structure of :meth:`parameters`."""
         return [np.zeros_like(p) for p in self.parameters()]
 
-    # --- coarse grids (needed by parareal with built-in coarse steps, and by MGRIT) ------
+    # --- optional: the linearised step ------------------------------------------------------
+    def tangent_step(self, n: int, x: np.ndarray, dx: np.ndarray) -> np.ndarray | None:
+        """The linearised step ``Phi_n'(x) dx``, or None when the model does not provide
+        it (the default): :func:`check_propagator` then uses finite differences."""
+        return None
+
+    # --- layer gradients (defaults from adjoint_step) ---------------------------------------
+    def layer_gradient(self, n: int, x: np.ndarray, lam_next: np.ndarray,
+                       grad: list[np.ndarray]) -> None:
+        """Add ``d(lam_next . Phi_n(x))/d theta_n`` to ``grad`` (the adjoint output is
+        not needed; the default computes it with :meth:`adjoint_step` and drops it)."""
+        self.adjoint_step(n, x, lam_next, grad)
+
+    def layer_gradients(self, first: int, xs: np.ndarray, lams_next: np.ndarray,
+                        grad: list[np.ndarray]) -> None:
+        """Add the gradients of layers ``first .. first+L-1`` to ``grad`` (structured as
+        :meth:`parameters`): ``xs[l]`` is ``x_{first+l}`` and ``lams_next[l]`` is
+        ``lambda_{first+l+1}``. The default loops over :meth:`layer_gradient`."""
+        for k in range(len(xs)):
+            self.layer_gradient(first + k, xs[k], lams_next[k], grad)
+
+    # --- optional: the coarse grid ----------------------------------------------------------
     def layer_parameters(self, n: int) -> tuple[np.ndarray, ...]:
         """The parameters of layer ``n`` as a tuple of arrays (averaged elementwise to
         form :class:`~ptoc.parallel.CoarseWeights` ``AVERAGE`` coarse weights)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} has no coarse grid: parareal with built-in coarse steps "
-            "and MGRIT need layer_parameters, coarse_step and coarse_adjoint_step "
-            "(or give Parareal a coarse Propagator)")
+        raise NotImplementedError(self._no_coarse_grid())
+
+    def stacked_parameters(self, layers: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The parameters of ``layers`` stacked along a new leading axis (read them,
+        never write). The default stacks :meth:`layer_parameters`."""
+        layers = np.asarray(layers, dtype=np.int64)
+        rows = [self.layer_parameters(int(n)) for n in layers]
+        if not rows:
+            raise ValueError("stacked_parameters needs at least one layer")
+        return tuple(np.stack(col) for col in zip(*rows, strict=True))
 
     def coarse_step(self, params: tuple[np.ndarray, ...], n_layers: int,
                     x: np.ndarray) -> np.ndarray:
-        """One step standing for ``n_layers`` layers, with layer parameters ``params``."""
-        raise NotImplementedError(f"{type(self).__name__} defines no coarse_step")
+        """One step standing for ``n_layers`` layers, with layer parameters ``params``.
+
+        With one layer and that layer's parameters it must equal :meth:`step`
+        (checked by :func:`check_propagator`).
+        """
+        raise NotImplementedError(self._no_coarse_grid())
 
     def coarse_adjoint_step(self, params: tuple[np.ndarray, ...], n_layers: int,
                             x: np.ndarray, lam: np.ndarray) -> np.ndarray:
         """Transposed Jacobian of :meth:`coarse_step` at ``x``, applied to ``lam``."""
-        raise NotImplementedError(f"{type(self).__name__} defines no coarse_adjoint_step")
+        raise NotImplementedError(self._no_coarse_grid())
 
+    @property
+    def has_coarse_grid(self) -> bool:
+        """True when the class provides :meth:`layer_parameters`, :meth:`coarse_step` and
+        :meth:`coarse_adjoint_step` (overrides all three)."""
+        return not self._missing_coarse_methods()
+
+    def _missing_coarse_methods(self) -> list[str]:
+        base = Propagator
+        return [name for name in ("layer_parameters", "coarse_step", "coarse_adjoint_step")
+                if getattr(type(self), name) is getattr(base, name)]
+
+    def _no_coarse_grid(self) -> str:
+        return (f"{type(self).__name__} has no coarse grid: MGRIT and parareal with built-in "
+                "coarse steps need layer_parameters, coarse_step and coarse_adjoint_step "
+                f"(missing: {', '.join(self._missing_coarse_methods())}); or give Parareal "
+                "a coarse Propagator")
+
+    # --- batched steps of one level ---------------------------------------------------------
+    def level_steps(self, plan: LevelPlan) -> LevelSteps:
+        """The steps of one level of a sweep, batched (see :class:`LevelSteps`).
+
+        The default calls :meth:`step`, :meth:`adjoint_step`, :meth:`coarse_step` or
+        :meth:`coarse_adjoint_step` once per step; a model may return a subclass that
+        runs whole relaxations in compiled code (:class:`ResNetPropagator` does).
+        """
+        return LevelSteps(self, plan)
+
+    # --- ranges of layers -------------------------------------------------------------------
     def propagate(self, x: np.ndarray, start: int = 0, stop: int | None = None,
                   states: np.ndarray | None = None) -> np.ndarray:
         """Apply layers ``start..stop-1`` to ``x`` and return ``x_stop``.
@@ -129,48 +210,119 @@ class Propagator(abc.ABC):
         return lam
 
 
-class LayerSlice(Propagator):
-    """The layers ``start..stop-1`` of a propagator, holding (views of) those layers only.
+# --- the steps of one level, batched --------------------------------------------------------------
 
-    Layer indices stay global (``step(n, x)`` for ``start <= n < stop``); asking for any
-    other layer raises, which is how a rank proves it touches only what it owns.
-    Parameters and gradients are the owned slices (leading axis ``stop - start``).
+@dataclass(frozen=True)
+class LevelPlan:
+    """The steps of one level of a sweep on one rank, as a model sees them.
+
+    A solver holds the level's values at local indices ``0..n`` (index 0 is the value
+    before this rank's first step); step ``j = 1..n`` maps index ``j - 1`` to ``j`` and
+    is described by row ``j - 1`` of the arrays below.
+
+    Attributes
+    ----------
+    level : int
+        0 for the fine grid; a model may key reusable buffers on it.
+    backward : bool
+        True for the adjoint sweep: step ``j`` is ``Phi'(x)^T`` at ``states[j - 1]``.
+    layers : ndarray of int (n,)
+        The first layer ``s`` that step ``j`` stands for (on the fine grid, its layer).
+    spans : ndarray of int (n,)
+        The number of layers ``e - s`` it stands for (1 on the fine grid).
+    weights : tuple of ndarray, optional
+        Coarse levels: the coarse weights of every step, stacked (leading axis ``n``),
+        structured as :meth:`Propagator.layer_parameters`. None on the fine grid.
+    states : ndarray, optional
+        Adjoint sweep: ``x_s`` for every step, stacked (leading axis ``n``).
     """
 
-    def __init__(self, prop: ResNetPropagator, start: int, stop: int):
-        local = Params(K=prop.params.K[start:stop], b=prop.params.b[start:stop],
-                       K_in=None, b_in=None, W=prop.params.W, mu=prop.params.mu)
-        self._setup(prop, local, start, stop)
+    level: int
+    backward: bool
+    layers: np.ndarray
+    spans: np.ndarray
+    weights: tuple[np.ndarray, ...] | None = None
+    states: np.ndarray | None = None
 
-    def _setup(self, prop: ResNetPropagator, local: Params, start: int, stop: int) -> None:
-        self.network = prop.network
-        self.start, self.stop = int(start), int(stop)
-        self.n_layers = prop.network.depth
-        self._inner = ResNetPropagator.__new__(ResNetPropagator)
-        self._inner.__dict__.update(prop.__dict__)
-        self._inner.params = local
-        self._inner.n_layers = stop - start
+    @property
+    def fine(self) -> bool:
+        """True on the fine grid (every step is one layer with its own parameters)."""
+        return self.weights is None
 
-    @classmethod
-    def from_local(cls, network: ResNet, params: Params | Mapping, start: int, stop: int, *,
-                   target: Target | str = Target.CPU) -> LayerSlice:
-        """The slice built from parameters that hold the layers ``start..stop-1`` only.
+    @property
+    def n_steps(self) -> int:
+        return len(self.layers)
 
-        ``params.K`` and ``params.b`` have ``stop - start`` rows (row ``n - start`` is
-        layer ``n``), as one rank of a layer-parallel run holds them; the full
-        parameter set never exists in this process. Checked by
-        ``network.check_params(params, layers=(start, stop))``.
-        """
-        if not 0 <= start < stop <= network.depth:
-            raise ValueError(f"layers {start}..{stop - 1} are not a non-empty range of the "
-                             f"network's {network.depth} layers")
-        local = network.check_params(params, layers=(start, stop))
-        template = ResNetPropagator.__new__(ResNetPropagator)
-        template._configure(network, local, None, target)
-        self = cls.__new__(cls)
-        self._setup(template, Params(K=local.K, b=local.b, K_in=None, b_in=None, W=local.W,
-                                     mu=local.mu), start, stop)
-        return self
+    def shifted(self, offset: int) -> LevelPlan:
+        """The same plan with layer ``n`` renamed ``n - offset`` (for :class:`LayerSlice`)."""
+        return replace(self, layers=self.layers - offset)
+
+
+class LevelSteps:
+    """The steps of one :class:`LevelPlan`, as two batched operations.
+
+    Arrays ``u`` (and ``g``) hold the level's values at local indices ``0..n``:
+
+    * :meth:`runs`: ``u[j] = step_j(u[j-1]) (+ g[j])`` for ``j = s..e`` of each run
+      ``(s, e)``, in order (F- and C-relaxation, coarsest-grid sweep);
+    * :meth:`points_apply`: ``step_j(u[j-1])`` for a list of ``j``, from the current
+      values (residuals, restriction).
+
+    This generic version calls the propagator once per step.
+    """
+
+    def __init__(self, prop: Propagator, plan: LevelPlan):
+        self.prop = prop
+        self.plan = plan
+
+    def step(self, j: int, v: np.ndarray) -> np.ndarray:
+        """Step ``j`` (1-based) applied to ``v``."""
+        plan, prop, r = self.plan, self.prop, j - 1
+        if plan.fine:
+            n = int(plan.layers[r])
+            if plan.backward:
+                return prop.adjoint_step(n, plan.states[r], v)
+            return prop.step(n, v)
+        theta = tuple(w[r] for w in plan.weights)
+        span = int(plan.spans[r])
+        if plan.backward:
+            return prop.coarse_adjoint_step(theta, span, plan.states[r], v)
+        return prop.coarse_step(theta, span, v)
+
+    def runs(self, u: np.ndarray, g: np.ndarray | None, starts, ends) -> None:
+        for s, e in zip(starts, ends, strict=True):
+            for j in range(int(s), int(e) + 1):
+                new = self.step(j, u[j - 1])
+                u[j] = new if g is None else new + g[j]
+
+    def points_apply(self, u: np.ndarray, positions) -> np.ndarray:
+        if not len(positions):
+            return np.empty((0,) + u.shape[1:], u.dtype)
+        return np.stack([self.step(int(j), u[int(j) - 1]) for j in positions])
+
+
+# --- a rank's layers ------------------------------------------------------------------------------
+
+class LayerSlice(Propagator):
+    """The layers ``start..start+L-1`` of an ``n_total``-layer model, holding those only.
+
+    ``local`` is a propagator of the ``L`` layers with indices from 0 (its layer ``k`` is
+    layer ``start + k`` of the model). The slice keeps the model's layer indices
+    (``step(n, x)`` for ``start <= n < stop``); asking for any other layer raises, which
+    is how a rank proves it touches only what it owns. Parameters and gradients are
+    the local ones (leading axis ``L``).
+    """
+
+    def __init__(self, local: Propagator, start: int, n_total: int):
+        if not isinstance(local, Propagator):
+            raise TypeError(f"local must be a ptoc.Propagator, got {type(local).__name__}")
+        self.local = local
+        self.start = int(start)
+        self.stop = self.start + int(local.n_layers)
+        if not 0 <= self.start < self.stop <= n_total:
+            raise ValueError(f"layers {self.start}..{self.stop - 1} are not a non-empty range "
+                             f"of the model's {n_total} layers")
+        self.n_layers = int(n_total)
 
     def _local(self, n: int) -> int:
         if not self.start <= n < self.stop:
@@ -178,48 +330,68 @@ class LayerSlice(Propagator):
                              f"{self.start}..{self.stop - 1})")
         return n - self.start
 
+    def _check_layers(self, layers: np.ndarray) -> None:
+        if len(layers) and (layers.min() < self.start or layers.max() >= self.stop):
+            bad = layers[(layers < self.start) | (layers >= self.stop)][0]
+            self._local(int(bad))
+
+    @property
+    def has_coarse_grid(self) -> bool:
+        return self.local.has_coarse_grid
+
     def step(self, n, x):
-        return self._inner.step(self._local(n), x)
+        return self.local.step(self._local(n), x)
 
     def adjoint_step(self, n, x, lam, grad=None):
-        return self._inner.adjoint_step(self._local(n), x, lam, grad)
+        return self.local.adjoint_step(self._local(n), x, lam, grad)
+
+    def tangent_step(self, n, x, dx):
+        return self.local.tangent_step(self._local(n), x, dx)
 
     def layer_gradient(self, n, x, lam_next, grad):
-        self._inner.layer_gradient(self._local(n), x, lam_next, grad)
+        self.local.layer_gradient(self._local(n), x, lam_next, grad)
 
     def layer_gradients(self, first, xs, lams_next, grad):
         self._local(first)
         self._local(first + len(xs) - 1)
-        self._inner.layer_gradients(first - self.start, xs, lams_next, grad)
+        self.local.layer_gradients(first - self.start, xs, lams_next, grad)
 
     def stacked_parameters(self, layers):
         layers = np.asarray(layers, dtype=np.int64)
-        if len(layers) and (layers.min() < self.start or layers.max() >= self.stop):
-            bad = layers[(layers < self.start) | (layers >= self.stop)][0]
-            raise IndexError(f"layer {bad} is not held here (this slice holds layers "
-                             f"{self.start}..{self.stop - 1})")
-        return self._inner.stacked_parameters(layers - self.start)
+        self._check_layers(layers)
+        return self.local.stacked_parameters(layers - self.start)
+
+    def level_steps(self, plan):
+        if plan.fine:
+            self._check_layers(plan.layers)
+        return self.local.level_steps(plan.shifted(self.start))
 
     def objective(self, x):
-        return self._inner.objective(x)
+        return self.local.objective(x)
 
     def objective_gradient(self, x):
-        return self._inner.objective_gradient(x)
+        return self.local.objective_gradient(x)
 
     def parameters(self):
-        return self._inner.parameters()
+        return self.local.parameters()
 
     def layer_parameters(self, n):
-        return self._inner.layer_parameters(self._local(n))
+        return self.local.layer_parameters(self._local(n))
 
     def coarse_step(self, params, n_layers, x):
-        return self._inner.coarse_step(params, n_layers, x)
+        return self.local.coarse_step(params, n_layers, x)
 
     def coarse_adjoint_step(self, params, n_layers, x, lam):
-        return self._inner.coarse_adjoint_step(params, n_layers, x, lam)
+        return self.local.coarse_adjoint_step(params, n_layers, x, lam)
 
-    def level_kernels(self):
-        return self._inner.level_kernels()
+
+# --- the dense ResNet -----------------------------------------------------------------------------
+
+#: Targets whose kernel modules have the batched level and layer-gradient kernels.
+_BATCHED_TARGETS = (Target.NUMPY, Target.CPU)
+
+#: Buffers of the ResNet level steps, reused across solves (per thread).
+level_workspace = Scratch(capacity=64)
 
 
 class ResNetPropagator(Propagator):
@@ -228,8 +400,8 @@ class ResNetPropagator(Propagator):
     ``step`` is ``x + h sigma(K_n x + b_n)``, the objective is the batch-mean softmax
     cross-entropy of the classifier for ``labels``, and ``parameters()`` is
     ``[K, b]`` (live views of ``params``). Kernels run on ``target``. ``adjoint_step``
-    is ``lambda + h K_n^T (sigma'(a_n) * lambda)`` with the gradient of ``DESIGN.md``
-    section 2. Theory: :doc:`/theory/resnet`, :doc:`/theory/adjoint`.
+    is ``lambda + h K_n^T (sigma'(a_n) * lambda)`` with the parameter gradient of
+    :doc:`/theory/adjoint`. Theory: :doc:`/theory/resnet`, :doc:`/theory/adjoint`.
 
     Parameters
     ----------
@@ -238,21 +410,41 @@ class ResNetPropagator(Propagator):
     labels : array of int (S,), optional
         Needed only for :meth:`objective` and :meth:`objective_gradient`.
     target : Target or str
+    layers : (int, int), optional
+        ``params.K`` and ``params.b`` hold the layers ``start..stop-1`` only (row ``k`` is
+        layer ``start + k``); the propagator then has ``stop - start`` layers, indexed
+        from 0 (wrap it in a :class:`LayerSlice` to use the network's indices).
+    check : bool
+        Validate ``params`` (:meth:`ResNet.check_params`); False only for a
+        :class:`Params` that has been validated already.
     """
 
-    def __init__(self, network: ResNet, params: Params | Mapping, labels=None, *,
-                 target: Target | str = Target.CPU):
-        self._configure(network, network.check_params(params), labels, target)
+    has_coarse_grid = True
 
-    def _configure(self, network: ResNet, params: Params, labels, target) -> None:
+    def __init__(self, network: ResNet, params: Params | Mapping, labels=None, *,
+                 target: Target | str = Target.CPU, layers: tuple[int, int] | None = None,
+                 check: bool = True):
         self.network = network
-        self.params = params
+        self.params = network.check_params(params, layers=layers) if check else params
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.target = Target.parse(target)
         self._kern = backend(self.target)
-        self.n_layers = network.depth
+        self.n_layers = network.depth if layers is None else int(layers[1] - layers[0])
         self._act = network.activation.code
         self._h = network.h
+
+    def layer_slice(self, start: int, stop: int) -> LayerSlice:
+        """Layers ``start..stop-1`` as a :class:`LayerSlice` holding views of their
+        parameters only (and the head, for the objective)."""
+        if not 0 <= start < stop <= self.n_layers:
+            raise ValueError(f"layers {start}..{stop - 1} are not a non-empty range of the "
+                             f"network's {self.n_layers} layers")
+        p = self.params
+        local = Params(K=p.K[start:stop], b=p.b[start:stop], K_in=p.K_in, b_in=p.b_in, W=p.W,
+                       mu=p.mu)
+        inner = ResNetPropagator(self.network, local, self.labels, target=self.target,
+                                 layers=(start, stop), check=False)
+        return LayerSlice(inner, start, self.n_layers)
 
     def initial_state(self, X) -> np.ndarray:
         """``x_0`` = the opening layer applied to inputs ``X`` (S, n_in)."""
@@ -303,23 +495,25 @@ class ResNetPropagator(Propagator):
     def layer_parameters(self, n):
         return (self.params.K[n], self.params.b[n])
 
+    def layer_gradient(self, n, x, lam_next, grad):
+        self._kern.param_grad(x, lam_next, self.params.K[n], self.params.b[n], self._h,
+                              self._act, grad[0][n], grad[1][n], None, _config.CHUNK)
+
     def layer_gradients(self, first, xs, lams_next, grad):
-        """Add the gradients of layers ``first .. first+L-1`` to ``grad`` in one call:
-        ``xs[l]`` is ``x_{first+l}`` and ``lams_next[l]`` is ``lambda_{first+l+1}``."""
         L = len(xs)
         K, b = self.params.K[first:first + L], self.params.b[first:first + L]
         gK, gb = grad[0][first:first + L], grad[1][first:first + L]
-        if hasattr(self._kern, "layer_gradients"):
+        if self.target in _BATCHED_TARGETS:
             self._kern.layer_gradients(xs, lams_next, K, b, self._h, self._act, gK, gb,
                                        _config.CHUNK)
         else:
-            for n in range(L):
-                self._kern.param_grad(xs[n], lams_next[n], K[n], b[n], self._h, self._act,
-                                      gK[n], gb[n], None, _config.CHUNK)
+            for k in range(L):
+                self._kern.param_grad(xs[k], lams_next[k], K[k], b[k], self._h, self._act,
+                                      gK[k], gb[k], None, _config.CHUNK)
 
     def stacked_parameters(self, layers):
-        """``(K[layers], b[layers])`` as stacked arrays: views when ``layers`` is a range
-        with step 1 or -1, else fancy-indexing copies (read them, never write)."""
+        """``(K[layers], b[layers])``: views when ``layers`` is a range with step 1 or -1,
+        else fancy-indexing copies (read them, never write)."""
         layers = np.asarray(layers, dtype=np.int64)
         K, b = self.params.K, self.params.b
         if len(layers) > 1:
@@ -333,20 +527,8 @@ class ResNetPropagator(Propagator):
                 return K[first:stop:-1], b[first:stop:-1]
         return K[layers], b[layers]
 
-    def layer_gradient(self, n, x, lam_next, grad):
-        """Add ``d(lam_next . Phi_n(x))/d theta_n`` to ``grad`` (no adjoint output)."""
-        self._kern.param_grad(x, lam_next, self.params.K[n], self.params.b[n], self._h,
-                              self._act, grad[0][n], grad[1][n], None, _config.CHUNK)
-
-    def level_kernels(self):
-        """``(kernel module, activation code, h, chunk)`` when the target has compiled
-        level kernels (used by the layer-parallel solvers), else None."""
-        if hasattr(self._kern, "state_runs"):
-            return self._kern, self._act, self._h, _config.CHUNK
-        return None
-
     def coarse_step(self, params, n_layers, x):
-        """``x + n_layers h sigma(K x + b)`` with ``(K, b) = params`` (``DESIGN.md`` sec. 4)."""
+        """``x + n_layers h sigma(K x + b)`` with ``(K, b) = params`` (:doc:`/theory/mgrit`)."""
         K, b = params
         out = np.empty_like(x)
         self._kern.step(x, np.ascontiguousarray(K), np.ascontiguousarray(b),
@@ -362,6 +544,11 @@ class ResNetPropagator(Propagator):
                                 _config.CHUNK)
         return out
 
+    def level_steps(self, plan):
+        if self.target in _BATCHED_TARGETS:
+            return ResNetLevelSteps(self, plan)
+        return LevelSteps(self, plan)
+
     def propagate(self, x, start=0, stop=None, states=None):
         stop = self.n_layers if stop is None else stop
         buf = states if states is not None else np.empty((stop - start + 1,) + x.shape, x.dtype)
@@ -374,14 +561,69 @@ class ResNetPropagator(Propagator):
         stop = self.n_layers if stop is None else stop
         if grad is None:
             grad = self.zero_gradient()
-            grad = [g[start:stop] for g in grad]
-        else:
-            grad = [g[start:stop] for g in grad]
+        grad = [g[start:stop] for g in grad]
         lam = np.ascontiguousarray(lam)
         return np.asarray(self._kern.adjoint_sweep(
             np.ascontiguousarray(states), lam, self.params.K[start:stop],
             self.params.b[start:stop], self._h, self._act, None, grad[0], grad[1], None,
             _config.CHUNK))
+
+
+class ResNetLevelSteps(LevelSteps):
+    """:class:`LevelSteps` of a :class:`ResNetPropagator`, on compiled level kernels.
+
+    Every step of a level has the same form, ``x + dt sigma(K x + b)`` (fine: one layer,
+    ``dt = h``; coarse: the coarse weights, ``dt = (e - s) h``), so the level's weights
+    are stacked into arrays once per solve and the kernels run whole relaxations. The
+    kernels index steps from 1, so row 0 of each stacked array is unused.
+    """
+
+    def __init__(self, prop: ResNetPropagator, plan: LevelPlan):
+        super().__init__(prop, plan)
+        n_loc = plan.n_steps + 1
+        d = prop.network.width
+        dtype = prop.network.dtype
+        tag = f"{'adj' if plan.backward else 'fwd'}{plan.level}"
+        self.K = level_workspace.get("K" + tag, (n_loc, d, d), dtype)
+        self.b = level_workspace.get("b" + tag, (n_loc, d), dtype)
+        self.dt = level_workspace.get("dt" + tag, (n_loc,), dtype)
+        self.dt[0] = 0.0
+        self.dt[1:] = plan.spans * prop._h
+        if plan.n_steps:
+            stack = prop.stacked_parameters(plan.layers) if plan.fine else plan.weights
+            self.K[1:], self.b[1:] = stack
+        self.X = self.KT = None
+        if plan.backward:
+            self.X = level_workspace.get("X" + tag, (n_loc,) + plan.states.shape[1:], dtype)
+            self.X[1:] = plan.states
+            self.KT = level_workspace.get("KT" + tag, self.K.shape, dtype)
+            self.KT[...] = np.swapaxes(self.K, 1, 2)
+        self.kern, self.act = prop._kern, prop._act
+
+    def runs(self, u, g, starts, ends) -> None:
+        starts = np.asarray(starts, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        if len(starts) == 0:
+            return
+        if self.X is None:
+            self.kern.state_runs(u, g, self.K, self.b, self.dt, self.act, starts, ends,
+                                 _config.CHUNK)
+        else:
+            self.kern.adjoint_runs(u, g, self.X, self.K, self.KT, self.b, self.dt, self.act,
+                                   starts, ends, _config.CHUNK)
+
+    def points_apply(self, u, positions) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(positions),) + u.shape[1:], u.dtype)
+        if len(positions) == 0:
+            return out
+        if self.X is None:
+            self.kern.state_points(u, self.K, self.b, self.dt, self.act, positions, out,
+                                   _config.CHUNK)
+        else:
+            self.kern.adjoint_points(u, self.X, self.K, self.KT, self.b, self.dt, self.act,
+                                     positions, out, _config.CHUNK)
+        return out
 
 
 # --- the checker ---------------------------------------------------------------------------------
@@ -436,6 +678,91 @@ def _richardson(f: Callable[[float], float], eps: float) -> float:
     return (4 * d2 - d1) / 3
 
 
+def _linearised(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, dx: np.ndarray,
+                h: float) -> np.ndarray:
+    """``f'(x) dx`` by Richardson-extrapolated central differences with step ``h``."""
+    d1 = (f(x + h * dx) - f(x - h * dx)) / (2 * h)
+    d2 = (f(x + 0.5 * h * dx) - f(x - 0.5 * h * dx)) / h
+    return np.asarray((4 * d2 - d1) / 3).reshape(x.shape)
+
+
+def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest entrywise difference relative to the largest entry of ``b``."""
+    return float(np.max(np.abs(a - b), initial=0.0)) / max(float(np.max(np.abs(b), initial=0.0)),
+                                                           np.finfo(float).tiny)
+
+
+def _check_level_steps(prop: Propagator, states: np.ndarray, lamN: np.ndarray,
+                       layers: list[int], weights) -> list[Check]:
+    """``prop.level_steps`` on the fine grid against one step at a time, both sweeps."""
+    N = int(prop.n_layers)
+    checks = []
+    forward = LevelPlan(level=0, backward=False, layers=np.arange(N, dtype=np.int64),
+                        spans=np.ones(N, dtype=np.int64))
+    u = np.empty_like(states)
+    u[0] = states[0]
+    prop.level_steps(forward).runs(u, None, np.array([1]), np.array([N]))
+    checks.append(Check("level steps (state sweep) = loop over step", _max_rel(u, states),
+                        1e-12))
+    picked = np.asarray(layers, dtype=np.int64) + 1
+    points = prop.level_steps(forward).points_apply(states, picked)
+    checks.append(Check("level points (state sweep) = step", _max_rel(points, states[picked]),
+                        1e-12))
+    order = np.arange(N - 1, -1, -1, dtype=np.int64)  # adjoint step j is layer N - j
+    backward = LevelPlan(level=0, backward=True, layers=order, spans=np.ones(N, np.int64),
+                         states=states[order])
+    lams = np.empty((N + 1,) + lamN.shape, dtype=np.result_type(lamN, np.float64))
+    lams[0] = lamN
+    prop.level_steps(backward).runs(lams, None, np.array([1]), np.array([N]))
+    loop = [lamN]
+    for n in range(N - 1, -1, -1):
+        loop.append(prop.adjoint_step(n, states[n], loop[-1]))
+    checks.append(Check("level steps (adjoint sweep) = loop over adjoint_step",
+                        _max_rel(lams, np.stack(loop)), 1e-12))
+    return checks
+
+
+def _check_coarse_grid(prop: Propagator, states: np.ndarray, layers: list[int],
+                       rng: np.random.Generator, eps: float, scale: float,
+                       adjoint_tol: float) -> list[Check]:
+    """The optional coarse-grid methods: consistency with the fine step, the adjoint of
+    the coarse step by the dot-product test, the stacked parameters, coarse level steps."""
+    checks = []
+    for n in layers:
+        x = states[n]
+        theta = tuple(np.array(a) for a in prop.layer_parameters(n))
+        checks.append(Check(f"coarse step over 1 layer = step, layer {n}",
+                            _max_rel(prop.coarse_step(theta, 1, x), prop.step(n, x)), 1e-12))
+        dx = rng.standard_normal(x.shape)
+        mu = rng.standard_normal(x.shape)
+        jdx = _linearised(lambda y, theta=theta: prop.coarse_step(theta, 2, y), x, dx,
+                          eps * scale)
+        lhs = float(np.vdot(mu, jdx))
+        rhs = float(np.vdot(prop.coarse_adjoint_step(theta, 2, x, mu), dx))
+        norm = float(np.linalg.norm(mu) * np.linalg.norm(jdx))
+        checks.append(Check(f"coarse dot-product test (2 layers), layer {n}",
+                            _rel(lhs, rhs, norm), adjoint_tol))
+    picked = np.asarray(layers, dtype=np.int64)
+    stacked = prop.stacked_parameters(picked)
+    expected = [np.stack(col) for col in zip(*(prop.layer_parameters(int(n)) for n in picked),
+                                             strict=True)]
+    checks.append(Check("stacked_parameters = layer_parameters",
+                        max(_max_rel(np.asarray(a), e) for a, e in zip(stacked, expected,
+                                                                       strict=True)), 0.0))
+    weights = tuple(np.array(w) for w in stacked)
+    spans = np.arange(1, len(picked) + 1, dtype=np.int64)
+    coarse = LevelPlan(level=1, backward=False, layers=picked, spans=spans, weights=weights)
+    u = np.empty((len(picked) + 1,) + states.shape[1:])
+    u[0] = states[0]
+    prop.level_steps(coarse).runs(u, None, np.array([1]), np.array([len(picked)]))
+    loop = [states[0]]
+    for j in range(len(picked)):
+        loop.append(prop.coarse_step(tuple(w[j] for w in weights), int(spans[j]), loop[-1]))
+    checks.append(Check("coarse level steps = loop over coarse_step",
+                        _max_rel(u, np.stack(loop)), 1e-12))
+    return checks
+
+
 def _rel(a: float, b: float, scale: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), scale, np.finfo(float).tiny)
 
@@ -450,7 +777,7 @@ def check_propagator(prop: Propagator, x0: np.ndarray, *, n_layers_checked: int 
 
     1. **dot-product test** on sampled layers ``n``: ``<mu, Phi_n'(x_n) dx> =
        <Phi_n'(x_n)^T mu, dx>`` for random ``dx``, ``mu``, with the linearised step from
-       ``prop.tangent_step`` when the propagator has one, else from Richardson-
+       ``prop.tangent_step`` when it returns one (not None), else from Richardson-
        extrapolated central differences of ``step`` (accuracy about ``eps^4``);
     2. **layer gradient**: the ``grad`` accumulated by ``adjoint_step`` against finite
        differences of ``<mu, Phi_n(x_n; theta)>`` along a random parameter direction;
@@ -459,10 +786,18 @@ def check_propagator(prop: Propagator, x0: np.ndarray, *, n_layers_checked: int 
     4. **whole chain**: the gradient of ``objective(propagate(x0))`` in all layer
        parameters and in ``x0``, from ``adjoint_propagate``, against finite differences;
     5. **range methods**: ``propagate`` and ``adjoint_propagate`` equal the loop over
-       ``step`` and ``adjoint_step``.
+       ``step`` and ``adjoint_step``;
+    6. **level steps**: :meth:`Propagator.level_steps` on the fine grid (runs and single
+       points, state and adjoint sweeps) equals one step at a time;
+    7. **coarse grid**, when the propagator has one (:attr:`Propagator.has_coarse_grid`):
+       a coarse step over one layer with that layer's parameters equals ``step``; the
+       dot-product test for ``coarse_adjoint_step`` against ``coarse_step``;
+       ``stacked_parameters`` equals the stacked ``layer_parameters``; coarse level steps
+       equal the loop over ``coarse_step``. A propagator that overrides some of the
+       coarse methods but not all fails a check naming the missing ones.
 
-    Check 1 is the dot-product identity of ``DESIGN.md`` section 2 (the adjoint is the
-    transpose of the linearised step). Theory: :doc:`/theory/adjoint`.
+    Check 1 is the dot-product identity (the adjoint is the transpose of the linearised
+    step). Theory: :doc:`/theory/adjoint`.
 
     Parameters
     ----------
@@ -510,18 +845,9 @@ def check_propagator(prop: Propagator, x0: np.ndarray, *, n_layers_checked: int 
         x = states[n]
         dx = rng.standard_normal(x.shape)
         mu = rng.standard_normal(states[n + 1].shape)
-        if hasattr(prop, "tangent_step"):
-            jdx = prop.tangent_step(n, x, dx)
-        else:
-            jdx = np.empty_like(x)
-            flat = jdx.reshape(-1)
-
-            def comp(t, dx=dx, x=x, n=n):
-                return prop.step(n, x + t * scale * dx)
-
-            d1 = (comp(eps) - comp(-eps)) / (2 * eps * scale)
-            d2 = (comp(eps / 2) - comp(-eps / 2)) / (eps * scale)
-            flat[:] = ((4 * d2 - d1) / 3).reshape(-1)
+        jdx = prop.tangent_step(n, x, dx)
+        if jdx is None:
+            jdx = _linearised(lambda y, n=n: prop.step(n, y), x, dx, eps * scale)
         lhs = float(np.vdot(mu, jdx))
         rhs = float(np.vdot(prop.adjoint_step(n, x, mu), dx))
         norm = float(np.linalg.norm(mu) * np.linalg.norm(jdx))
@@ -596,6 +922,15 @@ def check_propagator(prop: Propagator, x0: np.ndarray, *, n_layers_checked: int 
     gerr = max(float(np.max(np.abs(g - h))) / max(float(np.max(np.abs(h))), 1e-300)
                for g, h in zip(grad, grad_loop, strict=True))
     report.checks.append(Check("range gradient = loop gradient", gerr, 1e-12))
+    report.checks.extend(_check_level_steps(prop, states, lamN, layers, None))
+    if prop.has_coarse_grid:
+        report.checks.extend(_check_coarse_grid(prop, states, layers, rng, eps, scale,
+                                                adjoint_tol))
+    else:
+        missing = prop._missing_coarse_methods()
+        if len(missing) < 3:  # some coarse methods but not all: a half-declared ability
+            report.checks.append(Check(f"coarse grid incomplete (missing {', '.join(missing)})",
+                                       np.inf, 0.0))
     if raise_on_failure:
         report.raise_if_failed()
     return report

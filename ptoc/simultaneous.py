@@ -34,7 +34,7 @@ from .kernels import Target
 from .model import Params, ResNet
 from .parallel.comm import is_root
 from .parallel.driver import parallel_gradient
-from .parallel.options import MGRIT
+from .parallel.mgrit import MGRIT
 from .sweeps import loss_and_grad
 
 __all__ = ["SimultaneousGradient", "StepRecord"]

@@ -38,7 +38,9 @@ from .objective import (
     regulariser,
 )
 from .parallel.driver import parallel_adjoint, parallel_forward, parallel_gradient
-from .parallel.options import Serial, SolveResult, check_solver
+from .parallel.options import SolveResult
+from .parallel.serial import Serial
+from .parallel.solvers import check_solver
 
 _scratch = Scratch()
 

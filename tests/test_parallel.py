@@ -238,7 +238,8 @@ def test_each_rank_uses_only_its_own_layers():
     from ptoc.propagator import LayerSlice, ResNetPropagator
 
     net, params, X, y = problem(depth=6)
-    piece = LayerSlice(ResNetPropagator(net, params), 2, 4)
+    piece = ResNetPropagator(net, params).layer_slice(2, 4)
+    assert isinstance(piece, LayerSlice) and (piece.start, piece.stop) == (2, 4)
     piece.step(2, np.zeros((2, net.width)))
     with pytest.raises(IndexError, match="layer 4 is not held here"):
         piece.step(4, np.zeros((2, net.width)))

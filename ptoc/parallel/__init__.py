@@ -3,7 +3,7 @@
 Strategies (:class:`Serial`, :class:`Parareal`, :class:`MGRIT`) are passed as ``solver=``
 to :func:`ptoc.forward`, :func:`ptoc.adjoint` and :func:`ptoc.loss_and_grad`; ranks come
 from ``comm=`` (:class:`SimulatedRanks` in one process, :class:`MPIRanks` under
-``mpiexec``). See ``DESIGN.md`` section 4.
+``mpiexec``). Theory: :doc:`/theory/parareal`, :doc:`/theory/mgrit`.
 """
 
 from .comm import Communicator, MPIRanks, RankFailedError, SimulatedRanks, SingleRank, StepCount
@@ -18,17 +18,11 @@ from .driver import (
     solve_states,
 )
 from .layout import mgrit_levels, partition
-from .options import (
-    MGRIT,
-    CoarseWeights,
-    Cycle,
-    DivergenceError,
-    Parareal,
-    Relaxation,
-    Serial,
-    SolveResult,
-    check_solver,
-)
+from .mgrit import MGRIT
+from .options import CoarseWeights, Cycle, DivergenceError, Relaxation, SolveResult, SweepSolver
+from .parareal import Parareal
+from .serial import Serial
+from .solvers import check_solver
 
 __all__ = [
     "MGRIT",
@@ -45,6 +39,7 @@ __all__ = [
     "SimulatedRanks",
     "SingleRank",
     "SolveResult",
+    "SweepSolver",
     "StepCount",
     "check_solver",
     "local_gradient",

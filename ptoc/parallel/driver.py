@@ -32,13 +32,12 @@ from ..model import Params, ResNet
 from ..objective import classifier_loss, opening_backward, opening_forward
 from ..propagator import LayerSlice, ResNetPropagator
 from .comm import Communicator, SimulatedRanks, SingleRank
-from .layout import mgrit_levels, partition
-from .mgrit import MGRITSolve
-from .options import MGRIT, CoarseWeights, Parareal, Serial, SolveResult
-from .parareal import PararealSolve
-from .problem import Block, SweepProblem, level_steps
+from .layout import partition
+from .options import SolveResult
+from .problem import Block, SweepProblem
+from .solvers import check_solver
 
-TAG_SERIAL, TAG_BOUNDARY = 6, 7
+TAG_BOUNDARY = 7
 
 
 @dataclass
@@ -73,10 +72,8 @@ class GradientResult:
 def _runner(solver, comm) -> tuple[Any, int]:
     """``(runner, n_ranks)``: what runs the SPMD program, and on how many ranks."""
     if comm is None:
-        if isinstance(solver, Parareal) and solver.chunks not in (None, 1):
-            comm = SimulatedRanks(solver.chunks)
-        else:
-            comm = SingleRank()
+        ranks = solver.simulated_ranks()
+        comm = SimulatedRanks(ranks) if ranks is not None else SingleRank()
     elif isinstance(comm, bool) or (isinstance(comm, int) and comm < 1):
         raise ValueError(f"comm must be a positive number of simulated ranks or a "
                          f"communicator, got {comm!r}")
@@ -96,30 +93,7 @@ def _run(runner, program):
 
 def check_layout(solver, n_layers: int, n_ranks: int) -> None:
     """Raise (identically on every rank) when the solver cannot run on these ranks."""
-    if isinstance(solver, MGRIT) and solver.max_levels > 1:
-        levels = mgrit_levels(n_layers, solver.coarsening, solver.max_levels,
-                              solver.min_coarse_steps)
-        if len(levels) == 1:
-            raise ValueError(
-                f"MGRIT cannot coarsen {n_layers} layers with coarsening factor "
-                f"{solver.coarsening} and min_coarse_steps={solver.min_coarse_steps}: the coarse "
-                "grid would be too small; use a smaller coarsening factor or min_coarse_steps, "
-                "or max_levels=1 for the serial sweep")
-    if isinstance(solver, Parareal):
-        P = solver.chunks if solver.chunks is not None else n_ranks
-        if P != n_ranks:
-            raise ValueError(f"Parareal(chunks={P}) runs one chunk per rank, but the "
-                             f"communicator has {n_ranks} rank(s)")
-        if P > n_layers:
-            raise ValueError(f"Parareal(chunks={P}) needs at most {n_layers} chunks (one per "
-                             "layer at least)")
-        coarse = solver.coarse
-        if hasattr(coarse, "step") and getattr(coarse, "n_layers", P) != P:
-            raise ValueError(f"the coarse propagator has {coarse.n_layers} layers; parareal "
-                             f"with {P} chunks needs one per chunk")
-    if n_ranks > n_layers:
-        raise ValueError(f"{n_ranks} ranks for {n_layers} layers: every rank needs at least "
-                         "one layer")
+    solver.check_layout(n_layers, n_ranks)
 
 
 # --- one sweep on one rank ---------------------------------------------------------------------
@@ -134,43 +108,15 @@ def _solve_sweep(comm: Communicator, problem: SweepProblem, solver, u0, shape, d
     before = comm.step_count()
     t0 = time.perf_counter()
     sweep = "adjoint" if problem.backward else "forward"
-    levels = None
-    if isinstance(solver, Serial):
-        local, converged, iterations, residuals = _serial_sweep(comm, problem, u0, shape,
-                                                                dtype), True, 1, []
-    elif isinstance(solver, Parareal):
-        coarse = None if isinstance(solver.coarse, CoarseWeights) else solver.coarse
-        run = PararealSolve(comm, problem, solver, u0, shape, dtype, coarse)
-        converged, iterations = run.solve()
-        local, residuals = run.local_solution(), run.residuals
-    else:
-        run = MGRITSolve(comm, problem, solver, u0, shape, dtype, guess)
-        converged, iterations = run.solve()
-        local, residuals, levels = run.local_solution(), run.residuals, len(run.levels)
+    out = solver.solve_sweep(comm, problem, u0, shape, dtype, guess)
     after = comm.step_count()
     wall = time.perf_counter() - t0
-    record = SolveResult(method=solver.name, sweep=sweep, residuals=list(residuals),
-                         iterations=iterations, converged=converged,
+    record = SolveResult(method=solver.name, sweep=sweep, residuals=list(out.residuals),
+                         iterations=out.iterations, converged=out.converged,
                          steps_total=after.total - before.total,
                          steps_critical_path=after.critical_path - before.critical_path,
-                         ranks=comm.size, levels=levels, wall_time=wall)
-    return local, record
-
-
-def _serial_sweep(comm, problem, u0, shape, dtype) -> Block:
-    """The serial sweep as a pipeline: each rank waits for the value before its first
-    position, runs its steps, and passes its last value on."""
-    mine = np.flatnonzero(problem.owner == comm.rank)
-    lo, hi = int(mine[0]), int(mine[-1]) + 1
-    base = lo if lo == 0 else lo - 1
-    u = np.empty((hi - base,) + tuple(shape), dtype)
-    u[0] = u0 if lo == 0 else comm.recv(int(problem.owner[base]), TAG_SERIAL)
-    if len(u) > 1:
-        level_steps(problem, 0, np.arange(problem.n_steps + 1), base, hi).runs(
-            u, None, [1], [len(u) - 1])
-    if hi < len(problem.owner):
-        comm.send(u[-1], int(problem.owner[hi]), TAG_SERIAL)
-    return Block(base, u)
+                         ranks=comm.size, levels=out.levels, wall_time=wall)
+    return out.local, record
 
 
 # --- the programs -------------------------------------------------------------------------------
@@ -206,7 +152,7 @@ def _forward_program(comm, network, params, X, solver, target, guess, need_all, 
     check_layout(solver, N, comm.size)
     bounds, a, b = _bounds(comm, N)
     if prop is None:
-        prop = LayerSlice(ResNetPropagator(network, params, target=target), a, b)
+        prop = ResNetPropagator(network, params, target=target).layer_slice(a, b)
     comm.reset_count()
     x0 = opening_forward(network, params, X)[0] if comm.rank == 0 else None
     shape = (X.shape[0], network.width)
@@ -292,7 +238,8 @@ def _gradient_program(comm, network, params, X, y, solver, target, guess_states,
     prop = None
     if local:
         _, a, b = _bounds(comm, N)
-        prop = LayerSlice.from_local(network, params, a, b, target=target)
+        prop = LayerSlice(ResNetPropagator(network, params, target=target, layers=(a, b)), a,
+                          N)
     prop, bounds, fproblem, states, frecord, _ = _forward_program(
         comm, network, params, X, solver, target, guess_states, need_all=False, prop=prop)
     last = comm.size - 1
@@ -433,8 +380,6 @@ def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="
     """
     from .._validate import check_inputs
     from ..kernels import Target
-    from .options import check_solver
-
     if not isinstance(network, ResNet):
         raise TypeError(f"network must be a ptoc.ResNet, got {type(network).__name__}")
     solver = check_solver(solver)
@@ -492,7 +437,7 @@ def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N:
 
     def program(c):
         bounds, a, b = _bounds(c, N)
-        prop = LayerSlice(ResNetPropagator(network, params, target=target), a, b)
+        prop = ResNetPropagator(network, params, target=target).layer_slice(a, b)
         c.reset_count()
         local = Block(a, np.ascontiguousarray(states[a:b + 1]))
         lamN = lam_N if c.rank == c.size - 1 else None
@@ -538,12 +483,11 @@ def solve_states(prop, x0, solver, *, comm=None, initial_guess=None
     states : ndarray (N+1, ...)
     record : SolveResult
     """
-    from .options import check_solver
-
     solver = check_solver(solver)
     x0 = np.asarray(x0)
     N = int(prop.n_layers)
     guess = _check_states_guess(initial_guess, N + 1, x0.shape, "initial_guess")
+    solver.check_propagator(prop)
     runner, size = _runner(solver, comm)
     check_layout(solver, N, size)
 
@@ -579,8 +523,6 @@ def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
         Structure of ``prop.zero_gradient()``.
     record : SolveResult
     """
-    from .options import check_solver
-
     solver = check_solver(solver)
     states = np.asarray(states)
     lam_N = np.asarray(lam_N)
@@ -588,6 +530,7 @@ def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
     if states.shape[0] != N + 1:
         raise ValueError(f"states has {states.shape[0]} entries, expected N+1 = {N + 1}")
     guess = _check_states_guess(initial_guess, N + 1, lam_N.shape, "initial_guess")
+    solver.check_propagator(prop)
     runner, size = _runner(solver, comm)
     check_layout(solver, N, size)
 

@@ -30,14 +30,24 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from .._validate import check_positive_float
 from .comm import Communicator
 from .layout import mgrit_levels
-from .options import MGRIT, Cycle, DivergenceError
-from .problem import Block, SweepProblem, level_steps, scratch
+from .options import (
+    CoarseWeights,
+    Cycle,
+    DivergenceError,
+    Relaxation,
+    SweepOutcome,
+    SweepSolver,
+    _pos_int,
+)
+from .problem import Block, SweepProblem, scratch
 
 # message tags: TAG_* + 16 * level
 TAG_F, TAG_C, TAG_V = 2, 3, 4
@@ -196,7 +206,7 @@ class MGRITSolve:
                                    options.min_coarse_steps, problem.backward)
         if len(self.levels) > 1:
             problem.gather_coarse_weights(needs, options.coarse_weights)
-        self.steps = [None if lv.empty else level_steps(problem, i, lv.points, lv.base, lv.hi)
+        self.steps = [None if lv.empty else problem.level_steps(i, lv.points, lv.base, lv.hi)
                       for i, lv in enumerate(self.levels)]
 
         side = "adj" if problem.backward else "fwd"
@@ -397,3 +407,109 @@ class MGRITSolve:
         """This rank's finest-level values, ghost ``lo - 1`` included (a copy: the grids
         are reused by the next solve)."""
         return Block(self.levels[0].base, self.u[0].copy())
+
+
+@dataclass(frozen=True)
+class MGRIT(SweepSolver):
+    """Multigrid reduction in time across layers (Falgout et al. 2014; Günther et al. 2020).
+
+    Nonlinear FAS multigrid on the layer grid: C-points every ``coarsening`` steps,
+    F- or FCF-relaxation, injection restriction, interpolation by F-relaxing the
+    corrected C-points, V- or F-cycles recursively down to a coarsest grid solved by
+    a serial sweep. The coarse step on level ``l`` from layer ``s`` to ``e`` is
+    ``x -> x + (e - s) h sigma(K x + b)`` with the weights of layer ``s`` (``INJECT``)
+    or the mean over ``s..e-1`` (``AVERAGE``). Conventions follow PyMGRIT 1.0.6: on
+    the finest level only the first iteration starts with an F-relaxation (later ones
+    start from the previous interpolation), and the residual is measured at the
+    finest C-points, ``r_i = Phi(u_{i-1}) - u_i``, in the 2-norm over all of them.
+    Two-level convergence theory: Dobrev, Kolev, Petersson &
+    Schroder 2017. Theory: :doc:`/theory/mgrit`.
+
+    Parameters
+    ----------
+    coarsening : int
+        Coarsening factor ``m >= 2``.
+    max_levels : int
+        Largest number of levels (1 gives the serial sweep).
+    min_coarse_steps : int
+        Do not coarsen below this many steps on the coarsest grid.
+    relaxation : Relaxation, str or sequence
+        ``"F"`` or ``"FCF"``, or one per level (the coarsest level needs none).
+    cycle : Cycle or str
+        ``"V"`` or ``"F"``.
+    tol : float
+        Absolute tolerance on the residual norm.
+    rtol : float, optional
+        Relative tolerance (to the first residual); stop when either is met.
+    max_iterations : int
+    coarse_weights : CoarseWeights or str
+    nested_iteration : bool
+        Start from the coarse solutions interpolated to the fine grid (with two levels
+        and F-relaxation this makes the iterates those of parareal).
+    divergence_factor : float
+        Stop with an error when the residual exceeds this multiple of the first one.
+    """
+
+    coarsening: int = 4
+    max_levels: int = 10
+    min_coarse_steps: int = 2
+    relaxation: Relaxation | str | Sequence[Relaxation | str] = Relaxation.FCF
+    cycle: Cycle | str = Cycle.V
+    tol: float = 1e-10
+    rtol: float | None = None
+    max_iterations: int = 50
+    coarse_weights: CoarseWeights | str = CoarseWeights.INJECT
+    nested_iteration: bool = False
+    divergence_factor: float = 1e6
+    name = "mgrit"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "coarsening", _pos_int("MGRIT coarsening factor m", self.coarsening, 2))
+        set_(self, "max_levels", _pos_int("MGRIT max_levels", self.max_levels))
+        set_(self, "min_coarse_steps", _pos_int("MGRIT min_coarse_steps", self.min_coarse_steps))
+        if isinstance(self.relaxation, (str, Relaxation)):
+            set_(self, "relaxation", Relaxation.parse(self.relaxation))
+        else:
+            relax = tuple(Relaxation.parse(r) for r in self.relaxation)
+            if not relax:
+                raise ValueError("MGRIT relaxation must name at least one level")
+            set_(self, "relaxation", relax)
+        set_(self, "cycle", Cycle.parse(self.cycle))
+        set_(self, "tol", check_positive_float("MGRIT tol", self.tol))
+        if self.rtol is not None:
+            set_(self, "rtol", check_positive_float("MGRIT rtol", self.rtol))
+        set_(self, "max_iterations", _pos_int("MGRIT max_iterations", self.max_iterations))
+        set_(self, "coarse_weights", CoarseWeights.parse(self.coarse_weights))
+        set_(self, "nested_iteration", bool(self.nested_iteration))
+        set_(self, "divergence_factor", check_positive_float("MGRIT divergence_factor",
+                                                   self.divergence_factor))
+
+    def relaxation_on(self, level: int) -> Relaxation:
+        """Relaxation used on ``level`` (the last entry repeats for deeper levels)."""
+        if isinstance(self.relaxation, Relaxation):
+            return self.relaxation
+        return self.relaxation[min(level, len(self.relaxation) - 1)]
+
+    def check_layout(self, n_layers: int, n_ranks: int) -> None:
+        if self.max_levels > 1:
+            levels = mgrit_levels(n_layers, self.coarsening, self.max_levels,
+                                  self.min_coarse_steps)
+            if len(levels) == 1:
+                raise ValueError(
+                    f"MGRIT cannot coarsen {n_layers} layers with coarsening factor "
+                    f"{self.coarsening} and min_coarse_steps={self.min_coarse_steps}: the "
+                    "coarse grid would be too small; use a smaller coarsening factor or "
+                    "min_coarse_steps, or max_levels=1 for the serial sweep")
+        super().check_layout(n_layers, n_ranks)
+
+    def check_propagator(self, prop) -> None:
+        if self.max_levels > 1 and not prop.has_coarse_grid:
+            raise TypeError(f"MGRIT with {self.max_levels} levels coarsens the layers, but "
+                            f"{prop._no_coarse_grid()}")
+
+    def solve_sweep(self, comm, problem, u0, shape, dtype, guess=None) -> SweepOutcome:
+        run = MGRITSolve(comm, problem, self, u0, shape, dtype, guess)
+        converged, iterations = run.solve()
+        return SweepOutcome(run.local_solution(), converged, iterations, run.residuals,
+                            levels=len(run.levels))

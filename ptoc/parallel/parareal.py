@@ -22,13 +22,17 @@ trajectory ``F_j(U_j^k)`` of every chunk.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from .._validate import check_positive_float
+from ..propagator import Propagator
 from .comm import Communicator
 from .layout import sum_of_squares as _sum_of_squares
-from .options import DivergenceError, Parareal
-from .problem import Block, SweepProblem, level_steps
+from .options import CoarseWeights, DivergenceError, SweepOutcome, SweepSolver, _pos_int
+from .problem import Block, SweepProblem
 
 TAG_U = 5
 
@@ -64,7 +68,7 @@ class PararealSolve:
         if self.first:
             self.u[0] = u0
         self.u0 = u0
-        self.steps = level_steps(problem, 0, np.arange(problem.n_steps + 1), self.base, self.hi)
+        self.steps = problem.level_steps(0, np.arange(problem.n_steps + 1), self.base, self.hi)
         if coarse is None:
             needs = [[] for _ in range(comm.size)]
             for r in range(comm.size):
@@ -82,15 +86,9 @@ class PararealSolve:
         self.comm.count(1)
         j = self.comm.rank
         if self.problem.backward:
-            if not hasattr(self.coarse, "adjoint_step"):
-                raise TypeError("the adjoint sweep needs the coarse propagator's adjoint: give "
-                                "Parareal a Propagator (step and adjoint_step), not a "
-                                "function")
             s, _ = self.problem.layers(self.base, end)
             return self.coarse.adjoint_step(j, self.problem.state(s), U)
-        if hasattr(self.coarse, "step"):
-            return self.coarse.step(j, U)
-        return self.coarse(j, U)
+        return self.coarse.step(j, U)
 
     def _F(self, U: np.ndarray) -> np.ndarray:
         """Run the chunk's fine steps from ``U``; the trajectory stays in ``self.u``."""
@@ -135,3 +133,104 @@ class PararealSolve:
     def local_solution(self) -> Block:
         """This rank's fine trajectory, the chunk start ``base`` included."""
         return Block(self.base, self.u)
+
+
+@dataclass(frozen=True)
+class Parareal(SweepSolver):
+    """Parareal across ``chunks`` contiguous chunks of layers (:doc:`/theory/parareal`).
+
+    Fine propagator ``F_j``: the exact layers of chunk ``j``. Coarse propagator ``G_j``:
+    one step of size (chunk length) x h with the chunk's first-layer weights
+    (``coarse="inject"``), its averaged weights (``"average"``), or a user-chosen coarse
+    network: a :class:`ptoc.Propagator` with ``n_layers == chunks`` whose ``step(j, x)``
+    is ``G_j`` (and whose ``adjoint_step`` serves the adjoint sweep). Update
+    (Lions, Maday & Turinici 2001; Gander & Vandewalle 2007)::
+
+        U_{j+1}^{k} = F_j(U_j^{k-1}) + G_j(U_j^{k}) - G_j(U_j^{k-1}),
+
+    written in this order so that a converged boundary gives ``F_j`` exactly. After
+    ``k`` iterations the first ``k`` chunk boundaries are exact; after ``chunks``
+    iterations all are, bit for bit with the serial sweep. Theory:
+    :doc:`/theory/parareal`.
+
+    Parameters
+    ----------
+    chunks : int, optional
+        Number of chunks ``P`` (uneven chunks allowed, ``P <= N``). Default: the number of
+        ranks of the communicator.
+    coarse : CoarseWeights, str, Propagator or callable
+        Coarse propagator (see above); a plain function ``coarse(j, x) -> x`` serves the
+        state sweep only (the adjoint sweep needs a Propagator's ``adjoint_step``).
+    max_iterations : int, optional
+        Default ``chunks`` (exactness). 0 gives the coarse sweep followed by one fine sweep
+        of every chunk.
+    tol : float
+        Stop when the norm of the chunk-boundary residuals
+        ``||F_j(U_j) - U_{j+1}||`` is at most ``tol`` (absolute).
+    """
+
+    chunks: int | None = None
+    coarse: CoarseWeights | str | Any = CoarseWeights.INJECT
+    max_iterations: int | None = None
+    tol: float = 1e-12
+    name = "parareal"
+
+    def __post_init__(self) -> None:
+        if self.chunks is not None:
+            _pos_int("Parareal chunks", self.chunks)
+        if isinstance(self.coarse, (str, CoarseWeights)):
+            object.__setattr__(self, "coarse", CoarseWeights.parse(self.coarse))
+        elif not isinstance(self.coarse, (Propagator, CoarseFunction)):
+            if not callable(self.coarse):
+                raise ValueError("Parareal coarse must be 'inject', 'average', a Propagator "
+                                 "with one layer per chunk, or a function coarse(j, x), got "
+                                 f"{self.coarse!r}")
+            object.__setattr__(self, "coarse", CoarseFunction(self.coarse))
+        if self.max_iterations is not None:
+            _pos_int("Parareal max_iterations", self.max_iterations, 0)
+        object.__setattr__(self, "tol", check_positive_float("Parareal tol", self.tol))
+
+    def simulated_ranks(self) -> int | None:
+        return self.chunks if self.chunks not in (None, 1) else None
+
+    def check_layout(self, n_layers: int, n_ranks: int) -> None:
+        P = self.chunks if self.chunks is not None else n_ranks
+        if P != n_ranks:
+            raise ValueError(f"Parareal(chunks={P}) runs one chunk per rank, but the "
+                             f"communicator has {n_ranks} rank(s)")
+        if P > n_layers:
+            raise ValueError(f"Parareal(chunks={P}) needs at most {n_layers} chunks (one per "
+                             "layer at least)")
+        if isinstance(self.coarse, Propagator) and self.coarse.n_layers != P:
+            raise ValueError(f"the coarse propagator has {self.coarse.n_layers} layers; "
+                             f"parareal with {P} chunks needs one per chunk")
+        super().check_layout(n_layers, n_ranks)
+
+    def check_propagator(self, prop) -> None:
+        if isinstance(self.coarse, CoarseWeights) and not prop.has_coarse_grid:
+            raise TypeError(f"Parareal(coarse={self.coarse.value!r}) builds coarse steps from "
+                            f"the fine propagator, but {prop._no_coarse_grid()}")
+
+    def solve_sweep(self, comm, problem, u0, shape, dtype, guess=None) -> SweepOutcome:
+        coarse = None if isinstance(self.coarse, CoarseWeights) else self.coarse
+        run = PararealSolve(comm, problem, self, u0, shape, dtype, coarse)
+        converged, iterations = run.solve()
+        return SweepOutcome(run.local_solution(), converged, iterations, run.residuals)
+
+
+class CoarseFunction:
+    """A plain function ``coarse(j, x)`` as parareal's coarse propagator ``G_j`` of the
+    state sweep (it has no adjoint, so the adjoint sweep refuses it)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def step(self, j: int, x: np.ndarray) -> np.ndarray:
+        return self.function(j, x)
+
+    def adjoint_step(self, j: int, x: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        raise TypeError("the adjoint sweep needs the coarse propagator's adjoint: give "
+                        "Parareal a Propagator (step and adjoint_step), not a function")
+
+    def __repr__(self) -> str:
+        return f"CoarseFunction({self.function!r})"

@@ -22,8 +22,9 @@ from __future__ import annotations
 import numpy as np
 
 from .._scratch import Scratch
+from ..propagator import LevelPlan, LevelSteps
 from .comm import Communicator
-from .layout import layer_owner, position_owner, step_layers
+from .layout import layer_owner, position_owner
 from .options import CoarseWeights
 
 #: Buffers of the layer-parallel solvers, reused across solves (per thread).
@@ -82,7 +83,6 @@ class SweepProblem:
         self.backward = backward
         self.n_steps = int(bounds[-1])
         self.owner = position_owner(bounds, backward)
-        self.layer_of_step = step_layers(self.n_steps, backward)
         self.first_layer = int(bounds[comm.rank])
         self.end_layer = int(bounds[comm.rank + 1])
         self.states = states or {}
@@ -104,14 +104,6 @@ class SweepProblem:
             raise RuntimeError(f"rank {self.comm.rank} holds no state x_{n}") from None
 
     # --- steps -------------------------------------------------------------------------------
-    def fine_step(self, i: int, u: np.ndarray) -> np.ndarray:
-        """Step ``i`` (position ``i`` to ``i + 1``) with the fine layer."""
-        n = int(self.layer_of_step[i])
-        self.comm.count(1)
-        if self.backward:
-            return self.prop.adjoint_step(n, self.state(n), u)
-        return self.prop.step(n, u)
-
     def coarse_step(self, p: int, q: int, u: np.ndarray) -> np.ndarray:
         """One coarse step from position ``p`` to ``q`` (standing for ``q - p`` layers)."""
         s, e = self.layers(p, q)
@@ -185,148 +177,78 @@ class SweepProblem:
             self.weights[(s, e)] = theta
         return theta
 
-    def coarse_weight_stack(self, starts: np.ndarray, ends: np.ndarray):
-        """The coarse weights of the ranges ``starts[j]..ends[j]-1`` stacked, as
-        :meth:`coarse_weights` gives them one by one (the same bits), in a few array
-        operations; None unless this rank owns all those layers and the propagator
-        has ``stacked_parameters``."""
-        stacked = getattr(self.prop, "stacked_parameters", None)
-        if stacked is None or not len(starts) or not self._local(int(starts.min()),
-                                                                  int(ends.max())):
-            return None
-        first = stacked(starts)
+    def coarse_weight_stack(self, starts: np.ndarray, ends: np.ndarray
+                            ) -> tuple[np.ndarray, ...]:
+        """The coarse weights of the ranges ``starts[j]..ends[j]-1``, stacked along a new
+        leading axis, with the same bits as :meth:`coarse_weights` gives them one by one:
+        in a few array operations (``prop.stacked_parameters``) when this rank owns all
+        those layers, else range by range."""
+        if not self._local(int(starts.min()), int(ends.max())):
+            rows = [self.coarse_weights(int(s), int(e)) for s, e in zip(starts, ends,
+                                                                        strict=True)]
+            return tuple(np.stack(col) for col in zip(*rows, strict=True))
+        first = self.prop.stacked_parameters(starts)
         if self.coarse_rule is CoarseWeights.INJECT:
-            return first
+            return tuple(first)
         total = [np.array(a, dtype=np.result_type(a, np.float32)) for a in first]
         lengths = ends - starts
         for offset in range(1, int(lengths.max())):
             rows = np.flatnonzero(lengths > offset)
-            for t, a in zip(total, stacked(starts[rows] + offset), strict=True):
+            for t, a in zip(total, self.prop.stacked_parameters(starts[rows] + offset),
+                            strict=True):
                 t[rows] += a
-        return [t / lengths.reshape((-1,) + (1,) * (t.ndim - 1)) for t in total]
+        return tuple(t / lengths.reshape((-1,) + (1,) * (t.ndim - 1)) for t in total)
 
-
-# --- the steps of one level, batched ---------------------------------------------------------
-
-class LevelSteps:
-    """The steps that produce one rank's positions ``base+1 .. hi-1`` of one level.
-
-    Arrays passed in hold those positions at local indices ``0 .. hi-base-1`` (index 0 is
-    position ``base``). Two batched operations, so that a whole relaxation is one call:
-
-    * :meth:`runs`: ``u[j] = Phi_j(u[j-1]) (+ g[j])`` for ``j = s..e`` of each run, in order;
-    * :meth:`points`: ``Phi_j(u[j-1])`` for a list of ``j``, from the current values.
-
-    This generic version calls the propagator once per step; :class:`ResNetLevelSteps`
-    does a whole call in compiled code.
-    """
-
-    def __init__(self, problem: SweepProblem, level: int, points: np.ndarray, base: int):
-        self.problem = problem
-        self.level = level
-        self.points = points
-        self.base = base
-
-    def _one(self, j: int, u: np.ndarray) -> np.ndarray:
-        k = self.base + j
-        if self.level == 0:
-            return self.problem.fine_step(k - 1, u)
-        return self.problem.coarse_step(int(self.points[k - 1]), int(self.points[k]), u)
-
-    def runs(self, u, g, starts, ends) -> None:
-        for s, e in zip(starts, ends, strict=True):
-            for j in range(s, e + 1):
-                new = self._one(j, u[j - 1])
-                u[j] = new if g is None else new + g[j]
-
-    def points_apply(self, u, positions) -> np.ndarray:
-        return np.stack([self._one(j, u[j - 1]) for j in positions]) if len(positions) else \
-            np.empty((0,) + u.shape[1:], u.dtype)
-
-
-class ResNetLevelSteps(LevelSteps):
-    """:class:`LevelSteps` of a :class:`ptoc.ResNetPropagator`, on compiled level kernels.
-
-    Every step of a level has the same form, ``x + dt sigma(K x + b)`` (fine: one layer,
-    ``dt = h``; coarse: the coarse weights, ``dt = (e - s) h``), so the level's weights
-    are stacked into arrays once per solve and the kernels run whole relaxations.
-    """
-
-    def __init__(self, problem: SweepProblem, level: int, points: np.ndarray, base: int,
-                 hi: int, kern, act: int, h: float, chunk: int):
-        super().__init__(problem, level, points, base)
-        prop = problem.prop
-        n_loc = hi - base
-        # layer ranges [s, e) of the steps producing local positions 1 .. n_loc-1
+    # --- the steps of one level, batched -------------------------------------------------------
+    def level_plan(self, level: int, points: np.ndarray, base: int, hi: int) -> LevelPlan:
+        """The :class:`~ptoc.propagator.LevelPlan` of the steps that produce this rank's
+        positions ``base+1 .. hi-1`` of a level whose positions are the fine positions
+        ``points``: the layer ranges, the coarse weights and (adjoint sweep) the states."""
         k = np.arange(base + 1, hi)
-        p0, p1 = points[k - 1], points[k]
-        if problem.backward:
-            s_, e_ = problem.n_steps - p1, problem.n_steps - p0
-        else:
-            s_, e_ = p0, p1
-        K0, b0 = prop.layer_parameters(problem.first_layer)
-        d = K0.shape[0]
-        tag = f"{'adj' if problem.backward else 'fwd'}{level}"
-        self.K = scratch.get("K" + tag, (n_loc, d, d), K0.dtype)
-        self.b = scratch.get("b" + tag, (n_loc, d), K0.dtype)
-        self.dt = scratch.get("dt" + tag, (n_loc,), K0.dtype)
-        self.dt[0] = 0.0
-        self.dt[1:] = (e_ - s_) * h
-        stack = prop.stacked_parameters(s_) if level == 0 else \
-            problem.coarse_weight_stack(s_, e_)
-        if stack is not None:
-            self.K[1:], self.b[1:] = stack
-        else:
-            for j, rng in enumerate(zip(s_.tolist(), e_.tolist(), strict=True), start=1):
-                self.K[j], self.b[j] = problem.coarse_weights(*rng)
-        self.X = None
-        if problem.backward:
-            states = problem.states
-            shape = problem.state(int(s_[0]) if len(s_) else problem.first_layer).shape
-            self.X = scratch.get("X" + tag, (n_loc,) + shape, K0.dtype)
-            if isinstance(states, Block):
-                self.X[1:] = states.rows(s_)
+        s_, e_ = self.layers(points[k - 1], points[k])
+        s_ = np.asarray(s_, dtype=np.int64)
+        e_ = np.asarray(e_, dtype=np.int64)
+        weights = None
+        if level > 0 and len(s_):
+            weights = self.coarse_weight_stack(s_, e_)
+        elif level > 0:
+            weights = ()
+        states = None
+        if self.backward:
+            if isinstance(self.states, Block) and len(s_):
+                states = self.states.rows(s_)
             else:
-                for j, layer in enumerate(s_.tolist(), start=1):
-                    self.X[j] = problem.state(layer)
-            self.KT = scratch.get("KT" + tag, self.K.shape, K0.dtype)
-            self.KT[...] = np.swapaxes(self.K, 1, 2)
-        self.kern, self.act, self.chunk = kern, act, chunk
+                shape = self.state(self.first_layer).shape
+                states = np.empty((len(s_),) + shape, self.state(self.first_layer).dtype)
+                for j, layer in enumerate(s_.tolist()):
+                    states[j] = self.state(layer)
+        return LevelPlan(level=level, backward=self.backward, layers=s_, spans=e_ - s_,
+                         weights=weights, states=states)
 
-    def runs(self, u, g, starts, ends) -> None:
+    def level_steps(self, level: int, points: np.ndarray, base: int, hi: int
+                    ) -> CountedSteps:
+        """The propagator's batched steps for this rank's part of a level, counted."""
+        plan = self.level_plan(level, points, base, hi)
+        return CountedSteps(self.prop.level_steps(plan), self.comm)
+
+
+class CountedSteps:
+    """:class:`~ptoc.propagator.LevelSteps` that count every step they run (one unit per
+    fine or coarse step) on the communicator, for the critical-path record."""
+
+    def __init__(self, steps: LevelSteps, comm: Communicator):
+        self.steps = steps
+        self.comm = comm
+
+    def runs(self, u: np.ndarray, g: np.ndarray | None, starts, ends) -> None:
         starts = np.asarray(starts, dtype=np.int64)
         ends = np.asarray(ends, dtype=np.int64)
-        if len(starts) == 0:
-            return
-        self.problem.comm.count(int(np.sum(ends - starts + 1)))
-        if self.X is None:
-            self.kern.state_runs(u, g, self.K, self.b, self.dt, self.act, starts, ends,
-                                 self.chunk)
-        else:
-            self.kern.adjoint_runs(u, g, self.X, self.K, self.KT, self.b, self.dt, self.act,
-                                   starts, ends, self.chunk)
+        if len(starts):
+            self.comm.count(int(np.sum(ends - starts + 1)))
+            self.steps.runs(u, g, starts, ends)
 
-    def points_apply(self, u, positions) -> np.ndarray:
+    def points_apply(self, u: np.ndarray, positions) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)
-        out = np.empty((len(positions),) + u.shape[1:], u.dtype)
-        if len(positions) == 0:
-            return out
-        self.problem.comm.count(len(positions))
-        if self.X is None:
-            self.kern.state_points(u, self.K, self.b, self.dt, self.act, positions, out,
-                                   self.chunk)
-        else:
-            self.kern.adjoint_points(u, self.X, self.K, self.KT, self.b, self.dt, self.act,
-                                     positions, out, self.chunk)
-        return out
-
-
-def level_steps(problem: SweepProblem, level: int, points: np.ndarray, base: int,
-                hi: int) -> LevelSteps:
-    """The fastest :class:`LevelSteps` the propagator supports."""
-    fast = getattr(problem.prop, "level_kernels", None)
-    spec = fast() if fast is not None else None
-    if spec is None:
-        return LevelSteps(problem, level, points, base)
-    kern, act, h, chunk = spec
-    return ResNetLevelSteps(problem, level, points, base, hi, kern, act, h, chunk)
+        if len(positions):
+            self.comm.count(len(positions))
+        return self.steps.points_apply(u, positions)
