@@ -620,3 +620,65 @@ def test_residual_history_length_is_as_documented(solver, extra):
     for rec in (r.forward, r.adjoint):
         assert len(rec.residuals) == rec.iterations + extra
         assert rec.converged == (rec.residuals[-1] <= solver.tol)
+
+
+def test_solvers_that_coarsen_refuse_a_propagator_without_coarse_grid_before_any_step():
+    from ptoc.parallel import solve_adjoints, solve_states
+
+    class Counting(LinearODE):
+        steps = 0
+        # LinearODE's coarse grid taken away again
+        layer_parameters = ptoc.Propagator.layer_parameters
+        coarse_step = ptoc.Propagator.coarse_step
+        coarse_adjoint_step = ptoc.Propagator.coarse_adjoint_step
+
+        def step(self, n, x):
+            Counting.steps += 1
+            return super().step(n, x)
+
+    rng = np.random.default_rng(0)
+    prop = Counting(rng.standard_normal((8, 2, 2)))
+    assert not prop.has_coarse_grid
+    x0 = rng.standard_normal((3, 2))
+    for solver, what in ((MGRIT(coarsening=2), "MGRIT with 10 levels coarsens"),
+                         (Parareal(chunks=2), "Parareal\\(coarse='inject'\\) builds coarse")):
+        with pytest.raises(TypeError, match=what + ".*Counting has no coarse grid"):
+            solve_states(prop, x0, solver)
+        with pytest.raises(TypeError, match=what):
+            solve_adjoints(prop, np.zeros((9, 3, 2)), x0, solver)
+    assert Counting.steps == 0
+    # the serial sweep and one-level MGRIT need no coarse grid
+    states, _ = solve_states(prop, x0, MGRIT(max_levels=1), comm=2)
+    np.testing.assert_array_equal(states, solve_states(prop, x0, Serial())[0])
+
+
+def test_a_user_written_strategy_runs_through_the_drivers():
+    """The drivers ask the strategy object to solve; they do not know the three built-in
+    ones: a strategy written here (the serial pipeline, counting its calls) works."""
+    from dataclasses import dataclass
+
+    from ptoc.parallel import SweepSolver
+    from ptoc.parallel.serial import serial_pipeline
+
+    calls = []
+
+    @dataclass(frozen=True)
+    class Pipeline(SweepSolver):
+        name = "pipeline"
+
+        def solve_sweep(self, comm, problem, u0, shape, dtype, guess=None):
+            from ptoc.parallel.options import SweepOutcome
+
+            calls.append((comm.rank, problem.backward))
+            return SweepOutcome(serial_pipeline(comm, problem, u0, shape, dtype), True, 1, [])
+
+    net, params, X, y = problem(depth=6)
+    r = parallel_gradient(net, params, X, y, Pipeline(), comm=3)
+    loss, grads = ptoc.loss_and_grad(net, params, X, y)
+    assert r.forward.method == "pipeline" and r.forward.ranks == 3
+    assert sorted(calls) == [(k, b) for k in range(3) for b in (False, True)]
+    np.testing.assert_allclose(r.loss, loss, rtol=1e-14)
+    np.testing.assert_allclose(r.grads.K, grads.K, rtol=1e-12, atol=1e-15)
+    assert ptoc.parallel.check_solver(Pipeline()) is not None
+    with pytest.raises(TypeError, match="pass an instance"):
+        ptoc.parallel.check_solver(Pipeline)

@@ -129,3 +129,140 @@ def test_propagator_without_labels_explains_itself():
     prop = ptoc.ResNetPropagator(net, net.init_params(0))
     with pytest.raises(ValueError, match="no labels"):
         prop.objective(np.zeros((2, 3)))
+
+
+# --- the optional coarse grid and the batched level steps ----------------------------------------
+
+class CoarseLinear(LinearPropagator):
+    """LinearPropagator with a coarse grid: a step over L layers is x + L h x A^T."""
+
+    def __init__(self, A, coarse_factor=1.0, wrong_coarse_adjoint=False, **kw):
+        super().__init__(A, **kw)
+        self.coarse_factor = coarse_factor
+        self.wrong_coarse_adjoint = wrong_coarse_adjoint
+
+    def layer_parameters(self, n):
+        return (self.A[n],)
+
+    def coarse_step(self, params, n_layers, x):
+        return x + self.coarse_factor * n_layers * self.h * x @ params[0].T
+
+    def coarse_adjoint_step(self, params, n_layers, x, lam):
+        A = params[0].T if self.wrong_coarse_adjoint else params[0]
+        return lam + self.coarse_factor * n_layers * self.h * lam @ A
+
+
+def coarse_linear(**kw):
+    rng = np.random.default_rng(0)
+    prop = CoarseLinear(rng.standard_normal((6, 4, 4)), target=rng.standard_normal((3, 4)), **kw)
+    return prop, rng.standard_normal((3, 4))
+
+
+def test_a_complete_coarse_grid_is_declared_and_checked():
+    prop, x0 = coarse_linear()
+    assert prop.has_coarse_grid and not linear()[0].has_coarse_grid
+    report = check_propagator(prop, x0)
+    assert report.passed, str(report)
+    names = [c.name for c in report.checks]
+    for expected in ("coarse step over 1 layer = step", "coarse dot-product test",
+                     "stacked_parameters = layer_parameters", "coarse level steps = loop",
+                     "level steps (state sweep)", "level steps (adjoint sweep)"):
+        assert any(expected in n for n in names), expected
+    # without a coarse grid the coarse checks are not run, and nothing fails
+    plain = check_propagator(*linear())
+    assert plain.passed and not any("coarse" in c.name for c in plain.checks)
+
+
+def test_checker_catches_a_wrong_coarse_adjoint():
+    report = check_propagator(*coarse_linear(wrong_coarse_adjoint=True))
+    assert [c.name for c in report.failures] and all(
+        "coarse dot-product" in c.name for c in report.failures)
+
+
+def test_checker_catches_a_coarse_step_that_is_not_the_layer_step():
+    report = check_propagator(*coarse_linear(coarse_factor=1.5))
+    names = [c.name for c in report.failures]
+    assert names and all("coarse step over 1 layer = step" in n for n in names)
+
+
+def test_checker_catches_a_half_declared_coarse_grid():
+    class OnlyCoarseStep(LinearPropagator):
+        def coarse_step(self, params, n_layers, x):
+            return x
+
+    rng = np.random.default_rng(1)
+    prop = OnlyCoarseStep(rng.standard_normal((4, 3, 3)), target=np.zeros((2, 3)))
+    assert not prop.has_coarse_grid
+    report = check_propagator(prop, rng.standard_normal((2, 3)))
+    [failure] = report.failures
+    assert "coarse grid incomplete" in failure.name
+    assert "layer_parameters" in failure.name and "coarse_adjoint_step" in failure.name
+    with pytest.raises(NotImplementedError, match="missing: layer_parameters, "
+                                                  "coarse_adjoint_step"):
+        prop.layer_parameters(0)
+
+
+def test_checker_catches_wrong_level_steps():
+    from ptoc.propagator import LevelSteps
+
+    class OffByOne(LevelSteps):
+        def points_apply(self, u, positions):
+            return super().points_apply(u, positions) + 1e-6
+
+    class BadLevels(CoarseLinear):
+        def level_steps(self, plan):
+            return OffByOne(self, plan)
+
+    rng = np.random.default_rng(2)
+    prop = BadLevels(rng.standard_normal((5, 3, 3)), target=np.zeros((2, 3)))
+    report = check_propagator(prop, rng.standard_normal((2, 3)))
+    assert [c.name for c in report.failures] == ["level points (state sweep) = step"]
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_resnet_compiled_level_steps_equal_the_generic_ones(target):
+    """The ResNet's compiled level steps (fine and coarse, both sweeps) give the bits of
+    the generic LevelSteps, which call step/coarse_step one at a time."""
+    from ptoc.propagator import LevelPlan, LevelSteps, ResNetLevelSteps
+
+    rng = np.random.default_rng(4)
+    net = ptoc.ResNet(width=5, depth=12, n_in=2, n_classes=3)
+    params = net.init_params(rng)
+    prop = ptoc.ResNetPropagator(net, params, target=target)
+    x0 = prop.initial_state(rng.standard_normal((7, 2)))
+    states = np.empty((13, 7, 5))
+    prop.propagate(x0, states=states)
+    starts = np.array([0, 3, 4, 8])
+    spans = np.array([3, 1, 4, 4])
+    weights = tuple(np.array(w) for w in prop.stacked_parameters(starts))
+    plans = [LevelPlan(0, False, np.arange(12), np.ones(12, np.int64)),
+             LevelPlan(0, True, np.arange(11, -1, -1), np.ones(12, np.int64),
+                       states=states[11::-1].copy()),
+             LevelPlan(1, False, starts, spans, weights=weights),
+             LevelPlan(1, True, starts[::-1].copy(), spans[::-1].copy(),
+                       weights=tuple(w[::-1].copy() for w in weights),
+                       states=states[starts[::-1]].copy())]
+    for plan in plans:
+        fast = prop.level_steps(plan)
+        assert isinstance(fast, ResNetLevelSteps)
+        slow = LevelSteps(prop, plan)
+        n = plan.n_steps
+        u, v = (np.empty((n + 1, 7, 5)) for _ in range(2))
+        u[0] = v[0] = rng.standard_normal((7, 5))
+        g = rng.standard_normal((n + 1, 7, 5))
+        fast.runs(u, g, [1], [n])
+        slow.runs(v, g, [1], [n])
+        np.testing.assert_array_equal(u, v)
+        picked = np.array([1, n])
+        np.testing.assert_array_equal(fast.points_apply(u, picked), slow.points_apply(u, picked))
+
+
+def test_a_layer_slice_refuses_foreign_layers_in_level_steps():
+    from ptoc.propagator import LevelPlan
+
+    net = ptoc.ResNet(width=3, depth=6, n_in=2, n_classes=2)
+    piece = ptoc.ResNetPropagator(net, net.init_params(0)).layer_slice(2, 4)
+    with pytest.raises(IndexError, match="layer 4 is not held here"):
+        piece.level_steps(LevelPlan(0, False, np.array([3, 4]), np.ones(2, np.int64)))
+    with pytest.raises(IndexError, match="layer 1 is not held here"):
+        piece.stacked_parameters([1, 2])
