@@ -137,7 +137,7 @@ from .discrete import binary_maximiser, ternary_maximiser
 from .kernels import Target
 from .methods import StepOutcome, TrainingDivergedError, TrainingMethod, group_state
 from .model import Params, ResNet
-from .objective import add_regulariser_grad, classifier_loss, opening_backward, regulariser
+from .objective import assemble_gradient, classifier_loss, layer_regulariser_terms, regulariser
 from .optim import SGD, Adam, Optimizer, make_optimizer
 from .sweeps import adjoint, forward, loss_and_grad
 
@@ -287,8 +287,7 @@ class _Problem:
     rho: float
     S: int
     d: int
-    reg_tikhonov: float  # gamma h
-    reg_smooth: float  # gamma_t / h
+    network: ResNet  # for the regulariser terms R_n
     data: _Stack
 
     @classmethod
@@ -304,8 +303,7 @@ class _Problem:
                       K_prev=K[prev], b_prev=b[prev], has_prev=(n > 0).astype(K.dtype),
                       K_next=K[nxt], b_next=b[nxt], has_next=(n < N - 1).astype(K.dtype))
         return cls(h=network.h, activation=network.activation, rho=float(rho),
-                   S=states.shape[1], d=d, reg_tikhonov=network.gamma * network.h,
-                   reg_smooth=network.gamma_t / network.h, data=data)
+                   S=states.shape[1], d=d, network=network, data=data)
 
     def flatten(self, K: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.concatenate([K.reshape(K.shape[0], -1), b], axis=1)
@@ -318,13 +316,13 @@ class _Problem:
                  grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """``F`` (L,) and, with ``grad``, ``dF/dtheta`` (L, d*d+d) of layers ``idx``."""
         K, b = self.unflatten(theta)
-        value, gK, gb = _extended(self.h, self.activation, self.rho, self.S,
-                                  self.reg_tikhonov, self.reg_smooth, self.data.take(idx),
+        value, gK, gb = _extended(self.h, self.activation, self.rho, self.S, self.network,
+                                  self.data.take(idx),
                                   K, b, grad)
         return value, (self.flatten(gK, gb) if grad else None)
 
 
-def _extended(h: float, act: Activation, rho: float, S: int, g_tik: float, g_smooth: float,
+def _extended(h: float, act: Activation, rho: float, S: int, network: ResNet,
               L: _Stack, K: np.ndarray, b: np.ndarray, want_grad: bool):
     """Extended Hamiltonian ``F_n`` (see the module docstring) of a stack of layers."""
     A = L.X @ K.transpose(0, 2, 1) + b[:, None, :]
@@ -332,13 +330,11 @@ def _extended(h: float, act: Activation, rho: float, S: int, g_tik: float, g_smo
     phi = L.X + h * sig
     value = np.einsum("lsi,lsi->l", L.Pn, phi)
     # R_n: Tikhonov plus time smoothness towards the (fixed) neighbours
-    dKp, dbp = K - L.K_prev, b - L.b_prev
-    dKn, dbn = K - L.K_next, b - L.b_next
+    tik, prev_pair, next_pair, rK, rb = layer_regulariser_terms(
+        network, K, b, L.K_prev, L.b_prev, L.has_prev, L.K_next, L.b_next, L.has_next,
+        want_grad)
+    value = value - (tik + prev_pair + next_pair)
     sq = np.einsum
-    value = value - 0.5 * g_tik * (sq("lij,lij->l", K, K) + sq("li,li->l", b, b))
-    value = value - 0.5 * g_smooth * (
-        L.has_prev * (sq("lij,lij->l", dKp, dKp) + sq("li,li->l", dbp, dbp))
-        + L.has_next * (sq("lij,lij->l", dKn, dKn) + sq("li,li->l", dbn, dbn)))
     ds = dsigma(A, act) if (want_grad or rho) else None
     if rho:
         r = L.Xn - phi
@@ -356,10 +352,7 @@ def _extended(h: float, act: Activation, rho: float, S: int, g_tik: float, g_smo
     if rho:
         gK = gK + (rho * S * h) * sq("lsi,lsj->lij", U, Q)
     gb = G.sum(axis=1)
-    mp, mn = L.has_prev[:, None], L.has_next[:, None]
-    gK = gK - g_tik * K - g_smooth * (mp[:, :, None] * dKp + mn[:, :, None] * dKn)
-    gb = gb - g_tik * b - g_smooth * (mp * dbp + mn * dbn)
-    return value, gK, gb
+    return value, gK - rK, gb - rb
 
 
 def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x_next, p,
@@ -410,8 +403,8 @@ def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x
     states[n], states[n + 1] = arrays[0], arrays[1]
     costates[n], costates[n + 1] = arrays[2], arrays[3]
     prob = _Problem.build(network, prm, states, costates, rho, layers=np.array([n]))
-    value, gK, gb = _extended(prob.h, prob.activation, rho, shape[0], prob.reg_tikhonov,
-                              prob.reg_smooth, prob.data, K[None], b[None], True)
+    value, gK, gb = _extended(prob.h, prob.activation, rho, shape[0], network, prob.data,
+                              K[None], b[None], True)
     return float(value[0]), gK[0], gb[0]
 
 
@@ -549,12 +542,8 @@ def _sweeps(network: ResNet, params: Params, X: np.ndarray, y: np.ndarray, targe
     if not math.isfinite(value):
         raise TrainingDivergedError(f"non-finite loss ({value})")
     adj = adjoint(network, params, fwd, lam_N, target=target, keep_adjoints=True)
-    grads = Params(K=adj.grad_K, b=adj.grad_b,
-                   K_in=None if params.K_in is None else np.zeros_like(params.K_in),
-                   b_in=None if params.b_in is None else np.zeros_like(params.b_in),
-                   W=np.asarray(dW, dtype=network.dtype), mu=np.asarray(dmu, network.dtype))
-    opening_backward(params, X, adj.initial_adjoint, fwd.opening_derivative, grads)
-    add_regulariser_grad(network, params, grads)
+    grads = assemble_gradient(network, params, X, adj.grad_K, adj.grad_b, adj.initial_adjoint,
+                              fwd.opening_derivative, dW, dmu)
     for k, g in grads.items():
         if not np.all(np.isfinite(g)):
             raise TrainingDivergedError(f"non-finite gradient of {k!r}")

@@ -76,13 +76,7 @@ from ._options import parse_option
 from ._validate import check_inputs, check_positive_float, check_positive_int
 from .activations import Activation, dsigma, sigma
 from .model import Params, ResNet
-from .objective import (
-    add_regulariser_grad,
-    classifier_loss,
-    opening_backward,
-    opening_forward,
-    regulariser,
-)
+from .objective import assemble_gradient, classifier_loss, opening_forward, regulariser
 from .parallel.options import DivergenceError
 
 __all__ = [
@@ -971,13 +965,7 @@ def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray
         lo, hi = bounds[j], bounds[j + 1]
         lam = _adjoint_trajectory(sol.trajectories[j], lam, p.K[lo:hi], p.b[lo:hi], network.h,
                                   sol.substeps, sol.scheme, act, gK[lo:hi], gb[lo:hi])
-    grads = Params(K=gK, b=gb,
-                   K_in=np.zeros_like(p.K_in) if p.K_in is not None else None,
-                   b_in=np.zeros_like(p.b_in) if p.b_in is not None else None,
-                   W=np.ascontiguousarray(dW, dtype=network.dtype),
-                   mu=np.asarray(dmu, dtype=network.dtype))
-    opening_backward(p, X, lam, dsig_in, grads)
-    add_regulariser_grad(network, p, grads)
+    grads = assemble_gradient(network, p, X, gK, gb, lam, dsig_in, dW, dmu)
     total = loss + regulariser(network, p)
     return total, (grads.to_dict(copy=False) if as_dict else grads), sol
 

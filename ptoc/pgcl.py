@@ -120,7 +120,14 @@ from .hamiltonian import hamiltonian_grad
 from .kernels import Target, backend
 from .methods import StepOutcome, TrainingDivergedError, TrainingMethod, group_state
 from .model import Params, ResNet
-from .objective import classifier_loss, opening_backward, opening_forward, regulariser
+from .objective import (
+    classifier_loss,
+    head_regulariser,
+    opening_backward,
+    opening_forward,
+    range_regulariser,
+    regulariser,
+)
 from .optim import SGD, Adam, Optimizer
 from .parallel.comm import Communicator, SimulatedRanks, SingleRank, is_root
 from .parallel.layout import partition, sum_of_squares
@@ -638,7 +645,6 @@ class _Chunk:
         else:
             self._add_regulariser(gK, gb)
         grads: dict[str, np.ndarray] = {"K": gK, "b": gb}
-        gc = net.gamma_c
         if self.first and "K_in" in loc:
             g = Params(K=gK, b=gb, K_in=np.zeros_like(loc["K_in"]),
                        b_in=np.zeros_like(loc["b_in"]), W=None, mu=None)
@@ -648,30 +654,18 @@ class _Chunk:
             dW, dmu = head_grads
             grads["W"] = np.ascontiguousarray(dW, dtype=dt)
             grads["mu"] = np.asarray(dmu, dtype=dt)
-        if gc:
-            for k in ("W", "mu", "K_in", "b_in"):  # the order of ptoc.objective
-                if k in grads:
-                    grads[k][...] += gc * loc[k]
+        head_regulariser(net, {k: loc[k] for k in grads if k not in ("K", "b")}, grads)
         return lam_a, grads
 
     def _add_regulariser(self, gK: np.ndarray, gb: np.ndarray) -> None:
         """``dR/dtheta_n`` of the chunk's layers, neighbours at the step's start values
-        (element by element the arithmetic of :func:`ptoc.objective.add_regulariser_grad`)."""
-        net, loc, params = self.net, self.local, self.job.params
-        h, N, a, e = net.h, net.depth, self.a, self.e
-        if net.gamma:
-            gK += net.gamma * h * loc["K"]
-            gb += net.gamma * h * loc["b"]
-        if net.gamma_t and N > 1:
-            scale = net.gamma_t / h
-            lo, hi = max(a - 1, 0), min(e + 1, N)
-            for theta, full, g in ((loc["K"], params.K, gK), (loc["b"], params.b, gb)):
-                ext = np.concatenate([full[lo:a], theta, full[e:hi]])
-                diff = np.diff(ext, axis=0)
-                t = np.zeros_like(ext)
-                t[1:] += scale * diff
-                t[:-1] -= scale * diff
-                g += t[a - lo:a - lo + self.L]
+        (:func:`ptoc.objective.range_regulariser`, as the serial gradient has it)."""
+        params, a, e = self.job.params, self.a, self.e
+        left = (params.K[a - 1], params.b[a - 1]) if a > 0 else None
+        right = (params.K[e], params.b[e]) if e < self.net.depth else None
+        _, rK, rb = range_regulariser(self.net, self.local["K"], self.local["b"], left, right)
+        gK += rK
+        gb += rb
 
     def _hamiltonian_direction(self, xs, lams, gK, gb) -> None:
         """``-grad_theta sum_s H_n(x_n, p_{n+1}, theta_n)``, ``p = -lambda``, layer by layer."""

@@ -30,10 +30,9 @@ from ._validate import check_inputs, check_positive_int
 from .kernels import Target, backend
 from .model import Params, ResNet
 from .objective import (
-    add_regulariser_grad,
+    assemble_gradient,
     classifier_loss,
     logits,
-    opening_backward,
     opening_forward,
     regulariser,
 )
@@ -323,13 +322,8 @@ def _loss_and_grad_body(network: ResNet, params: Params, X, y, kern, checkpoint_
                    scratch=True)
     loss, lam_N, dW, dmu = classifier_loss(params, fwd.final_state, y)
     adj = _adjoint(network, params, fwd, lam_N, kern, False)
-    grads = Params(K=adj.grad_K, b=adj.grad_b,
-                   K_in=np.zeros_like(params.K_in) if params.K_in is not None else None,
-                   b_in=np.zeros_like(params.b_in) if params.b_in is not None else None,
-                   W=np.ascontiguousarray(dW, dtype=network.dtype),
-                   mu=np.asarray(dmu, dtype=network.dtype))
-    opening_backward(params, X, adj.initial_adjoint, fwd.opening_derivative, grads)
-    add_regulariser_grad(network, params, grads)
+    grads = assemble_gradient(network, params, X, adj.grad_K, adj.grad_b, adj.initial_adjoint,
+                              fwd.opening_derivative, dW, dmu)
     return loss + regulariser(network, params), grads
 
 

@@ -29,7 +29,13 @@ from typing import Any
 import numpy as np
 
 from ..model import Params, ResNet
-from ..objective import classifier_loss, opening_backward, opening_forward
+from ..objective import (
+    classifier_loss,
+    head_regulariser,
+    opening_backward,
+    opening_forward,
+    range_regulariser,
+)
 from ..propagator import LayerSlice, ResNetPropagator
 from .comm import Communicator, SimulatedRanks, SingleRank
 from .layout import partition
@@ -197,8 +203,7 @@ def _layer_gradients(comm, network, prop, bounds, states: Block, lams: Block):
     prop.layer_gradients(a, _layer_states(a, b, states), _next_adjoints(N, a, b, lams),
                          [gK, gb])
     comm.count(b - a)
-    # regulariser: gamma h theta_n + gamma_t / h ((theta_n - theta_{n-1}) - (theta_{n+1} - theta_n))
-    h = network.h
+    # the regulariser's share of these layers, with the neighbouring ranks' boundary layers
     Kl, bl = prop.parameters()
     if comm.rank > 0:
         comm.send((Kl[0], bl[0]), comm.rank - 1, TAG_BOUNDARY)
@@ -206,26 +211,9 @@ def _layer_gradients(comm, network, prop, bounds, states: Block, lams: Block):
         comm.send((Kl[-1], bl[-1]), comm.rank + 1, TAG_BOUNDARY)
     left = comm.recv(comm.rank - 1, TAG_BOUNDARY) if comm.rank > 0 else None
     right = comm.recv(comm.rank + 1, TAG_BOUNDARY) if comm.rank < comm.size - 1 else None
-    value = 0.5 * network.gamma * h * (float(np.vdot(Kl, Kl)) + float(np.vdot(bl, bl)))
-    gK += network.gamma * h * Kl
-    gb += network.gamma * h * bl
-    if network.gamma_t and N > 1:
-        c = network.gamma_t / h
-        off = 1 if left is not None else 0
-        for side, (theta, g) in enumerate(((Kl, gK), (bl, gb))):
-            # own layers with the neighbouring ones (where they exist) on either side
-            stack = [theta]
-            if left is not None:
-                stack.insert(0, left[side][None])
-            if right is not None:
-                stack.append(right[side][None])
-            diff = np.diff(np.concatenate(stack), axis=0)  # theta_{n+1} - theta_n
-            grad = np.zeros((len(diff) + 1,) + theta.shape[1:], theta.dtype)
-            grad[1:] += c * diff
-            grad[:-1] -= c * diff
-            g += grad[off:off + (b - a)]
-            own_pairs = diff[off:]  # the pairs (n, n+1) whose first layer is ours
-            value += 0.5 * c * float(np.vdot(own_pairs, own_pairs))
+    value, rK, rb = range_regulariser(network, Kl, bl, left, right)
+    gK += rK
+    gb += rb
     return gK, gb, value
 
 
@@ -276,14 +264,7 @@ def _gradient_program(comm, network, params, X, y, solver, target, guess_states,
                 np.concatenate([p["b"] for p in gathered]))
     grads = Params(K=K, b=b, K_in=own(head.get("K_in")), b_in=own(head.get("b_in")),
                    W=own(tail["W"]), mu=own(tail["mu"]))
-    gc = network.gamma_c
-    creg = 0.0
-    if gc:
-        for k in ("W", "mu", "K_in", "b_in"):
-            if getattr(grads, k) is not None:  # no K_in, b_in with an identity opening
-                grads[k][...] += gc * params[k]
-                creg += float(np.vdot(params[k], params[k]))
-    loss = tail["data_loss"] + total_reg + 0.5 * gc * creg
+    loss = tail["data_loss"] + total_reg + head_regulariser(network, params, grads)
     if local:
         a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
         return GradientResult(loss, grads, frecord, arecord, layers=(a, b))
