@@ -40,6 +40,7 @@ from .optim import Adam, Optimizer
 from .sweeps import loss_and_grad
 
 __all__ = [
+    "GradientFunction",
     "GradientMethod",
     "StepOutcome",
     "TrainingDivergedError",
@@ -180,6 +181,95 @@ class _Evaluation:
                 and np.array_equal(y, self.y) and _same_arrays(params, self.params))
 
 
+class GradientFunction:
+    """The contract of a gradient that :class:`GradientMethod` steps on.
+
+    A gradient function is called as ``fn(params, X, y) -> (loss, grads)`` and declares
+    what the training loop may rely on; the defaults suit a plain function:
+
+    * :attr:`deterministic` (False): the result is a pure function of (parameters,
+      batch), so the line search's evaluation at the accepted point may be reused;
+    * :attr:`writes_files` (True): this process writes the run's files (False on MPI
+      ranks other than 0);
+    * :meth:`state_dict` / :meth:`load_state`: memory between calls (a warm start) that
+      belongs in a training checkpoint (default: none);
+    * :meth:`config`: a JSON-serialisable description (default ``"custom"``);
+    * :meth:`evaluator`: a function ``(params, X, y) -> (J, accuracy)`` the loop should
+      report with instead of the network's own sweep, or None (default).
+
+    :class:`ptoc.simultaneous.SimultaneousGradient` and
+    :class:`ptoc.node.NeuralODEGradient` derive from it; any other callable is wrapped
+    by :meth:`of`, which reads the optional attributes above from it once.
+    """
+
+    deterministic: bool = False
+
+    def __call__(self, params: Params, X: np.ndarray,
+                 y: np.ndarray) -> tuple[float, Params | Mapping[str, np.ndarray]]:
+        raise NotImplementedError(f"{type(self).__name__} does not define __call__")
+
+    @property
+    def writes_files(self) -> bool:
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, d: Mapping[str, Any]) -> None:
+        return None
+
+    def config(self) -> Any:
+        return "custom"
+
+    def evaluator(self) -> Callable[..., tuple[float, float]] | None:
+        return None
+
+    @staticmethod
+    def of(fn: Any) -> GradientFunction:
+        """``fn`` itself if it is a :class:`GradientFunction`, else ``fn`` wrapped."""
+        if isinstance(fn, GradientFunction):
+            return fn
+        if not callable(fn):
+            raise TypeError("grad_fn must be callable: grad_fn(params, X, y) -> (loss, grads)")
+        return _CallableGradient(fn)
+
+
+class _CallableGradient(GradientFunction):
+    """A user's callable as a :class:`GradientFunction`: the optional abilities are
+    those of the callable's attributes of the same names, where it has them."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+
+    def __call__(self, params, X, y):
+        return self.fn(params, X, y)
+
+    @property
+    def deterministic(self) -> bool:  # type: ignore[override]
+        return getattr(self.fn, "deterministic", False) is True
+
+    @property
+    def writes_files(self) -> bool:
+        return bool(getattr(self.fn, "writes_files", True))
+
+    def state_dict(self) -> dict[str, Any]:
+        saver = getattr(self.fn, "state_dict", None)
+        return dict(saver()) if callable(saver) else {}
+
+    def load_state(self, d: Mapping[str, Any]) -> None:
+        loader = getattr(self.fn, "load_state", None)
+        if callable(loader):
+            loader(d)
+
+    def config(self) -> Any:
+        describe = getattr(self.fn, "config", None)
+        return describe() if callable(describe) else "custom"
+
+    def evaluator(self):
+        evaluate = getattr(self.fn, "evaluate", None)
+        return evaluate if callable(evaluate) else None
+
+
 @dataclass
 class GradientMethod(TrainingMethod):
     """``params <- optimizer.update(params, grad_fn(params, X, y))``.
@@ -227,32 +317,34 @@ class GradientMethod(TrainingMethod):
     target: Target | str = Target.CPU
     #: the last evaluation of a deterministic gradient at the parameters a step returned
     _reuse: _Evaluation | None = field(default=None, init=False, repr=False, compare=False)
+    #: grad_fn as a GradientFunction (None: the exact gradient)
+    _fn: GradientFunction | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def deterministic(self) -> bool:
         """Whether the gradient is a pure function of (parameters, batch): the default
-        exact gradient, or a ``grad_fn`` whose ``deterministic`` attribute is true."""
-        return self.grad_fn is None or getattr(self.grad_fn, "deterministic", False) is True
+        exact gradient, or a ``grad_fn`` that declares it
+        (:attr:`GradientFunction.deterministic`)."""
+        return self._fn is None or self._fn.deterministic is True
 
     @property
     def writes_files(self) -> bool:
         """False on the MPI ranks other than 0 of a ``grad_fn`` that says so (as
         :class:`ptoc.simultaneous.SimultaneousGradient` does)."""
-        return bool(getattr(self.grad_fn, "writes_files", True))
+        return self._fn is None or bool(self._fn.writes_files)
 
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(f"optimizer must be a ptoc.optim optimiser (SGD, Adam, LBFGS), "
                             f"got {type(self.optimizer).__name__}")
-        if self.grad_fn is not None and not callable(self.grad_fn):
-            raise TypeError("grad_fn must be callable: grad_fn(params, X, y) -> (loss, grads)")
+        self._fn = None if self.grad_fn is None else GradientFunction.of(self.grad_fn)
         self.target = Target.parse(self.target)
 
     def _gradient(self, network: ResNet, params: Params, X: np.ndarray,
                   y: np.ndarray) -> tuple[float, Params]:
-        if self.grad_fn is None:
+        if self._fn is None:
             return loss_and_grad(network, params, X, y, target=self.target)
-        value, grads = self.grad_fn(params, X, y)
+        value, grads = self._fn(params, X, y)
         if not isinstance(grads, Params) and isinstance(grads, Mapping):
             grads = Params.from_dict(grads)
         return value, grads
@@ -261,8 +353,9 @@ class GradientMethod(TrainingMethod):
         return self.optimizer.init(params)
 
     def evaluator(self):
-        """The ``grad_fn``'s ``evaluate`` method if it has one (a neural ODE's), else None."""
-        return getattr(self.grad_fn, "evaluate", None)
+        """The ``grad_fn``'s evaluator (:meth:`GradientFunction.evaluator`; a neural ODE's),
+        else None."""
+        return None if self._fn is None else self._fn.evaluator()
 
     def step(self, network: ResNet, params: Params, state: Any, X: np.ndarray,
              y: np.ndarray) -> StepOutcome:
@@ -299,20 +392,17 @@ class GradientMethod(TrainingMethod):
 
     def state_dict(self, state: Any) -> dict[str, Any]:
         d = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict(state).items()}
-        saver = getattr(self.grad_fn, "state_dict", None)
-        if callable(saver):
-            d.update({f"grad_fn.{k}": v for k, v in saver().items()})
+        if self._fn is not None:
+            d.update({f"grad_fn.{k}": v for k, v in self._fn.state_dict().items()})
         return d
 
     def load_state(self, d: Mapping[str, Any], network: ResNet, params: Params) -> Any:
-        loader = getattr(self.grad_fn, "load_state", None)
-        if callable(loader):
-            loader(group_state(d, "grad_fn"))
+        if self._fn is not None:
+            self._fn.load_state(group_state(d, "grad_fn"))
         return self.optimizer.load_state(group_state(d, "optimizer"))
 
     def config(self) -> dict[str, Any]:
         # a user's function cannot describe itself: it is "custom", and resuming trusts
         # the caller to pass the same one
-        grad = "exact" if self.grad_fn is None else getattr(
-            self.grad_fn, "config", lambda: "custom")()
+        grad = "exact" if self._fn is None else self._fn.config()
         return {"name": self.name, "optimizer": self.optimizer.config(), "gradient": grad}

@@ -75,6 +75,7 @@ import numpy as np
 from ._options import parse_option
 from ._validate import check_inputs, check_positive_float, check_positive_int
 from .activations import Activation, dsigma, sigma
+from .methods import GradientFunction
 from .model import Params, ResNet
 from .objective import assemble_gradient, classifier_loss, opening_forward, regulariser
 from .parallel.options import DivergenceError
@@ -1014,7 +1015,7 @@ class NODEStepRecord:
 
 
 @dataclass
-class NeuralODEGradient:
+class NeuralODEGradient(GradientFunction):
     """``grad_fn(params, X, y) -> (loss, grads)`` of the (parareal) neural ODE.
 
     For :func:`ptoc.train`: every call is :func:`node_loss_and_grad` (Lorin
@@ -1064,6 +1065,11 @@ class NeuralODEGradient:
         """Description for checkpoints and model files."""
         return {"name": "node", "scheme": Scheme.parse(self.scheme).value,
                 "substeps": self.substeps, "parareal": repr(self.parareal)}
+
+    def evaluator(self):
+        """:meth:`evaluate`: the training loop reports the neural ODE's own ``J`` and
+        accuracy (:meth:`ptoc.methods.GradientFunction.evaluator`)."""
+        return self.evaluate
 
     def evaluate(self, params: Params | Mapping[str, np.ndarray], X: np.ndarray,
                  y: np.ndarray) -> tuple[float, float]:

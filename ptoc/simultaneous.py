@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .kernels import Target
+from .methods import GradientFunction
 from .model import Params, ResNet
 from .parallel.comm import is_root
 from .parallel.driver import parallel_gradient
@@ -88,7 +89,7 @@ def _default_solver() -> MGRIT:
 
 
 @dataclass
-class SimultaneousGradient:
+class SimultaneousGradient(GradientFunction):
     """``grad_fn(params, X, y) -> (loss, grads)`` from a few warm-started MGRIT iterations.
 
     Simultaneous (one-shot) layer-parallel training of Günther et al. 2020

@@ -152,3 +152,51 @@ def test_the_neural_ode_gradient_is_reused_and_the_simultaneous_one_is_not():
     res = _train(net, data, simultaneous, LBFGS(), 4, None)
     assert not simultaneous.deterministic
     assert len(simultaneous.records) == res.steps + res.optimizer_state.closure_calls
+
+
+def test_a_gradient_function_subclass_declares_its_abilities():
+    """GradientMethod reads a gradient's abilities from the GradientFunction contract:
+    a subclass declares them, a plain callable gets the defaults, anything else is
+    refused before training starts."""
+    from ptoc.methods import GradientFunction
+
+    net = ptoc.ResNet(width=3, depth=3, n_in=2, n_classes=5)
+    data = ptoc.data.peaks(n_per_class=5, n_val_per_class=2, grid=32)
+
+    class Declared(GradientFunction):
+        deterministic = True
+
+        def __init__(self):
+            self.calls, self.loaded = 0, None
+
+        def __call__(self, p, X, y):
+            self.calls += 1
+            return ptoc.loss_and_grad(net, p, X, y)
+
+        def state_dict(self):
+            return {"calls": np.int64(self.calls)}
+
+        def load_state(self, d):
+            self.loaded = dict(d)
+
+        def config(self):
+            return {"name": "declared"}
+
+    fn = Declared()
+    method = GradientMethod(LBFGS(), grad_fn=fn)
+    assert method.deterministic and method.writes_files
+    assert method.config()["gradient"] == {"name": "declared"}
+    res = _train(net, data, fn, LBFGS(), 3, None)
+    assert fn.calls == 1 + res.optimizer_state.closure_calls  # reused, as declared
+    state = method.state_dict(method.init(net, net.init_params(0)))
+    assert int(state["grad_fn.calls"]) == fn.calls
+    method.load_state(state, net, net.init_params(0))
+    assert fn.loaded == {"calls": fn.calls}
+
+    plain = GradientMethod(LBFGS(), grad_fn=lambda p, X, y: ptoc.loss_and_grad(net, p, X, y))
+    assert not plain.deterministic and plain.evaluator() is None
+    assert plain.config()["gradient"] == "custom"
+    plain_state = plain.state_dict(plain.init(net, net.init_params(0)))
+    assert plain_state and all(k.startswith("optimizer.") for k in plain_state)
+    with pytest.raises(TypeError, match="grad_fn must be callable"):
+        GradientMethod(LBFGS(), grad_fn=42)
