@@ -135,7 +135,7 @@ def worker(spec_path: str) -> int:
     """Run every configuration of the spec, round after round, as ``ptoc solve`` does.
 
     The problem and the solver come from ``ptoc solve``'s own code (its argument parser,
-    ``ptoc.solve_cli._problem`` and ``_solver``) and the same driver call
+    ``ptoc.cli.solve._problem`` and ``_solver``) and the same driver call
     (``parallel_forward`` or ``parallel_gradient`` on :class:`MPIRanks`); what differs
     from ``ptoc solve`` is that the solves repeat in one process and that every rank's
     ``SolveResult.wall_time`` is kept (``ptoc solve --json`` keeps rank 0's only).
@@ -143,9 +143,9 @@ def worker(spec_path: str) -> int:
     import time as _time
 
     from ptoc.cli import build_parser
+    from ptoc.cli.solve import _problem, _solver
     from ptoc.parallel import MPIRanks, SingleRank
     from ptoc.parallel.driver import parallel_forward, parallel_gradient
-    from ptoc.solve_cli import _problem, _solver
 
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])

@@ -35,6 +35,7 @@ from . import (
     simultaneous,
     training,
 )
+from ._version import __version__ as __version__
 from .activations import Activation
 from .hamiltonian import hamiltonian, hamiltonian_grad
 from .io import load_model, save_model
@@ -77,8 +78,6 @@ from .sweeps import (
     predict_logits,
 )
 from .training import History, TrainResult, train
-
-__version__ = "0.1.0"
 
 __all__ = [
     "EMSA",

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import ptoc
-from ptoc.cli import METHODS, main
+from ptoc.cli import main
+from ptoc.cli.train import METHODS
 from ptoc.io import load_model
 
 FAST = ["train", "--epochs", "1", "--depth", "4", "--width", "4", "--batch-size", "500"]

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import ptoc
+from ptoc.cli.solve import _problem, _solver
 from ptoc.parallel import SimulatedRanks
 from ptoc.parallel.driver import parallel_gradient
-from ptoc.solve_cli import _problem, _solver
 
 MPIEXEC = shutil.which("mpiexec")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ptoc.cli import main
-from ptoc.validation import Record, Verdict, discover, load_script, run_script
+from ptoc.cli.claims import Record, Verdict, discover, load_script, run_script
 
 FOLDER = Path(__file__).resolve().parent.parent / "validation"
 SCRIPTS = discover(FOLDER)

@@ -59,9 +59,9 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.propagator import ResNetPropagator
 from ptoc.testing import tape_loss_and_grad
-from ptoc.validation import Record, script_main
 
 NUMBER = 1
 CLAIM = ("the discrete adjoint gradient equals backpropagation to round-off (1e-13) and "

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ptoc.cli.claims import Record, script_main
 from ptoc.discrete import binary_maximiser, discrete_objective, ternary_maximiser
-from ptoc.validation import Record, script_main
 
 NUMBER = 9
 CLAIM = "the closed-form ternary and binary maximisers equal brute force over the discrete set"

@@ -48,10 +48,10 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.msa import EMSA, MSA
 from ptoc.optim import SGD, Adam
 from ptoc.sweeps import loss
-from ptoc.validation import Record, script_main
 
 NUMBER = 11
 CLAIM = ("E-MSA with a large rho decreases the objective at every step; plain MSA "

@@ -98,8 +98,8 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.parallel import partition, solve_states
-from ptoc.validation import Record, script_main
 
 NUMBER = 3
 CLAIM = ("on a linear ResNet (sigma = identity) the parareal error at every iteration k and "

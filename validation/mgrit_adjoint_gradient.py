@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.parallel import MGRIT, parallel_gradient
-from ptoc.validation import Record, script_main
 
 NUMBER = 6
 CLAIM = ("the gradient from MGRIT state and adjoint sweeps converges to the serial "

@@ -50,8 +50,8 @@ import numpy as np
 from _problems import random_problem, serial_sweeps  # validation/_problems.py
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.parallel import MGRIT, Parareal, SimulatedRanks, parallel_adjoint, parallel_gradient
-from ptoc.validation import Record, script_main
 
 NUMBER = 4
 CLAIM = ("MGRIT with one level is the serial sweep bit for bit; two-level MGRIT with "

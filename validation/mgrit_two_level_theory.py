@@ -97,8 +97,8 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.parallel import solve_states
-from ptoc.validation import Record, script_main
 
 NUMBER = 5
 CLAIM = ("two-level MGRIT on a linear ResNet (sigma = identity, time-invariant K) contracts "

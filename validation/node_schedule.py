@@ -68,8 +68,8 @@ from pathlib import Path
 import numpy as np
 from _problems import benchmark  # validation/_problems.py
 
+from ptoc.cli.claims import Record, script_main
 from ptoc.node import NODECoarse, NODEParareal, Scheme, node_solve
-from ptoc.validation import Record, script_main
 
 NUMBER = 13
 CLAIM = ("parareal neural ODE with a rising fine order (Euler, Heun, RK4) needs fewer fine "

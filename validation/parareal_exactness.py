@@ -50,8 +50,8 @@ import numpy as np
 from _problems import random_problem, serial_sweeps  # validation/_problems.py
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.parallel import Parareal, SimulatedRanks, parallel_adjoint, partition
-from ptoc.validation import Record, script_main
 
 NUMBER = 2
 CLAIM = ("parareal across layers is exact on the first k chunk boundaries after k "

@@ -47,11 +47,11 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.optim import LBFGS
 from ptoc.parallel import MGRIT, Relaxation
 from ptoc.simultaneous import SimultaneousGradient
 from ptoc.training import train
-from ptoc.validation import Record, script_main
 
 NUMBER = 7
 CLAIM = ("Peaks: the initial loss is ln 5 at near-zero weights, and simultaneous training "

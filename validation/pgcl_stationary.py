@@ -59,10 +59,10 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.methods import GradientMethod
 from ptoc.optim import SGD
 from ptoc.pgcl import PGCL
-from ptoc.validation import Record, script_main
 
 NUMBER = 12
 CLAIM = ("predict-globally-correct-locally converges to the serial method's stationary "

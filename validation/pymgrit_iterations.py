@@ -40,8 +40,8 @@ import numpy as np
 from _problems import benchmark  # validation/_problems.py
 
 import ptoc
+from ptoc.cli.claims import Record, Verdict, script_main
 from ptoc.parallel import mgrit_levels, parallel_forward
-from ptoc.validation import Record, Verdict, script_main
 
 NUMBER = 8
 CLAIM = ("ptoc's MGRIT takes the same number of iterations as PyMGRIT on the same problem "

@@ -68,9 +68,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from ptoc.cli.claims import Record, Verdict, script_main
+from ptoc.cli.solve import _problem as solve_problem
 from ptoc.parallel import MGRIT, Parareal, Serial, parallel_gradient
-from ptoc.solve_cli import _problem as solve_problem
-from ptoc.validation import Record, Verdict, script_main
 
 NUMBER = 14
 CLAIM = ("the speedup predicted from counted critical-path layer steps matches the speedup "

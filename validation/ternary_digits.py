@@ -58,10 +58,10 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.methods import GradientMethod
 from ptoc.msa import DiscreteMSA
 from ptoc.optim import Adam
-from ptoc.validation import Record, script_main
 
 NUMBER = 10
 CLAIM = ("a ternary ResNet trained by discrete MSA reaches accuracy close to the float "
