@@ -12,13 +12,12 @@ shape ``(S, features)``, one sample per row, C-contiguous.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from ._options import parse_option
+from ._options import OptionEnum
 from .activations import Activation
 
 #: Keys of the parameter dictionary, in a fixed order.
@@ -26,7 +25,7 @@ PARAM_KEYS = ("K", "b", "K_in", "b_in", "W", "mu")
 _SUPPORTED_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 
 
-class Opening(str, enum.Enum):
+class Opening(OptionEnum, what="opening layer"):
     """The opening layer mapping an input ``y`` to the first state ``x_0``.
 
     ``DENSE``: ``x_0 = sigma(K_in y + b_in)``. ``IDENTITY``: ``x_0 = y`` (needs
@@ -35,11 +34,6 @@ class Opening(str, enum.Enum):
 
     DENSE = "dense"
     IDENTITY = "identity"
-
-    @classmethod
-    def parse(cls, value: Opening | str) -> Opening:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "opening layer")
 
 
 def _interpolate_knots(knots: np.ndarray, n: int) -> np.ndarray:
@@ -57,7 +51,7 @@ def _interpolate_knots(knots: np.ndarray, n: int) -> np.ndarray:
     return (w0 * knots[j] + w1 * knots[j + 1]) / np.sqrt(w0**2 + w1**2)
 
 
-class LayerInit(str, enum.Enum):
+class LayerInit(OptionEnum, what="layer initialisation"):
     """How :meth:`ResNet.init_params` relates the weights of different layers.
 
     ``INDEPENDENT``: every ``K_n`` drawn on its own. ``SMOOTH``: ``K_n`` varies
@@ -67,11 +61,6 @@ class LayerInit(str, enum.Enum):
 
     INDEPENDENT = "independent"
     SMOOTH = "smooth"
-
-    @classmethod
-    def parse(cls, value: LayerInit | str) -> LayerInit:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "layer initialisation")
 
 
 #: Number of independent draws ("knots", evenly spread from the first layer to the

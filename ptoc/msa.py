@@ -122,7 +122,6 @@ makes ``a_n W_n`` closest to ``K_n`` in the Frobenius norm.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -130,7 +129,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._options import parse_option
+from ._options import OptionEnum
 from ._validate import check_inputs
 from .activations import Activation, dsigma, second_derivative, sigma
 from .discrete import binary_maximiser, ternary_maximiser
@@ -163,7 +162,7 @@ DEFAULT_LAM = 1.0
 
 # --- options ---------------------------------------------------------------------------------
 
-class InnerSolver(str, enum.Enum):
+class InnerSolver(OptionEnum, what="inner"):
     """How each layer increases its extended Hamiltonian.
 
     ``GRADIENT``: gradient ascent with a backtracking Armijo line search.
@@ -173,25 +172,15 @@ class InnerSolver(str, enum.Enum):
     GRADIENT = "gradient"
     LBFGS = "lbfgs"
 
-    @classmethod
-    def parse(cls, value: InnerSolver | str) -> InnerSolver:
-        """The member named by ``value``; ``ValueError`` naming ``inner`` otherwise."""
-        return parse_option(cls, value, "inner")
 
-
-class WeightSet(str, enum.Enum):
+class WeightSet(OptionEnum, what="kind"):
     """The discrete values of the residual weights (before the per-layer scale)."""
 
     TERNARY = "ternary"
     BINARY = "binary"
 
-    @classmethod
-    def parse(cls, value: WeightSet | str) -> WeightSet:
-        """The member named by ``value``; ``ValueError`` naming ``kind`` otherwise."""
-        return parse_option(cls, value, "kind")
 
-
-class RhoSchedule(str, enum.Enum):
+class RhoSchedule(OptionEnum, what="rho_schedule"):
     """Penalty ``rho_k`` of the discrete update at step ``k = 0, 1, ...``.
 
     ``CONSTANT``: ``rho``. ``LINEAR``: ``rho (1 + rho_growth k)``.
@@ -201,11 +190,6 @@ class RhoSchedule(str, enum.Enum):
     CONSTANT = "constant"
     LINEAR = "linear"
     GEOMETRIC = "geometric"
-
-    @classmethod
-    def parse(cls, value: RhoSchedule | str) -> RhoSchedule:
-        """The member named by ``value``; ``ValueError`` naming ``rho_schedule`` otherwise."""
-        return parse_option(cls, value, "rho_schedule")
 
     def value_at(self, rho: float, growth: float, k: int) -> float:
         """``rho_k``."""

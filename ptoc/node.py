@@ -64,7 +64,6 @@ Everything here is vectorised NumPy over the batch (a readable reference, no Num
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,7 +71,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._options import parse_option
+from ._options import OptionEnum
 from ._validate import check_inputs, check_positive_float, check_positive_int
 from .activations import Activation, dsigma, sigma
 from .model import Params, ResNet
@@ -108,7 +107,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------
 
 
-class Scheme(str, enum.Enum):
+class Scheme(OptionEnum, what="ODE scheme"):
     """Explicit Runge-Kutta scheme of the fine solver (Lorin 2020, parareal neural ODE).
 
     One step of size ``tau`` on a piece with weights ``K, b`` (``DESIGN.md`` section 4)::
@@ -126,14 +125,6 @@ class Scheme(str, enum.Enum):
     EULER = "euler"
     HEUN = "heun"
     RK4 = "rk4"
-
-    @classmethod
-    def parse(cls, value: Scheme | str) -> Scheme:
-        """The member named by ``value`` (``"euler"``, ``"heun"``, ``"rk4"``, any case).
-
-        Raises ``ValueError`` naming the valid choices otherwise.
-        """
-        return parse_option(cls, value, "ODE scheme")
 
     @property
     def stages(self) -> int:
@@ -157,7 +148,7 @@ _TABLEAUS: dict[Scheme, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]]
 _ORDERS = {Scheme.EULER: 1, Scheme.HEUN: 2, Scheme.RK4: 4}
 
 
-class NODECoarse(str, enum.Enum):
+class NODECoarse(OptionEnum, what="coarse propagator"):
     """Coarse propagator ``G_j`` of the parareal neural ODE (Lorin; ``DESIGN.md`` section 4).
 
     Both are forward Euler:
@@ -172,11 +163,6 @@ class NODECoarse(str, enum.Enum):
 
     PIECE = "piece"
     CHUNK = "chunk"
-
-    @classmethod
-    def parse(cls, value: NODECoarse | str) -> NODECoarse:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "coarse propagator")
 
 
 class NODEDivergenceError(DivergenceError):

@@ -105,7 +105,6 @@ conventions and are not taken from the paper).
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -114,7 +113,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import _config
-from ._options import parse_option
+from ._options import OptionEnum
 from ._validate import check_inputs
 from .hamiltonian import hamiltonian_grad
 from .kernels import Target, backend
@@ -140,7 +139,7 @@ TAG_STATE, TAG_COSTATE = 21, 22
 _HEADS = ("K_in", "b_in", "W", "mu")
 
 
-class LocalUpdate(str, enum.Enum):
+class LocalUpdate(OptionEnum, what="local update"):
     r"""How a chunk forms the direction of its local update.
 
     ``GRADIENT``: the parameter gradient accumulated by the fine adjoint sweep
@@ -156,13 +155,8 @@ class LocalUpdate(str, enum.Enum):
     GRADIENT = "gradient"
     HAMILTONIAN = "hamiltonian"
 
-    @classmethod
-    def parse(cls, value: LocalUpdate | str) -> LocalUpdate:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "local update")
 
-
-class ColdStart(str, enum.Enum):
+class ColdStart(OptionEnum, what="cold start"):
     """The prediction of a step without usable corrections (the first step, a new batch).
 
     ``COARSE``: the plain coarse prediction, :math:`U_{j+1} = G_j(U_j)` and
@@ -173,11 +167,6 @@ class ColdStart(str, enum.Enum):
 
     COARSE = "coarse"
     SERIAL = "serial"
-
-    @classmethod
-    def parse(cls, value: ColdStart | str) -> ColdStart:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "cold start")
 
 
 @dataclass(frozen=True)
