@@ -129,8 +129,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ._checks import check_inputs
 from ._options import OptionEnum
-from ._validate import check_inputs
 from .activations import Activation, dsigma, second_derivative, sigma
 from .discrete import binary_maximiser, ternary_maximiser
 from .kernels import Target

@@ -71,8 +71,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ._checks import check_inputs, check_positive_float, check_positive_int
 from ._options import OptionEnum
-from ._validate import check_inputs, check_positive_float, check_positive_int
 from .activations import Activation, dsigma, sigma
 from .model import Params, ResNet
 from .objective import (

@@ -113,8 +113,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import _config
+from ._checks import check_inputs
 from ._options import OptionEnum
-from ._validate import check_inputs
 from .hamiltonian import hamiltonian_grad
 from .kernels import Target, backend
 from .methods import StepOutcome, TrainingDivergedError, TrainingMethod, group_state

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _config
-from ._validate import check_inputs
+from ._checks import check_inputs
 from .kernels import Target, backend
 from .model import Params, ResNet
 from .objective import classifier_loss, opening_forward

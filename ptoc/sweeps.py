@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _config
-from ._scratch import Scratch
-from ._validate import check_inputs, check_positive_int
+from ._checks import check_inputs, check_positive_int
+from ._workspace import Workspace as Scratch
 from .kernels import Target, backend
 from .model import Params, ResNet
 from .objective import (

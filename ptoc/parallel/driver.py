@@ -431,7 +431,7 @@ def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="
         On every rank alike, before any kernel runs, when any rank's slice has a wrong
         key, shape or a non-finite entry (the message names the rank).
     """
-    from .._validate import check_inputs
+    from .._checks import check_inputs
     from ..kernels import Target
     from .options import check_solver
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._checks import check_positive_float
 from .._options import OptionEnum
-from .._validate import check_positive_float
 
 
 class CoarseWeights(OptionEnum, what="coarse-weight rule"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._scratch import Scratch
+from .._workspace import Workspace as Scratch
 from .comm import Communicator
 from .layout import layer_owner, position_owner, step_layers
 from .options import CoarseWeights
