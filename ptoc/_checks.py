@@ -1,12 +1,29 @@
-"""Input checks shared by the public functions; all run before any compiled code."""
+"""Input checks shared by the public functions; all run before any compiled code.
+
+Each check returns the value in the form the caller keeps (a ``float``, an ``int``,
+a C-contiguous array) or raises ``ValueError`` with a message that names the argument
+and shows the value it got.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .model import ResNet
+if TYPE_CHECKING:
+    from .model import ResNet
+
+__all__ = [
+    "check_inputs",
+    "check_integer",
+    "check_positive_float",
+    "check_positive_int",
+    "check_real",
+    "scalar_entry",
+]
 
 
 def check_inputs(network: ResNet, X, labels=None):
@@ -53,7 +70,7 @@ def check_inputs(network: ResNet, X, labels=None):
     return X, y
 
 
-def check_positive_float(name: str, value) -> float:
+def check_positive_float(name: str, value: Any) -> float:
     """``float(value)`` when it is a positive finite number; ``ValueError`` naming ``name``."""
     try:
         v = float(value)
@@ -64,9 +81,103 @@ def check_positive_float(name: str, value) -> float:
     return v
 
 
-def check_positive_int(name: str, value, allow_none: bool = False):
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
+    """``int(value)`` when it is an integer ``>= 1`` (not a bool); ``ValueError`` naming
+    ``name`` otherwise. With ``allow_none``, ``None`` passes through."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """``float(value)`` when it is a finite real number within the given bounds.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for the error message.
+    value : object
+        What was given; bools (Python or NumPy) are refused.
+    low, high : float, optional
+        Bounds; ``None`` for none.
+    low_open, high_open : bool
+        Whether the bound itself is excluded.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ValueError
+        ``<name> must be a real number`` for anything ``float()`` refuses, otherwise
+        ``<name> must be finite``, followed by the bounds when there are any (``must be
+        finite with 0.0 < lr``).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    bad = not math.isfinite(v)
+    if low is not None:
+        bad = bad or v < low or (low_open and v == low)
+    if high is not None:
+        bad = bad or v > high or (high_open and v == high)
+    if bad:
+        if low is None and high is None:
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
+        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
+        raise ValueError(f"{name} must be finite with {lo}{name}{hi}, got {value!r}")
+    return v
+
+
+def check_integer(name: str, value: Any, minimum: int) -> int:
+    """``int(value)`` when it is an integer (Python or NumPy, not a bool) ``>= minimum``.
+
+    Raises
+    ------
+    ValueError
+        ``<name> must be an integer >= <minimum>, got <value>``.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def scalar_entry(d: Mapping[str, Any], key: str, what: str) -> Any:
+    """The Python scalar stored under ``key`` in the state dict ``d``.
+
+    Used when restoring a state from a checkpoint, where every entry is an array.
+
+    Parameters
+    ----------
+    d : mapping
+        The state dict.
+    key : str
+        The entry to read; it must hold a 0-d array or a scalar.
+    what : str
+        What ``d`` is (``"optimiser state dict"``), for the error message.
+
+    Returns
+    -------
+    object
+        The entry as a Python scalar (``ndarray.item()``).
+
+    Raises
+    ------
+    ValueError
+        When the entry is missing or is not a scalar.
+    """
+    if key not in d:
+        raise ValueError(f"{what} has no {key!r} entry")
+    value = np.asarray(d[key])
+    if value.shape != ():
+        raise ValueError(f"{what} entry {key!r} must be a scalar")
+    return value.item()

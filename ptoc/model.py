@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from ._checks import check_positive_int
 from ._options import OptionEnum
 from .activations import Activation
 
@@ -66,12 +67,6 @@ class LayerInit(OptionEnum, what="layer initialisation"):
 #: Number of independent draws ("knots", evenly spread from the first layer to the
 #: last) that ``init_params(layers="smooth")`` interpolates between.
 SMOOTH_INIT_KNOTS = 9
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _nonnegative_float(name: str, value: object) -> float:
@@ -143,10 +138,10 @@ class ResNet:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "width", _positive_int("width", self.width))
-        set_(self, "depth", _positive_int("depth", self.depth))
-        set_(self, "n_in", _positive_int("n_in", self.n_in))
-        set_(self, "n_classes", _positive_int("n_classes", self.n_classes))
+        set_(self, "width", check_positive_int("width", self.width))
+        set_(self, "depth", check_positive_int("depth", self.depth))
+        set_(self, "n_in", check_positive_int("n_in", self.n_in))
+        set_(self, "n_classes", check_positive_int("n_classes", self.n_classes))
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
         T = _nonnegative_float("T", self.T)

@@ -129,7 +129,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._checks import check_inputs
+from ._checks import check_inputs, check_integer, check_real, scalar_entry
 from ._options import OptionEnum
 from .activations import Activation, dsigma, second_derivative, sigma
 from .discrete import binary_maximiser, ternary_maximiser
@@ -158,6 +158,9 @@ HEAD_KEYS = ("K_in", "b_in", "W", "mu")
 
 #: Default sparsity penalty of ternary weights (units of the layer's mean ``|M|``).
 DEFAULT_LAM = 1.0
+
+#: What ``load_state`` calls its input in error messages.
+_STATE_DICT = "method state dict"
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -198,33 +201,6 @@ class RhoSchedule(OptionEnum, what="rho_schedule"):
         if self is RhoSchedule.LINEAR:
             return rho * (1.0 + growth * k)
         return rho * (1.0 + growth) ** k
-
-
-def _real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-          low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-    bad = not math.isfinite(v)
-    if low is not None:
-        bad = bad or v < low or (low_open and v == low)
-    if high is not None:
-        bad = bad or v > high or (high_open and v == high)
-    if bad:
-        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
-        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
-        raise ValueError(f"{name} must be finite with {lo}{name}{hi}, got {value!r}")
-    return v
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _gradient_optimizer(name: str, value: Any) -> Optimizer:
@@ -378,7 +354,7 @@ def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x
     prm = network.check_params(params)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < network.depth:
         raise ValueError(f"layer index n must be an integer in [0, {network.depth}), got {n!r}")
-    rho = _real("rho", rho, low=0.0)
+    rho = check_real("rho", rho, low=0.0)
     arrays = [np.asarray(a, dtype=network.dtype) for a in (x, x_next, p, p_next)]
     shape = arrays[0].shape
     if len(shape) != 2 or shape[1] != network.width or shape[0] == 0:
@@ -555,15 +531,6 @@ def _head(p: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: p[k] for k in HEAD_KEYS if k in p}
 
 
-def _scalar(d: Mapping[str, Any], key: str) -> Any:
-    if key not in d:
-        raise ValueError(f"method state dict has no {key!r} entry")
-    v = np.asarray(d[key])
-    if v.shape != ():
-        raise ValueError(f"method state dict entry {key!r} must be a scalar")
-    return v.item()
-
-
 def _array(d: Mapping[str, Any], key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     if key not in d:
         raise ValueError(f"method state dict has no {key!r} entry")
@@ -631,14 +598,14 @@ class EMSA(TrainingMethod):
     target: Target | str = Target.CPU
 
     def __post_init__(self) -> None:
-        self.rho = _real("rho", self.rho, low=0.0)
+        self.rho = check_real("rho", self.rho, low=0.0)
         self.inner = InnerSolver.parse(self.inner)
-        self.inner_steps = _integer("inner_steps", self.inner_steps, 1)
-        self.lr = _real("lr", self.lr, low=0.0, low_open=True)
-        self.backtrack = _real("backtrack", self.backtrack, low=0.0, high=1.0, low_open=True,
-                               high_open=True)
-        self.max_backtracks = _integer("max_backtracks", self.max_backtracks, 0)
-        self.c1 = _real("c1", self.c1, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.inner_steps = check_integer("inner_steps", self.inner_steps, 1)
+        self.lr = check_real("lr", self.lr, low=0.0, low_open=True)
+        self.backtrack = check_real("backtrack", self.backtrack, low=0.0, high=1.0,
+                                    low_open=True, high_open=True)
+        self.max_backtracks = check_integer("max_backtracks", self.max_backtracks, 0)
+        self.c1 = check_real("c1", self.c1, low=0.0, high=1.0, low_open=True, high_open=True)
         self.head_optimizer = _gradient_optimizer("head_optimizer", self.head_optimizer)
         try:
             self.target = Target.parse(self.target)
@@ -676,10 +643,10 @@ class EMSA(TrainingMethod):
         return d
 
     def load_state(self, d: Mapping[str, Any], network: ResNet, params: Params) -> EMSAState:
-        name = _scalar(d, "method")
+        name = scalar_entry(d, "method", _STATE_DICT)
         if name != self.name:
             raise ValueError(f"this is the state of method {name!r}, not of {self.name!r}")
-        return EMSAState(int(_scalar(d, "step")),
+        return EMSAState(int(scalar_entry(d, "step", _STATE_DICT)),
                          self.head_optimizer.load_state(group_state(d, "head")))
 
     def config(self) -> dict[str, Any]:
@@ -802,17 +769,17 @@ class DiscreteMSA(TrainingMethod):
         self.kind = WeightSet.parse(self.kind)
         if self.lam is None:
             self.lam = 0.0 if self.kind is WeightSet.BINARY else DEFAULT_LAM
-        self.lam = _real("lam", self.lam, low=0.0)
+        self.lam = check_real("lam", self.lam, low=0.0)
         if self.kind is WeightSet.BINARY and self.lam != 0:
             raise ValueError(f"lam must be 0 for binary weights (|w| = 1 always), got "
                              f"{self.lam!r}")
         if self.rho is None:
             self.rho = DEFAULT_RHO[self.kind]
-        self.rho = _real("rho", self.rho, low=0.0)
+        self.rho = check_real("rho", self.rho, low=0.0)
         self.rho_schedule = RhoSchedule.parse(self.rho_schedule)
-        self.rho_growth = _real("rho_growth", self.rho_growth, low=0.0)
-        self.beta = _real("beta", self.beta, low=0.0, high=1.0, high_open=True)
-        self.init_threshold = _real("init_threshold", self.init_threshold, low=0.0)
+        self.rho_growth = check_real("rho_growth", self.rho_growth, low=0.0)
+        self.beta = check_real("beta", self.beta, low=0.0, high=1.0, high_open=True)
+        self.init_threshold = check_real("init_threshold", self.init_threshold, low=0.0)
         self.optimizer = _gradient_optimizer("optimizer", self.optimizer)
         try:
             self.target = Target.parse(self.target)
@@ -907,7 +874,7 @@ class DiscreteMSA(TrainingMethod):
 
     def load_state(self, d: Mapping[str, Any], network: ResNet,
                    params: Params) -> DiscreteState:
-        name = _scalar(d, "method")
+        name = scalar_entry(d, "method", _STATE_DICT)
         if name != self.name:
             raise ValueError(f"this is the state of method {name!r}, not of {self.name!r}")
         N, w = network.depth, network.width
@@ -915,7 +882,7 @@ class DiscreteMSA(TrainingMethod):
         allowed = (-1.0, 1.0) if self.kind is WeightSet.BINARY else (-1.0, 0.0, 1.0)
         if not np.all(np.isin(levels, allowed)):
             raise ValueError(f"method state 'levels' holds values outside {allowed}")
-        return DiscreteState(int(_scalar(d, "step")), levels,
+        return DiscreteState(int(scalar_entry(d, "step", _STATE_DICT)), levels,
                              _array(d, "log_scale", (N,), network.dtype),
                              _array(d, "moving_average", (N, w, w), network.dtype),
                              self.optimizer.load_state(group_state(d, "optimizer")))

@@ -113,7 +113,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import _config
-from ._checks import check_inputs
+from ._checks import check_inputs, scalar_entry
 from ._options import OptionEnum
 from .hamiltonian import hamiltonian_grad
 from .kernels import Target, backend
@@ -136,6 +136,8 @@ __all__ = [
 ]
 
 TAG_STATE, TAG_COSTATE = 21, 22
+#: What :meth:`PGCL.load_state` calls its input in error messages.
+_STATE_DICT = "PGCL state dict"
 _HEADS = ("K_in", "b_in", "W", "mu")
 
 
@@ -290,15 +292,6 @@ def _copy_tree(obj: Any) -> Any:
     if hasattr(obj, "__dataclass_fields__"):
         return type(obj)(**{k: _copy_tree(getattr(obj, k)) for k in obj.__dataclass_fields__})
     return obj
-
-
-def _scalar(d: Mapping[str, Any], key: str) -> Any:
-    if key not in d:
-        raise ValueError(f"PGCL state dict has no {key!r} entry")
-    value = np.asarray(d[key])
-    if value.shape != ():
-        raise ValueError(f"PGCL state dict entry {key!r} must be a scalar")
-    return value.item()
 
 
 @dataclass
@@ -477,10 +470,9 @@ class PGCL(TrainingMethod):
 
     def load_state(self, d: Mapping[str, Any], network: ResNet, params: Params) -> PGCLState:
         """Inverse of :meth:`state_dict` (also accepts what :func:`numpy.load` returns)."""
-        if "method" in d and _scalar(d, "method") != self.name:
-            raise ValueError(f"this is the state of method {_scalar(d, 'method')!r}, not "
-                             f"{self.name!r}")
-        P = int(_scalar(d, "ranks"))
+        if "method" in d and (method := scalar_entry(d, "method", _STATE_DICT)) != self.name:
+            raise ValueError(f"this is the state of method {method!r}, not {self.name!r}")
+        P = int(scalar_entry(d, "ranks", _STATE_DICT))
         if P != self.ranks:
             raise ValueError(f"the saved PGCL state is for {P} ranks (chunks); this PGCL runs "
                              f"on {self.ranks}: resume with the same number of ranks")
@@ -499,8 +491,9 @@ class PGCL(TrainingMethod):
                                               if k in g else None)
                                           for k in ChunkMemory.__dataclass_fields__}))
             memory = tuple(mem)
-        return PGCLState(ranks=P, step=int(_scalar(d, "step")), optimizer=opt, batch=batch,
-                         memory=memory, defects=(defects[0], defects[1]))
+        step = int(scalar_entry(d, "step", _STATE_DICT))
+        return PGCLState(ranks=P, step=step, optimizer=opt, batch=batch, memory=memory,
+                         defects=(defects[0], defects[1]))
 
     @property
     def writes_files(self) -> bool:
