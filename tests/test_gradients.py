@@ -140,7 +140,7 @@ def test_checkpointed_forward_keeps_the_marked_states():
         assert np.array_equal(ck.states[k], full.states[n])
 
 
-@pytest.mark.parametrize("target", ["numpy", "cpu", "cuda"])
+@pytest.mark.parametrize("target", ["numpy", "cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_targets_agree_on_loss_and_gradient(target):
     net, params, X, y = problem("smoothrelu", depth=3 if target == "cuda" else 8,
                                 S=6 if target == "cuda" else 40)

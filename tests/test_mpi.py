@@ -21,6 +21,8 @@ from ptoc.parallel.driver import parallel_gradient
 
 MPIEXEC = shutil.which("mpiexec")
 
+pytestmark = pytest.mark.mpi  # every test here launches mpiexec
+
 
 def mpiexec(P, *args, timeout=120):
     assert MPIEXEC is not None, "mpiexec not found: pip install 'ptoc[test]' provides it"

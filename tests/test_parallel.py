@@ -389,6 +389,7 @@ def test_parareal_accepts_a_coarse_network_or_a_function():
         ptoc.loss_and_grad(net, params, X, y, solver=Parareal(chunks=P, coarse=coarse.step))
 
 
+@pytest.mark.cuda
 def test_cuda_target_through_the_solvers():
     net, params, X, y = problem(depth=6, S=3, width=3)
     loss, grads = ptoc.loss_and_grad(net, params, X, y)
