@@ -2,7 +2,7 @@
 """Strong scaling across layers: ptoc's parareal and MGRIT measured on 1 and 2 MPI ranks,
 and the speed-up of P = 4 ... 64 ranks predicted from the counted critical path.
 
-The problem is that of ``ptoc solve`` (issue 3): ``X_{n+1} = X_n + h tanh(X_n K_n^T +
+The problem is that of ``ptoc solve``: ``X_{n+1} = X_n + h tanh(X_n K_n^T +
 b_n)``, d = 16, batch 32, T = 1, K_n ~ N(0, 1/d), b_n ~ N(0, 1), X_0 ~ N(0, 1), seed 0,
 for N = 1024, 2048, 4096, 8192, 16384 layers. Solvers (``ptoc solve`` options):
 

@@ -13,7 +13,7 @@ from ._options import OptionEnum
 
 
 class Activation(OptionEnum, what="activation"):
-    """Activation ``sigma`` of the residual layers (``DESIGN.md`` section 1).
+    """Activation ``sigma`` of the residual layers (:doc:`/theory/resnet`).
 
     ``TANH``
         ``tanh(a)``.

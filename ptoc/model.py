@@ -1,6 +1,6 @@
 """The network description and its parameters.
 
-A :class:`ResNet` is the discrete optimal-control problem of ``DESIGN.md`` section 1:
+A :class:`ResNet` is the discrete optimal-control problem of :doc:`/theory/resnet`:
 an opening layer, ``N`` forward-Euler residual layers on ``[0, T]`` with step
 ``h = T/N`` and a softmax classifier. Its trainable values are a :class:`Params`,
 which converts losslessly to and from a plain ``dict`` of NumPy arrays so that
@@ -83,7 +83,7 @@ def _nonnegative_float(name: str, value: object) -> float:
 class ResNet:
     """A residual network seen as a discrete optimal-control problem.
 
-    Forward propagation (``DESIGN.md`` section 1; Günther et al. 2020)::
+    Forward propagation (:doc:`/theory/resnet`; Günther et al. 2020)::
 
         x_0     = sigma(K_in y + b_in)                (or x_0 = y, identity opening)
         x_{n+1} = x_n + h sigma(K_n x_n + b_n),       n = 0..N-1,  h = T/N
@@ -315,9 +315,9 @@ class ResNet:
 class Params(Mapping):
     """Trainable parameters of a :class:`ResNet`.
 
-    The controls ``theta`` of the optimal-control problem (``DESIGN.md`` section 1;
-    Günther et al. 2020): ``theta_n = (K_n, b_n)`` of every residual layer, the opening
-    layer and the classifier. Theory: :doc:`/theory/resnet`.
+    The controls ``theta`` of the optimal-control problem (Günther et al. 2020):
+    ``theta_n = (K_n, b_n)`` of every residual layer, the opening layer and the
+    classifier. Theory: :doc:`/theory/resnet`.
 
     Attributes
     ----------

@@ -1,7 +1,7 @@
 r"""Method of successive approximations: MSA, E-MSA and discrete-weight training.
 
 Training by the discrete Pontryagin maximum principle instead of by gradients
-(``DESIGN.md`` section 3): Li & Hao, "An optimal control approach to deep learning and
+(:doc:`/theory/msa`): Li & Hao, "An optimal control approach to deep learning and
 applications to discrete-weight neural networks", ICML 2018 (arXiv:1803.01299; the
 discrete-time MSA, its error-controlled form and, in their section on discrete
 weights, the binary and ternary updates), and Li, Chen, Tai & E, "Maximum principle
@@ -25,7 +25,7 @@ One step on a batch of ``S`` samples, for every method here:
 E-MSA (:class:`EMSA`) and MSA (:class:`MSA`, ``rho = 0``)
 ---------------------------------------------------------
 
-Layer ``n`` maximises the extended Hamiltonian (``DESIGN.md`` section 3, E-MSA)
+Layer ``n`` maximises the extended Hamiltonian (E-MSA)
 
 .. math::
 
@@ -37,7 +37,7 @@ with ``sum_s H_n = sum_s p_{n+1,s} . Phi_n(x_{n,s}; theta) - R_n(theta)`` and
 ``grad_x H_n(x, p, theta) = p + h K^T (sigma'(K x + b) * p)``.
 
 *How ``rho`` is scaled, and why.* ptoc's co-states carry the batch mean:
-``lambda_N = dPhi/dx_N`` includes ``1/S`` (``DESIGN.md`` section 2), so ``p_{n,s} = P_{n,s}/S``
+``lambda_N = dPhi/dx_N`` includes ``1/S`` (:doc:`/theory/adjoint`), so ``p_{n,s} = P_{n,s}/S``
 with per-sample co-states ``P_{n,s}`` of size O(1) that do not depend on ``S``. Li, Chen,
 Tai & E write the extended Hamiltonian per sample, with per-sample co-states, and
 maximise its batch *mean*:
@@ -328,8 +328,8 @@ def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x
 
     ``F_n = sum_s H_n(x_s, p_{n+1,s}, theta) - rho/(2S) sum_s ||x_{n+1,s} - Phi_n(x_s; theta)||^2
     - (rho S/2) sum_s ||p_{n,s} - grad_x H_n(x_s, p_{n+1,s}, theta)||^2`` (module docstring;
-    Li, Chen, Tai & E 2018, extended Hamiltonian, with per-sample co-states ``S p``;
-    ``DESIGN.md`` section 3, E-MSA). At ``rho = 0`` it is
+    Li, Chen, Tai & E 2018, extended Hamiltonian, with per-sample co-states ``S p``).
+    At ``rho = 0`` it is
     :func:`ptoc.hamiltonian`. Theory: :doc:`/theory/msa`.
 
     Parameters
@@ -557,7 +557,7 @@ class EMSA(TrainingMethod):
     Li & Hao 2018), as a :class:`ptoc.methods.TrainingMethod`.
 
     Each step: forward sweep, backward sweep, then every residual layer increases its
-    extended Hamiltonian ``F_n`` (module docstring; ``DESIGN.md`` section 3, E-MSA) by
+    extended Hamiltonian ``F_n`` (module docstring) by
     ``inner_steps`` line-searched iterations, independently of the other layers; the
     head takes one ``head_optimizer`` step. Theory: :doc:`/theory/msa`.
 
@@ -659,8 +659,8 @@ class EMSA(TrainingMethod):
 @dataclass
 class MSA(EMSA):
     """The basic method of successive approximations (Li & Hao 2018): :class:`EMSA`
-    with ``rho = 0``, i.e. each layer increases ``sum_s H_n`` itself (``DESIGN.md``
-    section 3, MSA). Takes the same options as :class:`EMSA` except ``rho``.
+    with ``rho = 0``, i.e. each layer increases ``sum_s H_n`` itself
+    (:doc:`/theory/msa`). Takes the same options as :class:`EMSA` except ``rho``.
 
     Theory: :doc:`/theory/msa`.
     """
@@ -723,7 +723,7 @@ class DiscreteMSA(TrainingMethod):
     residual weights of the ``params`` handed to :meth:`step` are ignored and replaced
     by ``a_n W_n`` from the state (:meth:`init` quantises the float ``K`` it is given;
     :meth:`discrete_params` gives those parameters before the first step).
-    ``DESIGN.md`` section 3 (discrete weights). Theory: :doc:`/theory/msa`.
+    Theory: :doc:`/theory/msa` (discrete weights).
 
     Parameters
     ----------

@@ -1,7 +1,7 @@
 r"""Predict globally, correct locally: layer-parallel training by chunks (Parpas & Muir).
 
-``DESIGN.md`` section 4 ("Predict globally, correct locally"). The ``N`` residual
-layers are split into ``P`` contiguous chunks, ``a_0 = 0 < a_1 < ... < a_P = N``
+Theory: :doc:`/theory/pgcl`. The ``N`` residual layers are split into ``P``
+contiguous chunks, ``a_0 = 0 < a_1 < ... < a_P = N``
 (:func:`ptoc.parallel.partition`: uneven chunks allowed, ``P <= N``), one chunk per
 rank. Chunk ``j`` holds layers ``a_j .. a_{j+1}-1``, ``L_j = a_{j+1} - a_j`` of them, and
 its fine propagator ``F_j`` runs them exactly. Its coarse propagator is one step of
@@ -49,7 +49,7 @@ One step on a batch ``(X, y)``
 
 2. **Correct (local, parallel).** Every chunk ``j``, independently, runs its own layers
    forward from :math:`U_j` and backward from :math:`\Lambda_{j+1}`
-   (``DESIGN.md`` section 2), which is the gradient of its *local objective*
+   (:doc:`/theory/adjoint`), which is the gradient of its *local objective*
 
    .. math::
 
@@ -88,8 +88,8 @@ repeat, so the correction makes every prediction exact (:math:`U_{j+1} = F_j(U_j
 :math:`\Lambda_j = F_j'^T\Lambda_{j+1}`), the local gradients are the exact gradient,
 and a gradient update that leaves the weights unchanged needs it to vanish: the fixed
 points of PGCL are the stationary points of the serial method. Away from them the step
-is a gradient step with errors that vanish as the predictions converge (Parpas & Muir;
-``DESIGN.md`` section 4). With unchanged weights, repeated steps are parareal
+is a gradient step with errors that vanish as the predictions converge (Parpas &
+Muir). With unchanged weights, repeated steps are parareal
 iterations: after ``k`` of them the first ``k+1`` chunk initial states are exact.
 
 Costs (per step, one layer step = one fine layer, one fine adjoint layer with its
@@ -145,11 +145,11 @@ class LocalUpdate(OptionEnum, what="local update"):
     r"""How a chunk forms the direction of its local update.
 
     ``GRADIENT``: the parameter gradient accumulated by the fine adjoint sweep
-    (``DESIGN.md`` section 2) plus the regulariser's. ``HAMILTONIAN``: minus the gradient
+    (:doc:`/theory/adjoint`) plus the regulariser's. ``HAMILTONIAN``: minus the gradient
     of the layer Hamiltonians, :math:`-\nabla_\theta \sum_s H_n(x_n, p_{n+1}, \theta)`
     with :math:`p = -\lambda`, from :func:`ptoc.hamiltonian_grad` layer by layer (a step
     along it is Hamiltonian ascent). The two coincide, :math:`\nabla_\theta \sum_s H_n =
-    -\partial J/\partial\theta_n` (``DESIGN.md`` section 3), up to round-off from the
+    -\partial J/\partial\theta_n` (:doc:`/theory/maximum_principle`), up to round-off from the
     different summation; ``HAMILTONIAN`` is the slower reference path. The head takes
     its gradient in both cases (it has no layer Hamiltonian).
     """
@@ -313,7 +313,7 @@ class _Job:
 
 @dataclass
 class PGCL(TrainingMethod):
-    r"""Predict globally, correct locally (Parpas & Muir; ``DESIGN.md`` section 4).
+    r"""Predict globally, correct locally (Parpas & Muir; :doc:`/theory/pgcl`).
 
     See the module docstring for the equations. One :meth:`step` predicts the chunk
     boundary states and co-states with the coarse network and last step's fine

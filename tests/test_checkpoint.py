@@ -1,5 +1,5 @@
 """Checkpoints and resuming: a run killed at any moment and resumed ends with exactly the
-parameters of a run never interrupted (issue 4, item 6)."""
+parameters of a run never interrupted (docs/running.md, "Checkpoints and resuming")."""
 
 import json
 import os

@@ -1,5 +1,5 @@
 """The documentation site builds offline with warnings as errors, and every tutorial's
-code runs (issue 6): the docs cannot rot.
+code runs: the docs cannot rot.
 
 A tutorial page (``docs/tutorials/*.md``) is executed top to bottom: its ```python
 blocks in one shared namespace (like a notebook), its ```bash blocks with ``bash -e``,

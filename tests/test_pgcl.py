@@ -1,4 +1,4 @@
-"""Predict globally, correct locally (Parpas & Muir; DESIGN.md section 4): ptoc.pgcl.PGCL."""
+"""Predict globally, correct locally (Parpas & Muir; docs/theory/pgcl.md): ptoc.pgcl.PGCL."""
 
 import importlib.util
 import json

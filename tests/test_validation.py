@@ -1,4 +1,4 @@
-"""``ptoc validate`` and the claim scripts of ``validation/``, in quick mode (issue 5).
+"""``ptoc validate`` and the claim scripts of ``validation/``, in quick mode.
 
 Every claim script runs in CI; its verdict must be the one its full run gives: ``pass``
 for the claims that hold, and for a claim whose check the measurements contradict,

@@ -20,7 +20,7 @@ from ptoc.discrete import binary_maximiser, discrete_objective, ternary_maximise
 
 NUMBER = 9
 CLAIM = "the closed-form ternary and binary maximisers equal brute force over the discrete set"
-SOURCE = "Li & Hao 2018, discrete-weight MSA; DESIGN.md section 3"
+SOURCE = "Li & Hao 2018, discrete-weight MSA; docs/theory/msa.md"
 
 
 def _brute(M, W, rho, lam, levels):

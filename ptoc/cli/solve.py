@@ -30,12 +30,12 @@ def add_parser(sub) -> None:
         help="solve the state/adjoint sweeps layer-parallel (serial, parareal, MGRIT)",
         description=(
             "Solve the forward (state) sweep, the adjoint sweep, or both with the\n"
-            "gradient, of a ResNet layer-parallel (DESIGN.md section 4) and print the\n"
-            "iterations, the residual history, the time and the layer steps in total and\n"
-            "on the critical path.\n\n"
-            "The default problem is the benchmark of issue 3: X_{n+1} = X_n +\n"
-            "h tanh(X_n K_n^T + b_n), d = 16, batch 32, N = 1024, T = 1, K_n ~ N(0, 1/d),\n"
-            "b_n ~ N(0, 1), X_0 ~ N(0, 1) (an identity opening layer).\n\n"
+            "gradient, of a ResNet layer-parallel and print the iterations, the residual\n"
+            "history, the time and the layer steps in total and on the critical path\n"
+            "(theory: docs/theory/parareal.md and docs/theory/mgrit.md).\n\n"
+            "The default problem is the solver benchmark of docs/benchmarks.md:\n"
+            "X_{n+1} = X_n + h tanh(X_n K_n^T + b_n), d = 16, batch 32, N = 1024, T = 1,\n"
+            "K_n ~ N(0, 1/d), b_n ~ N(0, 1), X_0 ~ N(0, 1) (an identity opening layer).\n\n"
             "Ranks: under mpiexec every rank takes its share of the layers (MPI);\n"
             "otherwise --ranks simulates that many ranks in this process. Set\n"
             "OPENBLAS_NUM_THREADS=1 under mpiexec; Numba uses cores/ranks threads per rank\n"

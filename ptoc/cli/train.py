@@ -96,7 +96,7 @@ def add_parser(sub) -> None:
         "train",
         help="train a ResNet and write model, history and plot",
         description=(
-            "Train a residual network (forward-Euler ResNet, DESIGN.md section 1) with\n"
+            "Train a residual network (forward-Euler ResNet, docs/theory/resnet.md) with\n"
             "mini-batch Adam or SGD on exact serial adjoint gradients. The training set\n"
             "is reshuffled every epoch with numpy.random.default_rng(--seed); the\n"
             "initial parameters are ResNet.init_params(--seed, --init-scale,\n"

@@ -3,7 +3,7 @@
 Strategies (:class:`Serial`, :class:`Parareal`, :class:`MGRIT`) are passed as ``solver=``
 to :func:`ptoc.forward`, :func:`ptoc.adjoint` and :func:`ptoc.loss_and_grad`; ranks come
 from ``comm=`` (:class:`SimulatedRanks` in one process, :class:`MPIRanks` under
-``mpiexec``). See ``DESIGN.md`` section 4.
+``mpiexec``). Theory: :doc:`/theory/parareal`, :doc:`/theory/mgrit`.
 """
 
 from .comm import Communicator, MPIRanks, RankFailedError, SimulatedRanks, SingleRank, StepCount
