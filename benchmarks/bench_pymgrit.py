@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """ptoc's MGRIT against PyMGRIT 1.0.6 on the forward sweep of a ResNet (one process).
 
-The problem (the benchmark of issue 3, the same as ``ptoc solve --sweep forward``):
+The problem (the solver benchmark of docs/benchmarks.md, the same as
+``ptoc solve --sweep forward``):
 ``X_{n+1} = X_n + h tanh(X_n K_n^T + b_n)``, width d = 16, batch S = 32, N = 1024
 layers, T = 1 (h = 1/N), K_n ~ N(0, 1/d), b_n ~ N(0, 1), X_0 ~ N(0, 1), float64,
 random numbers drawn as ``ptoc solve --seed`` draws them.

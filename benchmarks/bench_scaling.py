@@ -2,7 +2,7 @@
 """Strong scaling across layers: ptoc's parareal and MGRIT measured on 1 and 2 MPI ranks,
 and the speed-up of P = 4 ... 64 ranks predicted from the counted critical path.
 
-The problem is that of ``ptoc solve`` (issue 3): ``X_{n+1} = X_n + h tanh(X_n K_n^T +
+The problem is that of ``ptoc solve``: ``X_{n+1} = X_n + h tanh(X_n K_n^T +
 b_n)``, d = 16, batch 32, T = 1, K_n ~ N(0, 1/d), b_n ~ N(0, 1), X_0 ~ N(0, 1), seed 0,
 for N = 1024, 2048, 4096, 8192, 16384 layers. Solvers (``ptoc solve`` options):
 
@@ -135,7 +135,7 @@ def worker(spec_path: str) -> int:
     """Run every configuration of the spec, round after round, as ``ptoc solve`` does.
 
     The problem and the solver come from ``ptoc solve``'s own code (its argument parser,
-    ``ptoc.solve_cli._problem`` and ``_solver``) and the same driver call
+    ``ptoc.cli.solve._problem`` and ``_solver``) and the same driver call
     (``parallel_forward`` or ``parallel_gradient`` on :class:`MPIRanks`); what differs
     from ``ptoc solve`` is that the solves repeat in one process and that every rank's
     ``SolveResult.wall_time`` is kept (``ptoc solve --json`` keeps rank 0's only).
@@ -143,9 +143,9 @@ def worker(spec_path: str) -> int:
     import time as _time
 
     from ptoc.cli import build_parser
+    from ptoc.cli.solve import _problem, _solver
     from ptoc.parallel import MPIRanks, SingleRank
     from ptoc.parallel.driver import parallel_forward, parallel_gradient
-    from ptoc.solve_cli import _problem, _solver
 
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Serial against simultaneous layer-parallel training on Peaks (issue 4, item 8).
+"""Serial against simultaneous layer-parallel training on Peaks.
 
 The setting of Günther et al. (2020) for Peaks: a ResNet of width 8 and 32 layers,
 SmoothReLU, ``T = 5``, trained full batch with L-BFGS (memory 10, Armijo

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 3's measurements that need a machine with many cores (the lent device: 16 cores,
-# no network), each part sized to fit one device call of at most 10 minutes.
+# The measurements of docs/benchmarks.md that need a machine with many cores (the lent
+# device: 16 cores, no network), each part sized to fit one device call of at most 10 minutes.
 #
 #   bash benchmarks/device.sh prepare    # here, with network: wheels into .whl/ (ignored)
 #   bash benchmarks/device.sh pymgrit    # there: ptoc MGRIT vs PyMGRIT, all cores

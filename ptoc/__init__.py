@@ -6,8 +6,10 @@ it is a discrete optimal-control problem. ptoc implements the network
 Hamiltonian of the maximum principle (:func:`hamiltonian`), per-layer kernels on
 three targets (:mod:`ptoc.kernels`: NumPy, Numba CPU, Numba CUDA), and the
 propagator contract that layer-parallel solvers use (:class:`Propagator`,
-:func:`check_propagator`). The mathematics and its one sign convention are in
-``DESIGN.md``; every docstring names the equation it implements.
+:func:`check_propagator`). The mathematics is derived in the theory pages
+(:doc:`/theory/index`), and the layers of the package, its one sign convention and
+where each equation is implemented are in :doc:`/architecture`; every docstring names
+the equation it implements.
 
 Quick example
 -------------
@@ -35,6 +37,7 @@ from . import (
     simultaneous,
     training,
 )
+from ._version import __version__ as __version__
 from .activations import Activation
 from .hamiltonian import hamiltonian, hamiltonian_grad
 from .io import load_model, save_model
@@ -77,8 +80,6 @@ from .sweeps import (
     predict_logits,
 )
 from .training import History, TrainResult, train
-
-__version__ = "0.1.0"
 
 __all__ = [
     "EMSA",

@@ -6,16 +6,14 @@ forms here are the readable reference and are tested against them.
 
 from __future__ import annotations
 
-import enum
-
 import numpy as np
 
 from . import _maths
-from ._options import parse_option
+from ._options import OptionEnum
 
 
-class Activation(str, enum.Enum):
-    """Activation ``sigma`` of the residual layers (``DESIGN.md`` section 1).
+class Activation(OptionEnum, what="activation"):
+    """Activation ``sigma`` of the residual layers (:doc:`/theory/resnet`).
 
     ``TANH``
         ``tanh(a)``.
@@ -35,11 +33,6 @@ class Activation(str, enum.Enum):
     def code(self) -> int:
         """The integer code the compiled kernels take (private)."""
         return _CODES[self]
-
-    @classmethod
-    def parse(cls, value: Activation | str) -> Activation:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "activation")
 
     def __call__(self, a: np.ndarray) -> np.ndarray:
         """``sigma(a)``, elementwise (NumPy reference)."""

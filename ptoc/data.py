@@ -263,8 +263,7 @@ def peaks(
     maximum of ``z`` over the mesh, giving five classes. Both splits contain the same
     number of samples of every class, drawn with replacement from that class's mesh
     points. The inputs are the coordinates ``(x, y)``, so ``n_in = 2``. At zero weights
-    every network's loss on it is ``ln 5`` (``DESIGN.md`` section 1). Theory:
-    :doc:`/theory/resnet`.
+    every network's loss on it is ``ln 5``. Theory: :doc:`/theory/resnet`.
 
     Parameters
     ----------

@@ -5,7 +5,7 @@ weights ``K_n = a_n W_n`` with a per-layer scale ``a_n > 0`` and ``W_n`` in a di
 set: binary ``{-1, +1}`` or ternary ``{-1, 0, +1}``. Its Hamiltonian is linearised in
 ``W`` around the current weights, ``M = d(sum_s H_n)/dW`` (in practice a moving
 average over batches), and each entry is then chosen independently
-(``DESIGN.md`` section 3) to maximise
+(:doc:`/theory/msa`, discrete weights) to maximise
 
 .. math::
 
@@ -53,7 +53,7 @@ def ternary_maximiser(M, W, rho: float = 0.0, lam: float = 0.0) -> np.ndarray:
     """Entry-wise maximiser of :func:`discrete_objective` over ``{-1, 0, +1}``.
 
     The closed form of the penalised Hamiltonian maximisation of Li & Hao 2018
-    (discrete weights; ``DESIGN.md`` section 3), derived in the module docstring.
+    (discrete weights), derived in the module docstring.
     Theory: :doc:`/theory/msa`.
 
     Parameters
@@ -81,8 +81,7 @@ def binary_maximiser(M, W, rho: float = 0.0) -> np.ndarray:
     """Entry-wise maximiser of :func:`discrete_objective` over ``{-1, +1}``:
     ``sign(M + 2 rho W)``, ``+1`` on ties.
 
-    Li & Hao 2018 (discrete weights; ``DESIGN.md`` section 3). Theory:
-    :doc:`/theory/msa`.
+    Li & Hao 2018 (discrete weights). Theory: :doc:`/theory/msa`.
     """
     M, W = _check(M, W, rho, 0.0)
     return np.where(M + 2.0 * rho * W >= 0.0, 1.0, -1.0)

@@ -1,7 +1,7 @@
 """The layer Hamiltonian of the discrete maximum principle (Li & Hao 2018).
 
-``DESIGN.md`` section 3. With co-state ``p = -lambda``, the Hamiltonian of layer ``n``
-summed over the batch is
+Theory: :doc:`/theory/maximum_principle`. With co-state ``p = -lambda``, the
+Hamiltonian of layer ``n`` summed over the batch is
 
     sum_s H_n(x_s, p_s, theta) = sum_s p_s . Phi_n(x_s; theta) - R_n(theta),
 
@@ -38,8 +38,8 @@ def hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, p_next, K=
                 *, target: Target | str = Target.CPU) -> float:
     """``sum_s H_n(x_s, p_{n+1,s}, theta)`` with ``theta = (K, b)`` (default: layer ``n``'s).
 
-    The layer Hamiltonian of the discrete maximum principle (Li & Hao 2018;
-    ``DESIGN.md`` section 3): ``sum_s p_{n+1,s} . Phi_n(x_s; theta) - R_n(theta)``.
+    The layer Hamiltonian of the discrete maximum principle (Li & Hao 2018):
+    ``sum_s p_{n+1,s} . Phi_n(x_s; theta) - R_n(theta)``.
     Theory: :doc:`/theory/maximum_principle`.
 
     Parameters
@@ -65,7 +65,7 @@ def hamiltonian_grad(network: ResNet, params: Params | Mapping, n: int, x, p_nex
                      b=None, *, target: Target | str = Target.CPU):
     """Gradient in ``(K, b)`` of :func:`hamiltonian`; equals ``-dJ/dtheta_n`` at ``theta_n``.
 
-    ``grad_theta sum_s H_n = -dJ/dtheta_n`` (Li & Hao 2018; ``DESIGN.md`` section 3):
+    ``grad_theta sum_s H_n = -dJ/dtheta_n`` (Li & Hao 2018):
     gradient descent is Hamiltonian ascent. Theory: :doc:`/theory/maximum_principle`.
 
     Returns

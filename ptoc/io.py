@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ._version import __version__
 from .model import PARAM_KEYS, Params, ResNet
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_model", "network_from_dict", "network_to_dict",
@@ -142,8 +143,6 @@ def save_model(path: str | os.PathLike, network: ResNet, params: Params | Mappin
     entries["extra"] = np.array(_strict_json(dict(extra or {}), "extra"))
     entries["format"] = np.array(FORMAT)
     entries["format_version"] = np.array(FORMAT_VERSION, dtype=np.int64)
-    from . import __version__
-
     entries["ptoc_version"] = np.array(__version__)
     _atomic_savez(path, entries)
     return path

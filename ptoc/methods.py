@@ -9,7 +9,8 @@ a small object of options with an explicit state that the loop threads through::
         outcome = method.step(network, params, state, X, y)
         params, state = outcome.params, outcome.state
 
-The methods of ``DESIGN.md`` sections 3-4:
+The methods (theory: :doc:`/theory/msa`, :doc:`/theory/simultaneous`,
+:doc:`/theory/pgcl`, :doc:`/theory/node`):
 
 * :class:`GradientMethod`: an optimiser (:mod:`ptoc.optim`) on a gradient. The
   gradient comes from ``grad_fn(params, X, y) -> (loss, grads)``: the exact serial
@@ -116,7 +117,7 @@ class TrainingMethod:
     def evaluator(self) -> Callable[[Params, np.ndarray, np.ndarray],
                                     tuple[float, float]] | None:
         """``evaluate(params, X, y) -> (J, accuracy)`` of the model this method trains, when
-        it is not the ResNet of ``DESIGN.md`` section 1 (e.g. a neural ODE); None (the
+        it is not the ResNet of :doc:`/theory/resnet` (e.g. a neural ODE); None (the
         default) means the ResNet's own :func:`ptoc.loss` and :func:`ptoc.accuracy`."""
         return None
 
@@ -274,9 +275,9 @@ class _CallableGradient(GradientFunction):
 class GradientMethod(TrainingMethod):
     """``params <- optimizer.update(params, grad_fn(params, X, y))``.
 
-    The gradient is the exact discrete adjoint (``DESIGN.md`` section 2) by default, or
-    an inexact layer-parallel one: simultaneous training (Günther et al. 2020) or the
-    parareal neural ODE (Lorin 2020), ``DESIGN.md`` section 4. Theory:
+    The gradient is the exact discrete adjoint by default, or an inexact
+    layer-parallel one: simultaneous training (Günther et al. 2020) or the parareal
+    neural ODE (Lorin 2020). Theory:
     :doc:`/theory/adjoint`, :doc:`/theory/simultaneous`, :doc:`/theory/node`.
 
     Parameters

@@ -1,6 +1,6 @@
 """The network description and its parameters.
 
-A :class:`ResNet` is the discrete optimal-control problem of ``DESIGN.md`` section 1:
+A :class:`ResNet` is the discrete optimal-control problem of :doc:`/theory/resnet`:
 an opening layer, ``N`` forward-Euler residual layers on ``[0, T]`` with step
 ``h = T/N`` and a softmax classifier. Its trainable values are a :class:`Params`,
 which converts losslessly to and from a plain ``dict`` of NumPy arrays so that
@@ -12,13 +12,13 @@ shape ``(S, features)``, one sample per row, C-contiguous.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from ._options import parse_option
+from ._checks import check_positive_int
+from ._options import OptionEnum
 from .activations import Activation
 
 #: Keys of the parameter dictionary, in a fixed order.
@@ -26,7 +26,7 @@ PARAM_KEYS = ("K", "b", "K_in", "b_in", "W", "mu")
 _SUPPORTED_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 
 
-class Opening(str, enum.Enum):
+class Opening(OptionEnum, what="opening layer"):
     """The opening layer mapping an input ``y`` to the first state ``x_0``.
 
     ``DENSE``: ``x_0 = sigma(K_in y + b_in)``. ``IDENTITY``: ``x_0 = y`` (needs
@@ -35,11 +35,6 @@ class Opening(str, enum.Enum):
 
     DENSE = "dense"
     IDENTITY = "identity"
-
-    @classmethod
-    def parse(cls, value: Opening | str) -> Opening:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "opening layer")
 
 
 def _interpolate_knots(knots: np.ndarray, n: int) -> np.ndarray:
@@ -57,7 +52,7 @@ def _interpolate_knots(knots: np.ndarray, n: int) -> np.ndarray:
     return (w0 * knots[j] + w1 * knots[j + 1]) / np.sqrt(w0**2 + w1**2)
 
 
-class LayerInit(str, enum.Enum):
+class LayerInit(OptionEnum, what="layer initialisation"):
     """How :meth:`ResNet.init_params` relates the weights of different layers.
 
     ``INDEPENDENT``: every ``K_n`` drawn on its own. ``SMOOTH``: ``K_n`` varies
@@ -68,21 +63,10 @@ class LayerInit(str, enum.Enum):
     INDEPENDENT = "independent"
     SMOOTH = "smooth"
 
-    @classmethod
-    def parse(cls, value: LayerInit | str) -> LayerInit:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "layer initialisation")
-
 
 #: Number of independent draws ("knots", evenly spread from the first layer to the
 #: last) that ``init_params(layers="smooth")`` interpolates between.
 SMOOTH_INIT_KNOTS = 9
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _nonnegative_float(name: str, value: object) -> float:
@@ -99,7 +83,7 @@ def _nonnegative_float(name: str, value: object) -> float:
 class ResNet:
     """A residual network seen as a discrete optimal-control problem.
 
-    Forward propagation (``DESIGN.md`` section 1; Günther et al. 2020)::
+    Forward propagation (:doc:`/theory/resnet`; Günther et al. 2020)::
 
         x_0     = sigma(K_in y + b_in)                (or x_0 = y, identity opening)
         x_{n+1} = x_n + h sigma(K_n x_n + b_n),       n = 0..N-1,  h = T/N
@@ -154,10 +138,10 @@ class ResNet:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "width", _positive_int("width", self.width))
-        set_(self, "depth", _positive_int("depth", self.depth))
-        set_(self, "n_in", _positive_int("n_in", self.n_in))
-        set_(self, "n_classes", _positive_int("n_classes", self.n_classes))
+        set_(self, "width", check_positive_int("width", self.width))
+        set_(self, "depth", check_positive_int("depth", self.depth))
+        set_(self, "n_in", check_positive_int("n_in", self.n_in))
+        set_(self, "n_classes", check_positive_int("n_classes", self.n_classes))
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
         T = _nonnegative_float("T", self.T)
@@ -331,9 +315,9 @@ class ResNet:
 class Params(Mapping):
     """Trainable parameters of a :class:`ResNet`.
 
-    The controls ``theta`` of the optimal-control problem (``DESIGN.md`` section 1;
-    Günther et al. 2020): ``theta_n = (K_n, b_n)`` of every residual layer, the opening
-    layer and the classifier. Theory: :doc:`/theory/resnet`.
+    The controls ``theta`` of the optimal-control problem (Günther et al. 2020):
+    ``theta_n = (K_n, b_n)`` of every residual layer, the opening layer and the
+    classifier. Theory: :doc:`/theory/resnet`.
 
     Attributes
     ----------

@@ -1,7 +1,7 @@
 r"""Method of successive approximations: MSA, E-MSA and discrete-weight training.
 
 Training by the discrete Pontryagin maximum principle instead of by gradients
-(``DESIGN.md`` section 3): Li & Hao, "An optimal control approach to deep learning and
+(:doc:`/theory/msa`): Li & Hao, "An optimal control approach to deep learning and
 applications to discrete-weight neural networks", ICML 2018 (arXiv:1803.01299; the
 discrete-time MSA, its error-controlled form and, in their section on discrete
 weights, the binary and ternary updates), and Li, Chen, Tai & E, "Maximum principle
@@ -25,7 +25,7 @@ One step on a batch of ``S`` samples, for every method here:
 E-MSA (:class:`EMSA`) and MSA (:class:`MSA`, ``rho = 0``)
 ---------------------------------------------------------
 
-Layer ``n`` maximises the extended Hamiltonian (``DESIGN.md`` section 3, E-MSA)
+Layer ``n`` maximises the extended Hamiltonian (E-MSA)
 
 .. math::
 
@@ -37,7 +37,7 @@ with ``sum_s H_n = sum_s p_{n+1,s} . Phi_n(x_{n,s}; theta) - R_n(theta)`` and
 ``grad_x H_n(x, p, theta) = p + h K^T (sigma'(K x + b) * p)``.
 
 *How ``rho`` is scaled, and why.* ptoc's co-states carry the batch mean:
-``lambda_N = dPhi/dx_N`` includes ``1/S`` (``DESIGN.md`` section 2), so ``p_{n,s} = P_{n,s}/S``
+``lambda_N = dPhi/dx_N`` includes ``1/S`` (:doc:`/theory/adjoint`), so ``p_{n,s} = P_{n,s}/S``
 with per-sample co-states ``P_{n,s}`` of size O(1) that do not depend on ``S``. Li, Chen,
 Tai & E write the extended Hamiltonian per sample, with per-sample co-states, and
 maximise its batch *mean*:
@@ -122,7 +122,6 @@ makes ``a_n W_n`` closest to ``K_n`` in the Frobenius norm.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -130,8 +129,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._options import parse_option
-from ._validate import check_inputs
+from ._checks import check_inputs, check_integer, check_real, scalar_entry
+from ._options import OptionEnum
 from .activations import Activation, dsigma, second_derivative, sigma
 from .discrete import binary_maximiser, ternary_maximiser
 from .kernels import Target
@@ -160,10 +159,13 @@ HEAD_KEYS = ("K_in", "b_in", "W", "mu")
 #: Default sparsity penalty of ternary weights (units of the layer's mean ``|M|``).
 DEFAULT_LAM = 1.0
 
+#: What ``load_state`` calls its input in error messages.
+_STATE_DICT = "method state dict"
+
 
 # --- options ---------------------------------------------------------------------------------
 
-class InnerSolver(str, enum.Enum):
+class InnerSolver(OptionEnum, what="inner"):
     """How each layer increases its extended Hamiltonian.
 
     ``GRADIENT``: gradient ascent with a backtracking Armijo line search.
@@ -173,25 +175,15 @@ class InnerSolver(str, enum.Enum):
     GRADIENT = "gradient"
     LBFGS = "lbfgs"
 
-    @classmethod
-    def parse(cls, value: InnerSolver | str) -> InnerSolver:
-        """The member named by ``value``; ``ValueError`` naming ``inner`` otherwise."""
-        return parse_option(cls, value, "inner")
 
-
-class WeightSet(str, enum.Enum):
+class WeightSet(OptionEnum, what="kind"):
     """The discrete values of the residual weights (before the per-layer scale)."""
 
     TERNARY = "ternary"
     BINARY = "binary"
 
-    @classmethod
-    def parse(cls, value: WeightSet | str) -> WeightSet:
-        """The member named by ``value``; ``ValueError`` naming ``kind`` otherwise."""
-        return parse_option(cls, value, "kind")
 
-
-class RhoSchedule(str, enum.Enum):
+class RhoSchedule(OptionEnum, what="rho_schedule"):
     """Penalty ``rho_k`` of the discrete update at step ``k = 0, 1, ...``.
 
     ``CONSTANT``: ``rho``. ``LINEAR``: ``rho (1 + rho_growth k)``.
@@ -202,11 +194,6 @@ class RhoSchedule(str, enum.Enum):
     LINEAR = "linear"
     GEOMETRIC = "geometric"
 
-    @classmethod
-    def parse(cls, value: RhoSchedule | str) -> RhoSchedule:
-        """The member named by ``value``; ``ValueError`` naming ``rho_schedule`` otherwise."""
-        return parse_option(cls, value, "rho_schedule")
-
     def value_at(self, rho: float, growth: float, k: int) -> float:
         """``rho_k``."""
         if self is RhoSchedule.CONSTANT:
@@ -214,33 +201,6 @@ class RhoSchedule(str, enum.Enum):
         if self is RhoSchedule.LINEAR:
             return rho * (1.0 + growth * k)
         return rho * (1.0 + growth) ** k
-
-
-def _real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-          low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-    bad = not math.isfinite(v)
-    if low is not None:
-        bad = bad or v < low or (low_open and v == low)
-    if high is not None:
-        bad = bad or v > high or (high_open and v == high)
-    if bad:
-        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
-        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
-        raise ValueError(f"{name} must be finite with {lo}{name}{hi}, got {value!r}")
-    return v
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _gradient_optimizer(name: str, value: Any) -> Optimizer:
@@ -361,8 +321,8 @@ def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x
 
     ``F_n = sum_s H_n(x_s, p_{n+1,s}, theta) - rho/(2S) sum_s ||x_{n+1,s} - Phi_n(x_s; theta)||^2
     - (rho S/2) sum_s ||p_{n,s} - grad_x H_n(x_s, p_{n+1,s}, theta)||^2`` (module docstring;
-    Li, Chen, Tai & E 2018, extended Hamiltonian, with per-sample co-states ``S p``;
-    ``DESIGN.md`` section 3, E-MSA). At ``rho = 0`` it is
+    Li, Chen, Tai & E 2018, extended Hamiltonian, with per-sample co-states ``S p``).
+    At ``rho = 0`` it is
     :func:`ptoc.hamiltonian`. Theory: :doc:`/theory/msa`.
 
     Parameters
@@ -387,7 +347,7 @@ def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x
     prm = network.check_params(params)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < network.depth:
         raise ValueError(f"layer index n must be an integer in [0, {network.depth}), got {n!r}")
-    rho = _real("rho", rho, low=0.0)
+    rho = check_real("rho", rho, low=0.0)
     arrays = [np.asarray(a, dtype=network.dtype) for a in (x, x_next, p, p_next)]
     shape = arrays[0].shape
     if len(shape) != 2 or shape[1] != network.width or shape[0] == 0:
@@ -560,15 +520,6 @@ def _head(p: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: p[k] for k in HEAD_KEYS if k in p}
 
 
-def _scalar(d: Mapping[str, Any], key: str) -> Any:
-    if key not in d:
-        raise ValueError(f"method state dict has no {key!r} entry")
-    v = np.asarray(d[key])
-    if v.shape != ():
-        raise ValueError(f"method state dict entry {key!r} must be a scalar")
-    return v.item()
-
-
 def _array(d: Mapping[str, Any], key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     if key not in d:
         raise ValueError(f"method state dict has no {key!r} entry")
@@ -595,7 +546,7 @@ class EMSA(TrainingMethod):
     Li & Hao 2018), as a :class:`ptoc.methods.TrainingMethod`.
 
     Each step: forward sweep, backward sweep, then every residual layer increases its
-    extended Hamiltonian ``F_n`` (module docstring; ``DESIGN.md`` section 3, E-MSA) by
+    extended Hamiltonian ``F_n`` (module docstring) by
     ``inner_steps`` line-searched iterations, independently of the other layers; the
     head takes one ``head_optimizer`` step. Theory: :doc:`/theory/msa`.
 
@@ -636,14 +587,14 @@ class EMSA(TrainingMethod):
     target: Target | str = Target.CPU
 
     def __post_init__(self) -> None:
-        self.rho = _real("rho", self.rho, low=0.0)
+        self.rho = check_real("rho", self.rho, low=0.0)
         self.inner = InnerSolver.parse(self.inner)
-        self.inner_steps = _integer("inner_steps", self.inner_steps, 1)
-        self.lr = _real("lr", self.lr, low=0.0, low_open=True)
-        self.backtrack = _real("backtrack", self.backtrack, low=0.0, high=1.0, low_open=True,
-                               high_open=True)
-        self.max_backtracks = _integer("max_backtracks", self.max_backtracks, 0)
-        self.c1 = _real("c1", self.c1, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.inner_steps = check_integer("inner_steps", self.inner_steps, 1)
+        self.lr = check_real("lr", self.lr, low=0.0, low_open=True)
+        self.backtrack = check_real("backtrack", self.backtrack, low=0.0, high=1.0,
+                                    low_open=True, high_open=True)
+        self.max_backtracks = check_integer("max_backtracks", self.max_backtracks, 0)
+        self.c1 = check_real("c1", self.c1, low=0.0, high=1.0, low_open=True, high_open=True)
         self.head_optimizer = _gradient_optimizer("head_optimizer", self.head_optimizer)
         try:
             self.target = Target.parse(self.target)
@@ -681,10 +632,10 @@ class EMSA(TrainingMethod):
         return d
 
     def load_state(self, d: Mapping[str, Any], network: ResNet, params: Params) -> EMSAState:
-        name = _scalar(d, "method")
+        name = scalar_entry(d, "method", _STATE_DICT)
         if name != self.name:
             raise ValueError(f"this is the state of method {name!r}, not of {self.name!r}")
-        return EMSAState(int(_scalar(d, "step")),
+        return EMSAState(int(scalar_entry(d, "step", _STATE_DICT)),
                          self.head_optimizer.load_state(group_state(d, "head")))
 
     def config(self) -> dict[str, Any]:
@@ -697,8 +648,8 @@ class EMSA(TrainingMethod):
 @dataclass
 class MSA(EMSA):
     """The basic method of successive approximations (Li & Hao 2018): :class:`EMSA`
-    with ``rho = 0``, i.e. each layer increases ``sum_s H_n`` itself (``DESIGN.md``
-    section 3, MSA). Takes the same options as :class:`EMSA` except ``rho``.
+    with ``rho = 0``, i.e. each layer increases ``sum_s H_n`` itself
+    (:doc:`/theory/msa`). Takes the same options as :class:`EMSA` except ``rho``.
 
     Theory: :doc:`/theory/msa`.
     """
@@ -761,7 +712,7 @@ class DiscreteMSA(TrainingMethod):
     residual weights of the ``params`` handed to :meth:`step` are ignored and replaced
     by ``a_n W_n`` from the state (:meth:`init` quantises the float ``K`` it is given;
     :meth:`discrete_params` gives those parameters before the first step).
-    ``DESIGN.md`` section 3 (discrete weights). Theory: :doc:`/theory/msa`.
+    Theory: :doc:`/theory/msa` (discrete weights).
 
     Parameters
     ----------
@@ -807,17 +758,17 @@ class DiscreteMSA(TrainingMethod):
         self.kind = WeightSet.parse(self.kind)
         if self.lam is None:
             self.lam = 0.0 if self.kind is WeightSet.BINARY else DEFAULT_LAM
-        self.lam = _real("lam", self.lam, low=0.0)
+        self.lam = check_real("lam", self.lam, low=0.0)
         if self.kind is WeightSet.BINARY and self.lam != 0:
             raise ValueError(f"lam must be 0 for binary weights (|w| = 1 always), got "
                              f"{self.lam!r}")
         if self.rho is None:
             self.rho = DEFAULT_RHO[self.kind]
-        self.rho = _real("rho", self.rho, low=0.0)
+        self.rho = check_real("rho", self.rho, low=0.0)
         self.rho_schedule = RhoSchedule.parse(self.rho_schedule)
-        self.rho_growth = _real("rho_growth", self.rho_growth, low=0.0)
-        self.beta = _real("beta", self.beta, low=0.0, high=1.0, high_open=True)
-        self.init_threshold = _real("init_threshold", self.init_threshold, low=0.0)
+        self.rho_growth = check_real("rho_growth", self.rho_growth, low=0.0)
+        self.beta = check_real("beta", self.beta, low=0.0, high=1.0, high_open=True)
+        self.init_threshold = check_real("init_threshold", self.init_threshold, low=0.0)
         self.optimizer = _gradient_optimizer("optimizer", self.optimizer)
         try:
             self.target = Target.parse(self.target)
@@ -912,7 +863,7 @@ class DiscreteMSA(TrainingMethod):
 
     def load_state(self, d: Mapping[str, Any], network: ResNet,
                    params: Params) -> DiscreteState:
-        name = _scalar(d, "method")
+        name = scalar_entry(d, "method", _STATE_DICT)
         if name != self.name:
             raise ValueError(f"this is the state of method {name!r}, not of {self.name!r}")
         N, w = network.depth, network.width
@@ -920,7 +871,7 @@ class DiscreteMSA(TrainingMethod):
         allowed = (-1.0, 1.0) if self.kind is WeightSet.BINARY else (-1.0, 0.0, 1.0)
         if not np.all(np.isin(levels, allowed)):
             raise ValueError(f"method state 'levels' holds values outside {allowed}")
-        return DiscreteState(int(_scalar(d, "step")), levels,
+        return DiscreteState(int(scalar_entry(d, "step", _STATE_DICT)), levels,
                              _array(d, "log_scale", (N,), network.dtype),
                              _array(d, "moving_average", (N, w, w), network.dtype),
                              self.optimizer.load_state(group_state(d, "optimizer")))

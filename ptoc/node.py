@@ -2,12 +2,13 @@
 
 Reference: E. Lorin, "Derivation and analysis of parallel-in-time neural ordinary
 differential equations" (the *parareal neural ODE*), Ann. Math. Artif. Intell. 88
-(2020) 1035-1059, doi:10.1007/s10472-020-09702-6. ``DESIGN.md`` sections 1-2 give the
-network, the loss and the adjoint; section 4 (last item) the parareal neural ODE.
+(2020) 1035-1059, doi:10.1007/s10472-020-09702-6. The network and the loss are those
+of :doc:`/theory/resnet`, the adjoint that of :doc:`/theory/adjoint`; the parareal
+neural ODE is derived in :doc:`/theory/node`.
 
 The model
 ---------
-The residual layers of a :class:`ptoc.ResNet` are read as the ODE (Lorin; ``DESIGN.md`` section 4)::
+The residual layers of a :class:`ptoc.ResNet` are read as the ODE (Lorin)::
 
     x'(t) = sigma(K(t) x(t) + b(t)),   t in [0, T],   x(0) = x_0,
 
@@ -15,7 +16,7 @@ with piecewise-constant weights ``K(t) = K_n``, ``b(t) = b_n`` on the *piece*
 ``[t_n, t_{n+1})``, ``t_n = n h``, ``h = T/N``, taken from the network's parameters. The
 opening layer ``x_0 = sigma(K_in y + b_in)`` (or the identity), the classifier
 ``z = W x(T) + mu`` with its batch-mean cross-entropy ``Phi`` and the regulariser ``R`` are
-those of the ResNet, so ``J = Phi(x_T) + R`` (``DESIGN.md`` section 1) with ``x_T`` the
+those of the ResNet, so ``J = Phi(x_T) + R`` (:doc:`/theory/resnet`) with ``x_T`` the
 numerical solution at ``T``.
 
 Fine schemes
@@ -50,8 +51,8 @@ evaluations spent before parareal has converged to the final scheme's solution.
 
 Gradient
 --------
-The gradient is the exact reverse-mode adjoint of the discrete scheme (``DESIGN.md``
-section 2, applied stage by stage): with ``bar k_i = tau w_i lambda_+`` and, for
+The gradient is the exact reverse-mode adjoint of the discrete scheme
+(:doc:`/theory/adjoint`, applied stage by stage): with ``bar k_i = tau w_i lambda_+`` and, for
 ``i = s..1``, ``bar a_i = sigma'(a_i) * bar k_i``,
 ``dJ/dK_n += sum_s bar a_i X_i^T``, ``dJ/db_n += sum_s bar a_i``,
 ``bar X_i = K_n^T bar a_i``, ``lambda += bar X_i``, ``bar k_j += tau A_ij bar X_i``
@@ -64,7 +65,6 @@ Everything here is vectorised NumPy over the batch (a readable reference, no Num
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,8 +72,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._options import parse_option
-from ._validate import check_inputs, check_positive_float, check_positive_int
+from ._checks import check_inputs, check_positive_float, check_positive_int
+from ._options import OptionEnum
 from .activations import Activation, dsigma, sigma
 from .methods import GradientFunction
 from .model import Params, ResNet
@@ -103,10 +103,10 @@ __all__ = [
 # ----------------------------------------------------------------------------------------
 
 
-class Scheme(str, enum.Enum):
+class Scheme(OptionEnum, what="ODE scheme"):
     """Explicit Runge-Kutta scheme of the fine solver (Lorin 2020, parareal neural ODE).
 
-    One step of size ``tau`` on a piece with weights ``K, b`` (``DESIGN.md`` section 4)::
+    One step of size ``tau`` on a piece with weights ``K, b`` (:doc:`/theory/node`)::
 
         X_i = x + tau sum_{j<i} A_ij k_j,  k_i = sigma(K X_i + b),  x_+ = x + tau sum_i w_i k_i
 
@@ -121,14 +121,6 @@ class Scheme(str, enum.Enum):
     EULER = "euler"
     HEUN = "heun"
     RK4 = "rk4"
-
-    @classmethod
-    def parse(cls, value: Scheme | str) -> Scheme:
-        """The member named by ``value`` (``"euler"``, ``"heun"``, ``"rk4"``, any case).
-
-        Raises ``ValueError`` naming the valid choices otherwise.
-        """
-        return parse_option(cls, value, "ODE scheme")
 
     @property
     def stages(self) -> int:
@@ -152,8 +144,8 @@ _TABLEAUS: dict[Scheme, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]]
 _ORDERS = {Scheme.EULER: 1, Scheme.HEUN: 2, Scheme.RK4: 4}
 
 
-class NODECoarse(str, enum.Enum):
-    """Coarse propagator ``G_j`` of the parareal neural ODE (Lorin; ``DESIGN.md`` section 4).
+class NODECoarse(OptionEnum, what="coarse propagator"):
+    """Coarse propagator ``G_j`` of the parareal neural ODE (Lorin; :doc:`/theory/node`).
 
     Both are forward Euler:
 
@@ -168,11 +160,6 @@ class NODECoarse(str, enum.Enum):
     PIECE = "piece"
     CHUNK = "chunk"
 
-    @classmethod
-    def parse(cls, value: NODECoarse | str) -> NODECoarse:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "coarse propagator")
-
 
 class NODEDivergenceError(DivergenceError):
     """The parareal neural ODE diverged: a non-finite or unboundedly growing iterate.
@@ -184,7 +171,7 @@ class NODEDivergenceError(DivergenceError):
 
 @dataclass(frozen=True)
 class NODEParareal:
-    """Options of the parareal neural ODE solve (Lorin; ``DESIGN.md`` section 4).
+    """Options of the parareal neural ODE solve (Lorin; :doc:`/theory/node`).
 
     Lorin 2020, parareal neural ODE (module docstring for the full reference).
     Theory: :doc:`/theory/node`.
@@ -371,7 +358,7 @@ def node_step(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
     """One explicit Runge-Kutta step of ``x' = sigma(K x + b)`` for a batch of states.
 
     Implements (module docstring; Lorin 2020, parareal neural ODE;
-    ``DESIGN.md`` section 4)::
+    :doc:`/theory/node`)::
 
         X_i = x + tau sum_{j<i} A_ij k_j,   k_i = sigma(K X_i + b),   x_+ = x + tau sum_i w_i k_i
 
@@ -401,7 +388,7 @@ def node_step_tangent(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
     """Tangent-linear (forward-mode) derivative of :func:`node_step` in direction ``(dx, dK, db)``.
 
     Differentiates the stages of the module docstring (Lorin 2020, parareal neural ODE;
-    ``DESIGN.md`` section 2)::
+    :doc:`/theory/node`)::
 
         dX_i = dx + tau sum_{j<i} A_ij dk_j
         da_i = K dX_i + dK X_i + db,       dk_i = sigma'(a_i) * da_i
@@ -459,7 +446,7 @@ def node_step_adjoint(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
     """Exact reverse-mode adjoint of :func:`node_step` (the transpose of :func:`node_step_tangent`).
 
     With ``lambda_+ = lam`` the sensitivity of ``J`` to ``x_+`` (Lorin, "Parareal neural
-    ODE"; ``DESIGN.md`` section 2, stage by stage)::
+    ODE"; :doc:`/theory/adjoint`, stage by stage)::
 
         bar k_i = tau w_i lambda_+;   for i = s..1:
             bar a_i = sigma'(a_i) * bar k_i
@@ -541,7 +528,7 @@ def _adjoint_trajectory(traj: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.
 class NODESolution:
     """A neural-ODE solve (serial or parareal) and its cost and convergence record.
 
-    Lorin 2020, parareal neural ODE; ``DESIGN.md`` section 4. The boundary values ``U_j``
+    Lorin 2020, parareal neural ODE; :doc:`/theory/node`. The boundary values ``U_j``
     are those of ``U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1}))``.
 
     Attributes
@@ -825,8 +812,8 @@ def node_solve(network: ResNet, params: Params | Mapping[str, np.ndarray], x0: n
     """Solve ``x' = sigma(K(t) x + b(t))`` on ``[0, T]`` from ``x(0) = x0``.
 
     The weights are piecewise constant, ``K(t) = K_n``, ``b(t) = b_n`` on
-    ``[n h, (n+1) h)``, ``h = T/N`` (Lorin 2020, parareal neural ODE; ``DESIGN.md``
-    section 4). Serially, every piece takes ``substeps`` steps of ``scheme``; with
+    ``[n h, (n+1) h)``, ``h = T/N`` (Lorin 2020, parareal neural ODE;
+    :doc:`/theory/node`). Serially, every piece takes ``substeps`` steps of ``scheme``; with
     ``parareal`` the pieces are split into chunks and solved by parareal with the
     coarse Euler propagator and the fine schedule of :class:`NODEParareal`::
 
@@ -871,7 +858,8 @@ def node_forward(network: ResNet, params: Params | Mapping[str, np.ndarray], X: 
                  keep_iterates: bool = False) -> NODESolution:
     """Opening layer ``x_0 = sigma(K_in y + b_in)`` (or ``y``), then :func:`node_solve`.
 
-    ``DESIGN.md`` sections 1 and 4; Lorin 2020, parareal neural ODE. ``X`` is (S, n_in).
+    :doc:`/theory/resnet` and :doc:`/theory/node`; Lorin 2020, parareal neural ODE.
+    ``X`` is (S, n_in).
     """
     opts = _resolve(network, scheme, substeps, parareal)
     p = network.check_params(params)
@@ -886,7 +874,7 @@ def node_loss(network: ResNet, params: Params | Mapping[str, np.ndarray], X: np.
     """Objective ``J = Phi(x_T) + R`` of the neural ODE (no gradient).
 
     ``Phi`` is the ResNet's batch-mean softmax cross-entropy of ``z = W x_T + mu`` and
-    ``R`` its regulariser (``DESIGN.md`` section 1); ``x_T`` is the end of the
+    ``R`` its regulariser (:doc:`/theory/resnet`); ``x_T`` is the end of the
     trajectories of :func:`node_forward` (Lorin 2020, parareal neural ODE).
     """
     opts = _resolve(network, scheme, substeps, parareal)
@@ -905,8 +893,8 @@ def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray
     """Objective ``J = Phi(x_T) + R`` of the neural ODE and its exact discrete gradient.
 
     Forward: opening layer, then the serial or parareal solve of :func:`node_solve`
-    (Lorin 2020, parareal neural ODE; ``DESIGN.md`` sections 1 and 4). Backward: from
-    ``lambda_T = dPhi/dx_T = W^T (softmax(z) - e_c) / S`` (section 2), the exact
+    (Lorin 2020, parareal neural ODE; :doc:`/theory/node`). Backward: from
+    ``lambda_T = dPhi/dx_T = W^T (softmax(z) - e_c) / S`` (:doc:`/theory/adjoint`), the exact
     reverse-mode adjoint of every Runge-Kutta step of the trajectories (module
     docstring, :func:`node_step_adjoint`), chunk by chunk from the last, which adds::
 
@@ -1019,7 +1007,7 @@ class NeuralODEGradient(GradientFunction):
     """``grad_fn(params, X, y) -> (loss, grads)`` of the (parareal) neural ODE.
 
     For :func:`ptoc.train`: every call is :func:`node_loss_and_grad` (Lorin
-    2020, parareal neural ODE; ``DESIGN.md`` section 4) with these options, and appends
+    2020, parareal neural ODE; :doc:`/theory/node`) with these options, and appends
     a :class:`NODEStepRecord` to :attr:`records`::
 
         grad = NeuralODEGradient(net, parareal=NODEParareal(4, schedule=("euler", "rk4")))

@@ -39,6 +39,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from ._checks import check_integer, check_real, scalar_entry
 from .model import Params
 
 __all__ = [
@@ -60,55 +61,38 @@ P = TypeVar("P", bound=Mapping)
 #: ``closure(params) -> (loss, grads)``: the objective and its gradient at ``params``.
 Closure = Callable[[Any], tuple[float, Any]]
 
+#: What ``load_state`` calls its input in error messages.
+_STATE_DICT = "optimiser state dict"
+
 
 # --- validation -----------------------------------------------------------------------------
 
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return v
-
-
 def _positive(name: str, value: object) -> float:
-    v = _real(name, value)
+    v = check_real(name, value)
     if v <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return v
 
 
 def _unit_interval(name: str, value: object) -> float:
-    v = _real(name, value)
+    v = check_real(name, value)
     if not 0.0 <= v < 1.0:
         raise ValueError(f"{name} must satisfy 0 <= {name} < 1, got {value!r}")
     return v
 
 
 def _open_unit_interval(name: str, value: object) -> float:
-    v = _real(name, value)
+    v = check_real(name, value)
     if not 0.0 < v < 1.0:
         raise ValueError(f"{name} must satisfy 0 < {name} < 1, got {value!r}")
     return v
 
 
 def _nonnegative(name: str, value: object) -> float:
-    v = _real(name, value)
+    v = check_real(name, value)
     if v < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return v
-
-
-def _integer(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 # --- helpers on mappings of arrays -------------------------------------------------------------
@@ -149,22 +133,13 @@ def _check_state_arrays(name: str, arrays: Mapping, params: Mapping) -> None:
             )
 
 
-def _scalar(d: Mapping, key: str) -> Any:
-    if key not in d:
-        raise ValueError(f"optimiser state dict has no {key!r} entry")
-    value = np.asarray(d[key])
-    if value.shape != ():
-        raise ValueError(f"optimiser state dict entry {key!r} must be a scalar")
-    return value.item()
-
-
 def _group(d: Mapping, prefix: str) -> dict[str, np.ndarray]:
     head = prefix + "."
     return {k[len(head):]: np.array(v, copy=True) for k, v in d.items() if k.startswith(head)}
 
 
 def _check_name(d: Mapping, name: str) -> None:
-    got = _scalar(d, "optimizer")
+    got = scalar_entry(d, "optimizer", _STATE_DICT)
     if got != name:
         raise ValueError(f"this is the state of a {got!r} optimiser, not of {name!r}")
 
@@ -309,7 +284,7 @@ class SGD(Optimizer):
         velocity = _group(d, "velocity") or None
         if self.momentum > 0 and velocity is None:
             raise ValueError("the saved SGD state has no velocity but momentum > 0")
-        return SGDState(int(_scalar(d, "step")), velocity)
+        return SGDState(int(scalar_entry(d, "step", _STATE_DICT)), velocity)
 
 
 @dataclass(frozen=True)
@@ -415,7 +390,7 @@ class Adam(Optimizer):
         m, v = _group(d, "m"), _group(d, "v")
         if set(m) != set(v):
             raise ValueError("the saved Adam state has different keys for m and v")
-        return AdamState(int(_scalar(d, "step")), m, v)
+        return AdamState(int(scalar_entry(d, "step", _STATE_DICT)), m, v)
 
 
 # --- L-BFGS -----------------------------------------------------------------------------------
@@ -620,12 +595,12 @@ class LBFGS(Optimizer):
     name: ClassVar[str] = "lbfgs"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "memory", _integer("memory", self.memory, 1))
+        object.__setattr__(self, "memory", check_integer("memory", self.memory, 1))
         object.__setattr__(self, "lr", _positive("lr", self.lr))
         object.__setattr__(self, "c1", _open_unit_interval("c1", self.c1))
         object.__setattr__(self, "backtrack", _open_unit_interval("backtrack", self.backtrack))
         object.__setattr__(self, "max_backtracks",
-                           _integer("max_backtracks", self.max_backtracks, 0))
+                           check_integer("max_backtracks", self.max_backtracks, 0))
         object.__setattr__(self, "curvature_eps",
                            _nonnegative("curvature_eps", self.curvature_eps))
 
@@ -791,10 +766,10 @@ class LBFGS(Optimizer):
         if grad is not None and grad.shape != (s.shape[1],):
             raise ValueError(f"the saved L-BFGS gradient has shape {grad.shape}, "
                              f"expected ({s.shape[1]},)")
-        loss = float(_scalar(d, "loss")) if "loss" in d else None
-        return LBFGSState(int(_scalar(d, "step")), s, y, grad, loss,
-                          int(_scalar(d, "closure_calls")),
-                          int(_scalar(d, "failed_line_searches")))
+        loss = float(scalar_entry(d, "loss", _STATE_DICT)) if "loss" in d else None
+        return LBFGSState(int(scalar_entry(d, "step", _STATE_DICT)), s, y, grad, loss,
+                          int(scalar_entry(d, "closure_calls", _STATE_DICT)),
+                          int(scalar_entry(d, "failed_line_searches", _STATE_DICT)))
 
 
 #: Optimisers by name, for the command line and for :func:`make_optimizer`.

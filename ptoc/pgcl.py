@@ -1,7 +1,7 @@
 r"""Predict globally, correct locally: layer-parallel training by chunks (Parpas & Muir).
 
-``DESIGN.md`` section 4 ("Predict globally, correct locally"). The ``N`` residual
-layers are split into ``P`` contiguous chunks, ``a_0 = 0 < a_1 < ... < a_P = N``
+Theory: :doc:`/theory/pgcl`. The ``N`` residual layers are split into ``P``
+contiguous chunks, ``a_0 = 0 < a_1 < ... < a_P = N``
 (:func:`ptoc.parallel.partition`: uneven chunks allowed, ``P <= N``), one chunk per
 rank. Chunk ``j`` holds layers ``a_j .. a_{j+1}-1``, ``L_j = a_{j+1} - a_j`` of them, and
 its fine propagator ``F_j`` runs them exactly. Its coarse propagator is one step of
@@ -49,7 +49,7 @@ One step on a batch ``(X, y)``
 
 2. **Correct (local, parallel).** Every chunk ``j``, independently, runs its own layers
    forward from :math:`U_j` and backward from :math:`\Lambda_{j+1}`
-   (``DESIGN.md`` section 2), which is the gradient of its *local objective*
+   (:doc:`/theory/adjoint`), which is the gradient of its *local objective*
 
    .. math::
 
@@ -88,8 +88,8 @@ repeat, so the correction makes every prediction exact (:math:`U_{j+1} = F_j(U_j
 :math:`\Lambda_j = F_j'^T\Lambda_{j+1}`), the local gradients are the exact gradient,
 and a gradient update that leaves the weights unchanged needs it to vanish: the fixed
 points of PGCL are the stationary points of the serial method. Away from them the step
-is a gradient step with errors that vanish as the predictions converge (Parpas & Muir;
-``DESIGN.md`` section 4). With unchanged weights, repeated steps are parareal
+is a gradient step with errors that vanish as the predictions converge (Parpas &
+Muir). With unchanged weights, repeated steps are parareal
 iterations: after ``k`` of them the first ``k+1`` chunk initial states are exact.
 
 Costs (per step, one layer step = one fine layer, one fine adjoint layer with its
@@ -105,7 +105,6 @@ conventions and are not taken from the paper).
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -114,8 +113,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import _config
-from ._options import parse_option
-from ._validate import check_inputs
+from ._checks import check_inputs, scalar_entry
+from ._options import OptionEnum
 from .hamiltonian import hamiltonian_grad
 from .kernels import Target, backend
 from .methods import StepOutcome, TrainingDivergedError, TrainingMethod, group_state
@@ -144,18 +143,20 @@ __all__ = [
 ]
 
 TAG_STATE, TAG_COSTATE = 21, 22
+#: What :meth:`PGCL.load_state` calls its input in error messages.
+_STATE_DICT = "PGCL state dict"
 _HEADS = ("K_in", "b_in", "W", "mu")
 
 
-class LocalUpdate(str, enum.Enum):
+class LocalUpdate(OptionEnum, what="local update"):
     r"""How a chunk forms the direction of its local update.
 
     ``GRADIENT``: the parameter gradient accumulated by the fine adjoint sweep
-    (``DESIGN.md`` section 2) plus the regulariser's. ``HAMILTONIAN``: minus the gradient
+    (:doc:`/theory/adjoint`) plus the regulariser's. ``HAMILTONIAN``: minus the gradient
     of the layer Hamiltonians, :math:`-\nabla_\theta \sum_s H_n(x_n, p_{n+1}, \theta)`
     with :math:`p = -\lambda`, from :func:`ptoc.hamiltonian_grad` layer by layer (a step
     along it is Hamiltonian ascent). The two coincide, :math:`\nabla_\theta \sum_s H_n =
-    -\partial J/\partial\theta_n` (``DESIGN.md`` section 3), up to round-off from the
+    -\partial J/\partial\theta_n` (:doc:`/theory/maximum_principle`), up to round-off from the
     different summation; ``HAMILTONIAN`` is the slower reference path. The head takes
     its gradient in both cases (it has no layer Hamiltonian).
     """
@@ -163,13 +164,8 @@ class LocalUpdate(str, enum.Enum):
     GRADIENT = "gradient"
     HAMILTONIAN = "hamiltonian"
 
-    @classmethod
-    def parse(cls, value: LocalUpdate | str) -> LocalUpdate:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "local update")
 
-
-class ColdStart(str, enum.Enum):
+class ColdStart(OptionEnum, what="cold start"):
     """The prediction of a step without usable corrections (the first step, a new batch).
 
     ``COARSE``: the plain coarse prediction, :math:`U_{j+1} = G_j(U_j)` and
@@ -180,11 +176,6 @@ class ColdStart(str, enum.Enum):
 
     COARSE = "coarse"
     SERIAL = "serial"
-
-    @classmethod
-    def parse(cls, value: ColdStart | str) -> ColdStart:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "cold start")
 
 
 @dataclass(frozen=True)
@@ -310,15 +301,6 @@ def _copy_tree(obj: Any) -> Any:
     return obj
 
 
-def _scalar(d: Mapping[str, Any], key: str) -> Any:
-    if key not in d:
-        raise ValueError(f"PGCL state dict has no {key!r} entry")
-    value = np.asarray(d[key])
-    if value.shape != ():
-        raise ValueError(f"PGCL state dict entry {key!r} must be a scalar")
-    return value.item()
-
-
 @dataclass
 class _Job:
     """What every rank's program reads (never writes)."""
@@ -338,7 +320,7 @@ class _Job:
 
 @dataclass
 class PGCL(TrainingMethod):
-    r"""Predict globally, correct locally (Parpas & Muir; ``DESIGN.md`` section 4).
+    r"""Predict globally, correct locally (Parpas & Muir; :doc:`/theory/pgcl`).
 
     See the module docstring for the equations. One :meth:`step` predicts the chunk
     boundary states and co-states with the coarse network and last step's fine
@@ -495,10 +477,9 @@ class PGCL(TrainingMethod):
 
     def load_state(self, d: Mapping[str, Any], network: ResNet, params: Params) -> PGCLState:
         """Inverse of :meth:`state_dict` (also accepts what :func:`numpy.load` returns)."""
-        if "method" in d and _scalar(d, "method") != self.name:
-            raise ValueError(f"this is the state of method {_scalar(d, 'method')!r}, not "
-                             f"{self.name!r}")
-        P = int(_scalar(d, "ranks"))
+        if "method" in d and (method := scalar_entry(d, "method", _STATE_DICT)) != self.name:
+            raise ValueError(f"this is the state of method {method!r}, not {self.name!r}")
+        P = int(scalar_entry(d, "ranks", _STATE_DICT))
         if P != self.ranks:
             raise ValueError(f"the saved PGCL state is for {P} ranks (chunks); this PGCL runs "
                              f"on {self.ranks}: resume with the same number of ranks")
@@ -517,8 +498,9 @@ class PGCL(TrainingMethod):
                                               if k in g else None)
                                           for k in ChunkMemory.__dataclass_fields__}))
             memory = tuple(mem)
-        return PGCLState(ranks=P, step=int(_scalar(d, "step")), optimizer=opt, batch=batch,
-                         memory=memory, defects=(defects[0], defects[1]))
+        step = int(scalar_entry(d, "step", _STATE_DICT))
+        return PGCLState(ranks=P, step=step, optimizer=opt, batch=batch, memory=memory,
+                         defects=(defects[0], defects[1]))
 
     @property
     def writes_files(self) -> bool:

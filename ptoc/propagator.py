@@ -30,8 +30,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import _config
-from ._scratch import Scratch
-from ._validate import check_inputs
+from ._checks import check_inputs
+from ._workspace import Workspace
 from .kernels import Target, backend
 from .model import Params, ResNet
 from .objective import classifier_loss, opening_forward
@@ -391,7 +391,7 @@ class LayerSlice(Propagator):
 _BATCHED_TARGETS = (Target.NUMPY, Target.CPU)
 
 #: Buffers of the ResNet level steps, reused across solves (per thread).
-level_workspace = Scratch(capacity=64)
+level_workspace = Workspace(capacity=64)
 
 
 class ResNetPropagator(Propagator):

@@ -9,7 +9,7 @@ resulting inexact gradient. As the parameters settle, consecutive problems diffe
 less, the warm starts get better, and the inexact gradient approaches the exact one.
 
 :class:`SimultaneousGradient` is that gradient as a ``grad_fn`` for
-:func:`ptoc.training.train` (``DESIGN.md`` section 4)::
+:func:`ptoc.training.train` (:doc:`/theory/simultaneous`)::
 
     grad = SimultaneousGradient(net, MGRIT(max_iterations=2), comm=4)
     result = train(net, params, data, optimizer=LBFGS(), batch_size=None, grad_fn=grad)
@@ -45,8 +45,8 @@ __all__ = ["SimultaneousGradient", "StepRecord"]
 class StepRecord:
     """What one inexact gradient cost and how good it was.
 
-    One call of :class:`SimultaneousGradient` (Günther et al. 2020; ``DESIGN.md``
-    section 4). Theory: :doc:`/theory/simultaneous`.
+    One call of :class:`SimultaneousGradient` (Günther et al. 2020). Theory:
+    :doc:`/theory/simultaneous`.
 
     Attributes
     ----------
@@ -92,10 +92,10 @@ def _default_solver() -> MGRIT:
 class SimultaneousGradient(GradientFunction):
     """``grad_fn(params, X, y) -> (loss, grads)`` from a few warm-started MGRIT iterations.
 
-    Simultaneous (one-shot) layer-parallel training of Günther et al. 2020
-    (``DESIGN.md`` section 4): each call runs ``solver.max_iterations`` MGRIT iterations
-    on the state sweep and on the adjoint sweep, warm-started from the previous call's
-    solution on the same batch, and returns the resulting inexact gradient. Theory:
+    Simultaneous (one-shot) layer-parallel training of Günther et al. 2020: each call
+    runs ``solver.max_iterations`` MGRIT iterations on the state sweep and on the
+    adjoint sweep, warm-started from the previous call's solution on the same batch,
+    and returns the resulting inexact gradient. Theory:
     :doc:`/theory/simultaneous`.
 
     Parameters

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _config
-from ._scratch import Scratch
-from ._validate import check_inputs, check_positive_int
+from ._checks import check_inputs, check_positive_int
+from ._workspace import Workspace
 from .kernels import Target, backend
 from .model import Params, ResNet
 from .objective import (
@@ -38,18 +38,20 @@ from .objective import (
 )
 from .parallel.driver import parallel_adjoint, parallel_forward, parallel_gradient
 from .parallel.options import SolveResult
+from .parallel.problem import scratch as parallel_workspace
 from .parallel.serial import Serial
 from .parallel.solvers import check_solver
+from .propagator import level_workspace
 
-_scratch = Scratch()
+_workspace = Workspace()
 
 
 def release_workspace() -> None:
-    """Free the buffers that :func:`loss_and_grad` and friends keep for reuse."""
-    _scratch.clear()
-    from .parallel.problem import scratch as parallel_scratch
-
-    parallel_scratch.clear()
+    """Free the buffers that :func:`loss_and_grad`, the layer-parallel solvers and the
+    ResNet level steps keep for reuse (this thread's)."""
+    _workspace.clear()
+    parallel_workspace.clear()
+    level_workspace.clear()
 
 
 _blas_controller = None
@@ -193,7 +195,7 @@ def _forward(network, params, X, kern, c, store_derivatives, scratch=False) -> F
     act = network.activation.code
 
     def buffer(name, shape):
-        return _scratch.get(name, shape, network.dtype) if scratch else np.empty(
+        return _workspace.get(name, shape, network.dtype) if scratch else np.empty(
             shape, network.dtype)
 
     x0, dsig_in = opening_forward(network, params, X)
@@ -299,8 +301,8 @@ def _adjoint(network, params, fwd, lam_N, kern, keep_adjoints) -> AdjointResult:
     c = fwd.checkpoint_every
     marks = _checkpoint_layers(N, c)
     S = lam_N.shape[0]
-    segment = _scratch.get("adjoint_segment", (c + 1, S, d), network.dtype)
-    dsig = _scratch.get("adjoint_dsig", (c, S, d), network.dtype)
+    segment = _workspace.get("adjoint_segment", (c + 1, S, d), network.dtype)
+    dsig = _workspace.get("adjoint_dsig", (c, S, d), network.dtype)
     lam = lam_N
     for k in range(len(marks) - 2, -1, -1):
         n0, n1 = marks[k], marks[k + 1]

@@ -3,7 +3,7 @@
 :class:`Tape` records a computation on NumPy arrays and differentiates it by
 reverse accumulation (backpropagation), knowing nothing of adjoints or
 Hamiltonians. :func:`tape_loss_and_grad` writes the ResNet objective of
-``DESIGN.md`` section 1 with it, so that the discrete adjoint of
+:doc:`/theory/resnet` with it, so that the discrete adjoint of
 :func:`ptoc.loss_and_grad` can be compared with backpropagation of the forward code
 (they agree to round-off; see ``tests/test_gradients.py``). It is slow and meant for
 small problems only.

@@ -48,7 +48,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import io as _io
-from ._validate import check_inputs, check_positive_int
+from ._checks import check_inputs, check_positive_int
 from .kernels import Target, backend
 from .methods import GradientMethod, TrainingDivergedError, TrainingMethod, group_state
 from .model import Params, ResNet

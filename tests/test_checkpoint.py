@@ -1,5 +1,5 @@
 """Checkpoints and resuming: a run killed at any moment and resumed ends with exactly the
-parameters of a run never interrupted (issue 4, item 6)."""
+parameters of a run never interrupted (docs/running.md, "Checkpoints and resuming")."""
 
 import json
 import os
@@ -85,6 +85,7 @@ def _killed_and_resumed(tmp_path, net, data, make_grad, optimizer, *, at, epochs
     return whole, resumed
 
 
+@pytest.mark.slow
 @settings(max_examples=10)
 @given(every=st.integers(1, 7), batch=st.sampled_from([9, 16, 30]), where=st.data())
 def test_resume_equals_the_uninterrupted_run_adam(tmp_path_factory, net, data, every, batch,
@@ -280,6 +281,7 @@ def _cli(*args):
     return [sys.executable, "-m", "ptoc", "train", *args], env
 
 
+@pytest.mark.slow
 def test_cli_killed_with_sigkill_then_resumed_gives_identical_parameters(tmp_path):
     opts = ["--depth", "6", "--width", "4", "--epochs", "40", "--batch-size", "250",
             "--checkpoint-every", "3", "--quiet", "--seed", "2"]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import ptoc
-from ptoc.cli import METHODS, main
+from ptoc.cli import main
+from ptoc.cli.train import METHODS
 from ptoc.io import load_model
 
 FAST = ["train", "--epochs", "1", "--depth", "4", "--width", "4", "--batch-size", "500"]
@@ -266,7 +267,7 @@ def test_pgcl_training_from_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_decreases_the_loss_on_peaks(method, tmp_path):
-    """Issue 4: every training method, from the command line, lowers the objective."""
+    """Every training method, from the command line, lowers the objective."""
     out = tmp_path / method
     extra = ["--ranks", "2"] if method in ("simultaneous", "pgcl") else []
     assert main(["train", "--method", method, "--depth", "6", "--width", "4", "--epochs", "8",

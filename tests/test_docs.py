@@ -1,5 +1,5 @@
 """The documentation site builds offline with warnings as errors, and every tutorial's
-code runs (issue 6): the docs cannot rot.
+code runs: the docs cannot rot.
 
 A tutorial page (``docs/tutorials/*.md``) is executed top to bottom: its ```python
 blocks in one shared namespace (like a notebook), its ```bash blocks with ``bash -e``,
@@ -18,6 +18,8 @@ import pytest
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TUTORIALS = sorted((DOCS / "tutorials").glob("[0-9]*.md"))
 FENCE = re.compile(r"^```(python|bash)[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+
+pytestmark = pytest.mark.docs
 
 
 def blocks(page: Path):
@@ -50,7 +52,18 @@ for i, (lang, code) in enumerate(BLOCKS):
 """
 
 
-@pytest.mark.parametrize("page", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def _marks(page: Path) -> list:
+    """``mpi`` for a page that launches mpiexec, ``cuda`` for one that runs CUDA kernels."""
+    code = blocks(page)
+    marks = []
+    if any(lang == "bash" and "mpiexec" in text for lang, text in code):
+        marks.append(pytest.mark.mpi)
+    if any(lang == "python" and "cuda" in text for lang, text in code):
+        marks.append(pytest.mark.cuda)
+    return marks
+
+
+@pytest.mark.parametrize("page", [pytest.param(p, id=p.stem, marks=_marks(p)) for p in TUTORIALS])
 def test_tutorial_runs(page, tmp_path):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", MPLBACKEND="Agg",
                NUMBA_ENABLE_CUDASIM="1")

@@ -1,5 +1,6 @@
 """The loss gradient against the truth: finite differences, backpropagation, the
-dot-product identity, and the Hamiltonian (DESIGN.md sections 2-3)."""
+dot-product identity, and the Hamiltonian (docs/theory/adjoint.md,
+docs/theory/maximum_principle.md)."""
 
 import numpy as np
 import pytest
@@ -140,7 +141,7 @@ def test_checkpointed_forward_keeps_the_marked_states():
         assert np.array_equal(ck.states[k], full.states[n])
 
 
-@pytest.mark.parametrize("target", ["numpy", "cpu", "cuda"])
+@pytest.mark.parametrize("target", ["numpy", "cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_targets_agree_on_loss_and_gradient(target):
     net, params, X, y = problem("smoothrelu", depth=3 if target == "cuda" else 8,
                                 S=6 if target == "cuda" else 40)
@@ -180,7 +181,8 @@ def test_hamiltonian_gradient_is_minus_the_loss_gradient_per_layer(act):
 
 
 def test_pmp_state_and_costate_equations():
-    """x_{n+1} = grad_p H_n and p_n = grad_x H_n (the discrete PMP, DESIGN.md sec. 3)."""
+    """x_{n+1} = grad_p H_n and p_n = grad_x H_n: the discrete maximum principle
+    (docs/theory/maximum_principle.md)."""
     net, params, X, y = problem("tanh", depth=5)
     fwd = ptoc.forward(net, params, X)
     _, lam_N, _, _ = ptoc.objective.classifier_loss(params, fwd.final_state, y)

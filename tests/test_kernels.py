@@ -14,7 +14,7 @@ from ptoc.activations import Activation, dsigma, sigma
 from ptoc.kernels import Target, reference
 
 ACTS = list(Activation)
-COMPILED = [Target.CPU, Target.CUDA]
+COMPILED = [Target.CPU, pytest.param(Target.CUDA, marks=pytest.mark.cuda)]
 
 
 def _layer(rng, S, d, dtype=np.float64, scale=1.0):
@@ -245,6 +245,7 @@ def test_importing_ptoc_compiles_nothing_and_loads_no_optional_target():
     assert out == ["0", "0"]
 
 
+@pytest.mark.cuda
 def test_cuda_without_a_device_gives_the_fix(monkeypatch):
     from numba import cuda
 
@@ -441,6 +442,7 @@ def test_sweeps_propagate_nan(target, act):
     assert np.isnan(lam0[3]).all() and np.isfinite(np.delete(lam0, 3, axis=0)).all()
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("act", ACTS)
 def test_activation_maps_nan_to_nan(act):
     assert all(math.isnan(v) for v in maths.activation(float("nan"), act.code))

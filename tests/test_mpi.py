@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 
 import ptoc
+from ptoc.cli.solve import _problem, _solver
 from ptoc.parallel import SimulatedRanks
 from ptoc.parallel.driver import parallel_gradient
-from ptoc.solve_cli import _problem, _solver
 
 MPIEXEC = shutil.which("mpiexec")
+
+pytestmark = pytest.mark.mpi  # every test here launches mpiexec
 
 
 def mpiexec(P, *args, timeout=120):
@@ -95,7 +97,7 @@ def test_bad_input_fails_on_every_rank_without_hanging(args, message):
 
 @pytest.mark.parametrize("P", [2, 3])
 def test_mpi_ranks_holding_only_their_layers_equal_the_full_run(P, tmp_path):
-    """Issue 3: each MPI process draws and holds only its own layers' parameters
+    """Each MPI process draws and holds only its own layers' parameters
     (``local_gradient``); loss, head gradient and the stacked layer gradients equal
     the simulated run with the full parameters, bit for bit."""
     import importlib.util

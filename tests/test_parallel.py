@@ -1,4 +1,5 @@
-"""Layer-parallel solvers against the serial sweep (DESIGN.md section 4)."""
+"""Layer-parallel solvers against the serial sweep (docs/theory/parareal.md and
+docs/theory/mgrit.md)."""
 
 import numpy as np
 import pytest
@@ -390,6 +391,7 @@ def test_parareal_accepts_a_coarse_network_or_a_function():
         ptoc.loss_and_grad(net, params, X, y, solver=Parareal(chunks=P, coarse=coarse.step))
 
 
+@pytest.mark.cuda
 def test_cuda_target_through_the_solvers():
     net, params, X, y = problem(depth=6, S=3, width=3)
     loss, grads = ptoc.loss_and_grad(net, params, X, y)
@@ -450,7 +452,7 @@ def test_layer_parallel_gradient_with_identity_opening_and_classifier_weight(sol
 @given(P=st.integers(2, 4), depth=st.integers(4, 14), seed=st.integers(0, 10**6),
        which=st.sampled_from(["mgrit-fcf", "mgrit-f-2it", "parareal", "serial"]))
 def test_a_rank_reads_only_its_own_layers(P, depth, seed, which):
-    """Issue 3: a rank holds only its layers' parameters. Poisoning every other layer's
+    """A rank holds only its layers' parameters. Poisoning every other layer's
     K_n, b_n on each rank (1e300) leaves the loss and gradient bitwise unchanged: foreign
     layers (coarse weights, the regulariser's neighbours) arrive only as messages. The
     head (W, mu, K_in, b_in) is replicated on every rank."""
@@ -496,7 +498,7 @@ def _slices(p, depth, P):
        opening=st.sampled_from(["dense", "identity"]),
        which=st.sampled_from(["mgrit-fcf", "mgrit-f-2it", "parareal", "serial"]))
 def test_local_gradient_equals_the_full_parameter_run_bitwise(P, depth, seed, opening, which):
-    """Issue 3: with ``local_gradient`` each rank is given only its own layers (the full
+    """With ``local_gradient`` each rank is given only its own layers (the full
     K, b never exist on it); loss, head gradient and records equal those of
     ``parallel_gradient`` with the full parameters, and the layer gradients, stacked in
     rank order, equal the full gradient, bit for bit."""

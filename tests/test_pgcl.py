@@ -1,4 +1,4 @@
-"""Predict globally, correct locally (Parpas & Muir; DESIGN.md section 4): ptoc.pgcl.PGCL."""
+"""Predict globally, correct locally (Parpas & Muir; docs/theory/pgcl.md): ptoc.pgcl.PGCL."""
 
 import importlib.util
 import json
@@ -283,6 +283,7 @@ def load_script():
     return module
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("P, config", [(2, "momentum"), (3, "adam-average-local2")])
 def test_mpi_ranks_equal_the_simulated_ranks(P, config, tmp_path):
     assert MPIEXEC is not None, "mpiexec not found: pip install 'ptoc[test]' provides it"
@@ -413,6 +414,7 @@ def test_divergence_raises_training_diverged_on_every_rank():
         run(m, net, params, X, y, 5)
 
 
+@pytest.mark.mpi
 def test_train_on_mpi_ranks_writes_once_and_equals_the_simulated_run(tmp_path):
     """``ptoc.train`` with PGCL on 2 MPI ranks: rank 0 writes the run's files, rank 1
     writes none and reports none, and both end with the parameters of the same run

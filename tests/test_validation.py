@@ -1,4 +1,4 @@
-"""``ptoc validate`` and the claim scripts of ``validation/``, in quick mode (issue 5).
+"""``ptoc validate`` and the claim scripts of ``validation/``, in quick mode.
 
 Every claim script runs in CI; its verdict must be the one its full run gives: ``pass``
 for the claims that hold, and for a claim whose check the measurements contradict,
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ptoc.cli import main
-from ptoc.validation import Record, Verdict, discover, load_script, run_script
+from ptoc.cli.claims import Record, Verdict, discover, load_script, run_script
 
 FOLDER = Path(__file__).resolve().parent.parent / "validation"
 SCRIPTS = discover(FOLDER)

@@ -1,6 +1,6 @@
 """Claim 1: the discrete adjoint is backpropagation, and equals finite differences.
 
-Claim (DESIGN.md section 2; the adjoint view of ResNet training of Günther et al. 2020,
+Claim (docs/theory/adjoint.md; the adjoint view of ResNet training of Günther et al. 2020,
 "Layer-parallel training of deep residual neural networks"): the gradient of
 ``J(theta) = Phi(x_N) + R(theta)`` computed by the discrete adjoint sweep
 ``lambda_n = lambda_{n+1} + h K_n^T (sigma'(a_n) * lambda_{n+1})`` with
@@ -59,19 +59,19 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.propagator import ResNetPropagator
 from ptoc.testing import tape_loss_and_grad
-from ptoc.validation import Record, script_main
 
 NUMBER = 1
 CLAIM = ("the discrete adjoint gradient equals backpropagation to round-off (1e-13) and "
          "central finite differences to truncation error, for tanh, ReLU and SmoothReLU")
-SOURCE = ("DESIGN.md section 2; Günther et al. 2020 (layer-parallel training of deep ResNets), "
+SOURCE = ("docs/theory/adjoint.md; Günther et al. 2020 (layer-parallel training of deep ResNets), "
           "adjoint-based gradient")
 
 ACTS = ("tanh", "relu", "smoothrelu")
 GROUPS = ("K", "b", "K_in", "b_in", "W", "mu")
-ETA = 0.1  # SmoothReLU blend half-width (DESIGN.md section 1)
+ETA = 0.1  # SmoothReLU blend half-width (docs/theory/resnet.md)
 BP_TOL = 1e-13
 DOT_TOL = 1e-12
 FD_MIN_TOL = 1e-8

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ptoc.cli.claims import Record, script_main
 from ptoc.discrete import binary_maximiser, discrete_objective, ternary_maximiser
-from ptoc.validation import Record, script_main
 
 NUMBER = 9
 CLAIM = "the closed-form ternary and binary maximisers equal brute force over the discrete set"
-SOURCE = "Li & Hao 2018, discrete-weight MSA; DESIGN.md section 3"
+SOURCE = "Li & Hao 2018, discrete-weight MSA; docs/theory/msa.md"
 
 
 def _brute(M, W, rho, lam, levels):

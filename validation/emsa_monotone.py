@@ -7,7 +7,7 @@ the Hamiltonian at the old states and co-states says nothing about how far the s
 move; their error estimate bounds the change of ``J`` by the Hamiltonian gain plus the
 squared residuals of the state and co-state equations, and the extended Hamiltonian of
 E-MSA subtracts those residuals with a weight ``rho``. For ``rho`` large enough every
-E-MSA step therefore decreases ``J``. (DESIGN.md section 3, E-MSA; ``ptoc.msa`` module
+E-MSA step therefore decreases ``J``. (docs/theory/msa.md, E-MSA; ``ptoc.msa`` module
 docstring for ptoc's batch-size-independent scaling of ``rho``.)
 
 The check: Peaks (``ptoc.data.peaks(n_per_class=40, n_val_per_class=4, grid=64)``, the
@@ -48,16 +48,16 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.msa import EMSA, MSA
 from ptoc.optim import SGD, Adam
 from ptoc.sweeps import loss
-from ptoc.validation import Record, script_main
 
 NUMBER = 11
 CLAIM = ("E-MSA with a large rho decreases the objective at every step; plain MSA "
          "(rho = 0) can increase it")
 SOURCE = ("Li, Chen, Tai & E 2018, Maximum principle based algorithms for deep learning "
-          "(error estimate, E-MSA); DESIGN.md section 3")
+          "(error estimate, E-MSA); docs/theory/msa.md")
 
 RHO_LARGE = 100.0
 INNER = dict(lr=5.0, inner_steps=5)

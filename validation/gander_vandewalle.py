@@ -19,7 +19,7 @@ Gander & Vandewalle 2007, "Analysis of the parareal time-parallel time-integrati
 method" (SIAM J. Sci. Comput.), their superlinear bound for linear problems, which
 has this form (product ``prod_{l=1..k} (j - l) / k!``) for a scalar linear ODE;
 here it is proved, in the same form, for the discrete, matrix-valued,
-layer-dependent case below. Parareal as ptoc runs it: ``DESIGN.md`` section 4.
+layer-dependent case below. Parareal as ptoc runs it: docs/theory/parareal.md.
 
 What is proved (the discrete linear case)
 -----------------------------------------
@@ -98,8 +98,8 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.parallel import partition, solve_states
-from ptoc.validation import Record, script_main
 
 NUMBER = 3
 CLAIM = ("on a linear ResNet (sigma = identity) the parareal error at every iteration k and "
@@ -107,7 +107,7 @@ CLAIM = ("on a linear ResNet (sigma = identity) the parareal error at every iter
          "(Gander-Vandewalle superlinear bound)")
 SOURCE = ("Gander & Vandewalle 2007, Analysis of the parareal time-parallel time-integration "
           "method (SIAM J. Sci. Comput.), superlinear bound for linear problems; "
-          "DESIGN.md section 4")
+          "docs/theory/parareal.md")
 
 RTOL, ATOL = 1e-10, 1e-12
 

@@ -2,8 +2,8 @@
 
 Claim (Günther, Ruthotto, Schroder, Cyr & Gauger 2020, "Layer-parallel training of deep
 residual neural networks": the gradient is assembled from layer-parallel (MGRIT)
-solutions of the forward (state) and backward (adjoint) sweeps; DESIGN.md sections 2
-and 4): as the number of MGRIT iterations of both sweeps grows, the gradient
+solutions of the forward (state) and backward (adjoint) sweeps; docs/theory/adjoint.md
+and docs/theory/mgrit.md): as the number of MGRIT iterations of both sweeps grows, the gradient
 ``dJ/dtheta`` formed from the MGRIT states ``x_n`` and adjoints ``lambda_{n+1}`` (and the
 opening layer's and classifier's gradients from ``lambda_0`` and ``x_N``) converges to
 the gradient of the serial sweeps, and at convergence (residual-based stopping) it
@@ -37,14 +37,15 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.parallel import MGRIT, parallel_gradient
-from ptoc.validation import Record, script_main
 
 NUMBER = 6
 CLAIM = ("the gradient from MGRIT state and adjoint sweeps converges to the serial "
          "gradient as MGRIT iterations grow, and equals it to 1e-10 relative at convergence")
 SOURCE = ("Günther, Ruthotto, Schroder, Cyr & Gauger 2020, layer-parallel training of deep "
-          "ResNets (MGRIT forward and adjoint solves); DESIGN.md sections 2 and 4")
+          "ResNets (MGRIT forward and adjoint solves); docs/theory/adjoint.md, "
+          "docs/theory/mgrit.md")
 
 CONVERGED_TOL = 1e-10
 FLOOR = 1e-12

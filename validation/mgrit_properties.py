@@ -1,6 +1,6 @@
 """Claim 4: MGRIT's structural properties -- one level, two levels with F, FCF.
 
-Claims (DESIGN.md section 4; Falgout, Friedhoff, Kolev, MacLachlan & Schroder 2014,
+Claims (docs/theory/mgrit.md; Falgout, Friedhoff, Kolev, MacLachlan & Schroder 2014,
 "Parallel time integration with multigrid"; for ResNets Günther et al. 2020):
 
 (a) MGRIT with one level is the serial sweep: ``MGRIT(max_levels=1)`` gives the states
@@ -50,15 +50,15 @@ import numpy as np
 from _problems import random_problem, serial_sweeps  # validation/_problems.py
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.parallel import MGRIT, Parareal, SimulatedRanks, parallel_adjoint, parallel_gradient
-from ptoc.validation import Record, script_main
 
 NUMBER = 4
 CLAIM = ("MGRIT with one level is the serial sweep bit for bit; two-level MGRIT with "
          "F-relaxation is parareal iterate by iterate; FCF makes two more C-points exact "
          "per iteration (F: one)")
 SOURCE = ("Falgout et al. 2014 (MGRIT; parareal as two-level F-relaxation MGRIT); "
-          "Günther et al. 2020; DESIGN.md section 4")
+          "Günther et al. 2020; docs/theory/mgrit.md")
 
 ACTS = ("tanh", "relu", "smoothrelu")
 ROUND_OFF = 1e-13

@@ -24,7 +24,7 @@ F- and FCF-relaxation two-level error propagators of a time-invariant,
 simultaneously diagonalisable fine and coarse step, of the form
 ``|lam^m - mu| (1 - |mu|^{N_D}) / (1 - |mu|)`` (times ``|lam|^m`` for FCF). The forms above
 are derived below; with ``S_{N_D-1} <= S_{N_D}`` (and ``S_{N_D-2}``) they are at most
-those, and both are reported. MGRIT in ptoc: ``DESIGN.md`` section 4.
+those, and both are reported. MGRIT in ptoc: docs/theory/mgrit.md.
 
 Derivation (what is used)
 -------------------------
@@ -97,8 +97,8 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.parallel import solve_states
-from ptoc.validation import Record, script_main
 
 NUMBER = 5
 CLAIM = ("two-level MGRIT on a linear ResNet (sigma = identity, time-invariant K) contracts "
@@ -107,7 +107,7 @@ CLAIM = ("two-level MGRIT on a linear ResNet (sigma = identity, time-invariant K
          "complex spectra")
 SOURCE = ("Dobrev, Kolev, Petersson & Schroder 2017, Two-level convergence theory for "
           "multigrid reduction in time (MGRIT) (SIAM J. Sci. Comput.), F- and FCF-relaxation "
-          "bounds; DESIGN.md section 4")
+          "bounds; docs/theory/mgrit.md")
 
 RTOL = 1e-6
 FLOOR = 1e-8

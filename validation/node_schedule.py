@@ -5,8 +5,8 @@ equations": the neural ODE ``x' = sigma(K(t) x + b(t))`` is solved by parareal w
 cheap coarse solver and a fine solver whose order rises over the iterations (here
 Euler, then Heun, then RK4), and this "allows to reduce the overall number of
 time-steps thanks to an iterative increase of the accuracy order" (abstract): while the
-coarse error dominates, an accurate fine solver is wasted. DESIGN.md section 4 (last
-item); ``ptoc.node`` for the solver.
+coarse error dominates, an accurate fine solver is wasted. docs/theory/node.md for the
+method; ``ptoc.node`` for the solver.
 
 Measures, fixed before the run. Each case is one fixed random network and batch, solved
 by parareal to exactness (``tol`` tiny, the default iteration budget), every iterate
@@ -68,14 +68,14 @@ from pathlib import Path
 import numpy as np
 from _problems import benchmark  # validation/_problems.py
 
+from ptoc.cli.claims import Record, script_main
 from ptoc.node import NODECoarse, NODEParareal, Scheme, node_solve
-from ptoc.validation import Record, script_main
 
 NUMBER = 13
 CLAIM = ("parareal neural ODE with a rising fine order (Euler, Heun, RK4) needs fewer fine "
          "steps for the same accuracy than a fixed high-order (RK4) fine solver")
 SOURCE = ("Lorin 2020, Derivation and analysis of parallel-in-time neural ordinary "
-          "differential equations (Ann. Math. Artif. Intell.); DESIGN.md section 4")
+          "differential equations (Ann. Math. Artif. Intell.); docs/theory/node.md")
 
 SCHEDULES = {"rk4": (Scheme.RK4,), "euler>heun>rk4": (Scheme.EULER, Scheme.HEUN, Scheme.RK4)}
 TARGETS = (1e-4, 1e-6, 1e-8)

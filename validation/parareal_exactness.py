@@ -1,6 +1,6 @@
 """Claim 2: parareal is exact on the first k chunk boundaries after k iterations.
 
-Claim (DESIGN.md section 4; parareal of Lions, Maday & Turinici 2001 as analysed by
+Claim (docs/theory/parareal.md; parareal of Lions, Maday & Turinici 2001 as analysed by
 Gander & Vandewalle 2007, applied across layers by Günther et al. 2020): with the
 layers split into P contiguous chunks (fine propagator ``F_j`` = the exact layers of
 chunk ``j``, coarse ``G_j`` = one step of size (chunk length) x h) and the update
@@ -50,15 +50,15 @@ import numpy as np
 from _problems import random_problem, serial_sweeps  # validation/_problems.py
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.parallel import Parareal, SimulatedRanks, parallel_adjoint, partition
-from ptoc.validation import Record, script_main
 
 NUMBER = 2
 CLAIM = ("parareal across layers is exact on the first k chunk boundaries after k "
          "iterations and equals the serial sweep bit for bit after P iterations, for the "
          "state and the adjoint sweep")
 SOURCE = ("Gander & Vandewalle 2007 (parareal exactness); Günther et al. 2020 "
-          "(layer-parallel ResNets); DESIGN.md section 4")
+          "(layer-parallel ResNets); docs/theory/parareal.md")
 
 ACTS = ("tanh", "relu", "smoothrelu")
 

@@ -6,8 +6,8 @@ chunk-boundary states and co-states (corrected parareal-style with the previous 
 fine values) and every chunk then updates its own weights from its own fine sweeps,
 without waiting for a full forward and backward propagation. The paper establishes
 convergence (a gradient method with errors that vanish as the predictions converge)
-and reports it more efficient than the serial method. In ptoc (``ptoc.pgcl``, DESIGN.md
-section 4) the fixed points of PGCL are the stationary points of serial gradient
+and reports it more efficient than the serial method. In ptoc (``ptoc.pgcl``,
+docs/theory/pgcl.md) the fixed points of PGCL are the stationary points of serial gradient
 descent; the claim checked here has two parts:
 
 1. *same stationary point*: from the same start and with the same optimiser, PGCL
@@ -59,16 +59,16 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.methods import GradientMethod
 from ptoc.optim import SGD
 from ptoc.pgcl import PGCL
-from ptoc.validation import Record, script_main
 
 NUMBER = 12
 CLAIM = ("predict-globally-correct-locally converges to the serial method's stationary "
          "point with fewer layer steps on the critical path")
 SOURCE = ("Parpas & Muir, Predict globally, correct locally: parallel-in-time optimal "
-          "control of neural networks (convergence; numerical results); DESIGN.md section 4")
+          "control of neural networks (convergence; numerical results); docs/theory/pgcl.md")
 
 LR = 1.0
 TOL_COMPARE = 1e-8  # the gradient norm at which the critical paths are compared

@@ -3,29 +3,30 @@
 Source: the MGRIT algorithm of Falgout, Friedhoff, Kolev, MacLachlan & Schroder (2014)
 as used for ResNets by Günther et al. (2020), whose conventions ptoc follows (those of
 PyMGRIT 1.0.6: only the first finest-level iteration starts with an F-relaxation, the
-residual is the 2-norm over the finest C-points of ``Phi(u_{i-1}) - u_i``); DESIGN.md
-section 4; the comparison is that of issue 3 (``benchmarks/bench_pymgrit.py``).
+residual is the 2-norm over the finest C-points of ``Phi(u_{i-1}) - u_i``);
+docs/theory/mgrit.md; the comparison is that of docs/benchmarks.md
+(``benchmarks/bench_pymgrit.py``).
 
-The problem (issue 3): the forward sweep ``X_{n+1} = X_n + h tanh(X_n K_n^T + b_n)`` of
-width 16 and batch 32, T = 1 (h = 1/N), ``K_n ~ N(0, 1/16)``, ``b_n ~ N(0, 1)``,
-``X_0 ~ N(0, 1)``, float64, drawn from ``numpy.random.default_rng(seed)`` in the order
-K, b, (classifier weights, unused), X_0 - the problem of ``ptoc solve --seed``. Both
-libraries run MGRIT with coarsening m = 4, FCF relaxation, V-cycles, no nested
-iteration, zero initial guess, the coarse step of a level taking the weights of the
-fine layer at its start time (ptoc's ``coarse_weights="inject"``), and stop when the
-absolute residual is at most 1e-10. Two hierarchies: two levels (PyMGRIT
-``level=2``, ptoc ``max_levels=2``) and as many as fit (coarsening down to 2 points;
-PyMGRIT ``level`` = the number of ptoc's levels with ``min_coarse_steps=1``). PyMGRIT
-side: an ``Application`` whose step from ``t_start`` to ``t_stop`` is
-``u + (t_stop - t_start) tanh(u K_n^T + b_n)``, ``n = round(t_start / h)``, set up by
-``simple_setup_problem``.
+The problem (the solver benchmark of docs/benchmarks.md): the forward sweep
+``X_{n+1} = X_n + h tanh(X_n K_n^T + b_n)`` of width 16 and batch 32, T = 1 (h = 1/N),
+``K_n ~ N(0, 1/16)``, ``b_n ~ N(0, 1)``, ``X_0 ~ N(0, 1)``, float64, drawn from
+``numpy.random.default_rng(seed)`` in the order K, b, (classifier weights, unused), X_0:
+the problem of ``ptoc solve --seed``. Both libraries run MGRIT with coarsening m = 4,
+FCF relaxation, V-cycles, no nested iteration, zero initial guess, the coarse step of a
+level taking the weights of the fine layer at its start time (ptoc's
+``coarse_weights="inject"``), and stop when the absolute residual is at most 1e-10. Two
+hierarchies: two levels (PyMGRIT ``level=2``, ptoc ``max_levels=2``) and as many as fit
+(coarsening down to 2 points; PyMGRIT ``level`` = the number of ptoc's levels with
+``min_coarse_steps=1``). PyMGRIT side: an ``Application`` whose step from ``t_start`` to
+``t_stop`` is ``u + (t_stop - t_start) tanh(u K_n^T + b_n)``,
+``n = round(t_start / h)``, set up by ``simple_setup_problem``.
 
-Holds when, for every case, the iteration counts differ by at most one (issue 3's
-criterion) and the residual histories agree iteration by iteration:
+Holds when, for every case, the iteration counts differ by at most one (the
+benchmark's criterion) and the residual histories agree iteration by iteration:
 ``|r_ptoc - r_PyMGRIT| <= 1e-6 r_PyMGRIT + 1e-13`` (the same iteration done with a
 different order of floating-point operations; 1e-13 is the round-off level of a
-residual summed over all C-points of states of size one). Full mode: N = 1024 (issue
-3's depth) for seeds 0, 1, 2, and N = 4096 for seed 0; quick mode: N = 256, seed 0.
+residual summed over all C-points of states of size one). Full mode: N = 1024 (the
+benchmark's depth) for seeds 0, 1, 2, and N = 4096 for seed 0; quick mode: N = 256, seed 0.
 
 PyMGRIT is an optional dependency (``pip install pymgrit==1.0.6``); without it the
 claim is reported as skipped. PyMGRIT 1.0.6 calls ``np.in1d``, removed in NumPy 2.4,
@@ -40,17 +41,17 @@ import numpy as np
 from _problems import benchmark  # validation/_problems.py
 
 import ptoc
+from ptoc.cli.claims import Record, Verdict, script_main
 from ptoc.parallel import mgrit_levels, parallel_forward
-from ptoc.validation import Record, Verdict, script_main
 
 NUMBER = 8
 CLAIM = ("ptoc's MGRIT takes the same number of iterations as PyMGRIT on the same problem "
          "(two-level and max-level, m = 4, FCF, tol 1e-10), with the same residual history")
 SOURCE = ("Falgout et al. 2014 / Günther et al. 2020, MGRIT as implemented by PyMGRIT "
-          "1.0.6; DESIGN.md section 4; issue 3's comparison")
+          "1.0.6; docs/theory/mgrit.md; the comparison of docs/benchmarks.md")
 
 M, TOL = 4, 1e-10  # the benchmark's COARSENING and TOL (checked in run)
-ITER_TOL = 1  # issue 3: counts equal within one
+ITER_TOL = 1  # the benchmark's criterion: counts equal within one
 REL_TOL, ABS_TOL = 1e-6, 1e-13
 INSTALL = "pip install pymgrit==1.0.6"
 
@@ -156,7 +157,7 @@ def run(quick: bool, out_dir: Path) -> Record:
                for c in cases]
     return Record.from_checks(
         checks, our_value=our,
-        paper_value={"issue 3 record (N=1024, seed 0)": "two-level 7/7, max-level 9/9"},
+        paper_value={"benchmark record (N=1024, seed 0)": "two-level 7/7, max-level 9/9"},
         tolerance=f"iteration counts differ by at most {ITER_TOL}; per iteration "
                   f"|r_ptoc - r_PyMGRIT| <= {REL_TOL:g} r_PyMGRIT + {ABS_TOL:g}",
         details={"pymgrit": version, "summary": summary, "cases": cases,

@@ -3,7 +3,7 @@ speedup measured on MPI ranks, for parareal and MGRIT, for growing depth.
 
 Source: the layer-parallel solvers of Günther et al. (2020) (parareal and MGRIT
 across layers; "speedup over layer-serial methods through greater concurrency",
-abstract) and ptoc's cost model, DESIGN.md sections 4 and 5: every solve counts its
+abstract) and ptoc's cost model (docs/architecture.md): every solve counts its
 layer steps with logical (Lamport) clocks, so the critical path of P ranks is known
 from a run on simulated ranks, and the speedup of P processors is predicted as
 
@@ -31,7 +31,7 @@ coarse intervals, ``n_c = N/m``; ``K`` = iterations done):
 
 for the state sweep and the adjoint sweep alike. Holds when every count is equal.
 
-(b) Measurement (full mode). The problem of ``ptoc solve`` (issue 3): ``X_{n+1} = X_n
+(b) Measurement (full mode). The problem of ``ptoc solve``: ``X_{n+1} = X_n
 + h tanh(X_n K_n^T + b_n)``, d = 16, batch 32, T = 1, seed 0, N = 1024 and 4096 layers;
 parareal (one chunk per rank, tol 1e-10) and MGRIT (m = 4, FCF, V-cycles, up to 10
 levels, coarsest grid >= 2 steps, tol 1e-10), as in ``benchmarks/bench_scaling.py``.
@@ -68,15 +68,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from ptoc.cli.claims import Record, Verdict, script_main
+from ptoc.cli.solve import _problem as solve_problem
 from ptoc.parallel import MGRIT, Parareal, Serial, parallel_gradient
-from ptoc.solve_cli import _problem as solve_problem
-from ptoc.validation import Record, Verdict, script_main
 
 NUMBER = 14
 CLAIM = ("the speedup predicted from counted critical-path layer steps matches the speedup "
          "measured on MPI ranks, for parareal and MGRIT, for growing depth")
 SOURCE = ("Günther et al. 2020 (layer-parallel parareal/MGRIT, speedup through concurrency); "
-          "ptoc's critical-path cost model, DESIGN.md sections 4 and 5")
+          "ptoc's critical-path cost model, docs/architecture.md")
 
 SPEEDUP_TOL = 0.25  # |measured / predicted - 1| at P = 2
 DEPTHS = (1024, 4096)
@@ -158,7 +158,7 @@ def _counting() -> tuple[dict[str, bool], list[dict]]:
 # --- (b) measurement ---------------------------------------------------------------------------
 
 def _problem(depth: int, width: int = 16, batch: int = 32, seed: int = 0):
-    """The problem of ``ptoc solve`` (issue 3): its own builder, with these sizes."""
+    """The problem of ``ptoc solve``: its own builder, with these sizes."""
     return solve_problem(SimpleNamespace(width=width, depth=depth, batch=batch, seed=seed,
                                          T=1.0, activation="tanh"))
 

@@ -5,7 +5,7 @@ discrete-weight neural networks" (ICML; the section on discrete weights): ternar
 networks trained by the discrete-weight MSA reach accuracy close to their float
 counterparts with very sparse weights (abstract: "competitive performance and
 interestingly, very sparse weights in the case of ternary networks"; MNIST: 98.8% test
-accuracy with 1.8% of the weights nonzero). DESIGN.md section 3 (discrete weights);
+accuracy with 1.8% of the weights nonzero). docs/theory/msa.md (discrete weights);
 :class:`ptoc.msa.DiscreteMSA` for the update.
 
 Setting. scikit-learn's 8x8 digits (:func:`ptoc.data.digits`: 1347 training and 450
@@ -58,16 +58,16 @@ from pathlib import Path
 import numpy as np
 
 import ptoc
+from ptoc.cli.claims import Record, script_main
 from ptoc.methods import GradientMethod
 from ptoc.msa import DiscreteMSA
 from ptoc.optim import Adam
-from ptoc.validation import Record, script_main
 
 NUMBER = 10
 CLAIM = ("a ternary ResNet trained by discrete MSA reaches accuracy close to the float "
          "network with very sparse weights")
 SOURCE = ("Li & Hao 2018, An optimal control approach to deep learning and applications "
-          "to discrete-weight neural networks (ICML), discrete weights; DESIGN.md section 3")
+          "to discrete-weight neural networks (ICML), discrete weights; docs/theory/msa.md")
 
 MATTER = 2.0   # points: float above the floor
 CLOSE = 2.0    # points: ternary below float at most

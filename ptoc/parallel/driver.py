@@ -359,7 +359,7 @@ def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="
         On every rank alike, before any kernel runs, when any rank's slice has a wrong
         key, shape or a non-finite entry (the message names the rank).
     """
-    from .._validate import check_inputs
+    from .._checks import check_inputs
     from ..kernels import Target
     if not isinstance(network, ResNet):
         raise TypeError(f"network must be a ptoc.ResNet, got {type(network).__name__}")

@@ -54,7 +54,7 @@ def mgrit_levels(n_steps: int, coarsening: int, max_levels: int,
     last coarse step may be shorter when ``m`` does not divide the number of steps).
     Coarsening stops at ``max_levels`` levels, or before a level would have fewer
     than ``min_coarse_steps`` steps, or when it would no longer shrink the grid.
-    ``DESIGN.md`` section 4 (Falgout et al. 2014). Theory: :doc:`/theory/mgrit`.
+    Falgout et al. 2014. Theory: :doc:`/theory/mgrit`.
     """
     levels = [np.arange(n_steps + 1, dtype=np.int64)]
     while len(levels) < max_levels:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._validate import check_positive_float
+from .._checks import check_integer, check_positive_float
 from .comm import Communicator
 from .layout import mgrit_levels
 from .options import (
@@ -45,7 +45,6 @@ from .options import (
     Relaxation,
     SweepOutcome,
     SweepSolver,
-    _pos_int,
 )
 from .problem import Block, SweepProblem, scratch
 
@@ -465,9 +464,10 @@ class MGRIT(SweepSolver):
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "coarsening", _pos_int("MGRIT coarsening factor m", self.coarsening, 2))
-        set_(self, "max_levels", _pos_int("MGRIT max_levels", self.max_levels))
-        set_(self, "min_coarse_steps", _pos_int("MGRIT min_coarse_steps", self.min_coarse_steps))
+        set_(self, "coarsening", check_integer("MGRIT coarsening factor m", self.coarsening, 2))
+        set_(self, "max_levels", check_integer("MGRIT max_levels", self.max_levels, 1))
+        set_(self, "min_coarse_steps",
+             check_integer("MGRIT min_coarse_steps", self.min_coarse_steps, 1))
         if isinstance(self.relaxation, (str, Relaxation)):
             set_(self, "relaxation", Relaxation.parse(self.relaxation))
         else:
@@ -479,7 +479,7 @@ class MGRIT(SweepSolver):
         set_(self, "tol", check_positive_float("MGRIT tol", self.tol))
         if self.rtol is not None:
             set_(self, "rtol", check_positive_float("MGRIT rtol", self.rtol))
-        set_(self, "max_iterations", _pos_int("MGRIT max_iterations", self.max_iterations))
+        set_(self, "max_iterations", check_integer("MGRIT max_iterations", self.max_iterations, 1))
         set_(self, "coarse_weights", CoarseWeights.parse(self.coarse_weights))
         set_(self, "nested_iteration", bool(self.nested_iteration))
         set_(self, "divergence_factor", check_positive_float("MGRIT divergence_factor",

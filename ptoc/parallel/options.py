@@ -10,16 +10,15 @@ or numbers, never integer codes. Every solve returns a :class:`SolveResult`.
 from __future__ import annotations
 
 import abc
-import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .._options import parse_option
+from .._options import OptionEnum
 
 
-class CoarseWeights(str, enum.Enum):
+class CoarseWeights(OptionEnum, what="coarse-weight rule"):
     """Weights of a coarse step covering layers ``s..e-1`` (``DESIGN.md`` section 4).
 
     ``INJECT``: those of layer ``s`` (the fine layer at the coarse step's start time).
@@ -29,13 +28,8 @@ class CoarseWeights(str, enum.Enum):
     INJECT = "inject"
     AVERAGE = "average"
 
-    @classmethod
-    def parse(cls, value: CoarseWeights | str) -> CoarseWeights:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "coarse-weight rule")
 
-
-class Relaxation(str, enum.Enum):
+class Relaxation(OptionEnum, what="relaxation"):
     """MGRIT relaxation on a level: ``F`` (F-relaxation only) or ``FCF`` (F, then C, then F)."""
 
     F = "F"
@@ -46,28 +40,12 @@ class Relaxation(str, enum.Enum):
         """Number of CF sweeps after the F-relaxation."""
         return {Relaxation.F: 0, Relaxation.FCF: 1}[self]
 
-    @classmethod
-    def parse(cls, value: Relaxation | str) -> Relaxation:
-        """The member named by ``value`` (any case); ``ValueError`` otherwise."""
-        return parse_option(cls, value, "relaxation")
 
-
-class Cycle(str, enum.Enum):
+class Cycle(OptionEnum, what="cycle"):
     """MGRIT cycle: ``V`` or ``F`` (an F-cycle revisits each coarse level with a V-cycle)."""
 
     V = "V"
     F = "F"
-
-    @classmethod
-    def parse(cls, value: Cycle | str) -> Cycle:
-        """The member named by ``value`` (any case); ``ValueError`` otherwise."""
-        return parse_option(cls, value, "cycle")
-
-
-def _pos_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class SweepSolver(abc.ABC):

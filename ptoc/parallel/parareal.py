@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import check_positive_float
+from .._checks import check_integer, check_positive_float
 from ..propagator import Propagator
 from .comm import Communicator
 from .layout import sum_of_squares as _sum_of_squares
-from .options import CoarseWeights, DivergenceError, SweepOutcome, SweepSolver, _pos_int
+from .options import CoarseWeights, DivergenceError, SweepOutcome, SweepSolver
 from .problem import Block, SweepProblem
 
 TAG_U = 5
@@ -177,7 +177,7 @@ class Parareal(SweepSolver):
 
     def __post_init__(self) -> None:
         if self.chunks is not None:
-            _pos_int("Parareal chunks", self.chunks)
+            object.__setattr__(self, "chunks", check_integer("Parareal chunks", self.chunks, 1))
         if isinstance(self.coarse, (str, CoarseWeights)):
             object.__setattr__(self, "coarse", CoarseWeights.parse(self.coarse))
         elif not isinstance(self.coarse, (Propagator, CoarseFunction)):
@@ -187,7 +187,8 @@ class Parareal(SweepSolver):
                                  f"{self.coarse!r}")
             object.__setattr__(self, "coarse", CoarseFunction(self.coarse))
         if self.max_iterations is not None:
-            _pos_int("Parareal max_iterations", self.max_iterations, 0)
+            object.__setattr__(self, "max_iterations",
+                               check_integer("Parareal max_iterations", self.max_iterations, 0))
         object.__setattr__(self, "tol", check_positive_float("Parareal tol", self.tol))
 
     def simulated_ranks(self) -> int | None:

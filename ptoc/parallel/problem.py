@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._scratch import Scratch
+from .._workspace import Workspace
 from ..propagator import LevelPlan, LevelSteps
 from .comm import Communicator
 from .layout import layer_owner, position_owner
 from .options import CoarseWeights
 
 #: Buffers of the layer-parallel solvers, reused across solves (per thread).
-scratch = Scratch(capacity=64)
+scratch = Workspace(capacity=64)
 
 TAG_WEIGHTS = 1
 

@@ -1,40 +1,33 @@
-"""The ``ptoc`` command line.
+"""``ptoc train``: train a ResNet and write the model, its history, a plot and checkpoints.
 
-``ptoc train``
-    Train a ResNet on Peaks (default) or digits and write the model, the history
-    (JSON and CSV), a plot and checkpoints into an output folder. With no options it
-    trains width 8, depth 32, ``T = 5``, tanh, on Peaks with Adam (``lr = 3e-3``,
-    batch 50, 100 epochs) on exact serial gradients, which reaches about 96-99%
-    validation accuracy in well under a minute on two cores. ``--method`` picks one
-    of the training methods (``--method`` alone lists them); ``--resume DIR``
-    continues a run from its checkpoint.
-``ptoc solve``
-    Solve the state and adjoint sweeps layer-parallel (:mod:`ptoc.solve_cli`).
-``ptoc validate``
-    Run the claim scripts of ``validation/`` (:mod:`ptoc.validation`).
-``ptoc info``
-    Versions, Numba threads and which kernel targets can run here.
-
-Exit codes: 0 success; 1 training diverged (the last good model is kept); 2 bad
-options or a missing optional dependency (one ``ptoc: error: ...`` line, never a
-traceback); 130 interrupted with Ctrl-C (the last good model is kept).
+With no options it trains width 8, depth 32, ``T = 5``, tanh, on Peaks with Adam
+(``lr = 3e-3``, batch 50, 100 epochs) on exact serial gradients, which reaches about
+96-99% validation accuracy in well under a minute on two cores. ``--method`` picks one
+of the training methods (``--method`` alone lists them); ``--resume DIR`` continues a
+run from its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import math
 import os
-import platform
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from .arguments import (
+    PROG,
+    Formatter,
+    Parser,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    unit_float,
+)
+from .errors import CLIError
 
-__all__ = ["DEFAULT_LR", "build_parser", "main"]
+__all__ = ["DEFAULT_LR", "METHODS", "add_parser", "run"]
 
 #: Learning rate used when ``--lr`` is not given, per optimiser.
 DEFAULT_LR = {"adam": 3e-3, "sgd": 1e-2, "lbfgs": 1.0}
@@ -83,126 +76,27 @@ METHOD_OPTIONS = {
     "binary": ("rho", "rho_schedule", "beta"),
 }
 
-PROG = "ptoc"
-
-
-class _Error(Exception):
-    """A user error: printed as ``ptoc: error: ...``, exit code 2."""
-
-
-# --- argument types (each error names the value; argparse adds the option) ---------------------
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must satisfy 0 <= value < 1, got {text!r}")
-    return value
-
 
 def _batch_size(text: str) -> int | str | None:
+    """A positive integer, ``None`` for a full batch, or ``"auto"`` (the default)."""
     if text.strip().lower() in ("full", "none", "all"):
         return None
-    if text.strip().lower() == "auto":  # the default: resolved per method in _cmd_train
+    if text.strip().lower() == "auto":  # the default: resolved per method in run
         return "auto"
     try:
-        return _positive_int(text)
+        return positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"must be a positive integer or 'full', got {text!r}") from None
 
 
-# --- parser ------------------------------------------------------------------------------------
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show ``(default: ...)`` except for flags and options whose default is None."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line, without the usage block."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``ptoc`` argument parser (subcommands ``train``, ``solve`` and ``info``)."""
-    from . import __version__
-
-    parser = _Parser(
-        prog=PROG,
-        description=(
-            "ptoc: parallel-in-time optimal control of residual neural networks.\n\n"
-            "Subcommands:\n"
-            "  train     train a ResNet on Peaks or digits with one of the training\n"
-            "            methods; writes model.npz, history, plot and checkpoints\n"
-            "  solve     solve the state/adjoint sweeps layer-parallel (parareal, MGRIT) on\n"
-            "            simulated ranks or under mpiexec; prints residuals and step counts\n"
-            "  validate  check the papers' claims (validation/), one table\n"
-            "  info      versions, Numba threads and the available kernel targets\n\n"
-            "Run 'ptoc <subcommand> --help' for the options of each."
-        ),
-        epilog=("exit codes: 0 success, 1 training diverged (last good model kept), "
-                "2 bad options, 130 interrupted"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"ptoc {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,solve,validate,info}",
-                                required=True)
-
+def add_parser(sub) -> None:
+    """Register the ``train`` subcommand on the subparsers ``sub``."""
     t = sub.add_parser(
         "train",
         help="train a ResNet and write model, history and plot",
         description=(
-            "Train a residual network (forward-Euler ResNet, DESIGN.md section 1) with\n"
+            "Train a residual network (forward-Euler ResNet, docs/theory/resnet.md) with\n"
             "mini-batch Adam or SGD on exact serial adjoint gradients. The training set\n"
             "is reshuffled every epoch with numpy.random.default_rng(--seed); the\n"
             "initial parameters are ResNet.init_params(--seed, --init-scale,\n"
@@ -214,30 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=("exit codes: 0 success, 1 training diverged (the last good model is "
                 "written), 2 bad options, 130 interrupted"),
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
     )
     g = t.add_argument_group("data")
     g.add_argument("--data", choices=("peaks", "digits"), default="peaks",
                    help="data set (digits needs scikit-learn)")
-    g.add_argument("--data-seed", type=_nonnegative_int, default=0,
+    g.add_argument("--data-seed", type=nonnegative_int, default=0,
                    help="seed of the data set's sampling/split")
     g = t.add_argument_group("network")
-    g.add_argument("--width", type=_positive_int, default=8, help="state dimension d")
-    g.add_argument("--depth", type=_positive_int, default=32, help="number of residual layers N")
-    g.add_argument("--T", type=_positive_float, default=5.0, help="final time (step h = T/N)")
+    g.add_argument("--width", type=positive_int, default=8, help="state dimension d")
+    g.add_argument("--depth", type=positive_int, default=32, help="number of residual layers N")
+    g.add_argument("--T", type=positive_float, default=5.0, help="final time (step h = T/N)")
     g.add_argument("--activation", choices=("tanh", "relu", "smoothrelu"), default="tanh",
                    help="activation sigma")
     g.add_argument("--opening", choices=("dense", "identity"), default="dense",
                    help="opening layer (identity needs n_in == width)")
-    g.add_argument("--gamma", type=_nonnegative_float, default=1e-4,
+    g.add_argument("--gamma", type=nonnegative_float, default=1e-4,
                    help="Tikhonov weight on the layer weights")
-    g.add_argument("--gamma-t", type=_nonnegative_float, default=1e-4,
+    g.add_argument("--gamma-t", type=nonnegative_float, default=1e-4,
                    help="time-smoothness weight between layers")
-    g.add_argument("--gamma-c", type=_nonnegative_float, default=1e-4,
+    g.add_argument("--gamma-c", type=nonnegative_float, default=1e-4,
                    help="weight on the classifier and opening weights")
     g.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                    help="floating-point type")
-    g.add_argument("--init-scale", type=_nonnegative_float, default=1.0,
+    g.add_argument("--init-scale", type=nonnegative_float, default=1.0,
                    help="scale of the random initial weights")
     g.add_argument("--init-layers", choices=("independent", "smooth"), default="independent",
                    help="initial K_n drawn independently, or varying smoothly with the "
@@ -246,30 +140,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", nargs="?", const="list", default="serial",
                    choices=tuple(METHODS) + ("list",),
                    help="training method; '--method' alone lists them, one line each")
-    g.add_argument("--mgrit-iterations", type=_positive_int,
+    g.add_argument("--mgrit-iterations", type=positive_int,
                    default=METHOD_OPTION_DEFAULTS["mgrit_iterations"],
                    help="simultaneous: MGRIT iterations per sweep and optimisation step")
-    g.add_argument("--coarsening", type=_positive_int,
+    g.add_argument("--coarsening", type=positive_int,
                    default=METHOD_OPTION_DEFAULTS["coarsening"],
                    help="simultaneous: MGRIT coarsening factor m (>= 2)")
-    g.add_argument("--ranks", type=_positive_int, default=METHOD_OPTION_DEFAULTS["ranks"],
+    g.add_argument("--ranks", type=positive_int, default=METHOD_OPTION_DEFAULTS["ranks"],
                    help="simultaneous, pgcl: simulated ranks the layers are split over")
     g.add_argument("--scheme", choices=("euler", "heun", "rk4"),
                    default=METHOD_OPTION_DEFAULTS["scheme"],
                    help="node: fine Runge-Kutta scheme (Euler with --substeps 1 is the ResNet)")
-    g.add_argument("--substeps", type=_positive_int, default=METHOD_OPTION_DEFAULTS["substeps"],
+    g.add_argument("--substeps", type=positive_int, default=METHOD_OPTION_DEFAULTS["substeps"],
                    help="node: fine steps per layer (piece of constant weights)")
-    g.add_argument("--chunks", type=_positive_int, default=METHOD_OPTION_DEFAULTS["chunks"],
+    g.add_argument("--chunks", type=positive_int, default=METHOD_OPTION_DEFAULTS["chunks"],
                    help="node: parareal chunks P (1: a serial solve)")
     g.add_argument("--schedule", default=METHOD_OPTION_DEFAULTS["schedule"],
                    metavar="S1,S2,...",
                    help="node: fine scheme per parareal iteration, e.g. euler,heun,rk4 "
                    "(default: --scheme throughout)")
-    g.add_argument("--parareal-iterations", type=_nonnegative_int,
+    g.add_argument("--parareal-iterations", type=nonnegative_int,
                    default=METHOD_OPTION_DEFAULTS["parareal_iterations"],
                    help="node: most parareal iterations per step (default: enough to be "
                    "exact)")
-    g.add_argument("--local-steps", type=_positive_int,
+    g.add_argument("--local-steps", type=positive_int,
                    default=METHOD_OPTION_DEFAULTS["local_steps"],
                    help="pgcl: local updates of each chunk per step")
     g.add_argument("--coarse-weights", choices=("inject", "average"),
@@ -278,39 +172,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cold-start", choices=("coarse", "serial"),
                    default=METHOD_OPTION_DEFAULTS["cold_start"],
                    help="pgcl: prediction of a step with no corrections for its batch")
-    g.add_argument("--rho", type=_nonnegative_float, default=METHOD_OPTION_DEFAULTS["rho"],
+    g.add_argument("--rho", type=nonnegative_float, default=METHOD_OPTION_DEFAULTS["rho"],
                    help="emsa, ternary, binary: error-control penalty (default: the method's, "
                    "1 for emsa and ternary, 0.5 for binary)")
     g.add_argument("--inner", choices=("gradient", "lbfgs"),
                    default=METHOD_OPTION_DEFAULTS["inner"],
                    help="msa, emsa: how each layer ascends its Hamiltonian")
-    g.add_argument("--inner-steps", type=_positive_int,
+    g.add_argument("--inner-steps", type=positive_int,
                    default=METHOD_OPTION_DEFAULTS["inner_steps"],
                    help="msa, emsa: inner ascent steps per layer and step")
-    g.add_argument("--lam", type=_nonnegative_float, default=METHOD_OPTION_DEFAULTS["lam"],
+    g.add_argument("--lam", type=nonnegative_float, default=METHOD_OPTION_DEFAULTS["lam"],
                    help="ternary: sparsity weight, relative to the layer's mean |M| (default 1)")
     g.add_argument("--rho-schedule", choices=("linear", "constant", "geometric"),
                    default=METHOD_OPTION_DEFAULTS["rho_schedule"],
                    help="ternary, binary: how rho grows with the step")
-    g.add_argument("--beta", type=_unit_float, default=METHOD_OPTION_DEFAULTS["beta"],
+    g.add_argument("--beta", type=unit_float, default=METHOD_OPTION_DEFAULTS["beta"],
                    help="ternary, binary: moving-average factor of M = dH/dW over batches")
     g = t.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("adam", "sgd", "lbfgs"), default="adam",
                    help="optimiser (lbfgs: memory 10, Armijo backtracking from --lr; use it "
                         "with --batch-size full, as Guenther et al.)")
-    g.add_argument("--lr", type=_positive_float, default=None,
+    g.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default: "
                    + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")
-    g.add_argument("--momentum", type=_unit_float, default=0.9, help="SGD momentum")
+    g.add_argument("--momentum", type=unit_float, default=0.9, help="SGD momentum")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
-    g.add_argument("--epochs", type=_positive_int, default=100, help="passes over the data")
+    g.add_argument("--epochs", type=positive_int, default=100, help="passes over the data")
     g.add_argument("--batch-size", type=_batch_size, default="auto",
                    help=f"samples per step, or 'full' for full-batch steps (default: "
                    f"{DEFAULT_BATCH}, full for --method " + " and ".join(FULL_BATCH_METHODS)
                    + ")")
-    g.add_argument("--eval-every", type=_positive_int, default=1,
+    g.add_argument("--eval-every", type=positive_int, default=1,
                    help="evaluate accuracies every this many epochs")
-    g.add_argument("--seed", type=_nonnegative_int, default=0,
+    g.add_argument("--seed", type=nonnegative_int, default=0,
                    help="seed of the initial parameters and of the shuffling")
     g = t.add_argument_group("run")
     g.add_argument("--target", choices=("numpy", "cpu", "cuda"), default="cpu",
@@ -318,32 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", "-o", metavar="DIR", default=None,
                    help="output folder (default: ptoc-runs/<YYYYmmdd-HHMMSS> in the "
                    "current directory)")
-    g.add_argument("--checkpoint-every", type=_positive_int, default=100, metavar="K",
+    g.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="K",
                    help="write DIR/checkpoint.npz (atomically) every K steps and at the end")
     g.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the run in DIR from its checkpoint, with the options in "
                    "DIR/run.json (only --epochs, to train longer, and --quiet may be given)")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bar and no header; still prints the final result")
-    t.set_defaults(func=_cmd_train)
+    t.set_defaults(func=run)
 
-    from . import solve_cli
-
-    solve_cli.add_parser(sub, _Formatter, _positive_int, _nonnegative_int, _positive_float)
-
-    from . import validation
-
-    validation.add_parser(sub, _Formatter)
-
-    i = sub.add_parser("info", help="versions, Numba threads and available targets",
-                       description="Print versions (ptoc, python, numpy, numba), the number "
-                       "of Numba threads and which kernel targets are available here.",
-                       formatter_class=_Formatter)
-    i.set_defaults(func=_cmd_info)
-    return parser
-
-
-# --- train -------------------------------------------------------------------------------------
 
 def _default_output() -> Path:
     base = Path("ptoc-runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -361,7 +238,7 @@ def _check_method_options(args: argparse.Namespace) -> None:
         if name not in reads and getattr(args, name) != default:
             users = [m for m, opts in METHOD_OPTIONS.items() if name in opts]
             flag = "--" + name.replace("_", "-")
-            raise _Error(f"argument {flag}: only applies to --method "
+            raise CLIError(f"argument {flag}: only applies to --method "
                          + " or ".join(users) + f", not {args.method}")
 
 
@@ -380,7 +257,7 @@ def _node_grad_fn(args: argparse.Namespace, network):
                             max_iterations=args.parareal_iterations)
         return NeuralODEGradient(network, substeps=args.substeps, parareal=opts)
     except ValueError as exc:
-        raise _Error(f"--method node: {exc}") from None
+        raise CLIError(f"--method node: {exc}") from None
 
 
 def _method(args: argparse.Namespace, network, optimizer):
@@ -392,14 +269,14 @@ def _method(args: argparse.Namespace, network, optimizer):
         from ptoc.pgcl import PGCL
 
         if args.ranks > network.depth:
-            raise _Error(f"argument --ranks: --method pgcl needs at most one rank per layer "
+            raise CLIError(f"argument --ranks: --method pgcl needs at most one rank per layer "
                          f"({network.depth}), got {args.ranks}")
         try:
             return PGCL(optimizer, local_steps=args.local_steps, coarse=args.coarse_weights,
                         cold_start=args.cold_start,
                         comm=None if args.ranks == 1 else args.ranks, target=args.target)
         except ValueError as exc:
-            raise _Error(f"--method pgcl: {exc}") from None
+            raise CLIError(f"--method pgcl: {exc}") from None
     if args.method in ("msa", "emsa", "ternary", "binary"):
         from ptoc.msa import EMSA, MSA, DiscreteMSA
 
@@ -415,7 +292,7 @@ def _method(args: argparse.Namespace, network, optimizer):
                                rho_schedule=args.rho_schedule, beta=args.beta,
                                optimizer=optimizer, target=args.target)
         except ValueError as exc:
-            raise _Error(f"--method {args.method}: {exc}") from None
+            raise CLIError(f"--method {args.method}: {exc}") from None
     return GradientMethod(optimizer, _grad_fn(args, network), args.target)
 
 
@@ -434,9 +311,16 @@ def _grad_fn(args: argparse.Namespace, network):
                        tol=1e-13)
         check_layout(solver, network.depth, args.ranks)
     except ValueError as exc:
-        raise _Error(f"--method simultaneous: {exc}") from None
+        raise CLIError(f"--method simultaneous: {exc}") from None
     return SimultaneousGradient(network, solver, comm=None if args.ranks == 1 else args.ranks,
                                 target=args.target)
+
+
+def _defaults() -> dict:
+    """The options of ``ptoc train`` with nothing given on the command line."""
+    parser = Parser(prog=PROG)
+    add_parser(parser.add_subparsers(dest="command"))
+    return vars(parser.parse_args(["train"]))
 
 
 #: Options a resumed run may change (everything else comes from ``run.json``).
@@ -453,21 +337,21 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
     folder = Path(args.resume)
     run_file = folder / "run.json"
     if not run_file.is_file():
-        raise _Error(f"argument --resume: {str(run_file)!r} not found; --resume takes the "
+        raise CLIError(f"argument --resume: {str(run_file)!r} not found; --resume takes the "
                      "output folder of an earlier 'ptoc train' run")
-    defaults = vars(build_parser().parse_args(["train"]))
+    defaults = _defaults()
     given = sorted(k for k, v in vars(args).items()
                    if k not in RESUME_OPTIONS + _NOT_STORED and v != defaults.get(k))
     if args.output is not None:
         given.append("output")
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise _Error(f"argument --resume: the options of a resumed run come from {run_file}; "
+        raise CLIError(f"argument --resume: the options of a resumed run come from {run_file}; "
                      f"only --epochs and --quiet may be given, not {flags}")
     try:
         stored = json.loads(run_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise _Error(f"argument --resume: cannot read {str(run_file)!r}: {exc}") from None
+        raise CLIError(f"argument --resume: cannot read {str(run_file)!r}: {exc}") from None
     merged = dict(defaults)
     merged.update(stored)
     merged.update(output=str(folder), resume=str(folder), quiet=args.quiet, func=args.func)
@@ -486,7 +370,8 @@ def _write_run_file(args: argparse.Namespace, output: Path) -> None:
     os.replace(tmp, output / "run.json")
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``ptoc train``; return the exit code (0, 1 diverged, 130 interrupted)."""
     import ptoc
     from ptoc.kernels import backend
     from ptoc.optim import make_optimizer
@@ -506,14 +391,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         backend(args.target)
     except (ImportError, ValueError) as exc:
-        raise _Error(f"argument --target {args.target}: {exc}") from None
+        raise CLIError(f"argument --target {args.target}: {exc}") from None
     try:
         if args.data == "peaks":
             data = ptoc.data.peaks(seed=args.data_seed)
         else:
             data = ptoc.data.digits(seed=args.data_seed)
     except ImportError as exc:
-        raise _Error(str(exc)) from None
+        raise CLIError(str(exc)) from None
     try:
         network = ptoc.ResNet(
             width=args.width, depth=args.depth, T=args.T, activation=args.activation,
@@ -521,31 +406,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
             gamma=args.gamma, gamma_t=args.gamma_t, gamma_c=args.gamma_c, dtype=args.dtype,
         )
     except ValueError as exc:
-        raise _Error(f"invalid network for the {args.data} data set: {exc}") from None
+        raise CLIError(f"invalid network for the {args.data} data set: {exc}") from None
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     if args.optimizer == "sgd":
         hyper = {"lr": lr, "momentum": args.momentum, "nesterov": args.nesterov}
         if args.nesterov and args.momentum == 0:
-            raise _Error("argument --nesterov: needs --momentum > 0")
+            raise CLIError("argument --nesterov: needs --momentum > 0")
     else:
         hyper = {"lr": lr}
         if args.nesterov:
-            raise _Error("argument --nesterov: only applies to --optimizer sgd")
+            raise CLIError("argument --nesterov: only applies to --optimizer sgd")
     try:
         optimizer = make_optimizer(args.optimizer, **hyper)
     except ValueError as exc:
-        raise _Error(str(exc)) from None
+        raise CLIError(str(exc)) from None
     method = _method(args, network, optimizer)
     grad_fn = getattr(method, "grad_fn", None)
     params = network.init_params(args.seed, scale=args.init_scale,
                                  layers=args.init_layers)
     output = Path(args.output) if args.output is not None else _default_output()
     if output.exists() and not output.is_dir():
-        raise _Error(f"argument --output: {str(output)!r} exists and is not a directory")
+        raise CLIError(f"argument --output: {str(output)!r} exists and is not a directory")
     resume = args.resume is not None
     if resume:
         if not (output / CHECKPOINT_NAME).is_file():
-            raise _Error(f"argument --resume: no {CHECKPOINT_NAME} in {str(output)!r} (the run "
+            raise CLIError(f"argument --resume: no {CHECKPOINT_NAME} in {str(output)!r} (the run "
                          "stopped before its first checkpoint); start it again instead")
     else:
         _write_run_file(args, output)
@@ -581,7 +466,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         if not resume:
             raise
-        raise _Error(f"argument --resume: {exc}") from None
+        raise CLIError(f"argument --resume: {exc}") from None
     print(f"train accuracy {result.train_accuracy:.4f}, validation accuracy "
           f"{result.val_accuracy:.4f} (train loss {result.train_loss:.4f}, validation loss "
           f"{result.val_loss:.4f}) after {result.epochs} epochs, {result.steps} steps, "
@@ -598,102 +483,3 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130
     print(f"wrote {files} to {output}{os.sep}")
     return 0
-
-
-# --- info --------------------------------------------------------------------------------------
-
-def _version(module: str) -> str | None:
-    try:
-        mod = importlib.import_module(module)
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
-        return None
-    return str(getattr(mod, "__version__", "unknown version"))
-
-
-def _cuda_status() -> str:
-    simulator = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-    try:
-        from numba import cuda
-    except ImportError as exc:
-        return f"not installed (numba.cuda cannot be imported: {exc}; pip install 'ptoc[cuda]')"
-    if simulator:
-        return "simulator (NUMBA_ENABLE_CUDASIM=1: kernels run on the CPU, slowly)"
-    if _version("numba_cuda") is None:
-        return ("not installed (the numba-cuda package is missing; pip install 'ptoc[cuda]')")
-    try:
-        available = cuda.is_available()
-    except Exception as exc:  # noqa: BLE001 - driver errors vary by platform
-        return f"not available ({exc})"
-    if not available:
-        reason = ""
-        try:
-            err = cuda.cuda_error()
-            reason = " ".join(str(err).split()) if err else ""
-        except Exception:  # noqa: BLE001
-            pass
-        return f"not available ({reason or 'no CUDA GPU found'})"
-    try:
-        dev = cuda.get_current_device()
-        name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-        cc = ".".join(map(str, dev.compute_capability))
-        return f"available ({name}, compute capability {cc})"
-    except Exception as exc:  # noqa: BLE001
-        return f"available (device query failed: {exc})"
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    import numba
-
-    from . import __version__
-
-    print(f"ptoc {__version__}")
-    print(f"python {platform.python_version()} ({platform.python_implementation()}, "
-          f"{platform.system()} {platform.machine()})")
-    print(f"numpy {np.__version__}")
-    print(f"numba {numba.__version__}")
-    print(f"numba threads: {numba.get_num_threads()} (NUMBA_NUM_THREADS="
-          f"{numba.config.NUMBA_NUM_THREADS}, {os.cpu_count()} CPUs)")
-    print("targets:")
-    print("  numpy: available")
-    try:
-        from .kernels import backend
-
-        backend("cpu")
-        print("  cpu:   available (Numba njit/prange)")
-    except Exception as exc:  # noqa: BLE001
-        print(f"  cpu:   not available ({exc})")
-    print(f"  cuda:  {_cuda_status()}")
-    print("optional packages:")
-    for module, name, purpose in (("sklearn", "scikit-learn", "digits data set"),
-                                  ("mpi4py", "mpi4py", "MPI layer parallelism"),
-                                  ("numba_cuda", "numba-cuda", "cuda target")):
-        v = _version(module)
-        print(f"  {name}: {v if v is not None else 'not installed'} ({purpose})")
-    return 0
-
-
-# --- entry point -------------------------------------------------------------------------------
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``ptoc`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit code.
-
-    Never raises for user errors: argparse errors and invalid combinations print one
-    ``ptoc: error: ...`` line and return 2; ``--help`` returns 0.
-    """
-    parser = build_parser()
-    try:
-        args = parser.parse_args(None if argv is None else list(argv))
-    except SystemExit as exc:  # --help, --version, or an argparse error
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    try:
-        return int(args.func(args))
-    except _Error as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """``ptoc solve``: one layer-parallel solve from the command line, on simulated or MPI ranks.
 
-Kept apart from :mod:`ptoc.cli` (which registers the subcommand) because it is the
-part that runs under ``mpiexec``: every rank parses the same options and fails the
-same way on bad input, before any message is sent, so no rank is left waiting.
+This is the subcommand that runs under ``mpiexec``: every rank parses the same options
+and fails the same way on bad input, before any message is sent, so no rank is left
+waiting.
 """
 
 from __future__ import annotations
@@ -14,21 +14,28 @@ import time
 
 import numpy as np
 
+from .arguments import Formatter, nonnegative_int, positive_float, positive_int
+from .errors import CLIError
+
+__all__ = ["add_parser", "run"]
+
+#: Environment variables of which any one means that this process runs under ``mpiexec``.
 MPI_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
 
-def add_parser(sub, formatter, positive_int, nonnegative_int, positive_float) -> None:
+def add_parser(sub) -> None:
+    """Register the ``solve`` subcommand on the subparsers ``sub``."""
     s = sub.add_parser(
         "solve",
         help="solve the state/adjoint sweeps layer-parallel (serial, parareal, MGRIT)",
         description=(
             "Solve the forward (state) sweep, the adjoint sweep, or both with the\n"
-            "gradient, of a ResNet layer-parallel (DESIGN.md section 4) and print the\n"
-            "iterations, the residual history, the time and the layer steps in total and\n"
-            "on the critical path.\n\n"
-            "The default problem is the benchmark of issue 3: X_{n+1} = X_n +\n"
-            "h tanh(X_n K_n^T + b_n), d = 16, batch 32, N = 1024, T = 1, K_n ~ N(0, 1/d),\n"
-            "b_n ~ N(0, 1), X_0 ~ N(0, 1) (an identity opening layer).\n\n"
+            "gradient, of a ResNet layer-parallel and print the iterations, the residual\n"
+            "history, the time and the layer steps in total and on the critical path\n"
+            "(theory: docs/theory/parareal.md and docs/theory/mgrit.md).\n\n"
+            "The default problem is the solver benchmark of docs/benchmarks.md:\n"
+            "X_{n+1} = X_n + h tanh(X_n K_n^T + b_n), d = 16, batch 32, N = 1024, T = 1,\n"
+            "K_n ~ N(0, 1/d), b_n ~ N(0, 1), X_0 ~ N(0, 1) (an identity opening layer).\n\n"
             "Ranks: under mpiexec every rank takes its share of the layers (MPI);\n"
             "otherwise --ranks simulates that many ranks in this process. Set\n"
             "OPENBLAS_NUM_THREADS=1 under mpiexec; Numba uses cores/ranks threads per rank\n"
@@ -36,7 +43,7 @@ def add_parser(sub, formatter, positive_int, nonnegative_int, positive_float) ->
             "example: mpiexec -n 4 ptoc solve --method mgrit --coarsening 4"),
         epilog=("exit codes: 0 solved to the tolerance, 1 diverged, 2 bad options, "
                 "3 stopped at --max-iterations before reaching the tolerance"),
-        formatter_class=formatter)
+        formatter_class=Formatter)
     g = s.add_argument_group("problem")
     g.add_argument("--width", type=positive_int, default=16, help="state dimension d")
     g.add_argument("--depth", type=positive_int, default=1024, help="number of layers N")
@@ -111,20 +118,19 @@ def _solver(args):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``ptoc solve``; return the exit code (0, 1 diverged, 3 not converged)."""
     import ptoc
     from ptoc.parallel import MPIRanks, SimulatedRanks, SingleRank
     from ptoc.parallel.driver import parallel_adjoint, parallel_forward, parallel_gradient
 
-    from .cli import _Error
-
     if args.plot and args.method == "serial":
-        raise _Error("argument --plot: the serial sweep has no residual history; use "
+        raise CLIError("argument --plot: the serial sweep has no residual history; use "
                      "--method parareal or mgrit")
     try:
         solver = _solver(args)
         net, params, X, y = _problem(args)
     except ValueError as exc:
-        raise _Error(str(exc)) from None
+        raise CLIError(str(exc)) from None
     if _under_mpi():
         comm = MPIRanks()
         if "NUMBA_NUM_THREADS" not in os.environ and comm.size > 1:
@@ -164,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             records, out = solve_once()
             times.append([r.wall_time for r in records])
     except ValueError as exc:
-        raise _Error(str(exc)) from None
+        raise CLIError(str(exc)) from None
     except ptoc.DivergenceError as exc:
         say(f"ptoc: error: {exc}")
         return 1
@@ -216,5 +222,3 @@ def run(args: argparse.Namespace) -> int:
         return 3
     return 0
 
-
-__all__ = ["add_parser", "run"]

@@ -1,4 +1,4 @@
-"""Validation records and the runner behind ``ptoc validate``.
+"""The claims runner behind ``ptoc validate``: validation records, discovery and running.
 
 The folder ``validation/`` of the repository holds one script per claim of the papers
 behind ptoc. A script is a module that defines
@@ -241,57 +241,3 @@ def script_main(module_name: str, argv: Sequence[str] | None = None) -> int:
     print(table([record], {path.stem: module.NUMBER}))
     print(f"wrote {out / (path.stem + '.json')}")
     return 0 if record.verdict is not Verdict.FAIL else 1
-
-
-def add_parser(sub, formatter) -> None:
-    """The ``ptoc validate`` subcommand."""
-    v = sub.add_parser(
-        "validate", help="check the papers' claims (validation/), print one table",
-        description="Run the claim scripts in validation/ (one per claim of the papers) and "
-        "print one table. Each writes a JSON record (claim, source, paper value, our value, "
-        "tolerance, verdict) and its figures. Exit code 1 when a claim fails.",
-        formatter_class=formatter)
-    v.add_argument("--quick", action="store_true",
-                   help="seconds per claim (what CI runs) instead of the full runs")
-    v.add_argument("--only", nargs="+", metavar="NAME", default=None,
-                   help="run only these claims (script names, see --list)")
-    v.add_argument("--list", action="store_true", help="list the claims and exit")
-    v.add_argument("--dir", type=Path, default=Path("validation"),
-                   help="the folder of claim scripts")
-    v.add_argument("--out", type=Path, default=None,
-                   help="where records and figures go (default: DIR/results, or "
-                   "DIR/results/quick with --quick)")
-    v.set_defaults(func=_cmd_validate)
-
-
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from .cli import _Error
-
-    try:
-        scripts = discover(args.dir)
-    except FileNotFoundError as exc:
-        raise _Error(str(exc)) from None
-    if args.only:
-        unknown = [n for n in args.only if n not in scripts]
-        if unknown:
-            raise _Error(f"argument --only: no claim named {', '.join(map(repr, unknown))}; "
-                         f"the claims are {', '.join(scripts)}")
-        scripts = {n: scripts[n] for n in args.only}
-    modules = {name: load_script(path) for name, path in scripts.items()}
-    order = sorted(modules, key=lambda n: (modules[n].NUMBER, n))
-    numbers = {n: modules[n].NUMBER for n in order}
-    if args.list:
-        for n in order:
-            print(f"{numbers[n]:>3}  {n:<28} {modules[n].CLAIM}")
-        return 0
-    out = args.out or (args.dir / "results" / ("quick" if args.quick else ""))
-    records = []
-    for n in order:
-        print(f"[{numbers[n]}] {n} ...", end=" ", flush=True)
-        record = run_script(modules[n], n, quick=args.quick, out_dir=out)
-        print(f"{record.verdict.value} ({record.seconds:.1f} s)", flush=True)
-        records.append(record)
-    print()
-    print(table(records, numbers))
-    print(f"\nrecords in {out}{'/'}")
-    return 1 if any(r.verdict is Verdict.FAIL for r in records) else 0
