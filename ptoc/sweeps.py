@@ -1,7 +1,7 @@
 """Serial forward and adjoint sweeps, the loss and its full gradient.
 
 The forward sweep propagates a batch through all layers; the adjoint sweep runs
-backward from ``lambda_N = dPhi/dx_N`` (``DESIGN.md`` section 2) and accumulates the
+backward from ``lambda_N = dPhi/dx_N`` (:doc:`/theory/adjoint`) and accumulates the
 parameter gradient on the way. Together with the opening layer, the classifier and
 the regulariser (:mod:`ptoc.objective`) they give ``J`` and ``dJ/dtheta`` exactly:
 the discrete adjoint *is* reverse-mode differentiation of the forward code.
@@ -85,7 +85,7 @@ def _single_threaded_blas(kern):
 class ForwardResult:
     """States of a forward sweep.
 
-    ``x_0 .. x_N`` of ``DESIGN.md`` section 1. Theory: :doc:`/theory/resnet`.
+    ``x_0 .. x_N``. Theory: :doc:`/theory/resnet`.
 
     Attributes
     ----------
@@ -147,7 +147,7 @@ def forward(network: ResNet, params: Params | Mapping, X, *, target: Target | st
             solver=None, comm=None, initial_guess=None) -> ForwardResult:
     """Serial forward sweep ``x_{n+1} = x_n + h sigma(K_n x_n + b_n)`` from ``x_0 = opening(X)``.
 
-    The state equation of ``DESIGN.md`` section 1: forward Euler on the layer grid
+    The state equation: forward Euler on the layer grid
     (Günther et al. 2020), solved layer after layer or, with ``solver``, layer-parallel
     (section 4). Theory: :doc:`/theory/resnet`, :doc:`/theory/parareal`,
     :doc:`/theory/mgrit`.
@@ -165,8 +165,8 @@ def forward(network: ResNet, params: Params | Mapping, X, *, target: Target | st
     store_derivatives : bool
         Keep ``sigma'(a_n)`` for the adjoint sweep (only when all states are kept).
     solver : Serial, Parareal or MGRIT, optional
-        Solve the sweep layer-parallel (``DESIGN.md`` section 4); the result's ``solve``
-        holds the record (residuals, iterations, layer steps).
+        Solve the sweep layer-parallel (:doc:`/theory/parareal`, :doc:`/theory/mgrit`);
+        the result's ``solve`` holds the record (residuals, iterations, layer steps).
     comm : int, SimulatedRanks or Communicator, optional
         The ranks (see :mod:`ptoc.parallel.driver`).
     initial_guess : array (N+1, S, d) or ForwardResult, optional
@@ -223,7 +223,7 @@ def _forward(network, params, X, kern, c, store_derivatives, scratch=False) -> F
 class AdjointResult:
     """Result of an adjoint sweep.
 
-    ``lambda_n`` and the layer gradients of ``DESIGN.md`` section 2. Theory:
+    ``lambda_n`` and the layer gradients. Theory:
     :doc:`/theory/adjoint`.
 
     Attributes
@@ -252,7 +252,7 @@ def adjoint(network: ResNet, params: Params | Mapping, fwd: ForwardResult, lam_N
     """Adjoint sweep ``lambda_n = lambda_{n+1} + h K_n^T (sigma'(a_n) * lambda_{n+1})``.
 
     Starts from ``lambda_N = lam_N`` (S, d) and accumulates ``dJ/dK_n``, ``dJ/db_n``
-    (``DESIGN.md`` section 2). With a checkpointed ``fwd`` each segment is recomputed
+    (:doc:`/theory/adjoint`). With a checkpointed ``fwd`` each segment is recomputed
     from its checkpoint first. With a ``solver`` (and ``comm``) the sweep is solved
     layer-parallel from the states of ``fwd`` (all states needed), warm-started from
     ``initial_guess`` (N+1, S, d, or an earlier AdjointResult) if given; the result then
@@ -334,7 +334,7 @@ def loss_and_grad(network: ResNet, params: Params | Mapping, X, labels, *,
                   solver=None, comm=None):
     """Objective ``J = Phi(x_N) + R`` and its gradient with respect to every parameter.
 
-    ``Phi`` is the batch-mean softmax cross-entropy (``DESIGN.md`` section 1); the
+    ``Phi`` is the batch-mean softmax cross-entropy (:doc:`/theory/resnet`); the
     gradient comes from the discrete adjoint (section 2), which equals reverse-mode
     differentiation of the forward sweep to round-off (the adjoint-based gradient of
     Günther et al. 2020). Theory: :doc:`/theory/resnet`, :doc:`/theory/adjoint`.
@@ -353,7 +353,7 @@ def loss_and_grad(network: ResNet, params: Params | Mapping, X, labels, *,
     checkpoint_every : int, optional
         Keep every ``c``-th state only and recompute the rest (same result, less memory).
     solver : Serial, Parareal or MGRIT, optional
-        Solve the state and adjoint sweeps layer-parallel (``DESIGN.md`` section 4); at
+        Solve the state and adjoint sweeps layer-parallel (:doc:`/theory/mgrit`); at
         convergence the gradient equals the serial one. For the solve records and warm
         starts use :func:`ptoc.parallel.parallel_gradient`.
     comm : int, SimulatedRanks or Communicator, optional
@@ -399,7 +399,7 @@ def loss(network: ResNet, params: Params | Mapping, X, labels, *,
          target: Target | str = Target.CPU) -> float:
     """Objective ``J = Phi(x_N) + R`` without the gradient (one forward sweep).
 
-    ``DESIGN.md`` section 1 (Günther et al. 2020). Theory: :doc:`/theory/resnet`.
+    Günther et al. 2020. Theory: :doc:`/theory/resnet`.
     """
     p = _as_params(network, params)
     X, y = check_inputs(network, X, labels)
@@ -425,7 +425,7 @@ def predict(network: ResNet, params: Params | Mapping, X, *,
             target: Target | str = Target.CPU) -> np.ndarray:
     """Predicted class of each row of ``X`` (argmax of the scores).
 
-    The scores are the classifier ``z = W x_N + mu`` of ``DESIGN.md`` section 1.
+    The scores are the classifier ``z = W x_N + mu``.
     Theory: :doc:`/theory/resnet`.
     """
     return np.argmax(predict_logits(network, params, X, target=target), axis=1)
@@ -435,7 +435,7 @@ def accuracy(network: ResNet, params: Params | Mapping, X, labels, *,
              target: Target | str = Target.CPU) -> float:
     """Fraction of rows of ``X`` whose predicted class equals ``labels``.
 
-    Uses :func:`predict` (``DESIGN.md`` section 1). Theory: :doc:`/theory/resnet`.
+    Uses :func:`predict`. Theory: :doc:`/theory/resnet`.
     """
     _, y = check_inputs(network, X, labels)
     return float(np.mean(predict(network, params, X, target=target) == y))

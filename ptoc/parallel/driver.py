@@ -10,7 +10,7 @@ the same program on every rank of a communicator:
 3. the adjoint sweep is solved by the same solver, backward, from those (possibly
    inexact) states;
 4. each rank forms the gradient of its own layers from ``x_n`` and ``lambda_{n+1}``
-   (``DESIGN.md`` section 2), rank 0 that of the opening layer, the last rank that
+   (:doc:`/theory/adjoint`), rank 0 that of the opening layer, the last rank that
    of the classifier, and every rank its part of the regulariser (neighbouring
    layers are exchanged for the time-smoothness term);
 5. results are gathered, so every rank returns the full loss, gradient and states.
@@ -286,7 +286,7 @@ def parallel_gradient(network: ResNet, params: Params, X, y, solver, *, comm=Non
     ``keep_states`` every rank also receives all states and adjoints (for warm starts
     and inspection); without, only the loss, the gradient and the records.
     ``initial_states`` and ``initial_adjoints`` (N+1, S, d) warm-start MGRIT, as
-    simultaneous training does (Günther et al. 2020; ``DESIGN.md`` sections 2 and 4).
+    simultaneous training does (Günther et al. 2020).
     Theory: :doc:`/theory/mgrit`, :doc:`/theory/simultaneous`.
 
     Locality: rank ``r`` reads only its own layers ``params.K[a:b]``, ``params.b[a:b]``
@@ -456,7 +456,7 @@ def solve_states(prop, x0, solver, *, comm=None, initial_guess=None
 
     Every rank calls ``prop.step(n, x)`` for its own layers only. MGRIT and parareal
     with built-in coarse steps also need ``layer_parameters``, ``coarse_step`` and
-    ``coarse_adjoint_step`` (see :class:`ptoc.Propagator`). ``DESIGN.md`` section 4.
+    ``coarse_adjoint_step`` (see :class:`ptoc.Propagator`).
     Theory: :doc:`/theory/parareal`, :doc:`/theory/mgrit`.
 
     Returns
@@ -491,7 +491,7 @@ def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
     :class:`ptoc.Propagator`, by ``solver`` on ranks, from given states.
 
     The adjoint sweep ``lambda_n = Phi_n'(x_n)^T lambda_{n+1}`` runs backward from
-    ``lam_N`` (``DESIGN.md`` sections 2 and 4); the gradient is
+    ``lam_N``; the gradient is
     ``sum_n d(lambda_{n+1} . Phi_n(x_n))/d theta_n`` (each rank adds its own layers; the
     parts are gathered). Theory: :doc:`/theory/adjoint`, :doc:`/theory/parareal`,
     :doc:`/theory/mgrit`.

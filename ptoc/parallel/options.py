@@ -19,7 +19,7 @@ from .._options import OptionEnum
 
 
 class CoarseWeights(OptionEnum, what="coarse-weight rule"):
-    """Weights of a coarse step covering layers ``s..e-1`` (``DESIGN.md`` section 4).
+    """Weights of a coarse step covering layers ``s..e-1`` (:doc:`/theory/mgrit`).
 
     ``INJECT``: those of layer ``s`` (the fine layer at the coarse step's start time).
     ``AVERAGE``: the mean over layers ``s..e-1``.
@@ -99,7 +99,7 @@ class SweepOutcome:
 class SolveResult:
     """Record of one layer-parallel solve (state or adjoint sweep).
 
-    The layer-step counts are the cost model of ``DESIGN.md`` sections 4-5 (one unit
+    The layer-step counts are the cost model of :doc:`/architecture` (one unit
     per fine or coarse layer step, communication free). Theory:
     :doc:`/theory/parareal`, :doc:`/theory/mgrit`.
 
