@@ -137,7 +137,7 @@ from .kernels import Target
 from .methods import StepOutcome, TrainingDivergedError, TrainingMethod, group_state
 from .model import Params, ResNet
 from .objective import assemble_gradient, classifier_loss, layer_regulariser_terms, regulariser
-from .optim import SGD, Adam, Optimizer, make_optimizer
+from .optim import SGD, Adam, Optimizer, lbfgs_two_loop, make_optimizer
 from .sweeps import adjoint, forward, loss_and_grad
 
 __all__ = [
@@ -426,23 +426,6 @@ def _ascend_gradient(prob: _Problem, theta: np.ndarray, steps: int, ls: _LineSea
     return theta, F - F0, evaluations
 
 
-def _two_loop(grad: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-              gamma: np.ndarray) -> np.ndarray:
-    """``H grad`` per layer (Nocedal & Wright Algorithm 7.4); a pair with ``rho_i = 0``
-    (no valid curvature for that layer) has no effect."""
-    q = grad.copy()
-    alphas = []
-    for s, y, r in reversed(pairs):
-        a = r * np.einsum("li,li->l", s, q)
-        q -= a[:, None] * y
-        alphas.append(a)
-    out = gamma[:, None] * q
-    for (s, y, r), a in zip(pairs, reversed(alphas), strict=True):
-        beta = r * np.einsum("li,li->l", y, out)
-        out += (a - beta)[:, None] * s
-    return out
-
-
 def _ascend_lbfgs(prob: _Problem, theta: np.ndarray, steps: int, ls: _LineSearch):
     # minimise f = -F: gradient -G, direction -H(-G) = H G
     F, G = prob.evaluate(theta)
@@ -454,7 +437,12 @@ def _ascend_lbfgs(prob: _Problem, theta: np.ndarray, steps: int, ls: _LineSearch
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     evaluations = L
     for it in range(steps):
-        direction = _two_loop(G, pairs, gamma) if pairs else G.copy()
+        if pairs:  # H G per layer (ptoc.optim's two-loop recursion, one problem a layer)
+            S_, Y_, R_ = (np.stack(v) for v in zip(*pairs, strict=True))
+            direction = lbfgs_two_loop(G, S_, Y_, rho=R_, gamma=gamma).astype(G.dtype,
+                                                                             copy=False)
+        else:
+            direction = G.copy()
         slope = np.einsum("li,li->l", G, direction)
         bad = ~has_pair | ~np.isfinite(slope) | (slope <= 0)
         if bad.any():  # steepest ascent and a fresh memory for those layers

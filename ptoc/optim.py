@@ -395,7 +395,9 @@ class Adam(Optimizer):
 
 # --- L-BFGS -----------------------------------------------------------------------------------
 
-def lbfgs_two_loop(grad: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray:
+def lbfgs_two_loop(grad: np.ndarray, s: np.ndarray, y: np.ndarray, *,
+                   rho: np.ndarray | None = None,
+                   gamma: np.ndarray | float | None = None) -> np.ndarray:
     r"""The L-BFGS inverse-Hessian approximation applied to a vector: ``H grad``.
 
     The two-loop recursion (Nocedal & Wright, *Numerical Optimization*, 2nd ed.,
@@ -414,17 +416,26 @@ def lbfgs_two_loop(grad: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray
     (Nocedal & Wright eq. (7.19)), in ``O(m n)`` operations and without forming them.
     With no pairs (``m = 0``) it returns ``grad`` (``H = I``).
 
+    Several independent problems are solved at once when ``grad`` has leading axes
+    (one problem per row, as MSA's layer-wise maximisations): the inner products run
+    along the last axis only. ``rho`` and ``gamma`` may then be given per problem; a
+    pair with ``rho_i = 0`` has no effect on that problem (no valid curvature there).
+
     Parameters
     ----------
-    grad : ndarray, shape (n,)
-        The vector to multiply (a gradient).
-    s, y : ndarray, shape (m, n)
-        Parameter and gradient differences, oldest first; every pair needs
+    grad : ndarray, shape (..., n)
+        The vector(s) to multiply (gradients).
+    s, y : ndarray, shape (m, ..., n)
+        Parameter and gradient differences, oldest first; every pair used needs
         ``s_i' y_i > 0`` (the caller's curvature test guarantees it).
+    rho : ndarray, shape (m, ...), optional
+        ``1 / (y_i' s_i)`` (0 to ignore a pair); computed when not given.
+    gamma : float or ndarray, shape (...), optional
+        The initial scaling; computed from the newest pair when not given.
 
     Returns
     -------
-    ndarray, shape (n,)
+    ndarray, shape (..., n)
         ``H grad``, computed in (at least) float64.
     """
     dtype = np.result_type(grad, s, y, np.float64)
@@ -434,16 +445,22 @@ def lbfgs_two_loop(grad: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray
     m = s.shape[0]
     if m == 0:
         return q
-    rho = 1.0 / np.einsum("ij,ij->i", y, s)
-    alpha = np.empty(m, dtype=dtype)
+
+    def dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        # BLAS for one vector; row by row for a stack of problems
+        return a @ b if a.ndim == 1 else np.einsum("...i,...i->...", a, b)
+
+    rho = 1.0 / dot(y, s) if rho is None else np.asarray(rho, dtype=dtype)
+    alpha = np.empty((m,) + grad.shape[:-1], dtype=dtype)
     for i in range(m - 1, -1, -1):
-        alpha[i] = rho[i] * (s[i] @ q)
-        q -= alpha[i] * y[i]
-    gamma = (s[-1] @ y[-1]) / (y[-1] @ y[-1])
-    r = gamma * q
+        alpha[i] = rho[i] * dot(s[i], q)
+        q -= alpha[i][..., None] * y[i]
+    if gamma is None:
+        gamma = dot(s[-1], y[-1]) / dot(y[-1], y[-1])
+    r = np.asarray(gamma, dtype=dtype)[..., None] * q
     for i in range(m):
-        beta = rho[i] * (y[i] @ r)
-        r += (alpha[i] - beta) * s[i]
+        beta = rho[i] * dot(y[i], r)
+        r += (alpha[i] - beta)[..., None] * s[i]
     return r
 
 
