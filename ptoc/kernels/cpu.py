@@ -410,6 +410,43 @@ def _partial_t(g, x, h, pK, pb, t0, t1):
             pK[i, j] = _dot(gi, x[j][t0:t1], m, h)
 
 
+@njit(**_opts)
+def _adjoint_g_t(K, b, act, x, lam, g, m, have_dsig):
+    """``g <- sigma'(a) * lam`` on a tile, ``a = K x + b``.
+
+    ``sigma'(a)`` is computed from the state tile ``x`` unless ``have_dsig`` (then ``g``
+    already holds the stored ``sigma'(a)``). The first half of one adjoint step, shared
+    by the adjoint sweep, the gradient kernels and the level kernels.
+    """
+    if not have_dsig:
+        _preact_t(K, b, x, g, m)
+        _dsigma_t(g, act, m)
+    for i in range(g.shape[0]):
+        gi = g[i]
+        li = lam[i]
+        for t in range(m):
+            gi[t] = gi[t] * li[t]
+
+
+@njit(**_opts)
+def _adjoint_lam_t(KT, h, g, lam, acc, m):
+    """``lam <- lam + h sum_i K[i, :] g[i]`` on a tile (``KT = K^T``; ``acc`` is scratch).
+
+    The second half of one adjoint step: the sum of ``_maths.adjoint_entry``, its terms
+    in ascending ``i`` (:func:`_matmul_t`), added to ``lam`` after the sum is complete.
+    """
+    for j in range(acc.shape[0]):
+        aj = acc[j]
+        for t in range(m):
+            aj[t] = 0.0
+    _matmul_t(KT, g, acc, m)
+    for j in range(lam.shape[0]):
+        aj = acc[j]
+        lj = lam[j]
+        for t in range(m):
+            lj[t] = lj[t] + h * aj[t]
+
+
 # --- sweeps (the compiled kernels) -----------------------------------------------------------
 
 @njit(parallel=True, **_opts)
@@ -451,7 +488,7 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
     to ``part_K[c, n - n0]`` and ``part_b[c, n - n0]``.
     """
     N = K.shape[0]
-    S, d = lam_N.shape
+    S = lam_N.shape[0]
     W = chunk * group
     n_items = lam_tiles.shape[0]
     n_chunks = (S + chunk - 1) // chunk
@@ -469,26 +506,10 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
             # g = sigma'(a_n) * lambda_{n+1}, with a_n recomputed unless sigma' was stored
             if have_dsig:
                 _load_t(dsig[n], lo, m, g)
-            else:
-                _preact_t(K[n], b[n], x, g, m)
-                _dsigma_t(g, act, m)
-            for i in range(d):
-                gi = g[i]
-                li = lam[i]
-                for t in range(m):
-                    gi[t] = gi[t] * li[t]
+            _adjoint_g_t(K[n], b[n], act, x, lam, g, m, have_dsig)
             if want_out:
-                # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]  (the sum of adjoint_entry)
-                for j in range(d):
-                    aj = acc[j]
-                    for t in range(m):
-                        aj[t] = 0.0
-                _matmul_t(KT[n - n0], g, acc, m)
-                for j in range(d):
-                    aj = acc[j]
-                    lj = lam[j]
-                    for t in range(m):
-                        lj[t] = lj[t] + h * aj[t]
+                # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]
+                _adjoint_lam_t(KT[n - n0], h, g, lam, acc, m)
                 if keep:
                     _store_t(lam, lams[n], lo, m)
             if want_grad:
@@ -638,27 +659,12 @@ def _state_points(u, K, b, dt, act, positions, out, W):
 
 @njit(**_opts)
 def _adjoint_tile_step(X, K, KT, b, dt, act, k, lam, x, g, acc, lo, m):
-    """``lam <- lam + dt[k] (sigma'(a) * lam) K[k]`` on a tile, ``a = X[k] K[k]^T + b[k]``."""
-    d = lam.shape[0]
+    """``lam <- lam + dt[k] (sigma'(a) * lam) K[k]`` on a tile, ``a = X[k] K[k]^T + b[k]``:
+    the step of the adjoint sweep (:func:`_adjoint_block`), with the linearisation state
+    loaded from ``X[k]``."""
     _load_t(X[k], lo, m, x)
-    _preact_t(K[k], b[k], x, g, m)
-    _dsigma_t(g, act, m)
-    for i in range(d):
-        gi = g[i]
-        li = lam[i]
-        for t in range(m):
-            gi[t] = gi[t] * li[t]
-    for j in range(d):
-        aj = acc[j]
-        for t in range(m):
-            aj[t] = 0.0
-    _matmul_t(KT[k], g, acc, m)
-    h = dt[k]
-    for j in range(d):
-        aj = acc[j]
-        lj = lam[j]
-        for t in range(m):
-            lj[t] = lj[t] + h * aj[t]
+    _adjoint_g_t(K[k], b[k], act, x, lam, g, m, False)
+    _adjoint_lam_t(KT[k], dt[k], g, lam, acc, m)
 
 
 @njit(parallel=True, **_opts)
@@ -721,14 +727,8 @@ def _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, gro
         g = np.empty((d, _row_len(W)), xs.dtype)
         lt = np.empty((d, _row_len(W)), xs.dtype)
         _load_t(xs[n], lo, m, x)
-        _preact_t(K[n], b[n], x, g, m)
-        _dsigma_t(g, act, m)
         _load_t(lams[n], lo, m, lt)
-        for i in range(d):
-            gi = g[i]
-            li = lt[i]
-            for t in range(m):
-                gi[t] = gi[t] * li[t]
+        _adjoint_g_t(K[n], b[n], act, x, lt, g, m, False)
         for c in range(w * group, min(n_chunks, (w + 1) * group)):
             _partial_t(g, x, h, part_K[c, n - n0], part_b[c, n - n0], c * chunk - lo,
                        min(S, (c + 1) * chunk) - lo)
