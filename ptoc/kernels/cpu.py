@@ -20,6 +20,12 @@ loop per block of layers (see below).
 
 Sums and their order
 --------------------
+The activation and its derivative are :func:`ptoc._maths.activation`, called per
+entry. The sums are the ones :mod:`ptoc._maths` writes per entry (``preactivation``,
+``adjoint_entry``, ``gradient_partial_entry``, ``bias_partial_entry``, which the CUDA
+kernels call), rewritten as loops over tile rows, because calling the per-entry
+functions here costs 3x to 40x in speed (see :mod:`ptoc._maths`):
+
 * Pre-activation ``a[i] = b[i] + sum_j K[i, j] x[j]`` and the adjoint product
   ``sum_i K[i, j] g[i]`` (:func:`_matmul_t`): the terms are added in ascending order,
   as in ``preactivation`` and ``adjoint_entry``; eight terms are added per pass over a
@@ -34,7 +40,8 @@ Sums and their order
   bitwise independent of the number of threads (the work-item width ``W`` and the
   layer blocks depend on the shapes and ``chunk`` only, and change no result).
 * With ``PTOC_FASTMATH=0`` nothing is reassociated or contracted, and every result
-  equals the element functions of :mod:`ptoc._maths` bit for bit (slowly).
+  equals the element functions of :mod:`ptoc._maths` bit for bit (slowly); the tests
+  check this against the CUDA kernels, which call them.
 
 Work items and chunks
 ---------------------
@@ -68,7 +75,7 @@ from numba.extending import register_jitable
 
 from .. import _config, _maths
 
-for _f in _maths.ELEMENT_FUNCTIONS:
+for _f in _maths.CPU_FUNCTIONS:  # activation and tanh; the sums are the tile loops below
     register_jitable(_f)
 
 _opts = {"cache": _config.CACHE, "fastmath": _config.CPU_FASTMATH, "error_model": "numpy"}
