@@ -501,19 +501,3 @@ def test_activation_maps_nan_to_nan(act):
     kernels.backend("cuda").step(np.full((1, 1), np.nan), np.ones((1, 1)), np.zeros(1), 0.1,
                                  act.code, cuda_out, None, 32)
     assert np.isnan(cuda_out).all()
-
-def test_cpu_cache_is_dropped_when_the_inlined_maths_changes(tmp_path, monkeypatch):
-    """Numba keys its cache on cpu.py only; cpu.py drops it when _maths/_config change."""
-    cpu = kernels.backend("cpu")
-    monkeypatch.setattr(cpu._forward._cache, "_cache_path", str(tmp_path))
-    stale = tmp_path / "cpu._forward-1.py311.nbi"
-    stale.write_text("stale")
-    other = tmp_path / "other_module.f-1.py311.nbi"
-    other.write_text("not ours")
-    (tmp_path / "ptoc_kernels_cpu.sha256").write_text("digest of older maths")
-    cpu._drop_stale_cache()
-    assert not stale.exists() and other.exists()
-    stamp = (tmp_path / "ptoc_kernels_cpu.sha256").read_text()
-    stale.write_text("compiled from the current maths")
-    cpu._drop_stale_cache()  # digest unchanged: the cache is kept
-    assert stale.exists() and (tmp_path / "ptoc_kernels_cpu.sha256").read_text() == stamp
