@@ -15,16 +15,18 @@ call exactly this code:
   :func:`gradient_partial_entry`, :func:`bias_partial_entry`): each computes one
   entry with a loop over features (or samples), while the CPU kernels keep a
   work item's samples in feature-major tiles and vectorise over the samples, which
-  needs the loops interchanged. A CPU gradient sweep that calls these functions per
-  entry was measured 3x (d = 16) to 40x (d = 8) slower than the tile kernels
-  (S = 256, N = 64, two threads). The tile loops add the same terms in the same
-  order instead; with ``PTOC_FASTMATH=0`` (nothing reassociated or contracted) the
-  CPU results equal those of the CUDA kernels, which call these functions, bit for
-  bit, and ``tests/test_kernels.py`` checks that.
+  needs the loops interchanged. A CPU gradient sweep (forward and adjoint) that
+  calls these functions per entry was measured 8x to 9x slower than the tile
+  kernels on one thread and 9x to 22x on two (d = 8, 16, 64; S = 256, N = 64;
+  float64, tanh). The tile loops add the same terms in the same order instead:
+  with ``PTOC_FASTMATH=0`` (nothing reassociated or contracted) the CPU results
+  equal those of the CUDA kernels, which call these functions, bit for bit, and
+  ``tests/test_kernels.py`` checks that.
 
-The targets thus differ only in how the loops over samples ``s`` and features
-``i, j`` map to threads and vector lanes. The readable, vectorised form of the same
-equations is :mod:`ptoc.kernels.reference`.
+So the targets differ in how the loops over samples ``s`` and features ``i, j``
+map to threads and vector lanes, and, with the default ``PTOC_FASTMATH=1``, in
+round-off (the CPU may contract and reassociate; see :mod:`ptoc.kernels.cpu`). The
+readable, vectorised form of the same equations is :mod:`ptoc.kernels.reference`.
 
 Notation (:doc:`/theory/resnet`). One layer maps a batch of states ``x`` (S, d) to
 ``x + h sigma(a)`` with pre-activation ``a[s, i] = b[i] + sum_j K[i, j] x[s, j]``.

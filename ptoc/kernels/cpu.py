@@ -24,7 +24,7 @@ The activation and its derivative are :func:`ptoc._maths.activation`, called per
 entry. The sums are the ones :mod:`ptoc._maths` writes per entry (``preactivation``,
 ``adjoint_entry``, ``gradient_partial_entry``, ``bias_partial_entry``, which the CUDA
 kernels call), rewritten as loops over tile rows, because calling the per-entry
-functions here costs 3x to 40x in speed (see :mod:`ptoc._maths`):
+functions here costs 8x to 22x in speed (see :mod:`ptoc._maths`):
 
 * Pre-activation ``a[i] = b[i] + sum_j K[i, j] x[j]`` and the adjoint product
   ``sum_i K[i, j] g[i]`` (:func:`_matmul_t`): the terms are added in ascending order,
