@@ -16,7 +16,10 @@ PTOC_CHUNK
     gradient is summed per chunk and the chunk sums are added in chunk order, so
     the result does not depend on the number of threads.
 PTOC_CACHE
-    ``1`` (default) caches compiled CPU kernels on disk (``cache=True``).
+    ``1`` (default) caches compiled CPU kernels on disk, keyed also on
+    :mod:`ptoc._maths`, this file and the compile options (see
+    :mod:`ptoc.kernels._cache`), so a cached kernel is never stale and every
+    ``PTOC_FASTMATH`` setting has its own entries.
 PTOC_CUDA_THREADS
     Threads per block along each axis of the 2-D CUDA launches (default 16, so
     16 x 16 = 256 threads per block).
@@ -82,9 +85,10 @@ CPU_MIN_LANES: int = 16
 #: (n_chunks * (d*d + d) * itemsize)`` layers (at least one) per parallel loop.
 CPU_PARTIAL_BYTES: int = 1 << 20
 
-#: Cache compiled CPU kernels on disk. Numba's cache is keyed on the source, not on
-#: compiler flags, so it is switched off when PTOC_FASTMATH is not the default.
-CACHE: bool = _env_flag("PTOC_CACHE", True) and _env_flag("PTOC_FASTMATH", True)
+#: Cache compiled CPU kernels on disk. Numba keys its cache on a function's own source
+#: file only; :mod:`ptoc.kernels._cache` adds the files the kernels inline or read (this
+#: one included) and the compiler flags to the key, so caching is right for any flags.
+CACHE: bool = _env_flag("PTOC_CACHE", True)
 
 #: Threads per block along each axis of the 2-D CUDA grids.
 CUDA_THREADS: int = _env_int("PTOC_CUDA_THREADS", 16)

@@ -135,6 +135,56 @@ def _assert_all_bitwise_equal(results):
             assert np.array_equal(a, c)
 
 
+_STRICT_SCRIPT = """
+import numpy as np
+from ptoc import _config, kernels
+assert _config.CPU_FASTMATH is False
+cpu, cuda = kernels.backend("cpu"), kernels.backend("cuda")
+for S, d, N, chunk in [(1, 1, 1, 32), (37, 9, 2, 16), (70, 13, 3, 32), (5, 20, 2, 2)]:
+    for act in (0, 1, 2):
+        rng = np.random.default_rng(S + d)
+        x, lam = rng.standard_normal((S, d)), rng.standard_normal((S, d))
+        K, b = rng.standard_normal((N, d, d)) * 1.5 / np.sqrt(d), rng.standard_normal((N, d))
+        outs = []
+        for kern in (cpu, cuda):
+            st, ds = np.empty((N + 1, S, d)), np.empty((N, S, d))
+            st[0] = x
+            kern.forward_sweep(st, K, b, 0.3, act, ds, chunk)
+            gK, gb, lams = np.ones_like(K), np.ones_like(b), np.empty((N + 1, S, d))
+            lam0 = kern.adjoint_sweep(st, lam, K, b, 0.3, act, None, gK, gb, lams, chunk)
+            out = np.empty_like(x)
+            kern.step(x, K[0], b[0], 0.3, act, out, None, chunk)
+            adj, gK1, gb1 = np.empty_like(x), np.ones((d, d)), np.ones(d)
+            kern.adjoint_step(x, lam, K[0], b[0], 0.3, act, adj, gK1, gb1, None, chunk)
+            H = kern.hamiltonian(x, lam, K[0], b[0], 0.3, act, chunk)
+            outs.append([st, ds, gK, gb, lams, lam0, out, adj, gK1, gb1, np.array(H)])
+        for i, (c, g) in enumerate(zip(*outs, strict=True)):
+            assert np.array_equal(c, g), (S, d, N, chunk, act, i)
+print("ok")
+"""
+
+
+def test_strict_cpu_kernels_equal_the_element_functions_bit_for_bit():
+    """With PTOC_FASTMATH=0, the CPU tile loops compute the sums of ptoc._maths exactly.
+
+    The CUDA kernels (here on the simulator) call the element functions of ptoc._maths
+    per entry; the CPU kernels call only ``activation`` and write the sums as loops
+    over tile rows (see ptoc._maths). Without reassociation or contraction both must
+    give the same bits, which holds only if the CPU adds the same terms in the same
+    order: every remainder of the 8/4/1-term products and 4 x 4 gradient tiles
+    (d = 1, 9, 13, 20), partial chunks, all activations.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"PTOC_FASTMATH": "0", "NUMBA_ENABLE_CUDASIM": "1"}
+    out = subprocess.run([sys.executable, "-c", _STRICT_SCRIPT], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["ok"]
+
+
 def test_cpu_gradient_is_independent_of_thread_count():
     rng = np.random.default_rng(3)
     x, K, b, lam = _layer(rng, 257, 11)
@@ -453,19 +503,3 @@ def test_activation_maps_nan_to_nan(act):
     kernels.backend("cuda").step(np.full((1, 1), np.nan), np.ones((1, 1)), np.zeros(1), 0.1,
                                  act.code, cuda_out, None, 32)
     assert np.isnan(cuda_out).all()
-
-def test_cpu_cache_is_dropped_when_the_inlined_maths_changes(tmp_path, monkeypatch):
-    """Numba keys its cache on cpu.py only; cpu.py drops it when _maths/_config change."""
-    cpu = kernels.backend("cpu")
-    monkeypatch.setattr(cpu._forward._cache, "_cache_path", str(tmp_path))
-    stale = tmp_path / "cpu._forward-1.py311.nbi"
-    stale.write_text("stale")
-    other = tmp_path / "other_module.f-1.py311.nbi"
-    other.write_text("not ours")
-    (tmp_path / "ptoc_kernels_cpu.sha256").write_text("digest of older maths")
-    cpu._drop_stale_cache()
-    assert not stale.exists() and other.exists()
-    stamp = (tmp_path / "ptoc_kernels_cpu.sha256").read_text()
-    stale.write_text("compiled from the current maths")
-    cpu._drop_stale_cache()  # digest unchanged: the cache is kept
-    assert stale.exists() and (tmp_path / "ptoc_kernels_cpu.sha256").read_text() == stamp

@@ -4,9 +4,12 @@ Public wrappers (this module) validate their inputs and pick the target; the
 private kernels in :mod:`~ptoc.kernels.reference` (NumPy), :mod:`~ptoc.kernels.cpu`
 (Numba ``njit``/``prange``) and :mod:`~ptoc.kernels.cuda` (Numba CUDA) take arrays
 and scalars only and share the signature documented in
-:mod:`ptoc.kernels.reference`. Optional targets are imported on first use.
+:mod:`ptoc.kernels.reference`. Optional targets are imported on first use. The
+compiled row operations of MGRIT's grid transfers are :mod:`~ptoc.kernels.rows`, and
+the disk cache of the compiled CPU kernels is :mod:`~ptoc.kernels._cache`.
 
-Equations (``DESIGN.md`` sections 1-3), for states ``x`` (S, d), one sample per row,
+Equations (theory: :doc:`/theory/resnet`, :doc:`/theory/adjoint` and
+:doc:`/theory/maximum_principle`), for states ``x`` (S, d), one sample per row,
 weights ``K`` (d, d), bias ``b`` (d,), step ``h`` and ``a = x K^T + b``:
 
 * :func:`layer_step`: ``x_{n+1} = x + h sigma(a)``;
@@ -160,8 +163,7 @@ def layer_step(x, K, b, h, activation="tanh", *, target: Target | str = Target.C
                return_derivative: bool = False):
     """One residual layer, ``x + h sigma(x K^T + b)``, for a batch ``x`` of shape (S, d).
 
-    A forward-Euler step of ``DESIGN.md`` section 1 (Günther et al. 2020). Theory:
-    :doc:`/theory/resnet`.
+    A forward-Euler step (Günther et al. 2020). Theory: :doc:`/theory/resnet`.
 
     Parameters
     ----------
@@ -198,7 +200,7 @@ def layer_adjoint_step(x, lam_next, K, b, h, activation="tanh", *,
                        accumulate_grad: bool = False):
     """Adjoint of one layer: ``lambda_n = lambda_{n+1} + h K^T (sigma'(a) * lambda_{n+1})``.
 
-    ``DESIGN.md`` section 2; Günther et al. 2020. With
+    The discrete adjoint of :func:`layer_step` (Günther et al. 2020). With
     ``accumulate_grad=True`` (or given ``grad_K``/``grad_b`` buffers) the data part of
     the parameter gradient, ``h sum_s g_s x_s^T`` and ``h sum_s g_s``, is added to
     ``grad_K`` (d, d) and ``grad_b`` (d,) in place, XBraid-style. Theory:
@@ -227,8 +229,8 @@ def layer_param_grad(x, lam_next, K, b, h, activation="tanh", *,
                      target: Target | str = Target.CPU, grad_K=None, grad_b=None):
     """Data part of ``dJ/dK_n``, ``dJ/db_n``: ``h sum_s g_s x_s^T`` and ``h sum_s g_s``.
 
-    ``g = sigma'(x K^T + b) * lambda_{n+1}`` (``DESIGN.md`` section 2). The result is
-    added to ``grad_K``/``grad_b`` when given (accumulation), else to zeros.
+    ``g = sigma'(x K^T + b) * lambda_{n+1}`` (theory: :doc:`/theory/adjoint`). The
+    result is added to ``grad_K``/``grad_b`` when given (accumulation), else to zeros.
 
     Returns
     -------
@@ -246,9 +248,9 @@ def layer_hamiltonian(x, p_next, K, b, h, activation="tanh", *,
                       target: Target | str = Target.CPU) -> float:
     """Data part of the layer Hamiltonian, ``sum_s p_s . (x_s + h sigma(K x_s + b))``.
 
-    ``DESIGN.md`` section 3 (Li & Hao 2018): with co-state ``p_{n+1} = -lambda_{n+1}``,
-    ``sum_s H_n = sum_s p_s . Phi_n(x_s; theta) - R_n(theta)``; the regulariser part
-    ``R_n`` is added by :func:`ptoc.hamiltonian`.
+    Li & Hao 2018; theory: :doc:`/theory/maximum_principle`. With co-state
+    ``p_{n+1} = -lambda_{n+1}``, ``sum_s H_n = sum_s p_s . Phi_n(x_s; theta) - R_n(theta)``;
+    the regulariser part ``R_n`` is added by :func:`ptoc.hamiltonian`.
     """
     (x, K, b, p), h, act = _check_layer(x, K, b, h, activation, (("p_next", p_next),))
     return backend(target).hamiltonian(x, p, K, b, h, act.code, _config.CHUNK)

@@ -20,6 +20,12 @@ loop per block of layers (see below).
 
 Sums and their order
 --------------------
+The activation and its derivative are :func:`ptoc._maths.activation`, called per
+entry. The sums are the ones :mod:`ptoc._maths` writes per entry (``preactivation``,
+``adjoint_entry``, ``gradient_partial_entry``, ``bias_partial_entry``, which the CUDA
+kernels call), rewritten as loops over tile rows, because calling the per-entry
+functions here costs 8x to 22x in speed (see :mod:`ptoc._maths`):
+
 * Pre-activation ``a[i] = b[i] + sum_j K[i, j] x[j]`` and the adjoint product
   ``sum_i K[i, j] g[i]`` (:func:`_matmul_t`): the terms are added in ascending order,
   as in ``preactivation`` and ``adjoint_entry``; eight terms are added per pass over a
@@ -34,7 +40,8 @@ Sums and their order
   bitwise independent of the number of threads (the work-item width ``W`` and the
   layer blocks depend on the shapes and ``chunk`` only, and change no result).
 * With ``PTOC_FASTMATH=0`` nothing is reassociated or contracted, and every result
-  equals the element functions of :mod:`ptoc._maths` bit for bit (slowly).
+  equals the element functions of :mod:`ptoc._maths` bit for bit (slowly); the tests
+  check this against the CUDA kernels, which call them.
 
 Work items and chunks
 ---------------------
@@ -59,19 +66,22 @@ parallel loop adds the partials of its layers, in chunk order, to ``gK`` and ``g
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
+import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 from numba.extending import register_jitable
 
 from .. import _config, _maths
+from . import _cache
 
-for _f in _maths.ELEMENT_FUNCTIONS:
+for _f in _maths.CPU_FUNCTIONS:  # activation and tanh; the sums are the tile loops below
     register_jitable(_f)
 
-_opts = {"cache": _config.CACHE, "fastmath": _config.CPU_FASTMATH, "error_model": "numpy"}
+#: ``numba.njit`` for this module: its kernels inline ``_maths`` and take their flags from
+#: ``_config``, so their disk cache is keyed on both files too (:mod:`ptoc.kernels._cache`).
+_jit = functools.partial(_cache.njit, depends_on=(_maths, _config),
+                         fastmath=_config.CPU_FASTMATH, error_model="numpy")
 _activation = _maths.activation
 _TANH = _maths.TANH
 _RELU = _maths.RELU
@@ -88,7 +98,7 @@ _PAD = 8
 _TS = 128 + _PAD
 
 
-@njit(**_opts)
+@_jit()
 def _row_len(W):
     """Row length of the scratch tiles of work items of ``W`` samples: ``_TS`` if they fit."""
     return _TS if W + _PAD <= _TS else W + _PAD
@@ -102,7 +112,7 @@ def _row_len(W):
 
 # --- tile helpers (one work item, one layer) ----------------------------------------------
 
-@njit(**_opts)
+@_jit()
 def _load_t(rows, lo, m, tile):
     """Transpose in: ``tile[j, t] = rows[lo + t, j]`` for the ``m`` samples of a work item."""
     d = rows.shape[1]
@@ -112,7 +122,7 @@ def _load_t(rows, lo, m, tile):
             tile[j, t] = r[j]
 
 
-@njit(**_opts)
+@_jit()
 def _store_t(tile, rows, lo, m):
     """Transpose out: ``rows[lo + t, j] = tile[j, t]``."""
     d = rows.shape[1]
@@ -122,7 +132,7 @@ def _store_t(tile, rows, lo, m):
             r[j] = tile[j, t]
 
 
-@njit(**_opts)
+@_jit()
 def _matmul_rows(M, src, dst, m, r0, r1):
     """``dst[r, t] += sum_k M[r, k] src[k, t]`` for rows ``r0 <= r < r1`` and ``t < m``, the
     terms in ascending ``k``, one output row per inner loop.
@@ -181,7 +191,7 @@ def _matmul_rows(M, src, dst, m, r0, r1):
                 o[t] = o[t] + m0 * s0[t]
 
 
-@njit(**_opts)
+@_jit()
 def _matmul_rows4(M, x, o, m, R4):
     """``_matmul_rows`` for rows ``0 .. R4-1`` (``R4`` a multiple of 4), four output rows per
     inner loop; ``x`` and ``o`` are the tiles flattened, their rows ``_TS`` entries apart.
@@ -246,7 +256,7 @@ def _matmul_rows4(M, x, o, m, R4):
                 o0[3 * _TS + t] = o0[3 * _TS + t] + d0 * x0
 
 
-@njit(**_opts)
+@_jit()
 def _matmul_t(M, src, dst, m):
     """``dst[r, t] += sum_k M[r, k] src[k, t]`` for ``t < m``, the terms in ascending ``k``.
 
@@ -262,7 +272,7 @@ def _matmul_t(M, src, dst, m):
     _matmul_rows(M, src, dst, m, R4, R)
 
 
-@njit(**_opts)
+@_jit()
 def _preact_t(K, b, x, a, m):
     """``a[i, t] = b[i] + sum_j K[i, j] x[j, t]``: the sum of ``_maths.preactivation``."""
     for i in range(K.shape[0]):
@@ -273,7 +283,7 @@ def _preact_t(K, b, x, a, m):
     _matmul_t(K, x, a, m)
 
 
-@njit(inline="always", **_opts)
+@_jit(inline="always")
 def _activate_code(a, x, h, m, code):
     # ``code`` is a constant at each call site below, so the branches of
     # ``_maths.activation`` fold away and the loop vectorises.
@@ -286,7 +296,7 @@ def _activate_code(a, x, h, m, code):
             ai[t] = dsg
 
 
-@njit(**_opts)
+@_jit()
 def _activate_t(a, x, h, act, m):
     """The residual step on a tile: ``x <- x + h sigma(a)`` and ``a <- sigma'(a)``."""
     if act == _TANH:
@@ -297,7 +307,7 @@ def _activate_t(a, x, h, act, m):
         _activate_code(a, x, h, m, _SMOOTHRELU)
 
 
-@njit(inline="always", **_opts)
+@_jit(inline="always")
 def _dsigma_code(a, m, code):
     for i in range(a.shape[0]):
         ai = a[i]
@@ -305,7 +315,7 @@ def _dsigma_code(a, m, code):
             ai[t] = _activation(ai[t], code)[1]
 
 
-@njit(**_opts)
+@_jit()
 def _dsigma_t(a, act, m):
     """``a <- sigma'(a)`` on a tile (one loop per activation code, as above)."""
     if act == _TANH:
@@ -316,7 +326,7 @@ def _dsigma_t(a, act, m):
         _dsigma_code(a, m, _SMOOTHRELU)
 
 
-@njit(**_opts)
+@_jit()
 def _dot(u, v, m, h):
     """``sum_t u[t] v[t]`` over ``t < m`` (a vectorised reduction)."""
     acc = 0.0 * h
@@ -325,7 +335,7 @@ def _dot(u, v, m, h):
     return acc
 
 
-@njit(**_opts)
+@_jit()
 def _partial_t(g, x, h, pK, pb, t0, t1):
     """One chunk's gradient partial from tile columns ``t0:t1``; scales ``g`` by ``h`` there.
 
@@ -410,9 +420,46 @@ def _partial_t(g, x, h, pK, pb, t0, t1):
             pK[i, j] = _dot(gi, x[j][t0:t1], m, h)
 
 
+@_jit()
+def _adjoint_g_t(K, b, act, x, lam, g, m, have_dsig):
+    """``g <- sigma'(a) * lam`` on a tile, ``a = K x + b``.
+
+    ``sigma'(a)`` is computed from the state tile ``x`` unless ``have_dsig`` (then ``g``
+    already holds the stored ``sigma'(a)``). The first half of one adjoint step, shared
+    by the adjoint sweep, the gradient kernels and the level kernels.
+    """
+    if not have_dsig:
+        _preact_t(K, b, x, g, m)
+        _dsigma_t(g, act, m)
+    for i in range(g.shape[0]):
+        gi = g[i]
+        li = lam[i]
+        for t in range(m):
+            gi[t] = gi[t] * li[t]
+
+
+@_jit()
+def _adjoint_lam_t(KT, h, g, lam, acc, m):
+    """``lam <- lam + h sum_i K[i, :] g[i]`` on a tile (``KT = K^T``; ``acc`` is scratch).
+
+    The second half of one adjoint step: the sum of ``_maths.adjoint_entry``, its terms
+    in ascending ``i`` (:func:`_matmul_t`), added to ``lam`` after the sum is complete.
+    """
+    for j in range(acc.shape[0]):
+        aj = acc[j]
+        for t in range(m):
+            aj[t] = 0.0
+    _matmul_t(KT, g, acc, m)
+    for j in range(lam.shape[0]):
+        aj = acc[j]
+        lj = lam[j]
+        for t in range(m):
+            lj[t] = lj[t] + h * aj[t]
+
+
 # --- sweeps (the compiled kernels) -----------------------------------------------------------
 
-@njit(parallel=True, **_opts)
+@_jit(parallel=True)
 def _forward(x0, K, b, h, act, outs, dsig, store, W):
     """``outs[n] = x_{n+1}`` for ``n < N`` from ``x_0 = x0``; ``dsig[n] = sigma'(a_n)`` if store.
 
@@ -439,7 +486,7 @@ def _forward(x0, K, b, h, act, outs, dsig, store, W):
                 _store_t(a, dsig[n], lo, m)
 
 
-@njit(parallel=True, **_opts)
+@_jit(parallel=True)
 def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles, x_tiles,
                    g_tiles, acc_tiles, part_K, part_b, want_grad, lams, keep, lam_out, want_out,
                    chunk, group):
@@ -451,7 +498,7 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
     to ``part_K[c, n - n0]`` and ``part_b[c, n - n0]``.
     """
     N = K.shape[0]
-    S, d = lam_N.shape
+    S = lam_N.shape[0]
     W = chunk * group
     n_items = lam_tiles.shape[0]
     n_chunks = (S + chunk - 1) // chunk
@@ -469,26 +516,10 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
             # g = sigma'(a_n) * lambda_{n+1}, with a_n recomputed unless sigma' was stored
             if have_dsig:
                 _load_t(dsig[n], lo, m, g)
-            else:
-                _preact_t(K[n], b[n], x, g, m)
-                _dsigma_t(g, act, m)
-            for i in range(d):
-                gi = g[i]
-                li = lam[i]
-                for t in range(m):
-                    gi[t] = gi[t] * li[t]
+            _adjoint_g_t(K[n], b[n], act, x, lam, g, m, have_dsig)
             if want_out:
-                # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]  (the sum of adjoint_entry)
-                for j in range(d):
-                    aj = acc[j]
-                    for t in range(m):
-                        aj[t] = 0.0
-                _matmul_t(KT[n - n0], g, acc, m)
-                for j in range(d):
-                    aj = acc[j]
-                    lj = lam[j]
-                    for t in range(m):
-                        lj[t] = lj[t] + h * aj[t]
+                # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]
+                _adjoint_lam_t(KT[n - n0], h, g, lam, acc, m)
                 if keep:
                     _store_t(lam, lams[n], lo, m)
             if want_grad:
@@ -501,7 +532,7 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
             _store_t(lam, lam_out, lo, m)
 
 
-@njit(parallel=True, **_opts)
+@_jit(parallel=True)
 def _add_partials(part_K, part_b, gK, gb, n0, n1):
     """``gK[n] += part_K[0, n - n0]``, then ``part_K[1, n - n0]``, ...: chunks in order.
 
@@ -520,7 +551,7 @@ def _add_partials(part_K, part_b, gK, gb, n0, n1):
                 gKi[j] += pKi[j]
 
 
-@njit(**_opts)
+@_jit()
 def _adjoint(xs, lam_N, K, b, h, act, dsig, have_dsig, gK, gb, want_grad, lams, keep, lam_out,
              want_out, chunk, group, block):
     """Adjoint sweep over layers ``N-1 .. 0`` in blocks of ``block`` layers (see the module
@@ -556,7 +587,7 @@ def _adjoint(xs, lam_N, K, b, h, act, dsig, have_dsig, gK, gb, want_grad, lams, 
         n1 = n0
 
 
-@njit(parallel=True, **_opts)
+@_jit(parallel=True)
 def _hamiltonian(x, p, K, b, h, act, chunk):
     """``sum_s p_s . (x_s + h sigma(a_s))``: one partial per chunk, partials added in order."""
     S, d = x.shape
@@ -594,7 +625,7 @@ def _hamiltonian(x, p, K, b, h, act, chunk):
 # and run in parallel, each work item of samples keeping its tile across a run's steps; the
 # arithmetic of each step is that of the sweeps above, bit for bit.
 
-@njit(parallel=True, **_opts)
+@_jit(parallel=True)
 def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W):
     n, S, d = u.shape
     n_items = (S + W - 1) // W
@@ -619,7 +650,7 @@ def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W):
             _store_t(x, u[k], lo, m)
 
 
-@njit(parallel=True, **_opts)
+@_jit(parallel=True)
 def _state_points(u, K, b, dt, act, positions, out, W):
     n, S, d = u.shape
     n_items = (S + W - 1) // W
@@ -636,32 +667,17 @@ def _state_points(u, K, b, dt, act, positions, out, W):
         _store_t(x, out[r], lo, m)
 
 
-@njit(**_opts)
+@_jit()
 def _adjoint_tile_step(X, K, KT, b, dt, act, k, lam, x, g, acc, lo, m):
-    """``lam <- lam + dt[k] (sigma'(a) * lam) K[k]`` on a tile, ``a = X[k] K[k]^T + b[k]``."""
-    d = lam.shape[0]
+    """``lam <- lam + dt[k] (sigma'(a) * lam) K[k]`` on a tile, ``a = X[k] K[k]^T + b[k]``:
+    the step of the adjoint sweep (:func:`_adjoint_block`), with the linearisation state
+    loaded from ``X[k]``."""
     _load_t(X[k], lo, m, x)
-    _preact_t(K[k], b[k], x, g, m)
-    _dsigma_t(g, act, m)
-    for i in range(d):
-        gi = g[i]
-        li = lam[i]
-        for t in range(m):
-            gi[t] = gi[t] * li[t]
-    for j in range(d):
-        aj = acc[j]
-        for t in range(m):
-            aj[t] = 0.0
-    _matmul_t(KT[k], g, acc, m)
-    h = dt[k]
-    for j in range(d):
-        aj = acc[j]
-        lj = lam[j]
-        for t in range(m):
-            lj[t] = lj[t] + h * aj[t]
+    _adjoint_g_t(K[k], b[k], act, x, lam, g, m, False)
+    _adjoint_lam_t(KT[k], dt[k], g, lam, acc, m)
 
 
-@njit(parallel=True, **_opts)
+@_jit(parallel=True)
 def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W):
     n, S, d = lam.shape
     n_items = (S + W - 1) // W
@@ -686,7 +702,7 @@ def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W):
             _store_t(lt, lam[k], lo, m)
 
 
-@njit(parallel=True, **_opts)
+@_jit(parallel=True)
 def _adjoint_points(lam, X, K, KT, b, dt, act, positions, out, W):
     n, S, d = lam.shape
     n_items = (S + W - 1) // W
@@ -704,7 +720,7 @@ def _adjoint_points(lam, X, K, KT, b, dt, act, positions, out, W):
         _store_t(lt, out[r], lo, m)
 
 
-@njit(parallel=True, **_opts)
+@_jit(parallel=True)
 def _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, group):
     """Gradient partials of layers ``n0..n1-1``: one per chunk and layer, in parallel over
     (layer, work item); the arithmetic of the adjoint sweep's partials."""
@@ -721,20 +737,14 @@ def _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, gro
         g = np.empty((d, _row_len(W)), xs.dtype)
         lt = np.empty((d, _row_len(W)), xs.dtype)
         _load_t(xs[n], lo, m, x)
-        _preact_t(K[n], b[n], x, g, m)
-        _dsigma_t(g, act, m)
         _load_t(lams[n], lo, m, lt)
-        for i in range(d):
-            gi = g[i]
-            li = lt[i]
-            for t in range(m):
-                gi[t] = gi[t] * li[t]
+        _adjoint_g_t(K[n], b[n], act, x, lt, g, m, False)
         for c in range(w * group, min(n_chunks, (w + 1) * group)):
             _partial_t(g, x, h, part_K[c, n - n0], part_b[c, n - n0], c * chunk - lo,
                        min(S, (c + 1) * chunk) - lo)
 
 
-@njit(**_opts)
+@_jit()
 def _layer_grads(xs, lams, K, b, h, act, gK, gb, chunk, group, block):
     N = K.shape[0]
     S, d = xs.shape[1], xs.shape[2]
@@ -748,35 +758,6 @@ def _layer_grads(xs, lams, K, b, h, act, gK, gb, chunk, group, block):
         _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, group)
         _add_partials(part_K, part_b, gK, gb, n0, n1)
         n0 = n1
-
-
-def _drop_stale_cache() -> None:
-    """Delete this module's compiled-kernel cache when the maths it inlines has changed.
-
-    Numba keys its disk cache on the source file of each cached function only, but
-    these kernels inline :mod:`ptoc._maths` and read :mod:`ptoc._config`; an edit
-    there alone would silently reuse stale machine code. A digest of both files is
-    kept next to the cache; when it differs, this module's cache files are removed
-    before anything is compiled or loaded.
-    """
-    if not _config.CACHE:
-        return
-    try:
-        cache_dir = Path(_forward._cache._cache_path)
-        digest = hashlib.sha256(Path(_maths.__file__).read_bytes()
-                                + Path(_config.__file__).read_bytes()).hexdigest()
-        stamp = cache_dir / "ptoc_kernels_cpu.sha256"
-        if stamp.is_file() and stamp.read_text() == digest:
-            return
-        for f in cache_dir.glob(f"{Path(__file__).stem}.*.nb[ic]"):
-            f.unlink(missing_ok=True)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(digest)
-    except (OSError, AttributeError):  # read-only install, or Numba internals moved:
-        pass  # keep Numba's own behaviour
-
-
-_drop_stale_cache()
 
 
 # --- functions with the common signature of kernels.reference --------------------------------

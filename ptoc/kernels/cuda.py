@@ -15,8 +15,10 @@ threads per block, the feature index fastest so that a warp reads one sample row
   configuration;
 * Hamiltonian: thread ``c`` sums chunk ``c``; the host adds the chunk sums in order.
 
-The element functions are registered with numba-cuda's ``register_jitable`` so the
-kernels call the very code the CPU target calls.
+The element functions of :mod:`ptoc._maths` (all of them, ``_maths.CUDA_FUNCTIONS``)
+are registered with numba-cuda's ``register_jitable``, so these kernels call that very
+code; the CPU target calls ``activation`` from it and writes the sums as tile loops
+that add the same terms in the same order (see :mod:`ptoc._maths`).
 """
 
 from __future__ import annotations
@@ -38,20 +40,19 @@ try:  # numba-cuda's registry; the simulator calls the plain Python functions di
 except ImportError:  # pragma: no cover - older numba with the built-in CUDA target
     from numba.extending import register_jitable as _register
 
-for _f in _maths.ELEMENT_FUNCTIONS:
+for _f in _maths.CUDA_FUNCTIONS:
     _register(_f)
 
 _activation = _maths.activation
+_preactivation = _maths.preactivation
+_adjoint_entry = _maths.adjoint_entry
+_gradient_partial_entry = _maths.gradient_partial_entry
+_bias_partial_entry = _maths.bias_partial_entry
 
 
 def _is_device(a) -> bool:
     """True for a CUDA device array (real or simulated)."""
     return a is not None and cuda.devicearray.is_cuda_ndarray(a)
-
-_preactivation = _maths.preactivation
-_adjoint_entry = _maths.adjoint_entry
-_gradient_partial_entry = _maths.gradient_partial_entry
-_bias_partial_entry = _maths.bias_partial_entry
 
 
 #: One launch sequence at a time: simulated ranks are threads, and the CUDA simulator

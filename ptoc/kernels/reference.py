@@ -4,7 +4,8 @@ This is the target to teach from and to check the compiled targets against. Ever
 function has the same signature in :mod:`ptoc.kernels.cpu` and
 :mod:`ptoc.kernels.cuda`; the public, validating wrappers are in :mod:`ptoc.kernels`.
 
-Conventions (``DESIGN.md`` sections 1-3). A batch of states is ``x`` with shape
+Conventions (theory: :doc:`/theory/resnet`, :doc:`/theory/adjoint`,
+:doc:`/theory/maximum_principle`). A batch of states is ``x`` with shape
 ``(S, d)``, one sample per row. Layer ``n`` has weights ``K`` (d, d) and bias ``b``
 (d,); its pre-activation is ``a = x K^T + b`` and its step is
 

@@ -171,7 +171,7 @@ def _structure(n_steps: int, owner: tuple[int, ...], rank: int, size: int, coars
 
 def _rows():
     """The compiled row operations, imported on first use (importing ptoc loads no numba)."""
-    from . import _rows as module
+    from ..kernels import rows as module
 
     return module
 

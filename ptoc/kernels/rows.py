@@ -1,9 +1,14 @@
 """Row operations of MGRIT's grid transfers, compiled so that no temporaries are made.
 
-Each array holds one state per row (``a[i]`` is an (S, d) state); index arrays pick
-rows. These are memory-bound loops; doing them in NumPy with fancy indexing made
-several full copies per call, which cost MGRIT more than its relaxations at small
-widths. Each function states the NumPy expression it computes.
+Used by :mod:`ptoc.parallel.mgrit` (theory: :doc:`/theory/mgrit`). Each array holds
+one state per row (``a[i]`` is an (S, d) state); index arrays pick rows. These are
+memory-bound loops; doing them in NumPy with fancy indexing made several full copies
+per call, which cost MGRIT more than its relaxations at small widths. Each function
+states the NumPy expression it computes.
+
+These kernels compile from this file alone (they inline nothing from
+:mod:`ptoc._maths`), so Numba's own disk cache, keyed on this file, is never stale
+for them (compare :mod:`ptoc.kernels._cache`).
 """
 
 from __future__ import annotations

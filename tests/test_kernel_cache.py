@@ -1,0 +1,121 @@
+"""The disk cache of the compiled kernels (ptoc.kernels._cache): never stale, deletes nothing."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import pytest
+
+import ptoc
+from ptoc import _config
+from ptoc.kernels import _cache
+
+ROOT = Path(ptoc.__file__).resolve().parents[1]
+
+
+def _python(code: str, cwd: Path, cache_dir: Path, *paths: Path) -> str:
+    """Run ``code`` in a fresh interpreter (ptoc importable, Numba's cache in ``cache_dir``)."""
+    env = os.environ | {
+        "NUMBA_CACHE_DIR": str(cache_dir),
+        "PTOC_CACHE": "1",
+        "PYTHONPATH": os.pathsep.join(str(p) for p in (*paths, ROOT)),
+    }
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_importing_the_cpu_kernels_deletes_and_changes_no_file(tmp_path):
+    cache = tmp_path / "cache"
+    code = "import ptoc.kernels.cpu"
+    _python(code, tmp_path, cache)  # Numba makes the cache directories of the kernels
+    dirs = [p for p in cache.rglob("*") if p.is_dir()]
+    assert dirs
+    for i, directory in enumerate(dirs):  # entries as Numba names them, and others
+        (directory / f"cpu._forward-{i}.py311.nbi").write_bytes(b"an older index")
+        (directory / f"cpu._forward-{i}.py311.1.nbc").write_bytes(b"older machine code")
+        (directory / "ptoc_kernels_cpu.sha256").write_text("a stamp of older maths")
+    before = _files(cache)
+    _python(code, tmp_path, cache)
+    assert _files(cache) == before
+
+
+_MATHS = "def value():\n    return {}\n"
+
+_KERNELS = """
+import numba
+from numba.extending import register_jitable
+
+import fake_maths
+from ptoc.kernels import _cache
+
+register_jitable(fake_maths.value)
+
+
+@_cache.njit(depends_on=(fake_maths,))
+def ours(x):
+    return x + fake_maths.value()
+
+
+@numba.njit(cache=True)
+def plain(x):
+    return x + fake_maths.value()
+"""
+
+_RUN = ("from user_kernels import ours, plain; "
+        "print(ours(1.0), plain(1.0), sum(ours.stats.cache_hits.values()))")
+
+
+def test_a_cached_kernel_follows_the_files_it_inlines(tmp_path):
+    """The staleness problem and its fix, with a kernel that inlines another file."""
+    maths = tmp_path / "fake_maths.py"
+    (tmp_path / "user_kernels.py").write_text(_KERNELS)
+    cache = tmp_path / "cache"
+
+    def run(value: float) -> list[str]:
+        maths.write_text(_MATHS.format(value))
+        return _python(_RUN, tmp_path, cache, tmp_path).split()
+
+    assert run(1.0) == ["2.0", "2.0", "0"]  # compiled and saved
+    assert run(1.0) == ["2.0", "2.0", "1"]  # loaded from the cache
+    # the inlined file changed: ours recompiles; Numba's plain cache keeps the old code
+    assert run(10.0) == ["11.0", "2.0", "0"]
+    assert run(1.0) == ["2.0", "2.0", "1"]  # the entry of the earlier digest is still there
+
+
+def test_digest_covers_file_contents_and_options(tmp_path):
+    source = tmp_path / "maths.py"
+    source.write_text("x = 1\n")
+    base = _cache.digest([source], {"fastmath": {"contract", "reassoc"}, "parallel": True})
+    assert base == _cache.digest([str(source)],
+                                 {"parallel": True, "fastmath": {"reassoc", "contract"}})
+    assert base != _cache.digest([source], {"fastmath": False, "parallel": True})
+    assert base != _cache.digest([], {"fastmath": {"contract", "reassoc"}, "parallel": True})
+    other = tmp_path / "other.py"
+    other.write_text("x = 2\n")
+    assert base != _cache.digest([other], {"fastmath": {"contract", "reassoc"},
+                                           "parallel": True})
+    assert len(base) == 64 and int(base, 16) >= 0
+
+
+def test_njit_caches_only_when_the_cache_is_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+
+    def f(x):
+        return x + 1
+
+    monkeypatch.setattr(_config, "CACHE", False)
+    assert _cache.njit(depends_on=(_config,))(f).stats.cache_path is None
+    monkeypatch.setattr(_config, "CACHE", True)
+    path = _cache.njit(depends_on=(_config,))(f).stats.cache_path
+    assert path is not None and Path(path).is_relative_to(tmp_path)
+    with pytest.raises(TypeError, match="cache="):
+        _cache.njit(cache=True)
