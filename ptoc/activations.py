@@ -53,7 +53,7 @@ SMOOTHRELU_ETA = _maths.SMOOTHRELU_ETA
 
 
 def sigma(a: np.ndarray, activation: Activation) -> np.ndarray:
-    """Vectorised activation ``sigma(a)`` (reference form of :func:`ptoc._maths.sigma`)."""
+    """Vectorised activation ``sigma(a)``: the value of :func:`ptoc._maths.activation`."""
     a = np.asarray(a)
     if activation is Activation.TANH:
         return np.tanh(a)
@@ -66,7 +66,7 @@ def sigma(a: np.ndarray, activation: Activation) -> np.ndarray:
 
 
 def dsigma(a: np.ndarray, activation: Activation) -> np.ndarray:
-    """Vectorised derivative ``sigma'(a)`` (reference form of :func:`ptoc._maths.dsigma`)."""
+    """Vectorised derivative ``sigma'(a)``: the slope of :func:`ptoc._maths.activation`."""
     a = np.asarray(a)
     if activation is Activation.TANH:
         t = np.tanh(a)
