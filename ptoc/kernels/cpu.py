@@ -123,6 +123,18 @@ def _load_t(rows, lo, m, tile):
 
 
 @_jit()
+def _add_rows_t(rows, lo, m, scratch, tile):
+    """``tile[j, t] += rows[lo + t, j]`` (the FAS right-hand side ``g`` of a level step),
+    through the transposed ``scratch`` tile."""
+    _load_t(rows, lo, m, scratch)
+    for i in range(tile.shape[0]):
+        ti = tile[i]
+        si = scratch[i]
+        for t in range(m):
+            ti[t] = ti[t] + si[t]
+
+
+@_jit()
 def _store_t(tile, rows, lo, m):
     """Transpose out: ``rows[lo + t, j] = tile[j, t]``."""
     d = rows.shape[1]
@@ -641,12 +653,7 @@ def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W):
             _preact_t(K[k], b[k], x, a, m)
             _activate_t(a, x, dt[k], act, m)
             if has_g:
-                _load_t(g[k], lo, m, gt)
-                for i in range(d):
-                    xi = x[i]
-                    gi = gt[i]
-                    for t in range(m):
-                        xi[t] = xi[t] + gi[t]
+                _add_rows_t(g[k], lo, m, gt, x)
             _store_t(x, u[k], lo, m)
 
 
@@ -693,12 +700,7 @@ def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W):
         for k in range(starts[r], ends[r] + 1):
             _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
             if has_g:
-                _load_t(g[k], lo, m, gg)
-                for i in range(d):
-                    li = lt[i]
-                    gi = gg[i]
-                    for t in range(m):
-                        li[t] = li[t] + gi[t]
+                _add_rows_t(g[k], lo, m, gg, lt)
             _store_t(lt, lam[k], lo, m)
 
 
