@@ -25,7 +25,9 @@ from .model import Params, ResNet
 from .objective import layer_regulariser
 
 
-def _layer_args(network: ResNet, params, n: int, K, b):
+def layer_arguments(network: ResNet, params, n: int, K, b):
+    """``(params, K, b)`` checked for layer ``n``: the parameters validated, ``n`` a layer
+    index, and ``(K, b)`` the given ones (in the network's dtype) or layer ``n``'s."""
     p = network.check_params(params)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < network.depth:
         raise ValueError(f"layer index n must be an integer in [0, {network.depth}), got {n!r}")
@@ -55,7 +57,7 @@ def hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, p_next, K=
     K, b : arrays, optional
         The layer parameters ``theta`` at which to evaluate; default ``theta_n``.
     """
-    p, K, b = _layer_args(network, params, n, K, b)
+    p, K, b = layer_arguments(network, params, n, K, b)
     data = kernels.layer_hamiltonian(x, p_next, K, b, network.h, network.activation,
                                      target=target)
     return data - layer_regulariser(network, p, n, K, b)[0]
@@ -72,7 +74,7 @@ def hamiltonian_grad(network: ResNet, params: Params | Mapping, n: int, x, p_nex
     -------
     (grad_K, grad_b) : ndarrays (d, d), (d,)
     """
-    p, K, b = _layer_args(network, params, n, K, b)
+    p, K, b = layer_arguments(network, params, n, K, b)
     gK, gb = kernels.layer_hamiltonian_grad(x, p_next, K, b, network.h, network.activation,
                                             target=target)
     _, rK, rb = layer_regulariser(network, p, n, K, b)

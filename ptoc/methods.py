@@ -46,6 +46,7 @@ __all__ = [
     "StepOutcome",
     "TrainingDivergedError",
     "TrainingMethod",
+    "check_finite_step",
     "group_state",
 ]
 
@@ -54,6 +55,16 @@ class TrainingDivergedError(RuntimeError):
     """Raised by a method's :meth:`~TrainingMethod.step` when something it computed is
     not finite; :func:`ptoc.training.train` stops, keeps the last good parameters and
     reports the message."""
+
+
+def check_finite_step(value: float, grads: Mapping[str, np.ndarray]) -> None:
+    """Raise :class:`TrainingDivergedError` naming a non-finite loss or the first key of
+    ``grads`` with a non-finite entry (what every method checks before it updates)."""
+    if not np.isfinite(value):
+        raise TrainingDivergedError(f"non-finite loss ({value})")
+    for k, g in grads.items():
+        if not np.all(np.isfinite(g)):
+            raise TrainingDivergedError(f"non-finite gradient of {k!r}")
 
 
 @dataclass
@@ -370,11 +381,7 @@ class GradientMethod(TrainingMethod):
         except (TypeError, ValueError):
             raise TypeError(f"grad_fn must return (loss, grads) with a real loss, "
                             f"got {type(value).__name__}") from None
-        if not np.isfinite(value):
-            raise TrainingDivergedError(f"non-finite loss ({value})")
-        for k, g in grads.items():
-            if not np.all(np.isfinite(g)):
-                raise TrainingDivergedError(f"non-finite gradient of {k!r}")
+        check_finite_step(value, grads)
 
         remember = self.deterministic
         evaluations = [(params, value, grads)]

@@ -122,7 +122,6 @@ makes ``a_n W_n`` closest to ``K_n`` in the Frobenius norm.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -133,8 +132,15 @@ from ._checks import check_inputs, check_integer, check_real, scalar_entry
 from ._options import OptionEnum
 from .activations import Activation, dsigma, second_derivative, sigma
 from .discrete import binary_maximiser, ternary_maximiser
+from .hamiltonian import layer_arguments
 from .kernels import Target
-from .methods import StepOutcome, TrainingDivergedError, TrainingMethod, group_state
+from .methods import (
+    StepOutcome,
+    TrainingDivergedError,
+    TrainingMethod,
+    check_finite_step,
+    group_state,
+)
 from .model import Params, ResNet
 from .objective import assemble_gradient, classifier_loss, layer_regulariser_terms, regulariser
 from .optim import SGD, Adam, Optimizer, lbfgs_two_loop, make_optimizer
@@ -344,9 +350,7 @@ def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x
     -------
     (value, grad_K, grad_b) : float, ndarray (d, d), ndarray (d,)
     """
-    prm = network.check_params(params)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < network.depth:
-        raise ValueError(f"layer index n must be an integer in [0, {network.depth}), got {n!r}")
+    prm, K, b = layer_arguments(network, params, n, K, b)
     rho = check_real("rho", rho, low=0.0)
     arrays = [np.asarray(a, dtype=network.dtype) for a in (x, x_next, p, p_next)]
     shape = arrays[0].shape
@@ -355,8 +359,6 @@ def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x
     for name, a in zip(("x_next", "p", "p_next"), arrays[1:], strict=True):
         if a.shape != shape:
             raise ValueError(f"{name} has shape {a.shape}, expected {shape} (the shape of x)")
-    K = prm.K[n] if K is None else np.asarray(K, dtype=network.dtype)
-    b = prm.b[n] if b is None else np.asarray(b, dtype=network.dtype)
     N = network.depth
     states = np.zeros((N + 1,) + shape, network.dtype)
     costates = np.zeros_like(states)
@@ -487,14 +489,11 @@ def _sweeps(network: ResNet, params: Params, X: np.ndarray, y: np.ndarray, targe
     fwd = forward(network, params, X, target=target)
     value, lam_N, dW, dmu = classifier_loss(params, fwd.final_state, y)
     value = float(value) + regulariser(network, params)
-    if not math.isfinite(value):
-        raise TrainingDivergedError(f"non-finite loss ({value})")
+    check_finite_step(value, {})  # before the adjoint sweep
     adj = adjoint(network, params, fwd, lam_N, target=target, keep_adjoints=True)
     grads = assemble_gradient(network, params, X, adj.grad_K, adj.grad_b, adj.initial_adjoint,
                               fwd.opening_derivative, dW, dmu)
-    for k, g in grads.items():
-        if not np.all(np.isfinite(g)):
-            raise TrainingDivergedError(f"non-finite gradient of {k!r}")
+    check_finite_step(value, grads)
     return value, fwd.states, -adj.adjoints, grads
 
 
@@ -809,11 +808,7 @@ class DiscreteMSA(TrainingMethod):
         X, y = check_inputs(network, X, y)
         value, grads = loss_and_grad(network, p, X, y, target=self.target)
         value = float(value)
-        if not math.isfinite(value):
-            raise TrainingDivergedError(f"non-finite loss ({value})")
-        for k, g in grads.items():
-            if not np.all(np.isfinite(g)):
-                raise TrainingDivergedError(f"non-finite gradient of {k!r}")
+        check_finite_step(value, grads)
         a = state.scale
         # d(sum_s H_n)/dW_n = -a_n dJ/dK_n (sum_s H_n includes -R_n)
         M = self.beta * state.moving_average - (1.0 - self.beta) * a[:, None, None] * grads.K
