@@ -450,6 +450,17 @@ def _check_states_guess(guess, n_positions: int, shape, name: str):
     return arr
 
 
+def _prepare(prop, solver, comm):
+    """``(solver, N, runner)`` for a sweep of ``prop``: the strategy checked, the
+    propagator checked for the abilities it needs, the layout checked on the ranks."""
+    solver = check_solver(solver)
+    N = int(prop.n_layers)
+    solver.check_propagator(prop)
+    runner, size = _runner(solver, comm)
+    check_layout(solver, N, size)
+    return solver, N, runner
+
+
 def solve_states(prop, x0, solver, *, comm=None, initial_guess=None
                  ) -> tuple[np.ndarray, SolveResult]:
     """States ``x_0..x_N`` of any :class:`ptoc.Propagator` by ``solver`` on ranks.
@@ -464,13 +475,9 @@ def solve_states(prop, x0, solver, *, comm=None, initial_guess=None
     states : ndarray (N+1, ...)
     record : SolveResult
     """
-    solver = check_solver(solver)
+    solver, N, runner = _prepare(prop, solver, comm)
     x0 = np.asarray(x0)
-    N = int(prop.n_layers)
     guess = _check_states_guess(initial_guess, N + 1, x0.shape, "initial_guess")
-    solver.check_propagator(prop)
-    runner, size = _runner(solver, comm)
-    check_layout(solver, N, size)
 
     def program(c):
         bounds = partition(N, c.size)
@@ -504,16 +511,12 @@ def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
         Structure of ``prop.zero_gradient()``.
     record : SolveResult
     """
-    solver = check_solver(solver)
+    solver, N, runner = _prepare(prop, solver, comm)
     states = np.asarray(states)
     lam_N = np.asarray(lam_N)
-    N = int(prop.n_layers)
     if states.shape[0] != N + 1:
         raise ValueError(f"states has {states.shape[0]} entries, expected N+1 = {N + 1}")
     guess = _check_states_guess(initial_guess, N + 1, lam_N.shape, "initial_guess")
-    solver.check_propagator(prop)
-    runner, size = _runner(solver, comm)
-    check_layout(solver, N, size)
 
     def program(c):
         bounds = partition(N, c.size)
@@ -527,7 +530,7 @@ def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
                                      lam_N.dtype, g)
         grad = prop.zero_gradient()
         for n in range(a, b):
-            prop.adjoint_step(n, states[n], local[N - n - 1], grad)
+            prop.layer_gradient(n, states[n], local[N - n - 1], grad)
         c.count(b - a)
         parts = c.allgather(grad)
         total = [np.zeros_like(p) for p in grad]
