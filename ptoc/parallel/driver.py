@@ -192,17 +192,20 @@ def _next_adjoints(N: int, a: int, b: int, lams: Block) -> np.ndarray:
     return lams.values[last:first + 1][::-1]
 
 
+def _data_gradients(comm, prop, N: int, a: int, b: int, states: Block, lams: Block):
+    """The data part of the gradient of this rank's layers ``a..b-1`` (structured as the
+    slice's parameters) from ``x_n`` and ``lambda_{n+1}``, counted as ``b - a`` steps."""
+    grad = prop.zero_gradient()
+    prop.layer_gradients(a, _layer_states(a, b, states), _next_adjoints(N, a, b, lams), grad)
+    comm.count(b - a)
+    return grad
+
+
 def _layer_gradients(comm, network, prop, bounds, states: Block, lams: Block):
     """Gradient of this rank's layers (data part and regulariser), by slices; the layers'
     parameters are those ``prop`` holds."""
-    N = network.depth
     a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
-    d = network.width
-    gK = np.zeros((b - a, d, d), network.dtype)
-    gb = np.zeros((b - a, d), network.dtype)
-    prop.layer_gradients(a, _layer_states(a, b, states), _next_adjoints(N, a, b, lams),
-                         [gK, gb])
-    comm.count(b - a)
+    gK, gb = _data_gradients(comm, prop, network.depth, a, b, states, lams)
     # the regulariser's share of these layers, with the neighbouring ranks' boundary layers
     Kl, bl = prop.parameters()
     if comm.rank > 0:
@@ -424,12 +427,7 @@ def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N:
         lamN = lam_N if c.rank == c.size - 1 else None
         aproblem, lams, record = _adjoint_program(c, network, prop, bounds, local, lamN,
                                                   solver, initial_adjoints)
-        d = network.width
-        gK = np.zeros((b - a, d, d), network.dtype)
-        gb = np.zeros((b - a, d), network.dtype)
-        prop.layer_gradients(a, _layer_states(a, b, local), _next_adjoints(N, a, b, lams),
-                             [gK, gb])
-        c.count(b - a)
+        gK, gb = _data_gradients(c, prop, N, a, b, local, lams)
         parts = c.allgather((gK, gb))
         full = _gather_positions(c, lams, aproblem.owner, True)
         return (full, np.concatenate([p[0] for p in parts]),
