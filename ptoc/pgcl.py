@@ -128,7 +128,14 @@ from .objective import (
     regulariser,
 )
 from .optim import SGD, Adam, Optimizer
-from .parallel.comm import Communicator, SimulatedRanks, SingleRank, is_root
+from .parallel.comm import (
+    Communicator,
+    SimulatedRanks,
+    SingleRank,
+    is_root,
+    resolve_ranks,
+    run_program,
+)
 from .parallel.layout import partition, sum_of_squares
 from .parallel.options import CoarseWeights
 from .sweeps import _single_threaded_blas
@@ -266,25 +273,6 @@ class Prediction:
 
 # --- helpers -----------------------------------------------------------------------------------
 
-def _resolve_comm(comm: Any) -> SimulatedRanks | Communicator:
-    """What runs the SPMD program: one rank, simulated ranks, or a communicator."""
-    if comm is None:
-        return SingleRank()
-    if isinstance(comm, (bool, np.bool_)):
-        raise ValueError(f"PGCL comm must be None, a positive number of simulated ranks or a "
-                         f"ptoc.parallel communicator, got {comm!r}")
-    if isinstance(comm, (int, np.integer)):
-        if comm < 1:
-            raise ValueError(f"PGCL comm must be a positive number of simulated ranks, "
-                             f"got {comm!r}")
-        return SingleRank() if comm == 1 else SimulatedRanks(int(comm))
-    if isinstance(comm, (SimulatedRanks, Communicator)):
-        return comm
-    raise ValueError("PGCL comm must be None, a number of simulated ranks, ptoc.parallel."
-                     f"SimulatedRanks or a ptoc.parallel Communicator (e.g. MPIRanks()), "
-                     f"got {comm!r}")
-
-
 def _copy_tree(obj: Any) -> Any:
     """Writeable copies of the arrays in nested tuples, lists and dicts (and dataclasses
     of arrays, such as optimiser states), for what comes back from a collective."""
@@ -403,7 +391,7 @@ class PGCL(TrainingMethod):
                 setattr(self, name, cls.parse(getattr(self, name)))
             except ValueError as exc:
                 raise ValueError(f"PGCL {name}: {exc}") from None
-        self._runner = _resolve_comm(self.comm)
+        self._runner = resolve_ranks(self.comm, owner="PGCL", one_is_single=True)
 
     # --- layout ---------------------------------------------------------------------------------
     @property
@@ -543,10 +531,7 @@ class PGCL(TrainingMethod):
         kern = backend(self.target)
         runner = self._runner
         with _single_threaded_blas(kern):
-            if isinstance(runner, SimulatedRanks):
-                out = runner.run(lambda c: _program(c, job))[0]
-            else:
-                out = runner.run(lambda c: _program(c, job))
+            out = run_program(runner, lambda c: _program(c, job))
         if isinstance(out, TrainingDivergedError):
             raise out
         return out

@@ -684,3 +684,26 @@ def test_a_user_written_strategy_runs_through_the_drivers():
     assert ptoc.parallel.check_solver(Pipeline()) is not None
     with pytest.raises(TypeError, match="pass an instance"):
         ptoc.parallel.check_solver(Pipeline)
+
+
+def test_every_comm_argument_is_resolved_by_one_function():
+    """Solvers and PGCL read ``comm=`` the same way (ptoc.parallel.comm.resolve_ranks)."""
+    from ptoc.parallel.comm import SingleRank, resolve_ranks
+    from ptoc.pgcl import PGCL
+
+    assert isinstance(resolve_ranks(None), SingleRank)
+    assert resolve_ranks(None, default=3).size == 3
+    assert isinstance(resolve_ranks(1), SimulatedRanks) and resolve_ranks(np.int64(4)).size == 4
+    assert isinstance(resolve_ranks(1, one_is_single=True), SingleRank)
+    ranks = SimulatedRanks(2)
+    assert resolve_ranks(ranks) is ranks
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="PGCL comm must be a positive number"):
+            PGCL(comm=bad)
+        with pytest.raises(ValueError, match="comm must be a positive number"):
+            ptoc.loss_and_grad(*problem(depth=4), solver=MGRIT(max_levels=1), comm=bad)
+    for bad in (True, 2.0, "two"):
+        with pytest.raises(TypeError, match="PGCL comm must be None"):
+            PGCL(comm=bad)
+        with pytest.raises(TypeError, match="comm must be None"):
+            ptoc.loss_and_grad(*problem(depth=4), solver=MGRIT(max_levels=1), comm=bad)

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 
 class RankFailedError(RuntimeError):
     """Raised on the other ranks of a simulated run when one rank failed."""
@@ -327,3 +329,39 @@ class MPIRanks(Communicator):
         for request in self._pending:
             request.wait()
         self._pending.clear()
+
+
+def resolve_ranks(comm: Any, default: int | None = None, owner: str = "",
+                  one_is_single: bool = False) -> SimulatedRanks | Communicator:
+    """What runs an SPMD program for the ``comm=`` argument of a solver or a method.
+
+    ``None``: ``default`` simulated ranks, or one rank (:class:`SingleRank`) when
+    ``default`` is None; a positive integer ``P``: ``P`` simulated ranks (with
+    ``one_is_single``, ``P = 1`` is a :class:`SingleRank`); a :class:`SimulatedRanks` or
+    a :class:`Communicator` (such as :class:`MPIRanks`): itself. A number below 1 raises
+    ``ValueError``, anything else ``TypeError``, naming ``owner`` (e.g. ``"PGCL"``).
+    """
+    prefix = f"{owner} " if owner else ""
+    if comm is None:
+        comm = default
+        if comm is None:
+            return SingleRank()
+    if isinstance(comm, (SimulatedRanks, Communicator)):
+        return comm
+    if isinstance(comm, (bool, np.bool_)) or not isinstance(comm, (int, np.integer)):
+        raise TypeError(f"{prefix}comm must be None, a positive number of simulated ranks, "
+                         "ptoc.parallel.SimulatedRanks or a ptoc.parallel Communicator (e.g. "
+                         f"MPIRanks()), got {comm!r}")
+    if comm < 1:
+        raise ValueError(f"{prefix}comm must be a positive number of simulated ranks, "
+                         f"got {comm!r}")
+    return SingleRank() if comm == 1 and one_is_single else SimulatedRanks(int(comm))
+
+
+def run_program(runner: SimulatedRanks | Communicator, program: Callable[[Communicator], Any]
+                ) -> Any:
+    """Run ``program`` on ``runner``'s ranks and return this process's result (rank 0's
+    for simulated ranks, whose results are all computed here)."""
+    if isinstance(runner, SimulatedRanks):
+        return runner.run(program)[0]
+    return runner.run(program)

@@ -37,7 +37,7 @@ from ..objective import (
     range_regulariser,
 )
 from ..propagator import LayerSlice, ResNetPropagator
-from .comm import Communicator, SimulatedRanks, SingleRank
+from .comm import Communicator, SimulatedRanks, resolve_ranks, run_program
 from .layout import partition
 from .options import SolveResult
 from .problem import Block, SweepProblem
@@ -76,25 +76,13 @@ class GradientResult:
 # --- running a program on ranks ---------------------------------------------------------------
 
 def _runner(solver, comm) -> tuple[Any, int]:
-    """``(runner, n_ranks)``: what runs the SPMD program, and on how many ranks."""
-    if comm is None:
-        ranks = solver.simulated_ranks()
-        comm = SimulatedRanks(ranks) if ranks is not None else SingleRank()
-    elif isinstance(comm, bool) or (isinstance(comm, int) and comm < 1):
-        raise ValueError(f"comm must be a positive number of simulated ranks or a "
-                         f"communicator, got {comm!r}")
-    elif isinstance(comm, int):
-        comm = SimulatedRanks(comm)
-    if not isinstance(comm, (SimulatedRanks, Communicator)):
-        raise TypeError("comm must be None, a number of simulated ranks, ptoc.parallel."
-                        f"SimulatedRanks or a ptoc.parallel Communicator, got {comm!r}")
-    return comm, comm.size
+    """``(runner, n_ranks)``: what runs the SPMD program, and on how many ranks (no
+    communicator: the solver's own number of simulated ranks, or one)."""
+    runner = resolve_ranks(comm, default=solver.simulated_ranks())
+    return runner, runner.size
 
 
-def _run(runner, program):
-    if isinstance(runner, SimulatedRanks):
-        return runner.run(program)[0]
-    return runner.run(program)
+_run = run_program
 
 
 def check_layout(solver, n_layers: int, n_ranks: int) -> None:
