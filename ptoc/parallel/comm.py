@@ -338,8 +338,8 @@ def resolve_ranks(comm: Any, default: int | None = None, owner: str = "",
     ``None``: ``default`` simulated ranks, or one rank (:class:`SingleRank`) when
     ``default`` is None; a positive integer ``P``: ``P`` simulated ranks (with
     ``one_is_single``, ``P = 1`` is a :class:`SingleRank`); a :class:`SimulatedRanks` or
-    a :class:`Communicator` (such as :class:`MPIRanks`): itself. A number below 1 raises
-    ``ValueError``, anything else ``TypeError``, naming ``owner`` (e.g. ``"PGCL"``).
+    a :class:`Communicator` (such as :class:`MPIRanks`): itself. Anything else raises
+    ``ValueError`` naming what is allowed (and ``owner``, e.g. ``"PGCL"``, when given).
     """
     prefix = f"{owner} " if owner else ""
     if comm is None:
@@ -349,7 +349,7 @@ def resolve_ranks(comm: Any, default: int | None = None, owner: str = "",
     if isinstance(comm, (SimulatedRanks, Communicator)):
         return comm
     if isinstance(comm, (bool, np.bool_)) or not isinstance(comm, (int, np.integer)):
-        raise TypeError(f"{prefix}comm must be None, a positive number of simulated ranks, "
+        raise ValueError(f"{prefix}comm must be None, a positive number of simulated ranks, "
                          "ptoc.parallel.SimulatedRanks or a ptoc.parallel Communicator (e.g. "
                          f"MPIRanks()), got {comm!r}")
     if comm < 1:
