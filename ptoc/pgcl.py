@@ -112,7 +112,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import _config
 from ._checks import check_inputs, scalar_entry
 from ._options import OptionEnum
 from .hamiltonian import hamiltonian_grad
@@ -138,6 +137,8 @@ from .parallel.comm import (
 )
 from .parallel.layout import partition, sum_of_squares
 from .parallel.options import CoarseWeights
+from .parallel.problem import coarse_weights
+from .propagator import ResNetPropagator
 from .sweeps import _single_threaded_blas
 
 __all__ = [
@@ -549,30 +550,27 @@ class _Chunk:
         self.a, self.e = int(bounds[j]), int(bounds[j + 1])
         self.L = self.e - self.a
         self.first, self.last = j == 0, j == self.P - 1
-        self.kern = backend(m.target)
-        self.act, self.h = net.activation.code, net.h
         self.local = m._local_params(job.params, self.a, self.e, j)
-        K, b = self.local["K"], self.local["b"]
-        if m.coarse is CoarseWeights.INJECT or self.L == 1:
-            self.Kc, self.bc = K[0].copy(), b[0].copy()
-        else:  # summed in layer order, as ptoc.parallel does
-            Kc, bc = K[0].copy(), b[0].copy()
-            for n in range(1, self.L):
-                Kc += K[n]
-                bc += b[n]
-            self.Kc, self.bc = Kc / self.L, bc / self.L
+        # the coarse step's weights: those of the chunk's layers at the step's start
+        start = self.layers()
+        rule = range(self.L) if m.coarse is CoarseWeights.AVERAGE else range(1)
+        self.theta = coarse_weights([start.layer_parameters(n) for n in rule])
 
-    # coarse propagator of the chunk: one step of size L h with the coarse weights
+    def layers(self) -> ResNetPropagator:
+        """The chunk's layers, with its current parameters, as a propagator (layer ``k``
+        is the network's layer ``a + k``)."""
+        loc = self.local
+        return ResNetPropagator(self.net, Params(K=loc["K"], b=loc["b"], K_in=None, b_in=None,
+                                                 W=None, mu=None),
+                                target=self.job.method.target, layers=(self.a, self.e),
+                                check=False)
+
+    # coarse propagator of the chunk: one step standing for its L layers
     def coarse(self, U: np.ndarray) -> np.ndarray:
-        out = np.empty_like(U)
-        self.kern.step(U, self.Kc, self.bc, self.L * self.h, self.act, out, None, _config.CHUNK)
-        return out
+        return self.layers().coarse_step(self.theta, self.L, U)
 
     def coarse_adjoint(self, U: np.ndarray, lam: np.ndarray) -> np.ndarray:
-        out = np.empty_like(lam)
-        self.kern.adjoint_step(U, lam, self.Kc, self.bc, self.L * self.h, self.act, out, None,
-                               None, None, _config.CHUNK)
-        return out
+        return self.layers().coarse_adjoint_step(self.theta, self.L, U, lam)
 
     def heads(self) -> Params:
         loc = self.local
@@ -582,34 +580,30 @@ class _Chunk:
     def opening(self) -> tuple[np.ndarray, np.ndarray | None]:
         return opening_forward(self.net, self.heads(), self.job.X)
 
-    def fine_forward(self, U: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """States ``x_a .. x_e`` from ``x_a = U`` and the stored ``sigma'(a_n)``."""
+    def fine_forward(self, U: np.ndarray) -> np.ndarray:
+        """States ``x_a .. x_e`` from ``x_a = U``."""
         xs = np.empty((self.L + 1,) + U.shape, U.dtype)
-        xs[0] = U
-        dsig = np.empty((self.L,) + U.shape, U.dtype)
-        self.kern.forward_sweep(xs, self.local["K"], self.local["b"], self.h, self.act, dsig,
-                                _config.CHUNK)
-        return xs, dsig
+        self.layers().propagate(U, 0, self.L, states=xs)
+        return xs
 
     def terminal(self, xs: np.ndarray):
         """Last chunk: ``(Phi, lambda_N, dPhi/dW, dPhi/dmu)`` at its own fine final state."""
         return classifier_loss(self.heads(), xs[-1], self.job.y)
 
-    def fine_backward(self, xs, dsig, lamT, dsig_in, head_grads) -> tuple[np.ndarray, dict]:
+    def fine_backward(self, xs, lamT, dsig_in, head_grads) -> tuple[np.ndarray, dict]:
         """Co-state at the chunk's start and the gradient of the local objective."""
         net, loc, dt = self.net, self.local, self.net.dtype
-        L, d = self.L, net.width
-        hamiltonian = self.job.method.local_update is LocalUpdate.HAMILTONIAN
-        gK = np.zeros((L, d, d), dt)
-        gb = np.zeros((L, d), dt)
-        lams = np.empty((L + 1,) + lamT.shape, dt) if hamiltonian else None
-        lam_a = self.kern.adjoint_sweep(xs, lamT, loc["K"], loc["b"], self.h, self.act, dsig,
-                                        None if hamiltonian else gK,
-                                        None if hamiltonian else gb, lams, _config.CHUNK)
-        lam_a = np.asarray(lam_a)
-        if hamiltonian:
+        prop = self.layers()
+        gK, gb = prop.zero_gradient()
+        if self.job.method.local_update is LocalUpdate.HAMILTONIAN:
+            lams = np.empty((self.L + 1,) + lamT.shape, dt)  # lams[k] = lambda_{a+k}
+            lams[self.L] = lamT
+            for k in range(self.L - 1, -1, -1):
+                lams[k] = prop.adjoint_step(k, xs[k], lams[k + 1])
+            lam_a = lams[0]
             self._hamiltonian_direction(xs, lams, gK, gb)
         else:
+            lam_a = prop.adjoint_propagate(xs, lamT, 0, self.L, [gK, gb])
             self._add_regulariser(gK, gb)
         grads: dict[str, np.ndarray] = {"K": gK, "b": gb}
         if self.first and "K_in" in loc:
@@ -678,7 +672,7 @@ def _program(comm: Communicator, job: _Job) -> dict[str, Any] | TrainingDiverged
         comm.count(1)
         pred_next = G if mem is None else mem.forward + (G - mem.coarse_forward)
         comm.send(pred_next, j + 1, TAG_STATE)
-    xs, dsig = c.fine_forward(U)
+    xs = c.fine_forward(U)
     comm.count(L)
     if not c.last and serial:
         pred_next = xs[-1]
@@ -699,7 +693,7 @@ def _program(comm: Communicator, job: _Job) -> dict[str, Any] | TrainingDiverged
         comm.count(1)
         pred_prev = B if mem is None else mem.adjoint + (B - mem.coarse_adjoint)
         comm.send(pred_prev, j - 1, TAG_COSTATE)
-    lam_a, grads = c.fine_backward(xs, dsig, lamT, dsig_in, head_grads)
+    lam_a, grads = c.fine_backward(xs, lamT, dsig_in, head_grads)
     comm.count(L)
     if not c.first and serial:
         pred_prev = lam_a
@@ -725,11 +719,11 @@ def _program(comm: Communicator, job: _Job) -> dict[str, Any] | TrainingDiverged
             if k > 0:
                 if c.first:
                     U, dsig_in = c.opening()
-                xs, dsig = c.fine_forward(U)
+                xs = c.fine_forward(U)
                 if c.last:
                     _, lamT, dW, dmu = c.terminal(xs)
                     head_grads = (dW, dmu)
-                _, grads = c.fine_backward(xs, dsig, lamT, dsig_in, head_grads)
+                _, grads = c.fine_backward(xs, lamT, dsig_in, head_grads)
                 comm.count(2 * L)
                 key = _finite(grads)
                 if key is not None:

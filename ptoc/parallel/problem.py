@@ -33,6 +33,21 @@ scratch = Workspace(capacity=64)
 TAG_WEIGHTS = 1
 
 
+def coarse_weights(layers: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """The weights of a coarse step from the parameters of the layers its rule reads
+    (:class:`~ptoc.parallel.options.CoarseWeights`): a copy of the one layer's
+    (``INJECT``, or a step over one layer), or their mean, summed in layer order in at
+    least float32 whatever the partition (``AVERAGE``). The one definition used by the
+    parareal and MGRIT coarse grids and by PGCL's coarse steps."""
+    if len(layers) == 1:
+        return tuple(np.array(a) for a in layers[0])
+    total = [np.array(a, dtype=np.result_type(a, np.float32)) for a in layers[0]]
+    for params in layers[1:]:
+        for t, a in zip(total, params, strict=True):
+            t += a
+    return tuple(t / len(layers) for t in total)
+
+
 class Block:
     """Consecutive positions ``base .. base + len(values) - 1`` of one sweep on one rank.
 
@@ -164,16 +179,7 @@ class SweepProblem:
         rank owns one of those layers."""
         theta = self.weights.get((s, e))
         if theta is None:
-            ns = self._rule_layers(s, e)
-            if len(ns) == 1:
-                theta = tuple(np.array(a) for a in self._layer_parameters(s))
-            else:
-                total = [np.array(a, dtype=np.result_type(a, np.float32))
-                         for a in self._layer_parameters(s)]
-                for n in ns[1:]:
-                    for t, a in zip(total, self._layer_parameters(n), strict=True):
-                        t += a
-                theta = tuple(t / len(ns) for t in total)
+            theta = coarse_weights([self._layer_parameters(n) for n in self._rule_layers(s, e)])
             self.weights[(s, e)] = theta
         return theta
 
