@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,13 @@ from ._checks import check_inputs
 from ._workspace import Workspace
 from .kernels import Target, backend
 from .model import Params, ResNet
-from .objective import classifier_loss, opening_forward
+from .objective import (
+    classifier_loss,
+    head_regulariser,
+    opening_backward,
+    opening_forward,
+    range_regulariser,
+)
 
 
 class Propagator(abc.ABC):
@@ -624,6 +631,183 @@ class ResNetLevelSteps(LevelSteps):
             self.kern.adjoint_points(u, self.X, self.K, self.KT, self.b, self.dt, self.act,
                                      positions, out, _config.CHUNK)
         return out
+
+
+# --- models: a propagator with an opening and a terminal objective -------------------------------
+
+class Model(abc.ABC):
+    """A layered model as the layer-parallel gradient and the training methods see it.
+
+    ``J(theta) = Phi(F(x_0)) + R(theta)`` with ``x_0`` = the *opening* of the inputs ``X``,
+    ``F`` = the ``n_layers`` layers (a :class:`Propagator`) and ``Phi`` = the *terminal*
+    objective of the last state and the labels. Parameters are a mapping of arrays: the
+    per-layer arrays named by :attr:`layer_keys` (leading axis = layer, in the order of
+    the propagator's ``parameters()``), those of the opening (:attr:`opening_keys`,
+    owned by the first rank) and those of the terminal objective
+    (:attr:`terminal_keys`, owned by the last rank). A method that works through this
+    contract works on every model: :class:`ResNetModel` (what a :class:`ptoc.ResNet`
+    is seen as) and :class:`PropagatorModel` (a propagator written by hand, its
+    inputs being the initial states).
+    """
+
+    n_layers: int
+    dtype: np.dtype
+    layer_keys: tuple[str, ...]
+    opening_keys: tuple[str, ...] = ()
+    terminal_keys: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def check_params(self, params: Mapping) -> Mapping:
+        """The parameters validated (keys, shapes, finite values), as the model keeps them."""
+
+    @abc.abstractmethod
+    def layers(self, params: Mapping, *, target: Target | str = Target.CPU,
+               span: tuple[int, int] | None = None) -> Propagator:
+        """The layers over ``params``' layer arrays as a :class:`Propagator`. With
+        ``span=(a, b)`` those arrays hold the layers ``a..b-1`` only and the propagator
+        has ``b - a`` layers, indexed from 0 (wrap it in a :class:`LayerSlice`)."""
+
+    @abc.abstractmethod
+    def terminal(self, params: Mapping, x_last: np.ndarray, labels
+                 ) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
+        """``(Phi, lambda_N, dPhi/d(terminal parameters))`` at the last state."""
+
+    def state_shape(self, X: np.ndarray) -> tuple[int, ...]:
+        """The shape of a state for inputs ``X`` (default: that of ``X``)."""
+        return tuple(np.shape(X))
+
+    def opening(self, params: Mapping, X: np.ndarray) -> tuple[np.ndarray, Any]:
+        """``(x_0, cache)``: the initial state for inputs ``X`` and what
+        :meth:`opening_gradient` needs (default: ``x_0 = X``)."""
+        return np.array(X, dtype=self.dtype, order="C", copy=True), None
+
+    def opening_gradient(self, params: Mapping, X: np.ndarray, lam0: np.ndarray,
+                         cache: Any) -> dict[str, np.ndarray]:
+        """``dJ/d(opening parameters)`` from ``lambda_0`` (default: none)."""
+        return {}
+
+    def layer_regulariser(self, arrays: list[np.ndarray], left: tuple | None,
+                          right: tuple | None) -> tuple[float, list[np.ndarray]]:
+        """The regulariser's share of consecutive layers (``arrays`` as the
+        propagator's ``parameters()``, ``left``/``right`` the layers beside them, None at
+        the ends) and its gradient there (default: no regulariser)."""
+        return 0.0, [np.zeros_like(a) for a in arrays]
+
+    def head_regulariser(self, params: Mapping, grads: Mapping | None = None) -> float:
+        """The regulariser of the opening and terminal parameters, adding its gradient
+        to ``grads`` when given (default: none)."""
+        return 0.0
+
+    def gradient(self, arrays: dict[str, np.ndarray]) -> Mapping:
+        """The gradient in the container the model's parameters come in (default: the
+        dict)."""
+        return arrays
+
+
+class ResNetModel(Model):
+    """A :class:`ptoc.ResNet` as a :class:`Model`: the opening layer, the residual layers
+    (:class:`ResNetPropagator`), the softmax classifier and the regulariser of
+    :mod:`ptoc.objective`. Parameters are :class:`ptoc.Params`."""
+
+    layer_keys = ("K", "b")
+    terminal_keys = ("W", "mu")
+
+    def __init__(self, network: ResNet):
+        self.network = network
+        self.n_layers = network.depth
+        self.dtype = network.dtype
+        self.opening_keys = ("K_in", "b_in") if network.has_opening_weights else ()
+
+    def check_params(self, params):
+        return self.network.check_params(params)
+
+    def layers(self, params, *, target=Target.CPU, span=None):
+        p = Params(**{k: params.get(k) for k in ("K", "b", "K_in", "b_in", "W", "mu")})
+        return ResNetPropagator(self.network, p, target=target, layers=span, check=False)
+
+    def state_shape(self, X):
+        return (np.shape(X)[0], self.network.width)
+
+    def opening(self, params, X):
+        return opening_forward(self.network, params, X)
+
+    def opening_gradient(self, params, X, lam0, cache):
+        if not self.opening_keys:
+            return {}
+        grads = Params(K=None, b=None, K_in=np.zeros_like(params.K_in),
+                       b_in=np.zeros_like(params.b_in), W=None, mu=None)
+        opening_backward(params, X, lam0, cache, grads)
+        return {"K_in": grads.K_in, "b_in": grads.b_in}
+
+    def terminal(self, params, x_last, labels):
+        loss, lam, dW, dmu = classifier_loss(params, x_last, labels)
+        return loss, lam, {"W": dW, "mu": dmu}
+
+    def layer_regulariser(self, arrays, left, right):
+        value, gK, gb = range_regulariser(self.network, arrays[0], arrays[1], left, right)
+        return value, [gK, gb]
+
+    def head_regulariser(self, params, grads=None):
+        return head_regulariser(self.network, params, grads)
+
+    def gradient(self, arrays):
+        return Params(**{k: arrays.get(k) for k in ("K", "b", "K_in", "b_in", "W", "mu")})
+
+
+class PropagatorModel(Model):
+    """A hand-written :class:`Propagator` as a :class:`Model`: the inputs are the initial
+    states, the objective is the propagator's own, and there is no regulariser.
+
+    ``factory(arrays)`` builds the propagator of the layers that ``arrays`` hold (one
+    array per entry of ``parameters()``, leading axis = layer, indexed from 0), using
+    those arrays as its live parameters; ``names`` are the keys of those arrays in a
+    parameter mapping. The labels are not used (the objective is the propagator's).
+    """
+
+    def __init__(self, factory: Callable[[list[np.ndarray]], Propagator],
+                 params: Mapping[str, np.ndarray]):
+        self.factory = factory
+        self.layer_keys = tuple(params)
+        arrays = [np.asarray(params[k]) for k in self.layer_keys]
+        if not arrays:
+            raise ValueError("a PropagatorModel needs at least one parameter array")
+        self.n_layers = int(arrays[0].shape[0])
+        self.dtype = np.result_type(*arrays)
+        self._shapes = {k: a.shape for k, a in zip(self.layer_keys, arrays, strict=True)}
+        prop = factory(arrays)
+        if not isinstance(prop, Propagator) or prop.n_layers != self.n_layers:
+            raise ValueError("factory(arrays) must return a ptoc.Propagator of "
+                             f"{self.n_layers} layers")
+
+    def check_params(self, params):
+        if set(params) != set(self.layer_keys):
+            raise ValueError(f"params has keys {sorted(params)}, expected {list(self.layer_keys)}")
+        out = {}
+        for k in self.layer_keys:
+            a = np.ascontiguousarray(params[k], dtype=self.dtype)
+            if a.shape != self._shapes[k]:
+                raise ValueError(f"params[{k!r}] has shape {a.shape}, expected {self._shapes[k]}")
+            if not np.all(np.isfinite(a)):
+                raise ValueError(f"params[{k!r}] contains non-finite values (NaN or inf)")
+            out[k] = a
+        return out
+
+    def layers(self, params, *, target=Target.CPU, span=None):
+        return self.factory([params[k] for k in self.layer_keys])
+
+    def terminal(self, params, x_last, labels):
+        prop = self.factory([params[k] for k in self.layer_keys])
+        return prop.objective(x_last), prop.objective_gradient(x_last), {}
+
+
+def as_model(network: ResNet | Model) -> Model:
+    """``network`` as a :class:`Model` (a :class:`ptoc.ResNet` is wrapped)."""
+    if isinstance(network, Model):
+        return network
+    if isinstance(network, ResNet):
+        return ResNetModel(network)
+    raise TypeError(f"network must be a ptoc.ResNet or a ptoc.propagator.Model, got "
+                    f"{type(network).__name__}")
 
 
 # --- the checker ---------------------------------------------------------------------------------

@@ -29,14 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..model import Params, ResNet
-from ..objective import (
-    classifier_loss,
-    head_regulariser,
-    opening_backward,
-    opening_forward,
-    range_regulariser,
-)
-from ..propagator import LayerSlice, ResNetPropagator
+from ..propagator import LayerSlice, Model, ResNetModel, as_model
 from .comm import Communicator, SimulatedRanks, resolve_ranks, run_program
 from .layout import partition
 from .options import SolveResult
@@ -139,32 +132,34 @@ def _bounds(comm, N):
     return bounds, int(bounds[comm.rank]), int(bounds[comm.rank + 1])
 
 
-def _forward_program(comm, network, params, X, solver, target, guess, need_all, prop=None):
+def _forward_program(comm, model, params, X, solver, target, guess, need_all, prop=None):
     """The state sweep on this rank; ``prop`` is this rank's :class:`LayerSlice` (built
-    from the full ``params`` when None)."""
-    N = network.depth
+    from the full ``params`` when None). Rank 0 also returns the opening's cache."""
+    model = as_model(model)
+    N = model.n_layers
     check_layout(solver, N, comm.size)
     bounds, a, b = _bounds(comm, N)
     if prop is None:
-        prop = ResNetPropagator(network, params, target=target).layer_slice(a, b)
+        local = {k: params[k][a:b] for k in model.layer_keys}
+        prop = LayerSlice(model.layers(local, target=target, span=(a, b)), a, N)
     comm.reset_count()
-    x0 = opening_forward(network, params, X)[0] if comm.rank == 0 else None
-    shape = (X.shape[0], network.width)
+    x0, opening_cache = model.opening(params, X) if comm.rank == 0 else (None, None)
     problem = SweepProblem(comm, prop, bounds, backward=False)
     g = None if guess is None else {k: guess[k] for k in range(a, b + 1)}
-    states, record = _solve_sweep(comm, problem, solver, x0, shape, network.dtype, g)
+    states, record = _solve_sweep(comm, problem, solver, x0, model.state_shape(X), model.dtype,
+                                  g)
     full = _gather_positions(comm, states, problem.owner, False) if need_all else None
-    return prop, bounds, problem, states, record, full
+    return prop, bounds, problem, states, record, full, opening_cache
 
 
-def _adjoint_program(comm, network, prop, bounds, states: Block, lam_N, solver, guess):
+def _adjoint_program(comm, model, prop, bounds, states: Block, lam_N, solver, guess):
     """The adjoint sweep from the states ``x_a .. x_b`` of this rank's layers."""
-    N = network.depth
+    N = model.n_layers
     a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
     problem = SweepProblem(comm, prop, bounds, backward=True, states=states)
     g = None if guess is None else {N - n: guess[n] for n in range(a, b + 1)}
     lams, record = _solve_sweep(comm, problem, solver, lam_N, states.values.shape[1:],
-                                network.dtype, g)
+                                model.dtype, g)
     return problem, lams, record
 
 
@@ -189,56 +184,52 @@ def _data_gradients(comm, prop, N: int, a: int, b: int, states: Block, lams: Blo
     return grad
 
 
-def _layer_gradients(comm, network, prop, bounds, states: Block, lams: Block):
-    """Gradient of this rank's layers (data part and regulariser), by slices; the layers'
-    parameters are those ``prop`` holds."""
+def _layer_gradients(comm, model, prop, bounds, states: Block, lams: Block):
+    """Gradient of this rank's layers (data part and regulariser), structured as the
+    slice's parameters, and the regulariser's share; the layers' parameters are those
+    ``prop`` holds, their neighbours' arrive from the neighbouring ranks."""
     a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
-    gK, gb = _data_gradients(comm, prop, network.depth, a, b, states, lams)
-    # the regulariser's share of these layers, with the neighbouring ranks' boundary layers
-    Kl, bl = prop.parameters()
+    grad = _data_gradients(comm, prop, model.n_layers, a, b, states, lams)
+    arrays = prop.parameters()
     if comm.rank > 0:
-        comm.send((Kl[0], bl[0]), comm.rank - 1, TAG_BOUNDARY)
+        comm.send(tuple(p[0] for p in arrays), comm.rank - 1, TAG_BOUNDARY)
     if comm.rank < comm.size - 1:
-        comm.send((Kl[-1], bl[-1]), comm.rank + 1, TAG_BOUNDARY)
+        comm.send(tuple(p[-1] for p in arrays), comm.rank + 1, TAG_BOUNDARY)
     left = comm.recv(comm.rank - 1, TAG_BOUNDARY) if comm.rank > 0 else None
     right = comm.recv(comm.rank + 1, TAG_BOUNDARY) if comm.rank < comm.size - 1 else None
-    value, rK, rb = range_regulariser(network, Kl, bl, left, right)
-    gK += rK
-    gb += rb
-    return gK, gb, value
+    value, reg = model.layer_regulariser(arrays, left, right)
+    for g, r in zip(grad, reg, strict=True):
+        g += r
+    return grad, value
 
 
-def _gradient_program(comm, network, params, X, y, solver, target, guess_states, guess_lams,
+def _gradient_program(comm, model, params, X, y, solver, target, guess_states, guess_lams,
                       gather_all=True, local=False):
-    """Loss and gradient on this rank. ``local``: ``params.K``, ``params.b`` hold this
+    """Loss and gradient on this rank. ``local``: the layer arrays of ``params`` hold this
     rank's layers only, and the result keeps them local (no states, this rank's rows
     of the layer gradients)."""
-    N = network.depth
+    model = as_model(model)
+    N = model.n_layers
     prop = None
     if local:
         _, a, b = _bounds(comm, N)
-        prop = LayerSlice(ResNetPropagator(network, params, target=target, layers=(a, b)), a,
-                          N)
-    prop, bounds, fproblem, states, frecord, _ = _forward_program(
-        comm, network, params, X, solver, target, guess_states, need_all=False, prop=prop)
+        prop = LayerSlice(model.layers(params, target=target, span=(a, b)), a, N)
+    prop, bounds, fproblem, states, frecord, _, opening_cache = _forward_program(
+        comm, model, params, X, solver, target, guess_states, need_all=False, prop=prop)
     last = comm.size - 1
     lam_N = None
     pieces: dict[str, Any] = {}
     if comm.rank == last:
-        data_loss, lam_N, dW, dmu = classifier_loss(params, states[N], y)
-        pieces.update(data_loss=data_loss, W=dW, mu=dmu)
-    aproblem, lams, arecord = _adjoint_program(comm, network, prop, bounds, states, lam_N,
+        data_loss, lam_N, terminal_grads = model.terminal(params, states[N], y)
+        pieces.update(terminal_grads, data_loss=data_loss)
+    aproblem, lams, arecord = _adjoint_program(comm, model, prop, bounds, states, lam_N,
                                                solver, guess_lams)
-    gK, gb, reg = _layer_gradients(comm, network, prop, bounds, states, lams)
+    layer_grads, reg = _layer_gradients(comm, model, prop, bounds, states, lams)
     pieces.update(rank=comm.rank, reg=reg)
     if not local:
-        pieces.update(K=gK, b=gb)
-    if comm.rank == 0 and network.has_opening_weights:
-        grads0 = Params(K=gK, b=gb, K_in=np.zeros_like(params.K_in),
-                        b_in=np.zeros_like(params.b_in), W=params.W, mu=params.mu)
-        _, dsig_in = opening_forward(network, params, X)
-        opening_backward(params, X, lams[N], dsig_in, grads0)  # lambda_0: position N
-        pieces.update(K_in=grads0.K_in, b_in=grads0.b_in)
+        pieces.update(zip(model.layer_keys, layer_grads, strict=True))
+    if comm.rank == 0:  # lambda_0 is solver position N
+        pieces.update(model.opening_gradient(params, X, lams[N], opening_cache))
     gathered = comm.allgather(pieces)
     total_reg = 0.0
     for p in gathered:
@@ -246,16 +237,16 @@ def _gradient_program(comm, network, params, X, y, solver, target, guess_states,
     head, tail = gathered[0], gathered[last]
 
     def own(a):  # gathered arrays are shared read-only between simulated ranks
-        return None if a is None else np.array(a, dtype=network.dtype)
+        return np.array(a, dtype=model.dtype)
 
     if local:
-        K, b = gK, gb
+        arrays = dict(zip(model.layer_keys, layer_grads, strict=True))
     else:
-        K, b = (np.concatenate([p["K"] for p in gathered]),
-                np.concatenate([p["b"] for p in gathered]))
-    grads = Params(K=K, b=b, K_in=own(head.get("K_in")), b_in=own(head.get("b_in")),
-                   W=own(tail["W"]), mu=own(tail["mu"]))
-    loss = tail["data_loss"] + total_reg + head_regulariser(network, params, grads)
+        arrays = {k: np.concatenate([p[k] for p in gathered]) for k in model.layer_keys}
+    arrays.update({k: own(head[k]) for k in model.opening_keys})
+    arrays.update({k: own(tail[k]) for k in model.terminal_keys})
+    grads = model.gradient(arrays)
+    loss = tail["data_loss"] + total_reg + model.head_regulariser(params, grads)
     if local:
         a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
         return GradientResult(loss, grads, frecord, arecord, layers=(a, b))
@@ -268,12 +259,14 @@ def _gradient_program(comm, network, params, X, y, solver, target, guess_states,
 
 # --- public entry points --------------------------------------------------------------------------
 
-def parallel_gradient(network: ResNet, params: Params, X, y, solver, *, comm=None, target="cpu",
-                      initial_states=None, initial_adjoints=None,
+def parallel_gradient(network: ResNet | Model, params, X, y, solver, *, comm=None,
+                      target="cpu", initial_states=None, initial_adjoints=None,
                       keep_states: bool = True) -> GradientResult:
     """Loss and gradient with the state and adjoint sweeps solved by ``solver`` on ranks.
 
-    Inputs must already be validated (``ptoc.loss_and_grad`` does it). With
+    ``network`` is a :class:`ptoc.ResNet` or any :class:`ptoc.propagator.Model` (the
+    program reads the model through that contract only). Inputs must already be
+    validated (``ptoc.loss_and_grad`` does it). With
     ``keep_states`` every rank also receives all states and adjoints (for warm starts
     and inspection); without, only the loss, the gradient and the records.
     ``initial_states`` and ``initial_adjoints`` (N+1, S, d) warm-start MGRIT, as
@@ -288,9 +281,10 @@ def parallel_gradient(network: ResNet, params: Params, X, y, solver, *, comm=Non
     (``tests/test_parallel.py::test_a_rank_reads_only_its_own_layers``);
     :func:`local_gradient` takes only this rank's layers in the first place.
     """
+    model = as_model(network)
     runner, size = _runner(solver, comm)
-    check_layout(solver, network.depth, size)
-    return _run(runner, lambda c: _gradient_program(c, network, params, X, y, solver, target,
+    check_layout(solver, model.n_layers, size)
+    return _run(runner, lambda c: _gradient_program(c, model, params, X, y, solver, target,
                                                      initial_states, initial_adjoints,
                                                      keep_states))
 
@@ -378,8 +372,8 @@ def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="
         if problems:  # the same error on every rank: none is left waiting
             raise ValueError("local_gradient: bad parameter slice on "
                              f"{len(problems)} rank(s): " + "; ".join(problems))
-        return _gradient_program(c, network, mine, X, y, solver, target, None, None,
-                                 gather_all=False, local=True)
+        return _gradient_program(c, ResNetModel(network), mine, X, y, solver, target, None,
+                                 None, gather_all=False, local=True)
 
     return runner.run(program)  # simulated ranks: every rank's result, in rank order
 
@@ -387,12 +381,13 @@ def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="
 def parallel_forward(network: ResNet, params: Params, X, solver, *, comm=None, target="cpu",
                      initial_states=None) -> tuple[np.ndarray, SolveResult]:
     """All states ``x_0..x_N`` (N+1, S, d) from the state sweep solved by ``solver``."""
+    model = as_model(network)
     runner, size = _runner(solver, comm)
-    check_layout(solver, network.depth, size)
+    check_layout(solver, model.n_layers, size)
 
     def program(c):
-        *_, record, full = _forward_program(c, network, params, X, solver, target,
-                                            initial_states, need_all=True)
+        *_, record, full, _ = _forward_program(c, model, params, X, solver, target,
+                                               initial_states, need_all=True)
         return full, record
     return _run(runner, program)
 
@@ -403,17 +398,19 @@ def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N:
                                                      SolveResult]:
     """``(lambda (N+1, S, d), grad_K, grad_b, record)``: the adjoint sweep from given states
     solved by ``solver``, and the data part of the layer gradients."""
+    model = as_model(network)
     runner, size = _runner(solver, comm)
-    check_layout(solver, network.depth, size)
-    N = network.depth
+    N = model.n_layers
+    check_layout(solver, N, size)
 
     def program(c):
         bounds, a, b = _bounds(c, N)
-        prop = ResNetPropagator(network, params, target=target).layer_slice(a, b)
+        layers = {k: params[k][a:b] for k in model.layer_keys}
+        prop = LayerSlice(model.layers(layers, target=target, span=(a, b)), a, N)
         c.reset_count()
         local = Block(a, np.ascontiguousarray(states[a:b + 1]))
         lamN = lam_N if c.rank == c.size - 1 else None
-        aproblem, lams, record = _adjoint_program(c, network, prop, bounds, local, lamN,
+        aproblem, lams, record = _adjoint_program(c, model, prop, bounds, local, lamN,
                                                   solver, initial_adjoints)
         gK, gb = _data_gradients(c, prop, N, a, b, local, lams)
         parts = c.allgather((gK, gb))
