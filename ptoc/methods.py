@@ -357,7 +357,8 @@ class GradientMethod(TrainingMethod):
         if self._fn is None:
             return loss_and_grad(network, params, X, y, target=self.target)
         value, grads = self._fn(params, X, y)
-        if not isinstance(grads, Params) and isinstance(grads, Mapping):
+        if isinstance(network, ResNet) and not isinstance(grads, Params) \
+                and isinstance(grads, Mapping):
             grads = Params.from_dict(grads)
         return value, grads
 

@@ -36,6 +36,8 @@ from .model import Params, ResNet
 from .parallel.comm import is_root
 from .parallel.driver import parallel_gradient
 from .parallel.mgrit import MGRIT
+from .parallel.serial import Serial
+from .propagator import Model, as_model
 from .sweeps import loss_and_grad
 
 __all__ = ["SimultaneousGradient", "StepRecord"]
@@ -100,7 +102,9 @@ class SimultaneousGradient(GradientFunction):
 
     Parameters
     ----------
-    network : ResNet
+    network : ResNet or Model
+        The network, or any :class:`ptoc.propagator.Model` (the gradient reads it
+        through that contract only).
     solver : MGRIT
         The solver of both sweeps; its ``max_iterations`` is the number of MGRIT
         iterations per sweep and optimisation step (default 2, with ``tol=1e-13``).
@@ -135,10 +139,10 @@ class SimultaneousGradient(GradientFunction):
     records: list[StepRecord] = field(default_factory=list, init=False, repr=False)
     _warm: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = field(
         default=None, init=False, repr=False)
+    _model: Model | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.network, ResNet):
-            raise TypeError(f"network must be a ptoc.ResNet, got {type(self.network).__name__}")
+        self._model = as_model(self.network)
         if not isinstance(self.solver, MGRIT):
             raise TypeError("simultaneous training runs MGRIT: solver must be ptoc.MGRIT(...), "
                             f"got {self.solver!r}")
@@ -186,6 +190,14 @@ class SimultaneousGradient(GradientFunction):
             raise ValueError(f"the saved warm start lacks {sorted(missing)}")
         self._warm = tuple(np.array(d[k], copy=True) for k in ("X", "y", "states", "adjoints"))
 
+    def _exact(self, params, X, y):
+        """The exact gradient: the serial sweeps (compiled, for a ResNet)."""
+        if isinstance(self.network, ResNet):
+            return loss_and_grad(self.network, params, X, y, target=self.target)
+        result = parallel_gradient(self._model, params, X, y, Serial(), target=self.target,
+                                   keep_states=False)
+        return result.loss, result.grads
+
     def _guess(self, X: np.ndarray, y: np.ndarray):
         if self._warm is None:
             return None, None
@@ -195,7 +207,7 @@ class SimultaneousGradient(GradientFunction):
         return None, None
 
     def __call__(self, params: Params, X: np.ndarray, y: np.ndarray) -> tuple[float, Params]:
-        params = self.network.check_params(params)
+        params = self._model.check_params(params)
         states, adjoints = self._guess(X, y)
         result = parallel_gradient(self.network, params, X, y, self.solver, comm=self.comm,
                                    target=self.target, initial_states=states,
@@ -204,7 +216,7 @@ class SimultaneousGradient(GradientFunction):
                       result.adjoints)
         error = None
         if self.exact_every and len(self.records) % self.exact_every == 0:
-            _, exact = loss_and_grad(self.network, params, X, y, target=self.target)
+            _, exact = self._exact(params, X, y)
             num = math.sqrt(sum(float(np.sum((result.grads[k] - exact[k]) ** 2))
                                 for k in exact))
             den = math.sqrt(sum(float(np.sum(exact[k] ** 2)) for k in exact))

@@ -1,0 +1,132 @@
+"""Every method on the one contract: a model written here, which no module of ptoc
+knows, is solved by Serial, Parareal and MGRIT and trained by simultaneous training.
+
+The model is the antisymmetric ResNet of tutorial 8 (Haber & Ruthotto's stable
+architecture): ``x_{n+1} = x_n + h tanh(A_n x_n + b_n)``, ``A_n = K_n - K_n^T - gamma I``,
+with a least-squares objective; as a :class:`ptoc.propagator.PropagatorModel` its inputs
+are the initial states.
+"""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+import ptoc
+from ptoc.methods import GradientMethod
+from ptoc.optim import Adam
+from ptoc.parallel import parallel_gradient
+from ptoc.propagator import PropagatorModel
+from ptoc.simultaneous import SimultaneousGradient
+
+
+class AntisymmetricLayers(ptoc.Propagator):
+    """x_{n+1} = x_n + h tanh(A_n x_n + b_n), A_n = K_n - K_n^T - gamma I; |x_N - t|^2/(2S)."""
+
+    def __init__(self, K, b, h, gamma, targets):
+        self.K, self.b, self.h, self.gamma, self.targets = K, b, h, gamma, targets
+        self.n_layers = K.shape[0]
+
+    def _layer(self, K, b, dt, x):
+        A = K - K.T - self.gamma * np.eye(K.shape[0])
+        return x + dt * np.tanh(x @ A.T + b)
+
+    def _adjoint(self, K, b, dt, x, lam):
+        A = K - K.T - self.gamma * np.eye(K.shape[0])
+        g = (1.0 - np.tanh(x @ A.T + b) ** 2) * lam
+        return lam + dt * g @ A, g
+
+    def step(self, n, x):
+        return self._layer(self.K[n], self.b[n], self.h, x)
+
+    def adjoint_step(self, n, x, lam, grad=None):
+        out, g = self._adjoint(self.K[n], self.b[n], self.h, x, lam)
+        if grad is not None:
+            G = self.h * g.T @ x
+            grad[0][n] += G - G.T
+            grad[1][n] += self.h * g.sum(axis=0)
+        return out
+
+    def objective(self, x):
+        return 0.5 * float(np.sum((x - self.targets) ** 2)) / x.shape[0]
+
+    def objective_gradient(self, x):
+        return (x - self.targets) / x.shape[0]
+
+    def parameters(self):
+        return [self.K, self.b]
+
+    def layer_parameters(self, n):
+        return (self.K[n], self.b[n])
+
+    def coarse_step(self, params, n_layers, x):
+        return self._layer(params[0], params[1], n_layers * self.h, x)
+
+    def coarse_adjoint_step(self, params, n_layers, x, lam):
+        return self._adjoint(params[0], params[1], n_layers * self.h, x, lam)[0]
+
+
+N, d, S, T = 16, 3, 5, 2.0
+
+
+def _model(seed=0):
+    rng = np.random.default_rng(seed)
+    targets = rng.standard_normal((S, d))
+    params = {"K": 0.5 * rng.standard_normal((N, d, d)), "b": 0.3 * rng.standard_normal((N, d))}
+
+    def factory(arrays):
+        return AntisymmetricLayers(arrays[0], arrays[1], T / N, 0.1, targets)
+
+    x0 = rng.standard_normal((S, d))
+    return PropagatorModel(factory, params), params, x0, np.zeros(S, np.int64)
+
+
+def _serial_gradient(model, params, x0):
+    prop = model.layers(params)
+    states = np.empty((N + 1, S, d))
+    prop.propagate(x0, 0, N, states)
+    grad = prop.zero_gradient()
+    prop.adjoint_propagate(states, prop.objective_gradient(states[-1]), 0, N, grad)
+    return prop.objective(states[-1]), dict(zip(("K", "b"), grad, strict=True))
+
+
+def test_the_model_is_unknown_to_ptoc_and_its_propagator_passes_the_checker():
+    sources = pathlib.Path(ptoc.__file__).parent.rglob("*.py")
+    assert not any("Antisymmetric" in f.read_text() for f in sources)
+    model, params, x0, _ = _model()
+    report = ptoc.check_propagator(model.layers(params), x0)
+    assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("solver, comm", [
+    (ptoc.Serial(), 3), (ptoc.Parareal(chunks=4, coarse="average"), None),
+    (ptoc.MGRIT(coarsening=2, tol=1e-14), 1), (ptoc.MGRIT(coarsening=4, cycle="F", tol=1e-14), 3)])
+def test_every_solver_gives_the_serial_gradient_of_the_model(solver, comm):
+    model, params, x0, y = _model()
+    loss, grads = _serial_gradient(model, params, x0)
+    result = parallel_gradient(model, params, x0, y, solver, comm=comm)
+    assert result.forward.converged and result.adjoint.converged
+    assert abs(result.loss - loss) <= 1e-13 * abs(loss)
+    assert sorted(result.grads) == ["K", "b"]
+    for k in grads:
+        np.testing.assert_allclose(result.grads[k], grads[k], rtol=0, atol=1e-12)
+
+
+def test_simultaneous_training_trains_the_model():
+    """A few warm-started MGRIT iterations per step (Günther et al.), on 2 simulated
+    ranks: the objective falls, and the inexact gradient of the last step is close to
+    the exact one."""
+    model, params, x0, y = _model()
+    grad_fn = SimultaneousGradient(model, ptoc.MGRIT(coarsening=2, max_iterations=2, tol=1e-13),
+                                   comm=2, exact_every=5)
+    method = GradientMethod(Adam(lr=0.02), grad_fn=grad_fn)
+    state = method.init(model, params)
+    first, _ = _serial_gradient(model, params, x0)
+    for _ in range(30):
+        outcome = method.step(model, params, state, x0, y)
+        params, state = outcome.params, outcome.state
+    last, _ = _serial_gradient(model, params, x0)
+    assert last < 0.8 * first
+    assert all(r.warm for r in grad_fn.records[1:])
+    errors = [r.grad_error for r in grad_fn.records if r.grad_error is not None]
+    assert len(errors) == 6 and errors[-1] < 1e-2
