@@ -112,20 +112,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._checks import check_inputs, scalar_entry
+from ._checks import scalar_entry
 from ._options import OptionEnum
-from .hamiltonian import hamiltonian_grad
 from .kernels import Target, backend
 from .methods import StepOutcome, TrainingDivergedError, TrainingMethod, group_state
 from .model import Params, ResNet
-from .objective import (
-    classifier_loss,
-    head_regulariser,
-    opening_backward,
-    opening_forward,
-    range_regulariser,
-    regulariser,
-)
 from .optim import SGD, Adam, Optimizer
 from .parallel.comm import (
     Communicator,
@@ -138,7 +129,7 @@ from .parallel.comm import (
 from .parallel.layout import partition, sum_of_squares
 from .parallel.options import CoarseWeights
 from .parallel.problem import coarse_weights
-from .propagator import ResNetPropagator
+from .propagator import Model, Propagator, as_model
 from .sweeps import _single_threaded_blas
 
 __all__ = [
@@ -295,8 +286,8 @@ class _Job:
     """What every rank's program reads (never writes)."""
 
     method: PGCL
-    network: ResNet
-    params: Params
+    model: Model
+    params: Mapping[str, np.ndarray]
     X: np.ndarray
     y: np.ndarray
     state: PGCLState
@@ -400,29 +391,31 @@ class PGCL(TrainingMethod):
         """Number of chunks ``P`` (the number of ranks)."""
         return int(self._runner.size)
 
-    def _bounds(self, network: ResNet) -> np.ndarray:
-        P, N = self.ranks, network.depth
+    def _bounds(self, model: Model) -> np.ndarray:
+        P, N = self.ranks, model.n_layers
         if P > N:
             raise ValueError(f"PGCL comm: {P} ranks (chunks) for {N} layers; every chunk needs "
                              "at least one layer (use at most as many ranks as layers)")
         return partition(N, P)
 
-    def _local_params(self, params: Params, a: int, e: int, j: int) -> dict[str, np.ndarray]:
-        """Copies of the parameters chunk ``j`` owns, in :data:`ptoc.model.PARAM_KEYS` order."""
-        P = self.ranks
-        out = {"K": params.K[a:e].copy(), "b": params.b[a:e].copy()}
-        if j == 0 and params.K_in is not None:
-            out["K_in"], out["b_in"] = params.K_in.copy(), params.b_in.copy()
-        if j == P - 1:
-            out["W"], out["mu"] = params.W.copy(), params.mu.copy()
+    def _local_params(self, model: Model, params: Mapping, a: int, e: int,
+                      j: int) -> dict[str, np.ndarray]:
+        """Copies of the parameters chunk ``j`` owns: its layers' rows of the layer arrays,
+        the opening's (first chunk) and the terminal objective's (last chunk)."""
+        out = {k: params[k][a:e].copy() for k in model.layer_keys}
+        if j == 0:
+            out.update({k: params[k].copy() for k in model.opening_keys})
+        if j == self.ranks - 1:
+            out.update({k: params[k].copy() for k in model.terminal_keys})
         return out
 
     # --- interface ------------------------------------------------------------------------------
     def init(self, network: ResNet, params: Params) -> PGCLState:
         """Fresh state: no corrections, a zero optimiser state per chunk."""
-        params = network.check_params(params)
-        bounds = self._bounds(network)
-        opt = tuple(self.optimizer.init(self._local_params(params, int(bounds[j]),
+        model = as_model(network)
+        params = model.check_params(params)
+        bounds = self._bounds(model)
+        opt = tuple(self.optimizer.init(self._local_params(model, params, int(bounds[j]),
                                                            int(bounds[j + 1]), j))
                     for j in range(self.ranks))
         return PGCLState(ranks=self.ranks, step=0, optimizer=opt)
@@ -472,18 +465,19 @@ class PGCL(TrainingMethod):
         if P != self.ranks:
             raise ValueError(f"the saved PGCL state is for {P} ranks (chunks); this PGCL runs "
                              f"on {self.ranks}: resume with the same number of ranks")
-        self._bounds(network)
+        model = as_model(network)
+        self._bounds(model)
         opt = tuple(self.optimizer.load_state(group_state(d, f"optimizer.{j}"))
                     for j in range(P))
         defects = tuple(float(v) for v in np.asarray(d["defects"], dtype=np.float64))
         batch = memory = None
         if "batch.X" in d:
-            batch = (np.array(d["batch.X"], dtype=network.dtype, copy=True),
+            batch = (np.array(d["batch.X"], dtype=model.dtype, copy=True),
                      np.array(d["batch.y"], dtype=np.int64, copy=True))
             mem = []
             for j in range(P):
                 g = group_state(d, f"memory.{j}")
-                mem.append(ChunkMemory(**{k: (np.array(g[k], dtype=network.dtype, copy=True)
+                mem.append(ChunkMemory(**{k: (np.array(g[k], dtype=model.dtype, copy=True)
                                               if k in g else None)
                                           for k in ChunkMemory.__dataclass_fields__}))
             memory = tuple(mem)
@@ -516,9 +510,10 @@ class PGCL(TrainingMethod):
     # --- running --------------------------------------------------------------------------------
     def _run(self, network: ResNet, params: Params, state: PGCLState, X: np.ndarray,
              y: np.ndarray, update: bool, collect: bool) -> dict[str, Any]:
-        params = network.check_params(params)
-        X, y = check_inputs(network, X, y)
-        self._bounds(network)
+        model = as_model(network)
+        params = model.check_params(params)
+        X, y = model.check_inputs(X, y)
+        self._bounds(model)
         if not isinstance(state, PGCLState):
             raise TypeError(f"state must be a PGCLState (from PGCL.init), got "
                             f"{type(state).__name__}")
@@ -528,7 +523,7 @@ class PGCL(TrainingMethod):
         warm = (state.memory is not None and state.batch is not None
                 and state.batch[0].shape == X.shape and np.array_equal(state.batch[0], X)
                 and np.array_equal(state.batch[1], y))
-        job = _Job(self, network, params, X, y, state, warm, update, collect)
+        job = _Job(self, model, params, X, y, state, warm, update, collect)
         kern = backend(self.target)
         runner = self._runner
         with _single_threaded_blas(kern):
@@ -541,29 +536,27 @@ class PGCL(TrainingMethod):
 # --- the program of one rank (SPMD) ---------------------------------------------------------------
 
 class _Chunk:
-    """Chunk ``j``'s sweeps, coarse steps and gradients (no communication here)."""
+    """Chunk ``j``'s sweeps, coarse steps and gradients (no communication here), through
+    the model contract: its layers are ``model.layers`` over its own parameters."""
 
     def __init__(self, job: _Job, j: int, bounds: np.ndarray):
-        m, net = job.method, job.network
-        self.job, self.net, self.j = job, net, j
+        m, model = job.method, job.model
+        self.job, self.model, self.j = job, model, j
         self.P = len(bounds) - 1
         self.a, self.e = int(bounds[j]), int(bounds[j + 1])
         self.L = self.e - self.a
         self.first, self.last = j == 0, j == self.P - 1
-        self.local = m._local_params(job.params, self.a, self.e, j)
+        self.local = m._local_params(model, job.params, self.a, self.e, j)
         # the coarse step's weights: those of the chunk's layers at the step's start
         start = self.layers()
         rule = range(self.L) if m.coarse is CoarseWeights.AVERAGE else range(1)
         self.theta = coarse_weights([start.layer_parameters(n) for n in rule])
 
-    def layers(self) -> ResNetPropagator:
+    def layers(self) -> Propagator:
         """The chunk's layers, with its current parameters, as a propagator (layer ``k``
-        is the network's layer ``a + k``)."""
-        loc = self.local
-        return ResNetPropagator(self.net, Params(K=loc["K"], b=loc["b"], K_in=None, b_in=None,
-                                                 W=None, mu=None),
-                                target=self.job.method.target, layers=(self.a, self.e),
-                                check=False)
+        is the model's layer ``a + k``)."""
+        return self.model.layers(self.local, target=self.job.method.target,
+                                 span=(self.a, self.e))
 
     # coarse propagator of the chunk: one step standing for its L layers
     def coarse(self, U: np.ndarray) -> np.ndarray:
@@ -572,13 +565,8 @@ class _Chunk:
     def coarse_adjoint(self, U: np.ndarray, lam: np.ndarray) -> np.ndarray:
         return self.layers().coarse_adjoint_step(self.theta, self.L, U, lam)
 
-    def heads(self) -> Params:
-        loc = self.local
-        return Params(K=loc["K"], b=loc["b"], K_in=loc.get("K_in"), b_in=loc.get("b_in"),
-                      W=loc.get("W"), mu=loc.get("mu"))
-
-    def opening(self) -> tuple[np.ndarray, np.ndarray | None]:
-        return opening_forward(self.net, self.heads(), self.job.X)
+    def opening(self) -> tuple[np.ndarray, Any]:
+        return self.model.opening(self.local, self.job.X)
 
     def fine_forward(self, U: np.ndarray) -> np.ndarray:
         """States ``x_a .. x_e`` from ``x_a = U``."""
@@ -587,60 +575,65 @@ class _Chunk:
         return xs
 
     def terminal(self, xs: np.ndarray):
-        """Last chunk: ``(Phi, lambda_N, dPhi/dW, dPhi/dmu)`` at its own fine final state."""
-        return classifier_loss(self.heads(), xs[-1], self.job.y)
+        """Last chunk: ``(Phi, lambda_N, dPhi/d(terminal parameters))`` at its own fine
+        final state."""
+        return self.model.terminal(self.local, xs[-1], self.job.y)
 
-    def fine_backward(self, xs, lamT, dsig_in, head_grads) -> tuple[np.ndarray, dict]:
+    def fine_backward(self, xs, lamT, opening_cache, head_grads) -> tuple[np.ndarray, dict]:
         """Co-state at the chunk's start and the gradient of the local objective."""
-        net, loc, dt = self.net, self.local, self.net.dtype
+        model, loc = self.model, self.local
         prop = self.layers()
-        gK, gb = prop.zero_gradient()
+        layer_grads = prop.zero_gradient()
         if self.job.method.local_update is LocalUpdate.HAMILTONIAN:
-            lams = np.empty((self.L + 1,) + lamT.shape, dt)  # lams[k] = lambda_{a+k}
+            lams = np.empty((self.L + 1,) + lamT.shape, lamT.dtype)  # lams[k] = lambda_{a+k}
             lams[self.L] = lamT
             for k in range(self.L - 1, -1, -1):
                 lams[k] = prop.adjoint_step(k, xs[k], lams[k + 1])
             lam_a = lams[0]
-            self._hamiltonian_direction(xs, lams, gK, gb)
+            self._hamiltonian_direction(xs, lams, layer_grads)
         else:
-            lam_a = prop.adjoint_propagate(xs, lamT, 0, self.L, [gK, gb])
-            self._add_regulariser(gK, gb)
-        grads: dict[str, np.ndarray] = {"K": gK, "b": gb}
-        if self.first and "K_in" in loc:
-            g = Params(K=gK, b=gb, K_in=np.zeros_like(loc["K_in"]),
-                       b_in=np.zeros_like(loc["b_in"]), W=None, mu=None)
-            opening_backward(self.heads(), self.job.X, lam_a, dsig_in, g)
-            grads["K_in"], grads["b_in"] = g.K_in, g.b_in
+            lam_a = prop.adjoint_propagate(xs, lamT, 0, self.L, layer_grads)
+            self._add_regulariser(layer_grads)
+        grads: dict[str, np.ndarray] = dict(zip(model.layer_keys, layer_grads, strict=True))
+        if self.first:
+            grads.update(model.opening_gradient(loc, self.job.X, lam_a, opening_cache))
         if self.last:
-            dW, dmu = head_grads
-            grads["W"] = np.ascontiguousarray(dW, dtype=dt)
-            grads["mu"] = np.asarray(dmu, dtype=dt)
-        head_regulariser(net, {k: loc[k] for k in grads if k not in ("K", "b")}, grads)
+            grads.update({k: np.ascontiguousarray(v, dtype=model.dtype)
+                          for k, v in head_grads.items()})
+        heads = [k for k in (*model.terminal_keys, *model.opening_keys) if k in grads]
+        model.head_regulariser({k: loc[k] for k in heads}, grads)
         return lam_a, grads
 
-    def _add_regulariser(self, gK: np.ndarray, gb: np.ndarray) -> None:
-        """``dR/dtheta_n`` of the chunk's layers, neighbours at the step's start values
-        (:func:`ptoc.objective.range_regulariser`, as the serial gradient has it)."""
-        params, a, e = self.job.params, self.a, self.e
-        left = (params.K[a - 1], params.b[a - 1]) if a > 0 else None
-        right = (params.K[e], params.b[e]) if e < self.net.depth else None
-        _, rK, rb = range_regulariser(self.net, self.local["K"], self.local["b"], left, right)
-        gK += rK
-        gb += rb
+    def _neighbours(self) -> tuple[tuple | None, tuple | None]:
+        """The layers beside the chunk, at the step's start values."""
+        params, keys = self.job.params, self.model.layer_keys
+        left = tuple(params[k][self.a - 1] for k in keys) if self.a > 0 else None
+        right = tuple(params[k][self.e] for k in keys) if self.e < self.model.n_layers \
+            else None
+        return left, right
 
-    def _hamiltonian_direction(self, xs, lams, gK, gb) -> None:
-        """``-grad_theta sum_s H_n(x_n, p_{n+1}, theta_n)``, ``p = -lambda``, layer by layer."""
-        params = self.job.params
-        cur = Params(K=params.K.copy(), b=params.b.copy(), K_in=params.K_in, b_in=params.b_in,
-                     W=params.W, mu=params.mu)
-        cur.K[self.a:self.e] = self.local["K"]
-        cur.b[self.a:self.e] = self.local["b"]
+    def _add_regulariser(self, layer_grads: list[np.ndarray]) -> None:
+        """``dR/dtheta_n`` of the chunk's layers, neighbours at the step's start values
+        (the model's layer regulariser, as the serial gradient has it)."""
+        left, right = self._neighbours()
+        _, reg = self.model.layer_regulariser([self.local[k] for k in self.model.layer_keys],
+                                              left, right)
+        for g, r in zip(layer_grads, reg, strict=True):
+            g += r
+
+    def _hamiltonian_direction(self, xs, lams, layer_grads) -> None:
+        """``-grad_theta sum_s H_n(x_n, p_{n+1}, theta_n)``, ``p = -lambda``, layer by layer
+        (the model's :meth:`~ptoc.propagator.Model.hamiltonian_gradient`)."""
+        params, model = self.job.params, self.model
+        cur = {k: np.array(v, copy=True) for k, v in params.items()}
+        for k in model.layer_keys:
+            cur[k][self.a:self.e] = self.local[k]
         target = self.job.method.target
         for i in range(self.L):
-            hK, hb = hamiltonian_grad(self.net, cur, self.a + i, xs[i], -lams[i + 1],
-                                      target=target)
-            gK[i] = -hK
-            gb[i] = -hb
+            hams = model.hamiltonian_gradient(cur, self.a + i, xs[i], -lams[i + 1],
+                                              target=target)
+            for g, h in zip(layer_grads, hams, strict=True):
+                g[i] = -h
 
 
 def _finite(grads: Mapping[str, np.ndarray]) -> str | None:
@@ -653,17 +646,17 @@ def _finite(grads: Mapping[str, np.ndarray]) -> str | None:
 def _program(comm: Communicator, job: _Job) -> dict[str, Any] | TrainingDivergedError:
     """One PGCL step (or sweep) on rank ``comm.rank``; every rank returns the same result."""
     comm.reset_count()
-    m, net, state = job.method, job.network, job.state
-    bounds = partition(net.depth, comm.size)
+    m, state = job.method, job.state
+    bounds = partition(job.model.n_layers, comm.size)
     c = _Chunk(job, comm.rank, bounds)
     j, L = c.j, c.L
     mem = state.memory[j] if job.warm else None
     serial = not job.warm and m.cold_start is ColdStart.SERIAL
 
     # 1. forward prediction; the fine sweep runs after the send (or, serially, before it)
-    dsig_in = None
+    opening_cache = None
     if c.first:
-        U, dsig_in = c.opening()
+        U, opening_cache = c.opening()
     else:
         U = comm.recv(j - 1, TAG_STATE)
     G = pred_next = None
@@ -683,8 +676,7 @@ def _program(comm: Communicator, job: _Job) -> dict[str, Any] | TrainingDiverged
     # 2. terminal co-state of the chunk, then the backward prediction for chunk j-1
     data_loss, head_grads = math.nan, None
     if c.last:
-        data_loss, lamT, dW, dmu = c.terminal(xs)
-        head_grads = (dW, dmu)
+        data_loss, lamT, head_grads = c.terminal(xs)
     else:
         lamT = comm.recv(j + 1, TAG_COSTATE)
     B = pred_prev = None
@@ -693,7 +685,7 @@ def _program(comm: Communicator, job: _Job) -> dict[str, Any] | TrainingDiverged
         comm.count(1)
         pred_prev = B if mem is None else mem.adjoint + (B - mem.coarse_adjoint)
         comm.send(pred_prev, j - 1, TAG_COSTATE)
-    lam_a, grads = c.fine_backward(xs, lamT, dsig_in, head_grads)
+    lam_a, grads = c.fine_backward(xs, lamT, opening_cache, head_grads)
     comm.count(L)
     if not c.first and serial:
         pred_prev = lam_a
@@ -718,12 +710,11 @@ def _program(comm: Communicator, job: _Job) -> dict[str, Any] | TrainingDiverged
         for k in range(m.local_steps):
             if k > 0:
                 if c.first:
-                    U, dsig_in = c.opening()
+                    U, opening_cache = c.opening()
                 xs = c.fine_forward(U)
                 if c.last:
-                    _, lamT, dW, dmu = c.terminal(xs)
-                    head_grads = (dW, dmu)
-                _, grads = c.fine_backward(xs, lamT, dsig_in, head_grads)
+                    _, lamT, head_grads = c.terminal(xs)
+                _, grads = c.fine_backward(xs, lamT, opening_cache, head_grads)
                 comm.count(2 * L)
                 key = _finite(grads)
                 if key is not None:
@@ -747,14 +738,14 @@ def _assemble(job: _Job, bounds: np.ndarray, parts: list[dict[str, Any]]
     for j, p in enumerate(parts):
         if p["bad"] is not None:
             return TrainingDivergedError(f"PGCL: non-finite {p['bad']} on chunk {j}")
-    net, params, state = job.network, job.params, job.state
+    model, params, state = job.model, job.params, job.state
     P = len(parts)
     sq = [0.0, 0.0, 0.0, 0.0]
     for p in parts:  # rank order: the same bits on every rank
         for i in range(4):
             sq[i] += p["sq"][i]
     sd, cd = math.sqrt(sq[0]), math.sqrt(sq[2])
-    loss = float(parts[-1]["loss"]) + regulariser(net, params)
+    loss = float(parts[-1]["loss"]) + model.regulariser(params)
     info = {"state_defect": sd, "costate_defect": cd,
             "state_defect_rel": sd / math.sqrt(sq[1]) if sq[1] > 0 else sd,
             "costate_defect_rel": cd / math.sqrt(sq[3]) if sq[3] > 0 else cd,
@@ -766,11 +757,10 @@ def _assemble(job: _Job, bounds: np.ndarray, parts: list[dict[str, Any]]
     out: dict[str, Any] = {"loss": loss, "info": info}
     if job.update:
         first, last = parts[0]["local"], parts[-1]["local"]
-        new = Params(K=np.concatenate([p["local"]["K"] for p in parts]),
-                     b=np.concatenate([p["local"]["b"] for p in parts]),
-                     K_in=first.get("K_in"), b_in=first.get("b_in"), W=last["W"],
-                     mu=last["mu"])
-        out["params"] = new
+        new = {k: np.concatenate([p["local"][k] for p in parts]) for k in model.layer_keys}
+        new.update({k: first[k] for k in model.opening_keys})
+        new.update({k: last[k] for k in model.terminal_keys})
+        out["params"] = model.pack(new)
         out["state"] = PGCLState(ranks=P, step=state.step + 1,
                                  optimizer=tuple(p["opt"] for p in parts), batch=batch,
                                  memory=memory, defects=(sd, cd))

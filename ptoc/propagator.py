@@ -33,6 +33,7 @@ import numpy as np
 from . import _config
 from ._checks import check_inputs
 from ._workspace import Workspace
+from .hamiltonian import hamiltonian_grad
 from .kernels import Target, backend
 from .model import Params, ResNet
 from .objective import (
@@ -698,10 +699,40 @@ class Model(abc.ABC):
         to ``grads`` when given (default: none)."""
         return 0.0
 
-    def gradient(self, arrays: dict[str, np.ndarray]) -> Mapping:
-        """The gradient in the container the model's parameters come in (default: the
-        dict)."""
+    def pack(self, arrays: dict[str, np.ndarray]) -> Mapping:
+        """Parameters (or a gradient) in the container the model's parameters come in
+        (default: the dict)."""
         return arrays
+
+    def check_inputs(self, X, labels=None) -> tuple[np.ndarray, Any]:
+        """The inputs (and labels) validated; default: ``X`` as an array of the model's
+        dtype (the labels are not used)."""
+        X = np.ascontiguousarray(X, dtype=self.dtype)
+        if X.ndim < 1 or X.shape[0] == 0 or not np.all(np.isfinite(X)):
+            raise ValueError("X must be a non-empty array of finite values, one sample per row")
+        return X, labels
+
+    def regulariser(self, params: Mapping) -> float:
+        """``R(theta)``: the layer part over all layers and the head part."""
+        value, _ = self.layer_regulariser([params[k] for k in self.layer_keys], None, None)
+        return value + self.head_regulariser(params)
+
+    def hamiltonian_gradient(self, params: Mapping, n: int, x: np.ndarray, p_next: np.ndarray,
+                             *, target: Target | str = Target.CPU) -> list[np.ndarray]:
+        """``grad_theta sum_s H_n(x_s, p_{n+1,s}, theta_n)`` of layer ``n`` (``params``' layer
+        arrays hold all layers), structured as one layer of the propagator's
+        ``parameters()``: by default ``-(dJ/dtheta_n)``, the data part from the
+        propagator's :meth:`Propagator.layer_gradient` at ``lambda_{n+1} = -p_{n+1}`` and
+        the regulariser's (the maximum principle's identity, Li & Hao)."""
+        arrays = [params[k] for k in self.layer_keys]
+        prop = self.layers(params, target=target)
+        grad = prop.zero_gradient()
+        prop.layer_gradient(n, x, -p_next, grad)
+        N = self.n_layers
+        left = tuple(a[n - 1] for a in arrays) if n > 0 else None
+        right = tuple(a[n + 1] for a in arrays) if n < N - 1 else None
+        _, reg = self.layer_regulariser([a[n:n + 1] for a in arrays], left, right)
+        return [-(g[n] + r[0]) for g, r in zip(grad, reg, strict=True)]
 
 
 class ResNetModel(Model):
@@ -721,27 +752,35 @@ class ResNetModel(Model):
     def check_params(self, params):
         return self.network.check_params(params)
 
+    def check_inputs(self, X, labels=None):
+        return check_inputs(self.network, X, labels)
+
     def layers(self, params, *, target=Target.CPU, span=None):
-        p = Params(**{k: params.get(k) for k in ("K", "b", "K_in", "b_in", "W", "mu")})
-        return ResNetPropagator(self.network, p, target=target, layers=span, check=False)
+        return ResNetPropagator(self.network, self.pack(params), target=target, layers=span,
+                                check=False)
 
     def state_shape(self, X):
         return (np.shape(X)[0], self.network.width)
 
     def opening(self, params, X):
-        return opening_forward(self.network, params, X)
+        return opening_forward(self.network, self.pack(params), X)
 
     def opening_gradient(self, params, X, lam0, cache):
         if not self.opening_keys:
             return {}
-        grads = Params(K=None, b=None, K_in=np.zeros_like(params.K_in),
-                       b_in=np.zeros_like(params.b_in), W=None, mu=None)
-        opening_backward(params, X, lam0, cache, grads)
+        grads = Params(K=None, b=None, K_in=np.zeros_like(params["K_in"]),
+                       b_in=np.zeros_like(params["b_in"]), W=None, mu=None)
+        opening_backward(self.pack(params), X, lam0, cache, grads)
         return {"K_in": grads.K_in, "b_in": grads.b_in}
 
     def terminal(self, params, x_last, labels):
-        loss, lam, dW, dmu = classifier_loss(params, x_last, labels)
+        loss, lam, dW, dmu = classifier_loss(self.pack(params), x_last, labels)
         return loss, lam, {"W": dW, "mu": dmu}
+
+    def hamiltonian_gradient(self, params, n, x, p_next, *, target=Target.CPU):
+        """:func:`ptoc.hamiltonian_grad`: the data part on the kernels' layer Hamiltonian."""
+        gK, gb = hamiltonian_grad(self.network, self.pack(params), n, x, p_next, target=target)
+        return [gK, gb]
 
     def layer_regulariser(self, arrays, left, right):
         value, gK, gb = range_regulariser(self.network, arrays[0], arrays[1], left, right)
@@ -750,7 +789,9 @@ class ResNetModel(Model):
     def head_regulariser(self, params, grads=None):
         return head_regulariser(self.network, params, grads)
 
-    def gradient(self, arrays):
+    def pack(self, arrays):
+        if isinstance(arrays, Params):
+            return arrays
         return Params(**{k: arrays.get(k) for k in ("K", "b", "K_in", "b_in", "W", "mu")})
 
 

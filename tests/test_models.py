@@ -130,3 +130,34 @@ def test_simultaneous_training_trains_the_model():
     assert all(r.warm for r in grad_fn.records[1:])
     errors = [r.grad_error for r in grad_fn.records if r.grad_error is not None]
     assert len(errors) == 6 and errors[-1] < 1e-2
+
+
+def test_pgcl_trains_the_model_and_one_chunk_is_exact_gradient_descent():
+    """PGCL (Parpas & Muir) through the contract: on one chunk it is gradient descent
+    with the exact gradient, bit for bit; on three simulated ranks it lowers J."""
+    from ptoc.optim import SGD
+    from ptoc.pgcl import PGCL
+
+    model, params, x0, y = _model()
+
+    def exact(p, X, labels):
+        r = parallel_gradient(model, p, X, labels, ptoc.Serial(), keep_states=False)
+        return r.loss, r.grads
+
+    one, reference = PGCL(optimizer=SGD(lr=0.05)), GradientMethod(SGD(lr=0.05), grad_fn=exact)
+    p1, s1 = params, one.init(model, params)
+    p2, s2 = params, reference.init(model, params)
+    for _ in range(3):
+        o1, o2 = one.step(model, p1, s1, x0, y), reference.step(model, p2, s2, x0, y)
+        assert o1.loss == o2.loss
+        (p1, s1), (p2, s2) = (o1.params, o1.state), (o2.params, o2.state)
+        assert all(np.array_equal(p1[k], p2[k]) for k in ("K", "b"))
+
+    three = PGCL(optimizer=Adam(lr=0.02), comm=3, local_steps=2)
+    p, state = params, three.init(model, params)
+    first, _ = _serial_gradient(model, params, x0)
+    for _ in range(30):
+        outcome = three.step(model, p, state, x0, y)
+        p, state = outcome.params, outcome.state
+    assert _serial_gradient(model, p, x0)[0] < 0.8 * first
+    assert outcome.info["state_defect_rel"] < 0.05

@@ -245,7 +245,7 @@ def _gradient_program(comm, model, params, X, y, solver, target, guess_states, g
         arrays = {k: np.concatenate([p[k] for p in gathered]) for k in model.layer_keys}
     arrays.update({k: own(head[k]) for k in model.opening_keys})
     arrays.update({k: own(tail[k]) for k in model.terminal_keys})
-    grads = model.gradient(arrays)
+    grads = model.pack(arrays)
     loss = tail["data_loss"] + total_reg + model.head_regulariser(params, grads)
     if local:
         a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
