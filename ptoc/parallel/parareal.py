@@ -171,7 +171,8 @@ class PararealSolve:
         ``k``, whose layers are those of ``problem`` (the same layer numbers); ``last``
         is True when that sweep is known to give the returned trajectory (``k`` is the
         iteration budget, or a rule that tests before the sweep stopped at ``k``).
-        Called once per iterate on every rank. None: ``problem.prop`` every time.
+        Called once per iterate on every rank; a propagator other than the previous
+        one gets new level steps and a new sweep. None: ``problem.prop`` every time.
     rule : PararealRule, optional
         The test of every iterate; default :class:`ResidualRule` with ``options.tol``.
 
