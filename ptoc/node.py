@@ -49,6 +49,12 @@ dominates, the fine solver need not be accurate, so the schedule raises its orde
 over the iterations (e.g. Euler, Heun, then RK4), cutting the right-hand-side
 evaluations spent before parareal has converged to the final scheme's solution.
 
+This parareal is ptoc's one parareal loop,
+:class:`ptoc.parallel.parareal.PararealSolve` (that of :class:`ptoc.Parareal`), run on
+the neural ODE as a propagator (:class:`RKPropagator`: layer ``n`` is piece ``n``),
+one chunk per rank: the fine propagator of each iteration and the stopping rule are
+its two hooks, ``G_j`` its coarse function (:class:`NODEParareal`).
+
 Gradient
 --------
 The gradient is the exact reverse-mode adjoint of the discrete scheme
@@ -66,7 +72,7 @@ Everything here is vectorised NumPy over the batch (a readable reference, no Num
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -78,7 +84,12 @@ from .activations import Activation, dsigma, sigma
 from .methods import GradientFunction
 from .model import Params, ResNet
 from .objective import assemble_gradient, classifier_loss, opening_forward, regulariser
-from .parallel.options import DivergenceError
+from .parallel.comm import Communicator, SimulatedRanks
+from .parallel.layout import partition
+from .parallel.options import DivergenceError, SweepOutcome, SweepSolver
+from .parallel.parareal import Parareal, PararealIterate, PararealRule, PararealSolve
+from .parallel.problem import SweepProblem
+from .propagator import LevelPlan, LevelSteps, Propagator
 
 __all__ = [
     "NODECoarse",
@@ -87,6 +98,8 @@ __all__ = [
     "NODESolution",
     "NODEStepRecord",
     "NeuralODEGradient",
+    "RKLevelSteps",
+    "RKPropagator",
     "Scheme",
     "node_forward",
     "node_loss",
@@ -170,8 +183,8 @@ class NODEDivergenceError(DivergenceError):
 
 
 @dataclass(frozen=True)
-class NODEParareal:
-    """Options of the parareal neural ODE solve (Lorin; :doc:`/theory/node`).
+class NODEParareal(SweepSolver):
+    """The parareal neural ODE solve (Lorin; :doc:`/theory/node`): options and strategy.
 
     Lorin 2020, parareal neural ODE (module docstring for the full reference).
     Theory: :doc:`/theory/node`.
@@ -181,6 +194,18 @@ class NODEParareal:
     sweep ``U_{j+1}^0 = G_j(U_j^0)``, ``U_0 = x_0`` (module docstring), where ``F_j^{(k)}``
     uses the scheme ``schedule[min(k, len(schedule)) - 1]``: the schedule's entries in
     order, then its last entry for all later iterations.
+
+    This is ptoc's one parareal loop, :class:`ptoc.parallel.parareal.PararealSolve`, one
+    chunk per rank, on the neural ODE as an :class:`RKPropagator` with the schedule's
+    last scheme: the fine propagator of the sweep from ``U^{k-1}`` is the
+    :class:`RKPropagator` with scheme ``s_k`` (the solver's per-iteration fine hook), the
+    coarse propagator is :meth:`coarse_function`, and the tests below are a
+    :class:`~ptoc.parallel.parareal.PararealRule`. :func:`node_solve` runs it on one
+    simulated rank per chunk (threads of one process); as a
+    :class:`~ptoc.parallel.SweepSolver` it also solves the state sweep of an
+    :class:`RKPropagator` through :func:`ptoc.parallel.solve_states` (the residuals of its
+    :class:`~ptoc.parallel.SolveResult` are then the updates ``max |U^k - U^{k-1}|``,
+    ``k = 1..K``).
 
     Parameters
     ----------
@@ -293,6 +318,55 @@ class NODEParareal:
             return self.max_iterations
         return len(self.schedule) - 1 + n_chunks
 
+    @property
+    def n_chunks(self) -> int:
+        """The number of chunks ``P``."""
+        return len(self.chunks) if isinstance(self.chunks, tuple) else self.chunks
+
+    def coarse_function(self, prop: RKPropagator) -> Callable[[int, np.ndarray], np.ndarray]:
+        """``G(j, x)``: the coarse propagator ``G_j`` of chunk ``j`` for ``prop``'s network.
+
+        Forward Euler with one substep per step (:meth:`RKPropagator.with_scheme`):
+        ``coarse="piece"`` runs the chunk's pieces ``x <- x + h sigma(K_n x + b_n)``,
+        ``coarse="chunk"`` takes one step ``x + (p_{j+1} - p_j) h sigma(K_{p_j} x + b_{p_j})``
+        (the Euler propagator's coarse step with ``"inject"`` weights). As ``coarse=`` of
+        :class:`ptoc.Parareal` it makes that solver's coarse propagator this one.
+        """
+        euler = prop.with_scheme(Scheme.EULER, 1)
+        bounds = self.chunk_bounds(prop.n_layers)
+        mode = self.coarse
+
+        def G(j: int, x: np.ndarray) -> np.ndarray:
+            return _coarse(euler, int(bounds[j]), int(bounds[j + 1]), mode, x)
+
+        return G
+
+    # --- the SweepSolver strategy ----------------------------------------------------------
+    name = "node-parareal"
+
+    def simulated_ranks(self) -> int | None:
+        return self.n_chunks if self.n_chunks > 1 else None
+
+    def check_layout(self, n_layers: int, n_ranks: int) -> None:
+        bounds = self.chunk_bounds(n_layers)
+        P = len(bounds) - 1
+        if P != n_ranks:
+            raise ValueError(f"NODEParareal with {P} chunks runs one chunk per rank, but the "
+                             f"communicator has {n_ranks} rank(s)")
+        if not np.array_equal(bounds, partition(n_layers, n_ranks)):
+            raise ValueError(f"NODEParareal chunk sizes {tuple(np.diff(bounds).tolist())} "
+                             "differ from the ranks' layers (ptoc.parallel.partition); "
+                             "node_solve runs any chunk sizes")
+        super().check_layout(n_layers, n_ranks)
+
+    def check_propagator(self, prop: Any) -> None:
+        _check_rk(prop, self)
+
+    def solve_sweep(self, comm: Any, problem: Any, u0: np.ndarray | None,
+                    shape: tuple[int, ...], dtype: Any,
+                    guess: dict[int, np.ndarray] | None = None) -> SweepOutcome:
+        return _parareal_sweep(self, comm, problem, u0, shape, dtype).outcome()
+
 
 # ----------------------------------------------------------------------------------------
 # One step: forward, tangent-linear and adjoint
@@ -403,6 +477,13 @@ def node_step_tangent(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
     dx, dK, db = np.asarray(dx), np.asarray(dK), np.asarray(db)
     if dx.shape != x.shape or dK.shape != K.shape or db.shape != b.shape:
         raise ValueError("the direction (dx, dK, db) must have the shapes of (x, K, b)")
+    return _step_tangent(x, K, b, tau, scheme, act, dx, dK, db)
+
+
+def _step_tangent(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float, scheme: Scheme,
+                  act: Activation, dx: np.ndarray, dK: np.ndarray | None = None,
+                  db: np.ndarray | None = None) -> np.ndarray:
+    """``dx_+`` of :func:`node_step_tangent` (no checks); ``dK`` or ``db`` None: zero."""
     A, w = _TABLEAUS[scheme]
     Xs, As, _ = _stages(x, K, b, tau, scheme, act)
     dks: list[np.ndarray] = []
@@ -411,7 +492,11 @@ def node_step_tangent(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
         for j, aij in enumerate(row):
             if aij:
                 dXi = dXi + (tau * aij) * dks[j]
-        dai = dXi @ K.T + Xs[i] @ dK.T + db
+        dai = dXi @ K.T
+        if dK is not None:
+            dai = dai + Xs[i] @ dK.T
+        if db is not None:
+            dai = dai + db
         dks.append(dsigma(As[i], act) * dai)
     return _combine(dx, tau, w, dks)
 
@@ -496,17 +581,6 @@ def _fine_trajectory(x0: np.ndarray, K: np.ndarray, b: np.ndarray, h: float, m: 
     return out
 
 
-def _coarse(x: np.ndarray, K: np.ndarray, b: np.ndarray, h: float, coarse: NODECoarse,
-            act: Activation) -> tuple[np.ndarray, int]:
-    """``G_j(x)`` over pieces ``K, b`` and the number of Euler steps it took."""
-    if coarse is NODECoarse.CHUNK:
-        H = K.shape[0] * h
-        return x + H * sigma(x @ K[0].T + b[0], act), 1
-    for n in range(K.shape[0]):
-        x = x + h * sigma(x @ K[n].T + b[n], act)
-    return x, K.shape[0]
-
-
 def _adjoint_trajectory(traj: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray,
                         h: float, m: int, scheme: Scheme, act: Activation, gK: np.ndarray,
                         gb: np.ndarray) -> np.ndarray:
@@ -517,6 +591,338 @@ def _adjoint_trajectory(traj: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.
             lam = _step_adjoint(traj[n * m + q], lam, K[n], b[n], tau, scheme, act, gK[n],
                                 gb[n])
     return lam
+
+
+# ----------------------------------------------------------------------------------------
+# The neural ODE as a propagator
+# ----------------------------------------------------------------------------------------
+
+
+class RKPropagator(Propagator):
+    """The neural ODE as a :class:`ptoc.Propagator`: layer ``n`` is piece ``n``, solved by
+    ``m = substeps`` steps of an explicit Runge-Kutta scheme.
+
+    Lorin 2020, parareal neural ODE (module docstring); :doc:`/theory/node`. On piece
+    ``n`` (weights ``K_n, b_n``, length ``h = T/N``) :meth:`step` runs ``m`` steps of
+    size ``tau = h/m`` of :class:`Scheme` ``s``::
+
+        X_i = x + tau sum_{j<i} A_ij k_j,   k_i = sigma(K_n X_i + b_n),
+        x_+ = x + tau sum_i w_i k_i,
+
+    so that with Euler and one substep it is the ResNet layer
+    ``x_{n+1} = x_n + h sigma(K_n x_n + b_n)``. :meth:`adjoint_step` is the exact
+    reverse-mode adjoint of those substeps (recomputed from ``x``), stage by stage::
+
+        bar a_i = sigma'(a_i) * bar k_i,  dJ/dK_n += sum_s bar a_i X_i^T,
+        dJ/db_n += sum_s bar a_i,  lambda += K_n^T bar a_i,  bar k_j += tau A_ij K_n^T bar a_i
+
+    from ``bar k_i = tau w_i lambda_+``; :meth:`tangent_step` is its transpose.
+    :meth:`objective` is the classifier's batch-mean cross-entropy ``Phi(x_N)``
+    (:doc:`/theory/resnet`; without the regulariser), which needs ``labels``.
+
+    The coarse grid (:meth:`coarse_step`): a step standing for ``L`` pieces with weights
+    ``(K, b)`` is ``m`` steps of the scheme of size ``L h / m``, so that over one piece
+    with its own weights it is :meth:`step`. With Euler and one substep it is the
+    forward-Euler step ``x + L h sigma(K x + b)``: with ``"inject"`` weights, the
+    per-chunk coarse propagator of the parareal neural ODE (:class:`NODECoarse`
+    ``CHUNK``). :meth:`level_steps` returns :class:`RKLevelSteps`, which keep the
+    substep states of a fine sweep.
+
+    Parameters
+    ----------
+    network : ResNet
+    params : Params or dict
+        Read live: ``parameters()`` returns ``[K, b]`` of ``params``.
+    labels : array of int (S,), optional
+        Needed only for :meth:`objective` and :meth:`objective_gradient`.
+    scheme : Scheme or str
+        Default RK4.
+    substeps : int
+        Steps per piece ``m``.
+    check : bool
+        Validate ``params``; False only for a :class:`Params` validated already.
+
+    Examples
+    --------
+    >>> import numpy as np, ptoc
+    >>> from ptoc.node import RKPropagator
+    >>> net = ptoc.ResNet(width=3, depth=4, n_in=2, n_classes=2)
+    >>> prop = RKPropagator(net, net.init_params(0), np.array([0, 1]), scheme="heun")
+    >>> ptoc.check_propagator(prop, np.ones((2, 3))).passed
+    True
+    """
+
+    def __init__(self, network: ResNet, params: Params | Mapping[str, np.ndarray],
+                 labels: np.ndarray | None = None, *, scheme: Scheme | str = Scheme.RK4,
+                 substeps: int = 1, check: bool = True):
+        if not isinstance(network, ResNet):
+            raise TypeError(f"network must be a ptoc.ResNet, got {type(network).__name__}")
+        self.network = network
+        self.params = network.check_params(params) if check else params
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.scheme = Scheme.parse(scheme)
+        self.substeps = check_positive_int("substeps", substeps)
+        self.n_layers = network.depth
+        self.h = network.h
+        self.activation = network.activation
+
+    def with_scheme(self, scheme: Scheme | str, substeps: int | None = None) -> RKPropagator:
+        """The same network and parameters (shared, live) with another scheme or number
+        of substeps."""
+        return RKPropagator(self.network, self.params, self.labels, scheme=scheme,
+                            substeps=self.substeps if substeps is None else substeps,
+                            check=False)
+
+    def _trajectory(self, x: np.ndarray, K: np.ndarray, b: np.ndarray,
+                    dt: float) -> np.ndarray:
+        """The ``m + 1`` substep states over one piece of length ``dt`` with weights
+        ``K`` (L=1, d, d) and ``b`` (1, d)."""
+        return _fine_trajectory(x, K, b, dt, self.substeps, self.scheme, self.activation)
+
+    def step(self, n: int, x: np.ndarray) -> np.ndarray:
+        p = self.params
+        return self._trajectory(x, p.K[n:n + 1], p.b[n:n + 1], self.h)[-1].copy()
+
+    def propagate(self, x: np.ndarray, start: int = 0, stop: int | None = None,
+                  states: np.ndarray | None = None) -> np.ndarray:
+        """Pieces ``start..stop-1`` in one :func:`_fine_trajectory` (the same bits as
+        :meth:`step` one piece at a time)."""
+        stop = self.n_layers if stop is None else stop
+        traj = _fine_trajectory(x, self.params.K[start:stop], self.params.b[start:stop],
+                                self.h, self.substeps, self.scheme, self.activation)
+        if states is not None:
+            states[...] = traj[::self.substeps]
+        return traj[-1].copy()
+
+    def adjoint_step(self, n: int, x: np.ndarray, lam: np.ndarray,
+                     grad: list[np.ndarray] | None = None) -> np.ndarray:
+        p = self.params
+        K, b = p.K[n:n + 1], p.b[n:n + 1]
+        if grad is None:
+            gK, gb = np.zeros_like(K), np.zeros_like(b)
+        else:
+            gK, gb = grad[0][n:n + 1], grad[1][n:n + 1]
+        traj = self._trajectory(x, K, b, self.h)
+        return _adjoint_trajectory(traj, lam, K, b, self.h, self.substeps, self.scheme,
+                                   self.activation, gK, gb)
+
+    def tangent_step(self, n: int, x: np.ndarray, dx: np.ndarray) -> np.ndarray:
+        """``Phi_n'(x) dx``: the tangent of every substep (:func:`node_step_tangent`)."""
+        p = self.params
+        traj = self._trajectory(x, p.K[n:n + 1], p.b[n:n + 1], self.h)
+        tau = self.h / self.substeps
+        for q in range(self.substeps):
+            dx = _step_tangent(traj[q], p.K[n], p.b[n], tau, self.scheme, self.activation, dx)
+        return dx
+
+    def _labels(self) -> np.ndarray:
+        if self.labels is None:
+            raise ValueError("this RKPropagator has no labels: pass labels= to use the "
+                             "objective")
+        return self.labels
+
+    def objective(self, x: np.ndarray) -> float:
+        return classifier_loss(self.params, x, self._labels())[0]
+
+    def objective_gradient(self, x: np.ndarray) -> np.ndarray:
+        return classifier_loss(self.params, x, self._labels())[1]
+
+    def parameters(self) -> list[np.ndarray]:
+        return [self.params.K, self.params.b]
+
+    def layer_parameters(self, n: int) -> tuple[np.ndarray, ...]:
+        return (self.params.K[n], self.params.b[n])
+
+    def coarse_step(self, params: tuple[np.ndarray, ...], n_layers: int,
+                    x: np.ndarray) -> np.ndarray:
+        """``m`` steps of the scheme of size ``n_layers h / m`` with ``(K, b) = params``;
+        Euler with one substep: ``x + n_layers h sigma(K x + b)``."""
+        K, b = (np.asarray(a)[None] for a in params)
+        return self._trajectory(x, K, b, n_layers * self.h)[-1].copy()
+
+    def coarse_adjoint_step(self, params: tuple[np.ndarray, ...], n_layers: int,
+                            x: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        """The transposed Jacobian of :meth:`coarse_step` at ``x``, applied to ``lam``."""
+        K, b = (np.asarray(a)[None] for a in params)
+        dt = n_layers * self.h
+        traj = self._trajectory(x, K, b, dt)
+        return _adjoint_trajectory(traj, lam, K, b, dt, self.substeps, self.scheme,
+                                   self.activation, np.zeros_like(K), np.zeros_like(b))
+
+    def level_steps(self, plan: LevelPlan) -> RKLevelSteps:
+        return RKLevelSteps(self, plan)
+
+
+class RKLevelSteps(LevelSteps):
+    """:class:`~ptoc.propagator.LevelSteps` of an :class:`RKPropagator`.
+
+    A run of fine state steps over consecutive pieces (what parareal's fine sweep of a
+    chunk is) is one :func:`_fine_trajectory` call, and its substep states are kept in
+    :attr:`trajectory`: chunk ``j``'s fine trajectory ``F_j(U_j)`` of the parareal
+    neural ODE (Lorin 2020; :doc:`/theory/node`), from which the gradient is formed.
+    Every other step (adjoint, coarse, or with an added ``g``) is the generic one.
+
+    Attributes
+    ----------
+    trajectory : ndarray or None
+        The substep states of the latest such run, ``(L m + 1, S, d)``.
+    """
+
+    def __init__(self, prop: RKPropagator, plan: LevelPlan):
+        super().__init__(prop, plan)
+        self.trajectory: np.ndarray | None = None
+
+    def runs(self, u: np.ndarray, g: np.ndarray | None, starts, ends) -> None:
+        plan, prop = self.plan, self.prop
+        if not plan.fine or plan.backward or g is not None:
+            super().runs(u, g, starts, ends)
+            return
+        m = prop.substeps
+        for s, e in zip(starts, ends, strict=True):
+            s, e = int(s), int(e)
+            if e < s:
+                continue
+            layers = plan.layers[s - 1:e]
+            first = int(layers[0])
+            if not np.array_equal(layers, np.arange(first, first + len(layers))):
+                super().runs(u, g, [s], [e])
+                self.trajectory = None
+                continue
+            stop = first + len(layers)
+            traj = _fine_trajectory(u[s - 1], prop.params.K[first:stop],
+                                    prop.params.b[first:stop], prop.h, m, prop.scheme,
+                                    prop.activation)
+            u[s:e + 1] = traj[m::m]
+            self.trajectory = traj
+
+
+def _coarse(euler: RKPropagator, lo: int, hi: int, coarse: NODECoarse,
+            x: np.ndarray) -> np.ndarray:
+    """``G_j(x)`` of the chunk of pieces ``lo..hi-1`` (:class:`NODECoarse`), on the Euler
+    propagator with one substep: ``PIECE`` runs its layers,
+    ``x <- x + h sigma(K_n x + b_n)`` (the ResNet's); ``CHUNK`` is its coarse step with the
+    first piece's weights, ``x + (hi - lo) h sigma(K_lo x + b_lo)``."""
+    if coarse is NODECoarse.CHUNK:
+        return euler.coarse_step(euler.layer_parameters(lo), hi - lo, x)
+    return euler.propagate(x, lo, hi)
+
+
+# ----------------------------------------------------------------------------------------
+# Parareal on the solver core
+# ----------------------------------------------------------------------------------------
+
+
+def _diverged(k: int, what: str) -> NODEDivergenceError:
+    where = "the initial coarse sweep (iteration 0)" if k == 0 else f"iteration {k}"
+    return NODEDivergenceError(f"parareal neural ODE diverged at {where}: {what}")
+
+
+class _NODERule(PararealRule):
+    """The parareal neural ODE's test of iterate ``U^k`` (:class:`NODEParareal`).
+
+    Before the fine sweep from ``U^k`` (so that this sweep is known to be the final one,
+    with the schedule's last scheme, when the solve stops): ``U^k`` must be finite; for
+    ``k >= 1`` the update ``c_k = max |U^k - U^{k-1}|`` (all boundaries, samples and
+    features) must not exceed ``divergence_factor`` times the first non-zero one, and
+    ``U^k`` is converged when iteration ``k`` used the schedule's last scheme and
+    ``c_k <= tol`` or the last ``P`` iterations used it (then ``U^k`` is exact).
+
+    Records, identical on every rank: :attr:`changes` (``c_1, c_2, ...``, also the
+    solve's residuals), :attr:`schemes` and, when kept, :attr:`iterates` ``U^0, U^1, ...``.
+    """
+
+    tests_fine_sweep = False
+
+    def __init__(self, par: NODEParareal, n_chunks: int, keep_iterates: bool):
+        self.par = par
+        self.n_chunks = n_chunks
+        self.changes: list[float] = []
+        self.residuals = self.changes
+        self.schemes: list[Scheme] = []
+        self.iterates: list[np.ndarray] | None = [] if keep_iterates else None
+        self._previous: np.ndarray | None = None
+        self._run = 0  # consecutive iterations (up to now) with the current scheme
+
+    def check(self, comm: Communicator, it: PararealIterate) -> bool:
+        par, k = self.par, it.k
+        mine = 0.0 if k == 0 else float(np.max(np.abs(it.boundary - self._previous)))
+        kept = None
+        if self.iterates is not None:
+            kept = (it.start, it.boundary) if comm.rank == 0 else (None, it.boundary)
+        parts = comm.allgather((mine, bool(np.all(np.isfinite(it.boundary))), kept))
+        self._previous = it.boundary
+        if not all(finite for _, finite, _ in parts):
+            raise _diverged(k, "non-finite boundary values (NaN or inf)")
+        converged = False
+        if k > 0:
+            s = par.scheme_at(k)
+            self._run = self._run + 1 if self.schemes and self.schemes[-1] is s else 1
+            self.schemes.append(s)
+            change = max(c for c, _, _ in parts)
+            first = next((c for c in self.changes if c > 0), 0.0)
+            if first > 0 and change > par.divergence_factor * first:
+                raise _diverged(k, f"the boundary update {change:.3e} exceeds "
+                                   f"divergence_factor={par.divergence_factor:g} times the "
+                                   f"first non-zero one ({first:.3e})")
+            self.changes.append(change)
+            converged = s is par.final_scheme and (change <= par.tol
+                                                   or self._run >= self.n_chunks)
+        if self.iterates is not None:  # U^k = (x_0, U_1^k, ..., U_P^k)
+            self.iterates.append(np.stack([parts[0][2][0]] + [p[2][1] for p in parts]))
+        return converged
+
+
+@dataclass
+class _NODESweep:
+    """One rank's parareal neural ODE sweep: the core's solve and the rule's record."""
+
+    solve: PararealSolve
+    rule: _NODERule
+    converged: bool
+    iterations: int
+
+    def outcome(self) -> SweepOutcome:
+        return SweepOutcome(self.solve.local_solution(), self.converged, self.iterations,
+                            list(self.rule.changes))
+
+
+def _check_rk(prop: Any, par: NODEParareal) -> RKPropagator:
+    if not isinstance(prop, RKPropagator):
+        raise TypeError("NODEParareal solves a neural ODE given as a ptoc.node.RKPropagator "
+                        f"(node_solve builds one), got {type(prop).__name__}")
+    if prop.scheme is not par.final_scheme:
+        raise ValueError(f"the propagator's scheme {prop.scheme.value!r} is not the "
+                         f"schedule's last scheme {par.final_scheme.value!r}, whose solution "
+                         "parareal converges to")
+    return prop
+
+
+def _parareal_sweep(par: NODEParareal, comm: Communicator, problem: SweepProblem,
+                    u0: np.ndarray | None, shape: tuple[int, ...], dtype: Any,
+                    keep_iterates: bool = False) -> _NODESweep:
+    """The parareal neural ODE on this rank: :class:`ptoc.parallel.parareal.PararealSolve`
+    with the schedule's fine propagators, the Euler coarse propagator and
+    :class:`_NODERule`."""
+    if problem.backward:
+        raise TypeError("NODEParareal solves the state sweep of a neural ODE; its gradient "
+                        "is the exact adjoint of the fine trajectories (node_loss_and_grad), "
+                        "not a parareal adjoint sweep")
+    prop = _check_rk(problem.prop, par)
+    max_it = par.iterations_for(comm.size)
+    fine_props = {s: prop if s is prop.scheme else prop.with_scheme(s) for s in par.schedule}
+
+    def fine(k: int, last: bool) -> RKPropagator:
+        """F^{(k+1)}, the fine propagator of the sweep from U^k; the last one is F^{final}."""
+        return fine_props[par.final_scheme if last else par.scheme_at(k + 1)]
+
+    options = Parareal(chunks=comm.size, coarse=par.coarse_function(prop),
+                       max_iterations=max_it, tol=par.tol)
+    rule = _NODERule(par, comm.size, keep_iterates)
+    solve = PararealSolve(comm, problem, options, u0, shape, dtype, options.coarse, fine=fine,
+                          rule=rule)
+    with np.errstate(over="ignore", invalid="ignore"):
+        converged, iterations = solve.solve()
+    return _NODESweep(solve, rule, converged, iterations)
 
 
 # ----------------------------------------------------------------------------------------
@@ -695,106 +1101,54 @@ def _serial(network: ResNet, params: Params, x0: np.ndarray, opts: _Options) -> 
                         final_rhs_evaluations_critical=steps * s.stages)
 
 
-def _diverged(k: int, what: str) -> NODEDivergenceError:
-    where = "the initial coarse sweep (iteration 0)" if k == 0 else f"iteration {k}"
-    return NODEDivergenceError(f"parareal neural ODE diverged at {where}: {what}")
+#: Seconds a simulated rank of :func:`node_solve` may wait for a message (no real limit).
+_RANK_WAIT = 1e9
 
 
 def _parareal(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
               keep_iterates: bool) -> NODESolution:
-    """Parareal iterations (simulated serially; the record counts the parallel cost)."""
+    """The parareal neural ODE: :func:`_parareal_sweep` on one simulated rank per chunk
+    (threads of this process), its records assembled into a :class:`NODESolution`."""
     par = opts.parareal
     assert par is not None
-    bounds, m, h, act = opts.bounds, opts.substeps, network.h, network.activation
-    P = len(bounds) - 1
-    K, b = params.K, params.b
-    Kc = [K[bounds[j]:bounds[j + 1]] for j in range(P)]
-    bc = [b[bounds[j]:bounds[j + 1]] for j in range(P)]
-    # cache[j] = (scheme, input, trajectory) of chunk j's last fine solve
-    cache: list[tuple[Scheme, np.ndarray, np.ndarray] | None] = [None] * P
+    bounds, m = opts.bounds, opts.substeps
+    prop = RKPropagator(network, params, scheme=par.final_scheme, substeps=m, check=False)
 
-    def fine(j: int, U: np.ndarray, s: Scheme) -> tuple[np.ndarray, int]:
-        c = cache[j]
-        if c is not None and c[0] is s and np.array_equal(c[1], U):
-            return c[2], 0
-        traj = _fine_trajectory(U, Kc[j], bc[j], h, m, s, act)
-        cache[j] = (s, U, traj)
-        return traj, (bounds[j + 1] - bounds[j]) * m
+    def program(comm: Communicator) -> _NODESweep:
+        problem = SweepProblem(comm, prop, bounds, backward=False)
+        return _parareal_sweep(par, comm, problem, x0 if comm.rank == 0 else None, x0.shape,
+                               x0.dtype, keep_iterates)
 
-    sol = NODESolution(par.final_scheme, m, bounds, [], np.empty(0), converged=False)
-    U = np.empty((P + 1,) + x0.shape, x0.dtype)
-    U[0] = x0
-    G_old = np.empty((P,) + x0.shape, x0.dtype)
-    n_coarse = 0
-    with np.errstate(over="ignore", invalid="ignore"):
-        for j in range(P):
-            G_old[j], c = _coarse(U[j], Kc[j], bc[j], h, par.coarse, act)
-            n_coarse += c
-            U[j + 1] = G_old[j]
-        sol.coarse_steps.append(n_coarse)
-        if not np.all(np.isfinite(U)):
-            raise _diverged(0, "non-finite boundary values (NaN or inf)")
-        if keep_iterates:
-            sol.iterates = [U.copy()]
-        max_it = par.iterations_for(P)
-        run = 0  # consecutive iterations (up to now) with the current scheme
-        for k in range(1, max_it + 1):
-            s = par.scheme_at(k)
-            run = run + 1 if sol.schemes and sol.schemes[-1] is s else 1
-            ends = np.empty((P,) + x0.shape, x0.dtype)
-            counts = []
-            for j in range(P):  # independent: one processor per chunk
-                traj, c = fine(j, U[j], s)
-                ends[j] = traj[-1]
-                counts.append(c)
-            U_new = np.empty_like(U)
-            U_new[0] = x0
-            G_new = np.empty_like(G_old)
-            n_coarse = 0
-            for j in range(P):  # the sequential coarse pipeline
-                if np.array_equal(U_new[j], U[j]):
-                    G_new[j] = G_old[j]
-                else:
-                    G_new[j], c = _coarse(U_new[j], Kc[j], bc[j], h, par.coarse, act)
-                    n_coarse += c
-                U_new[j + 1] = ends[j] + (G_new[j] - G_old[j])
-            change = float(np.max(np.abs(U_new - U)))
-            sol.schemes.append(s)
-            sol.fine_steps.append(int(sum(counts)))
-            sol.fine_steps_critical.append(int(max(counts)))
-            sol.rhs_evaluations.append(int(sum(counts)) * s.stages)
-            sol.rhs_evaluations_critical.append(int(max(counts)) * s.stages)
-            sol.coarse_steps.append(n_coarse)
-            if not np.all(np.isfinite(U_new)):
-                raise _diverged(k, "non-finite boundary values (NaN or inf)")
-            first = next((c for c in sol.changes if c > 0), 0.0)
-            if first > 0 and change > par.divergence_factor * first:
-                raise _diverged(k, f"the boundary update {change:.3e} exceeds "
-                                   f"divergence_factor={par.divergence_factor:g} times the "
-                                   f"first non-zero one ({first:.3e})")
-            sol.changes.append(change)
-            U, G_old = U_new, G_new
-            sol.iterations = k
-            if keep_iterates:
-                sol.iterates.append(U.copy())  # type: ignore[union-attr]
-            final = s is par.final_scheme
-            if final and (change <= par.tol or run >= P):
-                sol.converged = True
-                break
-        # the solution: every chunk's fine trajectory from its final boundary value
-        counts = []
-        for j in range(P):
-            traj, c = fine(j, U[j], par.final_scheme)
-            sol.trajectories.append(traj)
-            counts.append(c)
-            if not np.all(np.isfinite(traj[-1])):
-                raise _diverged(sol.iterations, f"non-finite states in the final fine "
-                                                f"sweep of chunk {j}")
-    sol.boundaries = U
-    sol.final_fine_steps = int(sum(counts))
-    sol.final_fine_steps_critical = int(max(counts))
-    sol.final_rhs_evaluations = sol.final_fine_steps * par.final_scheme.stages
-    sol.final_rhs_evaluations_critical = sol.final_fine_steps_critical * par.final_scheme.stages
+    # a rank waits for its neighbour's boundary as long as that one's fine sweeps take (a
+    # rank that fails releases the others at once)
+    sweeps = SimulatedRanks(len(bounds) - 1, timeout=_RANK_WAIT).run(program)
+    rule, K = sweeps[0].rule, sweeps[0].iterations
+    # per chunk (rows) and iterate (columns): fine substeps of the sweep from U^k, and
+    # coarse Euler steps spent to form U^k
+    fine = np.array([s.solve.fine_work for s in sweeps], dtype=np.int64) * m
+    euler_steps = np.diff(bounds) if par.coarse is NODECoarse.PIECE else np.ones(len(sweeps))
+    coarse = np.array([s.solve.coarse_work for s in sweeps], dtype=np.int64) \
+        * euler_steps.astype(np.int64)[:, None]
+    trajectories = [s.solve.last_sweep.steps.trajectory for s in sweeps]
+    for j, traj in enumerate(trajectories):
+        if not np.all(np.isfinite(traj[-1])):
+            raise _diverged(K, f"non-finite states in the final fine sweep of chunk {j}")
+    stages = [s.stages for s in rule.schemes]
+    final = par.final_scheme.stages
+    sol = NODESolution(
+        par.final_scheme, m, bounds, trajectories,
+        np.stack([x0] + [s.solve.boundary for s in sweeps]), iterations=K,
+        converged=sweeps[0].converged, changes=list(rule.changes), schemes=list(rule.schemes),
+        fine_steps=fine[:, :K].sum(axis=0).tolist(),
+        fine_steps_critical=fine[:, :K].max(axis=0).tolist(),
+        coarse_steps=coarse.sum(axis=0).tolist(),
+        final_fine_steps=int(fine[:, K].sum()),
+        final_fine_steps_critical=int(fine[:, K].max()), iterates=rule.iterates)
+    sol.rhs_evaluations = [f * s for f, s in zip(sol.fine_steps, stages, strict=True)]
+    sol.rhs_evaluations_critical = [f * s for f, s in zip(sol.fine_steps_critical, stages,
+                                                          strict=True)]
+    sol.final_rhs_evaluations = sol.final_fine_steps * final
+    sol.final_rhs_evaluations_critical = sol.final_fine_steps_critical * final
     return sol
 
 

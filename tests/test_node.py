@@ -11,6 +11,8 @@ from ptoc.node import (
     NODECoarse,
     NODEDivergenceError,
     NODEParareal,
+    RKLevelSteps,
+    RKPropagator,
     Scheme,
     node_forward,
     node_loss,
@@ -433,3 +435,142 @@ def test_bad_inputs_are_named(monkeypatch):
     with pytest.raises(TypeError, match="ResNet"):
         NeuralODEGradient("net")
     assert Scheme.parse("RK4") is Scheme.RK4 and Scheme.parse(" Heun ") is Scheme.HEUN
+
+
+# ----------------------------------------------------------------------------------------
+# The parareal neural ODE on ptoc's parareal core (RKPropagator, PararealSolve)
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", list(Scheme))
+@pytest.mark.parametrize("substeps", [1, 3])
+@pytest.mark.parametrize("activation", ["tanh", "smoothrelu"])
+def test_the_runge_kutta_propagator_passes_the_checker(scheme, substeps, activation):
+    net = _network(3, 5, T=2.0, activation=activation)
+    p = _params(net, 4)
+    X, y = _batch(net, 4, 4)
+    x0 = ptoc.ResNetPropagator(net, p).initial_state(X)
+    prop = RKPropagator(net, p, y, scheme=scheme, substeps=substeps)
+    assert prop.has_coarse_grid
+    ptoc.check_propagator(prop, x0, raise_on_failure=True)
+    # its layers are the pieces of node_solve, bit for bit, and its level steps keep them
+    serial = node_solve(net, p, x0, scheme=scheme, substeps=substeps)
+    states = np.empty((net.depth + 1,) + x0.shape)
+    prop.propagate(x0, states=states)
+    assert np.array_equal(states, serial.states[::substeps])
+    one = x0
+    for n in range(net.depth):
+        one = prop.step(n, one)
+    assert np.array_equal(one, serial.final_state)
+    plan = ptoc.propagator.LevelPlan(level=0, backward=False, layers=np.arange(net.depth),
+                                     spans=np.ones(net.depth, np.int64))
+    steps = prop.level_steps(plan)
+    assert isinstance(steps, RKLevelSteps)
+    u = np.empty_like(states)
+    u[0] = x0
+    steps.runs(u, None, [1], [net.depth])
+    assert np.array_equal(u, states) and np.array_equal(steps.trajectory, serial.states)
+    # the objective is the classifier's, and needs the labels
+    assert prop.objective(serial.final_state) == ptoc.objective.classifier_loss(
+        p, serial.final_state, y)[0]
+    with pytest.raises(ValueError, match="has no labels"):
+        RKPropagator(net, p).objective(serial.final_state)
+
+
+def test_the_parareal_neural_ode_runs_on_the_parareal_core(monkeypatch):
+    """node_solve's parareal is ptoc.parallel.parareal.PararealSolve (one rank per chunk)
+    with a fine propagator per iteration and the neural ODE's stopping rule."""
+    from ptoc.parallel import parareal as core
+
+    calls = []
+    solve = core.PararealSolve.solve
+
+    def counted(self):
+        calls.append((self.comm.rank, self.fine is not None, type(self.rule).__name__))
+        return solve(self)
+
+    monkeypatch.setattr(core.PararealSolve, "solve", counted)
+    net, p, x0 = _problem(depth=8)
+    sol = node_solve(net, p, x0, substeps=2,
+                     parareal=NODEParareal((3, 1, 4), schedule=("euler", "heun", "rk4")))
+    assert sorted(calls) == [(j, True, "_NODERule") for j in range(3)]
+    assert sol.converged and sol.schemes[:3] == [Scheme.EULER, Scheme.HEUN, Scheme.RK4]
+
+
+@settings(deadline=None, max_examples=20)
+@given(N=st.integers(1, 8), data=st.data(), scheme=st.sampled_from(list(Scheme)),
+       substeps=st.integers(1, 2), coarse=st.sampled_from(list(NODECoarse)),
+       seed=st.integers(0, 10_000))
+def test_ptoc_parareal_on_the_runge_kutta_propagator_is_node_solve_bitwise(
+        N, data, scheme, substeps, coarse, seed):
+    """With a fixed schedule of one scheme, ptoc.Parareal on the RKPropagator with the
+    neural ODE's coarse propagator gives node_solve's states, bit for bit, after any
+    number of iterations; with Euler, one substep and coarse="chunk" that coarse
+    propagator is Parareal's built-in "inject" coarse step."""
+    from ptoc.parallel import solve_states
+
+    P = data.draw(st.integers(1, N), label="chunks")
+    k = data.draw(st.integers(0, P), label="iterations")
+    net = _network(3, N, T=2.0)
+    p = _params(net, seed)
+    x0 = _batch(net, 3, seed)[0] @ p.K_in.T
+    opts = NODEParareal(P, schedule=(scheme,), coarse=coarse, max_iterations=k, tol=1e-300)
+    node = node_solve(net, p, x0, substeps=substeps, parareal=opts)
+    prop = RKPropagator(net, p, scheme=scheme, substeps=substeps)
+    par = ptoc.Parareal(chunks=P, coarse=opts.coarse_function(prop), max_iterations=k,
+                        tol=1e-300)
+    states, record = solve_states(prop, x0, par)
+    assert record.ranks == P and record.iterations <= k
+    # Parareal returns every chunk's fine trajectory F_j(U_j) after its start (position
+    # p_j holds the end of chunk j-1's), node_solve the same trajectories from U_j
+    fine = np.concatenate([node.boundaries[:1]] + [t[substeps::substeps]
+                                                   for t in node.trajectories])
+    assert np.array_equal(states, fine)
+    if scheme is Scheme.EULER and substeps == 1 and coarse is NODECoarse.CHUNK:
+        inject, _ = solve_states(prop, x0, ptoc.Parareal(chunks=P, coarse="inject",
+                                                         max_iterations=k, tol=1e-300))
+        assert np.array_equal(inject, states)
+
+
+@pytest.mark.parametrize("schedule", [("rk4",), ("euler", "heun", "rk4"), ("heun", "rk4")])
+@pytest.mark.parametrize("coarse", list(NODECoarse))
+def test_node_parareal_is_a_sweep_solver_for_solve_states(schedule, coarse):
+    """NODEParareal as a strategy: ptoc.parallel.solve_states on the RKPropagator with the
+    schedule's last scheme gives node_solve's states and records."""
+    from ptoc.parallel import solve_states
+
+    net, p, x0 = _problem(depth=12)
+    for tol in (1e-300, 2e-2):
+        opts = NODEParareal(4, schedule=schedule, coarse=coarse, tol=tol)
+        sol = node_solve(net, p, x0, substeps=2, parareal=opts)
+        prop = RKPropagator(net, p, scheme=schedule[-1], substeps=2)
+        states, record = solve_states(prop, x0, opts)
+        # the chunks' fine trajectories F_j(U_j) after their starts (see the test above)
+        fine = np.concatenate([x0[None]] + [t[2::2] for t in sol.trajectories])
+        assert np.array_equal(states, fine)
+        assert record.method == "node-parareal" and record.ranks == 4
+        assert record.residuals == sol.changes and record.residual_iterations[0] == 1
+        assert (record.iterations, record.converged) == (sol.iterations, sol.converged)
+        again, _ = solve_states(prop, x0, opts, comm=ptoc.parallel.SimulatedRanks(4))
+        assert np.array_equal(again, states)
+    assert sol.iterations < len(schedule) - 1 + 4  # the tolerance stopped it early
+
+
+def test_node_parareal_refuses_what_it_cannot_solve():
+    from ptoc.parallel import solve_adjoints, solve_states
+
+    net, p, x0 = _problem(depth=6)
+    prop = RKPropagator(net, p, scheme="rk4")
+    with pytest.raises(TypeError, match="given as a ptoc.node.RKPropagator"):
+        solve_states(ptoc.ResNetPropagator(net, p), x0, NODEParareal(2))
+    with pytest.raises(TypeError, match="given as a ptoc.node.RKPropagator"):
+        ptoc.forward(net, p, x0, solver=NODEParareal(2))
+    with pytest.raises(ValueError, match="scheme 'heun' is not the schedule's last scheme"):
+        solve_states(prop.with_scheme("heun"), x0, NODEParareal(2))
+    with pytest.raises(ValueError, match=r"chunk sizes \(1, 5\) differ from the ranks' layers"):
+        solve_states(prop, x0, NODEParareal((1, 5)))
+    with pytest.raises(ValueError, match="with 3 chunks runs one chunk per rank"):
+        solve_states(prop, x0, NODEParareal(3), comm=2)
+    states, _ = solve_states(prop, x0, NODEParareal((3, 3)))  # the even split is fine
+    with pytest.raises(TypeError, match="solves the state sweep"):
+        solve_adjoints(prop, states, np.ones_like(x0), NODEParareal(2))

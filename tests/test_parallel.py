@@ -707,3 +707,71 @@ def test_every_comm_argument_is_resolved_by_one_function():
             PGCL(comm=bad)
         with pytest.raises(ValueError, match="comm must be None"):
             ptoc.loss_and_grad(*problem(depth=4), solver=MGRIT(max_levels=1), comm=bad)
+
+
+def test_the_parareal_core_takes_a_fine_propagator_per_iteration_and_a_stopping_rule():
+    """PararealSolve's hooks (the parareal neural ODE of ptoc.node uses them): ``fine(k,
+    last)`` is the fine propagator of the sweep from U^k, a rule that tests before that
+    sweep stops the solve, and the last sweep uses ``fine(K, True)``. Checked against the
+    recurrence written out, bit for bit, with the work records."""
+    from ptoc.parallel.parareal import PararealRule, PararealSolve
+    from ptoc.parallel.problem import SweepProblem
+
+    P, N, K = 3, 8, 2
+    rng = np.random.default_rng(3)
+    early, late = (LinearODE(rng.standard_normal((N, 3, 3))) for _ in range(2))
+    x0 = rng.standard_normal((4, 3))
+    bounds = partition(N, P)
+    asked = []
+
+    def fine(k, last):
+        asked.append((k, last))
+        return late if last or k >= 1 else early
+
+    class StopAt(PararealRule):
+        tests_fine_sweep = False
+
+        def __init__(self):
+            self.residuals = []
+
+        def check(self, comm, it):
+            assert it.fine_end is None
+            self.residuals.append(float(it.k))
+            return it.k == K
+
+    def program(comm):
+        problem = SweepProblem(comm, late, bounds, backward=False)
+        run = PararealSolve(comm, problem, Parareal(max_iterations=5),
+                            x0 if comm.rank == 0 else None, x0.shape, x0.dtype, fine=fine,
+                            rule=StopAt())
+        converged, k = run.solve()
+        return (converged, k, run.local_solution().values.copy(), run.fine_work,
+                run.coarse_work, run.residuals)
+
+    out = SimulatedRanks(P).run(program)
+
+    def F(prop, j, x):
+        states = np.empty((bounds[j + 1] - bounds[j] + 1,) + x.shape)
+        prop.propagate(x, int(bounds[j]), int(bounds[j + 1]), states)
+        return states
+
+    def G(j, x):  # the built-in coarse step with "inject" weights
+        return late.coarse_step((late.A[bounds[j]],), int(bounds[j + 1] - bounds[j]), x)
+
+    U = [x0]
+    for j in range(P):
+        U.append(G(j, U[j]))
+    for k in range(1, K + 1):
+        prop = early if k == 1 else late
+        new = [x0]
+        for j in range(P):
+            new.append(F(prop, j, U[j])[-1] + (G(j, new[j]) - G(j, U[j])))
+        U = new
+    for j, (converged, k, traj, fine_work, coarse_work, residuals) in enumerate(out):
+        assert converged and k == K and residuals == [0.0, 1.0, 2.0]
+        assert np.array_equal(traj, F(late, j, U[j]))
+        L = int(bounds[j + 1] - bounds[j])
+        # rank 0's input never changes: it sweeps again only for the new propagator
+        assert fine_work == ([L, L, 0] if j == 0 else [L, L, L])
+        assert coarse_work == ([1, 0, 0] if j == 0 else [1, 1, 1])
+    assert sorted(set(asked)) == [(0, False), (1, False), (2, True)]

@@ -17,46 +17,192 @@ exact, after ``P`` all are, bit for bit with the serial sweep.
 The residual after iteration ``k`` is ``sqrt(sum_j |F_j(U_j^k) - U_{j+1}^k|^2)``, the same
 quantity MGRIT measures at its C-points; the solution returned is the fine
 trajectory ``F_j(U_j^k)`` of every chunk.
+
+:class:`PararealSolve` is the one parareal loop of ptoc. Two small hooks let a method
+change what it does without a second loop:
+
+* ``fine(k, last)``: the fine propagator of the sweep from iterate ``k``, so that
+  ``F_j = F_j^{(k+1)}`` may change per iteration (the parareal neural ODE of Lorin 2020
+  raises its Runge-Kutta order over the iterations, :mod:`ptoc.node`);
+* ``rule``: a :class:`PararealRule`, the convergence and divergence test of every
+  iterate (and the record it keeps). The default, :class:`ResidualRule`, is the residual
+  test above; a rule may instead test ``U^k`` before the fine sweep from it
+  (:attr:`PararealRule.tests_fine_sweep`), as the neural ODE's test of the update
+  ``max |U^k - U^{k-1}|`` does.
+
+Without them (:class:`Parareal`) every iteration uses the problem's propagator and
+the residual test.
 """
 
 from __future__ import annotations
 
+import abc
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from .._checks import check_integer, check_positive_float
-from ..propagator import Propagator
+from ..propagator import LevelPlan, Propagator
 from .comm import Communicator
 from .layout import sum_of_squares as _sum_of_squares
 from .options import CoarseWeights, DivergenceError, SweepOutcome, SweepSolver
-from .problem import Block, SweepProblem
+from .problem import Block, CountedSteps, SweepProblem
 
 TAG_U = 5
 
 
+@dataclass(frozen=True)
+class PararealIterate:
+    """One rank's view of parareal iterate ``k``, as a :class:`PararealRule` sees it.
+
+    With ``U_0^k = u_0``, ``U_{j+1}^0 = G_j(U_j^0)`` and
+    ``U_{j+1}^k = F_j(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1}))`` (module docstring),
+    rank ``j`` holds chunk ``j``'s input and output boundary values.
+
+    Attributes
+    ----------
+    k : int
+        The iteration: 0 is the coarse prediction.
+    start : ndarray
+        ``U_j^k``, the value this rank's chunk starts from.
+    boundary : ndarray
+        ``U_{j+1}^k``, the value at this rank's chunk end.
+    fine_end : ndarray or None
+        ``F_j(U_j^k)``, the end of the fine sweep from this iterate, for a rule that tests
+        after it (:attr:`PararealRule.tests_fine_sweep`); None for a rule that tests
+        before it.
+    """
+
+    k: int
+    start: np.ndarray
+    boundary: np.ndarray
+    fine_end: np.ndarray | None
+
+
+class PararealRule(abc.ABC):
+    """When parareal stops: the test of every iterate ``U^k``, and a record of it.
+
+    :meth:`PararealSolve.solve` calls :meth:`check` once per iterate ``k = 0, 1, ...``
+    on every rank (a collective: the same ``k`` everywhere, so a rule may use the
+    communicator's reductions). It returns True when ``U^k`` is converged (the solve
+    stops and returns the fine trajectories ``F_j(U_j^k)``) and False to go on (up to
+    the iteration budget); it raises :class:`~ptoc.parallel.DivergenceError`, on every
+    rank alike, when the iteration diverged.
+
+    Attributes
+    ----------
+    tests_fine_sweep : bool
+        True (the default): :meth:`check` runs after the fine sweep from ``U^k`` and
+        sees its end, ``it.fine_end = F_j(U_j^k)``. False: it runs before that sweep
+        (``it.fine_end`` is None), so that the sweep from ``U^k`` is known to be the last
+        one, the returned trajectory, when it is made (see :class:`PararealSolve`).
+    residuals : list of float
+        The convergence history the rule keeps, reported as the solve's residuals.
+    """
+
+    tests_fine_sweep: ClassVar[bool] = True
+    residuals: list[float]
+
+    @abc.abstractmethod
+    def check(self, comm: Communicator, it: PararealIterate) -> bool:
+        """Whether iterate ``it.k`` is converged; raise ``DivergenceError`` when diverged."""
+
+
+class ResidualRule(PararealRule):
+    """Parareal's stopping test: the norm of the chunk-boundary residuals.
+
+    After the fine sweep from ``U^k``: ``r_k = sqrt(sum_j |F_j(U_j^k) - U_{j+1}^k|^2)``
+    (summed over the ranks in rank order), appended to :attr:`residuals`; converged when
+    ``r_k <= tol``; a non-finite ``r_k`` raises :class:`~ptoc.parallel.DivergenceError`.
+
+    Parameters
+    ----------
+    tol : float
+        Absolute tolerance.
+    """
+
+    def __init__(self, tol: float):
+        self.tol = tol
+        self.residuals: list[float] = []
+
+    def check(self, comm: Communicator, it: PararealIterate) -> bool:
+        res = math.sqrt(comm.sum(_sum_of_squares(it.fine_end - it.boundary)))
+        self.residuals.append(res)
+        if not math.isfinite(res):
+            raise DivergenceError(f"parareal diverged: residual {res} at iteration {it.k}")
+        return res <= self.tol
+
+
+#: ``fine(k, last)``: the propagator whose layers are the fine steps of the sweep from
+#: iterate ``k`` (see :class:`PararealSolve`).
+FinePropagator = Callable[[int, bool], Propagator]
+
+
 class PararealSolve:
     """Parareal iterations for one sweep on one rank (chunk = this rank's steps).
+
+    The loop, from the coarse prediction ``U^0`` (``k = 0``): the fine sweep from
+    ``U^k`` (run again only when ``U_j^k`` or the fine propagator changed since this
+    rank's last sweep, otherwise reused), the test of ``U^k`` by ``rule`` (before or after
+    that sweep, :attr:`PararealRule.tests_fine_sweep`), then, unless it stopped or
+    ``k`` reached the iteration budget, the update
+    ``U_{j+1}^{k+1} = F_j(U_j^k) + (G_j(U_j^{k+1}) - G_j(U_j^k))`` (``G_j`` only when
+    ``U_j`` changed). The trajectory left in :meth:`local_solution` is that of the last
+    sweep, ``F_j(U_j^K)``.
 
     Parameters
     ----------
     comm : Communicator
     problem : SweepProblem
     options : Parareal
+        ``max_iterations`` (default: the number of ranks) and, for the default rule,
+        ``tol``.
     u0 : array or None
         Value of position 0 on the rank that owns it.
+    shape, dtype
+        Of one state.
     coarse : Propagator, optional
         User-chosen coarse network (step ``j`` is ``G_j``); None for built-in coarse steps.
+    fine : callable, optional
+        ``fine(k, last) -> Propagator``: the fine propagator of the sweep from iterate
+        ``k``, whose layers are those of ``problem`` (the same layer numbers); ``last``
+        is True when that sweep is known to give the returned trajectory (``k`` is the
+        iteration budget, or a rule that tests before the sweep stopped at ``k``).
+        Called once per iterate on every rank; a propagator other than the previous
+        one gets new level steps and a new sweep. None: ``problem.prop`` every time.
+    rule : PararealRule, optional
+        The test of every iterate; default :class:`ResidualRule` with ``options.tol``.
+
+    Attributes
+    ----------
+    residuals : list of float
+        The rule's record (:attr:`PararealRule.residuals`).
+    fine_work : list of int
+        Fine steps this rank ran in the sweep from each iterate ``0..K`` (0 when it
+        reused its previous sweep).
+    coarse_work : list of int
+        Coarse steps ``G_j`` this rank ran to form each iterate ``0..K`` (0 when
+        ``U_j`` had not changed; the first rank's ``U_0`` never does).
+    start, boundary : ndarray
+        ``U_j^k`` and ``U_{j+1}^k`` of the latest iterate.
+    last_sweep : CountedSteps
+        The level steps of the latest fine sweep, the one whose trajectory
+        :meth:`local_solution` holds (a model's level steps may keep more of it, e.g.
+        :class:`ptoc.node.RKLevelSteps` its Runge-Kutta substeps).
     """
 
     def __init__(self, comm: Communicator, problem: SweepProblem, options: Parareal,
-                 u0: np.ndarray | None, shape: tuple[int, ...], dtype, coarse=None):
+                 u0: np.ndarray | None, shape: tuple[int, ...], dtype, coarse=None, *,
+                 fine: FinePropagator | None = None, rule: PararealRule | None = None):
         self.comm = comm
         self.problem = problem
         self.opt = options
         self.coarse = coarse
+        self.fine = fine
+        self.rule = rule if rule is not None else ResidualRule(options.tol)
         owner = problem.owner
         mine = np.flatnonzero(owner == comm.rank)
         self.lo, self.hi = int(mine[0]), int(mine[-1]) + 1
@@ -68,7 +214,13 @@ class PararealSolve:
         if self.first:
             self.u[0] = u0
         self.u0 = u0
-        self.steps = problem.level_steps(0, np.arange(problem.n_steps + 1), self.base, self.hi)
+        self.steps: CountedSteps | None = None
+        if fine is None:
+            self.steps = problem.level_steps(0, np.arange(problem.n_steps + 1), self.base,
+                                             self.hi)
+        self._plan: LevelPlan | None = None
+        self._fine_prop: Propagator | None = None
+        self._fine_level_steps: CountedSteps | None = None
         if coarse is None:
             needs = [[] for _ in range(comm.size)]
             for r in range(comm.size):
@@ -76,7 +228,14 @@ class PararealSolve:
                 start = int(pos[0]) if pos[0] == 0 else int(pos[0]) - 1
                 needs[r].append(problem.layers(start, int(pos[-1])))
             problem.gather_coarse_weights(needs, options.coarse)
-        self.residuals: list[float] = []
+        self.residuals: list[float] = self.rule.residuals
+        self.fine_work: list[int] = []
+        self.coarse_work: list[int] = []
+        self.start: np.ndarray | None = None
+        self.boundary: np.ndarray | None = None
+        self.last_sweep: CountedSteps | None = None
+        self._swept_from: np.ndarray | None = None
+        self._F_end: np.ndarray | None = None
 
     def _G(self, U: np.ndarray) -> np.ndarray:
         """The coarse propagator of this chunk."""
@@ -90,40 +249,71 @@ class PararealSolve:
             return self.coarse.adjoint_step(j, self.problem.state(s), U)
         return self.coarse.step(j, U)
 
-    def _F(self, U: np.ndarray) -> np.ndarray:
+    def _fine_steps(self, k: int, last: bool) -> CountedSteps:
+        """The level steps of the fine sweep from iterate ``k``: new ones whenever the
+        fine propagator changes (level steps of one level may share buffers, as the
+        ResNet's do, so only the current propagator's are kept)."""
+        if self.fine is None:
+            return self.steps
+        prop = self.fine(k, last)
+        if prop is not self._fine_prop:
+            if self._plan is None:
+                self._plan = self.problem.level_plan(0, np.arange(self.problem.n_steps + 1),
+                                                     self.base, self.hi)
+            self._fine_prop = prop
+            self._fine_level_steps = CountedSteps(prop.level_steps(self._plan), self.comm)
+        return self._fine_level_steps
+
+    def _F(self, U: np.ndarray, steps: CountedSteps) -> np.ndarray:
         """Run the chunk's fine steps from ``U``; the trajectory stays in ``self.u``."""
         self.u[0] = U
         if len(self.u) > 1:
-            self.steps.runs(self.u, None, [1], [len(self.u) - 1])
+            steps.runs(self.u, None, [1], [len(self.u) - 1])
         return self.u[-1].copy()
+
+    def _sweep(self, U: np.ndarray, k: int, last: bool) -> np.ndarray:
+        """``F_j(U)`` with the fine propagator of iterate ``k``, reusing the last sweep
+        when it had the same input and propagator."""
+        steps = self._fine_steps(k, last)
+        if steps is not self.last_sweep or not np.array_equal(U, self._swept_from):
+            self._F_end = self._F(U, steps)
+            self._swept_from = U
+            self.last_sweep = steps
+            self.fine_work.append(len(self.u) - 1)
+        else:
+            self.fine_work.append(0)
+        return self._F_end
 
     def solve(self) -> tuple[bool, int]:
         """Iterate; returns ``(converged, iterations)``. Raises :class:`DivergenceError`."""
-        comm, opt = self.comm, self.opt
+        comm, opt, rule = self.comm, self.opt, self.rule
         max_it = opt.max_iterations if opt.max_iterations is not None else comm.size
         U = self.u0 if self.first else comm.recv(self.prev, TAG_U)
         G_old = self._G(U)
+        self.coarse_work.append(1)
         U_next = G_old
         if self.next is not None:
             comm.send(U_next, self.next, TAG_U)
-        swept_from = None
-        F_end = None
         k = 0
         while True:
-            if swept_from is None or not np.array_equal(U, swept_from):
-                F_end = self._F(U)
-                swept_from = U
-            r = F_end - U_next
-            res = math.sqrt(comm.sum(_sum_of_squares(r)))
-            self.residuals.append(res)
-            if not math.isfinite(res):
-                raise DivergenceError(f"parareal diverged: residual {res} at iteration {k}")
-            if res <= opt.tol:
+            self.start, self.boundary = U, U_next
+            if rule.tests_fine_sweep:
+                F_end = self._sweep(U, k, k == max_it)
+                converged = rule.check(comm, PararealIterate(k, U, U_next, F_end))
+            else:
+                converged = rule.check(comm, PararealIterate(k, U, U_next, None))
+                F_end = self._sweep(U, k, converged or k == max_it)
+            if converged:
                 return True, k
             if k == max_it:
                 return False, k
             U_new = U if self.first else comm.recv(self.prev, TAG_U)
-            G_new = G_old if np.array_equal(U_new, U) else self._G(U_new)
+            if np.array_equal(U_new, U):
+                G_new = G_old
+                self.coarse_work.append(0)
+            else:
+                G_new = self._G(U_new)
+                self.coarse_work.append(1)
             U_next = F_end + (G_new - G_old)
             if self.next is not None:
                 comm.send(U_next, self.next, TAG_U)
