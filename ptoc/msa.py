@@ -296,9 +296,14 @@ def _extended(h: float, act: Activation, rho: float, S: int, network: ResNet,
     phi = L.X + h * sig
     value = np.einsum("lsi,lsi->l", L.Pn, phi)
     # R_n: Tikhonov plus time smoothness towards the (fixed) neighbours
-    tik, prev_pair, next_pair, rK, rb = layer_regulariser_terms(
-        network, K, b, L.K_prev, L.b_prev, L.has_prev, L.K_next, L.b_next, L.has_next,
-        want_grad)
+    # the neighbours' differences, zero on the side where a layer has none
+    mp, mn = L.has_prev > 0, L.has_next > 0
+    diffs_prev = [np.where(m, t - t_prev, 0.0) for m, t, t_prev in
+                  ((mp[:, None, None], K, L.K_prev), (mp[:, None], b, L.b_prev))]
+    diffs_next = [np.where(m, t_next - t, 0.0) for m, t, t_next in
+                  ((mn[:, None, None], K, L.K_next), (mn[:, None], b, L.b_next))]
+    tik, prev_pair, next_pair, reg = layer_regulariser_terms(network, [K, b], diffs_prev,
+                                                             diffs_next, want_grad)
     value = value - (tik + prev_pair + next_pair)
     sq = np.einsum
     ds = dsigma(A, act) if (want_grad or rho) else None
@@ -318,7 +323,7 @@ def _extended(h: float, act: Activation, rho: float, S: int, network: ResNet,
     if rho:
         gK = gK + (rho * S * h) * sq("lsi,lsj->lij", U, Q)
     gb = G.sum(axis=1)
-    return value, gK - rK, gb - rb
+    return value, gK - reg[0], gb - reg[1]
 
 
 def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x_next, p,

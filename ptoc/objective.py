@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._workspace import Workspace
 from .activations import dsigma, sigma
 from .model import Params, ResNet
 
@@ -69,89 +70,108 @@ def classifier_loss(params: Params, xN: np.ndarray, labels: np.ndarray):
     return loss, lamN, dz.T @ xN, dz.sum(axis=0)
 
 
-def layer_regulariser_terms(network: ResNet, K: np.ndarray, b: np.ndarray,
-                            K_prev: np.ndarray, b_prev: np.ndarray, has_prev: np.ndarray,
-                            K_next: np.ndarray, b_next: np.ndarray, has_next: np.ndarray,
-                            want_grad: bool = True):
+#: Temporaries of the regulariser, reused (per thread).
+regulariser_workspace = Workspace(capacity=4)
+
+
+def _squares(a: np.ndarray) -> np.ndarray:
+    """``|a_l|^2`` of every row ``l`` (all entries of a layer)."""
+    flat = a.reshape(a.shape[0], -1)
+    return np.einsum("li,li->l", flat, flat)
+
+
+def layer_regulariser_terms(network: ResNet, thetas: list[np.ndarray],
+                            prev_diffs: list[np.ndarray], next_diffs: list[np.ndarray],
+                            want_grad: bool = True, add_to: list[np.ndarray] | None = None):
     """The terms of ``R`` that involve each of ``L`` layers, and ``dR/dtheta`` there.
 
     The one implementation of the layer regulariser: every other function here, the
-    layer-parallel driver, PGCL and MSA call it. Row ``l`` of ``K`` (L, d, d), ``b``
-    (L, d) is a layer ``theta = (K_l, b_l)``; its neighbours ``theta_prev``,
-    ``theta_next`` are the rows of ``K_prev, b_prev`` and ``K_next, b_next``, counted
-    where ``has_prev``, ``has_next`` (L,) are 1 (0 at the network's ends). With
-    ``c = gamma_t / h``:
+    models of :mod:`ptoc.propagator` (so the layer-parallel driver and PGCL) and MSA
+    call it. ``thetas`` are the layer's arrays (leading axis ``L``, any shape after it,
+    e.g. ``[K, b]``); ``prev_diffs`` and ``next_diffs`` (the same shapes) are
+    ``theta_l - theta_prev`` and ``theta_next - theta_l``, zero where the layer has no
+    neighbour on that side. With ``c = gamma_t / h``:
 
-    * ``tikhonov_l = gamma h / 2 (|K_l|^2 + |b_l|^2)``;
-    * ``prev_pair_l = c / 2 |theta_l - theta_prev|^2`` (times ``has_prev``);
-    * ``next_pair_l = c / 2 |theta_next - theta_l|^2`` (times ``has_next``);
-    * ``grad_l = gamma h theta_l + c (theta_l - theta_prev) - c (theta_next - theta_l)``
-      (each difference term times its mask), which is ``dR/dtheta_l`` when the
-      neighbours are the network's layers.
+    * ``tikhonov_l = gamma h / 2 |theta_l|^2``;
+    * ``prev_pair_l = c / 2 |theta_l - theta_prev|^2``, ``next_pair_l = c / 2
+      |theta_next - theta_l|^2``;
+    * ``grad_l = gamma h theta_l + (c (theta_l - theta_prev) - c (theta_next - theta_l))``,
+      which is ``dR/dtheta_l`` when the neighbours are the network's layers.
 
     ``R`` is the sum of the Tikhonov terms and of every ``next_pair`` (each pair once);
     ``R_n`` of the maximum principle (layer ``n``'s terms, the neighbours fixed) is
     ``tikhonov + prev_pair + next_pair``. Theory: :doc:`/theory/resnet`,
     :doc:`/theory/maximum_principle`.
 
+    The gradient is added into ``add_to`` (arrays shaped as ``thetas``, e.g. the data
+    part of the gradient) when given, else into zeros: one code path, so every caller
+    gets the same bits.
+
     Returns
     -------
     tikhonov, prev_pair, next_pair : ndarray (L,)
-    grad_K, grad_b : ndarray, or None without ``want_grad``
+    grads : list of ndarray (``add_to`` or new arrays), or None without ``want_grad``
     """
     h = network.h
     tik_c, c = network.gamma * h, network.gamma_t / h
-    tikhonov = 0.5 * tik_c * (np.einsum("lij,lij->l", K, K) + np.einsum("li,li->l", b, b))
-    dKp, dbp = K - K_prev, b - b_prev
-    dKn, dbn = K_next - K, b_next - b
-    prev_pair = 0.5 * c * has_prev * (np.einsum("lij,lij->l", dKp, dKp)
-                                      + np.einsum("li,li->l", dbp, dbp))
-    next_pair = 0.5 * c * has_next * (np.einsum("lij,lij->l", dKn, dKn)
-                                      + np.einsum("li,li->l", dbn, dbn))
+    tikhonov = 0.5 * tik_c * sum(_squares(t) for t in thetas)
+    prev_pair = 0.5 * c * sum(_squares(d) for d in prev_diffs)
+    next_pair = 0.5 * c * sum(_squares(d) for d in next_diffs)
     if not want_grad:
-        return tikhonov, prev_pair, next_pair, None, None
-    mp, mn = has_prev[:, None], has_next[:, None]
-    gK = tik_c * K + (c * mp[:, :, None] * dKp - c * mn[:, :, None] * dKn)
-    gb = tik_c * b + (c * mp * dbp - c * mn * dbn)
-    return tikhonov, prev_pair, next_pair, gK, gb
+        return tikhonov, prev_pair, next_pair, None
+    grads = [np.zeros_like(t) for t in thetas] if add_to is None else add_to
+    for g, t, dp, dn in zip(grads, thetas, prev_diffs, next_diffs, strict=True):
+        # g += c (theta - theta_prev) - c (theta_next - theta) + gamma h theta, through one
+        # reused buffer (fresh pages for big temporaries cost more than the arithmetic)
+        tmp = regulariser_workspace.get("regulariser", t.shape, t.dtype)
+        np.multiply(dp, c, out=tmp)
+        g += tmp
+        np.multiply(dn, c, out=tmp)
+        g -= tmp
+        np.multiply(t, tik_c, out=tmp)
+        g += tmp
+    return tikhonov, prev_pair, next_pair, grads
 
 
-def range_regulariser(network: ResNet, K: np.ndarray, b: np.ndarray,
-                      left: tuple[np.ndarray, np.ndarray] | None = None,
-                      right: tuple[np.ndarray, np.ndarray] | None = None,
-                      want_grad: bool = True):
+def range_regulariser(network: ResNet, thetas: list[np.ndarray], left: tuple | None = None,
+                      right: tuple | None = None, want_grad: bool = True,
+                      add_to: list[np.ndarray] | None = None):
     """``R``'s share and gradient of the consecutive layers ``first..first+L-1``.
 
-    ``K``, ``b`` hold those layers (leading axis ``L``); ``left`` and ``right`` are
-    ``(K, b)`` of the layers just before and after them (None at the network's ends).
-    The share is the Tikhonov terms of these layers and the time-derivative terms of
-    the pairs ``(n, n+1)`` whose first layer is one of them, so that the shares of a
-    partition of the layers add up to ``R``'s layer part; the gradient is
-    ``dR/dtheta_n`` of these layers. A rank of a layer-parallel run calls it with its
-    own layers and its neighbours' boundary layers; the serial sweep with all layers.
-    Written with :func:`layer_regulariser_terms`.
+    ``thetas`` hold those layers (e.g. ``[K, b]``, leading axis ``L``); ``left`` and
+    ``right`` are the arrays of the layers just before and after them, one per entry
+    of ``thetas`` (None at the network's ends). The share is the Tikhonov terms of
+    these layers and the time-derivative terms of the pairs ``(n, n+1)`` whose first
+    layer is one of them, so that the shares of a partition of the layers add up to
+    ``R``'s layer part; the gradient is ``dR/dtheta_n`` of these layers. A rank of a
+    layer-parallel run calls it with its own layers and its neighbours' boundary
+    layers; the serial sweep with all layers. Written with
+    :func:`layer_regulariser_terms`; the gradient is added into ``add_to`` when given.
 
     Returns
     -------
     value : float
-    grad_K, grad_b : ndarray, or None without ``want_grad``
+    grads : list of ndarray, or None without ``want_grad``
     """
-    L = K.shape[0]
-    ones = np.ones(L, K.dtype)
-    has_prev, has_next = ones.copy(), ones.copy()
-    K_prev, b_prev = np.empty_like(K), np.empty_like(b)
-    K_next, b_next = np.empty_like(K), np.empty_like(b)
-    K_prev[1:], b_prev[1:] = K[:-1], b[:-1]
-    K_next[:-1], b_next[:-1] = K[1:], b[1:]
-    for arr_K, arr_b, row, mask, side in ((K_prev, b_prev, 0, has_prev, left),
-                                          (K_next, b_next, L - 1, has_next, right)):
-        if side is None:
-            arr_K[row], arr_b[row], mask[row] = K[row], b[row], 0.0
+    prev_diffs, next_diffs = [], []
+    for i, t in enumerate(thetas):
+        L = t.shape[0]
+        # D[l] = theta_l - theta_{l-1} (a reused buffer, read before this call returns)
+        D = regulariser_workspace.get(f"differences{i}", (L + 1,) + t.shape[1:], t.dtype)
+        np.subtract(t[1:], t[:-1], out=D[1:L])
+        if left is None:
+            D[0] = 0.0
         else:
-            arr_K[row], arr_b[row] = side
-    tik, _, pairs, gK, gb = layer_regulariser_terms(network, K, b, K_prev, b_prev, has_prev,
-                                                    K_next, b_next, has_next, want_grad)
-    return float(np.sum(tik) + np.sum(pairs)), gK, gb
+            np.subtract(t[0], left[i], out=D[0])
+        if right is None:
+            D[L] = 0.0
+        else:
+            np.subtract(right[i], t[L - 1], out=D[L])
+        prev_diffs.append(D[:L])
+        next_diffs.append(D[1:])
+    tik, _, pairs, grads = layer_regulariser_terms(network, thetas, prev_diffs, next_diffs,
+                                                   want_grad, add_to)
+    return float(np.sum(tik) + np.sum(pairs)), grads
 
 
 def head_regulariser(network: ResNet, params: Params, grads: Params | None = None) -> float:
@@ -170,15 +190,13 @@ def head_regulariser(network: ResNet, params: Params, grads: Params | None = Non
 
 def regulariser(network: ResNet, params: Params) -> float:
     """Value of ``R(theta)`` (see the module docstring)."""
-    value, _, _ = range_regulariser(network, params.K, params.b, want_grad=False)
+    value, _ = range_regulariser(network, [params.K, params.b], want_grad=False)
     return value + head_regulariser(network, params)
 
 
 def add_regulariser_grad(network: ResNet, params: Params, grads: Params) -> None:
     """Add ``dR/dtheta`` to ``grads`` in place."""
-    _, gK, gb = range_regulariser(network, params.K, params.b)
-    grads.K += gK
-    grads.b += gb
+    range_regulariser(network, [params.K, params.b], add_to=[grads.K, grads.b])
     head_regulariser(network, params, grads)
 
 
@@ -197,12 +215,11 @@ def layer_regulariser(network: ResNet, params: Params, n: int, K: np.ndarray, b:
     (value, grad_K, grad_b)
     """
     N = network.depth
-    prev, nxt = max(n - 1, 0), min(n + 1, N - 1)
-    one = np.ones(1, params.K.dtype)
-    tik, pp, pn, gK, gb = layer_regulariser_terms(
-        network, np.asarray(K)[None], np.asarray(b)[None], params.K[prev][None],
-        params.b[prev][None], one * (n > 0), params.K[nxt][None], params.b[nxt][None],
-        one * (n < N - 1))
+    theta = [np.asarray(K)[None], np.asarray(b)[None]]
+    pairs = list(zip(theta, (params.K, params.b), strict=True))
+    prev = [t - p[n - 1] if n > 0 else np.zeros_like(t) for t, p in pairs]
+    nxt = [p[n + 1] - t if n < N - 1 else np.zeros_like(t) for t, p in pairs]
+    tik, pp, pn, (gK, gb) = layer_regulariser_terms(network, theta, prev, nxt)
     return float(tik[0] + pp[0] + pn[0]), gK[0], gb[0]
 
 

@@ -616,10 +616,8 @@ class _Chunk:
         """``dR/dtheta_n`` of the chunk's layers, neighbours at the step's start values
         (the model's layer regulariser, as the serial gradient has it)."""
         left, right = self._neighbours()
-        _, reg = self.model.layer_regulariser([self.local[k] for k in self.model.layer_keys],
-                                              left, right)
-        for g, r in zip(layer_grads, reg, strict=True):
-            g += r
+        self.model.layer_regulariser([self.local[k] for k in self.model.layer_keys], left,
+                                     right, layer_grads)
 
     def _hamiltonian_direction(self, xs, lams, layer_grads) -> None:
         """``-grad_theta sum_s H_n(x_n, p_{n+1}, theta_n)``, ``p = -lambda``, layer by layer

@@ -688,11 +688,12 @@ class Model(abc.ABC):
         return {}
 
     def layer_regulariser(self, arrays: list[np.ndarray], left: tuple | None,
-                          right: tuple | None) -> tuple[float, list[np.ndarray]]:
+                          right: tuple | None, grads: list[np.ndarray] | None = None) -> float:
         """The regulariser's share of consecutive layers (``arrays`` as the
         propagator's ``parameters()``, ``left``/``right`` the layers beside them, None at
-        the ends) and its gradient there (default: no regulariser)."""
-        return 0.0, [np.zeros_like(a) for a in arrays]
+        the ends), adding its gradient there into ``grads`` when given (default: no
+        regulariser)."""
+        return 0.0
 
     def head_regulariser(self, params: Mapping, grads: Mapping | None = None) -> float:
         """The regulariser of the opening and terminal parameters, adding its gradient
@@ -714,7 +715,7 @@ class Model(abc.ABC):
 
     def regulariser(self, params: Mapping) -> float:
         """``R(theta)``: the layer part over all layers and the head part."""
-        value, _ = self.layer_regulariser([params[k] for k in self.layer_keys], None, None)
+        value = self.layer_regulariser([params[k] for k in self.layer_keys], None, None)
         return value + self.head_regulariser(params)
 
     def hamiltonian_gradient(self, params: Mapping, n: int, x: np.ndarray, p_next: np.ndarray,
@@ -731,8 +732,9 @@ class Model(abc.ABC):
         N = self.n_layers
         left = tuple(a[n - 1] for a in arrays) if n > 0 else None
         right = tuple(a[n + 1] for a in arrays) if n < N - 1 else None
-        _, reg = self.layer_regulariser([a[n:n + 1] for a in arrays], left, right)
-        return [-(g[n] + r[0]) for g, r in zip(grad, reg, strict=True)]
+        layer = [g[n:n + 1] for g in grad]
+        self.layer_regulariser([a[n:n + 1] for a in arrays], left, right, layer)
+        return [-g[0] for g in layer]
 
 
 class ResNetModel(Model):
@@ -782,9 +784,9 @@ class ResNetModel(Model):
         gK, gb = hamiltonian_grad(self.network, self.pack(params), n, x, p_next, target=target)
         return [gK, gb]
 
-    def layer_regulariser(self, arrays, left, right):
-        value, gK, gb = range_regulariser(self.network, arrays[0], arrays[1], left, right)
-        return value, [gK, gb]
+    def layer_regulariser(self, arrays, left, right, grads=None):
+        return range_regulariser(self.network, list(arrays), left, right,
+                                 want_grad=grads is not None, add_to=grads)[0]
 
     def head_regulariser(self, params, grads=None):
         return head_regulariser(self.network, params, grads)

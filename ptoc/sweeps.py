@@ -35,6 +35,7 @@ from .objective import (
     logits,
     opening_forward,
     regulariser,
+    regulariser_workspace,
 )
 from .parallel.driver import parallel_adjoint, parallel_forward, parallel_gradient
 from .parallel.options import SolveResult
@@ -52,6 +53,7 @@ def release_workspace() -> None:
     _workspace.clear()
     parallel_workspace.clear()
     level_workspace.clear()
+    regulariser_workspace.clear()
 
 
 _blas_controller = None

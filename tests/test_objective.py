@@ -45,7 +45,7 @@ def test_range_shares_partition_the_regulariser(depth, width, seed, gammas, data
     for a, e in zip(bounds, bounds[1:], strict=False):
         left = (params.K[a - 1], params.b[a - 1]) if a > 0 else None
         right = (params.K[e], params.b[e]) if e < depth else None
-        value, rK, rb = range_regulariser(net, params.K[a:e], params.b[a:e], left, right)
+        value, (rK, rb) = range_regulariser(net, [params.K[a:e], params.b[a:e]], left, right)
         total += value
         gK.append(rK)
         gb.append(rb)
@@ -58,9 +58,11 @@ def test_range_shares_partition_the_regulariser(depth, width, seed, gammas, data
     n = data.draw(st.integers(0, depth - 1))
     _, lK, lb = layer_regulariser(net, params, n, params.K[n], params.b[n])
     assert np.array_equal(lK, grads.K[n]) and np.array_equal(lb, grads.b[n])
-    # the value: the shares add up to R (summed in another order)
-    layer_part = regulariser(net, params) - head_regulariser(net, params)
+    # the value: the shares add up to R's layer part (summed in another order), and R is
+    # that part plus the head's
+    layer_part, _ = range_regulariser(net, [params.K, params.b], want_grad=False)
     np.testing.assert_allclose(total, layer_part, rtol=1e-13, atol=1e-300)
+    assert regulariser(net, params) == layer_part + head_regulariser(net, params)
 
 
 @given(depth=st.integers(1, 6), seed=st.integers(0, 1000), gammas=gammas)

@@ -197,9 +197,7 @@ def _layer_gradients(comm, model, prop, bounds, states: Block, lams: Block):
         comm.send(tuple(p[-1] for p in arrays), comm.rank + 1, TAG_BOUNDARY)
     left = comm.recv(comm.rank - 1, TAG_BOUNDARY) if comm.rank > 0 else None
     right = comm.recv(comm.rank + 1, TAG_BOUNDARY) if comm.rank < comm.size - 1 else None
-    value, reg = model.layer_regulariser(arrays, left, right)
-    for g, r in zip(grad, reg, strict=True):
-        g += r
+    value = model.layer_regulariser(arrays, left, right, grad)
     return grad, value
 
 
