@@ -90,7 +90,7 @@ def layer_regulariser_terms(network: ResNet, thetas: list[np.ndarray],
     call it. ``thetas`` are the layer's arrays (leading axis ``L``, any shape after it,
     e.g. ``[K, b]``); ``prev_diffs`` and ``next_diffs`` (the same shapes) are
     ``theta_l - theta_prev`` and ``theta_next - theta_l``, zero where the layer has no
-    neighbour on that side. With ``c = gamma_t / h``:
+    neighbour on that side (not read when ``gamma_t = 0``). With ``c = gamma_t / h``:
 
     * ``tikhonov_l = gamma h / 2 |theta_l|^2``;
     * ``prev_pair_l = c / 2 |theta_l - theta_prev|^2``, ``next_pair_l = c / 2
@@ -114,22 +114,26 @@ def layer_regulariser_terms(network: ResNet, thetas: list[np.ndarray],
     """
     h = network.h
     tik_c, c = network.gamma * h, network.gamma_t / h
-    tikhonov = 0.5 * tik_c * sum(_squares(t) for t in thetas)
-    prev_pair = 0.5 * c * sum(_squares(d) for d in prev_diffs)
-    next_pair = 0.5 * c * sum(_squares(d) for d in next_diffs)
+    zero = np.zeros(thetas[0].shape[0])
+    tikhonov = 0.5 * tik_c * sum(_squares(t) for t in thetas) if tik_c else zero
+    prev_pair = 0.5 * c * sum(_squares(d) for d in prev_diffs) if c else zero
+    next_pair = 0.5 * c * sum(_squares(d) for d in next_diffs) if c else zero
     if not want_grad:
         return tikhonov, prev_pair, next_pair, None
     grads = [np.zeros_like(t) for t in thetas] if add_to is None else add_to
-    for g, t, dp, dn in zip(grads, thetas, prev_diffs, next_diffs, strict=True):
+    for i, (g, t) in enumerate(zip(grads, thetas, strict=True)):
         # g += c (theta - theta_prev) - c (theta_next - theta) + gamma h theta, through one
-        # reused buffer (fresh pages for big temporaries cost more than the arithmetic)
+        # reused buffer (fresh pages for big temporaries cost more than the arithmetic);
+        # a weight that is zero adds nothing
         tmp = regulariser_workspace.get("regulariser", t.shape, t.dtype)
-        np.multiply(dp, c, out=tmp)
-        g += tmp
-        np.multiply(dn, c, out=tmp)
-        g -= tmp
-        np.multiply(t, tik_c, out=tmp)
-        g += tmp
+        if c:
+            np.multiply(prev_diffs[i], c, out=tmp)
+            g += tmp
+            np.multiply(next_diffs[i], c, out=tmp)
+            g -= tmp
+        if tik_c:
+            np.multiply(t, tik_c, out=tmp)
+            g += tmp
     return tikhonov, prev_pair, next_pair, grads
 
 
@@ -153,8 +157,12 @@ def range_regulariser(network: ResNet, thetas: list[np.ndarray], left: tuple | N
     value : float
     grads : list of ndarray, or None without ``want_grad``
     """
+    if not network.gamma and not network.gamma_t:  # no layer regulariser at all
+        if not want_grad:
+            return 0.0, None
+        return 0.0, ([np.zeros_like(t) for t in thetas] if add_to is None else add_to)
     prev_diffs, next_diffs = [], []
-    for i, t in enumerate(thetas):
+    for i, t in enumerate(thetas if network.gamma_t else ()):  # no time term: no differences
         L = t.shape[0]
         # D[l] = theta_l - theta_{l-1} (a reused buffer, read before this call returns)
         D = regulariser_workspace.get(f"differences{i}", (L + 1,) + t.shape[1:], t.dtype)
