@@ -23,6 +23,7 @@ OPTIONS = [
     (ptoc.pgcl.ColdStart, "cold start"),
     (ptoc.node.Scheme, "ODE scheme"),
     (ptoc.node.NODECoarse, "coarse propagator"),
+    (ptoc.kernels.Target, "target"),
 ]
 
 

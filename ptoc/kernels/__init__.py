@@ -26,14 +26,13 @@ weights ``K`` (d, d), bias ``b`` (d,), step ``h`` and ``a = x K^T + b``:
 
 from __future__ import annotations
 
-import enum
 import importlib
 from types import ModuleType
 
 import numpy as np
 
 from .. import _config
-from .._options import parse_option
+from .._options import OptionEnum
 from ..activations import Activation
 
 __all__ = [
@@ -47,7 +46,7 @@ __all__ = [
 ]
 
 
-class Target(str, enum.Enum):
+class Target(OptionEnum, what="target"):
     """Where the layer kernels run.
 
     ``NUMPY``: the vectorised NumPy reference (readable, the one to teach from).
@@ -59,11 +58,6 @@ class Target(str, enum.Enum):
     NUMPY = "numpy"
     CPU = "cpu"
     CUDA = "cuda"
-
-    @classmethod
-    def parse(cls, value: Target | str) -> Target:
-        """The member named by ``value``; ``ValueError`` listing the choices otherwise."""
-        return parse_option(cls, value, "target")
 
 
 _MODULES = {Target.NUMPY: "reference", Target.CPU: "cpu", Target.CUDA: "cuda"}
