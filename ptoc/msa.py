@@ -144,6 +144,9 @@ from .methods import (
 from .model import Params, ResNet
 from .objective import assemble_gradient, classifier_loss, layer_regulariser_terms, regulariser
 from .optim import SGD, Adam, Optimizer, lbfgs_two_loop, make_optimizer
+from .parallel.driver import parallel_gradient
+from .parallel.serial import Serial
+from .propagator import Model, Propagator, ResNetModel, as_model
 from .sweeps import adjoint, forward, loss_and_grad
 
 __all__ = [
@@ -271,12 +274,13 @@ class _Problem:
         return cls(h=network.h, activation=network.activation, rho=float(rho),
                    S=states.shape[1], d=d, network=network, data=data)
 
-    def flatten(self, K: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def flatten(self, arrays: list[np.ndarray]) -> np.ndarray:
+        K, b = arrays
         return np.concatenate([K.reshape(K.shape[0], -1), b], axis=1)
 
-    def unflatten(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def unflatten(self, theta: np.ndarray) -> list[np.ndarray]:
         d = self.d
-        return theta[:, :d * d].reshape(-1, d, d), theta[:, d * d:]
+        return [theta[:, :d * d].reshape(-1, d, d), theta[:, d * d:]]
 
     def evaluate(self, theta: np.ndarray, idx: np.ndarray | None = None,
                  grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -285,7 +289,101 @@ class _Problem:
         value, gK, gb = _extended(self.h, self.activation, self.rho, self.S, self.network,
                                   self.data.take(idx),
                                   K, b, grad)
-        return value, (self.flatten(gK, gb) if grad else None)
+        return value, (self.flatten([gK, gb]) if grad else None)
+
+
+class _ModelProblem:
+    """``F_n`` and its gradient for every layer of any :class:`ptoc.propagator.Model`,
+    through the contract: layer ``n`` at a trial ``theta`` is the one-layer propagator
+    ``model.layers(theta, span=(n, n+1))`` (its ``step`` is ``Phi_n(x; theta)``, its
+    ``adjoint_step`` gives ``grad_x H_n`` and, accumulated, ``d(lam . Phi_n)/d theta``), and
+    ``R_n`` comes from ``model.regulariser_terms``. The co-state term's gradient needs
+    the mixed derivative ``d/dtheta [(Phi_n'(x; theta) Q) . p_{n+1}]``, which the contract
+    does not provide: it is the derivative of the accumulated parameter gradient in
+    the direction ``Q`` of ``x``, taken by Richardson-extrapolated central differences
+    (an error of about ``eps^4``; the line search accepts a step by exact values of
+    ``F_n``, so the ascent stays exact)."""
+
+    def __init__(self, model, params, states, costates, rho: float, target: Target):
+        self.model, self.params, self.rho, self.target = model, params, float(rho), target
+        self.keys = model.layer_keys
+        self.shapes = [params[k].shape[1:] for k in self.keys]
+        self.sizes = [int(np.prod(sh)) for sh in self.shapes]
+        self.states, self.costates = states, costates
+        self.S = states.shape[1]
+
+    def flatten(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
+
+    def unflatten(self, theta: np.ndarray) -> list[np.ndarray]:
+        out, start = [], 0
+        for shape, size in zip(self.shapes, self.sizes, strict=True):
+            out.append(theta[:, start:start + size].reshape((-1,) + shape))
+            start += size
+        return out
+
+    def _layer(self, n: int, theta: list[np.ndarray]) -> Propagator:
+        return self.model.layers({k: t[None] for k, t in zip(self.keys, theta, strict=True)},
+                                 target=self.target, span=(n, n + 1))
+
+    def _param_grad(self, n, theta, x, lam) -> list[np.ndarray]:
+        prop = self._layer(n, theta)
+        g = prop.zero_gradient()
+        prop.adjoint_step(0, x, lam, g)
+        return [a[0] for a in g]
+
+    def _one(self, n: int, theta: list[np.ndarray], want_grad: bool):
+        x, xn = self.states[n], self.states[n + 1]
+        p, pn = self.costates[n], self.costates[n + 1]
+        prop, rho, S = self._layer(n, theta), self.rho, self.S
+        phi = prop.step(0, x)
+        value = float(np.vdot(pn, phi))
+        lam = pn
+        if rho:
+            r = xn - phi
+            Q = p - prop.adjoint_step(0, x, pn)
+            value -= rho / (2.0 * S) * float(np.vdot(r, r)) + 0.5 * rho * S * float(np.vdot(Q, Q))
+            lam = pn + (rho / S) * r
+        # R_n with the neighbours at their current values
+        N, arrays = self.model.n_layers, [self.params[k] for k in self.keys]
+        prev = [(t - a[n - 1] if n > 0 else np.zeros_like(t))[None] for t, a in
+                zip(theta, arrays, strict=True)]
+        nxt = [(a[n + 1] - t if n < N - 1 else np.zeros_like(t))[None] for t, a in
+               zip(theta, arrays, strict=True)]
+        tik, pp, pnx, reg = self.model.regulariser_terms([t[None] for t in theta], prev, nxt,
+                                                         want_grad)
+        value -= float(tik[0] + pp[0] + pnx[0])
+        if not want_grad:
+            return value, None
+        grads = self._param_grad(n, theta, x, lam)
+        if rho:
+            scale = float(np.max(np.abs(x))) or 1.0
+            size = float(np.max(np.abs(Q))) or 1.0
+            eps = 1e-4 * scale / size
+
+            def central(e):
+                plus = self._param_grad(n, theta, x + e * Q, pn)
+                minus = self._param_grad(n, theta, x - e * Q, pn)
+                return [(a - b_) / (2.0 * e) for a, b_ in zip(plus, minus, strict=True)]
+
+            d1, d2 = central(eps), central(eps / 2)
+            for g, a1, a2 in zip(grads, d1, d2, strict=True):
+                g += (rho * S) * ((4.0 * a2 - a1) / 3.0)
+        return value, [g - r_[0] for g, r_ in zip(grads, reg, strict=True)]
+
+    def evaluate(self, theta: np.ndarray, idx: np.ndarray | None = None,
+                 grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """``F`` (L,) and, with ``grad``, ``dF/dtheta`` of layers ``idx`` (default all)."""
+        layers = np.arange(theta.shape[0]) if idx is None else np.asarray(idx)
+        arrays = self.unflatten(theta)
+        values = np.empty(len(layers))
+        grads = [] if grad else None
+        for row, n in enumerate(layers):
+            v, g = self._one(int(n), [a[row] for a in arrays], grad)
+            values[row] = v
+            if grad:
+                grads.append(self.flatten([a[None] for a in g])[0])
+        return values, (np.stack(grads) if grad else None)
 
 
 def _extended(h: float, act: Activation, rho: float, S: int, network: ResNet,
@@ -489,8 +587,15 @@ def _ascend_lbfgs(prob: _Problem, theta: np.ndarray, steps: int, ls: _LineSearch
 
 # --- shared pieces ---------------------------------------------------------------------------
 
-def _sweeps(network: ResNet, params: Params, X: np.ndarray, y: np.ndarray, target: Target):
-    """``J``, all states, all co-states ``p = -lambda`` and the full gradient of ``J``."""
+def _sweeps(model: Model, params, X: np.ndarray, y: np.ndarray, target: Target):
+    """``J``, all states, all co-states ``p = -lambda`` and the full gradient of ``J``: the
+    compiled serial sweeps for a ResNet, the serial sweep of the model's propagator
+    (:func:`ptoc.parallel.parallel_gradient` with :class:`ptoc.Serial`) otherwise."""
+    if not isinstance(model, ResNetModel):
+        result = parallel_gradient(model, params, X, y, Serial(), target=target)
+        check_finite_step(float(result.loss), result.grads)
+        return float(result.loss), result.states, -result.adjoints, result.grads
+    network = model.network
     fwd = forward(network, params, X, target=target)
     value, lam_N, dW, dmu = classifier_loss(params, fwd.final_state, y)
     value = float(value) + regulariser(network, params)
@@ -502,14 +607,25 @@ def _sweeps(network: ResNet, params: Params, X: np.ndarray, y: np.ndarray, targe
     return value, fwd.states, -adj.adjoints, grads
 
 
+def _problem(model: Model, params, states, costates, rho: float, target: Target):
+    """The layers' inner problems: the batched NumPy form for a ResNet, the contract's
+    layer by layer for any other model."""
+    if isinstance(model, ResNetModel):
+        return _Problem.build(model.network, params, states, costates, rho)
+    return _ModelProblem(model, params, states, costates, rho, target)
+
+
 def _check_finite(params: Mapping[str, np.ndarray]) -> None:
     for k, v in params.items():
         if not np.all(np.isfinite(v)):
             raise TrainingDivergedError(f"non-finite parameters {k!r} after the update")
 
 
-def _head(p: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: p[k] for k in HEAD_KEYS if k in p}
+def _head(p: Mapping[str, np.ndarray], model: Model | None = None) -> dict[str, np.ndarray]:
+    """The parameters without a layer Hamiltonian: the opening's and the terminal
+    objective's (a ResNet's ``K_in, b_in, W, mu``)."""
+    keys = HEAD_KEYS if model is None else (*model.opening_keys, *model.terminal_keys)
+    return {k: p[k] for k in keys if k in p}
 
 
 def _array(d: Mapping[str, Any], key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -593,25 +709,29 @@ class EMSA(TrainingMethod):
         except ValueError as exc:
             raise ValueError(f"target: {exc}") from None
 
-    def init(self, network: ResNet, params: Params) -> EMSAState:
-        return EMSAState(0, self.head_optimizer.init(_head(network.check_params(params))))
+    def init(self, network: ResNet | Model, params) -> EMSAState:
+        model = as_model(network)
+        return EMSAState(0, self.head_optimizer.init(_head(model.check_params(params), model)))
 
-    def step(self, network: ResNet, params: Params, state: EMSAState, X: np.ndarray,
+    def step(self, network: ResNet | Model, params, state: EMSAState, X: np.ndarray,
              y: np.ndarray) -> StepOutcome:
-        p = network.check_params(params)
-        X, y = check_inputs(network, X, y)
-        value, states, costates, grads = _sweeps(network, p, X, y, self.target)
-        prob = _Problem.build(network, p, states, costates, self.rho)
+        model = as_model(network)
+        p = model.check_params(params)
+        X, y = model.check_inputs(X, y)
+        value, states, costates, grads = _sweeps(model, p, X, y, self.target)
+        prob = _problem(model, p, states, costates, self.rho, self.target)
         ls = _LineSearch(self.lr, self.backtrack, self.max_backtracks, self.c1)
         ascend = _ascend_lbfgs if self.inner is InnerSolver.LBFGS else _ascend_gradient
         with np.errstate(over="ignore", invalid="ignore"):
-            theta, gain, evaluations = ascend(prob, prob.flatten(p.K, p.b), self.inner_steps,
-                                              ls)
-        K, b = prob.unflatten(theta)
-        head, head_state = self.head_optimizer.update(_head(p), _head(grads), state.head)
-        new = Params(K=np.ascontiguousarray(K, network.dtype),
-                     b=np.ascontiguousarray(b, network.dtype),
-                     K_in=head.get("K_in"), b_in=head.get("b_in"), W=head["W"], mu=head["mu"])
+            theta, gain, evaluations = ascend(
+                prob, prob.flatten([p[k] for k in model.layer_keys]), self.inner_steps, ls)
+        layers = prob.unflatten(theta)
+        head, head_state = self.head_optimizer.update(_head(p, model), _head(grads, model),
+                                                      state.head)
+        new = {k: np.ascontiguousarray(a, model.dtype)
+               for k, a in zip(model.layer_keys, layers, strict=True)}
+        new.update(head)
+        new = model.pack(new)
         _check_finite(new)
         info = {"hamiltonian_gain": float(np.sum(gain)),
                 "layers_moved": int(np.count_nonzero(gain > 0)),

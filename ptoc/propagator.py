@@ -39,6 +39,7 @@ from .model import Params, ResNet
 from .objective import (
     classifier_loss,
     head_regulariser,
+    layer_regulariser_terms,
     opening_backward,
     opening_forward,
     range_regulariser,
@@ -695,6 +696,14 @@ class Model(abc.ABC):
         regulariser)."""
         return 0.0
 
+    def regulariser_terms(self, thetas: list[np.ndarray], prev_diffs: list[np.ndarray],
+                          next_diffs: list[np.ndarray], want_grad: bool = True):
+        """The regulariser's terms of each of a stack of layers with fixed neighbours,
+        as :func:`ptoc.objective.layer_regulariser_terms` gives them (``R_n`` of the
+        maximum principle is their sum; default: no regulariser)."""
+        zero = np.zeros(thetas[0].shape[0])
+        return zero, zero, zero, ([np.zeros_like(t) for t in thetas] if want_grad else None)
+
     def head_regulariser(self, params: Mapping, grads: Mapping | None = None) -> float:
         """The regulariser of the opening and terminal parameters, adding its gradient
         to ``grads`` when given (default: none)."""
@@ -787,6 +796,9 @@ class ResNetModel(Model):
     def layer_regulariser(self, arrays, left, right, grads=None):
         return range_regulariser(self.network, list(arrays), left, right,
                                  want_grad=grads is not None, add_to=grads)[0]
+
+    def regulariser_terms(self, thetas, prev_diffs, next_diffs, want_grad=True):
+        return layer_regulariser_terms(self.network, thetas, prev_diffs, next_diffs, want_grad)
 
     def head_regulariser(self, params, grads=None):
         return head_regulariser(self.network, params, grads)

@@ -161,3 +161,67 @@ def test_pgcl_trains_the_model_and_one_chunk_is_exact_gradient_descent():
         p, state = outcome.params, outcome.state
     assert _serial_gradient(model, p, x0)[0] < 0.8 * first
     assert outcome.info["state_defect_rel"] < 0.05
+
+
+class _Forwarding(ptoc.propagator.Model):
+    """A ResNet seen only through the Model contract (not a ResNetModel): methods must
+    take their generic, contract-only path on it."""
+
+    def __init__(self, network):
+        self.inner = ptoc.propagator.ResNetModel(network)
+        for name in ("n_layers", "dtype", "layer_keys", "opening_keys", "terminal_keys"):
+            setattr(self, name, getattr(self.inner, name))
+
+    def __getattribute__(self, name):
+        if name in ("inner", "n_layers", "dtype", "layer_keys", "opening_keys",
+                    "terminal_keys", "__class__", "__dict__"):
+            return object.__getattribute__(self, name)
+        return getattr(object.__getattribute__(self, "inner"), name)
+
+    # the abstract methods (reached through __getattribute__)
+    check_params = layers = terminal = None
+
+
+@pytest.mark.parametrize("rho", [0.0, 1.0])
+def test_the_contract_s_extended_hamiltonian_equals_the_resnet_formula(rho):
+    """E-MSA's layer objective F_n built from the contract (one-layer propagators, the
+    model's regulariser terms, the mixed derivative by extrapolated differences) equals
+    the hand-derived batched ResNet form, at weights away from the current ones."""
+    from ptoc.msa import _problem, _sweeps
+
+    net = ptoc.ResNet(width=3, depth=5, n_in=2, n_classes=3, gamma=1e-2, gamma_t=1e-1,
+                      gamma_c=1e-2)
+    rng = np.random.default_rng(7)
+    p = net.init_params(1)
+    p.b[...] = 0.3 * rng.standard_normal(p.b.shape)
+    X, y = rng.standard_normal((9, 2)), rng.integers(0, 3, 9)
+    fast, generic = ptoc.propagator.ResNetModel(net), _Forwarding(net)
+    _, states, costates, _ = _sweeps(fast, p, X, y, ptoc.Target.CPU)
+    a = _problem(fast, p, states, costates, rho, ptoc.Target.CPU)
+    b = _problem(generic, p, states, costates, rho, ptoc.Target.CPU)
+    assert type(a).__name__ == "_Problem" and type(b).__name__ == "_ModelProblem"
+    theta = a.flatten([p.K, p.b]) + 0.1 * rng.standard_normal((5, 12))
+    Fa, Ga = a.evaluate(theta)
+    Fb, Gb = b.evaluate(b.flatten(a.unflatten(theta)))
+    np.testing.assert_allclose(Fb, Fa, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(Gb, Ga, rtol=1e-7 if rho else 1e-12, atol=1e-10)
+    idx = np.array([3, 1])
+    np.testing.assert_allclose(b.evaluate(theta[idx], idx)[0], Fa[idx], rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["emsa", "msa"])
+def test_the_methods_of_successive_approximations_train_the_model(method):
+    """E-MSA (Li, Chen, Tai & E) and MSA (Li & Hao) maximise each layer's Hamiltonian of
+    the model through the contract: J falls."""
+    from ptoc.msa import EMSA, MSA
+
+    model, params, x0, y = _model()
+    m = EMSA(rho=1.0, inner_steps=3) if method == "emsa" else MSA(inner_steps=3, lr=0.5)
+    state = m.init(model, params)
+    first, _ = _serial_gradient(model, params, x0)
+    for _ in range(8):
+        outcome = m.step(model, params, state, x0, y)
+        params, state = outcome.params, outcome.state
+        assert outcome.info["layers_moved"] > 0
+    assert sorted(params) == ["K", "b"]
+    assert _serial_gradient(model, params, x0)[0] < 0.9 * first

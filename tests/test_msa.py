@@ -137,7 +137,7 @@ def test_gradient_at_current_weights_is_minus_dJ(peaks, rho):
     _, grads = loss_and_grad(net, p, X, y)
     states, costates = _sweep_data(net, p, X, y)
     prob = _Problem.build(net, p, states, costates, rho)
-    F_all, G_all = prob.evaluate(prob.flatten(p.K, p.b))  # all layers at once
+    F_all, G_all = prob.evaluate(prob.flatten([p.K, p.b]))  # all layers at once
     for n in range(net.depth):
         value, gK, gb = extended_hamiltonian(net, p, n, states[n], states[n + 1], costates[n],
                                              costates[n + 1], rho=rho)
