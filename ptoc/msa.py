@@ -128,7 +128,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._checks import check_inputs, check_integer, check_real, scalar_entry
+from ._checks import check_integer, check_real, scalar_entry
 from ._options import OptionEnum
 from .activations import Activation, dsigma, second_derivative, sigma
 from .discrete import binary_maximiser, ternary_maximiser
@@ -615,6 +615,11 @@ def _problem(model: Model, params, states, costates, rho: float, target: Target)
     return _ModelProblem(model, params, states, costates, rho, target)
 
 
+def _layer_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_ij a[n, ...] b[n, ...]`` for every layer ``n``."""
+    return np.einsum("ni,ni->n", a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+
+
 def _check_finite(params: Mapping[str, np.ndarray]) -> None:
     for k, v in params.items():
         if not np.all(np.isfinite(v)):
@@ -812,7 +817,7 @@ class DiscreteState:
 
     def weights(self) -> np.ndarray:
         """``K_n = a_n W_n`` (N, d, d)."""
-        return self.scale[:, None, None] * self.levels
+        return self.scale.reshape((-1,) + (1,) * (self.levels.ndim - 1)) * self.levels
 
 
 @dataclass
@@ -896,61 +901,77 @@ class DiscreteMSA(TrainingMethod):
         """``rho_k`` of step ``k``."""
         return self.rho_schedule.value_at(self.rho, self.rho_growth, k)
 
-    def _trainable(self, params: Params, log_scale: np.ndarray) -> dict[str, np.ndarray]:
-        out = {"log_scale": log_scale, "b": params.b}
-        out.update(_head(params))
+    def _trainable(self, model: Model, params, log_scale: np.ndarray) -> dict[str, np.ndarray]:
+        """What the optimiser updates: the scales, the other layer arrays (biases) and
+        the head. The first layer array (``K``) is the discrete one."""
+        out = {"log_scale": log_scale}
+        out.update({k: params[k] for k in model.layer_keys[1:]})
+        out.update(_head(params, model))
         return out
 
     def quantise(self, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Initial ``(W, s)`` from float weights ``K`` (N, d, d) (module docstring)."""
+        """Initial ``(W, s)`` from float weights ``K`` (N, ...) (module docstring)."""
         K = np.asarray(K)
+        entries = tuple(range(1, K.ndim))
         if self.kind is WeightSet.BINARY:
             levels = np.where(K >= 0, 1.0, -1.0).astype(K.dtype)
         else:
-            thr = self.init_threshold * np.mean(np.abs(K), axis=(1, 2), keepdims=True)
+            thr = self.init_threshold * np.mean(np.abs(K), axis=entries, keepdims=True)
             levels = np.where(np.abs(K) > thr, np.sign(K), 0.0).astype(K.dtype)
-        nnz = np.einsum("nij,nij->n", levels, levels)
-        fit = np.einsum("nij,nij->n", K, levels) / np.maximum(nnz, 1.0)
+        nnz = _layer_dots(levels, levels)
+        fit = _layer_dots(K, levels) / np.maximum(nnz, 1.0)
         if np.any(fit <= 0):  # an all-zero layer: any positive scale will do
             fit = np.where(fit > 0, fit, np.maximum(np.mean(np.abs(K)), 1e-3))
         return levels, np.log(fit).astype(K.dtype)
 
-    def init(self, network: ResNet, params: Params) -> DiscreteState:
-        p = network.check_params(params)
-        levels, log_scale = self.quantise(p.K)
-        opt = self.optimizer.init(self._trainable(p, log_scale))
-        return DiscreteState(0, levels, log_scale, np.zeros_like(p.K), opt)
+    def init(self, network: ResNet | Model, params) -> DiscreteState:
+        model = as_model(network)
+        p = model.check_params(params)
+        K = p[model.layer_keys[0]]
+        levels, log_scale = self.quantise(K)
+        opt = self.optimizer.init(self._trainable(model, p, log_scale))
+        return DiscreteState(0, levels, log_scale, np.zeros_like(K), opt)
 
-    def discrete_params(self, network: ResNet, params: Params, state: DiscreteState) -> Params:
-        """``params`` with ``K_n = a_n W_n`` from ``state``."""
-        p = network.check_params(params).copy()
-        p.K = np.ascontiguousarray(state.weights(), dtype=network.dtype)
-        return p
+    def discrete_params(self, network: ResNet | Model, params, state: DiscreteState):
+        """``params`` with ``K_n = a_n W_n`` from ``state`` (``K``: the model's first
+        layer array)."""
+        model = as_model(network)
+        p = {k: np.array(v, copy=True) for k, v in model.check_params(params).items()}
+        p[model.layer_keys[0]] = np.ascontiguousarray(state.weights(), dtype=model.dtype)
+        return model.pack(p)
 
-    def step(self, network: ResNet, params: Params, state: DiscreteState, X: np.ndarray,
+    def step(self, network: ResNet | Model, params, state: DiscreteState, X: np.ndarray,
              y: np.ndarray) -> StepOutcome:
-        p = self.discrete_params(network, params, state)
-        X, y = check_inputs(network, X, y)
-        value, grads = loss_and_grad(network, p, X, y, target=self.target)
+        model = as_model(network)
+        key = model.layer_keys[0]
+        p = self.discrete_params(model, params, state)
+        X, y = model.check_inputs(X, y)
+        if isinstance(model, ResNetModel):
+            value, grads = loss_and_grad(model.network, p, X, y, target=self.target)
+        else:
+            value, _, _, grads = _sweeps(model, p, X, y, self.target)
         value = float(value)
         check_finite_step(value, grads)
         a = state.scale
+        per_layer = (-1,) + (1,) * (state.levels.ndim - 1)
         # d(sum_s H_n)/dW_n = -a_n dJ/dK_n (sum_s H_n includes -R_n)
-        M = self.beta * state.moving_average - (1.0 - self.beta) * a[:, None, None] * grads.K
-        size = np.mean(np.abs(M), axis=(1, 2), keepdims=True)
+        M = self.beta * state.moving_average - (1.0 - self.beta) * a.reshape(per_layer) \
+            * grads[key]
+        size = np.mean(np.abs(M), axis=tuple(range(1, M.ndim)), keepdims=True)
         M_hat = M / np.where(size > 0, size, 1.0)
         rho_k = self.rho_at(state.step)
         if self.kind is WeightSet.BINARY:
             levels = binary_maximiser(M_hat, state.levels, rho_k)
         else:
             levels = ternary_maximiser(M_hat, state.levels, rho_k, self.lam)
-        levels = np.where(size > 0, levels, state.levels).astype(network.dtype)
-        g = self._trainable(grads, a * np.einsum("nij,nij->n", grads.K, state.levels))
-        new, opt = self.optimizer.update(self._trainable(p, state.log_scale), g,
+        levels = np.where(size > 0, levels, state.levels).astype(model.dtype)
+        g = self._trainable(model, grads, a * _layer_dots(grads[key], state.levels))
+        new, opt = self.optimizer.update(self._trainable(model, p, state.log_scale), g,
                                          state.optimizer)
         new_state = DiscreteState(state.step + 1, levels, new["log_scale"], M, opt)
-        out = Params(K=np.ascontiguousarray(new_state.weights(), network.dtype), b=new["b"],
-                     K_in=new.get("K_in"), b_in=new.get("b_in"), W=new["W"], mu=new["mu"])
+        out = {key: np.ascontiguousarray(new_state.weights(), model.dtype)}
+        out.update({k: v for k, v in new.items() if k != "log_scale"})
+        out = model.pack(out)
         _check_finite(out)
         info = {"rho_k": rho_k, "flipped": int(np.count_nonzero(levels != state.levels)),
                 "nonzero_fraction": float(np.count_nonzero(levels) / levels.size)}
@@ -974,14 +995,15 @@ class DiscreteMSA(TrainingMethod):
         name = scalar_entry(d, "method", _STATE_DICT)
         if name != self.name:
             raise ValueError(f"this is the state of method {name!r}, not of {self.name!r}")
-        N, w = network.depth, network.width
-        levels = _array(d, "levels", (N, w, w), network.dtype)
+        model = as_model(network)
+        shape = model.check_params(params)[model.layer_keys[0]].shape
+        levels = _array(d, "levels", shape, model.dtype)
         allowed = (-1.0, 1.0) if self.kind is WeightSet.BINARY else (-1.0, 0.0, 1.0)
         if not np.all(np.isin(levels, allowed)):
             raise ValueError(f"method state 'levels' holds values outside {allowed}")
         return DiscreteState(int(scalar_entry(d, "step", _STATE_DICT)), levels,
-                             _array(d, "log_scale", (N,), network.dtype),
-                             _array(d, "moving_average", (N, w, w), network.dtype),
+                             _array(d, "log_scale", shape[:1], model.dtype),
+                             _array(d, "moving_average", shape, model.dtype),
                              self.optimizer.load_state(group_state(d, "optimizer")))
 
     def config(self) -> dict[str, Any]:

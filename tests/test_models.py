@@ -225,3 +225,24 @@ def test_the_methods_of_successive_approximations_train_the_model(method):
         assert outcome.info["layers_moved"] > 0
     assert sorted(params) == ["K", "b"]
     assert _serial_gradient(model, params, x0)[0] < 0.9 * first
+
+
+@pytest.mark.parametrize("kind", ["ternary", "binary"])
+def test_discrete_weights_train_the_model(kind):
+    """Li & Hao's discrete-weight MSA through the contract: the model's first layer array
+    (here K) becomes a_n W_n with W_n in {-1, 0, 1} (or {-1, 1}), chosen by the closed-form
+    maximiser of the layer Hamiltonian; the rest is trained by the optimiser. J falls."""
+    from ptoc.msa import DiscreteMSA
+
+    model, params, x0, y = _model()
+    m = DiscreteMSA(kind=kind, optimizer=Adam(lr=0.02))
+    state = m.init(model, params)
+    first, _ = _serial_gradient(model, m.discrete_params(model, params, state), x0)
+    for _ in range(30):
+        outcome = m.step(model, params, state, x0, y)
+        params, state = outcome.params, outcome.state
+    allowed = {-1.0, 1.0} if kind == "binary" else {-1.0, 0.0, 1.0}
+    assert set(np.unique(state.levels)) <= allowed
+    a = state.scale[:, None, None]
+    assert np.array_equal(params["K"], a * state.levels)
+    assert _serial_gradient(model, params, x0)[0] < 0.75 * first
