@@ -1,123 +1,29 @@
 r"""Method of successive approximations: MSA, E-MSA and discrete-weight training.
 
-Training by the discrete Pontryagin maximum principle instead of by gradients
-(:doc:`/theory/msa`): Li & Hao, "An optimal control approach to deep learning and
-applications to discrete-weight neural networks", ICML 2018 (arXiv:1803.01299; the
-discrete-time MSA, its error-controlled form and, in their section on discrete
-weights, the binary and ternary updates), and Li, Chen, Tai & E, "Maximum principle
-based algorithms for deep learning", JMLR 18 (2018) (the extended Hamiltonian of
-E-MSA). Equations below are written in ptoc's conventions: co-state ``p = -lambda``,
-row-wise batches, ``Phi_n(x; theta) = x + h sigma(K x + b)``.
+Training by the discrete Pontryagin maximum principle instead of by gradients: Li &
+Hao, "An optimal control approach to deep learning and applications to discrete-weight
+neural networks", ICML 2018 (the discrete-time MSA, and binary and ternary weights),
+and Li, Chen, Tai & E, "Maximum principle based algorithms for deep learning", JMLR 18
+(2018) (the extended Hamiltonian of E-MSA). The derivations, ptoc's scaling of ``rho``,
+the gradient of the extended Hamiltonian and the closed-form discrete maximisers are
+on :doc:`/theory/msa`; this module implements them. One step on a batch of ``S``
+samples, for every method here:
 
-One step on a batch of ``S`` samples, for every method here:
+1. the serial sweeps: states ``x_0 .. x_N``, co-states ``p_n = -lambda_n`` and ``dJ/dtheta``;
+2. every layer ``n``, independently of the others (all layers as one stack, each with
+   its own backtracking Armijo line search), increases its own objective in
+   ``theta_n``, with the neighbouring layers' regulariser terms held fixed: the layer
+   Hamiltonian ``sum_s H_n`` (:class:`MSA`), the extended Hamiltonian ``F_n``
+   (:class:`EMSA`), or, for discrete weights, the entrywise maximiser of the linearised
+   Hamiltonian (:class:`DiscreteMSA`);
+3. the parameters without a layer Hamiltonian (the opening's and the classifier's)
+   take one step of a gradient optimiser on their part of ``dJ/dtheta``.
 
-1. forward sweep: states ``x_0 .. x_N`` (:func:`ptoc.sweeps.forward`);
-2. backward sweep: co-states ``p_n = -lambda_n`` (:func:`ptoc.sweeps.adjoint`);
-3. every residual layer ``n``, independently of the others (so in parallel; here all
-   layers are processed together as one stack of arrays with a leading layer axis,
-   each with its own line search), increases its own objective in
-   ``theta_n = (K_n, b_n)``, with the neighbouring layers' regulariser terms held at
-   their current values;
-4. the head (classifier ``W, mu`` and a dense opening layer ``K_in, b_in``, which have no
-   layer Hamiltonian) takes one step of a gradient optimiser (default Adam) on the
-   gradient of ``J`` from the same sweeps.
-
-E-MSA (:class:`EMSA`) and MSA (:class:`MSA`, ``rho = 0``)
----------------------------------------------------------
-
-Layer ``n`` maximises the extended Hamiltonian (E-MSA)
-
-.. math::
-
-    F_n(\theta) = \sum_s H_n(x_{n,s}, p_{n+1,s}, \theta)
-      - \frac{\rho}{2S} \sum_s \| x_{n+1,s} - \Phi_n(x_{n,s}; \theta) \|^2
-      - \frac{\rho S}{2} \sum_s \| p_{n,s} - \nabla_x H_n(x_{n,s}, p_{n+1,s}, \theta) \|^2,
-
-with ``sum_s H_n = sum_s p_{n+1,s} . Phi_n(x_{n,s}; theta) - R_n(theta)`` and
-``grad_x H_n(x, p, theta) = p + h K^T (sigma'(K x + b) * p)``.
-
-*How ``rho`` is scaled, and why.* ptoc's co-states carry the batch mean:
-``lambda_N = dPhi/dx_N`` includes ``1/S`` (:doc:`/theory/adjoint`), so ``p_{n,s} = P_{n,s}/S``
-with per-sample co-states ``P_{n,s}`` of size O(1) that do not depend on ``S``. Li, Chen,
-Tai & E write the extended Hamiltonian per sample, with per-sample co-states, and
-maximise its batch *mean*:
-
-.. math::
-
-    \frac1S \sum_s \Big[ P_{n+1,s} \cdot \Phi_n(x_{n,s}; \theta)
-      - \frac{\rho}{2} \| x_{n+1,s} - \Phi_n(x_{n,s}; \theta) \|^2
-      - \frac{\rho}{2} \| P_{n,s} - \nabla_x \mathcal{H}_n(x_{n,s}, P_{n+1,s}, \theta) \|^2
-      \Big] - R_n(\theta).
-
-Substituting ``P = S p`` and using that ``grad_x H`` is linear in the co-state
-(``grad_x H(x, S p) = S grad_x H(x, p)``): the first term is ``sum_s p_{n+1,s} . Phi_n``;
-the state term is ``rho/(2S) sum_s ||.||^2``; the co-state term is
-``(1/S) (rho/2) S^2 sum_s ||p_{n,s} - grad_x H_n(x_{n,s}, p_{n+1,s}, theta)||^2``, which
-is ``(rho S/2) sum_s ||.||^2``.
-That is ``F_n`` above. Every term is a batch mean of per-sample O(1) quantities, so
-the same ``rho`` means the same trade-off for any batch size. (For a small change
-``delta theta`` both penalties are O(``rho h^2 ||delta theta||^2``), since ``Phi_n`` and
-``grad_x H_n`` depend on ``theta`` through ``h sigma(.)``: a "large" ``rho`` is large
-compared with ``1/h^2``.)
-
-At the current weights ``theta = theta_n`` both residuals vanish (the sweeps satisfy
-``x_{n+1} = Phi_n(x_n)`` and ``p_n = grad_x H_n``), and so do the penalties' gradients;
-hence ``grad F_n(theta_n) = grad_theta sum_s H_n = -dJ/dtheta_n`` for every ``rho``.
-
-The gradient used by the inner solver, with ``a_s = K x_s + b``,
-``r_s = x_{n+1,s} - Phi_n(x_s; theta)``, ``u_s = sigma'(a_s) * p_{n+1,s}``,
-``q_s = p_{n,s} - p_{n+1,s} - h K^T u_s`` and
-``v_s = (K q_s) * sigma''(a_s) * p_{n+1,s}``:
-
-.. math::
-
-    \partial_K F_n = \sum_s g_s x_s^T + \rho S h \sum_s u_s q_s^T - \partial_K R_n,
-    \quad
-    \partial_b F_n = \sum_s g_s - \partial_b R_n,
-    \quad
-    g_s = h u_s + \frac{\rho h}{S} \sigma'(a_s) * r_s + \rho S h\, v_s .
-
-It is checked against central finite differences in ``tests/test_msa.py``.
-
-Inner solver (:class:`InnerSolver`): ``inner_steps`` iterations per layer of either
-gradient ascent (``"gradient"``) or L-BFGS (``"lbfgs"``, Nocedal & Wright Algorithm 7.4
-per layer, memory ``inner_steps``), each with a backtracking Armijo line search on
-``F_n``: trial steps ``t = lr, lr backtrack, ...`` (L-BFGS: ``t = 1, backtrack, ...`` once it
-has a curvature pair) until ``F_n(theta + t d) >= F_n(theta) + c1 t grad F_n . d``. A layer
-whose line search accepts no step keeps its weights (and stops for this outer step).
-So every layer's ``F_n`` never decreases, which is the condition of the error estimate
-of Li & Hao / Li, Chen, Tai & E: for ``rho`` large enough, ``J`` decreases by at least
-the total increase of the ``F_n`` (up to the head update), which ``tests/test_msa.py``
-checks step by step.
-
-Discrete weights (:class:`DiscreteMSA`)
----------------------------------------
-
-Layer ``n`` has ``K_n = a_n W_n`` with ``W_n`` in ``{-1, 0, +1}`` (ternary) or ``{-1, +1}``
-(binary) and a scale ``a_n = exp(s_n) > 0``; ``params.K`` is always exactly ``a_n W_n``
-(``a_n * (+-1)`` and ``a_n * 0`` are exact in floating point). One step:
-
-* ``M_n <- beta M_n + (1 - beta) M_n^batch`` with ``M_n^batch = d(sum_s H_n)/dW_n =
-  -a_n dJ/dK_n`` (Li & Hao's moving average of the linearised Hamiltonian);
-* ``W_n <- argmax_w  Mhat_n w - lam |w| - rho_k (w - W_n)^2`` entry by entry
-  (:func:`ptoc.discrete.ternary_maximiser` / :func:`~ptoc.discrete.binary_maximiser`), where
-  ``Mhat_n = M_n / mean|M_n|``: ``rho`` and ``lam`` are *dimensionless*, in units of the
-  layer's mean ``|M|``. With ``c = Mhat + 2 rho_k W``, an entry is nonzero iff
-  ``|c| > lam + rho_k``; so ``lam = 1`` roughly zeroes every entry whose Hamiltonian slope is
-  below the layer average. Normalising also makes the (uncorrected) start of the moving
-  average harmless: a common factor does not change the maximiser.
-* ``rho_k`` follows :class:`RhoSchedule` (constant, or growing with the step ``k`` so that
-  the weights settle, as Li & Hao do);
-* the log-scales ``s_n``, the biases ``b_n`` and the head take one step of ``optimizer``
-  (default Adam) on ``dJ/ds_n = a_n <dJ/dK_n, W_n>``, ``dJ/db_n`` and the head gradient, all
-  from the same sweep. A gradient step rather than the least-squares closed form
-  ``a = <K, W>/<W, W>``: there is no float ``K`` to fit after the first step, and ``J``
-  is smooth in ``s_n``.
-
-Initial weights (:meth:`DiscreteMSA.init`): ternary ``W = sign(K)`` where
-``|K| > init_threshold mean|K_n|`` (default 0.7, the usual ternary threshold) and 0
-elsewhere; binary ``W = sign(K)`` (+1 at 0); ``a_n = <K_n, W_n>/<W_n, W_n>``, the scale that
-makes ``a_n W_n`` closest to ``K_n`` in the Frobenius norm.
+Every method reads the model through :class:`ptoc.propagator.Model`: for any model
+``F_n`` is built from one-layer propagators at trial weights (:class:`_ModelProblem`);
+for a ResNet it is evaluated in a batched NumPy form with the exact second derivative
+of ``sigma`` (:func:`_extended`, checked against central finite differences and against
+the contract's form in the tests).
 """
 
 from __future__ import annotations

@@ -2,71 +2,27 @@
 
 Reference: E. Lorin, "Derivation and analysis of parallel-in-time neural ordinary
 differential equations" (the *parareal neural ODE*), Ann. Math. Artif. Intell. 88
-(2020) 1035-1059, doi:10.1007/s10472-020-09702-6. The network and the loss are those
-of :doc:`/theory/resnet`, the adjoint that of :doc:`/theory/adjoint`; the parareal
-neural ODE is derived in :doc:`/theory/node`.
+(2020) 1035-1059, doi:10.1007/s10472-020-09702-6. The model, the Runge-Kutta schemes,
+the parareal iteration with an order-raising fine solver and the adjoint of the stages
+are derived on :doc:`/theory/node`; this module implements them.
 
-The model
----------
-The residual layers of a :class:`ptoc.ResNet` are read as the ODE (Lorin)::
+* The residual layers of a :class:`ptoc.ResNet` are read as ``x' = sigma(K(t) x + b(t))``
+  on ``[0, T]`` with weights constant on each *piece* ``[n h, (n+1) h)``; the opening, the
+  classifier and the regulariser are the ResNet's, so ``J = Phi(x_T) + R``.
+* Every piece takes ``substeps`` steps of an explicit Runge-Kutta :class:`Scheme`
+  (Euler, Heun, RK4); Euler with one substep is the ResNet layer. The gradient is the
+  exact reverse-mode adjoint of the stages (vectorised NumPy over the batch, no Numba).
+* Parareal: the pieces are split into ``P`` chunks, the coarse propagator is forward
+  Euler (per piece or per chunk, :class:`NODECoarse`), the fine propagator of iteration
+  ``k`` runs the ``k``-th scheme of the *schedule*::
 
-    x'(t) = sigma(K(t) x(t) + b(t)),   t in [0, T],   x(0) = x_0,
+      U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1})).
 
-with piecewise-constant weights ``K(t) = K_n``, ``b(t) = b_n`` on the *piece*
-``[t_n, t_{n+1})``, ``t_n = n h``, ``h = T/N``, taken from the network's parameters. The
-opening layer ``x_0 = sigma(K_in y + b_in)`` (or the identity), the classifier
-``z = W x(T) + mu`` with its batch-mean cross-entropy ``Phi`` and the regulariser ``R`` are
-those of the ResNet, so ``J = Phi(x_T) + R`` (:doc:`/theory/resnet`) with ``x_T`` the
-numerical solution at ``T``.
-
-Fine schemes
-------------
-Every piece is integrated with ``m = substeps`` steps of size ``tau = h/m`` of an explicit
-Runge-Kutta scheme (:class:`Scheme`) with Butcher coefficients ``A``, ``w``; on piece
-``n`` the right-hand side is ``f_n(x) = sigma(K_n x + b_n)`` and one step is::
-
-    X_i = x + tau sum_{j<i} A_ij k_j,   a_i = K_n X_i + b_n,   k_i = sigma(a_i),
-    x_+ = x + tau sum_i w_i k_i.
-
-Euler (``w = (1)``), Heun (``A_21 = 1``, ``w = (1/2, 1/2)``) and the classical RK4
-(``A_21 = A_32 = 1/2``, ``A_43 = 1``, ``w = (1/6, 1/3, 1/3, 1/6)``) have orders 1, 2, 4.
-Euler with one substep is the ResNet layer ``x_{n+1} = x_n + h sigma(K_n x_n + b_n)``.
-
-Parareal with an order-raising fine solver
-------------------------------------------
-The pieces are split into ``P`` contiguous chunks ``[p_j, p_{j+1})`` (Lorin). The
-coarse propagator ``G_j`` is forward Euler with one step per piece of the chunk (or one
-step of size ``(p_{j+1} - p_j) h`` with the weights of piece ``p_j``); the fine
-propagator ``F_j^{(k)}`` runs the scheme ``s_k`` of the *schedule* over the chunk's
-pieces. With ``U_0 = x_0`` and ``U_{j+1}^0 = G_j(U_j^0)``, iteration ``k = 1, 2, ...``::
-
-    U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1})),
-
-written in this order so that an unchanged ``U_j`` gives ``F_j`` exactly. The fine
-solves of one iteration are independent (parallel over chunks); the update is a
-sequential pipeline of cheap coarse steps. Lorin's point: while the coarse error
-dominates, the fine solver need not be accurate, so the schedule raises its order
-over the iterations (e.g. Euler, Heun, then RK4), cutting the right-hand-side
-evaluations spent before parareal has converged to the final scheme's solution.
-
-This parareal is ptoc's one parareal loop,
-:class:`ptoc.parallel.parareal.PararealSolve` (that of :class:`ptoc.Parareal`), run on
-the neural ODE as a propagator (:class:`RKPropagator`: layer ``n`` is piece ``n``),
-one chunk per rank: the fine propagator of each iteration and the stopping rule are
-its two hooks, ``G_j`` its coarse function (:class:`NODEParareal`).
-
-Gradient
---------
-The gradient is the exact reverse-mode adjoint of the discrete scheme
-(:doc:`/theory/adjoint`, applied stage by stage): with ``bar k_i = tau w_i lambda_+`` and, for
-``i = s..1``, ``bar a_i = sigma'(a_i) * bar k_i``,
-``dJ/dK_n += sum_s bar a_i X_i^T``, ``dJ/db_n += sum_s bar a_i``,
-``bar X_i = K_n^T bar a_i``, ``lambda += bar X_i``, ``bar k_j += tau A_ij bar X_i``
-(``j < i``), starting from ``lambda = lambda_+``. The stages are recomputed from the
-stored state of every substep. For Euler with one substep this is the ResNet's
-adjoint ``lambda_n = lambda_{n+1} + h K_n^T (sigma'(a_n) * lambda_{n+1})``.
-
-Everything here is vectorised NumPy over the batch (a readable reference, no Numba).
+  This is ptoc's one parareal loop, :class:`ptoc.parallel.parareal.PararealSolve` (that
+  of :class:`ptoc.Parareal`), run on the neural ODE as a propagator
+  (:class:`RKPropagator`: layer ``n`` is piece ``n``), one chunk per rank; the fine
+  propagator of each iteration and the stopping rule are its two hooks
+  (:class:`NODEParareal`).
 """
 
 from __future__ import annotations

@@ -1,102 +1,28 @@
 r"""Predict globally, correct locally: layer-parallel training by chunks (Parpas & Muir).
 
-Theory: :doc:`/theory/pgcl`. The ``N`` residual layers are split into ``P``
-contiguous chunks, ``a_0 = 0 < a_1 < ... < a_P = N``
-(:func:`ptoc.parallel.partition`: uneven chunks allowed, ``P <= N``), one chunk per
-rank. Chunk ``j`` holds layers ``a_j .. a_{j+1}-1``, ``L_j = a_{j+1} - a_j`` of them, and
-its fine propagator ``F_j`` runs them exactly. Its coarse propagator is one step of
-size ``L_j h``,
+The ``N`` layers are split into ``P`` contiguous chunks (:func:`ptoc.parallel.partition`,
+uneven allowed), one per rank. Chunk ``j``'s fine propagator ``F_j`` runs its layers;
+its coarse propagator ``G_j`` is one coarse step of the model's propagator standing for
+the chunk's ``L_j`` layers, with the chunk's first-layer weights (``coarse="inject"``) or
+their mean (``"average"``), the rule of the parareal and MGRIT coarse grids. One step:
 
-.. math::
+1. **predict** (global, cheap): the chunk-boundary states go forward through the coarse
+   steps, ``U_{j+1} = F_j^old + (G_j(U_j) - G_j^old)`` (parareal's update, with the fine
+   and coarse values of the previous step on the same batch), the last chunk takes
+   ``Lambda_P = dPhi/dx_N`` at its own fine final state, and the co-states go backward
+   through the transposed coarse steps, ``Lambda_j = A_j^old + (G_j'(U_j)^T Lambda_{j+1}
+   - B_j^old)``; a step without stored values (a new batch) starts cold (``cold_start``);
+2. **correct** (local, parallel): every chunk runs its own layers from ``U_j`` and back
+   from ``Lambda_{j+1}`` and updates its own parameters (its layers; the opening on the
+   first chunk, the terminal objective's on the last) with its own optimiser,
+   ``local_steps`` times;
+3. **store** the fine and coarse values of the first local sweep for the next step.
 
-    G_j(x) = x + L_j h\, \sigma(\bar K_j x + \bar b_j),
-
-with the chunk's first-layer weights (``coarse="inject"``) or their mean over the chunk
-(``"average"``; :class:`ptoc.parallel.CoarseWeights`), and its transposed linearisation
-:math:`G_j'(x)^T \lambda = \lambda + L_j h \bar K_j^T (\sigma'(\bar K_j x + \bar b_j)
-\odot \lambda)`.
-
-One step on a batch ``(X, y)``
-------------------------------
-
-1. **Predict (global, cheap).** The chunk-boundary states :math:`U_j \approx x_{a_j}` go
-   forward through the coarse network, corrected parareal-style with the fine values
-   the chunks produced at the previous step (superscript ``old``):
-
-   .. math::
-
-       U_0 = x_0 = \sigma(K_{in} y + b_{in}), \qquad
-       U_{j+1} = F_j^{old} + \big(G_j(U_j) - G_j^{old}\big),
-
-   where :math:`F_j^{old}` is what chunk ``j``'s fine layers produced at the previous
-   step from its initial state then, and :math:`G_j^{old}` what its coarse step produced
-   from the same state with the weights of then. (The correction is the fine-minus-coarse
-   defect of the previous step; :math:`G_j(U_j) - G_j^{old}` carries both the change of
-   the initial state and the change of the weights through the coarse model. Written
-   in this order, unchanged weights and an unchanged ``U_j`` give
-   :math:`U_{j+1} = F_j^{old}` bit for bit.) The last chunk runs its fine layers from
-   :math:`U_{P-1}` and takes the terminal co-state from the loss at its *own* fine final
-   state, :math:`\Lambda_P = \partial\Phi/\partial x_N`. The co-states then go backward
-   through the linearised coarse network, corrected likewise:
-
-   .. math::
-
-       \Lambda_j = A_j^{old} + \big(G_j'(U_j)^T \Lambda_{j+1} - B_j^{old}\big),
-       \qquad j = P-1, \dots, 1,
-
-   with :math:`A_j^{old}` the fine co-state :math:`\lambda_{a_j}` chunk ``j`` computed at
-   the previous step and :math:`B_j^{old}` the coarse adjoint step of then.
-
-2. **Correct (local, parallel).** Every chunk ``j``, independently, runs its own layers
-   forward from :math:`U_j` and backward from :math:`\Lambda_{j+1}`
-   (:doc:`/theory/adjoint`), which is the gradient of its *local objective*
-
-   .. math::
-
-       J_j(\theta_j) = \Lambda_{j+1} \cdot F_j(U_j; \theta_j) + R_j(\theta_j)
-       \quad (j < P-1), \qquad
-       J_{P-1} = \Phi\big(F_{P-1}(U_{P-1}; \theta_{P-1})\big) + R_{P-1},
-
-   where :math:`R_j` holds the regulariser terms of the chunk's own parameters
-   (the smoothness term :math:`\gamma_t` couples the chunk's end layers to its
-   neighbours', which stay at their values at the start of the step) and, for the first
-   chunk, :math:`U_0` is recomputed from the chunk's own opening weights. The chunk
-   then updates its own parameters with the optimiser (SGD, with momentum if asked,
-   or Adam; one optimiser state per chunk), ``local_steps`` times (each time a new local
-   forward and backward sweep). The head belongs to the chunks at the ends: the
-   opening layer ``K_in, b_in`` to the first, the classifier ``W, mu`` to the last.
-   When every prediction is exact, the local gradients at the start of the step are
-   the blocks of the exact gradient :math:`\partial J/\partial\theta`
-   (:func:`ptoc.loss_and_grad`), bit for bit.
-
-3. **Store.** Each chunk keeps :math:`F_j^{old} = F_j(U_j)`, :math:`G_j^{old} = G_j(U_j)`,
-   :math:`A_j^{old}` and :math:`B_j^{old}` from its *first* local sweep (the weights at
-   the start of the step, the same weights its coarse steps used) for the next
-   prediction; only boundary states, boundary co-states and, at the end, the updated
-   parameters travel between ranks. Every rank then gathers all chunks' parameters
-   (and the method state), so every rank returns the same full parameters.
-
-The corrections belong to one batch: they are used when the next step sees the same
-samples (full-batch training, ``batch_size=None``), and a step on another batch starts
-*cold* (``cold_start``): a purely coarse prediction (``"coarse"``, the default; no
-correction), or exact boundaries from the serial sweep run as a pipeline through the
-ranks (``"serial"``: that step is an exact gradient step; every step on mini-batches then
-is one, with the serial critical path).
-
-Fixed points. At a fixed point of the iteration the weights and the boundary values
-repeat, so the correction makes every prediction exact (:math:`U_{j+1} = F_j(U_j)`,
-:math:`\Lambda_j = F_j'^T\Lambda_{j+1}`), the local gradients are the exact gradient,
-and a gradient update that leaves the weights unchanged needs it to vanish: the fixed
-points of PGCL are the stationary points of the serial method. Away from them the step
-is a gradient step with errors that vanish as the predictions converge (Parpas &
-Muir). With unchanged weights, repeated steps are parareal
-iterations: after ``k`` of them the first ``k+1`` chunk initial states are exact.
-
-Costs (per step, one layer step = one fine layer, one fine adjoint layer with its
-gradient, or one coarse step): with ``local_steps=1`` the total work is ``2N`` fine plus
-at most ``2(P-1)`` coarse steps, and the critical path about ``2(P-1) + L_{P-1} + L_0``
-coarse and fine steps (serial training: ``2N``). ``info`` of every
-:class:`~ptoc.methods.StepOutcome` reports them from the communicator's logical clock.
+Written this way, unchanged weights and boundaries give ``U_{j+1} = F_j^old`` bit for bit:
+at a fixed point every prediction is exact, the local gradients are the exact gradient,
+and the fixed points are the stationary points of serial gradient descent. The
+derivation, the costs and the measured behaviour are on :doc:`/theory/pgcl`. The model
+is read through :class:`ptoc.propagator.Model` only.
 
 Reference: P. Parpas and C. Muir, "Predict globally, correct locally: parallel-in-time
 optimal control of neural networks" (the idea; these equations are written in ptoc's
