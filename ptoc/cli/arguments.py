@@ -25,26 +25,25 @@ __all__ = [
 PROG = "ptoc"
 
 
-def positive_int(text: str) -> int:
-    """``int(text)`` when it is at least 1."""
+def _int_at_least(text: str, minimum: int, what: str) -> int:
+    """``int(text)`` when it is at least ``minimum``; else the error ``must be <what>``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """``int(text)`` when it is at least 1."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
     """``int(text)`` when it is at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def real(text: str) -> float:
