@@ -246,3 +246,24 @@ def test_discrete_weights_train_the_model(kind):
     a = state.scale[:, None, None]
     assert np.array_equal(params["K"], a * state.levels)
     assert _serial_gradient(model, params, x0)[0] < 0.75 * first
+
+
+def test_the_default_layer_hamiltonian_gradient_is_the_gradient_direction():
+    """Model.hamiltonian_gradient's default (the propagator's layer gradient and the
+    regulariser, the maximum principle's identity) gives PGCL's "hamiltonian" local
+    update the direction of its gradient update on a model ptoc does not know."""
+    from ptoc.optim import SGD
+    from ptoc.pgcl import PGCL
+
+    model, params, x0, y = _model()
+    out = []
+    for update in ("gradient", "hamiltonian"):
+        m = PGCL(optimizer=SGD(lr=0.05), comm=2, local_update=update)
+        p, state = params, m.init(model, params)
+        for _ in range(3):
+            o = m.step(model, p, state, x0, y)
+            p, state = o.params, o.state
+        out.append(p)
+    for k in ("K", "b"):
+        np.testing.assert_allclose(out[1][k], out[0][k], rtol=0, atol=1e-13)
+    assert not np.array_equal(out[0]["K"], params["K"])
