@@ -30,14 +30,16 @@ helper keeps memory between steps (a warm start) must put it in the state dict.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from typing import Any, ClassVar
 
 import numpy as np
 
+from ._checks import scalar_entry
 from .kernels import Target
 from .model import Params, ResNet
-from .optim import Adam, Optimizer
+from .optim import SGD, Adam, Optimizer
 from .sweeps import loss_and_grad
 
 __all__ = [
@@ -89,6 +91,17 @@ class StepOutcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def check_gradient_optimizer(name: str, value: Any) -> Optimizer:
+    """``value`` when it is an optimiser that takes one gradient step per update
+    (:class:`~ptoc.optim.SGD` or :class:`~ptoc.optim.Adam`), as the methods whose parts
+    update apart need (L-BFGS needs the global objective); else ``ValueError``."""
+    if not isinstance(value, (SGD, Adam)):
+        raise ValueError(f"{name} must be ptoc.optim.SGD or ptoc.optim.Adam (a one-gradient "
+                         f"step; L-BFGS needs the global objective), got "
+                         f"{type(value).__name__}")
+    return value
+
+
 class TrainingMethod:
     """Interface of a training method (see the module docstring).
 
@@ -121,9 +134,32 @@ class TrainingMethod:
         """Inverse of :meth:`state_dict`."""
         raise NotImplementedError
 
-    def config(self) -> dict[str, Any]:  # pragma: no cover - interface
-        """JSON-serialisable description (name and options), stored with checkpoints."""
-        raise NotImplementedError
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description (name and options), stored with checkpoints.
+
+        The default, for a method that is a dataclass: its name and every option it
+        takes (``init`` fields), an option enum by its value, an optimiser by its own
+        :meth:`~ptoc.optim.Optimizer.config`.
+        """
+        if not is_dataclass(self):  # pragma: no cover - interface
+            raise NotImplementedError(f"{type(self).__name__} must implement config()")
+        out: dict[str, Any] = {"name": self.name}
+        for f in fields(self):
+            if f.init:
+                v = getattr(self, f.name)
+                out[f.name] = (v.value if isinstance(v, Enum) else
+                               v.config() if isinstance(v, Optimizer) else v)
+        return out
+
+    def check_state_name(self, d: Mapping[str, Any], required: bool = True) -> None:
+        """Raise ``ValueError`` unless the state dict ``d`` (from :meth:`state_dict`) is of
+        this method: its ``"method"`` entry is :attr:`name` (absent allowed when not
+        ``required``)."""
+        if not required and "method" not in d:
+            return
+        name = scalar_entry(d, "method", "method state dict")
+        if name != self.name:
+            raise ValueError(f"this is the state of method {name!r}, not of {self.name!r}")
 
     def evaluator(self) -> Callable[[Params, np.ndarray, np.ndarray],
                                     tuple[float, float]] | None:

@@ -36,7 +36,7 @@ import numpy as np
 
 from ._checks import check_integer, check_real, scalar_entry
 from ._options import OptionEnum
-from .activations import Activation, dsigma, second_derivative, sigma
+from .activations import dsigma, second_derivative, sigma
 from .discrete import binary_maximiser, ternary_maximiser
 from .hamiltonian import layer_arguments
 from .kernels import Target
@@ -45,11 +45,12 @@ from .methods import (
     TrainingDivergedError,
     TrainingMethod,
     check_finite_step,
+    check_gradient_optimizer,
     group_state,
 )
 from .model import Params, ResNet
 from .objective import assemble_gradient, classifier_loss, layer_regulariser_terms, regulariser
-from .optim import SGD, Adam, Optimizer, lbfgs_two_loop, make_optimizer
+from .optim import Adam, Optimizer, lbfgs_two_loop, make_optimizer
 from .parallel.driver import parallel_gradient
 from .parallel.serial import Serial
 from .propagator import Model, Propagator, ResNetModel, as_model
@@ -67,9 +68,6 @@ __all__ = [
     "extended_hamiltonian",
     "make_msa_method",
 ]
-
-#: Parameters without a layer Hamiltonian, trained by the head optimiser.
-HEAD_KEYS = ("K_in", "b_in", "W", "mu")
 
 #: Default sparsity penalty of ternary weights (units of the layer's mean ``|M|``).
 DEFAULT_LAM = 1.0
@@ -118,85 +116,7 @@ class RhoSchedule(OptionEnum, what="rho_schedule"):
         return rho * (1.0 + growth) ** k
 
 
-def _gradient_optimizer(name: str, value: Any) -> Optimizer:
-    if not isinstance(value, (SGD, Adam)):
-        raise ValueError(f"{name} must be ptoc.optim.SGD or ptoc.optim.Adam (a one-gradient "
-                         f"step), got {type(value).__name__}")
-    return value
-
-
 # --- the per-layer extended Hamiltonian, vectorised over a stack of layers ---------------------
-
-@dataclass
-class _Stack:
-    """The inner problems of a stack of layers (leading axis = layer).
-
-    ``X, Xn, P, Pn`` are ``x_n, x_{n+1}, p_n, p_{n+1}`` (L, S, d); the regulariser terms
-    of the neighbours use ``K_prev, b_prev`` (``has_prev`` masks the first layer) and
-    ``K_next, b_next`` (``has_next``).
-    """
-
-    X: np.ndarray
-    Xn: np.ndarray
-    P: np.ndarray
-    Pn: np.ndarray
-    K_prev: np.ndarray
-    b_prev: np.ndarray
-    has_prev: np.ndarray
-    K_next: np.ndarray
-    b_next: np.ndarray
-    has_next: np.ndarray
-
-    def take(self, idx: np.ndarray | None) -> _Stack:
-        if idx is None:
-            return self
-        return _Stack(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
-
-
-@dataclass
-class _Problem:
-    """``F_n`` and its gradient for all layers of one step, on flattened ``theta = (K, b)``."""
-
-    h: float
-    activation: Activation
-    rho: float
-    S: int
-    d: int
-    network: ResNet  # for the regulariser terms R_n
-    data: _Stack
-
-    @classmethod
-    def build(cls, network: ResNet, params: Params, states: np.ndarray, costates: np.ndarray,
-              rho: float, layers: np.ndarray | None = None) -> _Problem:
-        """Problems of ``layers`` (default all) from the sweeps' states and co-states
-        (N+1, S, d) at ``params``."""
-        N, d = network.depth, network.width
-        n = np.arange(N) if layers is None else np.asarray(layers)
-        K, b = params.K, params.b
-        prev, nxt = np.maximum(n - 1, 0), np.minimum(n + 1, N - 1)
-        data = _Stack(X=states[n], Xn=states[n + 1], P=costates[n], Pn=costates[n + 1],
-                      K_prev=K[prev], b_prev=b[prev], has_prev=(n > 0).astype(K.dtype),
-                      K_next=K[nxt], b_next=b[nxt], has_next=(n < N - 1).astype(K.dtype))
-        return cls(h=network.h, activation=network.activation, rho=float(rho),
-                   S=states.shape[1], d=d, network=network, data=data)
-
-    def flatten(self, arrays: list[np.ndarray]) -> np.ndarray:
-        K, b = arrays
-        return np.concatenate([K.reshape(K.shape[0], -1), b], axis=1)
-
-    def unflatten(self, theta: np.ndarray) -> list[np.ndarray]:
-        d = self.d
-        return [theta[:, :d * d].reshape(-1, d, d), theta[:, d * d:]]
-
-    def evaluate(self, theta: np.ndarray, idx: np.ndarray | None = None,
-                 grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """``F`` (L,) and, with ``grad``, ``dF/dtheta`` (L, d*d+d) of layers ``idx``."""
-        K, b = self.unflatten(theta)
-        value, gK, gb = _extended(self.h, self.activation, self.rho, self.S, self.network,
-                                  self.data.take(idx),
-                                  K, b, grad)
-        return value, (self.flatten([gK, gb]) if grad else None)
-
 
 class _ModelProblem:
     """``F_n`` and its gradient for every layer of any :class:`ptoc.propagator.Model`,
@@ -292,38 +212,55 @@ class _ModelProblem:
         return values, (np.stack(grads) if grad else None)
 
 
-def _extended(h: float, act: Activation, rho: float, S: int, network: ResNet,
-              L: _Stack, K: np.ndarray, b: np.ndarray, want_grad: bool):
-    """Extended Hamiltonian ``F_n`` (see the module docstring) of a stack of layers."""
-    A = L.X @ K.transpose(0, 2, 1) + b[:, None, :]
+class _Problem(_ModelProblem):
+    """A ResNet's ``F_n``: all requested layers at once in the batched NumPy form of
+    :func:`_extended`, with the exact second derivative of ``sigma``."""
+
+    def evaluate(self, theta: np.ndarray, idx: np.ndarray | None = None,
+                 grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """``F`` (L,) and, with ``grad``, ``dF/dtheta`` (L, d*d+d) of layers ``idx``."""
+        layers = np.arange(theta.shape[0]) if idx is None else np.asarray(idx)
+        value, gK, gb = _extended(self.model.network, self.params, self.states, self.costates,
+                                  self.rho, layers, *self.unflatten(theta), grad)
+        return value, (self.flatten([gK, gb]) if grad else None)
+
+
+def _extended(network: ResNet, params: Params, states: np.ndarray, costates: np.ndarray,
+              rho: float, n: np.ndarray, K: np.ndarray, b: np.ndarray, want_grad: bool):
+    """Extended Hamiltonian ``F_n`` (see the module docstring) of the layers ``n`` at the
+    trial weights ``K, b`` (one row a layer), the neighbours at their ``params``."""
+    h, act, S, N = network.h, network.activation, states.shape[1], network.depth
+    X, Xn, P, Pn = states[n], states[n + 1], costates[n], costates[n + 1]
+    A = X @ K.transpose(0, 2, 1) + b[:, None, :]
     sig = sigma(A, act)
-    phi = L.X + h * sig
-    value = np.einsum("lsi,lsi->l", L.Pn, phi)
-    # R_n: Tikhonov plus time smoothness towards the (fixed) neighbours
-    # the neighbours' differences, zero on the side where a layer has none
-    mp, mn = L.has_prev > 0, L.has_next > 0
-    diffs_prev = [np.where(m, t - t_prev, 0.0) for m, t, t_prev in
-                  ((mp[:, None, None], K, L.K_prev), (mp[:, None], b, L.b_prev))]
-    diffs_next = [np.where(m, t_next - t, 0.0) for m, t, t_next in
-                  ((mn[:, None, None], K, L.K_next), (mn[:, None], b, L.b_next))]
+    phi = X + h * sig
+    value = np.einsum("lsi,lsi->l", Pn, phi)
+    # R_n: Tikhonov plus time smoothness towards the (fixed) neighbours, whose differences
+    # are zero on the side where a layer has none
+    has_prev, has_next = n > 0, n < N - 1
+    prev, nxt = np.maximum(n - 1, 0), np.minimum(n + 1, N - 1)
+    diffs_prev = [np.where(has_prev.reshape((-1,) + (1,) * (t.ndim - 1)), t - a[prev], 0.0)
+                  for t, a in ((K, params.K), (b, params.b))]
+    diffs_next = [np.where(has_next.reshape((-1,) + (1,) * (t.ndim - 1)), a[nxt] - t, 0.0)
+                  for t, a in ((K, params.K), (b, params.b))]
     tik, prev_pair, next_pair, reg = layer_regulariser_terms(network, [K, b], diffs_prev,
                                                              diffs_next, want_grad)
     value = value - (tik + prev_pair + next_pair)
     sq = np.einsum
     ds = dsigma(A, act) if (want_grad or rho) else None
     if rho:
-        r = L.Xn - phi
-        U = ds * L.Pn
-        Q = L.P - L.Pn - h * (U @ K)
+        r = Xn - phi
+        U = ds * Pn
+        Q = P - Pn - h * (U @ K)
         value = value - rho / (2.0 * S) * sq("lsi,lsi->l", r, r) \
             - 0.5 * rho * S * sq("lsi,lsi->l", Q, Q)
     if not want_grad:
         return value, None, None
-    G = h * ds * L.Pn
+    G = h * ds * Pn
     if rho:
-        V = (Q @ K.transpose(0, 2, 1)) * second_derivative(A, act) * L.Pn
+        V = (Q @ K.transpose(0, 2, 1)) * second_derivative(A, act) * Pn
         G = G + (rho * h / S) * ds * r + (rho * S * h) * V
-    gK = sq("lsi,lsj->lij", G, L.X)
+    gK = sq("lsi,lsj->lij", G, X)
     if rho:
         gK = gK + (rho * S * h) * sq("lsi,lsj->lij", U, Q)
     gb = G.sum(axis=1)
@@ -373,9 +310,8 @@ def extended_hamiltonian(network: ResNet, params: Params | Mapping, n: int, x, x
     costates = np.zeros_like(states)
     states[n], states[n + 1] = arrays[0], arrays[1]
     costates[n], costates[n + 1] = arrays[2], arrays[3]
-    prob = _Problem.build(network, prm, states, costates, rho, layers=np.array([n]))
-    value, gK, gb = _extended(prob.h, prob.activation, rho, shape[0], network, prob.data,
-                              K[None], b[None], True)
+    value, gK, gb = _extended(network, prm, states, costates, rho, np.array([n]), K[None],
+                              b[None], True)
     return float(value[0]), gK[0], gb[0]
 
 
@@ -416,29 +352,10 @@ def _search(prob: _Problem, theta: np.ndarray, F: np.ndarray, direction: np.ndar
     return theta_new, F_new, step, evaluations
 
 
-def _ascend_gradient(prob: _Problem, theta: np.ndarray, steps: int, ls: _LineSearch):
-    F, G = prob.evaluate(theta)
-    F0 = F.copy()
-    active = np.ones(F.shape, bool)
-    evaluations = F.size
-    for it in range(steps):
-        slope = np.einsum("li,li->l", G, G)
-        active &= slope > 0
-        if not active.any():
-            break
-        theta, F, step, ev = _search(prob, theta, F, G, slope, np.full(F.shape, ls.lr),
-                                     active, ls)
-        evaluations += ev
-        active &= step > 0
-        if it + 1 < steps and active.any():
-            idx = np.flatnonzero(active)
-            F[idx], G[idx] = prob.evaluate(theta[idx], idx)
-            evaluations += idx.size
-    return theta, F - F0, evaluations
-
-
-def _ascend_lbfgs(prob: _Problem, theta: np.ndarray, steps: int, ls: _LineSearch):
-    # minimise f = -F: gradient -G, direction -H(-G) = H G
+def _ascend(prob: _Problem, theta: np.ndarray, steps: int, ls: _LineSearch, memory: bool):
+    """``steps`` ascent steps on every layer's ``F``, each with its own line search:
+    L-BFGS directions with ``memory``, steepest ascent (the gradient) without."""
+    # L-BFGS minimises f = -F: gradient -G, direction -H(-G) = H G
     F, G = prob.evaluate(theta)
     F0 = F.copy()
     L = F.size
@@ -477,6 +394,9 @@ def _ascend_lbfgs(prob: _Problem, theta: np.ndarray, steps: int, ls: _LineSearch
         G_new = G.copy()
         F[idx], G_new[idx] = prob.evaluate(theta_new[idx], idx)
         evaluations += idx.size
+        if not memory:
+            theta, G = theta_new, G_new
+            continue
         s = theta_new - theta
         y = G - G_new  # gradient difference of f = -F
         sy = np.einsum("li,li->l", s, y)
@@ -517,7 +437,7 @@ def _problem(model: Model, params, states, costates, rho: float, target: Target)
     """The layers' inner problems: the batched NumPy form for a ResNet, the contract's
     layer by layer for any other model."""
     if isinstance(model, ResNetModel):
-        return _Problem.build(model.network, params, states, costates, rho)
+        return _Problem(model, params, states, costates, rho, target)
     return _ModelProblem(model, params, states, costates, rho, target)
 
 
@@ -532,11 +452,10 @@ def _check_finite(params: Mapping[str, np.ndarray]) -> None:
             raise TrainingDivergedError(f"non-finite parameters {k!r} after the update")
 
 
-def _head(p: Mapping[str, np.ndarray], model: Model | None = None) -> dict[str, np.ndarray]:
+def _head(p: Mapping[str, np.ndarray], model: Model) -> dict[str, np.ndarray]:
     """The parameters without a layer Hamiltonian: the opening's and the terminal
     objective's (a ResNet's ``K_in, b_in, W, mu``)."""
-    keys = HEAD_KEYS if model is None else (*model.opening_keys, *model.terminal_keys)
-    return {k: p[k] for k in keys if k in p}
+    return {k: p[k] for k in (*model.opening_keys, *model.terminal_keys) if k in p}
 
 
 def _array(d: Mapping[str, Any], key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -614,7 +533,7 @@ class EMSA(TrainingMethod):
                                     low_open=True, high_open=True)
         self.max_backtracks = check_integer("max_backtracks", self.max_backtracks, 0)
         self.c1 = check_real("c1", self.c1, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.head_optimizer = _gradient_optimizer("head_optimizer", self.head_optimizer)
+        self.head_optimizer = check_gradient_optimizer("head_optimizer", self.head_optimizer)
         try:
             self.target = Target.parse(self.target)
         except ValueError as exc:
@@ -632,10 +551,10 @@ class EMSA(TrainingMethod):
         value, states, costates, grads = _sweeps(model, p, X, y, self.target)
         prob = _problem(model, p, states, costates, self.rho, self.target)
         ls = _LineSearch(self.lr, self.backtrack, self.max_backtracks, self.c1)
-        ascend = _ascend_lbfgs if self.inner is InnerSolver.LBFGS else _ascend_gradient
         with np.errstate(over="ignore", invalid="ignore"):
-            theta, gain, evaluations = ascend(
-                prob, prob.flatten([p[k] for k in model.layer_keys]), self.inner_steps, ls)
+            theta, gain, evaluations = _ascend(
+                prob, prob.flatten([p[k] for k in model.layer_keys]), self.inner_steps, ls,
+                memory=self.inner is InnerSolver.LBFGS)
         layers = prob.unflatten(theta)
         head, head_state = self.head_optimizer.update(_head(p, model), _head(grads, model),
                                                       state.head)
@@ -655,17 +574,10 @@ class EMSA(TrainingMethod):
         return d
 
     def load_state(self, d: Mapping[str, Any], network: ResNet, params: Params) -> EMSAState:
-        name = scalar_entry(d, "method", _STATE_DICT)
-        if name != self.name:
-            raise ValueError(f"this is the state of method {name!r}, not of {self.name!r}")
+        self.check_state_name(d)
         return EMSAState(int(scalar_entry(d, "step", _STATE_DICT)),
                          self.head_optimizer.load_state(group_state(d, "head")))
 
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "rho": self.rho, "inner": self.inner.value,
-                "inner_steps": self.inner_steps, "lr": self.lr, "backtrack": self.backtrack,
-                "max_backtracks": self.max_backtracks, "c1": self.c1,
-                "head_optimizer": self.head_optimizer.config(), "target": self.target.value}
 
 
 @dataclass
@@ -680,11 +592,6 @@ class MSA(EMSA):
     name: ClassVar[str] = "msa"
 
     rho: float = field(default=0.0, init=False)
-
-    def config(self) -> dict[str, Any]:
-        out = super().config()
-        del out["rho"]
-        return out
 
 
 # --- discrete weights ------------------------------------------------------------------------
@@ -792,7 +699,7 @@ class DiscreteMSA(TrainingMethod):
         self.rho_growth = check_real("rho_growth", self.rho_growth, low=0.0)
         self.beta = check_real("beta", self.beta, low=0.0, high=1.0, high_open=True)
         self.init_threshold = check_real("init_threshold", self.init_threshold, low=0.0)
-        self.optimizer = _gradient_optimizer("optimizer", self.optimizer)
+        self.optimizer = check_gradient_optimizer("optimizer", self.optimizer)
         try:
             self.target = Target.parse(self.target)
         except ValueError as exc:
@@ -898,9 +805,7 @@ class DiscreteMSA(TrainingMethod):
 
     def load_state(self, d: Mapping[str, Any], network: ResNet,
                    params: Params) -> DiscreteState:
-        name = scalar_entry(d, "method", _STATE_DICT)
-        if name != self.name:
-            raise ValueError(f"this is the state of method {name!r}, not of {self.name!r}")
+        self.check_state_name(d)
         model = as_model(network)
         shape = model.check_params(params)[model.layer_keys[0]].shape
         levels = _array(d, "levels", shape, model.dtype)
@@ -911,12 +816,6 @@ class DiscreteMSA(TrainingMethod):
                              _array(d, "log_scale", shape[:1], model.dtype),
                              _array(d, "moving_average", shape, model.dtype),
                              self.optimizer.load_state(group_state(d, "optimizer")))
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind.value, "lam": self.lam, "rho": self.rho,
-                "rho_schedule": self.rho_schedule.value, "rho_growth": self.rho_growth,
-                "beta": self.beta, "init_threshold": self.init_threshold,
-                "optimizer": self.optimizer.config(), "target": self.target.value}
 
 
 # --- by name ---------------------------------------------------------------------------------

@@ -27,14 +27,13 @@ are derived on :doc:`/theory/node`; this module implements them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-from ._checks import check_inputs, check_positive_float, check_positive_int
+from ._checks import check_inputs, check_integer, check_positive_float, check_positive_int
 from ._options import OptionEnum
 from .activations import Activation, dsigma, sigma
 from .methods import GradientFunction
@@ -61,9 +60,6 @@ __all__ = [
     "node_loss",
     "node_loss_and_grad",
     "node_solve",
-    "node_step",
-    "node_step_adjoint",
-    "node_step_tangent",
 ]
 
 
@@ -73,11 +69,8 @@ __all__ = [
 
 
 class Scheme(OptionEnum, what="ODE scheme"):
-    """Explicit Runge-Kutta scheme of the fine solver (Lorin 2020, parareal neural ODE).
-
-    One step of size ``tau`` on a piece with weights ``K, b`` (:doc:`/theory/node`)::
-
-        X_i = x + tau sum_{j<i} A_ij k_j,  k_i = sigma(K X_i + b),  x_+ = x + tau sum_i w_i k_i
+    """Explicit Runge-Kutta scheme of the fine solver (Lorin 2020, parareal neural ODE;
+    the step is :class:`RKPropagator`'s, the coefficients ``_TABLEAUS``).
 
     ``EULER``
         Forward Euler, order 1, one right-hand-side evaluation per step.
@@ -140,28 +133,16 @@ class NODEDivergenceError(DivergenceError):
 
 @dataclass(frozen=True)
 class NODEParareal(SweepSolver):
-    """The parareal neural ODE solve (Lorin; :doc:`/theory/node`): options and strategy.
+    """The parareal neural ODE solve (Lorin 2020; the iteration is the module docstring's,
+    the theory :doc:`/theory/node`): options and strategy.
 
-    Lorin 2020, parareal neural ODE (module docstring for the full reference).
-    Theory: :doc:`/theory/node`.
-
-    Iteration ``k >= 1`` computes
-    ``U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1}))`` from the coarse
-    sweep ``U_{j+1}^0 = G_j(U_j^0)``, ``U_0 = x_0`` (module docstring), where ``F_j^{(k)}``
-    uses the scheme ``schedule[min(k, len(schedule)) - 1]``: the schedule's entries in
-    order, then its last entry for all later iterations.
-
-    This is ptoc's one parareal loop, :class:`ptoc.parallel.parareal.PararealSolve`, one
-    chunk per rank, on the neural ODE as an :class:`RKPropagator` with the schedule's
-    last scheme: the fine propagator of the sweep from ``U^{k-1}`` is the
-    :class:`RKPropagator` with scheme ``s_k`` (the solver's per-iteration fine hook), the
-    coarse propagator is :meth:`coarse_function`, and the tests below are a
-    :class:`~ptoc.parallel.parareal.PararealRule`. :func:`node_solve` runs it on one
-    simulated rank per chunk (threads of one process); as a
-    :class:`~ptoc.parallel.SweepSolver` it also solves the state sweep of an
+    The fine propagator ``F_j^{(k)}`` of iteration ``k >= 1`` uses the scheme
+    ``schedule[min(k, len(schedule)) - 1]``: the schedule's entries in order, then its
+    last entry for all later iterations; the coarse one is :meth:`coarse_function`.
+    :func:`node_solve` runs it on one simulated rank per chunk (threads of one process);
+    as a :class:`~ptoc.parallel.SweepSolver` it also solves the state sweep of an
     :class:`RKPropagator` through :func:`ptoc.parallel.solve_states` (the residuals of its
-    :class:`~ptoc.parallel.SolveResult` are then the updates ``max |U^k - U^{k-1}|``,
-    ``k = 1..K``).
+    :class:`~ptoc.parallel.SolveResult` are then the updates ``max |U^k - U^{k-1}|``).
 
     Parameters
     ----------
@@ -229,11 +210,8 @@ class NODEParareal(SweepSolver):
                              "e.g. ('rk4',) or ('euler', 'heun', 'rk4')")
         set_(self, "schedule", tuple(Scheme.parse(s) for s in schedule))
         if self.max_iterations is not None:
-            m = self.max_iterations
-            if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
-                raise ValueError(f"NODEParareal max_iterations must be an integer >= 0, "
-                                 f"got {m!r}")
-            set_(self, "max_iterations", int(m))
+            set_(self, "max_iterations",
+                 check_integer("NODEParareal max_iterations", self.max_iterations, 0))
         set_(self, "tol", check_positive_float("NODEParareal tol", self.tol))
         set_(self, "coarse", NODECoarse.parse(self.coarse))
         set_(self, "divergence_factor",
@@ -258,15 +236,11 @@ class NODEParareal(SweepSolver):
             if sum(self.chunks) != n_pieces:
                 raise ValueError(f"NODEParareal chunk sizes {self.chunks} sum to "
                                  f"{sum(self.chunks)}, but the network has N={n_pieces} pieces")
-            sizes = np.array(self.chunks, dtype=np.int64)
-        else:
-            P = self.chunks
-            if P > n_pieces:
-                raise ValueError(f"NODEParareal chunks P={P} exceeds the N={n_pieces} pieces "
-                                 "of the network: every chunk needs at least one piece")
-            sizes = np.full(P, n_pieces // P, dtype=np.int64)
-            sizes[: n_pieces % P] += 1
-        return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            return np.concatenate([[0], np.cumsum(self.chunks)]).astype(np.int64)
+        if self.chunks > n_pieces:
+            raise ValueError(f"NODEParareal chunks P={self.chunks} exceeds the N={n_pieces} "
+                             "pieces of the network: every chunk needs at least one piece")
+        return partition(n_pieces, self.chunks)
 
     def iterations_for(self, n_chunks: int) -> int:
         """The iteration budget: ``max_iterations``, or ``len(schedule) - 1 + P``."""
@@ -290,10 +264,12 @@ class NODEParareal(SweepSolver):
         """
         euler = prop.with_scheme(Scheme.EULER, 1)
         bounds = self.chunk_bounds(prop.n_layers)
-        mode = self.coarse
 
         def G(j: int, x: np.ndarray) -> np.ndarray:
-            return _coarse(euler, int(bounds[j]), int(bounds[j + 1]), mode, x)
+            lo, hi = int(bounds[j]), int(bounds[j + 1])
+            if self.coarse is NODECoarse.CHUNK:
+                return euler.coarse_step(euler.layer_parameters(lo), hi - lo, x)
+            return euler.propagate(x, lo, hi)
 
         return G
 
@@ -366,101 +342,38 @@ def _step(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float, scheme: Schem
     return _combine(x, tau, _TABLEAUS[scheme][1], ks)
 
 
-def _check_step_args(x, K, b, tau, scheme, activation):
-    scheme = Scheme.parse(scheme)
-    act = Activation.parse(activation)
-    x, K, b = np.asarray(x), np.asarray(K), np.asarray(b)
-    if x.ndim != 2:
-        raise ValueError(f"x must be a 2-D array (batch, d), got shape {x.shape}")
-    d = x.shape[1]
-    if K.shape != (d, d):
-        raise ValueError(f"K has shape {K.shape}, expected {(d, d)} for x of shape {x.shape}")
-    if b.shape != (d,):
-        raise ValueError(f"b has shape {b.shape}, expected {(d,)} for x of shape {x.shape}")
-    tau = float(tau)
-    if not math.isfinite(tau):
-        raise ValueError(f"tau must be finite, got {tau!r}")
-    return x, K, b, tau, scheme, act
-
-
-def node_step(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
-              scheme: Scheme | str, activation: Activation | str) -> np.ndarray:
-    """One explicit Runge-Kutta step of ``x' = sigma(K x + b)`` for a batch of states.
-
-    Implements (module docstring; Lorin 2020, parareal neural ODE;
-    :doc:`/theory/node`)::
-
-        X_i = x + tau sum_{j<i} A_ij k_j,   k_i = sigma(K X_i + b),   x_+ = x + tau sum_i w_i k_i
-
-    Parameters
-    ----------
-    x : ndarray (S, d)
-        States, one sample per row.
-    K : ndarray (d, d)
-    b : ndarray (d,)
-    tau : float
-        Step size.
-    scheme : Scheme or str
-    activation : Activation or str
-
-    Returns
-    -------
-    ndarray (S, d)
-        ``x_+``.
-    """
-    x, K, b, tau, scheme, act = _check_step_args(x, K, b, tau, scheme, activation)
-    return _step(x, K, b, tau, scheme, act)
-
-
-def node_step_tangent(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
-                      scheme: Scheme | str, activation: Activation | str, dx: np.ndarray,
-                      dK: np.ndarray, db: np.ndarray) -> np.ndarray:
-    """Tangent-linear (forward-mode) derivative of :func:`node_step` in direction ``(dx, dK, db)``.
-
-    Differentiates the stages of the module docstring (Lorin 2020, parareal neural ODE;
-    :doc:`/theory/node`)::
-
-        dX_i = dx + tau sum_{j<i} A_ij dk_j
-        da_i = K dX_i + dK X_i + db,       dk_i = sigma'(a_i) * da_i
-        dx_+ = dx + tau sum_i w_i dk_i
-
-    Returns
-    -------
-    ndarray (S, d)
-        ``dx_+``.
-    """
-    x, K, b, tau, scheme, act = _check_step_args(x, K, b, tau, scheme, activation)
-    dx, dK, db = np.asarray(dx), np.asarray(dK), np.asarray(db)
-    if dx.shape != x.shape or dK.shape != K.shape or db.shape != b.shape:
-        raise ValueError("the direction (dx, dK, db) must have the shapes of (x, K, b)")
-    return _step_tangent(x, K, b, tau, scheme, act, dx, dK, db)
-
-
 def _step_tangent(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float, scheme: Scheme,
-                  act: Activation, dx: np.ndarray, dK: np.ndarray | None = None,
-                  db: np.ndarray | None = None) -> np.ndarray:
-    """``dx_+`` of :func:`node_step_tangent` (no checks); ``dK`` or ``db`` None: zero."""
+                  act: Activation, dx: np.ndarray) -> np.ndarray:
+    """Tangent of one step in the state, ``dx_+ = (d x_+ / d x) dx``, stage by stage::
+
+        dX_i = dx + tau sum_{j<i} A_ij dk_j,   dk_i = sigma'(a_i) * (K dX_i),
+        dx_+ = dx + tau sum_i w_i dk_i.
+    """
     A, w = _TABLEAUS[scheme]
-    Xs, As, _ = _stages(x, K, b, tau, scheme, act)
+    As = _stages(x, K, b, tau, scheme, act)[1]
     dks: list[np.ndarray] = []
     for i, row in enumerate(A):
         dXi = dx
         for j, aij in enumerate(row):
             if aij:
                 dXi = dXi + (tau * aij) * dks[j]
-        dai = dXi @ K.T
-        if dK is not None:
-            dai = dai + Xs[i] @ dK.T
-        if db is not None:
-            dai = dai + db
-        dks.append(dsigma(As[i], act) * dai)
+        dks.append(dsigma(As[i], act) * (dXi @ K.T))
     return _combine(dx, tau, w, dks)
 
 
 def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
                   scheme: Scheme, act: Activation, gK: np.ndarray,
                   gb: np.ndarray) -> np.ndarray:
-    """Reverse-mode adjoint of one step; adds to ``gK``, ``gb`` and returns ``lambda``."""
+    """Exact reverse-mode adjoint of one step: adds to ``gK``, ``gb`` and returns ``lambda``.
+
+    From ``bar k_i = tau w_i lambda_+`` (``lambda_+`` the sensitivity to ``x_+``;
+    :doc:`/theory/adjoint`), for ``i = s..1``::
+
+        bar a_i = sigma'(a_i) * bar k_i,   dJ/dK += sum_s bar a_i X_i^T,   dJ/db += sum_s bar a_i,
+        bar X_i = K^T bar a_i,   lambda += bar X_i,   bar k_j += tau A_ij bar X_i (j < i),
+
+    starting from ``lambda = lambda_+``: the transpose of the tangent map.
+    """
     A, w = _TABLEAUS[scheme]
     Xs, As, _ = _stages(x, K, b, tau, scheme, act)
     kbar: list[np.ndarray | None] = [(tau * wi) * lam if wi else None for wi in w]
@@ -479,40 +392,6 @@ def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, 
                 contrib = (tau * aij) * Xbar
                 kbar[j] = contrib if kbar[j] is None else kbar[j] + contrib
     return lam_in
-
-
-def node_step_adjoint(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
-                      scheme: Scheme | str, activation: Activation | str,
-                      lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact reverse-mode adjoint of :func:`node_step` (the transpose of :func:`node_step_tangent`).
-
-    With ``lambda_+ = lam`` the sensitivity of ``J`` to ``x_+`` (Lorin, "Parareal neural
-    ODE"; :doc:`/theory/adjoint`, stage by stage)::
-
-        bar k_i = tau w_i lambda_+;   for i = s..1:
-            bar a_i = sigma'(a_i) * bar k_i
-            dJ/dK += sum_s bar a_i X_i^T,   dJ/db += sum_s bar a_i
-            bar X_i = K^T bar a_i,   lambda += bar X_i,   bar k_j += tau A_ij bar X_i (j < i)
-
-    starting from ``lambda = lambda_+``. So ``<lam, T(dx, dK, db)> = <lambda, dx> +
-    <gK, dK> + <gb, db>`` for the tangent map ``T``.
-
-    Returns
-    -------
-    lambda : ndarray (S, d)
-        Sensitivity to ``x``.
-    gK : ndarray (d, d)
-    gb : ndarray (d,)
-    """
-    x, K, b, tau, scheme, act = _check_step_args(x, K, b, tau, scheme, activation)
-    lam = np.asarray(lam)
-    if lam.shape != x.shape:
-        raise ValueError(f"lam has shape {lam.shape}, expected {x.shape}")
-    dt = np.result_type(x, K, b, lam)
-    gK = np.zeros(K.shape, dt)
-    gb = np.zeros(b.shape, dt)
-    lam0 = _step_adjoint(x, lam, K, b, tau, scheme, act, gK, gb)
-    return lam0, gK, gb
 
 
 # ----------------------------------------------------------------------------------------
@@ -567,12 +446,8 @@ class RKPropagator(Propagator):
 
     so that with Euler and one substep it is the ResNet layer
     ``x_{n+1} = x_n + h sigma(K_n x_n + b_n)``. :meth:`adjoint_step` is the exact
-    reverse-mode adjoint of those substeps (recomputed from ``x``), stage by stage::
-
-        bar a_i = sigma'(a_i) * bar k_i,  dJ/dK_n += sum_s bar a_i X_i^T,
-        dJ/db_n += sum_s bar a_i,  lambda += K_n^T bar a_i,  bar k_j += tau A_ij K_n^T bar a_i
-
-    from ``bar k_i = tau w_i lambda_+``; :meth:`tangent_step` is its transpose.
+    reverse-mode adjoint of those substeps (recomputed from ``x``; ``_step_adjoint``
+    writes it out stage by stage); :meth:`tangent_step` is its transpose.
     :meth:`objective` is the classifier's batch-mean cross-entropy ``Phi(x_N)``
     (:doc:`/theory/resnet`; without the regulariser), which needs ``labels``.
 
@@ -663,7 +538,7 @@ class RKPropagator(Propagator):
                                    self.activation, gK, gb)
 
     def tangent_step(self, n: int, x: np.ndarray, dx: np.ndarray) -> np.ndarray:
-        """``Phi_n'(x) dx``: the tangent of every substep (:func:`node_step_tangent`)."""
+        """``Phi_n'(x) dx``: the tangent of every substep in the state."""
         p = self.params
         traj = self._trajectory(x, p.K[n:n + 1], p.b[n:n + 1], self.h)
         tau = self.h / self.substeps
@@ -750,17 +625,6 @@ class RKLevelSteps(LevelSteps):
                                     prop.activation)
             u[s:e + 1] = traj[m::m]
             self.trajectory = traj
-
-
-def _coarse(euler: RKPropagator, lo: int, hi: int, coarse: NODECoarse,
-            x: np.ndarray) -> np.ndarray:
-    """``G_j(x)`` of the chunk of pieces ``lo..hi-1`` (:class:`NODECoarse`), on the Euler
-    propagator with one substep: ``PIECE`` runs its layers,
-    ``x <- x + h sigma(K_n x + b_n)`` (the ResNet's); ``CHUNK`` is its coarse step with the
-    first piece's weights, ``x + (hi - lo) h sigma(K_lo x + b_lo)``."""
-    if coarse is NODECoarse.CHUNK:
-        return euler.coarse_step(euler.layer_parameters(lo), hi - lo, x)
-    return euler.propagate(x, lo, hi)
 
 
 # ----------------------------------------------------------------------------------------
@@ -888,10 +752,8 @@ def _parareal_sweep(par: NODEParareal, comm: Communicator, problem: SweepProblem
 
 @dataclass
 class NODESolution:
-    """A neural-ODE solve (serial or parareal) and its cost and convergence record.
-
-    Lorin 2020, parareal neural ODE; :doc:`/theory/node`. The boundary values ``U_j``
-    are those of ``U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1}))``.
+    """A neural-ODE solve (serial or parareal) and its cost and convergence record
+    (Lorin 2020; ``U_j`` are the boundary values of the module docstring's iteration).
 
     Attributes
     ----------
@@ -942,14 +804,37 @@ class NODESolution:
     schemes: list[Scheme] = field(default_factory=list)
     fine_steps: list[int] = field(default_factory=list)
     fine_steps_critical: list[int] = field(default_factory=list)
-    rhs_evaluations: list[int] = field(default_factory=list)
-    rhs_evaluations_critical: list[int] = field(default_factory=list)
     coarse_steps: list[int] = field(default_factory=list)
     final_fine_steps: int = 0
     final_fine_steps_critical: int = 0
-    final_rhs_evaluations: int = 0
-    final_rhs_evaluations_critical: int = 0
     iterates: list[np.ndarray] | None = None
+
+    #: The counts of :meth:`to_dict` (all but the arrays).
+    _RECORD: ClassVar[tuple[str, ...]] = (
+        "substeps", "iterations", "converged", "changes", "fine_steps", "fine_steps_critical",
+        "rhs_evaluations", "rhs_evaluations_critical", "coarse_steps", "final_fine_steps",
+        "final_fine_steps_critical", "final_rhs_evaluations", "final_rhs_evaluations_critical")
+
+    @property
+    def rhs_evaluations(self) -> list[int]:
+        """Right-hand-side evaluations of each iteration's fine solves (steps x stages)."""
+        return [f * s.stages for f, s in zip(self.fine_steps, self.schemes, strict=True)]
+
+    @property
+    def rhs_evaluations_critical(self) -> list[int]:
+        """The same on the critical path."""
+        return [f * s.stages for f, s in zip(self.fine_steps_critical, self.schemes,
+                                              strict=True)]
+
+    @property
+    def final_rhs_evaluations(self) -> int:
+        """Right-hand-side evaluations of the final sweep."""
+        return self.final_fine_steps * self.scheme.stages
+
+    @property
+    def final_rhs_evaluations_critical(self) -> int:
+        """The same on the critical path."""
+        return self.final_fine_steps_critical * self.scheme.stages
 
     @property
     def final_state(self) -> np.ndarray:
@@ -991,21 +876,10 @@ class NODESolution:
 
     def to_dict(self) -> dict[str, Any]:
         """The record without the arrays (JSON-ready)."""
-        return {
-            "scheme": self.scheme.value, "substeps": self.substeps,
-            "chunks": [int(v) for v in np.diff(self.bounds)],
-            "iterations": self.iterations, "converged": self.converged,
-            "changes": list(self.changes), "schemes": [s.value for s in self.schemes],
-            "fine_steps": list(self.fine_steps),
-            "fine_steps_critical": list(self.fine_steps_critical),
-            "rhs_evaluations": list(self.rhs_evaluations),
-            "rhs_evaluations_critical": list(self.rhs_evaluations_critical),
-            "coarse_steps": list(self.coarse_steps),
-            "final_fine_steps": self.final_fine_steps,
-            "final_fine_steps_critical": self.final_fine_steps_critical,
-            "final_rhs_evaluations": self.final_rhs_evaluations,
-            "final_rhs_evaluations_critical": self.final_rhs_evaluations_critical,
-        }
+        out = {key: (lambda v: list(v) if isinstance(v, list) else v)(getattr(self, key))
+               for key in self._RECORD}
+        return {"scheme": self.scheme.value, "chunks": [int(v) for v in np.diff(self.bounds)],
+                "schemes": [s.value for s in self.schemes], **out}
 
 
 @dataclass
@@ -1052,9 +926,7 @@ def _serial(network: ResNet, params: Params, x0: np.ndarray, opts: _Options) -> 
     traj = _fine_trajectory(x0, params.K, params.b, network.h, m, s, network.activation)
     steps = network.depth * m
     return NODESolution(s, m, opts.bounds, [traj], traj[[0, -1]].copy(),
-                        final_fine_steps=steps, final_fine_steps_critical=steps,
-                        final_rhs_evaluations=steps * s.stages,
-                        final_rhs_evaluations_critical=steps * s.stages)
+                        final_fine_steps=steps, final_fine_steps_critical=steps)
 
 
 #: Seconds a simulated rank of :func:`node_solve` may wait for a message (no real limit).
@@ -1089,9 +961,7 @@ def _parareal(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
     for j, traj in enumerate(trajectories):
         if not np.all(np.isfinite(traj[-1])):
             raise _diverged(K, f"non-finite states in the final fine sweep of chunk {j}")
-    stages = [s.stages for s in rule.schemes]
-    final = par.final_scheme.stages
-    sol = NODESolution(
+    return NODESolution(
         par.final_scheme, m, bounds, trajectories,
         np.stack([x0] + [s.solve.boundary for s in sweeps]), iterations=K,
         converged=sweeps[0].converged, changes=list(rule.changes), schemes=list(rule.schemes),
@@ -1100,12 +970,6 @@ def _parareal(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
         coarse_steps=coarse.sum(axis=0).tolist(),
         final_fine_steps=int(fine[:, K].sum()),
         final_fine_steps_critical=int(fine[:, K].max()), iterates=rule.iterates)
-    sol.rhs_evaluations = [f * s for f, s in zip(sol.fine_steps, stages, strict=True)]
-    sol.rhs_evaluations_critical = [f * s for f, s in zip(sol.fine_steps_critical, stages,
-                                                          strict=True)]
-    sol.final_rhs_evaluations = sol.final_fine_steps * final
-    sol.final_rhs_evaluations_critical = sol.final_fine_steps_critical * final
-    return sol
 
 
 def _solve(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
@@ -1124,10 +988,9 @@ def node_solve(network: ResNet, params: Params | Mapping[str, np.ndarray], x0: n
     The weights are piecewise constant, ``K(t) = K_n``, ``b(t) = b_n`` on
     ``[n h, (n+1) h)``, ``h = T/N`` (Lorin 2020, parareal neural ODE;
     :doc:`/theory/node`). Serially, every piece takes ``substeps`` steps of ``scheme``; with
-    ``parareal`` the pieces are split into chunks and solved by parareal with the
-    coarse Euler propagator and the fine schedule of :class:`NODEParareal`::
-
-        U_{j+1}^k = F_j^{(k)}(U_j^{k-1}) + (G_j(U_j^k) - G_j(U_j^{k-1})).
+    ``parareal`` the pieces are split into chunks and solved by the parareal iteration of
+    the module docstring with the coarse Euler propagator and the fine schedule of
+    :class:`NODEParareal`.
 
     Parameters
     ----------
@@ -1190,10 +1053,16 @@ def node_loss(network: ResNet, params: Params | Mapping[str, np.ndarray], X: np.
     opts = _resolve(network, scheme, substeps, parareal)
     p = network.check_params(params)
     X, y = check_inputs(network, X, labels)
+    return _objective(network, p, X, y, opts)[0]
+
+
+def _objective(network: ResNet, p: Params, X: np.ndarray, y: np.ndarray,
+               opts: _Options) -> tuple[float, NODESolution]:
+    """``J = Phi(x_T) + R`` and the solve, for checked arguments."""
     x0, _ = opening_forward(network, p, X)
     sol = _solve(network, p, x0, opts)
     value, *_ = classifier_loss(p, sol.final_state, y)
-    return value + regulariser(network, p)
+    return float(value + regulariser(network, p)), sol
 
 
 def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray],
@@ -1204,19 +1073,13 @@ def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray
 
     Forward: opening layer, then the serial or parareal solve of :func:`node_solve`
     (Lorin 2020, parareal neural ODE; :doc:`/theory/node`). Backward: from
-    ``lambda_T = dPhi/dx_T = W^T (softmax(z) - e_c) / S`` (:doc:`/theory/adjoint`), the exact
-    reverse-mode adjoint of every Runge-Kutta step of the trajectories (module
-    docstring, :func:`node_step_adjoint`), chunk by chunk from the last, which adds::
-
-        dJ/dK_n = sum over the substeps and stages of piece n of sum_s bar a_i X_i^T,
-        dJ/db_n = sum over the same of sum_s bar a_i,
-
-    then the opening-layer gradient ``dJ/dK_in = sum_s (sigma'(a_in) * lambda_0) y^T``,
-    ``dJ/db_in``, the classifier gradient and ``dR/dtheta``. With ``parareal`` the
-    adjoint runs on the trajectories of the final parareal iterate with the schedule's
-    last scheme (exactly the serial gradient once parareal has converged exactly).
-    Euler with one substep gives :func:`ptoc.loss_and_grad` to round-off. Theory:
-    :doc:`/theory/node`.
+    ``lambda_T = dPhi/dx_T`` (:doc:`/theory/adjoint`), the exact reverse-mode adjoint of
+    every Runge-Kutta step of the trajectories (``_step_adjoint``), chunk by chunk
+    from the last, which gives ``dJ/dK_n`` and ``dJ/db_n``; then the opening-layer,
+    classifier and regulariser gradients (``ptoc.objective.assemble_gradient``). With
+    ``parareal`` the adjoint runs on the trajectories of the final parareal iterate with
+    the schedule's last scheme (exactly the serial gradient once parareal has converged
+    exactly). Euler with one substep gives :func:`ptoc.loss_and_grad` to round-off.
 
     Parameters
     ----------
@@ -1305,11 +1168,7 @@ class NODEStepRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON-ready)."""
-        return {"loss": self.loss, "iterations": self.iterations, "converged": self.converged,
-                "changes": list(self.changes), "fine_steps": self.fine_steps,
-                "fine_steps_critical": self.fine_steps_critical,
-                "rhs_evaluations": self.rhs_evaluations,
-                "rhs_evaluations_critical": self.rhs_evaluations_critical}
+        return asdict(self)
 
 
 @dataclass
@@ -1375,13 +1234,10 @@ class NeuralODEGradient(GradientFunction):
         final fine scheme (what :func:`ptoc.training.train` reports per epoch)."""
         p = self.network.check_params(params)
         X, y = check_inputs(self.network, X, y)
-        x0, _ = opening_forward(self.network, p, X)
-        opts = _resolve(self.network, self.scheme, self.substeps, None)
-        sol = _solve(self.network, p, x0, opts)
-        value, *_ = classifier_loss(p, sol.final_state, y)
+        value, sol = _objective(self.network, p, X, y,
+                                _resolve(self.network, self.scheme, self.substeps, None))
         scores = sol.final_state @ p.W.T + p.mu
-        accuracy = float(np.mean(np.argmax(scores, axis=1) == y))
-        return float(value + regulariser(self.network, p)), accuracy
+        return value, float(np.mean(np.argmax(scores, axis=1) == y))
 
     def __call__(self, params: Params | Mapping[str, np.ndarray], X: np.ndarray,
                  y: np.ndarray) -> tuple[float, Params | dict[str, np.ndarray]]:

@@ -38,12 +38,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._checks import scalar_entry
+from ._checks import check_integer, scalar_entry
 from ._options import OptionEnum
 from .kernels import Target, backend
-from .methods import StepOutcome, TrainingDivergedError, TrainingMethod, group_state
+from .methods import (
+    StepOutcome,
+    TrainingDivergedError,
+    TrainingMethod,
+    check_gradient_optimizer,
+    group_state,
+)
 from .model import Params, ResNet
-from .optim import SGD, Adam, Optimizer
+from .optim import Adam, Optimizer
 from .parallel.comm import (
     Communicator,
     SimulatedRanks,
@@ -70,7 +76,6 @@ __all__ = [
 TAG_STATE, TAG_COSTATE = 21, 22
 #: What :meth:`PGCL.load_state` calls its input in error messages.
 _STATE_DICT = "PGCL state dict"
-_HEADS = ("K_in", "b_in", "W", "mu")
 
 
 class LocalUpdate(OptionEnum, what="local update"):
@@ -295,14 +300,8 @@ class PGCL(TrainingMethod):
     _runner: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.optimizer, (SGD, Adam)):
-            raise ValueError("PGCL optimizer must be ptoc.optim.SGD or ptoc.optim.Adam (each "
-                             "chunk updates its own parameters; L-BFGS needs the global "
-                             f"objective), got {self.optimizer!r}")
-        ls = self.local_steps
-        if isinstance(ls, (bool, np.bool_)) or not isinstance(ls, (int, np.integer)) or ls < 1:
-            raise ValueError(f"PGCL local_steps must be an integer >= 1, got {ls!r}")
-        self.local_steps = int(ls)
+        self.optimizer = check_gradient_optimizer("PGCL optimizer", self.optimizer)
+        self.local_steps = check_integer("PGCL local_steps", self.local_steps, 1)
         for name, cls in (("coarse", CoarseWeights), ("local_update", LocalUpdate),
                           ("cold_start", ColdStart), ("target", Target)):
             try:
@@ -385,8 +384,7 @@ class PGCL(TrainingMethod):
 
     def load_state(self, d: Mapping[str, Any], network: ResNet, params: Params) -> PGCLState:
         """Inverse of :meth:`state_dict` (also accepts what :func:`numpy.load` returns)."""
-        if "method" in d and (method := scalar_entry(d, "method", _STATE_DICT)) != self.name:
-            raise ValueError(f"this is the state of method {method!r}, not {self.name!r}")
+        self.check_state_name(d, required=False)
         P = int(scalar_entry(d, "ranks", _STATE_DICT))
         if P != self.ranks:
             raise ValueError(f"the saved PGCL state is for {P} ranks (chunks); this PGCL runs "

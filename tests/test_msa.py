@@ -17,7 +17,7 @@ from ptoc.msa import (
     InnerSolver,
     RhoSchedule,
     WeightSet,
-    _Problem,
+    _problem,
     extended_hamiltonian,
     make_msa_method,
 )
@@ -136,7 +136,7 @@ def test_gradient_at_current_weights_is_minus_dJ(peaks, rho):
     X, y = peaks.X_train[:30], peaks.y_train[:30]
     _, grads = loss_and_grad(net, p, X, y)
     states, costates = _sweep_data(net, p, X, y)
-    prob = _Problem.build(net, p, states, costates, rho)
+    prob = _problem(ptoc.propagator.ResNetModel(net), p, states, costates, rho, ptoc.Target.CPU)
     F_all, G_all = prob.evaluate(prob.flatten([p.K, p.b]))  # all layers at once
     for n in range(net.depth):
         value, gK, gb = extended_hamiltonian(net, p, n, states[n], states[n + 1], costates[n],
