@@ -35,7 +35,7 @@ Rows, each trained for the same number of epochs (40) with batches of 64 (a new
 Reported per row: final test accuracy (mean and spread over the seeds; no selection
 on the test set), final training accuracy, the fraction of nonzero residual weights
 and the wall time per run. A JSON record goes to
-``benchmarks/results/discrete_<timestamp>.json`` unless ``--no-json``.
+``benchmarks/out/discrete_<timestamp>.json`` unless ``--no-json``.
 
 Usage::
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_json:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = args.output or Path(__file__).parent / "results" / f"discrete_{stamp}.json"
+        path = args.output or Path(__file__).parent / "out" / f"discrete_{stamp}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "benchmark": "discrete-weight MSA (Li & Hao 2018) on digits",

@@ -37,7 +37,7 @@ Usage::
     python benchmarks/bench_gradient.py --widths 8 64 --batches 256 --depths 64
 
 A JSON record (machine, versions, settings, every sample) goes to
-``benchmarks/results/gradient_<timestamp>.json`` unless ``--no-json``.
+``benchmarks/out/gradient_<timestamp>.json`` unless ``--no-json``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ QUICK = {"widths": (8, 16, 64), "batches": (256,), "depths": (64,)}
 N_IN, N_CLASSES, T_FINAL = 2, 5, 1.0
 ACTIVATION = Activation.TANH
 MAX_REL_DIFF = 1e-8
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "out"
 
 
 # --- the machine ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ bounded. Nothing is timed. Usage::
     python benchmarks/bench_init.py                 # N = 32, 256, 1024; 3 seeds, 10 epochs
     python benchmarks/bench_init.py --depths 64 --seeds 1 --epochs 2
 
-Writes ``benchmarks/results/init_<timestamp>.json`` unless ``--no-json``.
+Writes ``benchmarks/out/init_<timestamp>.json`` unless ``--no-json``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import ptoc
 from ptoc.objective import regulariser
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "out"
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ Usage::
     python benchmarks/bench_node.py --T 4 --substeps 4 --targets 1e-6 1e-8
 
 A JSON record (settings, every error history and cost per iteration, the table) goes to
-``benchmarks/results/node_<timestamp>.json`` unless ``--no-json``.
+``benchmarks/out/node_<timestamp>.json`` unless ``--no-json``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import numpy as np
 import ptoc
 from ptoc.node import NODECoarse, NODEParareal, Scheme, node_solve
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "out"
 SCHEDULES: dict[str, tuple[Scheme, ...]] = {
     "rk4": (Scheme.RK4,),
     "euler>heun>rk4": (Scheme.EULER, Scheme.HEUN, Scheme.RK4),

@@ -45,10 +45,10 @@ Usage::
     python benchmarks/bench_pymgrit.py --repeats 100 --threads 1
 
 PyMGRIT calls ``np.in1d``, removed in NumPy 2.4; the script aliases ``np.in1d =
-np.isin`` before importing it. Without PyMGRIT (``pip install pymgrit==1.0.6``) the
-script says so and times ptoc and the loop only. A JSON record (machine, versions,
-settings, every sample) goes to ``benchmarks/results/pymgrit_<timestamp>.json`` unless
-``--no-json``.
+np.isin`` before importing it. Without PyMGRIT (the ``bench`` extra,
+``pip install '.[bench]'``) the script says so and times ptoc and the loop only. A
+JSON record (machine, versions, settings, every sample) goes to
+``benchmarks/out/pymgrit_<timestamp>.json`` unless ``--no-json``.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ COARSENING, TOL = 4, 1e-10
 CONFIGS = (("two-level", 2, 2), ("max-level", 6, 10))
 TARGET_RATIO = 30.0
 STATE_TOL = 1e-11  # "about 1e-12 or better" for the final state against the serial sweep
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "out"
 
 
 # --- the problem -------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     notes = []
     if PYMGRIT_ERROR is not None:
         notes.append(f"PyMGRIT could not be imported ({PYMGRIT_ERROR}): only ptoc and the "
-                     "NumPy loop are timed (pip install pymgrit==1.0.6).")
+                     "NumPy loop are timed (pip install '.[bench]').")
     elif _machine.dist_version("pymgrit") != "1.0.6":
         notes.append(f"PyMGRIT {_machine.dist_version('pymgrit')} is installed; this "
                      "comparison was written for 1.0.6.")

@@ -58,7 +58,7 @@ On a machine with 16 cores, ``--mpi-ranks 4 8 16`` adds launches of P ranks x 1 
 (P = 1 and 2 are always measured) and sets each measured speed-up beside its prediction;
 a launch of more ranks x threads than logical CPUs is noted as oversubscribed.
 
-Writes ``benchmarks/results/scaling_<timestamp>.json`` (machine, settings, every
+Writes ``benchmarks/out/scaling_<timestamp>.json`` (machine, settings, every
 sample and step count) and ``scaling_<timestamp>.png`` (predicted speed-up against P)
 unless ``--no-json`` / ``--no-plot``.
 """
@@ -111,7 +111,7 @@ def measured_ranks(launch_set) -> dict[int, str]:
     return {ranks: label for label, ranks, threads in launch_set if threads == 1}
 MGRIT_ARGS = ["--coarsening", "4", "--relaxation", "FCF", "--cycle", "V", "--levels", "10",
               "--min-coarse", "2"]
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "out"
 
 
 def solve_args(depth: int, method: str, sweep: str, tol: float, seed: int) -> list[str]:

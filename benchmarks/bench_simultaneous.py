@@ -32,7 +32,7 @@ machine. Usage::
     python benchmarks/bench_simultaneous.py            # 100 L-BFGS steps, ~3 minutes
     python benchmarks/bench_simultaneous.py --quick    # 15 steps, P = 4
 
-Writes ``benchmarks/results/simultaneous_<timestamp>.json`` and a PNG of validation
+Writes ``benchmarks/out/simultaneous_<timestamp>.json`` and a PNG of validation
 accuracy against steps and against critical-path layer steps.
 """
 
@@ -53,7 +53,7 @@ from ptoc.parallel import MGRIT, Relaxation
 from ptoc.simultaneous import SimultaneousGradient
 from ptoc.training import train
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "out"
 
 SOLVERS = {
     "default": dict(coarsening=4, relaxation=Relaxation.FCF),

@@ -153,6 +153,13 @@ class Record:
         return path
 
 
+def default_out(folder: Path, quick: bool) -> Path:
+    """Where a run writes its records unless told otherwise: ``<folder>/results/quick``
+    or ``<folder>/results/latest``, both ignored by git. The committed records in
+    ``<folder>/results`` change only when asked for (``--out <folder>/results``)."""
+    return folder / "results" / ("quick" if quick else "latest")
+
+
 def discover(folder: Path) -> dict[str, Path]:
     """The claim scripts in ``folder``: every ``*.py`` not starting with ``_``, by name."""
     if not folder.is_dir():
@@ -234,9 +241,10 @@ def script_main(module_name: str, argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the seconds-long CI check")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the record and figures go (default: "
-                        "validation/results, or validation/results/quick with --quick)")
+                        "validation/results/latest, or validation/results/quick with "
+                        "--quick; --out validation/results updates the committed records)")
     args = parser.parse_args(argv)
-    out = args.out or (path.parent / "results" / ("quick" if args.quick else ""))
+    out = args.out or default_out(path.parent, args.quick)
     record = run_script(module, path.stem, quick=args.quick, out_dir=out)
     print(table([record], {path.stem: module.NUMBER}))
     print(f"wrote {out / (path.stem + '.json')}")

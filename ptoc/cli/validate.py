@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from .arguments import Formatter
-from .claims import Verdict, discover, load_script, run_script, table
+from .claims import Verdict, default_out, discover, load_script, run_script, table
 from .errors import CLIError
 
 __all__ = ["add_parser", "run"]
@@ -22,17 +22,20 @@ def add_parser(sub) -> None:
         "validate", help="check the papers' claims (validation/), print one table",
         description="Run the claim scripts in validation/ (one per claim of the papers) and "
         "print one table. Each writes a JSON record (claim, source, paper value, our value, "
-        "tolerance, verdict) and its figures. Exit code 1 when a claim fails.",
+        "tolerance, verdict) and its figures, by default to DIR/results/latest (or "
+        "DIR/results/quick), which git ignores: the committed records in DIR/results "
+        "change only with --out DIR/results. Exit code 1 when a claim fails.",
         formatter_class=Formatter)
     v.add_argument("--quick", action="store_true",
-                   help="seconds per claim (what CI runs) instead of the full runs")
+                   help="seconds per claim (the size tests/test_validation.py runs) instead "
+                   "of the full runs")
     v.add_argument("--only", nargs="+", metavar="NAME", default=None,
                    help="run only these claims (script names, see --list)")
     v.add_argument("--list", action="store_true", help="list the claims and exit")
     v.add_argument("--dir", type=Path, default=Path("validation"),
                    help="the folder of claim scripts")
     v.add_argument("--out", type=Path, default=None,
-                   help="where records and figures go (default: DIR/results, or "
+                   help="where records and figures go (default: DIR/results/latest, or "
                    "DIR/results/quick with --quick)")
     v.set_defaults(func=run)
 
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         for n in order:
             print(f"{numbers[n]:>3}  {n:<28} {modules[n].CLAIM}")
         return 0
-    out = args.out or (args.dir / "results" / ("quick" if args.quick else ""))
+    out = args.out or default_out(args.dir, args.quick)
     records = []
     for n in order:
         print(f"[{numbers[n]}] {n} ...", end=" ", flush=True)
