@@ -20,6 +20,10 @@ PTOC_CACHE
     :mod:`ptoc._maths`, this file and the compile options (see
     :mod:`ptoc.kernels._cache`), so a cached kernel is never stale and every
     ``PTOC_FASTMATH`` setting has its own entries.
+PTOC_WARM_UP
+    ``1`` (default): the first kernel a process compiles is compiled in a helper
+    process together with those of a small standard workload (see
+    :mod:`ptoc.kernels._cache`); ``0`` compiles only what is asked for.
 PTOC_CUDA_THREADS
     Threads per block along each axis of the 2-D CUDA launches (default 16, so
     16 x 16 = 256 threads per block).
@@ -89,6 +93,9 @@ CPU_PARTIAL_BYTES: int = 1 << 20
 #: file only; :mod:`ptoc.kernels._cache` adds the files the kernels inline or read (this
 #: one included) and the compiler flags to the key, so caching is right for any flags.
 CACHE: bool = _env_flag("PTOC_CACHE", True)
+
+#: Compile the standard workload's kernels with the first one a process needs.
+WARM_UP: bool = _env_flag("PTOC_WARM_UP", True)
 
 #: Threads per block along each axis of the 2-D CUDA grids.
 CUDA_THREADS: int = _env_int("PTOC_CUDA_THREADS", 16)

@@ -119,3 +119,40 @@ def test_njit_caches_only_when_the_cache_is_on(tmp_path, monkeypatch):
     assert path is not None and Path(path).is_relative_to(tmp_path)
     with pytest.raises(TypeError, match="cache="):
         _cache.njit(cache=True)
+
+
+_SAME_SEED = """
+import hashlib
+import ptoc
+data = ptoc.data.peaks(seed=0)
+net = ptoc.ResNet(width=8, depth=32, n_in=2, n_classes=5)
+p = net.init_params(seed=0)
+p.b[...] = 0.1
+loss, g = ptoc.loss_and_grad(net, p, data.X_train[:50], data.y_train[:50], target="cpu")
+print(repr(loss), *(hashlib.sha256(v.tobytes()).hexdigest() for v in g.to_dict().values()))
+"""
+
+
+@pytest.mark.slow
+def test_the_process_that_compiles_gets_the_bits_of_every_later_one(tmp_path):
+    """A cold process (empty cache) and a warm one give the same gradient bit for bit.
+
+    With fast-math, the JIT code of the process that compiled a kernel rounded the bias
+    gradient differently from the code later processes load from the cache (this very
+    problem differed by about 1e-16); now every process runs the code from the cache,
+    and the one that compiles says so once."""
+    cache = tmp_path / "cache"
+    env = os.environ | {"NUMBA_CACHE_DIR": str(cache), "PTOC_CACHE": "1",
+                        "PTOC_WARM_UP": "0", "PYTHONPATH": str(ROOT)}
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", _SAME_SEED], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout, out.stderr
+
+    cold, cold_err = run()
+    warm, warm_err = run()
+    assert cold == warm
+    assert cold_err.count("compiling the Numba kernels") == 1
+    assert "compiling" not in warm_err
