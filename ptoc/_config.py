@@ -20,6 +20,10 @@ PTOC_CACHE
     :mod:`ptoc._maths`, this file and the compile options (see
     :mod:`ptoc.kernels._cache`), so a cached kernel is never stale and every
     ``PTOC_FASTMATH`` setting has its own entries.
+PTOC_WORKSPACE_BYTES
+    Most bytes of reusable buffers that each of ptoc's workspaces keeps per thread
+    after a call returns (default 268435456, 256 MiB; see :mod:`ptoc._workspace`).
+    It can also be changed at run time: ``ptoc._config.WORKSPACE_BYTES = ...``.
 PTOC_CUDA_THREADS
     Threads per block along each axis of the 2-D CUDA launches (default 16, so
     16 x 16 = 256 threads per block).
@@ -89,6 +93,13 @@ CPU_PARTIAL_BYTES: int = 1 << 20
 #: file only; :mod:`ptoc.kernels._cache` adds the files the kernels inline or read (this
 #: one included) and the compiler flags to the key, so caching is right for any flags.
 CACHE: bool = _env_flag("PTOC_CACHE", True)
+
+#: Most bytes of buffers each :class:`ptoc._workspace.Workspace` keeps per thread (there
+#: are four: the serial sweeps', the layer-parallel grids', the level steps' and the
+#: regulariser's). A buffer over the bound is allocated for its call and freed after it;
+#: a smaller bound costs page faults (speed), never a different result. Read at every
+#: request, so it may be changed at run time; ``0`` keeps nothing.
+WORKSPACE_BYTES: int = _env_int("PTOC_WORKSPACE_BYTES", 256 << 20, minimum=0)
 
 #: Threads per block along each axis of the 2-D CUDA grids.
 CUDA_THREADS: int = _env_int("PTOC_CUDA_THREADS", 16)
