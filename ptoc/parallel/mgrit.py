@@ -412,6 +412,9 @@ class MGRITSolve:
         return Block(self.levels[0].base, self.u[0].copy())
 
 
+_FLOAT64_EPS = float(np.finfo(np.float64).eps)
+
+
 def warn_unreachable_tol(tol: float, u0: np.ndarray, solver: str) -> None:
     """Warn (``RuntimeWarning``) when ``tol`` lies below one rounding error of a typical
     entry of the first state ``u0``: ``tol < eps * rms(u0)``, ``eps`` the machine epsilon
@@ -433,7 +436,8 @@ def warn_unreachable_tol(tol: float, u0: np.ndarray, solver: str) -> None:
             f"{solver} tol={tol:.3g} is below the rounding error of the states in "
             f"{u0.dtype} (machine epsilon {eps:.3g} x RMS state entry "
             f"{floor / eps:.3g} = {floor:.3g}): the residual will likely stagnate above it; "
-            f"use tol >= {floor:.3g} or float64", RuntimeWarning, stacklevel=3)
+            f"use tol >= {floor:.3g}{' or float64' if eps > _FLOAT64_EPS else ''}",
+            RuntimeWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
