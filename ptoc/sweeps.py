@@ -323,6 +323,15 @@ def adjoint(network: ResNet, params: Params | Mapping, fwd: ForwardResult, lam_N
     ``initial_guess`` (N+1, S, d, or an earlier AdjointResult) if given; the result then
     holds all adjoints and the solve record. The adjoint-based gradient of Günther et
     al. 2020; it equals backpropagation to round-off. Theory: :doc:`/theory/adjoint`.
+
+    Raises
+    ------
+    TypeError
+        When ``fwd`` is not a :class:`ForwardResult`.
+    ValueError
+        When ``fwd`` was computed for a network of another width, depth, ``T``,
+        activation or dtype, or its arrays do not have the layout of ``network`` and of
+        its ``checkpoint_every``; for a ``lam_N`` of the wrong shape or not finite.
     """
     params = _as_params(network, params)
     _check_forward_result(network, fwd)
