@@ -24,6 +24,10 @@ PTOC_WARM_UP
     ``1`` (default): the first kernel a process compiles is compiled in a helper
     process together with those of a small standard workload (see
     :mod:`ptoc.kernels._cache`); ``0`` compiles only what is asked for.
+PTOC_WORKSPACE_BYTES
+    Most bytes of reusable buffers that each of ptoc's workspaces keeps per thread
+    after a call returns (default 268435456, 256 MiB; see :mod:`ptoc._workspace`).
+    It can also be changed at run time: ``ptoc._config.WORKSPACE_BYTES = ...``.
 PTOC_CUDA_THREADS
     Threads per block along each axis of the 2-D CUDA launches (default 16, so
     16 x 16 = 256 threads per block).
@@ -96,6 +100,13 @@ CACHE: bool = _env_flag("PTOC_CACHE", True)
 
 #: Compile the standard workload's kernels with the first one a process needs.
 WARM_UP: bool = _env_flag("PTOC_WARM_UP", True)
+
+#: Most bytes of buffers each :class:`ptoc._workspace.Workspace` keeps per thread (there
+#: are four: the serial sweeps', the layer-parallel grids', the level steps' and the
+#: regulariser's). A buffer over the bound is allocated for its call and freed after it;
+#: a smaller bound costs page faults (speed), never a different result. Read at every
+#: request, so it may be changed at run time; ``0`` keeps nothing.
+WORKSPACE_BYTES: int = _env_int("PTOC_WORKSPACE_BYTES", 256 << 20, minimum=0)
 
 #: Threads per block along each axis of the 2-D CUDA grids.
 CUDA_THREADS: int = _env_int("PTOC_CUDA_THREADS", 16)

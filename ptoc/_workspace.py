@@ -7,6 +7,12 @@ import threading
 import numpy as np
 import numpy.typing as npt
 
+from . import _config
+
+#: Bytes a kept buffer is charged on top of its data (the array object and its key), so
+#: that the bound on bytes also bounds the number of kept buffers, empty ones included.
+BUFFER_OVERHEAD_BYTES = 128
+
 
 class Workspace(threading.local):
     """Per-thread buffers reused across calls, for arrays that never leave their caller.
@@ -14,13 +20,38 @@ class Workspace(threading.local):
     Allocating big arrays afresh on every call costs page faults that, for mid-sized
     problems, take longer than the kernels (the serial sweeps' states and derivatives,
     MGRIT's grids). ``get(name, shape, dtype)`` returns a buffer of that shape, the
-    same one as last time when possible; its content is undefined. The ``capacity``
-    most recent buffers are kept; :meth:`clear` frees them.
+    same one as last time when possible; its content is undefined.
+
+    What is kept is bounded twice: at most ``capacity`` buffers, and at most
+    ``max_bytes`` bytes in all (each buffer counts its ``nbytes`` plus
+    :data:`BUFFER_OVERHEAD_BYTES`). The least recently used buffers are dropped first;
+    a buffer larger than ``max_bytes`` on its own is returned but not kept. Dropping a
+    buffer never disturbs a caller that still holds it: it only stops being reused.
+    :meth:`clear` frees them all.
+
+    Parameters
+    ----------
+    capacity : int
+        Most buffers kept.
+    max_bytes : int, optional
+        Most bytes kept; None (default) reads :data:`ptoc._config.WORKSPACE_BYTES` at
+        every call, so that changing that setting takes effect at once, in every thread.
     """
 
-    def __init__(self, capacity: int = 8) -> None:
+    def __init__(self, capacity: int = 8, max_bytes: int | None = None) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.buffers: dict[tuple, np.ndarray] = {}
+
+    @property
+    def byte_limit(self) -> int:
+        """The bound on :attr:`held_bytes` in force now."""
+        return _config.WORKSPACE_BYTES if self.max_bytes is None else self.max_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the kept buffers of the calling thread are charged (data and overhead)."""
+        return sum(_charge(buf) for buf in self.buffers.values())
 
     def get(self, name: str, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
         """A buffer of ``shape`` and ``dtype`` for ``name``, with undefined content.
@@ -38,15 +69,19 @@ class Workspace(threading.local):
         -------
         ndarray
             The buffer last returned for the same ``(name, shape, dtype)`` if it is
-            still kept, else a new one (the least recently used buffer is dropped when
-            ``capacity`` are kept).
+            still kept, else a new one. It is kept (as the most recently used) when it
+            fits the bounds after the least recently used buffers are dropped.
         """
-        key = (name, shape, np.dtype(dtype))
+        key = (name, tuple(shape), np.dtype(dtype))
         buf = self.buffers.pop(key, None)
         if buf is None:
             buf = np.empty(shape, dtype)
-            while len(self.buffers) >= self.capacity:
-                self.buffers.pop(next(iter(self.buffers)))
+        limit, cost = self.byte_limit, _charge(buf)
+        if cost > limit:
+            return buf  # too big to keep: the caller's own array
+        held = self.held_bytes
+        while self.buffers and (len(self.buffers) >= self.capacity or held + cost > limit):
+            held -= _charge(self.buffers.pop(next(iter(self.buffers))))
         self.buffers[key] = buf  # most recently used last
         return buf
 
@@ -60,3 +95,7 @@ class Workspace(threading.local):
     def clear(self) -> None:
         """Drop every buffer of the calling thread."""
         self.buffers.clear()
+
+
+def _charge(buf: np.ndarray) -> int:
+    return buf.nbytes + BUFFER_OVERHEAD_BYTES

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from ._checks import check_positive_int
+from ._checks import check_positive_int, check_real
 from ._options import OptionEnum
 from .activations import Activation
 
@@ -69,13 +69,48 @@ class LayerInit(OptionEnum, what="layer initialisation"):
 SMOOTH_INIT_KNOTS = 9
 
 
-def _nonnegative_float(name: str, value: object) -> float:
+def _check_dtype(value: object) -> np.dtype:
     try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-    if not np.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        dt = np.dtype(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"dtype {value!r} is not a NumPy dtype") from None
+    if dt not in _SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be float64 or float32, got {dt}")
+    return dt
+
+
+def _check_magnitude(name: str, value: object, dtype: np.dtype) -> float:
+    """A finite ``value`` with ``0 <= value <= 1/eps`` (``eps`` the machine epsilon of
+    ``dtype``): a weight or a scale beyond ``1/eps`` makes every term of order one that it
+    is added to vanish in the rounding (the data loss beside the regulariser, an input
+    beside the weights it multiplies)."""
+    v = check_real(name, value)
+    high = 1.0 / float(np.finfo(dtype).eps)
+    if not 0.0 <= v <= high:
+        raise ValueError(
+            f"{name} must lie in [0, {high:.4g}] (1/machine epsilon of {dtype}: a larger "
+            f"value makes the terms of order one beside it vanish in the rounding), got "
+            f"{value!r}")
+    return v
+
+
+def _check_final_time(value: object, depth: int, dtype: np.dtype) -> float:
+    """The final time ``T``, finite with ``depth * eps <= T <= 1/eps`` for ``dtype``.
+
+    The step ``h = T / depth`` must be at least ``eps``: a smaller step changes no state
+    entry of size one (``x + h sigma(a) == x``), so the layers would do nothing. ``T`` must
+    be at most ``1/eps``: a state moved by up to ``T`` (``|sigma| <= 1`` for tanh) keeps no
+    digit of an input of size one.
+    """
+    v = check_real("T", value)
+    eps = float(np.finfo(dtype).eps)
+    low, high = depth * eps, 1.0 / eps
+    if not low <= v <= high:
+        raise ValueError(
+            f"T must lie in [{low:.4g}, {high:.4g}] for depth={depth} in {dtype}: the step "
+            f"h = T/depth must be at least the machine epsilon {eps:.4g} (a smaller step "
+            f"leaves every state of size one unchanged) and T at most 1/epsilon (a state "
+            f"moved by T keeps no digit of an input of size one), got {value!r}")
     return v
 
 
@@ -102,7 +137,10 @@ class ResNet:
     depth : int
         Number of residual layers ``N``.
     T : float
-        Final time; the step is ``h = T / N``.
+        Final time; the step is ``h = T / N``. It must lie in ``[N eps, 1/eps]`` with
+        ``eps`` the machine epsilon of ``dtype`` (``h >= eps``: a smaller step changes
+        no state of size one; ``T <= 1/eps``: a state moved by ``T`` keeps no digit of
+        an input of size one).
     activation : Activation or str
         ``"tanh"``, ``"relu"`` or ``"smoothrelu"``.
     n_in : int
@@ -112,7 +150,9 @@ class ResNet:
     opening : Opening or str
         ``"dense"`` (default) or ``"identity"`` (requires ``n_in == width``).
     gamma, gamma_t, gamma_c : float
-        Weights of the Tikhonov, time-smoothness and classifier/opening regularisers.
+        Weights of the Tikhonov, time-smoothness and classifier/opening regularisers,
+        in ``[0, 1/eps]`` (a larger weight leaves the data loss, of order one, below
+        the rounding error of the regulariser).
     dtype : numpy dtype
         ``float64`` (default) or ``float32``.
 
@@ -144,21 +184,13 @@ class ResNet:
         set_(self, "n_classes", check_positive_int("n_classes", self.n_classes))
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
-        T = _nonnegative_float("T", self.T)
-        if T == 0:
-            raise ValueError("T must be > 0, got 0")
-        set_(self, "T", T)
+        dt = _check_dtype(self.dtype)
+        set_(self, "dtype", dt)
+        set_(self, "T", _check_final_time(self.T, self.depth, dt))
         set_(self, "activation", Activation.parse(self.activation))
         set_(self, "opening", Opening.parse(self.opening))
         for name in ("gamma", "gamma_t", "gamma_c"):
-            set_(self, name, _nonnegative_float(name, getattr(self, name)))
-        try:
-            dt = np.dtype(self.dtype)
-        except TypeError:
-            raise ValueError(f"dtype {self.dtype!r} is not a NumPy dtype") from None
-        if dt not in _SUPPORTED_DTYPES:
-            raise ValueError(f"dtype must be float64 or float32, got {dt}")
-        set_(self, "dtype", dt)
+            set_(self, name, _check_magnitude(name, getattr(self, name), dt))
         if self.opening is Opening.IDENTITY and self.n_in != self.width:
             raise ValueError(
                 f"an identity opening layer needs n_in == width, got n_in={self.n_in}, "
@@ -209,8 +241,9 @@ class ResNet:
         Parameters
         ----------
         seed : int, Generator or None
+            An integer ``>= 0``, a NumPy Generator, or None for fresh entropy.
         scale : float
-            Standard deviation factor, ``>= 0``.
+            Standard deviation factor, ``0 <= scale <= 1/eps``.
         layers : LayerInit or str
             ``"independent"`` (default): every ``K_n`` is an independent draw. The
             time-smoothness term of the regulariser,
@@ -228,10 +261,17 @@ class ResNet:
         Raises
         ------
         ValueError
-            For a negative or non-finite ``scale`` or an unknown ``layers``.
+            For a ``seed`` that is not None, an integer ``>= 0`` or a Generator, a
+            ``scale`` outside ``[0, 1/eps]`` (``eps`` the machine epsilon of the dtype)
+            or an unknown ``layers``.
         """
+        if not (seed is None or isinstance(seed, np.random.Generator)):
+            if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) \
+                    or seed < 0:
+                raise ValueError("seed must be None, an integer >= 0 or a "
+                                 f"numpy.random.Generator, got {seed!r}")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        scale = _nonnegative_float("scale", scale)
+        scale = _check_magnitude("scale", scale, self.dtype)
         layers = LayerInit.parse(layers)
         d, N = self.width, self.depth
         dt = self.dtype

@@ -104,6 +104,11 @@ class ForwardResult:
         ``sigma'(a_in)`` of a dense opening layer (for its gradient).
     solve : SolveResult or None
         Record of a layer-parallel solve (None for the plain serial sweep).
+    network : ResNet or None
+        The network the sweep ran through (None for a result built by hand):
+        :func:`adjoint` refuses the result for a network whose sweep differs (width,
+        depth, ``T``, activation or dtype). The kernel target is not recorded: every
+        target stores the same layout and values, so any target may run the adjoint.
     """
 
     states: np.ndarray
@@ -111,6 +116,7 @@ class ForwardResult:
     derivatives: np.ndarray | None
     opening_derivative: np.ndarray | None
     solve: SolveResult | None = None
+    network: ResNet | None = None
 
     @property
     def final_state(self) -> np.ndarray:
@@ -138,6 +144,45 @@ def _guess(guess, network: ResNet, S: int, name: str):
 
 def _checkpoint_layers(N: int, c: int) -> list[int]:
     return list(range(0, N, c)) + [N]
+
+
+#: The fields of a :class:`ResNet` that its sweeps depend on (not the regularisers).
+_SWEEP_FIELDS = ("width", "depth", "T", "activation", "dtype")
+
+
+def _check_forward_result(network: ResNet, fwd) -> None:
+    """Raise unless ``fwd`` is a :class:`ForwardResult` of a sweep through ``network``.
+
+    A result carries its network (:attr:`ForwardResult.network`): one computed for a
+    network of another width, depth, ``T``, activation or dtype is refused by name.
+    Whatever its origin, its arrays must have the layout of ``network`` and of its own
+    ``checkpoint_every``: ``N+1`` states (``ceil(N/c)+1`` checkpoints) of one shape
+    ``(S, d)``, and ``N`` stored derivatives of that shape if any.
+    """
+    if not isinstance(fwd, ForwardResult):
+        raise TypeError(f"fwd must be the ForwardResult of ptoc.forward, got "
+                        f"{type(fwd).__name__}")
+    if fwd.network is not None:
+        differ = [f for f in _SWEEP_FIELDS
+                  if getattr(fwd.network, f) != getattr(network, f)]
+        if differ:
+            raise ValueError(f"fwd was computed for {fwd.network.describe()}, "
+                             f"{fwd.network.dtype}, but adjoint was given "
+                             f"{network.describe()}, {network.dtype} (they differ in "
+                             f"{', '.join(differ)}): run ptoc.forward with this network")
+    N, d = network.depth, network.width
+    c = fwd.checkpoint_every
+    if c is not None:
+        c = check_positive_int("fwd.checkpoint_every", c)
+    n_states = N + 1 if c is None or c >= N else len(_checkpoint_layers(N, c))
+    states = np.asarray(fwd.states)
+    layout = "all states" if c is None else f"checkpoint_every={c}"
+    if states.ndim != 3 or states.shape[0] != n_states or states.shape[2] != d:
+        raise ValueError(f"fwd.states has shape {states.shape}, but {layout} of "
+                         f"{network.describe()} needs ({n_states}, S, {d})")
+    if fwd.derivatives is not None and fwd.derivatives.shape != (N,) + states.shape[1:]:
+        raise ValueError(f"fwd.derivatives has shape {fwd.derivatives.shape}, expected "
+                         f"{(N,) + states.shape[1:]}")
 
 
 def _as_params(network: ResNet, params) -> Params:
@@ -186,7 +231,7 @@ def forward(network: ResNet, params: Params | Mapping, X, *, target: Target | st
         states, record = parallel_forward(network, params, X, solver, comm=comm,
                                           target=Target.parse(target), initial_states=guess)
         return ForwardResult(states, None, None, opening_forward(network, params, X)[1],
-                             record)
+                             record, network)
     with _single_threaded_blas(kern):
         return _forward(network, params, X, kern, c, store_derivatives)
 
@@ -206,7 +251,7 @@ def _forward(network, params, X, kern, c, store_derivatives, scratch=False) -> F
         states[0] = x0
         dsig = buffer("dsig", (N, S, d)) if store_derivatives else None
         kern.forward_sweep(states, params.K, params.b, network.h, act, dsig, _config.CHUNK)
-        return ForwardResult(states, None, dsig, dsig_in)
+        return ForwardResult(states, None, dsig, dsig_in, network=network)
     marks = _checkpoint_layers(N, c)
     checkpoints = buffer("checkpoints", (len(marks), S, d))
     checkpoints[0] = x0
@@ -218,7 +263,25 @@ def _forward(network, params, X, kern, c, store_derivatives, scratch=False) -> F
         kern.forward_sweep(seg, params.K[n0:n1], params.b[n0:n1], network.h, act, None,
                            _config.CHUNK)
         checkpoints[k + 1] = seg[-1]
-    return ForwardResult(checkpoints, c, None, dsig_in)
+    return ForwardResult(checkpoints, c, None, dsig_in, network=network)
+
+
+def _final_state(network: ResNet, params: Params, X: np.ndarray, kern) -> np.ndarray:
+    """``x_N`` alone, for evaluation: two ``(S, d)`` buffers, each layer stepping from one
+    into the other, instead of the ``(N+1, S, d)`` trajectory of :func:`forward`.
+
+    Each layer is the kernel's ``step``, the same arithmetic on the same inputs as the
+    kernel's sweep, so ``x_N`` is bit for bit that of :func:`forward`. The result is a
+    workspace buffer: use it before the next call of this thread.
+    """
+    x0, _ = opening_forward(network, params, X)
+    pair = [_workspace.get(f"evaluation state {i}", x0.shape, network.dtype) for i in (0, 1)]
+    pair[0][...] = x0
+    act, h = network.activation.code, network.h
+    for n in range(network.depth):
+        kern.step(pair[n % 2], params.K[n], params.b[n], h, act, pair[(n + 1) % 2], None,
+                  _config.CHUNK)
+    return pair[network.depth % 2]
 
 
 @dataclass
@@ -260,8 +323,18 @@ def adjoint(network: ResNet, params: Params | Mapping, fwd: ForwardResult, lam_N
     ``initial_guess`` (N+1, S, d, or an earlier AdjointResult) if given; the result then
     holds all adjoints and the solve record. The adjoint-based gradient of Günther et
     al. 2020; it equals backpropagation to round-off. Theory: :doc:`/theory/adjoint`.
+
+    Raises
+    ------
+    TypeError
+        When ``fwd`` is not a :class:`ForwardResult`.
+    ValueError
+        When ``fwd`` was computed for a network of another width, depth, ``T``,
+        activation or dtype, or its arrays do not have the layout of ``network`` and of
+        its ``checkpoint_every``; for a ``lam_N`` of the wrong shape or not finite.
     """
     params = _as_params(network, params)
+    _check_forward_result(network, fwd)
     lam_N = np.ascontiguousarray(lam_N, dtype=network.dtype)
     if lam_N.shape != fwd.final_state.shape:
         raise ValueError(f"lam_N has shape {lam_N.shape}, expected {fwd.final_state.shape}")
@@ -407,8 +480,7 @@ def loss(network: ResNet, params: Params | Mapping, X, labels, *,
     X, y = check_inputs(network, X, labels)
     kern = backend(target)
     with _single_threaded_blas(kern):
-        fwd = _forward(network, p, X, kern, None, store_derivatives=False, scratch=True)
-        value, *_ = classifier_loss(p, fwd.final_state, y)
+        value, *_ = classifier_loss(p, _final_state(network, p, X, kern), y)
         return value + regulariser(network, p)
 
 
@@ -419,8 +491,7 @@ def predict_logits(network: ResNet, params: Params | Mapping, X, *,
     X, _ = check_inputs(network, X)
     kern = backend(target)
     with _single_threaded_blas(kern):
-        fwd = _forward(network, p, X, kern, None, store_derivatives=False, scratch=True)
-        return logits(p, fwd.final_state)
+        return logits(p, _final_state(network, p, X, kern))
 
 
 def predict(network: ResNet, params: Params | Mapping, X, *,

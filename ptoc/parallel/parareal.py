@@ -136,6 +136,22 @@ class ResidualRule(PararealRule):
         return res <= self.tol
 
 
+def _coarse_value(value: Any, U: np.ndarray, j: int, method: str) -> np.ndarray:
+    """What the user's coarse propagator returned for chunk ``j``, checked: an array of
+    ``U``'s shape (cast to its dtype). Refused by name otherwise (``None`` from a function
+    that forgot its ``return``, a wrong shape), before it meets any arithmetic."""
+    what = "coarse function coarse(j, x)" if method == "step" else f"coarse.{method}(j, ...)"
+    if value is None or isinstance(value, (str, bytes)):
+        raise ValueError(f"Parareal coarse: the {what} returned {value!r} for chunk {j}; it "
+                         f"must return the state after the chunk, an array of shape {U.shape}")
+    arr = np.asarray(value)
+    if arr.shape != U.shape or arr.dtype.kind not in "fiu":
+        raise ValueError(f"Parareal coarse: the {what} returned an array of shape {arr.shape} "
+                         f"and dtype {arr.dtype} for chunk {j}; expected real numbers of shape "
+                         f"{U.shape}")
+    return arr.astype(U.dtype, copy=False)
+
+
 #: ``fine(k, last)``: the propagator whose layers are the fine steps of the sweep from
 #: iterate ``k`` (see :class:`PararealSolve`).
 FinePropagator = Callable[[int, bool], Propagator]
@@ -246,8 +262,9 @@ class PararealSolve:
         j = self.comm.rank
         if self.problem.backward:
             s, _ = self.problem.layers(self.base, end)
-            return self.coarse.adjoint_step(j, self.problem.state(s), U)
-        return self.coarse.step(j, U)
+            return _coarse_value(self.coarse.adjoint_step(j, self.problem.state(s), U), U, j,
+                                 "adjoint_step")
+        return _coarse_value(self.coarse.step(j, U), U, j, "step")
 
     def _fine_steps(self, k: int, last: bool) -> CountedSteps:
         """The level steps of the fine sweep from iterate ``k``: new ones whenever the
