@@ -13,16 +13,21 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .arguments import (
     PROG,
     Formatter,
     Parser,
+    describe,
     nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
+    real,
+    refuse_unread_options,
     unit_float,
 )
 from .errors import CLIError
@@ -88,6 +93,16 @@ def _batch_size(text: str) -> int | str | None:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"must be a positive integer or 'full', got {text!r}") from None
+
+
+def _divergence_factor(text: str) -> float | None:
+    """A number ``>= 1``, or ``None`` for ``off``."""
+    if text.strip().lower() == "off":
+        return None
+    value = real(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 or 'off', got {text!r}")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -217,6 +232,16 @@ def add_parser(sub) -> None:
     g.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the run in DIR from its checkpoint, with the options in "
                    "DIR/run.json (only --epochs, to train longer, and --quiet may be given)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output folder that holds an earlier run, "
+                   "deleting that run's files (without it, such a folder is refused)")
+    g.add_argument("--divergence-factor", type=_divergence_factor, default=100.0,
+                   metavar="F",
+                   help="stop the run as diverged (exit code 1) when the loss of "
+                   "--divergence-patience consecutive steps exceeds F times the loss of the "
+                   "first step (F >= 1, or 'off'; a non-finite loss always stops it)")
+    g.add_argument("--divergence-patience", type=positive_int, default=10, metavar="STEPS",
+                   help="the consecutive steps of --divergence-factor")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bar and no header; still prints the final result")
     t.set_defaults(func=run)
@@ -229,17 +254,6 @@ def _default_output() -> Path:
         k += 1
         out = base.with_name(f"{base.name}-{k}")
     return out
-
-
-def _check_method_options(args: argparse.Namespace) -> None:
-    """Options given that ``--method`` does not read are an error, not silently ignored."""
-    reads = METHOD_OPTIONS[args.method]
-    for name, default in METHOD_OPTION_DEFAULTS.items():
-        if name not in reads and getattr(args, name) != default:
-            users = [m for m, opts in METHOD_OPTIONS.items() if name in opts]
-            flag = "--" + name.replace("_", "-")
-            raise CLIError(f"argument {flag}: only applies to --method "
-                         + " or ".join(users) + f", not {args.method}")
 
 
 def _node_grad_fn(args: argparse.Namespace, network):
@@ -264,7 +278,7 @@ def _method(args: argparse.Namespace, network, optimizer):
     """The :class:`ptoc.methods.TrainingMethod` of ``--method`` and its options."""
     from ptoc.methods import GradientMethod
 
-    _check_method_options(args)
+    refuse_unread_options(args, args.method, METHOD_OPTIONS, METHOD_OPTION_DEFAULTS)
     if args.method == "pgcl":
         from ptoc.pgcl import PGCL
 
@@ -326,7 +340,7 @@ def _defaults() -> dict:
 #: Options a resumed run may change (everything else comes from ``run.json``).
 RESUME_OPTIONS = ("epochs", "quiet", "resume")
 #: Options that are not part of a run's identity and are not stored in ``run.json``.
-_NOT_STORED = ("func", "command", "quiet", "resume", "output")
+_NOT_STORED = ("func", "command", "quiet", "resume", "output", "overwrite")
 
 
 def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -363,11 +377,55 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
 def _write_run_file(args: argparse.Namespace, output: Path) -> None:
     import json
 
-    output.mkdir(parents=True, exist_ok=True)
+    from ptoc.io import atomic_write_text
+
     stored = {k: v for k, v in vars(args).items() if k not in _NOT_STORED}
-    tmp = output / ".run.json.tmp"
-    tmp.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, output / "run.json")
+    atomic_write_text(output / "run.json", json.dumps(stored, indent=1) + "\n")
+
+
+#: The files a run writes into its folder; any of the first four marks an earlier run.
+RUN_FILES = ("run.json", "checkpoint.npz", "model.npz", "history.json", "history.csv",
+             "training.png")
+
+
+@contextmanager
+def _claimed_output(args: argparse.Namespace, output: Path, resume: bool) -> Iterator[None]:
+    """Check the output folder before any training work and hold its lock meanwhile.
+
+    A folder that is a file, lies below one or cannot be written into, and (without
+    ``--resume`` or ``--overwrite``) one that holds an earlier run, are refused; a run
+    folder another live ``ptoc train`` holds is refused too.
+    """
+    from ptoc.io import RunFolderInUseError, RunFolderLock, prepare_output_dir
+    from ptoc.training import CHECKPOINT_NAME
+
+    if resume:
+        if not (output / CHECKPOINT_NAME).is_file():
+            raise CLIError(f"argument --resume: no {CHECKPOINT_NAME} in {str(output)!r} (the "
+                           "run stopped before its first checkpoint); start it again instead")
+    else:
+        earlier = [name for name in RUN_FILES[:4] if (output / name).exists()]
+        if earlier and not args.overwrite:
+            raise CLIError(f"argument --output: {str(output)!r} holds an earlier run "
+                           f"({', '.join(earlier)}); continue it with --resume, choose another "
+                           "folder, or give --overwrite to replace it")
+    try:
+        prepare_output_dir(output)
+    except ValueError as exc:
+        raise CLIError(f"argument --output: {exc}") from None
+    lock = RunFolderLock(output)
+    try:
+        lock.__enter__()
+    except RunFolderInUseError as exc:
+        raise CLIError(f"argument --output: {exc}") from None
+    try:
+        if lock.taken_over_from is not None:
+            print(f"ptoc: the run folder {output} was locked by process "
+                  f"{lock.taken_over_from}, which no longer runs; taking it over",
+                  file=sys.stderr)
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -375,14 +433,14 @@ def run(args: argparse.Namespace) -> int:
     import ptoc
     from ptoc.kernels import backend
     from ptoc.optim import make_optimizer
-    from ptoc.training import CHECKPOINT_NAME, train
-
     if args.method == "list":
         width = max(map(len, METHODS))
         for name, line in METHODS.items():
             print(f"{name:<{width}}  {line}")
         return 0
     if args.resume is not None:
+        if args.overwrite:
+            raise CLIError("argument --overwrite: not with --resume (which continues the run)")
         args = _resumed_args(args)
     if args.batch_size == "auto":
         args.batch_size = None if args.method in FULL_BATCH_METHODS else DEFAULT_BATCH
@@ -421,19 +479,25 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     method = _method(args, network, optimizer)
-    grad_fn = getattr(method, "grad_fn", None)
     params = network.init_params(args.seed, scale=args.init_scale,
                                  layers=args.init_layers)
     output = Path(args.output) if args.output is not None else _default_output()
-    if output.exists() and not output.is_dir():
-        raise CLIError(f"argument --output: {str(output)!r} exists and is not a directory")
     resume = args.resume is not None
-    if resume:
-        if not (output / CHECKPOINT_NAME).is_file():
-            raise CLIError(f"argument --resume: no {CHECKPOINT_NAME} in {str(output)!r} (the run "
-                         "stopped before its first checkpoint); start it again instead")
-    else:
-        _write_run_file(args, output)
+    with _claimed_output(args, output, resume):
+        if not resume:
+            for name in RUN_FILES:  # --overwrite: the earlier run's files go
+                (output / name).unlink(missing_ok=True)
+            _write_run_file(args, output)
+        return _train_and_report(args, network, params, data, method, hyper, output, say)
+
+
+def _train_and_report(args: argparse.Namespace, network, params, data, method, hyper: dict,
+                      output: Path, say) -> int:
+    """Train into the claimed ``output`` folder, print the result; return the exit code."""
+    from ptoc.training import CHECKPOINT_NAME, train
+
+    resume = args.resume is not None
+    grad_fn = getattr(method, "grad_fn", None)
 
     n_train, n_val = data.X_train.shape[0], data.X_val.shape[0]
     batch = "full" if args.batch_size is None else args.batch_size
@@ -446,13 +510,13 @@ def run(args: argparse.Namespace) -> int:
     if resume:
         say(f"ptoc: resuming from {output / CHECKPOINT_NAME}")
     if args.method == "simultaneous":
-        say(f"ptoc: simultaneous layer-parallel training, {grad_fn.solver!r} on "
+        say(f"ptoc: simultaneous layer-parallel training, {describe(grad_fn.solver)} on "
             f"{args.ranks} simulated rank(s)")
     elif args.method == "pgcl":
         say(f"ptoc: predict globally, correct locally on {args.ranks} simulated rank(s), "
             f"{args.local_steps} local step(s), {args.coarse_weights} coarse weights")
     elif args.method in ("msa", "emsa", "ternary", "binary"):
-        say(f"ptoc: {method!r}")
+        say(f"ptoc: {describe(method)}")
     elif args.method == "node":
         say(f"ptoc: neural ODE, {grad_fn.scheme.value} with {grad_fn.substeps} step(s) per "
             f"layer, {grad_fn.parareal or 'serial solve'}")
@@ -462,11 +526,15 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, target=args.target, seed=args.seed,
             eval_every=args.eval_every, output_dir=output, progress=not args.quiet,
             checkpoint_every=args.checkpoint_every, resume=resume,
+            divergence_factor=args.divergence_factor,
+            divergence_patience=args.divergence_patience,
         )
     except ValueError as exc:
         if not resume:
             raise
         raise CLIError(f"argument --resume: {exc}") from None
+    except OSError as exc:  # a file of the run could not be written (e.g. the disk is full)
+        raise CLIError(f"argument --output: {exc}") from None
     print(f"train accuracy {result.train_accuracy:.4f}, validation accuracy "
           f"{result.val_accuracy:.4f} (train loss {result.train_loss:.4f}, validation loss "
           f"{result.val_loss:.4f}) after {result.epochs} epochs, {result.steps} steps, "
