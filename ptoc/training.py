@@ -28,8 +28,10 @@ loss, the objective of the run's first step (at the initial parameters, on the f
 batch). Well-behaved runs stay far below: Adam on Peaks at ``lr = 1``, far too large,
 peaks at about 7 times its initial loss. The run then keeps the parameters of the last
 step whose loss was within the bound (they and that step's method state are what
-:attr:`TrainResult.params` and ``model.npz`` hold); no checkpoint is written while
-the loss is above the bound, so ``checkpoint.npz`` stays the last one written before.
+:attr:`TrainResult.params` and ``model.npz`` hold). No checkpoint is written while
+the loss is above the bound, and one written just before, of parameters whose loss
+then turned out above it, is replaced by the one before it: ``checkpoint.npz`` holds
+the last checkpoint of parameters whose loss was measured within the bound.
 ``divergence_factor=None`` turns the rule off.
 
 Output folder: it is checked (created, written into) before the first step and is
@@ -312,8 +314,9 @@ class _Progress:
     reference_loss: float | None = None
 
 
-def _save_checkpoint(path: Path, network: ResNet, method: TrainingMethod, params: Params,
-                     state: Any, run: _Progress, identity: dict[str, Any]) -> Path:
+def _checkpoint_bytes(network: ResNet, method: TrainingMethod, params: Params, state: Any,
+                      run: _Progress, identity: dict[str, Any]) -> bytes:
+    """The content of ``checkpoint.npz`` for this point of the run."""
     entries: dict[str, Any] = {f"params.{k}": v for k, v in params.items()}
     if run.best_params is not None:
         entries.update({f"best.{k}": v for k, v in run.best_params.items()})
@@ -330,8 +333,9 @@ def _save_checkpoint(path: Path, network: ResNet, method: TrainingMethod, params
         elapsed=run.elapsed, reference_loss=run.reference_loss,
     )
     entries["meta"] = np.array(json.dumps(meta, allow_nan=False))
-    _io._atomic_savez(path, entries)
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **entries)
+    return buffer.getvalue()
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -626,13 +630,37 @@ def train(
         # whose loss was within the bound, and how many steps since were above it.
         last_good: tuple[Params, Any, int] = (params, state, run.steps)
         steps_above = 0
+        # Whether the current epoch's permutation has been drawn (a checkpoint with
+        # next_batch == 0 must then hold the generator's state from before the draw).
+        permutation_drawn = False
+        # (steps, bytes) of the last two checkpoints written, newest last: the newest may
+        # hold parameters whose loss the next steps measure above the bound.
+        written: list[tuple[int, bytes]] = []
+        if resume and writer:
+            written.append((run.steps, ckpt_path.read_bytes()))
 
         def checkpoint() -> None:
+            """Write the checkpoint of the current parameters (not while the loss is
+            above the divergence bound)."""
             if checkpoint_every is None or ckpt_path is None or not writer or steps_above:
                 return
-            run.rng = rng.bit_generator.state if run.next_batch == 0 else run.rng
+            if run.next_batch == 0:
+                run.rng = (run.epoch_rng if permutation_drawn and run.epoch_rng is not None
+                           else rng.bit_generator.state)
             run.elapsed = time.perf_counter() + t_offset
-            _save_checkpoint(ckpt_path, network, method, params, state, run, identity)
+            content = _checkpoint_bytes(network, method, params, state, run, identity)
+            _io.atomic_write(ckpt_path, lambda f: f.write(content))
+            written[:] = [*written[-1:], (run.steps, content)]
+
+        def keep_last_good_checkpoint() -> None:
+            """After a divergence: put back the checkpoint before the newest when the newest
+            holds parameters measured above the bound (none left: no checkpoint)."""
+            if not written or written[-1][0] <= last_good[2]:
+                return
+            if len(written) == 2:
+                _io.atomic_write(ckpt_path, lambda f: f.write(written[0][1]))
+            else:
+                ckpt_path.unlink(missing_ok=True)
 
         bar = tqdm(total=epochs, initial=run.epochs_done, desc="training", unit="epoch",
                    disable=disable, file=sys.stderr, dynamic_ncols=True)
@@ -649,6 +677,7 @@ def train(
                     else:
                         perm = rng.permutation(n)
                         batches = [perm[i:i + B] for i in range(0, n, B)]
+                    permutation_drawn = True
                     for bi in range(run.next_batch, len(batches)):
                         idx = batches[bi]
                         Xb, yb = (X, y) if idx is None else (X[idx], y[idx])
@@ -681,6 +710,8 @@ def train(
                             diverged = True
                             if steps_above:
                                 params, state, good_steps = last_good
+                                if writer and ckpt_path is not None:
+                                    keep_last_good_checkpoint()
                             else:
                                 good_steps = run.steps
                             reason = (f"training diverged: {bad} at {where}; kept the parameters "
@@ -709,6 +740,7 @@ def train(
                     record["time"] = time.perf_counter() + t_offset
                     run.history.append(record)
                     run.epochs_done, run.next_batch, run.batch_losses = epoch, 0, []
+                    permutation_drawn = False
                     post = {"loss": f"{record['train_loss']:.4f}"}
                     if "train_accuracy" in record:
                         post["acc"] = f"{record['train_accuracy']:.3f}"

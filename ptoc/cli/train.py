@@ -37,6 +37,9 @@ __all__ = ["DEFAULT_LR", "METHODS", "add_parser", "run"]
 #: Learning rate used when ``--lr`` is not given, per optimiser.
 DEFAULT_LR = {"adam": 3e-3, "sgd": 1e-2, "lbfgs": 1.0}
 
+#: ``--momentum`` of SGD when it is not given.
+DEFAULT_MOMENTUM = 0.9
+
 #: ``ptoc train --method`` choices, with the line ``--method`` alone prints for each.
 METHODS = {
     "serial": "exact gradients from the serial state and adjoint sweeps (the default)",
@@ -210,7 +213,7 @@ def add_parser(sub) -> None:
     g.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default: "
                    + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")
-    g.add_argument("--momentum", type=unit_float, default=0.9, help="SGD momentum")
+    g.add_argument("--momentum", type=unit_float, default=DEFAULT_MOMENTUM, help="SGD momentum")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     g.add_argument("--epochs", type=positive_int, default=100, help="passes over the data")
     g.add_argument("--batch-size", type=_batch_size, default="auto",
@@ -474,6 +477,8 @@ def run(args: argparse.Namespace) -> int:
         hyper = {"lr": lr}
         if args.nesterov:
             raise CLIError("argument --nesterov: only applies to --optimizer sgd")
+        if args.momentum != DEFAULT_MOMENTUM:
+            raise CLIError("argument --momentum: only applies to --optimizer sgd")
     try:
         optimizer = make_optimizer(args.optimizer, **hyper)
     except ValueError as exc:
