@@ -489,11 +489,14 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output is not None else _default_output()
     resume = args.resume is not None
     with _claimed_output(args, output, resume):
-        if not resume:
-            for name in RUN_FILES:  # --overwrite: the earlier run's files go
-                (output / name).unlink(missing_ok=True)
-            _write_run_file(args, output)
-        return _train_and_report(args, network, params, data, method, hyper, output, say)
+        try:
+            if not resume:
+                for name in RUN_FILES:  # --overwrite: the earlier run's files go
+                    (output / name).unlink(missing_ok=True)
+                _write_run_file(args, output)
+            return _train_and_report(args, network, params, data, method, hyper, output, say)
+        except OSError as exc:  # a file of the run could not be written (e.g. a full disk)
+            raise CLIError(f"argument --output: {exc}") from None
 
 
 def _train_and_report(args: argparse.Namespace, network, params, data, method, hyper: dict,
@@ -538,8 +541,6 @@ def _train_and_report(args: argparse.Namespace, network, params, data, method, h
         if not resume:
             raise
         raise CLIError(f"argument --resume: {exc}") from None
-    except OSError as exc:  # a file of the run could not be written (e.g. the disk is full)
-        raise CLIError(f"argument --output: {exc}") from None
     print(f"train accuracy {result.train_accuracy:.4f}, validation accuracy "
           f"{result.val_accuracy:.4f} (train loss {result.train_loss:.4f}, validation loss "
           f"{result.val_loss:.4f}) after {result.epochs} epochs, {result.steps} steps, "
