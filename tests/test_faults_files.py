@@ -310,6 +310,7 @@ def test_solve_residuals_say_their_iterations(capsys):
     out = capsys.readouterr().out
     summary = next(line for line in out.splitlines() if line.startswith("parareal forward"))
     iterations = int(summary.split(": ")[1].split()[0])
-    residuals = next(line for line in out.splitlines() if "residuals" in line)
-    assert f"after iterations 0..{iterations} (0: the coarse prediction)" in residuals
-    assert len(residuals.split(": ")[-1].split()) == iterations + 1
+    residuals = next(line for line in out.splitlines() if "residuals:" in line)
+    values, which = residuals.split(": ")[1].split(" (")
+    assert which == f"after iterations 0..{iterations}, 0 is the coarse prediction)"
+    assert len(values.split()) == iterations + 1

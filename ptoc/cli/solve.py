@@ -172,9 +172,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def _residual_line(rec) -> str:
     """The residual history of ``rec``, saying which iteration each value belongs to."""
     its = rec.residual_iterations
-    first = " (0: the coarse prediction)" if its[0] == 0 else ""
-    return (f"  residuals after iterations {its[0]}..{its[-1]}{first}: "
-            + " ".join(f"{r:.2e}" for r in rec.residuals))
+    first = ", 0 is the coarse prediction" if its[0] == 0 else ""
+    return ("  residuals: " + " ".join(f"{r:.2e}" for r in rec.residuals)
+            + f" (after iterations {its[0]}..{its[-1]}{first})")
 
 
 def run(args: argparse.Namespace) -> int:
