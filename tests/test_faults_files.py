@@ -132,6 +132,16 @@ def test_a_corrupt_checkpoint_is_named_by_the_python_api(tmp_path, how):
         train(net, net.init_params(0), data, resume=True, **{**kw, "epochs": 2})
 
 
+@pytest.mark.parametrize("content", ["[1, 2]", '{"width": 4, "colour": "red"}', "{"])
+def test_a_damaged_run_file_is_named_on_resume(tmp_path, content, capsys):
+    out = tmp_path / "run"
+    assert main(FAST + ["-o", str(out), "--checkpoint-every", "1"]) == 0
+    (out / "run.json").write_text(content)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    _one_line_error(capsys.readouterr().err, str(out / "run.json"))
+
+
 # --- a run folder belongs to one run ----------------------------------------------------
 
 

@@ -122,6 +122,9 @@ def add_parser(sub) -> None:
             "Outputs (in --output): model.npz (load with ptoc.io.load_model),\n"
             "history.json and history.csv (per epoch: epoch, steps, train_loss,\n"
             "train_accuracy, val_loss, val_accuracy, time) and training.png.\n"
+            "The folder must be writable (checked first) and belongs to one run: one\n"
+            "that holds an earlier run is refused unless --resume or --overwrite, and\n"
+            "a folder a running 'ptoc train' holds (DIR/.ptoc-run.lock) is refused.\n"
             "A progress bar is shown on stderr when it is a terminal (not with --quiet)."
         ),
         epilog=("exit codes: 0 success, 1 training diverged (the last good model is "
@@ -369,6 +372,11 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
         stored = json.loads(run_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CLIError(f"argument --resume: cannot read {str(run_file)!r}: {exc}") from None
+    unknown = sorted(set(stored) - set(defaults)) if isinstance(stored, dict) else None
+    if unknown is None or unknown:
+        raise CLIError(f"argument --resume: {str(run_file)!r} is damaged or not written by "
+                       "'ptoc train' (" + ("not a JSON object" if unknown is None
+                                           else f"unknown options {unknown}") + ")")
     merged = dict(defaults)
     merged.update(stored)
     merged.update(output=str(folder), resume=str(folder), quiet=args.quiet, func=args.func)
