@@ -324,3 +324,32 @@ def test_solve_residuals_say_their_iterations(capsys):
     values, which = residuals.split(": ")[1].split(" (")
     assert which == f"after iterations 0..{iterations}, 0 is the coarse prediction)"
     assert len(values.split()) == iterations + 1
+
+
+def test_an_interrupt_in_an_epochs_first_batch_resumes_bit_for_bit(tmp_path):
+    """The checkpoint written at an interrupt during an epoch's first step holds the
+    shuffling generator's state from before that epoch's permutation."""
+    net = ptoc.ResNet(width=2, depth=2, n_in=2, n_classes=5)
+    data = ptoc.data.peaks(n_per_class=8, n_val_per_class=2, grid=32)
+    calls = 0
+
+    def interrupted(p, X, y):  # the first step of epoch 2 (4 batches of 10 per epoch)
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise KeyboardInterrupt
+        return ptoc.loss_and_grad(net, p, X, y)
+
+    kw = dict(optimizer=Adam(lr=0.01), epochs=3, batch_size=10, checkpoint_every=3,
+              progress=False)
+    stopped = train(net, net.init_params(0), data, grad_fn=interrupted,
+                    output_dir=tmp_path / "a", **kw)
+    assert stopped.stopped_early and stopped.steps == 4
+    def exact(p, X, y):
+        return ptoc.loss_and_grad(net, p, X, y)
+
+    resumed = train(net, net.init_params(0), data, grad_fn=exact, output_dir=tmp_path / "a",
+                    resume=True, **kw)
+    whole = train(net, net.init_params(0), data, grad_fn=exact, output_dir=tmp_path / "b", **kw)
+    for k in whole.params:
+        assert np.array_equal(resumed.params[k], whole.params[k]), k
