@@ -19,25 +19,50 @@ ptoc and without pickle (``np.load(path, allow_pickle=False)``), with the entrie
 Files are written atomically: to a temporary file in the target directory that
 then replaces the target with :func:`os.replace`, so a reader never sees a
 half-written model, even if the writer is interrupted.
+
+This module also holds the file rules of the rest of ptoc, one place each: atomic
+writes (:func:`atomic_write`) and the clean-up of what a killed writer left
+(:func:`remove_stale_temporaries`), checks of output folders and files before the
+work (:func:`prepare_output_dir`, :func:`check_output_file`), reading an ``.npz``
+with a clear error for a damaged one (:func:`read_npz`), and the lock that gives a
+run folder to one run at a time (:class:`RunFolderLock`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import socket
 import zipfile
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from ._version import __version__
 from .model import PARAM_KEYS, Params, ResNet
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load_model", "network_from_dict", "network_to_dict",
-           "save_model"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LOCK_NAME",
+    "RunFolderInUseError",
+    "RunFolderLock",
+    "atomic_write",
+    "atomic_write_text",
+    "check_output_file",
+    "load_model",
+    "network_from_dict",
+    "network_to_dict",
+    "prepare_output_dir",
+    "read_npz",
+    "remove_stale_temporaries",
+    "save_model",
+]
 
 #: Value of the ``format`` entry of a ptoc model file.
 FORMAT = "ptoc-model"
@@ -148,33 +173,302 @@ def save_model(path: str | os.PathLike, network: ResNet, params: Params | Mappin
     return path
 
 
-def _atomic_savez(path: Path, entries: Mapping[str, np.ndarray]) -> None:
-    """``np.savez`` to a temporary file next to ``path``, then ``os.replace`` it."""
+#: Name of a temporary file of :func:`atomic_write`: ``.<target name>.<12 hex digits>.tmp``.
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def _open_temporary(directory: Path, name: str) -> tuple[int, Path]:
+    """Create ``directory/.<name>.<random>.tmp`` exclusively; return its descriptor and path.
+
+    ``os.open`` with mode 0o666 (not mkstemp's 0o600) gives the file the usual
+    umask-based permissions; ``O_EXCL`` and 48 random bits keep writers apart.
+    """
+    while True:
+        tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file atomically: ``write(f)`` into a temporary file next to ``path``, fsync,
+    then :func:`os.replace` it onto ``path``.
+
+    A reader sees the old file or the new one, never a half-written one, even when the
+    writer is killed; a killed writer leaves at most a temporary file
+    ``.<name>.<12 hex digits>.tmp``, which :func:`remove_stale_temporaries` deletes.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Target file, used exactly as given; its folder must exist.
+    write : callable
+        ``write(f)`` writes the content to the binary file object ``f``.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder of ``path`` does not exist.
+    OSError
+        If the file cannot be written (no permission, disk full): the message names
+        ``path``; the target is then unchanged and no temporary file is left.
+    """
+    path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(directory)!r} "
                                 "does not exist")
-    # os.open with mode 0o666 (not mkstemp's 0o600) so the file gets the usual
-    # umask-based permissions; O_EXCL and a random name keep writers apart.
-    while True:
-        tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:  # pragma: no cover - 48 random bits
-            continue
+    try:
+        fd, tmp = _open_temporary(directory, path.name)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {str(path)!r}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **entries)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(exc.errno, f"cannot write {str(path)!r}: {exc.strerror}") from None
         raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of ``text`` in UTF-8."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def _atomic_savez(path: Path, entries: Mapping[str, np.ndarray]) -> None:
+    """``np.savez`` of ``entries`` to exactly ``path`` (no suffix added), atomically."""
+    atomic_write(path, lambda f: np.savez(f, **entries))
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left in ``directory`` when killed.
+
+    Only files named like ours (``.<name>.<12 hex digits>.tmp``) are touched. Call it
+    only while no other writer uses the folder (e.g. holding :class:`RunFolderLock`).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files deleted.
+    """
+    removed = []
+    for entry in Path(directory).iterdir():
+        if _TEMPORARY.match(entry.name) and entry.is_file():
+            try:
+                entry.unlink()
+            except FileNotFoundError:  # pragma: no cover - removed meanwhile
+                continue
+            removed.append(entry)
+    return removed
+
+
+def _probe_writable(directory: Path) -> None:
+    """Create and delete a temporary file in ``directory`` (OSError if that fails)."""
+    fd, tmp = _open_temporary(directory, "write-probe")
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def prepare_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create the folder ``path`` (with its parents) if needed and check that files can be
+    written into it, before any work whose results would go there.
+
+    Raises
+    ------
+    ValueError
+        Naming ``path`` and the reason: it is a file, lies below a file, cannot be
+        created or is not writable (read-only, no permission, disk full).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the {what} {str(path)!r}: {exc.strerror}") from None
+    try:
+        _probe_writable(path)
+    except OSError as exc:
+        raise ValueError(f"cannot write into the {what} {str(path)!r}: {exc.strerror}") \
+            from None
+    return path
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Check, before the work, that the file ``path`` can be written.
+
+    Its folder must exist and be writable, and ``path`` must not be a folder.
+
+    Raises
+    ------
+    ValueError
+        Naming ``path`` and the reason.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder; give a file name")
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        reason = "is not a folder" if directory.exists() else "does not exist"
+        raise ValueError(f"cannot write {str(path)!r}: {str(directory)!r} {reason}")
+    try:
+        _probe_writable(directory)
+    except OSError as exc:
+        raise ValueError(f"cannot write {str(path)!r}: {exc.strerror}") from None
+    return path
+
+
+def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
+    """Every entry of the ``.npz`` archive ``path``, read without pickle.
+
+    Parameters
+    ----------
+    path : str or path-like
+    what : str
+        What the file should be (e.g. ``"ptoc model file"``), for the messages.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If it is a folder, or not an ``.npz`` archive or a damaged one (empty,
+        truncated, altered bytes): the message names ``path`` and says so.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not a {what}")
+    corrupt = f"{str(path)!r} is not a {what} or is corrupt"
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{corrupt}: it is not an .npz archive (empty, truncated or another "
+                         "kind of file)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{corrupt}: cannot read it ({exc})") from None
+
+
+#: Name of the lock file that marks a run folder as in use (see :class:`RunFolderLock`).
+LOCK_NAME = ".ptoc-run.lock"
+
+#: Run folders this process holds, by real path, with the nesting depth of their locks.
+_HELD_FOLDERS: dict[str, int] = {}
+
+
+class RunFolderInUseError(RuntimeError):
+    """Another process, still running, holds the lock of a run folder."""
+
+
+def _lock_owner(path: Path) -> tuple[int, str] | None:
+    """``(pid, host)`` written in the lock file ``path``; None when it cannot be read."""
+    try:
+        pid, host = path.read_text(encoding="utf-8").split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+class RunFolderLock:
+    """A run folder belongs to one run at a time: hold this while writing into it.
+
+    Entering creates ``folder/.ptoc-run.lock`` exclusively (``O_EXCL``) with the
+    process id and host name; leaving deletes it. A lock whose process no longer
+    runs on this host (a run that was killed) is stale: it is taken over and
+    :attr:`taken_over_from` says from which process id. The lock is re-entrant
+    within one process (the command line holds it around :func:`ptoc.training.train`,
+    which takes it again).
+
+    Parameters
+    ----------
+    folder : str or path-like
+        An existing folder.
+
+    Raises
+    ------
+    RunFolderInUseError
+        On entering, when a live process holds the folder (or the lock file does
+        not say which process holds it).
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.taken_over_from: int | None = None
+        self._key = os.path.realpath(self.folder)
+
+    def __enter__(self) -> RunFolderLock:
+        if self._key in _HELD_FOLDERS:
+            _HELD_FOLDERS[self._key] += 1
+            return self
+        host = socket.gethostname()
+        while True:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                owner = _lock_owner(self.path)
+                if owner is None:
+                    raise RunFolderInUseError(
+                        f"the run folder {str(self.folder)!r} is locked by "
+                        f"{str(self.path)!r}, which does not say by which process; delete "
+                        "that file if no run uses the folder") from None
+                pid, owner_host = owner
+                if owner_host != host or (pid != os.getpid() and _process_alive(pid)):
+                    raise RunFolderInUseError(
+                        f"the run folder {str(self.folder)!r} is in use by process {pid} on "
+                        f"{owner_host} (lock file {str(self.path)!r}); wait for that run to "
+                        "end or choose another folder") from None
+                try:  # stale: its process is gone
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                self.taken_over_from = pid
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(f"{os.getpid()} {host}\n")
+            break
+        _HELD_FOLDERS[self._key] = 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _HELD_FOLDERS[self._key] -= 1
+        if _HELD_FOLDERS[self._key] > 0:
+            return
+        del _HELD_FOLDERS[self._key]
+        owner = _lock_owner(self.path)
+        if owner is not None and owner[0] == os.getpid():
+            try:
+                self.path.unlink()
+            except FileNotFoundError:  # pragma: no cover - removed by hand
+                pass
 
 
 def load_model(path: str | os.PathLike) -> tuple[ResNet, Params, dict[str, Any]]:
@@ -199,38 +493,28 @@ def load_model(path: str | os.PathLike) -> tuple[ResNet, Params, dict[str, Any]]
         If ``path`` does not exist.
     ValueError
         If the file is not a ptoc model file (not an ``.npz``, no ``network`` entry,
-        another format), is of a newer format version, or is inconsistent.
+        another format) or is damaged (:func:`read_npz`), is of a newer format version,
+        or is inconsistent.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model file {str(path)!r} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{str(path)!r} is a directory, not a ptoc model file")
+    entries = read_npz(path, "ptoc model file")
     not_ours = f"{str(path)!r} is not a ptoc model file"
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{not_ours} (it is not an .npz archive)")
     try:
-        npz = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(f"{not_ours} (cannot read it as .npz: {exc})") from None
-    with npz:
-        try:
-            files = set(npz.files)
-            if "format" not in files or "network" not in files:
-                raise ValueError(f"{not_ours} (no 'format'/'network' entries)")
-            if str(npz["format"][()]) != FORMAT:
-                raise ValueError(f"{not_ours} (format is {str(npz['format'][()])!r})")
-            version = int(npz["format_version"][()]) if "format_version" in files else 0
-            if version > FORMAT_VERSION:
-                raise ValueError(
-                    f"{str(path)!r} has format version {version}; this ptoc reads up to "
-                    f"{FORMAT_VERSION}: upgrade ptoc"
-                )
-            net_d = json.loads(str(npz["network"][()]))
-            extra = json.loads(str(npz["extra"][()])) if "extra" in files else {}
-            arrays = {k: npz[k] for k in PARAM_KEYS if k in files}
-        except (KeyError, json.JSONDecodeError, zipfile.BadZipFile, OSError) as exc:
-            raise ValueError(f"{not_ours} or is damaged ({exc})") from None
+        if "format" not in entries or "network" not in entries:
+            raise ValueError(f"{not_ours} (no 'format'/'network' entries)")
+        if str(entries["format"][()]) != FORMAT:
+            raise ValueError(f"{not_ours} (format is {str(entries['format'][()])!r})")
+        version = int(entries["format_version"][()]) if "format_version" in entries else 0
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"{str(path)!r} has format version {version}; this ptoc reads up to "
+                f"{FORMAT_VERSION}: upgrade ptoc"
+            )
+        net_d = json.loads(str(entries["network"][()]))
+        extra = json.loads(str(entries["extra"][()])) if "extra" in entries else {}
+        arrays = {k: entries[k] for k in PARAM_KEYS if k in entries}
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{not_ours} or is damaged ({exc})") from None
     try:
         network = network_from_dict(net_d)
     except (ValueError, TypeError) as exc:

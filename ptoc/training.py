@@ -20,6 +20,25 @@ checks the loss and the new parameters; if any holds NaN or infinity the run sto
 at once, keeps the parameters from before that step and reports the epoch and step
 in :attr:`TrainResult.reason`. Nothing is raised.
 
+A finite loss can be as meaningless (Adam at a huge learning rate ends with weights
+of size ``lr`` and a loss of ``1e11``), so the loop also stops a run whose loss stays
+far above where it started: when the loss of ``divergence_patience`` consecutive
+steps (default 10) exceeds ``divergence_factor`` (default 100) times the reference
+loss, the objective of the run's first step (at the initial parameters, on the first
+batch). Well-behaved runs stay far below: Adam on Peaks at ``lr = 1``, far too large,
+peaks at about 7 times its initial loss. The run then keeps the parameters of the last
+step whose loss was within the bound (they and that step's method state are what
+:attr:`TrainResult.params` and ``model.npz`` hold). No checkpoint is written while
+the loss is above the bound, and one written just before, of parameters whose loss
+then turned out above it, is replaced by the one before it: ``checkpoint.npz`` holds
+the last checkpoint of parameters whose loss was measured within the bound.
+``divergence_factor=None`` turns the rule off.
+
+Output folder: it is checked (created, written into) before the first step and is
+held by one run at a time (:class:`ptoc.io.RunFolderLock`, which takes over the lock
+of a killed run with a warning); temporary files a killed run left behind are
+deleted when the next run takes the folder.
+
 Checkpoints and resuming: with ``checkpoint_every=k`` the loop writes
 ``checkpoint.npz`` into the output folder every ``k`` steps and at the end
 (atomically, so a run killed at any moment leaves the previous checkpoint intact).
@@ -34,12 +53,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +70,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import io as _io
-from ._checks import check_inputs, check_positive_int
+from ._checks import check_inputs, check_positive_int, check_real
 from .kernels import Target, backend
 from .methods import GradientMethod, TrainingDivergedError, TrainingMethod, group_state
 from .model import Params, ResNet
@@ -151,24 +173,21 @@ class History(Sequence):
 
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write the records as a JSON list of objects (NaN as ``null``)."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_list(), indent=1) + "\n", encoding="utf-8")
-        return path
+        return _io.atomic_write_text(path, json.dumps(self.to_list(), indent=1) + "\n")
 
     def save_csv(self, path: str | os.PathLike) -> Path:
         """Write a CSV file with a header row of :data:`HISTORY_COLUMNS` (NaN as empty field).
 
         Floats are written with Python's round-trip ``repr``.
         """
-        path = Path(path)
         cols = self.columns
-        with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(cols)
-            for r in self.records:
-                writer.writerow(["" if v is None else repr(v) for v in
-                                 (_nan_to_none(r.get(k, math.nan)) for k in cols)])
-        return path
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(cols)
+        for r in self.records:
+            writer.writerow(["" if v is None else repr(v) for v in
+                             (_nan_to_none(r.get(k, math.nan)) for k in cols)])
+        return _io.atomic_write_text(path, text.getvalue())
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> History:
@@ -292,10 +311,12 @@ class _Progress:
     best_epoch: int | None = None
     best_acc: float = -math.inf
     elapsed: float = 0.0
+    reference_loss: float | None = None
 
 
-def _save_checkpoint(path: Path, network: ResNet, method: TrainingMethod, params: Params,
-                     state: Any, run: _Progress, identity: dict[str, Any]) -> Path:
+def _checkpoint_bytes(network: ResNet, method: TrainingMethod, params: Params, state: Any,
+                      run: _Progress, identity: dict[str, Any]) -> bytes:
+    """The content of ``checkpoint.npz`` for this point of the run."""
     entries: dict[str, Any] = {f"params.{k}": v for k, v in params.items()}
     if run.best_params is not None:
         entries.update({f"best.{k}": v for k, v in run.best_params.items()})
@@ -309,11 +330,12 @@ def _save_checkpoint(path: Path, network: ResNet, method: TrainingMethod, params
         batch_losses=[float(v) for v in run.batch_losses], epoch_rng=run.epoch_rng,
         rng=run.rng, history=run.history.to_list(), best_epoch=run.best_epoch,
         best_acc=None if not math.isfinite(run.best_acc) else run.best_acc,
-        elapsed=run.elapsed,
+        elapsed=run.elapsed, reference_loss=run.reference_loss,
     )
     entries["meta"] = np.array(json.dumps(meta, allow_nan=False))
-    _io._atomic_savez(path, entries)
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **entries)
+    return buffer.getvalue()
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -325,16 +347,27 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ``meta`` (the JSON record: network, method, batch size, seed, data
         fingerprint, epochs and steps done, shuffling state, history), ``params``,
         ``best_params`` (or None) and ``state`` (the method's flat state dict).
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no file at ``path``.
+    ValueError
+        If the file is not a ptoc checkpoint, is corrupt (empty, truncated, altered
+        bytes; the message names the file) or has another format version.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    with np.load(path, allow_pickle=False) as z:
-        d = {k: z[k] for k in z.files}
+    d = _io.read_npz(path, "ptoc checkpoint")
     if "meta" not in d:
         raise ValueError(f"{str(path)!r} is not a ptoc checkpoint (no 'meta' entry)")
-    meta = json.loads(str(d["meta"]))
-    if meta.get("format") != CHECKPOINT_FORMAT:
+    try:
+        meta = json.loads(str(d["meta"]))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not a ptoc checkpoint or is corrupt: its 'meta' "
+                         f"entry is not JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a ptoc checkpoint")
     if meta.get("format_version") != CHECKPOINT_VERSION:
         raise ValueError(f"{str(path)!r} has checkpoint format version "
@@ -355,21 +388,25 @@ def _restore(ckpt: dict[str, Any], identity: dict[str, Any], network: ResNet,
             raise ValueError(f"cannot resume from {str(path)!r}: the {what} differs from the "
                              f"run that wrote it ({meta.get(key)!r} there, {identity[key]!r} "
                              "here)")
-    if meta["epochs_done"] > epochs:
-        raise ValueError(f"cannot resume from {str(path)!r}: it has done {meta['epochs_done']} "
-                         f"epochs, more than epochs={epochs}")
-    params = network.check_params(Params.from_dict(ckpt["params"]))
-    state = method.load_state(ckpt["state"], network, params)
-    history = History.load_json_records(meta["history"])
-    best = ckpt["best_params"]
-    run = _Progress(
-        epochs_done=meta["epochs_done"], steps=meta["steps"], next_batch=meta["next_batch"],
-        batch_losses=list(meta["batch_losses"]), epoch_rng=meta["epoch_rng"], rng=meta["rng"],
-        history=history,
-        best_params=None if best is None else network.check_params(Params.from_dict(best)),
-        best_epoch=meta["best_epoch"],
-        best_acc=-math.inf if meta["best_acc"] is None else meta["best_acc"],
-        elapsed=meta["elapsed"])
+    try:
+        if meta["epochs_done"] > epochs:
+            raise ValueError(f"cannot resume from {str(path)!r}: it has done "
+                             f"{meta['epochs_done']} epochs, more than epochs={epochs}")
+        params = network.check_params(Params.from_dict(ckpt["params"]))
+        state = method.load_state(ckpt["state"], network, params)
+        history = History.load_json_records(meta["history"])
+        best = ckpt["best_params"]
+        run = _Progress(
+            epochs_done=meta["epochs_done"], steps=meta["steps"], next_batch=meta["next_batch"],
+            batch_losses=list(meta["batch_losses"]), epoch_rng=meta["epoch_rng"],
+            rng=meta["rng"], history=history,
+            best_params=None if best is None else network.check_params(Params.from_dict(best)),
+            best_epoch=meta["best_epoch"],
+            best_acc=-math.inf if meta["best_acc"] is None else meta["best_acc"],
+            elapsed=meta["elapsed"], reference_loss=meta.get("reference_loss"))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{str(path)!r} is a damaged ptoc checkpoint: an entry is missing or "
+                         f"has the wrong type ({type(exc).__name__}: {exc})") from None
     return params, state, run
 
 
@@ -391,6 +428,8 @@ def train(
     resume: bool = False,
     progress: bool | Literal["force"] = True,
     callback: Callable[[dict[str, Any], Params], bool | None] | None = None,
+    divergence_factor: float | None = 100.0,
+    divergence_patience: int = 10,
 ) -> TrainResult:
     """Train ``network`` from ``params`` on ``data``, one ``method`` step per batch.
 
@@ -451,6 +490,12 @@ def train(
         ``callback(record, params)`` after every epoch, with the epoch's history
         record and the current parameters; a truthy return stops training
         (``stopped_early=True``).
+    divergence_factor : float or None
+        The run diverges when the loss of ``divergence_patience`` consecutive steps
+        exceeds this factor (``>= 1``) times the loss of its first step (see the module
+        docstring); None turns the rule off (a non-finite loss still stops the run).
+    divergence_patience : int
+        That number of consecutive steps (``>= 1``).
 
     Returns
     -------
@@ -459,10 +504,13 @@ def train(
     Raises
     ------
     ValueError
-        For invalid arguments, data that do not fit the network, or a checkpoint
-        that belongs to another run.
+        For invalid arguments, data that do not fit the network, an ``output_dir``
+        that cannot be created or written into, or a checkpoint that belongs to
+        another run or is corrupt (the message names the file).
     FileNotFoundError
         When resuming and ``output_dir`` holds no checkpoint.
+    ptoc.io.RunFolderInUseError
+        When another running process holds ``output_dir``.
     ImportError
         When ``target`` is not available (e.g. ``"cuda"`` without a GPU).
 
@@ -512,6 +560,9 @@ def train(
     if (checkpoint_every is not None or resume) and output_dir is None:
         raise ValueError("checkpoint_every and resume need output_dir (where the "
                          "checkpoint lives)")
+    if divergence_factor is not None:
+        divergence_factor = check_real("divergence_factor", divergence_factor, low=1.0)
+    divergence_patience = check_positive_int("divergence_patience", divergence_patience)
     disable = _progress_disable(progress)
     writer = method.writes_files  # False on MPI ranks other than 0: they compute, not write
     if not writer:
@@ -529,158 +580,215 @@ def train(
     n = X.shape[0]
     B = check_positive_int("batch_size", batch_size, allow_none=True)
     full_batch = B is None or B >= n
-    out_dir = None
-    if output_dir is not None:
-        out_dir = Path(output_dir)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"output_dir {str(out_dir)!r} exists and is not a directory")
-    from . import io as _io_mod
-
-    identity = {"network": _io_mod.network_to_dict(network),
-                "method": json.loads(json.dumps(method.config(), default=_io_mod._json_default)),
-                "batch_size": None if full_batch else B, "seed": int(seed),
-                "eval_every": eval_every, "data": _fingerprint(data)}
+    out_dir = None if output_dir is None else Path(output_dir)
     ckpt_path = None if out_dir is None else out_dir / CHECKPOINT_NAME
-    rng = np.random.default_rng(int(seed))
-    if resume:
-        assert ckpt_path is not None
-        params, state, run = _restore(load_checkpoint(ckpt_path), identity, network, method,
-                                      epochs, ckpt_path)
-        if run.rng is not None:
-            rng.bit_generator.state = run.rng
-    else:
-        state = method.init(network, params)
-        run = _Progress()
+    folder_lock: AbstractContextManager = nullcontext()
     if out_dir is not None and writer:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    t_offset = run.elapsed - t_start
-    reason: str | None = None
-    diverged = False
+        if resume and not ckpt_path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {str(ckpt_path)!r}")
+        _io.prepare_output_dir(out_dir, "output_dir")
+        folder_lock = _io.RunFolderLock(out_dir)
+    with folder_lock:
+        if isinstance(folder_lock, _io.RunFolderLock):
+            if folder_lock.taken_over_from is not None:
+                warnings.warn(f"took over the run folder {str(out_dir)!r} from process "
+                              f"{folder_lock.taken_over_from}, which no longer runs",
+                              RuntimeWarning, stacklevel=2)
+            _io.remove_stale_temporaries(out_dir)
+        identity = {"network": _io.network_to_dict(network),
+                    "method": json.loads(json.dumps(method.config(), default=_io._json_default)),
+                    "batch_size": None if full_batch else B, "seed": int(seed),
+                    "eval_every": eval_every, "data": _fingerprint(data)}
+        rng = np.random.default_rng(int(seed))
+        if resume:
+            assert ckpt_path is not None
+            params, state, run = _restore(load_checkpoint(ckpt_path), identity, network, method,
+                                          epochs, ckpt_path)
+            if run.rng is not None:
+                rng.bit_generator.state = run.rng
+        else:
+            state = method.init(network, params)
+            run = _Progress()
+        t_offset = run.elapsed - t_start
+        reason: str | None = None
+        diverged = False
 
-    model_eval = method.evaluator()
+        model_eval = method.evaluator()
 
-    def evaluate(p: Params) -> tuple[float, float, float]:
-        if model_eval is not None:
-            train_acc = model_eval(p, X, y)[1]
-            return (train_acc, *model_eval(p, X_val, y_val)) if has_val \
-                else (train_acc, math.nan, math.nan)
-        train_acc = accuracy(network, p, X, y, target=target)
-        if not has_val:
-            return train_acc, math.nan, math.nan
-        return (train_acc, loss(network, p, X_val, y_val, target=target),
-                accuracy(network, p, X_val, y_val, target=target))
+        def evaluate(p: Params) -> tuple[float, float, float]:
+            if model_eval is not None:
+                train_acc = model_eval(p, X, y)[1]
+                return (train_acc, *model_eval(p, X_val, y_val)) if has_val \
+                    else (train_acc, math.nan, math.nan)
+            train_acc = accuracy(network, p, X, y, target=target)
+            if not has_val:
+                return train_acc, math.nan, math.nan
+            return (train_acc, loss(network, p, X_val, y_val, target=target),
+                    accuracy(network, p, X_val, y_val, target=target))
 
-    def checkpoint() -> None:
-        if checkpoint_every is None or ckpt_path is None or not writer:
-            return
-        run.rng = rng.bit_generator.state if run.next_batch == 0 else run.rng
-        run.elapsed = time.perf_counter() + t_offset
-        _save_checkpoint(ckpt_path, network, method, params, state, run, identity)
+        # The divergence rule: the parameters, method state and step count of the last step
+        # whose loss was within the bound, and how many steps since were above it.
+        last_good: tuple[Params, Any, int] = (params, state, run.steps)
+        steps_above = 0
+        # Whether the current epoch's permutation has been drawn (a checkpoint with
+        # next_batch == 0 must then hold the generator's state from before the draw).
+        permutation_drawn = False
+        # (steps, bytes) of the last two checkpoints written, newest last: the newest may
+        # hold parameters whose loss the next steps measure above the bound.
+        written: list[tuple[int, bytes]] = []
+        if resume and writer:
+            written.append((run.steps, ckpt_path.read_bytes()))
 
-    bar = tqdm(total=epochs, initial=run.epochs_done, desc="training", unit="epoch",
-               disable=disable, file=sys.stderr, dynamic_ncols=True)
-    try:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            for epoch in range(run.epochs_done + 1, epochs + 1):
-                if run.next_batch == 0:
-                    run.epoch_rng = None if full_batch else rng.bit_generator.state
-                    run.batch_losses = []
-                elif run.epoch_rng is not None:
-                    rng.bit_generator.state = run.epoch_rng  # redraw the epoch's permutation
-                if full_batch:
-                    batches: list[np.ndarray | None] = [None]
-                else:
-                    perm = rng.permutation(n)
-                    batches = [perm[i:i + B] for i in range(0, n, B)]
-                for bi in range(run.next_batch, len(batches)):
-                    idx = batches[bi]
-                    Xb, yb = (X, y) if idx is None else (X[idx], y[idx])
-                    where = (f"epoch {epoch}, step {run.steps + 1} "
-                             f"(batch {bi + 1} of {len(batches)})")
-                    try:
-                        outcome = method.step(network, params, state, Xb, yb)
-                        bad = None
-                        if not math.isfinite(outcome.loss):
-                            bad = f"non-finite loss ({outcome.loss})"
-                        elif not _all_finite(outcome.params):
-                            bad = "non-finite parameters after the update"
-                    except TrainingDivergedError as exc:
-                        bad = str(exc)
-                    if bad is not None:
-                        diverged = True
-                        reason = (f"training diverged: {bad} at {where}; kept the parameters "
-                                  f"after step {run.steps}")
+        def checkpoint() -> None:
+            """Write the checkpoint of the current parameters (not while the loss is
+            above the divergence bound)."""
+            if checkpoint_every is None or ckpt_path is None or not writer or steps_above:
+                return
+            if run.next_batch == 0:
+                run.rng = (run.epoch_rng if permutation_drawn and run.epoch_rng is not None
+                           else rng.bit_generator.state)
+            run.elapsed = time.perf_counter() + t_offset
+            content = _checkpoint_bytes(network, method, params, state, run, identity)
+            _io.atomic_write(ckpt_path, lambda f: f.write(content))
+            written[:] = [*written[-1:], (run.steps, content)]
+
+        def keep_last_good_checkpoint() -> None:
+            """After a divergence: put back the checkpoint before the newest when the newest
+            holds parameters measured above the bound (none left: no checkpoint)."""
+            if not written or written[-1][0] <= last_good[2]:
+                return
+            if len(written) == 2:
+                _io.atomic_write(ckpt_path, lambda f: f.write(written[0][1]))
+            else:
+                ckpt_path.unlink(missing_ok=True)
+
+        bar = tqdm(total=epochs, initial=run.epochs_done, desc="training", unit="epoch",
+                   disable=disable, file=sys.stderr, dynamic_ncols=True)
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                for epoch in range(run.epochs_done + 1, epochs + 1):
+                    if run.next_batch == 0:
+                        run.epoch_rng = None if full_batch else rng.bit_generator.state
+                        run.batch_losses = []
+                    elif run.epoch_rng is not None:
+                        rng.bit_generator.state = run.epoch_rng  # redraw the epoch's permutation
+                    if full_batch:
+                        batches: list[np.ndarray | None] = [None]
+                    else:
+                        perm = rng.permutation(n)
+                        batches = [perm[i:i + B] for i in range(0, n, B)]
+                    permutation_drawn = True
+                    for bi in range(run.next_batch, len(batches)):
+                        idx = batches[bi]
+                        Xb, yb = (X, y) if idx is None else (X[idx], y[idx])
+                        where = (f"epoch {epoch}, step {run.steps + 1} "
+                                 f"(batch {bi + 1} of {len(batches)})")
+                        try:
+                            outcome = method.step(network, params, state, Xb, yb)
+                            bad = None
+                            if not math.isfinite(outcome.loss):
+                                bad = f"non-finite loss ({outcome.loss})"
+                            elif not _all_finite(outcome.params):
+                                bad = "non-finite parameters after the update"
+                        except TrainingDivergedError as exc:
+                            bad = str(exc)
+                        if bad is None and divergence_factor is not None:
+                            if run.reference_loss is None:
+                                run.reference_loss = float(outcome.loss)
+                            bound = divergence_factor * run.reference_loss
+                            if outcome.loss > bound:
+                                steps_above += 1
+                                if steps_above >= divergence_patience:
+                                    bad = (f"the loss exceeded {divergence_factor:g} times the "
+                                           f"first step's ({run.reference_loss:.4g}) at "
+                                           f"{steps_above} consecutive steps (now "
+                                           f"{outcome.loss:.4g})")
+                            else:
+                                steps_above = 0
+                                last_good = (params, state, run.steps)
+                        if bad is not None:
+                            diverged = True
+                            if steps_above:
+                                params, state, good_steps = last_good
+                                if writer and ckpt_path is not None:
+                                    keep_last_good_checkpoint()
+                            else:
+                                good_steps = run.steps
+                            reason = (f"training diverged: {bad} at {where}; kept the parameters "
+                                      f"after step {good_steps}")
+                            break
+                        params, state = outcome.params, outcome.state
+                        run.steps += 1
+                        run.next_batch = bi + 1
+                        run.batch_losses.append(float(outcome.loss))
+                        if checkpoint_every is not None and run.steps % checkpoint_every == 0:
+                            checkpoint()
+                    if diverged:
                         break
-                    params, state = outcome.params, outcome.state
-                    run.steps += 1
-                    run.next_batch = bi + 1
-                    run.batch_losses.append(float(outcome.loss))
-                    if checkpoint_every is not None and run.steps % checkpoint_every == 0:
-                        checkpoint()
-                if diverged:
-                    break
-                record: dict[str, Any] = {
-                    "epoch": epoch,
-                    "steps": run.steps,
-                    "train_loss": float(np.mean(run.batch_losses)),
-                }
-                if epoch % eval_every == 0 or epoch == epochs:
-                    tr_acc, v_loss, v_acc = evaluate(params)
-                    record.update(train_accuracy=tr_acc, val_loss=v_loss, val_accuracy=v_acc)
-                    if has_val and v_acc > run.best_acc:
-                        run.best_acc, run.best_epoch = v_acc, epoch
-                        run.best_params = params.copy()
-                record.update(method.metrics(network, params, state))
-                record["time"] = time.perf_counter() + t_offset
-                run.history.append(record)
-                run.epochs_done, run.next_batch, run.batch_losses = epoch, 0, []
-                post = {"loss": f"{record['train_loss']:.4f}"}
-                if "train_accuracy" in record:
-                    post["acc"] = f"{record['train_accuracy']:.3f}"
-                    if has_val:
-                        post["val_acc"] = f"{record['val_accuracy']:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-                if callback is not None and callback(run.history[-1], params):
-                    if epoch < epochs:
-                        reason = (f"stopped by the callback after epoch {epoch}, "
-                                  f"step {run.steps}")
-                    break
-    except KeyboardInterrupt:
-        reason = (f"interrupted (KeyboardInterrupt) during epoch {run.epochs_done + 1}; kept "
-                  f"the parameters after step {run.steps}")
-    finally:
-        bar.close()
-    checkpoint()
+                    record: dict[str, Any] = {
+                        "epoch": epoch,
+                        "steps": run.steps,
+                        "train_loss": float(np.mean(run.batch_losses)),
+                    }
+                    if epoch % eval_every == 0 or epoch == epochs:
+                        tr_acc, v_loss, v_acc = evaluate(params)
+                        record.update(train_accuracy=tr_acc, val_loss=v_loss, val_accuracy=v_acc)
+                        if has_val and v_acc > run.best_acc:
+                            run.best_acc, run.best_epoch = v_acc, epoch
+                            run.best_params = params.copy()
+                    record.update(method.metrics(network, params, state))
+                    record["time"] = time.perf_counter() + t_offset
+                    run.history.append(record)
+                    run.epochs_done, run.next_batch, run.batch_losses = epoch, 0, []
+                    permutation_drawn = False
+                    post = {"loss": f"{record['train_loss']:.4f}"}
+                    if "train_accuracy" in record:
+                        post["acc"] = f"{record['train_accuracy']:.3f}"
+                        if has_val:
+                            post["val_acc"] = f"{record['val_accuracy']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                    if callback is not None and callback(run.history[-1], params):
+                        if epoch < epochs:
+                            reason = (f"stopped by the callback after epoch {epoch}, "
+                                      f"step {run.steps}")
+                        break
+        except KeyboardInterrupt:
+            reason = (f"interrupted (KeyboardInterrupt) during epoch {run.epochs_done + 1}; kept "
+                      f"the parameters after step {run.steps}")
+        finally:
+            bar.close()
+        checkpoint()
 
-    tr_acc, v_loss, v_acc = evaluate(params)
-    tr_loss = (loss(network, params, X, y, target=target) if model_eval is None
-               else model_eval(params, X, y)[0])
-    result = TrainResult(
-        params=params,
-        best_params=run.best_params,
-        best_epoch=run.best_epoch,
-        history=run.history,
-        optimizer_state=state,
-        steps=run.steps,
-        epochs=run.epochs_done,
-        stopped_early=reason is not None,
-        reason=reason,
-        diverged=diverged,
-        wall_time=math.nan,
-        train_loss=tr_loss,
-        train_accuracy=tr_acc,
-        val_loss=v_loss,
-        val_accuracy=v_acc,
-        method=method,
-    )
-    if out_dir is not None and writer:
-        result.outputs = _write_outputs(out_dir, network, result, method, data,
-                                        batch_size=None if full_batch else B, seed=int(seed))
-        if checkpoint_every is not None and ckpt_path is not None:
-            result.outputs["checkpoint"] = ckpt_path
-    result.wall_time = time.perf_counter() - t_start
-    return result
+        tr_acc, v_loss, v_acc = evaluate(params)
+        tr_loss = (loss(network, params, X, y, target=target) if model_eval is None
+                   else model_eval(params, X, y)[0])
+        result = TrainResult(
+            params=params,
+            best_params=run.best_params,
+            best_epoch=run.best_epoch,
+            history=run.history,
+            optimizer_state=state,
+            steps=last_good[2] if diverged and steps_above else run.steps,
+            epochs=run.epochs_done,
+            stopped_early=reason is not None,
+            reason=reason,
+            diverged=diverged,
+            wall_time=math.nan,
+            train_loss=tr_loss,
+            train_accuracy=tr_acc,
+            val_loss=v_loss,
+            val_accuracy=v_acc,
+            method=method,
+        )
+        if out_dir is not None and writer:
+            result.outputs = _write_outputs(out_dir, network, result, method, data,
+                                            batch_size=None if full_batch else B,
+                                            seed=int(seed))
+            if checkpoint_every is not None and ckpt_path is not None:
+                result.outputs["checkpoint"] = ckpt_path
+        result.wall_time = time.perf_counter() - t_start
+        return result
 
 
 def _write_outputs(out_dir: Path, network: ResNet, result: TrainResult, method: TrainingMethod,

@@ -45,10 +45,15 @@ class Options:
         self.__dict__.update(kw)
 
     def argv(self):
-        return ["--width", str(self.width), "--depth", str(self.depth), "--batch",
-                str(self.batch), "--seed", str(self.seed), "--method", self.method,
-                "--coarsening", str(self.coarsening), "--relaxation", self.relaxation,
-                "--cycle", self.cycle, "--tol", repr(self.tol)]
+        """The options, each only with a method that reads it (ptoc solve refuses others)."""
+        argv = ["--width", str(self.width), "--depth", str(self.depth), "--batch",
+                str(self.batch), "--seed", str(self.seed), "--method", self.method]
+        if self.method != "serial":
+            argv += ["--tol", repr(self.tol)]
+        if self.method == "mgrit":
+            argv += ["--coarsening", str(self.coarsening), "--relaxation", self.relaxation,
+                     "--cycle", self.cycle]
+        return argv
 
 
 @pytest.mark.parametrize("P", [1, 2, 3, 4])

@@ -16,10 +16,13 @@
 ``ptoc info`` (:mod:`ptoc.cli.info`)
     Versions, Numba threads and which kernel targets can run here.
 
-Exit codes: 0 success; 1 training diverged (the last good model is kept); 2 bad
-options or a missing optional dependency (one ``ptoc: error: ...`` line, never a
-traceback, :class:`ptoc.cli.errors.CLIError`); 130 interrupted with Ctrl-C (the last
-good model is kept).
+Exit codes: 0 success; 1 training diverged, i.e. a non-finite loss or one above
+``--divergence-factor`` times the first step's for ``--divergence-patience``
+consecutive steps (the last good model is kept); 2 bad options, an output folder or
+file that cannot be written (checked before any work), a damaged input file, or a
+missing optional dependency (one ``ptoc: error: ...`` line, never a traceback,
+:class:`ptoc.cli.errors.CLIError`); 130 interrupted with Ctrl-C (the last good model
+is kept).
 """
 
 from __future__ import annotations

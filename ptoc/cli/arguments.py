@@ -7,17 +7,25 @@ the value; argparse adds the option's name in front of it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import CLIError
 
 __all__ = [
     "PROG",
     "Formatter",
     "Parser",
+    "describe",
     "nonnegative_float",
     "nonnegative_int",
     "positive_float",
     "positive_int",
     "real",
+    "refuse_unread_options",
     "unit_float",
 ]
 
@@ -81,11 +89,58 @@ def unit_float(text: str) -> float:
     return value
 
 
+def refuse_unread_options(args: argparse.Namespace, method: str,
+                          reads: Mapping[str, Sequence[str]],
+                          defaults: Mapping[str, Any]) -> None:
+    """Options given that ``--method`` does not read are an error, not silently ignored.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed options.
+    method : str
+        The chosen ``--method``.
+    reads : mapping of str to sequence of str
+        For each method, the names (``dest``) of the method-specific options it reads.
+    defaults : mapping of str to object
+        Every method-specific option's default; an option whose value differs from it
+        was given.
+
+    Raises
+    ------
+    CLIError
+        ``argument --<option>: only applies to --method <those that read it>, not <method>``.
+    """
+    for name, default in defaults.items():
+        if name not in reads[method] and getattr(args, name) != default:
+            users = [m for m, opts in reads.items() if name in opts]
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(f"argument {flag}: only applies to --method "
+                           + " or ".join(users) + f", not {method}")
+
+
+def describe(obj: Any) -> str:
+    """``Name(field=value, ...)`` of a dataclass for a header line, with option enums as
+    their values (``relaxation=FCF``, not the enum's repr) and nested dataclasses alike;
+    other objects as their ``repr``."""
+    if isinstance(obj, enum.Enum):
+        return str(obj.value)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = ", ".join(f"{f.name}={describe(getattr(obj, f.name))}"
+                           for f in dataclasses.fields(obj) if f.repr)
+        return f"{type(obj).__name__}({fields})"
+    if isinstance(obj, float):
+        return f"{obj:g}"
+    return repr(obj)
+
+
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show ``(default: ...)`` except for flags and options whose default is None."""
+    """Show ``(default: ...)`` except for flags, options whose default is None, and options
+    whose help already says its default."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or "(default" in (action.help
+                                                                                or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -14,13 +14,32 @@ import time
 
 import numpy as np
 
-from .arguments import Formatter, nonnegative_int, positive_float, positive_int
+from .arguments import (
+    Formatter,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    refuse_unread_options,
+)
 from .errors import CLIError
 
 __all__ = ["add_parser", "run"]
 
 #: Environment variables of which any one means that this process runs under ``mpiexec``.
 MPI_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+#: Defaults of the solver options that only some methods read.
+METHOD_OPTION_DEFAULTS = {
+    "coarsening": 4, "levels": 10, "min_coarse": 2, "relaxation": "FCF", "cycle": "V",
+    "coarse_weights": "inject", "nested": False, "tol": 1e-10, "max_iterations": 50,
+}
+
+#: Which of :data:`METHOD_OPTION_DEFAULTS` each ``--method`` reads.
+METHOD_OPTIONS = {
+    "serial": (),
+    "parareal": ("tol", "max_iterations"),
+    "mgrit": tuple(METHOD_OPTION_DEFAULTS),
+}
 
 
 def add_parser(sub) -> None:
@@ -54,18 +73,25 @@ def add_parser(sub) -> None:
     g.add_argument("--sweep", choices=("forward", "adjoint", "gradient"), default="gradient",
                    help="what to solve (gradient: both sweeps and the parameter gradient)")
     g = s.add_argument_group("solver")
-    g.add_argument("--method", choices=("serial", "parareal", "mgrit"), default="mgrit")
-    g.add_argument("--coarsening", type=positive_int, default=4, help="MGRIT factor m (>= 2)")
-    g.add_argument("--levels", type=positive_int, default=10, help="MGRIT max levels")
-    g.add_argument("--min-coarse", type=positive_int, default=2,
+    g.add_argument("--method", choices=tuple(METHOD_OPTIONS), default="mgrit",
+                   help="serial sweep, parareal (one chunk per rank) or MGRIT; the options "
+                   "below that name a method are refused with another one")
+    d = METHOD_OPTION_DEFAULTS
+    g.add_argument("--coarsening", type=positive_int, default=d["coarsening"],
+                   help="MGRIT factor m (>= 2)")
+    g.add_argument("--levels", type=positive_int, default=d["levels"], help="MGRIT max levels")
+    g.add_argument("--min-coarse", type=positive_int, default=d["min_coarse"],
                    help="MGRIT: fewest steps on the coarsest grid")
-    g.add_argument("--relaxation", choices=("F", "FCF"), default="FCF")
-    g.add_argument("--cycle", choices=("V", "F"), default="V")
-    g.add_argument("--coarse-weights", choices=("inject", "average"), default="inject")
+    g.add_argument("--relaxation", choices=("F", "FCF"), default=d["relaxation"],
+                   help="MGRIT relaxation")
+    g.add_argument("--cycle", choices=("V", "F"), default=d["cycle"], help="MGRIT cycle")
+    g.add_argument("--coarse-weights", choices=("inject", "average"),
+                   default=d["coarse_weights"], help="MGRIT: weights of a coarse step")
     g.add_argument("--nested", action="store_true", help="MGRIT nested iteration")
-    g.add_argument("--tol", type=positive_float, default=1e-10,
-                   help="absolute residual tolerance")
-    g.add_argument("--max-iterations", type=positive_int, default=50)
+    g.add_argument("--tol", type=positive_float, default=d["tol"],
+                   help="parareal, MGRIT: absolute residual tolerance")
+    g.add_argument("--max-iterations", type=positive_int, default=d["max_iterations"],
+                   help="parareal, MGRIT: most iterations")
     g = s.add_argument_group("run")
     g.add_argument("--ranks", type=positive_int, default=1,
                    help="simulated ranks when not under mpiexec")
@@ -76,7 +102,8 @@ def add_parser(sub) -> None:
                    help="also run the serial sweep and print the largest relative differences")
     g.add_argument("--json", metavar="PATH", help="write the records as JSON (rank 0)")
     g.add_argument("--save", metavar="PATH",
-                   help="write states, adjoints and gradient to an .npz file (rank 0)")
+                   help="write states, adjoints and gradient as an .npz archive to exactly "
+                   "PATH, e.g. solution.npz (rank 0; no suffix is added)")
     g.add_argument("--plot", metavar="PATH",
                    help="draw the residual history of the (last) solve, log scale, with the "
                    "tolerance, into an image such as residuals.png (rank 0; parareal and "
@@ -117,15 +144,51 @@ def _solver(args):
                       coarse_weights=args.coarse_weights, nested_iteration=args.nested)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``ptoc solve``; return the exit code (0, 1 diverged, 3 not converged)."""
-    import ptoc
-    from ptoc.parallel import MPIRanks, SimulatedRanks, SingleRank
-    from ptoc.parallel.driver import parallel_adjoint, parallel_forward, parallel_gradient
+def _check_outputs(args: argparse.Namespace) -> None:
+    """``--json``, ``--save`` and ``--plot`` must be writable files, checked before the solve."""
+    from ptoc.io import check_output_file
 
     if args.plot and args.method == "serial":
         raise CLIError("argument --plot: the serial sweep has no residual history; use "
-                     "--method parareal or mgrit")
+                       "--method parareal or mgrit")
+    for option in ("json", "save", "plot"):
+        path = getattr(args, option)
+        if path is None:
+            continue
+        try:
+            check_output_file(path)
+        except ValueError as exc:
+            raise CLIError(f"argument --{option}: {exc}") from None
+    if args.plot:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        suffix = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        if suffix not in formats:
+            raise CLIError(f"argument --plot: {args.plot!r} needs the suffix of an image "
+                           f"format, one of {', '.join(sorted(formats))} (e.g. residuals.png)")
+
+
+def _residual_line(rec) -> str:
+    """The residual history of ``rec``, saying which iteration each value belongs to."""
+    its = rec.residual_iterations
+    first = ", 0 is the coarse prediction" if its[0] == 0 else ""
+    return ("  residuals: " + " ".join(f"{r:.2e}" for r in rec.residuals)
+            + f" (after iterations {its[0]}..{its[-1]}{first})")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``ptoc solve``; return the exit code (0, 1 diverged, 3 not converged)."""
+    import ptoc
+    from ptoc.io import atomic_write, atomic_write_text
+    from ptoc.parallel import MPIRanks, SimulatedRanks, SingleRank
+    from ptoc.parallel.driver import parallel_adjoint, parallel_forward, parallel_gradient
+
+    refuse_unread_options(args, args.method, METHOD_OPTIONS, METHOD_OPTION_DEFAULTS)
+    if _under_mpi() and args.ranks != 1:
+        raise CLIError("argument --ranks: simulates ranks without mpiexec; under mpiexec the "
+                       "ranks are mpiexec's (-n)")
+    _check_outputs(args)
     try:
         solver = _solver(args)
         net, params, X, y = _problem(args)
@@ -179,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     for rec, med in zip(records, medians, strict=True):
         say(rec.summary())
         if rec.residuals:
-            say("  residuals: " + " ".join(f"{r:.2e}" for r in rec.residuals))
+            say(_residual_line(rec))
         if args.repeat > 1:
             say(f"  time {med:.4f} s (median of {args.repeat} solves; the first "
                 f"{times[0][list(records).index(rec)]:.4f} s)")
@@ -204,10 +267,11 @@ def run(args: argparse.Namespace) -> int:
                   "mpi": isinstance(comm, MPIRanks), "wall_time": wall,
                   "records": [vars(r) for r in records], "check": check,
                   "solve_times": times}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1, default=str)
+        atomic_write_text(args.json, json.dumps(record, indent=1, default=str))
+        print(f"records: {args.json}")
     if rank == 0 and args.save:
-        np.savez(args.save, **out)
+        atomic_write(args.save, lambda f: np.savez(f, **out))
+        print(f"wrote {', '.join(out)} to {args.save} (an .npz archive)")
     if rank == 0 and args.plot:
         from ptoc.plotting import plot_residuals
 

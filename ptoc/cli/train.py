@@ -13,16 +13,21 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .arguments import (
     PROG,
     Formatter,
     Parser,
+    describe,
     nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
+    real,
+    refuse_unread_options,
     unit_float,
 )
 from .errors import CLIError
@@ -31,6 +36,9 @@ __all__ = ["DEFAULT_LR", "METHODS", "add_parser", "run"]
 
 #: Learning rate used when ``--lr`` is not given, per optimiser.
 DEFAULT_LR = {"adam": 3e-3, "sgd": 1e-2, "lbfgs": 1.0}
+
+#: ``--momentum`` of SGD when it is not given.
+DEFAULT_MOMENTUM = 0.9
 
 #: ``ptoc train --method`` choices, with the line ``--method`` alone prints for each.
 METHODS = {
@@ -90,6 +98,16 @@ def _batch_size(text: str) -> int | str | None:
             f"must be a positive integer or 'full', got {text!r}") from None
 
 
+def _divergence_factor(text: str) -> float | None:
+    """A number ``>= 1``, or ``None`` for ``off``."""
+    if text.strip().lower() == "off":
+        return None
+    value = real(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 or 'off', got {text!r}")
+    return value
+
+
 def add_parser(sub) -> None:
     """Register the ``train`` subcommand on the subparsers ``sub``."""
     t = sub.add_parser(
@@ -104,6 +122,9 @@ def add_parser(sub) -> None:
             "Outputs (in --output): model.npz (load with ptoc.io.load_model),\n"
             "history.json and history.csv (per epoch: epoch, steps, train_loss,\n"
             "train_accuracy, val_loss, val_accuracy, time) and training.png.\n"
+            "The folder must be writable (checked first) and belongs to one run: one\n"
+            "that holds an earlier run is refused unless --resume or --overwrite, and\n"
+            "a folder a running 'ptoc train' holds (DIR/.ptoc-run.lock) is refused.\n"
             "A progress bar is shown on stderr when it is a terminal (not with --quiet)."
         ),
         epilog=("exit codes: 0 success, 1 training diverged (the last good model is "
@@ -195,7 +216,7 @@ def add_parser(sub) -> None:
     g.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default: "
                    + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")
-    g.add_argument("--momentum", type=unit_float, default=0.9, help="SGD momentum")
+    g.add_argument("--momentum", type=unit_float, default=DEFAULT_MOMENTUM, help="SGD momentum")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     g.add_argument("--epochs", type=positive_int, default=100, help="passes over the data")
     g.add_argument("--batch-size", type=_batch_size, default="auto",
@@ -217,6 +238,16 @@ def add_parser(sub) -> None:
     g.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the run in DIR from its checkpoint, with the options in "
                    "DIR/run.json (only --epochs, to train longer, and --quiet may be given)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output folder that holds an earlier run, "
+                   "deleting that run's files (without it, such a folder is refused)")
+    g.add_argument("--divergence-factor", type=_divergence_factor, default=100.0,
+                   metavar="F",
+                   help="stop the run as diverged (exit code 1) when the loss of "
+                   "--divergence-patience consecutive steps exceeds F times the loss of the "
+                   "first step (F >= 1, or 'off'; a non-finite loss always stops it)")
+    g.add_argument("--divergence-patience", type=positive_int, default=10, metavar="STEPS",
+                   help="the consecutive steps of --divergence-factor")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bar and no header; still prints the final result")
     t.set_defaults(func=run)
@@ -229,17 +260,6 @@ def _default_output() -> Path:
         k += 1
         out = base.with_name(f"{base.name}-{k}")
     return out
-
-
-def _check_method_options(args: argparse.Namespace) -> None:
-    """Options given that ``--method`` does not read are an error, not silently ignored."""
-    reads = METHOD_OPTIONS[args.method]
-    for name, default in METHOD_OPTION_DEFAULTS.items():
-        if name not in reads and getattr(args, name) != default:
-            users = [m for m, opts in METHOD_OPTIONS.items() if name in opts]
-            flag = "--" + name.replace("_", "-")
-            raise CLIError(f"argument {flag}: only applies to --method "
-                         + " or ".join(users) + f", not {args.method}")
 
 
 def _node_grad_fn(args: argparse.Namespace, network):
@@ -264,7 +284,7 @@ def _method(args: argparse.Namespace, network, optimizer):
     """The :class:`ptoc.methods.TrainingMethod` of ``--method`` and its options."""
     from ptoc.methods import GradientMethod
 
-    _check_method_options(args)
+    refuse_unread_options(args, args.method, METHOD_OPTIONS, METHOD_OPTION_DEFAULTS)
     if args.method == "pgcl":
         from ptoc.pgcl import PGCL
 
@@ -326,7 +346,7 @@ def _defaults() -> dict:
 #: Options a resumed run may change (everything else comes from ``run.json``).
 RESUME_OPTIONS = ("epochs", "quiet", "resume")
 #: Options that are not part of a run's identity and are not stored in ``run.json``.
-_NOT_STORED = ("func", "command", "quiet", "resume", "output")
+_NOT_STORED = ("func", "command", "quiet", "resume", "output", "overwrite")
 
 
 def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -352,6 +372,11 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
         stored = json.loads(run_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CLIError(f"argument --resume: cannot read {str(run_file)!r}: {exc}") from None
+    unknown = sorted(set(stored) - set(defaults)) if isinstance(stored, dict) else None
+    if unknown is None or unknown:
+        raise CLIError(f"argument --resume: {str(run_file)!r} is damaged or not written by "
+                       "'ptoc train' (" + ("not a JSON object" if unknown is None
+                                           else f"unknown options {unknown}") + ")")
     merged = dict(defaults)
     merged.update(stored)
     merged.update(output=str(folder), resume=str(folder), quiet=args.quiet, func=args.func)
@@ -363,11 +388,55 @@ def _resumed_args(args: argparse.Namespace) -> argparse.Namespace:
 def _write_run_file(args: argparse.Namespace, output: Path) -> None:
     import json
 
-    output.mkdir(parents=True, exist_ok=True)
+    from ptoc.io import atomic_write_text
+
     stored = {k: v for k, v in vars(args).items() if k not in _NOT_STORED}
-    tmp = output / ".run.json.tmp"
-    tmp.write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, output / "run.json")
+    atomic_write_text(output / "run.json", json.dumps(stored, indent=1) + "\n")
+
+
+#: The files a run writes into its folder; any of the first four marks an earlier run.
+RUN_FILES = ("run.json", "checkpoint.npz", "model.npz", "history.json", "history.csv",
+             "training.png")
+
+
+@contextmanager
+def _claimed_output(args: argparse.Namespace, output: Path, resume: bool) -> Iterator[None]:
+    """Check the output folder before any training work and hold its lock meanwhile.
+
+    A folder that is a file, lies below one or cannot be written into, and (without
+    ``--resume`` or ``--overwrite``) one that holds an earlier run, are refused; a run
+    folder another live ``ptoc train`` holds is refused too.
+    """
+    from ptoc.io import RunFolderInUseError, RunFolderLock, prepare_output_dir
+    from ptoc.training import CHECKPOINT_NAME
+
+    if resume:
+        if not (output / CHECKPOINT_NAME).is_file():
+            raise CLIError(f"argument --resume: no {CHECKPOINT_NAME} in {str(output)!r} (the "
+                           "run stopped before its first checkpoint); start it again instead")
+    else:
+        earlier = [name for name in RUN_FILES[:4] if (output / name).exists()]
+        if earlier and not args.overwrite:
+            raise CLIError(f"argument --output: {str(output)!r} holds an earlier run "
+                           f"({', '.join(earlier)}); continue it with --resume, choose another "
+                           "folder, or give --overwrite to replace it")
+    try:
+        prepare_output_dir(output)
+    except ValueError as exc:
+        raise CLIError(f"argument --output: {exc}") from None
+    lock = RunFolderLock(output)
+    try:
+        lock.__enter__()
+    except RunFolderInUseError as exc:
+        raise CLIError(f"argument --output: {exc}") from None
+    try:
+        if lock.taken_over_from is not None:
+            print(f"ptoc: the run folder {output} was locked by process "
+                  f"{lock.taken_over_from}, which no longer runs; taking it over",
+                  file=sys.stderr)
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -375,14 +444,14 @@ def run(args: argparse.Namespace) -> int:
     import ptoc
     from ptoc.kernels import backend
     from ptoc.optim import make_optimizer
-    from ptoc.training import CHECKPOINT_NAME, train
-
     if args.method == "list":
         width = max(map(len, METHODS))
         for name, line in METHODS.items():
             print(f"{name:<{width}}  {line}")
         return 0
     if args.resume is not None:
+        if args.overwrite:
+            raise CLIError("argument --overwrite: not with --resume (which continues the run)")
         args = _resumed_args(args)
     if args.batch_size == "auto":
         args.batch_size = None if args.method in FULL_BATCH_METHODS else DEFAULT_BATCH
@@ -416,24 +485,35 @@ def run(args: argparse.Namespace) -> int:
         hyper = {"lr": lr}
         if args.nesterov:
             raise CLIError("argument --nesterov: only applies to --optimizer sgd")
+        if args.momentum != DEFAULT_MOMENTUM:
+            raise CLIError("argument --momentum: only applies to --optimizer sgd")
     try:
         optimizer = make_optimizer(args.optimizer, **hyper)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     method = _method(args, network, optimizer)
-    grad_fn = getattr(method, "grad_fn", None)
     params = network.init_params(args.seed, scale=args.init_scale,
                                  layers=args.init_layers)
     output = Path(args.output) if args.output is not None else _default_output()
-    if output.exists() and not output.is_dir():
-        raise CLIError(f"argument --output: {str(output)!r} exists and is not a directory")
     resume = args.resume is not None
-    if resume:
-        if not (output / CHECKPOINT_NAME).is_file():
-            raise CLIError(f"argument --resume: no {CHECKPOINT_NAME} in {str(output)!r} (the run "
-                         "stopped before its first checkpoint); start it again instead")
-    else:
-        _write_run_file(args, output)
+    with _claimed_output(args, output, resume):
+        try:
+            if not resume:
+                for name in RUN_FILES:  # --overwrite: the earlier run's files go
+                    (output / name).unlink(missing_ok=True)
+                _write_run_file(args, output)
+            return _train_and_report(args, network, params, data, method, hyper, output, say)
+        except OSError as exc:  # a file of the run could not be written (e.g. a full disk)
+            raise CLIError(f"argument --output: {exc}") from None
+
+
+def _train_and_report(args: argparse.Namespace, network, params, data, method, hyper: dict,
+                      output: Path, say) -> int:
+    """Train into the claimed ``output`` folder, print the result; return the exit code."""
+    from ptoc.training import CHECKPOINT_NAME, train
+
+    resume = args.resume is not None
+    grad_fn = getattr(method, "grad_fn", None)
 
     n_train, n_val = data.X_train.shape[0], data.X_val.shape[0]
     batch = "full" if args.batch_size is None else args.batch_size
@@ -446,13 +526,13 @@ def run(args: argparse.Namespace) -> int:
     if resume:
         say(f"ptoc: resuming from {output / CHECKPOINT_NAME}")
     if args.method == "simultaneous":
-        say(f"ptoc: simultaneous layer-parallel training, {grad_fn.solver!r} on "
+        say(f"ptoc: simultaneous layer-parallel training, {describe(grad_fn.solver)} on "
             f"{args.ranks} simulated rank(s)")
     elif args.method == "pgcl":
         say(f"ptoc: predict globally, correct locally on {args.ranks} simulated rank(s), "
             f"{args.local_steps} local step(s), {args.coarse_weights} coarse weights")
     elif args.method in ("msa", "emsa", "ternary", "binary"):
-        say(f"ptoc: {method!r}")
+        say(f"ptoc: {describe(method)}")
     elif args.method == "node":
         say(f"ptoc: neural ODE, {grad_fn.scheme.value} with {grad_fn.substeps} step(s) per "
             f"layer, {grad_fn.parareal or 'serial solve'}")
@@ -462,6 +542,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, target=args.target, seed=args.seed,
             eval_every=args.eval_every, output_dir=output, progress=not args.quiet,
             checkpoint_every=args.checkpoint_every, resume=resume,
+            divergence_factor=args.divergence_factor,
+            divergence_patience=args.divergence_patience,
         )
     except ValueError as exc:
         if not resume:
