@@ -292,3 +292,14 @@ def test_solve_exit_codes(capsys):
     assert main(["solve", "--method", "mgrit", "--depth", "16", "--max-iterations", "1"]) == 3
     out = capsys.readouterr().out
     assert "NOT converged" in out and "exit code 3" in out
+
+
+def test_solve_that_stagnates_says_so_instead_of_asking_for_more_iterations(capsys):
+    """A long horizon (T = 1e6) leaves MGRIT's residual on its rounding floor, 4.5e-10,
+    above --tol 1e-10: the solve stops when the residual stagnates and says that more
+    iterations will not help (it used to run all 50 and ask for more)."""
+    code = main(["solve", "--method", "mgrit", "--T", "1e6", "--depth", "64", "--sweep",
+                 "forward"])
+    out = capsys.readouterr().out
+    assert code == 3
+    assert "stagnated at residual" in out and "raise --max-iterations" not in out

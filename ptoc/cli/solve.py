@@ -61,7 +61,7 @@ def add_parser(sub) -> None:
             "unless NUMBA_NUM_THREADS is set.\n\n"
             "example: mpiexec -n 4 ptoc solve --method mgrit --coarsening 4"),
         epilog=("exit codes: 0 solved to the tolerance, 1 diverged, 2 bad options, "
-                "3 stopped at --max-iterations before reaching the tolerance"),
+                "3 stopped short of the tolerance (at --max-iterations, or stagnated)"),
         formatter_class=Formatter)
     g = s.add_argument_group("problem")
     g.add_argument("--width", type=positive_int, default=16, help="state dimension d")
@@ -280,6 +280,13 @@ def run(args: argparse.Namespace) -> int:
                               tol=args.tol, title=f"ptoc solve: {args.method} on {where}\n"
                               f"{net.describe()}, batch {args.batch}")
         print(f"residual history: {path}")
+    stuck = [r for r in records if r.stagnated]
+    if stuck:
+        r = stuck[0]
+        say(f"ptoc: the {r.sweep} sweep stagnated at residual {min(r.residuals):.3g} after "
+            f"{r.iterations} iterations, short of --tol {args.tol:g}: more iterations will "
+            "not help; raise --tol (exit code 3)")
+        return 3
     if not all(r.converged for r in records):
         say("ptoc: the solve stopped at --max-iterations before reaching the tolerance "
             "(exit code 3); raise --max-iterations or --tol")
