@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -12,6 +16,8 @@ from . import _config
 #: Bytes a kept buffer is charged on top of its data (the array object and its key), so
 #: that the bound on bytes also bounds the number of kept buffers, empty ones included.
 BUFFER_OVERHEAD_BYTES = 128
+
+T = TypeVar("T")
 
 
 class Workspace(threading.local):
@@ -99,3 +105,59 @@ class Workspace(threading.local):
 
 def _charge(buf: np.ndarray) -> int:
     return buf.nbytes + BUFFER_OVERHEAD_BYTES
+
+
+def array_bytes(obj: object, _depth: int = 0) -> int:
+    """Bytes of the NumPy arrays reachable from ``obj`` through tuples, lists, dicts and
+    the attributes of plain objects (four levels deep at most)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if _depth >= 4:
+        return 0
+    if isinstance(obj, (tuple, list)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        return 0
+    return sum(array_bytes(o, _depth + 1) for o in items)
+
+
+def bounded_cache(max_bytes: int) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Like :func:`functools.lru_cache`, bounded in bytes instead of entries.
+
+    Keeps the results of a function of hashable arguments, least recently used first
+    out, so that the arrays they hold (:func:`array_bytes`, plus
+    :data:`BUFFER_OVERHEAD_BYTES` an entry) come to at most ``max_bytes``; a result
+    larger than that on its own is returned and not kept. Thread-safe. The wrapper's
+    ``cache_bytes()`` gives the bytes kept and ``cache_clear()`` drops them all.
+    """
+
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        entries: OrderedDict[tuple, tuple[T, int]] = OrderedDict()
+        lock = threading.Lock()
+
+        @functools.wraps(fn)
+        def cached(*args: object) -> T:
+            with lock:
+                hit = entries.get(args)
+                if hit is not None:
+                    entries.move_to_end(args)
+                    return hit[0]
+            value = fn(*args)
+            cost = array_bytes(value) + BUFFER_OVERHEAD_BYTES
+            if cost <= max_bytes:
+                with lock:
+                    entries[args] = (value, cost)
+                    held = sum(c for _, c in entries.values())
+                    while held > max_bytes:
+                        held -= entries.popitem(last=False)[1][1]
+            return value
+
+        cached.cache_bytes = lambda: sum(c for _, c in entries.values())  # type: ignore[attr-defined]
+        cached.cache_clear = entries.clear  # type: ignore[attr-defined]
+        return cached
+
+    return decorate

@@ -223,3 +223,41 @@ def test_solve_on_a_long_time_horizon_stops_when_it_stagnates(capsys):
     out = capsys.readouterr().out
     found = re.search(r"NOT converged \(stagnated at (\S+) after (\d+) iterations", out)
     assert found and float(found[1]) < 1e-8 and int(found[2]) < 50  # --max-iterations 50
+
+
+def test_bounded_cache_keeps_at_most_its_bytes_least_recently_used_out():
+    from ptoc._workspace import BUFFER_OVERHEAD_BYTES, array_bytes, bounded_cache
+
+    calls = []
+
+    @bounded_cache(4 * (1024 + BUFFER_OVERHEAD_BYTES))
+    def block(n, size=128):
+        calls.append(n)
+        return [np.full(size, n, dtype=np.float64)]  # 1 KiB at the default size
+
+    for n in range(10):
+        block(n)
+    assert block.cache_bytes() <= 4 * (1024 + BUFFER_OVERHEAD_BYTES)
+    calls.clear()
+    block(9), block(6)  # kept: no call
+    assert calls == []
+    block(0)  # dropped long ago: computed again
+    assert calls == [0]
+    big = block(99, 10_000)  # larger than the bound: returned, not kept
+    assert array_bytes(big) == 80_000 and block.cache_bytes() <= 4 * 1152
+    block(99, 10_000)
+    assert calls == [0, 99, 99]
+
+
+def test_mgrit_keeps_its_grid_structures_bounded_in_bytes():
+    from ptoc.parallel import mgrit
+
+    mgrit._structure.cache_clear()
+    net = ptoc.ResNet(width=2, depth=64, n_in=2, n_classes=2)
+    p = net.init_params(0)
+    X, y = np.ones((3, 2)), np.array([0, 1, 0])
+    for c in (2, 4, 8):
+        ptoc.loss_and_grad(net, p, X, y, solver=ptoc.MGRIT(coarsening=c, max_iterations=1,
+                                                           tol=1e-3), comm=2)
+    held = mgrit._structure.cache_bytes()
+    assert 0 < held <= mgrit.STRUCTURE_CACHE_BYTES

@@ -28,7 +28,6 @@ method).
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._checks import check_integer, check_positive_float
+from .._workspace import bounded_cache
 from .comm import Communicator
 from .layout import mgrit_levels
 from .options import (
@@ -142,7 +142,11 @@ class _RelaxPlan:
         self.c_rest = np.array([j for j in c if j - 1 not in cset], dtype=np.int64)
 
 
-@functools.lru_cache(maxsize=64)
+#: Most bytes of index arrays kept for grids already seen (:func:`_structure`).
+STRUCTURE_CACHE_BYTES = 64 << 20
+
+
+@bounded_cache(STRUCTURE_CACHE_BYTES)
 def _structure(n_steps: int, owner: tuple[int, ...], rank: int, size: int, coarsening: int,
                max_levels: int, min_coarse_steps: int, backward: bool):
     """Everything about the grids that does not depend on the numbers: the levels as seen
