@@ -79,9 +79,7 @@ def plot_history(history: Iterable[Mapping[str, Any]], path: str | os.PathLike,
     ax_acc.set_ylim(-0.02, 1.02)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, path)
 
 
 def _labelled_results(results: Any) -> list[tuple[str, Any]]:
@@ -175,6 +173,17 @@ def plot_residuals(results: Any, path: str | os.PathLike, *, title: str | None =
         For no results, a result without residuals (a serial sweep), or a bad ``tol``.
     """
     fig = _residual_figure(results, title, tol)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``path`` atomically (:func:`ptoc.io.atomic_write`): a reader, or
+    a run killed while writing, never leaves a half-written image. The format is the
+    suffix's (PNG when there is none, as ``savefig`` would add)."""
+    from .io import atomic_write
+
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    fmt = path.suffix[1:].lower()
+    return atomic_write(path, lambda f: fig.savefig(f, dpi=100, format=fmt))

@@ -353,3 +353,25 @@ def test_an_interrupt_in_an_epochs_first_batch_resumes_bit_for_bit(tmp_path):
     whole = train(net, net.init_params(0), data, grad_fn=exact, output_dir=tmp_path / "b", **kw)
     for k in whole.params:
         assert np.array_equal(resumed.params[k], whole.params[k]), k
+
+
+def test_a_plot_that_fails_to_save_leaves_the_old_image(tmp_path, monkeypatch):
+    """Figures are written atomically: a failure while writing keeps the earlier file."""
+    from matplotlib.figure import Figure
+
+    from ptoc.plotting import plot_history
+
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e,
+                "train_accuracy": 0.3 * e, "val_accuracy": 0.25 * e} for e in (1, 2)]
+    target = tmp_path / "training.png"
+    target.write_bytes(b"the earlier image")
+
+    def broken(self, fname, **kwargs):
+        fname.write(b"half an ima")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(OSError):
+        plot_history(history, target)
+    assert target.read_bytes() == b"the earlier image"
+    assert [p.name for p in tmp_path.iterdir()] == ["training.png"]
