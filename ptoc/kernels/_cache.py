@@ -43,8 +43,8 @@ comes from those, so what matters is that the process compiles nothing.
 So a process never runs a kernel it compiled: a new signature is compiled in a helper
 process (``python -m ptoc.kernels._cache``), which saves it, and is then loaded from
 the cache, as every later process loads it. The first helper of a process for ptoc's
-own kernels also compiles those of a small standard workload (float64; the serial,
-parareal and MGRIT sweeps), so that one helper usually serves a whole run
+own kernels also compiles those of a small standard workload (a float64 training
+step and evaluation), so that one helper serves a ``ptoc train`` run
 (``PTOC_WARM_UP=0`` turns that off); it says so once on stderr. Where the cache cannot
 be written, or the function cannot be imported by name, the kernel is compiled in the
 process as before (every such process then runs the JIT code, alike).
@@ -213,24 +213,18 @@ def _run_helper(fn: Callable, sig: tuple) -> bool:
 
 
 def _standard_workload() -> None:
-    """Tiny runs through the public functions that reach the CPU kernels in float64 (the
-    default): the serial sweeps (with and without checkpoints), the parareal and MGRIT
-    sweeps and the evaluation. Other signatures (float32, say) get a helper each."""
+    """A tiny training step and evaluation in float64 (the default): the serial forward
+    and adjoint sweeps and the evaluation, which every ``ptoc train`` needs. Other
+    kernels (the level steps of parareal and MGRIT, float32) get a helper each."""
     import numpy as np
 
     import ptoc
 
-    for dtype in ("float64",):
-        net = ptoc.ResNet(width=4, depth=8, n_in=2, n_classes=3, dtype=dtype)
-        params = net.init_params(0)
-        X = np.random.default_rng(0).standard_normal((6, 2)).astype(dtype)
-        y = np.arange(6) % 3
-        ptoc.loss_and_grad(net, params, X, y, target="cpu")
-        ptoc.forward(net, params, X, target="cpu", checkpoint_every=3)
-        ptoc.predict(net, params, X, target="cpu")
-        for solver in (ptoc.Parareal(chunks=2, max_iterations=1),
-                       ptoc.MGRIT(coarsening=2, max_iterations=1)):
-            ptoc.loss_and_grad(net, params, X, y, target="cpu", solver=solver, comm=2)
+    net = ptoc.ResNet(width=4, depth=8, n_in=2, n_classes=3)
+    params = net.init_params(0)
+    X = np.random.default_rng(0).standard_normal((6, 2))
+    ptoc.loss_and_grad(net, params, X, np.arange(6) % 3, target="cpu")
+    ptoc.predict(net, params, X, target="cpu")
 
 
 def _helper_main() -> int:
