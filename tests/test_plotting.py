@@ -18,7 +18,7 @@ def records():
     net = ptoc.ResNet(width=4, depth=12, n_in=4, n_classes=2, opening="identity")
     p = net.init_params(0)
     X = np.random.default_rng(0).standard_normal((5, 4))
-    _, pr = parallel_forward(net, p, X, Parareal(tol=1e-300), comm=3)
+    _, pr = parallel_forward(net, p, X, Parareal(tol=0), comm=3)
     _, mg = parallel_forward(net, p, X, MGRIT(coarsening=2, tol=1e-12), comm=2)
     return pr, mg
 

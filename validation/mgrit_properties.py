@@ -103,9 +103,9 @@ def _f_equals_parareal(act, m, P, seed, coarse, mgrit_ranks):
     worst = {"states": 0.0, "adjoints": 0.0}
     distance = {"states": [], "adjoints": []}  # parareal iterate vs serial, per k
     for k in range(1, P + 1):
-        par = Parareal(chunks=P, coarse=coarse, max_iterations=k, tol=1e-300)
+        par = Parareal(chunks=P, coarse=coarse, max_iterations=k, tol=0)
         mg = MGRIT(coarsening=m, max_levels=2, relaxation="F", nested_iteration=True,
-                   coarse_weights=coarse, max_iterations=k, tol=1e-300)
+                   coarse_weights=coarse, max_iterations=k, tol=0)
         ps = ptoc.forward(net, params, X, solver=par, comm=SimulatedRanks(P)).states
         ms = ptoc.forward(net, params, X, solver=mg, comm=mgrit_ranks).states
         pl = parallel_adjoint(net, params, fwd.states, lam_N, par, comm=SimulatedRanks(P))[0]
@@ -145,7 +145,7 @@ def _c_points(act, m, N, seed, ranks):
         first_inexact = []
         for k in range(1, n_c + 1):
             mg = MGRIT(coarsening=m, max_levels=2, relaxation=relax, max_iterations=k,
-                       tol=1e-300)
+                       tol=0)
             xs = ptoc.forward(net, params, X, solver=mg, comm=ranks).states
             ls = parallel_adjoint(net, params, fwd.states, lam_N, mg, comm=ranks)[0]
             es = np.max(np.abs(xs - fwd.states), axis=(1, 2))[C] / x_scale

@@ -226,7 +226,7 @@ def _one_case(kind, m, relaxation, ND, iterations, h, d, S, seed):
     operator_gap = 0.0
     for k in range(1, iterations + 1):
         opt = ptoc.MGRIT(coarsening=m, max_levels=2, relaxation=relaxation, max_iterations=k,
-                         tol=1e-300, divergence_factor=1e300, min_coarse_steps=1)
+                         tol=0, divergence_factor=1e300, min_coarse_steps=1)
         states, rec = solve_states(prop, x0, opt, initial_guess=guess)
         assert rec.levels == 2 and rec.iterations == k
         z_new = modal(states)

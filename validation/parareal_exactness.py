@@ -19,7 +19,7 @@ dividing N so that chunks are uneven; several seeds; coarse weights ``inject`` a
 ``average``), float64. For every ``k = 0..P``:
 
 * state sweep: ``ptoc.forward(..., solver=Parareal(chunks=P, max_iterations=k,
-  tol=1e-300), comm=SimulatedRanks(P))`` (which runs
+  tol=0), comm=SimulatedRanks(P))`` (which runs
   ``ptoc.parallel.parallel_forward``) against the serial ``ptoc.forward``;
 * adjoint sweep: ``ptoc.parallel.parallel_adjoint`` from the exact states and the
   exact ``lambda_N`` with the same solver, against the serial ``ptoc.adjoint``
@@ -78,7 +78,7 @@ def _case(act, N, P, seed, coarse):
     grads_bitwise = None
     bitwise_from = {"states": None, "adjoints": None}
     for k in range(P + 1):
-        solver = Parareal(chunks=P, coarse=coarse, max_iterations=k, tol=1e-300)
+        solver = Parareal(chunks=P, coarse=coarse, max_iterations=k, tol=0)
         states = ptoc.forward(net, params, X, solver=solver, comm=SimulatedRanks(P)).states
         lams, gK, gb, _ = parallel_adjoint(net, params, fwd.states, lam_N, solver,
                                            comm=SimulatedRanks(P))

@@ -46,6 +46,7 @@ from .options import (
     Relaxation,
     SweepOutcome,
     SweepSolver,
+    check_tol,
     has_stagnated,
 )
 from .problem import Block, SweepProblem, scratch
@@ -403,7 +404,8 @@ class MGRITSolve:
                     f"MGRIT diverged: residual {r:.3e} at iteration {it} is more than "
                     f"{opt.divergence_factor:g} times the first one ({self.residuals[0]:.3e})")
             converged = r <= opt.tol or (opt.rtol is not None and r <= opt.rtol * self.residuals[0])
-            if converged or it == opt.max_iterations or has_stagnated(self.residuals):
+            stagnated = opt.tol > 0 and has_stagnated(self.residuals)
+            if converged or it == opt.max_iterations or stagnated:
                 if reuse:
                     self._undo_c_relax()
                 return converged, it
@@ -473,9 +475,11 @@ class MGRIT(SweepSolver):
     cycle : Cycle or str
         ``"V"`` or ``"F"``.
     tol : float
-        Absolute tolerance on the residual norm. A ``tol`` below one rounding error of
-        a typical entry of the first state (``eps`` of the dtype times the RMS entry of
-        ``u0``) gives a ``RuntimeWarning`` (:func:`warn_unreachable_tol`); a solve whose
+        Absolute tolerance on the residual norm, ``>= 0``; ``0`` runs exactly
+        ``max_iterations`` iterations (unless the residual is exactly 0), with neither
+        the warning nor the stagnation stop below. A positive ``tol`` below one rounding
+        error of a typical entry of the first state (``eps`` of the dtype times the RMS
+        entry of ``u0``) gives a ``RuntimeWarning`` (:func:`warn_unreachable_tol`); a solve whose
         residual stops decreasing stops there, as stagnated
         (:func:`~ptoc.parallel.options.has_stagnated`, :attr:`SolveResult.stagnated`).
     rtol : float, optional
@@ -516,7 +520,7 @@ class MGRIT(SweepSolver):
                 raise ValueError("MGRIT relaxation must name at least one level")
             set_(self, "relaxation", relax)
         set_(self, "cycle", Cycle.parse(self.cycle))
-        set_(self, "tol", check_positive_float("MGRIT tol", self.tol))
+        set_(self, "tol", check_tol("MGRIT tol", self.tol))
         if self.rtol is not None:
             set_(self, "rtol", check_positive_float("MGRIT rtol", self.rtol))
         set_(self, "max_iterations", check_integer("MGRIT max_iterations", self.max_iterations, 1))
@@ -549,7 +553,7 @@ class MGRIT(SweepSolver):
                             f"{prop._no_coarse_grid()}")
 
     def solve_sweep(self, comm, problem, u0, shape, dtype, guess=None) -> SweepOutcome:
-        if u0 is not None:
+        if u0 is not None and self.tol > 0:
             warn_unreachable_tol(self.tol, u0, "MGRIT")
         run = MGRITSolve(comm, problem, self, u0, shape, dtype, guess)
         converged, iterations = run.solve()

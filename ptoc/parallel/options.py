@@ -10,6 +10,7 @@ or numbers, never integer codes. Every solve returns a :class:`SolveResult`.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -98,6 +99,17 @@ class SweepSolver(abc.ABC):
 STAGNATION_WINDOW = 8
 STAGNATION_FACTOR = 0.5
 STAGNATION_DROP = 1e-6
+
+
+def check_tol(name: str, tol: Any) -> float:
+    """``float(tol)`` when it is a finite number ``>= 0``; ``ValueError`` naming ``name``
+    otherwise. ``0`` means no tolerance: the solver runs its ``max_iterations``."""
+    value = float(tol) if isinstance(tol, (int, float, np.integer, np.floating)) \
+        and not isinstance(tol, (bool, np.bool_)) else math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0 (0: run exactly "
+                         f"max_iterations), got {tol!r}")
+    return value
 
 
 def has_stagnated(residuals: list[float]) -> bool:

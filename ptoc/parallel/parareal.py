@@ -44,11 +44,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._checks import check_integer, check_positive_float
+from .._checks import check_integer
 from ..propagator import LevelPlan, Propagator
 from .comm import Communicator
 from .layout import sum_of_squares as _sum_of_squares
-from .options import CoarseWeights, DivergenceError, SweepOutcome, SweepSolver
+from .options import CoarseWeights, DivergenceError, SweepOutcome, SweepSolver, check_tol
 from .problem import Block, CountedSteps, SweepProblem
 
 TAG_U = 5
@@ -373,7 +373,8 @@ class Parareal(SweepSolver):
         of every chunk.
     tol : float
         Stop when the norm of the chunk-boundary residuals
-        ``||F_j(U_j) - U_{j+1}||`` is at most ``tol`` (absolute).
+        ``||F_j(U_j) - U_{j+1}||`` is at most ``tol`` (absolute, ``>= 0``; ``0`` runs
+        exactly ``max_iterations`` iterations unless a residual is exactly 0).
     """
 
     chunks: int | None = None
@@ -396,7 +397,7 @@ class Parareal(SweepSolver):
         if self.max_iterations is not None:
             object.__setattr__(self, "max_iterations",
                                check_integer("Parareal max_iterations", self.max_iterations, 0))
-        object.__setattr__(self, "tol", check_positive_float("Parareal tol", self.tol))
+        object.__setattr__(self, "tol", check_tol("Parareal tol", self.tol))
 
     def simulated_ranks(self) -> int | None:
         return self.chunks if self.chunks not in (None, 1) else None
