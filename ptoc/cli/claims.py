@@ -147,10 +147,12 @@ class Record:
         return _plain(asdict(self))
 
     def save(self, out_dir: Path) -> Path:
+        """Write ``<out_dir>/<name>.json`` atomically (:func:`ptoc.io.atomic_write_text`)."""
+        from ..io import atomic_write_text
+
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{self.name}.json"
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        return path
+        return atomic_write_text(out_dir / f"{self.name}.json",
+                                 json.dumps(self.to_dict(), indent=1) + "\n")
 
 
 def default_out(folder: Path, quick: bool) -> Path:
