@@ -17,6 +17,7 @@ import ptoc
 
 #: What the last rank does differently, by case name.
 CASES = {
+    "none": "does as the others do (the run succeeds)",
     "raise-before": "raises RuntimeError before the solve",
     "labels": "passes a label out of range (the input check fails on that rank only)",
     "raise-during": "raises RuntimeError in the loss, between the two sweeps",

@@ -60,6 +60,7 @@ import os
 import queue
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -388,13 +389,19 @@ class MPIRanks(Communicator):
         self._pending.clear()
 
 
+#: Seconds a failing rank waits, after writing its report, before it aborts the job:
+#: ``mpiexec`` may drop output still on its way when the job is torn down.
+ABORT_GRACE = 0.3
+
+
 def _abort(mpi_comm: Any, what: str) -> None:
     """Print the exception being handled, naming this rank, and abort ``mpi_comm``'s job."""
     rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
-    print(f"ptoc: rank {rank} of {size} {what}; aborting the MPI job (the other ranks "
-          "would wait for it forever):", file=sys.stderr)
-    traceback.print_exc(file=sys.stderr)
+    report = (f"ptoc: rank {rank} of {size} {what}; aborting the MPI job (the other ranks "
+              f"would wait for it forever):\n{traceback.format_exc()}")
+    sys.stderr.write(report)
     sys.stderr.flush()
+    time.sleep(ABORT_GRACE)
     mpi_comm.Abort(1)
     os._exit(1)  # should Abort return, run no more Python code on this rank
 
