@@ -36,6 +36,11 @@ def problem(depth: int = 13):
     return net, params, rng.standard_normal((5, 2)), rng.integers(0, 3, 5)
 
 
+def solver() -> ptoc.MGRIT:
+    """The solver of every well-behaved rank."""
+    return ptoc.MGRIT(coarsening=2, max_iterations=3)
+
+
 def main(argv: list[str]) -> int:
     from ptoc.parallel import MPIRanks
 
@@ -45,7 +50,7 @@ def main(argv: list[str]) -> int:
     comm = MPIRanks()
     odd = comm.rank == comm.size - 1
     net, params, X, y = problem(16 if odd and case == "depth" else 13)
-    solver = ptoc.MGRIT(coarsening=2, max_iterations=3)
+    method = solver()
     if odd:
         if case == "raise-before":
             raise RuntimeError("injected fault before the solve")
@@ -57,12 +62,12 @@ def main(argv: list[str]) -> int:
                 raise RuntimeError("injected fault in the loss")
             ptoc.propagator.ResNetModel.terminal = terminal
         if case == "coarsening":
-            solver = ptoc.MGRIT(coarsening=64, max_iterations=3)
+            method = ptoc.MGRIT(coarsening=64, max_iterations=3)
         if case == "solver":
-            solver = ptoc.Parareal(max_iterations=3)
+            method = ptoc.Parareal(max_iterations=3)
         if case == "inputs":
             X = X + 1.0
-    loss, _ = ptoc.loss_and_grad(net, params, X, y, solver=solver, comm=comm)
+    loss, _ = ptoc.loss_and_grad(net, params, X, y, solver=method, comm=comm)
     print(f"rank {comm.rank}: loss {loss!r}", flush=True)
     return 0
 

@@ -7,6 +7,7 @@ fails the test. The same rules on :class:`~ptoc.parallel.SimulatedRanks` and the
 decisions of :meth:`~ptoc.parallel.MPIRanks.run` are tested in this process.
 """
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,12 +20,31 @@ import pytest
 
 import ptoc
 import ptoc.parallel.comm as comm_module
-from ptoc.parallel import DivergenceError, MPIRanks, Serial, SimulatedRanks, local_gradient
-from ptoc.parallel.comm import RanksDisagreeError, agree
+from ptoc.parallel import (
+    DivergenceError,
+    MPIRanks,
+    RanksDisagreeError,
+    Serial,
+    SimulatedRanks,
+    local_gradient,
+)
+from ptoc.parallel.comm import agree
 from ptoc.propagator import ResNetModel
 
 SCRIPT = Path(__file__).resolve().parent / "mpi_fault_script.py"
 HANG = 60  # seconds: a run still going by then is hung (each takes about 1 s)
+
+
+@pytest.fixture(scope="module")
+def compiled_kernels():
+    """Compile the script's kernels here, once, into Numba's cache: the ranks then load
+    them, and a run's time is its own (compiling in both ranks of a fresh checkout could
+    take longer than :data:`HANG`)."""
+    spec = importlib.util.spec_from_file_location("mpi_fault_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    net, params, X, y = script.problem()
+    ptoc.loss_and_grad(net, params, X, y, solver=script.solver())
 
 
 def run_script(case: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -41,7 +61,7 @@ def run_script(case: str) -> tuple[subprocess.CompletedProcess, float]:
 
 
 @pytest.mark.mpi
-def test_the_fault_script_runs_when_no_rank_misbehaves():
+def test_the_fault_script_runs_when_no_rank_misbehaves(compiled_kernels):
     run, _ = run_script("none")
     assert run.returncode == 0, run.stdout + run.stderr
     losses = {line.split("loss ")[1] for line in run.stdout.splitlines() if "loss" in line}
@@ -59,7 +79,7 @@ def test_the_fault_script_runs_when_no_rank_misbehaves():
     ("depth", "ranks disagree on the network depth: rank 0 has 13, rank 1 has 16"),
     ("inputs", "ranks disagree on the inputs X: rank 0 has shape (5, 2) float64"),
 ])
-def test_one_misbehaving_rank_ends_the_job_on_every_rank(case, message):
+def test_one_misbehaving_rank_ends_the_job_on_every_rank(case, message, compiled_kernels):
     run, seconds = run_script(case)
     assert run.returncode != 0, run.stdout
     assert message in run.stderr
