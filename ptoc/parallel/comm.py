@@ -28,7 +28,8 @@ Failures. A rank that fails must never leave the others waiting for it forever, 
 ranks handed different problems must never return an answer. Two rules, kept here:
 
 1. *Agreement at the start of a solve.* Each entry point runs its input checks on
-   every rank inside :func:`agree`, which returns the facts the ranks must share (the
+   every rank inside :func:`agree` (``run_program(..., check=...)``); the checks return
+   the facts the ranks must share (the
    network, the solver, digests of the batch, ...). One collective exchanges every
    rank's outcome: an exception on one rank, or facts that differ, end the solve on
    every rank together with an ordinary exception that names the rank (or what
@@ -43,7 +44,11 @@ ranks handed different problems must never return an answer. Two rules, kept her
    the exception :func:`agree` raised). An exception that escapes a script on one
    rank only, before any solve, would also leave the others waiting: creating an
    :class:`MPIRanks` of several ranks installs a ``sys.excepthook`` that prints it and
-   aborts the job (as ``python -m mpi4py`` does).
+   aborts the job (as ``python -m mpi4py`` does; an exception raised before that
+   :class:`MPIRanks` exists is out of ptoc's reach, and a rank that catches an
+   exception and exits normally while the others still run leaves them waiting).
+   A failing rank writes its report, waits :data:`ABORT_GRACE` seconds so that
+   ``mpiexec`` forwards it, then aborts.
 
 :class:`SimulatedRanks` behaves the same way in one process: a rank's exception
 releases the ranks waiting on it and is re-raised by :meth:`SimulatedRanks.run`.

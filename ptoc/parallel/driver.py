@@ -389,7 +389,10 @@ def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="
     ------
     ValueError
         On every rank alike, before any kernel runs, when any rank's slice has a wrong
-        key, shape or a non-finite entry (the message names the rank).
+        key, shape or a non-finite entry: a
+        :class:`~ptoc.parallel.RanksDisagreeError` naming the ranks and their messages
+        when not every rank has the same fault; also when the ranks disagree on the
+        network, the solver, the head parameters or the batch.
     """
     from .._checks import check_inputs
     from ..kernels import Target
