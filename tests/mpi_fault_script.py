@@ -4,12 +4,14 @@ Run as ``mpiexec -n 2 python tests/mpi_fault_script.py CASE``: every rank builds
 same tiny problem and calls :func:`ptoc.loss_and_grad` with MGRIT on
 :class:`~ptoc.parallel.MPIRanks`, except that the last rank does what ``CASE`` says
 (:data:`CASES`). The job must end on every rank, with a non-zero exit code and the
-reason on stderr; it must never hang nor print a loss.
+reason on stderr; it must never hang nor print a loss. The raising cases print the
+time of the raise on stderr (``rank 1 raises at <unix time>``), to time the job's end.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 
@@ -36,6 +38,11 @@ def problem(depth: int = 13):
     return net, params, rng.standard_normal((5, 2)), rng.integers(0, 3, 5)
 
 
+def stamp(rank: int) -> None:
+    """Say on stderr when the fault happens (to time how long the job takes to end)."""
+    print(f"rank {rank} raises at {time.time():.6f}", file=sys.stderr, flush=True)
+
+
 def solver() -> ptoc.MGRIT:
     """The solver of every well-behaved rank."""
     return ptoc.MGRIT(coarsening=2, max_iterations=3)
@@ -53,12 +60,14 @@ def main(argv: list[str]) -> int:
     method = solver()
     if odd:
         if case == "raise-before":
+            stamp(comm.rank)
             raise RuntimeError("injected fault before the solve")
         if case == "labels":
             y = y.copy()
             y[0] = net.n_classes
         if case == "raise-during":
             def terminal(*args, **kwargs):
+                stamp(comm.rank)
                 raise RuntimeError("injected fault in the loss")
             ptoc.propagator.ResNetModel.terminal = terminal
         if case == "coarsening":
