@@ -3,10 +3,21 @@
 Strategies (:class:`Serial`, :class:`Parareal`, :class:`MGRIT`) are passed as ``solver=``
 to :func:`ptoc.forward`, :func:`ptoc.adjoint` and :func:`ptoc.loss_and_grad`; ranks come
 from ``comm=`` (:class:`SimulatedRanks` in one process, :class:`MPIRanks` under
-``mpiexec``). Theory: :doc:`/theory/parareal`, :doc:`/theory/mgrit`.
+``mpiexec``); a rank that fails, or ranks given different problems, end the run on
+every rank (:mod:`ptoc.parallel.comm`, *Failures*). Theory: :doc:`/theory/parareal`,
+:doc:`/theory/mgrit`.
 """
 
-from .comm import Communicator, MPIRanks, RankFailedError, SimulatedRanks, SingleRank, StepCount
+from .comm import (
+    CollectiveError,
+    Communicator,
+    MPIRanks,
+    RankFailedError,
+    RanksDisagreeError,
+    SimulatedRanks,
+    SingleRank,
+    StepCount,
+)
 from .driver import (
     GradientResult,
     local_gradient,
@@ -27,6 +38,7 @@ from .solvers import check_solver
 __all__ = [
     "MGRIT",
     "CoarseWeights",
+    "CollectiveError",
     "Communicator",
     "Cycle",
     "DivergenceError",
@@ -34,6 +46,7 @@ __all__ = [
     "MPIRanks",
     "Parareal",
     "RankFailedError",
+    "RanksDisagreeError",
     "Relaxation",
     "Serial",
     "SimulatedRanks",

@@ -23,23 +23,72 @@ the receiver's clock to at least the sender's. At the end, the largest clock is 
 number of layer steps a parallel machine must execute one after another, given this
 algorithm's dependencies (with free communication): the critical path. The sum of
 all ranks' counts is the total work.
+
+Failures. A rank that fails must never leave the others waiting for it forever, and
+ranks handed different problems must never return an answer. Two rules, kept here:
+
+1. *Agreement at the start of a solve.* Each entry point runs its input checks on
+   every rank inside :func:`agree` (``run_program(..., check=...)``); the checks return
+   the facts the ranks must share (the
+   network, the solver, digests of the batch, ...). One collective exchanges every
+   rank's outcome: an exception on one rank, or facts that differ, end the solve on
+   every rank together with an ordinary exception that names the rank (or what
+   differs, e.g. "ranks disagree on the network depth: rank 0 has 13, rank 1 has
+   16"). The ranks stay in step, so a caller may catch it and carry on.
+2. *Anything else ends an MPI job.* After the start, the ranks wait on each other's
+   messages; an exception on one of them cannot be agreed on, because the others
+   are blocked in a receive. :meth:`MPIRanks.run` therefore prints the traceback and
+   calls ``Abort``, which ends every process of the job, unless the exception is one
+   that is raised on every rank at the same point (a :class:`CollectiveError`, such as
+   :class:`~ptoc.parallel.DivergenceError`, raised after the residual is summed, or
+   the exception :func:`agree` raised). An exception that escapes a script on one
+   rank only, before any solve, would also leave the others waiting: creating an
+   :class:`MPIRanks` of several ranks installs a ``sys.excepthook`` that prints it and
+   aborts the job (as ``python -m mpi4py`` does; an exception raised before that
+   :class:`MPIRanks` exists is out of ptoc's reach, and a rank that catches an
+   exception and exits normally while the others still run leaves them waiting).
+   A failing rank writes its report, waits :data:`ABORT_GRACE` seconds so that
+   ``mpiexec`` forwards it, then aborts.
+
+:class:`SimulatedRanks` behaves the same way in one process: a rank's exception
+releases the ranks waiting on it and is re-raised by :meth:`SimulatedRanks.run`.
 """
 
 from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
+import enum
+import hashlib
+import os
 import queue
+import sys
 import threading
-from collections.abc import Callable
+import time
+import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .._checks import check_positive_float
+
 
 class RankFailedError(RuntimeError):
     """Raised on the other ranks of a simulated run when one rank failed."""
+
+
+class CollectiveError(Exception):
+    """Base of the errors a program raises on every rank at the same point (after a
+    collective operation), so that no rank is left waiting: such an error ends an
+    MPI program normally instead of aborting the job (see the module doc)."""
+
+
+class RanksDisagreeError(CollectiveError, ValueError):
+    """The ranks were handed different problems, or the input checks failed on some
+    ranks only (raised on every rank alike by :func:`agree`)."""
 
 
 @dataclass
@@ -56,6 +105,7 @@ class Communicator(abc.ABC):
     def __init__(self) -> None:
         self.clock = 0  # logical clock, in layer steps
         self.steps = 0  # layer steps done by this rank
+        self.agreed_failure: BaseException | None = None  # the last error agree() raised
 
     rank: int
     size: int
@@ -253,7 +303,7 @@ class SimulatedRanks:
             raise ValueError(f"the number of simulated ranks must be a positive integer, "
                              f"got {size!r}")
         self.size = size
-        self.timeout = float(timeout)
+        self.timeout = check_positive_float("SimulatedRanks timeout (seconds)", timeout)
 
     def run(self, program: Callable[[Communicator], Any]) -> list[Any]:
         hub = _Hub(self.size, self.timeout)
@@ -293,6 +343,10 @@ class MPIRanks(Communicator):
     as the interface promises (a blocking ``send`` could wait for the receiver and
     deadlock two ranks sending to each other), and their requests are completed by
     :meth:`finish`, which :meth:`run` calls at the end of a program.
+
+    A program that fails on this rank with anything but an error raised on every rank
+    at once aborts the job (:meth:`run`); with several ranks, an exception that
+    escapes the script does too (see the module doc, *Failures*).
     """
 
     def __init__(self, mpi_comm: Any = None):
@@ -306,6 +360,8 @@ class MPIRanks(Communicator):
         self.rank = self.mpi.Get_rank()
         self.size = self.mpi.Get_size()
         self._pending: list[Any] = []
+        if self.size > 1:
+            _abort_on_uncaught_exceptions(self.mpi)
 
     def _send(self, payload, dest, tag):
         self._pending.append(self.mpi.isend(payload, dest=dest, tag=tag))
@@ -319,16 +375,170 @@ class MPIRanks(Communicator):
         return self.mpi.allgather(payload)
 
     def run(self, program):
+        """Run ``program`` on this rank; an exception that the other ranks do not raise
+        too ends the whole job (``Abort``) after its traceback is printed."""
         try:
-            return program(self)
-        finally:
-            self.finish()
+            result = program(self)
+        except BaseException as exc:
+            if self.size > 1 and not (isinstance(exc, CollectiveError)
+                                      or exc is self.agreed_failure):
+                _abort(self.mpi, "failed in a layer-parallel program")
+            raise
+        self.finish()
+        return result
 
     def finish(self) -> None:
         """Wait until every message this rank sent has been delivered."""
         for request in self._pending:
             request.wait()
         self._pending.clear()
+
+
+#: Seconds a failing rank waits, after writing its report, before it aborts the job:
+#: ``mpiexec`` may drop output still on its way when the job is torn down.
+ABORT_GRACE = 0.3
+
+
+def _abort(mpi_comm: Any, what: str) -> None:
+    """Print the exception being handled, naming this rank, and abort ``mpi_comm``'s job."""
+    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+    report = (f"ptoc: rank {rank} of {size} {what}; aborting the MPI job (the other ranks "
+              f"would wait for it forever):\n{traceback.format_exc()}")
+    sys.stderr.write(report)
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE)
+    mpi_comm.Abort(1)
+    os._exit(1)  # should Abort return, run no more Python code on this rank
+
+
+_EXCEPTHOOK_INSTALLED = False
+
+
+def _abort_on_uncaught_exceptions(mpi_comm: Any) -> None:
+    """Make an exception that escapes this process abort the MPI job (once per process):
+    otherwise the process would wait in ``MPI_Finalize`` and the others in their next
+    message, forever."""
+    global _EXCEPTHOOK_INSTALLED
+    if _EXCEPTHOOK_INSTALLED:
+        return
+    _EXCEPTHOOK_INSTALLED = True
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):  # mpiexec interrupts every rank itself
+            previous(kind, value, tb)
+            return
+        try:
+            raise value
+        except BaseException:  # noqa: BLE001 - _abort prints it
+            _abort(mpi_comm, "stopped on an uncaught exception")
+
+    sys.excepthook = hook
+
+
+# --- agreement at the start of a solve -------------------------------------------------------
+
+def digest(array: Any) -> str:
+    """A short description of an array that ranks can compare cheaply: its shape, dtype
+    and a hash of its bytes (``"None"`` for None)."""
+    if array is None:
+        return "None"
+    a = np.ascontiguousarray(array)
+    content = hashlib.blake2b(a.tobytes(), digest_size=8).hexdigest()
+    return f"shape {a.shape} {a.dtype}, content hash {content}"
+
+
+def config_facts(what: str, obj: Any) -> dict[str, str]:
+    """``{"<what> <field>": repr(value)}`` for a dataclass (a network, a solver), so that
+    :func:`agree` names the field that differs; ``{what: repr(obj)}`` otherwise."""
+    def show(value: Any) -> str:
+        return repr(value.value if isinstance(value, enum.Enum) else value)
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        facts = {what: type(obj).__name__}
+        facts.update({f"{what} {f.name}": show(getattr(obj, f.name))
+                      for f in dataclasses.fields(obj) if f.compare})
+        return facts
+    return {what: show(obj)}
+
+
+def agree(comm: Communicator, check: Callable[[], Mapping[str, str]],
+          what: str = "the solve") -> None:
+    """Start a solve on every rank together: run ``check`` here, then agree.
+
+    ``check`` does this rank's input checks and returns the facts every rank must share
+    (names to short strings: :func:`digest`, :func:`config_facts`). One collective
+    exchanges every rank's outcome, and every rank raises alike:
+
+    * the checks failed with the same message on every rank: each rank its own
+      exception (the message of a bad input is the same on one rank and on many);
+    * they failed on some ranks only, or differently: :class:`RanksDisagreeError`
+      naming each failed rank and its message;
+    * the facts differ: :class:`RanksDisagreeError` naming each fact that differs and
+      every rank's value.
+
+    Parameters
+    ----------
+    comm : Communicator
+    check : callable
+        ``check() -> {name: value}``; its exceptions are agreed on, not raised at once.
+    what : str
+        What is starting, for the messages (e.g. ``"local_gradient"``).
+
+    Raises
+    ------
+    RanksDisagreeError or the exception of ``check``
+        On every rank alike, before the solve starts.
+    """
+    failure: Exception | None = None
+    facts: Mapping[str, str] | None = None
+    try:
+        facts = check()
+    except Exception as exc:  # noqa: BLE001 - agreed on below, then re-raised
+        failure = exc
+    gathered = comm.allgather((None if failure is None else _describe(failure),
+                               None if facts is None else dict(facts)))
+    failed = [(r, message) for r, (message, _) in enumerate(gathered) if message is not None]
+    error: Exception | None
+    if failure is not None and len(failed) == comm.size \
+            and len({message for _, message in failed}) == 1:
+        error = failure
+    elif failed:
+        error = RanksDisagreeError(
+            f"{what} cannot start: its input checks failed on {len(failed)} of {comm.size} "
+            "ranks: " + "; ".join(f"rank {r}: {message}" for r, message in failed))
+    else:
+        error = _disagreement([f for _, f in gathered])
+    if error is None:
+        return
+    comm.agreed_failure = error
+    if error is failure:
+        raise failure
+    raise error from failure
+
+
+def _describe(exc: BaseException) -> str:
+    """``exc``'s message, after its type unless it is a ValueError or a TypeError (the
+    usual errors of a bad input, whose messages say what is wrong)."""
+    if isinstance(exc, (ValueError, TypeError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _disagreement(facts: list[dict[str, str]]) -> RanksDisagreeError | None:
+    """The error naming every fact on which the ranks differ (None when they agree); a
+    fact that some ranks lack (a field of another kind of solver) is not listed, as the
+    fact that names the kind differs already."""
+    differ = []
+    for name in dict.fromkeys(name for f in facts for name in f):
+        values = [f.get(name) for f in facts]
+        if None not in values and len(set(values)) > 1:
+            differ.append(f"the {name}: " + ", ".join(
+                f"rank {r} has {v}" for r, v in enumerate(values)))
+    if not differ:
+        return None
+    return RanksDisagreeError("ranks disagree on " + "; on ".join(differ)
+                              + " (every rank must be given the same problem)")
 
 
 def resolve_ranks(comm: Any, default: int | None = None, owner: str = "",
@@ -358,10 +568,33 @@ def resolve_ranks(comm: Any, default: int | None = None, owner: str = "",
     return SingleRank() if comm == 1 and one_is_single else SimulatedRanks(int(comm))
 
 
-def run_program(runner: SimulatedRanks | Communicator, program: Callable[[Communicator], Any]
-                ) -> Any:
-    """Run ``program`` on ``runner``'s ranks and return this process's result (rank 0's
-    for simulated ranks, whose results are all computed here)."""
+def run_program(runner: SimulatedRanks | Communicator, program: Callable[[Communicator], Any],
+                check: Callable[[Communicator], Mapping[str, str]] | None = None,
+                what: str = "the solve", every_rank: bool = False) -> Any:
+    """Run ``program`` on ``runner``'s ranks and return this process's result.
+
+    Parameters
+    ----------
+    runner : SimulatedRanks or Communicator
+        From :func:`resolve_ranks`.
+    program : callable
+        ``program(comm)``, the SPMD program of one rank.
+    check : callable, optional
+        ``check(comm)``: this rank's input checks, returning the facts every rank must
+        share; every rank starts with :func:`agree` on it (see the module doc).
+    what : str
+        What is starting, for the messages of :func:`agree`.
+    every_rank : bool
+        With simulated ranks, return every rank's result (a list in rank order)
+        instead of rank 0's.
+    """
+    if check is not None:
+        def checked(comm: Communicator) -> Any:
+            agree(comm, lambda: check(comm), what)
+            return program(comm)
+    else:
+        checked = program
     if isinstance(runner, SimulatedRanks):
-        return runner.run(program)[0]
-    return runner.run(program)
+        results = runner.run(checked)
+        return results if every_rank else results[0]
+    return runner.run(checked)

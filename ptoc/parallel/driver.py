@@ -18,6 +18,13 @@ the same program on every rank of a communicator:
 ``comm`` may be None (one rank, or ``chunks`` simulated ranks for parareal), an
 integer (that many simulated ranks), :class:`~ptoc.parallel.SimulatedRanks`, or a
 :class:`~ptoc.parallel.Communicator` such as :class:`~ptoc.parallel.MPIRanks`.
+
+Every entry point starts its program with :func:`~ptoc.parallel.comm.agree`: each rank
+checks that the solver fits the layout and, on several ranks, the ranks compare the
+facts of their problem (:func:`_problem_facts`: the network or propagator, the solver,
+the target, the shapes of the layer parameters, digests of the head parameters and of
+the arrays of the batch). A failed check or a disagreement is the same error on every
+rank, before any layer step.
 """
 
 from __future__ import annotations
@@ -30,7 +37,14 @@ import numpy as np
 
 from ..model import Params, ResNet
 from ..propagator import LayerSlice, Model, ResNetModel, as_model
-from .comm import Communicator, SimulatedRanks, resolve_ranks, run_program
+from .comm import (
+    Communicator,
+    SimulatedRanks,
+    config_facts,
+    digest,
+    resolve_ranks,
+    run_program,
+)
 from .layout import partition
 from .options import SolveResult
 from .problem import Block, SweepProblem
@@ -75,12 +89,47 @@ def _runner(solver, comm) -> tuple[Any, int]:
     return runner, runner.size
 
 
-_run = run_program
-
-
 def check_layout(solver, n_layers: int, n_ranks: int) -> None:
     """Raise (identically on every rank) when the solver cannot run on these ranks."""
     solver.check_layout(n_layers, n_ranks)
+
+
+def _problem_facts(model: Any, solver, target, arrays: dict[str, Any],
+                   params: Any = None) -> dict[str, str]:
+    """What every rank of a solve must share, for :func:`~ptoc.parallel.comm.agree`.
+
+    ``model``: a :class:`Model` (a ResNet's configuration is compared field by field) or
+    a :class:`ptoc.Propagator`; ``arrays``: the batch and guesses by name (digests);
+    ``params``: the layer arrays are compared by their shape per layer only (a rank
+    may hold placeholders for, or only, its own layers), the head arrays by digest.
+    """
+    network = getattr(model, "network", None)
+    if network is not None:
+        facts = config_facts("network", network)
+    else:
+        facts = {"model": type(model).__name__, "number of layers": repr(model.n_layers)}
+    facts.update(config_facts("solver", solver))
+    facts["target"] = repr(target)
+    if params is not None:
+        facts.update({f"parameter {k} (per layer)": f"shape {np.shape(params[k])[1:]}"
+                      for k in model.layer_keys})
+        facts.update({f"parameter {k}": digest(params[k])
+                      for k in (*model.opening_keys, *model.terminal_keys)})
+    facts.update({name: digest(value) for name, value in arrays.items()})
+    return facts
+
+
+def _run(runner, solver, n_layers: int, facts, program, every_rank: bool = False,
+         what: str = "the solve") -> Any:
+    """Run ``program`` on ``runner``'s ranks, each starting with the agreement of the
+    module doc: the layout check, and on several ranks ``facts(rank)`` (the rank's
+    own checks, if any, then the facts the ranks compare). ``every_rank``: return every
+    simulated rank's result (a list), not rank 0's."""
+
+    def check(c: Communicator) -> dict[str, str]:
+        check_layout(solver, n_layers, c.size)
+        return facts(c.rank) if c.size > 1 else {}
+    return run_program(runner, program, check, what, every_rank)
 
 
 # --- one sweep on one rank ---------------------------------------------------------------------
@@ -137,7 +186,6 @@ def _forward_program(comm, model, params, X, solver, target, guess, need_all, pr
     from the full ``params`` when None). Rank 0 also returns the opening's cache."""
     model = as_model(model)
     N = model.n_layers
-    check_layout(solver, N, comm.size)
     bounds, a, b = _bounds(comm, N)
     if prop is None:
         local = {k: params[k][a:b] for k in model.layer_keys}
@@ -280,11 +328,12 @@ def parallel_gradient(network: ResNet | Model, params, X, y, solver, *, comm=Non
     :func:`local_gradient` takes only this rank's layers in the first place.
     """
     model = as_model(network)
-    runner, size = _runner(solver, comm)
-    check_layout(solver, model.n_layers, size)
-    return _run(runner, lambda c: _gradient_program(c, model, params, X, y, solver, target,
-                                                     initial_states, initial_adjoints,
-                                                     keep_states))
+    runner, _ = _runner(solver, comm)
+    return _run(runner, solver, model.n_layers, lambda rank: _problem_facts(
+        model, solver, target, {"inputs X": X, "labels y": y, "initial states": initial_states,
+                                "initial adjoints": initial_adjoints}, params),
+        lambda c: _gradient_program(c, model, params, X, y, solver, target, initial_states,
+                                    initial_adjoints, keep_states))
 
 
 def owned_layers(n_layers: int, n_ranks: int, rank: int) -> tuple[int, int]:
@@ -340,7 +389,10 @@ def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="
     ------
     ValueError
         On every rank alike, before any kernel runs, when any rank's slice has a wrong
-        key, shape or a non-finite entry (the message names the rank).
+        key, shape or a non-finite entry: a
+        :class:`~ptoc.parallel.RanksDisagreeError` naming the ranks and their messages
+        when not every rank has the same fault; also when the ranks disagree on the
+        network, the solver, the head parameters or the batch.
     """
     from .._checks import check_inputs
     from ..kernels import Target
@@ -352,42 +404,44 @@ def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="
         raise ValueError("local_gradient needs the labels y")
     target = Target.parse(target)
     runner, size = _runner(solver, comm)
-    check_layout(solver, network.depth, size)
     if isinstance(runner, SimulatedRanks) and size > 1 and not callable(params):
         raise TypeError("with simulated ranks params must be a function rank -> that rank's "
                         "slice (all ranks live in this process)")
+    model = ResNetModel(network)
+    slices: dict[int, Params] = {}  # this process's ranks' checked slices
+
+    def facts_of(rank: int) -> dict[str, str]:
+        """Check rank ``rank``'s slice (a failure is agreed on, naming the rank), then
+        the facts of its problem."""
+        mine = params(rank) if callable(params) else params
+        slices[rank] = network.check_params(mine, layers=owned_layers(network.depth, size, rank))
+        return _problem_facts(model, solver, target, {"inputs X": X, "labels y": y},
+                              slices[rank])
 
     def program(c):
-        a, b = owned_layers(network.depth, c.size, c.rank)
-        problem = None
-        try:
-            mine = params(c.rank) if callable(params) else params
-            mine = network.check_params(mine, layers=(a, b))
-        except Exception as exc:  # noqa: BLE001 - any failure must reach every rank, or they hang
-            problem = f"rank {c.rank}: {exc}" if isinstance(exc, (TypeError, ValueError)) \
-                else f"rank {c.rank}: {type(exc).__name__}: {exc}"
-        problems = [p for p in c.allgather(problem) if p is not None]
-        if problems:  # the same error on every rank: none is left waiting
-            raise ValueError("local_gradient: bad parameter slice on "
-                             f"{len(problems)} rank(s): " + "; ".join(problems))
-        return _gradient_program(c, ResNetModel(network), mine, X, y, solver, target, None,
-                                 None, gather_all=False, local=True)
+        if c.size == 1:  # no agreement on one rank: check the slice here
+            facts_of(c.rank)
+        return _gradient_program(c, model, slices[c.rank], X, y, solver, target, None, None,
+                                 gather_all=False, local=True)
 
-    return runner.run(program)  # simulated ranks: every rank's result, in rank order
+    # simulated ranks: every rank's result, in rank order
+    return _run(runner, solver, network.depth, facts_of, program, every_rank=True,
+                what="local_gradient")
 
 
 def parallel_forward(network: ResNet, params: Params, X, solver, *, comm=None, target="cpu",
                      initial_states=None) -> tuple[np.ndarray, SolveResult]:
     """All states ``x_0..x_N`` (N+1, S, d) from the state sweep solved by ``solver``."""
     model = as_model(network)
-    runner, size = _runner(solver, comm)
-    check_layout(solver, model.n_layers, size)
+    runner, _ = _runner(solver, comm)
 
     def program(c):
         *_, record, full, _ = _forward_program(c, model, params, X, solver, target,
                                                initial_states, need_all=True)
         return full, record
-    return _run(runner, program)
+    return _run(runner, solver, model.n_layers, lambda rank: _problem_facts(
+        model, solver, target, {"inputs X": X, "initial states": initial_states}, params),
+        program)
 
 
 def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N: np.ndarray,
@@ -397,9 +451,8 @@ def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N:
     """``(lambda (N+1, S, d), grad_K, grad_b, record)``: the adjoint sweep from given states
     solved by ``solver``, and the data part of the layer gradients."""
     model = as_model(network)
-    runner, size = _runner(solver, comm)
+    runner, _ = _runner(solver, comm)
     N = model.n_layers
-    check_layout(solver, N, size)
 
     def program(c):
         bounds, a, b = _bounds(c, N)
@@ -415,7 +468,9 @@ def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N:
         full = _gather_positions(c, lams, aproblem.owner, True)
         return (full, np.concatenate([p[0] for p in parts]),
                 np.concatenate([p[1] for p in parts]), record)
-    return _run(runner, program)
+    return _run(runner, solver, N, lambda rank: _problem_facts(
+        model, solver, target, {"states": states, "final adjoint lambda_N": lam_N,
+                                "initial adjoints": initial_adjoints}, params), program)
 
 
 # --- any propagator --------------------------------------------------------------------------
@@ -433,12 +488,12 @@ def _check_states_guess(guess, n_positions: int, shape, name: str):
 
 def _prepare(prop, solver, comm):
     """``(solver, N, runner)`` for a sweep of ``prop``: the strategy checked, the
-    propagator checked for the abilities it needs, the layout checked on the ranks."""
+    propagator checked for the abilities it needs (the layout is checked on the ranks,
+    by :func:`_run`)."""
     solver = check_solver(solver)
     N = int(prop.n_layers)
     solver.check_propagator(prop)
-    runner, size = _runner(solver, comm)
-    check_layout(solver, N, size)
+    runner, _ = _runner(solver, comm)
     return solver, N, runner
 
 
@@ -470,7 +525,8 @@ def solve_states(prop, x0, solver, *, comm=None, initial_guess=None
         local, record = _solve_sweep(c, problem, solver, x0 if c.rank == 0 else None,
                                      x0.shape, x0.dtype, g)
         return _gather_positions(c, local, problem.owner, False), record
-    return _run(runner, program)
+    return _run(runner, solver, N, lambda rank: _problem_facts(
+        prop, solver, None, {"initial state x0": x0, "initial guess": guess}), program)
 
 
 def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
@@ -520,4 +576,6 @@ def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
                 t += p
         full = _gather_positions(c, local, problem.owner, True)
         return full, total, record
-    return _run(runner, program)
+    return _run(runner, solver, N, lambda rank: _problem_facts(
+        prop, solver, None, {"states": states, "final adjoint lambda_N": lam_N,
+                             "initial guess": guess}), program)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._options import OptionEnum
+from .comm import CollectiveError
 
 
 class CoarseWeights(OptionEnum, what="coarse-weight rule"):
@@ -216,5 +217,8 @@ class SolveResult:
                 f"{self.steps_total} total, {self.steps_critical_path} on the critical path")
 
 
-class DivergenceError(RuntimeError):
-    """A layer-parallel solve diverged (non-finite or growing residual)."""
+class DivergenceError(CollectiveError, RuntimeError):
+    """A layer-parallel solve diverged (non-finite or growing residual).
+
+    Raised on every rank at once, after the residual is summed over the ranks: an
+    MPI program ends normally with it (:class:`~ptoc.parallel.comm.CollectiveError`)."""
