@@ -58,6 +58,7 @@ from .parallel.comm import (
     resolve_ranks,
     run_program,
 )
+from .parallel.driver import problem_facts
 from .parallel.layout import partition, sum_of_squares
 from .parallel.options import CoarseWeights
 from .parallel.problem import coarse_weights
@@ -450,8 +451,21 @@ class PGCL(TrainingMethod):
         job = _Job(self, model, params, X, y, state, warm, update, collect)
         kern = backend(self.target)
         runner = self._runner
+        def facts(c: Communicator) -> dict[str, str]:
+            """What every rank must share: the model, the batch, the parameters, the
+            options and the step (compared by :func:`ptoc.parallel.comm.agree`)."""
+            if c.size == 1:
+                return {}
+            out = problem_facts(model, None, self.target, {"inputs X": X, "labels y": y},
+                                params)
+            out.update({f"PGCL {k}": repr(v) for k, v in self.config().items()
+                        if k != "comm"})
+            out["PGCL step"] = repr(state.step)
+            return out
+
         with _single_threaded_blas(kern):
-            out = run_program(runner, lambda c: _program(c, job))
+            out = run_program(runner, lambda c: _program(c, job), check=facts,
+                              what="the PGCL step")
         if isinstance(out, TrainingDivergedError):
             raise out
         return out

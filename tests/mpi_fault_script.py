@@ -27,6 +27,7 @@ CASES = {
     "solver": "uses Parareal instead of MGRIT",
     "depth": "has a network of another depth",
     "inputs": "has other inputs X",
+    "pgcl-inputs": "has other inputs X in a PGCL step (not a solve)",
 }
 
 
@@ -74,9 +75,13 @@ def main(argv: list[str]) -> int:
             method = ptoc.MGRIT(coarsening=64, max_iterations=3)
         if case == "solver":
             method = ptoc.Parareal(max_iterations=3)
-        if case == "inputs":
+        if case in ("inputs", "pgcl-inputs"):
             X = X + 1.0
-    loss, _ = ptoc.loss_and_grad(net, params, X, y, solver=method, comm=comm)
+    if case.startswith("pgcl"):
+        pgcl = ptoc.PGCL(comm=comm)
+        loss = pgcl.step(net, params, pgcl.init(net, params), X, y).loss
+    else:
+        loss, _ = ptoc.loss_and_grad(net, params, X, y, solver=method, comm=comm)
     print(f"rank {comm.rank}: loss {loss!r}", flush=True)
     return 0
 

@@ -78,6 +78,7 @@ def test_the_fault_script_runs_when_no_rank_misbehaves(compiled_kernels):
     ("solver", "ranks disagree on the solver: rank 0 has MGRIT, rank 1 has Parareal"),
     ("depth", "ranks disagree on the network depth: rank 0 has 13, rank 1 has 16"),
     ("inputs", "ranks disagree on the inputs X: rank 0 has shape (5, 2) float64"),
+    ("pgcl-inputs", "ranks disagree on the inputs X: rank 0 has shape (5, 2) float64"),
 ])
 def test_one_misbehaving_rank_ends_the_job_on_every_rank(case, message, compiled_kernels):
     run, seconds = run_script(case)

@@ -21,7 +21,7 @@ integer (that many simulated ranks), :class:`~ptoc.parallel.SimulatedRanks`, or 
 
 Every entry point starts its program with :func:`~ptoc.parallel.comm.agree`: each rank
 checks that the solver fits the layout and, on several ranks, the ranks compare the
-facts of their problem (:func:`_problem_facts`: the network or propagator, the solver,
+facts of their problem (:func:`problem_facts`: the network or propagator, the solver,
 the target, the shapes of the layer parameters, digests of the head parameters and of
 the arrays of the batch). A failed check or a disagreement is the same error on every
 rank, before any layer step.
@@ -94,7 +94,7 @@ def check_layout(solver, n_layers: int, n_ranks: int) -> None:
     solver.check_layout(n_layers, n_ranks)
 
 
-def _problem_facts(model: Any, solver, target, arrays: dict[str, Any],
+def problem_facts(model: Any, solver, target, arrays: dict[str, Any],
                    params: Any = None) -> dict[str, str]:
     """What every rank of a solve must share, for :func:`~ptoc.parallel.comm.agree`.
 
@@ -329,7 +329,7 @@ def parallel_gradient(network: ResNet | Model, params, X, y, solver, *, comm=Non
     """
     model = as_model(network)
     runner, _ = _runner(solver, comm)
-    return _run(runner, solver, model.n_layers, lambda rank: _problem_facts(
+    return _run(runner, solver, model.n_layers, lambda rank: problem_facts(
         model, solver, target, {"inputs X": X, "labels y": y, "initial states": initial_states,
                                 "initial adjoints": initial_adjoints}, params),
         lambda c: _gradient_program(c, model, params, X, y, solver, target, initial_states,
@@ -415,7 +415,7 @@ def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="
         the facts of its problem."""
         mine = params(rank) if callable(params) else params
         slices[rank] = network.check_params(mine, layers=owned_layers(network.depth, size, rank))
-        return _problem_facts(model, solver, target, {"inputs X": X, "labels y": y},
+        return problem_facts(model, solver, target, {"inputs X": X, "labels y": y},
                               slices[rank])
 
     def program(c):
@@ -439,7 +439,7 @@ def parallel_forward(network: ResNet, params: Params, X, solver, *, comm=None, t
         *_, record, full, _ = _forward_program(c, model, params, X, solver, target,
                                                initial_states, need_all=True)
         return full, record
-    return _run(runner, solver, model.n_layers, lambda rank: _problem_facts(
+    return _run(runner, solver, model.n_layers, lambda rank: problem_facts(
         model, solver, target, {"inputs X": X, "initial states": initial_states}, params),
         program)
 
@@ -468,7 +468,7 @@ def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N:
         full = _gather_positions(c, lams, aproblem.owner, True)
         return (full, np.concatenate([p[0] for p in parts]),
                 np.concatenate([p[1] for p in parts]), record)
-    return _run(runner, solver, N, lambda rank: _problem_facts(
+    return _run(runner, solver, N, lambda rank: problem_facts(
         model, solver, target, {"states": states, "final adjoint lambda_N": lam_N,
                                 "initial adjoints": initial_adjoints}, params), program)
 
@@ -525,7 +525,7 @@ def solve_states(prop, x0, solver, *, comm=None, initial_guess=None
         local, record = _solve_sweep(c, problem, solver, x0 if c.rank == 0 else None,
                                      x0.shape, x0.dtype, g)
         return _gather_positions(c, local, problem.owner, False), record
-    return _run(runner, solver, N, lambda rank: _problem_facts(
+    return _run(runner, solver, N, lambda rank: problem_facts(
         prop, solver, None, {"initial state x0": x0, "initial guess": guess}), program)
 
 
@@ -576,6 +576,6 @@ def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
                 t += p
         full = _gather_positions(c, local, problem.owner, True)
         return full, total, record
-    return _run(runner, solver, N, lambda rank: _problem_facts(
+    return _run(runner, solver, N, lambda rank: problem_facts(
         prop, solver, None, {"states": states, "final adjoint lambda_N": lam_N,
                              "initial guess": guess}), program)
