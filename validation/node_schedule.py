@@ -21,7 +21,8 @@ Problem (``benchmarks/bench_node.py``'s): width 8, tanh, ``K_n ~ N(0, 1/d)``,
 chunks; the coarse propagator is one backward-Euler step per piece for every
 configuration (an implicit coarse solver, as the claim's setting). The error of an
 iterate ``U^k`` is ``max |U^k - x_ref|`` over the chunk boundaries, samples and features,
-``x_ref`` the serial RK4 solution with 64 steps per piece.
+``x_ref`` the serial RK4 solution with 64 steps per piece. The comparison is
+``benchmarks/bench_node.py``'s ``implicit_case`` (``--implicit``), run here over the cases.
 
 Steps per piece follow each scheme's accuracy target. ``m_s(e)`` is the smallest
 ``m`` in ``1, 2, 4, ..., 256`` whose serial solve with scheme ``s`` has boundary error
@@ -78,7 +79,9 @@ import numpy as np
 from _problems import benchmark  # validation/_problems.py
 
 from ptoc.cli.claims import Record, script_main
-from ptoc.node import NODECoarse, NODEParareal, Scheme, node_solve
+
+BENCH = benchmark("bench_node")  # the problem and the implicit comparison live there
+FAMILIES = BENCH.FAMILIES
 
 NUMBER = 13
 CLAIM = ("parareal neural ODE with an order-raising implicit fine solver (steps per "
@@ -89,19 +92,10 @@ SOURCE = ("Lorin 2020, Derivation and analysis of parallel-in-time neural ordina
           "differential equations (Ann. Math. Artif. Intell. 88), abstract; "
           "docs/theory/node.md")
 
-S = Scheme
-FAMILIES = {
-    "gauss": {"schedule": (S.BACKWARD_EULER, S.MIDPOINT, S.GAUSS2),
-              "high": S.GAUSS2, "low": S.MIDPOINT},
-    "sdirk": {"schedule": (S.BACKWARD_EULER, S.SDIRK2, S.SDIRK3),
-              "high": S.SDIRK3, "low": S.SDIRK2},
-}
 MEASURES = {"overall time steps": "steps", "linear systems": "linear_systems",
             "linear-system cost (sum n^3)": "linear_cost"}
 DECIDING = ("overall time steps", "linear systems")
 REF_SUBSTEPS = 64
-MAX_SUBSTEPS = 256
-COARSE = S.BACKWARD_EULER
 
 #: The explicit-schedule result of this claim's previous form (full run of that script).
 EXPLICIT_RECORD = {
@@ -116,58 +110,6 @@ EXPLICIT_RECORD = {
 }
 
 
-def _problem(width: int, depth: int, T: float, batch: int, seed: int):
-    """The network, parameters and initial states of ``benchmarks/bench_node.py``."""
-    return benchmark("bench_node").problem(width, depth, T, batch, seed)
-
-
-class _Oracle:
-    """``m_s(e)``: the smallest power-of-two steps per piece whose serial solve with
-    scheme ``s`` has boundary error ``<= e`` (None beyond :data:`MAX_SUBSTEPS`)."""
-
-    def __init__(self, net, params, x0, ref_at_bounds, bounds):
-        self.args = (net, params, x0)
-        self.ref, self.bounds = ref_at_bounds, bounds
-        self.errors: dict[Scheme, dict[int, float]] = {}
-
-    def error(self, s: Scheme, m: int) -> float:
-        table = self.errors.setdefault(s, {})
-        if m not in table:
-            sol = node_solve(*self.args, scheme=s, substeps=m)
-            table[m] = float(np.max(np.abs(sol.states[self.bounds * m] - self.ref)))
-        return table[m]
-
-    def substeps(self, s: Scheme, e: float) -> int | None:
-        m = 1
-        while m <= MAX_SUBSTEPS:
-            if self.error(s, m) <= e:
-                return m
-            m *= 2
-        return None
-
-
-def _run(net, params, x0, ref, P, entries) -> dict:
-    """Parareal to exactness with the schedule ``entries`` ((scheme, m) pairs); per iterate
-    the error and the cumulative work (coarse sweeps and fine sweeps up to it)."""
-    opts = NODEParareal(P, schedule=entries, coarse=NODECoarse.PIECE, coarse_scheme=COARSE,
-                        tol=1e-300)
-    sol = node_solve(net, params, x0, parareal=opts, keep_iterates=True)
-    errors = [float(np.max(np.abs(U - ref))) for U in sol.iterates]
-    cumulative = {}
-    for key in MEASURES.values():
-        per = [getattr(sol.coarse_solves[0], key)] + [
-            getattr(f, key) + getattr(c, key)
-            for f, c in zip(sol.fine_solves, sol.coarse_solves[1:], strict=True)]
-        cumulative[key] = np.cumsum(per).astype(int).tolist()
-    return {"entries": [[s.value, m] for s, m in entries], "errors": errors,
-            "cumulative": cumulative, "iterations": sol.iterations}
-
-
-def _cost(run: dict | None, eps: float, key: str) -> int | None:
-    if run is None:
-        return None
-    k = next((i for i, e in enumerate(run["errors"]) if e <= eps), None)
-    return None if k is None else run["cumulative"][key][k]
 
 
 def _compare(base: int | None, sched: int | None) -> str:
@@ -178,37 +120,6 @@ def _compare(base: int | None, sched: int | None) -> str:
     if base is None or sched < base:
         return "schedule"
     return "tie" if sched == base else "baseline"
-
-
-def _case(net, params, x0, P: int, targets) -> dict:
-    reference = node_solve(net, params, x0, scheme="rk4", substeps=REF_SUBSTEPS)
-    bounds = NODEParareal(P).chunk_bounds(net.depth)
-    ref = reference.states[::REF_SUBSTEPS][bounds]
-    oracle = _Oracle(net, params, x0, ref, bounds)
-    e0 = _run(net, params, x0, ref, P, ((S.BACKWARD_EULER, 1),))["errors"][0]
-    runs: dict[str, dict] = {}
-    cache: dict[tuple, dict | None] = {}
-
-    def run(entries):
-        key = tuple(entries)
-        if key not in cache:
-            cache[key] = None if any(m is None for _, m in entries) else \
-                _run(net, params, x0, ref, P, entries)
-        return cache[key]
-
-    for eps in targets:
-        for fam, spec in FAMILIES.items():
-            L = len(spec["schedule"])
-            ladder = [e0 ** (1 - l / L) * (eps / 2) ** (l / L) for l in range(1, L + 1)]
-            sched = tuple((s, oracle.substeps(s, e))
-                          for s, e in zip(spec["schedule"], ladder, strict=True))
-            runs[f"{fam} schedule {eps:g}"] = {"ladder": ladder, "run": run(sched)}
-            for which in ("high", "low"):
-                s = spec[which]
-                runs[f"{fam} {which} {eps:g}"] = {"run": run(((s, oracle.substeps(s, eps / 2)),))}
-    return {"coarse_error": e0, "runs": runs,
-            "serial_errors": {s.value: {str(m): e for m, e in t.items()}
-                              for s, t in oracle.errors.items()}}
 
 
 def _figure(out_dir: Path, cases: list[dict], targets) -> str:
@@ -251,8 +162,9 @@ def run(quick: bool, out_dir: Path) -> Record:
         targets = (1e-3, 1e-4, 1e-5, 1e-6)
     cases = []
     for seed, T, P in itertools.product(seeds, Ts, Ps):
-        net, params, x0 = _problem(width, depth, T, batch, seed)
-        cases.append({"seed": seed, "T": T, "chunks": P, **_case(net, params, x0, P, targets)})
+        net, params, x0 = BENCH.problem(width, depth, T, batch, seed)
+        cases.append({"seed": seed, "T": T, "chunks": P,
+                      **BENCH.implicit_case(net, params, x0, P, targets, REF_SUBSTEPS)})
 
     rows = []
     for c, eps, fam, which in itertools.product(cases, targets, FAMILIES, ("high", "low")):
@@ -261,7 +173,7 @@ def run(quick: bool, out_dir: Path) -> Record:
         row = {"seed": c["seed"], "T": c["T"], "chunks": c["chunks"], "family": fam,
                "baseline": f"{which} ({FAMILIES[fam][which].value})", "target": eps}
         for meas, key in MEASURES.items():
-            b, s = _cost(base, eps, key), _cost(sched, eps, key)
+            b, s = BENCH.cost_to(base, eps, key), BENCH.cost_to(sched, eps, key)
             row[meas] = {"schedule": s, "baseline": b, "winner": _compare(b, s)}
         rows.append(row)
 
@@ -311,9 +223,10 @@ def run(quick: bool, out_dir: Path) -> Record:
                    "baseline in > 1/2 of the (case, target) pairs of every P and family"),
         details={"setting": {"width": width, "depth": depth, "chunks": list(Ps),
                              "batch": batch, "T": list(Ts), "seeds": list(seeds),
-                             "targets": list(targets), "coarse": f"{COARSE.value} per piece",
+                             "targets": list(targets),
+                             "coarse": f"{BENCH.IMPLICIT_COARSE.value} per piece",
                              "reference_substeps": REF_SUBSTEPS,
-                             "max_substeps": MAX_SUBSTEPS,
+                             "max_substeps": BENCH.MAX_SUBSTEPS,
                              "families": {f: {k: ([s.value for s in v] if k == "schedule"
                                                   else v.value) for k, v in spec.items()}
                                           for f, spec in FAMILIES.items()}},
