@@ -9,8 +9,10 @@ are derived on :doc:`/theory/node`; this module implements them.
 * The residual layers of a :class:`ptoc.ResNet` are read as ``x' = sigma(K(t) x + b(t))``
   on ``[0, T]`` with weights constant on each *piece* ``[n h, (n+1) h)``; the opening, the
   classifier and the regulariser are the ResNet's, so ``J = Phi(x_T) + R``.
-* Every piece takes ``substeps`` steps of an explicit Runge-Kutta :class:`Scheme`
-  (Euler, Heun, RK4); Euler with one substep is the ResNet layer. The gradient is the
+* Every piece takes ``substeps`` steps of a Runge-Kutta :class:`Scheme`: explicit
+  (Euler, Heun, RK4; Euler with one substep is the ResNet layer) or implicit (backward
+  Euler, midpoint, trapezoidal, SDIRK2, SDIRK3, Gauss-2; stages by Newton's method with
+  the exact Jacobian, every linear system counted in a :class:`SolveCount`). The gradient is the
   exact reverse-mode adjoint of the stages (vectorised NumPy over the batch, no Numba).
 * Parareal: the pieces are split into ``P`` chunks, the coarse propagator is forward
   Euler (per piece or per chunk, :class:`NODECoarse`), the fine propagator of iteration
@@ -47,15 +49,19 @@ from .parallel.problem import SweepProblem
 from .propagator import LevelPlan, LevelSteps, Propagator
 
 __all__ = [
+    "NEWTON_MAX_ITERATIONS",
+    "NEWTON_TOL",
     "NODECoarse",
     "NODEDivergenceError",
     "NODEParareal",
     "NODESolution",
     "NODEStepRecord",
     "NeuralODEGradient",
+    "NewtonConvergenceError",
     "RKLevelSteps",
     "RKPropagator",
     "Scheme",
+    "SolveCount",
     "node_forward",
     "node_loss",
     "node_loss_and_grad",
@@ -716,13 +722,14 @@ def _adjoint_trajectory(traj: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.
 
 class RKPropagator(Propagator):
     """The neural ODE as a :class:`ptoc.Propagator`: layer ``n`` is piece ``n``, solved by
-    ``m = substeps`` steps of an explicit Runge-Kutta scheme.
+    ``m = substeps`` steps of a Runge-Kutta scheme (explicit, or implicit with its stages
+    by Newton's method, :func:`_solve_group`).
 
     Lorin 2020, parareal neural ODE (module docstring); :doc:`/theory/node`. On piece
     ``n`` (weights ``K_n, b_n``, length ``h = T/N``) :meth:`step` runs ``m`` steps of
     size ``tau = h/m`` of :class:`Scheme` ``s``::
 
-        X_i = x + tau sum_{j<i} A_ij k_j,   k_i = sigma(K_n X_i + b_n),
+        X_i = x + tau sum_j A_ij k_j,   k_i = sigma(K_n X_i + b_n),
         x_+ = x + tau sum_i w_i k_i,
 
     so that with Euler and one substep it is the ResNet layer
@@ -753,6 +760,13 @@ class RKPropagator(Propagator):
         Steps per piece ``m``.
     check : bool
         Validate ``params``; False only for a :class:`Params` validated already.
+
+    Attributes
+    ----------
+    count : SolveCount
+        Work of the state steps run so far (:meth:`step`, :meth:`propagate`,
+        :meth:`coarse_step` and the level steps' runs): steps, Newton updates, linear
+        systems. Adjoint and tangent steps recompute the stages and are not counted.
 
     Examples
     --------
