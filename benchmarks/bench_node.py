@@ -26,6 +26,13 @@ solved again (a converged processor idles), as in ``ptoc.node``. The coarse swee
 and the final fine sweep that produces the full trajectory are not counted. The
 serial fine RK4 solve is given for comparison (all its work is on the critical path).
 
+With ``--implicit`` the comparison is that of validation claim 13 on this one problem:
+a backward-Euler coarse propagator, the implicit schedules backward Euler > midpoint >
+Gauss-2 and backward Euler > SDIRK2 > SDIRK3 against fixed high-order (Gauss-2, SDIRK3)
+and low-order (midpoint, SDIRK2) fine solvers, every scheme's steps per piece set by
+the accuracy it must deliver (:func:`implicit_case`); the table gives overall time
+steps (fine and coarse), linear systems and their cost ``sum n^3`` to each target.
+
 Nothing is timed: the counts are the cost model (parareal is simulated in one
 process).
 
@@ -34,6 +41,8 @@ Usage::
     python benchmarks/bench_node.py             # d=8, N=64, T=2, S=32, P=8
     python benchmarks/bench_node.py --quick     # N=32, P=4
     python benchmarks/bench_node.py --T 4 --substeps 4 --targets 1e-6 1e-8
+    python benchmarks/bench_node.py --implicit --depth 32 --batch 16 --chunks 4 \
+        --targets 1e-3 1e-4 1e-5 1e-6
 
 A JSON record (settings, every error history and cost per iteration, the table) goes to
 ``benchmarks/out/node_<timestamp>.json`` unless ``--no-json``.
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import platform
 import sys
@@ -94,6 +104,133 @@ def run_case(net, params, x0, x_ref, chunks: int, substeps: int, schedule, coars
             "reached": reached, "record": sol.to_dict()}
 
 
+# ----------------------------------------------------------------------------------------
+# Implicit solvers: steps per piece set by each scheme's accuracy target (claim 13)
+# ----------------------------------------------------------------------------------------
+
+S = Scheme
+#: Each family: an order-raising schedule and its two fixed baselines.
+FAMILIES = {
+    "gauss": {"schedule": (S.BACKWARD_EULER, S.MIDPOINT, S.GAUSS2),
+              "high": S.GAUSS2, "low": S.MIDPOINT},
+    "sdirk": {"schedule": (S.BACKWARD_EULER, S.SDIRK2, S.SDIRK3),
+              "high": S.SDIRK3, "low": S.SDIRK2},
+}
+IMPLICIT_COARSE = S.BACKWARD_EULER
+MAX_SUBSTEPS = 256
+COST_KEYS = ("steps", "linear_systems", "linear_cost")
+
+
+class SubstepOracle:
+    """``m_s(e)``: the smallest ``m`` in ``1, 2, 4, ..., MAX_SUBSTEPS`` whose serial solve
+    with scheme ``s`` has boundary error ``<= e`` (None beyond); the errors are kept."""
+
+    def __init__(self, net, params, x0, ref_at_bounds: np.ndarray, bounds: np.ndarray):
+        self.args = (net, params, x0)
+        self.ref, self.bounds = ref_at_bounds, bounds
+        self.errors: dict[Scheme, dict[int, float]] = {}
+
+    def error(self, s: Scheme, m: int) -> float:
+        table = self.errors.setdefault(s, {})
+        if m not in table:
+            sol = node_solve(*self.args, scheme=s, substeps=m)
+            table[m] = float(np.max(np.abs(sol.states[self.bounds * m] - self.ref)))
+        return table[m]
+
+    def substeps(self, s: Scheme, e: float) -> int | None:
+        m = 1
+        while m <= MAX_SUBSTEPS:
+            if self.error(s, m) <= e:
+                return m
+            m *= 2
+        return None
+
+
+def run_implicit(net, params, x0, ref_at_bounds, chunks: int, entries) -> dict:
+    """Parareal to exactness with the schedule ``entries`` ((scheme, m) pairs) and the
+    backward-Euler coarse propagator per piece; per iterate the error and the cumulative
+    work (coarse sweeps and fine sweeps up to it) of each of :data:`COST_KEYS`."""
+    opts = NODEParareal(chunks, schedule=entries, coarse=NODECoarse.PIECE,
+                        coarse_scheme=IMPLICIT_COARSE, tol=1e-300)
+    sol = node_solve(net, params, x0, parareal=opts, keep_iterates=True)
+    errors = [float(np.max(np.abs(U - ref_at_bounds))) for U in sol.iterates]
+    cumulative = {}
+    for key in COST_KEYS:
+        per = [getattr(sol.coarse_solves[0], key)] + [
+            getattr(f, key) + getattr(c, key)
+            for f, c in zip(sol.fine_solves, sol.coarse_solves[1:], strict=True)]
+        cumulative[key] = np.cumsum(per).astype(int).tolist()
+    return {"entries": [[s.value, m] for s, m in entries], "errors": errors,
+            "cumulative": cumulative, "iterations": sol.iterations}
+
+
+def cost_to(run: dict | None, eps: float, key: str) -> int | None:
+    """The cumulative ``key`` work of ``run`` up to its first iterate with error ``<= eps``
+    (None when never, or when the run could not be set up)."""
+    if run is None:
+        return None
+    k = next((i for i, e in enumerate(run["errors"]) if e <= eps), None)
+    return None if k is None else run["cumulative"][key][k]
+
+
+def implicit_case(net, params, x0, chunks: int, targets, ref_substeps: int = 64) -> dict:
+    """Every family's schedule and fixed baselines for each target ``eps``.
+
+    A fixed solver ``s`` runs ``m_s(eps/2)`` steps per piece; the schedule's scheme ``l``
+    of ``L`` runs ``m_{s_l}(e_l)``, ``e_l = e_0^(1 - l/L) (eps/2)^(l/L)``, from the
+    coarse sweep's error ``e_0`` down to ``eps/2`` (:class:`SubstepOracle`; a scheme that
+    cannot reach its target within ``MAX_SUBSTEPS`` makes that run None).
+    """
+    reference = node_solve(net, params, x0, scheme="rk4", substeps=ref_substeps)
+    bounds = NODEParareal(chunks).chunk_bounds(net.depth)
+    ref = reference.states[::ref_substeps][bounds]
+    oracle = SubstepOracle(net, params, x0, ref, bounds)
+    e0 = run_implicit(net, params, x0, ref, chunks, ((IMPLICIT_COARSE, 1),))["errors"][0]
+    runs: dict[str, dict] = {}
+    cache: dict[tuple, dict | None] = {}
+
+    def run(entries):
+        key = tuple(entries)
+        if key not in cache:
+            cache[key] = None if any(m is None for _, m in entries) else \
+                run_implicit(net, params, x0, ref, chunks, entries)
+        return cache[key]
+
+    for eps in targets:
+        for fam, spec in FAMILIES.items():
+            L = len(spec["schedule"])
+            ladder = [e0 ** (1 - l / L) * (eps / 2) ** (l / L) for l in range(1, L + 1)]
+            sched = tuple((s, oracle.substeps(s, e))
+                          for s, e in zip(spec["schedule"], ladder, strict=True))
+            runs[f"{fam} schedule {eps:g}"] = {"ladder": ladder, "run": run(sched)}
+            for which in ("high", "low"):
+                s = spec[which]
+                runs[f"{fam} {which} {eps:g}"] = {
+                    "run": run(((s, oracle.substeps(s, eps / 2)),))}
+    return {"coarse_error": e0, "runs": runs,
+            "serial_errors": {s.value: {str(m): e for m, e in t.items()}
+                              for s, t in oracle.errors.items()}}
+
+
+def implicit_table(case: dict, targets) -> str:
+    head = (f"{'configuration':>16} {'target':>7} {'schedule (scheme x steps/piece)':>44} "
+            f"{'steps':>6} {'systems':>8} {'sum n^3':>10}")
+    lines = [head, "-" * len(head)]
+    for eps in targets:
+        for fam, which in itertools.product(FAMILIES, ("schedule", "high", "low")):
+            r = case["runs"][f"{fam} {which} {eps:g}"]["run"]
+            name = f"{fam} {which}"
+            if r is None or cost_to(r, eps, "steps") is None:
+                lines.append(f"{name:>16} {eps:>7.0e} {'not reached':>44}")
+                continue
+            entries = " > ".join(f"{s}x{m}" for s, m in r["entries"])
+            lines.append(f"{name:>16} {eps:>7.0e} {entries:>44} "
+                         + " ".join(f"{cost_to(r, eps, k):>{w}d}"
+                                    for k, w in zip(COST_KEYS, (6, 8, 10), strict=True)))
+        lines.append("")
+    return "\n".join(lines)
+
+
 def table(cases: list[dict], serial: dict, targets) -> str:
     head = (f"{'coarse':>6} {'fine solver':>15} {'target':>7} {'iters':>5} {'error':>8} "
             f"{'steps':>6} {'steps crit':>10} {'RHS':>6} {'RHS crit':>8}")
@@ -132,10 +269,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--no-json", action="store_true")
+    parser.add_argument("--implicit", action="store_true",
+                        help="the implicit families of validation claim 13 (no JSON)")
     args = parser.parse_args(argv)
     depth = args.depth or (32 if args.quick else 64)
     chunks = args.chunks or (4 if args.quick else 8)
     targets = sorted(args.targets, reverse=True)
+    if args.implicit:
+        t0 = time.perf_counter()
+        net, params, x0 = problem(args.width, depth, args.T, args.batch, args.seed)
+        case = implicit_case(net, params, x0, chunks, targets, args.ref_substeps)
+        print(f"# Parareal neural ODE, implicit solvers: d={args.width}, N={depth}, "
+              f"T={args.T:g}, tanh, S={args.batch}, P={chunks}, backward-Euler coarse per "
+              f"piece; coarse error {case['coarse_error']:.1e}; steps and systems are "
+              "fine + coarse over all chunks")
+        print(implicit_table(case, targets))
+        print(f"({time.perf_counter() - t0:.1f} s)")
+        return 0
 
     t0 = time.perf_counter()
     net, params, x0 = problem(args.width, depth, args.T, args.batch, args.seed)

@@ -9,8 +9,10 @@ are derived on :doc:`/theory/node`; this module implements them.
 * The residual layers of a :class:`ptoc.ResNet` are read as ``x' = sigma(K(t) x + b(t))``
   on ``[0, T]`` with weights constant on each *piece* ``[n h, (n+1) h)``; the opening, the
   classifier and the regulariser are the ResNet's, so ``J = Phi(x_T) + R``.
-* Every piece takes ``substeps`` steps of an explicit Runge-Kutta :class:`Scheme`
-  (Euler, Heun, RK4); Euler with one substep is the ResNet layer. The gradient is the
+* Every piece takes ``substeps`` steps of a Runge-Kutta :class:`Scheme`: explicit
+  (Euler, Heun, RK4; Euler with one substep is the ResNet layer) or implicit (backward
+  Euler, midpoint, trapezoidal, SDIRK2, SDIRK3, Gauss-2; stages by Newton's method with
+  the exact Jacobian, every linear system counted in a :class:`SolveCount`). The gradient is the
   exact reverse-mode adjoint of the stages (vectorised NumPy over the batch, no Numba).
 * Parareal: the pieces are split into ``P`` chunks, the coarse propagator is forward
   Euler (per piece or per chunk, :class:`NODECoarse`), the fine propagator of iteration
@@ -47,15 +49,19 @@ from .parallel.problem import SweepProblem
 from .propagator import LevelPlan, LevelSteps, Propagator
 
 __all__ = [
+    "NEWTON_MAX_ITERATIONS",
+    "NEWTON_TOL",
     "NODECoarse",
     "NODEDivergenceError",
     "NODEParareal",
     "NODESolution",
     "NODEStepRecord",
     "NeuralODEGradient",
+    "NewtonConvergenceError",
     "RKLevelSteps",
     "RKPropagator",
     "Scheme",
+    "SolveCount",
     "node_forward",
     "node_loss",
     "node_loss_and_grad",
@@ -69,8 +75,10 @@ __all__ = [
 
 
 class Scheme(OptionEnum, what="ODE scheme"):
-    """Explicit Runge-Kutta scheme of the fine solver (Lorin 2020, parareal neural ODE;
+    """Runge-Kutta scheme of the fine or coarse solver (Lorin 2020, parareal neural ODE;
     the step is :class:`RKPropagator`'s, the coefficients ``_TABLEAUS``).
+
+    Explicit:
 
     ``EULER``
         Forward Euler, order 1, one right-hand-side evaluation per step.
@@ -78,32 +86,146 @@ class Scheme(OptionEnum, what="ODE scheme"):
         Heun's method (explicit trapezoidal rule), order 2, two evaluations.
     ``RK4``
         The classical fourth-order Runge-Kutta method, four evaluations.
+
+    Implicit (stages by Newton's method with the exact Jacobian, ``_solve_group``):
+
+    ``BACKWARD_EULER``
+        Backward Euler, order 1: one implicit stage, a ``d x d`` system per sample and
+        Newton iteration.
+    ``MIDPOINT``
+        The implicit midpoint rule (one-stage Gauss), order 2: one ``d x d`` system.
+    ``TRAPEZOIDAL``
+        The trapezoidal rule (Crank-Nicolson), order 2: an explicit first stage, then
+        one implicit ``d x d`` stage.
+    ``SDIRK2``
+        Two-stage singly diagonally implicit Runge-Kutta, order 2 and L-stable
+        (``gamma = 1 - 1/sqrt 2``): two ``d x d`` stages in turn.
+    ``SDIRK3``
+        Two-stage SDIRK of order 3 (``gamma = (3 + sqrt 3)/6``, A-stable): two
+        ``d x d`` stages in turn.
+    ``GAUSS2``
+        Two-stage Gauss-Legendre, order 4: both stages coupled, a ``2d x 2d`` system.
     """
 
     EULER = "euler"
     HEUN = "heun"
     RK4 = "rk4"
+    BACKWARD_EULER = "backward-euler"
+    MIDPOINT = "midpoint"
+    TRAPEZOIDAL = "trapezoidal"
+    SDIRK2 = "sdirk2"
+    SDIRK3 = "sdirk3"
+    GAUSS2 = "gauss2"
 
     @property
     def stages(self) -> int:
-        """Right-hand-side evaluations per step."""
-        return len(_TABLEAUS[self][1])
+        """Stages per step (right-hand-side evaluations of an explicit step)."""
+        return len(_TABLEAUS[self].w)
 
     @property
     def order(self) -> int:
         """Classical order of accuracy."""
-        return _ORDERS[self]
+        return _TABLEAUS[self].order
+
+    @property
+    def implicit(self) -> bool:
+        """Whether a step solves nonlinear equations (Newton's method)."""
+        return any(_TABLEAUS[self].solves(g) for g in _TABLEAUS[self].groups)
 
 
-#: Butcher coefficients ``(A rows, weights w)`` of each scheme; row ``i`` of ``A`` holds
-#: ``A_ij`` for ``j < i``.
-_TABLEAUS: dict[Scheme, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]] = {
-    Scheme.EULER: (((),), (1.0,)),
-    Scheme.HEUN: (((), (1.0,)), (0.5, 0.5)),
-    Scheme.RK4: (((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
-                 (1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0)),
+@dataclass(frozen=True)
+class _Tableau:
+    """Butcher coefficients of a scheme: ``A`` (``s x s``, full rows), weights ``w``.
+
+    ``groups`` are the stage groups solved in turn: every stage on its own when ``A`` is
+    lower triangular (explicit and diagonally implicit schemes), all stages together
+    otherwise (Gauss). A group solves equations unless it is one stage with
+    ``A_ii = 0`` (an explicit stage).
+    """
+
+    A: tuple[tuple[float, ...], ...]
+    w: tuple[float, ...]
+    order: int
+
+    @property
+    def groups(self) -> tuple[tuple[int, ...], ...]:
+        s = len(self.w)
+        if all(self.A[i][j] == 0 for i in range(s) for j in range(i + 1, s)):
+            return tuple((i,) for i in range(s))
+        return (tuple(range(s)),)
+
+    def solves(self, group: tuple[int, ...]) -> bool:
+        return len(group) > 1 or self.A[group[0]][group[0]] != 0
+
+
+_SQ3 = 3.0 ** 0.5
+_G2 = 1.0 - 0.5 ** 0.5            # SDIRK2's diagonal
+_G3 = (3.0 + _SQ3) / 6.0          # SDIRK3's diagonal
+_TABLEAUS: dict[Scheme, _Tableau] = {
+    Scheme.EULER: _Tableau(((0.0,),), (1.0,), 1),
+    Scheme.HEUN: _Tableau(((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5), 2),
+    Scheme.RK4: _Tableau(((0.0, 0.0, 0.0, 0.0), (0.5, 0.0, 0.0, 0.0), (0.0, 0.5, 0.0, 0.0),
+                          (0.0, 0.0, 1.0, 0.0)),
+                         (1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0), 4),
+    Scheme.BACKWARD_EULER: _Tableau(((1.0,),), (1.0,), 1),
+    Scheme.MIDPOINT: _Tableau(((0.5,),), (1.0,), 2),
+    Scheme.TRAPEZOIDAL: _Tableau(((0.0, 0.0), (0.5, 0.5)), (0.5, 0.5), 2),
+    Scheme.SDIRK2: _Tableau(((_G2, 0.0), (1.0 - _G2, _G2)), (1.0 - _G2, _G2), 2),
+    Scheme.SDIRK3: _Tableau(((_G3, 0.0), (1.0 - 2.0 * _G3, _G3)), (0.5, 0.5), 3),
+    Scheme.GAUSS2: _Tableau(((0.25, 0.25 - _SQ3 / 6.0), (0.25 + _SQ3 / 6.0, 0.25)),
+                            (0.5, 0.5), 4),
 }
-_ORDERS = {Scheme.EULER: 1, Scheme.HEUN: 2, Scheme.RK4: 4}
+
+#: Newton's method for the implicit stages: stop after the first update ``delta`` with
+#: ``max |delta| <= NEWTON_TOL (1 + max |k|)`` over the group's slopes ``k`` (all samples);
+#: quadratic convergence then leaves the stages at round-off. More than
+#: ``NEWTON_MAX_ITERATIONS`` updates, a singular Jacobian or a non-finite update raise
+#: :class:`NewtonConvergenceError`.
+NEWTON_TOL = 1e-10
+NEWTON_MAX_ITERATIONS = 25
+
+
+@dataclass
+class SolveCount:
+    """Work of the steps of a solve (Lorin's cost: time steps and linear systems).
+
+    Attributes
+    ----------
+    steps : int
+        Time steps of any scheme.
+    newton_iterations : int
+        Newton updates of implicit stage groups (one per group and update; all samples
+        are updated together).
+    linear_systems : int
+        Linear systems solved: one per sample and Newton update (the Jacobian is block
+        diagonal over the samples).
+    linear_cost : int
+        ``sum n^3`` over those systems, ``n`` their size (``d`` for a one-stage group,
+        ``2d`` for Gauss-2): the flop count of dense LU factorisations, up to ``2/3``.
+    """
+
+    steps: int = 0
+    newton_iterations: int = 0
+    linear_systems: int = 0
+    linear_cost: int = 0
+
+    def __add__(self, other: SolveCount) -> SolveCount:
+        return SolveCount(*(a + b for a, b in zip(self.astuple(), other.astuple(),
+                                                   strict=True)))
+
+    def __sub__(self, other: SolveCount) -> SolveCount:
+        return SolveCount(*(a - b for a, b in zip(self.astuple(), other.astuple(),
+                                                   strict=True)))
+
+    def astuple(self) -> tuple[int, int, int, int]:
+        return (self.steps, self.newton_iterations, self.linear_systems, self.linear_cost)
+
+    def copy(self) -> SolveCount:
+        return SolveCount(*self.astuple())
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain-dict form (JSON-ready)."""
+        return asdict(self)
 
 
 class NODECoarse(OptionEnum, what="coarse propagator"):
@@ -131,14 +253,27 @@ class NODEDivergenceError(DivergenceError):
     """
 
 
+def _schedule_entry(entry: Any) -> tuple[Scheme, int | None]:
+    """A schedule entry: a scheme, or a ``(scheme, substeps)`` pair."""
+    if isinstance(entry, (str, Scheme)):
+        return Scheme.parse(entry), None
+    if isinstance(entry, Sequence) and len(entry) == 2:
+        return (Scheme.parse(entry[0]),
+                check_positive_int(f"the substeps of NODEParareal schedule entry {entry!r}",
+                                   entry[1]))
+    raise ValueError(f"a NODEParareal schedule entry must be a scheme or a (scheme, "
+                     f"substeps) pair, got {entry!r}")
+
+
 @dataclass(frozen=True)
 class NODEParareal(SweepSolver):
     """The parareal neural ODE solve (Lorin 2020; the iteration is the module docstring's,
     the theory :doc:`/theory/node`): options and strategy.
 
-    The fine propagator ``F_j^{(k)}`` of iteration ``k >= 1`` uses the scheme
-    ``schedule[min(k, len(schedule)) - 1]``: the schedule's entries in order, then its
-    last entry for all later iterations; the coarse one is :meth:`coarse_function`.
+    The fine propagator ``F_j^{(k)}`` of iteration ``k >= 1`` uses the scheme (and number
+    of steps per piece) ``schedule[min(k, len(schedule)) - 1]``: the schedule's entries in
+    order, then its last entry for all later iterations; the coarse one is
+    :meth:`coarse_function`.
     :func:`node_solve` runs it on one simulated rank per chunk (threads of one process);
     as a :class:`~ptoc.parallel.SweepSolver` it also solves the state sweep of an
     :class:`RKPropagator` through :func:`ptoc.parallel.solve_states` (the residuals of its
@@ -150,9 +285,13 @@ class NODEParareal(SweepSolver):
         The number of chunks ``P`` (``1 <= P <= N``; sizes as ``numpy.array_split``: the
         first ``N mod P`` chunks get one piece more), or the number of pieces of every
         chunk (positive, summing to ``N``; uneven chunks allowed).
-    schedule : Scheme, str or sequence of them
+    schedule : Scheme, str or sequence of them or of ``(scheme, substeps)`` pairs
         Fine scheme of each iteration, e.g. ``("euler", "heun", "rk4")`` (Lorin's
-        order-raising schedule) or ``("rk4",)`` (a fixed fine solver, the default).
+        order-raising schedule) or ``("rk4",)`` (a fixed fine solver, the default). A
+        pair also sets that iteration's steps per piece, e.g.
+        ``(("backward-euler", 1), ("midpoint", 2), ("gauss2", 4))``, so that each
+        scheme's step follows its own accuracy target (:attr:`fine_substeps`); a bare
+        scheme takes the solve's ``substeps``, and a pair in last place sets them.
         With ``coarse="piece"`` and one substep, Euler is the coarse propagator itself:
         an Euler iteration returns the coarse sweep again and corrects nothing.
     max_iterations : int, optional
@@ -165,7 +304,10 @@ class NODEParareal(SweepSolver):
         last scheme. The solve also stops, exactly converged, once the last ``P``
         iterations used the same scheme (then every boundary is exact).
     coarse : NODECoarse or str
-        ``"piece"`` (one Euler step per piece, default) or ``"chunk"`` (one per chunk).
+        ``"piece"`` (one coarse step per piece, default) or ``"chunk"`` (one per chunk).
+    coarse_scheme : Scheme or str
+        Scheme of the coarse step: ``"euler"`` (forward Euler, default, Lorin's) or any
+        other, e.g. ``"backward-euler"`` for a stiff or implicit setting.
     divergence_factor : float
         Raise :class:`NODEDivergenceError` when a boundary update exceeds this multiple
         of the first non-zero one (an iterate growing without bound). A non-finite
@@ -174,9 +316,15 @@ class NODEParareal(SweepSolver):
     Raises
     ------
     ValueError
-        For a bad chunk count or size, an empty schedule or an unknown scheme, a
-        negative ``max_iterations``, or a ``tol`` or ``divergence_factor`` that is not
-        positive and finite. ``P > N`` is detected when the network is known.
+        For a bad chunk count or size, an empty schedule, an unknown scheme or a bad
+        ``(scheme, substeps)`` pair, a negative ``max_iterations``, or a ``tol`` or
+        ``divergence_factor`` that is not positive and finite. ``P > N`` is detected
+        when the network is known.
+
+    Attributes
+    ----------
+    fine_substeps : tuple of (int or None)
+        Steps per piece of each schedule entry (None: the solve's ``substeps``).
     """
 
     chunks: int | tuple[int, ...]
@@ -185,6 +333,8 @@ class NODEParareal(SweepSolver):
     tol: float = 1e-10
     coarse: NODECoarse = NODECoarse.PIECE
     divergence_factor: float = 1e6
+    coarse_scheme: Scheme = Scheme.EULER
+    fine_substeps: tuple[int | None, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -208,7 +358,10 @@ class NODEParareal(SweepSolver):
         if not schedule:
             raise ValueError("NODEParareal schedule is empty: give at least one fine scheme, "
                              "e.g. ('rk4',) or ('euler', 'heun', 'rk4')")
-        set_(self, "schedule", tuple(Scheme.parse(s) for s in schedule))
+        entries = [_schedule_entry(e) for e in schedule]
+        set_(self, "schedule", tuple(s for s, _ in entries))
+        set_(self, "fine_substeps", tuple(m for _, m in entries))
+        set_(self, "coarse_scheme", Scheme.parse(self.coarse_scheme))
         if self.max_iterations is not None:
             set_(self, "max_iterations",
                  check_integer("NODEParareal max_iterations", self.max_iterations, 0))
@@ -225,6 +378,13 @@ class NODEParareal(SweepSolver):
     def scheme_at(self, k: int) -> Scheme:
         """Fine scheme of iteration ``k >= 1``."""
         return self.schedule[min(k, len(self.schedule)) - 1]
+
+    def entry_at(self, k: int, substeps: int) -> tuple[Scheme, int]:
+        """Fine scheme and steps per piece of iteration ``k >= 1`` (``substeps``: the
+        solve's, for an entry that does not set them)."""
+        i = min(k, len(self.schedule)) - 1
+        m = self.fine_substeps[i]
+        return self.schedule[i], substeps if m is None else m
 
     def chunk_bounds(self, n_pieces: int) -> np.ndarray:
         """Piece bounds ``p_0 = 0 < p_1 < ... < p_P = N`` of the chunks.
@@ -256,21 +416,25 @@ class NODEParareal(SweepSolver):
     def coarse_function(self, prop: RKPropagator) -> Callable[[int, np.ndarray], np.ndarray]:
         """``G(j, x)``: the coarse propagator ``G_j`` of chunk ``j`` for ``prop``'s network.
 
-        Forward Euler with one substep per step (:meth:`RKPropagator.with_scheme`):
-        ``coarse="piece"`` runs the chunk's pieces ``x <- x + h sigma(K_n x + b_n)``,
-        ``coarse="chunk"`` takes one step ``x + (p_{j+1} - p_j) h sigma(K_{p_j} x + b_{p_j})``
-        (the Euler propagator's coarse step with ``"inject"`` weights). As ``coarse=`` of
-        :class:`ptoc.Parareal` it makes that solver's coarse propagator this one.
+        One step of ``coarse_scheme`` (forward Euler by default) per step
+        (:meth:`RKPropagator.with_scheme` with one substep): ``coarse="piece"`` runs the
+        chunk's pieces, with Euler ``x <- x + h sigma(K_n x + b_n)``; ``coarse="chunk"``
+        takes one step of length ``(p_{j+1} - p_j) h`` with the weights of piece ``p_j``,
+        with Euler ``x + (p_{j+1} - p_j) h sigma(K_{p_j} x + b_{p_j})`` (the Euler
+        propagator's coarse step with ``"inject"`` weights). As ``coarse=`` of
+        :class:`ptoc.Parareal` it makes that solver's coarse propagator this one. The
+        coarse propagator's work is counted in ``G.prop.count``.
         """
-        euler = prop.with_scheme(Scheme.EULER, 1)
+        coarse_prop = prop.with_scheme(self.coarse_scheme, 1)
         bounds = self.chunk_bounds(prop.n_layers)
 
         def G(j: int, x: np.ndarray) -> np.ndarray:
             lo, hi = int(bounds[j]), int(bounds[j + 1])
             if self.coarse is NODECoarse.CHUNK:
-                return euler.coarse_step(euler.layer_parameters(lo), hi - lo, x)
-            return euler.propagate(x, lo, hi)
+                return coarse_prop.coarse_step(coarse_prop.layer_parameters(lo), hi - lo, x)
+            return coarse_prop.propagate(x, lo, hi)
 
+        G.prop = coarse_prop  # type: ignore[attr-defined]
         return G
 
     # --- the SweepSolver strategy ----------------------------------------------------------
@@ -305,25 +469,119 @@ class NODEParareal(SweepSolver):
 # ----------------------------------------------------------------------------------------
 
 
+class NewtonConvergenceError(RuntimeError):
+    """Newton's method did not solve the stages of an implicit step (more than
+    :data:`NEWTON_MAX_ITERATIONS` updates, a singular Jacobian or a non-finite update);
+    the message names the scheme, the step size and, from a solve, the piece."""
+
+
+def _stage_base(x: np.ndarray, tau: float, row: tuple[float, ...], ks: list,
+                group: tuple[int, ...]) -> np.ndarray:
+    """``x + tau sum_j A_ij k_j`` over the stages ``j`` solved before ``group``."""
+    terms = [(aij, ks[j]) for j, aij in enumerate(row) if aij and j not in group]
+    if not terms:
+        return x
+    inc = terms[0][0] * terms[0][1]
+    for aij, kj in terms[1:]:
+        inc = inc + aij * kj
+    return x + tau * inc
+
+
+def _group_jacobian(As: list, group: tuple[int, ...], tab: _Tableau, K: np.ndarray,
+                    tau: float, act: Activation) -> np.ndarray:
+    """Per-sample Jacobian of the stage equations ``k_i - sigma(K X_i + b) = 0`` of a group
+    in its slopes, ``(S, g d, g d)``: block ``(i, j)`` is
+    ``delta_ij I - tau A_ij diag(sigma'(a_i)) K``."""
+    g, (S, d) = len(group), As[group[0]].shape
+    J = np.zeros((S, g * d, g * d), dtype=As[group[0]].dtype)
+    for p, i in enumerate(group):
+        DK = dsigma(As[i], act)[:, :, None] * K[None]
+        for q, j in enumerate(group):
+            if tab.A[i][j]:
+                J[:, p * d:(p + 1) * d, q * d:(q + 1) * d] -= (tau * tab.A[i][j]) * DK
+        J[:, p * d:(p + 1) * d, p * d:(p + 1) * d] += np.eye(d)
+    return J
+
+
+def _linear_solve(J: np.ndarray, r: np.ndarray, what: str) -> np.ndarray:
+    """``J^{-1} r`` per sample for ``J`` (S, n, n) and ``r`` (S, n)."""
+    try:
+        return np.linalg.solve(J, r[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        raise NewtonConvergenceError(f"{what}: singular stage Jacobian") from None
+
+
+def _solve_group(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float, scheme: Scheme,
+                 act: Activation, group: tuple[int, ...], Xs: list, As: list, ks: list,
+                 count: SolveCount | None) -> None:
+    """Fill the stages of ``group`` into ``Xs``, ``As``, ``ks`` (the earlier ones known).
+
+    Explicit stage: ``X_i = x + tau sum_{j<i} A_ij k_j``, ``k_i = sigma(K X_i + b)``.
+    Implicit group: Newton's method on ``k_i - sigma(K X_i + b) = 0`` for the group's
+    slopes, with ``X_i = x + tau sum_j A_ij k_j``, from the explicit slope
+    ``sigma(K X_i^0 + b)`` (``X_i^0`` without the group's own terms), with the exact
+    Jacobian (:func:`_group_jacobian`) and :data:`NEWTON_TOL`,
+    :data:`NEWTON_MAX_ITERATIONS`; each update solves one system per sample.
+    """
+    tab = _TABLEAUS[scheme]
+    base = [_stage_base(x, tau, tab.A[i], ks, group) for i in group]
+    if not tab.solves(group):
+        i = group[0]
+        Xs[i] = base[0]
+        As[i] = Xs[i] @ K.T + b
+        ks[i] = sigma(As[i], act)
+        return
+    d = x.shape[1]
+    slopes = [sigma(Xb @ K.T + b, act) for Xb in base]
+
+    def stage_inputs() -> None:
+        for p, i in enumerate(group):
+            Xi = base[p]
+            for q, j in enumerate(group):
+                if tab.A[i][j]:
+                    Xi = Xi + (tau * tab.A[i][j]) * slopes[q]
+            Xs[i] = Xi
+            As[i] = Xi @ K.T + b
+
+    what = f"Newton's method for the {scheme.value} stages (step {tau:g})"
+    size = scale = float("nan")
+    for it in range(1, NEWTON_MAX_ITERATIONS + 2):
+        stage_inputs()
+        if it > NEWTON_MAX_ITERATIONS:
+            raise NewtonConvergenceError(
+                f"{what} did not converge in NEWTON_MAX_ITERATIONS={NEWTON_MAX_ITERATIONS} "
+                f"updates: the last was {size:.3e}, above NEWTON_TOL={NEWTON_TOL:g} "
+                f"times {scale:.3e}")
+        r = np.concatenate([slopes[p] - sigma(As[i], act) for p, i in enumerate(group)],
+                           axis=1)
+        delta = _linear_solve(_group_jacobian(As, group, tab, K, tau, act), -r, what)
+        if count is not None:
+            count.newton_iterations += 1
+            count.linear_systems += x.shape[0]
+            count.linear_cost += x.shape[0] * (len(group) * d) ** 3
+        slopes = [slopes[p] + delta[:, p * d:(p + 1) * d] for p in range(len(group))]
+        size = float(np.max(np.abs(delta)))
+        scale = 1.0 + max(float(np.max(np.abs(k))) for k in slopes)
+        if not np.isfinite(size) or not np.isfinite(scale):
+            raise NewtonConvergenceError(f"{what}: non-finite update at iteration {it}")
+        if size <= NEWTON_TOL * scale:
+            break
+    stage_inputs()
+    for p, i in enumerate(group):
+        ks[i] = slopes[p]
+
+
 def _stages(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float, scheme: Scheme,
-            act: Activation) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Stage inputs ``X_i``, pre-activations ``a_i`` and slopes ``k_i`` of one step."""
-    A, _ = _TABLEAUS[scheme]
-    Xs: list[np.ndarray] = []
-    As: list[np.ndarray] = []
-    ks: list[np.ndarray] = []
-    for row in A:
-        Xi = x
-        terms = [(aij, ks[j]) for j, aij in enumerate(row) if aij]
-        if terms:
-            inc = terms[0][0] * terms[0][1]
-            for aij, kj in terms[1:]:
-                inc = inc + aij * kj
-            Xi = x + tau * inc
-        ai = Xi @ K.T + b
-        Xs.append(Xi)
-        As.append(ai)
-        ks.append(sigma(ai, act))
+            act: Activation, count: SolveCount | None = None,
+            ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Stage inputs ``X_i``, pre-activations ``a_i`` and slopes ``k_i`` of one step, group
+    by group (:func:`_solve_group`); Newton's work is added to ``count``."""
+    s = len(_TABLEAUS[scheme].w)
+    Xs: list = [None] * s
+    As: list = [None] * s
+    ks: list = [None] * s
+    for group in _TABLEAUS[scheme].groups:
+        _solve_group(x, K, b, tau, scheme, act, group, Xs, As, ks, count)
     return Xs, As, ks
 
 
@@ -337,28 +595,36 @@ def _combine(x: np.ndarray, tau: float, weights: tuple[float, ...],
 
 
 def _step(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float, scheme: Scheme,
-          act: Activation) -> np.ndarray:
-    ks = _stages(x, K, b, tau, scheme, act)[2]
-    return _combine(x, tau, _TABLEAUS[scheme][1], ks)
+          act: Activation, count: SolveCount | None = None) -> np.ndarray:
+    ks = _stages(x, K, b, tau, scheme, act, count)[2]
+    return _combine(x, tau, _TABLEAUS[scheme].w, ks)
 
 
 def _step_tangent(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float, scheme: Scheme,
                   act: Activation, dx: np.ndarray) -> np.ndarray:
-    """Tangent of one step in the state, ``dx_+ = (d x_+ / d x) dx``, stage by stage::
+    """Tangent of one step in the state, ``dx_+ = (d x_+ / d x) dx``, group by group::
 
-        dX_i = dx + tau sum_{j<i} A_ij dk_j,   dk_i = sigma'(a_i) * (K dX_i),
-        dx_+ = dx + tau sum_i w_i dk_i.
+        dk_i - tau sum_{j in G} A_ij sigma'(a_i) * (K dk_j)
+            = sigma'(a_i) * (K (dx + tau sum_{j before G} A_ij dk_j)),   i in G,
+        dx_+ = dx + tau sum_i w_i dk_i
+
+    (for an explicit stage the left side is ``dk_i``; for an implicit group a solve with
+    the Jacobian of the converged stages).
     """
-    A, w = _TABLEAUS[scheme]
+    tab = _TABLEAUS[scheme]
     As = _stages(x, K, b, tau, scheme, act)[1]
-    dks: list[np.ndarray] = []
-    for i, row in enumerate(A):
-        dXi = dx
-        for j, aij in enumerate(row):
-            if aij:
-                dXi = dXi + (tau * aij) * dks[j]
-        dks.append(dsigma(As[i], act) * (dXi @ K.T))
-    return _combine(dx, tau, w, dks)
+    d = x.shape[1]
+    dks: list = [None] * len(tab.w)
+    for group in tab.groups:
+        rhs = [dsigma(As[i], act) * (_stage_base(dx, tau, tab.A[i], dks, group) @ K.T)
+               for i in group]
+        if tab.solves(group):
+            sol = _linear_solve(_group_jacobian(As, group, tab, K, tau, act),
+                                np.concatenate(rhs, axis=1), f"the {scheme.value} tangent")
+            rhs = [sol[:, p * d:(p + 1) * d] for p in range(len(group))]
+        for p, i in enumerate(group):
+            dks[i] = rhs[p]
+    return _combine(dx, tau, tab.w, dks)
 
 
 def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
@@ -367,30 +633,39 @@ def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, 
     """Exact reverse-mode adjoint of one step: adds to ``gK``, ``gb`` and returns ``lambda``.
 
     From ``bar k_i = tau w_i lambda_+`` (``lambda_+`` the sensitivity to ``x_+``;
-    :doc:`/theory/adjoint`), for ``i = s..1``::
+    :doc:`/theory/adjoint`), group by group from the last: an implicit group first solves
+    the transposed stage system ``J_G^T mu_G = bar k_G`` at the converged stages
+    (an explicit stage has ``mu_i = bar k_i``); then for ``i`` in the group::
 
-        bar a_i = sigma'(a_i) * bar k_i,   dJ/dK += sum_s bar a_i X_i^T,   dJ/db += sum_s bar a_i,
-        bar X_i = K^T bar a_i,   lambda += bar X_i,   bar k_j += tau A_ij bar X_i (j < i),
+        bar a_i = sigma'(a_i) * mu_i,   dJ/dK += sum_s bar a_i X_i^T,   dJ/db += sum_s bar a_i,
+        bar X_i = K^T bar a_i,   lambda += bar X_i,   bar k_j += tau A_ij bar X_i (j before G),
 
     starting from ``lambda = lambda_+``: the transpose of the tangent map.
     """
-    A, w = _TABLEAUS[scheme]
+    tab = _TABLEAUS[scheme]
     Xs, As, _ = _stages(x, K, b, tau, scheme, act)
-    kbar: list[np.ndarray | None] = [(tau * wi) * lam if wi else None for wi in w]
+    d = x.shape[1]
+    kbar: list = [(tau * wi) * lam if wi else None for wi in tab.w]
     lam_in = lam
-    for i in range(len(w) - 1, -1, -1):
-        ki = kbar[i]
-        if ki is None:
+    for group in reversed(tab.groups):
+        if all(kbar[i] is None for i in group):
             continue
-        abar = dsigma(As[i], act) * ki
-        gK += abar.T @ Xs[i]
-        gb += abar.sum(axis=0)
-        Xbar = abar @ K
-        lam_in = lam_in + Xbar
-        for j, aij in enumerate(A[i]):
-            if aij:
-                contrib = (tau * aij) * Xbar
-                kbar[j] = contrib if kbar[j] is None else kbar[j] + contrib
+        mu = [np.zeros_like(lam) if kbar[i] is None else kbar[i] for i in group]
+        if tab.solves(group):
+            JT = _group_jacobian(As, group, tab, K, tau, act).swapaxes(1, 2)
+            sol = _linear_solve(JT, np.concatenate(mu, axis=1), f"the {scheme.value} adjoint")
+            mu = [sol[:, p * d:(p + 1) * d] for p in range(len(group))]
+        for p in range(len(group) - 1, -1, -1):
+            i = group[p]
+            abar = dsigma(As[i], act) * mu[p]
+            gK += abar.T @ Xs[i]
+            gb += abar.sum(axis=0)
+            Xbar = abar @ K
+            lam_in = lam_in + Xbar
+            for j, aij in enumerate(tab.A[i]):
+                if aij and j not in group:
+                    contrib = (tau * aij) * Xbar
+                    kbar[j] = contrib if kbar[j] is None else kbar[j] + contrib
     return lam_in
 
 
@@ -400,8 +675,13 @@ def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, 
 
 
 def _fine_trajectory(x0: np.ndarray, K: np.ndarray, b: np.ndarray, h: float, m: int,
-                     scheme: Scheme, act: Activation) -> np.ndarray:
-    """All substep states of ``scheme`` over pieces ``K, b`` from ``x0``: (L m + 1, S, d)."""
+                     scheme: Scheme, act: Activation,
+                     count: SolveCount | None = None, first: int = 0) -> np.ndarray:
+    """All substep states of ``scheme`` over pieces ``K, b`` from ``x0``: (L m + 1, S, d).
+
+    The steps and Newton's work are added to ``count``; a :class:`NewtonConvergenceError`
+    names the piece (``first`` is the number of the piece of ``K[0]``) and the substep.
+    """
     L = K.shape[0]
     out = np.empty((L * m + 1,) + x0.shape, x0.dtype)
     out[0] = x0
@@ -409,10 +689,17 @@ def _fine_trajectory(x0: np.ndarray, K: np.ndarray, b: np.ndarray, h: float, m: 
     x = x0
     r = 0
     for n in range(L):
-        for _ in range(m):
-            x = _step(x, K[n], b[n], tau, scheme, act)
+        for q in range(m):
+            try:
+                x = _step(x, K[n], b[n], tau, scheme, act, count)
+            except NewtonConvergenceError as exc:
+                raise NewtonConvergenceError(f"piece {first + n}, substep {q + 1} of {m}: "
+                                             f"{exc}") \
+                    from None
             r += 1
             out[r] = x
+    if count is not None:
+        count.steps += L * m
     return out
 
 
@@ -435,13 +722,14 @@ def _adjoint_trajectory(traj: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.
 
 class RKPropagator(Propagator):
     """The neural ODE as a :class:`ptoc.Propagator`: layer ``n`` is piece ``n``, solved by
-    ``m = substeps`` steps of an explicit Runge-Kutta scheme.
+    ``m = substeps`` steps of a Runge-Kutta scheme (explicit, or implicit with its stages
+    by Newton's method, :func:`_solve_group`).
 
     Lorin 2020, parareal neural ODE (module docstring); :doc:`/theory/node`. On piece
     ``n`` (weights ``K_n, b_n``, length ``h = T/N``) :meth:`step` runs ``m`` steps of
     size ``tau = h/m`` of :class:`Scheme` ``s``::
 
-        X_i = x + tau sum_{j<i} A_ij k_j,   k_i = sigma(K_n X_i + b_n),
+        X_i = x + tau sum_j A_ij k_j,   k_i = sigma(K_n X_i + b_n),
         x_+ = x + tau sum_i w_i k_i,
 
     so that with Euler and one substep it is the ResNet layer
@@ -473,6 +761,13 @@ class RKPropagator(Propagator):
     check : bool
         Validate ``params``; False only for a :class:`Params` validated already.
 
+    Attributes
+    ----------
+    count : SolveCount
+        Work of the state steps run so far (:meth:`step`, :meth:`propagate`,
+        :meth:`coarse_step` and the level steps' runs): steps, Newton updates, linear
+        systems. Adjoint and tangent steps recompute the stages and are not counted.
+
     Examples
     --------
     >>> import numpy as np, ptoc
@@ -496,6 +791,7 @@ class RKPropagator(Propagator):
         self.n_layers = network.depth
         self.h = network.h
         self.activation = network.activation
+        self.count = SolveCount()
 
     def with_scheme(self, scheme: Scheme | str, substeps: int | None = None) -> RKPropagator:
         """The same network and parameters (shared, live) with another scheme or number
@@ -505,14 +801,17 @@ class RKPropagator(Propagator):
                             check=False)
 
     def _trajectory(self, x: np.ndarray, K: np.ndarray, b: np.ndarray,
-                    dt: float) -> np.ndarray:
+                    dt: float, counted: bool = False, first: int = 0) -> np.ndarray:
         """The ``m + 1`` substep states over one piece of length ``dt`` with weights
-        ``K`` (L=1, d, d) and ``b`` (1, d)."""
-        return _fine_trajectory(x, K, b, dt, self.substeps, self.scheme, self.activation)
+        ``K`` (L=1, d, d) and ``b`` (1, d) (numbered ``first``); ``counted``: add the
+        work to :attr:`count` (the state steps; adjoint and tangent steps recompute the
+        stages and are not counted)."""
+        return _fine_trajectory(x, K, b, dt, self.substeps, self.scheme, self.activation,
+                                self.count if counted else None, first)
 
     def step(self, n: int, x: np.ndarray) -> np.ndarray:
         p = self.params
-        return self._trajectory(x, p.K[n:n + 1], p.b[n:n + 1], self.h)[-1].copy()
+        return self._trajectory(x, p.K[n:n + 1], p.b[n:n + 1], self.h, True, n)[-1].copy()
 
     def propagate(self, x: np.ndarray, start: int = 0, stop: int | None = None,
                   states: np.ndarray | None = None) -> np.ndarray:
@@ -520,7 +819,8 @@ class RKPropagator(Propagator):
         :meth:`step` one piece at a time)."""
         stop = self.n_layers if stop is None else stop
         traj = _fine_trajectory(x, self.params.K[start:stop], self.params.b[start:stop],
-                                self.h, self.substeps, self.scheme, self.activation)
+                                self.h, self.substeps, self.scheme, self.activation,
+                                self.count, start)
         if states is not None:
             states[...] = traj[::self.substeps]
         return traj[-1].copy()
@@ -569,7 +869,7 @@ class RKPropagator(Propagator):
         """``m`` steps of the scheme of size ``n_layers h / m`` with ``(K, b) = params``;
         Euler with one substep: ``x + n_layers h sigma(K x + b)``."""
         K, b = (np.asarray(a)[None] for a in params)
-        return self._trajectory(x, K, b, n_layers * self.h)[-1].copy()
+        return self._trajectory(x, K, b, n_layers * self.h, True)[-1].copy()
 
     def coarse_adjoint_step(self, params: tuple[np.ndarray, ...], n_layers: int,
                             x: np.ndarray, lam: np.ndarray) -> np.ndarray:
@@ -622,7 +922,7 @@ class RKLevelSteps(LevelSteps):
             stop = first + len(layers)
             traj = _fine_trajectory(u[s - 1], prop.params.K[first:stop],
                                     prop.params.b[first:stop], prop.h, m, prop.scheme,
-                                    prop.activation)
+                                    prop.activation, prop.count, first)
             u[s:e + 1] = traj[m::m]
             self.trajectory = traj
 
@@ -644,21 +944,25 @@ class _NODERule(PararealRule):
     with the schedule's last scheme, when the solve stops): ``U^k`` must be finite; for
     ``k >= 1`` the update ``c_k = max |U^k - U^{k-1}|`` (all boundaries, samples and
     features) must not exceed ``divergence_factor`` times the first non-zero one, and
-    ``U^k`` is converged when iteration ``k`` used the schedule's last scheme and
-    ``c_k <= tol`` or the last ``P`` iterations used it (then ``U^k`` is exact).
+    ``U^k`` is converged when iteration ``k`` used the schedule's last entry (scheme and
+    steps per piece) and ``c_k <= tol`` or the last ``P`` iterations used it (then
+    ``U^k`` is exact).
 
     Records, identical on every rank: :attr:`changes` (``c_1, c_2, ...``, also the
-    solve's residuals), :attr:`schemes` and, when kept, :attr:`iterates` ``U^0, U^1, ...``.
+    solve's residuals), :attr:`schemes`, :attr:`entries` (scheme and steps per piece of
+    every iteration) and, when kept, :attr:`iterates` ``U^0, U^1, ...``.
     """
 
     tests_fine_sweep = False
 
-    def __init__(self, par: NODEParareal, n_chunks: int, keep_iterates: bool):
+    def __init__(self, par: NODEParareal, n_chunks: int, substeps: int, keep_iterates: bool):
         self.par = par
         self.n_chunks = n_chunks
+        self.substeps = substeps
         self.changes: list[float] = []
         self.residuals = self.changes
         self.schemes: list[Scheme] = []
+        self.entries: list[tuple[Scheme, int]] = []
         self.iterates: list[np.ndarray] | None = [] if keep_iterates else None
         self._previous: np.ndarray | None = None
         self._run = 0  # consecutive iterations (up to now) with the current scheme
@@ -675,9 +979,10 @@ class _NODERule(PararealRule):
             raise _diverged(k, "non-finite boundary values (NaN or inf)")
         converged = False
         if k > 0:
-            s = par.scheme_at(k)
-            self._run = self._run + 1 if self.schemes and self.schemes[-1] is s else 1
-            self.schemes.append(s)
+            e = par.entry_at(k, self.substeps)
+            self._run = self._run + 1 if self.entries and self.entries[-1] == e else 1
+            self.entries.append(e)
+            self.schemes.append(e[0])
             change = max(c for c, _, _ in parts)
             first = next((c for c in self.changes if c > 0), 0.0)
             if first > 0 and change > par.divergence_factor * first:
@@ -685,8 +990,8 @@ class _NODERule(PararealRule):
                                    f"divergence_factor={par.divergence_factor:g} times the "
                                    f"first non-zero one ({first:.3e})")
             self.changes.append(change)
-            converged = s is par.final_scheme and (change <= par.tol
-                                                   or self._run >= self.n_chunks)
+            final = par.entry_at(len(par.schedule), self.substeps)
+            converged = e == final and (change <= par.tol or self._run >= self.n_chunks)
         if self.iterates is not None:  # U^k = (x_0, U_1^k, ..., U_P^k)
             self.iterates.append(np.stack([parts[0][2][0]] + [p[2][1] for p in parts]))
         return converged
@@ -694,12 +999,16 @@ class _NODERule(PararealRule):
 
 @dataclass
 class _NODESweep:
-    """One rank's parareal neural ODE sweep: the core's solve and the rule's record."""
+    """One rank's parareal neural ODE sweep: the core's solve, the rule's record and the
+    work of this rank per iterate ``k = 0..K``: ``fine[k]`` of the fine sweep from ``U^k``
+    (``fine[K]`` the final sweep), ``coarse[k]`` of the coarse steps that formed ``U^k``."""
 
     solve: PararealSolve
     rule: _NODERule
     converged: bool
     iterations: int
+    fine: list[SolveCount]
+    coarse: list[SolveCount]
 
     def outcome(self) -> SweepOutcome:
         return SweepOutcome(self.solve.local_solution(), self.converged, self.iterations,
@@ -729,20 +1038,39 @@ def _parareal_sweep(par: NODEParareal, comm: Communicator, problem: SweepProblem
                         "not a parareal adjoint sweep")
     prop = _check_rk(problem.prop, par)
     max_it = par.iterations_for(comm.size)
-    fine_props = {s: prop if s is prop.scheme else prop.with_scheme(s) for s in par.schedule}
+    m = prop.substeps
+    # this rank's fine propagators, one per schedule entry, counting into one SolveCount
+    fine_count = SolveCount()
+    fine_props: dict[tuple[Scheme, int], RKPropagator] = {}
+    for k in range(1, len(par.schedule) + 1):
+        entry = par.entry_at(k, m)
+        if entry not in fine_props:
+            fine_props[entry] = prop.with_scheme(*entry)
+            fine_props[entry].count = fine_count
+    final = par.entry_at(len(par.schedule), m)
+    G = par.coarse_function(prop)
+    fine_snaps: list[SolveCount] = []
+    coarse_snaps: list[SolveCount] = []
 
     def fine(k: int, last: bool) -> RKPropagator:
-        """F^{(k+1)}, the fine propagator of the sweep from U^k; the last one is F^{final}."""
-        return fine_props[par.final_scheme if last else par.scheme_at(k + 1)]
+        """F^{(k+1)}, the fine propagator of the sweep from U^k; the last one is F^{final}.
+        Called once per iterate, after the coarse steps that formed U^k and before the
+        sweep from it: the work counts are split there."""
+        fine_snaps.append(fine_count.copy())
+        coarse_snaps.append(G.prop.count.copy())
+        return fine_props[final if last else par.entry_at(k + 1, m)]
 
-    options = Parareal(chunks=comm.size, coarse=par.coarse_function(prop),
-                       max_iterations=max_it, tol=par.tol)
-    rule = _NODERule(par, comm.size, keep_iterates)
+    options = Parareal(chunks=comm.size, coarse=G, max_iterations=max_it, tol=par.tol)
+    rule = _NODERule(par, comm.size, m, keep_iterates)
     solve = PararealSolve(comm, problem, options, u0, shape, dtype, options.coarse, fine=fine,
                           rule=rule)
     with np.errstate(over="ignore", invalid="ignore"):
         converged, iterations = solve.solve()
-    return _NODESweep(solve, rule, converged, iterations)
+    fine_snaps.append(fine_count.copy())
+    fine_work = [b - a for a, b in zip(fine_snaps[:-1], fine_snaps[1:], strict=True)]
+    coarse_work = [b - a for a, b in zip([SolveCount()] + coarse_snaps[:-1], coarse_snaps,
+                                         strict=True)]
+    return _NODESweep(solve, rule, converged, iterations, fine_work, coarse_work)
 
 
 # ----------------------------------------------------------------------------------------
@@ -778,17 +1106,27 @@ class NODESolution:
         ``max |U^k - U^{k-1}|`` after each iteration ``k = 1..K``.
     schemes : list of Scheme
         Fine scheme of each iteration.
+    fine_substeps : list of int
+        Fine steps per piece of each iteration.
     fine_steps, fine_steps_critical : list of int
         Fine (sub)steps of each iteration over all chunks, and the most of any one chunk
         (the critical path when every chunk has its own processor). A chunk whose input
         and scheme have not changed since its last fine solve is not solved again.
     rhs_evaluations, rhs_evaluations_critical : list of int
         Right-hand-side evaluations ``sigma(K X + b)`` of the fine solves, the same way.
+        (For an implicit scheme this counts stages; its cost is in :attr:`fine_solves`.)
     coarse_steps : list of int
-        Coarse Euler steps of the initial coarse sweep (entry 0) and of each iteration.
+        Coarse steps of the initial coarse sweep (entry 0) and of each iteration.
     final_fine_steps, final_fine_steps_critical : int
         Fine steps of the final sweep that produces :attr:`trajectories` (serial: all).
     final_rhs_evaluations, final_rhs_evaluations_critical : int
+    fine_solves : list of SolveCount
+        Steps, Newton updates and linear systems of each iteration's fine sweeps, over
+        all chunks (zero for explicit schemes but the steps).
+    coarse_solves : list of SolveCount
+        The same of the coarse steps that formed each iterate ``U^0 .. U^K``.
+    final_solves : SolveCount
+        The same of the final sweep (serial: of the whole solve).
     iterates : list of ndarray or None
         ``U^0, U^1, ..., U^K`` when requested (``keep_iterates=True``).
     """
@@ -802,16 +1140,21 @@ class NODESolution:
     converged: bool = True
     changes: list[float] = field(default_factory=list)
     schemes: list[Scheme] = field(default_factory=list)
+    fine_substeps: list[int] = field(default_factory=list)
     fine_steps: list[int] = field(default_factory=list)
     fine_steps_critical: list[int] = field(default_factory=list)
     coarse_steps: list[int] = field(default_factory=list)
     final_fine_steps: int = 0
     final_fine_steps_critical: int = 0
     iterates: list[np.ndarray] | None = None
+    fine_solves: list[SolveCount] = field(default_factory=list)
+    coarse_solves: list[SolveCount] = field(default_factory=list)
+    final_solves: SolveCount = field(default_factory=SolveCount)
 
     #: The counts of :meth:`to_dict` (all but the arrays).
     _RECORD: ClassVar[tuple[str, ...]] = (
-        "substeps", "iterations", "converged", "changes", "fine_steps", "fine_steps_critical",
+        "substeps", "iterations", "converged", "changes", "fine_substeps", "fine_steps",
+        "fine_steps_critical",
         "rhs_evaluations", "rhs_evaluations_critical", "coarse_steps", "final_fine_steps",
         "final_fine_steps_critical", "final_rhs_evaluations", "final_rhs_evaluations_critical")
 
@@ -879,7 +1222,10 @@ class NODESolution:
         out = {key: (lambda v: list(v) if isinstance(v, list) else v)(getattr(self, key))
                for key in self._RECORD}
         return {"scheme": self.scheme.value, "chunks": [int(v) for v in np.diff(self.bounds)],
-                "schemes": [s.value for s in self.schemes], **out}
+                "schemes": [s.value for s in self.schemes], **out,
+                "fine_solves": [c.to_dict() for c in self.fine_solves],
+                "coarse_solves": [c.to_dict() for c in self.coarse_solves],
+                "final_solves": self.final_solves.to_dict()}
 
 
 @dataclass
@@ -890,23 +1236,32 @@ class _Options:
     bounds: np.ndarray
 
 
-def _resolve(network: ResNet, scheme: Scheme | str | None, substeps: int,
+def _resolve(network: ResNet, scheme: Scheme | str | None, substeps: int | None,
              parareal: NODEParareal | None) -> _Options:
-    """Check the solve options against ``network`` (before any heavy work)."""
+    """Check the solve options against ``network`` (before any heavy work).
+
+    The steps per piece: ``substeps``, else those of the parareal schedule's last entry
+    when it sets them, else 1; both given and different is an error.
+    """
     if not isinstance(network, ResNet):
         raise TypeError(f"network must be a ptoc.ResNet, got {type(network).__name__}")
-    m = check_positive_int("substeps", substeps)
+    m = check_positive_int("substeps", substeps, allow_none=True)
     if parareal is not None and not isinstance(parareal, NODEParareal):
         raise TypeError(f"parareal must be None or a ptoc.node.NODEParareal, got "
                         f"{type(parareal).__name__}")
     s = None if scheme is None else Scheme.parse(scheme)
     if parareal is None:
-        return _Options(s or Scheme.RK4, m, None, np.array([0, network.depth], np.int64))
+        return _Options(s or Scheme.RK4, m or 1, None, np.array([0, network.depth], np.int64))
     if s is not None and s is not parareal.final_scheme:
         raise ValueError(f"scheme {s.value!r} conflicts with the parareal schedule, whose last "
                          f"scheme is {parareal.final_scheme.value!r}; leave scheme=None or "
                          "end the schedule with it")
-    return _Options(parareal.final_scheme, m, parareal, parareal.chunk_bounds(network.depth))
+    last = parareal.fine_substeps[-1]
+    if m is not None and last is not None and m != last:
+        raise ValueError(f"substeps={m} conflicts with the parareal schedule, whose last entry "
+                         f"sets {last} steps per piece; leave substeps=None or make them equal")
+    return _Options(parareal.final_scheme, m or last or 1, parareal,
+                    parareal.chunk_bounds(network.depth))
 
 
 def _check_x0(network: ResNet, x0: Any) -> np.ndarray:
@@ -923,10 +1278,12 @@ def _check_x0(network: ResNet, x0: Any) -> np.ndarray:
 
 def _serial(network: ResNet, params: Params, x0: np.ndarray, opts: _Options) -> NODESolution:
     m, s = opts.substeps, opts.scheme
-    traj = _fine_trajectory(x0, params.K, params.b, network.h, m, s, network.activation)
-    steps = network.depth * m
+    count = SolveCount()
+    traj = _fine_trajectory(x0, params.K, params.b, network.h, m, s, network.activation,
+                            count)
     return NODESolution(s, m, opts.bounds, [traj], traj[[0, -1]].copy(),
-                        final_fine_steps=steps, final_fine_steps_critical=steps)
+                        final_fine_steps=count.steps, final_fine_steps_critical=count.steps,
+                        final_solves=count)
 
 
 #: Seconds a simulated rank of :func:`node_solve` may wait for a message (no real limit).
@@ -951,25 +1308,28 @@ def _parareal(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
     # rank that fails releases the others at once)
     sweeps = SimulatedRanks(len(bounds) - 1, timeout=_RANK_WAIT).run(program)
     rule, K = sweeps[0].rule, sweeps[0].iterations
-    # per chunk (rows) and iterate (columns): fine substeps of the sweep from U^k, and
-    # coarse Euler steps spent to form U^k
-    fine = np.array([s.solve.fine_work for s in sweeps], dtype=np.int64) * m
-    euler_steps = np.diff(bounds) if par.coarse is NODECoarse.PIECE else np.ones(len(sweeps))
-    coarse = np.array([s.solve.coarse_work for s in sweeps], dtype=np.int64) \
-        * euler_steps.astype(np.int64)[:, None]
+    # per chunk (rows) and iterate (columns): the work of the fine sweep from U^k, and of
+    # the coarse steps spent to form U^k
+    fine = [s.fine for s in sweeps]
+    coarse = [s.coarse for s in sweeps]
     trajectories = [s.solve.last_sweep.steps.trajectory for s in sweeps]
     for j, traj in enumerate(trajectories):
         if not np.all(np.isfinite(traj[-1])):
             raise _diverged(K, f"non-finite states in the final fine sweep of chunk {j}")
+    fine_total = [sum((f[k] for f in fine), SolveCount()) for k in range(K + 1)]
+    fine_critical = [max(f[k].steps for f in fine) for k in range(K + 1)]
     return NODESolution(
         par.final_scheme, m, bounds, trajectories,
         np.stack([x0] + [s.solve.boundary for s in sweeps]), iterations=K,
         converged=sweeps[0].converged, changes=list(rule.changes), schemes=list(rule.schemes),
-        fine_steps=fine[:, :K].sum(axis=0).tolist(),
-        fine_steps_critical=fine[:, :K].max(axis=0).tolist(),
-        coarse_steps=coarse.sum(axis=0).tolist(),
-        final_fine_steps=int(fine[:, K].sum()),
-        final_fine_steps_critical=int(fine[:, K].max()), iterates=rule.iterates)
+        fine_substeps=[e[1] for e in rule.entries],
+        fine_steps=[c.steps for c in fine_total[:K]],
+        fine_steps_critical=fine_critical[:K],
+        coarse_steps=[sum(c[k].steps for c in coarse) for k in range(K + 1)],
+        final_fine_steps=fine_total[K].steps,
+        final_fine_steps_critical=fine_critical[K], iterates=rule.iterates,
+        fine_solves=fine_total[:K], final_solves=fine_total[K],
+        coarse_solves=[sum((c[k] for c in coarse), SolveCount()) for k in range(K + 1)])
 
 
 def _solve(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
@@ -980,7 +1340,7 @@ def _solve(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
 
 
 def node_solve(network: ResNet, params: Params | Mapping[str, np.ndarray], x0: np.ndarray, *,
-               scheme: Scheme | str | None = None, substeps: int = 1,
+               scheme: Scheme | str | None = None, substeps: int | None = None,
                parareal: NODEParareal | None = None,
                keep_iterates: bool = False) -> NODESolution:
     """Solve ``x' = sigma(K(t) x + b(t))`` on ``[0, T]`` from ``x(0) = x0``.
@@ -1001,8 +1361,9 @@ def node_solve(network: ResNet, params: Params | Mapping[str, np.ndarray], x0: n
     scheme : Scheme or str, optional
         Fine scheme; default ``"rk4"`` serially and the schedule's last scheme with
         ``parareal`` (a different value is an error there).
-    substeps : int
-        Steps per piece (``tau = h / substeps``).
+    substeps : int, optional
+        Steps per piece (``tau = h / substeps``); default 1, or with ``parareal`` those of
+        the schedule's last entry when it is a ``(scheme, substeps)`` pair.
     parareal : NODEParareal, optional
         Solve by parareal across chunks (None: serial).
     keep_iterates : bool
@@ -1026,7 +1387,7 @@ def node_solve(network: ResNet, params: Params | Mapping[str, np.ndarray], x0: n
 
 
 def node_forward(network: ResNet, params: Params | Mapping[str, np.ndarray], X: np.ndarray, *,
-                 scheme: Scheme | str | None = None, substeps: int = 1,
+                 scheme: Scheme | str | None = None, substeps: int | None = None,
                  parareal: NODEParareal | None = None,
                  keep_iterates: bool = False) -> NODESolution:
     """Opening layer ``x_0 = sigma(K_in y + b_in)`` (or ``y``), then :func:`node_solve`.
@@ -1042,7 +1403,8 @@ def node_forward(network: ResNet, params: Params | Mapping[str, np.ndarray], X: 
 
 
 def node_loss(network: ResNet, params: Params | Mapping[str, np.ndarray], X: np.ndarray,
-              labels: np.ndarray, *, scheme: Scheme | str | None = None, substeps: int = 1,
+              labels: np.ndarray, *, scheme: Scheme | str | None = None,
+              substeps: int | None = None,
               parareal: NODEParareal | None = None) -> float:
     """Objective ``J = Phi(x_T) + R`` of the neural ODE (no gradient).
 
@@ -1067,7 +1429,7 @@ def _objective(network: ResNet, p: Params, X: np.ndarray, y: np.ndarray,
 
 def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray],
                        X: np.ndarray, labels: np.ndarray, *,
-                       scheme: Scheme | str | None = None, substeps: int = 1,
+                       scheme: Scheme | str | None = None, substeps: int | None = None,
                        parareal: NODEParareal | None = None):
     """Objective ``J = Phi(x_T) + R`` of the neural ODE and its exact discrete gradient.
 
@@ -1089,8 +1451,8 @@ def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray
     labels : ndarray of int (S,)
     scheme : Scheme or str, optional
         Default ``"rk4"`` (serial) or the schedule's last scheme (parareal).
-    substeps : int
-        Steps per piece.
+    substeps : int, optional
+        Steps per piece (as :func:`node_solve`).
     parareal : NODEParareal, optional
 
     Returns
@@ -1188,7 +1550,8 @@ class NeuralODEGradient(GradientFunction):
     ----------
     network : ResNet
     scheme : Scheme or str, optional
-    substeps : int
+    substeps : int, optional
+        As :func:`node_solve`.
     parareal : NODEParareal, optional
 
     Attributes
@@ -1205,7 +1568,7 @@ class NeuralODEGradient(GradientFunction):
 
     network: ResNet
     scheme: Scheme | str | None = None
-    substeps: int = 1
+    substeps: int | None = None
     parareal: NODEParareal | None = None
     records: list[NODEStepRecord] = field(default_factory=list, init=False, repr=False)
 

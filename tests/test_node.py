@@ -433,7 +433,7 @@ def test_bad_inputs_are_named(monkeypatch):
     with pytest.raises(ValueError, match=r"x0 must have shape \(S, 3\)"):
         node_solve(net, p, np.zeros((2, 4)))
     with pytest.raises(ValueError, match="unknown ODE scheme"):
-        NeuralODEGradient(net, scheme="midpoint")
+        NeuralODEGradient(net, scheme="rk5")
     with pytest.raises(TypeError, match="ResNet"):
         NeuralODEGradient("net")
     assert Scheme.parse("RK4") is Scheme.RK4 and Scheme.parse(" Heun ") is Scheme.HEUN
