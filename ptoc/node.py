@@ -43,7 +43,7 @@ from .model import Params, ResNet
 from .objective import assemble_gradient, classifier_loss, opening_forward, regulariser
 from .parallel.comm import Communicator, SimulatedRanks
 from .parallel.layout import partition
-from .parallel.options import DivergenceError, SweepOutcome, SweepSolver
+from .parallel.options import DivergenceError, SweepOutcome, SweepSolver, check_tol
 from .parallel.parareal import Parareal, PararealIterate, PararealRule, PararealSolve
 from .parallel.problem import SweepProblem
 from .propagator import LevelPlan, LevelSteps, Propagator
@@ -365,7 +365,7 @@ class NODEParareal(SweepSolver):
         if self.max_iterations is not None:
             set_(self, "max_iterations",
                  check_integer("NODEParareal max_iterations", self.max_iterations, 0))
-        set_(self, "tol", check_positive_float("NODEParareal tol", self.tol))
+        set_(self, "tol", check_tol("NODEParareal tol", self.tol))
         set_(self, "coarse", NODECoarse.parse(self.coarse))
         set_(self, "divergence_factor",
              check_positive_float("NODEParareal divergence_factor", self.divergence_factor))
