@@ -36,11 +36,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from . import sweeps
 from ._checks import scalar_entry
 from .kernels import Target
 from .model import Params, ResNet
 from .optim import SGD, Adam, Optimizer
-from .sweeps import loss, loss_and_grad
+from .sweeps import loss_and_grad
 
 __all__ = [
     "GradientFunction",
@@ -411,7 +412,7 @@ class GradientMethod(TrainingMethod):
                    y: np.ndarray) -> float:
         """The objective alone (a line-search trial of ``LBFGS(value_only_trials=True)``)."""
         if self._fn is None:
-            return loss(network, params, X, y, target=self.target)
+            return sweeps.loss(network, params, X, y, target=self.target)
         return self._fn.value(params, X, y)
 
     def _gradient(self, network: ResNet, params: Params, X: np.ndarray,

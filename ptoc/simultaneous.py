@@ -233,8 +233,9 @@ class SimultaneousGradient(GradientFunction):
 
     def state_dict(self) -> dict[str, Any]:
         """The warm start (batch, layer-space states and, once an adjoint sweep has run
-        on the batch, adjoints) as a flat dict of copies; empty before the first call. Part of a training checkpoint, so that a
-        resumed run starts MGRIT from the same guess as an uninterrupted one."""
+        on the batch, adjoints) as a flat dict of copies; empty before the first call.
+        Part of a training checkpoint, so that a resumed run starts MGRIT from the same
+        guess as an uninterrupted one."""
         if self._warm is None:
             return {}
         X0, y0, states, adjoints = self._warm
