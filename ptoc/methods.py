@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from . import sweeps
 from ._checks import scalar_entry
 from .kernels import Target
 from .model import Params, ResNet
@@ -243,7 +244,9 @@ class GradientFunction:
       belongs in a training checkpoint (default: none);
     * :meth:`config`: a JSON-serialisable description (default ``"custom"``);
     * :meth:`evaluator`: a function ``(params, X, y) -> (J, accuracy)`` the loop should
-      report with instead of the network's own sweep, or None (default).
+      report with instead of the network's own sweep, or None (default);
+    * :meth:`value`: the objective alone, for a line search whose trials need no
+      gradient (``LBFGS(value_only_trials=True)``); default: the loss of a full call.
 
     :class:`ptoc.simultaneous.SimultaneousGradient` and
     :class:`ptoc.node.NeuralODEGradient` derive from it; any other callable is wrapped
@@ -271,6 +274,11 @@ class GradientFunction:
 
     def evaluator(self) -> Callable[..., tuple[float, float]] | None:
         return None
+
+    def value(self, params: Params, X: np.ndarray, y: np.ndarray) -> float:
+        """The objective at ``params`` on the batch, without the gradient (default: the
+        loss of a full call, its gradient discarded)."""
+        return float(self(params, X, y)[0])
 
     @staticmethod
     def of(fn: Any) -> GradientFunction:
@@ -317,6 +325,10 @@ class _CallableGradient(GradientFunction):
         evaluate = getattr(self.fn, "evaluate", None)
         return evaluate if callable(evaluate) else None
 
+    def value(self, params, X, y) -> float:
+        value = getattr(self.fn, "value", None)
+        return float(value(params, X, y)) if callable(value) else super().value(params, X, y)
+
 
 @dataclass
 class GradientMethod(TrainingMethod):
@@ -343,6 +355,14 @@ class GradientMethod(TrainingMethod):
 
     Notes
     -----
+    One gradient per step. With ``LBFGS(value_only_trials=True)`` the line search
+    evaluates only the objective at its trial points (:meth:`GradientFunction.value`:
+    for :class:`ptoc.simultaneous.SimultaneousGradient` a warm-started state sweep, for
+    the exact gradient :func:`ptoc.loss`), so a step costs one gradient evaluation, at
+    its start, and one objective evaluation per trial, as in Günther et al.'s reference
+    code. :attr:`StepOutcome.info` counts both (``gradient_evaluations``,
+    ``objective_evaluations``).
+
     Reusing the line search's last evaluation. :class:`~ptoc.optim.LBFGS` evaluates
     the gradient at the point it accepts (for its curvature pair), and the next step
     starts from that point. When the gradient is *deterministic* (same parameters and
@@ -388,6 +408,13 @@ class GradientMethod(TrainingMethod):
         self._fn = None if self.grad_fn is None else GradientFunction.of(self.grad_fn)
         self.target = Target.parse(self.target)
 
+    def _objective(self, network: ResNet, params: Params, X: np.ndarray,
+                   y: np.ndarray) -> float:
+        """The objective alone (a line-search trial of ``LBFGS(value_only_trials=True)``)."""
+        if self._fn is None:
+            return sweeps.loss(network, params, X, y, target=self.target)
+        return self._fn.value(params, X, y)
+
     def _gradient(self, network: ResNet, params: Params, X: np.ndarray,
                   y: np.ndarray) -> tuple[float, Params]:
         if self._fn is None:
@@ -409,10 +436,12 @@ class GradientMethod(TrainingMethod):
     def step(self, network: ResNet, params: Params, state: Any, X: np.ndarray,
              y: np.ndarray) -> StepOutcome:
         reuse, self._reuse = self._reuse, None
+        counts = {"gradient_evaluations": 0, "objective_evaluations": 0}
         if reuse is not None and reuse.matches(network, params, X, y):
             value, grads = reuse.loss, reuse.grads
         else:
             value, grads = self._gradient(network, params, X, y)
+            counts["gradient_evaluations"] += 1
         try:
             value = float(value)
         except (TypeError, ValueError):
@@ -425,15 +454,20 @@ class GradientMethod(TrainingMethod):
 
         def closure(p):
             out = self._gradient(network, p, X, y)
+            counts["gradient_evaluations"] += 1
             if remember:
                 evaluations.append((p, *out))
             return out
 
+        def objective(p):
+            counts["objective_evaluations"] += 1
+            return self._objective(network, p, X, y)
+
         new_params, new_state = self.optimizer.update(params, grads, state, closure=closure,
-                                                      loss=value)
+                                                      loss=value, objective=objective)
         if remember:
             self._reuse = _Evaluation.find(evaluations, network, new_params, X, y)
-        return StepOutcome(value, new_params, new_state)
+        return StepOutcome(value, new_params, new_state, info=counts)
 
     def state_dict(self, state: Any) -> dict[str, Any]:
         d = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict(state).items()}

@@ -25,9 +25,11 @@ Hyper-parameters are not part of the state; :meth:`config` and
 Room for second-order methods: :meth:`update` takes an optional ``closure``, a
 callable ``closure(params) -> (loss, grads)`` evaluating the objective and its
 gradient at other parameters, and an optional ``loss``, the objective at
-``params`` that came with ``grads``. :class:`LBFGS` requires the closure (for its
-line search) and, given ``loss``, does not evaluate the closure at ``params`` again;
-SGD and Adam ignore both.
+``params`` that came with ``grads``, and an optional ``objective``, a callable
+``objective(params) -> loss`` evaluating the objective alone. :class:`LBFGS` requires
+the closure (for its line search) and, given ``loss``, does not evaluate the closure
+at ``params`` again; with ``value_only_trials=True`` its line search calls
+``objective`` instead (Günther et al.'s reference code). SGD and Adam ignore all three.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ __all__ = [
     "AdamState",
     "Closure",
     "LBFGSState",
+    "Objective",
     "Optimizer",
     "SGDState",
     "lbfgs_two_loop",
@@ -60,6 +63,9 @@ P = TypeVar("P", bound=Mapping)
 
 #: ``closure(params) -> (loss, grads)``: the objective and its gradient at ``params``.
 Closure = Callable[[Any], tuple[float, Any]]
+
+#: ``objective(params) -> loss``: the objective alone at ``params``.
+Objective = Callable[[Any], float]
 
 #: What ``load_state`` calls its input in error messages.
 _STATE_DICT = "optimiser state dict"
@@ -159,7 +165,8 @@ class Optimizer:
         raise NotImplementedError
 
     def update(self, params: P, grads: Mapping, state: Any, closure: Closure | None = None,
-               loss: float | None = None) -> tuple[P, Any]:  # pragma: no cover
+               loss: float | None = None, objective: Objective | None = None
+               ) -> tuple[P, Any]:  # pragma: no cover
         raise NotImplementedError
 
     def state_dict(self, state: Any) -> dict[str, Any]:  # pragma: no cover - interface
@@ -233,8 +240,8 @@ class SGD(Optimizer):
         return SGDState(0, _zeros_like(params) if self.momentum > 0 else None)
 
     def update(self, params: P, grads: Mapping, state: SGDState,
-               closure: Closure | None = None, loss: float | None = None
-               ) -> tuple[P, SGDState]:
+               closure: Closure | None = None, loss: float | None = None,
+               objective: Objective | None = None) -> tuple[P, SGDState]:
         """One SGD step; returns ``(new_params, new_state)``, leaving the inputs untouched.
 
         Parameters
@@ -247,7 +254,7 @@ class SGD(Optimizer):
             From :meth:`init` or the previous :meth:`update`.
         closure : callable, optional
             Ignored (accepted for interface compatibility with line-search methods).
-        loss : float, optional
+        loss, objective : optional
             Ignored (likewise).
         """
         _check_pair(params, grads)
@@ -341,8 +348,8 @@ class Adam(Optimizer):
         return AdamState(0, _zeros_like(params), _zeros_like(params))
 
     def update(self, params: P, grads: Mapping, state: AdamState,
-               closure: Closure | None = None, loss: float | None = None
-               ) -> tuple[P, AdamState]:
+               closure: Closure | None = None, loss: float | None = None,
+               objective: Objective | None = None) -> tuple[P, AdamState]:
         """One Adam step; returns ``(new_params, new_state)``, leaving the inputs untouched.
 
         Parameters
@@ -355,7 +362,7 @@ class Adam(Optimizer):
             From :meth:`init` or the previous :meth:`update`.
         closure : callable, optional
             Ignored (accepted for interface compatibility with line-search methods).
-        loss : float, optional
+        loss, objective : optional
             Ignored (likewise).
         """
         _check_pair(params, grads)
@@ -505,13 +512,21 @@ class LBFGSState:
         flattened in the key order of the parameter mapping. Dtype of the parameters.
     grad : ndarray, shape (n,), or None
         Gradient from the closure at the parameters the last update returned
-        (None before the first update).
+        (None before the first update, and with ``value_only_trials``, whose line
+        search computes no gradient).
     loss : float or None
         Loss from the closure at those parameters (None before the first update).
     closure_calls : int
-        Total number of closure evaluations.
+        Total number of closure evaluations (with ``value_only_trials``: of objective
+        evaluations).
     failed_line_searches : int
         Number of updates whose line search accepted no step.
+    start : ndarray, shape (n,), or None
+        With ``value_only_trials``: the point the last update started from, whose
+        curvature pair the next update completes (None otherwise and before the first
+        update).
+    start_grad : ndarray, shape (n,), or None
+        The gradient at :attr:`start`.
     """
 
     step: int
@@ -521,6 +536,8 @@ class LBFGSState:
     loss: float | None
     closure_calls: int
     failed_line_searches: int
+    start: np.ndarray | None = None
+    start_grad: np.ndarray | None = None
 
     @property
     def n_pairs(self) -> int:
@@ -562,6 +579,18 @@ class LBFGS(Optimizer):
        the Armijo search alone does not guarantee ``s'y > 0``) and skipped
        otherwise; only the newest ``memory`` pairs are kept.
 
+    Value-only trials (``value_only_trials=True``), as in Günther et al.'s reference
+    code (``src/main.cpp`` of ``steffi7574/LayerParallelLearning``): the line search
+    evaluates only the objective at its trial points, with the ``objective`` callable
+    (for layer-parallel training: a state sweep, no adjoint sweep), and no gradient at
+    the accepted point. The curvature pair of an update is then completed by the
+    *next* update, from the gradient it is given: ``s = x_k - x_{k-1}``,
+    ``y = g_k - g_{k-1}`` with the start point and gradient of the previous update
+    kept in the state (:attr:`LBFGSState.start`, :attr:`~LBFGSState.start_grad`),
+    under the same curvature test. A step then costs one gradient (the caller's, at
+    its start) and one objective evaluation per trial. Without a previous update the
+    pair is skipped; so is a pair of a failed line search (``s = 0``).
+
     The loss at x. The closure is evaluated afresh at the current parameters at the
     start of every update (one closure call more than the trials), instead of
     reusing the loss from the previous update's accepted point kept in the state.
@@ -586,6 +615,10 @@ class LBFGS(Optimizer):
         Maximum number of step reductions per update, ``>= 0``.
     curvature_eps : float
         Relative curvature threshold for storing a pair, ``>= 0``.
+    value_only_trials : bool
+        Evaluate only the objective at the trial points and form each curvature pair
+        at the next update (see above); default False (the closure's loss and
+        gradient at every trial, the pair at the accepted point).
 
     Raises
     ------
@@ -608,6 +641,7 @@ class LBFGS(Optimizer):
     backtrack: float = 0.5
     max_backtracks: int = 20
     curvature_eps: float = 1e-10
+    value_only_trials: bool = False
 
     name: ClassVar[str] = "lbfgs"
 
@@ -620,6 +654,10 @@ class LBFGS(Optimizer):
                            check_integer("max_backtracks", self.max_backtracks, 0))
         object.__setattr__(self, "curvature_eps",
                            _nonnegative("curvature_eps", self.curvature_eps))
+        if not isinstance(self.value_only_trials, (bool, np.bool_)):
+            raise ValueError(f"value_only_trials must be True or False, got "
+                             f"{self.value_only_trials!r}")
+        object.__setattr__(self, "value_only_trials", bool(self.value_only_trials))
 
     def init(self, params: Mapping) -> LBFGSState:
         """Initial state: step 0, no pairs, no gradient or loss yet, zero counters."""
@@ -644,8 +682,8 @@ class LBFGS(Optimizer):
         return float(loss), layout.flatten(grads)
 
     def update(self, params: P, grads: Mapping, state: LBFGSState,
-               closure: Closure | None = None, loss: float | None = None
-               ) -> tuple[P, LBFGSState]:
+               closure: Closure | None = None, loss: float | None = None,
+               objective: Objective | None = None) -> tuple[P, LBFGSState]:
         """One L-BFGS step with a line search; returns ``(new_params, new_state)``.
 
         The inputs are not modified.
@@ -668,6 +706,10 @@ class LBFGS(Optimizer):
             per step; for an inexact, stateful gradient such as
             :class:`ptoc.simultaneous.SimultaneousGradient` it also keeps the loss and
             the gradient of the line search's start from the same solve).
+        objective : callable, optional
+            ``objective(params) -> loss``: the objective alone, which the line search
+            evaluates at its trial points when ``value_only_trials`` is set (without
+            it, the loss that ``closure`` returns); ignored otherwise.
 
         Returns
         -------
@@ -678,15 +720,18 @@ class LBFGS(Optimizer):
         Raises
         ------
         ValueError
-            If ``closure`` is missing, if ``grads`` (or a closure's gradient) does not
-            match ``params``, if the state was made for other parameters, or if the
-            loss at ``params`` or ``grads`` is not finite.
+            If ``closure`` is missing, if ``objective`` is given but not callable, if
+            ``grads`` (or a closure's gradient) does not match ``params``, if the state
+            was made for other parameters, or if the loss at ``params`` or ``grads`` is
+            not finite.
         """
         if closure is None:
             raise ValueError("LBFGS needs closure=...: a callable closure(params) -> "
                              "(loss, grads) evaluating the objective for its line search")
         if not callable(closure):
             raise ValueError(f"closure must be callable, got {type(closure).__name__}")
+        if objective is not None and not callable(objective):
+            raise ValueError(f"objective must be callable, got {type(objective).__name__}")
         _check_pair(params, grads)
         layout = _Layout(params)
         self._check_state(state, layout.n)
@@ -696,6 +741,9 @@ class LBFGS(Optimizer):
             raise ValueError("LBFGS got non-finite grads")
         s_mem = np.asarray(state.s, dtype=layout.dtype)[-self.memory:]
         y_mem = np.asarray(state.y, dtype=layout.dtype)[-self.memory:]
+        if self.value_only_trials and state.start is not None:
+            # complete the pair of the previous update with the gradient at its end
+            s_mem, y_mem = self._remember(s_mem, y_mem, x - state.start, g - state.start_grad)
 
         if loss is None:
             f0, _ = self._evaluate(closure, params, layout.unflatten(x), layout)
@@ -705,12 +753,13 @@ class LBFGS(Optimizer):
         if not math.isfinite(f0):
             raise ValueError(f"the closure returned a non-finite loss ({f0}) at the current "
                              "parameters")
+        start = (x, g) if self.value_only_trials else (None, None)
 
         def finish(new_x: np.ndarray, s_new: np.ndarray, y_new: np.ndarray,
-                   grad: np.ndarray, loss: float, failed: int) -> tuple[Any, LBFGSState]:
+                   grad: np.ndarray | None, loss: float, failed: int) -> tuple[Any, LBFGSState]:
             new_state = LBFGSState(state.step + 1, s_new, y_new, grad, loss,
                                    state.closure_calls + calls,
-                                   state.failed_line_searches + failed)
+                                   state.failed_line_searches + failed, *start)
             return _rebuild(params, layout.unflatten(new_x)), new_state
 
         empty = np.zeros((0, layout.n), dtype=layout.dtype)
@@ -730,12 +779,17 @@ class LBFGS(Optimizer):
 
         x64 = x.astype(np.float64)
         t = self.lr
+        g_t: np.ndarray | None = None
         for _ in range(self.max_backtracks + 1):
             candidate = layout.unflatten(x64 + t * d)
-            f_t, g_t = self._evaluate(closure, params, candidate, layout)
+            if self.value_only_trials:
+                f_t = self._value(closure, objective, params, candidate)
+                trial_ok = math.isfinite(f_t)
+            else:
+                f_t, g_t = self._evaluate(closure, params, candidate, layout)
+                trial_ok = math.isfinite(f_t) and bool(np.all(np.isfinite(g_t)))
             calls += 1
-            if (math.isfinite(f_t) and f_t <= f0 + self.c1 * t * gd
-                    and np.all(np.isfinite(g_t))):
+            if trial_ok and f_t <= f0 + self.c1 * t * gd:
                 break
             t *= self.backtrack
         else:
@@ -743,18 +797,33 @@ class LBFGS(Optimizer):
             return finish(x, empty, empty.copy(), g, f0, 1)
 
         x_new = layout.flatten(candidate)  # the point actually taken (after rounding)
-        s_vec = x_new - x
-        y_vec = g_t - g
+        if g_t is not None:
+            s_mem, y_mem = self._remember(s_mem, y_mem, x_new - x, g_t - g)
+        return finish(x_new, s_mem, y_mem, g_t, f_t, 0)
+
+    @staticmethod
+    def _value(closure: Closure, objective: Objective | None, params: Mapping,
+               candidate: dict[str, np.ndarray]) -> float:
+        """The objective alone at a trial point (``objective``, else the closure's loss)."""
+        point = _rebuild(params, candidate)
+        return float(objective(point) if objective is not None else closure(point)[0])
+
+    def _remember(self, s_mem: np.ndarray, y_mem: np.ndarray, s_vec: np.ndarray,
+                  y_vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The memory with the pair ``(s_vec, y_vec)`` appended if it passes the curvature
+        test ``s'y > curvature_eps ||s|| ||y||`` (which keeps ``H`` positive definite),
+        keeping the newest ``memory`` pairs; unchanged otherwise."""
         s64, y64 = s_vec.astype(np.float64), y_vec.astype(np.float64)
         sy = float(s64 @ y64)
         if sy > self.curvature_eps * float(np.linalg.norm(s64)) * float(np.linalg.norm(y64)):
             s_mem = np.concatenate([s_mem, s_vec[None, :]])[-self.memory:]
             y_mem = np.concatenate([y_mem, y_vec[None, :]])[-self.memory:]
-        return finish(x_new, s_mem, y_mem, g_t, f_t, 0)
+        return s_mem, y_mem
 
     def state_dict(self, state: LBFGSState) -> dict[str, Any]:
         """Flat dict (copies): ``optimizer`` (``"lbfgs"``), ``step``, ``s``, ``y``,
-        ``closure_calls``, ``failed_line_searches``, and ``grad`` and ``loss`` once set."""
+        ``closure_calls``, ``failed_line_searches``, and ``grad``, ``loss``, ``start`` and
+        ``start_grad`` once set."""
         d: dict[str, Any] = {
             "optimizer": self.name,
             "step": np.int64(state.step),
@@ -767,6 +836,9 @@ class LBFGS(Optimizer):
             d["grad"] = np.array(state.grad, copy=True)
         if state.loss is not None:
             d["loss"] = np.float64(state.loss)
+        if state.start is not None:
+            d["start"] = np.array(state.start, copy=True)
+            d["start_grad"] = np.array(state.start_grad, copy=True)
         return d
 
     def load_state(self, d: Mapping[str, Any]) -> LBFGSState:
@@ -784,9 +856,21 @@ class LBFGS(Optimizer):
             raise ValueError(f"the saved L-BFGS gradient has shape {grad.shape}, "
                              f"expected ({s.shape[1]},)")
         loss = float(scalar_entry(d, "loss", _STATE_DICT)) if "loss" in d else None
+        if ("start" in d) != ("start_grad" in d):
+            raise ValueError("the saved L-BFGS state has only one of 'start' and "
+                             "'start_grad'; it needs both or neither")
+        start = start_grad = None
+        if "start" in d:
+            start, start_grad = np.array(d["start"], copy=True), np.array(d["start_grad"],
+                                                                             copy=True)
+            for name, a in (("start", start), ("start_grad", start_grad)):
+                if a.shape != (s.shape[1],):
+                    raise ValueError(f"the saved L-BFGS {name} has shape {a.shape}, "
+                                     f"expected ({s.shape[1]},)")
         return LBFGSState(int(scalar_entry(d, "step", _STATE_DICT)), s, y, grad, loss,
                           int(scalar_entry(d, "closure_calls", _STATE_DICT)),
-                          int(scalar_entry(d, "failed_line_searches", _STATE_DICT)))
+                          int(scalar_entry(d, "failed_line_searches", _STATE_DICT)),
+                          start, start_grad)
 
 
 #: Optimisers by name, for the command line and for :func:`make_optimizer`.

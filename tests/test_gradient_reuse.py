@@ -200,3 +200,26 @@ def test_a_gradient_function_subclass_declares_its_abilities():
     assert plain_state and all(k.startswith("optimizer.") for k in plain_state)
     with pytest.raises(TypeError, match="grad_fn must be callable"):
         GradientMethod(LBFGS(), grad_fn=42)
+
+
+def test_value_only_trials_ask_the_gradient_for_the_objective_alone():
+    """With LBFGS(value_only_trials=True) a step calls the gradient once, at its start,
+    and the line search calls ``value``: a callable's own ``value`` when it has one,
+    else the loss of a full call (its gradient discarded)."""
+    net = ptoc.ResNet(width=3, depth=4, n_in=2, n_classes=5, gamma=1e-3)
+    data = ptoc.data.peaks(n_per_class=5, n_val_per_class=2, grid=32)
+
+    class WithValue(Counting):
+        values = 0
+
+        def value(self, p, X, y):
+            self.values += 1
+            return ptoc.loss(self.net, p, X, y)
+
+    own, plain = WithValue(net, False), Counting(net, False)
+    a = _train(net, data, own, LBFGS(value_only_trials=True), 5, None)
+    b = _train(net, data, plain, LBFGS(value_only_trials=True), 5, None)
+    trials = a.optimizer_state.closure_calls
+    assert own.calls == 5 and own.values == trials >= 5
+    assert plain.calls == 5 + b.optimizer_state.closure_calls
+    _bitwise(a.params, b.params)

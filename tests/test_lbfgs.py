@@ -499,3 +499,102 @@ def test_training_with_lbfgs_evaluates_the_start_of_each_step_once():
     # and evaluates it again, since this grad_fn does not say it is deterministic (with
     # deterministic = True that evaluation is reused: tests/test_gradient_reuse.py).
     assert repeats == res.steps - 1
+
+
+# --- value-only trials (one gradient per step, Günther et al.'s reference code) -------------
+
+
+def _counting_rosenbrock():
+    """The Rosenbrock closure and objective, counting their calls."""
+    calls = {"closure": 0, "objective": 0}
+
+    def closure(p):
+        calls["closure"] += 1
+        return _rosenbrock_closure(p)
+
+    def objective(p):
+        calls["objective"] += 1
+        return _rosenbrock(p["x"])[0]
+
+    return closure, objective, calls
+
+
+def _steps_with_start_gradient(opt, params, n_steps, closure, objective):
+    """``n_steps`` updates, each given the loss and gradient at its start (as
+    GradientMethod gives them); the states after every update."""
+    state, states = opt.init(params), []
+    for _ in range(n_steps):
+        f, g = _rosenbrock_closure(params)
+        params, state = opt.update(params, g, state, closure=closure, loss=f,
+                                   objective=objective)
+        states.append(state)
+    return params, states
+
+
+def test_value_only_trials_take_the_same_steps_with_one_gradient_per_step():
+    """With an exact gradient, forming each curvature pair at the next update (from the
+    gradient there) gives the pair the line search would have formed at its accepted
+    point: the iterates are the same bit for bit, while the line search evaluates only
+    the objective."""
+    x0 = {"x": np.array([-1.2, 1.0, -0.5, 0.8])}
+    closure, objective, calls = _counting_rosenbrock()
+    plain, plain_states = _steps_with_start_gradient(LBFGS(memory=3), x0, 30, closure, None)
+    trials = plain_states[-1].closure_calls
+    assert calls == {"closure": trials, "objective": 0}
+    closure, objective, calls = _counting_rosenbrock()
+    value_only, states = _steps_with_start_gradient(LBFGS(memory=3, value_only_trials=True), x0,
+                                                    30, closure, objective)
+    assert np.array_equal(value_only["x"], plain["x"])
+    assert calls == {"closure": 0, "objective": trials}
+    assert states[-1].closure_calls == trials and states[-1].grad is None
+    # the pairs lag one update behind: update k+1 stores the pair update k made
+    for before, after in zip(plain_states[:-1], states[1:], strict=True):
+        assert np.array_equal(before.s, after.s) and np.array_equal(before.y, after.y)
+    assert _rosenbrock(value_only["x"])[0] < 1e-3 * _rosenbrock(x0["x"])[0]
+
+
+def test_value_only_trials_pair_is_completed_by_the_next_gradient():
+    opt = LBFGS(memory=5, value_only_trials=True)
+    closure, objective, _ = _counting_rosenbrock()
+    x0 = {"x": np.array([0.3, -0.2])}
+    f0, g0 = _rosenbrock_closure(x0)
+    x1, s1 = opt.update(x0, g0, opt.init(x0), closure=closure, loss=f0, objective=objective)
+    assert s1.n_pairs == 0  # no gradient at x1 yet
+    assert np.array_equal(s1.start, x0["x"]) and np.array_equal(s1.start_grad, g0["x"])
+    f1, g1 = _rosenbrock_closure(x1)
+    _, s2 = opt.update(x1, g1, s1, closure=closure, loss=f1, objective=objective)
+    assert s2.n_pairs == 1
+    assert np.array_equal(s2.s[0], x1["x"] - x0["x"])
+    assert np.array_equal(s2.y[0], g1["x"] - g0["x"])
+
+
+def test_value_only_trials_without_objective_use_the_closure_loss():
+    opt = LBFGS(value_only_trials=True)
+    closure, _, calls = _counting_rosenbrock()
+    x0 = {"x": np.array([0.3, -0.2])}
+    f0, g0 = _rosenbrock_closure(x0)
+    _, state = opt.update(x0, g0, opt.init(x0), closure=closure, loss=f0)
+    assert calls["closure"] == state.closure_calls >= 1
+    with pytest.raises(ValueError, match="objective must be callable"):
+        opt.update(x0, g0, opt.init(x0), closure=closure, loss=f0, objective=3)
+
+
+def test_value_only_state_round_trips_and_bad_states_are_named(tmp_path):
+    opt = LBFGS(memory=2, value_only_trials=True)
+    closure, objective, _ = _counting_rosenbrock()
+    x0 = {"x": np.array([-1.2, 1.0, 0.4])}
+    _, states = _steps_with_start_gradient(opt, x0, 4, closure, objective)
+    d = opt.state_dict(states[-1])
+    np.savez(tmp_path / "s.npz", **d)
+    back = opt.load_state(dict(np.load(tmp_path / "s.npz")))
+    for name in ("s", "y", "start", "start_grad"):
+        assert np.array_equal(getattr(back, name), getattr(states[-1], name)), name
+    assert back.grad is None and back.loss == states[-1].loss
+    half = {k: v for k, v in d.items() if k != "start_grad"}
+    with pytest.raises(ValueError, match="only one of 'start' and 'start_grad'"):
+        opt.load_state(half)
+    with pytest.raises(ValueError, match="start has shape"):
+        opt.load_state({**d, "start": np.zeros(7)})
+    with pytest.raises(ValueError, match="value_only_trials must be True or False"):
+        LBFGS(value_only_trials="yes")
+    assert make_optimizer(**opt.config()) == opt

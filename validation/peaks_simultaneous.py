@@ -1,42 +1,55 @@
 """Claim 7: on Peaks the initial loss is ln 5 at near-zero weights, and simultaneous
-layer-parallel training (2 warm-started MGRIT iterations per step) reaches the
-validation accuracy of serial training.
+layer-parallel training - one warm-started inexact gradient per optimisation step, 2
+MGRIT iterations per sweep - reaches the validation accuracy of serial training, in
+Günther et al.'s own Peaks setup.
 
 Source: Günther, Ruthotto, Schroder, Cyr & Gauger, "Layer-parallel training of deep
 residual neural networks" (SIAM J. Math. Data Sci. 2020): the Peaks problem and the
 simultaneous (one-shot) layer-parallel training whose inexact gradients give "similar
-training performance to traditional methods" (abstract); docs/theory/simultaneous.md.
+training performance to traditional methods" (abstract); the paper's Peaks accuracies
+were not found in the text searchable here, so the claim is judged against serial
+training. Setup: the authors' code ``steffi7574/LayerParallelLearning``,
+``examples/peaks/peaks.cfg`` and ``src/main.cpp``, as :func:`ptoc.simultaneous.guenther_peaks`
+translates it (its docstring lists each value and where ptoc differs): width 8, 30
+residual layers on ``[0, 1]``, SmoothReLU, 5000 training and 200 validation points,
+weights uniform in ``[0, 1e-3)``, regulariser 1e-7 / 1e-5 / 1e-7, MGRIT with coarsening
+2, F-relaxation on the finest level, no coarse grid below 10 steps (two levels), 2
+iterations per sweep, full-batch L-BFGS (10 pairs) with backtracking Armijo (1e-4,
+factor 0.5, 15 trials), 130 steps. As in ``src/main.cpp`` (state and adjoint solve at
+the top of each iteration, state solve only in each line-search trial) a step costs one
+state and one adjoint sweep plus one state sweep per trial
+(``LBFGS(value_only_trials=True)``); the simultaneous sweeps run on 15 simulated ranks
+(two layers, one coarse interval, per rank; ptoc's results do not depend on the number
+of ranks, only the critical path does). Serial training is the same optimiser on the
+exact serial gradient.
 
-(a) Initial loss. With all weights zero the logits are zero, the softmax is uniform
-over the 5 classes and the batch-mean cross-entropy is exactly ``ln 5`` (the
-regulariser vanishes too); near-zero weights give ``ln 5`` up to a term that vanishes
-with the weights. Checked with ``ResNet.init_params(scale=0)`` (holds when
-``|J - ln 5| <= 1e-14``, round-off of the batch mean) and with
-``init_params(seed, scale=1e-3)`` (holds when ``|J - ln 5| <= 1e-6``), on the Peaks
-training set (``ptoc.data.peaks()``).
+(a) Initial loss. With all weights zero the logits are zero and the batch-mean
+cross-entropy is exactly ``ln 5``, and so is ``J`` (holds when ``|J - ln 5| <=
+1e-14``); with ``init_params(seed, scale=1e-3)`` (Gaussian, mean zero) the loss, i.e.
+the cross-entropy ``J - R``, holds when ``|J - R - ln 5| <= 1e-6``. (The earlier
+version of this claim checked ``J`` itself at scale 1e-3; on this network ``J - ln 5``
+is about 2e-6 there, almost all of it the time-derivative regulariser ``R`` of
+independently drawn layers with ``gamma_t = gamma_ddt / h = 3e-4``, a term of order
+``scale^2`` that is not the loss; ``J``, ``R`` and both differences are in the record.)
+The loss at the reference's initialisation (uniform, mean ``5e-4``, not zero) is
+reported, not judged.
 
-(b) Simultaneous training. The setting of ``benchmarks/bench_simultaneous.py``: width
-8, 32 layers, SmoothReLU, T = 5, ``ptoc.data.peaks()`` (5000 training and 200
-validation points), full-batch L-BFGS (``ptoc.optim.LBFGS``) for 100 steps from
-``init_params(seed)``, driven once by the exact serial gradient and once by
-``ptoc.simultaneous.SimultaneousGradient`` (MGRIT m = 4, FCF, as many levels as fit,
-2 iterations per sweep and gradient evaluation, warm-started, on 2 simulated ranks;
-ptoc's layer-parallel results do not depend on the number of ranks). "Reaches" is
-ptoc's criterion: at the same number of steps (100) the validation accuracy of
-simultaneous training is at least that of serial training minus 2 percentage points.
-A single validation accuracy on 200 points moves by several points from one
-initialisation to the next, so the check is on the mean over three initialisations
-(seeds 0, 1, 2); every seed's numbers are reported, seed 0 being the benchmark's run.
+(b) Simultaneous training. "Reaches" is ptoc's criterion, unchanged from the earlier
+version of this claim (not tuned to this setup; an exploratory run preceded it): after the same
+number of steps (130) the validation accuracy of simultaneous training, mean over the
+initialisations of seeds 0, 1, 2, is at least that of serial training minus 2
+percentage points, and no run diverges. A single accuracy on 200 points moves by
+several points from one initialisation to the next, hence the mean; each seed is
+reported. Also checked: every step cost what the reference's costs (2 state and 2
+adjoint MGRIT iterations, and 2 state iterations per line-search trial). Reported:
+MGRIT iterations, trials and critical-path layer steps per step, against the serial
+method's ``N`` steps per state sweep and ``N`` per adjoint sweep.
 
-Quick mode (CI, seconds): part (a) in full, and for part (b) 10 L-BFGS steps on a
-small Peaks set (500 training points, same network, 2 simulated ranks). Ten steps are
-too few for the accuracies to be comparable (they are reported, not judged); what is
-checked is what simultaneous training rests on: the inexact gradients it uses are
-close to the exact ones (median relative error over the gradient evaluations at most
-0.1, i.e. within about 6 degrees), and the training loss falls. (Single evaluations
-can be far off - right after a large parameter update the warm start is poor - and
-the record gives the smallest cosine with the exact gradient and how many were not
-descent directions.)
+Quick mode (CI, seconds): part (a) in full; part (b) 10 steps on 100 training points
+per class, seed 0. Ten steps from weights of size 1e-3 are too few for accuracies to
+be compared (reported, not judged); checked are the cost per step, that the inexact
+gradients are close to the exact ones (median relative error at most 0.1, i.e. within
+about 6 degrees) and that the training loss falls.
 """
 
 from __future__ import annotations
@@ -48,87 +61,103 @@ import numpy as np
 
 import ptoc
 from ptoc.cli.claims import Record, script_main
-from ptoc.optim import LBFGS
-from ptoc.parallel import MGRIT, Relaxation
-from ptoc.simultaneous import SimultaneousGradient
+from ptoc.methods import GradientFunction, GradientMethod
+from ptoc.objective import regulariser
+from ptoc.simultaneous import guenther_peaks, step_costs
 from ptoc.training import train
 
 NUMBER = 7
 CLAIM = ("Peaks: the initial loss is ln 5 at near-zero weights, and simultaneous training "
-         "with 2 warm-started MGRIT iterations per step reaches the validation accuracy of "
-         "serial training")
+         "(one warm-started inexact gradient per step, 2 MGRIT iterations per sweep) reaches "
+         "the validation accuracy of serial training in Günther et al.'s Peaks setup")
 SOURCE = ("Günther, Ruthotto, Schroder, Cyr & Gauger 2020, Layer-parallel training of deep "
-          "residual neural networks (Peaks; simultaneous layer-parallel training); "
-          "docs/theory/resnet.md, docs/theory/simultaneous.md")
+          "residual neural networks (Peaks; simultaneous layer-parallel training); setup from "
+          "steffi7574/LayerParallelLearning examples/peaks/peaks.cfg and src/main.cpp; "
+          "docs/theory/simultaneous.md")
 
 ZERO_TOL = 1e-14  # |J - ln 5| at zero weights: round-off of the batch mean
 TINY_SCALE, TINY_TOL = 1e-3, 1e-6  # near-zero weights
 ACC_TOL = 0.02  # "reaches": at most 2 percentage points below serial
 GRAD_TOL = 0.1  # quick mode: typical inexact gradient within 10% (< 6 degrees) of the exact one
-RANKS = 2
+RANKS = 15
+ITERATIONS = 2  # MGRIT iterations per sweep (braid_maxiter)
 
 
-def _network(data) -> ptoc.ResNet:
-    return ptoc.ResNet(width=8, depth=32, T=5.0, activation="smoothrelu", n_in=data.n_in,
-                       n_classes=data.n_classes)
+class _CountingExact(GradientFunction):
+    """The exact serial gradient, counting gradient and objective evaluations."""
+
+    deterministic = True
+
+    def __init__(self, net):
+        self.net, self.gradients, self.values = net, 0, 0
+
+    def __call__(self, params, X, y):
+        self.gradients += 1
+        return ptoc.loss_and_grad(self.net, params, X, y)
+
+    def value(self, params, X, y):
+        self.values += 1
+        return ptoc.loss(self.net, params, X, y)
 
 
-def _flat(grads, keys) -> np.ndarray:
-    return np.concatenate([np.ravel(grads[k]) for k in keys])
-
-
-def _initial_loss(net, data, seed: int) -> dict:
+def _initial_loss(net, data, seed: int, reference_init) -> dict:
     X, y = data.X_train, data.y_train
-    zero = ptoc.loss_and_grad(net, net.init_params(seed, scale=0.0), X, y)[0]
-    tiny = ptoc.loss_and_grad(net, net.init_params(seed, scale=TINY_SCALE), X, y)[0]
+    zero = ptoc.loss(net, net.zero_params(), X, y)
+    small = net.init_params(seed, scale=TINY_SCALE)
+    tiny, tiny_reg = ptoc.loss(net, small, X, y), regulariser(net, small)
+    ref, ref_reg = ptoc.loss(net, reference_init, X, y), regulariser(net, reference_init)
     return {"ln 5": math.log(5.0), "J zero weights": zero, "J scale 1e-3": tiny,
+            "R scale 1e-3": tiny_reg, "J reference init": ref, "R reference init": ref_reg,
             "|J - ln 5| zero weights": abs(zero - math.log(5.0)),
-            "|J - ln 5| scale 1e-3": abs(tiny - math.log(5.0))}
+            "|J - ln 5| scale 1e-3": abs(tiny - math.log(5.0)),
+            "|J - R - ln 5| scale 1e-3": abs(tiny - tiny_reg - math.log(5.0)),
+            "|J - R - ln 5| reference init": abs(ref - ref_reg - math.log(5.0))}
 
 
-def _train_pair(net, data, steps: int, seed: int) -> dict:
-    """Serial and simultaneous L-BFGS from the same start; per step validation accuracy
-    and training loss, per gradient evaluation the inexact gradient's error."""
-    start = net.init_params(seed)
-    loss0 = ptoc.loss(net, start, data.X_train, data.y_train)
-    acc0 = ptoc.accuracy(net, start, data.X_val, data.y_val)
-    serial = train(net, net.init_params(seed), data, optimizer=LBFGS(), epochs=steps,
+def _train_pair(seed: int, quick: bool) -> dict:
+    """Serial and simultaneous training of the reference setup from the same start."""
+    kw = {"n_per_class": 100, "epochs": 10} if quick else {}
+    setup = guenther_peaks(seed=seed, comm=RANKS, **kw)
+    net, data, steps = setup.network, setup.data, setup.epochs
+    loss0 = ptoc.loss(net, setup.params, data.X_train, data.y_train)
+    acc0 = ptoc.accuracy(net, setup.params, data.X_val, data.y_val)
+    exact = _CountingExact(net)
+    serial = train(net, setup.params, data, method=GradientMethod(setup.optimizer, exact),
+                   epochs=steps, batch_size=None, seed=seed, progress=False)
+    setup.gradient.exact_every = 1  # the exact gradient beside each inexact one
+    simult = train(net, setup.params, data, method=setup.method, epochs=steps,
                    batch_size=None, seed=seed, progress=False)
-    solver = MGRIT(coarsening=4, relaxation=Relaxation.FCF, max_iterations=2, tol=1e-13)
-    sim = SimultaneousGradient(net, solver, comm=RANKS)
-    cosines, errors = [], []
-
-    def grad_fn(params, X, y):
-        loss, g = sim(params, X, y)
-        _, exact = ptoc.loss_and_grad(net, params, X, y)
-        keys = sorted(exact)
-        a, b = _flat(g, keys), _flat(exact, keys)
-        nb = float(np.linalg.norm(b))
-        cosines.append(float(a @ b) / (float(np.linalg.norm(a)) * nb))
-        errors.append(float(np.linalg.norm(a - b)) / nb)
-        return loss, g
-
-    simult = train(net, net.init_params(seed), data, optimizer=LBFGS(), epochs=steps,
-                   batch_size=None, seed=seed, progress=False, grad_fn=grad_fn)
-    crit = [r.steps_critical_path for r in sim.records]
-    # step 0 is the common start; then one entry per L-BFGS step
+    costs = step_costs(setup.gradient.records)
+    errors = [r.grad_error for r in setup.gradient.records if r.kind == "gradient"]
+    N = net.depth
+    serial_trials = exact.values / steps
     return {
-        "seed": seed,
+        "seed": seed, "steps": steps, "network": net.describe(), "n_train": len(data.y_train),
+        "n_val": len(data.y_val),
         "serial": {"val_accuracy": [acc0] + serial.history.column("val_accuracy").tolist(),
-                   "train_loss": [loss0] + serial.history.column("train_loss").tolist()},
-        "simultaneous": {"val_accuracy": [acc0]
-                         + simult.history.column("val_accuracy").tolist(),
-                         "train_loss": [loss0] + simult.history.column("train_loss").tolist(),
-                         "diverged": simult.diverged, "evaluations": len(sim.records),
-                         "critical_path_per_evaluation_mean": float(np.mean(crit)),
-                         "serial_critical_path_per_evaluation": 2 * net.depth},
-        "grad_cosine_min": min(cosines), "grad_error_median": float(np.median(errors)),
-        "grad_not_descent": sum(c <= 0 for c in cosines),
-        "grad_error_max": max(errors), "grad_evaluations": len(errors),
+                   "train_loss": [loss0] + serial.history.column("train_loss").tolist(),
+                   "gradient_evaluations": exact.gradients, "trial_sweeps": exact.values,
+                   "trials_per_step": serial_trials,
+                   "critical_path_per_step": 2 * N + N * serial_trials},
+        "simultaneous": {
+            "val_accuracy": [acc0] + simult.history.column("val_accuracy").tolist(),
+            "train_loss": [loss0] + simult.history.column("train_loss").tolist(),
+            "diverged": simult.diverged,
+            "state_iterations_per_step": float(np.mean([c.state_iterations for c in costs])),
+            "adjoint_iterations_per_step": float(np.mean([c.adjoint_iterations
+                                                          for c in costs])),
+            "trials_per_step": float(np.mean([c.trial_sweeps for c in costs])),
+            "critical_path_per_step": float(np.mean([c.steps_critical_path for c in costs])),
+            "total_layer_steps_per_step": float(np.mean([c.steps_total for c in costs])),
+            "reference_cost_every_step": len(costs) == steps and all(
+                c.adjoint_iterations == ITERATIONS
+                and c.state_iterations == ITERATIONS * (1 + c.trial_sweeps) for c in costs)},
+        "grad_error_median": float(np.median(errors)), "grad_error_max": max(errors),
+        "solver": repr(setup.solver), "optimizer": setup.optimizer.config(),
     }
 
 
-def _plot(runs: list[dict], steps: int, path: Path, title: str) -> None:
+def _plot(runs: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,9 +165,9 @@ def _plot(runs: list[dict], steps: int, path: Path, title: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    x = np.arange(steps + 1)
     for i, run in enumerate(runs):
         col = colours[i % len(colours)]
+        x = np.arange(run["steps"] + 1)
         for kind, style in (("serial", "-"), ("simultaneous", "--")):
             a.plot(x, 100 * np.array(run[kind]["val_accuracy"]), style, color=col,
                    label=f"{kind}, seed {run['seed']}")
@@ -146,7 +175,7 @@ def _plot(runs: list[dict], steps: int, path: Path, title: str) -> None:
                    label=f"{kind}, seed {run['seed']}")
     b.axhline(math.log(5.0), color="grey", lw=0.8, ls=":", label="ln 5")
     a.set_ylabel("validation accuracy (%)")
-    b.set_ylabel("training loss")
+    b.set_ylabel("training objective")
     b.set_yscale("log")
     for ax in (a, b):
         ax.set_xlabel("L-BFGS step")
@@ -159,13 +188,11 @@ def _plot(runs: list[dict], steps: int, path: Path, title: str) -> None:
 
 
 def run(quick: bool, out_dir: Path) -> Record:
-    if quick:
-        data, steps, seeds = ptoc.data.peaks(n_per_class=100), 10, (0,)
-    else:
-        data, steps, seeds = ptoc.data.peaks(), 100, (0, 1, 2)
-    net = _network(data)
-    initial = _initial_loss(net, data, seeds[0])
-    runs = [_train_pair(net, data, steps, s) for s in seeds]
+    seeds = (0,) if quick else (0, 1, 2)
+    first = guenther_peaks(seed=seeds[0], n_per_class=100 if quick else None)
+    initial = _initial_loss(first.network, first.data, seeds[0], first.params)
+    runs = [_train_pair(s, quick) for s in seeds]
+    steps = runs[0]["steps"]
 
     acc_serial = [r["serial"]["val_accuracy"][-1] for r in runs]
     acc_sim = [r["simultaneous"]["val_accuracy"][-1] for r in runs]
@@ -173,61 +200,83 @@ def run(quick: bool, out_dir: Path) -> Record:
     checks = {
         f"J = ln 5 at zero weights (|J - ln 5| <= {ZERO_TOL:g})":
             initial["|J - ln 5| zero weights"] <= ZERO_TOL,
-        f"J = ln 5 at weights of scale {TINY_SCALE:g} (|J - ln 5| <= {TINY_TOL:g})":
-            initial["|J - ln 5| scale 1e-3"] <= TINY_TOL,
+        f"loss = ln 5 at weights of scale {TINY_SCALE:g} (|J - R - ln 5| <= {TINY_TOL:g})":
+            initial["|J - R - ln 5| scale 1e-3"] <= TINY_TOL,
+        f"every step costs {ITERATIONS} state + {ITERATIONS} adjoint MGRIT iterations and "
+        f"{ITERATIONS} state iterations per line-search trial (src/main.cpp)":
+            all(r["simultaneous"]["reference_cost_every_step"] for r in runs),
     }
     if quick:
         checks[f"median relative error of the inexact gradients <= {GRAD_TOL:g}"] = \
             all(r["grad_error_median"] <= GRAD_TOL for r in runs)
-        checks["simultaneous training lowers the training loss"] = all(
+        checks["simultaneous training lowers the training objective"] = all(
             r["simultaneous"]["train_loss"][-1] < r["simultaneous"]["train_loss"][0]
             for r in runs)
-        tolerance = (f"|J - ln 5| <= {ZERO_TOL:g} at zero weights and <= {TINY_TOL:g} at "
-                     f"scale {TINY_SCALE:g}; quick mode: {steps} steps are too few to compare "
-                     "accuracies (reported, not judged): the median relative error of the "
-                     f"inexact gradients must be <= {GRAD_TOL:g} and the loss must fall")
+        tolerance = (f"|J - ln 5| <= {ZERO_TOL:g} at zero weights and |J - R - ln 5| <= "
+                     f"{TINY_TOL:g} at scale {TINY_SCALE:g}; the reference's cost per step; "
+                     "quick mode: "
+                     f"{steps} steps are too few to compare accuracies (reported, not judged): "
+                     f"median relative error of the inexact gradients <= {GRAD_TOL:g} and the "
+                     "objective falls")
     else:
         checks[f"simultaneous reaches serial validation accuracy after {steps} steps "
                f"(mean over seeds {list(seeds)}, at most {100 * ACC_TOL:g} points below)"] = \
             mean_sim >= mean_serial - ACC_TOL and not any(r["simultaneous"]["diverged"]
                                                          for r in runs)
-        tolerance = (f"|J - ln 5| <= {ZERO_TOL:g} at zero weights and <= {TINY_TOL:g} at "
-                     f"scale {TINY_SCALE:g}; validation accuracy after {steps} L-BFGS steps, "
-                     f"mean over {len(seeds)} initialisations: simultaneous >= serial - "
-                     f"{100 * ACC_TOL:g} percentage points")
+        tolerance = (f"|J - ln 5| <= {ZERO_TOL:g} at zero weights and |J - R - ln 5| <= "
+                     f"{TINY_TOL:g} at scale {TINY_SCALE:g}; the reference's cost per step; "
+                     "validation "
+                     f"accuracy after {steps} L-BFGS steps, mean over {len(seeds)} "
+                     f"initialisations: simultaneous >= serial - {100 * ACC_TOL:g} percentage "
+                     "points (criterion unchanged from the earlier version of this claim)")
+    sim = [r["simultaneous"] for r in runs]
+    ser = [r["serial"] for r in runs]
     our = {"J(0) - ln 5": initial["J zero weights"] - math.log(5.0),
-           "J(1e-3) - ln 5": initial["J scale 1e-3"] - math.log(5.0),
+           "J(1e-3) - R - ln 5": initial["J scale 1e-3"] - initial["R scale 1e-3"]
+           - math.log(5.0),
            "serial acc": mean_serial, "simultaneous acc": mean_sim,
-           "difference (points)": 100 * (mean_sim - mean_serial)}
-    if not quick:
-        our["seed 0 serial acc"] = acc_serial[0]
-        our["seed 0 simultaneous acc"] = acc_sim[0]
+           "difference (points)": 100 * (mean_sim - mean_serial),
+           "MGRIT iterations per step (state + adjoint)":
+               float(np.mean([s["state_iterations_per_step"] + s["adjoint_iterations_per_step"]
+                              for s in sim])),
+           "critical-path layer steps per step, simultaneous":
+               float(np.mean([s["critical_path_per_step"] for s in sim])),
+           "critical-path layer steps per step, serial":
+               float(np.mean([s["critical_path_per_step"] for s in ser]))}
     table = [{"seed": r["seed"], "serial val acc": r["serial"]["val_accuracy"][-1],
               "simultaneous val acc": r["simultaneous"]["val_accuracy"][-1],
-              "serial train loss": r["serial"]["train_loss"][-1],
-              "simultaneous train loss": r["simultaneous"]["train_loss"][-1],
-              "min cosine(inexact, exact gradient)": r["grad_cosine_min"],
-              "evaluations with cosine <= 0": r["grad_not_descent"],
+              "serial objective": r["serial"]["train_loss"][-1],
+              "simultaneous objective": r["simultaneous"]["train_loss"][-1],
+              "state MGRIT its/step": r["simultaneous"]["state_iterations_per_step"],
+              "adjoint MGRIT its/step": r["simultaneous"]["adjoint_iterations_per_step"],
+              "trials/step simultaneous": r["simultaneous"]["trials_per_step"],
+              "trials/step serial": r["serial"]["trials_per_step"],
+              "critical path/step simultaneous": r["simultaneous"]["critical_path_per_step"],
+              "critical path/step serial": r["serial"]["critical_path_per_step"],
               "median relative gradient error": r["grad_error_median"],
-              "gradient evaluations": r["grad_evaluations"]} for r in runs]
+              "max relative gradient error": r["grad_error_max"]} for r in runs]
     fig = "peaks_simultaneous.png"
-    _plot(runs, steps, out_dir / fig,
-          f"Peaks ({len(data.y_train)} training, {len(data.y_val)} validation points), "
-          f"{net.describe()}, full-batch L-BFGS\nserial (exact gradient, solid) vs "
-          f"simultaneous ({RANKS} ranks, 2 warm-started MGRIT iterations per sweep, dashed)")
+    _plot(runs, out_dir / fig,
+          f"Peaks, Günther et al.'s setup ({runs[0]['n_train']} training, {runs[0]['n_val']} "
+          f"validation points), {runs[0]['network']}, full-batch L-BFGS\nserial (exact "
+          f"gradient, solid) vs simultaneous ({RANKS} ranks, one gradient per step, "
+          f"{ITERATIONS} MGRIT iterations per sweep, dashed)")
     return Record.from_checks(
         checks, our_value=our,
         paper_value={"initial loss": math.log(5.0),
                      "accuracy": "similar training performance to serial training "
-                                 "(abstract); ptoc's criterion: within 2 points"},
+                                 "(abstract; the Peaks numbers were not found in searchable "
+                                 "text); ptoc's criterion: within 2 points",
+                     "cost per step (src/main.cpp)": "one state and one adjoint XBraid solve "
+                                                     "of 2 iterations, one state solve of 2 "
+                                                     "iterations per line-search trial"},
         tolerance=tolerance,
         details={"initial_loss": initial, "per_seed": table, "steps": steps,
-                 "seeds": list(seeds), "network": net.describe(),
-                 "data": {"name": data.name, "n_train": len(data.y_train),
-                          "n_val": len(data.y_val)},
-                 "solver": "MGRIT(coarsening=4, relaxation=FCF, max_iterations=2, "
-                           f"tol=1e-13), warm-started, {RANKS} simulated ranks",
-                 "runs": runs},
+                 "seeds": list(seeds), "network": runs[0]["network"],
+                 "data": {"name": "peaks", "n_train": runs[0]["n_train"],
+                          "n_val": runs[0]["n_val"]},
+                 "solver": runs[0]["solver"], "optimizer": runs[0]["optimizer"],
+                 "ranks": RANKS, "runs": runs},
         figures=[fig])
 
 
