@@ -86,3 +86,32 @@ def test_validate_command(tmp_path, capsys):
     assert "no claim named 'nope'" in capsys.readouterr().err
     assert main(["validate", "--dir", str(tmp_path / "missing")]) == 2
     assert "no validation folder" in capsys.readouterr().err
+
+
+def test_the_readme_table_is_the_committed_records():
+    """validation/README.md's claims table is generated from the records
+    (``ptoc validate --readme``); it must not drift from them."""
+    from ptoc.cli.claims import README_BEGIN, README_END, readme_table
+
+    text = (FOLDER / "README.md").read_text(encoding="utf-8")
+    generated = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
+    assert generated == readme_table(FOLDER)
+    numbers = [int(line.split("|")[1]) for line in generated.splitlines()[2:]]
+    assert numbers == sorted(numbers) and len(numbers) == len(set(numbers))
+
+
+def test_readme_option_rewrites_only_the_table(tmp_path):
+    folder = tmp_path / "validation"
+    (folder / "results").mkdir(parents=True)
+    (folder / "one.py").write_text("NUMBER = 1\n")
+    Record(Verdict.FAIL, {"x": 0.5}, paper_value="1 | 2", tolerance=None, reason="no",
+           name="one", claim="a claim", source="a paper").save(folder / "results")
+    from ptoc.cli.claims import README_BEGIN, README_END
+
+    (folder / "README.md").write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\nend\n")
+    assert main(["validate", "--dir", str(folder), "--readme"]) == 0
+    text = (folder / "README.md").read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{README_END}\nend\n")
+    assert "| 1 | a claim (`one`) | a paper | **fail** | x: 0.5 (no) | 1 \\| 2 | – |" in text
+    (folder / "README.md").write_text("no markers\n")
+    assert main(["validate", "--dir", str(folder), "--readme"]) == 2

@@ -45,6 +45,8 @@ import numpy as np
 
 __all__ = [
     "Record",
+    "readme_table",
+    "write_readme_table",
     "Verdict",
     "discover",
     "load_script",
@@ -233,6 +235,86 @@ def table(records: Sequence[Record], numbers: dict[str, int]) -> str:
         if r.verdict is not Verdict.PASS and r.reason:
             lines.append(f"{r.name}: {r.verdict.value}: {r.reason}")
     return "\n".join(lines)
+
+
+#: The lines around the generated table of ``validation/README.md``.
+README_BEGIN = ("<!-- The table below is generated from the committed records results/*.json "
+                "by 'ptoc validate --readme'; do not edit it by hand. -->")
+README_END = "<!-- end of the generated table -->"
+
+
+def _markdown_cell(value: Any) -> str:
+    """A record value as one markdown table cell: dicts as ``key: value; ...``, floats
+    to four significant digits, ``|`` escaped, ``-`` for None."""
+    def text(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, dict):
+            return "; ".join(f"{k}: {text(x)}" for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(text(x) for x in v) + "]"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, float):
+            return f"{v:.4g}" if math.isfinite(v) and v != 0 else str(v)
+        return str(v)
+
+    return " ".join(text(value).split()).replace("|", "\\|")
+
+
+def _script_number(script: Path) -> int | None:
+    """The literal ``NUMBER`` of a claim script, read without importing it."""
+    import ast
+
+    if not script.is_file():
+        return None
+    for node in ast.parse(script.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "NUMBER" for t in node.targets):
+            value = ast.literal_eval(node.value)
+            return value if isinstance(value, int) else None
+    return None
+
+
+def readme_table(folder: Path) -> str:
+    """The table of ``<folder>/README.md``: one row per committed full-mode record
+    ``<folder>/results/<name>.json`` of a claim script ``<folder>/<name>.py``, in the
+    order of the scripts' ``NUMBER``: number, claim and script, source, verdict, our
+    value, the paper's value and the tolerance (the reason, for a claim that failed)."""
+    rows = []
+    for path in sorted((folder / "results").glob("*.json")):
+        number = _script_number(folder / f"{path.stem}.py")
+        if number is None:
+            continue
+        r = json.loads(path.read_text(encoding="utf-8"))
+        verdict = str(r.get("verdict", "")).lower()
+        shown = verdict if verdict == "pass" else f"**{verdict}**"
+        ours = _markdown_cell(r.get("our_value"))
+        if verdict != "pass" and r.get("reason"):
+            ours += f" ({_markdown_cell(r['reason'])})"
+        rows.append((number, f"| {number} | {_markdown_cell(r.get('claim'))} (`{path.stem}`) | "
+                     f"{_markdown_cell(r.get('source'))} | {shown} | {ours} | "
+                     f"{_markdown_cell(r.get('paper_value'))} | "
+                     f"{_markdown_cell(r.get('tolerance'))} |"))
+    head = ["| # | claim (script) | source | verdict | ours (full mode) | paper | tolerance |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    return "\n".join(head + [row for _, row in sorted(rows)])
+
+
+def write_readme_table(folder: Path) -> Path:
+    """Replace the generated table of ``<folder>/README.md`` (between
+    :data:`README_BEGIN` and :data:`README_END`) by :func:`readme_table`, atomically."""
+    from ..io import atomic_write_text
+
+    path = folder / "README.md"
+    text = path.read_text(encoding="utf-8")
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{str(path)!r} has no generated table (the marker lines "
+                         f"{README_BEGIN!r} and {README_END!r})")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    return atomic_write_text(path, f"{head}{README_BEGIN}\n\n{readme_table(folder)}\n\n"
+                                   f"{README_END}{tail}")
 
 
 def script_main(module_name: str, argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,15 @@ import argparse
 from pathlib import Path
 
 from .arguments import Formatter
-from .claims import Verdict, default_out, discover, load_script, run_script, table
+from .claims import (
+    Verdict,
+    default_out,
+    discover,
+    load_script,
+    run_script,
+    table,
+    write_readme_table,
+)
 from .errors import CLIError
 
 __all__ = ["add_parser", "run"]
@@ -32,6 +40,9 @@ def add_parser(sub) -> None:
     v.add_argument("--only", nargs="+", metavar="NAME", default=None,
                    help="run only these claims (script names, see --list)")
     v.add_argument("--list", action="store_true", help="list the claims and exit")
+    v.add_argument("--readme", action="store_true",
+                   help="regenerate the claims table of DIR/README.md from the committed "
+                   "records DIR/results/*.json, and exit (runs no claim)")
     v.add_argument("--dir", type=Path, default=Path("validation"),
                    help="the folder of claim scripts")
     v.add_argument("--out", type=Path, default=None,
@@ -52,6 +63,13 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"argument --only: no claim named {', '.join(map(repr, unknown))}; "
                            f"the claims are {', '.join(scripts)}")
         scripts = {n: scripts[n] for n in args.only}
+    if args.readme:
+        try:
+            path = write_readme_table(args.dir)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"argument --readme: {exc}") from None
+        print(f"wrote the claims table of {path}")
+        return 0
     modules = {name: load_script(path) for name, path in scripts.items()}
     order = sorted(modules, key=lambda n: (modules[n].NUMBER, n))
     numbers = {n: modules[n].NUMBER for n in order}
