@@ -230,10 +230,15 @@ class LayeredNetwork(Model):
         return LayeredPropagator(self, [p[k] for k in self.layer_keys], labels=labels)
 
     def check_inputs(self, X, labels=None):
+        """``(X, labels)`` validated for training: batch normalisation in training mode
+        needs a batch of at least 2 samples."""
+        return self._inputs(X, labels, training=True)
+
+    def _inputs(self, X, labels, training: bool):
         X = np.asarray(X, dtype=self.dtype)
         if X.ndim != 2 or X.shape[1] != self.n_in or X.shape[0] == 0:
             raise ValueError(f"X must have shape (S, {self.n_in}) with S >= 1, got {X.shape}")
-        if self.batch_norm and X.shape[0] < 2:
+        if training and self.batch_norm and X.shape[0] < 2:
             raise ValueError("batch normalisation in training mode needs a batch of at least 2 "
                              f"samples, got {X.shape[0]}")
         if not np.all(np.isfinite(X)):
@@ -267,18 +272,18 @@ class LayeredNetwork(Model):
         """Class scores (S, C): batch normalisation in evaluation mode with
         ``statistics``, or, without them, in training mode over ``X`` as one batch."""
         p = self.check_params(params)
-        X, _ = self.check_inputs(X)
+        X, _ = self._inputs(X, None, training=statistics is None)
         prop = LayeredPropagator(self, [p[k] for k in self.layer_keys], statistics=statistics)
         return prop.propagate(self.opening(p, X)[0])[:, :self.n_classes]
 
     def accuracy(self, params, X, y, statistics: BatchStatistics | None = None) -> float:
         """Fraction of ``X`` classified as ``y`` (see :meth:`scores`)."""
-        X, y = self.check_inputs(X, y)
+        X, y = self._inputs(X, y, training=statistics is None)
         return float(np.mean(np.argmax(self.scores(params, X, statistics), axis=1) == y))
 
     def loss(self, params, X, y, statistics: BatchStatistics | None = None) -> float:
         """Batch-mean cross-entropy (see :meth:`scores`)."""
-        X, y = self.check_inputs(X, y)
+        X, y = self._inputs(X, y, training=statistics is None)
         return cross_entropy(self.scores(params, X, statistics), y)[0]
 
     def population_statistics(self, params, X, batch_size: int = 100) -> BatchStatistics:
@@ -409,3 +414,8 @@ class LayeredPropagator(Propagator):
 
     def parameters(self):
         return self.arrays
+
+    def _no_coarse_grid(self) -> str:
+        return ("a LayeredNetwork has no coarse grid: its widths change from layer to layer, "
+                "so no step can stand for several layers (MGRIT and parareal with built-in "
+                "coarse steps); use ptoc.Serial")
