@@ -482,3 +482,11 @@ def test_li_hao_levels_are_seeded():
     p = net.init_params(0)
     a, b, c = (DiscreteMSA.li_hao(5, seed=seed).init(net, p).levels for seed in (1, 1, 2))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_li_hao_config_round_trips():
+    """The recipe is a DiscreteMSA configuration: its config rebuilds it (checkpoints,
+    run folders)."""
+    m = DiscreteMSA.li_hao(40, kind="binary", seed=3)
+    again = make_msa_method(**m.config())
+    assert again.config() == m.config() and again.beta_at(80) == m.beta_at(80)
