@@ -27,6 +27,7 @@ from . import (
     discrete,
     io,
     kernels,
+    layered,
     methods,
     msa,
     node,
@@ -42,6 +43,7 @@ from .activations import Activation
 from .hamiltonian import hamiltonian, hamiltonian_grad
 from .io import load_model, save_model
 from .kernels import Target
+from .layered import LayeredNetwork
 from .methods import GradientMethod, TrainingMethod
 from .model import PARAM_KEYS, LayerInit, Opening, Params, ResNet
 from .msa import EMSA, MSA, DiscreteMSA
@@ -92,6 +94,8 @@ __all__ = [
     "SimultaneousGradient",
     "TrainingMethod",
     "discrete",
+    "layered",
+    "LayeredNetwork",
     "methods",
     "msa",
     "node",

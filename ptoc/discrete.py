@@ -30,17 +30,25 @@ import numpy as np
 __all__ = ["binary_maximiser", "discrete_objective", "ternary_maximiser"]
 
 
-def _check(M, W, rho: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
+def _check(M, W, rho, lam) -> tuple[np.ndarray, ...]:
     M = np.asarray(M, dtype=float)
     W = np.asarray(W, dtype=float)
     if M.shape != W.shape:
         raise ValueError(f"M has shape {M.shape} but the current weights W have {W.shape}")
     if not (np.all(np.isfinite(M)) and np.all(np.isfinite(W))):
         raise ValueError("M and W must be finite")
+    out = [M, W]
     for name, value in (("rho", rho), ("lam", lam)):
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return M, W
+        v = np.asarray(value, dtype=float)
+        try:
+            np.broadcast_shapes(v.shape, M.shape)
+        except ValueError:
+            raise ValueError(f"{name} has shape {v.shape}, which does not broadcast to the "
+                             f"shape of M, {M.shape}") from None
+        if not np.all(np.isfinite(v)) or np.any(v < 0):
+            raise ValueError(f"{name} must be finite numbers >= 0, got {value!r}")
+        out.append(v)
+    return tuple(out)
 
 
 def discrete_objective(w, M, W, rho: float, lam: float = 0.0) -> np.ndarray:
@@ -62,17 +70,18 @@ def ternary_maximiser(M, W, rho: float = 0.0, lam: float = 0.0) -> np.ndarray:
         Linearised Hamiltonian ``d(sum_s H_n)/dW`` (or its moving average).
     W : array
         Current weights (the same shape; any real values, usually in ``{-1, 0, 1}``).
-    rho : float
-        Proximity penalty (E-MSA), ``>= 0``.
-    lam : float
-        L1 penalty that makes weights zero, ``>= 0``.
+    rho : float or array
+        Proximity penalty (E-MSA), ``>= 0``; an array broadcasting to ``M`` (e.g. one
+        value per layer, shape (N, 1, 1)) gives each entry its own.
+    lam : float or array
+        L1 penalty that makes weights zero, ``>= 0`` (broadcast like ``rho``).
 
     Returns
     -------
     ndarray of float
         ``sign(c)`` where ``|c| > lam + rho``, else 0, with ``c = M + 2 rho W``.
     """
-    M, W = _check(M, W, rho, lam)
+    M, W, rho, lam = _check(M, W, rho, lam)
     c = M + 2.0 * rho * W
     return np.where(np.abs(c) > lam + rho, np.where(c >= 0.0, 1.0, -1.0), 0.0)
 
@@ -83,5 +92,5 @@ def binary_maximiser(M, W, rho: float = 0.0) -> np.ndarray:
 
     Li & Hao 2018 (discrete weights). Theory: :doc:`/theory/msa`.
     """
-    M, W = _check(M, W, rho, 0.0)
+    M, W, rho, _ = _check(M, W, rho, 0.0)
     return np.where(M + 2.0 * rho * W >= 0.0, 1.0, -1.0)

@@ -63,6 +63,8 @@ __all__ = [
     "DiscreteState",
     "EMSAState",
     "InnerSolver",
+    "DiscreteInit",
+    "RhoRule",
     "RhoSchedule",
     "WeightSet",
     "extended_hamiltonian",
@@ -94,6 +96,29 @@ class WeightSet(OptionEnum, what="kind"):
 
     TERNARY = "ternary"
     BINARY = "binary"
+
+
+class RhoRule(OptionEnum, what="rho_rule"):
+    """How :class:`DiscreteMSA` measures ``M``, ``rho_k`` and ``lam``.
+
+    ``NORMALISED`` (ptoc's ternary ResNet): ``M`` is divided by the layer's mean
+    ``|M|``; ``rho_k`` follows the :class:`RhoSchedule` and ``lam`` is in the same units.
+    ``DISAGREEMENT`` (Li & Hao's code): ``M`` as it is; ``rho_k`` of layer ``n`` is the
+    scheduled ``rho`` times the largest ``|M_ij|`` over the entries whose current weight
+    differs from ``sign(M_ij)`` (0 when there is none), and ``lam`` is absolute.
+    """
+
+    NORMALISED = "normalised"
+    DISAGREEMENT = "disagreement"
+
+
+class DiscreteInit(OptionEnum, what="init_levels"):
+    """Initial discrete weights of :class:`DiscreteMSA`: ``QUANTISE`` the float weights
+    it is given (thresholded at ``init_threshold`` times the layer's mean ``|K|``), or
+    ``RANDOM``: every entry uniformly from the weight set (Li & Hao), seeded."""
+
+    QUANTISE = "quantise"
+    RANDOM = "random"
 
 
 class RhoSchedule(OptionEnum, what="rho_schedule"):
@@ -458,6 +483,17 @@ def _head(p: Mapping[str, np.ndarray], model: Model) -> dict[str, np.ndarray]:
     return {k: p[k] for k in (*model.opening_keys, *model.terminal_keys) if k in p}
 
 
+def _weight_mask(model: Model, shape: tuple[int, ...]) -> np.ndarray:
+    """The model's ``weight_mask()`` (a layered network's unpadded entries), or all True."""
+    mask = getattr(model, "weight_mask", None)
+    return np.ones(shape, dtype=bool) if mask is None else mask()
+
+
+def _nonzero_fraction(model: Model, levels: np.ndarray) -> float:
+    """Nonzero discrete weights over the entries inside the model's weight mask."""
+    return float(np.count_nonzero(levels) / np.count_nonzero(_weight_mask(model, levels.shape)))
+
+
 def _array(d: Mapping[str, Any], key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     if key not in d:
         raise ValueError(f"method state dict has no {key!r} entry")
@@ -639,23 +675,36 @@ class DiscreteMSA(TrainingMethod):
 
     See the module docstring for the update. :attr:`name` is ``"ternary"`` or
     ``"binary"`` (the ``kind``). The method's state holds ``W_n``, ``a_n`` and ``M_n``; the
-    residual weights of the ``params`` handed to :meth:`step` are ignored and replaced
-    by ``a_n W_n`` from the state (:meth:`init` quantises the float ``K`` it is given;
-    :meth:`discrete_params` gives those parameters before the first step).
+    discrete layer array (the model's first, ``K`` of a ResNet, ``W`` of a
+    :class:`ptoc.layered.LayeredNetwork`) of the ``params`` handed to :meth:`step` is
+    ignored and replaced by ``a_n W_n`` from the state (:meth:`init` quantises the float
+    ``K`` it is given, or draws random levels; :meth:`discrete_params` gives those
+    parameters before the first step). A model with a ``weight_mask()`` (a layered
+    network's padding) keeps the entries outside the mask at 0.
     Theory: :doc:`/theory/msa` (discrete weights).
+
+    Two configurations are provided: the defaults, ptoc's ternary ResNet (residual
+    increments ``a_n W_n`` with a learnt scale, normalised ``M``, ``rho`` growing,
+    weights quantised from a float initialisation), and :meth:`li_hao`, the recipe of
+    Li & Hao's own code (every layer ternary without scale, their ``rho_k`` rule,
+    absolute ``lam``, the moving-average schedule, random ternary initialisation).
 
     Parameters
     ----------
     kind : WeightSet or str
         ``"ternary"`` (default) or ``"binary"``.
     lam : float, optional
-        Sparsity penalty ``>= 0`` in units of the layer's mean ``|M|``; default 1 for
-        ternary weights, and it must be 0 (the default) for binary weights.
+        Sparsity penalty ``>= 0``, in the units of ``rho_rule``; default 1 for ternary
+        weights, and it must be 0 (the default) for binary weights.
     rho : float, optional
-        Proximity penalty ``rho_0 >= 0``, in the same units; default 1 for ternary and
-        0.5 for binary weights (tuned on ``benchmarks/bench_discrete.py``). With
-        ``c = Mhat + 2 rho W``: a ternary ``+1`` becomes 0 when ``Mhat <= lam - rho`` and ``-1``
-        when ``Mhat < -lam - 3 rho``; a 0 becomes ``+-1`` when ``|Mhat| > lam + rho``.
+        Proximity penalty ``rho_0 >= 0``; default 1 for ternary and 0.5 for binary
+        weights (tuned on ``benchmarks/bench_discrete.py``, normalised rule). With
+        ``c = Mhat + 2 rho_k W``: a ternary ``+1`` becomes 0 when ``Mhat <= lam - rho_k``
+        and ``-1`` when ``Mhat < -lam - 3 rho_k``; a 0 becomes ``+-1`` when
+        ``|Mhat| > lam + rho_k``. Binary weights under the ``"disagreement"`` rule flip
+        where ``|M| > rho_k`` (Li & Hao's rule: the maximiser with penalty ``rho_k / 2``).
+    rho_rule : RhoRule or str
+        ``"normalised"`` (default) or ``"disagreement"`` (:class:`RhoRule`).
     rho_schedule : RhoSchedule or str
         ``"constant"``, ``"linear"`` (default) or ``"geometric"``.
     rho_growth : float
@@ -666,10 +715,26 @@ class DiscreteMSA(TrainingMethod):
     beta : float
         Moving-average factor of ``M``, ``0 <= beta < 1`` (default 0.99: on the digits
         benchmark 0.9 let too many weights flip per step).
+    beta_decay : float
+        ``0 < beta_decay <= 1``: after every ``steps_per_epoch`` steps ``1 - beta`` is
+        multiplied by it, ``beta_k = 1 - (1 - beta) beta_decay^floor(k / steps_per_epoch)``
+        (Li & Hao: 0.95 per epoch). Default 1 (constant ``beta``).
+    steps_per_epoch : int, optional
+        Steps of one epoch (``n_train // batch_size`` for the training loop's batches);
+        needed when ``beta_decay < 1``.
+    scale : bool
+        Learn a per-layer scale ``a_n = exp(s_n)`` (default True); False keeps
+        ``a_n = 1`` (Li & Hao: the batch normalisation after each layer sets the scale).
+    init_levels : DiscreteInit or str
+        ``"quantise"`` (default) or ``"random"``.
     init_threshold : float
-        Ternary initialisation: entries with ``|K| <= init_threshold mean|K_n|`` start at 0.
+        Quantising initialisation: entries with ``|K| <= init_threshold mean|K_n|`` start
+        at 0.
+    seed : int
+        Seed of the random initialisation.
     optimizer : SGD or Adam
-        Optimiser of the log-scales, biases and head; default ``Adam(lr=1e-2)``.
+        Optimiser of the log-scales (when learnt), the other layer arrays (biases, batch
+        normalisation's ``gamma, beta``) and the head; default ``Adam(lr=1e-2)``.
     target : Target or str
         Kernel target of the sweeps.
     """
@@ -677,10 +742,16 @@ class DiscreteMSA(TrainingMethod):
     kind: WeightSet | str = WeightSet.TERNARY
     lam: float | None = None
     rho: float | None = None
+    rho_rule: RhoRule | str = RhoRule.NORMALISED
     rho_schedule: RhoSchedule | str = RhoSchedule.LINEAR
     rho_growth: float = 0.01
     beta: float = 0.99
+    beta_decay: float = 1.0
+    steps_per_epoch: int | None = None
+    scale: bool = True
+    init_levels: DiscreteInit | str = DiscreteInit.QUANTISE
     init_threshold: float = 0.7
+    seed: int = 0
     optimizer: Optimizer = field(default_factory=lambda: Adam(lr=1e-2))
     target: Target | str = Target.CPU
 
@@ -695,15 +766,60 @@ class DiscreteMSA(TrainingMethod):
         if self.rho is None:
             self.rho = DEFAULT_RHO[self.kind]
         self.rho = check_real("rho", self.rho, low=0.0)
+        self.rho_rule = RhoRule.parse(self.rho_rule)
         self.rho_schedule = RhoSchedule.parse(self.rho_schedule)
         self.rho_growth = check_real("rho_growth", self.rho_growth, low=0.0)
         self.beta = check_real("beta", self.beta, low=0.0, high=1.0, high_open=True)
+        self.beta_decay = check_real("beta_decay", self.beta_decay, low=0.0, high=1.0,
+                                     low_open=True)
+        if self.steps_per_epoch is not None:
+            self.steps_per_epoch = check_integer("steps_per_epoch", self.steps_per_epoch, 1)
+        elif self.beta_decay != 1.0:
+            raise ValueError(f"beta_decay={self.beta_decay} needs steps_per_epoch (the steps "
+                             "after which 1 - beta is multiplied by it)")
+        if not isinstance(self.scale, (bool, np.bool_)):
+            raise ValueError(f"scale must be True or False, got {self.scale!r}")
+        self.scale = bool(self.scale)
+        self.init_levels = DiscreteInit.parse(self.init_levels)
         self.init_threshold = check_real("init_threshold", self.init_threshold, low=0.0)
+        self.seed = check_integer("seed", self.seed, 0)
         self.optimizer = check_gradient_optimizer("optimizer", self.optimizer)
         try:
             self.target = Target.parse(self.target)
         except ValueError as exc:
             raise ValueError(f"target: {exc}") from None
+
+    @classmethod
+    def li_hao(cls, steps_per_epoch: int, *, kind: WeightSet | str = WeightSet.TERNARY,
+               seed: int = 0, **options: Any) -> DiscreteMSA:
+        """Li & Hao's recipe, as their code (``discrete-MSA``: ``layers.py``, ``train.py``,
+        ``mnist_fc_ternary.ipynb``) runs it on MNIST.
+
+        Every discrete layer array without scale (``scale=False``), drawn uniformly from
+        the weight set (``init_levels="random"``); ``M`` the moving average of ``dH/dW`` with
+        ``beta = 0.999`` whose ``1 - beta`` is multiplied by 0.95 after every epoch of
+        ``steps_per_epoch`` steps; ``rho_k = 0.25 max |M|`` over the sign-disagreeing
+        entries of the layer (``rho_rule="disagreement"``, constant); ``lam = 1e-7``
+        absolute for ternary weights; Adam with learning rate 1e-3 on the other layer
+        arrays (batch normalisation's ``gamma, beta``). ``options`` override any of these.
+
+        Parameters
+        ----------
+        steps_per_epoch : int
+            Steps of one epoch (``n_train // batch_size``; Li & Hao: 55,000 / 100 = 550).
+        kind : WeightSet or str
+            ``"ternary"`` (default) or ``"binary"``.
+        seed : int
+            Seed of the random initial levels.
+        """
+        kind = WeightSet.parse(kind)
+        recipe: dict[str, Any] = dict(
+            kind=kind, lam=1e-7 if kind is WeightSet.TERNARY else 0.0, rho=0.25,
+            rho_rule=RhoRule.DISAGREEMENT, rho_schedule=RhoSchedule.CONSTANT, beta=0.999,
+            beta_decay=0.95, steps_per_epoch=steps_per_epoch, scale=False,
+            init_levels=DiscreteInit.RANDOM, seed=seed, optimizer=Adam(lr=1e-3))
+        recipe.update(options)
+        return cls(**recipe)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -711,13 +827,20 @@ class DiscreteMSA(TrainingMethod):
         return self.kind.value
 
     def rho_at(self, k: int) -> float:
-        """``rho_k`` of step ``k``."""
+        """The scheduled ``rho`` of step ``k`` (``rho_k`` under the normalised rule)."""
         return self.rho_schedule.value_at(self.rho, self.rho_growth, k)
 
+    def beta_at(self, k: int) -> float:
+        """``beta_k``, the moving-average factor of step ``k``."""
+        if self.steps_per_epoch is None:
+            return self.beta
+        return 1.0 - (1.0 - self.beta) * self.beta_decay ** (k // self.steps_per_epoch)
+
     def _trainable(self, model: Model, params, log_scale: np.ndarray) -> dict[str, np.ndarray]:
-        """What the optimiser updates: the scales, the other layer arrays (biases) and
-        the head. The first layer array (``K``) is the discrete one."""
-        out = {"log_scale": log_scale}
+        """What the optimiser updates: the scales (when learnt), the other layer arrays
+        (biases, batch normalisation) and the head. The first layer array is the
+        discrete one."""
+        out = {"log_scale": log_scale} if self.scale else {}
         out.update({k: params[k] for k in model.layer_keys[1:]})
         out.update(_head(params, model))
         return out
@@ -741,7 +864,17 @@ class DiscreteMSA(TrainingMethod):
         model = as_model(network)
         p = model.check_params(params)
         K = p[model.layer_keys[0]]
-        levels, log_scale = self.quantise(K)
+        mask = _weight_mask(model, K.shape)
+        if self.init_levels is DiscreteInit.RANDOM:
+            rng = np.random.default_rng(self.seed)
+            values = [-1.0, 1.0] if self.kind is WeightSet.BINARY else [-1.0, 0.0, 1.0]
+            levels = np.where(mask, rng.choice(values, size=K.shape), 0.0).astype(K.dtype)
+            log_scale = np.zeros(K.shape[:1], K.dtype)
+        else:
+            levels, log_scale = self.quantise(K)
+            levels = np.where(mask, levels, 0.0).astype(K.dtype)
+        if not self.scale:
+            log_scale = np.zeros_like(log_scale)
         opt = self.optimizer.init(self._trainable(model, p, log_scale))
         return DiscreteState(0, levels, log_scale, np.zeros_like(K), opt)
 
@@ -767,32 +900,44 @@ class DiscreteMSA(TrainingMethod):
         check_finite_step(value, grads)
         a = state.scale
         per_layer = (-1,) + (1,) * (state.levels.ndim - 1)
+        entries = tuple(range(1, state.levels.ndim))
         # d(sum_s H_n)/dW_n = -a_n dJ/dK_n (sum_s H_n includes -R_n)
-        M = self.beta * state.moving_average - (1.0 - self.beta) * a.reshape(per_layer) \
-            * grads[key]
-        size = np.mean(np.abs(M), axis=tuple(range(1, M.ndim)), keepdims=True)
-        M_hat = M / np.where(size > 0, size, 1.0)
-        rho_k = self.rho_at(state.step)
+        beta_k = self.beta_at(state.step)
+        M = beta_k * state.moving_average - (1.0 - beta_k) * a.reshape(per_layer) * grads[key]
+        if self.rho_rule is RhoRule.NORMALISED:
+            size = np.mean(np.abs(M), axis=entries, keepdims=True)
+            M_hat = M / np.where(size > 0, size, 1.0)
+            rho_k = np.full(size.shape, self.rho_at(state.step))
+        else:
+            M_hat, size = M, np.max(np.abs(M), axis=entries, keepdims=True)
+            disagree = state.levels != np.sign(M)
+            largest = np.max(np.where(disagree, np.abs(M), 0.0), axis=entries, keepdims=True)
+            rho_k = self.rho_at(state.step) * largest
         if self.kind is WeightSet.BINARY:
-            levels = binary_maximiser(M_hat, state.levels, rho_k)
+            penalty = rho_k if self.rho_rule is RhoRule.NORMALISED else 0.5 * rho_k
+            levels = binary_maximiser(M_hat, state.levels, penalty)
         else:
             levels = ternary_maximiser(M_hat, state.levels, rho_k, self.lam)
-        levels = np.where(size > 0, levels, state.levels).astype(model.dtype)
+        levels = np.where(size > 0, levels, state.levels)
+        levels = np.where(_weight_mask(model, levels.shape), levels, 0.0).astype(model.dtype)
         g = self._trainable(model, grads, a * _layer_dots(grads[key], state.levels))
         new, opt = self.optimizer.update(self._trainable(model, p, state.log_scale), g,
                                          state.optimizer)
-        new_state = DiscreteState(state.step + 1, levels, new["log_scale"], M, opt)
+        new_state = DiscreteState(state.step + 1, levels,
+                                  new["log_scale"] if self.scale else state.log_scale, M, opt)
         out = {key: np.ascontiguousarray(new_state.weights(), model.dtype)}
         out.update({k: v for k, v in new.items() if k != "log_scale"})
         out = model.pack(out)
         _check_finite(out)
-        info = {"rho_k": rho_k, "flipped": int(np.count_nonzero(levels != state.levels)),
-                "nonzero_fraction": float(np.count_nonzero(levels) / levels.size)}
+        info = {"rho_k": float(np.mean(rho_k)), "beta_k": beta_k,
+                "flipped": int(np.count_nonzero(levels != state.levels)),
+                "nonzero_fraction": _nonzero_fraction(model, levels)}
         return StepOutcome(value, out, new_state, info)
 
     def metrics(self, network: ResNet, params: Params, state: DiscreteState) -> dict[str, float]:
-        """``{"nonzero_fraction": ...}``: the fraction of nonzero residual-layer weights."""
-        return {"nonzero_fraction": float(np.count_nonzero(state.levels) / state.levels.size)}
+        """``{"nonzero_fraction": ...}``: the fraction of nonzero discrete weights (of the
+        entries inside the model's weight mask, when it has one)."""
+        return {"nonzero_fraction": _nonzero_fraction(as_model(network), state.levels)}
 
     def state_dict(self, state: DiscreteState) -> dict[str, Any]:
         d: dict[str, Any] = {"method": self.name, "step": np.int64(state.step),
@@ -810,8 +955,12 @@ class DiscreteMSA(TrainingMethod):
         shape = model.check_params(params)[model.layer_keys[0]].shape
         levels = _array(d, "levels", shape, model.dtype)
         allowed = (-1.0, 1.0) if self.kind is WeightSet.BINARY else (-1.0, 0.0, 1.0)
-        if not np.all(np.isin(levels, allowed)):
+        mask = _weight_mask(model, shape)
+        if not np.all(np.isin(levels[mask], allowed)):
             raise ValueError(f"method state 'levels' holds values outside {allowed}")
+        if np.any(levels[~mask] != 0):
+            raise ValueError("method state 'levels' holds nonzero values outside the model's "
+                             "weight mask")
         return DiscreteState(int(scalar_entry(d, "step", _STATE_DICT)), levels,
                              _array(d, "log_scale", shape[:1], model.dtype),
                              _array(d, "moving_average", shape, model.dtype),

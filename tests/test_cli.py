@@ -94,7 +94,7 @@ def test_help_lists_subcommands_and_every_train_option(capsys):
         (["--momentum", "1"], "--momentum"),
         (["--epochs", "x"], "--epochs"),
         (["--batch-size", "0"], "--batch-size"),
-        (["--data", "mnist"], "--data"),
+        (["--data", "cifar10"], "--data"),
         (["--no-such-option"], "--no-such-option"),
         (["--nesterov"], "--nesterov"),
         (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], "--nesterov"),

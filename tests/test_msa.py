@@ -352,6 +352,13 @@ def test_load_state_rejects_another_methods_state():
     (lambda: DiscreteMSA(rho_growth=-1.0), "rho_growth"),
     (lambda: DiscreteMSA(beta=1.0), "beta"),
     (lambda: DiscreteMSA(init_threshold=-1.0), "init_threshold"),
+    (lambda: DiscreteMSA(rho_rule="largest"), "rho_rule"),
+    (lambda: DiscreteMSA(beta_decay=0.0), "beta_decay"),
+    (lambda: DiscreteMSA(beta_decay=0.95), "steps_per_epoch"),
+    (lambda: DiscreteMSA(steps_per_epoch=0), "steps_per_epoch"),
+    (lambda: DiscreteMSA(scale="no"), "scale"),
+    (lambda: DiscreteMSA(init_levels="zeros"), "init_levels"),
+    (lambda: DiscreteMSA(seed=-1), "seed"),
     (lambda: DiscreteMSA(optimizer="adam"), "optimizer"),
     (lambda: make_msa_method("sgd"), "method"),
     (lambda: make_msa_method("msa", rho=1.0), "rho"),
@@ -419,3 +426,67 @@ def test_train_with_the_method_and_resume_bit_for_bit(peaks, tmp_path, make):
         a = np.abs(K).max(axis=(1, 2))
         assert np.all(np.isin(K / a[:, None, None], (-1.0, 0.0, 1.0)))
         assert fractions[-1] == np.count_nonzero(K) / K.size
+
+
+# --- Li & Hao's recipe -------------------------------------------------------------------------
+
+def _li_hao_reference(M, W, rho, lam, binary):
+    """Li & Hao's update as their code writes it (layers.py), per layer, from scratch:
+    rho_k = rho max|M| over the entries whose weight differs from sign(M); ternary: +1
+    where M > rho_k (1 - 2W) + lam, -1 where M < -rho_k (1 + 2W) - lam, else 0; binary:
+    sign(M) where |M| > rho_k, else W."""
+    out = np.empty_like(W)
+    for n in range(W.shape[0]):
+        m, w = M[n], W[n]
+        wrong = w != np.sign(m)
+        rho_k = rho * (np.abs(m[wrong]).max() if wrong.any() else 0.0)
+        if binary:
+            out[n] = np.where(np.abs(m) > rho_k, np.where(m >= 0, 1.0, -1.0), w)
+        else:
+            new = np.zeros_like(w)
+            new[m > rho_k * (1 - 2 * w) + lam] = 1.0
+            new[m < -rho_k * (1 + 2 * w) - lam] = -1.0
+            out[n] = new
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ternary", "binary"])
+def test_li_hao_update_is_their_rule(peaks, kind):
+    """Every weight of every layer after each step equals Li & Hao's rule applied to the
+    step's moving average M and the previous weights; no scale is learnt; beta follows
+    the per-epoch schedule."""
+    net = _net()
+    m = DiscreteMSA.li_hao(steps_per_epoch=3, kind=kind, seed=4)
+    assert (m.rho, m.lam, m.beta, m.beta_decay, m.scale) == (
+        0.25, 1e-7 if kind == "ternary" else 0.0, 0.999, 0.95, False)
+    p = net.init_params(0)
+    s = m.init(net, p)
+    p = m.discrete_params(net, p, s)
+    values = [-1.0, 1.0] if kind == "binary" else [-1.0, 0.0, 1.0]
+    assert set(np.unique(s.levels)) == set(values)  # random levels, all values present
+    rng = np.random.default_rng(1)
+    for k in range(7):
+        idx = rng.choice(len(peaks.y_train), 50, replace=False)
+        out = m.step(net, p, s, peaks.X_train[idx], peaks.y_train[idx])
+        expected = _li_hao_reference(out.state.moving_average, s.levels, m.rho, m.lam,
+                                     kind == "binary")
+        assert np.array_equal(out.state.levels, expected)
+        assert np.array_equal(out.state.log_scale, np.zeros(net.depth))
+        assert np.array_equal(out.params.K, out.state.levels)
+        assert out.info["beta_k"] == 1 - 0.001 * 0.95 ** (k // 3)
+        p, s = out.params, out.state
+
+
+def test_li_hao_levels_are_seeded():
+    net = _net()
+    p = net.init_params(0)
+    a, b, c = (DiscreteMSA.li_hao(5, seed=seed).init(net, p).levels for seed in (1, 1, 2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_li_hao_config_round_trips():
+    """The recipe is a DiscreteMSA configuration: its config rebuilds it (checkpoints,
+    run folders)."""
+    m = DiscreteMSA.li_hao(40, kind="binary", seed=3)
+    again = make_msa_method(**m.config())
+    assert again.config() == m.config() and again.beta_at(80) == m.beta_at(80)

