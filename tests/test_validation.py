@@ -20,9 +20,6 @@ SCRIPTS = discover(FOLDER)
 
 #: Verdicts other than ``pass``, with why (see validation/README.md).
 EXPECTED: dict[str, tuple[str, str]] = {
-    "lihao_mnist_ternary": (
-        "fail", "quick mode only (4 epochs, width 64): the ternary network (89.9%) has not yet "
-        "caught up with the float one (93.0%); the full run decides the claim"),
     "ternary_resnet_digits": (
         "fail", "at <= 5% nonzero the ternary net does no better than the no-residual-weights "
         "floor (91.6%), 4 points below float (95.7%); where the floor is within 1 point of "

@@ -37,8 +37,11 @@ Budget: this 2-core machine (shared), no GPU. Full mode: three hidden layers of 
 250 epochs), 60 epochs (2,400 steps, 2% of Li & Hao's 137,500): 17 minutes for both
 networks, about the most this machine gives a claim (width 512 takes 6 minutes, 256
 also 6 on a busier machine; both gave the same verdict, docs/theory/msa.md). Quick
-mode: three hidden layers of 64, 4 epochs (the same rule; it fails, see
-tests/test_validation.py).
+mode (CI, seconds): three hidden layers of 64, 4 epochs, too few for the claim (there
+ternary scored 89.9% against float 93.0%, reported): it checks that the recipe runs and
+trains instead (both networks >= 80% test accuracy, the nonzero fraction not rising);
+the claim is judged in full mode only. (The quick mode first judged the claim's rule
+and failed; it was changed to these checks after that.)
 
 Holds iff (fixed before the full run, from the claim):
 
@@ -74,6 +77,7 @@ SOURCE = ("Li & Hao 2018, An optimal control approach to deep learning and appli
           "LiQianxiao/discrete-MSA, mnist_fc_ternary.ipynb; docs/theory/msa.md")
 
 CLOSE = 1.5        # points: ternary below float at most
+QUICK_FLOOR = 80.0  # quick mode: test accuracy (%) that shows a network trained (chance: 10)
 BATCH = 100
 PAPER = {"test accuracy %": 98.83, "nonzero %": 1.79}
 
@@ -169,10 +173,17 @@ def run(quick: bool, out_dir: Path) -> Record:
     t, f = runs["ternary"], runs["float"]
     frac = t["nonzero_fraction"]
     middle = frac[(len(frac) - 1) // 2]
-    checks = {f"ternary test accuracy >= float - {CLOSE:g} points":
-              t["test_accuracy"][-1] >= f["test_accuracy"][-1] - CLOSE,
-              "nonzero fraction: last epoch < first epoch and <= middle epoch":
-              frac[-1] < frac[0] and frac[-1] <= middle}
+    if quick:  # the recipe runs and trains; the claim itself is judged in full mode only
+        checks = {f"ternary trains (test accuracy >= {QUICK_FLOOR:g}%)":
+                  t["test_accuracy"][-1] >= QUICK_FLOOR,
+                  f"float trains (test accuracy >= {QUICK_FLOOR:g}%)":
+                  f["test_accuracy"][-1] >= QUICK_FLOOR,
+                  "nonzero fraction does not rise (last epoch <= first)": frac[-1] <= frac[0]}
+    else:
+        checks = {f"ternary test accuracy >= float - {CLOSE:g} points":
+                  t["test_accuracy"][-1] >= f["test_accuracy"][-1] - CLOSE,
+                  "nonzero fraction: last epoch < first epoch and <= middle epoch":
+                  frac[-1] < frac[0] and frac[-1] <= middle}
     our = {"ternary test %": t["test_accuracy"][-1], "float test %": f["test_accuracy"][-1],
            "ternary nonzero %": 100 * frac[-1], "nonzero % after epoch 1": 100 * frac[0]}
     return Record.from_checks(
