@@ -1,20 +1,31 @@
 """Saving and loading trained models as one ``.npz`` file.
 
-File format (``format_version`` 1). A NumPy ``.npz`` archive, readable without
-ptoc and without pickle (``np.load(path, allow_pickle=False)``), with the entries
+File format (``format_version`` 1 for a ResNet, 2 for the other model kinds). A NumPy
+``.npz`` archive, readable without ptoc and without pickle
+(``np.load(path, allow_pickle=False)``), with the entries
 
-``K, b, [K_in, b_in,] W, mu``
+``K, b, [K_in, b_in,] W, mu`` (a ResNet; another model kind: its own parameter names)
     The parameter arrays, in the network's dtype, bit for bit.
 ``network``
-    A JSON string describing the :class:`~ptoc.ResNet`: ``width, depth, T,
-    activation, n_in, n_classes, opening, gamma, gamma_t, gamma_c, dtype``. Floats
-    are written with Python's shortest round-trip representation, so they are read
-    back exactly.
+    A JSON string describing the network. A :class:`~ptoc.ResNet`: ``width, depth, T,
+    activation, n_in, n_classes, opening, gamma, gamma_t, gamma_c, dtype``. Any other
+    kind (version 2): ``kind`` (a name of :data:`MODEL_KINDS`, e.g. ``"layered"``) and
+    the arguments its class is built from. Floats are written with Python's shortest
+    round-trip representation, so they are read back exactly.
 ``extra``
     A JSON string of the user's ``extra`` dict (``"{}"`` when none was given).
 ``format``
-    The string ``"ptoc-model"``; ``format_version`` the integer ``1``;
+    The string ``"ptoc-model"``; ``format_version`` the integer ``1`` or ``2``;
     ``ptoc_version`` the version of ptoc that wrote the file.
+
+Model kinds. :data:`MODEL_KINDS` names every kind of network that files (and
+:func:`ptoc.training.train`'s checkpoints) can describe: ``"resnet"``
+(:class:`ptoc.ResNet`), ``"layered"`` (:class:`ptoc.layered.LayeredNetwork`) and
+``"conv"`` (``ptoc.ConvResNet``, once this ptoc has it). A kind is its class and the
+names of the constructor arguments that the class keeps as attributes of the same
+name; the description is those attributes (enums as their values, dtypes as their
+names, tuples as lists) and the class is rebuilt from them. A new kind plugs in with
+one call, :func:`register_model_kind`.
 
 Files are written atomically: to a temporary file in the target directory that
 then replaces the target with :func:`os.replace`, so a reader never sees a
@@ -30,6 +41,7 @@ run folder to one run at a time (:class:`RunFolderLock`).
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import re
@@ -38,6 +50,7 @@ import socket
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -50,6 +63,8 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "LOCK_NAME",
+    "MODEL_KINDS",
+    "ModelKind",
     "RunFolderInUseError",
     "RunFolderLock",
     "atomic_write",
@@ -60,55 +75,182 @@ __all__ = [
     "network_to_dict",
     "prepare_output_dir",
     "read_npz",
+    "register_model_kind",
     "remove_stale_temporaries",
     "save_model",
 ]
 
 #: Value of the ``format`` entry of a ptoc model file.
 FORMAT = "ptoc-model"
-#: Version of the file layout written by :func:`save_model`.
-FORMAT_VERSION = 1
+#: Version of the file layout written by :func:`save_model` for a model kind other than
+#: a ResNet (whose files keep version 1, readable by every ptoc).
+FORMAT_VERSION = 2
+
+#: Entries of a model file that are not parameters.
+_RESERVED_ENTRIES = ("network", "extra", "format", "format_version", "ptoc_version")
 
 _NETWORK_FIELDS = ("width", "depth", "T", "activation", "n_in", "n_classes", "opening",
                    "gamma", "gamma_t", "gamma_c", "dtype")
 
 
-def network_to_dict(network: ResNet) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ModelKind:
+    """A kind of network that model files and checkpoints can describe.
+
+    Attributes
+    ----------
+    name : str
+        The ``kind`` written into the description (e.g. ``"layered"``).
+    find_class : callable
+        ``find_class()`` returns the class, or None when this ptoc does not have it.
+    fields : tuple of str
+        The constructor's arguments, each kept by the object as an attribute of the
+        same name: the description is those attributes and ``cls(**description)``
+        rebuilds the object.
+    """
+
+    name: str
+    find_class: Callable[[], type | None]
+    fields: tuple[str, ...]
+
+
+def _layered_class() -> type:
+    from .layered import LayeredNetwork
+
+    return LayeredNetwork
+
+
+def _conv_class() -> type | None:
+    import ptoc
+
+    return getattr(ptoc, "ConvResNet", None)
+
+
+#: The model kinds, by name (see the module docstring); extend with
+#: :func:`register_model_kind`.
+MODEL_KINDS: dict[str, ModelKind] = {
+    "resnet": ModelKind("resnet", lambda: ResNet, _NETWORK_FIELDS),
+    "layered": ModelKind("layered", _layered_class,
+                         ("widths", "activation", "batch_norm", "last_activation", "bn_eps")),
+    "conv": ModelKind("conv", _conv_class,
+                      ("channels", "depth", "T", "activation", "image_shape", "n_classes",
+                       "gamma", "gamma_t", "gamma_c", "dtype")),
+}
+
+
+def register_model_kind(name: str, cls: type, fields: tuple[str, ...]) -> ModelKind:
+    """Let model files and checkpoints describe networks of class ``cls``.
+
+    Parameters
+    ----------
+    name : str
+        The kind's name in descriptions; a registered name is replaced.
+    cls : type
+        The network class (the object given to :func:`save_model` or
+        :func:`ptoc.training.train`, or the ``network`` attribute of the model given).
+    fields : tuple of str
+        Constructor arguments that ``cls`` keeps as attributes of the same name; their
+        values must be JSON numbers, strings, booleans, enums, dtypes or tuples of these.
+
+    Returns
+    -------
+    ModelKind
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if not isinstance(cls, type):
+        raise TypeError(f"cls must be a class, got {type(cls).__name__}")
+    kind = ModelKind(name, lambda: cls, tuple(fields))
+    MODEL_KINDS[name] = kind
+    return kind
+
+
+def _kind_of(network: Any) -> tuple[ModelKind, Any]:
+    """The registered kind of ``network`` (or of its ``network`` attribute, as a
+    :class:`ptoc.propagator.ResNetModel` has) and the object it describes."""
+    for obj in (network, getattr(network, "network", None)):
+        for kind in MODEL_KINDS.values():
+            cls = kind.find_class()
+            if cls is not None and obj is not None and isinstance(obj, cls):
+                return kind, obj
+    raise TypeError(f"ptoc.io cannot describe a {type(network).__name__}: the model kinds it "
+                    f"knows are {', '.join(MODEL_KINDS)} (ptoc.io.MODEL_KINDS; add one with "
+                    "ptoc.io.register_model_kind)")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON: enums as their values, dtypes as their names, tuples as lists."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, np.dtype):
+        return value.name
+    if isinstance(value, type) and issubclass(value, np.generic):
+        return np.dtype(value).name
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _from_plain(value: Any) -> Any:
+    """A described value as a constructor argument (lists back to tuples)."""
+    return tuple(_from_plain(v) for v in value) if isinstance(value, list) else value
+
+
+def network_to_dict(network: Any) -> dict[str, Any]:
     """The description of ``network`` as a JSON-serialisable dict.
 
-    The inverse is :func:`network_from_dict`.
+    A :class:`~ptoc.ResNet` gives its fields (no ``kind``, as in version 1 files); any
+    other registered kind (:data:`MODEL_KINDS`) gives ``kind`` and its fields. The
+    inverse is :func:`network_from_dict`.
+
+    Raises
+    ------
+    TypeError
+        When ``network`` is of no registered kind.
+    ValueError
+        When the description does not rebuild an equal network (a registered class
+        that does not keep its constructor's arguments as its attributes).
     """
-    if not isinstance(network, ResNet):
-        raise TypeError(f"network must be a ptoc.ResNet, got {type(network).__name__}")
-    return {
-        "width": network.width,
-        "depth": network.depth,
-        "T": network.T,
-        "activation": network.activation.value,
-        "n_in": network.n_in,
-        "n_classes": network.n_classes,
-        "opening": network.opening.value,
-        "gamma": network.gamma,
-        "gamma_t": network.gamma_t,
-        "gamma_c": network.gamma_c,
-        "dtype": network.dtype.name,
-    }
+    kind, obj = _kind_of(network)
+    d = {f: _plain(getattr(obj, f)) for f in kind.fields}
+    if kind.name == "resnet":
+        return d
+    d = {"kind": kind.name, **d}
+    rebuilt = network_from_dict(json.loads(json.dumps(d)))
+    again = {f: _plain(getattr(rebuilt, f)) for f in kind.fields}
+    if json.dumps(again) != json.dumps({f: d[f] for f in kind.fields}):
+        raise ValueError(f"the {kind.name!r} network {obj!r} is not described by its "
+                         f"fields {list(kind.fields)}: rebuilt, it has {again}")
+    return d
 
 
-def network_from_dict(d: Mapping[str, Any]) -> ResNet:
-    """Rebuild a :class:`~ptoc.ResNet` from :func:`network_to_dict` output.
+def network_from_dict(d: Mapping[str, Any]) -> Any:
+    """Rebuild a network from :func:`network_to_dict` output (no ``kind``: a ResNet).
 
     Raises
     ------
     ValueError
-        For missing or unknown fields, or invalid values.
+        For an unknown kind, a kind this ptoc does not have, missing or unknown
+        fields, or invalid values.
     """
-    missing = [k for k in _NETWORK_FIELDS if k not in d]
-    unknown = sorted(set(d) - set(_NETWORK_FIELDS))
+    name = d.get("kind", "resnet")
+    if name not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {name!r}; this ptoc knows "
+                         f"{', '.join(MODEL_KINDS)}")
+    kind = MODEL_KINDS[name]
+    cls = kind.find_class()
+    if cls is None:
+        raise ValueError(f"the model kind {name!r} is not available in this ptoc "
+                         f"({__version__}): upgrade ptoc")
+    given = {k: v for k, v in d.items() if k != "kind"}
+    missing = [k for k in kind.fields if k not in given]
+    unknown = sorted(set(given) - set(kind.fields))
     if missing or unknown:
-        raise ValueError(f"network description has missing fields {missing} "
+        raise ValueError(f"{name} network description has missing fields {missing} "
                          f"and unknown fields {unknown}")
-    return ResNet(**{k: d[k] for k in _NETWORK_FIELDS})
+    return cls(**{k: _from_plain(given[k]) for k in kind.fields})
 
 
 def _json_default(obj: Any) -> Any:
@@ -128,7 +270,7 @@ def _strict_json(obj: Any, what: str) -> str:
         raise ValueError(f"{what} is not JSON-serialisable: {exc}") from None
 
 
-def save_model(path: str | os.PathLike, network: ResNet, params: Params | Mapping,
+def save_model(path: str | os.PathLike, network: Any, params: Params | Mapping,
                extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``network`` and ``params`` (and an optional ``extra`` dict) to one ``.npz`` file.
 
@@ -137,9 +279,12 @@ def save_model(path: str | os.PathLike, network: ResNet, params: Params | Mappin
     path : str or path-like
         Target file. Used exactly as given (no ``.npz`` suffix is added); its
         directory must exist. An existing file is replaced atomically.
-    network : ResNet
+    network : ResNet or a network of another kind in :data:`MODEL_KINDS`
+        E.g. a :class:`ptoc.layered.LayeredNetwork`; a model whose ``network``
+        attribute is of a registered kind (a :class:`ptoc.propagator.ResNetModel`)
+        is written as that network.
     params : Params or dict of arrays
-        Validated with :meth:`ResNet.check_params` (shapes, finiteness) and stored
+        Validated with the network's ``check_params`` (shapes, finiteness) and stored
         in the network's dtype.
     extra : dict, optional
         JSON-serialisable metadata (NumPy scalars and arrays are converted to
@@ -153,6 +298,8 @@ def save_model(path: str | os.PathLike, network: ResNet, params: Params | Mappin
 
     Raises
     ------
+    TypeError
+        If ``network`` is of no registered model kind (the message lists the kinds).
     ValueError
         For parameters that do not fit the network or an ``extra`` that is not
         JSON-serialisable.
@@ -160,14 +307,20 @@ def save_model(path: str | os.PathLike, network: ResNet, params: Params | Mappin
         If the directory of ``path`` does not exist.
     """
     path = Path(path)
-    p = network.check_params(params)
+    description = network_to_dict(network)
+    _, described = _kind_of(network)
+    p = described.check_params(params)
     if extra is not None and not isinstance(extra, Mapping):
         raise ValueError(f"extra must be a dict, got {type(extra).__name__}")
+    clash = sorted(set(p) & set(_RESERVED_ENTRIES))
+    if clash:
+        raise ValueError(f"parameter names {clash} clash with the entries of a model file")
     entries: dict[str, Any] = {k: v for k, v in p.items()}
-    entries["network"] = np.array(_strict_json(network_to_dict(network), "network"))
+    entries["network"] = np.array(_strict_json(description, "network"))
     entries["extra"] = np.array(_strict_json(dict(extra or {}), "extra"))
     entries["format"] = np.array(FORMAT)
-    entries["format_version"] = np.array(FORMAT_VERSION, dtype=np.int64)
+    entries["format_version"] = np.array(1 if "kind" not in description else FORMAT_VERSION,
+                                         dtype=np.int64)
     entries["ptoc_version"] = np.array(__version__)
     _atomic_savez(path, entries)
     return path
@@ -471,7 +624,7 @@ class RunFolderLock:
                 pass
 
 
-def load_model(path: str | os.PathLike) -> tuple[ResNet, Params, dict[str, Any]]:
+def load_model(path: str | os.PathLike) -> tuple[Any, Mapping[str, np.ndarray], dict[str, Any]]:
     """Read a model written by :func:`save_model`.
 
     Parameters
@@ -480,10 +633,11 @@ def load_model(path: str | os.PathLike) -> tuple[ResNet, Params, dict[str, Any]]
 
     Returns
     -------
-    network : ResNet
-        Equal to the network that was saved.
-    params : Params
-        Bitwise equal to the saved parameters.
+    network : ResNet or a network of another kind in :data:`MODEL_KINDS`
+        Equal to (described as) the network that was saved.
+    params : Params or dict of arrays
+        Bitwise equal to the saved parameters (:class:`Params` for a ResNet, else
+        what the network's ``check_params`` returns).
     extra : dict
         The ``extra`` dict given to :func:`save_model` (empty when none was).
 
@@ -494,7 +648,7 @@ def load_model(path: str | os.PathLike) -> tuple[ResNet, Params, dict[str, Any]]
     ValueError
         If the file is not a ptoc model file (not an ``.npz``, no ``network`` entry,
         another format) or is damaged (:func:`read_npz`), is of a newer format version,
-        or is inconsistent.
+        of a model kind this ptoc does not know, or is inconsistent.
     """
     path = Path(path)
     entries = read_npz(path, "ptoc model file")
@@ -512,7 +666,12 @@ def load_model(path: str | os.PathLike) -> tuple[ResNet, Params, dict[str, Any]]
             )
         net_d = json.loads(str(entries["network"][()]))
         extra = json.loads(str(entries["extra"][()])) if "extra" in entries else {}
-        arrays = {k: entries[k] for k in PARAM_KEYS if k in entries}
+        if not isinstance(net_d, dict):
+            raise TypeError("the 'network' entry is not a JSON object")
+        if "kind" in net_d:
+            arrays = {k: v for k, v in entries.items() if k not in _RESERVED_ENTRIES}
+        else:
+            arrays = {k: entries[k] for k in PARAM_KEYS if k in entries}
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{not_ours} or is damaged ({exc})") from None
     try:
@@ -531,4 +690,3 @@ def load_model(path: str | os.PathLike) -> tuple[ResNet, Params, dict[str, Any]]
     if not isinstance(extra, dict):
         raise ValueError(f"{str(path)!r}: the 'extra' entry is not a JSON object")
     return network, params, extra
-
