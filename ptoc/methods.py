@@ -41,6 +41,9 @@ from ._checks import scalar_entry
 from .kernels import Target
 from .model import Params, ResNet
 from .optim import SGD, Adam, Optimizer
+from .parallel.driver import parallel_gradient
+from .parallel.serial import Serial
+from .propagator import Model, as_model
 from .sweeps import loss_and_grad
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "TrainingMethod",
     "check_finite_step",
     "group_state",
+    "model_loss",
 ]
 
 
@@ -59,6 +63,18 @@ class TrainingDivergedError(RuntimeError):
     not finite; :func:`ptoc.training.train` stops, keeps the last good parameters and
     reports the message."""
 
+
+def model_loss(network: ResNet | Model, params: Mapping[str, np.ndarray], X: np.ndarray,
+               y: np.ndarray, *, target: Target | str = Target.CPU) -> float:
+    """The objective ``J = Phi(x_N) + R`` of any model, read through the
+    :class:`ptoc.propagator.Model` contract (one forward sweep, no gradient).
+
+    ``X`` and ``y`` must be validated already (the model's ``check_inputs``).
+    """
+    model = as_model(network)
+    x0 = model.opening(params, X)[0]
+    xN = model.layers(params, target=target).propagate(x0)
+    return float(model.terminal(params, xN, y)[0]) + float(model.regulariser(params))
 
 def check_finite_step(value: float, grads: Mapping[str, np.ndarray]) -> None:
     """Raise :class:`TrainingDivergedError` naming a non-finite loss or the first key of
@@ -408,16 +424,22 @@ class GradientMethod(TrainingMethod):
         self._fn = None if self.grad_fn is None else GradientFunction.of(self.grad_fn)
         self.target = Target.parse(self.target)
 
-    def _objective(self, network: ResNet, params: Params, X: np.ndarray,
+    def _objective(self, network: ResNet | Model, params: Params, X: np.ndarray,
                    y: np.ndarray) -> float:
         """The objective alone (a line-search trial of ``LBFGS(value_only_trials=True)``)."""
         if self._fn is None:
+            if not isinstance(network, ResNet):
+                return model_loss(network, params, X, y, target=self.target)
             return sweeps.loss(network, params, X, y, target=self.target)
         return self._fn.value(params, X, y)
 
-    def _gradient(self, network: ResNet, params: Params, X: np.ndarray,
+    def _gradient(self, network: ResNet | Model, params: Params, X: np.ndarray,
                   y: np.ndarray) -> tuple[float, Params]:
         if self._fn is None:
+            if not isinstance(network, ResNet):
+                result = parallel_gradient(network, params, X, y, Serial(), target=self.target,
+                                           keep_states=False)
+                return result.loss, result.grads
             return loss_and_grad(network, params, X, y, target=self.target)
         value, grads = self._fn(params, X, y)
         if isinstance(network, ResNet) and not isinstance(grads, Params) \

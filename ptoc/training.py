@@ -52,6 +52,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -72,9 +73,10 @@ from tqdm.auto import tqdm
 from . import io as _io
 from ._checks import check_inputs, check_positive_int, check_real
 from .kernels import Target, backend
-from .methods import GradientMethod, TrainingDivergedError, TrainingMethod, group_state
+from .methods import GradientMethod, TrainingDivergedError, TrainingMethod, group_state, model_loss
 from .model import Params, ResNet
 from .optim import Adam, Optimizer
+from .propagator import Model, ResNetModel, as_model
 from .sweeps import accuracy, loss
 
 __all__ = [
@@ -314,7 +316,7 @@ class _Progress:
     reference_loss: float | None = None
 
 
-def _checkpoint_bytes(network: ResNet, method: TrainingMethod, params: Params, state: Any,
+def _checkpoint_bytes(network: ResNet | Model, method: TrainingMethod, params: Params, state: Any,
                       run: _Progress, identity: dict[str, Any]) -> bytes:
     """The content of ``checkpoint.npz`` for this point of the run."""
     entries: dict[str, Any] = {f"params.{k}": v for k, v in params.items()}
@@ -378,7 +380,32 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "best_params": best or None, "state": group_state(d, "state")}
 
 
-def _restore(ckpt: dict[str, Any], identity: dict[str, Any], network: ResNet,
+def _checked_params(network: ResNet | Model, arrays: Mapping[str, np.ndarray]) -> Any:
+    """Parameters read from a checkpoint, validated by the network (a ResNet's as
+    :class:`Params`, another model's as its ``check_params`` returns them)."""
+    if isinstance(network, ResNet):
+        return network.check_params(Params.from_dict(arrays))
+    return network.check_params(dict(arrays))
+
+
+def _copy_params(params: Mapping[str, np.ndarray]) -> Any:
+    """A deep copy of ``params`` (a :class:`Params` or a dict of arrays)."""
+    if isinstance(params, Params):
+        return params.copy()
+    return {k: np.array(v, copy=True) for k, v in params.items()}
+
+
+def _network_description(network: ResNet | Model) -> dict[str, Any]:
+    """:func:`ptoc.io.network_to_dict` of ``network``, with an error that says why a
+    run with an output folder needs it."""
+    try:
+        return _io.network_to_dict(network)
+    except TypeError as exc:
+        raise TypeError(f"output_dir (model.npz and checkpoints) needs a network that "
+                        f"ptoc.io can describe: {exc}") from None
+
+
+def _restore(ckpt: dict[str, Any], identity: dict[str, Any], network: ResNet | Model,
              method: TrainingMethod, epochs: int, path: Path) -> tuple[Params, Any, _Progress]:
     meta = ckpt["meta"]
     for key, what in (("network", "network"), ("method", "training method and its options"),
@@ -392,7 +419,7 @@ def _restore(ckpt: dict[str, Any], identity: dict[str, Any], network: ResNet,
         if meta["epochs_done"] > epochs:
             raise ValueError(f"cannot resume from {str(path)!r}: it has done "
                              f"{meta['epochs_done']} epochs, more than epochs={epochs}")
-        params = network.check_params(Params.from_dict(ckpt["params"]))
+        params = _checked_params(network, ckpt["params"])
         state = method.load_state(ckpt["state"], network, params)
         history = History.load_json_records(meta["history"])
         best = ckpt["best_params"]
@@ -400,7 +427,7 @@ def _restore(ckpt: dict[str, Any], identity: dict[str, Any], network: ResNet,
             epochs_done=meta["epochs_done"], steps=meta["steps"], next_batch=meta["next_batch"],
             batch_losses=list(meta["batch_losses"]), epoch_rng=meta["epoch_rng"],
             rng=meta["rng"], history=history,
-            best_params=None if best is None else network.check_params(Params.from_dict(best)),
+            best_params=None if best is None else _checked_params(network, best),
             best_epoch=meta["best_epoch"],
             best_acc=-math.inf if meta["best_acc"] is None else meta["best_acc"],
             elapsed=meta["elapsed"], reference_loss=meta.get("reference_loss"))
@@ -411,7 +438,7 @@ def _restore(ckpt: dict[str, Any], identity: dict[str, Any], network: ResNet,
 
 
 def train(
-    network: ResNet,
+    network: ResNet | Model,
     params: Params | Mapping[str, np.ndarray],
     data: Any,
     *,
@@ -435,7 +462,14 @@ def train(
 
     Parameters
     ----------
-    network : ResNet
+    network : ResNet or ptoc.propagator.Model
+        A ResNet (its compiled sweeps) or any model of the contract, e.g. a
+        :class:`ptoc.layered.LayeredNetwork` (read through :func:`ptoc.propagator.as_model`:
+        the evaluations are its opening, layers and terminal objective, and its
+        accuracy is its own ``accuracy(params, X, y)`` method, NaN when it has none).
+        With ``output_dir`` it must be of a kind :mod:`ptoc.io` can describe
+        (:data:`ptoc.io.MODEL_KINDS`); a :class:`ptoc.propagator.ResNetModel` is trained
+        as its ResNet.
     params : Params or dict of arrays
         Initial parameters (not modified), e.g. ``network.init_params(seed)``.
         Ignored when resuming (the checkpoint's are used).
@@ -532,8 +566,10 @@ def train(
     (2, 8)
     """
     t_start = time.perf_counter()
-    if not isinstance(network, ResNet):
-        raise TypeError(f"network must be a ptoc.ResNet, got {type(network).__name__}")
+    if isinstance(network, ResNetModel):
+        network = network.network
+    as_model(network)  # TypeError for anything that is neither a ResNet nor a Model
+    is_resnet = isinstance(network, ResNet)
     if method is not None:
         if optimizer is not None or grad_fn is not None:
             raise ValueError("give either method= or optimizer=/grad_fn= (the gradient "
@@ -573,15 +609,18 @@ def train(
         if not hasattr(data, attr):
             raise TypeError(f"data must have X_train, y_train, X_val, y_val (a "
                             f"ptoc.data.Dataset); it has no {attr!r}")
-    X, y = check_inputs(network, data.X_train, data.y_train)
+    inputs = (functools.partial(check_inputs, network) if is_resnet
+              else _model_inputs(network))
+    X, y = inputs(data.X_train, data.y_train)
     has_val = np.shape(data.X_val)[0] > 0
     if has_val:
-        X_val, y_val = check_inputs(network, data.X_val, data.y_val)
+        X_val, y_val = inputs(data.X_val, data.y_val)
     n = X.shape[0]
     B = check_positive_int("batch_size", batch_size, allow_none=True)
     full_batch = B is None or B >= n
     out_dir = None if output_dir is None else Path(output_dir)
     ckpt_path = None if out_dir is None else out_dir / CHECKPOINT_NAME
+    description = None if out_dir is None else _network_description(network)
     folder_lock: AbstractContextManager = nullcontext()
     if out_dir is not None and writer:
         if resume and not ckpt_path.is_file():
@@ -595,7 +634,7 @@ def train(
                               f"{folder_lock.taken_over_from}, which no longer runs",
                               RuntimeWarning, stacklevel=2)
             _io.remove_stale_temporaries(out_dir)
-        identity = {"network": _io.network_to_dict(network),
+        identity = {"network": description,
                     "method": json.loads(json.dumps(method.config(), default=_io._json_default)),
                     "batch_size": None if full_batch else B, "seed": int(seed),
                     "eval_every": eval_every, "data": _fingerprint(data)}
@@ -620,6 +659,12 @@ def train(
                 train_acc = model_eval(p, X, y)[1]
                 return (train_acc, *model_eval(p, X_val, y_val)) if has_val \
                     else (train_acc, math.nan, math.nan)
+            if not is_resnet:
+                train_acc = _model_accuracy(network, p, X, y)
+                if not has_val:
+                    return train_acc, math.nan, math.nan
+                return (train_acc, model_loss(network, p, X_val, y_val, target=target),
+                        _model_accuracy(network, p, X_val, y_val))
             train_acc = accuracy(network, p, X, y, target=target)
             if not has_val:
                 return train_acc, math.nan, math.nan
@@ -735,7 +780,7 @@ def train(
                         record.update(train_accuracy=tr_acc, val_loss=v_loss, val_accuracy=v_acc)
                         if has_val and v_acc > run.best_acc:
                             run.best_acc, run.best_epoch = v_acc, epoch
-                            run.best_params = params.copy()
+                            run.best_params = _copy_params(params)
                     record.update(method.metrics(network, params, state))
                     record["time"] = time.perf_counter() + t_offset
                     run.history.append(record)
@@ -761,8 +806,12 @@ def train(
         checkpoint()
 
         tr_acc, v_loss, v_acc = evaluate(params)
-        tr_loss = (loss(network, params, X, y, target=target) if model_eval is None
-                   else model_eval(params, X, y)[0])
+        if model_eval is not None:
+            tr_loss = model_eval(params, X, y)[0]
+        elif is_resnet:
+            tr_loss = loss(network, params, X, y, target=target)
+        else:
+            tr_loss = model_loss(network, params, X, y, target=target)
         result = TrainResult(
             params=params,
             best_params=run.best_params,
@@ -791,8 +840,9 @@ def train(
         return result
 
 
-def _write_outputs(out_dir: Path, network: ResNet, result: TrainResult, method: TrainingMethod,
-                   data: Any, *, batch_size: int | None, seed: int) -> dict[str, Path]:
+def _write_outputs(out_dir: Path, network: ResNet | Model, result: TrainResult,
+                   method: TrainingMethod, data: Any, *, batch_size: int | None,
+                   seed: int) -> dict[str, Path]:
     from .plotting import plot_history
 
     extra = {
@@ -815,6 +865,30 @@ def _write_outputs(out_dir: Path, network: ResNet, result: TrainResult, method: 
     outputs = {"model": _io.save_model(out_dir / "model.npz", network, result.params, extra)}
     outputs["history_json"] = result.history.save_json(out_dir / "history.json")
     outputs["history_csv"] = result.history.save_csv(out_dir / "history.csv")
-    title = f"{getattr(data, 'name', 'data')}: {network.describe()}"
+    title = f"{getattr(data, 'name', 'data')}: {describe_network(network)}"
     outputs["plot"] = plot_history(result.history, out_dir / "training.png", title=title)
     return outputs
+
+
+def describe_network(network: ResNet | Model) -> str:
+    """A one-line description of ``network`` for headers and plot titles: its own
+    ``describe()`` when it has one (a ResNet), else its ``repr``."""
+    own = getattr(network, "describe", None)
+    return own() if callable(own) else repr(network)
+
+
+def _model_inputs(model: Model) -> Callable[[Any, Any], tuple[np.ndarray, np.ndarray]]:
+    """``inputs(X, labels)``: the model's ``check_inputs``, with the labels as an array
+    (the batches index them)."""
+    def inputs(X, labels):
+        X, labels = model.check_inputs(X, labels)
+        return X, np.asarray(labels)
+    return inputs
+
+
+def _model_accuracy(network: Model, params: Mapping[str, np.ndarray], X: np.ndarray,
+                    y: np.ndarray) -> float:
+    """The model's own ``accuracy(params, X, y)`` (a classifier's), NaN when it has none:
+    the :class:`ptoc.propagator.Model` contract has a loss but no notion of a class."""
+    own = getattr(network, "accuracy", None)
+    return float(own(params, X, y)) if callable(own) else math.nan
