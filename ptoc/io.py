@@ -167,12 +167,17 @@ def register_model_kind(name: str, cls: type, fields: tuple[str, ...]) -> ModelK
 
 def _kind_of(network: Any) -> tuple[ModelKind, Any]:
     """The registered kind of ``network`` (or of its ``network`` attribute, as a
-    :class:`ptoc.propagator.ResNetModel` has) and the object it describes."""
+    :class:`ptoc.propagator.ResNetModel` has) and the object it describes: of the kinds
+    whose class the object is an instance of, the one nearest in its class's MRO (a
+    subclass registered as its own kind is described as that kind)."""
     for obj in (network, getattr(network, "network", None)):
-        for kind in MODEL_KINDS.values():
-            cls = kind.find_class()
-            if cls is not None and obj is not None and isinstance(obj, cls):
-                return kind, obj
+        if obj is None:
+            continue
+        mro = type(obj).__mro__
+        found = [(mro.index(cls), kind) for kind in MODEL_KINDS.values()
+                 if (cls := kind.find_class()) is not None and cls in mro]
+        if found:
+            return min(found, key=lambda pair: pair[0])[1], obj
     raise TypeError(f"ptoc.io cannot describe a {type(network).__name__}: the model kinds it "
                     f"knows are {', '.join(MODEL_KINDS)} (ptoc.io.MODEL_KINDS; add one with "
                     "ptoc.io.register_model_kind)")
@@ -218,8 +223,11 @@ def network_to_dict(network: Any) -> dict[str, Any]:
     if kind.name == "resnet":
         return d
     d = {"kind": kind.name, **d}
-    rebuilt = network_from_dict(json.loads(json.dumps(d)))
-    again = {f: _plain(getattr(rebuilt, f)) for f in kind.fields}
+    try:
+        rebuilt = network_from_dict(json.loads(json.dumps(d)))
+        again = {f: _plain(getattr(rebuilt, f)) for f in kind.fields}
+    except (TypeError, ValueError) as exc:
+        again = f"not rebuilt ({type(exc).__name__}: {exc})"
     if json.dumps(again) != json.dumps({f: d[f] for f in kind.fields}):
         raise ValueError(f"the {kind.name!r} network {obj!r} is not described by its "
                          f"fields {list(kind.fields)}: rebuilt, it has {again}")
