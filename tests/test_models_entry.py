@@ -163,3 +163,92 @@ def test_propagator_model_is_not_mistaken_for_a_registered_kind():
     assert isinstance(model, PropagatorModel)
     with pytest.raises(TypeError, match="register_model_kind"):
         network_to_dict(model)
+
+
+# --- ptoc train --model ---------------------------------------------------------------------------
+
+def test_cli_trains_a_layered_network_on_mnist(tmp_path, capsys):
+    from ptoc.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", "mnist", "--model", "layered", "--widths", "784,8,10",
+            "--epochs", "1", "--batch-size", "400", "--lr", "0.01", "--quiet",
+            "--output", str(out)]
+    assert main(argv) == 0
+    assert "validation accuracy" in capsys.readouterr().out
+    net, params, extra = load_model(out / "model.npz")
+    assert isinstance(net, LayeredNetwork) and net.widths == (784, 8, 10)
+    assert extra["data"] == "mnist" and extra["steps"] == 10
+    assert json.loads((out / "history.json").read_text())[0]["val_accuracy"] > 0.3
+
+
+def test_cli_resumes_a_layered_run_with_its_model_options(tmp_path):
+    from ptoc.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "layered", "--widths", "2,6,5", "--activation", "tanh",
+            "--epochs", "1", "--batch-size", "100", "--quiet", "--output", str(out)]
+    assert main(argv) == 0
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
+    net, _, extra = load_model(out / "model.npz")
+    assert net.widths == (2, 6, 5) and net.activation.value == "tanh"
+    assert extra["epochs"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "layered", "--width", "4"], "argument --width: only applies to --model resnet,"
+                                              " not layered"),
+    (["--model", "layered", "--depth", "4"], "argument --depth: only applies to --model resnet "
+                                              "or conv, not layered"),
+    (["--channels", "3"], "argument --channels: only applies to --model conv, not resnet"),
+    (["--widths", "2,4,5"], "argument --widths: only applies to --model layered, not resnet"),
+    (["--model", "layered", "--widths", "3,4"], "argument --widths: must run from the peaks "
+                                                "data set's 2 inputs to its 5 classes"),
+    (["--model", "layered", "--widths", "2,x,5"], "argument --widths: must be integers"),
+    (["--model", "layered", "--method", "node"], "argument --method node: trains the neural "
+                                                 "ODE of a dense ResNet"),
+    (["--model", "layered", "--method", "simultaneous"], "--model layered has none"),
+    (["--model", "layered", "--method", "pgcl"], "--model layered has none"),
+])
+def test_cli_refuses_options_the_model_does_not_read(tmp_path, capsys, argv, message):
+    from ptoc.cli import main
+
+    assert main(["train", *argv, "--epochs", "1", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_conv_model_is_refused_until_ptoc_has_convresnet(tmp_path, capsys, monkeypatch):
+    from ptoc.cli import main
+
+    monkeypatch.delattr(ptoc, "ConvResNet", raising=False)
+    argv = ["train", "--data", "digits", "--model", "conv", "--channels", "2", "--epochs", "1",
+            "--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "argument --model conv: this ptoc has no ptoc.ConvResNet" in capsys.readouterr().err
+
+
+def test_cli_builds_the_conv_model_the_way_convresnet_is_specified(tmp_path, capsys,
+                                                                    monkeypatch):
+    """The code path for ptoc.ConvResNet, with a stand-in of its constructor (the real
+    class trains through the same contract): the call the CLI makes, and peaks refused
+    (not images)."""
+    from ptoc.cli import main
+
+    calls = []
+
+    def stand_in(**kwargs):
+        calls.append(kwargs)
+        raise ValueError("stand-in, not a network")
+
+    monkeypatch.setattr(ptoc, "ConvResNet", stand_in, raising=False)
+    argv = ["train", "--data", "digits", "--model", "conv", "--channels", "3", "--depth", "2",
+            "--T", "0.5", "--activation", "relu", "--epochs", "1", "--output", str(tmp_path)]
+    assert main(argv) == 2
+    assert calls == [dict(channels=3, depth=2, T=0.5, activation="relu", image_shape=(1, 8, 8),
+                          n_classes=10)]
+    assert "invalid network for the digits data set: stand-in" in capsys.readouterr().err
+    assert main(["train", "--model", "conv", "--epochs", "1", "--output", str(tmp_path)]) == 2
+    assert "needs image data (--data mnist or digits), not --data peaks" in \
+        capsys.readouterr().err

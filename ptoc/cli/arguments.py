@@ -91,31 +91,34 @@ def unit_float(text: str) -> float:
 
 def refuse_unread_options(args: argparse.Namespace, method: str,
                           reads: Mapping[str, Sequence[str]],
-                          defaults: Mapping[str, Any]) -> None:
-    """Options given that ``--method`` does not read are an error, not silently ignored.
+                          defaults: Mapping[str, Any], *, choice: str = "--method") -> None:
+    """Options given that the chosen ``--method`` (or another ``choice``, e.g. ``--model``)
+    does not read are an error, not silently ignored.
 
     Parameters
     ----------
     args : argparse.Namespace
         The parsed options.
     method : str
-        The chosen ``--method``.
+        The chosen value of ``choice``.
     reads : mapping of str to sequence of str
-        For each method, the names (``dest``) of the method-specific options it reads.
+        For each value, the names (``dest``) of the value-specific options it reads.
     defaults : mapping of str to object
-        Every method-specific option's default; an option whose value differs from it
+        Every value-specific option's default; an option whose value differs from it
         was given.
+    choice : str
+        The option that picks the value (default ``--method``).
 
     Raises
     ------
     CLIError
-        ``argument --<option>: only applies to --method <those that read it>, not <method>``.
+        ``argument --<option>: only applies to <choice> <those that read it>, not <method>``.
     """
     for name, default in defaults.items():
         if name not in reads[method] and getattr(args, name) != default:
             users = [m for m, opts in reads.items() if name in opts]
             flag = "--" + name.replace("_", "-")
-            raise CLIError(f"argument {flag}: only applies to --method "
+            raise CLIError(f"argument {flag}: only applies to {choice} "
                            + " or ".join(users) + f", not {method}")
 
 

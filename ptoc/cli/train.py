@@ -1,10 +1,12 @@
-"""``ptoc train``: train a ResNet and write the model, its history, a plot and checkpoints.
+"""``ptoc train``: train a model and write it, its history, a plot and checkpoints.
 
 With no options it trains width 8, depth 32, ``T = 5``, tanh, on Peaks with Adam
 (``lr = 3e-3``, batch 50, 100 epochs) on exact serial gradients, which reaches about
 96-99% validation accuracy in well under a minute on two cores. ``--method`` picks one
 of the training methods (``--method`` alone lists them); ``--resume DIR`` continues a
-run from its checkpoint.
+run from its checkpoint. ``--model`` picks the network: the dense ResNet (default), a
+layered network of ``--widths`` (:class:`ptoc.layered.LayeredNetwork`) or a convolutional
+ResNet of ``--channels`` (``ptoc.ConvResNet``, on image data, where this ptoc has it).
 """
 
 from __future__ import annotations
@@ -56,6 +58,37 @@ METHODS = {
                "maximiser with a moving average of M and sparsity weight --lam",
     "binary": "Li & Hao: weights a_n W_n with W_n in {-1,+1}, closed-form Hamiltonian maximiser",
 }
+
+#: ``ptoc train --model`` choices, with their one-line description.
+MODELS = {
+    "resnet": "the dense ResNet x + h sigma(K x + b) of --width, --depth, --T (the default)",
+    "layered": "dense layers of --widths with batch normalisation (Li & Hao's network)",
+    "conv": "the convolutional ResNet of --channels, --depth, --T on images (mnist, digits)",
+}
+
+#: Defaults of the options that only some models read.
+MODEL_OPTION_DEFAULTS = {
+    "width": 8, "depth": 32, "T": 5.0, "opening": "dense", "gamma": 1e-4, "gamma_t": 1e-4,
+    "gamma_c": 1e-4, "dtype": "float64", "init_scale": 1.0, "init_layers": "independent",
+    "widths": None, "channels": 4,
+}
+
+#: Which of :data:`MODEL_OPTION_DEFAULTS` each model reads.
+MODEL_OPTIONS = {
+    "resnet": ("width", "depth", "T", "opening", "gamma", "gamma_t", "gamma_c", "dtype",
+               "init_scale", "init_layers"),
+    "layered": ("widths",),
+    "conv": ("channels", "depth", "T"),
+}
+
+#: Image shape (channels, height, width) of each data set a convolutional model takes.
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "digits": (1, 8, 8)}
+
+#: Hidden widths of ``--model layered`` when ``--widths`` is not given.
+DEFAULT_HIDDEN = (64, 64)
+
+#: Methods that need a model whose layers have a coarse grid (a step standing for several).
+COARSE_GRID_METHODS = ("simultaneous", "pgcl")
 
 #: Methods whose steps reuse the previous step's layer-space solution: full batch by default.
 FULL_BATCH_METHODS = ("simultaneous", "pgcl")
@@ -112,13 +145,14 @@ def add_parser(sub) -> None:
     """Register the ``train`` subcommand on the subparsers ``sub``."""
     t = sub.add_parser(
         "train",
-        help="train a ResNet and write model, history and plot",
+        help="train a model and write it, its history and plot",
         description=(
-            "Train a residual network (forward-Euler ResNet, docs/theory/resnet.md) with\n"
-            "mini-batch Adam or SGD on exact serial adjoint gradients. The training set\n"
+            "Train a residual network (forward-Euler ResNet, docs/theory/resnet.md), or\n"
+            "another --model, with mini-batch Adam or SGD on exact serial adjoint\n"
+            "gradients, or another --method. The training set\n"
             "is reshuffled every epoch with numpy.random.default_rng(--seed); the\n"
             "initial parameters are ResNet.init_params(--seed, --init-scale,\n"
-            "--init-layers).\n\n"
+            "--init-layers); of the other models, their init_params(--seed).\n\n"
             "Outputs (in --output): model.npz (load with ptoc.io.load_model),\n"
             "history.json and history.csv (per epoch: epoch, steps, train_loss,\n"
             "train_accuracy, val_loss, val_accuracy, time) and training.png.\n"
@@ -137,9 +171,19 @@ def add_parser(sub) -> None:
     g.add_argument("--data-seed", type=nonnegative_int, default=0,
                    help="seed of the data set's sampling/split")
     g = t.add_argument_group("network")
-    g.add_argument("--width", type=positive_int, default=8, help="state dimension d")
-    g.add_argument("--depth", type=positive_int, default=32, help="number of residual layers N")
-    g.add_argument("--T", type=positive_float, default=5.0, help="final time (step h = T/N)")
+    g.add_argument("--model", choices=tuple(MODELS), default="resnet",
+                   help="the network: " + "; ".join(f"{k}: {v}" for k, v in MODELS.items()))
+    g.add_argument("--widths", default=MODEL_OPTION_DEFAULTS["widths"], metavar="D0,D1,...,DN",
+                   help="layered: the widths from the inputs to the classes, e.g. "
+                   "784,256,256,10 (default: inputs,"
+                   + ",".join(map(str, DEFAULT_HIDDEN)) + ",classes)")
+    g.add_argument("--channels", type=positive_int, default=MODEL_OPTION_DEFAULTS["channels"],
+                   help="conv: channels of the state")
+    g.add_argument("--width", type=positive_int, default=8, help="resnet: state dimension d")
+    g.add_argument("--depth", type=positive_int, default=32,
+                   help="resnet, conv: number of residual layers N")
+    g.add_argument("--T", type=positive_float, default=5.0,
+                   help="resnet, conv: final time (step h = T/N)")
     g.add_argument("--activation", choices=("tanh", "relu", "smoothrelu"), default="tanh",
                    help="activation sigma")
     g.add_argument("--opening", choices=("dense", "identity"), default="dense",
@@ -283,14 +327,23 @@ def _node_grad_fn(args: argparse.Namespace, network):
 def _method(args: argparse.Namespace, network, optimizer):
     """The :class:`ptoc.methods.TrainingMethod` of ``--method`` and its options."""
     from ptoc.methods import GradientMethod
+    from ptoc.propagator import as_model
 
     refuse_unread_options(args, args.method, METHOD_OPTIONS, METHOD_OPTION_DEFAULTS)
+    if args.method == "node" and args.model != "resnet":
+        raise CLIError(f"argument --method node: trains the neural ODE of a dense ResNet "
+                       f"(--model resnet), not --model {args.model}")
+    if args.method in COARSE_GRID_METHODS and args.model == "layered":
+        raise CLIError(f"argument --method {args.method}: needs layers with a coarse grid, and "
+                       "--model layered has none (its widths change from layer to layer); use "
+                       "--method serial, msa, emsa, ternary or binary")
+    n_layers = as_model(network).n_layers
     if args.method == "pgcl":
         from ptoc.pgcl import PGCL
 
-        if args.ranks > network.depth:
+        if args.ranks > n_layers:
             raise CLIError(f"argument --ranks: --method pgcl needs at most one rank per layer "
-                         f"({network.depth}), got {args.ranks}")
+                         f"({n_layers}), got {args.ranks}")
         try:
             return PGCL(optimizer, local_steps=args.local_steps, coarse=args.coarse_weights,
                         cold_start=args.cold_start,
@@ -324,12 +377,13 @@ def _grad_fn(args: argparse.Namespace, network):
         return _node_grad_fn(args, network)
     from ptoc.parallel import MGRIT
     from ptoc.parallel.driver import check_layout
+    from ptoc.propagator import as_model
     from ptoc.simultaneous import SimultaneousGradient
 
     try:
         solver = MGRIT(coarsening=args.coarsening, max_iterations=args.mgrit_iterations,
                        tol=1e-13)
-        check_layout(solver, network.depth, args.ranks)
+        check_layout(solver, as_model(network).n_layers, args.ranks)
     except ValueError as exc:
         raise CLIError(f"--method simultaneous: {exc}") from None
     return SimultaneousGradient(network, solver, comm=None if args.ranks == 1 else args.ranks,
@@ -461,6 +515,7 @@ def run(args: argparse.Namespace) -> int:
         backend(args.target)
     except (ImportError, ValueError) as exc:
         raise CLIError(f"argument --target {args.target}: {exc}") from None
+    _check_model(args)
     try:
         if args.data == "peaks":
             data = ptoc.data.peaks(seed=args.data_seed)
@@ -470,14 +525,7 @@ def run(args: argparse.Namespace) -> int:
             data = ptoc.data.mnist(seed=args.data_seed)
     except ImportError as exc:
         raise CLIError(str(exc)) from None
-    try:
-        network = ptoc.ResNet(
-            width=args.width, depth=args.depth, T=args.T, activation=args.activation,
-            n_in=data.n_in, n_classes=data.n_classes, opening=args.opening,
-            gamma=args.gamma, gamma_t=args.gamma_t, gamma_c=args.gamma_c, dtype=args.dtype,
-        )
-    except ValueError as exc:
-        raise CLIError(f"invalid network for the {args.data} data set: {exc}") from None
+    network = _network(args, data)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     if args.optimizer == "sgd":
         hyper = {"lr": lr, "momentum": args.momentum, "nesterov": args.nesterov}
@@ -494,8 +542,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     method = _method(args, network, optimizer)
-    params = network.init_params(args.seed, scale=args.init_scale,
-                                 layers=args.init_layers)
+    if args.model == "resnet":
+        params = network.init_params(args.seed, scale=args.init_scale,
+                                     layers=args.init_layers)
+    else:
+        params = network.init_params(args.seed)
     output = Path(args.output) if args.output is not None else _default_output()
     resume = args.resume is not None
     with _claimed_output(args, output, resume):
@@ -509,17 +560,72 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"argument --output: {exc}") from None
 
 
+def _layered_widths(args: argparse.Namespace, data) -> tuple[int, ...]:
+    """``--widths`` as integers, from the data's inputs to its classes."""
+    if args.widths is None:
+        return (data.n_in, *DEFAULT_HIDDEN, data.n_classes)
+    try:
+        widths = tuple(int(part) for part in args.widths.split(","))
+    except ValueError:
+        raise CLIError(f"argument --widths: must be integers separated by commas, e.g. "
+                       f"{data.n_in},64,{data.n_classes}, got {args.widths!r}") from None
+    if len(widths) < 2 or widths[0] != data.n_in or widths[-1] != data.n_classes:
+        raise CLIError(f"argument --widths: must run from the {args.data} data set's "
+                       f"{data.n_in} inputs to its {data.n_classes} classes (e.g. "
+                       f"{data.n_in},64,{data.n_classes}), got {args.widths!r}")
+    return widths
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    """Refuse, before any work, options ``--model`` does not read and a model this ptoc
+    or the data set cannot give (``--model conv``: ``ptoc.ConvResNet`` and image data)."""
+    import ptoc
+
+    refuse_unread_options(args, args.model, MODEL_OPTIONS, MODEL_OPTION_DEFAULTS,
+                          choice="--model")
+    if args.model == "conv":
+        if getattr(ptoc, "ConvResNet", None) is None:
+            raise CLIError("argument --model conv: this ptoc has no ptoc.ConvResNet (the "
+                           "convolutional ResNet); use --model resnet or layered")
+        if args.data not in IMAGE_SHAPES:
+            raise CLIError(f"argument --model conv: needs image data (--data "
+                           f"{' or '.join(IMAGE_SHAPES)}), not --data {args.data}")
+
+
+def _network(args: argparse.Namespace, data):
+    """The network of ``--model`` and its options (checked by :func:`_check_model`), for
+    ``data``."""
+    import ptoc
+
+    try:
+        if args.model == "layered":
+            from ptoc.layered import LayeredNetwork
+
+            return LayeredNetwork(_layered_widths(args, data), activation=args.activation)
+        if args.model == "conv":
+            return ptoc.ConvResNet(channels=args.channels, depth=args.depth, T=args.T,
+                        activation=args.activation, image_shape=IMAGE_SHAPES[args.data],
+                        n_classes=data.n_classes)
+        return ptoc.ResNet(
+            width=args.width, depth=args.depth, T=args.T, activation=args.activation,
+            n_in=data.n_in, n_classes=data.n_classes, opening=args.opening,
+            gamma=args.gamma, gamma_t=args.gamma_t, gamma_c=args.gamma_c, dtype=args.dtype,
+        )
+    except ValueError as exc:
+        raise CLIError(f"invalid network for the {args.data} data set: {exc}") from None
+
+
 def _train_and_report(args: argparse.Namespace, network, params, data, method, hyper: dict,
                       output: Path, say) -> int:
     """Train into the claimed ``output`` folder, print the result; return the exit code."""
-    from ptoc.training import CHECKPOINT_NAME, train
+    from ptoc.training import CHECKPOINT_NAME, describe_network, train
 
     resume = args.resume is not None
     grad_fn = getattr(method, "grad_fn", None)
 
     n_train, n_val = data.X_train.shape[0], data.X_val.shape[0]
     batch = "full" if args.batch_size is None else args.batch_size
-    say(f"ptoc: training {network.describe()} on {data.name} ({n_train} training, "
+    say(f"ptoc: training {describe_network(network)} on {data.name} ({n_train} training, "
         f"{n_val} validation samples)")
     opt_desc = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in hyper.items())
