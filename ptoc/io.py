@@ -47,6 +47,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -121,9 +122,9 @@ def _layered_class() -> type:
 
 
 def _conv_class() -> type | None:
-    import ptoc
-
-    return getattr(ptoc, "ConvResNet", None)
+    """``ptoc.ConvResNet``, None where this ptoc has none (the package ``ptoc`` is
+    imported whenever this module is)."""
+    return getattr(sys.modules["ptoc"], "ConvResNet", None)
 
 
 #: The model kinds, by name (see the module docstring); extend with

@@ -350,7 +350,9 @@ class _CallableGradient(GradientFunction):
 class GradientMethod(TrainingMethod):
     """``params <- optimizer.update(params, grad_fn(params, X, y))``.
 
-    The gradient is the exact discrete adjoint by default, or an inexact
+    The gradient is the exact discrete adjoint by default (a ResNet's compiled sweeps;
+    for any other :class:`ptoc.propagator.Model`, the serial sweep of its propagator,
+    :func:`ptoc.parallel.parallel_gradient` with :class:`ptoc.Serial`), or an inexact
     layer-parallel one: simultaneous training (Günther et al. 2020) or the parareal
     neural ODE (Lorin 2020). Theory:
     :doc:`/theory/adjoint`, :doc:`/theory/simultaneous`, :doc:`/theory/node`.

@@ -181,7 +181,7 @@ def add_parser(sub) -> None:
                    help="conv: channels of the state")
     g.add_argument("--width", type=positive_int, default=8, help="resnet: state dimension d")
     g.add_argument("--depth", type=positive_int, default=32,
-                   help="resnet, conv: number of residual layers N")
+                   help="resnet, conv: residual layers N")
     g.add_argument("--T", type=positive_float, default=5.0,
                    help="resnet, conv: final time (step h = T/N)")
     g.add_argument("--activation", choices=("tanh", "relu", "smoothrelu"), default="tanh",
