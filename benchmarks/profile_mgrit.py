@@ -33,8 +33,8 @@ import bench_pymgrit as bench  # noqa: E402 - benchmarks/bench_pymgrit.py
 import numpy as np  # noqa: E402
 
 import ptoc  # noqa: E402
+from ptoc import propagator as _propagator  # noqa: E402
 from ptoc.parallel import mgrit as _mgrit  # noqa: E402
-from ptoc.parallel import problem as _problem  # noqa: E402
 from ptoc.parallel.driver import parallel_forward  # noqa: E402
 
 PHASES = ("solve", "_f_relax", "_c_relax", "_c_relax_with_residual", "_restrict", "_correct")
@@ -48,7 +48,7 @@ def _instrument(times: dict, calls: collections.Counter, steps: collections.Coun
 
         def timed(self, *args, **kwargs):
             if is_kernel:
-                key = f"{name} (level {self.level})"
+                key = f"{name} (level {self.plan.level})"
                 n = (int(np.sum(np.asarray(args[3]) - np.asarray(args[2]) + 1))
                      if name == "runs" else len(args[1]))
                 steps[key] += n
@@ -64,7 +64,7 @@ def _instrument(times: dict, calls: collections.Counter, steps: collections.Coun
     for name in PHASES:
         wrap(_mgrit.MGRITSolve, name, False)
     for name in KERNELS:
-        wrap(_problem.ResNetLevelSteps, name, True)
+        wrap(_propagator.ResNetLevelSteps, name, True)
 
 
 def main(argv=None) -> int:

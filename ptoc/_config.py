@@ -88,6 +88,13 @@ CPU_MIN_ITEMS: int = 4
 #: second thread gains (measured: d = 16, S = 32, 2 threads).
 CPU_MIN_LANES: int = 16
 
+#: Scratch slots per Numba thread of the CPU level kernels (the batched steps of the
+#: layer-parallel solvers): a call's tasks (one run or point on one work item each) are
+#: shared out in contiguous ranges over at most this many slots per thread, each with
+#: its own scratch tiles, so a relaxation of hundreds of runs reuses a few tiles.
+#: Changes no result (every sample is computed by the same instructions in any slot).
+CPU_SLOTS_PER_THREAD: int = 4
+
 #: Bytes of gradient partials (one ``(d, d)`` matrix per chunk and layer) that the CPU
 #: adjoint sweep keeps before adding them up: it processes ``CPU_PARTIAL_BYTES //
 #: (n_chunks * (d*d + d) * itemsize)`` layers (at least one) per parallel loop.

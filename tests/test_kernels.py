@@ -466,6 +466,60 @@ def test_cpu_level_kernels_are_bitwise_independent_of_threads_and_work_split(S, 
     _assert_all_bitwise_equal(results)
 
 
+@pytest.mark.parametrize("S, d, chunk", [(32, 16, 32), (45, 7, 16)])
+def test_cpu_level_kernels_are_bitwise_independent_of_how_tasks_share_scratch(S, d, chunk):
+    # a level kernel shares its tasks (one run or point on one work item each) over a
+    # few scratch slots: one slot running every task in turn must give the bits of one
+    # slot per task
+    from ptoc import _config
+
+    rng = np.random.default_rng(12)
+    u, g, K, b, dt, X = _level_problem(rng, S, d, 9)
+    starts, ends = np.array([1, 3, 5, 7], np.int64), np.array([1, 3, 6, 8], np.int64)
+    points = np.arange(1, 9)
+    cpu = kernels.backend("cpu")
+    old = _config.CPU_SLOTS_PER_THREAD
+    results = []
+    try:
+        for _ in _thread_counts():
+            for slots in (1, 2, 64):
+                _config.CPU_SLOTS_PER_THREAD = slots
+                results.append(_level_calls(cpu, u, g, K, b, dt, X, 0, starts, ends, points,
+                                            chunk))
+    finally:
+        _config.CPU_SLOTS_PER_THREAD = old
+    _assert_all_bitwise_equal(results)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_cpu_level_runs_equal_the_serial_sweeps_bitwise(act):
+    # a level-0 run over every layer is the serial sweep: the same bits, state and adjoint
+    rng = np.random.default_rng(13)
+    N, S, d, h = 12, 32, 16, 0.1
+    X, K, b, lam = _deep(rng, S, d, N)
+    cpu = kernels.backend("cpu")
+    states = np.empty((N + 1, S, d))
+    states[0] = X
+    cpu.forward_sweep(states, K, b, h, act.code, None, 32)
+    pad = np.zeros((1, d, d)), np.zeros((1, d))
+    Kl, bl = np.concatenate([pad[0], K]), np.concatenate([pad[1], b])
+    dt = np.full(N + 1, h)
+    u = np.zeros_like(states)
+    u[0] = X
+    cpu.state_runs(u, None, Kl, bl, dt, act.code, [1], [N], 32)
+    assert np.array_equal(u, states)
+    lams = np.empty_like(states)
+    cpu.adjoint_sweep(states, lam, K, b, h, act.code, None, None, None, lams, 32)
+    # adjoint step k is layer N - k at the state x_{N-k}
+    Kb, bb = np.concatenate([pad[0], K[::-1]]), np.concatenate([pad[1], b[::-1]])
+    Xb = np.concatenate([np.zeros((1, S, d)), states[N - 1::-1]])
+    v = np.zeros_like(states)
+    v[0] = lam
+    cpu.adjoint_runs(v, None, Xb, Kb, np.ascontiguousarray(np.swapaxes(Kb, 1, 2)), bb, dt,
+                     act.code, [1], [N], 32)
+    assert np.array_equal(v, lams[::-1])
+
+
 def test_cpu_sweeps_in_float32():
     rng = np.random.default_rng(9)
     X, K, b, lam = _deep(rng, 70, 9, 4, dtype=np.float32)

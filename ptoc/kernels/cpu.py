@@ -68,11 +68,13 @@ from __future__ import annotations
 
 import functools
 
+import numba
 import numpy as np
 from numba import prange
 from numba.extending import register_jitable
 
 from .. import _config, _maths
+from .._workspace import Workspace
 from . import _cache
 
 for _f in _maths.CPU_FUNCTIONS:  # activation and tanh; the sums are the tile loops below
@@ -637,41 +639,74 @@ def _hamiltonian(x, p, K, b, h, act, chunk):
 # and run in parallel, each work item of samples keeping its tile across a run's steps; the
 # arithmetic of each step is that of the sweeps above, bit for bit.
 
+@_jit()
+def _store_add_t(tile, g_rows, has_g, rows, lo, m):
+    """``tile[j, t] += g_rows[lo + t, j]`` if ``has_g``, then transpose out,
+    ``rows[lo + t, j] = tile[j, t]``: the end of a level step, in one pass (the addition
+    is that of ``_add_rows_t``, done while the entries are stored)."""
+    d = rows.shape[1]
+    if has_g:
+        for t in range(m):
+            r = rows[lo + t]
+            gr = g_rows[lo + t]
+            for j in range(d):
+                v = tile[j, t] + gr[j]
+                tile[j, t] = v
+                r[j] = v
+    else:
+        _store_t(tile, rows, lo, m)
+
+
+@_jit()
+def _slot_tasks(p, n_slots, n_tasks):
+    """Tasks ``lo .. hi-1`` of slot ``p`` when ``n_tasks`` are shared by ``n_slots`` slots in
+    contiguous, nearly equal ranges."""
+    return p * n_tasks // n_slots, (p + 1) * n_tasks // n_slots
+
+
 @_jit(parallel=True)
-def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W):
+def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W, tiles):
+    """Runs of state steps. Task ``q`` is run ``q // n_items`` on work item ``q % n_items``;
+    the tasks are shared by the slots of ``tiles`` (one scratch pair per slot, reused
+    by the slot's tasks), so the call allocates nothing."""
     n, S, d = u.shape
     n_items = (S + W - 1) // W
-    for q in prange(len(starts) * n_items):
-        r = q // n_items
-        lo = (q % n_items) * W
-        m = min(S, lo + W) - lo
-        x = np.empty((d, _row_len(W)), u.dtype)
-        a = np.empty((d, _row_len(W)), u.dtype)
-        gt = np.empty((d, _row_len(W)), u.dtype)
-        _load_t(u[starts[r] - 1], lo, m, x)
-        for k in range(starts[r], ends[r] + 1):
+    n_tasks = len(starts) * n_items
+    n_slots = tiles.shape[0]
+    for p in prange(n_slots):
+        x = tiles[p, 0]
+        a = tiles[p, 1]
+        q0, q1 = _slot_tasks(p, n_slots, n_tasks)
+        for q in range(q0, q1):
+            r = q // n_items
+            lo = (q % n_items) * W
+            m = min(S, lo + W) - lo
+            _load_t(u[starts[r] - 1], lo, m, x)
+            for k in range(starts[r], ends[r] + 1):
+                _preact_t(K[k], b[k], x, a, m)
+                _activate_t(a, x, dt[k], act, m)
+                _store_add_t(x, g[k], has_g, u[k], lo, m)
+
+
+@_jit(parallel=True)
+def _state_points(u, K, b, dt, act, positions, out, W, tiles):
+    n, S, d = u.shape
+    n_items = (S + W - 1) // W
+    n_tasks = len(positions) * n_items
+    n_slots = tiles.shape[0]
+    for p in prange(n_slots):
+        x = tiles[p, 0]
+        a = tiles[p, 1]
+        q0, q1 = _slot_tasks(p, n_slots, n_tasks)
+        for q in range(q0, q1):
+            r = q // n_items
+            lo = (q % n_items) * W
+            m = min(S, lo + W) - lo
+            k = positions[r]
+            _load_t(u[k - 1], lo, m, x)
             _preact_t(K[k], b[k], x, a, m)
             _activate_t(a, x, dt[k], act, m)
-            if has_g:
-                _add_rows_t(g[k], lo, m, gt, x)
-            _store_t(x, u[k], lo, m)
-
-
-@_jit(parallel=True)
-def _state_points(u, K, b, dt, act, positions, out, W):
-    n, S, d = u.shape
-    n_items = (S + W - 1) // W
-    for q in prange(len(positions) * n_items):
-        r = q // n_items
-        lo = (q % n_items) * W
-        m = min(S, lo + W) - lo
-        k = positions[r]
-        x = np.empty((d, _row_len(W)), u.dtype)
-        a = np.empty((d, _row_len(W)), u.dtype)
-        _load_t(u[k - 1], lo, m, x)
-        _preact_t(K[k], b[k], x, a, m)
-        _activate_t(a, x, dt[k], act, m)
-        _store_t(x, out[r], lo, m)
+            _store_t(x, out[r], lo, m)
 
 
 @_jit()
@@ -685,41 +720,47 @@ def _adjoint_tile_step(X, K, KT, b, dt, act, k, lam, x, g, acc, lo, m):
 
 
 @_jit(parallel=True)
-def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W):
+def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles):
     n, S, d = lam.shape
     n_items = (S + W - 1) // W
-    for q in prange(len(starts) * n_items):
-        r = q // n_items
-        lo = (q % n_items) * W
-        m = min(S, lo + W) - lo
-        lt = np.empty((d, _row_len(W)), lam.dtype)
-        x = np.empty((d, _row_len(W)), lam.dtype)
-        gg = np.empty((d, _row_len(W)), lam.dtype)
-        acc = np.empty((d, _row_len(W)), lam.dtype)
-        _load_t(lam[starts[r] - 1], lo, m, lt)
-        for k in range(starts[r], ends[r] + 1):
-            _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
-            if has_g:
-                _add_rows_t(g[k], lo, m, gg, lt)
-            _store_t(lt, lam[k], lo, m)
+    n_tasks = len(starts) * n_items
+    n_slots = tiles.shape[0]
+    for p in prange(n_slots):
+        lt = tiles[p, 0]
+        x = tiles[p, 1]
+        gg = tiles[p, 2]
+        acc = tiles[p, 3]
+        q0, q1 = _slot_tasks(p, n_slots, n_tasks)
+        for q in range(q0, q1):
+            r = q // n_items
+            lo = (q % n_items) * W
+            m = min(S, lo + W) - lo
+            _load_t(lam[starts[r] - 1], lo, m, lt)
+            for k in range(starts[r], ends[r] + 1):
+                _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
+                _store_add_t(lt, g[k], has_g, lam[k], lo, m)
 
 
 @_jit(parallel=True)
-def _adjoint_points(lam, X, K, KT, b, dt, act, positions, out, W):
+def _adjoint_points(lam, X, K, KT, b, dt, act, positions, out, W, tiles):
     n, S, d = lam.shape
     n_items = (S + W - 1) // W
-    for q in prange(len(positions) * n_items):
-        r = q // n_items
-        lo = (q % n_items) * W
-        m = min(S, lo + W) - lo
-        k = positions[r]
-        lt = np.empty((d, _row_len(W)), lam.dtype)
-        x = np.empty((d, _row_len(W)), lam.dtype)
-        gg = np.empty((d, _row_len(W)), lam.dtype)
-        acc = np.empty((d, _row_len(W)), lam.dtype)
-        _load_t(lam[k - 1], lo, m, lt)
-        _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
-        _store_t(lt, out[r], lo, m)
+    n_tasks = len(positions) * n_items
+    n_slots = tiles.shape[0]
+    for p in prange(n_slots):
+        lt = tiles[p, 0]
+        x = tiles[p, 1]
+        gg = tiles[p, 2]
+        acc = tiles[p, 3]
+        q0, q1 = _slot_tasks(p, n_slots, n_tasks)
+        for q in range(q0, q1):
+            r = q // n_items
+            lo = (q % n_items) * W
+            m = min(S, lo + W) - lo
+            k = positions[r]
+            _load_t(lam[k - 1], lo, m, lt)
+            _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
+            _store_t(lt, out[r], lo, m)
 
 
 @_jit(parallel=True)
@@ -857,26 +898,48 @@ def _idx(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
+#: Scratch tiles of the level kernels, reused across calls (per calling thread).
+_level_tiles = Workspace(capacity=8)
+
+
+def _tiles(u: np.ndarray, n_tasks: int, W: int, n_tiles: int) -> np.ndarray:
+    """Scratch of a level kernel: ``n_tiles`` tiles for each of its slots, as many slots as
+    tasks but at most ``CPU_SLOTS_PER_THREAD`` per Numba thread (a slot runs its tasks
+    one after the other; how tasks are shared out changes no result, see the module
+    docstring). From a workspace: a relaxation allocates nothing."""
+    n_slots = max(1, min(n_tasks, _config.CPU_SLOTS_PER_THREAD * numba.get_num_threads()))
+    return _level_tiles.get("level-tiles", (n_slots, n_tiles, u.shape[2], _row_len.py_func(W)),
+                            u.dtype)
+
+
+def _tasks(u: np.ndarray, n_runs: int, W: int) -> int:
+    return n_runs * -(-u.shape[1] // W)
+
+
 def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
     has_g = g is not None
+    W = _state_width(u.shape[1], chunk, len(starts))
     _state_runs(u, g if has_g else u, has_g, K, b, np.asarray(dt, u.dtype), act, _idx(starts),
-                _idx(ends), _state_width(u.shape[1], chunk, len(starts)))
+                _idx(ends), W, _tiles(u, _tasks(u, len(starts), W), W, 2))
 
 
 def state_points(u, K, b, dt, act, positions, out, chunk):
-    _state_points(u, K, b, np.asarray(dt, u.dtype), act, _idx(positions), out,
-                  _state_width(u.shape[1], chunk, len(positions)))
+    W = _state_width(u.shape[1], chunk, len(positions))
+    _state_points(u, K, b, np.asarray(dt, u.dtype), act, _idx(positions), out, W,
+                  _tiles(u, _tasks(u, len(positions), W), W, 2))
 
 
 def adjoint_runs(lam, g, X, K, KT, b, dt, act, starts, ends, chunk):
     has_g = g is not None
+    W = _state_width(lam.shape[1], chunk, len(starts))
     _adjoint_runs(lam, g if has_g else lam, has_g, X, K, KT, b, np.asarray(dt, lam.dtype), act,
-                  _idx(starts), _idx(ends), _state_width(lam.shape[1], chunk, len(starts)))
+                  _idx(starts), _idx(ends), W, _tiles(lam, _tasks(lam, len(starts), W), W, 4))
 
 
 def adjoint_points(lam, X, K, KT, b, dt, act, positions, out, chunk):
-    _adjoint_points(lam, X, K, KT, b, np.asarray(dt, lam.dtype), act, _idx(positions), out,
-                    _state_width(lam.shape[1], chunk, len(positions)))
+    W = _state_width(lam.shape[1], chunk, len(positions))
+    _adjoint_points(lam, X, K, KT, b, np.asarray(dt, lam.dtype), act, _idx(positions), out, W,
+                    _tiles(lam, _tasks(lam, len(positions), W), W, 4))
 
 
 def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):
