@@ -11,7 +11,7 @@ and ``a = conv(x, K) + b`` (cross-correlation, stride 1, zero padding 1):
 * :func:`conv_layer_step`: ``x + h sigma(a)``;
 * :func:`conv_layer_adjoint_step`: ``lambda_{n+1} + h conv^T(sigma'(a) * lambda_{n+1}, K)``,
   optionally accumulating ``dJ/dK_n`` and ``dJ/db_n``;
-* :func:`conv_layer_hamiltonian`: ``sum_s p_s . (x_s + h sigma(a_s))``;
+* :func:`conv_layer_hamiltonian`: ``sum_s <p_s, x_s + h sigma(a_s)>``;
 * :func:`conv_layer_hamiltonian_grad`: its gradient in ``(K, b)``.
 """
 
@@ -112,7 +112,7 @@ def conv_layer_adjoint_step(x, lam, K, b, h, activation="tanh", *,
 
 def conv_layer_hamiltonian(x, p, K, b, h, activation="tanh", *,
                            target: Target | str = "cpu") -> float:
-    """``sum_s p_s . (x_s + h sigma(a_s))``, the data part of the layer Hamiltonian."""
+    """The data part of the layer Hamiltonian, ``sum_s <p_s, x_s + h sigma(a_s)>``."""
     kern = conv_backend(target)
     (x, K, b, p), h, act = _check_layer(x, K, b, h, activation, (("p", p),))
     return kern.hamiltonian(x, p, K, b, h, act)

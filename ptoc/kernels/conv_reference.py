@@ -122,7 +122,7 @@ def adjoint(x, lam, K, b, h, act, out, gK, gb):
 
 
 def hamiltonian(x, p, K, b, h, act):
-    """The data part of the layer Hamiltonian, ``sum_s p_s . (x_s + h sigma(a_s))``."""
+    """The data part of the layer Hamiltonian, ``sum_s <p_s, x_s + h sigma(a_s)>``."""
     return float(np.vdot(p, layer(x, K, b, h, act, True, np.empty_like(x), None)))
 
 
