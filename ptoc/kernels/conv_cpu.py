@@ -5,7 +5,8 @@ equations (theory: :doc:`/theory/conv`), compiled. ``prange`` runs over the samp
 one thread computes a whole sample, its pre-activation held in a buffer of one
 sample's size. The convolution loops over the 9 taps ``(u, v)`` and, for each, over
 the pixels whose shifted neighbour lies inside the image, so that no branch tests the
-padding and the innermost loop (along an image row) vectorises.
+padding and the innermost loop (along an image row, over a slice taken beforehand so
+that every index counts from 0, see :mod:`ptoc.kernels.cpu`) vectorises.
 
 The activation is :func:`ptoc._maths.activation`, the same per-entry code as the dense
 kernels. The kernel gradient is summed per sample into ``(S, C_out, C_in, 3, 3)``
@@ -49,11 +50,12 @@ def _conv_sample(x, K, b, a):
             for u in range(3):
                 for v in range(3):
                     w = K[i, j, u, v]
+                    z0, z1 = max(0, 1 - v), min(W, W + 1 - v)
                     for y in range(max(0, 1 - u), min(H, H + 1 - u)):
-                        src = xj[y + u - 1]
-                        dst = ai[y]
-                        for z in range(max(0, 1 - v), min(W, W + 1 - v)):
-                            dst[z] += w * src[z + v - 1]
+                        src = xj[y + u - 1, z0 + v - 1:z1 + v - 1]
+                        dst = ai[y, z0:z1]
+                        for t in range(z1 - z0):
+                            dst[t] += w * src[t]
 
 
 @_jit()
@@ -68,11 +70,12 @@ def _conv_transpose_sample(g, K, out):
             for u in range(3):
                 for v in range(3):
                     w = K[i, j, u, v]
+                    z0, z1 = max(0, 1 - v), min(W, W + 1 - v)
                     for y in range(max(0, 1 - u), min(H, H + 1 - u)):
-                        src = gi[y]
-                        dst = oj[y + u - 1]
-                        for z in range(max(0, 1 - v), min(W, W + 1 - v)):
-                            dst[z + v - 1] += w * src[z]
+                        src = gi[y, z0:z1]
+                        dst = oj[y + u - 1, z0 + v - 1:z1 + v - 1]
+                        for t in range(z1 - z0):
+                            dst[t] += w * src[t]
 
 
 @_jit()
@@ -87,11 +90,12 @@ def _kernel_gradient_sample(x, g, part):
             for u in range(3):
                 for v in range(3):
                     acc = 0.0
+                    z0, z1 = max(0, 1 - v), min(W, W + 1 - v)
                     for y in range(max(0, 1 - u), min(H, H + 1 - u)):
-                        grow = gi[y]
-                        xrow = xj[y + u - 1]
-                        for z in range(max(0, 1 - v), min(W, W + 1 - v)):
-                            acc += grow[z] * xrow[z + v - 1]
+                        grow = gi[y, z0:z1]
+                        xrow = xj[y + u - 1, z0 + v - 1:z1 + v - 1]
+                        for t in range(z1 - z0):
+                            acc += grow[t] * xrow[t]
                     part[i, j, u, v] = acc
 
 
