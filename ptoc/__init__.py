@@ -23,6 +23,7 @@ Quick example
 """
 
 from . import (
+    conv,
     data,
     discrete,
     io,
@@ -40,6 +41,7 @@ from . import (
 )
 from ._version import __version__ as __version__
 from .activations import Activation
+from .conv import ConvResNet, ConvResNetPropagator
 from .hamiltonian import hamiltonian, hamiltonian_grad
 from .io import load_model, save_model
 from .kernels import Target
@@ -84,6 +86,9 @@ from .sweeps import (
 from .training import History, TrainResult, train
 
 __all__ = [
+    "ConvResNet",
+    "ConvResNetPropagator",
+    "conv",
     "EMSA",
     "MSA",
     "PGCL",

@@ -27,6 +27,7 @@ import numpy as np
 from . import _config
 from ._checks import check_inputs, check_positive_int
 from ._workspace import Workspace
+from .conv import ConvResNet
 from .kernels import Target, backend
 from .model import Params, ResNet
 from .objective import (
@@ -42,7 +43,7 @@ from .parallel.options import SolveResult
 from .parallel.problem import scratch as parallel_workspace
 from .parallel.serial import Serial
 from .parallel.solvers import check_solver
-from .propagator import level_workspace
+from .propagator import Model, level_workspace
 
 _workspace = Workspace()
 
@@ -219,6 +220,9 @@ def forward(network: ResNet, params: Params | Mapping, X, *, target: Target | st
     initial_guess : array (N+1, S, d) or ForwardResult, optional
         Warm start of MGRIT (e.g. the states of the previous optimisation step).
     """
+    if isinstance(network, ConvResNet):
+        return _model_forward(network, params, X, target, checkpoint_every, solver, comm,
+                              initial_guess)
     params = _as_params(network, params)
     X, _ = check_inputs(network, X)
     kern = backend(target)
@@ -333,6 +337,9 @@ def adjoint(network: ResNet, params: Params | Mapping, fwd: ForwardResult, lam_N
         activation or dtype, or its arrays do not have the layout of ``network`` and of
         its ``checkpoint_every``; for a ``lam_N`` of the wrong shape or not finite.
     """
+    if isinstance(network, ConvResNet):
+        return _model_adjoint(network, params, fwd, lam_N, target, keep_adjoints, solver, comm,
+                              initial_guess)
     params = _as_params(network, params)
     _check_forward_result(network, fwd)
     lam_N = np.ascontiguousarray(lam_N, dtype=network.dtype)
@@ -454,6 +461,9 @@ def loss_and_grad(network: ResNet, params: Params | Mapping, X, labels, *,
     >>> sorted(grads) == sorted(params)
     True
     """
+    if isinstance(network, ConvResNet):
+        return _model_loss_and_grad(network, params, X, labels, target, checkpoint_every,
+                                    solver, comm)
     as_dict = not isinstance(params, Params)
     p = _as_params(network, params)
     X, y = check_inputs(network, X, labels)
@@ -476,6 +486,11 @@ def loss(network: ResNet, params: Params | Mapping, X, labels, *,
 
     Günther et al. 2020. Theory: :doc:`/theory/resnet`.
     """
+    if isinstance(network, ConvResNet):
+        p = network.check_params(params)
+        _, y = network.check_inputs(X, labels)
+        value = network.terminal(p, network.final_state(p, X, target=target), y)[0]
+        return value + network.regulariser(p)
     p = _as_params(network, params)
     X, y = check_inputs(network, X, labels)
     kern = backend(target)
@@ -487,6 +502,10 @@ def loss(network: ResNet, params: Params | Mapping, X, labels, *,
 def predict_logits(network: ResNet, params: Params | Mapping, X, *,
                    target: Target | str = Target.CPU) -> np.ndarray:
     """Classifier scores ``z = W x_N + mu`` (S, C) for inputs ``X``."""
+    if isinstance(network, ConvResNet):
+        p = network.check_params(params)
+        xN = network.final_state(p, X, target=target)
+        return logits(p, xN.reshape(xN.shape[0], -1))
     p = _as_params(network, params)
     X, _ = check_inputs(network, X)
     kern = backend(target)
@@ -510,5 +529,82 @@ def accuracy(network: ResNet, params: Params | Mapping, X, labels, *,
 
     Uses :func:`predict`. Theory: :doc:`/theory/resnet`.
     """
-    _, y = check_inputs(network, X, labels)
+    _, y = (network.check_inputs(X, labels) if isinstance(network, ConvResNet)
+            else check_inputs(network, X, labels))
     return float(np.mean(predict(network, params, X, target=target) == y))
+
+
+# --- models other than the ResNet: the same API through the Model contract --------------------
+
+def _model_options(model: Model, checkpoint_every, solver):
+    """The solver, refusing the options the model path does not have."""
+    if checkpoint_every is not None:
+        raise ValueError(f"checkpoint_every is available for a ptoc.ResNet only, not for a "
+                         f"{type(model).__name__}: leave it None")
+    return check_solver(solver)
+
+
+def _model_forward(model: Model, params, X, target, checkpoint_every, solver, comm,
+                   initial_guess) -> ForwardResult:
+    """:func:`forward` of a model (a :class:`~ptoc.ConvResNet`): all states, from the
+    model's propagator, or layer-parallel; ``opening_derivative`` holds the opening's
+    cache (:meth:`Model.opening`)."""
+    solver = _model_options(model, checkpoint_every, solver)
+    p = model.check_params(params)
+    X, _ = model.check_inputs(X)
+    x0, cache = model.opening(p, X)
+    if comm is not None or not isinstance(solver, Serial):
+        guess = None if initial_guess is None else np.asarray(
+            getattr(initial_guess, "states", initial_guess), dtype=model.dtype)
+        states, record = parallel_forward(model, p, X, solver, comm=comm,
+                                          target=Target.parse(target), initial_states=guess)
+        return ForwardResult(states, None, None, cache, record, model)
+    states = np.empty((model.n_layers + 1,) + x0.shape, model.dtype)
+    model.layers(p, target=target).propagate(x0, 0, model.n_layers, states)
+    return ForwardResult(states, None, None, cache, None, model)
+
+
+def _model_adjoint(model: Model, params, fwd, lam_N, target, keep_adjoints, solver, comm,
+                   initial_guess) -> AdjointResult:
+    """:func:`adjoint` of a model: ``lambda_0``, the data part of the layer gradients (the
+    propagator's ``parameters()``, ``[K, b]``) and, when asked, all adjoints."""
+    solver = check_solver(solver)
+    p = model.check_params(params)
+    if not isinstance(fwd, ForwardResult) or fwd.network != model:
+        raise ValueError("fwd must be the ForwardResult of ptoc.forward with this network")
+    lam_N = np.ascontiguousarray(lam_N, dtype=model.dtype)
+    if lam_N.shape != fwd.final_state.shape:
+        raise ValueError(f"lam_N has shape {lam_N.shape}, expected {fwd.final_state.shape}")
+    if not np.all(np.isfinite(lam_N)):
+        raise ValueError("lam_N contains non-finite values (NaN or inf)")
+    if comm is not None or not isinstance(solver, Serial):
+        guess = None if initial_guess is None else np.asarray(
+            getattr(initial_guess, "adjoints", initial_guess), dtype=model.dtype)
+        lams, gK, gb, record = parallel_adjoint(model, p, fwd.states, lam_N, solver, comm=comm,
+                                                target=Target.parse(target),
+                                                initial_adjoints=guess)
+        return AdjointResult(np.array(lams[0]), gK, gb, lams, record)
+    prop = model.layers(p, target=target)
+    grad = prop.zero_gradient()
+    N = model.n_layers
+    if keep_adjoints:
+        lams = np.empty((N + 1,) + lam_N.shape, model.dtype)
+        lams[N] = lam_N
+        for n in range(N - 1, -1, -1):
+            lams[n] = prop.adjoint_step(n, fwd.states[n], lams[n + 1], grad)
+        return AdjointResult(lams[0].copy(), grad[0], grad[1], lams)
+    lam0 = prop.adjoint_propagate(fwd.states, lam_N, 0, N, grad)
+    return AdjointResult(lam0, grad[0], grad[1])
+
+
+def _model_loss_and_grad(model: Model, params, X, labels, target, checkpoint_every, solver,
+                         comm):
+    """:func:`loss_and_grad` of a model: :func:`~ptoc.parallel.parallel_gradient` (serial
+    on one rank unless a solver or ranks are given)."""
+    solver = _model_options(model, checkpoint_every, solver)
+    p = model.check_params(params)
+    X, y = model.check_inputs(X, labels)
+    result = parallel_gradient(model, p, X, y, solver, comm=comm, target=Target.parse(target),
+                               keep_states=False)
+    grads = result.grads
+    return result.loss, (grads if isinstance(params, Params) else grads.to_dict(copy=False))
