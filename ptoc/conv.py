@@ -161,6 +161,13 @@ class ConvResNet(Model):
                 "b_in": (C,), "W": (self.n_classes, self.state_features),
                 "mu": (self.n_classes,)}
 
+    def accuracy(self, params, X, y, *, target: Target | str = Target.CPU) -> float:
+        """Fraction of ``X`` classified as ``y`` (:func:`ptoc.accuracy`); the training loop
+        reports it per epoch."""
+        from .sweeps import accuracy
+
+        return accuracy(self, params, X, y, target=target)
+
     def init_params(self, seed: int | np.random.Generator | None = 0,
                     scale: float = 1.0) -> Params:
         """Random parameters: Gaussian weights of variance ``scale^2 / fan_in``, zero biases.

@@ -252,3 +252,20 @@ def test_cli_builds_the_conv_model_the_way_convresnet_is_specified(tmp_path, cap
     assert main(["train", "--model", "conv", "--epochs", "1", "--output", str(tmp_path)]) == 2
     assert "needs image data (--data mnist or digits), not --data peaks" in \
         capsys.readouterr().err
+
+
+def test_cli_trains_a_convolutional_resnet_on_mnist(tmp_path, capsys):
+    """``ptoc train --data mnist --model conv``: the real ptoc.ConvResNet trains through
+    the contract, reports its accuracy, and its model file loads back as a ConvResNet."""
+    from ptoc.cli import main
+    from ptoc.io import load_model
+
+    out = tmp_path / "conv"
+    argv = ["train", "--data", "mnist", "--model", "conv", "--channels", "2", "--depth", "2",
+            "--epochs", "1", "--quiet", "--output", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "validation accuracy nan" not in text and "validation accuracy" in text
+    net, params, _ = load_model(out / "model.npz")
+    assert isinstance(net, ptoc.ConvResNet) and (net.channels, net.depth) == (2, 2)
+    assert params["K"].shape == (2, 2, 2, 3, 3)
