@@ -47,6 +47,7 @@ from .objective import (
     classifier_loss,
     head_regulariser,
     layer_regulariser_terms,
+    logits,
     range_regulariser,
 )
 from .propagator import LayerSlice, Model, Propagator
@@ -164,9 +165,10 @@ class ConvResNet(Model):
     def accuracy(self, params, X, y, *, target: Target | str = Target.CPU) -> float:
         """Fraction of ``X`` classified as ``y`` (:func:`ptoc.accuracy`); the training loop
         reports it per epoch."""
-        from .sweeps import accuracy
-
-        return accuracy(self, params, X, y, target=target)
+        p = self.check_params(params)
+        X, y = self.check_inputs(X, y)
+        xN = self.final_state(p, X, target=target)
+        return float(np.mean(np.argmax(logits(p, xN.reshape(len(xN), -1)), axis=1) == y))
 
     def init_params(self, seed: int | np.random.Generator | None = 0,
                     scale: float = 1.0) -> Params:
