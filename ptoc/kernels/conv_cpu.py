@@ -48,7 +48,7 @@ _jit = functools.partial(_cache.njit, depends_on=(_maths, _config),
 _activation = _maths.activation
 
 #: Scratch of the kernels (padded inputs, padded ``g``, rows, partials), per calling thread.
-_scratch = Workspace(capacity=8)
+_scratch = Workspace(capacity=12)
 
 
 def padded_length(H: int, W: int) -> int:
@@ -231,7 +231,7 @@ def adjoint(x, lam, K, b, h, act, out, gK, gb):
     if want_grad:
         chunk = _config.CHUNK
         chunk_sums = _scratch.get("chunk_sums", (-(-S // chunk), n_grad), dtype)
-        total = np.empty(n_grad, dtype)
+        total = _scratch.get("total", (n_grad,), dtype)
         _sum_partials(part, chunk, chunk_sums, total)
         gK += h * total[:K.size].reshape(K.shape)
         gb += h * total[K.size:]
