@@ -2,18 +2,33 @@
 
 The functions of :mod:`ptoc.kernels.conv_reference`, with the same signatures and
 equations (theory: :doc:`/theory/conv`), compiled. ``prange`` runs over the samples:
-one thread computes a whole sample, its pre-activation held in a buffer of one
-sample's size. The convolution loops over the 9 taps ``(u, v)`` and, for each, over
-the pixels whose shifted neighbour lies inside the image, so that no branch tests the
-padding and the innermost loop (along an image row, over a slice taken beforehand so
-that every index counts from 0, see :mod:`ptoc.kernels.cpu`) vectorises.
+one thread computes a whole sample.
 
+Layout: flat padded images
+--------------------------
+A sample's input channels are copied into a scratch row each, the image with one zero
+row and column on every side, flattened: with ``P = W + 2``, pixel ``(y, z)`` of the
+padded image is entry ``y P + z`` (and two more zeros at the end). The output pixel
+``(y, z)`` is then computed at ``q = y P + z``, and tap ``(u, v)`` of the convolution
+reads the input at ``q + u P + v``: one fixed offset per tap. So each pair of channels
+``(i, j)`` is a single loop over ``q = 0 .. H P - 1`` that adds the 9 taps
+(:func:`_add_taps`), with no branch for the padding and no per-row overhead, and it
+vectorises; the ``2 H`` entries with ``z >= W`` are computed and never read. The
+transposed convolution is the same loop over ``g`` padded the same way, with the kernel
+flipped in space, and the kernel gradient is 9 dot products of the padded ``g`` with
+the input shifted by the taps, one loop over ``q`` (:func:`_tap_products`).
+
+Sums and their order
+--------------------
 The activation is :func:`ptoc._maths.activation`, the same per-entry code as the dense
-kernels. The kernel gradient is summed per sample into ``(S, C_out, C_in, 3, 3)``
-partials which the wrapper adds over the samples with NumPy, in the same order for any
-number of threads, so every result is independent of the number of threads. The sums
-run in another order than the NumPy reference's; the two agree to round-off
-(``tests/test_conv.py`` checks 1e-12).
+kernels. Each output entry sums its terms in one fixed order, whatever the thread, so
+the states and adjoints are independent of the number of threads. The gradient is
+summed per sample into partials, which are added per chunk of ``_config.CHUNK``
+samples in sample order, and the chunk sums then in chunk order (as the dense kernels
+of :mod:`ptoc.kernels.cpu` do), so it too is independent of the number of threads. The
+sums run in another order than the NumPy reference's; the two agree to round-off
+(``tests/test_conv.py`` checks 1e-12). The scratch rows come from a workspace: a call
+allocates nothing but its result once the shapes have been seen.
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ import numpy as np
 from numba import prange
 
 from .. import _config, _maths
+from .._workspace import Workspace
 from . import _cache
 from . import cpu as _dense_cpu  # noqa: F401 - registers ptoc._maths.activation as jitable
 
@@ -31,139 +47,194 @@ _jit = functools.partial(_cache.njit, depends_on=(_maths, _config),
                          fastmath=_config.CPU_FASTMATH, error_model="numpy")
 _activation = _maths.activation
 
+#: Scratch of the kernels (padded inputs, padded ``g``, rows, partials), per calling thread.
+_scratch = Workspace(capacity=12)
 
-@_jit()
-def _conv_sample(x, K, b, a):
-    """``a = conv(x, K) + b`` for one sample: ``x`` (C_in, H, W), ``a`` (C_out, H, W).
 
-    Tap ``(u, v)`` adds ``K[i, j, u, v] x[j, y + u - 1, z + v - 1]`` to ``a[i, y, z]`` for
-    the rows ``y`` and columns ``z`` where that pixel lies inside the image.
-    """
-    H, W = x.shape[1], x.shape[2]
-    for i in range(K.shape[0]):
-        ai = a[i]
-        for y in range(H):
-            for z in range(W):
-                ai[y, z] = b[i]
-        for j in range(K.shape[1]):
-            xj = x[j]
-            for u in range(3):
-                for v in range(3):
-                    w = K[i, j, u, v]
-                    z0, z1 = max(0, 1 - v), min(W, W + 1 - v)
-                    for y in range(max(0, 1 - u), min(H, H + 1 - u)):
-                        src = xj[y + u - 1, z0 + v - 1:z1 + v - 1]
-                        dst = ai[y, z0:z1]
-                        for t in range(z1 - z0):
-                            dst[t] += w * src[t]
+def padded_length(H: int, W: int) -> int:
+    """Entries of one flat padded channel: ``(H + 2) (W + 2)`` and 2 zeros that the taps
+    of the last computed entries (``q + 2 P + 2``) may read."""
+    return (H + 2) * (W + 2) + 2
 
 
 @_jit()
-def _conv_transpose_sample(g, K, out):
-    """``out += conv^T(g, K)`` for one sample: each tap sends ``K[i, j, u, v] g[i, y, z]``
-    back to the pixel ``(y + u - 1, z + v - 1)`` it read."""
-    H, W = g.shape[1], g.shape[2]
+def _pad(x, xp, P):
+    """``xp[j]`` = channel ``j`` of ``x`` (C, H, W) flattened with a zero border."""
+    for j in range(x.shape[0]):
+        row = xp[j]
+        row[:] = 0.0
+        for y in range(x.shape[1]):
+            base = (y + 1) * P + 1
+            for z in range(x.shape[2]):
+                row[base + z] = x[j, y, z]
+
+
+@_jit()
+def _add_taps(acc, src, w, flip, P, L):
+    """``acc[q] += sum_{u,v} w[u, v] src[q + u P + v]`` for ``q < L``; with ``flip`` the
+    weight of offset ``u P + v`` is ``w[2 - u, 2 - v]`` (the transposed convolution)."""
+    if flip:
+        w00, w01, w02 = w[2, 2], w[2, 1], w[2, 0]
+        w10, w11, w12 = w[1, 2], w[1, 1], w[1, 0]
+        w20, w21, w22 = w[0, 2], w[0, 1], w[0, 0]
+    else:
+        w00, w01, w02 = w[0, 0], w[0, 1], w[0, 2]
+        w10, w11, w12 = w[1, 0], w[1, 1], w[1, 2]
+        w20, w21, w22 = w[2, 0], w[2, 1], w[2, 2]
+    # one slice per kernel row taken beforehand, so that every index below is the loop
+    # counter plus a constant (a runtime offset would make Numba test its sign)
+    s0, s1, s2 = src[0:], src[P:], src[2 * P:]
+    for q in range(L):
+        acc[q] += (w00 * s0[q] + w01 * s0[q + 1] + w02 * s0[q + 2]
+                   + w10 * s1[q] + w11 * s1[q + 1] + w12 * s1[q + 2]
+                   + w20 * s2[q] + w21 * s2[q + 1] + w22 * s2[q + 2])
+
+
+@_jit()
+def _tap_products(g, src, P, L, out):
+    """``out[u, v] = sum_{q < L} g[q] src[q + u P + v]``: the 9 taps' dot products."""
+    s0, s1, s2 = src[0:], src[P:], src[2 * P:]
+    c00 = c01 = c02 = c10 = c11 = c12 = c20 = c21 = c22 = 0.0
+    for q in range(L):
+        gq = g[q]
+        c00 += gq * s0[q]
+        c01 += gq * s0[q + 1]
+        c02 += gq * s0[q + 2]
+        c10 += gq * s1[q]
+        c11 += gq * s1[q + 1]
+        c12 += gq * s1[q + 2]
+        c20 += gq * s2[q]
+        c21 += gq * s2[q + 1]
+        c22 += gq * s2[q + 2]
+    out[0, 0], out[0, 1], out[0, 2] = c00, c01, c02
+    out[1, 0], out[1, 1], out[1, 2] = c10, c11, c12
+    out[2, 0], out[2, 1], out[2, 2] = c20, c21, c22
+
+
+@_jit()
+def _conv_row(xp, K, b, i, P, L, acc):
+    """``acc[q] = b[i] + sum_j conv(x_j, K[i, j])[q]`` (output channel ``i``, flat)."""
+    acc[:L] = b[i]
     for j in range(K.shape[1]):
-        oj = out[j]
-        for i in range(K.shape[0]):
-            gi = g[i]
-            for u in range(3):
-                for v in range(3):
-                    w = K[i, j, u, v]
-                    z0, z1 = max(0, 1 - v), min(W, W + 1 - v)
-                    for y in range(max(0, 1 - u), min(H, H + 1 - u)):
-                        src = gi[y, z0:z1]
-                        dst = oj[y + u - 1, z0 + v - 1:z1 + v - 1]
-                        for t in range(z1 - z0):
-                            dst[t] += w * src[t]
-
-
-@_jit()
-def _kernel_gradient_sample(x, g, part):
-    """``part[i, j, u, v] = sum_{y,z} g[i, y, z] x[j, y + u - 1, z + v - 1]`` for one sample
-    (pixels outside the image are zero)."""
-    H, W = x.shape[1], x.shape[2]
-    for i in range(g.shape[0]):
-        gi = g[i]
-        for j in range(x.shape[0]):
-            xj = x[j]
-            for u in range(3):
-                for v in range(3):
-                    acc = 0.0
-                    z0, z1 = max(0, 1 - v), min(W, W + 1 - v)
-                    for y in range(max(0, 1 - u), min(H, H + 1 - u)):
-                        grow = gi[y, z0:z1]
-                        xrow = xj[y + u - 1, z0 + v - 1:z1 + v - 1]
-                        for t in range(z1 - z0):
-                            acc += grow[t] * xrow[t]
-                    part[i, j, u, v] = acc
+        _add_taps(acc, xp[j], K[i, j], False, P, L)
 
 
 @_jit(parallel=True)
-def _layer(x, K, b, h, act, residual, out, dsig, store):
+def _layer(x, K, b, h, act, residual, out, dsig, store, xp, rows):
     """``out = (x if residual else 0) + h sigma(conv(x, K) + b)``, ``sigma'`` into ``dsig``
-    when ``store``."""
+    when ``store``; ``xp`` (S, C_in, padded) and ``rows`` (S, H P) are scratch."""
+    H, W = x.shape[2], x.shape[3]
+    P = W + 2
+    L = H * P
     for s in prange(x.shape[0]):
-        a = np.empty_like(out[s])
-        _conv_sample(x[s], K, b, a)
+        _pad(x[s], xp[s], P)
+        acc = rows[s]
         o = out[s]
-        for i in range(a.shape[0]):
-            for y in range(a.shape[1]):
-                for z in range(a.shape[2]):
-                    value, slope = _activation(a[i, y, z], act)
+        for i in range(K.shape[0]):
+            _conv_row(xp[s], K, b, i, P, L, acc)
+            for y in range(H):
+                for z in range(W):
+                    value, slope = _activation(acc[y * P + z], act)
                     o[i, y, z] = (x[s, i, y, z] if residual else 0.0) + h * value
                     if store:
                         dsig[s, i, y, z] = slope
 
 
 @_jit(parallel=True)
-def _adjoint(x, lam, K, b, h, act, out, want_out, part_K, part_b, want_grad):
-    """With ``g = sigma'(a) * lam``: ``out = lam + h conv^T(g, K)`` when ``want_out``; the
-    per-sample partials ``part_K[s]`` (:func:`_kernel_gradient_sample`) and ``part_b[s, i] =
-    sum_{y,z} g[i, y, z]`` when ``want_grad`` (not yet multiplied by ``h``)."""
+def _adjoint(x, lam, K, b, h, act, out, want_out, part, want_grad, xp, gp, rows):
+    """With ``g = sigma'(a) * lam``: ``out = lam + h conv^T(g, K)`` when ``want_out``; when
+    ``want_grad`` the per-sample partials ``part[s]``: the kernel gradient
+    ``sum_{y,z} g[i, y, z] xp[j, y + u, z + v]`` (``C_out C_in 9`` entries, C order) and
+    then ``sum_{y,z} g[i, y, z]`` (``C_out`` entries), not yet multiplied by ``h``.
+    ``xp`` (S, C_in, padded), ``gp`` (S, C_out, padded) and ``rows`` (S, H P) are scratch."""
+    H, W = x.shape[2], x.shape[3]
+    P = W + 2
+    L = H * P
+    C_out, C_in = K.shape[0], K.shape[1]
     for s in prange(x.shape[0]):
-        g = np.empty_like(lam[s])
-        _conv_sample(x[s], K, b, g)
-        for i in range(g.shape[0]):
-            for y in range(g.shape[1]):
-                for z in range(g.shape[2]):
-                    g[i, y, z] = _activation(g[i, y, z], act)[1] * lam[s, i, y, z]
+        xs, gs, acc = xp[s], gp[s], rows[s]
+        _pad(x[s], xs, P)
+        for i in range(C_out):
+            _conv_row(xs, K, b, i, P, L, acc)
+            row = gs[i]
+            row[:] = 0.0
+            for y in range(H):
+                base = (y + 1) * P + 1
+                for z in range(W):
+                    row[base + z] = _activation(acc[y * P + z], act)[1] * lam[s, i, y, z]
         if want_out:
             o = out[s]
-            o[...] = 0.0
-            _conv_transpose_sample(g, K, o)
-            for j in range(o.shape[0]):
-                for y in range(o.shape[1]):
-                    for z in range(o.shape[2]):
-                        o[j, y, z] = lam[s, j, y, z] + h * o[j, y, z]
+            for j in range(C_in):
+                acc[:L] = 0.0
+                for i in range(C_out):
+                    _add_taps(acc, gs[i], K[i, j], True, P, L)
+                for y in range(H):
+                    for z in range(W):
+                        o[j, y, z] = lam[s, j, y, z] + h * acc[y * P + z]
         if want_grad:
-            _kernel_gradient_sample(x[s], g, part_K[s])
-            for i in range(g.shape[0]):
-                acc = 0.0
-                for y in range(g.shape[1]):
-                    for z in range(g.shape[2]):
-                        acc += g[i, y, z]
-                part_b[s, i] = acc
+            ps = part[s]
+            kgrad = ps[:C_out * C_in * 9].reshape((C_out, C_in, 3, 3))
+            for i in range(C_out):
+                g = gs[i][P + 1:P + 1 + L]
+                for j in range(C_in):
+                    _tap_products(g, xs[j], P, L, kgrad[i, j])
+                total = 0.0
+                for q in range(L):
+                    total += g[q]
+                ps[C_out * C_in * 9 + i] = total
+
+
+@_jit(parallel=True)
+def _sum_partials(part, chunk, chunk_sums, total):
+    """``total = sum_s part[s]``: the samples of each chunk of ``chunk`` added in order into
+    ``chunk_sums`` (in parallel), then the chunk sums in chunk order."""
+    S = part.shape[0]
+    for c in prange(chunk_sums.shape[0]):
+        row = chunk_sums[c]
+        row[:] = 0.0
+        for s in range(c * chunk, min(S, (c + 1) * chunk)):
+            for m in range(row.shape[0]):
+                row[m] += part[s, m]
+    total[:] = 0.0
+    for c in range(chunk_sums.shape[0]):
+        for m in range(total.shape[0]):
+            total[m] += chunk_sums[c, m]
+
+
+def _padded_scratch(name, S, C, H, W, dtype):
+    return _scratch.get(name, (S, C, padded_length(H, W)), dtype)
 
 
 def layer(x, K, b, h, act, residual, out, dsig):
     """See :func:`ptoc.kernels.conv_reference.layer`."""
+    S, C_in, H, W = x.shape
     store = dsig is not None
-    _layer(x, K, b, h, act, residual, out, dsig if store else out, store)
+    xp = _padded_scratch("xp", S, C_in, H, W, x.dtype)
+    rows = _scratch.get("rows", (S, H * (W + 2)), x.dtype)
+    _layer(x, K, b, h, act, residual, out, dsig if store else out, store, xp, rows)
     return out
 
 
 def adjoint(x, lam, K, b, h, act, out, gK, gb):
     """See :func:`ptoc.kernels.conv_reference.adjoint`."""
+    S, C_in, H, W = x.shape
+    C_out = K.shape[0]
     want_grad = gK is not None
-    S = x.shape[0]
-    part_K = np.empty((S,) + K.shape if want_grad else (1, 1, 1, 1, 1), dtype=lam.dtype)
-    part_b = np.empty((S, K.shape[0]) if want_grad else (1, 1), dtype=lam.dtype)
-    _adjoint(x, lam, K, b, h, act, out if out is not None else lam, out is not None, part_K,
-             part_b, want_grad)
+    n_grad = K.size + C_out
+    dtype = lam.dtype
+    part = _scratch.get("part", (S, n_grad) if want_grad else (1, 1), dtype)
+    xp = _padded_scratch("xp", S, C_in, H, W, dtype)
+    gp = _padded_scratch("gp", S, C_out, H, W, dtype)
+    rows = _scratch.get("rows", (S, H * (W + 2)), dtype)
+    _adjoint(x, lam, K, b, h, act, out if out is not None else lam, out is not None, part,
+             want_grad, xp, gp, rows)
     if want_grad:
-        gK += h * part_K.sum(axis=0)
-        gb += h * part_b.sum(axis=0)
+        chunk = _config.CHUNK
+        chunk_sums = _scratch.get("chunk_sums", (-(-S // chunk), n_grad), dtype)
+        total = _scratch.get("total", (n_grad,), dtype)
+        _sum_partials(part, chunk, chunk_sums, total)
+        gK += h * total[:K.size].reshape(K.shape)
+        gb += h * total[K.size:]
     return out
 
 
