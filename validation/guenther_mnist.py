@@ -266,6 +266,7 @@ def _plot(runs: list[dict], speed: list[dict], path: Path, title: str) -> None:
                    color=col, label=f"{kind}, seed {run['seed']}")
     a.set_ylabel("validation accuracy (%)")
     b.set_ylabel("training objective")
+    b.set_yscale("log")
     for ax in (a, b):
         ax.set_xlabel("L-BFGS step")
         ax.grid(alpha=0.3)
@@ -333,10 +334,9 @@ def run(quick: bool, out_dir: Path) -> Record:
                float(np.mean([s["critical_path_per_step"] for s in sim])),
            "critical-path layer steps per step, serial":
                float(np.mean([s["critical_path_per_step"] for s in ser])),
-           "predicted speedup per step at (N, P)": {f"N={N}, P={P}": v
-                                                    for (N, P), v in at.items()
-                                                    if P in (2, 8, 64) or N == max(
-                                                        cfg["speedup_depths"])}}
+           "predicted speedup per step at (N, P)": {
+               f"N={N}, P={P}": v for (N, P), v in at.items()
+               if (N, P) in ((32, 8), (64, 16)) or (N == 1024 and P in (2, 8, 64))}}
     table = [{"seed": r["seed"], "serial val acc": r["serial"]["val_accuracy"][-1],
               "simultaneous val acc": r["simultaneous"]["val_accuracy"][-1],
               "serial objective": r["serial"]["train_loss"][-1],
@@ -359,9 +359,10 @@ def run(quick: bool, out_dir: Path) -> Record:
         paper_value={"accuracy": "similar training performance to serial training "
                                  "(abstract; the MNIST numbers were not found in searchable "
                                  "text); ptoc's criterion: within 2 points",
-                     "reference setup (examples/mnist/mnist.cfg)": REFERENCE},
+                     "setup": "mnist.cfg: 4 channels, 30 layers, T=5, tanh, MGRIT m=4, "
+                              "L-BFGS, 24 steps (ours: 16 layers, 100 images, 2 seeds)"},
         tolerance=tolerance,
-        details={"per_seed": table, "steps": steps, "seeds": seeds,
+        details={"reference": REFERENCE, "per_seed": table, "steps": steps, "seeds": seeds,
                  "network": runs[0]["network"],
                  "data": {"name": "mnist", "n_train": len(data.y_train),
                           "n_val": len(data.y_val)},
