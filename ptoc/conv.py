@@ -42,7 +42,7 @@ from ._checks import check_positive_int
 from .activations import Activation
 from .kernels import Target, conv_reference
 from .kernels.conv import conv_backend
-from .model import Params, _check_dtype, _check_final_time, _check_magnitude
+from .model import Params, _check_dtype, _check_final_time, _check_magnitude, check_param_arrays
 from .objective import (
     classifier_loss,
     head_regulariser,
@@ -50,7 +50,7 @@ from .objective import (
     logits,
     range_regulariser,
 )
-from .propagator import LayerSlice, Model, Propagator
+from .propagator import Model, ParamsPropagator
 
 __all__ = ["ConvResNet", "ConvResNetPropagator"]
 
@@ -208,26 +208,8 @@ class ConvResNet(Model):
         if not isinstance(params, Mapping):
             raise TypeError(f"params must be a ptoc.Params or a dict of arrays, got "
                             f"{type(params).__name__}")
-        shapes = self.param_shapes(layers)
-        missing = [k for k in shapes if params.get(k) is None]
-        extra = [k for k in params if k not in shapes and params[k] is not None]
-        if missing:
-            raise ValueError(f"params is missing {missing}; expected keys {list(shapes)}")
-        if extra:
-            raise ValueError(f"params has unexpected keys {extra}")
-        out = {}
-        for key, shape in shapes.items():
-            arr = np.asarray(params[key])
-            if arr.shape != shape:
-                raise ValueError(f"params[{key!r}] has shape {arr.shape}, expected {shape} for "
-                                 f"{self.describe()}")
-            if arr.dtype.kind not in "fiu":
-                raise ValueError(f"params[{key!r}] has non-real dtype {arr.dtype}")
-            arr = np.ascontiguousarray(arr, dtype=self.dtype)
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(f"params[{key!r}] contains non-finite values (NaN or inf)")
-            out[key] = arr
-        return Params.from_dict(out)
+        return check_param_arrays(params, self.param_shapes(layers), self.dtype,
+                                  self.describe(), layers)
 
     def images(self, X) -> np.ndarray:
         """``X`` as images ``(S, C_img, H, W)``: flattened rows ``(S, C_img H W)`` are reshaped
@@ -329,7 +311,7 @@ class ConvResNet(Model):
         return prop.propagate(self.opening(p, X, target=target)[0])
 
 
-class ConvResNetPropagator(Propagator):
+class ConvResNetPropagator(ParamsPropagator):
     """The residual layers of a :class:`ConvResNet` as a :class:`~ptoc.Propagator`.
 
     ``step`` is ``x + h sigma(conv(x, K_n) + b_n)`` on states (S, C, H, W);
@@ -355,31 +337,7 @@ class ConvResNetPropagator(Propagator):
     """
 
     has_coarse_grid = True
-
-    def __init__(self, network: ConvResNet, params: Params | Mapping, labels=None, *,
-                 target: Target | str = Target.CPU, layers: tuple[int, int] | None = None,
-                 check: bool = True):
-        self.network = network
-        self.params = network.check_params(params, layers=layers) if check else params
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        self.target = Target.parse(target)
-        self._kern = conv_backend(self.target)
-        self.n_layers = network.depth if layers is None else int(layers[1] - layers[0])
-        self._act = network.activation.code
-        self._h = network.h
-
-    def layer_slice(self, start: int, stop: int) -> LayerSlice:
-        """Layers ``start..stop-1`` as a :class:`LayerSlice` holding views of their
-        parameters only (and the head, for the objective)."""
-        if not 0 <= start < stop <= self.n_layers:
-            raise ValueError(f"layers {start}..{stop - 1} are not a non-empty range of the "
-                             f"network's {self.n_layers} layers")
-        p = self.params
-        local = Params(K=p.K[start:stop], b=p.b[start:stop], K_in=p.K_in, b_in=p.b_in, W=p.W,
-                       mu=p.mu)
-        inner = ConvResNetPropagator(self.network, local, self.labels, target=self.target,
-                                     layers=(start, stop), check=False)
-        return LayerSlice(inner, start, self.n_layers)
+    kernel_backend = staticmethod(conv_backend)
 
     def initial_state(self, X) -> np.ndarray:
         """``x_0``, the opening applied to the inputs ``X`` (validated)."""

@@ -114,6 +114,35 @@ def _check_final_time(value: object, depth: int, dtype: np.dtype) -> float:
     return v
 
 
+def check_param_arrays(items: Mapping, shapes: Mapping[str, tuple[int, ...]], dtype,
+                       network: str, layers: tuple[int, int] | None = None,
+                       hint: str = "") -> Params:
+    """The arrays of ``items`` as a :class:`Params` of ``dtype``, checked against
+    ``shapes`` (one entry per key; ``layers``: the layers the arrays hold, for the
+    message). ``ValueError`` names a missing or unexpected key (with ``hint``), a wrong
+    shape, a non-real dtype or a non-finite entry; ``network`` describes the network."""
+    missing = [k for k in shapes if items.get(k) is None]
+    extra = [k for k, v in items.items() if k not in shapes and v is not None]
+    if missing:
+        raise ValueError(f"params is missing {missing}; expected keys {list(shapes)}")
+    if extra:
+        raise ValueError(f"params has unexpected keys {extra}{hint}")
+    out: dict[str, np.ndarray] = {}
+    for key, shape in shapes.items():
+        arr = np.asarray(items[key])
+        if arr.shape != shape:
+            held = "" if layers is None else f" (layers {layers[0]}..{layers[1] - 1})"
+            raise ValueError(f"params[{key!r}] has shape {arr.shape}, expected {shape}{held} "
+                             f"for {network}")
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"params[{key!r}] has non-real dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=dtype)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"params[{key!r}] contains non-finite values (NaN or inf)")
+        out[key] = arr
+    return Params.from_dict(out)
+
+
 @dataclass(frozen=True)
 class ResNet:
     """A residual network seen as a discrete optimal-control problem.
@@ -318,30 +347,12 @@ class ResNet:
             raise TypeError(
                 f"params must be a ptoc.Params or a dict of arrays, got {type(params).__name__}"
             )
-        shapes = self.param_shapes(layers)
-        missing = [k for k in shapes if items.get(k) is None]
-        extra = [k for k, v in items.items() if k not in shapes and v is not None]
-        if missing:
-            raise ValueError(f"params is missing {missing}; expected keys {list(shapes)}")
-        if extra:
-            hint = ""
-            if set(extra) & {"K_in", "b_in"}:
-                hint = " (this network's opening layer is the identity: it has no K_in, b_in)"
-            raise ValueError(f"params has unexpected keys {extra}{hint}")
-        out: dict[str, np.ndarray] = {}
-        for key, shape in shapes.items():
-            arr = np.asarray(items[key])
-            if arr.shape != shape:
-                held = "" if layers is None else f" (layers {layers[0]}..{layers[1] - 1})"
-                raise ValueError(f"params[{key!r}] has shape {arr.shape}, expected {shape}{held} "
-                                 f"for {self.describe()}")
-            if arr.dtype.kind not in "fiu":
-                raise ValueError(f"params[{key!r}] has non-real dtype {arr.dtype}")
-            arr = np.ascontiguousarray(arr, dtype=self.dtype)
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(f"params[{key!r}] contains non-finite values (NaN or inf)")
-            out[key] = arr
-        return Params.from_dict(out)
+        extra = {k for k, v in items.items() if k not in self.param_shapes(layers)
+                 and v is not None}
+        hint = (" (this network's opening layer is the identity: it has no K_in, b_in)"
+                if extra & {"K_in", "b_in"} else "")
+        return check_param_arrays(items, self.param_shapes(layers), self.dtype,
+                                  self.describe(), layers, hint)
 
     def describe(self) -> str:
         """One-line summary, e.g. ``ResNet(d=8, N=32, T=1, tanh, 2->5)``."""

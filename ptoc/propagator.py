@@ -403,7 +403,43 @@ _BATCHED_TARGETS = (Target.NUMPY, Target.CPU)
 level_workspace = Workspace(capacity=64)
 
 
-class ResNetPropagator(Propagator):
+class ParamsPropagator(Propagator):
+    """What the propagators of the networks with :class:`Params` share (the dense
+    :class:`ResNetPropagator` and the convolutional ``ConvResNetPropagator``): the
+    network, its parameters (all layers, or only layers ``layers = (a, b)`` with the
+    head), the labels, the kernels of ``target`` (from :attr:`kernel_backend`), and
+    :meth:`layer_slice`."""
+
+    #: The kernel module of a target (a subclass names its own).
+    kernel_backend: Callable[[Target], Any] = staticmethod(backend)
+
+    def __init__(self, network: Any, params: Params | Mapping, labels=None, *,
+                 target: Target | str = Target.CPU, layers: tuple[int, int] | None = None,
+                 check: bool = True):
+        self.network = network
+        self.params = network.check_params(params, layers=layers) if check else params
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.target = Target.parse(target)
+        self._kern = type(self).kernel_backend(self.target)
+        self.n_layers = network.depth if layers is None else int(layers[1] - layers[0])
+        self._act = network.activation.code
+        self._h = network.h
+
+    def layer_slice(self, start: int, stop: int) -> LayerSlice:
+        """Layers ``start..stop-1`` as a :class:`LayerSlice` holding views of their
+        parameters only (and the head, for the objective)."""
+        if not 0 <= start < stop <= self.n_layers:
+            raise ValueError(f"layers {start}..{stop - 1} are not a non-empty range of the "
+                             f"network's {self.n_layers} layers")
+        p = self.params
+        local = Params(K=p.K[start:stop], b=p.b[start:stop], K_in=p.K_in, b_in=p.b_in, W=p.W,
+                       mu=p.mu)
+        inner = type(self)(self.network, local, self.labels, target=self.target,
+                           layers=(start, stop), check=False)
+        return LayerSlice(inner, start, self.n_layers)
+
+
+class ResNetPropagator(ParamsPropagator):
     """The residual layers of a :class:`ResNet` as a :class:`Propagator`.
 
     ``step`` is ``x + h sigma(K_n x + b_n)``, the objective is the batch-mean softmax
@@ -429,31 +465,6 @@ class ResNetPropagator(Propagator):
     """
 
     has_coarse_grid = True
-
-    def __init__(self, network: ResNet, params: Params | Mapping, labels=None, *,
-                 target: Target | str = Target.CPU, layers: tuple[int, int] | None = None,
-                 check: bool = True):
-        self.network = network
-        self.params = network.check_params(params, layers=layers) if check else params
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        self.target = Target.parse(target)
-        self._kern = backend(self.target)
-        self.n_layers = network.depth if layers is None else int(layers[1] - layers[0])
-        self._act = network.activation.code
-        self._h = network.h
-
-    def layer_slice(self, start: int, stop: int) -> LayerSlice:
-        """Layers ``start..stop-1`` as a :class:`LayerSlice` holding views of their
-        parameters only (and the head, for the objective)."""
-        if not 0 <= start < stop <= self.n_layers:
-            raise ValueError(f"layers {start}..{stop - 1} are not a non-empty range of the "
-                             f"network's {self.n_layers} layers")
-        p = self.params
-        local = Params(K=p.K[start:stop], b=p.b[start:stop], K_in=p.K_in, b_in=p.b_in, W=p.W,
-                       mu=p.mu)
-        inner = ResNetPropagator(self.network, local, self.labels, target=self.target,
-                                 layers=(start, stop), check=False)
-        return LayerSlice(inner, start, self.n_layers)
 
     def initial_state(self, X) -> np.ndarray:
         """``x_0`` = the opening layer applied to inputs ``X`` (S, n_in)."""

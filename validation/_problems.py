@@ -16,6 +16,7 @@ from types import ModuleType
 import numpy as np
 
 import ptoc
+from ptoc.methods import GradientFunction
 
 
 def random_problem(act, depth, seed, width=4, S=6, T=1.0):
@@ -53,3 +54,22 @@ def benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class CountingExactGradient(GradientFunction):
+    """The exact serial gradient of ``net`` as a training method's gradient function,
+    counting the gradient and the objective-only evaluations (what a step of the
+    simultaneous claims is compared with)."""
+
+    deterministic = True
+
+    def __init__(self, net):
+        self.net, self.gradients, self.values = net, 0, 0
+
+    def __call__(self, params, X, y):
+        self.gradients += 1
+        return ptoc.loss_and_grad(self.net, params, X, y)
+
+    def value(self, params, X, y):
+        self.values += 1
+        return ptoc.loss(self.net, params, X, y)

@@ -81,11 +81,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from _problems import CountingExactGradient  # validation/_problems.py
 
 import ptoc
 from ptoc.cli.claims import Record, script_main
 from ptoc.data import Dataset
-from ptoc.methods import GradientFunction, GradientMethod
+from ptoc.methods import GradientMethod
 from ptoc.optim import LBFGS
 from ptoc.parallel import parallel_gradient
 from ptoc.parallel.layout import mgrit_levels
@@ -159,23 +160,6 @@ def initial_params(net: ptoc.ConvResNet, seed: int):
                                   for k, shape in net.param_shapes().items()})
 
 
-class _CountingExact(GradientFunction):
-    """The exact serial gradient, counting gradient and objective evaluations."""
-
-    deterministic = True
-
-    def __init__(self, net):
-        self.net, self.gradients, self.values = net, 0, 0
-
-    def __call__(self, params, X, y):
-        self.gradients += 1
-        return ptoc.loss_and_grad(self.net, params, X, y)
-
-    def value(self, params, X, y):
-        self.values += 1
-        return ptoc.loss(self.net, params, X, y)
-
-
 def _train_pair(seed: int, cfg: dict, data: Dataset, quick: bool) -> dict:
     """Serial and simultaneous training from the same initialisation."""
     net, steps = network(cfg["depth"]), cfg["steps"]
@@ -184,7 +168,7 @@ def _train_pair(seed: int, cfg: dict, data: Dataset, quick: bool) -> dict:
     acc0 = ptoc.accuracy(net, params, data.X_val, data.y_val)
     common = {"epochs": steps, "batch_size": None, "seed": seed, "progress": False,
               "eval_every": cfg["eval_every"]}
-    exact = _CountingExact(net)
+    exact = CountingExactGradient(net)
     serial = train(net, params, data, method=GradientMethod(optimizer(), exact), **common)
     gradient = SimultaneousGradient(net, mgrit(), comm=cfg["depth"] // 4,
                                     exact_every=1 if quick else 0)

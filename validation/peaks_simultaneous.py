@@ -59,10 +59,11 @@ import math
 from pathlib import Path
 
 import numpy as np
+from _problems import CountingExactGradient  # validation/_problems.py
 
 import ptoc
 from ptoc.cli.claims import Record, script_main
-from ptoc.methods import GradientFunction, GradientMethod
+from ptoc.methods import GradientMethod
 from ptoc.objective import regulariser
 from ptoc.simultaneous import guenther_peaks, step_costs
 from ptoc.training import train
@@ -82,23 +83,6 @@ ACC_TOL = 0.02  # "reaches": at most 2 percentage points below serial
 GRAD_TOL = 0.1  # quick mode: typical inexact gradient within 10% (< 6 degrees) of the exact one
 RANKS = 15
 ITERATIONS = 2  # MGRIT iterations per sweep (braid_maxiter)
-
-
-class _CountingExact(GradientFunction):
-    """The exact serial gradient, counting gradient and objective evaluations."""
-
-    deterministic = True
-
-    def __init__(self, net):
-        self.net, self.gradients, self.values = net, 0, 0
-
-    def __call__(self, params, X, y):
-        self.gradients += 1
-        return ptoc.loss_and_grad(self.net, params, X, y)
-
-    def value(self, params, X, y):
-        self.values += 1
-        return ptoc.loss(self.net, params, X, y)
 
 
 def _initial_loss(net, data, seed: int, reference_init) -> dict:
@@ -122,7 +106,7 @@ def _train_pair(seed: int, quick: bool) -> dict:
     net, data, steps = setup.network, setup.data, setup.epochs
     loss0 = ptoc.loss(net, setup.params, data.X_train, data.y_train)
     acc0 = ptoc.accuracy(net, setup.params, data.X_val, data.y_val)
-    exact = _CountingExact(net)
+    exact = CountingExactGradient(net)
     serial = train(net, setup.params, data, method=GradientMethod(setup.optimizer, exact),
                    epochs=steps, batch_size=None, seed=seed, progress=False)
     setup.gradient.exact_every = 1  # the exact gradient beside each inexact one
