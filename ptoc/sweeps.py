@@ -163,6 +163,10 @@ def _check_forward_result(network: ResNet, fwd) -> None:
     if not isinstance(fwd, ForwardResult):
         raise TypeError(f"fwd must be the ForwardResult of ptoc.forward, got "
                         f"{type(fwd).__name__}")
+    if fwd.network is not None and not isinstance(fwd.network, ResNet):
+        raise ValueError(f"fwd was computed for a {type(fwd.network).__name__}, but adjoint "
+                         f"was given a ResNet ({network.describe()}): run ptoc.forward with "
+                         "this network")
     if fwd.network is not None:
         differ = [f for f in _SWEEP_FIELDS
                   if getattr(fwd.network, f) != getattr(network, f)]

@@ -325,3 +325,16 @@ def test_the_parameters_have_the_documented_keys_and_shapes():
     shapes = {k: v.shape for k, v in net.init_params(0).to_dict().items()}
     assert shapes == {"K": (8, 4, 4, 3, 3), "b": (8, 4), "K_in": (4, 1, 3, 3), "b_in": (4,),
                       "W": (10, 4 * 28 * 28), "mu": (10,)}
+
+
+def test_adjoint_refuses_a_forward_result_of_the_other_kind_of_network():
+    """A ConvResNet's forward result given with a ResNet, and the other way round, is a
+    clear error naming what was computed for what (not an AttributeError)."""
+    net, p, X, y = _problem()
+    fwd_conv = ptoc.forward(net, p, X, target="numpy")
+    dense = ptoc.ResNet(width=3, depth=4, n_in=60, n_classes=3)
+    with pytest.raises(ValueError, match="fwd was computed for a ConvResNet"):
+        ptoc.adjoint(dense, dense.init_params(0), fwd_conv, np.zeros((4, 3)))
+    fwd_dense = ptoc.forward(dense, dense.init_params(0), X)
+    with pytest.raises(ValueError, match="ForwardResult of ptoc.forward with this network"):
+        ptoc.adjoint(net, p, fwd_dense, np.zeros_like(fwd_conv.final_state))
