@@ -36,8 +36,6 @@ agree to round-off (``tests/test_conv_cuda.py`` checks 1e-12 in float64).
 
 from __future__ import annotations
 
-import numpy as np
-
 from .. import _config, _conv_maths
 from . import cuda as _dense
 from .cuda import _back, _dummy, _grid2, _is_device, _serialized, _to_device, cuda
