@@ -298,8 +298,9 @@ def test_images_and_flattened_images_give_the_same_result():
 
 def test_bad_input_gets_a_clear_error():
     net, p, X, y = _problem()
-    with pytest.raises(NotImplementedError, match="CUDA kernels of the convolutional"):
-        ptoc.loss_and_grad(net, p, X, y, target="cuda")
+    with pytest.raises(ValueError, match="unknown target 'gpu'; valid choices are 'numpy', "
+                                         "'cpu', 'cuda'"):
+        ptoc.loss_and_grad(net, p, X, y, target="gpu")
     with pytest.raises(ValueError, match=r"image_shape=\(2, 5, 6\)"):
         ptoc.loss(net, p, X.reshape(4, 2, 6, 5), y)
     with pytest.raises(ValueError, match="flattened images"):

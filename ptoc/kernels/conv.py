@@ -1,8 +1,9 @@
-"""One convolutional residual layer, batched, on the NumPy and Numba CPU targets.
+"""One convolutional residual layer, batched, on the NumPy, Numba CPU and CUDA targets.
 
 The public, validating wrappers of the kernels of :mod:`ptoc.kernels.conv_reference`
-(NumPy, the one to read) and :mod:`ptoc.kernels.conv_cpu` (Numba, parallel over the
-batch), which share one signature; :func:`conv_backend` picks the module of a target.
+(NumPy, the one to read), :mod:`ptoc.kernels.conv_cpu` (Numba, parallel over the
+batch) and :mod:`ptoc.kernels.conv_cuda` (Numba CUDA, one thread per entry), which
+share one signature; :func:`conv_backend` picks the module of a target.
 Theory and equations: :doc:`/theory/conv` and :mod:`ptoc.kernels.conv_reference`.
 
 For states ``x`` (S, C, H, W), a kernel ``K`` (C, C, 3, 3), a bias ``b`` (C,), a step ``h``
@@ -23,30 +24,32 @@ from types import ModuleType
 import numpy as np
 
 from ..activations import Activation
-from . import Target
+from . import Target, backend
 
 __all__ = ["conv_backend", "conv_layer_step", "conv_layer_adjoint_step",
            "conv_layer_hamiltonian", "conv_layer_hamiltonian_grad"]
 
-_MODULES = {Target.NUMPY: "conv_reference", Target.CPU: "conv_cpu"}
+_MODULES = {Target.NUMPY: "conv_reference", Target.CPU: "conv_cpu", Target.CUDA: "conv_cuda"}
 
 
 def conv_backend(target: Target | str) -> ModuleType:
-    """The convolution kernel module of ``target`` (``"numpy"`` or ``"cpu"``).
+    """The convolution kernel module of ``target`` (``"numpy"``, ``"cpu"`` or ``"cuda"``),
+    imported on first use.
+
+    ``"cuda"`` first loads the dense CUDA target (:func:`ptoc.kernels.backend`), whose
+    helpers the convolution kernels share, so that it fails as the dense target does.
 
     Raises
     ------
     ValueError
         For an unknown target name.
-    NotImplementedError
-        For ``"cuda"``: ptoc has no CUDA convolution kernels yet.
+    ImportError
+        For ``"cuda"`` without numba-cuda, or without a usable GPU and without the CUDA
+        simulator, with the reason and the fix.
     """
     target = Target.parse(target)
-    if target not in _MODULES:
-        raise NotImplementedError(
-            f"target {target.value!r} has no convolution kernels: ptoc's convolutional "
-            "ResNet runs on 'numpy' and 'cpu' (the CUDA kernels of the convolutional "
-            "layer step, adjoint step and kernel gradient are not written yet)")
+    if target is Target.CUDA:
+        backend(target)
     return importlib.import_module(f"{__package__}.{_MODULES[target]}")
 
 
