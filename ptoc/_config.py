@@ -115,5 +115,9 @@ WARM_UP: bool = _env_flag("PTOC_WARM_UP", True)
 #: request, so it may be changed at run time; ``0`` keeps nothing.
 WORKSPACE_BYTES: int = _env_int("PTOC_WORKSPACE_BYTES", 256 << 20, minimum=0)
 
-#: Threads per block along each axis of the 2-D CUDA grids.
+#: Threads per block along each axis of the 2-D CUDA grids (the level kernels of the
+#: layer-parallel solvers included: their slow axis runs over runs and samples).
 CUDA_THREADS: int = _env_int("PTOC_CUDA_THREADS", 16)
+
+#: Threads per block of the 1-D CUDA grids (the Hamiltonian's chunk sums).
+CUDA_LINEAR_THREADS: int = 128

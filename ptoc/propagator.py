@@ -397,7 +397,7 @@ class LayerSlice(Propagator):
 # --- the dense ResNet -----------------------------------------------------------------------------
 
 #: Targets whose kernel modules have the batched level and layer-gradient kernels.
-_BATCHED_TARGETS = (Target.NUMPY, Target.CPU)
+_BATCHED_TARGETS = (Target.NUMPY, Target.CPU, Target.CUDA)
 
 #: Buffers of the ResNet level steps, reused across solves (per thread).
 level_workspace = Workspace(capacity=64)
@@ -595,7 +595,10 @@ class ResNetLevelSteps(LevelSteps):
     Every step of a level has the same form, ``x + dt sigma(K x + b)`` (fine: one layer,
     ``dt = h``; coarse: the coarse weights, ``dt = (e - s) h``), so the level's weights
     are stacked into arrays once per solve and the kernels run whole relaxations. The
-    kernels index steps from 1, so row 0 of each stacked array is unused.
+    kernels index steps from 1, so row 0 of each stacked array is unused. On the CUDA
+    target the stacked arrays are copied to the device here, once, and stay there for
+    the object's lifetime (a solve), so that a relaxation moves only the level's
+    values (see :mod:`ptoc.kernels.cuda`).
     """
 
     def __init__(self, prop: ResNetPropagator, plan: LevelPlan):
@@ -613,12 +616,17 @@ class ResNetLevelSteps(LevelSteps):
             stack = prop.stacked_parameters(plan.layers) if plan.fine else plan.weights
             self.K[1:], self.b[1:] = stack
         self.X = self.KT = None
+        on_device = prop.target is Target.CUDA
         if plan.backward:
             self.X = level_workspace.get("X" + tag, (n_loc,) + plan.states.shape[1:], dtype)
             self.X[1:] = plan.states
-            self.KT = level_workspace.get("KT" + tag, self.K.shape, dtype)
-            self.KT[...] = np.swapaxes(self.K, 1, 2)
+            if not on_device:  # the CUDA kernels read the columns of K directly
+                self.KT = level_workspace.get("KT" + tag, self.K.shape, dtype)
+                self.KT[...] = np.swapaxes(self.K, 1, 2)
         self.kern, self.act = prop._kern, prop._act
+        if on_device:
+            self.K, self.b, self.dt, self.X = (self.kern.to_device(a)
+                                                for a in (self.K, self.b, self.dt, self.X))
 
     def runs(self, u, g, starts, ends) -> None:
         starts = np.asarray(starts, dtype=np.int64)

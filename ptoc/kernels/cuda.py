@@ -15,6 +15,22 @@ threads per block, the feature index fastest so that a warp reads one sample row
   configuration;
 * Hamiltonian: thread ``c`` sums chunk ``c``; the host adds the chunk sums in order.
 
+* level kernels (the batched steps of the layer-parallel solvers): one launch per step
+  index ``t`` of all runs (or points) of a call together, thread ``(r*S + s, i)``
+  computing entry ``(s, i)`` of position ``starts[r] + t`` of run ``r``; the adjoint
+  steps form ``g`` for every run in one launch and then ``adjoint_entry`` in another.
+
+Where the data lives. Every copy between host and device goes through
+:func:`to_device` or :func:`_download`, which count it (:func:`transfer_counts`,
+:func:`counting_transfers`), and a kernel is never launched with a host array (Numba
+would copy it unseen; :func:`_launch` refuses). A function given host arrays copies
+each input to the device once, runs all its steps there and copies its results back
+once; given device arrays, it leaves them there. So a level kernel call moves its
+arrays once each way whatever the number of steps, and the level steps of the dense
+ResNet (:class:`ptoc.propagator.ResNetLevelSteps`) keep a level's weights (and the
+adjoint's states) on the device for a whole solve, so that a relaxation moves only
+the level's values ``u`` (and the right-hand side ``g``) and its index array.
+
 The element functions of :mod:`ptoc._maths` (all of them, ``_maths.CUDA_FUNCTIONS``)
 are registered with numba-cuda's ``register_jitable``, so these kernels call that very
 code; the CPU target calls ``activation`` from it and writes the sums as tile loops
@@ -23,8 +39,11 @@ that add the same terms in the same order (see :mod:`ptoc._maths`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,6 +85,101 @@ def _serialized(fn):
         with _LOCK:
             return fn(*args, **kwargs)
     return wrapper
+
+
+# --- copies between host and device, all counted ----------------------------------------------
+
+@dataclass
+class TransferCounts:
+    """Numbers of copies between host and device.
+
+    Attributes
+    ----------
+    to_device : int
+        Host-to-device copies.
+    to_host : int
+        Device-to-host copies.
+    """
+
+    to_device: int = 0
+    to_host: int = 0
+
+    @property
+    def total(self) -> int:
+        """All copies, both ways."""
+        return self.to_device + self.to_host
+
+
+#: The copies made since the module was imported (guarded by ``_LOCK``).
+_counts = TransferCounts()
+
+
+def transfer_counts() -> TransferCounts:
+    """The copies between host and device made so far in this process (a snapshot)."""
+    with _LOCK:
+        return TransferCounts(_counts.to_device, _counts.to_host)
+
+
+@contextlib.contextmanager
+def counting_transfers() -> Iterator[TransferCounts]:
+    """Count the copies made inside a ``with`` block (from every thread).
+
+    Yields a :class:`TransferCounts` that holds the numbers once the block ends::
+
+        with counting_transfers() as moved:
+            ptoc.loss_and_grad(net, p, X, y, target="cuda", solver=ptoc.MGRIT())
+        moved.total
+    """
+    start = transfer_counts()
+    moved = TransferCounts()
+    try:
+        yield moved
+    finally:
+        end = transfer_counts()
+        moved.to_device = end.to_device - start.to_device
+        moved.to_host = end.to_host - start.to_host
+
+
+def to_device(host, dtype=None, into=None):
+    """Copy a host array to the device (counted) and return the device array.
+
+    ``dtype`` converts it first (on the host); ``into``, a device array of the same
+    shape, receives the copy instead of a new array. A device array is returned as it
+    is (no copy), and None stays None.
+    """
+    with _LOCK:  # the simulator swaps this module's ``cuda`` while a kernel runs
+        if host is None or _is_device(host):
+            return host
+        host = np.ascontiguousarray(host, dtype=dtype)
+        _counts.to_device += 1
+        if into is None:
+            return cuda.to_device(host)
+        into.copy_to_device(host)
+        return into
+
+
+def _download(device_array, into=None) -> np.ndarray:
+    """Copy a device array to the host (counted), into ``into`` when given."""
+    with _LOCK:
+        _counts.to_host += 1
+        if into is None:
+            return device_array.copy_to_host()
+        if into.flags.c_contiguous:
+            device_array.copy_to_host(into)
+        else:  # e.g. a view with a negative stride
+            into[...] = device_array.copy_to_host()
+        return into
+
+
+def _launch(kernel, blocks, threads, *args) -> None:
+    """Launch ``kernel``; every array argument must already be on the device, since
+    Numba would copy a host array both ways without the counter seeing it."""
+    for a in args:
+        if isinstance(a, np.ndarray):
+            raise TypeError(f"internal error: host array of shape {a.shape} passed to CUDA "
+                            f"kernel {getattr(kernel, '__name__', kernel)}; copy it with "
+                            "to_device first")
+    kernel[blocks, threads](*args)
 
 
 def check_available() -> None:
@@ -151,6 +265,64 @@ def _hamiltonian_kernel(x, p, K, b, h, act, chunk, part):
         part[c] = acc
 
 
+# --- level kernels: step ``t`` of every run (or point) of a call ---------------------------------
+#
+# Thread ``(i, r*S + s)`` computes entry ``(s, i)`` of position ``k = first[r] + t`` of run
+# ``r``, when ``k <= last[r]`` (points are runs of one step, ``first = last``). The result
+# goes to ``u[k]`` (runs) or to ``out[r]`` (points, ``into_out``). The arithmetic of each
+# entry is that of ``_step_kernel`` and of ``_g_kernel`` and ``_adjoint_kernel``, then
+# ``+ g[k]`` when ``has_g``: the order of the CPU level kernels.
+
+@cuda.jit
+def _state_level_kernel(u, g, has_g, K, b, dt, act, first, last, t, out, into_out):
+    i, row = cuda.grid(2)
+    S = u.shape[1]
+    r = row // S
+    s = row - r * S
+    if r < first.shape[0] and i < u.shape[2]:
+        k = first[r] + t
+        if k <= last[r]:
+            x = u[k - 1]
+            v = x[s, i] + dt[k] * _activation(_preactivation(x, K[k], b[k], s, i), act)[0]
+            if has_g:
+                v = v + g[k, s, i]
+            if into_out:
+                out[r, s, i] = v
+            else:
+                u[k, s, i] = v
+
+
+@cuda.jit
+def _adjoint_level_g_kernel(lam, X, K, b, act, first, last, t, gg):
+    i, row = cuda.grid(2)
+    S = lam.shape[1]
+    r = row // S
+    s = row - r * S
+    if r < first.shape[0] and i < lam.shape[2]:
+        k = first[r] + t
+        if k <= last[r]:
+            ds = _activation(_preactivation(X[k], K[k], b[k], s, i), act)[1]
+            gg[r, s, i] = ds * lam[k - 1, s, i]
+
+
+@cuda.jit
+def _adjoint_level_kernel(lam, g, has_g, K, dt, first, last, t, gg, out, into_out):
+    j, row = cuda.grid(2)
+    S = lam.shape[1]
+    r = row // S
+    s = row - r * S
+    if r < first.shape[0] and j < lam.shape[2]:
+        k = first[r] + t
+        if k <= last[r]:
+            v = _adjoint_entry(lam[k - 1], K[k], gg[r], s, dt[k], s, j)
+            if has_g:
+                v = v + g[k, s, j]
+            if into_out:
+                out[r, s, j] = v
+            else:
+                lam[k, s, j] = v
+
+
 # --- launch helpers ----------------------------------------------------------------------------
 
 def _grid2(n_fast: int, n_slow: int):
@@ -165,30 +337,28 @@ def _grid2(n_fast: int, n_slow: int):
     return ((n_fast + tx - 1) // tx, (n_slow + ty - 1) // ty), (tx, ty)
 
 
-def _to_device(a):
-    if a is None or _is_device(a):
-        return a
-    return cuda.to_device(np.ascontiguousarray(a))
+_to_device = to_device
 
 
 @functools.cache
 def _dummy(dtype, ndim):
-    """A 1-element device array standing in for an absent optional output."""
-    return cuda.to_device(np.zeros((1,) * ndim, dtype=dtype))
+    """A 1-element device array standing in for an absent optional argument (never read
+    or written, so it is allocated without a copy)."""
+    return cuda.device_array((1,) * ndim, dtype=dtype)
 
 
 def _back(device_array, host):
     """Copy a device result back into ``host`` when the caller passed a host array."""
     if host is not None and not _is_device(host):
-        device_array.copy_to_host(host)
+        _download(device_array, host)
 
 
 def _step_dev(x, K, b, h, act, out, dsig):
     store = dsig is not None
     S, d = x.shape
     blocks, threads = _grid2(d, S)
-    _step_kernel[blocks, threads](x, K, b, h, act, out, dsig if store else _dummy(x.dtype, 2),
-                                  store)
+    _launch(_step_kernel, blocks, threads, x, K, b, h, act, out,
+            dsig if store else _dummy(x.dtype, 2), store)
 
 
 class _Workspace:
@@ -206,14 +376,16 @@ def _adjoint_dev(x, lam, K, b, h, act, out, gK, gb, dsig, chunk, work):
     S, d = x.shape
     have = dsig is not None
     blocks, threads = _grid2(d, S)
-    _g_kernel[blocks, threads](x, lam, K, b, act, dsig if have else work.dummy, have, work.g)
+    _launch(_g_kernel, blocks, threads, x, lam, K, b, act, dsig if have else work.dummy, have,
+            work.g)
     if out is not None:
-        _adjoint_kernel[blocks, threads](lam, K, work.g, h, out)
+        _launch(_adjoint_kernel, blocks, threads, lam, K, work.g, h, out)
     if gK is not None:
         blocks, threads = _grid2(d * d, work.n_chunks)
-        _partials_kernel[blocks, threads](work.g, x, h, chunk, work.part_K, work.part_b)
+        _launch(_partials_kernel, blocks, threads, work.g, x, h, chunk, work.part_K,
+                work.part_b)
         blocks, threads = _grid2(d, d)
-        _add_partials_kernel[blocks, threads](work.part_K, work.part_b, gK, gb)
+        _launch(_add_partials_kernel, blocks, threads, work.part_K, work.part_b, gK, gb)
 
 
 # --- functions with the common signature of kernels.reference ------------------------------------
@@ -264,11 +436,11 @@ def hamiltonian(x, p, K, b, h, act, chunk):
     S = x.shape[0]
     n_chunks = (S + chunk - 1) // chunk
     part = cuda.device_array(n_chunks, dtype=x.dtype)
-    threads = min(128, n_chunks)
-    _hamiltonian_kernel[(n_chunks + threads - 1) // threads, threads](
-        *map(_to_device, (x, p, K, b)), h, act, chunk, part)
+    threads = min(_config.CUDA_LINEAR_THREADS, n_chunks)
+    _launch(_hamiltonian_kernel, (n_chunks + threads - 1) // threads, threads,
+            *map(_to_device, (x, p, K, b)), h, act, chunk, part)
     total = 0.0 * h
-    for v in part.copy_to_host():
+    for v in _download(part):
         total += v
     return float(total)
 
@@ -293,7 +465,10 @@ def adjoint_sweep(states, lam_N, K, b, h, act, dsig, gK, gb, lams, chunk):
     h = states.dtype.type(h)
     dstates, dK, db, ddsig, dgK, dgb = map(_to_device, (states, K, b, dsig, gK, gb))
     lam = cuda.device_array(lam_N.shape, lam_N.dtype)
-    lam.copy_to_device(lam_N)
+    if _is_device(lam_N):
+        lam.copy_to_device(lam_N)  # on the device
+    else:
+        to_device(lam_N, into=lam)
     nxt = cuda.device_array_like(lam)
     dlams = None
     if lams is not None:
@@ -312,4 +487,90 @@ def adjoint_sweep(states, lam_N, K, b, h, act, dsig, gK, gb, lams, chunk):
         _back(dlams, lams)
     if _is_device(lam_N):
         return lam
-    return lam.copy_to_host()
+    return _download(lam)
+
+
+# --- level kernels: many steps of one MGRIT/parareal level in one call ---------------------------
+#
+# Same contract as in kernels.reference and kernels.cpu (``KT`` is not used here: a thread
+# reads a column of ``K`` directly). Each call copies its host arrays to the device once,
+# launches the kernels of all its steps there, and copies ``u`` (or ``out``) back once.
+
+def _index_pair(first, last) -> tuple[int, int, object]:
+    """``(runs, longest run, device array (2, runs) of first and last positions)``."""
+    first = np.asarray(first, dtype=np.int64)
+    last = np.asarray(last, dtype=np.int64)
+    if not len(first):
+        return 0, 0, None
+    return len(first), int(np.max(last - first)) + 1, to_device(np.stack([first, last]))
+
+
+def _state_level(u, g, K, b, dt, act, first, last, out):
+    n_runs, n_steps, idx = _index_pair(first, last)
+    if not n_runs:
+        return
+    du = to_device(u)
+    dg = to_device(g)
+    dK, db, ddt = to_device(K), to_device(b), to_device(dt, dtype=u.dtype)
+    into_out = out is not None
+    dout = cuda.device_array(out.shape, out.dtype) if into_out else du
+    _, S, d = u.shape
+    blocks, threads = _grid2(d, n_runs * S)
+    for t in range(n_steps):
+        _launch(_state_level_kernel, blocks, threads, du, du if dg is None else dg,
+                dg is not None, dK, db, ddt, act, idx[0], idx[1], t, dout, into_out)
+    _back(dout, out if into_out else u)
+
+
+def _adjoint_level(lam, g, X, K, b, dt, act, first, last, out):
+    n_runs, n_steps, idx = _index_pair(first, last)
+    if not n_runs:
+        return
+    dlam = to_device(lam)
+    dg = to_device(g)
+    dX, dK, db, ddt = to_device(X), to_device(K), to_device(b), to_device(dt, dtype=lam.dtype)
+    into_out = out is not None
+    dout = cuda.device_array(out.shape, out.dtype) if into_out else dlam
+    _, S, d = lam.shape
+    gg = cuda.device_array((n_runs, S, d), lam.dtype)
+    blocks, threads = _grid2(d, n_runs * S)
+    for t in range(n_steps):
+        _launch(_adjoint_level_g_kernel, blocks, threads, dlam, dX, dK, db, act, idx[0],
+                idx[1], t, gg)
+        _launch(_adjoint_level_kernel, blocks, threads, dlam, dlam if dg is None else dg,
+                dg is not None, dK, ddt, idx[0], idx[1], t, gg, dout, into_out)
+    _back(dout, out if into_out else lam)
+
+
+@_serialized
+def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
+    _state_level(u, g, K, b, dt, act, starts, ends, None)
+
+
+@_serialized
+def state_points(u, K, b, dt, act, positions, out, chunk):
+    _state_level(u, None, K, b, dt, act, positions, positions, out)
+
+
+@_serialized
+def adjoint_runs(lam, g, X, K, KT, b, dt, act, starts, ends, chunk):
+    _adjoint_level(lam, g, X, K, b, dt, act, starts, ends, None)
+
+
+@_serialized
+def adjoint_points(lam, X, K, KT, b, dt, act, positions, out, chunk):
+    _adjoint_level(lam, None, X, K, b, dt, act, positions, positions, out)
+
+
+@_serialized
+def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):
+    if not len(xs):
+        return
+    h = xs.dtype.type(h)
+    dxs, dlams, dK, db, dgK, dgb = map(to_device, (xs, lams, K, b, gK, gb))
+    work = _Workspace(*xs.shape[1:], xs.dtype, chunk)
+    for n in range(K.shape[0]):
+        _adjoint_dev(dxs[n], dlams[n], dK[n], db[n], h, act, None, dgK[n], dgb[n], None, chunk,
+                     work)
+    _back(dgK, gK)
+    _back(dgb, gb)
