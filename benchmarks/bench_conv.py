@@ -3,15 +3,21 @@
 
 Builds the same network in PyTorch (float64: ``conv2d`` with stride 1 and padding 1,
 tanh, the classifier on ``vec(x_N)``, batch-mean cross-entropy and ptoc's regulariser),
-checks that ``ptoc.loss_and_grad`` gives the same loss and gradients (to 1e-9
-relative), then times one gradient of each target (``numpy``, ``cpu``) and of PyTorch,
-interleaved, median of ``--repeat``. A JSON record goes to
+checks that ``ptoc.loss_and_grad`` of each target of ``--targets`` gives the same loss and
+gradients (to 1e-9 relative), then times one gradient of each target and of PyTorch,
+interleaved, median of ``--repeat``, on ``--threads`` threads (Numba and PyTorch). The
+rate is GFLOP/s of the residual layers' convolutions, ``6 S C^2 9 H W N`` flops per
+gradient (a convolution, a transposed convolution and a kernel gradient of
+``2 S C^2 9 H W`` flops each per layer; opening, classifier and elementwise work not
+counted), also as a share of the machine's FP64 peak (``bench_gradient.peak_assumption``:
+threads x nominal GHz x flops per cycle). A JSON record goes to
 ``benchmarks/out/conv_<timestamp>.json`` unless ``--no-json``.
 
 Usage::
 
     python benchmarks/bench_conv.py                 # channels 4, 8; batch 64; depth 8
     python benchmarks/bench_conv.py --channels 4 8 16 --batches 64 256 --depths 8 32
+    python benchmarks/bench_conv.py --targets numpy cpu   # the NumPy reference too
 
 Needs torch (the ``bench`` extra).
 """
@@ -26,7 +32,9 @@ import time
 from pathlib import Path
 
 import _machine  # benchmarks/_machine.py
+import numba
 import numpy as np
+from bench_gradient import peak_assumption  # also sets OPENBLAS_THREAD_TIMEOUT
 
 import ptoc
 
@@ -60,14 +68,34 @@ def problem(channels: int, depth: int, batch: int, seed: int = 0):
     return net, p, rng.random((batch, 784)), rng.integers(0, 10, batch)
 
 
+def gradient_flops(C: int, S: int, N: int, image_shape: tuple[int, int, int]) -> float:
+    """Flops of the residual layers' convolutions in one gradient (module doc)."""
+    return 6.0 * S * C * C * 9 * image_shape[1] * image_shape[2] * N
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--channels", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--batches", type=int, nargs="+", default=[64])
     parser.add_argument("--depths", type=int, nargs="+", default=[8])
+    parser.add_argument("--targets", nargs="+", choices=["numpy", "cpu"], default=["cpu"])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
+    parser.add_argument("--flops-per-cycle", type=float, default=None)
+    parser.add_argument("--ghz", type=float, default=None, help="nominal clock (default: cpuinfo)")
     parser.add_argument("--no-json", action="store_true")
     args = parser.parse_args()
+
+    import torch
+
+    numba.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    cpu_info = _machine.cpuinfo()
+    ghz = args.ghz or (float(cpu_info["cpu MHz"]) / 1000.0 if "cpu MHz" in cpu_info else 1.0)
+    fpc, why = peak_assumption(cpu_info, args.flops_per_cycle)
+    peak = args.threads * ghz * fpc
+    print(f"Peak: {args.threads} threads x {ghz:.2f} GHz x {fpc:g} DP flop/cycle = "
+          f"{peak:.1f} GFLOP/s ({why})")
 
     rows = []
     for C in args.channels:
@@ -76,12 +104,15 @@ def main() -> None:
                 net, p, X, y = problem(C, N, S)
                 J, ref = torch_gradient(net, p, X, y)
                 worst = 0.0
-                for target in ("numpy", "cpu"):
+                for target in args.targets:
                     loss, g = ptoc.loss_and_grad(net, p, X, y, target=target)
                     worst = max(worst, abs(loss - J) / abs(J), *(
                         float(np.max(np.abs(g[k] - ref[k])) / max(np.max(np.abs(ref[k])),
                                                                    1e-300)) for k in ref))
-                times: dict[str, list[float]] = {"numpy": [], "cpu": [], "torch": []}
+                if not worst <= 1e-9:
+                    raise SystemExit(f"C={C} S={S} N={N}: ptoc and PyTorch differ by {worst:.1e} "
+                                     "(relative), more than 1e-9")
+                times: dict[str, list[float]] = {t: [] for t in (*args.targets, "torch")}
                 for _ in range(args.repeat):  # interleaved
                     for name in times:
                         start = time.perf_counter()
@@ -91,18 +122,27 @@ def main() -> None:
                             ptoc.loss_and_grad(net, p, X, y, target=name)
                         times[name].append(time.perf_counter() - start)
                 med = {k: float(np.median(v)) for k, v in times.items()}
+                gflops = {k: gradient_flops(C, S, N, net.image_shape) / v / 1e9
+                          for k, v in med.items()}
                 rows.append({"channels": C, "batch": S, "depth": N, "max_rel_diff": worst,
                              **{f"{k}_ms": 1e3 * v for k, v in med.items()},
-                             "torch_over_cpu": med["torch"] / med["cpu"]})
-                print(f"C={C:3d} S={S:4d} N={N:3d}: numpy {1e3 * med['numpy']:8.1f} ms  "
-                      f"cpu {1e3 * med['cpu']:8.1f} ms  torch {1e3 * med['torch']:8.1f} ms  "
-                      f"torch/cpu {med['torch'] / med['cpu']:5.2f}x  max rel diff {worst:.1e}")
+                             **{f"{k}_gflops": v for k, v in gflops.items()},
+                             "torch_over_cpu": med["torch"] / med["cpu"] if "cpu" in med
+                             else None})
+                cells = "  ".join(f"{k} {1e3 * v:8.1f} ms {gflops[k]:6.2f} GF/s "
+                                  f"({100 * gflops[k] / peak:4.1f}%)" for k, v in med.items())
+                ratio = (f"  torch/cpu {med['torch'] / med['cpu']:5.2f}x" if "cpu" in med
+                         else "")
+                print(f"C={C:3d} S={S:4d} N={N:3d}: {cells}{ratio}  max rel diff {worst:.1e}",
+                      flush=True)
     if not args.no_json:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(__file__).parent / "out" / f"conv_{stamp}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"benchmark": "ConvResNet serial gradient against PyTorch CPU autograd",
-                  "rows": rows, "repeat": args.repeat,
+                  "rows": rows, "repeat": args.repeat, "targets": args.targets,
+                  "threads": args.threads,
+                  "peak": {"gflops": peak, "ghz": ghz, "flops_per_cycle": fpc, "why": why},
                   "date": _dt.datetime.now().isoformat(timespec="seconds"),
                   "machine": {"platform": platform.platform(), "numpy": np.__version__,
                               "git_commit": _machine.git_commit()}}

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _config
 from ._checks import check_inputs as _check_flat_inputs
 from ._checks import check_positive_int
 from .activations import Activation
@@ -50,9 +51,9 @@ from .objective import (
     logits,
     range_regulariser,
 )
-from .propagator import Model, ParamsPropagator
+from .propagator import LevelPlan, LevelSteps, Model, ParamsPropagator
 
-__all__ = ["ConvResNet", "ConvResNetPropagator"]
+__all__ = ["ConvResNet", "ConvResNetPropagator", "ConvLevelSteps"]
 
 
 @dataclass(frozen=True)
@@ -334,6 +335,20 @@ class ConvResNetPropagator(ParamsPropagator):
         ``stop - start`` layers indexed from 0.
     check : bool
         Validate ``params``; False only for parameters validated already.
+
+    Notes
+    -----
+    Two methods beyond the :class:`~ptoc.Propagator` contract serve the gradient on one
+    rank with the serial sweep (:func:`ptoc.parallel.parallel_gradient` uses them when a
+    propagator has them, and else the same sweeps from ``propagate`` and
+    ``adjoint_step``): :meth:`gradient_forward` keeps ``sigma'(a_n)`` of every layer while
+    computing the states, and :meth:`gradient_backward` computes each ``lambda_n`` and
+    the gradient of layer ``n`` together from it, with no convolution recomputed: one
+    convolution per layer forward, a transposed convolution and a kernel gradient per
+    layer backward. The stored ``sigma'`` is as large as the states; it is kept for as
+    many layers as fit ``ptoc._config.WORKSPACE_BYTES`` (the others are recomputed),
+    and only on the ``"cpu"`` target. :meth:`level_steps` runs a whole relaxation of an
+    MGRIT level as one compiled call on that target (:class:`ConvLevelSteps`).
     """
 
     has_coarse_grid = True
@@ -392,3 +407,115 @@ class ConvResNetPropagator(ParamsPropagator):
     def coarse_adjoint_step(self, params, n_layers, x, lam):
         """``lam + n_layers h conv^T(sigma'(a) * lam, K)``."""
         return self._adjoint(params[0], params[1], n_layers * self._h, x, lam)
+
+    def level_steps(self, plan: LevelPlan) -> LevelSteps:
+        """:class:`ConvLevelSteps` on the ``"cpu"`` target, else the generic steps."""
+        if self.target is Target.CPU:
+            return ConvLevelSteps(self, plan)
+        return LevelSteps(self, plan)
+
+    # --- the serial gradient: sigma' kept by the state sweep ---------------------------------
+    def stored_derivative_layers(self, state: np.ndarray) -> int:
+        """How many layers keep ``sigma'(a_n)`` in :meth:`gradient_forward` for states
+        like ``state``: as many as fit ``ptoc._config.WORKSPACE_BYTES``, on the ``"cpu"``
+        target (0 elsewhere)."""
+        if self.target is not Target.CPU:
+            return 0
+        return int(min(self.n_layers, _config.WORKSPACE_BYTES // max(state.nbytes, 1)))
+
+    def gradient_forward(self, x0: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(states, dsig)``: the states ``x_0 .. x_N`` (N+1, S, C, H, W) from ``x0``, and
+        ``sigma'(a_n)`` of the first :meth:`stored_derivative_layers` layers (or None),
+        for :meth:`gradient_backward`."""
+        x0 = np.ascontiguousarray(x0)
+        N = self.n_layers
+        states = np.empty((N + 1,) + x0.shape, x0.dtype)
+        states[0] = x0
+        kept = self.stored_derivative_layers(x0)
+        dsig = np.empty((kept,) + x0.shape, x0.dtype) if kept else None
+        K, b = self.params.K, self.params.b
+        for n in range(N):
+            self._kern.layer(states[n], K[n], b[n], self._h, self._act, True, states[n + 1],
+                             dsig[n] if n < kept else None)
+        return states, dsig
+
+    def gradient_backward(self, states: np.ndarray, dsig: np.ndarray | None,
+                          lam_N: np.ndarray, grad: list[np.ndarray]) -> np.ndarray:
+        """All adjoints ``lambda_0 .. lambda_N`` (layer order) from ``lam_N``, adding the
+        data part of every layer's gradient into ``grad`` in the same pass; ``dsig`` as
+        :meth:`gradient_forward` returns it. Each step equals :meth:`adjoint_step` with
+        ``grad``, bit for bit."""
+        N = self.n_layers
+        lam_N = np.ascontiguousarray(lam_N)
+        lams = np.empty((N + 1,) + lam_N.shape, lam_N.dtype)
+        lams[N] = lam_N
+        kept = 0 if dsig is None else len(dsig)
+        K, b = self.params.K, self.params.b
+        for n in range(N - 1, -1, -1):
+            if n < kept:
+                self._kern.adjoint(states[n], lams[n + 1], K[n], b[n], self._h, self._act,
+                                   lams[n], grad[0][n], grad[1][n], dsig[n])
+            else:
+                self._kern.adjoint(states[n], lams[n + 1], K[n], b[n], self._h, self._act,
+                                   lams[n], grad[0][n], grad[1][n])
+        return lams
+
+
+class ConvLevelSteps(LevelSteps):
+    """:class:`~ptoc.propagator.LevelSteps` of a :class:`ConvResNetPropagator` on the
+    compiled level kernels of :mod:`ptoc.kernels.conv_cpu`.
+
+    Every step of a level is ``x + dt sigma(conv(x, K) + b)`` (fine: layer ``n``'s
+    ``K_n, b_n`` and ``dt = h``; coarse: the plan's coarse weights and ``dt = span h``)
+    or its adjoint at the plan's states, so the level's weights are stacked once and
+    :meth:`runs` and :meth:`points_apply` are one compiled call each, parallel over the
+    samples (each sample's chain of steps is independent of the others). Each step does
+    the per-sample arithmetic of the batched kernels: the results equal the generic
+    :class:`~ptoc.propagator.LevelSteps` bit for bit, whatever the number of threads.
+    The kernels index steps from 1, so row 0 of each stacked array is unused.
+    """
+
+    def __init__(self, prop: ConvResNetPropagator, plan: LevelPlan):
+        super().__init__(prop, plan)
+        n = plan.n_steps
+        C = prop.network.channels
+        stack = None
+        if n:
+            stack = prop.stacked_parameters(plan.layers) if plan.fine else plan.weights
+        # the weights keep their dtype (coarse weights may be wider than the network's)
+        K_dtype, b_dtype = ((prop.network.dtype,) * 2 if stack is None
+                            else (stack[0].dtype, stack[1].dtype))
+        self.K = np.zeros((n + 1, C, C, 3, 3), K_dtype)
+        self.b = np.zeros((n + 1, C), b_dtype)
+        self.dt = np.zeros(n + 1)  # float64, as the step size of the batched kernels
+        self.dt[1:] = plan.spans * prop._h
+        if stack is not None:
+            self.K[1:], self.b[1:] = stack
+        self.X = None
+        if plan.backward:
+            self.X = np.empty((n + 1,) + plan.states.shape[1:], plan.states.dtype)
+            self.X[1:] = plan.states
+        self.kern, self.act = prop._kern, prop._act
+
+    def runs(self, u, g, starts, ends) -> None:
+        starts = np.asarray(starts, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        if len(starts) == 0:
+            return
+        if self.X is None:
+            self.kern.state_runs(u, g, self.K, self.b, self.dt, self.act, starts, ends)
+        else:
+            self.kern.adjoint_runs(u, g, self.X, self.K, self.b, self.dt, self.act, starts,
+                                   ends)
+
+    def points_apply(self, u, positions) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(positions),) + u.shape[1:], u.dtype)
+        if len(positions) == 0:
+            return out
+        if self.X is None:
+            self.kern.state_points(u, self.K, self.b, self.dt, self.act, positions, out)
+        else:
+            self.kern.adjoint_points(u, self.X, self.K, self.b, self.dt, self.act, positions,
+                                     out)
+        return out

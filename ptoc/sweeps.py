@@ -101,8 +101,12 @@ class ForwardResult:
     derivatives : ndarray or None
         ``sigma'(a_n)`` for ``n = 0..N-1`` (N, S, d) when all states are kept and
         ``store_derivatives`` was requested; used by the adjoint sweep.
-    opening_derivative : ndarray or None
-        ``sigma'(a_in)`` of a dense opening layer (for its gradient).
+    opening_derivative : ndarray, tuple or None
+        What the opening's gradient needs: for a :class:`ptoc.ResNet`, ``sigma'(a_in)`` of
+        a dense opening layer (None without one); for a model (e.g. a
+        :class:`ptoc.ConvResNet`), the opening's cache, the second value of
+        :meth:`ptoc.propagator.Model.opening` (the ConvResNet's: the images and
+        ``sigma'(a_in)``).
     solve : SolveResult or None
         Record of a layer-parallel solve (None for the plain serial sweep).
     network : ResNet or None

@@ -119,69 +119,143 @@ def _conv_row(xp, K, b, i, P, L, acc):
         _add_taps(acc, xp[j], K[i, j], False, P, L)
 
 
-@_jit(parallel=True)
-def _layer(x, K, b, h, act, residual, out, dsig, store, xp, rows):
-    """``out = (x if residual else 0) + h sigma(conv(x, K) + b)``, ``sigma'`` into ``dsig``
-    when ``store``; ``xp`` (S, C_in, padded) and ``rows`` (S, H P) are scratch."""
-    H, W = x.shape[2], x.shape[3]
+@_jit()
+def _layer_sample(x, K, b, h, act, residual, o, dsig, store, xp, acc):
+    """One sample: ``o = (x if residual else 0) + h sigma(conv(x, K) + b)`` for ``x``
+    (C_in, H, W), ``sigma'`` into ``dsig`` (C_out, H, W) when ``store``; ``xp`` (C_in,
+    padded) and ``acc`` (H P) are scratch. ``o`` may not overlap ``x``."""
+    H, W = x.shape[1], x.shape[2]
     P = W + 2
     L = H * P
-    for s in prange(x.shape[0]):
-        _pad(x[s], xp[s], P)
-        acc = rows[s]
-        o = out[s]
-        for i in range(K.shape[0]):
-            _conv_row(xp[s], K, b, i, P, L, acc)
-            for y in range(H):
-                for z in range(W):
-                    value, slope = _activation(acc[y * P + z], act)
-                    o[i, y, z] = (x[s, i, y, z] if residual else 0.0) + h * value
-                    if store:
-                        dsig[s, i, y, z] = slope
+    _pad(x, xp, P)
+    for i in range(K.shape[0]):
+        _conv_row(xp, K, b, i, P, L, acc)
+        for y in range(H):
+            for z in range(W):
+                value, slope = _activation(acc[y * P + z], act)
+                o[i, y, z] = (x[i, y, z] if residual else 0.0) + h * value
+                if store:
+                    dsig[i, y, z] = slope
 
 
-@_jit(parallel=True)
-def _adjoint(x, lam, K, b, h, act, out, want_out, part, want_grad, xp, gp, rows):
-    """With ``g = sigma'(a) * lam``: ``out = lam + h conv^T(g, K)`` when ``want_out``; when
-    ``want_grad`` the per-sample partials ``part[s]``: the kernel gradient
-    ``sum_{y,z} g[i, y, z] xp[j, y + u, z + v]`` (``C_out C_in 9`` entries, C order) and
+@_jit()
+def _adjoint_sample(x, lam, K, b, h, act, dsig, have_dsig, o, want_out, part, want_grad,
+                    xs, gs, acc):
+    """One sample, with ``g = sigma'(a) * lam``: ``o = lam + h conv^T(g, K)`` when
+    ``want_out``; when ``want_grad`` the partials ``part``: the kernel gradient
+    ``sum_{y,z} g[i, y, z] xs[j, y + u, z + v]`` (``C_out C_in 9`` entries, C order) and
     then ``sum_{y,z} g[i, y, z]`` (``C_out`` entries), not yet multiplied by ``h``.
-    ``xp`` (S, C_in, padded), ``gp`` (S, C_out, padded) and ``rows`` (S, H P) are scratch."""
-    H, W = x.shape[2], x.shape[3]
+    ``sigma'(a)`` is read from ``dsig`` when ``have_dsig`` (no convolution), else
+    recomputed from ``x``. ``xs`` (C_in, padded), ``gs`` (C_out, padded) and ``acc``
+    (H P) are scratch; ``o`` may not overlap ``lam``."""
+    H, W = x.shape[1], x.shape[2]
     P = W + 2
     L = H * P
     C_out, C_in = K.shape[0], K.shape[1]
-    for s in prange(x.shape[0]):
-        xs, gs, acc = xp[s], gp[s], rows[s]
-        _pad(x[s], xs, P)
-        for i in range(C_out):
-            _conv_row(xs, K, b, i, P, L, acc)
-            row = gs[i]
-            row[:] = 0.0
+    if want_grad or not have_dsig:
+        _pad(x, xs, P)
+    for i in range(C_out):
+        row = gs[i]
+        row[:] = 0.0
+        if have_dsig:
             for y in range(H):
                 base = (y + 1) * P + 1
                 for z in range(W):
-                    row[base + z] = _activation(acc[y * P + z], act)[1] * lam[s, i, y, z]
-        if want_out:
-            o = out[s]
-            for j in range(C_in):
-                acc[:L] = 0.0
-                for i in range(C_out):
-                    _add_taps(acc, gs[i], K[i, j], True, P, L)
-                for y in range(H):
-                    for z in range(W):
-                        o[j, y, z] = lam[s, j, y, z] + h * acc[y * P + z]
-        if want_grad:
-            ps = part[s]
-            kgrad = ps[:C_out * C_in * 9].reshape((C_out, C_in, 3, 3))
+                    row[base + z] = dsig[i, y, z] * lam[i, y, z]
+        else:
+            _conv_row(xs, K, b, i, P, L, acc)
+            for y in range(H):
+                base = (y + 1) * P + 1
+                for z in range(W):
+                    row[base + z] = _activation(acc[y * P + z], act)[1] * lam[i, y, z]
+    if want_out:
+        for j in range(C_in):
+            acc[:L] = 0.0
             for i in range(C_out):
-                g = gs[i][P + 1:P + 1 + L]
-                for j in range(C_in):
-                    _tap_products(g, xs[j], P, L, kgrad[i, j])
-                total = 0.0
-                for q in range(L):
-                    total += g[q]
-                ps[C_out * C_in * 9 + i] = total
+                _add_taps(acc, gs[i], K[i, j], True, P, L)
+            for y in range(H):
+                for z in range(W):
+                    o[j, y, z] = lam[j, y, z] + h * acc[y * P + z]
+    if want_grad:
+        kgrad = part[:C_out * C_in * 9].reshape((C_out, C_in, 3, 3))
+        for i in range(C_out):
+            g = gs[i][P + 1:P + 1 + L]
+            for j in range(C_in):
+                _tap_products(g, xs[j], P, L, kgrad[i, j])
+            total = 0.0
+            for q in range(L):
+                total += g[q]
+            part[C_out * C_in * 9 + i] = total
+
+
+@_jit(parallel=True)
+def _layer(x, K, b, h, act, residual, out, dsig, store, xp, rows):
+    """:func:`_layer_sample` for every sample of ``x`` (S, C_in, H, W), in parallel."""
+    for s in prange(x.shape[0]):
+        _layer_sample(x[s], K, b, h, act, residual, out[s], dsig[s], store, xp[s], rows[s])
+
+
+@_jit(parallel=True)
+def _adjoint(x, lam, K, b, h, act, dsig, have_dsig, out, want_out, part, want_grad, xp, gp,
+             rows):
+    """:func:`_adjoint_sample` for every sample, in parallel; ``part`` (S, partials; one
+    unused entry each without the gradient)."""
+    for s in prange(x.shape[0]):
+        _adjoint_sample(x[s], lam[s], K, b, h, act, dsig[s], have_dsig, out[s], want_out,
+                        part[s], want_grad, xp[s], gp[s], rows[s])
+
+
+# --- the steps of one MGRIT level: every sample's chain of steps in one call -----------------
+
+@_jit(parallel=True)
+def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, xp, rows):
+    """``u[j] = u[j-1] + dt[j] sigma(conv(u[j-1], K[j]) + b[j]) (+ g[j])`` for ``j = s..e``
+    of each run ``(s, e)``, in order; each sample's chain in parallel with the others."""
+    for s in prange(u.shape[1]):
+        for r in range(len(starts)):
+            for j in range(starts[r], ends[r] + 1):
+                o = u[j, s]
+                _layer_sample(u[j - 1, s], K[j], b[j], dt[j], act, True, o, o, False, xp[s],
+                              rows[s])
+                if has_g:
+                    o += g[j, s]
+
+
+@_jit(parallel=True)
+def _adjoint_runs(u, g, has_g, X, K, b, dt, act, starts, ends, part, xp, gp, rows):
+    """``u[j] = u[j-1] + dt[j] conv^T(sigma'(a_j) * u[j-1], K[j]) (+ g[j])`` with ``a_j =
+    conv(X[j], K[j]) + b[j]``, for ``j = s..e`` of each run, per sample in parallel."""
+    for s in prange(u.shape[1]):
+        for r in range(len(starts)):
+            for j in range(starts[r], ends[r] + 1):
+                o = u[j, s]
+                _adjoint_sample(X[j, s], u[j - 1, s], K[j], b[j], dt[j], act, o, False, o,
+                                True, part, False, xp[s], gp[s], rows[s])
+                if has_g:
+                    o += g[j, s]
+
+
+@_jit(parallel=True)
+def _state_points(u, K, b, dt, act, positions, out, xp, rows):
+    """``out[k] = step_j(u[j - 1])`` for ``j = positions[k]``, per sample in parallel."""
+    for s in prange(u.shape[1]):
+        for k in range(len(positions)):
+            j = positions[k]
+            o = out[k, s]
+            _layer_sample(u[j - 1, s], K[j], b[j], dt[j], act, True, o, o, False, xp[s],
+                          rows[s])
+
+
+@_jit(parallel=True)
+def _adjoint_points(u, X, K, b, dt, act, positions, out, part, xp, gp, rows):
+    """``out[k]`` = the adjoint step ``j = positions[k]`` at ``X[j]`` applied to
+    ``u[j - 1]``, per sample in parallel."""
+    for s in prange(u.shape[1]):
+        for k in range(len(positions)):
+            j = positions[k]
+            o = out[k, s]
+            _adjoint_sample(X[j, s], u[j - 1, s], K[j], b[j], dt[j], act, o, False, o, True,
+                            part, False, xp[s], gp[s], rows[s])
 
 
 @_jit(parallel=True)
@@ -215,19 +289,21 @@ def layer(x, K, b, h, act, residual, out, dsig):
     return out
 
 
-def adjoint(x, lam, K, b, h, act, out, gK, gb):
-    """See :func:`ptoc.kernels.conv_reference.adjoint`."""
+def adjoint(x, lam, K, b, h, act, out, gK, gb, dsig=None):
+    """See :func:`ptoc.kernels.conv_reference.adjoint`; with ``dsig`` (``sigma'(a)`` of
+    this layer at ``x``, as :func:`layer` stores it) the convolution is not recomputed
+    (same bits)."""
     S, C_in, H, W = x.shape
     C_out = K.shape[0]
     want_grad = gK is not None
     n_grad = K.size + C_out
     dtype = lam.dtype
-    part = _scratch.get("part", (S, n_grad) if want_grad else (1, 1), dtype)
+    part = _scratch.get("part", (S, n_grad if want_grad else 1), dtype)
     xp = _padded_scratch("xp", S, C_in, H, W, dtype)
     gp = _padded_scratch("gp", S, C_out, H, W, dtype)
     rows = _scratch.get("rows", (S, H * (W + 2)), dtype)
-    _adjoint(x, lam, K, b, h, act, out if out is not None else lam, out is not None, part,
-             want_grad, xp, gp, rows)
+    _adjoint(x, lam, K, b, h, act, lam if dsig is None else dsig, dsig is not None,
+             out if out is not None else lam, out is not None, part, want_grad, xp, gp, rows)
     if want_grad:
         chunk = _config.CHUNK
         chunk_sums = _scratch.get("chunk_sums", (-(-S // chunk), n_grad), dtype)
@@ -236,6 +312,46 @@ def adjoint(x, lam, K, b, h, act, out, gK, gb):
         gK += h * total[:K.size].reshape(K.shape)
         gb += h * total[K.size:]
     return out
+
+
+def _level_scratch(u):
+    """Scratch of the level kernels for values ``u`` (positions, S, C, H, W): padded
+    inputs, padded ``g``, rows, and the (unused) partials of a step without gradient."""
+    S, C, H, W = u.shape[1:]
+    return (_padded_scratch("xp", S, C, H, W, u.dtype),
+            _padded_scratch("gp", S, C, H, W, u.dtype),
+            _scratch.get("rows", (S, H * (W + 2)), u.dtype),
+            _scratch.get("no_partials", (1,), u.dtype))
+
+
+def state_runs(u, g, K, b, dt, act, starts, ends):
+    """``u[j] = u[j-1] + dt[j] sigma(conv(u[j-1], K[j]) + b[j]) (+ g[j])`` for ``j = s..e``
+    of each run ``(s, e)`` of ``starts``, ``ends``; ``u``, ``g`` (positions, S, C, H, W),
+    ``K``, ``b``, ``dt`` indexed by the step ``j`` (row 0 unused)."""
+    xp, _, rows, _ = _level_scratch(u)
+    _state_runs(u, u if g is None else g, g is not None, K, b, dt, act, starts, ends, xp, rows)
+
+
+def adjoint_runs(u, g, X, K, b, dt, act, starts, ends):
+    """The adjoint steps of :func:`state_runs` (no gradient): ``u[j] = u[j-1] + dt[j]
+    conv^T(sigma'(a_j) * u[j-1], K[j]) (+ g[j])``, ``a_j = conv(X[j], K[j]) + b[j]``."""
+    xp, gp, rows, part = _level_scratch(u)
+    _adjoint_runs(u, u if g is None else g, g is not None, X, K, b, dt, act, starts, ends,
+                  part, xp, gp, rows)
+
+
+def state_points(u, K, b, dt, act, positions, out):
+    """``out[k]`` = step ``positions[k]`` of :func:`state_runs` applied to
+    ``u[positions[k] - 1]``."""
+    xp, _, rows, _ = _level_scratch(u)
+    _state_points(u, K, b, dt, act, positions, out, xp, rows)
+
+
+def adjoint_points(u, X, K, b, dt, act, positions, out):
+    """``out[k]`` = step ``positions[k]`` of :func:`adjoint_runs` applied to
+    ``u[positions[k] - 1]``."""
+    xp, gp, rows, part = _level_scratch(u)
+    _adjoint_points(u, X, K, b, dt, act, positions, out, part, xp, gp, rows)
 
 
 def hamiltonian(x, p, K, b, h, act):

@@ -48,6 +48,7 @@ from .comm import (
 from .layout import partition
 from .options import SolveResult
 from .problem import Block, SweepProblem
+from .serial import Serial
 from .solvers import check_solver
 
 TAG_BOUNDARY = 7
@@ -234,10 +235,16 @@ def _data_gradients(comm, prop, N: int, a: int, b: int, states: Block, lams: Blo
 
 def _layer_gradients(comm, model, prop, bounds, states: Block, lams: Block):
     """Gradient of this rank's layers (data part and regulariser), structured as the
-    slice's parameters, and the regulariser's share; the layers' parameters are those
-    ``prop`` holds, their neighbours' arrive from the neighbouring ranks."""
+    slice's parameters, and the regulariser's share."""
     a, b = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
     grad = _data_gradients(comm, prop, model.n_layers, a, b, states, lams)
+    return grad, _regulariser_share(comm, model, prop, grad)
+
+
+def _regulariser_share(comm, model, prop, grad) -> float:
+    """This rank's share of the layer regulariser, its gradient added into ``grad``; the
+    layers' parameters are those ``prop`` holds, their neighbours' arrive from the
+    neighbouring ranks."""
     arrays = prop.parameters()
     if comm.rank > 0:
         comm.send(tuple(p[0] for p in arrays), comm.rank - 1, TAG_BOUNDARY)
@@ -245,8 +252,81 @@ def _layer_gradients(comm, model, prop, bounds, states: Block, lams: Block):
         comm.send(tuple(p[-1] for p in arrays), comm.rank + 1, TAG_BOUNDARY)
     left = comm.recv(comm.rank - 1, TAG_BOUNDARY) if comm.rank > 0 else None
     right = comm.recv(comm.rank + 1, TAG_BOUNDARY) if comm.rank < comm.size - 1 else None
-    value = model.layer_regulariser(arrays, left, right, grad)
-    return grad, value
+    return model.layer_regulariser(arrays, left, right, grad)
+
+
+def _serial_record(comm, sweep: str, n_layers: int, t0: float) -> SolveResult:
+    """The record of one serial sweep of ``n_layers`` steps on one rank, started at
+    ``t0`` (the steps are counted here)."""
+    before = comm.step_count()
+    comm.count(n_layers)
+    after = comm.step_count()
+    return SolveResult(method=Serial.name, sweep=sweep, residuals=[], iterations=1,
+                       converged=True, steps_total=after.total - before.total,
+                       steps_critical_path=after.critical_path - before.critical_path,
+                       ranks=1, levels=None, wall_time=time.perf_counter() - t0)
+
+
+def _gradient_forward(prop, x0: np.ndarray) -> tuple[np.ndarray, Any]:
+    """``(states, cache)`` of the gradient's state sweep on one rank: the propagator's
+    ``gradient_forward`` when it has one, else ``propagate`` (no cache)."""
+    own = getattr(prop, "gradient_forward", None)
+    if own is not None:
+        return own(x0)
+    states = np.empty((prop.n_layers + 1,) + x0.shape, x0.dtype)
+    prop.propagate(x0, 0, prop.n_layers, states)
+    return states, None
+
+
+def _gradient_backward(prop, states: np.ndarray, cache: Any, lam_N: np.ndarray,
+                       grad: list[np.ndarray]) -> np.ndarray:
+    """All adjoints (layer order) with the layer gradients added into ``grad`` in the same
+    pass: the propagator's ``gradient_backward`` when it has one, else ``adjoint_step``
+    with ``grad``, layer by layer."""
+    own = getattr(prop, "gradient_backward", None)
+    if own is not None:
+        return own(states, cache, lam_N, grad)
+    N = prop.n_layers
+    lams = np.empty((N + 1,) + lam_N.shape, lam_N.dtype)
+    lams[N] = lam_N
+    for n in range(N - 1, -1, -1):
+        lams[n] = prop.adjoint_step(n, states[n], lams[n + 1], grad)
+    return lams
+
+
+def _one_rank_serial_gradient(comm, model, params, X, y, target, gather_all, local):
+    """:func:`_gradient_program` on one rank with the serial sweep: the adjoint sweep and
+    the layer gradients in one pass (``Propagator.adjoint_step`` with ``grad``), and a
+    propagator's own ``gradient_forward``/``gradient_backward`` when it has them (the
+    convolutional ResNet keeps ``sigma'`` from the state sweep for its adjoint)."""
+    N = model.n_layers
+    prop = model.layers({k: params[k] for k in model.layer_keys}, target=target, span=(0, N))
+    comm.reset_count()
+    x0, opening_cache = model.opening(params, X)
+    t0 = time.perf_counter()
+    states, cache = _gradient_forward(prop, np.ascontiguousarray(x0, dtype=model.dtype))
+    frecord = _serial_record(comm, "forward", N, t0)
+    data_loss, lam_N, terminal_grads = model.terminal(params, states[N], y)
+    t0 = time.perf_counter()
+    grad = prop.zero_gradient()
+    lams = _gradient_backward(prop, states, cache, np.ascontiguousarray(lam_N,
+                                                                        dtype=model.dtype),
+                              grad)
+    arecord = _serial_record(comm, "adjoint", N, t0)
+    del cache
+    reg = _regulariser_share(comm, model, prop, grad)
+    arrays = dict(zip(model.layer_keys, grad, strict=True))
+    opening_grads = model.opening_gradient(params, X, lams[0], opening_cache)
+    arrays.update({k: np.array(opening_grads[k], dtype=model.dtype) for k in model.opening_keys})
+    arrays.update({k: np.array(terminal_grads[k], dtype=model.dtype)
+                   for k in model.terminal_keys})
+    grads = model.pack(arrays)
+    loss = data_loss + reg + model.head_regulariser(params, grads)
+    if local:
+        return GradientResult(loss, grads, frecord, arecord, layers=(0, N))
+    if not gather_all:
+        return GradientResult(loss, grads, frecord, arecord)
+    return GradientResult(loss, grads, frecord, arecord, states, lams)
 
 
 def _gradient_program(comm, model, params, X, y, solver, target, guess_states, guess_lams,
@@ -255,6 +335,8 @@ def _gradient_program(comm, model, params, X, y, solver, target, guess_states, g
     rank's layers only, and the result keeps them local (no states, this rank's rows
     of the layer gradients)."""
     model = as_model(model)
+    if comm.size == 1 and isinstance(solver, Serial):
+        return _one_rank_serial_gradient(comm, model, params, X, y, target, gather_all, local)
     N = model.n_layers
     prop = None
     if local:
