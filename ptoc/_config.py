@@ -28,6 +28,10 @@ PTOC_WORKSPACE_BYTES
     Most bytes of reusable buffers that each of ptoc's workspaces keeps per thread
     after a call returns (default 268435456, 256 MiB; see :mod:`ptoc._workspace`).
     It can also be changed at run time: ``ptoc._config.WORKSPACE_BYTES = ...``.
+PTOC_STORED_DERIVATIVE_BYTES
+    Most bytes of ``sigma'(a_n)`` that the convolutional ResNet's serial gradient keeps
+    from its state sweep for its backward pass (default 2147483648, 2 GiB); layers past
+    the bound recompute it (the same numbers, one more convolution each).
 PTOC_CUDA_THREADS
     Threads per block along each axis of the 2-D CUDA launches (default 16, so
     16 x 16 = 256 threads per block).
@@ -114,6 +118,11 @@ WARM_UP: bool = _env_flag("PTOC_WARM_UP", True)
 #: a smaller bound costs page faults (speed), never a different result. Read at every
 #: request, so it may be changed at run time; ``0`` keeps nothing.
 WORKSPACE_BYTES: int = _env_int("PTOC_WORKSPACE_BYTES", 256 << 20, minimum=0)
+
+#: Most bytes of ``sigma'(a_n)`` kept by a serial gradient's state sweep for the backward
+#: pass (:meth:`ptoc.conv.ConvResNetPropagator.gradient_forward`): as many layers as fit,
+#: the others recompute their convolution. Read at every call; ``0`` keeps none.
+STORED_DERIVATIVE_BYTES: int = _env_int("PTOC_STORED_DERIVATIVE_BYTES", 2 << 30, minimum=0)
 
 #: Threads per block along each axis of the 2-D CUDA grids (the level kernels of the
 #: layer-parallel solvers included: their slow axis runs over runs and samples).

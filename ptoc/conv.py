@@ -41,7 +41,7 @@ from . import _config
 from ._checks import check_inputs as _check_flat_inputs
 from ._checks import check_positive_int
 from .activations import Activation
-from .kernels import Target, conv_reference
+from .kernels import Target
 from .kernels.conv import conv_backend
 from .model import Params, _check_dtype, _check_final_time, _check_magnitude, check_param_arrays
 from .objective import (
@@ -248,24 +248,33 @@ class ConvResNet(Model):
     def state_shape(self, X) -> tuple[int, ...]:
         return (np.shape(X)[0], self.channels) + self.image_shape[1:]
 
-    def opening(self, params, X, *, target: Target | str = Target.NUMPY):
+    def opening(self, params, X, *, target: Target | str = Target.CPU):
         """``(x_0, (Y, sigma'(a_in)))`` with ``x_0 = sigma(conv(Y, K_in) + b_in)`` for the
-        images ``Y`` of ``X``."""
+        images ``Y`` of ``X`` (on the Numba CPU kernels unless ``target`` says otherwise:
+        the layer-parallel driver calls it without a target)."""
         kern = conv_backend(target)
         Y = np.ascontiguousarray(self.images(X), dtype=self.dtype)
         x0 = np.empty((Y.shape[0],) + self.state_shape(Y)[1:], self.dtype)
         dsig = np.empty_like(x0)
-        kern.layer(Y, params["K_in"], params["b_in"], 1.0, self.activation.code, False, x0,
-                   dsig)
+        kern.layer(Y, np.ascontiguousarray(params["K_in"], dtype=self.dtype),
+                   np.ascontiguousarray(params["b_in"], dtype=self.dtype), 1.0,
+                   self.activation.code, False, x0, dsig)
         return x0, (Y, dsig)
 
     def opening_gradient(self, params, X, lam0, cache):
-        """``dJ/dK_in = sum conv-kernel-gradient(Y, sigma'(a_in) * lambda_0)`` and ``dJ/db_in``
-        (:func:`ptoc.kernels.conv_reference.kernel_gradient`)."""
+        """``dJ/dK_in = kernel_gradient(Y, sigma'(a_in) * lambda_0)`` and ``dJ/db_in`` = the
+        sum of ``sigma'(a_in) * lambda_0`` over samples and pixels: the gradient part of
+        the layer adjoint with step 1 (:func:`ptoc.kernels.conv_reference.adjoint`), on
+        the Numba CPU kernels, from the ``sigma'(a_in)`` that :meth:`opening` kept."""
         Y, dsig = cache
-        g = dsig * lam0
-        return {"K_in": conv_reference.kernel_gradient(Y, g).astype(self.dtype),
-                "b_in": g.sum(axis=(0, 2, 3)).astype(self.dtype)}
+        gK = np.zeros(params["K_in"].shape, self.dtype)
+        gb = np.zeros(params["b_in"].shape, self.dtype)
+        conv_backend(Target.CPU).adjoint(
+            Y, np.ascontiguousarray(lam0, dtype=self.dtype), np.ascontiguousarray(
+                params["K_in"], dtype=self.dtype), np.ascontiguousarray(
+                params["b_in"], dtype=self.dtype), 1.0, self.activation.code, None, gK, gb,
+            dsig)
+        return {"K_in": gK, "b_in": gb}
 
     def terminal(self, params, x_last, labels):
         """The ResNet's classifier on ``vec(x_N)``: ``(Phi, lambda_N, {W, mu})``."""
@@ -329,7 +338,7 @@ class ConvResNetPropagator(ParamsPropagator):
     labels : array of int (S,), optional
         Needed only for :meth:`objective` and :meth:`objective_gradient`.
     target : Target or str
-        ``"numpy"`` or ``"cpu"`` (``"cuda"`` raises ``NotImplementedError``).
+        ``"numpy"``, ``"cpu"`` or ``"cuda"``.
     layers : (int, int), optional
         ``K`` and ``b`` hold the layers ``start..stop-1`` only; the propagator then has
         ``stop - start`` layers indexed from 0.
@@ -338,17 +347,17 @@ class ConvResNetPropagator(ParamsPropagator):
 
     Notes
     -----
-    Two methods beyond the :class:`~ptoc.Propagator` contract serve the gradient on one
-    rank with the serial sweep (:func:`ptoc.parallel.parallel_gradient` uses them when a
-    propagator has them, and else the same sweeps from ``propagate`` and
-    ``adjoint_step``): :meth:`gradient_forward` keeps ``sigma'(a_n)`` of every layer while
-    computing the states, and :meth:`gradient_backward` computes each ``lambda_n`` and
-    the gradient of layer ``n`` together from it, with no convolution recomputed: one
-    convolution per layer forward, a transposed convolution and a kernel gradient per
-    layer backward. The stored ``sigma'`` is as large as the states; it is kept for as
-    many layers as fit ``ptoc._config.WORKSPACE_BYTES`` (the others are recomputed),
-    and only on the ``"cpu"`` target. :meth:`level_steps` runs a whole relaxation of an
-    MGRIT level as one compiled call on that target (:class:`ConvLevelSteps`).
+    The serial gradient on one rank (:func:`ptoc.parallel.parallel_gradient` with
+    ``Serial()``) runs the contract's :meth:`gradient_forward` and
+    :meth:`gradient_backward`, which this class overrides: the first keeps
+    ``sigma'(a_n)`` of every layer while computing the states, the second computes each
+    ``lambda_n`` and the gradient of layer ``n`` together from it, with no convolution
+    recomputed: one convolution per layer forward, a transposed convolution and a
+    kernel gradient per layer backward. The stored ``sigma'`` is as large as the states;
+    it is kept for as many layers as fit ``ptoc._config.STORED_DERIVATIVE_BYTES`` (the
+    others are recomputed), on the ``"numpy"`` and ``"cpu"`` targets. :meth:`level_steps`
+    runs a whole relaxation of an MGRIT level as one compiled call on the ``"cpu"``
+    target (:class:`ConvLevelSteps`).
     """
 
     has_coarse_grid = True
@@ -417,11 +426,11 @@ class ConvResNetPropagator(ParamsPropagator):
     # --- the serial gradient: sigma' kept by the state sweep ---------------------------------
     def stored_derivative_layers(self, state: np.ndarray) -> int:
         """How many layers keep ``sigma'(a_n)`` in :meth:`gradient_forward` for states
-        like ``state``: as many as fit ``ptoc._config.WORKSPACE_BYTES``, on the ``"cpu"``
-        target (0 elsewhere)."""
-        if self.target is not Target.CPU:
+        like ``state``: as many as fit ``ptoc._config.STORED_DERIVATIVE_BYTES``, on the ``"numpy"``
+        and ``"cpu"`` targets (0 on ``"cuda"``, whose adjoint recomputes ``sigma'``)."""
+        if self.target is Target.CUDA:
             return 0
-        return int(min(self.n_layers, _config.WORKSPACE_BYTES // max(state.nbytes, 1)))
+        return int(min(self.n_layers, _config.STORED_DERIVATIVE_BYTES // max(state.nbytes, 1)))
 
     def gradient_forward(self, x0: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``(states, dsig)``: the states ``x_0 .. x_N`` (N+1, S, C, H, W) from ``x0``, and

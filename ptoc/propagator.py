@@ -62,7 +62,8 @@ class Propagator(abc.ABC):
 
     **Provided, may be overridden for speed**: :meth:`zero_gradient`, :meth:`propagate`,
     :meth:`adjoint_propagate`, :meth:`layer_gradient`, :meth:`layer_gradients`,
-    :meth:`level_steps` (all written with the required methods only).
+    :meth:`level_steps`, and the serial gradient's two sweeps :meth:`gradient_forward`
+    and :meth:`gradient_backward` (all written with the required methods only).
 
     **Optional**:
 
@@ -131,6 +132,31 @@ class Propagator(abc.ABC):
         ``lambda_{first+l+1}``. The default loops over :meth:`layer_gradient`."""
         for k in range(len(xs)):
             self.layer_gradient(first + k, xs[k], lams_next[k], grad)
+
+    # --- the serial gradient: one state sweep, one backward pass ---------------------------
+    def gradient_forward(self, x0: np.ndarray) -> tuple[np.ndarray, Any]:
+        """``(states, cache)``: the states ``x_0 .. x_N`` (stacked, leading axis ``N + 1``)
+        from ``x0``, and whatever the model keeps for :meth:`gradient_backward` (the
+        default keeps nothing: None). A model overrides the pair to keep, e.g.,
+        ``sigma'(a_n)`` of the state sweep, so that the backward pass need not recompute
+        the pre-activations."""
+        states = np.empty((self.n_layers + 1,) + np.shape(x0), np.asarray(x0).dtype)
+        self.propagate(np.asarray(x0), 0, self.n_layers, states)
+        return states, None
+
+    def gradient_backward(self, states: np.ndarray, cache: Any, lam_N: np.ndarray,
+                          grad: list[np.ndarray]) -> np.ndarray:
+        """All adjoints ``lambda_0 .. lambda_N`` (stacked, layer order) from ``lam_N``, the
+        data part of every layer's gradient added into ``grad`` in the same pass;
+        ``states`` and ``cache`` as :meth:`gradient_forward` returned them. The default
+        is :meth:`adjoint_step` with ``grad``, layer by layer; an override must give the
+        same numbers (:func:`check_propagator` compares them)."""
+        N = self.n_layers
+        lams = np.empty((N + 1,) + np.shape(lam_N), np.asarray(lam_N).dtype)
+        lams[N] = lam_N
+        for n in range(N - 1, -1, -1):
+            lams[n] = self.adjoint_step(n, states[n], lams[n + 1], grad)
+        return lams
 
     # --- optional: the coarse grid ----------------------------------------------------------
     def layer_parameters(self, n: int) -> tuple[np.ndarray, ...]:
@@ -364,6 +390,19 @@ class LayerSlice(Propagator):
         self._local(first)
         self._local(first + len(xs) - 1)
         self.local.layer_gradients(first - self.start, xs, lams_next, grad)
+
+    def _whole(self, what: str) -> None:
+        if self.start != 0 or self.stop != self.n_layers:
+            raise ValueError(f"{what} runs over all layers; this slice holds layers "
+                             f"{self.start}..{self.stop - 1} of {self.n_layers}")
+
+    def gradient_forward(self, x0):
+        self._whole("gradient_forward")
+        return self.local.gradient_forward(x0)
+
+    def gradient_backward(self, states, cache, lam_N, grad):
+        self._whole("gradient_backward")
+        return self.local.gradient_backward(states, cache, lam_N, grad)
 
     def stacked_parameters(self, layers):
         layers = np.asarray(layers, dtype=np.int64)
@@ -1043,8 +1082,9 @@ def check_propagator(prop: Propagator, x0: np.ndarray, *, n_layers_checked: int 
        ``objective``;
     4. **whole chain**: the gradient of ``objective(propagate(x0))`` in all layer
        parameters and in ``x0``, from ``adjoint_propagate``, against finite differences;
-    5. **range methods**: ``propagate`` and ``adjoint_propagate`` equal the loop over
-       ``step`` and ``adjoint_step``;
+    5. **range methods**: ``propagate``, ``adjoint_propagate`` and the serial gradient's
+       ``gradient_forward`` and ``gradient_backward`` equal the loop over ``step`` and
+       ``adjoint_step``;
     6. **level steps**: :meth:`Propagator.level_steps` on the fine grid (runs and single
        points, state and adjoint sweeps) equals one step at a time;
     7. **coarse grid**, when the propagator has one (:attr:`Propagator.has_coarse_grid`):
@@ -1180,6 +1220,17 @@ def check_propagator(prop: Propagator, x0: np.ndarray, *, n_layers_checked: int 
     gerr = max(float(np.max(np.abs(g - h))) / max(float(np.max(np.abs(h))), 1e-300)
                for g, h in zip(grad, grad_loop, strict=True))
     report.checks.append(Check("range gradient = loop gradient", gerr, 1e-12))
+    fstates, cache = prop.gradient_forward(x0)
+    report.checks.append(Check("gradient_forward = loop over step",
+                               float(np.max(np.abs(fstates[N] - xN)) / scale), 1e-12))
+    grad_fused = prop.zero_gradient()
+    lams = prop.gradient_backward(fstates, cache, lamN, grad_fused)
+    report.checks.append(Check("gradient_backward = loop over adjoint_step",
+                               float(np.max(np.abs(lams[0] - lam_loop)) / lscale), 1e-12))
+    gerr = max(float(np.max(np.abs(g - h))) / max(float(np.max(np.abs(h))), 1e-300)
+               for g, h in zip(grad_fused, grad_loop, strict=True))
+    report.checks.append(Check("gradient_backward's gradient = loop gradient", gerr, 1e-12))
+    del cache
     report.checks.extend(_check_level_steps(prop, states, lamN, layers, None))
     if prop.has_coarse_grid:
         report.checks.extend(_check_coarse_grid(prop, states, layers, rng, eps, scale,

@@ -83,7 +83,8 @@ def test_the_serial_gradient_runs_three_convolution_passes_per_layer(monkeypatch
         return layer(x, K, b, h, act, residual, out, dsig)
 
     def spy_adjoint(x, lam, K, b, h, act, out, gK, gb, dsig=None):
-        calls.append(("adjoint", out is not None and gK is not None, dsig is not None))
+        assert gK is not None
+        calls.append(("adjoint", out is not None, dsig is not None))
         if dsig is None:
             return adjoint(x, lam, K, b, h, act, out, gK, gb)
         return adjoint(x, lam, K, b, h, act, out, gK, gb, dsig)
@@ -93,10 +94,13 @@ def test_the_serial_gradient_runs_three_convolution_passes_per_layer(monkeypatch
     ptoc.loss_and_grad(net, p, X, y, target="cpu")
     residual_layers = [c for c in calls if c[0] == "layer" and c[1]]
     assert residual_layers == [("layer", True, True)] * net.depth
-    assert [c for c in calls if c[0] == "adjoint"] == [("adjoint", True, True)] * net.depth
+    # then the opening's gradient: the adjoint kernel without lambda_0's output, from the
+    # sigma' the opening kept
+    assert [c for c in calls if c[0] == "adjoint"] == ([("adjoint", True, True)] * net.depth
+                                                       + [("adjoint", False, True)])
 
 
-def test_sigma_prime_is_kept_only_for_the_layers_that_fit_the_workspace_bound(monkeypatch):
+def test_sigma_prime_is_kept_only_for_the_layers_that_fit_their_bound(monkeypatch):
     """With room for two layers' sigma', two are kept and the others recomputed: the same
     bits as with all kept, and as the adjoint_step loop."""
     net, p, X, y = _problem(depth=5)
@@ -112,10 +116,10 @@ def test_sigma_prime_is_kept_only_for_the_layers_that_fit_the_workspace_bound(mo
 
     states, dsig, lams, grad = sweeps()
     assert len(dsig) == net.depth
-    monkeypatch.setattr(_config, "WORKSPACE_BYTES", 2 * x0.nbytes + 1)
+    monkeypatch.setattr(_config, "STORED_DERIVATIVE_BYTES", 2 * x0.nbytes + 1)
     _, few, lams2, grad2 = sweeps()
     assert len(few) == 2
-    monkeypatch.setattr(_config, "WORKSPACE_BYTES", 0)
+    monkeypatch.setattr(_config, "STORED_DERIVATIVE_BYTES", 0)
     _, none, lams3, grad3 = sweeps()
     assert none is None
     loop = prop.zero_gradient()

@@ -187,8 +187,10 @@ def layer(x, K, b, h, act, residual, out, dsig):
 
 
 @_serialized
-def adjoint(x, lam, K, b, h, act, out, gK, gb):
-    """See :func:`ptoc.kernels.conv_reference.adjoint`."""
+def adjoint(x, lam, K, b, h, act, out, gK, gb, dsig=None):
+    """See :func:`ptoc.kernels.conv_reference.adjoint`. ``dsig`` is taken for the common
+    signature but not read: the device recomputes ``sigma'(a)`` entry by entry (with the
+    function :func:`layer` stores it with, so the same values) instead of copying it."""
     h = x.dtype.type(h)
     S, C_in, H, W = x.shape
     C_out = K.shape[0]

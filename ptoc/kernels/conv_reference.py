@@ -108,11 +108,15 @@ def layer(x, K, b, h, act, residual, out, dsig):
     return out
 
 
-def adjoint(x, lam, K, b, h, act, out, gK, gb):
+def adjoint(x, lam, K, b, h, act, out, gK, gb, dsig=None):
     """With ``g = sigma'(a) * lam``: ``out = lam + h conv^T(g, K)`` when ``out`` is not None
     (a residual layer's adjoint step); ``gK += h kernel_gradient(x, g)`` and
-    ``gb += h sum g`` when ``gK`` is not None. Returns ``out``."""
-    g = dsigma(conv(x, K, b), _BY_CODE[act]) * lam
+    ``gb += h sum g`` when ``gK`` is not None. ``dsig``, when given, is ``sigma'(a)`` of
+    this layer at ``x`` as :func:`layer` stored it, and the convolution is not computed
+    again. Returns ``out``."""
+    if dsig is None:
+        dsig = dsigma(conv(x, K, b), _BY_CODE[act])
+    g = dsig * lam
     if out is not None:
         out[...] = lam + h * conv_transpose(g, K)
     if gK is not None:

@@ -267,51 +267,23 @@ def _serial_record(comm, sweep: str, n_layers: int, t0: float) -> SolveResult:
                        ranks=1, levels=None, wall_time=time.perf_counter() - t0)
 
 
-def _gradient_forward(prop, x0: np.ndarray) -> tuple[np.ndarray, Any]:
-    """``(states, cache)`` of the gradient's state sweep on one rank: the propagator's
-    ``gradient_forward`` when it has one, else ``propagate`` (no cache)."""
-    own = getattr(prop, "gradient_forward", None)
-    if own is not None:
-        return own(x0)
-    states = np.empty((prop.n_layers + 1,) + x0.shape, x0.dtype)
-    prop.propagate(x0, 0, prop.n_layers, states)
-    return states, None
-
-
-def _gradient_backward(prop, states: np.ndarray, cache: Any, lam_N: np.ndarray,
-                       grad: list[np.ndarray]) -> np.ndarray:
-    """All adjoints (layer order) with the layer gradients added into ``grad`` in the same
-    pass: the propagator's ``gradient_backward`` when it has one, else ``adjoint_step``
-    with ``grad``, layer by layer."""
-    own = getattr(prop, "gradient_backward", None)
-    if own is not None:
-        return own(states, cache, lam_N, grad)
-    N = prop.n_layers
-    lams = np.empty((N + 1,) + lam_N.shape, lam_N.dtype)
-    lams[N] = lam_N
-    for n in range(N - 1, -1, -1):
-        lams[n] = prop.adjoint_step(n, states[n], lams[n + 1], grad)
-    return lams
-
-
 def _one_rank_serial_gradient(comm, model, params, X, y, target, gather_all, local):
-    """:func:`_gradient_program` on one rank with the serial sweep: the adjoint sweep and
-    the layer gradients in one pass (``Propagator.adjoint_step`` with ``grad``), and a
-    propagator's own ``gradient_forward``/``gradient_backward`` when it has them (the
-    convolutional ResNet keeps ``sigma'`` from the state sweep for its adjoint)."""
+    """:func:`_gradient_program` on one rank with the serial sweep: the propagator's
+    :meth:`~ptoc.Propagator.gradient_forward` and
+    :meth:`~ptoc.Propagator.gradient_backward` (the adjoint sweep and the layer gradients
+    in one pass; the convolutional ResNet keeps ``sigma'`` from the state sweep for it)."""
     N = model.n_layers
     prop = model.layers({k: params[k] for k in model.layer_keys}, target=target, span=(0, N))
     comm.reset_count()
     x0, opening_cache = model.opening(params, X)
     t0 = time.perf_counter()
-    states, cache = _gradient_forward(prop, np.ascontiguousarray(x0, dtype=model.dtype))
+    states, cache = prop.gradient_forward(np.ascontiguousarray(x0, dtype=model.dtype))
     frecord = _serial_record(comm, "forward", N, t0)
     data_loss, lam_N, terminal_grads = model.terminal(params, states[N], y)
     t0 = time.perf_counter()
     grad = prop.zero_gradient()
-    lams = _gradient_backward(prop, states, cache, np.ascontiguousarray(lam_N,
-                                                                        dtype=model.dtype),
-                              grad)
+    lams = prop.gradient_backward(states, cache, np.ascontiguousarray(lam_N, dtype=model.dtype),
+                                  grad)
     arecord = _serial_record(comm, "adjoint", N, t0)
     del cache
     reg = _regulariser_share(comm, model, prop, grad)
