@@ -10,8 +10,10 @@ rate is GFLOP/s of the residual layers' convolutions, ``6 S C^2 9 H W N`` flops 
 gradient (a convolution, a transposed convolution and a kernel gradient of
 ``2 S C^2 9 H W`` flops each per layer; opening, classifier and elementwise work not
 counted), also as a share of the machine's FP64 peak (``bench_gradient.peak_assumption``:
-threads x nominal GHz x flops per cycle). A JSON record goes to
-``benchmarks/out/conv_<timestamp>.json`` unless ``--no-json``.
+threads x nominal GHz x flops per cycle). A JSON record (machine, settings, every
+sample) goes to ``benchmarks/out/conv_<timestamp>.json`` and a figure (the PyTorch /
+Numba time ratio and the Numba GFLOP/s of every cell) next to it as ``.png``, unless
+``--no-json``.
 
 Usage::
 
@@ -27,14 +29,14 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 import _machine  # benchmarks/_machine.py
 import numba
 import numpy as np
-from bench_gradient import peak_assumption  # also sets OPENBLAS_THREAD_TIMEOUT
+from bench_gradient import machine_info, peak_assumption  # also sets OPENBLAS_THREAD_TIMEOUT
 
 import ptoc
 
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--ghz", type=float, default=None, help="nominal clock (default: cpuinfo)")
     parser.add_argument("--no-json", action="store_true")
     args = parser.parse_args()
+    started = time.perf_counter()
 
     import torch
 
@@ -125,6 +128,7 @@ def main() -> None:
                 gflops = {k: gradient_flops(C, S, N, net.image_shape) / v / 1e9
                           for k, v in med.items()}
                 rows.append({"channels": C, "batch": S, "depth": N, "max_rel_diff": worst,
+                             "samples_s": times,
                              **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                              **{f"{k}_gflops": v for k, v in gflops.items()},
                              "torch_over_cpu": med["torch"] / med["cpu"] if "cpu" in med
@@ -135,19 +139,60 @@ def main() -> None:
                          else "")
                 print(f"C={C:3d} S={S:4d} N={N:3d}: {cells}{ratio}  max rel diff {worst:.1e}",
                       flush=True)
+    elapsed = time.perf_counter() - started
     if not args.no_json:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(__file__).parent / "out" / f"conv_{stamp}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"benchmark": "ConvResNet serial gradient against PyTorch CPU autograd",
-                  "rows": rows, "repeat": args.repeat, "targets": args.targets,
-                  "threads": args.threads,
-                  "peak": {"gflops": peak, "ghz": ghz, "flops_per_cycle": fpc, "why": why},
+                  "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                   "date": _dt.datetime.now().isoformat(timespec="seconds"),
-                  "machine": {"platform": platform.platform(), "numpy": np.__version__,
-                              "git_commit": _machine.git_commit()}}
+                  "machine": machine_info(args.threads), "image_shape": [1, 28, 28],
+                  "activation": "tanh", "dtype": "float64",
+                  "flop_count": "6*S*C*C*9*H*W*N (conv, transposed conv and kernel gradient "
+                                "per layer)",
+                  "settings": {"repeat": args.repeat, "statistic": "median",
+                               "interleaved": True, "threads": args.threads},
+                  "targets": args.targets,
+                  "peak": {"gflops": peak, "ghz": ghz, "flops_per_cycle": fpc, "why": why},
+                  "elapsed_s": elapsed, "rows": rows}
         path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {path}")
+        if plot(rows, peak, path.with_suffix(".png")):
+            print(f"wrote {path.with_suffix('.png')}")
+
+
+def plot(rows: list[dict], peak: float, png: Path) -> bool:
+    """Two panels: PyTorch / Numba time ratio and Numba GFLOP/s (share of the peak), one
+    bar per cell. False when matplotlib is missing or there is no ``cpu`` column."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in rows if r.get("torch_over_cpu") is not None]
+    if not rows:
+        return False
+    labels = [f"C={r['channels']}\nS={r['batch']}\nN={r['depth']}" for r in rows]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(max(6.0, 0.7 * len(rows) + 2), 6), sharex=True)
+    x = np.arange(len(rows))
+    a.bar(x, [r["torch_over_cpu"] for r in rows], color="tab:blue")
+    a.axhline(1.0, color="k", lw=0.8)
+    a.axhline(2.0, color="tab:red", lw=0.8, ls="--")
+    a.set_ylabel("PyTorch / Numba time")
+    a.set_title("ConvResNet serial gradient, 28x28, float64 (above 1: ptoc faster)")
+    b.bar(x, [r["cpu_gflops"] for r in rows], color="tab:green")
+    b.set_ylabel("Numba GFLOP/s")
+    sec = b.secondary_yaxis("right", functions=(lambda v: 100 * v / peak,
+                                                lambda p: p * peak / 100))
+    sec.set_ylabel("% of FP64 peak")
+    b.set_xticks(x, labels, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

@@ -572,8 +572,33 @@ def bench_node(rec, directive, path) -> list[str]:
     return lines + [""]
 
 
+def bench_conv(rec, directive, path) -> list[str]:
+    peak = rec.get("peak", {})
+    st = rec.get("settings", {})
+    lines = record_header(rec, path)
+    lines += [f"Command `{esc(rec.get('command'))}`; images {esc(rec.get('image_shape'))}, "
+              f"{esc(rec.get('activation'))}, {esc(rec.get('dtype'))}; "
+              f"{esc(st.get('statistic'))} of {st.get('repeat')} interleaved repeats on "
+              f"{st.get('threads')} threads. GFLOP/s count {esc(rec.get('flop_count'))}; the "
+              f"peak {num(peak.get('gflops'))} GFLOP/s assumes {esc(peak.get('why'))}.", ""]
+    rows = []
+    for r in rec["rows"]:
+        gf = r.get("cpu_gflops", float("nan"))
+        rows.append([r["channels"], r["batch"], r["depth"], ms(r["cpu_ms"] / 1e3),
+                     ms(r["torch_ms"] / 1e3), f"{r['torch_over_cpu']:.2f}×", f"{gf:.1f}",
+                     f"{100 * gf / peak['gflops']:.1f}%" if peak.get("gflops") else "–",
+                     f"{r['max_rel_diff']:.1e}"])
+    lines += list_table(["C", "S", "N", "Numba CPU ms", "PyTorch ms", "PyTorch / Numba",
+                         "Numba GFLOP/s", "% of peak", "max rel. diff vs PyTorch"], rows,
+                        caption="ConvResNet serial gradient (forward + backward), medians")
+    lines += [""] + figure_md(directive, path, "PyTorch / Numba time ratio and Numba GFLOP/s "
+                              "per cell")
+    return lines + [""]
+
+
 BENCHMARKS = {
     "gradient": bench_gradient,
+    "conv": bench_conv,
     "pymgrit": bench_pymgrit,
     "scaling": bench_scaling,
     "simultaneous": bench_simultaneous,
