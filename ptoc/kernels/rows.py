@@ -7,21 +7,26 @@ per call, which cost MGRIT more than its relaxations at small widths. Each funct
 states the NumPy expression it computes.
 
 These kernels compile from this file alone (they inline nothing from
-:mod:`ptoc._maths`), so Numba's own disk cache, keyed on this file, is never stale
-for them (compare :mod:`ptoc.kernels._cache`).
+:mod:`ptoc._maths`), so nothing beyond the file itself needs to be in the key of
+their disk cache. They are compiled with :func:`ptoc.kernels._cache.njit` all the
+same, so that, like the layer kernels, they compile in the helper process that warms
+up MGRIT's kernels, one process per machine at a time.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from .. import _config
+from . import _cache
 
-_opts = {"cache": _config.CACHE, "error_model": "numpy"}
+#: ``numba.njit`` for this module (:mod:`ptoc.kernels._cache`): parallel loops over rows.
+_jit = functools.partial(_cache.njit, parallel=True, error_model="numpy")
 
 
-@njit(parallel=True, **_opts)
+@_jit()
 def _fas_rhs(gc, cc, phi_f, u, c, g, has_g, v, phi_c):
     for r in prange(len(c)):
         dst = gc[cc[r]].ravel()
@@ -41,7 +46,7 @@ def fas_rhs(gc, cc, phi_f, u, c, g, v, phi_c) -> None:
     _fas_rhs(gc, cc, phi_f, u, c, g if has_g else u, has_g, v, phi_c)
 
 
-@njit(parallel=True, **_opts)
+@_jit()
 def _correct(u, c, uc, v, cc):
     for r in prange(len(c)):
         dst, a, b = u[c[r]].ravel(), uc[cc[r]].ravel(), v[cc[r]].ravel()
@@ -54,7 +59,7 @@ def correct(u, c, uc, v, cc) -> None:
     _correct(u, c, uc, v, cc)
 
 
-@njit(parallel=True, **_opts)
+@_jit()
 def _copy_rows(dst, di, src, si):
     for r in prange(len(di)):
         d, s = dst[di[r]].ravel(), src[si[r]].ravel()
@@ -67,7 +72,7 @@ def copy_rows(dst, di, src, si) -> None:
     _copy_rows(dst, di, src, si)
 
 
-@njit(parallel=True, **_opts)
+@_jit()
 def _sumsq_diff(a, ai, b, bi):
     part = np.zeros(len(ai))
     for r in prange(len(ai)):
