@@ -27,7 +27,8 @@ function's old entries when the file that defines it changes. Delete that direct
 to reclaim the space of entries for older digests.
 
 A kernel module that compiles from its own file only (:mod:`ptoc.kernels.rows`)
-needs none of this and passes ``cache=True`` to :func:`numba.njit` itself.
+needs no ``depends_on``; it uses :func:`njit` all the same, to compile in the helper
+processes described next.
 
 Compiled here, run from the cache
 ---------------------------------
@@ -42,12 +43,27 @@ comes from those, so what matters is that the process compiles nothing.
 
 So a process never runs a kernel it compiled: a new signature is compiled in a helper
 process (``python -m ptoc.kernels._cache``), which saves it, and is then loaded from
-the cache, as every later process loads it. The first helper of a process for ptoc's
-own kernels also compiles those of a small standard workload (a float64 training
-step and evaluation), so that one helper serves a ``ptoc train`` run
-(``PTOC_WARM_UP=0`` turns that off); it says so once on stderr. Where the cache cannot
-be written, or the function cannot be imported by name, the kernel is compiled in the
-process as before (every such process then runs the JIT code, alike).
+the cache, as every later process loads it. Where the cache cannot be written, or the
+function cannot be imported by name, the kernel is compiled in the process as before
+(every such process then runs the JIT code, alike).
+
+The first run compiles once
+---------------------------
+Compiling takes seconds per kernel, so a first run (an empty cache) is slow; it says
+so once on stderr. Three rules keep it short:
+
+* Kernels come in groups that one kind of run needs together (:data:`_GROUP_OF`): the
+  serial sweeps of training and ``loss_and_grad``, and the level kernels and grid
+  transfers of MGRIT and parareal. The first helper for a kernel of a group also runs
+  that group's warm-up parts (:data:`_WARM_UPS`, small workloads), each part in a helper
+  of its own, all at once: one round of helpers compiles what such a run needs, on
+  several cores, and nothing of the other group (``PTOC_WARM_UP=0``: only what is asked
+  for).
+* One process of a machine compiles at a time (a lock file in the cache directory):
+  the ranks under ``mpiexec`` need the same kernels at the same moment; the first
+  compiles them, the others wait and load them.
+* A signature is compiled for the non-literal types of its arguments only
+  (:func:`_compile_without_literals`), never once more for a constant.
 """
 
 from __future__ import annotations
