@@ -27,8 +27,8 @@ function's old entries when the file that defines it changes. Delete that direct
 to reclaim the space of entries for older digests.
 
 A kernel module that compiles from its own file only (:mod:`ptoc.kernels.rows`)
-needs no ``depends_on``; it uses :func:`njit` all the same, to compile in the helper
-processes described next.
+needs none of this and passes ``cache=True`` to :func:`numba.njit` itself (the warm-up
+of MGRIT's kernels, below, compiles and saves its kernels too).
 
 Compiled here, run from the cache
 ---------------------------------
@@ -218,8 +218,6 @@ _GROUP_OF = {
     **{f"ptoc.kernels.cpu.{name}": "levels"
        for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
                     "_layer_grads", "_layer_grad_block")},
-    **{f"ptoc.kernels.rows.{name}": "levels"
-       for name in ("_fas_rhs", "_correct", "_copy_rows", "_sumsq_diff")},
 }
 
 

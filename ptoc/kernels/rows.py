@@ -7,26 +7,21 @@ per call, which cost MGRIT more than its relaxations at small widths. Each funct
 states the NumPy expression it computes.
 
 These kernels compile from this file alone (they inline nothing from
-:mod:`ptoc._maths`), so nothing beyond the file itself needs to be in the key of
-their disk cache. They are compiled with :func:`ptoc.kernels._cache.njit` all the
-same, so that, like the layer kernels, they compile in the helper process that warms
-up MGRIT's kernels, one process per machine at a time.
+:mod:`ptoc._maths`), so Numba's own disk cache, keyed on this file, is never stale
+for them (compare :mod:`ptoc.kernels._cache`).
 """
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
-from . import _cache
+from .. import _config
 
-#: ``numba.njit`` for this module (:mod:`ptoc.kernels._cache`): parallel loops over rows.
-_jit = functools.partial(_cache.njit, parallel=True, error_model="numpy")
+_opts = {"cache": _config.CACHE, "error_model": "numpy"}
 
 
-@_jit()
+@njit(parallel=True, **_opts)
 def _fas_rhs(gc, cc, phi_f, u, c, g, has_g, v, phi_c):
     for r in prange(len(c)):
         dst = gc[cc[r]].ravel()
@@ -46,7 +41,7 @@ def fas_rhs(gc, cc, phi_f, u, c, g, v, phi_c) -> None:
     _fas_rhs(gc, cc, phi_f, u, c, g if has_g else u, has_g, v, phi_c)
 
 
-@_jit()
+@njit(parallel=True, **_opts)
 def _correct(u, c, uc, v, cc):
     for r in prange(len(c)):
         dst, a, b = u[c[r]].ravel(), uc[cc[r]].ravel(), v[cc[r]].ravel()
@@ -59,7 +54,7 @@ def correct(u, c, uc, v, cc) -> None:
     _correct(u, c, uc, v, cc)
 
 
-@_jit()
+@njit(parallel=True, **_opts)
 def _copy_rows(dst, di, src, si):
     for r in prange(len(di)):
         d, s = dst[di[r]].ravel(), src[si[r]].ravel()
@@ -72,7 +67,7 @@ def copy_rows(dst, di, src, si) -> None:
     _copy_rows(dst, di, src, si)
 
 
-@_jit()
+@njit(parallel=True, **_opts)
 def _sumsq_diff(a, ai, b, bi):
     part = np.zeros(len(ai))
     for r in prange(len(ai)):
