@@ -21,8 +21,9 @@ PTOC_CACHE
     :mod:`ptoc.kernels._cache`), so a cached kernel is never stale and every
     ``PTOC_FASTMATH`` setting has its own entries.
 PTOC_WARM_UP
-    ``1`` (default): the first kernel a process compiles is compiled in a helper
-    process together with those of a small standard workload (see
+    ``1`` (default): the first kernel of a group (the serial sweeps, or MGRIT's level
+    kernels) that a process compiles is compiled together with those of the group's
+    small warm-up workloads, in helper processes at once (see
     :mod:`ptoc.kernels._cache`); ``0`` compiles only what is asked for.
 PTOC_WORKSPACE_BYTES
     Most bytes of reusable buffers that each of ptoc's workspaces keeps per thread
@@ -109,7 +110,7 @@ CPU_PARTIAL_BYTES: int = 1 << 20
 #: one included) and the compiler flags to the key, so caching is right for any flags.
 CACHE: bool = _env_flag("PTOC_CACHE", True)
 
-#: Compile the standard workload's kernels with the first one a process needs.
+#: Compile the warm-up workloads' kernels with the first of their group a process needs.
 WARM_UP: bool = _env_flag("PTOC_WARM_UP", True)
 
 #: Most bytes of buffers each :class:`ptoc._workspace.Workspace` keeps per thread (there

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numba
+import numpy as np
 import pytest
 
 import ptoc
@@ -52,6 +53,7 @@ _MATHS = "def value():\n    return {}\n"
 
 _KERNELS = """
 import numba
+import numpy as np
 from numba.extending import register_jitable
 
 import fake_maths
@@ -156,3 +158,66 @@ def test_the_process_that_compiles_gets_the_bits_of_every_later_one(tmp_path):
     assert cold == warm
     assert cold_err.count("compiling the Numba kernels") == 1
     assert "compiling" not in warm_err
+
+
+def test_a_kernel_called_with_a_constant_compiles_once(tmp_path, monkeypatch):
+    """A call with ``n0 = 0`` that a loop later sets to ``n1`` is typed first with the
+    literal type of 0, then with int64; Numba compiled the callee for both."""
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+
+    @_cache.njit()
+    def block(total, n0, n1):
+        for n in range(n0, n1):
+            total[0] += n
+
+    @_cache.njit()
+    def blocks(total, N):
+        n0 = 0
+        while n0 < N:
+            n1 = min(N, n0 + 3)
+            block(total, n0, n1)
+            n0 = n1
+
+    total = np.zeros(1)
+    blocks(total, 10)
+    assert total[0] == 45.0
+    assert len(block.signatures) == 1
+
+
+_MGRIT_GRADIENT = """
+import sys
+import numpy as np
+import ptoc
+from ptoc.kernels import _cache
+from ptoc.parallel.driver import parallel_gradient
+
+rounds = []
+run_helpers = _cache._run_helpers
+_cache._run_helpers = lambda fn, sig: rounds.append(fn.__name__) or run_helpers(fn, sig)
+net = ptoc.ResNet(width=3, depth=16, n_in=2, n_classes=2)
+X = np.random.default_rng(1).standard_normal((5, 2))
+res = parallel_gradient(net, net.init_params(1), X, np.arange(5) % 2, ptoc.MGRIT(coarsening=2))
+print(repr(res.loss), res.grads["K"].tobytes().hex())
+print(len(rounds), file=sys.stderr)
+"""
+
+
+@pytest.mark.slow
+def test_processes_starting_at_once_compile_once_with_one_round_of_helpers(tmp_path):
+    """Two processes (as the ranks under mpiexec) need MGRIT's kernels at once with an
+    empty cache: one compiles them all in one round of helper processes (the warm-up of
+    the level kernels), while the other waits for it and loads them; both get the same
+    bits, and only the one that compiles says so."""
+    cache = tmp_path / "cache"
+    env = os.environ | {"NUMBA_CACHE_DIR": str(cache), "PTOC_CACHE": "1",
+                        "PTOC_WARM_UP": "1", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", _MGRIT_GRADIENT], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
+    assert outs[0][0] == outs[1][0]
+    said = [err.count("compiling the Numba kernels") for _, err in outs]
+    rounds = [int(err.strip().splitlines()[-1]) for _, err in outs]
+    assert sorted(said) == [0, 1]
+    assert sorted(rounds) == [0, 1]

@@ -27,7 +27,8 @@ function's old entries when the file that defines it changes. Delete that direct
 to reclaim the space of entries for older digests.
 
 A kernel module that compiles from its own file only (:mod:`ptoc.kernels.rows`)
-needs none of this and passes ``cache=True`` to :func:`numba.njit` itself.
+needs none of this and passes ``cache=True`` to :func:`numba.njit` itself (the warm-up
+of MGRIT's kernels, below, compiles and saves its kernels too).
 
 Compiled here, run from the cache
 ---------------------------------
@@ -42,16 +43,32 @@ comes from those, so what matters is that the process compiles nothing.
 
 So a process never runs a kernel it compiled: a new signature is compiled in a helper
 process (``python -m ptoc.kernels._cache``), which saves it, and is then loaded from
-the cache, as every later process loads it. The first helper of a process for ptoc's
-own kernels also compiles those of a small standard workload (a float64 training
-step and evaluation), so that one helper serves a ``ptoc train`` run
-(``PTOC_WARM_UP=0`` turns that off); it says so once on stderr. Where the cache cannot
-be written, or the function cannot be imported by name, the kernel is compiled in the
-process as before (every such process then runs the JIT code, alike).
+the cache, as every later process loads it. Where the cache cannot be written, or the
+function cannot be imported by name, the kernel is compiled in the process as before
+(every such process then runs the JIT code, alike).
+
+The first run compiles once
+---------------------------
+Compiling takes seconds per kernel, so a first run (an empty cache) is slow; it says
+so once on stderr. Three rules keep it short:
+
+* Kernels come in groups that one kind of run needs together (:data:`_GROUP_OF`): the
+  serial sweeps of training and ``loss_and_grad``, and the level kernels and grid
+  transfers of MGRIT and parareal. The first helper for a kernel of a group also runs
+  that group's warm-up parts (:data:`_WARM_UPS`, small workloads), each part in a helper
+  of its own, all at once: one round of helpers compiles what such a run needs, on
+  several cores, and nothing of the other group (``PTOC_WARM_UP=0``: only what is asked
+  for).
+* One process of a machine compiles at a time (a lock file in the cache directory):
+  the ranks under ``mpiexec`` need the same kernels at the same moment; the first
+  compiles them, the others wait and load them.
+* A signature is compiled for the non-literal types of its arguments only
+  (:func:`_compile_without_literals`), never once more for a constant.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -59,14 +76,21 @@ import pickle
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numba
+from numba.core import sigutils
+from numba.core import types as numba_types
 
 from .. import _config
+
+try:  # one compiling process per machine (POSIX); elsewhere none is held
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 try:  # Numba's per-function disk cache, the class that numba.njit(cache=True) uses
     from numba.core.caching import FunctionCache
@@ -132,6 +156,27 @@ if FunctionCache is not None:
                 super().save_overload(sig, data)
 
 
+def _compile_without_literals(dispatcher: Any) -> None:
+    """Make ``dispatcher`` compile a call's signature with its literal types widened.
+
+    Numba types a kernel's call of another with a constant argument (``n0 = 0`` before a
+    loop that sets ``n0 = n1``) first with the literal type ``Literal[int](0)``, then
+    with ``int64``, and compiled the callee twice, once for each. The literal version
+    is never needed (no kernel asks for :func:`numba.literally`), so every request is
+    widened (:func:`numba.core.types.unliteral`) before it is looked up, loaded or
+    compiled: one signature, one compile.
+    """
+    compile_signature = dispatcher.compile
+
+    def compile_widened(sig: Any) -> Any:
+        args, return_type = sigutils.normalize_signature(sig)
+        if return_type is not None:  # an explicit signature: compiled as given
+            return compile_signature(sig)
+        return compile_signature(tuple(numba_types.unliteral(a) for a in args))
+
+    dispatcher.compile = compile_widened
+
+
 def _enable(dispatcher: Any, extra_key: str) -> None:
     """Give ``dispatcher`` a disk cache keyed also on ``extra_key``.
 
@@ -158,8 +203,22 @@ def _enable(dispatcher: Any, extra_key: str) -> None:
 #: Set to "1" in the environment of the helper process, which compiles in-process.
 _HELPER = "PTOC_KERNEL_HELPER"
 
-#: Whether this process has started a helper yet (the first one also warms up).
-_helped = False
+#: Whether this process has said yet that it compiles (it says so once).
+_said = False
+
+#: The groups of kernels whose warm-up this process has run (or left to another process).
+_warmed: set[str] = set()
+
+#: The group of each kernel that one kind of run needs together with others
+#: (``module.name``). The first helper that a process starts for a kernel of a group also
+#: runs the group's warm-up parts (:data:`_WARM_UPS`).
+_GROUP_OF = {
+    **{f"ptoc.kernels.cpu.{name}": "sweeps"
+       for name in ("_forward", "_adjoint", "_adjoint_block", "_add_partials")},
+    **{f"ptoc.kernels.cpu.{name}": "levels"
+       for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
+                    "_layer_grads", "_layer_grad_block")},
+}
 
 
 def _importable(fn: Callable) -> bool:
@@ -176,10 +235,7 @@ def _compile_in_helper(dispatcher: Any) -> None:
     def compile_then_load(args: Any, return_type: Any) -> Any:
         if return_type is not None:  # an explicit return type: not a call's signature
             return in_process(args, return_type)
-        sig = tuple(args)
-        loaded = None
-        if _run_helper(dispatcher.py_func, sig):
-            loaded = dispatcher._cache.load_overload(sig, dispatcher.targetctx)
+        loaded = _compiled_elsewhere(dispatcher, tuple(args))
         if loaded is None:
             return in_process(args, return_type)
         dispatcher._cache.read_back.add(id(loaded))
@@ -191,55 +247,160 @@ def _compile_in_helper(dispatcher: Any) -> None:
     compiler.compile = compile_then_load
 
 
-def _run_helper(fn: Callable, sig: tuple) -> bool:
-    """Compile ``fn`` for ``sig`` (and, the first time, the standard workload) in a
-    helper process; True if it succeeded."""
-    global _helped
-    warm_up = not _helped and _config.WARM_UP and fn.__module__.startswith("ptoc.kernels.")
-    if not _helped:
-        print("ptoc: compiling the Numba kernels for this machine (once, about half a "
-              "minute; later runs load them from Numba's disk cache)", file=sys.stderr,
-              flush=True)
-        _helped = True
-    payload = pickle.dumps({"path": list(sys.path), "module": fn.__module__,
-                            "name": fn.__qualname__, "sig": sig, "warm_up": warm_up})
+def _compiled_elsewhere(dispatcher: Any, sig: tuple) -> Any:
+    """``dispatcher``'s compile result for ``sig``, compiled by another process and loaded
+    from the disk cache, or None.
+
+    One process of a machine compiles at a time (a lock file in the cache directory):
+    under ``mpiexec`` the first rank to need a kernel compiles it and the others wait,
+    then find it in the cache. The operating system releases the lock of a process that
+    dies, so a failed rank never blocks the others.
+    """
+    with _machine_lock(Path(dispatcher._cache._cache_path)):
+        loaded = dispatcher._cache.load_overload(sig, dispatcher.targetctx)
+        if loaded is None and _run_helpers(dispatcher.py_func, sig):
+            loaded = dispatcher._cache.load_overload(sig, dispatcher.targetctx)
+    group = _GROUP_OF.get(f"{dispatcher.py_func.__module__}.{dispatcher.py_func.__qualname__}")
+    if loaded is not None and group:  # this process or another has warmed the group up
+        _warmed.add(group)
+    return loaded
+
+
+@contextlib.contextmanager
+def _machine_lock(directory: Path) -> Iterator[None]:
+    """Hold ``directory/ptoc-compile.lock`` (an exclusive ``flock``) for the block; where
+    that is not possible (no ``fcntl``, a read-only directory), hold nothing."""
+    if fcntl is None:
+        yield
+        return
     try:
-        proc = subprocess.run([sys.executable, "-m", __name__], input=payload,
-                              env=dict(os.environ, **{_HELPER: "1"}), capture_output=True,
-                              check=False)
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / "ptoc-compile.lock", "a")  # noqa: SIM115 - held below
     except OSError:
-        return False
-    return proc.returncode == 0
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _standard_workload() -> None:
-    """A tiny training step and evaluation in float64 (the default): the serial forward
-    and adjoint sweeps and the evaluation, which every ``ptoc train`` needs. Other
-    kernels (the level steps of parareal and MGRIT, float32) get a helper each."""
+def _run_helpers(fn: Callable, sig: tuple) -> bool:
+    """Compile ``fn`` for ``sig`` in a helper process, and the first time a kernel of its
+    group is compiled, that group's warm-up parts, each in a helper of its own, all at
+    once; True if ``fn`` was compiled."""
+    global _said
+    group = _GROUP_OF.get(f"{fn.__module__}.{fn.__qualname__}")
+    parts = _WARM_UPS[group] if _config.WARM_UP and group and group not in _warmed else ()
+    if group:
+        _warmed.add(group)
+    if not _said:
+        print("ptoc: compiling the Numba kernels for this machine (once, 10 to 30 s; later "
+              "runs load them from Numba's disk cache)", file=sys.stderr, flush=True)
+        _said = True
+    jobs = [{"module": fn.__module__, "name": fn.__qualname__, "sig": sig,
+             "warm_up": parts[:1]}]
+    jobs += [{"warm_up": (part,)} for part in parts[1:]]
+    helpers = []
+    try:
+        for job in jobs:
+            helper = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env=dict(os.environ, **{_HELPER: "1"}))
+            helpers.append(helper)
+            helper.stdin.write(pickle.dumps(job | {"path": list(sys.path)}))
+            helper.stdin.close()
+    except OSError:
+        pass
+    codes = [helper.wait() for helper in helpers]
+    return len(codes) == len(jobs) and codes[0] == 0
+
+
+# --- warm-up parts: small workloads, each compiling what one kind of run needs -------------
+
+def _tiny_problem(depth: int = 8) -> tuple:
+    """A float64 ResNet of width 4, its parameters, 6 inputs and their labels."""
     import numpy as np
 
     import ptoc
 
-    net = ptoc.ResNet(width=4, depth=8, n_in=2, n_classes=3)
-    params = net.init_params(0)
+    net = ptoc.ResNet(width=4, depth=depth, n_in=2, n_classes=3)
     X = np.random.default_rng(0).standard_normal((6, 2))
-    ptoc.loss_and_grad(net, params, X, np.arange(6) % 3, target="cpu")
+    return net, net.init_params(0), X, np.arange(6) % 3
+
+
+def _warm_up_forward() -> None:
+    """The forward sweep of training and evaluation."""
+    import ptoc
+
+    net, params, X, _ = _tiny_problem()
     ptoc.predict(net, params, X, target="cpu")
 
 
+def _warm_up_adjoint() -> None:
+    """The adjoint sweep of ``loss_and_grad`` (its forward sweep in NumPy, compiling
+    nothing, so that this part runs beside :func:`_warm_up_forward`)."""
+    import ptoc
+    from ptoc.objective import classifier_loss
+
+    net, params, X, y = _tiny_problem()
+    fwd = ptoc.forward(net, params, X, target="numpy")
+    lam_N = classifier_loss(params, fwd.final_state, y)[1]
+    ptoc.adjoint(net, params, fwd, lam_N, target="cpu")
+
+
+def _mgrit_problem() -> tuple:
+    import ptoc
+    from ptoc.parallel import SingleRank
+
+    return (*_tiny_problem(depth=32), ptoc.MGRIT(), SingleRank())
+
+
+def _warm_up_level_states() -> None:
+    """An MGRIT forward solve: the state level kernels and the grid transfers."""
+    from ptoc.parallel.driver import parallel_forward
+
+    net, params, X, _, solver, comm = _mgrit_problem()
+    parallel_forward(net, params, X, solver, comm=comm)
+
+
+def _warm_up_level_adjoints() -> None:
+    """An MGRIT adjoint solve (states from NumPy): the adjoint level kernels, the layer
+    gradients and the grid transfers."""
+    import ptoc
+    from ptoc.objective import classifier_loss
+    from ptoc.parallel.driver import parallel_adjoint
+
+    net, params, X, y, solver, comm = _mgrit_problem()
+    states = ptoc.forward(net, params, X, target="numpy").states
+    lam_N = classifier_loss(params, states[-1], y)[1]
+    parallel_adjoint(net, params, states, lam_N, solver, comm=comm)
+
+
+#: The warm-up parts of each group of kernels, run at once in helpers of their own.
+_WARM_UPS: dict[str, tuple[str, ...]] = {
+    "sweeps": ("_warm_up_forward", "_warm_up_adjoint"),
+    "levels": ("_warm_up_level_states", "_warm_up_level_adjoints"),
+}
+
+
 def _helper_main() -> int:
-    """The helper process: compile what the payload on stdin names."""
+    """The helper process: compile what the payload on stdin names, then run its warm-up
+    parts."""
     job = pickle.loads(sys.stdin.buffer.read())
     sys.path[:] = job["path"]
     import importlib
 
-    dispatcher = importlib.import_module(job["module"])
-    for part in job["name"].split("."):
-        dispatcher = getattr(dispatcher, part)
-    dispatcher.compile(job["sig"])
-    if job["warm_up"]:
+    if "module" in job:
+        dispatcher = importlib.import_module(job["module"])
+        for part in job["name"].split("."):
+            dispatcher = getattr(dispatcher, part)
+        dispatcher.compile(job["sig"])
+    for part in job["warm_up"]:
         try:
-            _standard_workload()
+            globals()[part]()
         except Exception:  # noqa: BLE001 - a warm-up only: what it misses compiles later
             pass
     return 0
@@ -280,6 +441,7 @@ def njit(depends_on: Iterable[Source] = (), **options: Any) -> Callable[[Callabl
 
     def decorate(fn: Callable) -> Any:
         dispatcher = numba.njit(**options)(fn)
+        _compile_without_literals(dispatcher)
         if _config.CACHE:
             try:
                 key = digest(depends_on, options)
