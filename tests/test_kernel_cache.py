@@ -221,3 +221,22 @@ def test_processes_starting_at_once_compile_once_with_one_round_of_helpers(tmp_p
     rounds = [int(err.strip().splitlines()[-1]) for _, err in outs]
     assert sorted(said) == [0, 1]
     assert sorted(rounds) == [0, 1]
+
+
+def test_every_grouped_kernel_exists_and_every_group_has_its_warm_up():
+    """The group table names real compiled kernels (a renamed kernel would silently lose
+    its warm-up) and every group's warm-up parts are functions of the helper module."""
+    import importlib
+
+    from numba.core.registry import CPUDispatcher
+
+    from ptoc.kernels import _cache
+
+    for qualified in _cache._GROUP_OF:
+        module, name = qualified.rsplit(".", 1)
+        kernel = getattr(importlib.import_module(module), name, None)
+        assert isinstance(kernel, CPUDispatcher), qualified
+    assert set(_cache._GROUP_OF.values()) == set(_cache._WARM_UPS)
+    for parts in _cache._WARM_UPS.values():
+        for part in parts:
+            assert callable(getattr(_cache, part)), part

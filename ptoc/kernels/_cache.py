@@ -53,12 +53,12 @@ Compiling takes seconds per kernel, so a first run (an empty cache) is slow; it 
 so once on stderr. Three rules keep it short:
 
 * Kernels come in groups that one kind of run needs together (:data:`_GROUP_OF`): the
-  serial sweeps of training and ``loss_and_grad``, and the level kernels and grid
-  transfers of MGRIT and parareal. The first helper for a kernel of a group also runs
-  that group's warm-up parts (:data:`_WARM_UPS`, small workloads), each part in a helper
-  of its own, all at once: one round of helpers compiles what such a run needs, on
-  several cores, and nothing of the other group (``PTOC_WARM_UP=0``: only what is asked
-  for).
+  serial sweeps of training and ``loss_and_grad``, the level kernels and grid
+  transfers of MGRIT and parareal, and the convolutional ResNet's kernels. The first
+  helper for a kernel of a group also runs that group's warm-up parts
+  (:data:`_WARM_UPS`, small workloads), each part in a helper of its own, all at once:
+  one round of helpers compiles what such a run needs, on several cores, and nothing of
+  the other groups (``PTOC_WARM_UP=0``: only what is asked for).
 * One process of a machine compiles at a time (a lock file in the cache directory):
   the ranks under ``mpiexec`` need the same kernels at the same moment; the first
   compiles them, the others wait and load them.
@@ -218,6 +218,9 @@ _GROUP_OF = {
     **{f"ptoc.kernels.cpu.{name}": "levels"
        for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
                     "_layer_grads", "_layer_grad_block")},
+    **{f"ptoc.kernels.conv_cpu.{name}": "conv"
+       for name in ("_layer", "_adjoint", "_sum_partials", "_state_runs", "_adjoint_runs",
+                    "_state_points", "_adjoint_points")},
 }
 
 
@@ -379,10 +382,38 @@ def _warm_up_level_adjoints() -> None:
     parallel_adjoint(net, params, states, lam_N, solver, comm=comm)
 
 
+def _conv_problem() -> tuple:
+    import numpy as np
+
+    import ptoc
+
+    net = ptoc.ConvResNet(2, 4, image_shape=(1, 5, 5), n_classes=3)
+    X = np.random.default_rng(0).random((6, 25))
+    return net, net.init_params(0), X, np.arange(6) % 3
+
+
+def _warm_up_conv_gradient() -> None:
+    """The convolutional ResNet's serial gradient (a ``ptoc train --model conv`` step and
+    its evaluation)."""
+    import ptoc
+
+    net, params, X, y = _conv_problem()
+    ptoc.loss_and_grad(net, params, X, y, target="cpu")
+
+
+def _warm_up_conv_levels() -> None:
+    """An MGRIT gradient of the convolutional ResNet: its level kernels."""
+    import ptoc
+
+    net, params, X, y = _conv_problem()
+    ptoc.loss_and_grad(net, params, X, y, target="cpu", solver=ptoc.MGRIT(coarsening=2))
+
+
 #: The warm-up parts of each group of kernels, run at once in helpers of their own.
 _WARM_UPS: dict[str, tuple[str, ...]] = {
     "sweeps": ("_warm_up_forward", "_warm_up_adjoint"),
     "levels": ("_warm_up_level_states", "_warm_up_level_adjoints"),
+    "conv": ("_warm_up_conv_gradient", "_warm_up_conv_levels"),
 }
 
 
