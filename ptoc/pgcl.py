@@ -41,6 +41,7 @@ import numpy as np
 from ._checks import check_integer, scalar_entry
 from ._options import OptionEnum
 from .kernels import Target, backend
+from .kernels import single_threaded_blas as _single_threaded_blas
 from .methods import (
     StepOutcome,
     TrainingDivergedError,
@@ -63,7 +64,6 @@ from .parallel.layout import partition, sum_of_squares
 from .parallel.options import CoarseWeights
 from .parallel.problem import coarse_weights
 from .propagator import Model, Propagator, as_model
-from .sweeps import _single_threaded_blas
 
 __all__ = [
     "PGCL",

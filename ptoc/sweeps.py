@@ -18,7 +18,6 @@ bit the one without checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from ._checks import check_inputs, check_positive_int
 from ._workspace import Workspace
 from .conv import ConvResNet
 from .kernels import Target, backend
+from .kernels import single_threaded_blas as _single_threaded_blas
 from .model import Params, ResNet
 from .objective import (
     assemble_gradient,
@@ -55,33 +55,6 @@ def release_workspace() -> None:
     parallel_workspace.clear()
     level_workspace.clear()
     regulariser_workspace.clear()
-
-
-_blas_controller = None
-
-
-def _single_threaded_blas(kern):
-    """Hold BLAS to one thread while the Numba CPU target owns the cores.
-
-    The opening layer and the classifier use NumPy matrix products. A multi-threaded
-    OpenBLAS keeps its worker threads spinning for a while after each product, and on
-    a machine with few cores they then compete with the Numba kernel threads (measured
-    here: 5x slower gradients at d=64, S=1024). Needs :mod:`threadpoolctl`; without it
-    this does nothing.
-    """
-    global _blas_controller
-    if getattr(kern, "__name__", "").rsplit(".", 1)[-1] != "cpu":
-        return contextlib.nullcontext()
-    if _blas_controller is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-            _blas_controller = False
-        else:
-            _blas_controller = ThreadpoolController()
-    if _blas_controller is False:  # pragma: no cover
-        return contextlib.nullcontext()
-    return _blas_controller.limit(limits=1, user_api="blas")
 
 
 @dataclass

@@ -339,3 +339,31 @@ def test_adjoint_refuses_a_forward_result_of_the_other_kind_of_network():
     fwd_dense = ptoc.forward(dense, dense.init_params(0), X)
     with pytest.raises(ValueError, match="ForwardResult of ptoc.forward with this network"):
         ptoc.adjoint(net, p, fwd_dense, np.zeros_like(fwd_conv.final_state))
+
+
+@pytest.mark.parametrize("solver", [ptoc.Serial(), ptoc.MGRIT(coarsening=2, max_iterations=2)])
+def test_blas_runs_on_one_thread_while_the_cpu_kernels_own_the_cores(monkeypatch, solver):
+    """The classifier's NumPy products run with BLAS held to one thread during a
+    gradient on the CPU target (a spinning multi-threaded BLAS slows the Numba threads
+    down on a small machine), and BLAS gets its threads back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    import ptoc.conv
+
+    def blas_threads():  # NumPy's own BLAS (other libraries may have loaded their own)
+        return [p["num_threads"] for p in threadpool_info()
+                if p["user_api"] == "blas" and "numpy" in p["filepath"]]
+
+    before = blas_threads()
+    seen = []
+    real = ptoc.conv.classifier_loss
+
+    def spy(*args):
+        seen.append(blas_threads())
+        return real(*args)
+
+    monkeypatch.setattr(ptoc.conv, "classifier_loss", spy)
+    net, p, X, y = _problem(channels=2, depth=4, image=(1, 4, 4), batch=3)
+    ptoc.loss_and_grad(net, p, X, y, target="cpu", solver=solver)
+    assert before and seen and all(threads == [1] * len(before) for threads in seen)
+    assert blas_threads() == before

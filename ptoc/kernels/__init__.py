@@ -26,6 +26,7 @@ weights ``K`` (d, d), bias ``b`` (d,), step ``h`` and ``a = x K^T + b``:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 
@@ -264,3 +265,37 @@ def layer_hamiltonian_grad(x, p_next, K, b, h, activation="tanh", *,
     (grad_K, grad_b) : ndarrays (d, d) and (d,)
     """
     return layer_param_grad(x, p_next, K, b, h, activation, target=target)
+
+
+_blas_controller = None
+
+
+def single_threaded_blas(target: Target | str | ModuleType):
+    """A context that holds BLAS to one thread while the Numba CPU target owns the cores.
+
+    ``target``: a target, or a kernel module (the CPU target's is ``ptoc.kernels.cpu``);
+    for any target but ``"cpu"`` the context does nothing. The openings and the
+    classifiers use NumPy matrix products. A multi-threaded OpenBLAS keeps its worker
+    threads spinning for a while after each product, and on a machine with few cores
+    they then compete with the Numba kernel threads (measured: 5x slower gradients of
+    the dense ResNet at d=64, S=1024). Enter it in the thread that starts a whole solve
+    or gradient (the limit is process-wide), not in the threads of simulated ranks.
+    Needs :mod:`threadpoolctl`; without it this does nothing.
+    """
+    global _blas_controller
+    if isinstance(target, ModuleType):
+        is_cpu = target.__name__.rsplit(".", 1)[-1] == "cpu"
+    else:
+        is_cpu = Target.parse(target) is Target.CPU
+    if not is_cpu:
+        return contextlib.nullcontext()
+    if _blas_controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            _blas_controller = False
+        else:
+            _blas_controller = ThreadpoolController()
+    if _blas_controller is False:  # pragma: no cover
+        return contextlib.nullcontext()
+    return _blas_controller.limit(limits=1, user_api="blas")

@@ -29,12 +29,14 @@ rank, before any layer step.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..kernels import single_threaded_blas
 from ..model import Params, ResNet
 from ..propagator import LayerSlice, Model, ResNetModel, as_model
 from .comm import (
@@ -121,16 +123,18 @@ def problem_facts(model: Any, solver, target, arrays: dict[str, Any],
 
 
 def _run(runner, solver, n_layers: int, facts, program, every_rank: bool = False,
-         what: str = "the solve") -> Any:
+         what: str = "the solve", target=None) -> Any:
     """Run ``program`` on ``runner``'s ranks, each starting with the agreement of the
     module doc: the layout check, and on several ranks ``facts(rank)`` (the rank's
     own checks, if any, then the facts the ranks compare). ``every_rank``: return every
-    simulated rank's result (a list), not rank 0's."""
+    simulated rank's result (a list), not rank 0's. On the ``"cpu"`` target BLAS is
+    held to one thread meanwhile (:func:`ptoc.kernels.single_threaded_blas`)."""
 
     def check(c: Communicator) -> dict[str, str]:
         check_layout(solver, n_layers, c.size)
         return facts(c.rank) if c.size > 1 else {}
-    return run_program(runner, program, check, what, every_rank)
+    with (single_threaded_blas(target) if target is not None else contextlib.nullcontext()):
+        return run_program(runner, program, check, what, every_rank)
 
 
 # --- one sweep on one rank ---------------------------------------------------------------------
@@ -387,7 +391,7 @@ def parallel_gradient(network: ResNet | Model, params, X, y, solver, *, comm=Non
         model, solver, target, {"inputs X": X, "labels y": y, "initial states": initial_states,
                                 "initial adjoints": initial_adjoints}, params),
         lambda c: _gradient_program(c, model, params, X, y, solver, target, initial_states,
-                                    initial_adjoints, keep_states))
+                                    initial_adjoints, keep_states), target=target)
 
 
 def owned_layers(n_layers: int, n_ranks: int, rank: int) -> tuple[int, int]:
@@ -480,7 +484,7 @@ def local_gradient(network: ResNet, params, X, y, solver, *, comm=None, target="
 
     # simulated ranks: every rank's result, in rank order
     return _run(runner, solver, network.depth, facts_of, program, every_rank=True,
-                what="local_gradient")
+                what="local_gradient", target=target)
 
 
 def parallel_forward(network: ResNet, params: Params, X, solver, *, comm=None, target="cpu",
@@ -495,7 +499,7 @@ def parallel_forward(network: ResNet, params: Params, X, solver, *, comm=None, t
         return full, record
     return _run(runner, solver, model.n_layers, lambda rank: problem_facts(
         model, solver, target, {"inputs X": X, "initial states": initial_states}, params),
-        program)
+        program, target=target)
 
 
 def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N: np.ndarray,
@@ -524,7 +528,8 @@ def parallel_adjoint(network: ResNet, params: Params, states: np.ndarray, lam_N:
                 np.concatenate([p[1] for p in parts]), record)
     return _run(runner, solver, N, lambda rank: problem_facts(
         model, solver, target, {"states": states, "final adjoint lambda_N": lam_N,
-                                "initial adjoints": initial_adjoints}, params), program)
+                                "initial adjoints": initial_adjoints}, params), program,
+        target=target)
 
 
 # --- any propagator --------------------------------------------------------------------------
@@ -580,7 +585,8 @@ def solve_states(prop, x0, solver, *, comm=None, initial_guess=None
                                      x0.shape, x0.dtype, g)
         return _gather_positions(c, local, problem.owner, False), record
     return _run(runner, solver, N, lambda rank: problem_facts(
-        prop, solver, None, {"initial state x0": x0, "initial guess": guess}), program)
+        prop, solver, None, {"initial state x0": x0, "initial guess": guess}), program,
+        target=getattr(prop, "target", None))
 
 
 def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
@@ -632,4 +638,5 @@ def solve_adjoints(prop, states, lam_N, solver, *, comm=None, initial_guess=None
         return full, total, record
     return _run(runner, solver, N, lambda rank: problem_facts(
         prop, solver, None, {"states": states, "final adjoint lambda_N": lam_N,
-                             "initial guess": guess}), program)
+                             "initial guess": guess}), program,
+        target=getattr(prop, "target", None))
