@@ -84,6 +84,15 @@ for _f in _maths.CPU_FUNCTIONS:  # activation and tanh; the sums are the tile lo
 #: ``_config``, so their disk cache is keyed on both files too (:mod:`ptoc.kernels._cache`).
 _jit = functools.partial(_cache.njit, depends_on=(_maths, _config),
                          fastmath=_config.CPU_FASTMATH, error_model="numpy")
+#: ``_jit`` for the tile helpers, the loops over one work item's tiles that the parallel
+#: kernels call: compiled without Numba's reference counting (``_nrt=False``). They only
+#: take views of arrays that their caller holds (rows of tiles, slices), and with
+#: reference counting each view cost an atomic increment and decrement, which took most
+#: of the time of a layer step at small shapes (measured with perf at d = 4, S = 16:
+#: ``lock incq``/``lock decq`` of ``NRT_incref``/``NRT_decref`` were the hottest
+#: instructions; d = 16, S = 32: forward step 2.7 -> 1.1 us, adjoint step 5.3 -> 1.9 us,
+#: ``benchmarks/bench_layer_step.py``). They must not allocate.
+_tile_jit = functools.partial(_jit, _nrt=False)
 _activation = _maths.activation
 _TANH = _maths.TANH
 _RELU = _maths.RELU
@@ -114,7 +123,7 @@ def _row_len(W):
 
 # --- tile helpers (one work item, one layer) ----------------------------------------------
 
-@_jit()
+@_tile_jit()
 def _load_t(rows, lo, m, tile):
     """Transpose in: ``tile[j, t] = rows[lo + t, j]`` for the ``m`` samples of a work item."""
     d = rows.shape[1]
@@ -124,7 +133,7 @@ def _load_t(rows, lo, m, tile):
             tile[j, t] = r[j]
 
 
-@_jit()
+@_tile_jit()
 def _add_rows_t(rows, lo, m, scratch, tile):
     """``tile[j, t] += rows[lo + t, j]`` (the FAS right-hand side ``g`` of a level step),
     through the transposed ``scratch`` tile."""
@@ -136,7 +145,7 @@ def _add_rows_t(rows, lo, m, scratch, tile):
             ti[t] = ti[t] + si[t]
 
 
-@_jit()
+@_tile_jit()
 def _store_t(tile, rows, lo, m):
     """Transpose out: ``rows[lo + t, j] = tile[j, t]``."""
     d = rows.shape[1]
@@ -146,7 +155,7 @@ def _store_t(tile, rows, lo, m):
             r[j] = tile[j, t]
 
 
-@_jit()
+@_tile_jit()
 def _matmul_rows(M, src, dst, m, r0, r1):
     """``dst[r, t] += sum_k M[r, k] src[k, t]`` for rows ``r0 <= r < r1`` and ``t < m``, the
     terms in ascending ``k``, one output row per inner loop.
@@ -205,7 +214,7 @@ def _matmul_rows(M, src, dst, m, r0, r1):
                 o[t] = o[t] + m0 * s0[t]
 
 
-@_jit()
+@_tile_jit()
 def _matmul_rows4(M, x, o, m, R4):
     """``_matmul_rows`` for rows ``0 .. R4-1`` (``R4`` a multiple of 4), four output rows per
     inner loop; ``x`` and ``o`` are the tiles flattened, their rows ``_TS`` entries apart.
@@ -270,7 +279,7 @@ def _matmul_rows4(M, x, o, m, R4):
                 o0[3 * _TS + t] = o0[3 * _TS + t] + d0 * x0
 
 
-@_jit()
+@_tile_jit()
 def _matmul_t(M, src, dst, m):
     """``dst[r, t] += sum_k M[r, k] src[k, t]`` for ``t < m``, the terms in ascending ``k``.
 
@@ -286,7 +295,7 @@ def _matmul_t(M, src, dst, m):
     _matmul_rows(M, src, dst, m, R4, R)
 
 
-@_jit()
+@_tile_jit()
 def _preact_t(K, b, x, a, m):
     """``a[i, t] = b[i] + sum_j K[i, j] x[j, t]``: the sum of ``_maths.preactivation``."""
     for i in range(K.shape[0]):
@@ -310,7 +319,7 @@ def _activate_code(a, x, h, m, code):
             ai[t] = dsg
 
 
-@_jit()
+@_tile_jit()
 def _activate_t(a, x, h, act, m):
     """The residual step on a tile: ``x <- x + h sigma(a)`` and ``a <- sigma'(a)``."""
     if act == _TANH:
@@ -329,7 +338,7 @@ def _dsigma_code(a, m, code):
             ai[t] = _activation(ai[t], code)[1]
 
 
-@_jit()
+@_tile_jit()
 def _dsigma_t(a, act, m):
     """``a <- sigma'(a)`` on a tile (one loop per activation code, as above)."""
     if act == _TANH:
@@ -340,7 +349,7 @@ def _dsigma_t(a, act, m):
         _dsigma_code(a, m, _SMOOTHRELU)
 
 
-@_jit()
+@_tile_jit()
 def _dot(u, v, m, h):
     """``sum_t u[t] v[t]`` over ``t < m`` (a vectorised reduction)."""
     acc = 0.0 * h
@@ -349,7 +358,7 @@ def _dot(u, v, m, h):
     return acc
 
 
-@_jit()
+@_tile_jit()
 def _partial_t(g, x, h, pK, pb, t0, t1):
     """One chunk's gradient partial from tile columns ``t0:t1``; scales ``g`` by ``h`` there.
 
@@ -434,7 +443,7 @@ def _partial_t(g, x, h, pK, pb, t0, t1):
             pK[i, j] = _dot(gi, x[j][t0:t1], m, h)
 
 
-@_jit()
+@_tile_jit()
 def _adjoint_g_t(K, b, act, x, lam, g, m, have_dsig):
     """``g <- sigma'(a) * lam`` on a tile, ``a = K x + b``.
 
@@ -452,7 +461,7 @@ def _adjoint_g_t(K, b, act, x, lam, g, m, have_dsig):
             gi[t] = gi[t] * li[t]
 
 
-@_jit()
+@_tile_jit()
 def _adjoint_lam_t(KT, h, g, lam, acc, m):
     """``lam <- lam + h sum_i K[i, :] g[i]`` on a tile (``KT = K^T``; ``acc`` is scratch).
 
@@ -639,7 +648,7 @@ def _hamiltonian(x, p, K, b, h, act, chunk):
 # and run in parallel, each work item of samples keeping its tile across a run's steps; the
 # arithmetic of each step is that of the sweeps above, bit for bit.
 
-@_jit()
+@_tile_jit()
 def _store_add_t(tile, g_rows, has_g, rows, lo, m):
     """``tile[j, t] += g_rows[lo + t, j]`` if ``has_g``, then transpose out,
     ``rows[lo + t, j] = tile[j, t]``: the end of a level step, in one pass (the addition
@@ -709,7 +718,7 @@ def _state_points(u, K, b, dt, act, positions, out, W, tiles):
             _store_t(x, out[r], lo, m)
 
 
-@_jit()
+@_tile_jit()
 def _adjoint_tile_step(X, K, KT, b, dt, act, k, lam, x, g, acc, lo, m):
     """``lam <- lam + dt[k] (sigma'(a) * lam) K[k]`` on a tile, ``a = X[k] K[k]^T + b[k]``:
     the step of the adjoint sweep (:func:`_adjoint_block`), with the linearisation state
