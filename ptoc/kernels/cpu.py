@@ -18,6 +18,12 @@ the adjoint recursion, so a work item keeps its tile in scratch across all layer
 the forward sweep is one parallel loop in total, and the adjoint sweep one parallel
 loop per block of layers (see below).
 
+The loops over one work item's tiles, all layers included, are *tile helpers*
+(``_tile_jit``), compiled without Numba's reference counting: they take a view per
+layer and per tile row, and counting references on each view costs two atomic
+operations, which dominated a layer step at small shapes. The parallel kernels
+allocate the scratch tiles and hand each work item (or slot) to such a helper.
+
 Sums and their order
 --------------------
 The activation and its derivative are :func:`ptoc._maths.activation`, called per
@@ -482,6 +488,20 @@ def _adjoint_lam_t(KT, h, g, lam, acc, m):
 
 # --- sweeps (the compiled kernels) -----------------------------------------------------------
 
+@_tile_jit()
+def _forward_item(x0, K, b, h, act, outs, dsig, store, lo, m, x, a):
+    """All layers of :func:`_forward` for the work item of samples ``lo .. lo+m-1``, its
+    state in tile ``x`` throughout (``a`` is scratch). A tile helper, so that the layer
+    and row views it takes per layer cost no reference counting."""
+    _load_t(x0, lo, m, x)
+    for n in range(K.shape[0]):
+        _preact_t(K[n], b[n], x, a, m)
+        _activate_t(a, x, h, act, m)
+        _store_t(x, outs[n], lo, m)
+        if store:
+            _store_t(a, dsig[n], lo, m)
+
+
 @_jit(parallel=True)
 def _forward(x0, K, b, h, act, outs, dsig, store, W):
     """``outs[n] = x_{n+1}`` for ``n < N`` from ``x_0 = x0``; ``dsig[n] = sigma'(a_n)`` if store.
@@ -489,24 +509,48 @@ def _forward(x0, K, b, h, act, outs, dsig, store, W):
     ``K`` (N, d, d), ``b`` (N, d), ``outs`` and ``dsig`` (N, S, d); ``W`` samples per
     work item.
     """
-    N = K.shape[0]
     S, d = x0.shape
     n_items = (S + W - 1) // W
     x_tiles = np.empty((n_items, d, _row_len(W)), x0.dtype)
     a_tiles = np.empty((n_items, d, _row_len(W)), x0.dtype)
     for w in prange(n_items):
         lo = w * W
-        m = min(S, lo + W) - lo
-        x = x_tiles[w]
-        a = a_tiles[w]
-        _load_t(x0, lo, m, x)
-        # all layers for this work item; its tile x stays in scratch
-        for n in range(N):
-            _preact_t(K[n], b[n], x, a, m)
-            _activate_t(a, x, h, act, m)
-            _store_t(x, outs[n], lo, m)
-            if store:
-                _store_t(a, dsig[n], lo, m)
+        _forward_item(x0, K, b, h, act, outs, dsig, store, lo, min(S, lo + W) - lo,
+                      x_tiles[w], a_tiles[w])
+
+
+@_tile_jit()
+def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, acc, part_K,
+                  part_b, want_grad, lams, keep, lam_out, want_out, chunk, group, w):
+    """Layers ``n1-1`` down to ``n0`` of :func:`_adjoint_block` for work item ``w``, its
+    ``lambda`` in tile ``lam`` (a tile helper: no reference counting of its views)."""
+    N = K.shape[0]
+    S = lam_N.shape[0]
+    W = chunk * group
+    n_chunks = (S + chunk - 1) // chunk
+    lo = w * W
+    m = min(S, lo + W) - lo
+    if n1 == N:
+        _load_t(lam_N, lo, m, lam)
+    for n in range(n1 - 1, n0 - 1, -1):
+        _load_t(xs[n], lo, m, x)
+        # g = sigma'(a_n) * lambda_{n+1}, with a_n recomputed unless sigma' was stored
+        if have_dsig:
+            _load_t(dsig[n], lo, m, g)
+        _adjoint_g_t(K[n], b[n], act, x, lam, g, m, have_dsig)
+        if want_out:
+            # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]
+            _adjoint_lam_t(KT[n - n0], h, g, lam, acc, m)
+            if keep:
+                _store_t(lam, lams[n], lo, m)
+        if want_grad:
+            # one partial per chunk of this work item (scales g by h)
+            for c in range(w * group, min(n_chunks, (w + 1) * group)):
+                t0 = c * chunk - lo
+                t1 = min(S, (c + 1) * chunk) - lo
+                _partial_t(g, x, h, part_K[c, n - n0], part_b[c, n - n0], t0, t1)
+    if n0 == 0 and want_out:
+        _store_t(lam, lam_out, lo, m)
 
 
 @_jit(parallel=True)
@@ -520,39 +564,11 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
     ``KT[n - n0]`` is ``K[n]^T``. Chunk ``c`` writes its gradient partial of layer ``n``
     to ``part_K[c, n - n0]`` and ``part_b[c, n - n0]``.
     """
-    N = K.shape[0]
-    S = lam_N.shape[0]
-    W = chunk * group
     n_items = lam_tiles.shape[0]
-    n_chunks = (S + chunk - 1) // chunk
     for w in prange(n_items):
-        lo = w * W
-        m = min(S, lo + W) - lo
-        lam = lam_tiles[w]
-        x = x_tiles[w]
-        g = g_tiles[w]
-        acc = acc_tiles[w]
-        if n1 == N:
-            _load_t(lam_N, lo, m, lam)
-        for n in range(n1 - 1, n0 - 1, -1):
-            _load_t(xs[n], lo, m, x)
-            # g = sigma'(a_n) * lambda_{n+1}, with a_n recomputed unless sigma' was stored
-            if have_dsig:
-                _load_t(dsig[n], lo, m, g)
-            _adjoint_g_t(K[n], b[n], act, x, lam, g, m, have_dsig)
-            if want_out:
-                # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]
-                _adjoint_lam_t(KT[n - n0], h, g, lam, acc, m)
-                if keep:
-                    _store_t(lam, lams[n], lo, m)
-            if want_grad:
-                # one partial per chunk of this work item (scales g by h)
-                for c in range(w * group, min(n_chunks, (w + 1) * group)):
-                    t0 = c * chunk - lo
-                    t1 = min(S, (c + 1) * chunk) - lo
-                    _partial_t(g, x, h, part_K[c, n - n0], part_b[c, n - n0], t0, t1)
-        if n0 == 0 and want_out:
-            _store_t(lam, lam_out, lo, m)
+        _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
+                      x_tiles[w], g_tiles[w], acc_tiles[w], part_K, part_b, want_grad, lams,
+                      keep, lam_out, want_out, chunk, group, w)
 
 
 @_jit(parallel=True)
@@ -673,6 +689,22 @@ def _slot_tasks(p, n_slots, n_tasks):
     return p * n_tasks // n_slots, (p + 1) * n_tasks // n_slots
 
 
+@_tile_jit()
+def _state_runs_slot(u, g, has_g, K, b, dt, act, starts, ends, W, x, a, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_state_runs` on one slot's tiles ``x``, ``a``."""
+    S = u.shape[1]
+    n_items = (S + W - 1) // W
+    for q in range(q0, q1):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        _load_t(u[starts[r] - 1], lo, m, x)
+        for k in range(starts[r], ends[r] + 1):
+            _preact_t(K[k], b[k], x, a, m)
+            _activate_t(a, x, dt[k], act, m)
+            _store_add_t(x, g[k], has_g, u[k], lo, m)
+
+
 @_jit(parallel=True)
 def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W, tiles):
     """Runs of state steps. Task ``q`` is run ``q // n_items`` on work item ``q % n_items``;
@@ -683,18 +715,25 @@ def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W, tiles):
     n_tasks = len(starts) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        x = tiles[p, 0]
-        a = tiles[p, 1]
         q0, q1 = _slot_tasks(p, n_slots, n_tasks)
-        for q in range(q0, q1):
-            r = q // n_items
-            lo = (q % n_items) * W
-            m = min(S, lo + W) - lo
-            _load_t(u[starts[r] - 1], lo, m, x)
-            for k in range(starts[r], ends[r] + 1):
-                _preact_t(K[k], b[k], x, a, m)
-                _activate_t(a, x, dt[k], act, m)
-                _store_add_t(x, g[k], has_g, u[k], lo, m)
+        _state_runs_slot(u, g, has_g, K, b, dt, act, starts, ends, W, tiles[p, 0], tiles[p, 1],
+                         q0, q1)
+
+
+@_tile_jit()
+def _state_points_slot(u, K, b, dt, act, positions, out, W, x, a, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_state_points` on one slot's tiles ``x``, ``a``."""
+    S = u.shape[1]
+    n_items = (S + W - 1) // W
+    for q in range(q0, q1):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        k = positions[r]
+        _load_t(u[k - 1], lo, m, x)
+        _preact_t(K[k], b[k], x, a, m)
+        _activate_t(a, x, dt[k], act, m)
+        _store_t(x, out[r], lo, m)
 
 
 @_jit(parallel=True)
@@ -704,18 +743,9 @@ def _state_points(u, K, b, dt, act, positions, out, W, tiles):
     n_tasks = len(positions) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        x = tiles[p, 0]
-        a = tiles[p, 1]
         q0, q1 = _slot_tasks(p, n_slots, n_tasks)
-        for q in range(q0, q1):
-            r = q // n_items
-            lo = (q % n_items) * W
-            m = min(S, lo + W) - lo
-            k = positions[r]
-            _load_t(u[k - 1], lo, m, x)
-            _preact_t(K[k], b[k], x, a, m)
-            _activate_t(a, x, dt[k], act, m)
-            _store_t(x, out[r], lo, m)
+        _state_points_slot(u, K, b, dt, act, positions, out, W, tiles[p, 0], tiles[p, 1], q0,
+                           q1)
 
 
 @_tile_jit()
@@ -728,6 +758,25 @@ def _adjoint_tile_step(X, K, KT, b, dt, act, k, lam, x, g, acc, lo, m):
     _adjoint_lam_t(KT[k], dt[k], g, lam, acc, m)
 
 
+@_tile_jit()
+def _adjoint_runs_slot(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_runs` on one slot's four tiles."""
+    S = lam.shape[1]
+    n_items = (S + W - 1) // W
+    lt = tiles[0]
+    x = tiles[1]
+    gg = tiles[2]
+    acc = tiles[3]
+    for q in range(q0, q1):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        _load_t(lam[starts[r] - 1], lo, m, lt)
+        for k in range(starts[r], ends[r] + 1):
+            _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
+            _store_add_t(lt, g[k], has_g, lam[k], lo, m)
+
+
 @_jit(parallel=True)
 def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles):
     n, S, d = lam.shape
@@ -735,19 +784,28 @@ def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles):
     n_tasks = len(starts) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        lt = tiles[p, 0]
-        x = tiles[p, 1]
-        gg = tiles[p, 2]
-        acc = tiles[p, 3]
         q0, q1 = _slot_tasks(p, n_slots, n_tasks)
-        for q in range(q0, q1):
-            r = q // n_items
-            lo = (q % n_items) * W
-            m = min(S, lo + W) - lo
-            _load_t(lam[starts[r] - 1], lo, m, lt)
-            for k in range(starts[r], ends[r] + 1):
-                _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
-                _store_add_t(lt, g[k], has_g, lam[k], lo, m)
+        _adjoint_runs_slot(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles[p], q0,
+                           q1)
+
+
+@_tile_jit()
+def _adjoint_points_slot(lam, X, K, KT, b, dt, act, positions, out, W, tiles, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_points` on one slot's four tiles."""
+    S = lam.shape[1]
+    n_items = (S + W - 1) // W
+    lt = tiles[0]
+    x = tiles[1]
+    gg = tiles[2]
+    acc = tiles[3]
+    for q in range(q0, q1):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        k = positions[r]
+        _load_t(lam[k - 1], lo, m, lt)
+        _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
+        _store_t(lt, out[r], lo, m)
 
 
 @_jit(parallel=True)
@@ -757,19 +815,8 @@ def _adjoint_points(lam, X, K, KT, b, dt, act, positions, out, W, tiles):
     n_tasks = len(positions) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        lt = tiles[p, 0]
-        x = tiles[p, 1]
-        gg = tiles[p, 2]
-        acc = tiles[p, 3]
         q0, q1 = _slot_tasks(p, n_slots, n_tasks)
-        for q in range(q0, q1):
-            r = q // n_items
-            lo = (q % n_items) * W
-            m = min(S, lo + W) - lo
-            k = positions[r]
-            _load_t(lam[k - 1], lo, m, lt)
-            _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
-            _store_t(lt, out[r], lo, m)
+        _adjoint_points_slot(lam, X, K, KT, b, dt, act, positions, out, W, tiles[p], q0, q1)
 
 
 @_jit(parallel=True)
