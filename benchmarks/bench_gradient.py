@@ -34,6 +34,7 @@ Usage::
 
     python benchmarks/bench_gradient.py            # full grid, about 10 minutes
     python benchmarks/bench_gradient.py --quick    # a few cells, about a minute
+    python benchmarks/bench_gradient.py --level kernels --threads 1 --small  # MGRIT's shapes
     python benchmarks/bench_gradient.py --widths 8 64 --batches 256 --depths 64
 
 A JSON record (machine, versions, settings, every sample) goes to
@@ -79,6 +80,8 @@ WIDTHS = (4, 8, 16, 32, 64)
 BATCHES = (64, 256, 1024)
 DEPTHS = (64, 256, 1024)
 QUICK = {"widths": (8, 16, 64), "batches": (256,), "depths": (64,)}
+#: The shapes of layer-parallel work (MGRIT steps a few samples through narrow layers).
+SMALL = {"widths": (4, 8, 16), "batches": (16, 32, 64), "depths": (256,)}
 N_IN, N_CLASSES, T_FINAL = 2, 5, 1.0
 ACTIVATION = Activation.TANH
 MAX_REL_DIFF = 1e-8
@@ -361,7 +364,10 @@ def main(argv=None) -> int:
     import numba
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="widths 8 16 64, S=256, N=64")
+    presets = parser.add_mutually_exclusive_group()
+    presets.add_argument("--quick", action="store_true", help="widths 8 16 64, S=256, N=64")
+    presets.add_argument("--small", action="store_true",
+                         help="the small shapes of MGRIT work: widths 4 8 16, S=16 32 64, N=256")
     parser.add_argument("--widths", type=int, nargs="+")
     parser.add_argument("--batches", type=int, nargs="+")
     parser.add_argument("--depths", type=int, nargs="+")
@@ -381,7 +387,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-json", action="store_true")
     args = parser.parse_args(argv)
 
-    grid = QUICK if args.quick else {"widths": WIDTHS, "batches": BATCHES, "depths": DEPTHS}
+    grid = (QUICK if args.quick else SMALL if args.small
+            else {"widths": WIDTHS, "batches": BATCHES, "depths": DEPTHS})
     widths = args.widths or grid["widths"]
     batches = args.batches or grid["batches"]
     depths = args.depths or grid["depths"]

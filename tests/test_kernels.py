@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -41,6 +42,51 @@ def test_tanh_is_accurate_to_a_few_ulp():
     ulps = np.abs(ours - ref) / np.spacing(np.abs(ref))
     assert ulps.max() <= 4
     assert math.isnan(maths.tanh(float("nan")))
+
+
+@pytest.fixture(scope="module")
+def compiled_tanh_loop():
+    """``out[t] = tanh(a[t])`` compiled as the CPU kernels compile :func:`ptoc._maths.tanh`
+    (jitable, the kernels' fast-math flags)."""
+    from numba import njit
+    from numba.extending import register_jitable
+
+    from ptoc import _config
+
+    tanh = register_jitable(maths.tanh)
+
+    @njit(fastmath=_config.CPU_FASTMATH, error_model="numpy")
+    def loop(a, out):
+        for t in range(a.size):
+            out[t] = tanh(a[t])
+
+    return loop
+
+
+def test_compiled_tanh_is_accurate_over_the_whole_range(compiled_tanh_loop):
+    rng = np.random.default_rng(1)
+    a = np.concatenate([rng.standard_normal(100000) * 4, rng.uniform(-30, 30, 10000),
+                        10.0 ** rng.uniform(-320, 2, 10000), np.linspace(-1, 1, 20001),
+                        [0.0, 5e-324, 1e-300, 19.999, 20.0, 20.001, 710.0, 1e300, np.inf]])
+    a = np.concatenate([a, -a, [np.nan]])
+    out = np.empty_like(a)
+    compiled_tanh_loop(a, out)
+    ref = np.tanh(a)
+    finite = np.isfinite(a)
+    ulps = np.abs(out[finite] - ref[finite]) / np.spacing(np.abs(ref[finite]))
+    assert ulps.max() <= 4
+    assert np.array_equal(out[~finite], ref[~finite], equal_nan=True)  # +-inf -> +-1, NaN
+    assert np.array_equal(np.signbit(out), np.signbit(ref))  # -0.0 stays -0.0
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="reads x86-64 assembly")
+def test_compiled_tanh_loop_is_vectorised(compiled_tanh_loop):
+    """The loop divides whole vectors (divpd: SSE2 and up), so tanh is no opaque call."""
+    a = np.zeros(64)
+    compiled_tanh_loop(a, np.empty_like(a))
+    asm = next(iter(compiled_tanh_loop.inspect_asm().values()))
+    assert "divpd" in asm
 
 
 @pytest.mark.parametrize("act", ACTS)

@@ -18,6 +18,12 @@ the adjoint recursion, so a work item keeps its tile in scratch across all layer
 the forward sweep is one parallel loop in total, and the adjoint sweep one parallel
 loop per block of layers (see below).
 
+The loops over one work item's tiles, all layers included, are *tile helpers*
+(``_tile_jit``), compiled without Numba's reference counting: they take a view per
+layer and per tile row, and counting references on each view costs two atomic
+operations, which dominated a layer step at small shapes. The parallel kernels
+allocate the scratch tiles and hand each work item (or slot) to such a helper.
+
 Sums and their order
 --------------------
 The activation and its derivative are :func:`ptoc._maths.activation`, called per
@@ -84,6 +90,15 @@ for _f in _maths.CPU_FUNCTIONS:  # activation and tanh; the sums are the tile lo
 #: ``_config``, so their disk cache is keyed on both files too (:mod:`ptoc.kernels._cache`).
 _jit = functools.partial(_cache.njit, depends_on=(_maths, _config),
                          fastmath=_config.CPU_FASTMATH, error_model="numpy")
+#: ``_jit`` for the tile helpers, the loops over one work item's tiles that the parallel
+#: kernels call: compiled without Numba's reference counting (``_nrt=False``). They only
+#: take views of arrays that their caller holds (rows of tiles, slices, layers), and with
+#: reference counting each view costs an atomic increment and decrement (perf, d = 4,
+#: S = 16: the ``lock incq``/``lock decq`` of ``NRT_incref``/``NRT_decref`` were the
+#: hottest instructions of a helper called on its own, ``profile_layer_step.py``). Inside
+#: the sweeps LLVM had already removed most of them: there the gain is about 5% (d = 16,
+#: S = 32, one thread). They must not allocate.
+_tile_jit = functools.partial(_jit, _nrt=False)
 _activation = _maths.activation
 _TANH = _maths.TANH
 _RELU = _maths.RELU
@@ -114,7 +129,7 @@ def _row_len(W):
 
 # --- tile helpers (one work item, one layer) ----------------------------------------------
 
-@_jit()
+@_tile_jit()
 def _load_t(rows, lo, m, tile):
     """Transpose in: ``tile[j, t] = rows[lo + t, j]`` for the ``m`` samples of a work item."""
     d = rows.shape[1]
@@ -124,7 +139,7 @@ def _load_t(rows, lo, m, tile):
             tile[j, t] = r[j]
 
 
-@_jit()
+@_tile_jit()
 def _add_rows_t(rows, lo, m, scratch, tile):
     """``tile[j, t] += rows[lo + t, j]`` (the FAS right-hand side ``g`` of a level step),
     through the transposed ``scratch`` tile."""
@@ -136,7 +151,7 @@ def _add_rows_t(rows, lo, m, scratch, tile):
             ti[t] = ti[t] + si[t]
 
 
-@_jit()
+@_tile_jit()
 def _store_t(tile, rows, lo, m):
     """Transpose out: ``rows[lo + t, j] = tile[j, t]``."""
     d = rows.shape[1]
@@ -146,7 +161,7 @@ def _store_t(tile, rows, lo, m):
             r[j] = tile[j, t]
 
 
-@_jit()
+@_tile_jit()
 def _matmul_rows(M, src, dst, m, r0, r1):
     """``dst[r, t] += sum_k M[r, k] src[k, t]`` for rows ``r0 <= r < r1`` and ``t < m``, the
     terms in ascending ``k``, one output row per inner loop.
@@ -205,7 +220,7 @@ def _matmul_rows(M, src, dst, m, r0, r1):
                 o[t] = o[t] + m0 * s0[t]
 
 
-@_jit()
+@_tile_jit()
 def _matmul_rows4(M, x, o, m, R4):
     """``_matmul_rows`` for rows ``0 .. R4-1`` (``R4`` a multiple of 4), four output rows per
     inner loop; ``x`` and ``o`` are the tiles flattened, their rows ``_TS`` entries apart.
@@ -270,7 +285,7 @@ def _matmul_rows4(M, x, o, m, R4):
                 o0[3 * _TS + t] = o0[3 * _TS + t] + d0 * x0
 
 
-@_jit()
+@_tile_jit()
 def _matmul_t(M, src, dst, m):
     """``dst[r, t] += sum_k M[r, k] src[k, t]`` for ``t < m``, the terms in ascending ``k``.
 
@@ -286,7 +301,7 @@ def _matmul_t(M, src, dst, m):
     _matmul_rows(M, src, dst, m, R4, R)
 
 
-@_jit()
+@_tile_jit()
 def _preact_t(K, b, x, a, m):
     """``a[i, t] = b[i] + sum_j K[i, j] x[j, t]``: the sum of ``_maths.preactivation``."""
     for i in range(K.shape[0]):
@@ -310,7 +325,7 @@ def _activate_code(a, x, h, m, code):
             ai[t] = dsg
 
 
-@_jit()
+@_tile_jit()
 def _activate_t(a, x, h, act, m):
     """The residual step on a tile: ``x <- x + h sigma(a)`` and ``a <- sigma'(a)``."""
     if act == _TANH:
@@ -329,7 +344,7 @@ def _dsigma_code(a, m, code):
             ai[t] = _activation(ai[t], code)[1]
 
 
-@_jit()
+@_tile_jit()
 def _dsigma_t(a, act, m):
     """``a <- sigma'(a)`` on a tile (one loop per activation code, as above)."""
     if act == _TANH:
@@ -340,7 +355,7 @@ def _dsigma_t(a, act, m):
         _dsigma_code(a, m, _SMOOTHRELU)
 
 
-@_jit()
+@_tile_jit()
 def _dot(u, v, m, h):
     """``sum_t u[t] v[t]`` over ``t < m`` (a vectorised reduction)."""
     acc = 0.0 * h
@@ -349,7 +364,7 @@ def _dot(u, v, m, h):
     return acc
 
 
-@_jit()
+@_tile_jit()
 def _partial_t(g, x, h, pK, pb, t0, t1):
     """One chunk's gradient partial from tile columns ``t0:t1``; scales ``g`` by ``h`` there.
 
@@ -434,7 +449,7 @@ def _partial_t(g, x, h, pK, pb, t0, t1):
             pK[i, j] = _dot(gi, x[j][t0:t1], m, h)
 
 
-@_jit()
+@_tile_jit()
 def _adjoint_g_t(K, b, act, x, lam, g, m, have_dsig):
     """``g <- sigma'(a) * lam`` on a tile, ``a = K x + b``.
 
@@ -452,7 +467,7 @@ def _adjoint_g_t(K, b, act, x, lam, g, m, have_dsig):
             gi[t] = gi[t] * li[t]
 
 
-@_jit()
+@_tile_jit()
 def _adjoint_lam_t(KT, h, g, lam, acc, m):
     """``lam <- lam + h sum_i K[i, :] g[i]`` on a tile (``KT = K^T``; ``acc`` is scratch).
 
@@ -473,6 +488,20 @@ def _adjoint_lam_t(KT, h, g, lam, acc, m):
 
 # --- sweeps (the compiled kernels) -----------------------------------------------------------
 
+@_tile_jit()
+def _forward_item(x0, K, b, h, act, outs, dsig, store, lo, m, x, a):
+    """All layers of :func:`_forward` for the work item of samples ``lo .. lo+m-1``, its
+    state in tile ``x`` throughout (``a`` is scratch). A tile helper, so that the layer
+    and row views it takes per layer cost no reference counting."""
+    _load_t(x0, lo, m, x)
+    for n in range(K.shape[0]):
+        _preact_t(K[n], b[n], x, a, m)
+        _activate_t(a, x, h, act, m)
+        _store_t(x, outs[n], lo, m)
+        if store:
+            _store_t(a, dsig[n], lo, m)
+
+
 @_jit(parallel=True)
 def _forward(x0, K, b, h, act, outs, dsig, store, W):
     """``outs[n] = x_{n+1}`` for ``n < N`` from ``x_0 = x0``; ``dsig[n] = sigma'(a_n)`` if store.
@@ -480,24 +509,48 @@ def _forward(x0, K, b, h, act, outs, dsig, store, W):
     ``K`` (N, d, d), ``b`` (N, d), ``outs`` and ``dsig`` (N, S, d); ``W`` samples per
     work item.
     """
-    N = K.shape[0]
     S, d = x0.shape
     n_items = (S + W - 1) // W
     x_tiles = np.empty((n_items, d, _row_len(W)), x0.dtype)
     a_tiles = np.empty((n_items, d, _row_len(W)), x0.dtype)
     for w in prange(n_items):
         lo = w * W
-        m = min(S, lo + W) - lo
-        x = x_tiles[w]
-        a = a_tiles[w]
-        _load_t(x0, lo, m, x)
-        # all layers for this work item; its tile x stays in scratch
-        for n in range(N):
-            _preact_t(K[n], b[n], x, a, m)
-            _activate_t(a, x, h, act, m)
-            _store_t(x, outs[n], lo, m)
-            if store:
-                _store_t(a, dsig[n], lo, m)
+        _forward_item(x0, K, b, h, act, outs, dsig, store, lo, min(S, lo + W) - lo,
+                      x_tiles[w], a_tiles[w])
+
+
+@_tile_jit()
+def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, acc, part_K,
+                  part_b, want_grad, lams, keep, lam_out, want_out, chunk, group, w):
+    """Layers ``n1-1`` down to ``n0`` of :func:`_adjoint_block` for work item ``w``, its
+    ``lambda`` in tile ``lam`` (a tile helper: no reference counting of its views)."""
+    N = K.shape[0]
+    S = lam_N.shape[0]
+    W = chunk * group
+    n_chunks = (S + chunk - 1) // chunk
+    lo = w * W
+    m = min(S, lo + W) - lo
+    if n1 == N:
+        _load_t(lam_N, lo, m, lam)
+    for n in range(n1 - 1, n0 - 1, -1):
+        _load_t(xs[n], lo, m, x)
+        # g = sigma'(a_n) * lambda_{n+1}, with a_n recomputed unless sigma' was stored
+        if have_dsig:
+            _load_t(dsig[n], lo, m, g)
+        _adjoint_g_t(K[n], b[n], act, x, lam, g, m, have_dsig)
+        if want_out:
+            # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]
+            _adjoint_lam_t(KT[n - n0], h, g, lam, acc, m)
+            if keep:
+                _store_t(lam, lams[n], lo, m)
+        if want_grad:
+            # one partial per chunk of this work item (scales g by h)
+            for c in range(w * group, min(n_chunks, (w + 1) * group)):
+                t0 = c * chunk - lo
+                t1 = min(S, (c + 1) * chunk) - lo
+                _partial_t(g, x, h, part_K[c, n - n0], part_b[c, n - n0], t0, t1)
+    if n0 == 0 and want_out:
+        _store_t(lam, lam_out, lo, m)
 
 
 @_jit(parallel=True)
@@ -511,39 +564,11 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
     ``KT[n - n0]`` is ``K[n]^T``. Chunk ``c`` writes its gradient partial of layer ``n``
     to ``part_K[c, n - n0]`` and ``part_b[c, n - n0]``.
     """
-    N = K.shape[0]
-    S = lam_N.shape[0]
-    W = chunk * group
     n_items = lam_tiles.shape[0]
-    n_chunks = (S + chunk - 1) // chunk
     for w in prange(n_items):
-        lo = w * W
-        m = min(S, lo + W) - lo
-        lam = lam_tiles[w]
-        x = x_tiles[w]
-        g = g_tiles[w]
-        acc = acc_tiles[w]
-        if n1 == N:
-            _load_t(lam_N, lo, m, lam)
-        for n in range(n1 - 1, n0 - 1, -1):
-            _load_t(xs[n], lo, m, x)
-            # g = sigma'(a_n) * lambda_{n+1}, with a_n recomputed unless sigma' was stored
-            if have_dsig:
-                _load_t(dsig[n], lo, m, g)
-            _adjoint_g_t(K[n], b[n], act, x, lam, g, m, have_dsig)
-            if want_out:
-                # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]
-                _adjoint_lam_t(KT[n - n0], h, g, lam, acc, m)
-                if keep:
-                    _store_t(lam, lams[n], lo, m)
-            if want_grad:
-                # one partial per chunk of this work item (scales g by h)
-                for c in range(w * group, min(n_chunks, (w + 1) * group)):
-                    t0 = c * chunk - lo
-                    t1 = min(S, (c + 1) * chunk) - lo
-                    _partial_t(g, x, h, part_K[c, n - n0], part_b[c, n - n0], t0, t1)
-        if n0 == 0 and want_out:
-            _store_t(lam, lam_out, lo, m)
+        _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
+                      x_tiles[w], g_tiles[w], acc_tiles[w], part_K, part_b, want_grad, lams,
+                      keep, lam_out, want_out, chunk, group, w)
 
 
 @_jit(parallel=True)
@@ -639,7 +664,7 @@ def _hamiltonian(x, p, K, b, h, act, chunk):
 # and run in parallel, each work item of samples keeping its tile across a run's steps; the
 # arithmetic of each step is that of the sweeps above, bit for bit.
 
-@_jit()
+@_tile_jit()
 def _store_add_t(tile, g_rows, has_g, rows, lo, m):
     """``tile[j, t] += g_rows[lo + t, j]`` if ``has_g``, then transpose out,
     ``rows[lo + t, j] = tile[j, t]``: the end of a level step, in one pass (the addition
@@ -664,6 +689,22 @@ def _slot_tasks(p, n_slots, n_tasks):
     return p * n_tasks // n_slots, (p + 1) * n_tasks // n_slots
 
 
+@_tile_jit()
+def _state_runs_slot(u, g, has_g, K, b, dt, act, starts, ends, W, x, a, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_state_runs` on one slot's tiles ``x``, ``a``."""
+    S = u.shape[1]
+    n_items = (S + W - 1) // W
+    for q in range(q0, q1):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        _load_t(u[starts[r] - 1], lo, m, x)
+        for k in range(starts[r], ends[r] + 1):
+            _preact_t(K[k], b[k], x, a, m)
+            _activate_t(a, x, dt[k], act, m)
+            _store_add_t(x, g[k], has_g, u[k], lo, m)
+
+
 @_jit(parallel=True)
 def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W, tiles):
     """Runs of state steps. Task ``q`` is run ``q // n_items`` on work item ``q % n_items``;
@@ -674,18 +715,25 @@ def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W, tiles):
     n_tasks = len(starts) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        x = tiles[p, 0]
-        a = tiles[p, 1]
         q0, q1 = _slot_tasks(p, n_slots, n_tasks)
-        for q in range(q0, q1):
-            r = q // n_items
-            lo = (q % n_items) * W
-            m = min(S, lo + W) - lo
-            _load_t(u[starts[r] - 1], lo, m, x)
-            for k in range(starts[r], ends[r] + 1):
-                _preact_t(K[k], b[k], x, a, m)
-                _activate_t(a, x, dt[k], act, m)
-                _store_add_t(x, g[k], has_g, u[k], lo, m)
+        _state_runs_slot(u, g, has_g, K, b, dt, act, starts, ends, W, tiles[p, 0], tiles[p, 1],
+                         q0, q1)
+
+
+@_tile_jit()
+def _state_points_slot(u, K, b, dt, act, positions, out, W, x, a, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_state_points` on one slot's tiles ``x``, ``a``."""
+    S = u.shape[1]
+    n_items = (S + W - 1) // W
+    for q in range(q0, q1):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        k = positions[r]
+        _load_t(u[k - 1], lo, m, x)
+        _preact_t(K[k], b[k], x, a, m)
+        _activate_t(a, x, dt[k], act, m)
+        _store_t(x, out[r], lo, m)
 
 
 @_jit(parallel=True)
@@ -695,21 +743,12 @@ def _state_points(u, K, b, dt, act, positions, out, W, tiles):
     n_tasks = len(positions) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        x = tiles[p, 0]
-        a = tiles[p, 1]
         q0, q1 = _slot_tasks(p, n_slots, n_tasks)
-        for q in range(q0, q1):
-            r = q // n_items
-            lo = (q % n_items) * W
-            m = min(S, lo + W) - lo
-            k = positions[r]
-            _load_t(u[k - 1], lo, m, x)
-            _preact_t(K[k], b[k], x, a, m)
-            _activate_t(a, x, dt[k], act, m)
-            _store_t(x, out[r], lo, m)
+        _state_points_slot(u, K, b, dt, act, positions, out, W, tiles[p, 0], tiles[p, 1], q0,
+                           q1)
 
 
-@_jit()
+@_tile_jit()
 def _adjoint_tile_step(X, K, KT, b, dt, act, k, lam, x, g, acc, lo, m):
     """``lam <- lam + dt[k] (sigma'(a) * lam) K[k]`` on a tile, ``a = X[k] K[k]^T + b[k]``:
     the step of the adjoint sweep (:func:`_adjoint_block`), with the linearisation state
@@ -719,6 +758,25 @@ def _adjoint_tile_step(X, K, KT, b, dt, act, k, lam, x, g, acc, lo, m):
     _adjoint_lam_t(KT[k], dt[k], g, lam, acc, m)
 
 
+@_tile_jit()
+def _adjoint_runs_slot(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_runs` on one slot's four tiles."""
+    S = lam.shape[1]
+    n_items = (S + W - 1) // W
+    lt = tiles[0]
+    x = tiles[1]
+    gg = tiles[2]
+    acc = tiles[3]
+    for q in range(q0, q1):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        _load_t(lam[starts[r] - 1], lo, m, lt)
+        for k in range(starts[r], ends[r] + 1):
+            _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
+            _store_add_t(lt, g[k], has_g, lam[k], lo, m)
+
+
 @_jit(parallel=True)
 def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles):
     n, S, d = lam.shape
@@ -726,19 +784,28 @@ def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles):
     n_tasks = len(starts) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        lt = tiles[p, 0]
-        x = tiles[p, 1]
-        gg = tiles[p, 2]
-        acc = tiles[p, 3]
         q0, q1 = _slot_tasks(p, n_slots, n_tasks)
-        for q in range(q0, q1):
-            r = q // n_items
-            lo = (q % n_items) * W
-            m = min(S, lo + W) - lo
-            _load_t(lam[starts[r] - 1], lo, m, lt)
-            for k in range(starts[r], ends[r] + 1):
-                _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
-                _store_add_t(lt, g[k], has_g, lam[k], lo, m)
+        _adjoint_runs_slot(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles[p], q0,
+                           q1)
+
+
+@_tile_jit()
+def _adjoint_points_slot(lam, X, K, KT, b, dt, act, positions, out, W, tiles, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_points` on one slot's four tiles."""
+    S = lam.shape[1]
+    n_items = (S + W - 1) // W
+    lt = tiles[0]
+    x = tiles[1]
+    gg = tiles[2]
+    acc = tiles[3]
+    for q in range(q0, q1):
+        r = q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        k = positions[r]
+        _load_t(lam[k - 1], lo, m, lt)
+        _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
+        _store_t(lt, out[r], lo, m)
 
 
 @_jit(parallel=True)
@@ -748,19 +815,8 @@ def _adjoint_points(lam, X, K, KT, b, dt, act, positions, out, W, tiles):
     n_tasks = len(positions) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        lt = tiles[p, 0]
-        x = tiles[p, 1]
-        gg = tiles[p, 2]
-        acc = tiles[p, 3]
         q0, q1 = _slot_tasks(p, n_slots, n_tasks)
-        for q in range(q0, q1):
-            r = q // n_items
-            lo = (q % n_items) * W
-            m = min(S, lo + W) - lo
-            k = positions[r]
-            _load_t(lam[k - 1], lo, m, lt)
-            _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
-            _store_t(lt, out[r], lo, m)
+        _adjoint_points_slot(lam, X, K, KT, b, dt, act, positions, out, W, tiles[p], q0, q1)
 
 
 @_jit(parallel=True)
