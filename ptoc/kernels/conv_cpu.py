@@ -46,6 +46,7 @@ from . import cpu as _dense_cpu  # noqa: F401 - registers ptoc._maths.activation
 _jit = functools.partial(_cache.njit, depends_on=(_maths, _config),
                          fastmath=_config.CPU_FASTMATH, error_model="numpy")
 _activation = _maths.activation
+_TANH = _maths.TANH
 
 #: Scratch of the kernels (padded inputs, padded ``g``, rows, partials), per calling thread.
 _scratch = Workspace(capacity=12)
@@ -120,6 +121,49 @@ def _conv_row(xp, K, b, i, P, L, acc):
 
 
 @_jit()
+def _activate_channel(acc, x, h, act, residual, o, dsig, store, P):
+    """``o[y, z] = (x[y, z] if residual else 0) + h sigma(acc[y P + z])`` for one channel
+    (``x``, ``o``, ``dsig`` (H, W)), ``sigma'`` into ``dsig`` when ``store``.
+
+    The tanh branch passes the constant code, so that the activation inlines into a loop
+    that vectorises; with the code known only at run time the loop stays scalar
+    (measured: about 5x slower at 4 channels of 28 x 28)."""
+    H, W = o.shape
+    for y in range(H):
+        a = acc[y * P:y * P + W]
+        xy, oy, dy = x[y], o[y], dsig[y]
+        if act == _TANH:
+            for z in range(W):
+                value, slope = _activation(a[z], _TANH)
+                oy[z] = (xy[z] if residual else 0.0) + h * value
+                if store:
+                    dy[z] = slope
+        else:
+            for z in range(W):
+                value, slope = _activation(a[z], act)
+                oy[z] = (xy[z] if residual else 0.0) + h * value
+                if store:
+                    dy[z] = slope
+
+
+@_jit()
+def _slope_times(acc, lam, act, row, P):
+    """``row[(y + 1) P + z + 1] = sigma'(acc[y P + z]) lam[y, z]`` for one channel (``lam``
+    (H, W)): ``g`` in the padded layout; the tanh branch as in :func:`_activate_channel`."""
+    H, W = lam.shape
+    for y in range(H):
+        a = acc[y * P:y * P + W]
+        g = row[(y + 1) * P + 1:(y + 1) * P + 1 + W]
+        ly = lam[y]
+        if act == _TANH:
+            for z in range(W):
+                g[z] = _activation(a[z], _TANH)[1] * ly[z]
+        else:
+            for z in range(W):
+                g[z] = _activation(a[z], act)[1] * ly[z]
+
+
+@_jit()
 def _layer_sample(x, K, b, h, act, residual, o, dsig, store, xp, acc):
     """One sample: ``o = (x if residual else 0) + h sigma(conv(x, K) + b)`` for ``x``
     (C_in, H, W), ``sigma'`` into ``dsig`` (C_out, H, W) when ``store``; ``xp`` (C_in,
@@ -130,12 +174,8 @@ def _layer_sample(x, K, b, h, act, residual, o, dsig, store, xp, acc):
     _pad(x, xp, P)
     for i in range(K.shape[0]):
         _conv_row(xp, K, b, i, P, L, acc)
-        for y in range(H):
-            for z in range(W):
-                value, slope = _activation(acc[y * P + z], act)
-                o[i, y, z] = (x[i, y, z] if residual else 0.0) + h * value
-                if store:
-                    dsig[i, y, z] = slope
+        _activate_channel(acc, x[i if residual else 0], h, act, residual, o[i], dsig[i],
+                          store, P)
 
 
 @_jit()
@@ -164,10 +204,7 @@ def _adjoint_sample(x, lam, K, b, h, act, dsig, have_dsig, o, want_out, part, wa
                     row[base + z] = dsig[i, y, z] * lam[i, y, z]
         else:
             _conv_row(xs, K, b, i, P, L, acc)
-            for y in range(H):
-                base = (y + 1) * P + 1
-                for z in range(W):
-                    row[base + z] = _activation(acc[y * P + z], act)[1] * lam[i, y, z]
+            _slope_times(acc, lam[i], act, row, P)
     if want_out:
         for j in range(C_in):
             acc[:L] = 0.0
