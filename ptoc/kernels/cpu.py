@@ -609,15 +609,21 @@ def _adjoint(xs, lam_N, K, b, h, act, dsig, have_dsig, gK, gb, want_grad, lams, 
     KT = np.empty((L, d, d), dt)
     part_K = np.empty((n_chunks if want_grad else 1, L, d, d), dt)
     part_b = np.empty((n_chunks if want_grad else 1, L, d), dt)
-    if keep:
-        lams[N] = lam_N
-    if N == 0 and want_out:
-        lam_out[:, :] = lam_N
+    # explicit loops, not slice assignments: those make Numba compile its broadcasting
+    # checks and their error messages (about 2 s of a first run's compilation)
+    for s in range(S if keep else 0):
+        for j in range(d):
+            lams[N, s, j] = lam_N[s, j]
+    for s in range(S if N == 0 and want_out else 0):
+        for j in range(d):
+            lam_out[s, j] = lam_N[s, j]
     n1 = N
     while n1 > 0:
         n0 = max(0, n1 - L)
         for n in range(n0, n1):
-            KT[n - n0] = K[n].T
+            for i in range(d):
+                for j in range(d):
+                    KT[n - n0, i, j] = K[n, j, i]
         _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles, x_tiles,
                        g_tiles, acc_tiles, part_K, part_b, want_grad, lams, keep, lam_out,
                        want_out, chunk, group)
