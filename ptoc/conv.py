@@ -53,7 +53,7 @@ from .objective import (
 )
 from .propagator import LevelPlan, LevelSteps, Model, ParamsPropagator
 
-__all__ = ["ConvResNet", "ConvResNetPropagator", "ConvLevelSteps"]
+__all__ = ["ConvResNet", "ConvResNetPropagator", "ConvLevelSteps", "ConvCudaLevelSteps"]
 
 
 @dataclass(frozen=True)
@@ -391,6 +391,19 @@ class ConvResNetPropagator(ParamsPropagator):
                            self.params.K[n], self.params.b[n], self._h, self._act, None,
                            grad[0][n], grad[1][n])
 
+    def layer_gradients(self, first, xs, lams_next, grad):
+        """On ``"cuda"`` one call of :func:`ptoc.kernels.conv_cuda.layer_gradients` (the
+        arrays copied to the device once, not once per layer; the same bits as
+        :meth:`layer_gradient`); on the other targets the default loop."""
+        if self.target is not Target.CUDA:
+            super().layer_gradients(first, xs, lams_next, grad)
+            return
+        L = len(xs)
+        self._kern.layer_gradients(np.ascontiguousarray(xs), np.ascontiguousarray(lams_next),
+                                   self.params.K[first:first + L],
+                                   self.params.b[first:first + L], self._h, self._act,
+                                   grad[0][first:first + L], grad[1][first:first + L])
+
     def _labels(self) -> np.ndarray:
         if self.labels is None:
             raise ValueError("this ConvResNetPropagator has no labels: pass labels= to use "
@@ -418,9 +431,12 @@ class ConvResNetPropagator(ParamsPropagator):
         return self._adjoint(params[0], params[1], n_layers * self._h, x, lam)
 
     def level_steps(self, plan: LevelPlan) -> LevelSteps:
-        """:class:`ConvLevelSteps` on the ``"cpu"`` target, else the generic steps."""
+        """:class:`ConvLevelSteps` on the ``"cpu"`` target, :class:`ConvCudaLevelSteps` on
+        ``"cuda"``, else (``"numpy"``) the generic steps."""
         if self.target is Target.CPU:
             return ConvLevelSteps(self, plan)
+        if self.target is Target.CUDA:
+            return ConvCudaLevelSteps(self, plan)
         return LevelSteps(self, plan)
 
     # --- the serial gradient: sigma' kept by the state sweep ---------------------------------
@@ -528,3 +544,24 @@ class ConvLevelSteps(LevelSteps):
             self.kern.adjoint_points(u, self.X, self.K, self.b, self.dt, self.act, positions,
                                      out)
         return out
+
+
+class ConvCudaLevelSteps(ConvLevelSteps):
+    """:class:`ConvLevelSteps` on the CUDA level kernels of :mod:`ptoc.kernels.conv_cuda`,
+    with the level's data kept on the device.
+
+    The stacked weights ``K``, ``b``, the step sizes ``dt`` (in the network's dtype, the
+    step size the one-step CUDA kernels use) and, for an adjoint level, the states ``X``
+    are copied to the device here, once, and stay there for the object's lifetime (a
+    solve); so :meth:`runs` and :meth:`points_apply` move only the level's values ``u``
+    (and the right-hand side ``g``) and the step indices, once each way per call, whatever
+    the number of steps (:func:`ptoc.kernels.cuda.counting_transfers` counts them). Each
+    step does the entry arithmetic of the one-step kernels, so the results equal the
+    generic :class:`~ptoc.propagator.LevelSteps` on ``"cuda"`` bit for bit.
+    """
+
+    def __init__(self, prop: ConvResNetPropagator, plan: LevelPlan):
+        super().__init__(prop, plan)
+        to_device = self.kern.to_device
+        self.dt = to_device(self.dt, dtype=prop.network.dtype)
+        self.K, self.b, self.X = (to_device(a) for a in (self.K, self.b, self.X))

@@ -26,7 +26,20 @@ channel:
   a fixed order, whatever thread computes it, so the results do not depend on the
   launch configuration;
 * Hamiltonian: thread ``c`` sums ``p (x + h sigma(a))`` over chunk ``c``; the host adds
-  the chunk sums in chunk order.
+  the chunk sums in chunk order;
+* level kernels (the steps of one MGRIT or parareal level, :func:`state_runs` and the
+  like): one launch per step index ``t`` of all runs (or points) of a call together,
+  thread ``(q, (r S + s) C + i)`` computing entry ``(s, i, y, z)`` of position
+  ``starts[r] + t`` of run ``r``, with the entry arithmetic of the layer kernel (or of
+  the adjoint's two kernels), then ``+ g`` where the run has a right-hand side.
+
+Where the data lives: as in :mod:`ptoc.kernels.cuda`, every copy between host and
+device is counted (:func:`ptoc.kernels.cuda.counting_transfers`) and the level
+kernels launch only with device arrays (:func:`ptoc.kernels.cuda._launch`). A level
+function given host arrays copies each input to the device once, runs all its steps
+there and copies its result back once; given device arrays (the stacked weights that
+:class:`ptoc.conv.ConvCudaLevelSteps` keeps there for a solve), it copies nothing of
+them.
 
 The per-entry maths is written once, in :mod:`ptoc._conv_maths`, and registered as
 jitable here, so these kernels call that very code (in the simulator, the plain
@@ -36,9 +49,22 @@ agree to round-off (``tests/test_conv_cuda.py`` checks 1e-12 in float64).
 
 from __future__ import annotations
 
+import numpy as np
+
 from .. import _config, _conv_maths
 from . import cuda as _dense
-from .cuda import _back, _dummy, _grid2, _is_device, _serialized, _to_device, cuda
+from .cuda import (
+    _back,
+    _download,
+    _dummy,
+    _grid2,
+    _is_device,
+    _launch,
+    _serialized,
+    _to_device,
+    cuda,
+    to_device,
+)
 
 for _f in _conv_maths.CUDA_FUNCTIONS:
     _dense._register(_f)
@@ -152,6 +178,78 @@ def _hamiltonian_kernel(x, p, K, b, h, act, chunk, part):
         part[c] = acc
 
 
+# --- level kernels: step ``t`` of every run (or point) of a call ---------------------------------
+#
+# Thread ``(q, row)``, ``row = (r S + s) C + i``, computes entry ``(s, i, y, z)`` of position
+# ``k = first[r] + t`` of run ``r`` when ``k <= last[r]`` (points are runs of one step,
+# ``first = last``). The result goes to ``u[k]`` (runs) or ``out[r]`` (points, ``into_out``).
+# Each entry is computed as ``_layer_kernel`` (or ``_g_kernel`` then ``_transpose_kernel``)
+# computes it for one step of size ``dt[k]``, then ``+ g[k]`` when ``has_g``: the order of
+# the generic level steps, which add ``g`` to the step's result.
+
+@cuda.jit
+def _state_level_kernel(u, g, has_g, K, b, dt, act, first, last, t, out, into_out):
+    q, row = cuda.grid(2)
+    S, C, H, W = u.shape[1], u.shape[2], u.shape[3], u.shape[4]
+    r = row // (S * C)
+    si = row - r * (S * C)
+    if r < first.shape[0] and q < H * W:
+        k = first[r] + t
+        if k <= last[r]:
+            s = si // C
+            i = si - s * C
+            y = q // W
+            z = q - y * W
+            x = u[k - 1]
+            value = _activation(_conv_entry(x, K[k], b[k], s, i, y, z), act)[0]
+            v = x[s, i, y, z] + dt[k] * value
+            if has_g:
+                v = v + g[k, s, i, y, z]
+            if into_out:
+                out[r, s, i, y, z] = v
+            else:
+                u[k, s, i, y, z] = v
+
+
+@cuda.jit
+def _adjoint_level_g_kernel(lam, X, K, b, act, first, last, t, gg):
+    q, row = cuda.grid(2)
+    S, C, H, W = lam.shape[1], lam.shape[2], lam.shape[3], lam.shape[4]
+    r = row // (S * C)
+    si = row - r * (S * C)
+    if r < first.shape[0] and q < H * W:
+        k = first[r] + t
+        if k <= last[r]:
+            s = si // C
+            i = si - s * C
+            y = q // W
+            z = q - y * W
+            slope = _activation(_conv_entry(X[k], K[k], b[k], s, i, y, z), act)[1]
+            gg[r, s, i, y, z] = slope * lam[k - 1, s, i, y, z]
+
+
+@cuda.jit
+def _adjoint_level_kernel(lam, g, has_g, K, dt, first, last, t, gg, out, into_out):
+    q, row = cuda.grid(2)
+    S, C, H, W = lam.shape[1], lam.shape[2], lam.shape[3], lam.shape[4]
+    r = row // (S * C)
+    sj = row - r * (S * C)
+    if r < first.shape[0] and q < H * W:
+        k = first[r] + t
+        if k <= last[r]:
+            s = sj // C
+            j = sj - s * C
+            y = q // W
+            z = q - y * W
+            v = lam[k - 1, s, j, y, z] + dt[k] * _conv_transpose_entry(gg[r], K[k], s, j, y, z)
+            if has_g:
+                v = v + g[k, s, j, y, z]
+            if into_out:
+                out[r, s, j, y, z] = v
+            else:
+                lam[k, s, j, y, z] = v
+
+
 # --- launch helpers ----------------------------------------------------------------------------
 
 def _n_chunks(S: int, chunk: int) -> int:
@@ -179,11 +277,36 @@ def layer(x, K, b, h, act, residual, out, dsig):
     store = dsig is not None
     ddsig = _device_output(dsig, dsig.shape, dsig.dtype) if store else _dummy(x.dtype, 4)
     blocks, threads = _grid2(H * W, S * C_out)
-    _layer_kernel[blocks, threads](dx, dK, db, h, act, bool(residual), dout, ddsig, store)
+    _launch(_layer_kernel, blocks, threads, dx, dK, db, h, act, bool(residual), dout, ddsig,
+            store)
     _back(dout, out)
     if store:
         _back(ddsig, dsig)
     return out
+
+
+def _adjoint_dev(x, lam, K, b, h, act, out, gK, gb):
+    """The adjoint of one layer on device arrays: ``g = sigma'(a) * lam``, then ``out =
+    lam + h conv^T(g, K)`` (when ``out`` is given) and the gradient added into ``gK``,
+    ``gb`` (when given)."""
+    S, C_in, H, W = x.shape
+    C_out = K.shape[0]
+    g = cuda.device_array(lam.shape, lam.dtype)
+    blocks, threads = _grid2(H * W, S * C_out)
+    _launch(_g_kernel, blocks, threads, x, lam, K, b, act, g)
+    if out is not None:
+        blocks, threads = _grid2(H * W, S * C_in)
+        _launch(_transpose_kernel, blocks, threads, lam, K, g, h, out)
+    if gK is not None:
+        chunk = _config.CHUNK
+        n_chunks = _n_chunks(S, chunk)
+        part_K = cuda.device_array((n_chunks,) + tuple(K.shape), lam.dtype)
+        part_b = cuda.device_array((n_chunks, C_out), lam.dtype)
+        n_entries = C_out * C_in * 9
+        blocks, threads = _grid2(n_entries, n_chunks)
+        _launch(_partials_kernel, blocks, threads, g, x, chunk, part_K, part_b)
+        blocks, threads = _grid2(n_entries, 1)
+        _launch(_add_partials_kernel, blocks, threads, part_K, part_b, h, gK, gb)
 
 
 @_serialized
@@ -192,31 +315,31 @@ def adjoint(x, lam, K, b, h, act, out, gK, gb, dsig=None):
     signature but not read: the device recomputes ``sigma'(a)`` entry by entry (with the
     function :func:`layer` stores it with, so the same values) instead of copying it."""
     h = x.dtype.type(h)
-    S, C_in, H, W = x.shape
-    C_out = K.shape[0]
-    dx, dlam, dK, db = map(_to_device, (x, lam, K, b))
-    g = cuda.device_array(lam.shape, lam.dtype)
-    blocks, threads = _grid2(H * W, S * C_out)
-    _g_kernel[blocks, threads](dx, dlam, dK, db, act, g)
+    dx, dlam, dK, db, dgK, dgb = map(_to_device, (x, lam, K, b, gK, gb))
+    dout = None if out is None else _device_output(out, out.shape, out.dtype)
+    _adjoint_dev(dx, dlam, dK, db, h, act, dout, dgK, dgb)
     if out is not None:
-        dout = _device_output(out, out.shape, out.dtype)
-        blocks, threads = _grid2(H * W, S * C_in)
-        _transpose_kernel[blocks, threads](dlam, dK, g, h, dout)
         _back(dout, out)
     if gK is not None:
-        chunk = _config.CHUNK
-        n_chunks = _n_chunks(S, chunk)
-        part_K = cuda.device_array((n_chunks,) + tuple(K.shape), lam.dtype)
-        part_b = cuda.device_array((n_chunks, C_out), lam.dtype)
-        n_entries = C_out * C_in * 9
-        blocks, threads = _grid2(n_entries, n_chunks)
-        _partials_kernel[blocks, threads](g, dx, chunk, part_K, part_b)
-        dgK, dgb = _to_device(gK), _to_device(gb)
-        blocks, threads = _grid2(n_entries, 1)
-        _add_partials_kernel[blocks, threads](part_K, part_b, h, dgK, dgb)
         _back(dgK, gK)
         _back(dgb, gb)
     return out
+
+
+@_serialized
+def layer_gradients(xs, lams, K, b, h, act, gK, gb):
+    """The gradients of ``L`` layers added into ``gK`` (L, C, C, 3, 3) and ``gb`` (L, C):
+    layer ``n`` at the state ``xs[n]`` and the adjoint ``lams[n]`` (that of the layer's
+    output), as :func:`adjoint` computes it (the same bits). Host arrays are copied to the
+    device once each and ``gK``, ``gb`` back once, whatever ``L``."""
+    if not len(xs):
+        return
+    h = xs.dtype.type(h)
+    dxs, dlams, dK, db, dgK, dgb = map(_to_device, (xs, lams, K, b, gK, gb))
+    for n in range(len(xs)):
+        _adjoint_dev(dxs[n], dlams[n], dK[n], db[n], h, act, None, dgK[n], dgb[n])
+    _back(dgK, gK)
+    _back(dgb, gb)
 
 
 @_serialized
@@ -227,10 +350,10 @@ def hamiltonian(x, p, K, b, h, act):
     n_chunks = _n_chunks(x.shape[0], chunk)
     part = cuda.device_array(n_chunks, dtype=x.dtype)
     threads = max(1, min(_config.CUDA_THREADS ** 2, n_chunks))
-    _hamiltonian_kernel[(n_chunks + threads - 1) // threads, threads](
-        *map(_to_device, (x, p, K, b)), h, act, chunk, part)
+    _launch(_hamiltonian_kernel, (n_chunks + threads - 1) // threads, threads,
+            *map(_to_device, (x, p, K, b)), h, act, chunk, part)
     total = 0.0
-    for value in part.copy_to_host():
+    for value in _download(part):
         total += float(value)
     return total
 
@@ -238,3 +361,96 @@ def hamiltonian(x, p, K, b, h, act):
 def hamiltonian_grad(x, p, K, b, h, act, gK, gb):
     """See :func:`ptoc.kernels.conv_reference.hamiltonian_grad`."""
     adjoint(x, p, K, b, h, act, None, gK, gb)
+
+
+# --- the steps of one MGRIT level: many steps in one call ---------------------------------------
+#
+# The contract of the level kernels of kernels.conv_cpu (``u``, ``g``, ``X`` of shape
+# (positions, S, C, H, W); ``K``, ``b``, ``dt`` indexed by the step, row 0 unused). Each
+# call copies its host arrays to the device once (the device arrays it is given, none),
+# launches the kernels of all its steps there, and copies ``u`` (or ``out``) back once.
+
+def _runs_on_device(first, last):
+    """``(runs, longest run, device array (2, runs) of the first and last positions)``."""
+    first = np.asarray(first, dtype=np.int64)
+    last = np.asarray(last, dtype=np.int64)
+    if not len(first):
+        return 0, 0, None
+    return len(first), int(np.max(last - first)) + 1, to_device(np.stack([first, last]))
+
+
+def _level_output(out, u):
+    """The device array the level kernels write into: a new one for a host ``out``, the
+    caller's own for a device ``out``, else ``u`` itself (runs)."""
+    if out is None:
+        return u
+    return out if _is_device(out) else cuda.device_array(out.shape, out.dtype)
+
+
+def _back_level(dout, out, du, u):
+    """Copy the level's result back: ``out`` when given, else ``u`` (when on the host)."""
+    if out is not None:
+        _back(dout, out)
+    elif not _is_device(u):
+        _download(du, u)
+
+
+def _state_level(u, g, K, b, dt, act, first, last, out):
+    n_runs, n_steps, idx = _runs_on_device(first, last)
+    if not n_runs:
+        return
+    du, dg = to_device(u), to_device(g)
+    dK, db, ddt = to_device(K), to_device(b), to_device(dt, dtype=u.dtype)
+    dout = _level_output(out, du)
+    _, S, C, H, W = u.shape
+    blocks, threads = _grid2(H * W, n_runs * S * C)
+    for t in range(n_steps):
+        _launch(_state_level_kernel, blocks, threads, du, du if dg is None else dg,
+                dg is not None, dK, db, ddt, act, idx[0], idx[1], t, dout, out is not None)
+    _back(dout, u if out is None else out)
+
+
+def _adjoint_level(u, g, X, K, b, dt, act, first, last, out):
+    n_runs, n_steps, idx = _runs_on_device(first, last)
+    if not n_runs:
+        return
+    du, dg = to_device(u), to_device(g)
+    dX, dK, db, ddt = to_device(X), to_device(K), to_device(b), to_device(dt, dtype=u.dtype)
+    dout = _level_output(out, du)
+    _, S, C, H, W = u.shape
+    gg = cuda.device_array((n_runs, S, C, H, W), u.dtype)
+    blocks, threads = _grid2(H * W, n_runs * S * C)
+    for t in range(n_steps):
+        _launch(_adjoint_level_g_kernel, blocks, threads, du, dX, dK, db, act, idx[0],
+                idx[1], t, gg)
+        _launch(_adjoint_level_kernel, blocks, threads, du, du if dg is None else dg,
+                dg is not None, dK, ddt, idx[0], idx[1], t, gg, dout, out is not None)
+    _back(dout, u if out is None else out)
+
+
+@_serialized
+def state_runs(u, g, K, b, dt, act, starts, ends):
+    """See :func:`ptoc.kernels.conv_cpu.state_runs`: ``u[j] = u[j-1] + dt[j]
+    sigma(conv(u[j-1], K[j]) + b[j]) (+ g[j])`` for ``j = s..e`` of each run."""
+    _state_level(u, g, K, b, dt, act, starts, ends, None)
+
+
+@_serialized
+def adjoint_runs(u, g, X, K, b, dt, act, starts, ends):
+    """See :func:`ptoc.kernels.conv_cpu.adjoint_runs`: ``u[j] = u[j-1] + dt[j]
+    conv^T(sigma'(a_j) * u[j-1], K[j]) (+ g[j])``, ``a_j = conv(X[j], K[j]) + b[j]``."""
+    _adjoint_level(u, g, X, K, b, dt, act, starts, ends, None)
+
+
+@_serialized
+def state_points(u, K, b, dt, act, positions, out):
+    """See :func:`ptoc.kernels.conv_cpu.state_points`: ``out[k]`` = step ``positions[k]``
+    of :func:`state_runs` applied to ``u[positions[k] - 1]``."""
+    _state_level(u, None, K, b, dt, act, positions, positions, out)
+
+
+@_serialized
+def adjoint_points(u, X, K, b, dt, act, positions, out):
+    """See :func:`ptoc.kernels.conv_cpu.adjoint_points`: ``out[k]`` = step
+    ``positions[k]`` of :func:`adjoint_runs` applied to ``u[positions[k] - 1]``."""
+    _adjoint_level(u, None, X, K, b, dt, act, positions, positions, out)
