@@ -89,8 +89,9 @@ CPU_MIN_ITEMS: int = 4
 
 #: Narrowest work item of the CPU kernels without gradient sums (state steps and
 #: sweeps, adjoint steps of the level kernels), which may split a chunk to reach
-#: ``CPU_MIN_ITEMS`` work items; below 16 samples the vector loops lose more than a
-#: second thread gains (measured: d = 16, S = 32, 2 threads).
+#: ``CPU_MIN_ITEMS`` work items on two or more threads (one thread never splits);
+#: below 16 samples the vector loops lose more than a second thread gains (measured:
+#: d = 16, S = 32, 2 threads).
 CPU_MIN_LANES: int = 16
 
 #: Scratch slots per Numba thread of the CPU level kernels (the batched steps of the
