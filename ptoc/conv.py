@@ -355,9 +355,9 @@ class ConvResNetPropagator(ParamsPropagator):
     recomputed: one convolution per layer forward, a transposed convolution and a
     kernel gradient per layer backward. The stored ``sigma'`` is as large as the states;
     it is kept for as many layers as fit ``ptoc._config.STORED_DERIVATIVE_BYTES`` (the
-    others are recomputed), on the ``"numpy"`` and ``"cpu"`` targets. :meth:`level_steps`
-    runs a whole relaxation of an MGRIT level as one compiled call on the ``"cpu"``
-    target (:class:`ConvLevelSteps`).
+    others are recomputed), on every target. :meth:`level_steps` runs a whole relaxation
+    of an MGRIT level as one compiled call on the ``"cpu"`` target
+    (:class:`ConvLevelSteps`), and on the device on ``"cuda"``.
     """
 
     has_coarse_grid = True
@@ -442,10 +442,7 @@ class ConvResNetPropagator(ParamsPropagator):
     # --- the serial gradient: sigma' kept by the state sweep ---------------------------------
     def stored_derivative_layers(self, state: np.ndarray) -> int:
         """How many layers keep ``sigma'(a_n)`` in :meth:`gradient_forward` for states
-        like ``state``: as many as fit ``ptoc._config.STORED_DERIVATIVE_BYTES``, on the ``"numpy"``
-        and ``"cpu"`` targets (0 on ``"cuda"``, whose adjoint recomputes ``sigma'``)."""
-        if self.target is Target.CUDA:
-            return 0
+        like ``state``: as many as fit ``ptoc._config.STORED_DERIVATIVE_BYTES``."""
         return int(min(self.n_layers, _config.STORED_DERIVATIVE_BYTES // max(state.nbytes, 1)))
 
     def gradient_forward(self, x0: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -207,3 +207,33 @@ def test_the_wrappers_validate_before_a_cuda_kernel_runs():
         conv_kernels.conv_layer_adjoint_step(np.zeros((1, 1, 2, 2)), np.full((1, 1, 2, 2), np.nan),
                                              np.zeros((1, 1, 3, 3)), np.zeros(1), 0.1,
                                              target="cuda")
+
+
+def test_a_stored_sigma_prime_gives_the_bits_of_the_recomputed_one(conv_cuda, monkeypatch):
+    """The adjoint reads a stored ``sigma'`` as the other targets do (no convolution), with
+    the same bits as recomputing it; the serial gradient on cuda keeps it from the state
+    sweep and passes it to every layer's adjoint."""
+    rng = np.random.default_rng(7)
+    x, K, b, lam = _arrays(rng, 3, 2, 2, 4, 5)
+    out = np.empty_like(x)
+    dsig = np.empty_like(x)
+    conv_cuda.layer(x, K, b, 0.3, Activation.TANH.code, True, out, dsig)
+    results = []
+    for stored in (None, dsig):
+        o, gK, gb = np.empty_like(lam), np.zeros_like(K), np.zeros_like(b)
+        conv_cuda.adjoint(x, lam, K, b, 0.3, Activation.TANH.code, o, gK, gb, stored)
+        results.append((o, gK, gb))
+    for a, r in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, r)
+
+    seen = []
+    real = conv_cuda.adjoint
+
+    def spy(x, lam, K, b, h, act, out, gK, gb, dsig=None):
+        seen.append(dsig is not None)
+        return real(x, lam, K, b, h, act, out, gK, gb, dsig)
+
+    monkeypatch.setattr(conv_cuda, "adjoint", spy)
+    net, p, X, y = _tiny_problem()
+    ptoc.loss_and_grad(net, p, X, y, target="cuda")
+    assert seen == [True] * net.depth  # every layer (the opening runs on the CPU kernels)

@@ -113,6 +113,20 @@ def _g_kernel(x, lam, K, b, act, g):
 
 
 @cuda.jit
+def _g_stored_kernel(dsig, lam, g):
+    """``g = sigma'(a) * lam`` entry by entry from a stored ``sigma'(a)``."""
+    q, si = cuda.grid(2)
+    H, W = lam.shape[2], lam.shape[3]
+    C = lam.shape[1]
+    if si < lam.shape[0] * C and q < H * W:
+        s = si // C
+        i = si - s * C
+        y = q // W
+        z = q - y * W
+        g[s, i, y, z] = dsig[s, i, y, z] * lam[s, i, y, z]
+
+
+@cuda.jit
 def _transpose_kernel(lam, K, g, h, out):
     q, sj = cuda.grid(2)
     H, W = out.shape[2], out.shape[3]
@@ -285,15 +299,18 @@ def layer(x, K, b, h, act, residual, out, dsig):
     return out
 
 
-def _adjoint_dev(x, lam, K, b, h, act, out, gK, gb):
-    """The adjoint of one layer on device arrays: ``g = sigma'(a) * lam``, then ``out =
-    lam + h conv^T(g, K)`` (when ``out`` is given) and the gradient added into ``gK``,
-    ``gb`` (when given)."""
+def _adjoint_dev(x, lam, K, b, h, act, out, gK, gb, dsig=None):
+    """The adjoint of one layer on device arrays: ``g = sigma'(a) * lam`` (from ``dsig``
+    when given, else with ``a`` recomputed), then ``out = lam + h conv^T(g, K)`` (when
+    ``out`` is given) and the gradient added into ``gK``, ``gb`` (when given)."""
     S, C_in, H, W = x.shape
     C_out = K.shape[0]
     g = cuda.device_array(lam.shape, lam.dtype)
     blocks, threads = _grid2(H * W, S * C_out)
-    _launch(_g_kernel, blocks, threads, x, lam, K, b, act, g)
+    if dsig is None:
+        _launch(_g_kernel, blocks, threads, x, lam, K, b, act, g)
+    else:
+        _launch(_g_stored_kernel, blocks, threads, dsig, lam, g)
     if out is not None:
         blocks, threads = _grid2(H * W, S * C_in)
         _launch(_transpose_kernel, blocks, threads, lam, K, g, h, out)
@@ -311,13 +328,11 @@ def _adjoint_dev(x, lam, K, b, h, act, out, gK, gb):
 
 @_serialized
 def adjoint(x, lam, K, b, h, act, out, gK, gb, dsig=None):
-    """See :func:`ptoc.kernels.conv_reference.adjoint`. ``dsig`` is taken for the common
-    signature but not read: the device recomputes ``sigma'(a)`` entry by entry (with the
-    function :func:`layer` stores it with, so the same values) instead of copying it."""
+    """See :func:`ptoc.kernels.conv_reference.adjoint`."""
     h = x.dtype.type(h)
-    dx, dlam, dK, db, dgK, dgb = map(_to_device, (x, lam, K, b, gK, gb))
+    dx, dlam, dK, db, dgK, dgb, ddsig = map(_to_device, (x, lam, K, b, gK, gb, dsig))
     dout = None if out is None else _device_output(out, out.shape, out.dtype)
-    _adjoint_dev(dx, dlam, dK, db, h, act, dout, dgK, dgb)
+    _adjoint_dev(dx, dlam, dK, db, h, act, dout, dgK, dgb, ddsig)
     if out is not None:
         _back(dout, out)
     if gK is not None:
