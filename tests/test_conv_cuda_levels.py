@@ -1,17 +1,17 @@
 """The CUDA level steps of the convolutional ResNet (ptoc.conv.ConvCudaLevelSteps, on the
 level kernels of ptoc.kernels.conv_cuda), on Numba's CUDA simulator (see conftest.py):
-the bits of the generic level steps on the same target, the numbers of the CPU target,
-and solves that move data between host and device a number of times that does not grow
-with the depth. The simulator runs every thread in Python, so the problems are tiny."""
+the numbers of the CPU target, and solves that move data between host and device a
+number of times that does not grow with the depth (their bits against the generic level
+steps are checked in tests/test_conv_fused.py). The simulator runs every thread in
+Python, so the problems are tiny."""
 
 import numpy as np
 import pytest
 
 import ptoc
 from ptoc import kernels
-from ptoc.conv import ConvCudaLevelSteps, ConvResNetPropagator
+from ptoc.conv import ConvResNetPropagator
 from ptoc.kernels import conv_cuda
-from ptoc.propagator import LevelPlan, LevelSteps
 
 pytestmark = pytest.mark.cuda
 
@@ -26,63 +26,6 @@ def problem(depth, channels=2, batch=2, seed=0):
     rng = np.random.default_rng(seed + 1)
     p.b[...] = 0.3 * rng.standard_normal(p.b.shape)  # nonzero biases: every entry matters
     return net, p, rng.standard_normal((batch, 16)), rng.integers(0, 3, batch)
-
-
-def plans(prop, states, rng):
-    """A fine and a coarse plan of each sweep over ``prop``'s layers."""
-    N = prop.n_layers
-    fine = np.arange(N, dtype=np.int64)
-    order = fine[::-1].copy()
-    spans = np.array([2, 1, 3], dtype=np.int64)
-    weights = tuple(w + 0.1 * rng.standard_normal(w.shape)
-                    for w in prop.stacked_parameters(fine[:3]))
-    return {
-        "forward fine": LevelPlan(0, False, fine, np.ones(N, np.int64)),
-        "adjoint fine": LevelPlan(0, True, order, np.ones(N, np.int64), states=states[order]),
-        "forward coarse": LevelPlan(1, False, fine[:3], spans, weights),
-        "adjoint coarse": LevelPlan(1, True, fine[:3], spans, weights, states[:3]),
-    }
-
-
-def level_results(prop, plans, u0, g):
-    """Of every plan: one run over all steps with ``g``, two runs of one step without it,
-    and the points ``n`` and 1."""
-    out = {}
-    for name, plan in plans.items():
-        steps = prop.level_steps(plan)
-        n = plan.n_steps
-        u = np.zeros((n + 1,) + u0.shape)
-        u[0] = u0
-        steps.runs(u, g[:n + 1], np.array([1]), np.array([n]))
-        v = u.copy()
-        steps.runs(v, None, np.array([1, n]), np.array([1, n]))
-        out[name] = (u, v, steps.points_apply(u, np.array([n, 1])))
-    return out
-
-
-def test_cuda_level_steps_have_the_bits_of_the_generic_level_steps_on_cuda():
-    """Forward and adjoint, fine and coarse plans, runs with and without a right-hand
-    side, points: each step does the entry arithmetic of the one-step kernels."""
-    net, p, X, y = problem(depth=4)
-    params = net.check_params(p)
-    prop = ConvResNetPropagator(net, params, y, target="cuda")
-    rng = np.random.default_rng(7)
-    x0 = net.opening(params, net.check_inputs(X)[0])[0]
-    states = np.empty((net.depth + 1,) + x0.shape)
-    prop.propagate(x0, 0, net.depth, states)
-    level_plans = plans(prop, states, rng)
-    g = rng.standard_normal((net.depth + 1,) + x0.shape)
-    assert isinstance(prop.level_steps(level_plans["adjoint fine"]), ConvCudaLevelSteps)
-    fast = level_results(prop, level_plans, x0, g)
-
-    class Generic(ConvResNetPropagator):
-        def level_steps(self, plan):
-            return LevelSteps(self, plan)
-
-    slow = level_results(Generic(net, params, y, target="cuda"), level_plans, x0, g)
-    for name in level_plans:
-        for a, r in zip(fast[name], slow[name], strict=True):
-            np.testing.assert_array_equal(a, r, err_msg=name)
 
 
 def test_level_kernels_copy_host_inputs_once_and_leave_device_arrays_there():

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import ptoc
 from ptoc import _config
-from ptoc.conv import ConvLevelSteps, ConvResNetPropagator
+from ptoc.conv import ConvCudaLevelSteps, ConvLevelSteps, ConvResNetPropagator
 from ptoc.kernels import conv_cpu
 from ptoc.parallel import parallel_gradient
 from ptoc.propagator import LevelPlan, LevelSteps
@@ -168,24 +168,31 @@ def _level_results(prop, plans, u0, g):
     return out
 
 
-def test_conv_level_steps_have_the_bits_of_the_generic_level_steps():
-    net, p, X, y = _problem(depth=4, batch=5)
+@pytest.mark.parametrize("target, batch, kind", [
+    ("cpu", 5, ConvLevelSteps),
+    pytest.param("cuda", 2, ConvCudaLevelSteps, marks=pytest.mark.cuda)])
+def test_conv_level_steps_have_the_bits_of_the_generic_level_steps(target, batch, kind):
+    """Forward and adjoint, fine and coarse plans, runs with and without a right-hand
+    side, points: the compiled (cpu) and device-resident (cuda) level steps do the
+    arithmetic of the one-step kernels of their target, bit for bit."""
+    net, p, X, y = _problem(depth=4, batch=batch)
     params = net.check_params(p)
-    prop = ConvResNetPropagator(net, params, y, target="cpu")
+    prop = ConvResNetPropagator(net, params, y, target=target)
     rng = np.random.default_rng(7)
     x0 = net.opening(params, net.check_inputs(X)[0])[0]
     states = np.empty((net.depth + 1,) + x0.shape)
     prop.propagate(x0, 0, net.depth, states)
     plans = _plans(prop, states, rng)
     g = rng.standard_normal((net.depth + 1,) + x0.shape)
-    assert isinstance(prop.level_steps(plans["forward fine"]), ConvLevelSteps)
+    for plan in plans.values():
+        assert type(prop.level_steps(plan)) is kind
     fast = _level_results(prop, plans, x0, g)
 
     class Generic(ConvResNetPropagator):
         def level_steps(self, plan):
             return LevelSteps(self, plan)
 
-    slow = _level_results(Generic(net, params, y, target="cpu"), plans, x0, g)
+    slow = _level_results(Generic(net, params, y, target=target), plans, x0, g)
     for name in plans:
         for a, r in zip(fast[name], slow[name], strict=True):
             np.testing.assert_array_equal(a, r, err_msg=name)

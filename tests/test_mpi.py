@@ -33,6 +33,25 @@ def mpiexec(P, *args, timeout=120):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def run_script(name, P, out_dir):
+    """Run ``tests/<name>.py OUT_DIR`` under ``mpiexec -n P`` (it must succeed) and return
+    the script as a module, for building the same problem in this process."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+               OMP_NUM_THREADS="1")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    cmd = [MPIEXEC, "-n", str(P), sys.executable, str(path), str(out_dir)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return script
+
+
 class Options:
     """The options ``ptoc solve`` parses, for building the same problem in-process."""
 
@@ -105,20 +124,7 @@ def test_mpi_ranks_holding_only_their_layers_equal_the_full_run(P, tmp_path):
     """Each MPI process draws and holds only its own layers' parameters
     (``local_gradient``); loss, head gradient and the stacked layer gradients equal
     the simulated run with the full parameters, bit for bit."""
-    import importlib.util
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("mpi_local_script", here / "mpi_local_script.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
-               OMP_NUM_THREADS="1")
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    cmd = [MPIEXEC, "-n", str(P), sys.executable, str(here / "mpi_local_script.py"),
-           str(tmp_path)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert run.returncode == 0, run.stdout + run.stderr
+    script = run_script("mpi_local_script", P, tmp_path)
     net = script.network()
     full = script.params_of_layers(0, net.depth)
     _, X, y = script.head_and_batch()
@@ -139,20 +145,7 @@ def test_mpi_ranks_holding_only_their_layers_equal_the_full_run(P, tmp_path):
 def test_mpi_conv_resnet_equals_the_simulated_ranks(P, tmp_path):
     """The convolutional ResNet through the same contract on real MPI ranks: its MGRIT
     gradient, state solve and adjoint solve equal those on simulated ranks bit for bit."""
-    import importlib.util
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("mpi_conv_script", here / "mpi_conv_script.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
-               OMP_NUM_THREADS="1")
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    cmd = [MPIEXEC, "-n", str(P), sys.executable, str(here / "mpi_conv_script.py"),
-           str(tmp_path)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert run.returncode == 0, run.stdout + run.stderr
+    script = run_script("mpi_conv_script", P, tmp_path)
     got = np.load(tmp_path / "conv.npz")
     ref = script.results(SimulatedRanks(P))
     assert sorted(got.files) == sorted(ref)
