@@ -184,6 +184,35 @@ def test_a_kernel_called_with_a_constant_compiles_once(tmp_path, monkeypatch):
     assert len(block.signatures) == 1
 
 
+_SIGNATURES = """
+import numpy as np
+import ptoc
+from ptoc.kernels import cpu
+
+net = ptoc.ResNet(width=3, depth=8, n_in=2, n_classes=2)
+X = np.random.default_rng(1).standard_normal((5, 2))
+p = net.init_params(1)
+ptoc.loss_and_grad(net, p, X, np.arange(5) % 2)
+ptoc.loss_and_grad(net, p, X, np.arange(5) % 2, solver=ptoc.MGRIT(coarsening=2))
+print(len(cpu._adjoint_item.signatures), len(cpu._slot_tasks.signatures))
+"""
+
+
+@pytest.mark.slow
+def test_a_helper_called_with_a_prange_index_compiles_once(tmp_path):
+    """Numba types a ``prange`` index over an array's shape as unsigned in the parallel
+    body and as signed in the function's first typing: a tile helper called with the
+    index compiled twice (about 0.8 s of the adjoint sweep's first compilation) until
+    the kernels cast it. Compiled in the process (``PTOC_CACHE=0``) to see every
+    signature."""
+    env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path), "PTOC_CACHE": "0",
+                        "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", _SIGNATURES], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1", "1"]
+
+
 _MGRIT_GRADIENT = """
 import sys
 import numpy as np

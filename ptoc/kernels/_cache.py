@@ -214,10 +214,10 @@ _warmed: set[str] = set()
 #: runs the group's warm-up parts (:data:`_WARM_UPS`).
 _GROUP_OF = {
     **{f"ptoc.kernels.cpu.{name}": "sweeps"
-       for name in ("_forward", "_adjoint", "_adjoint_block", "_add_partials")},
+       for name in ("_forward", "_adjoint_block", "_add_partials")},
     **{f"ptoc.kernels.cpu.{name}": "levels"
        for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
-                    "_layer_grads", "_layer_grad_block")},
+                    "_layer_grad_block")},
     **{f"ptoc.kernels.conv_cpu.{name}": "conv"
        for name in ("_layer", "_adjoint", "_sum_partials", "_state_runs", "_adjoint_runs",
                     "_state_points", "_adjoint_points")},

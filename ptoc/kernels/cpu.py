@@ -99,6 +99,15 @@ _jit = functools.partial(_cache.njit, depends_on=(_maths, _config),
 #: the sweeps LLVM had already removed most of them: there the gain is about 5% (d = 16,
 #: S = 32, one thread). They must not allocate.
 _tile_jit = functools.partial(_jit, _nrt=False)
+#: ``_jit`` for the thin tile helpers (a loop and a call or two): inlined into their callers
+#: by Numba, so that they add no compiled function of their own. Numba compiles every
+#: function into a library of its own and, for each caller, optimises and generates the
+#: machine code of everything the caller calls once more; every level of calls repeats
+#: the work of the levels below it. Inlining these levels took about 1 s off compiling the
+#: adjoint sweep and 0.5 s off the forward sweep (``benchmarks/bench_cold_start.py``),
+#: with no change in speed. The large loops (the products, the activation, the gradient
+#: partial) stay separate functions: inlined at every call site, they tripled the time.
+_thin_jit = functools.partial(_jit, inline="always", _nrt=False)
 _activation = _maths.activation
 _TANH = _maths.TANH
 _RELU = _maths.RELU
@@ -139,7 +148,7 @@ def _load_t(rows, lo, m, tile):
             tile[j, t] = r[j]
 
 
-@_tile_jit()
+@_thin_jit()
 def _add_rows_t(rows, lo, m, scratch, tile):
     """``tile[j, t] += rows[lo + t, j]`` (the FAS right-hand side ``g`` of a level step),
     through the transposed ``scratch`` tile."""
@@ -285,7 +294,7 @@ def _matmul_rows4(M, x, o, m, R4):
                 o0[3 * _TS + t] = o0[3 * _TS + t] + d0 * x0
 
 
-@_tile_jit()
+@_thin_jit()
 def _matmul_t(M, src, dst, m):
     """``dst[r, t] += sum_k M[r, k] src[k, t]`` for ``t < m``, the terms in ascending ``k``.
 
@@ -301,7 +310,7 @@ def _matmul_t(M, src, dst, m):
     _matmul_rows(M, src, dst, m, R4, R)
 
 
-@_tile_jit()
+@_thin_jit()
 def _preact_t(K, b, x, a, m):
     """``a[i, t] = b[i] + sum_j K[i, j] x[j, t]``: the sum of ``_maths.preactivation``."""
     for i in range(K.shape[0]):
@@ -449,7 +458,7 @@ def _partial_t(g, x, h, pK, pb, t0, t1):
             pK[i, j] = _dot(gi, x[j][t0:t1], m, h)
 
 
-@_tile_jit()
+@_thin_jit()
 def _adjoint_g_t(K, b, act, x, lam, g, m, have_dsig):
     """``g <- sigma'(a) * lam`` on a tile, ``a = K x + b``.
 
@@ -467,7 +476,7 @@ def _adjoint_g_t(K, b, act, x, lam, g, m, have_dsig):
             gi[t] = gi[t] * li[t]
 
 
-@_tile_jit()
+@_thin_jit()
 def _adjoint_lam_t(KT, h, g, lam, acc, m):
     """``lam <- lam + h sum_i K[i, :] g[i]`` on a tile (``KT = K^T``; ``acc`` is scratch).
 
@@ -566,9 +575,11 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
     """
     n_items = lam_tiles.shape[0]
     for w in prange(n_items):
+        # np.int64: Numba types a prange index over a shape as unsigned in the parallel
+        # body and as signed elsewhere, and would compile the helper for both
         _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
                       x_tiles[w], g_tiles[w], acc_tiles[w], part_K, part_b, want_grad, lams,
-                      keep, lam_out, want_out, chunk, group, w)
+                      keep, lam_out, want_out, chunk, group, np.int64(w))
 
 
 @_jit(parallel=True)
@@ -588,48 +599,6 @@ def _add_partials(part_K, part_b, gK, gb, n0, n1):
             pKi = part_K[c, l, i]
             for j in range(d):
                 gKi[j] += pKi[j]
-
-
-@_jit()
-def _adjoint(xs, lam_N, K, b, h, act, dsig, have_dsig, gK, gb, want_grad, lams, keep, lam_out,
-             want_out, chunk, group, block):
-    """Adjoint sweep over layers ``N-1 .. 0`` in blocks of ``block`` layers (see the module
-    docstring); ``xs[n]`` is ``x_n``. Writes ``lambda_0`` to ``lam_out`` if ``want_out``."""
-    N = K.shape[0]
-    S, d = lam_N.shape
-    dt = lam_N.dtype
-    W = chunk * group
-    n_items = (S + W - 1) // W
-    n_chunks = (S + chunk - 1) // chunk
-    L = min(block, max(N, 1))
-    lam_tiles = np.empty((n_items, d, _row_len(W)), dt)
-    x_tiles = np.empty((n_items, d, _row_len(W)), dt)
-    g_tiles = np.empty((n_items, d, _row_len(W)), dt)
-    acc_tiles = np.empty((n_items, d, _row_len(W)), dt)
-    KT = np.empty((L, d, d), dt)
-    part_K = np.empty((n_chunks if want_grad else 1, L, d, d), dt)
-    part_b = np.empty((n_chunks if want_grad else 1, L, d), dt)
-    # explicit loops, not slice assignments: those make Numba compile its broadcasting
-    # checks and their error messages (about 2 s of a first run's compilation)
-    for s in range(S if keep else 0):
-        for j in range(d):
-            lams[N, s, j] = lam_N[s, j]
-    for s in range(S if N == 0 and want_out else 0):
-        for j in range(d):
-            lam_out[s, j] = lam_N[s, j]
-    n1 = N
-    while n1 > 0:
-        n0 = max(0, n1 - L)
-        for n in range(n0, n1):
-            for i in range(d):
-                for j in range(d):
-                    KT[n - n0, i, j] = K[n, j, i]
-        _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles, x_tiles,
-                       g_tiles, acc_tiles, part_K, part_b, want_grad, lams, keep, lam_out,
-                       want_out, chunk, group)
-        if want_grad:
-            _add_partials(part_K, part_b, gK, gb, n0, n1)
-        n1 = n0
 
 
 @_jit(parallel=True)
@@ -670,7 +639,7 @@ def _hamiltonian(x, p, K, b, h, act, chunk):
 # and run in parallel, each work item of samples keeping its tile across a run's steps; the
 # arithmetic of each step is that of the sweeps above, bit for bit.
 
-@_tile_jit()
+@_thin_jit()
 def _store_add_t(tile, g_rows, has_g, rows, lo, m):
     """``tile[j, t] += g_rows[lo + t, j]`` if ``has_g``, then transpose out,
     ``rows[lo + t, j] = tile[j, t]``: the end of a level step, in one pass (the addition
@@ -721,7 +690,7 @@ def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W, tiles):
     n_tasks = len(starts) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        q0, q1 = _slot_tasks(p, n_slots, n_tasks)
+        q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
         _state_runs_slot(u, g, has_g, K, b, dt, act, starts, ends, W, tiles[p, 0], tiles[p, 1],
                          q0, q1)
 
@@ -749,12 +718,12 @@ def _state_points(u, K, b, dt, act, positions, out, W, tiles):
     n_tasks = len(positions) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        q0, q1 = _slot_tasks(p, n_slots, n_tasks)
+        q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
         _state_points_slot(u, K, b, dt, act, positions, out, W, tiles[p, 0], tiles[p, 1], q0,
                            q1)
 
 
-@_tile_jit()
+@_thin_jit()
 def _adjoint_tile_step(X, K, KT, b, dt, act, k, lam, x, g, acc, lo, m):
     """``lam <- lam + dt[k] (sigma'(a) * lam) K[k]`` on a tile, ``a = X[k] K[k]^T + b[k]``:
     the step of the adjoint sweep (:func:`_adjoint_block`), with the linearisation state
@@ -790,7 +759,7 @@ def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles):
     n_tasks = len(starts) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        q0, q1 = _slot_tasks(p, n_slots, n_tasks)
+        q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
         _adjoint_runs_slot(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles[p], q0,
                            q1)
 
@@ -821,7 +790,7 @@ def _adjoint_points(lam, X, K, KT, b, dt, act, positions, out, W, tiles):
     n_tasks = len(positions) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
-        q0, q1 = _slot_tasks(p, n_slots, n_tasks)
+        q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
         _adjoint_points_slot(lam, X, K, KT, b, dt, act, positions, out, W, tiles[p], q0, q1)
 
 
@@ -847,22 +816,6 @@ def _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, gro
         for c in range(w * group, min(n_chunks, (w + 1) * group)):
             _partial_t(g, x, h, part_K[c, n - n0], part_b[c, n - n0], c * chunk - lo,
                        min(S, (c + 1) * chunk) - lo)
-
-
-@_jit()
-def _layer_grads(xs, lams, K, b, h, act, gK, gb, chunk, group, block):
-    N = K.shape[0]
-    S, d = xs.shape[1], xs.shape[2]
-    n_chunks = (S + chunk - 1) // chunk
-    L = min(block, max(N, 1))
-    part_K = np.empty((n_chunks, L, d, d), xs.dtype)
-    part_b = np.empty((n_chunks, L, d), xs.dtype)
-    n0 = 0
-    while n0 < N:
-        n1 = min(N, n0 + L)
-        _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, group)
-        _add_partials(part_K, part_b, gK, gb, n0, n1)
-        n0 = n1
 
 
 # --- functions with the common signature of kernels.reference --------------------------------
@@ -891,17 +844,47 @@ def _layer_block(S: int, d: int, N: int, chunk: int, itemsize: int) -> int:
 
 
 def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
-    """Run :func:`_adjoint`; ``None`` for ``dsig``, ``gK``/``gb``, ``lams`` or ``out`` switches
-    that part off."""
+    """The adjoint sweep over layers ``N-1 .. 0`` (``xs[n] = x_n``, ``lam = lambda_N``), in
+    blocks of layers (see the module docstring); ``None`` for ``dsig``, ``gK``/``gb``,
+    ``lams`` or ``out`` switches that part off. Writes ``lambda_0`` to ``out``.
+
+    The loop over blocks runs here, in Python (one or a few blocks per sweep), and
+    calls the two parallel kernels of a block: a compiled loop around them would be
+    one more function whose compilation optimises and generates the machine code of
+    everything it calls once again (about 1 s of a first run's compilation).
+    """
     S, d = lam.shape
     N = K.shape[0]
-    want_grad = gK is not None
-    _adjoint(xs, lam, K, b, lam.dtype.type(h), act,
-             _dummy(lam, 3) if dsig is None else dsig, dsig is not None,
-             gK if want_grad else _dummy(lam, 3), gb if want_grad else _dummy(lam, 2), want_grad,
-             _dummy(lam, 3) if lams is None else lams, lams is not None,
-             _dummy(lam, 2) if out is None else out, out is not None,
-             chunk, _group(S, chunk), _layer_block(S, d, N, chunk, lam.itemsize))
+    dt = lam.dtype
+    want_grad, keep, want_out = gK is not None, lams is not None, out is not None
+    group = _group(S, chunk)
+    W = chunk * group
+    n_items = -(-S // W)
+    n_chunks = -(-S // chunk)
+    L = min(_layer_block(S, d, N, chunk, lam.itemsize), max(N, 1))
+    tiles = np.empty((4, n_items, d, _row_len.py_func(W)), dt)
+    KT = np.empty((L, d, d), dt)
+    part_K = np.empty((n_chunks if want_grad else 1, L, d, d), dt)
+    part_b = np.empty((n_chunks if want_grad else 1, L, d), dt)
+    dsig_arg = _dummy(lam, 3) if dsig is None else dsig
+    gK_arg, gb_arg = (gK, gb) if want_grad else (_dummy(lam, 3), _dummy(lam, 2))
+    lams_arg = lams if keep else _dummy(lam, 3)
+    out_arg = out if want_out else _dummy(lam, 2)
+    if keep:
+        lams[N] = lam
+    if N == 0 and want_out:
+        out[...] = lam
+    h = dt.type(h)
+    n1 = N
+    while n1 > 0:
+        n0 = max(0, n1 - L)
+        KT[:n1 - n0] = np.swapaxes(K[n0:n1], 1, 2)
+        _adjoint_block(xs, lam, K, KT, b, h, act, dsig_arg, dsig is not None, n0, n1, tiles[0],
+                       tiles[1], tiles[2], tiles[3], part_K, part_b, want_grad, lams_arg, keep,
+                       out_arg, want_out, chunk, group)
+        if want_grad:
+            _add_partials(part_K, part_b, gK_arg, gb_arg, n0, n1)
+        n1 = n0
 
 
 def step(x, K, b, h, act, out, dsig, chunk):
@@ -1015,6 +998,19 @@ def adjoint_points(lam, X, K, KT, b, dt, act, positions, out, chunk):
 
 
 def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):
+    """Every layer's gradient from the states and adjoints, in blocks of layers (the loop
+    over blocks in Python, as in :func:`_adjoint_call`)."""
+    N = K.shape[0]
     S, d = xs.shape[1], xs.shape[2]
-    _layer_grads(xs, lams, K, b, xs.dtype.type(h), act, gK, gb, chunk, _group(S, chunk),
-                 _layer_block(S, d, K.shape[0], chunk, xs.dtype.itemsize))
+    L = min(_layer_block(S, d, N, chunk, xs.itemsize), max(N, 1))
+    n_chunks = -(-S // chunk)
+    part_K = np.empty((n_chunks, L, d, d), xs.dtype)
+    part_b = np.empty((n_chunks, L, d), xs.dtype)
+    group = _group(S, chunk)
+    h = xs.dtype.type(h)
+    n0 = 0
+    while n0 < N:
+        n1 = min(N, n0 + L)
+        _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, group)
+        _add_partials(part_K, part_b, gK, gb, n0, n1)
+        n0 = n1
