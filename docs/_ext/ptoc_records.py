@@ -416,7 +416,10 @@ def bench_pymgrit(rec, directive, path) -> list[str]:
                         caption="Forward sweep, one process")
     lines.append("")
     lines += [f"* {esc(t)}" for t in rec.get("summary", [])]
-    # what 30x would take, per configuration, from the same record
+    # what the target would take, per configuration, from the same record (older records
+    # were made against a 30x target and carry no floor)
+    target = 30.0 if "floor" not in rec else 20.0
+    floor = rec.get("floor")
     for cfg in s["configs"]:
         label = cfg["label"]
         pym = res.get(f"PyMGRIT {label}")
@@ -424,12 +427,19 @@ def bench_pymgrit(rec, directive, path) -> list[str]:
         if not pym or not ours:
             continue
         best = min(ours, key=lambda r: r["median"])
-        need = pym["median"] / 30
-        lines.append(f"* {esc(label)}: 30× needs ptoc ≤ {ms(need)} ms, i.e. "
+        need = pym["median"] / target
+        lines.append(f"* {esc(label)}: {target:g}× needs ptoc ≤ {ms(need)} ms, i.e. "
                      f"{need / best['steps_total'] * 1e6:.2f} µs per layer step for its "
                      f"{best['steps_total']} steps; measured {ms(best['median'])} ms = "
                      f"{best['median'] / best['steps_total'] * 1e6:.2f} µs per step with "
                      f"{best['meta'].get('threads')} thread(s).")
+    if floor:
+        lines.append(f"* Floor of one layer step on one thread, measured in the same run: "
+                     f"the product {floor['product_ns']:.0f} ns + the activation "
+                     f"{floor['activation_ns']:.0f} ns = {floor['step_us']:.2f} µs; on one "
+                     "core no MGRIT of these steps can beat PyMGRIT by more than "
+                     + ", ".join(f"{r['floor_ratio_bound']:.1f}× ({esc(r['meta']['config'])})"
+                                 for r in res.values() if "floor_ratio_bound" in r) + ".")
     return lines + [""]
 
 
