@@ -537,6 +537,34 @@ def test_cpu_level_kernels_are_bitwise_independent_of_how_tasks_share_scratch(S,
     _assert_all_bitwise_equal(results)
 
 
+@given(S=st.integers(1, 140), d=st.integers(1, 40), lo=st.integers(0, 9),
+       dtype=st.sampled_from([np.float64, np.float32]), reverse=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_cpu_transposes_move_every_entry_and_nothing_else(S, d, lo, dtype, reverse, seed):
+    """The kernels' transposes between sample rows and feature tiles (8 x 8 blocks in
+    registers, the rest entry by entry) against NumPy, for every width and batch, both
+    dtypes, and rows with a negative stride (the adjoints the layer gradients read)."""
+    from ptoc.kernels import cpu
+
+    rng = np.random.default_rng(seed)
+    m = min(S, 128)
+    L = cpu._row_len.py_func(m)
+    rows = rng.standard_normal((lo + S, d)).astype(dtype)
+    src = rows[::-1] if reverse else rows
+    tile = np.full((d, L), -1.0, dtype)
+    cpu._load_t(src, lo, m, tile)
+    np.testing.assert_array_equal(tile[:, :m], src[lo:lo + m].T)
+    assert (tile[:, m:] == -1.0).all()
+    out = np.full((lo + S, d), -1.0, dtype)
+    dst = out[::-1] if reverse else out
+    tile[:, :m] = rng.standard_normal((d, m)).astype(dtype)
+    cpu._store_t(tile, dst, lo, m)
+    np.testing.assert_array_equal(dst[lo:lo + m], tile[:, :m].T)
+    untouched = np.ones(lo + S, bool)
+    untouched[lo:lo + m] = False
+    assert (dst[untouched] == -1.0).all()
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_cpu_level_runs_equal_the_serial_sweeps_bitwise(act):
     # a level-0 run over every layer is the serial sweep: the same bits, state and adjoint

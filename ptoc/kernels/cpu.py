@@ -81,14 +81,16 @@ from numba.extending import register_jitable
 
 from .. import _config, _maths
 from .._workspace import Workspace
-from . import _cache
+from . import _cache, _transpose
+from ._transpose import transpose8
 
 for _f in _maths.CPU_FUNCTIONS:  # activation and tanh; the sums are the tile loops below
     register_jitable(_f)
 
-#: ``numba.njit`` for this module: its kernels inline ``_maths`` and take their flags from
-#: ``_config``, so their disk cache is keyed on both files too (:mod:`ptoc.kernels._cache`).
-_jit = functools.partial(_cache.njit, depends_on=(_maths, _config),
+#: ``numba.njit`` for this module: its kernels inline ``_maths`` and ``_transpose`` and take
+#: their flags from ``_config``, so their disk cache is keyed on those files too
+#: (:mod:`ptoc.kernels._cache`).
+_jit = functools.partial(_cache.njit, depends_on=(_maths, _config, _transpose),
                          fastmath=_config.CPU_FASTMATH, error_model="numpy")
 #: ``_jit`` for the tile helpers, the loops over one work item's tiles that the parallel
 #: kernels call: compiled without Numba's reference counting (``_nrt=False``). They only
@@ -140,9 +142,22 @@ def _row_len(W):
 
 @_tile_jit()
 def _load_t(rows, lo, m, tile):
-    """Transpose in: ``tile[j, t] = rows[lo + t, j]`` for the ``m`` samples of a work item."""
+    """Transpose in: ``tile[j, t] = rows[lo + t, j]`` for the ``m`` samples of a work item.
+
+    In 8 x 8 blocks in registers (:func:`ptoc.kernels._transpose.transpose8`) where the
+    rows have unit stride, the last ``m % 8`` samples and ``d % 8`` features entry by entry.
+    """
     d = rows.shape[1]
-    for t in range(m):
+    m8 = m - m % 8 if rows.strides[1] == rows.itemsize else 0
+    d8 = d - d % 8
+    for t0 in range(0, m8, 8):
+        for j0 in range(0, d8, 8):
+            transpose8(rows, lo + t0, j0, tile, j0, t0)
+    for t in range(m8):
+        r = rows[lo + t]
+        for j in range(d8, d):
+            tile[j, t] = r[j]
+    for t in range(m8, m):
         r = rows[lo + t]
         for j in range(d):
             tile[j, t] = r[j]
@@ -162,9 +177,18 @@ def _add_rows_t(rows, lo, m, scratch, tile):
 
 @_tile_jit()
 def _store_t(tile, rows, lo, m):
-    """Transpose out: ``rows[lo + t, j] = tile[j, t]``."""
+    """Transpose out: ``rows[lo + t, j] = tile[j, t]`` (8 x 8 blocks as in :func:`_load_t`)."""
     d = rows.shape[1]
-    for t in range(m):
+    m8 = m - m % 8 if rows.strides[1] == rows.itemsize else 0
+    d8 = d - d % 8
+    for j0 in range(0, d8, 8):
+        for t0 in range(0, m8, 8):
+            transpose8(tile, j0, t0, rows, lo + t0, j0)
+    for t in range(m8):
+        r = rows[lo + t]
+        for j in range(d8, d):
+            r[j] = tile[j, t]
+    for t in range(m8, m):
         r = rows[lo + t]
         for j in range(d):
             r[j] = tile[j, t]
@@ -642,19 +666,18 @@ def _hamiltonian(x, p, K, b, h, act, chunk):
 @_thin_jit()
 def _store_add_t(tile, g_rows, has_g, rows, lo, m):
     """``tile[j, t] += g_rows[lo + t, j]`` if ``has_g``, then transpose out,
-    ``rows[lo + t, j] = tile[j, t]``: the end of a level step, in one pass (the addition
-    is that of ``_add_rows_t``, done while the entries are stored)."""
-    d = rows.shape[1]
+    ``rows[lo + t, j] = tile[j, t]``: the end of a level step. With ``g`` the sum is formed
+    in the rows (one addition per entry, as in ``_add_rows_t``) and read back into the
+    tile: two block transposes cost less than one pass of strided scalar updates."""
+    _store_t(tile, rows, lo, m)
     if has_g:
+        d = rows.shape[1]
         for t in range(m):
             r = rows[lo + t]
             gr = g_rows[lo + t]
             for j in range(d):
-                v = tile[j, t] + gr[j]
-                tile[j, t] = v
-                r[j] = v
-    else:
-        _store_t(tile, rows, lo, m)
+                r[j] = r[j] + gr[j]
+        _load_t(rows, lo, m, tile)
 
 
 @_jit()
