@@ -344,10 +344,12 @@ def _warm_up_forward() -> None:
     # the adjoint sweep's second kernel, a top-level one (called from Python): compiled
     # here, after the forward sweep, it is in the cache before the adjoint part, which
     # takes longer, needs it
+    import importlib
+
     import numpy as np
 
-    from ptoc.kernels import cpu
-
+    # by name, as the helper imports the kernels it compiles (that module imports this one)
+    cpu = importlib.import_module("ptoc.kernels.cpu")
     part_K, part_b = np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4))
     cpu._add_partials(part_K, part_b, np.zeros((1, 4, 4)), np.zeros((1, 4)), 0, 1)
 

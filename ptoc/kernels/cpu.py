@@ -10,8 +10,10 @@ consecutive samples; it is copied, transposed, into a scratch tile of shape
 runs along a tile row, that is over samples. Those loops have the same length for
 every width ``d``, so LLVM vectorises them with full AVX-512/AVX2 vectors whether
 ``d`` is 4 or 64 (a loop over features of a row-major state would leave most of a
-vector empty for small ``d``). The transposes cost about one load and one store per
-entry and per layer, against ``d`` multiply-adds per entry in each product.
+vector empty for small ``d``). The transposes run in 8 x 8 blocks held in vector
+registers (:mod:`ptoc.kernels._transpose`), a fraction of a cycle per entry, against
+``d`` multiply-adds per entry in each product; at d = 16, S = 32 a layer step's two
+transposes out and one in take about 0.1 us of its 0.7 us.
 
 ``prange`` runs over work items. Samples never interact in the forward sweep or in
 the adjoint recursion, so a work item keeps its tile in scratch across all layers:
