@@ -654,42 +654,51 @@ class ResNetLevelSteps(LevelSteps):
         if plan.n_steps:
             stack = prop.stacked_parameters(plan.layers) if plan.fine else plan.weights
             self.K[1:], self.b[1:] = stack
-        self.X = self.KT = None
+        self.D = self.KT = None
         on_device = prop.target is Target.CUDA
-        if plan.backward:
-            self.X = level_workspace.get("X" + tag, (n_loc,) + plan.states.shape[1:], dtype)
-            self.X[1:] = plan.states
-            if not on_device:  # the CUDA kernels read the columns of K directly
-                self.KT = level_workspace.get("KT" + tag, self.K.shape, dtype)
-                self.KT[...] = np.swapaxes(self.K, 1, 2)
         self.kern, self.act = prop._kern, prop._act
         if on_device:
-            self.K, self.b, self.dt, self.X = (self.kern.to_device(a)
-                                                for a in (self.K, self.b, self.dt, self.X))
+            self.K, self.b, self.dt = (self.kern.to_device(a) for a in (self.K, self.b, self.dt))
+        if plan.backward:
+            # The states of an adjoint solve do not change during it: sigma' of every step
+            # is computed here, once, and the adjoint steps of the whole solve read it
+            # (the same numbers as recomputing it in each step, one product less per step).
+            X = level_workspace.get("X" + tag, (n_loc,) + plan.states.shape[1:], dtype)
+            X[1:] = plan.states
+            if on_device:
+                self.D = self.kern.level_derivatives(self.kern.to_device(X), self.K, self.b,
+                                                     self.act, None, _config.CHUNK)
+            else:
+                self.D = self.kern.level_derivatives(
+                    X, self.K, self.b, self.act, level_workspace.get("D" + tag, X.shape, dtype),
+                    _config.CHUNK)
+                # the CPU kernels read the rows of K^T (the CUDA ones read K's columns)
+                self.KT = level_workspace.get("KT" + tag, self.K.shape, dtype)
+                self.KT[...] = np.swapaxes(self.K, 1, 2)
 
     def runs(self, u, g, starts, ends) -> None:
         starts = np.asarray(starts, dtype=np.int64)
         ends = np.asarray(ends, dtype=np.int64)
         if len(starts) == 0:
             return
-        if self.X is None:
+        if self.D is None:
             self.kern.state_runs(u, g, self.K, self.b, self.dt, self.act, starts, ends,
                                  _config.CHUNK)
         else:
-            self.kern.adjoint_runs(u, g, self.X, self.K, self.KT, self.b, self.dt, self.act,
-                                   starts, ends, _config.CHUNK)
+            self.kern.adjoint_runs(u, g, self.D, self.K, self.KT, self.dt, starts, ends,
+                                   _config.CHUNK)
 
     def points_apply(self, u, positions) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)
         out = np.empty((len(positions),) + u.shape[1:], u.dtype)
         if len(positions) == 0:
             return out
-        if self.X is None:
+        if self.D is None:
             self.kern.state_points(u, self.K, self.b, self.dt, self.act, positions, out,
                                    _config.CHUNK)
         else:
-            self.kern.adjoint_points(u, self.X, self.K, self.KT, self.b, self.dt, self.act,
-                                     positions, out, _config.CHUNK)
+            self.kern.adjoint_points(u, self.D, self.K, self.KT, self.dt, positions, out,
+                                     _config.CHUNK)
         return out
 
 

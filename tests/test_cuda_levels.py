@@ -129,15 +129,17 @@ for S, d, n, chunk in [(1, 1, 4, 32), (11, 9, 5, 4), (5, 13, 6, 2)]:
         points = np.array([1, n - 1, 2])
         outs = []
         for kern in (cpu, cuda):
-            res = []
+            D = np.zeros_like(X)
+            kern.level_derivatives(X, K, b, act, D, chunk)
+            res = [D]
             for rhs in (None, g):
                 su, au = u.copy(), u.copy()
                 kern.state_runs(su, rhs, K, b, dt, act, starts, ends, chunk)
-                kern.adjoint_runs(au, rhs, X, K, KT, b, dt, act, starts, ends, chunk)
+                kern.adjoint_runs(au, rhs, D, K, KT, dt, starts, ends, chunk)
                 res += [su, au]
             sp, ap = np.empty((3, S, d)), np.empty((3, S, d))
             kern.state_points(u, K, b, dt, act, points, sp, chunk)
-            kern.adjoint_points(u, X, K, KT, b, dt, act, points, ap, chunk)
+            kern.adjoint_points(u, D, K, KT, dt, points, ap, chunk)
             gK, gb = np.ones_like(K), np.ones_like(b)
             kern.layer_gradients(X, u[::-1], K, b, 0.3, act, gK, gb, chunk)
             outs.append(res + [sp, ap, gK, gb])

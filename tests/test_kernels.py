@@ -455,19 +455,22 @@ def _runs(rng, n):
 
 
 def _level_calls(kern, u, g, K, b, dt, X, act, starts, ends, points, chunk):
-    """Every level kernel once, on copies; the outputs in a list."""
+    """Every level kernel once, on copies; the outputs in a list (the adjoint steps with
+    the derivatives ``D`` that ``level_derivatives`` computes from the states ``X``)."""
     KT = np.ascontiguousarray(np.swapaxes(K, 1, 2))
-    out = []
+    D = np.zeros_like(X)
+    kern.level_derivatives(X, K, b, act, D, chunk)
+    out = [D]
     for rhs in (None, g):
         v = u.copy()
         kern.state_runs(v, rhs, K, b, dt, act, starts, ends, chunk)
         lam = u.copy()
-        kern.adjoint_runs(lam, rhs, X, K, KT, b, dt, act, starts, ends, chunk)
+        kern.adjoint_runs(lam, rhs, D, K, KT, dt, starts, ends, chunk)
         out += [v, lam]
     p = np.empty((len(points),) + u.shape[1:], u.dtype)
     kern.state_points(u, K, b, dt, act, points, p, chunk)
     q = np.empty_like(p)
-    kern.adjoint_points(u, X, K, KT, b, dt, act, points, q, chunk)
+    kern.adjoint_points(u, D, K, KT, dt, points, q, chunk)
     return out + [p, q]
 
 
@@ -508,7 +511,7 @@ def test_cpu_level_kernels_are_bitwise_independent_of_threads_and_work_split(S, 
                 one = u.copy()
                 for s, e in zip(starts, ends, strict=True):
                     cpu.state_runs(one, g, K, b, dt, 0, [s], [e], chunk)
-                assert np.array_equal(one, results[-1][2])
+                assert np.array_equal(one, results[-1][3])
     _assert_all_bitwise_equal(results)
 
 
@@ -589,8 +592,9 @@ def test_cpu_level_runs_equal_the_serial_sweeps_bitwise(act):
     Xb = np.concatenate([np.zeros((1, S, d)), states[N - 1::-1]])
     v = np.zeros_like(states)
     v[0] = lam
-    cpu.adjoint_runs(v, None, Xb, Kb, np.ascontiguousarray(np.swapaxes(Kb, 1, 2)), bb, dt,
-                     act.code, [1], [N], 32)
+    D = cpu.level_derivatives(Xb, Kb, bb, act.code, None, 32)
+    cpu.adjoint_runs(v, None, D, Kb, np.ascontiguousarray(np.swapaxes(Kb, 1, 2)), dt, [1], [N],
+                     32)
     assert np.array_equal(v, lams[::-1])
 
 

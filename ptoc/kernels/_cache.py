@@ -217,7 +217,7 @@ _GROUP_OF = {
        for name in ("_forward", "_adjoint_block", "_add_partials")},
     **{f"ptoc.kernels.cpu.{name}": "levels"
        for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
-                    "_layer_grad_block")},
+                    "_layer_grad_block", "_level_derivatives")},
     **{f"ptoc.kernels.conv_cpu.{name}": "conv"
        for name in ("_layer", "_adjoint", "_sum_partials", "_state_runs", "_adjoint_runs",
                     "_state_points", "_adjoint_points")},

@@ -490,11 +490,18 @@ def _adjoint_g_t(K, b, act, x, lam, g, m, have_dsig):
 
     ``sigma'(a)`` is computed from the state tile ``x`` unless ``have_dsig`` (then ``g``
     already holds the stored ``sigma'(a)``). The first half of one adjoint step, shared
-    by the adjoint sweep, the gradient kernels and the level kernels.
+    by the adjoint sweep and the gradient kernels (the level kernels store ``sigma'``,
+    :func:`_level_derivatives`, and multiply with :func:`_times_t`).
     """
     if not have_dsig:
         _preact_t(K, b, x, g, m)
         _dsigma_t(g, act, m)
+    _times_t(g, lam, m)
+
+
+@_thin_jit()
+def _times_t(g, lam, m):
+    """``g <- g * lam`` on a tile (``g = sigma'(a) * lambda`` once ``g`` holds ``sigma'``)."""
     for i in range(g.shape[0]):
         gi = g[i]
         li = lam[i]
@@ -748,75 +755,100 @@ def _state_points(u, K, b, dt, act, positions, out, W, tiles):
                            q1)
 
 
+@_tile_jit()
+def _derivatives_slot(X, K, b, act, out, W, x, a, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_level_derivatives` on one slot's tiles ``x``, ``a``."""
+    S = X.shape[1]
+    n_items = (S + W - 1) // W
+    for q in range(q0, q1):
+        k = 1 + q // n_items
+        lo = (q % n_items) * W
+        m = min(S, lo + W) - lo
+        _load_t(X[k], lo, m, x)
+        _preact_t(K[k], b[k], x, a, m)
+        _dsigma_t(a, act, m)
+        _store_t(a, out[k], lo, m)
+
+
+@_jit(parallel=True)
+def _level_derivatives(X, K, b, act, out, W, tiles):
+    """``out[k] = sigma'(X[k] K[k]^T + b[k])`` for ``k = 1 .. n-1`` (row 0 is unused): the
+    ``sigma'`` that :func:`_adjoint_g_t` recomputes, with the same loops, so the same bits."""
+    n, S, d = X.shape
+    n_items = (S + W - 1) // W
+    n_tasks = (n - 1) * n_items
+    n_slots = tiles.shape[0]
+    for p in prange(n_slots):
+        q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
+        _derivatives_slot(X, K, b, act, out, W, tiles[p, 0], tiles[p, 1], q0, q1)
+
+
 @_thin_jit()
-def _adjoint_tile_step(X, K, KT, b, dt, act, k, lam, x, g, acc, lo, m):
-    """``lam <- lam + dt[k] (sigma'(a) * lam) K[k]`` on a tile, ``a = X[k] K[k]^T + b[k]``:
-    the step of the adjoint sweep (:func:`_adjoint_block`), with the linearisation state
-    loaded from ``X[k]``."""
-    _load_t(X[k], lo, m, x)
-    _adjoint_g_t(K[k], b[k], act, x, lam, g, m, False)
+def _adjoint_tile_step(D, KT, dt, k, lam, g, acc, lo, m):
+    """``lam <- lam + dt[k] (D[k] * lam) K[k]`` on a tile (``KT = K^T``), with ``D[k]`` the
+    step's ``sigma'(a)`` (:func:`_level_derivatives`): the step of the adjoint sweep
+    (:func:`_adjoint_block`) with a stored derivative."""
+    _load_t(D[k], lo, m, g)
+    _times_t(g, lam, m)
     _adjoint_lam_t(KT[k], dt[k], g, lam, acc, m)
 
 
 @_tile_jit()
-def _adjoint_runs_slot(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles, q0, q1):
-    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_runs` on one slot's four tiles."""
+def _adjoint_runs_slot(lam, g, has_g, D, KT, dt, starts, ends, W, tiles, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_runs` on one slot's three tiles."""
     S = lam.shape[1]
     n_items = (S + W - 1) // W
     lt = tiles[0]
-    x = tiles[1]
-    gg = tiles[2]
-    acc = tiles[3]
+    gg = tiles[1]
+    acc = tiles[2]
     for q in range(q0, q1):
         r = q // n_items
         lo = (q % n_items) * W
         m = min(S, lo + W) - lo
         _load_t(lam[starts[r] - 1], lo, m, lt)
         for k in range(starts[r], ends[r] + 1):
-            _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
+            _adjoint_tile_step(D, KT, dt, k, lt, gg, acc, lo, m)
             _store_add_t(lt, g[k], has_g, lam[k], lo, m)
 
 
 @_jit(parallel=True)
-def _adjoint_runs(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles):
+def _adjoint_runs(lam, g, has_g, D, KT, dt, starts, ends, W, tiles):
     n, S, d = lam.shape
     n_items = (S + W - 1) // W
     n_tasks = len(starts) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
         q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
-        _adjoint_runs_slot(lam, g, has_g, X, K, KT, b, dt, act, starts, ends, W, tiles[p], q0,
-                           q1)
+        _adjoint_runs_slot(lam, g, has_g, D, KT, dt, starts, ends, W, tiles[p], q0, q1)
 
 
 @_tile_jit()
-def _adjoint_points_slot(lam, X, K, KT, b, dt, act, positions, out, W, tiles, q0, q1):
-    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_points` on one slot's four tiles."""
+def _adjoint_points_slot(lam, D, KT, dt, positions, out, W, tiles, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_points` on one slot's three tiles."""
     S = lam.shape[1]
     n_items = (S + W - 1) // W
     lt = tiles[0]
-    x = tiles[1]
-    gg = tiles[2]
-    acc = tiles[3]
+    gg = tiles[1]
+    acc = tiles[2]
     for q in range(q0, q1):
         r = q // n_items
         lo = (q % n_items) * W
         m = min(S, lo + W) - lo
         k = positions[r]
         _load_t(lam[k - 1], lo, m, lt)
-        _adjoint_tile_step(X, K, KT, b, dt, act, k, lt, x, gg, acc, lo, m)
+        _adjoint_tile_step(D, KT, dt, k, lt, gg, acc, lo, m)
         _store_t(lt, out[r], lo, m)
 
 
 @_jit(parallel=True)
-def _adjoint_points(lam, X, K, KT, b, dt, act, positions, out, W, tiles):
+def _adjoint_points(lam, D, KT, dt, positions, out, W, tiles):
     n, S, d = lam.shape
     n_items = (S + W - 1) // W
     n_tasks = len(positions) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
         q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
-        _adjoint_points_slot(lam, X, K, KT, b, dt, act, positions, out, W, tiles[p], q0, q1)
+        _adjoint_points_slot(lam, D, KT, dt, positions, out, W, tiles[p], q0, q1)
 
 
 @_jit(parallel=True)
@@ -1009,17 +1041,27 @@ def state_points(u, K, b, dt, act, positions, out, chunk):
                   _tiles(u, _tasks(u, len(positions), W), W, 2))
 
 
-def adjoint_runs(lam, g, X, K, KT, b, dt, act, starts, ends, chunk):
+def level_derivatives(X, K, b, act, out, chunk):
+    if out is None:
+        out = np.empty_like(X)
+    W = _state_width(X.shape[1], chunk, max(X.shape[0] - 1, 1))
+    if X.shape[0] > 1:
+        _level_derivatives(X, K, b, act, out, W,
+                           _tiles(X, _tasks(X, X.shape[0] - 1, W), W, 2))
+    return out
+
+
+def adjoint_runs(lam, g, D, K, KT, dt, starts, ends, chunk):
     has_g = g is not None
     W = _state_width(lam.shape[1], chunk, len(starts))
-    _adjoint_runs(lam, g if has_g else lam, has_g, X, K, KT, b, np.asarray(dt, lam.dtype), act,
-                  _idx(starts), _idx(ends), W, _tiles(lam, _tasks(lam, len(starts), W), W, 4))
+    _adjoint_runs(lam, g if has_g else lam, has_g, D, KT, np.asarray(dt, lam.dtype),
+                  _idx(starts), _idx(ends), W, _tiles(lam, _tasks(lam, len(starts), W), W, 3))
 
 
-def adjoint_points(lam, X, K, KT, b, dt, act, positions, out, chunk):
+def adjoint_points(lam, D, K, KT, dt, positions, out, chunk):
     W = _state_width(lam.shape[1], chunk, len(positions))
-    _adjoint_points(lam, X, K, KT, b, np.asarray(dt, lam.dtype), act, _idx(positions), out, W,
-                    _tiles(lam, _tasks(lam, len(positions), W), W, 4))
+    _adjoint_points(lam, D, KT, np.asarray(dt, lam.dtype), _idx(positions), out, W,
+                    _tiles(lam, _tasks(lam, len(positions), W), W, 3))
 
 
 def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):

@@ -18,7 +18,9 @@ threads per block, the feature index fastest so that a warp reads one sample row
 * level kernels (the batched steps of the layer-parallel solvers): one launch per step
   index ``t`` of all runs (or points) of a call together, thread ``(r*S + s, i)``
   computing entry ``(s, i)`` of position ``starts[r] + t`` of run ``r``; the adjoint
-  steps form ``g`` for every run in one launch and then ``adjoint_entry`` in another.
+  steps form ``g = D * lambda`` for every run in one launch (``D``, the steps'
+  ``sigma'``, comes from ``level_derivatives``, thread ``((k-1)*S + s, i)`` per entry,
+  once per solve) and then ``adjoint_entry`` in another.
 
 Where the data lives. Every copy between host and device goes through
 :func:`to_device` or :func:`_download`, which count it (:func:`transfer_counts`,
@@ -293,7 +295,17 @@ def _state_level_kernel(u, g, has_g, K, b, dt, act, first, last, t, out, into_ou
 
 
 @cuda.jit
-def _adjoint_level_g_kernel(lam, X, K, b, act, first, last, t, gg):
+def _derivatives_kernel(X, K, b, act, out):
+    i, row = cuda.grid(2)
+    S = X.shape[1]
+    k = 1 + row // S
+    s = row - (k - 1) * S
+    if k < X.shape[0] and i < X.shape[2]:
+        out[k, s, i] = _activation(_preactivation(X[k], K[k], b[k], s, i), act)[1]
+
+
+@cuda.jit
+def _adjoint_level_g_kernel(lam, D, first, last, t, gg):
     i, row = cuda.grid(2)
     S = lam.shape[1]
     r = row // S
@@ -301,8 +313,7 @@ def _adjoint_level_g_kernel(lam, X, K, b, act, first, last, t, gg):
     if r < first.shape[0] and i < lam.shape[2]:
         k = first[r] + t
         if k <= last[r]:
-            ds = _activation(_preactivation(X[k], K[k], b[k], s, i), act)[1]
-            gg[r, s, i] = ds * lam[k - 1, s, i]
+            gg[r, s, i] = D[k, s, i] * lam[k - 1, s, i]
 
 
 @cuda.jit
@@ -522,21 +533,20 @@ def _state_level(u, g, K, b, dt, act, first, last, out):
     _back(dout, out if into_out else u)
 
 
-def _adjoint_level(lam, g, X, K, b, dt, act, first, last, out):
+def _adjoint_level(lam, g, D, K, dt, first, last, out):
     n_runs, n_steps, idx = _index_pair(first, last)
     if not n_runs:
         return
     dlam = to_device(lam)
     dg = to_device(g)
-    dX, dK, db, ddt = to_device(X), to_device(K), to_device(b), to_device(dt, dtype=lam.dtype)
+    dD, dK, ddt = to_device(D), to_device(K), to_device(dt, dtype=lam.dtype)
     into_out = out is not None
     dout = cuda.device_array(out.shape, out.dtype) if into_out else dlam
     _, S, d = lam.shape
     gg = cuda.device_array((n_runs, S, d), lam.dtype)
     blocks, threads = _grid2(d, n_runs * S)
     for t in range(n_steps):
-        _launch(_adjoint_level_g_kernel, blocks, threads, dlam, dX, dK, db, act, idx[0],
-                idx[1], t, gg)
+        _launch(_adjoint_level_g_kernel, blocks, threads, dlam, dD, idx[0], idx[1], t, gg)
         _launch(_adjoint_level_kernel, blocks, threads, dlam, dlam if dg is None else dg,
                 dg is not None, dK, ddt, idx[0], idx[1], t, gg, dout, into_out)
     _back(dout, out if into_out else lam)
@@ -553,13 +563,26 @@ def state_points(u, K, b, dt, act, positions, out, chunk):
 
 
 @_serialized
-def adjoint_runs(lam, g, X, K, KT, b, dt, act, starts, ends, chunk):
-    _adjoint_level(lam, g, X, K, b, dt, act, starts, ends, None)
+def level_derivatives(X, K, b, act, out, chunk):
+    """``out[k] = sigma'(X[k] K[k]^T + b[k])``, ``k >= 1``; ``out=None``: a new device array."""
+    n, S, d = X.shape
+    dX, dK, db = to_device(X), to_device(K), to_device(b)
+    dout = cuda.device_array(X.shape, X.dtype) if out is None else to_device(out)
+    if n > 1:
+        blocks, threads = _grid2(d, (n - 1) * S)
+        _launch(_derivatives_kernel, blocks, threads, dX, dK, db, act, dout)
+    _back(dout, out)
+    return dout if out is None else out
 
 
 @_serialized
-def adjoint_points(lam, X, K, KT, b, dt, act, positions, out, chunk):
-    _adjoint_level(lam, None, X, K, b, dt, act, positions, positions, out)
+def adjoint_runs(lam, g, D, K, KT, dt, starts, ends, chunk):
+    _adjoint_level(lam, g, D, K, dt, starts, ends, None)
+
+
+@_serialized
+def adjoint_points(lam, D, K, KT, dt, positions, out, chunk):
+    _adjoint_level(lam, None, D, K, dt, positions, positions, out)
 
 
 @_serialized

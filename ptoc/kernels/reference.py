@@ -112,8 +112,10 @@ def adjoint_sweep(states, lam_N, K, b, h, act, dsig, gK, gb, lams, chunk):
 #
 # ``u`` (n, S, d) holds consecutive positions of one level; the step producing position
 # ``k`` from ``k - 1`` has weights ``K[k]``, ``b[k]``, size ``dt[k]`` and, for the adjoint,
-# linearisation state ``X[k]``; ``KT`` is ``K`` transposed (used by the compiled targets).
-# ``g`` (or None) is a right-hand side added after the step.
+# the derivative ``D[k] = sigma'(X[k] K[k]^T + b[k])`` at its linearisation state ``X[k]``
+# (:func:`level_derivatives`, once per solve: the states do not change during an adjoint
+# solve); ``KT`` is ``K`` transposed (used by the compiled targets). ``g`` (or None) is a
+# right-hand side added after the step.
 
 def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
     """In place, for each run ``r``: ``u[k] = u[k-1] + dt[k] sigma(u[k-1] K[k]^T + b[k]) (+ g[k])``
@@ -131,21 +133,35 @@ def state_points(u, K, b, dt, act, positions, out, chunk):
         step(u[k - 1], K[k], b[k], dt[k], act, out[r], None, chunk)
 
 
-def adjoint_runs(lam, g, X, K, KT, b, dt, act, starts, ends, chunk):
-    """In place, for each run: ``lam[k] = lam[k-1] + dt[k] (sigma'(a) * lam[k-1]) K[k] (+ g[k])``
-    with ``a = X[k] K[k]^T + b[k]``, for ``k = starts[r] .. ends[r]`` in order."""
+def level_derivatives(X, K, b, act, out, chunk):
+    """``out[k] = sigma'(X[k] K[k]^T + b[k])`` for ``k = 1 .. n-1`` (row 0 is not touched)."""
+    if out is None:
+        out = np.empty_like(X)
+    activation = _activation(act)
+    for k in range(1, X.shape[0]):
+        out[k] = dsigma(X[k] @ K[k].T + b[k], activation)
+    return out
+
+
+def _adjoint_level_step(lam, D, K, dt, k, out):
+    """``out = lam + dt[k] (D[k] * lam) K[k]``: the adjoint step producing position ``k``."""
+    out[...] = lam + dt[k] * ((D[k] * lam) @ K[k])
+
+
+def adjoint_runs(lam, g, D, K, KT, dt, starts, ends, chunk):
+    """In place, for each run: ``lam[k] = lam[k-1] + dt[k] (D[k] * lam[k-1]) K[k] (+ g[k])``
+    for ``k = starts[r] .. ends[r]`` in order."""
     for s, e in zip(starts, ends, strict=True):
         for k in range(s, e + 1):
-            adjoint_step(X[k], lam[k - 1], K[k], b[k], dt[k], act, lam[k], None, None, None,
-                         chunk)
+            _adjoint_level_step(lam[k - 1], D, K, dt, k, lam[k])
             if g is not None:
                 lam[k] += g[k]
 
 
-def adjoint_points(lam, X, K, KT, b, dt, act, positions, out, chunk):
+def adjoint_points(lam, D, K, KT, dt, positions, out, chunk):
     """``out[r]`` = the adjoint step producing position ``k = positions[r]`` from ``lam[k-1]``."""
     for r, k in enumerate(positions):
-        adjoint_step(X[k], lam[k - 1], K[k], b[k], dt[k], act, out[r], None, None, None, chunk)
+        _adjoint_level_step(lam[k - 1], D, K, dt, k, out[r])
 
 
 def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):
