@@ -494,8 +494,12 @@ class ConvLevelSteps(LevelSteps):
     samples (each sample's chain of steps is independent of the others). Each step does
     the per-sample arithmetic of the batched kernels: the results equal the generic
     :class:`~ptoc.propagator.LevelSteps` bit for bit, whatever the number of threads.
-    The kernels index steps from 1, so row 0 of each stacked array is unused.
+    The kernels index steps from 1, so row 0 of each stacked array is unused. An adjoint
+    level computes ``sigma'`` of each of its steps once (:attr:`stores_derivatives`).
     """
+
+    #: Whether an adjoint level keeps ``sigma'`` of its steps for the solve (CPU kernels).
+    stores_derivatives = True
 
     def __init__(self, prop: ConvResNetPropagator, plan: LevelPlan):
         super().__init__(prop, plan)
@@ -513,11 +517,16 @@ class ConvLevelSteps(LevelSteps):
         self.dt[1:] = plan.spans * prop._h
         if stack is not None:
             self.K[1:], self.b[1:] = stack
-        self.X = None
+        self.X = self.D = None
         if plan.backward:
             self.X = np.empty((n + 1,) + plan.states.shape[1:], plan.states.dtype)
             self.X[1:] = plan.states
         self.kern, self.act = prop._kern, prop._act
+        if plan.backward and self.stores_derivatives:
+            # sigma' of every step, once: the states do not change during an adjoint solve,
+            # so each adjoint step then runs one convolution (the transpose), not two
+            self.D = self.kern.level_derivatives(self.X, self.K, self.b, self.dt, self.act,
+                                                 np.empty_like(self.X))
 
     def runs(self, u, g, starts, ends) -> None:
         starts = np.asarray(starts, dtype=np.int64)
@@ -526,9 +535,12 @@ class ConvLevelSteps(LevelSteps):
             return
         if self.X is None:
             self.kern.state_runs(u, g, self.K, self.b, self.dt, self.act, starts, ends)
-        else:
+        elif self.D is None:
             self.kern.adjoint_runs(u, g, self.X, self.K, self.b, self.dt, self.act, starts,
                                    ends)
+        else:
+            self.kern.adjoint_runs(u, g, self.X, self.K, self.b, self.dt, self.act, starts,
+                                   ends, self.D)
 
     def points_apply(self, u, positions) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)
@@ -537,9 +549,12 @@ class ConvLevelSteps(LevelSteps):
             return out
         if self.X is None:
             self.kern.state_points(u, self.K, self.b, self.dt, self.act, positions, out)
-        else:
+        elif self.D is None:
             self.kern.adjoint_points(u, self.X, self.K, self.b, self.dt, self.act, positions,
                                      out)
+        else:
+            self.kern.adjoint_points(u, self.X, self.K, self.b, self.dt, self.act, positions,
+                                     out, self.D)
         return out
 
 
@@ -556,6 +571,9 @@ class ConvCudaLevelSteps(ConvLevelSteps):
     step does the entry arithmetic of the one-step kernels, so the results equal the
     generic :class:`~ptoc.propagator.LevelSteps` on ``"cuda"`` bit for bit.
     """
+
+    #: The CUDA level kernels recompute ``sigma'`` in each adjoint step.
+    stores_derivatives = False
 
     def __init__(self, prop: ConvResNetPropagator, plan: LevelPlan):
         super().__init__(prop, plan)

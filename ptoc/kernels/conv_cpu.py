@@ -259,15 +259,16 @@ def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, xp, rows):
 
 
 @_jit(parallel=True)
-def _adjoint_runs(u, g, has_g, X, K, b, dt, act, starts, ends, part, xp, gp, rows):
+def _adjoint_runs(u, g, has_g, X, D, has_D, K, b, dt, act, starts, ends, part, xp, gp, rows):
     """``u[j] = u[j-1] + dt[j] conv^T(sigma'(a_j) * u[j-1], K[j]) (+ g[j])`` with ``a_j =
-    conv(X[j], K[j]) + b[j]``, for ``j = s..e`` of each run, per sample in parallel."""
+    conv(X[j], K[j]) + b[j]``, for ``j = s..e`` of each run, per sample in parallel;
+    ``sigma'(a_j)`` read from ``D[j]`` if ``has_D``, else recomputed (the same bits)."""
     for s in prange(u.shape[1]):
         for r in range(len(starts)):
             for j in range(starts[r], ends[r] + 1):
                 o = u[j, s]
-                _adjoint_sample(X[j, s], u[j - 1, s], K[j], b[j], dt[j], act, o, False, o,
-                                True, part, False, xp[s], gp[s], rows[s])
+                _adjoint_sample(X[j, s], u[j - 1, s], K[j], b[j], dt[j], act, D[j, s], has_D,
+                                o, True, part, False, xp[s], gp[s], rows[s])
                 if has_g:
                     o += g[j, s]
 
@@ -284,15 +285,15 @@ def _state_points(u, K, b, dt, act, positions, out, xp, rows):
 
 
 @_jit(parallel=True)
-def _adjoint_points(u, X, K, b, dt, act, positions, out, part, xp, gp, rows):
+def _adjoint_points(u, X, D, has_D, K, b, dt, act, positions, out, part, xp, gp, rows):
     """``out[k]`` = the adjoint step ``j = positions[k]`` at ``X[j]`` applied to
-    ``u[j - 1]``, per sample in parallel."""
+    ``u[j - 1]``, per sample in parallel (``sigma'`` from ``D`` as in :func:`_adjoint_runs`)."""
     for s in prange(u.shape[1]):
         for k in range(len(positions)):
             j = positions[k]
             o = out[k, s]
-            _adjoint_sample(X[j, s], u[j - 1, s], K[j], b[j], dt[j], act, o, False, o, True,
-                            part, False, xp[s], gp[s], rows[s])
+            _adjoint_sample(X[j, s], u[j - 1, s], K[j], b[j], dt[j], act, D[j, s], has_D, o,
+                            True, part, False, xp[s], gp[s], rows[s])
 
 
 @_jit()
@@ -373,12 +374,23 @@ def state_runs(u, g, K, b, dt, act, starts, ends):
     _state_runs(u, u if g is None else g, g is not None, K, b, dt, act, starts, ends, xp, rows)
 
 
-def adjoint_runs(u, g, X, K, b, dt, act, starts, ends):
+def level_derivatives(X, K, b, dt, act, out):
+    """``out[j] = sigma'(conv(X[j], K[j]) + b[j])`` for ``j >= 1`` (row 0 unused), as
+    :func:`layer` stores it: the ``D`` of :func:`adjoint_runs`, once per adjoint solve."""
+    scratch = _scratch.get("level_step", X.shape[1:], X.dtype)
+    for j in range(1, X.shape[0]):
+        layer(X[j], K[j], b[j], dt[j], act, True, scratch, out[j])
+    return out
+
+
+def adjoint_runs(u, g, X, K, b, dt, act, starts, ends, D=None):
     """The adjoint steps of :func:`state_runs` (no gradient): ``u[j] = u[j-1] + dt[j]
-    conv^T(sigma'(a_j) * u[j-1], K[j]) (+ g[j])``, ``a_j = conv(X[j], K[j]) + b[j]``."""
+    conv^T(sigma'(a_j) * u[j-1], K[j]) (+ g[j])``, ``a_j = conv(X[j], K[j]) + b[j]``;
+    with ``D`` (:func:`level_derivatives`) ``sigma'(a_j)`` is read, not recomputed (one
+    convolution per step less, the same bits)."""
     xp, gp, rows, part = _level_scratch(u)
-    _adjoint_runs(u, u if g is None else g, g is not None, X, K, b, dt, act, starts, ends,
-                  part, xp, gp, rows)
+    _adjoint_runs(u, u if g is None else g, g is not None, X, X if D is None else D,
+                  D is not None, K, b, dt, act, starts, ends, part, xp, gp, rows)
 
 
 def state_points(u, K, b, dt, act, positions, out):
@@ -388,11 +400,12 @@ def state_points(u, K, b, dt, act, positions, out):
     _state_points(u, K, b, dt, act, positions, out, xp, rows)
 
 
-def adjoint_points(u, X, K, b, dt, act, positions, out):
+def adjoint_points(u, X, K, b, dt, act, positions, out, D=None):
     """``out[k]`` = step ``positions[k]`` of :func:`adjoint_runs` applied to
     ``u[positions[k] - 1]``."""
     xp, gp, rows, part = _level_scratch(u)
-    _adjoint_points(u, X, K, b, dt, act, positions, out, part, xp, gp, rows)
+    _adjoint_points(u, X, X if D is None else D, D is not None, K, b, dt, act, positions, out,
+                    part, xp, gp, rows)
 
 
 def hamiltonian(x, p, K, b, h, act):
