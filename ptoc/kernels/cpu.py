@@ -770,17 +770,16 @@ def _derivatives_slot(X, K, b, act, out, W, x, a, q0, q1):
         _store_t(a, out[k], lo, m)
 
 
-@_jit(parallel=True)
-def _level_derivatives(X, K, b, act, out, W, tiles):
+@_jit()
+def _level_derivatives(X, K, b, act, out, W, x, a):
     """``out[k] = sigma'(X[k] K[k]^T + b[k])`` for ``k = 1 .. n-1`` (row 0 is unused): the
-    ``sigma'`` that :func:`_adjoint_g_t` recomputes, with the same loops, so the same bits."""
+    ``sigma'`` that :func:`_adjoint_g_t` recomputes, with the same loops, so the same bits.
+
+    On one thread: it runs once per adjoint solve (one product per step, against the
+    solve's tens of steps per layer), and a parallel loop would add about 1.5 s to the
+    first compilation of the level kernels."""
     n, S, d = X.shape
-    n_items = (S + W - 1) // W
-    n_tasks = (n - 1) * n_items
-    n_slots = tiles.shape[0]
-    for p in prange(n_slots):
-        q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
-        _derivatives_slot(X, K, b, act, out, W, tiles[p, 0], tiles[p, 1], q0, q1)
+    _derivatives_slot(X, K, b, act, out, W, x, a, 0, (n - 1) * ((S + W - 1) // W))
 
 
 @_thin_jit()
@@ -1044,10 +1043,10 @@ def state_points(u, K, b, dt, act, positions, out, chunk):
 def level_derivatives(X, K, b, act, out, chunk):
     if out is None:
         out = np.empty_like(X)
-    W = _state_width(X.shape[1], chunk, max(X.shape[0] - 1, 1))
+    W = _width(X.shape[1], chunk)
     if X.shape[0] > 1:
-        _level_derivatives(X, K, b, act, out, W,
-                           _tiles(X, _tasks(X, X.shape[0] - 1, W), W, 2))
+        tiles = _tiles(X, 1, W, 2)
+        _level_derivatives(X, K, b, act, out, W, tiles[0, 0], tiles[0, 1])
     return out
 
 
