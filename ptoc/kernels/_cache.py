@@ -373,21 +373,44 @@ def _mgrit_problem() -> tuple:
     return (*_tiny_problem(depth=32), ptoc.MGRIT(), SingleRank())
 
 
+def _level_arrays(n: int = 4, S: int = 6, d: int = 4) -> tuple:
+    """Float64 arrays shaped as one level's: values, weights, step sizes, and the kernel
+    module (imported by name, as the helper imports the kernels it compiles: that module
+    imports this one)."""
+    import importlib
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    u, K = rng.standard_normal((n, S, d)), rng.standard_normal((n, d, d))
+    return (importlib.import_module("ptoc.kernels.cpu"), u, K, np.zeros((n, d)),
+            np.full(n, 0.1))
+
+
 def _warm_up_level_states() -> None:
-    """An MGRIT forward solve: the state level kernels and the grid transfers."""
+    """An MGRIT forward solve: the state level kernels and the grid transfers; then the
+    derivatives of an adjoint level, which the adjoint part (the longer) needs first and
+    may find in the cache by then."""
     from ptoc.parallel.driver import parallel_forward
 
     net, params, X, _, solver, comm = _mgrit_problem()
     parallel_forward(net, params, X, solver, comm=comm)
+    cpu, u, K, b, _ = _level_arrays()
+    cpu.level_derivatives(u, K, b, 0, u.copy(), 32)
 
 
 def _warm_up_level_adjoints() -> None:
-    """An MGRIT adjoint solve (states from NumPy): the adjoint level kernels, the layer
+    """The adjoint level kernels on their own first (while the state part compiles the
+    derivatives they read), then an MGRIT adjoint solve (states from NumPy): the layer
     gradients and the grid transfers."""
     import ptoc
     from ptoc.objective import classifier_loss
     from ptoc.parallel.driver import parallel_adjoint
 
+    cpu, u, K, _, dt = _level_arrays()
+    KT = K.transpose(0, 2, 1).copy()
+    cpu.adjoint_runs(u, None, u.copy(), K, KT, dt, [1], [3], 32)
+    cpu.adjoint_points(u, u.copy(), K, KT, dt, [1, 2], u[:2].copy(), 32)
     net, params, X, y, solver, comm = _mgrit_problem()
     states = ptoc.forward(net, params, X, target="numpy").states
     lam_N = classifier_loss(params, states[-1], y)[1]
