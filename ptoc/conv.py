@@ -495,11 +495,9 @@ class ConvLevelSteps(LevelSteps):
     the per-sample arithmetic of the batched kernels: the results equal the generic
     :class:`~ptoc.propagator.LevelSteps` bit for bit, whatever the number of threads.
     The kernels index steps from 1, so row 0 of each stacked array is unused. An adjoint
-    level computes ``sigma'`` of each of its steps once (:attr:`stores_derivatives`).
+    level computes ``sigma'`` of each of its steps once, for the solve (``D``).
     """
 
-    #: Whether an adjoint level keeps ``sigma'`` of its steps for the solve (CPU kernels).
-    stores_derivatives = True
 
     def __init__(self, prop: ConvResNetPropagator, plan: LevelPlan):
         super().__init__(prop, plan)
@@ -522,11 +520,14 @@ class ConvLevelSteps(LevelSteps):
             self.X = np.empty((n + 1,) + plan.states.shape[1:], plan.states.dtype)
             self.X[1:] = plan.states
         self.kern, self.act = prop._kern, prop._act
-        if plan.backward and self.stores_derivatives:
-            # sigma' of every step, once: the states do not change during an adjoint solve,
-            # so each adjoint step then runs one convolution (the transpose), not two
-            self.D = self.kern.level_derivatives(self.X, self.K, self.b, self.dt, self.act,
-                                                 np.empty_like(self.X))
+        if plan.backward:
+            self._keep_derivatives()
+
+    def _keep_derivatives(self) -> None:
+        """``sigma'`` of every step, once: the states do not change during an adjoint
+        solve, so each adjoint step then runs one convolution (the transpose), not two."""
+        self.D = self.kern.level_derivatives(self.X, self.K, self.b, self.dt, self.act,
+                                             np.empty_like(self.X))
 
     def runs(self, u, g, starts, ends) -> None:
         starts = np.asarray(starts, dtype=np.int64)
@@ -572,11 +573,13 @@ class ConvCudaLevelSteps(ConvLevelSteps):
     generic :class:`~ptoc.propagator.LevelSteps` on ``"cuda"`` bit for bit.
     """
 
-    #: The CUDA level kernels recompute ``sigma'`` in each adjoint step.
-    stores_derivatives = False
-
     def __init__(self, prop: ConvResNetPropagator, plan: LevelPlan):
         super().__init__(prop, plan)
         to_device = self.kern.to_device
         self.dt = to_device(self.dt, dtype=prop.network.dtype)
         self.K, self.b, self.X = (to_device(a) for a in (self.K, self.b, self.X))
+        if plan.backward:  # on the device, from the device copies (no transfer)
+            self.D = self.kern.level_derivatives(self.X, self.K, self.b, None, self.act, None)
+
+    def _keep_derivatives(self) -> None:
+        """Done in :meth:`__init__`, once the states are on the device."""

@@ -243,6 +243,22 @@ def _adjoint_level_g_kernel(lam, X, K, b, act, first, last, t, gg):
 
 
 @cuda.jit
+def _adjoint_level_stored_g_kernel(lam, D, first, last, t, gg):
+    q, row = cuda.grid(2)
+    S, C, H, W = lam.shape[1], lam.shape[2], lam.shape[3], lam.shape[4]
+    r = row // (S * C)
+    si = row - r * (S * C)
+    if r < first.shape[0] and q < H * W:
+        k = first[r] + t
+        if k <= last[r]:
+            s = si // C
+            i = si - s * C
+            y = q // W
+            z = q - y * W
+            gg[r, s, i, y, z] = D[k, s, i, y, z] * lam[k - 1, s, i, y, z]
+
+
+@cuda.jit
 def _adjoint_level_kernel(lam, g, has_g, K, dt, first, last, t, gg, out, into_out):
     q, row = cuda.grid(2)
     S, C, H, W = lam.shape[1], lam.shape[2], lam.shape[3], lam.shape[4]
@@ -425,19 +441,27 @@ def _state_level(u, g, K, b, dt, act, first, last, out):
     _back(dout, u if out is None else out)
 
 
-def _adjoint_level(u, g, X, K, b, dt, act, first, last, out):
+def _adjoint_level(u, g, X, K, b, dt, act, first, last, out, D=None):
     n_runs, n_steps, idx = _runs_on_device(first, last)
     if not n_runs:
         return
     du, dg = to_device(u), to_device(g)
-    dX, dK, db, ddt = to_device(X), to_device(K), to_device(b), to_device(dt, dtype=u.dtype)
+    dK, ddt = to_device(K), to_device(dt, dtype=u.dtype)
     dout = _level_output(out, du)
     _, S, C, H, W = u.shape
     gg = cuda.device_array((n_runs, S, C, H, W), u.dtype)
     blocks, threads = _grid2(H * W, n_runs * S * C)
+    if D is None:
+        dX, db = to_device(X), to_device(b)
+    else:
+        dD = to_device(D)
     for t in range(n_steps):
-        _launch(_adjoint_level_g_kernel, blocks, threads, du, dX, dK, db, act, idx[0],
-                idx[1], t, gg)
+        if D is None:
+            _launch(_adjoint_level_g_kernel, blocks, threads, du, dX, dK, db, act, idx[0],
+                    idx[1], t, gg)
+        else:
+            _launch(_adjoint_level_stored_g_kernel, blocks, threads, du, dD, idx[0], idx[1],
+                    t, gg)
         _launch(_adjoint_level_kernel, blocks, threads, du, du if dg is None else dg,
                 dg is not None, dK, ddt, idx[0], idx[1], t, gg, dout, out is not None)
     _back(dout, u if out is None else out)
@@ -451,10 +475,26 @@ def state_runs(u, g, K, b, dt, act, starts, ends):
 
 
 @_serialized
-def adjoint_runs(u, g, X, K, b, dt, act, starts, ends):
+def level_derivatives(X, K, b, dt, act, out):
+    """See :func:`ptoc.kernels.conv_cpu.level_derivatives`; ``out=None``: a new device
+    array (``X``, ``K``, ``b`` should be on the device: one launch per step)."""
+    dX, dK, db = map(_to_device, (X, K, b))
+    dout = cuda.device_array(X.shape, X.dtype) if out is None else _device_output(
+        out, out.shape, out.dtype)
+    scratch = cuda.device_array(X.shape[1:], X.dtype)
+    for j in range(1, X.shape[0]):
+        layer(dX[j], dK[j], db[j], 0.0, act, True, scratch, dout[j])
+    if out is not None:
+        _back(dout, out)
+    return dout if out is None else out
+
+
+@_serialized
+def adjoint_runs(u, g, X, K, b, dt, act, starts, ends, D=None):
     """See :func:`ptoc.kernels.conv_cpu.adjoint_runs`: ``u[j] = u[j-1] + dt[j]
-    conv^T(sigma'(a_j) * u[j-1], K[j]) (+ g[j])``, ``a_j = conv(X[j], K[j]) + b[j]``."""
-    _adjoint_level(u, g, X, K, b, dt, act, starts, ends, None)
+    conv^T(sigma'(a_j) * u[j-1], K[j]) (+ g[j])``, ``a_j = conv(X[j], K[j]) + b[j]``
+    (``sigma'(a_j)`` read from ``D`` when given)."""
+    _adjoint_level(u, g, X, K, b, dt, act, starts, ends, None, D)
 
 
 @_serialized
@@ -465,7 +505,7 @@ def state_points(u, K, b, dt, act, positions, out):
 
 
 @_serialized
-def adjoint_points(u, X, K, b, dt, act, positions, out):
+def adjoint_points(u, X, K, b, dt, act, positions, out, D=None):
     """See :func:`ptoc.kernels.conv_cpu.adjoint_points`: ``out[k]`` = step
     ``positions[k]`` of :func:`adjoint_runs` applied to ``u[positions[k] - 1]``."""
-    _adjoint_level(u, None, X, K, b, dt, act, positions, positions, out)
+    _adjoint_level(u, None, X, K, b, dt, act, positions, positions, out, D)
