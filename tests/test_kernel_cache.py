@@ -184,6 +184,57 @@ def test_a_kernel_called_with_a_constant_compiles_once(tmp_path, monkeypatch):
     assert len(block.signatures) == 1
 
 
+def test_prune_stale_deletes_only_old_files_of_the_module(tmp_path):
+    """Files of a kernel that moved to another line or was removed go; the live kernels'
+    files, other modules', other Python versions', bytecode and the lock stay."""
+    live = {"cpu._forward-512.py311", "cpu._adjoint_item-600.py311"}
+    keep = ["cpu._forward-512.py311.nbi", "cpu._forward-512.py311.1.nbc",
+            "cpu._adjoint_item-600.py311.nbi", "cpu._forward-400.py312.nbi",
+            "conv_cpu._layer-10.py311.nbi", "rows._copy_rows-3.py311.nbi",
+            "cpu.cpython-311.pyc", "ptoc-compile.lock", "cpux._forward-1.py311.nbi"]
+    stale = ["cpu._forward-498.py311.nbi", "cpu._forward-498.py311.1.nbc",
+             "cpu._forward-498.py311.2.nbc", "cpu._adjoint-590.py311.nbi",
+             "cpu._adjoint-590.py311.1.nbc"]
+    for name in keep + stale:
+        (tmp_path / name).write_bytes(b"x")
+    removed = _cache.prune_stale(tmp_path, "cpu", live)
+    assert sorted(removed) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+    assert _cache.prune_stale(tmp_path / "missing", "cpu", live) == []
+
+
+_PRUNE = """
+import os, sys
+import numpy as np
+import ptoc
+from ptoc.kernels import cpu
+
+folder = cpu._forward._cache._cache_path
+os.makedirs(folder, exist_ok=True)
+tag = cpu._forward._cache._impl.filename_base.rsplit(".", 1)[1]
+stale = [f"cpu._forward-1.{tag}.nbi", f"cpu._forward-1.{tag}.1.nbc", f"cpu._gone-7.{tag}.nbi"]
+for name in stale:
+    open(os.path.join(folder, name), "wb").close()
+net = ptoc.ResNet(width=3, depth=4, n_in=2, n_classes=2)
+X = np.random.default_rng(1).standard_normal((5, 2))
+ptoc.loss_and_grad(net, net.init_params(1), X, np.arange(5) % 2)
+names = os.listdir(folder)
+print(sum(n in names for n in stale), cpu._forward._cache._impl.filename_base + ".nbi" in names)
+"""
+
+
+@pytest.mark.slow
+def test_a_compile_removes_the_files_that_old_kernel_versions_left(tmp_path):
+    """After its helpers have compiled, a process deletes the cache files of kernels
+    that no longer exist at that line (here planted by hand) and keeps the new ones."""
+    env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PTOC_CACHE": "1",
+                        "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", _PRUNE], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["0", "True"]
+
+
 _SIGNATURES = """
 import numpy as np
 import ptoc
