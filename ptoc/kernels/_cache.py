@@ -25,11 +25,11 @@ The entries stay where Numba keeps its cache (``__pycache__`` next to the module
 ``NUMBA_CACHE_DIR``). Numba names a function's files after the function *and the line*
 it starts on, so every edit that moves a kernel left its old files behind for good (a
 development checkout had gathered 1,298 files, 116 MB). So after a helper has compiled,
-:func:`prune_stale` deletes, in that cache folder, the files of this Python version that
-belong to a kernel module of this kind but to no kernel it now defines (at a line it no
-longer starts on, or removed). Nothing is deleted at import, and entries for other
-digests of a current kernel stay (switching back finds them); delete the folder to
-reclaim their space.
+:func:`prune_stale` deletes, in that cache folder, the files of this Python version of
+each kernel compiled with :func:`njit` that name a line it no longer starts on. Nothing
+is deleted at import; entries for other digests of a current kernel stay (switching back
+finds them), and so do the files of kernels since removed: delete the folder to reclaim
+their space.
 
 A kernel module that compiles from its own file only (:mod:`ptoc.kernels.rows`)
 needs none of this and passes ``cache=True`` to :func:`numba.njit` itself (the warm-up
@@ -218,16 +218,20 @@ def _live_files(dispatcher: Any) -> set[str]:
 
 
 def prune_stale(directory: str | os.PathLike, stem: str, live: set[str]) -> list[str]:
-    """Delete the cache files of module ``stem`` in ``directory`` that belong to none of
-    the ``live`` file name bases; returns their names.
+    """Delete the cache files in ``directory`` of the kernels of module ``stem`` named in
+    ``live`` (file name bases) that start on another line than the live one; returns
+    their names.
 
     Only files named as Numba names a function's cache files (``stem.qualname-line.pyXY``
-    then ``.nbi``, or ``.N.nbc``) with the Python tag of the live bases are touched: those
-    of other Python versions, other modules, bytecode and the lock file stay. A file that
-    cannot be deleted (another process removed it, no permission) is left alone.
+    then ``.nbi``, or ``.N.nbc``), for a function of ``live`` and the Python tag of the
+    live bases, are touched: other functions' files (a plain ``numba.njit(cache=True)``
+    function in the same module; a kernel since removed), other Python versions' and
+    other modules' files, bytecode and the lock file stay. A file that cannot be deleted
+    (another process removed it, no permission) is left alone.
     """
     tags = {base.rsplit(".", 1)[-1] for base in live}
-    pattern = re.compile(rf"^({re.escape(stem)}\.[\w.]+-\d+\.(py\w+))(\.\d+)?\.(nbi|nbc)$")
+    names_of = {base[len(stem) + 1:base.rindex("-")] for base in live}
+    pattern = re.compile(rf"^({re.escape(stem)}\.([\w.]+)-\d+\.(py\w+))(\.\d+)?\.(nbi|nbc)$")
     removed = []
     try:
         names = sorted(os.listdir(directory))
@@ -235,7 +239,8 @@ def prune_stale(directory: str | os.PathLike, stem: str, live: set[str]) -> list
         return removed
     for name in names:
         match = pattern.match(name)
-        if match is None or match.group(2) not in tags or match.group(1) in live:
+        if (match is None or match.group(3) not in tags or match.group(2) not in names_of
+                or match.group(1) in live):
             continue
         try:
             os.unlink(os.path.join(directory, name))
