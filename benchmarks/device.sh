@@ -5,11 +5,13 @@
 #   bash benchmarks/device.sh prepare    # here, with network: wheels into .whl/ (ignored)
 #   bash benchmarks/device.sh pymgrit    # there: ptoc MGRIT vs PyMGRIT, all cores
 #   bash benchmarks/device.sh scaling    # there: MPI on 1, 2, 4, 8, 16 ranks vs prediction
+#   bash benchmarks/device.sh cuda       # there: the CUDA kernels vs PyTorch CUDA
 #
 # On the device, through its `run` tool: command "bash benchmarks/device.sh pymgrit",
 # carry [".whl"]. Records go to $OUT (or benchmarks/results/ when OUT is unset), named
 # as the benchmarks name them. Overrides: DEPTHS (default "1024 4096 16384") and
-# RANKS (default "4 8 16") for `scaling`, REPEATS for both.
+# RANKS (default "4 8 16") for `scaling`, REPEATS for all; WIDTHS (default "64 256 512"),
+# BATCHES ("10000 100000"), DEPTH (16) and BUDGET (40 s per measurement) for `cuda`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-}
@@ -62,7 +64,13 @@ case "$part" in
             --mpi-ranks ${RANKS:-4 8 16} --sim-ranks 4 8 16 32 64 \
             --repeats "${REPEATS:-3}" --launches 1 --sim-budget 240 --cold-depths \
             --mpiexec "$MPIEXEC" --output "$RESULTS/scaling_$stamp.json" ;;
+    cuda)
+        # shellcheck disable=SC2086
+        "$PY" benchmarks/bench_cuda.py --widths ${WIDTHS:-64 256 512} \
+            --batches ${BATCHES:-10000 100000} --depth "${DEPTH:-16}" \
+            --repeat "${REPEATS:-3}" --budget "${BUDGET:-40}" \
+            --output "${OUT:-benchmarks/results}/cuda_$stamp.json" ;;
     *)
-        echo "usage: bash benchmarks/device.sh prepare|pymgrit|scaling" >&2
+        echo "usage: bash benchmarks/device.sh prepare|pymgrit|scaling|cuda" >&2
         exit 2 ;;
 esac
