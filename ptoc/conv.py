@@ -498,7 +498,6 @@ class ConvLevelSteps(LevelSteps):
     level computes ``sigma'`` of each of its steps once, for the solve (``D``).
     """
 
-
     def __init__(self, prop: ConvResNetPropagator, plan: LevelPlan):
         super().__init__(prop, plan)
         n = plan.n_steps
@@ -520,14 +519,15 @@ class ConvLevelSteps(LevelSteps):
             self.X = np.empty((n + 1,) + plan.states.shape[1:], plan.states.dtype)
             self.X[1:] = plan.states
         self.kern, self.act = prop._kern, prop._act
+        self._place(prop)
         if plan.backward:
-            self._keep_derivatives()
+            # sigma' of every step, once: the states do not change during an adjoint
+            # solve, so each adjoint step then runs one convolution (the transpose), not two
+            self.D = self.kern.level_derivatives(self.X, self.K, self.b, self.dt, self.act,
+                                                 None)
 
-    def _keep_derivatives(self) -> None:
-        """``sigma'`` of every step, once: the states do not change during an adjoint
-        solve, so each adjoint step then runs one convolution (the transpose), not two."""
-        self.D = self.kern.level_derivatives(self.X, self.K, self.b, self.dt, self.act,
-                                             np.empty_like(self.X))
+    def _place(self, prop: ConvResNetPropagator) -> None:
+        """Where the level's arrays live during the solve: here, in host memory."""
 
     def runs(self, u, g, starts, ends) -> None:
         starts = np.asarray(starts, dtype=np.int64)
@@ -536,9 +536,6 @@ class ConvLevelSteps(LevelSteps):
             return
         if self.X is None:
             self.kern.state_runs(u, g, self.K, self.b, self.dt, self.act, starts, ends)
-        elif self.D is None:
-            self.kern.adjoint_runs(u, g, self.X, self.K, self.b, self.dt, self.act, starts,
-                                   ends)
         else:
             self.kern.adjoint_runs(u, g, self.X, self.K, self.b, self.dt, self.act, starts,
                                    ends, self.D)
@@ -550,9 +547,6 @@ class ConvLevelSteps(LevelSteps):
             return out
         if self.X is None:
             self.kern.state_points(u, self.K, self.b, self.dt, self.act, positions, out)
-        elif self.D is None:
-            self.kern.adjoint_points(u, self.X, self.K, self.b, self.dt, self.act, positions,
-                                     out)
         else:
             self.kern.adjoint_points(u, self.X, self.K, self.b, self.dt, self.act, positions,
                                      out, self.D)
@@ -573,13 +567,9 @@ class ConvCudaLevelSteps(ConvLevelSteps):
     generic :class:`~ptoc.propagator.LevelSteps` on ``"cuda"`` bit for bit.
     """
 
-    def __init__(self, prop: ConvResNetPropagator, plan: LevelPlan):
-        super().__init__(prop, plan)
+    def _place(self, prop: ConvResNetPropagator) -> None:
+        """On the device (``sigma'`` of an adjoint level is then computed there, from the
+        device copy of its states: no transfer)."""
         to_device = self.kern.to_device
         self.dt = to_device(self.dt, dtype=prop.network.dtype)
         self.K, self.b, self.X = (to_device(a) for a in (self.K, self.b, self.X))
-        if plan.backward:  # on the device, from the device copies (no transfer)
-            self.D = self.kern.level_derivatives(self.X, self.K, self.b, None, self.act, None)
-
-    def _keep_derivatives(self) -> None:
-        """Done in :meth:`__init__`, once the states are on the device."""

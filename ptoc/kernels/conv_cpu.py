@@ -376,7 +376,10 @@ def state_runs(u, g, K, b, dt, act, starts, ends):
 
 def level_derivatives(X, K, b, dt, act, out):
     """``out[j] = sigma'(conv(X[j], K[j]) + b[j])`` for ``j >= 1`` (row 0 unused), as
-    :func:`layer` stores it: the ``D`` of :func:`adjoint_runs`, once per adjoint solve."""
+    :func:`layer` stores it: the ``D`` of :func:`adjoint_runs`, once per adjoint solve
+    (``out=None``: a new array)."""
+    if out is None:
+        out = np.empty_like(X)
     scratch = _scratch.get("level_step", X.shape[1:], X.dtype)
     for j in range(1, X.shape[0]):
         layer(X[j], K[j], b[j], dt[j], act, True, scratch, out[j])
