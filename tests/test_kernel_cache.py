@@ -184,22 +184,25 @@ def test_a_kernel_called_with_a_constant_compiles_once(tmp_path, monkeypatch):
     assert len(block.signatures) == 1
 
 
-def test_prune_stale_deletes_only_old_files_of_the_live_kernels(tmp_path):
-    """Files of a kernel that moved to another line go; the live kernels' files, other
-    functions' (plain Numba caching, removed kernels), other modules', other Python
-    versions', bytecode and the lock stay."""
+def test_prune_stale_deletes_only_files_of_no_live_kernel(tmp_path):
+    """Files of a kernel that moved to another line, or that the module no longer
+    defines, go; the live kernels' files, those of other functions the module defines
+    (plain Numba caching), other modules', other Python versions', bytecode and the
+    lock stay."""
     live = {"cpu._forward-512.py311", "cpu._adjoint_item-600.py311"}
     keep = ["cpu._forward-512.py311.nbi", "cpu._forward-512.py311.1.nbc",
             "cpu._adjoint_item-600.py311.nbi", "cpu._forward-400.py312.nbi",
-            "cpu.plain-30.py311.nbi", "cpu._adjoint-590.py311.nbi",
-            "conv_cpu._layer-10.py311.nbi", "rows._copy_rows-3.py311.nbi",
-            "cpu.cpython-311.pyc", "ptoc-compile.lock", "cpux._forward-1.py311.nbi"]
+            "cpu.plain-30.py311.nbi", "conv_cpu._layer-10.py311.nbi",
+            "rows._copy_rows-3.py311.nbi", "cpu.cpython-311.pyc", "ptoc-compile.lock",
+            "cpux._forward-1.py311.nbi"]
     stale = ["cpu._forward-498.py311.nbi", "cpu._forward-498.py311.1.nbc",
              "cpu._forward-498.py311.2.nbc", "cpu._adjoint_item-7.py311.nbi",
-             "cpu._adjoint_item-7.py311.1.nbc"]
+             "cpu._adjoint_item-7.py311.1.nbc", "cpu._adjoint-590.py311.nbi",
+             "cpu._adjoint-590.py311.3.nbc"]
     for name in keep + stale:
         (tmp_path / name).write_bytes(b"x")
-    removed = _cache.prune_stale(tmp_path, "cpu", live)
+    defined = {"_forward", "_adjoint_item", "plain"}.__contains__
+    removed = _cache.prune_stale(tmp_path, "cpu", live, defined)
     assert sorted(removed) == sorted(stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
     assert _cache.prune_stale(tmp_path / "missing", "cpu", live) == []
@@ -214,7 +217,7 @@ from ptoc.kernels import cpu
 folder = cpu._forward._cache._cache_path
 os.makedirs(folder, exist_ok=True)
 tag = cpu._forward._cache._impl.filename_base.rsplit(".", 1)[1]
-stale = [f"cpu._forward-1.{tag}.nbi", f"cpu._forward-1.{tag}.1.nbc", f"cpu._forward-9.{tag}.nbi"]
+stale = [f"cpu._forward-1.{tag}.nbi", f"cpu._forward-1.{tag}.1.nbc", f"cpu._gone-9.{tag}.nbi"]
 for name in stale:
     open(os.path.join(folder, name), "wb").close()
 net = ptoc.ResNet(width=3, depth=4, n_in=2, n_classes=2)

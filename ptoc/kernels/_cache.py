@@ -26,10 +26,10 @@ The entries stay where Numba keeps its cache (``__pycache__`` next to the module
 it starts on, so every edit that moves a kernel left its old files behind for good (a
 development checkout had gathered 1,298 files, 116 MB). So after a helper has compiled,
 :func:`prune_stale` deletes, in that cache folder, the files of this Python version of
-each kernel compiled with :func:`njit` that name a line it no longer starts on. Nothing
-is deleted at import; entries for other digests of a current kernel stay (switching back
-finds them), and so do the files of kernels since removed: delete the folder to reclaim
-their space.
+each kernel compiled with :func:`njit` that name a line it no longer starts on, and those
+of functions its module no longer defines. Nothing is deleted at import; entries for
+other digests of a current kernel stay (switching back finds them): delete the folder to
+reclaim their space.
 
 A kernel module that compiles from its own file only (:mod:`ptoc.kernels.rows`)
 needs none of this and passes ``cache=True`` to :func:`numba.njit` itself (the warm-up
@@ -207,27 +207,31 @@ def _enable(dispatcher: Any, extra_key: str) -> None:
 
 # --- stale files: what earlier versions of a kernel module left in the cache -------------------
 
-#: ``(cache folder, module file stem) -> file name bases of the kernels now defined``
-#: (``"cpu._forward-512.py311"``), filled as :func:`njit` enables each kernel's cache.
-_LIVE: dict[tuple[str, str], set[str]] = {}
+#: ``(cache folder, module file stem) -> (module name, file name bases of the kernels now
+#: defined)`` (``"cpu._forward-512.py311"``), filled as :func:`njit` enables each
+#: kernel's cache.
+_LIVE: dict[tuple[str, str], tuple[str, set[str]]] = {}
 
 
 def _live_files(dispatcher: Any) -> set[str]:
-    key = (str(dispatcher._cache._cache_path), Path(dispatcher.py_func.__code__.co_filename).stem)
-    return _LIVE.setdefault(key, set())
+    py_func = dispatcher.py_func
+    key = (str(dispatcher._cache._cache_path), Path(py_func.__code__.co_filename).stem)
+    return _LIVE.setdefault(key, (py_func.__module__, set()))[1]
 
 
-def prune_stale(directory: str | os.PathLike, stem: str, live: set[str]) -> list[str]:
-    """Delete the cache files in ``directory`` of the kernels of module ``stem`` named in
-    ``live`` (file name bases) that start on another line than the live one; returns
-    their names.
+def prune_stale(directory: str | os.PathLike, stem: str, live: set[str],
+                defined: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """Delete the cache files in ``directory`` of module ``stem`` that belong to no live
+    kernel; returns their names.
 
-    Only files named as Numba names a function's cache files (``stem.qualname-line.pyXY``
-    then ``.nbi``, or ``.N.nbc``), for a function of ``live`` and the Python tag of the
-    live bases, are touched: other functions' files (a plain ``numba.njit(cache=True)``
-    function in the same module; a kernel since removed), other Python versions' and
-    other modules' files, bytecode and the lock file stay. A file that cannot be deleted
-    (another process removed it, no permission) is left alone.
+    ``live`` holds the file name bases of the kernels the module now defines; ``defined``
+    says whether the module still defines a name. A file named as Numba names a
+    function's cache files (``stem.qualname-line.pyXY``, then ``.nbi`` or ``.N.nbc``), of
+    the Python tag of the live bases, goes if its function is a live kernel at another
+    line, or if the module no longer defines its function (a kernel since removed). Other
+    functions' files (a plain ``numba.njit(cache=True)`` function of the same module),
+    other Python versions' and other modules' files, bytecode and the lock file stay; a
+    file that cannot be deleted (another process removed it, no permission) is left.
     """
     tags = {base.rsplit(".", 1)[-1] for base in live}
     names_of = {base[len(stem) + 1:base.rindex("-")] for base in live}
@@ -239,8 +243,10 @@ def prune_stale(directory: str | os.PathLike, stem: str, live: set[str]) -> list
         return removed
     for name in names:
         match = pattern.match(name)
-        if (match is None or match.group(3) not in tags or match.group(2) not in names_of
-                or match.group(1) in live):
+        if match is None or match.group(3) not in tags or match.group(1) in live:
+            continue
+        qualname = match.group(2)
+        if qualname not in names_of and defined(qualname.split(".")[0]):
             continue
         try:
             os.unlink(os.path.join(directory, name))
@@ -254,9 +260,10 @@ def _prune_after_compile(dispatcher: Any) -> None:
     """:func:`prune_stale` for every kernel module whose cache shares ``dispatcher``'s
     folder (called with the machine's compile lock held)."""
     directory = str(dispatcher._cache._cache_path)
-    for (folder, stem), live in _LIVE.items():
-        if folder == directory:
-            prune_stale(folder, stem, live)
+    for (folder, stem), (module_name, live) in _LIVE.items():
+        module = sys.modules.get(module_name)
+        if folder == directory and module is not None:
+            prune_stale(folder, stem, live, lambda name, m=module: hasattr(m, name))
 
 
 # --- compiled in a helper process, run from the cache (module docstring) --------------------
