@@ -201,83 +201,73 @@ def _hamiltonian_kernel(x, p, K, b, h, act, chunk, part):
 # computes it for one step of size ``dt[k]``, then ``+ g[k]`` when ``has_g``: the order of
 # the generic level steps, which add ``g`` to the step's result.
 
+
+def _level_entry(q, row, shape, first, last, t):
+    """``(r, k, s, i, y, z)`` of thread ``(q, row)`` of a level launch over values of
+    ``shape`` (positions, S, C, H, W); ``k = 0`` when the thread has no entry (every
+    position a step produces is at least 1)."""
+    S, C, H, W = shape[1], shape[2], shape[3], shape[4]
+    r = row // (S * C)
+    si = row - r * (S * C)
+    s = si // C
+    i = si - s * C
+    y = q // W
+    z = q - y * W
+    k = 0
+    if r < first.shape[0] and q < H * W:
+        k = first[r] + t
+        if k > last[r]:
+            k = 0
+    return r, k, s, i, y, z
+
+
+_dense._register(_level_entry)
+
 @cuda.jit
 def _state_level_kernel(u, g, has_g, K, b, dt, act, first, last, t, out, into_out):
     q, row = cuda.grid(2)
-    S, C, H, W = u.shape[1], u.shape[2], u.shape[3], u.shape[4]
-    r = row // (S * C)
-    si = row - r * (S * C)
-    if r < first.shape[0] and q < H * W:
-        k = first[r] + t
-        if k <= last[r]:
-            s = si // C
-            i = si - s * C
-            y = q // W
-            z = q - y * W
-            x = u[k - 1]
-            value = _activation(_conv_entry(x, K[k], b[k], s, i, y, z), act)[0]
-            v = x[s, i, y, z] + dt[k] * value
-            if has_g:
-                v = v + g[k, s, i, y, z]
-            if into_out:
-                out[r, s, i, y, z] = v
-            else:
-                u[k, s, i, y, z] = v
+    r, k, s, i, y, z = _level_entry(q, row, u.shape, first, last, t)
+    if k > 0:
+        x = u[k - 1]
+        value = _activation(_conv_entry(x, K[k], b[k], s, i, y, z), act)[0]
+        v = x[s, i, y, z] + dt[k] * value
+        if has_g:
+            v = v + g[k, s, i, y, z]
+        if into_out:
+            out[r, s, i, y, z] = v
+        else:
+            u[k, s, i, y, z] = v
 
 
 @cuda.jit
 def _adjoint_level_g_kernel(lam, X, K, b, act, first, last, t, gg):
     q, row = cuda.grid(2)
-    S, C, H, W = lam.shape[1], lam.shape[2], lam.shape[3], lam.shape[4]
-    r = row // (S * C)
-    si = row - r * (S * C)
-    if r < first.shape[0] and q < H * W:
-        k = first[r] + t
-        if k <= last[r]:
-            s = si // C
-            i = si - s * C
-            y = q // W
-            z = q - y * W
-            slope = _activation(_conv_entry(X[k], K[k], b[k], s, i, y, z), act)[1]
-            gg[r, s, i, y, z] = slope * lam[k - 1, s, i, y, z]
+    r, k, s, i, y, z = _level_entry(q, row, lam.shape, first, last, t)
+    if k > 0:
+        slope = _activation(_conv_entry(X[k], K[k], b[k], s, i, y, z), act)[1]
+        gg[r, s, i, y, z] = slope * lam[k - 1, s, i, y, z]
 
 
 @cuda.jit
 def _adjoint_level_stored_g_kernel(lam, D, first, last, t, gg):
     q, row = cuda.grid(2)
-    S, C, H, W = lam.shape[1], lam.shape[2], lam.shape[3], lam.shape[4]
-    r = row // (S * C)
-    si = row - r * (S * C)
-    if r < first.shape[0] and q < H * W:
-        k = first[r] + t
-        if k <= last[r]:
-            s = si // C
-            i = si - s * C
-            y = q // W
-            z = q - y * W
-            gg[r, s, i, y, z] = D[k, s, i, y, z] * lam[k - 1, s, i, y, z]
+    r, k, s, i, y, z = _level_entry(q, row, lam.shape, first, last, t)
+    if k > 0:
+        gg[r, s, i, y, z] = D[k, s, i, y, z] * lam[k - 1, s, i, y, z]
 
 
 @cuda.jit
 def _adjoint_level_kernel(lam, g, has_g, K, dt, first, last, t, gg, out, into_out):
     q, row = cuda.grid(2)
-    S, C, H, W = lam.shape[1], lam.shape[2], lam.shape[3], lam.shape[4]
-    r = row // (S * C)
-    sj = row - r * (S * C)
-    if r < first.shape[0] and q < H * W:
-        k = first[r] + t
-        if k <= last[r]:
-            s = sj // C
-            j = sj - s * C
-            y = q // W
-            z = q - y * W
-            v = lam[k - 1, s, j, y, z] + dt[k] * _conv_transpose_entry(gg[r], K[k], s, j, y, z)
-            if has_g:
-                v = v + g[k, s, j, y, z]
-            if into_out:
-                out[r, s, j, y, z] = v
-            else:
-                lam[k, s, j, y, z] = v
+    r, k, s, j, y, z = _level_entry(q, row, lam.shape, first, last, t)
+    if k > 0:
+        v = lam[k - 1, s, j, y, z] + dt[k] * _conv_transpose_entry(gg[r], K[k], s, j, y, z)
+        if has_g:
+            v = v + g[k, s, j, y, z]
+        if into_out:
+            out[r, s, j, y, z] = v
+        else:
+            lam[k, s, j, y, z] = v
 
 
 # --- launch helpers ----------------------------------------------------------------------------

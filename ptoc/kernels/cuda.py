@@ -275,23 +275,37 @@ def _hamiltonian_kernel(x, p, K, b, h, act, chunk, part):
 # entry is that of ``_step_kernel`` and of ``_g_kernel`` and ``_adjoint_kernel``, then
 # ``+ g[k]`` when ``has_g``: the order of the CPU level kernels.
 
+def _level_entry(i, row, shape, first, last, t):
+    """``(r, k, s)`` of thread ``(i, row)`` of a level launch over values of ``shape``
+    (positions, S, d): run ``r``, position ``k = first[r] + t``, sample ``s``; ``k = 0``
+    when the thread has no entry (every position a step produces is at least 1)."""
+    S = shape[1]
+    r = row // S
+    s = row - r * S
+    k = 0
+    if r < first.shape[0] and i < shape[2]:
+        k = first[r] + t
+        if k > last[r]:
+            k = 0
+    return r, k, s
+
+
+_register(_level_entry)
+
+
 @cuda.jit
 def _state_level_kernel(u, g, has_g, K, b, dt, act, first, last, t, out, into_out):
     i, row = cuda.grid(2)
-    S = u.shape[1]
-    r = row // S
-    s = row - r * S
-    if r < first.shape[0] and i < u.shape[2]:
-        k = first[r] + t
-        if k <= last[r]:
-            x = u[k - 1]
-            v = x[s, i] + dt[k] * _activation(_preactivation(x, K[k], b[k], s, i), act)[0]
-            if has_g:
-                v = v + g[k, s, i]
-            if into_out:
-                out[r, s, i] = v
-            else:
-                u[k, s, i] = v
+    r, k, s = _level_entry(i, row, u.shape, first, last, t)
+    if k > 0:
+        x = u[k - 1]
+        v = x[s, i] + dt[k] * _activation(_preactivation(x, K[k], b[k], s, i), act)[0]
+        if has_g:
+            v = v + g[k, s, i]
+        if into_out:
+            out[r, s, i] = v
+        else:
+            u[k, s, i] = v
 
 
 @cuda.jit
@@ -307,31 +321,23 @@ def _derivatives_kernel(X, K, b, act, out):
 @cuda.jit
 def _adjoint_level_g_kernel(lam, D, first, last, t, gg):
     i, row = cuda.grid(2)
-    S = lam.shape[1]
-    r = row // S
-    s = row - r * S
-    if r < first.shape[0] and i < lam.shape[2]:
-        k = first[r] + t
-        if k <= last[r]:
-            gg[r, s, i] = D[k, s, i] * lam[k - 1, s, i]
+    r, k, s = _level_entry(i, row, lam.shape, first, last, t)
+    if k > 0:
+        gg[r, s, i] = D[k, s, i] * lam[k - 1, s, i]
 
 
 @cuda.jit
 def _adjoint_level_kernel(lam, g, has_g, K, dt, first, last, t, gg, out, into_out):
     j, row = cuda.grid(2)
-    S = lam.shape[1]
-    r = row // S
-    s = row - r * S
-    if r < first.shape[0] and j < lam.shape[2]:
-        k = first[r] + t
-        if k <= last[r]:
-            v = _adjoint_entry(lam[k - 1], K[k], gg[r], s, dt[k], s, j)
-            if has_g:
-                v = v + g[k, s, j]
-            if into_out:
-                out[r, s, j] = v
-            else:
-                lam[k, s, j] = v
+    r, k, s = _level_entry(j, row, lam.shape, first, last, t)
+    if k > 0:
+        v = _adjoint_entry(lam[k - 1], K[k], gg[r], s, dt[k], s, j)
+        if has_g:
+            v = v + g[k, s, j]
+        if into_out:
+            out[r, s, j] = v
+        else:
+            lam[k, s, j] = v
 
 
 # --- launch helpers ----------------------------------------------------------------------------
