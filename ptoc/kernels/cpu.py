@@ -35,10 +35,11 @@ kernels call), rewritten as loops over tile rows, because calling the per-entry
 functions here costs 8x to 22x in speed (see :mod:`ptoc._maths`):
 
 * Pre-activation ``a[i] = b[i] + sum_j K[i, j] x[j]`` and the adjoint product
-  ``sum_i K[i, j] g[i]`` (:func:`_matmul_t`): the terms are added in ascending order,
-  as in ``preactivation`` and ``adjoint_entry``; eight terms are added per pass over a
-  tile row, written left to right, so the accumulator row is loaded and stored once
-  per eight multiply-adds.
+  ``sum_i K[i, j] g[i]`` (:func:`_preact_t`, :func:`_adjoint_lam_t`): the terms are
+  added in ascending order, as in ``preactivation`` and ``adjoint_entry``, to an
+  accumulator held in a register, in blocks of 4 outputs by 16 samples
+  (:mod:`ptoc.kernels._product`, LLVM IR written out, since loops over tile rows
+  compiled to several times the cycles of their arithmetic at small shapes).
 * Weight gradient ``h sum_s g[s, i] x[s, j]`` (:func:`_partial_t`): summed per chunk
   of ``chunk`` samples, as in ``gradient_partial_entry``, but each chunk sum is a
   vectorised reduction over the samples (partial sums per vector lane, then combined)
@@ -83,7 +84,7 @@ from numba.extending import register_jitable
 
 from .. import _config, _maths
 from .._workspace import Workspace
-from . import _cache, _transpose
+from . import _cache, _product, _transpose
 from ._transpose import transpose8
 
 for _f in _maths.CPU_FUNCTIONS:  # activation and tanh; the sums are the tile loops below
@@ -92,7 +93,7 @@ for _f in _maths.CPU_FUNCTIONS:  # activation and tanh; the sums are the tile lo
 #: ``numba.njit`` for this module: its kernels inline ``_maths`` and ``_transpose`` and take
 #: their flags from ``_config``, so their disk cache is keyed on those files too
 #: (:mod:`ptoc.kernels._cache`).
-_jit = functools.partial(_cache.njit, depends_on=(_maths, _config, _transpose),
+_jit = functools.partial(_cache.njit, depends_on=(_maths, _config, _product, _transpose),
                          fastmath=_config.CPU_FASTMATH, error_model="numpy")
 #: ``_jit`` for the tile helpers, the loops over one work item's tiles that the parallel
 #: kernels call: compiled without Numba's reference counting (``_nrt=False``). They only
@@ -124,7 +125,7 @@ _PAD = 8
 
 #: Row length of the scratch tiles of work items of up to ``_TS - _PAD`` samples (every
 #: work item unless ``chunk`` or ``CPU_LANES`` exceeds 128). A compile-time constant, so
-#: that LLVM sees that the rows of a tile never overlap (see :func:`_matmul_rows4`).
+#: that LLVM sees that the rows of a tile never overlap.
 _TS = 128 + _PAD
 
 
@@ -197,154 +198,29 @@ def _store_t(tile, rows, lo, m):
 
 
 @_tile_jit()
-def _matmul_rows(M, src, dst, m, r0, r1):
-    """``dst[r, t] += sum_k M[r, k] src[k, t]`` for rows ``r0 <= r < r1`` and ``t < m``, the
-    terms in ascending ``k``, one output row per inner loop.
-
-    The ``k`` loop is unrolled by eight (then four, then one) and jammed into the loop
-    over samples, so each pass loads and stores a ``dst`` row once for eight
-    multiply-adds; the eight coefficients ``M[r, k:k+8]`` stay in registers.
-    """
-    nk = M.shape[1]
-    k8 = nk - nk % 8
-    # passes of eight terms
-    for k in range(0, k8, 8):
-        s0 = src[k]
-        s1 = src[k + 1]
-        s2 = src[k + 2]
-        s3 = src[k + 3]
-        s4 = src[k + 4]
-        s5 = src[k + 5]
-        s6 = src[k + 6]
-        s7 = src[k + 7]
-        for r in range(r0, r1):
-            m0 = M[r, k]
-            m1 = M[r, k + 1]
-            m2 = M[r, k + 2]
-            m3 = M[r, k + 3]
-            m4 = M[r, k + 4]
-            m5 = M[r, k + 5]
-            m6 = M[r, k + 6]
-            m7 = M[r, k + 7]
-            o = dst[r]
-            for t in range(m):
-                o[t] = (o[t] + m0 * s0[t] + m1 * s1[t] + m2 * s2[t] + m3 * s3[t]
-                        + m4 * s4[t] + m5 * s5[t] + m6 * s6[t] + m7 * s7[t])
-    # at most one pass of four terms
-    k4 = k8 + 4 if nk - k8 >= 4 else k8
-    for k in range(k8, k4, 4):
-        s0 = src[k]
-        s1 = src[k + 1]
-        s2 = src[k + 2]
-        s3 = src[k + 3]
-        for r in range(r0, r1):
-            m0 = M[r, k]
-            m1 = M[r, k + 1]
-            m2 = M[r, k + 2]
-            m3 = M[r, k + 3]
-            o = dst[r]
-            for t in range(m):
-                o[t] = o[t] + m0 * s0[t] + m1 * s1[t] + m2 * s2[t] + m3 * s3[t]
-    # the last terms one at a time
-    for k in range(k4, nk):
-        s0 = src[k]
-        for r in range(r0, r1):
-            m0 = M[r, k]
-            o = dst[r]
-            for t in range(m):
-                o[t] = o[t] + m0 * s0[t]
-
-
-@_tile_jit()
-def _matmul_rows4(M, x, o, m, R4):
-    """``_matmul_rows`` for rows ``0 .. R4-1`` (``R4`` a multiple of 4), four output rows per
-    inner loop; ``x`` and ``o`` are the tiles flattened, their rows ``_TS`` entries apart.
-
-    Same terms in the same order as ``_matmul_rows``; each pass over the samples now does
-    four rows' multiply-adds per load of the ``src`` entries. It needs the constant row
-    stride: with a run-time stride LLVM guards the vector loop with alias checks between
-    the four written rows, hoists them out of the loop over rows, where they always fail,
-    and runs the scalar loop (3x slower). Measured on 16 x 16 times 16 x 32 (Zen 5): 240 ns
-    against 400 ns for one row per loop.
-    """
-    nk = M.shape[1]
-    k8 = nk - nk % 8
-    for k in range(0, k8, 8):
-        s = x[k * _TS:]
-        for r in range(0, R4, 4):
-            a0, a1, a2, a3 = M[r, k], M[r, k + 1], M[r, k + 2], M[r, k + 3]
-            a4, a5, a6, a7 = M[r, k + 4], M[r, k + 5], M[r, k + 6], M[r, k + 7]
-            b0, b1, b2, b3 = M[r + 1, k], M[r + 1, k + 1], M[r + 1, k + 2], M[r + 1, k + 3]
-            b4, b5, b6, b7 = M[r + 1, k + 4], M[r + 1, k + 5], M[r + 1, k + 6], M[r + 1, k + 7]
-            c0, c1, c2, c3 = M[r + 2, k], M[r + 2, k + 1], M[r + 2, k + 2], M[r + 2, k + 3]
-            c4, c5, c6, c7 = M[r + 2, k + 4], M[r + 2, k + 5], M[r + 2, k + 6], M[r + 2, k + 7]
-            d0, d1, d2, d3 = M[r + 3, k], M[r + 3, k + 1], M[r + 3, k + 2], M[r + 3, k + 3]
-            d4, d5, d6, d7 = M[r + 3, k + 4], M[r + 3, k + 5], M[r + 3, k + 6], M[r + 3, k + 7]
-            o0 = o[r * _TS:]
-            for t in range(m):
-                x0, x1, x2, x3 = s[t], s[_TS + t], s[2 * _TS + t], s[3 * _TS + t]
-                x4, x5, x6, x7 = s[4 * _TS + t], s[5 * _TS + t], s[6 * _TS + t], s[7 * _TS + t]
-                o0[t] = (o0[t] + a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
-                         + a4 * x4 + a5 * x5 + a6 * x6 + a7 * x7)
-                o0[_TS + t] = (o0[_TS + t] + b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
-                               + b4 * x4 + b5 * x5 + b6 * x6 + b7 * x7)
-                o0[2 * _TS + t] = (o0[2 * _TS + t] + c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
-                                   + c4 * x4 + c5 * x5 + c6 * x6 + c7 * x7)
-                o0[3 * _TS + t] = (o0[3 * _TS + t] + d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3
-                                   + d4 * x4 + d5 * x5 + d6 * x6 + d7 * x7)
-    k4 = k8 + 4 if nk - k8 >= 4 else k8
-    for k in range(k8, k4, 4):
-        s = x[k * _TS:]
-        for r in range(0, R4, 4):
-            a0, a1, a2, a3 = M[r, k], M[r, k + 1], M[r, k + 2], M[r, k + 3]
-            b0, b1, b2, b3 = M[r + 1, k], M[r + 1, k + 1], M[r + 1, k + 2], M[r + 1, k + 3]
-            c0, c1, c2, c3 = M[r + 2, k], M[r + 2, k + 1], M[r + 2, k + 2], M[r + 2, k + 3]
-            d0, d1, d2, d3 = M[r + 3, k], M[r + 3, k + 1], M[r + 3, k + 2], M[r + 3, k + 3]
-            o0 = o[r * _TS:]
-            for t in range(m):
-                x0, x1, x2, x3 = s[t], s[_TS + t], s[2 * _TS + t], s[3 * _TS + t]
-                o0[t] = o0[t] + a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
-                o0[_TS + t] = o0[_TS + t] + b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
-                o0[2 * _TS + t] = o0[2 * _TS + t] + c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
-                o0[3 * _TS + t] = o0[3 * _TS + t] + d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3
-    for k in range(k4, nk):
-        s = x[k * _TS:]
-        for r in range(0, R4, 4):
-            a0, b0, c0, d0 = M[r, k], M[r + 1, k], M[r + 2, k], M[r + 3, k]
-            o0 = o[r * _TS:]
-            for t in range(m):
-                x0 = s[t]
-                o0[t] = o0[t] + a0 * x0
-                o0[_TS + t] = o0[_TS + t] + b0 * x0
-                o0[2 * _TS + t] = o0[2 * _TS + t] + c0 * x0
-                o0[3 * _TS + t] = o0[3 * _TS + t] + d0 * x0
-
-
-@_thin_jit()
-def _matmul_t(M, src, dst, m):
-    """``dst[r, t] += sum_k M[r, k] src[k, t]`` for ``t < m``, the terms in ascending ``k``.
-
-    Four output rows per inner loop (:func:`_matmul_rows4`) where the tile has the
-    standard row length ``_TS``, one row per loop otherwise and for the last ``R % 4``
-    rows (:func:`_matmul_rows`); the arithmetic is the same either way.
-    """
-    R = M.shape[0]
-    R4 = 0
-    if dst.shape[1] == _TS and src.shape[1] == _TS:
-        R4 = R - R % 4
-        _matmul_rows4(M, src.reshape(src.size), dst.reshape(dst.size), m, R4)
-    _matmul_rows(M, src, dst, m, R4, R)
-
-
-@_thin_jit()
 def _preact_t(K, b, x, a, m):
-    """``a[i, t] = b[i] + sum_j K[i, j] x[j, t]``: the sum of ``_maths.preactivation``."""
-    for i in range(K.shape[0]):
-        bi = b[i]
-        ai = a[i]
-        for t in range(m):
-            ai[t] = bi
-    _matmul_t(K, x, a, m)
+    """``a[i, t] = b[i] + sum_j K[i, j] x[j, t]`` for ``t < m``: the sum of
+    ``_maths.preactivation``, in blocks of 4 rows by 16, 8 or 1 samples held in
+    registers (:mod:`ptoc.kernels._product`)."""
+    R = K.shape[0]
+    R4 = R - R % 4
+    m16 = m - m % 16
+    m8 = m - m % 8
+    for t in range(0, m16, 16):
+        for r in range(0, R4, 4):
+            _product.bias_4x16(K, x, a, r, t, b, 0.0)
+        for r in range(R4, R):
+            _product.bias_1x16(K, x, a, r, t, b, 0.0)
+    for t in range(m16, m8, 8):
+        for r in range(0, R4, 4):
+            _product.bias_4x8(K, x, a, r, t, b, 0.0)
+        for r in range(R4, R):
+            _product.bias_1x8(K, x, a, r, t, b, 0.0)
+    for t in range(m8, m):
+        for r in range(0, R4, 4):
+            _product.bias_4x1(K, x, a, r, t, b, 0.0)
+        for r in range(R4, R):
+            _product.bias_1x1(K, x, a, r, t, b, 0.0)
 
 
 @_jit(inline="always")
@@ -509,23 +385,35 @@ def _times_t(g, lam, m):
             gi[t] = gi[t] * li[t]
 
 
-@_thin_jit()
+@_tile_jit()
 def _adjoint_lam_t(KT, h, g, lam, acc, m):
-    """``lam <- lam + h sum_i K[i, :] g[i]`` on a tile (``KT = K^T``; ``acc`` is scratch).
+    """``lam[j, t] <- lam[j, t] + h sum_i K[i, j] g[i, t]`` for ``t < m`` (``KT = K^T``).
 
     The second half of one adjoint step: the sum of ``_maths.adjoint_entry``, its terms
-    in ascending ``i`` (:func:`_matmul_t`), added to ``lam`` after the sum is complete.
+    in ascending ``i``, added to ``lam`` after the sum is complete, in blocks of 4 rows
+    by 16, 8 or 1 samples held in registers (:mod:`ptoc.kernels._product`). ``acc`` is
+    not used.
     """
-    for j in range(acc.shape[0]):
-        aj = acc[j]
-        for t in range(m):
-            aj[t] = 0.0
-    _matmul_t(KT, g, acc, m)
-    for j in range(lam.shape[0]):
-        aj = acc[j]
-        lj = lam[j]
-        for t in range(m):
-            lj[t] = lj[t] + h * aj[t]
+    R = KT.shape[0]
+    R4 = R - R % 4
+    m16 = m - m % 16
+    m8 = m - m % 8
+    unused = lam[0]  # the blocks' bias argument, which this mode does not read
+    for t in range(0, m16, 16):
+        for r in range(0, R4, 4):
+            _product.add_4x16(KT, g, lam, r, t, unused, h)
+        for r in range(R4, R):
+            _product.add_1x16(KT, g, lam, r, t, unused, h)
+    for t in range(m16, m8, 8):
+        for r in range(0, R4, 4):
+            _product.add_4x8(KT, g, lam, r, t, unused, h)
+        for r in range(R4, R):
+            _product.add_1x8(KT, g, lam, r, t, unused, h)
+    for t in range(m8, m):
+        for r in range(0, R4, 4):
+            _product.add_4x1(KT, g, lam, r, t, unused, h)
+        for r in range(R4, R):
+            _product.add_1x1(KT, g, lam, r, t, unused, h)
 
 
 # --- sweeps (the compiled kernels) -----------------------------------------------------------

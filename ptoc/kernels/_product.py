@@ -1,0 +1,169 @@
+"""Register-blocked products for the CPU kernels: a block of outputs held in registers.
+
+The CPU kernels compute two products per layer on feature-major tiles (one row per
+feature, one column per sample, see :mod:`ptoc.kernels.cpu`):
+
+* the pre-activation ``a[i, t] = b[i] + sum_j K[i, j] x[j, t]`` (``_maths.preactivation``),
+* the adjoint update ``lam[j, t] += h * sum_i K[i, j] g[i, t]`` (``_maths.adjoint_entry``).
+
+Each intrinsic here computes one block of such outputs, ``R`` rows by ``V`` vectors of
+``L`` samples (``R x V`` accumulators), as LLVM IR written out by hand: the
+accumulators start from the bias (or from zero), then one loop over the ``k`` terms
+loads ``V`` vectors of ``src`` row ``k`` and, for each of the ``R`` rows, one
+coefficient ``M[r, k]`` broadcast to a vector, and adds ``M[r, k] * src[k, t]`` to
+each accumulator; at the end the block is stored (or, for the adjoint update, added to
+``dst`` times ``h``). A row of the result is loaded and stored once per product, not
+once per few terms, and nothing is set up per block beyond the ``R x V`` starting
+values, so a product of 8 x 8 by 8 x 16 costs a few tens of cycles more than its
+multiply-adds: written as loops over tile rows, LLVM hoisted and spilled the
+coefficients of every pass, which made such a product several times slower than its
+arithmetic (``benchmarks/profile_layer_step.py``).
+
+Sums and their order. Every output is the chain ``acc <- acc + M[r, k] * src[k, t]`` in
+ascending ``k`` from its starting value, one rounding per term: with contraction on
+(``"contract"`` in ``ptoc._config.CPU_FASTMATH``) each term is one ``llvm.fmuladd``
+(a fused multiply-add where the machine has one), otherwise a multiplication and an
+addition, the order of ``_maths.preactivation`` and ``_maths.adjoint_entry``. The
+block shape does not enter the arithmetic: a sample gets the same bits in any block,
+any work item and any tail (the ``L = 1`` intrinsics are the same chain on scalars).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
+
+from .. import _config
+
+#: Terms fused into one multiply-add (see the module docstring).
+_CONTRACT = _config.CPU_FASTMATH is True or (
+    isinstance(_config.CPU_FASTMATH, (set, frozenset)) and "contract" in _config.CPU_FASTMATH)
+
+#: Start from the bias ``b[r]`` and store the block (the pre-activation).
+BIAS = 0
+#: Start from zero and add ``h`` times the block to ``dst`` (the adjoint update).
+ADD_SCALED = 1
+
+
+def _block_intrinsic(R: int, V: int, L: int, mode: int):
+    """The intrinsic ``f(M, src, dst, r, t, b, h)`` for rows ``r .. r+R-1`` and samples
+    ``t .. t + V*L - 1`` (``mode``: :data:`BIAS` or :data:`ADD_SCALED`)."""
+
+    def typer(typingctx, M, src, dst, r, t, b, h):
+        arrays = (M, src, dst)
+        if not all(isinstance(a, types.Array) and a.ndim == 2 for a in arrays):
+            return None
+        dtype = M.dtype
+        if dtype not in (types.float64, types.float32) or any(a.dtype != dtype
+                                                              for a in arrays[1:]):
+            return None
+        if not (isinstance(b, types.Array) and b.ndim == 1 and b.dtype == dtype):
+            return None
+        sig = types.void(M, src, dst, types.intp, types.intp, b, h)
+
+        def codegen(context, builder, signature, args):
+            M_, src_, dst_, r_, t_, b_, h_ = args
+            arr_M, arr_s, arr_d = (context.make_array(ty)(context, builder, val)
+                                   for ty, val in zip(signature.args[:3], args[:3]))
+            element = context.get_data_type(signature.args[0].dtype)
+            itemsize = context.get_abi_sizeof(element)
+            intp = context.get_value_type(types.intp)
+            # vectors even for one sample (L = 1): Numba's fast-math pass puts its flags on
+            # every call that returns a scalar float, and ``reassoc`` there would let LLVM
+            # turn the k loop of a scalar chain into a vector reduction (other bits)
+            vec = ir.VectorType(element, L)
+
+            def address(arr, row, col, ty):
+                """Pointer to ``arr[row, col]`` (as a ``ty``)."""
+                s0 = builder.extract_value(arr.strides, 0)
+                s1 = builder.extract_value(arr.strides, 1)
+                offset = builder.add(builder.mul(row, s0), builder.mul(col, s1))
+                where = builder.add(builder.ptrtoint(arr.data, intp), offset)
+                return builder.inttoptr(where, ty.as_pointer())
+
+            def const(i):
+                return ir.Constant(intp, i)
+
+            def splat(x):
+                undef = ir.Constant(vec, ir.Undefined)
+                one = builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0))
+                mask = ir.Constant(ir.VectorType(ir.IntType(32), L), [0] * L)
+                return builder.shuffle_vector(one, undef, mask)
+
+            suffix = f"v{L}f{itemsize * 8}"
+            fmuladd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fmuladd.{suffix}")
+
+            def mul_add(a, x, acc):
+                """``acc + a * x``, one term of the chain."""
+                if _CONTRACT:
+                    return builder.call(fmuladd, [a, x, acc])
+                return builder.fadd(acc, builder.fmul(a, x))
+
+            def cols(v):
+                return builder.add(t_, const(v * L))
+
+            # starting values
+            accs = [[cgutils.alloca_once(builder, vec) for _ in range(V)] for _ in range(R)]
+            if mode == BIAS:
+                arr_b = context.make_array(signature.args[5])(context, builder, b_)
+                s0 = builder.extract_value(arr_b.strides, 0)
+                for i in range(R):
+                    where = builder.add(builder.ptrtoint(arr_b.data, intp),
+                                        builder.mul(builder.add(r_, const(i)), s0))
+                    bias = splat(builder.load(builder.inttoptr(where, element.as_pointer()),
+                                              align=itemsize))
+                    for v in range(V):
+                        builder.store(bias, accs[i][v])
+            else:
+                zero = ir.Constant(vec, [ir.Constant(element, 0.0)] * L)
+                for i in range(R):
+                    for v in range(V):
+                        builder.store(zero, accs[i][v])
+            # the terms, in ascending k
+            n_terms = builder.extract_value(arr_M.shape, 1)
+            with cgutils.for_range(builder, n_terms, intp=intp) as loop:
+                k = loop.index
+                xs = [builder.load(address(arr_s, k, cols(v), vec), align=itemsize)
+                      for v in range(V)]
+                for i in range(R):
+                    row = builder.add(r_, const(i))
+                    coef = splat(builder.load(address(arr_M, row, k, element), align=itemsize))
+                    for v in range(V):
+                        builder.store(mul_add(coef, xs[v], builder.load(accs[i][v])),
+                                      accs[i][v])
+            # the block out
+            if mode == ADD_SCALED:
+                scale = splat(context.cast(builder, h_, signature.args[6],
+                                           signature.args[0].dtype))
+            for i in range(R):
+                row = builder.add(r_, const(i))
+                for v in range(V):
+                    where = address(arr_d, row, cols(v), vec)
+                    acc = builder.load(accs[i][v])
+                    if mode == ADD_SCALED:
+                        acc = mul_add(scale, acc, builder.load(where, align=itemsize))
+                    builder.store(acc, where, align=itemsize)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = f"_block_{'bias' if mode == BIAS else 'add'}_{R}x{V * L}"
+    return intrinsic(typer)
+
+
+#: ``block(M, src, dst, r, t, b, h)``: rows ``r .. r+R-1``, samples ``t .. t+C-1``.
+bias_4x16 = _block_intrinsic(4, 2, 8, BIAS)
+bias_4x8 = _block_intrinsic(4, 1, 8, BIAS)
+bias_4x1 = _block_intrinsic(4, 1, 1, BIAS)
+bias_1x16 = _block_intrinsic(1, 2, 8, BIAS)
+bias_1x8 = _block_intrinsic(1, 1, 8, BIAS)
+bias_1x1 = _block_intrinsic(1, 1, 1, BIAS)
+add_4x16 = _block_intrinsic(4, 2, 8, ADD_SCALED)
+add_4x8 = _block_intrinsic(4, 1, 8, ADD_SCALED)
+add_4x1 = _block_intrinsic(4, 1, 1, ADD_SCALED)
+add_1x16 = _block_intrinsic(1, 2, 8, ADD_SCALED)
+add_1x8 = _block_intrinsic(1, 1, 8, ADD_SCALED)
+add_1x1 = _block_intrinsic(1, 1, 1, ADD_SCALED)
