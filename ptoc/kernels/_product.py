@@ -64,9 +64,9 @@ def _block_intrinsic(R: int, V: int, L: int, mode: int):
         sig = types.void(M, src, dst, types.intp, types.intp, b, h)
 
         def codegen(context, builder, signature, args):
-            M_, src_, dst_, r_, t_, b_, h_ = args
+            _, _, _, r_, t_, b_, h_ = args
             arr_M, arr_s, arr_d = (context.make_array(ty)(context, builder, val)
-                                   for ty, val in zip(signature.args[:3], args[:3]))
+                                   for ty, val in zip(signature.args[:3], args[:3], strict=True))
             element = context.get_data_type(signature.args[0].dtype)
             itemsize = context.get_abi_sizeof(element)
             intp = context.get_value_type(types.intp)
