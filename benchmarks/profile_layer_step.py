@@ -85,7 +85,7 @@ def _loop_adjoint(K, KT, b, h, x, lam, g, acc, pK, pb, rows, lo, m, chunk, reps)
         cpu._adjoint_g_t(K, b, TANH, x, lam, g, m, False)
         cpu._adjoint_lam_t(KT, h, g, lam, acc, m)
         for t0 in range(0, m, chunk):
-            cpu._partial_t(g, x, h, pK, pb, t0, min(m, t0 + chunk))
+            cpu._partial_t(g, rows, lo, h, pK, pb, t0, min(m, t0 + chunk))
 
 
 def _median_ns(fn, args, reps: int, rounds: int) -> float:

@@ -45,6 +45,8 @@ _CONTRACT = _config.CPU_FASTMATH is True or (
 BIAS = 0
 #: Start from zero and add ``h`` times the block to ``dst`` (the adjoint update).
 ADD_SCALED = 1
+#: Start from zero and store the block (the weight-gradient partial).
+ZERO = 2
 
 
 def _block_intrinsic(R: int, V: int, L: int, mode: int):
@@ -117,7 +119,7 @@ def _block_intrinsic(R: int, V: int, L: int, mode: int):
                                               align=itemsize))
                     for v in range(V):
                         builder.store(bias, accs[i][v])
-            else:
+            else:  # ADD_SCALED and ZERO
                 zero = ir.Constant(vec, [ir.Constant(element, 0.0)] * L)
                 for i in range(R):
                     for v in range(V):
@@ -150,7 +152,7 @@ def _block_intrinsic(R: int, V: int, L: int, mode: int):
 
         return sig, codegen
 
-    typer.__name__ = f"_block_{'bias' if mode == BIAS else 'add'}_{R}x{V * L}"
+    typer.__name__ = f"_block_{('bias', 'add', 'zero')[mode]}_{R}x{V * L}"
     return intrinsic(typer)
 
 
@@ -167,3 +169,12 @@ add_4x1 = _block_intrinsic(4, 1, 1, ADD_SCALED)
 add_1x16 = _block_intrinsic(1, 2, 8, ADD_SCALED)
 add_1x8 = _block_intrinsic(1, 1, 8, ADD_SCALED)
 add_1x1 = _block_intrinsic(1, 1, 1, ADD_SCALED)
+zero_4x16 = _block_intrinsic(4, 2, 8, ZERO)
+zero_4x8 = _block_intrinsic(4, 1, 8, ZERO)
+zero_4x4 = _block_intrinsic(4, 1, 4, ZERO)
+zero_4x1 = _block_intrinsic(4, 1, 1, ZERO)
+zero_1x16 = _block_intrinsic(1, 2, 8, ZERO)
+zero_1x8 = _block_intrinsic(1, 1, 8, ZERO)
+zero_1x4 = _block_intrinsic(1, 1, 4, ZERO)
+zero_1x1 = _block_intrinsic(1, 1, 1, ZERO)
+

@@ -267,21 +267,16 @@ def _dsigma_t(a, act, m):
 
 
 @_tile_jit()
-def _dot(u, v, m, h):
-    """``sum_t u[t] v[t]`` over ``t < m`` (a vectorised reduction)."""
-    acc = 0.0 * h
-    for t in range(m):
-        acc += u[t] * v[t]
-    return acc
-
-
-@_tile_jit()
-def _partial_t(g, x, h, pK, pb, t0, t1):
+def _partial_t(g, rows, lo, h, pK, pb, t0, t1):
     """One chunk's gradient partial from tile columns ``t0:t1``; scales ``g`` by ``h`` there.
 
-    ``pb[i] = sum_t h g[i, t]`` and ``pK[i, j] = sum_t (h g[i, t]) x[j, t]``, the sums of
-    ``_maths.bias_partial_entry`` and ``gradient_partial_entry`` over the chunk's samples,
-    each a vectorised reduction (see the module docstring for the order).
+    ``pb[i] = sum_t h g[i, t]`` (a vectorised reduction, see the module docstring) and
+    ``pK[i, j] = sum_t (h g[i, t]) x[j, t]``, the sums of ``_maths.bias_partial_entry``
+    and ``gradient_partial_entry`` over the chunk's samples. ``x`` is read from the
+    sample rows ``rows[lo + t]`` (the state the tile was loaded from): ``pK`` is then the
+    product of ``h g`` and those rows, in blocks of 4 rows ``i`` by 16, 8, 4 or 1 columns
+    ``j`` held in registers (:mod:`ptoc.kernels._product`), each entry summed over the
+    samples in order, as ``gradient_partial_entry`` sums them.
     """
     d = g.shape[0]
     m = t1 - t0
@@ -293,71 +288,32 @@ def _partial_t(g, x, h, pK, pb, t0, t1):
             gi[t] = h * gi[t]
             acc += gi[t]
         pb[i] = acc
-    # weight partial, 4 x 4 blocks of (i, j): sixteen accumulators, eight row loads per sample
+    # weight partial: pK = (h g)[:, t0:t1] @ rows[lo + t0:lo + t1]
+    gm = g[:, t0:t1]
+    xr = rows[lo + t0:lo + t1]
     d4 = d - d % 4
-    for i in range(0, d4, 4):
-        g0 = g[i][t0:t1]
-        g1 = g[i + 1][t0:t1]
-        g2 = g[i + 2][t0:t1]
-        g3 = g[i + 3][t0:t1]
-        for j in range(0, d4, 4):
-            x0 = x[j][t0:t1]
-            x1 = x[j + 1][t0:t1]
-            x2 = x[j + 2][t0:t1]
-            x3 = x[j + 3][t0:t1]
-            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0 * h
-            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = 0.0 * h
-            for t in range(m):
-                y0 = x0[t]
-                y1 = x1[t]
-                y2 = x2[t]
-                y3 = x3[t]
-                u = g0[t]
-                a00 += u * y0
-                a01 += u * y1
-                a02 += u * y2
-                a03 += u * y3
-                u = g1[t]
-                a10 += u * y0
-                a11 += u * y1
-                a12 += u * y2
-                a13 += u * y3
-                u = g2[t]
-                a20 += u * y0
-                a21 += u * y1
-                a22 += u * y2
-                a23 += u * y3
-                u = g3[t]
-                a30 += u * y0
-                a31 += u * y1
-                a32 += u * y2
-                a33 += u * y3
-            pK[i, j] = a00
-            pK[i, j + 1] = a01
-            pK[i, j + 2] = a02
-            pK[i, j + 3] = a03
-            pK[i + 1, j] = a10
-            pK[i + 1, j + 1] = a11
-            pK[i + 1, j + 2] = a12
-            pK[i + 1, j + 3] = a13
-            pK[i + 2, j] = a20
-            pK[i + 2, j + 1] = a21
-            pK[i + 2, j + 2] = a22
-            pK[i + 2, j + 3] = a23
-            pK[i + 3, j] = a30
-            pK[i + 3, j + 1] = a31
-            pK[i + 3, j + 2] = a32
-            pK[i + 3, j + 3] = a33
-        # the last d % 4 columns of these four rows
-        for ii in range(i, i + 4):
-            gi = g[ii][t0:t1]
-            for j in range(d4, d):
-                pK[ii, j] = _dot(gi, x[j][t0:t1], m, h)
-    # the last d % 4 rows
-    for i in range(d4, d):
-        gi = g[i][t0:t1]
-        for j in range(d):
-            pK[i, j] = _dot(gi, x[j][t0:t1], m, h)
+    d16 = d - d % 16
+    d8 = d - d % 8
+    for j in range(0, d16, 16):
+        for i in range(0, d4, 4):
+            _product.zero_4x16(gm, xr, pK, i, j, pb, h)
+        for i in range(d4, d):
+            _product.zero_1x16(gm, xr, pK, i, j, pb, h)
+    for j in range(d16, d8, 8):
+        for i in range(0, d4, 4):
+            _product.zero_4x8(gm, xr, pK, i, j, pb, h)
+        for i in range(d4, d):
+            _product.zero_1x8(gm, xr, pK, i, j, pb, h)
+    for j in range(d8, d4, 4):
+        for i in range(0, d4, 4):
+            _product.zero_4x4(gm, xr, pK, i, j, pb, h)
+        for i in range(d4, d):
+            _product.zero_1x4(gm, xr, pK, i, j, pb, h)
+    for j in range(d4, d):
+        for i in range(0, d4, 4):
+            _product.zero_4x1(gm, xr, pK, i, j, pb, h)
+        for i in range(d4, d):
+            _product.zero_1x1(gm, xr, pK, i, j, pb, h)
 
 
 @_thin_jit()
@@ -463,10 +419,12 @@ def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, 
     if n1 == N:
         _load_t(lam_N, lo, m, lam)
     for n in range(n1 - 1, n0 - 1, -1):
-        _load_t(xs[n], lo, m, x)
-        # g = sigma'(a_n) * lambda_{n+1}, with a_n recomputed unless sigma' was stored
+        # g = sigma'(a_n) * lambda_{n+1}, with a_n recomputed unless sigma' was stored (the
+        # gradient partial reads x_n from its rows, not from the tile)
         if have_dsig:
             _load_t(dsig[n], lo, m, g)
+        else:
+            _load_t(xs[n], lo, m, x)
         _adjoint_g_t(K[n], b[n], act, x, lam, g, m, have_dsig)
         if want_out:
             # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]
@@ -478,7 +436,7 @@ def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, 
             for c in range(w * group, min(n_chunks, (w + 1) * group)):
                 t0 = c * chunk - lo
                 t1 = min(S, (c + 1) * chunk) - lo
-                _partial_t(g, x, h, part_K[c, n - n0], part_b[c, n - n0], t0, t1)
+                _partial_t(g, xs[n], lo, h, part_K[c, n - n0], part_b[c, n - n0], t0, t1)
     if n0 == 0 and want_out:
         _store_t(lam, lam_out, lo, m)
 
@@ -758,7 +716,7 @@ def _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, gro
         _load_t(lams[n], lo, m, lt)
         _adjoint_g_t(K[n], b[n], act, x, lt, g, m, False)
         for c in range(w * group, min(n_chunks, (w + 1) * group)):
-            _partial_t(g, x, h, part_K[c, n - n0], part_b[c, n - n0], c * chunk - lo,
+            _partial_t(g, xs[n], lo, h, part_K[c, n - n0], part_b[c, n - n0], c * chunk - lo,
                        min(S, (c + 1) * chunk) - lo)
 
 
