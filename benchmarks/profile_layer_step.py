@@ -79,11 +79,11 @@ def _loop_forward(K, b, x, a, h, rows, dsig, lo, m, reps):
 
 
 @njit
-def _loop_adjoint(K, KT, b, h, x, lam, g, acc, pK, pb, rows, lo, m, chunk, reps):
+def _loop_adjoint(K, KT, b, h, x, lam, g, pK, pb, rows, lo, m, chunk, reps):
     for _ in range(reps):
         cpu._load_t(rows, lo, m, x)
         cpu._adjoint_g_t(K, b, TANH, x, lam, g, m, False)
-        cpu._adjoint_lam_t(KT, h, g, lam, acc, m)
+        cpu._adjoint_lam_t(KT, h, g, lam, m)
         for t0 in range(0, m, chunk):
             cpu._partial_t(g, rows, lo, h, pK, pb, t0, min(m, t0 + chunk))
 
@@ -110,7 +110,7 @@ def measure(d: int, S: int, reps: int, rounds: int) -> dict[str, float]:
     rows = rng.standard_normal((S, d))
     dsig = np.empty_like(rows)
     L = cpu._row_len.py_func(W)
-    x, a, a0, lam, g, acc = (np.zeros((d, L)) for _ in range(6))
+    x, a, a0, lam, g = (np.zeros((d, L)) for _ in range(5))
     pK, pb = np.empty((d, d)), np.empty(d)
     times: dict[str, float] = {}
     for lo in range(0, S, W):
@@ -124,7 +124,7 @@ def measure(d: int, S: int, reps: int, rounds: int) -> dict[str, float]:
             "copy": (_loop_copy, (a0, a, reps)),
             "transposes": (_loop_transposes, (x, a, rows, lo, m, reps)),
             "forward step": (_loop_forward, (K, b, x, a, h, rows, dsig, lo, m, reps)),
-            "adjoint step": (_loop_adjoint, (K, KT, b, h, x, lam, g, acc, pK, pb, rows, lo, m,
+            "adjoint step": (_loop_adjoint, (K, KT, b, h, x, lam, g, pK, pb, rows, lo, m,
                                              chunk, reps)),
         }
         for name, (fn, args) in parts.items():

@@ -568,6 +568,56 @@ def test_cpu_transposes_move_every_entry_and_nothing_else(S, d, lo, dtype, rever
     assert (dst[untouched] == -1.0).all()
 
 
+@given(d=st.integers(1, 40), m=st.integers(1, 128), lo=st.integers(0, 5),
+       dtype=st.sampled_from([np.float64, np.float32]), seed=st.integers(0, 2**32 - 1))
+def test_cpu_register_blocked_products_write_exactly_their_entries(d, m, lo, dtype, seed):
+    """The three products of a layer step in register blocks (pre-activation, adjoint
+    update, weight-gradient partial; ptoc.kernels._product) against NumPy, for every
+    width and sample count (blocks of 16, 8, 4 and 1 samples or columns, rows in fours
+    and one by one), both dtypes; nothing outside the result is written."""
+    from ptoc.kernels import cpu
+
+    rng = np.random.default_rng(seed)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    L = cpu._row_len.py_func(m)
+    K = (rng.standard_normal((d, d)) / np.sqrt(d)).astype(dtype)
+    b = rng.standard_normal(d).astype(dtype)
+    h = dtype(0.3)
+
+    def tile():
+        t = np.full((d, L), -7.0, dtype)
+        t[:, :m] = rng.standard_normal((d, m))
+        return t
+
+    def close(got, want):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * (1 + np.abs(want).max()))
+
+    x = tile()
+    a = np.full((d, L), -7.0, dtype)
+    cpu._preact_t(K, b, x, a, m)
+    close(a[:, :m], K @ x[:, :m] + b[:, None])
+    assert (a[:, m:] == -7.0).all()
+
+    g, lam = tile(), tile()
+    lam0 = lam.copy()
+    cpu._adjoint_lam_t(np.ascontiguousarray(K.T), h, g, lam, m)
+    close(lam[:, :m], lam0[:, :m] + h * (K.T @ g[:, :m]))
+    assert (lam[:, m:] == -7.0).all()
+
+    rows = rng.standard_normal((lo + m, d)).astype(dtype)
+    t0 = int(rng.integers(0, m))
+    t1 = int(rng.integers(t0 + 1, m + 1))
+    g0 = g.copy()
+    pK, pb = np.full((d, d), -7.0, dtype), np.full(d, -7.0, dtype)
+    cpu._partial_t(g, rows, lo, h, pK, pb, t0, t1)
+    hg = h * g0[:, t0:t1]
+    np.testing.assert_array_equal(g[:, t0:t1], hg)  # g is scaled in place, there only
+    np.testing.assert_array_equal(np.delete(g, np.s_[t0:t1], axis=1),
+                                  np.delete(g0, np.s_[t0:t1], axis=1))
+    close(pK, hg @ rows[lo + t0:lo + t1])
+    close(pb, hg.sum(axis=1))
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_cpu_level_runs_equal_the_serial_sweeps_bitwise(act):
     # a level-0 run over every layer is the serial sweep: the same bits, state and adjoint

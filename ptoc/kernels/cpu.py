@@ -41,13 +41,14 @@ functions here costs 8x to 22x in speed (see :mod:`ptoc._maths`):
   (:mod:`ptoc.kernels._product`, LLVM IR written out, since loops over tile rows
   compiled to several times the cycles of their arithmetic at small shapes).
 * Weight gradient ``h sum_s g[s, i] x[s, j]`` (:func:`_partial_t`): summed per chunk
-  of ``chunk`` samples, as in ``gradient_partial_entry``, but each chunk sum is a
-  vectorised reduction over the samples (partial sums per vector lane, then combined)
-  in a 4 x 4 register tile of ``(i, j)`` pairs: a reassociation of the sample-ordered
-  sum that the ``reassoc`` fast-math flag allows. The bias gradient is summed the
-  same way. The chunk partials are then added in chunk order, so every result is
-  bitwise independent of the number of threads (the work-item width ``W`` and the
-  layer blocks depend on the shapes and ``chunk`` only, and change no result).
+  of ``chunk`` samples, as in ``gradient_partial_entry``, each entry over the chunk's
+  samples in order (a product of the tile ``h g`` and the chunk's sample rows of ``x``,
+  in register blocks as above). The bias gradient's chunk sum is a vectorised
+  reduction over the samples (partial sums per vector lane, then combined): a
+  reassociation that the ``reassoc`` fast-math flag allows. The chunk partials are
+  then added in chunk order, so every result is bitwise independent of the number of
+  threads (the work-item width ``W`` and the layer blocks depend on the shapes and
+  ``chunk`` only, and change no result).
 * With ``PTOC_FASTMATH=0`` nothing is reassociated or contracted, and every result
   equals the element functions of :mod:`ptoc._maths` bit for bit (slowly); the tests
   check this against the CUDA kernels, which call them.
@@ -342,13 +343,12 @@ def _times_t(g, lam, m):
 
 
 @_tile_jit()
-def _adjoint_lam_t(KT, h, g, lam, acc, m):
+def _adjoint_lam_t(KT, h, g, lam, m):
     """``lam[j, t] <- lam[j, t] + h sum_i K[i, j] g[i, t]`` for ``t < m`` (``KT = K^T``).
 
     The second half of one adjoint step: the sum of ``_maths.adjoint_entry``, its terms
     in ascending ``i``, added to ``lam`` after the sum is complete, in blocks of 4 rows
-    by 16, 8 or 1 samples held in registers (:mod:`ptoc.kernels._product`). ``acc`` is
-    not used.
+    by 16, 8 or 1 samples held in registers (:mod:`ptoc.kernels._product`).
     """
     R = KT.shape[0]
     R4 = R - R % 4
@@ -406,7 +406,7 @@ def _forward(x0, K, b, h, act, outs, dsig, store, W):
 
 
 @_tile_jit()
-def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, acc, part_K,
+def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, part_K,
                   part_b, want_grad, lams, keep, lam_out, want_out, chunk, group, w):
     """Layers ``n1-1`` down to ``n0`` of :func:`_adjoint_block` for work item ``w``, its
     ``lambda`` in tile ``lam`` (a tile helper: no reference counting of its views)."""
@@ -428,7 +428,7 @@ def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, 
         _adjoint_g_t(K[n], b[n], act, x, lam, g, m, have_dsig)
         if want_out:
             # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]
-            _adjoint_lam_t(KT[n - n0], h, g, lam, acc, m)
+            _adjoint_lam_t(KT[n - n0], h, g, lam, m)
             if keep:
                 _store_t(lam, lams[n], lo, m)
         if want_grad:
@@ -443,7 +443,7 @@ def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, 
 
 @_jit(parallel=True)
 def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles, x_tiles,
-                   g_tiles, acc_tiles, part_K, part_b, want_grad, lams, keep, lam_out, want_out,
+                   g_tiles, part_K, part_b, want_grad, lams, keep, lam_out, want_out,
                    chunk, group):
     """Layers ``n1-1`` down to ``n0`` of the adjoint sweep for every work item.
 
@@ -457,7 +457,7 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
         # np.int64: Numba types a prange index over a shape as unsigned in the parallel
         # body and as signed elsewhere, and would compile the helper for both
         _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
-                      x_tiles[w], g_tiles[w], acc_tiles[w], part_K, part_b, want_grad, lams,
+                      x_tiles[w], g_tiles[w], part_K, part_b, want_grad, lams,
                       keep, lam_out, want_out, chunk, group, np.int64(w))
 
 
@@ -629,30 +629,29 @@ def _level_derivatives(X, K, b, act, out, W, x, a):
 
 
 @_thin_jit()
-def _adjoint_tile_step(D, KT, dt, k, lam, g, acc, lo, m):
+def _adjoint_tile_step(D, KT, dt, k, lam, g, lo, m):
     """``lam <- lam + dt[k] (D[k] * lam) K[k]`` on a tile (``KT = K^T``), with ``D[k]`` the
     step's ``sigma'(a)`` (:func:`_level_derivatives`): the step of the adjoint sweep
     (:func:`_adjoint_block`) with a stored derivative."""
     _load_t(D[k], lo, m, g)
     _times_t(g, lam, m)
-    _adjoint_lam_t(KT[k], dt[k], g, lam, acc, m)
+    _adjoint_lam_t(KT[k], dt[k], g, lam, m)
 
 
 @_tile_jit()
 def _adjoint_runs_slot(lam, g, has_g, D, KT, dt, starts, ends, W, tiles, q0, q1):
-    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_runs` on one slot's three tiles."""
+    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_runs` on one slot's two tiles."""
     S = lam.shape[1]
     n_items = (S + W - 1) // W
     lt = tiles[0]
     gg = tiles[1]
-    acc = tiles[2]
     for q in range(q0, q1):
         r = q // n_items
         lo = (q % n_items) * W
         m = min(S, lo + W) - lo
         _load_t(lam[starts[r] - 1], lo, m, lt)
         for k in range(starts[r], ends[r] + 1):
-            _adjoint_tile_step(D, KT, dt, k, lt, gg, acc, lo, m)
+            _adjoint_tile_step(D, KT, dt, k, lt, gg, lo, m)
             _store_add_t(lt, g[k], has_g, lam[k], lo, m)
 
 
@@ -669,19 +668,18 @@ def _adjoint_runs(lam, g, has_g, D, KT, dt, starts, ends, W, tiles):
 
 @_tile_jit()
 def _adjoint_points_slot(lam, D, KT, dt, positions, out, W, tiles, q0, q1):
-    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_points` on one slot's three tiles."""
+    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_points` on one slot's two tiles."""
     S = lam.shape[1]
     n_items = (S + W - 1) // W
     lt = tiles[0]
     gg = tiles[1]
-    acc = tiles[2]
     for q in range(q0, q1):
         r = q // n_items
         lo = (q % n_items) * W
         m = min(S, lo + W) - lo
         k = positions[r]
         _load_t(lam[k - 1], lo, m, lt)
-        _adjoint_tile_step(D, KT, dt, k, lt, gg, acc, lo, m)
+        _adjoint_tile_step(D, KT, dt, k, lt, gg, lo, m)
         _store_t(lt, out[r], lo, m)
 
 
@@ -764,7 +762,7 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
     n_items = -(-S // W)
     n_chunks = -(-S // chunk)
     L = min(_layer_block(S, d, N, chunk, lam.itemsize), max(N, 1))
-    tiles = np.empty((4, n_items, d, _row_len.py_func(W)), dt)
+    tiles = np.empty((3, n_items, d, _row_len.py_func(W)), dt)
     KT = np.empty((L, d, d), dt)
     part_K = np.empty((n_chunks if want_grad else 1, L, d, d), dt)
     part_b = np.empty((n_chunks if want_grad else 1, L, d), dt)
@@ -782,8 +780,8 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
         n0 = max(0, n1 - L)
         KT[:n1 - n0] = np.swapaxes(K[n0:n1], 1, 2)
         _adjoint_block(xs, lam, K, KT, b, h, act, dsig_arg, dsig is not None, n0, n1, tiles[0],
-                       tiles[1], tiles[2], tiles[3], part_K, part_b, want_grad, lams_arg, keep,
-                       out_arg, want_out, chunk, group)
+                       tiles[1], tiles[2], part_K, part_b, want_grad, lams_arg, keep, out_arg,
+                       want_out, chunk, group)
         if want_grad:
             _add_partials(part_K, part_b, gK_arg, gb_arg, n0, n1)
         n1 = n0
@@ -900,13 +898,13 @@ def adjoint_runs(lam, g, D, K, KT, dt, starts, ends, chunk):
     has_g = g is not None
     W = _state_width(lam.shape[1], chunk, len(starts))
     _adjoint_runs(lam, g if has_g else lam, has_g, D, KT, np.asarray(dt, lam.dtype),
-                  _idx(starts), _idx(ends), W, _tiles(lam, _tasks(lam, len(starts), W), W, 3))
+                  _idx(starts), _idx(ends), W, _tiles(lam, _tasks(lam, len(starts), W), W, 2))
 
 
 def adjoint_points(lam, D, K, KT, dt, positions, out, chunk):
     W = _state_width(lam.shape[1], chunk, len(positions))
     _adjoint_points(lam, D, KT, np.asarray(dt, lam.dtype), _idx(positions), out, W,
-                    _tiles(lam, _tasks(lam, len(positions), W), W, 3))
+                    _tiles(lam, _tasks(lam, len(positions), W), W, 2))
 
 
 def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):
