@@ -94,6 +94,15 @@ CPU_MIN_ITEMS: int = 4
 #: d = 16, S = 32, 2 threads).
 CPU_MIN_LANES: int = 16
 
+#: Smallest sweep, in multiply-adds per product (batch x width^2 x layers), that the CPU
+#: sweep kernels run on several threads; a smaller one runs on the calling thread, with
+#: the same work items and so the same bits. A job of only such sweeps never compiles
+#: the parallel kernels, which are most of a first run's compile time (``ptoc train``
+#: on Peaks: its steps, width 8, depth 32, batch 50, and its evaluation, one layer of
+#: 5000 samples per call, stay below). Threads gain little there (two threads against
+#: one, ``loss_and_grad``: 5% at width 8, depth 32, batch 50; 10% at batch 100).
+CPU_PARALLEL_MIN_WORK: int = 1 << 19
+
 #: Scratch slots per Numba thread of the CPU level kernels (the batched steps of the
 #: layer-parallel solvers): a call's tasks (one run or point on one work item each) are
 #: shared out in contiguous ranges over at most this many slots per thread, each with

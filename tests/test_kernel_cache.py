@@ -224,7 +224,9 @@ net = ptoc.ResNet(width=3, depth=4, n_in=2, n_classes=2)
 X = np.random.default_rng(1).standard_normal((5, 2))
 ptoc.loss_and_grad(net, net.init_params(1), X, np.arange(5) % 2)
 names = os.listdir(folder)
-print(sum(n in names for n in stale), cpu._forward._cache._impl.filename_base + ".nbi" in names)
+# this small job runs (and compiles) the one-thread variant of the forward sweep
+print(sum(n in names for n in stale),
+      cpu._forward_one_thread._cache._impl.filename_base + ".nbi" in names)
 """
 
 

@@ -357,17 +357,22 @@ def test_cuda_without_a_device_gives_the_fix(monkeypatch):
 # --- sweeps: many layers per call (CPU work items, layer blocks) -----------------------------
 
 @contextlib.contextmanager
-def _cpu_settings(lanes, partial_bytes, min_lanes=16):
-    """Temporarily set the CPU work-item widths and layer-block size (``ptoc._config``)."""
+def _cpu_settings(lanes, partial_bytes, min_lanes=16, parallel_min_work=0):
+    """Temporarily set the CPU work-item widths, layer-block size and the smallest sweep
+    run on several threads (``ptoc._config``; 0: every sweep with two or more work items
+    and threads takes the parallel kernels)."""
     from ptoc import _config
 
-    old = _config.CPU_LANES, _config.CPU_PARTIAL_BYTES, _config.CPU_MIN_LANES
-    _config.CPU_LANES, _config.CPU_PARTIAL_BYTES = lanes, partial_bytes
-    _config.CPU_MIN_LANES = min_lanes
+    names = ("CPU_LANES", "CPU_PARTIAL_BYTES", "CPU_MIN_LANES", "CPU_PARALLEL_MIN_WORK")
+    old = [getattr(_config, name) for name in names]
+    for name, value in zip(names, (lanes, partial_bytes, min_lanes, parallel_min_work),
+                           strict=True):
+        setattr(_config, name, value)
     try:
         yield
     finally:
-        _config.CPU_LANES, _config.CPU_PARTIAL_BYTES, _config.CPU_MIN_LANES = old
+        for name, value in zip(names, old, strict=True):
+            setattr(_config, name, value)
 
 
 def _sweeps(kern, X, K, b, h, act, lam, chunk, store=True, gK0=None, gb0=None):
@@ -421,8 +426,10 @@ def test_cpu_sweeps_are_bitwise_independent_of_threads_and_work_split(S, d, N, c
     for _ in _thread_counts():
         for lanes, min_lanes in ((1, 1), (32, 1), (32, 16), (128, 16)):
             for partial_bytes in (1, 1 << 20):
-                with _cpu_settings(lanes, partial_bytes, min_lanes):
-                    results.append(_sweeps(cpu, X, K, b, 0.3, 0, lam, chunk))
+                # the parallel sweep kernels, and their one-thread variants
+                for min_work in (0, 1 << 62):
+                    with _cpu_settings(lanes, partial_bytes, min_lanes, min_work):
+                        results.append(_sweeps(cpu, X, K, b, 0.3, 0, lam, chunk))
     _assert_all_bitwise_equal(results)
 
 

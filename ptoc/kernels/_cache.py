@@ -282,7 +282,8 @@ _warmed: set[str] = set()
 #: runs the group's warm-up parts (:data:`_WARM_UPS`).
 _GROUP_OF = {
     **{f"ptoc.kernels.cpu.{name}": "sweeps"
-       for name in ("_forward", "_adjoint_block", "_add_partials")},
+       for name in ("_forward", "_adjoint_block", "_add_partials", "_forward_one_thread",
+                    "_adjoint_block_one_thread", "_add_partials_one_thread")},
     **{f"ptoc.kernels.cpu.{name}": "levels"
        for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
                     "_layer_grad_block", "_level_derivatives")},
@@ -405,7 +406,9 @@ def _tiny_problem(depth: int = 8) -> tuple:
 
 def _warm_up_forward() -> None:
     """The forward sweep of training and evaluation, and the adjoint sweep's sum of
-    gradient partials."""
+    gradient partials: their one-thread variants, which small jobs such as the default
+    ``ptoc train`` run (the parallel ones compile when a larger sweep first needs them,
+    ``ptoc._config.CPU_PARALLEL_MIN_WORK``)."""
     import ptoc
 
     net, params, X, _ = _tiny_problem()
@@ -420,7 +423,7 @@ def _warm_up_forward() -> None:
     # by name, as the helper imports the kernels it compiles (that module imports this one)
     cpu = importlib.import_module("ptoc.kernels.cpu")
     part_K, part_b = np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4))
-    cpu._add_partials(part_K, part_b, np.zeros((1, 4, 4)), np.zeros((1, 4)), 0, 1)
+    cpu._add_partials_one_thread(part_K, part_b, np.zeros((1, 4, 4)), np.zeros((1, 4)), 0, 1)
 
 
 def _warm_up_adjoint() -> None:

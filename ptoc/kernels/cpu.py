@@ -18,7 +18,10 @@ transposes out and one in take about 0.1 us of its 0.7 us.
 ``prange`` runs over work items. Samples never interact in the forward sweep or in
 the adjoint recursion, so a work item keeps its tile in scratch across all layers:
 the forward sweep is one parallel loop in total, and the adjoint sweep one parallel
-loop per block of layers (see below).
+loop per block of layers (see below). Sweeps smaller than
+``_config.CPU_PARALLEL_MIN_WORK`` multiply-adds per product run one-thread variants of
+these kernels instead (``*_one_thread``: the same helpers on the same work items, so
+the same bits), which is all that a small job compiles.
 
 The loops over one work item's tiles, all layers included, are *tile helpers*
 (``_tile_jit``), compiled without Numba's reference counting: they take a view per
@@ -405,6 +408,19 @@ def _forward(x0, K, b, h, act, outs, dsig, store, W):
                       x_tiles[w], a_tiles[w])
 
 
+@_jit()
+def _forward_one_thread(x0, K, b, h, act, outs, dsig, store, W):
+    """:func:`_forward` on the calling thread (the work items in turn): for sweeps too
+    small to gain from threads (:func:`_threaded`), and no parallel loop to compile."""
+    S, d = x0.shape
+    n_items = (S + W - 1) // W
+    x = np.empty((d, _row_len(W)), x0.dtype)
+    a = np.empty((d, _row_len(W)), x0.dtype)
+    for w in range(n_items):
+        lo = w * W
+        _forward_item(x0, K, b, h, act, outs, dsig, store, lo, min(S, lo + W) - lo, x, a)
+
+
 @_tile_jit()
 def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, part_K,
                   part_b, want_grad, lams, keep, lam_out, want_out, chunk, group, w):
@@ -461,6 +477,17 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
                       keep, lam_out, want_out, chunk, group, np.int64(w))
 
 
+@_jit()
+def _adjoint_block_one_thread(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles,
+                              x_tiles, g_tiles, part_K, part_b, want_grad, lams, keep, lam_out,
+                              want_out, chunk, group):
+    """:func:`_adjoint_block` on the calling thread (see :func:`_forward_one_thread`)."""
+    for w in range(lam_tiles.shape[0]):
+        _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
+                      x_tiles[w], g_tiles[w], part_K, part_b, want_grad, lams,
+                      keep, lam_out, want_out, chunk, group, w)
+
+
 @_jit(parallel=True)
 def _add_partials(part_K, part_b, gK, gb, n0, n1):
     """``gK[n] += part_K[0, n - n0]``, then ``part_K[1, n - n0]``, ...: chunks in order.
@@ -470,14 +497,26 @@ def _add_partials(part_K, part_b, gK, gb, n0, n1):
     """
     n_chunks, _, d, _ = part_K.shape
     for q in prange((n1 - n0) * d):
-        l = q // d
-        i = q % d
-        gKi = gK[n0 + l, i]
-        for c in range(n_chunks):
-            gb[n0 + l, i] += part_b[c, l, i]
-            pKi = part_K[c, l, i]
-            for j in range(d):
-                gKi[j] += pKi[j]
+        _add_partial_row(part_K, part_b, gK, gb, n0, q // d, q % d)
+
+
+@_jit()
+def _add_partials_one_thread(part_K, part_b, gK, gb, n0, n1):
+    """:func:`_add_partials` on the calling thread (see :func:`_forward_one_thread`)."""
+    d = part_K.shape[2]
+    for q in range((n1 - n0) * d):
+        _add_partial_row(part_K, part_b, gK, gb, n0, q // d, q % d)
+
+
+@_thin_jit()
+def _add_partial_row(part_K, part_b, gK, gb, n0, l, i):
+    """Row ``i`` of layer ``n0 + l`` of :func:`_add_partials`."""
+    gKi = gK[n0 + l, i]
+    for c in range(part_K.shape[0]):
+        gb[n0 + l, i] += part_b[c, l, i]
+        pKi = part_K[c, l, i]
+        for j in range(gKi.shape[0]):
+            gKi[j] += pKi[j]
 
 
 @_jit(parallel=True)
@@ -779,18 +818,42 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
     while n1 > 0:
         n0 = max(0, n1 - L)
         KT[:n1 - n0] = np.swapaxes(K[n0:n1], 1, 2)
-        _adjoint_block(xs, lam, K, KT, b, h, act, dsig_arg, dsig is not None, n0, n1, tiles[0],
-                       tiles[1], tiles[2], part_K, part_b, want_grad, lams_arg, keep, out_arg,
-                       want_out, chunk, group)
+        threaded = _threaded(n_items, S * d * d * (n1 - n0))
+        block = _adjoint_block if threaded else _adjoint_block_one_thread
+        block(xs, lam, K, KT, b, h, act, dsig_arg, dsig is not None, n0, n1, tiles[0],
+              tiles[1], tiles[2], part_K, part_b, want_grad, lams_arg, keep, out_arg,
+              want_out, chunk, group)
         if want_grad:
-            _add_partials(part_K, part_b, gK_arg, gb_arg, n0, n1)
+            add = _add_partials if threaded else _add_partials_one_thread
+            add(part_K, part_b, gK_arg, gb_arg, n0, n1)
         n1 = n0
+
+
+def _threaded(n_items: int, work: int) -> bool:
+    """Whether a sweep kernel of ``n_items`` work items and ``work`` multiply-adds per
+    product (``S d^2`` times the layers) runs its parallel variant: with two or more
+    threads and items, and at least ``_config.CPU_PARALLEL_MIN_WORK`` multiply-adds.
+
+    Below that a sweep takes a few microseconds, about what starting and joining the
+    threads costs, and the one-thread variant (the same helpers on the same work items,
+    so the same bits) is as fast; it is also the only variant a small job compiles
+    (the parallel loop is most of a first run's compile time).
+    """
+    return (n_items > 1 and numba.get_num_threads() > 1
+            and work >= _config.CPU_PARALLEL_MIN_WORK)
+
+
+def _sweep_forward(x0, K, b, h, act, outs, dsig, store, W):
+    S, d = x0.shape
+    kernel = _forward if _threaded(-(-S // W), S * d * d * K.shape[0]) else _forward_one_thread
+    kernel(x0, K, b, h, act, outs, dsig, store, W)
 
 
 def step(x, K, b, h, act, out, dsig, chunk):
     store = dsig is not None
-    _forward(x, K[None], b[None], x.dtype.type(h), act, out[None],
-             dsig[None] if store else _dummy(x, 3), store, _state_width(x.shape[0], chunk, 1))
+    _sweep_forward(x, K[None], b[None], x.dtype.type(h), act, out[None],
+                   dsig[None] if store else _dummy(x, 3), store,
+                   _state_width(x.shape[0], chunk, 1))
     return out
 
 
@@ -813,9 +876,9 @@ def hamiltonian(x, p, K, b, h, act, chunk):
 
 def forward_sweep(states, K, b, h, act, dsig, chunk):
     store = dsig is not None
-    _forward(states[0], K, b, states.dtype.type(h), act, states[1:],
-             dsig if store else _dummy(states, 3), store,
-             _state_width(states.shape[1], chunk, 1))
+    _sweep_forward(states[0], K, b, states.dtype.type(h), act, states[1:],
+                   dsig if store else _dummy(states, 3), store,
+                   _state_width(states.shape[1], chunk, 1))
 
 
 def adjoint_sweep(states, lam_N, K, b, h, act, dsig, gK, gb, lams, chunk):
