@@ -75,6 +75,10 @@ The adjoint sweep stores one ``(d, d)`` gradient partial per chunk and layer, so
 processes the layers in blocks of ``L`` layers whose partials fit in
 ``_config.CPU_PARTIAL_BYTES`` (:func:`_layer_block`); after each block a second
 parallel loop adds the partials of its layers, in chunk order, to ``gK`` and ``gb``.
+When the batch is a single work item (every chunk in one), that item adds each
+chunk's partial to ``gK`` and ``gb`` as soon as it has it, in the same order, and the
+sweep is one block with no stored partials (at width 8, batch 32 the second loop
+took a fifth of the adjoint sweep).
 """
 
 from __future__ import annotations
@@ -304,7 +308,11 @@ def _partial_t(g, rows, lo, h, pK, pb, t0, t1):
         for i in range(d4, d):
             _product.zero_1x16(gm, xr, pK, i, j, pb, h)
     for j in range(d16, d8, 8):
-        for i in range(0, d4, 4):
+        # eight rows at a time: eight accumulators, enough to hide the latency of the
+        # multiply-adds (four, with one vector of columns, wait on each other)
+        for i in range(0, d8, 8):
+            _product.zero_8x8(gm, xr, pK, i, j, pb, h)
+        for i in range(d8, d4, 4):
             _product.zero_4x8(gm, xr, pK, i, j, pb, h)
         for i in range(d4, d):
             _product.zero_1x8(gm, xr, pK, i, j, pb, h)
@@ -423,9 +431,14 @@ def _forward_one_thread(x0, K, b, h, act, outs, dsig, store, W):
 
 @_tile_jit()
 def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, part_K,
-                  part_b, want_grad, lams, keep, lam_out, want_out, chunk, group, w):
+                  part_b, want_grad, lams, keep, lam_out, want_out, chunk, group, w, gK, gb,
+                  direct):
     """Layers ``n1-1`` down to ``n0`` of :func:`_adjoint_block` for work item ``w``, its
-    ``lambda`` in tile ``lam`` (a tile helper: no reference counting of its views)."""
+    ``lambda`` in tile ``lam`` (a tile helper: no reference counting of its views).
+
+    With ``direct`` (the caller's only work item holds every chunk) each chunk's partial
+    goes through ``part_K[c, 0]``, ``part_b[c, 0]`` straight into ``gK[n]``, ``gb[n]``,
+    chunk after chunk: the additions of :func:`_add_partials`, in its order."""
     N = K.shape[0]
     S = lam_N.shape[0]
     W = chunk * group
@@ -452,15 +465,29 @@ def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, 
             for c in range(w * group, min(n_chunks, (w + 1) * group)):
                 t0 = c * chunk - lo
                 t1 = min(S, (c + 1) * chunk) - lo
-                _partial_t(g, xs[n], lo, h, part_K[c, n - n0], part_b[c, n - n0], t0, t1)
+                slot = 0 if direct else n - n0
+                _partial_t(g, xs[n], lo, h, part_K[c, slot], part_b[c, slot], t0, t1)
+                if direct:
+                    _add_partial_into(part_K[c, 0], part_b[c, 0], gK[n], gb[n])
     if n0 == 0 and want_out:
         _store_t(lam, lam_out, lo, m)
+
+
+@_tile_jit()
+def _add_partial_into(pK, pb, gK, gb):
+    """``gK += pK``, ``gb += pb`` (one layer, one chunk)."""
+    for i in range(pK.shape[0]):
+        gb[i] += pb[i]
+        gi = gK[i]
+        pi = pK[i]
+        for j in range(pK.shape[1]):
+            gi[j] += pi[j]
 
 
 @_jit(parallel=True)
 def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles, x_tiles,
                    g_tiles, part_K, part_b, want_grad, lams, keep, lam_out, want_out,
-                   chunk, group):
+                   chunk, group, gK, gb, direct):
     """Layers ``n1-1`` down to ``n0`` of the adjoint sweep for every work item.
 
     The tile ``lam_tiles[w]`` holds ``lambda`` of work item ``w`` between blocks; it is
@@ -474,18 +501,18 @@ def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_til
         # body and as signed elsewhere, and would compile the helper for both
         _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
                       x_tiles[w], g_tiles[w], part_K, part_b, want_grad, lams,
-                      keep, lam_out, want_out, chunk, group, np.int64(w))
+                      keep, lam_out, want_out, chunk, group, np.int64(w), gK, gb, direct)
 
 
 @_jit()
 def _adjoint_block_one_thread(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles,
                               x_tiles, g_tiles, part_K, part_b, want_grad, lams, keep, lam_out,
-                              want_out, chunk, group):
+                              want_out, chunk, group, gK, gb, direct):
     """:func:`_adjoint_block` on the calling thread (see :func:`_forward_one_thread`)."""
     for w in range(lam_tiles.shape[0]):
         _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
                       x_tiles[w], g_tiles[w], part_K, part_b, want_grad, lams,
-                      keep, lam_out, want_out, chunk, group, w)
+                      keep, lam_out, want_out, chunk, group, w, gK, gb, direct)
 
 
 @_jit(parallel=True)
@@ -510,13 +537,13 @@ def _add_partials_one_thread(part_K, part_b, gK, gb, n0, n1):
 
 @_thin_jit()
 def _add_partial_row(part_K, part_b, gK, gb, n0, l, i):
-    """Row ``i`` of layer ``n0 + l`` of :func:`_add_partials`."""
-    gKi = gK[n0 + l, i]
+    """Row ``i`` of layer ``n0 + l`` of :func:`_add_partials` (indexed entry by entry: a
+    view per row would cost more than the row's additions at small widths)."""
+    n = n0 + l
     for c in range(part_K.shape[0]):
-        gb[n0 + l, i] += part_b[c, l, i]
-        pKi = part_K[c, l, i]
-        for j in range(gKi.shape[0]):
-            gKi[j] += pKi[j]
+        gb[n, i] += part_b[c, l, i]
+        for j in range(part_K.shape[3]):
+            gK[n, i, j] += part_K[c, l, i, j]
 
 
 @_jit(parallel=True)
@@ -800,11 +827,14 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
     W = chunk * group
     n_items = -(-S // W)
     n_chunks = -(-S // chunk)
-    L = min(_layer_block(S, d, N, chunk, lam.itemsize), max(N, 1))
+    # one work item holds every chunk: it adds its partials to the gradient itself, in
+    # chunk order, and the sweep needs neither a partial per layer nor blocks of layers
+    direct = want_grad and n_items == 1
+    L = max(N, 1) if direct else min(_layer_block(S, d, N, chunk, lam.itemsize), max(N, 1))
     tiles = np.empty((3, n_items, d, _row_len.py_func(W)), dt)
     KT = np.empty((L, d, d), dt)
-    part_K = np.empty((n_chunks if want_grad else 1, L, d, d), dt)
-    part_b = np.empty((n_chunks if want_grad else 1, L, d), dt)
+    part_K = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d, d), dt)
+    part_b = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d), dt)
     dsig_arg = _dummy(lam, 3) if dsig is None else dsig
     gK_arg, gb_arg = (gK, gb) if want_grad else (_dummy(lam, 3), _dummy(lam, 2))
     lams_arg = lams if keep else _dummy(lam, 3)
@@ -822,8 +852,8 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
         block = _adjoint_block if threaded else _adjoint_block_one_thread
         block(xs, lam, K, KT, b, h, act, dsig_arg, dsig is not None, n0, n1, tiles[0],
               tiles[1], tiles[2], part_K, part_b, want_grad, lams_arg, keep, out_arg,
-              want_out, chunk, group)
-        if want_grad:
+              want_out, chunk, group, gK_arg, gb_arg, direct)
+        if want_grad and not direct:
             add = _add_partials if threaded else _add_partials_one_thread
             add(part_K, part_b, gK_arg, gb_arg, n0, n1)
         n1 = n0
