@@ -48,6 +48,7 @@ class Workspace(threading.local):
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.buffers: dict[tuple, np.ndarray] = {}
+        self._held = 0  # the sum of _charge over self.buffers, kept up to date
 
     @property
     def byte_limit(self) -> int:
@@ -57,7 +58,7 @@ class Workspace(threading.local):
     @property
     def held_bytes(self) -> int:
         """Bytes the kept buffers of the calling thread are charged (data and overhead)."""
-        return sum(_charge(buf) for buf in self.buffers.values())
+        return self._held
 
     def get(self, name: str, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
         """A buffer of ``shape`` and ``dtype`` for ``name``, with undefined content.
@@ -82,13 +83,16 @@ class Workspace(threading.local):
         buf = self.buffers.pop(key, None)
         if buf is None:
             buf = np.empty(shape, dtype)
+        else:
+            self._held -= _charge(buf)
         limit, cost = self.byte_limit, _charge(buf)
         if cost > limit:
             return buf  # too big to keep: the caller's own array
-        held = self.held_bytes
-        while self.buffers and (len(self.buffers) >= self.capacity or held + cost > limit):
-            held -= _charge(self.buffers.pop(next(iter(self.buffers))))
+        while self.buffers and (len(self.buffers) >= self.capacity
+                                or self._held + cost > limit):
+            self._held -= _charge(self.buffers.pop(next(iter(self.buffers))))
         self.buffers[key] = buf  # most recently used last
+        self._held += cost
         return buf
 
     def zeros(self, name: str, shape: tuple[int, ...],
@@ -101,6 +105,7 @@ class Workspace(threading.local):
     def clear(self) -> None:
         """Drop every buffer of the calling thread."""
         self.buffers.clear()
+        self._held = 0
 
 
 def _charge(buf: np.ndarray) -> int:

@@ -452,8 +452,8 @@ def _sweeps(model: Model, params, X: np.ndarray, y: np.ndarray, target: Target):
     value = float(value) + regulariser(network, params)
     check_finite_step(value, {})  # before the adjoint sweep
     adj = adjoint(network, params, fwd, lam_N, target=target, keep_adjoints=True)
-    grads = assemble_gradient(network, params, X, adj.grad_K, adj.grad_b, adj.initial_adjoint,
-                              fwd.opening_derivative, dW, dmu)
+    grads, _ = assemble_gradient(network, params, X, adj.grad_K, adj.grad_b,
+                                 adj.initial_adjoint, fwd.opening_derivative, dW, dmu)
     check_finite_step(value, grads)
     return value, fwd.states, -adj.adjoints, grads
 

@@ -1489,8 +1489,8 @@ def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray
         lo, hi = bounds[j], bounds[j + 1]
         lam = _adjoint_trajectory(sol.trajectories[j], lam, p.K[lo:hi], p.b[lo:hi], network.h,
                                   sol.substeps, sol.scheme, act, gK[lo:hi], gb[lo:hi])
-    grads = assemble_gradient(network, p, X, gK, gb, lam, dsig_in, dW, dmu)
-    total = loss + regulariser(network, p)
+    grads, reg = assemble_gradient(network, p, X, gK, gb, lam, dsig_in, dW, dmu)
+    total = loss + reg
     return total, (grads.to_dict(copy=False) if as_dict else grads), sol
 
 

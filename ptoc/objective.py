@@ -202,10 +202,11 @@ def regulariser(network: ResNet, params: Params) -> float:
     return value + head_regulariser(network, params)
 
 
-def add_regulariser_grad(network: ResNet, params: Params, grads: Params) -> None:
-    """Add ``dR/dtheta`` to ``grads`` in place."""
-    range_regulariser(network, [params.K, params.b], add_to=[grads.K, grads.b])
-    head_regulariser(network, params, grads)
+def add_regulariser_grad(network: ResNet, params: Params, grads: Params) -> float:
+    """Add ``dR/dtheta`` to ``grads`` in place; returns ``R(theta)`` (the value of
+    :func:`regulariser`, computed on the way)."""
+    value, _ = range_regulariser(network, [params.K, params.b], add_to=[grads.K, grads.b])
+    return value + head_regulariser(network, params, grads)
 
 
 def layer_regulariser(network: ResNet, params: Params, n: int, K: np.ndarray, b: np.ndarray):
@@ -233,11 +234,12 @@ def layer_regulariser(network: ResNet, params: Params, n: int, K: np.ndarray, b:
 
 def assemble_gradient(network: ResNet, params: Params, X: np.ndarray, grad_K: np.ndarray,
                       grad_b: np.ndarray, lam0: np.ndarray, dsig_in, dW: np.ndarray,
-                      dmu: np.ndarray) -> Params:
+                      dmu: np.ndarray) -> tuple[Params, float]:
     """``dJ/dtheta`` from what the two sweeps produce: the data part of the layer gradients
     (``grad_K``, ``grad_b``, used in place), ``lambda_0`` with ``sigma'(a_in)`` for the
     opening layer (:func:`opening_backward`), and the classifier's ``dPhi/dW``,
     ``dPhi/dmu``; then the regulariser's gradient is added (:func:`add_regulariser_grad`).
+    Returns the gradient and the regulariser's value ``R(theta)``.
     The one gradient assembly of the serial sweeps, MSA and the neural ODE; the
     layer-parallel driver assembles the same pieces on the ranks that hold them.
     """
@@ -247,5 +249,4 @@ def assemble_gradient(network: ResNet, params: Params, X: np.ndarray, grad_K: np
                    b_in=None if params.b_in is None else np.zeros_like(params.b_in),
                    W=np.ascontiguousarray(dW, dtype=dtype), mu=np.asarray(dmu, dtype=dtype))
     opening_backward(params, X, lam0, dsig_in, grads)
-    add_regulariser_grad(network, params, grads)
-    return grads
+    return grads, add_regulariser_grad(network, params, grads)

@@ -387,9 +387,9 @@ def _loss_and_grad_body(network: ResNet, params: Params, X, y, kern, checkpoint_
                    scratch=True)
     loss, lam_N, dW, dmu = classifier_loss(params, fwd.final_state, y)
     adj = _adjoint(network, params, fwd, lam_N, kern, False)
-    grads = assemble_gradient(network, params, X, adj.grad_K, adj.grad_b, adj.initial_adjoint,
-                              fwd.opening_derivative, dW, dmu)
-    return loss + regulariser(network, params), grads
+    grads, reg = assemble_gradient(network, params, X, adj.grad_K, adj.grad_b,
+                                   adj.initial_adjoint, fwd.opening_derivative, dW, dmu)
+    return loss + reg, grads
 
 
 def loss_and_grad(network: ResNet, params: Params | Mapping, X, labels, *,

@@ -7,6 +7,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ptoc
 from ptoc import sweeps
@@ -108,6 +110,21 @@ def test_workspace_is_bounded_in_bytes():
     ws.get("c", (40,), np.float64)  # evicts the least recently used, b
     assert ws.held_bytes <= 1000 and ws.get("a", (40,), np.float64) is a
     assert ws.get("b", (40,), np.float64) is not b
+
+
+@given(ops=st.lists(st.tuples(st.sampled_from("abcde"), st.integers(0, 60)), max_size=40),
+       capacity=st.integers(1, 4), max_bytes=st.integers(0, 2000))
+def test_workspace_counts_the_bytes_it_keeps(ops, capacity, max_bytes):
+    """The running count of kept bytes equals the sum over the kept buffers after any
+    sequence of requests, and never exceeds either bound."""
+    ws = Workspace(capacity=capacity, max_bytes=max_bytes)
+    for name, n in ops:
+        buf = ws.get(name, (n,), np.float64)
+        assert buf.shape == (n,)
+        assert ws.held_bytes == sum(b.nbytes + BUFFER_OVERHEAD_BYTES for b in ws.buffers.values())
+        assert ws.held_bytes <= max_bytes and len(ws.buffers) <= capacity
+    ws.clear()
+    assert ws.held_bytes == 0 and not ws.buffers
 
 
 def test_workspace_bound_follows_the_setting(monkeypatch):
