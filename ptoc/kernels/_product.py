@@ -1,10 +1,17 @@
 """Register-blocked products for the CPU kernels: a block of outputs held in registers.
 
-The CPU kernels compute two products per layer on feature-major tiles (one row per
-feature, one column per sample, see :mod:`ptoc.kernels.cpu`):
+The CPU kernels compute three products per layer, two on feature-major tiles (one row
+per feature, one column per sample, see :mod:`ptoc.kernels.cpu`) and one that sums
+over samples:
 
-* the pre-activation ``a[i, t] = b[i] + sum_j K[i, j] x[j, t]`` (``_maths.preactivation``),
-* the adjoint update ``lam[j, t] += h * sum_i K[i, j] g[i, t]`` (``_maths.adjoint_entry``).
+* the pre-activation ``a[i, t] = b[i] + sum_j K[i, j] x[j, t]`` (``_maths.preactivation``,
+  mode :data:`BIAS`),
+* the adjoint update ``lam[j, t] += h * sum_i K[i, j] g[i, t]`` (``_maths.adjoint_entry``,
+  mode :data:`ADD_SCALED`, with ``M = K^T``),
+* the weight-gradient partial of a chunk ``pK[i, j] = sum_t (h g[i, t]) x[t, j]``
+  (``_maths.gradient_partial_entry``, mode :data:`ZERO`: ``M`` is the tile ``h g``
+  restricted to the chunk, ``src`` the chunk's sample rows of ``x``, and the "samples"
+  of a block are the columns ``j``).
 
 Each intrinsic here computes one block of such outputs, ``R`` rows by ``V`` vectors of
 ``L`` samples (``R x V`` accumulators), as LLVM IR written out by hand: the
@@ -26,6 +33,13 @@ ascending ``k`` from its starting value, one rounding per term: with contraction
 addition, the order of ``_maths.preactivation`` and ``_maths.adjoint_entry``. The
 block shape does not enter the arithmetic: a sample gets the same bits in any block,
 any work item and any tail (the ``L = 1`` intrinsics are the same chain on scalars).
+For the gradient partial this is the samples of the chunk in order, as
+``gradient_partial_entry`` adds them.
+
+Block shapes. Two multiply-adds start per cycle and each takes about four cycles, so a
+block needs eight independent accumulators to keep the units busy: 4 rows by 16
+samples (two vectors) for the tile products, 8 rows by one vector of 8 columns for the
+partial at width 8; narrower blocks serve the edges.
 """
 
 from __future__ import annotations
