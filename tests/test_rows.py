@@ -1,0 +1,67 @@
+"""MGRIT's compiled row operations (ptoc.kernels.rows) against the NumPy expressions
+their docstrings state."""
+
+import numba
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ptoc.kernels import rows
+
+
+def _problem(seed, n, S, d, k):
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((n, S, d)), rng.standard_normal((n, S, d))
+    ai = rng.choice(n, size=k, replace=False).astype(np.int64)
+    bi = rng.choice(n, size=k, replace=False).astype(np.int64)
+    return rng, a, b, ai, bi
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 12), S=st.integers(1, 9),
+       d=st.integers(1, 9), data=st.data())
+def test_row_operations_equal_their_numpy_expressions(seed, n, S, d, data):
+    k = data.draw(st.integers(1, n))
+    rng, a, b, ai, bi = _problem(seed, n, S, d, k)
+    phi_f, phi_c = rng.standard_normal((k, S, d)), rng.standard_normal((k, S, d))
+    for g in (None, rng.standard_normal((n, S, d))):
+        gc = np.full((n, S, d), 7.0)
+        rows.fas_rhs(gc, bi, phi_f, a, ai, g, b, phi_c)
+        want = (phi_f - a[ai]) + (b[bi] - phi_c)
+        if g is not None:
+            want = (g[ai] + (phi_f - a[ai])) + (b[bi] - phi_c)
+        np.testing.assert_array_equal(gc[bi], want)
+        untouched = np.setdiff1d(np.arange(n), bi)
+        assert (gc[untouched] == 7.0).all()
+    v = rng.standard_normal((n, S, d))
+    u = a.copy()
+    rows.correct(u, ai, b, v, bi)
+    want = a.copy()
+    want[ai] = a[ai] + (b[bi] - v[bi])
+    np.testing.assert_array_equal(u, want)
+    dst = np.zeros_like(a)
+    rows.copy_rows(dst, ai, b, bi)
+    want = np.zeros_like(a)
+    want[ai] = b[bi]
+    np.testing.assert_array_equal(dst, want)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 12), S=st.integers(1, 40),
+       d=st.integers(1, 20), data=st.data())
+def test_sum_of_squared_differences_is_exact_to_rounding_and_thread_independent(
+        seed, n, S, d, data):
+    """Eight interleaved sums per row (every entry counted once: sizes not a multiple of
+    eight included), rows in order: NumPy's value to rounding, the same bits on one and
+    on all threads."""
+    k = data.draw(st.integers(1, n))
+    _, a, b, ai, bi = _problem(seed, n, S, d, k)
+    want = float(np.sum((a[ai] - b[bi]) ** 2))
+    values = []
+    try:
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(threads)
+            values.append(rows.sumsq_diff(a, ai, b, bi))
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert values[0] == values[1]
+    assert abs(values[0] - want) <= 1e-13 * want
+    assert rows.sumsq_diff(a, ai[:0], b, bi[:0]) == 0.0
