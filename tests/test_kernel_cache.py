@@ -93,6 +93,18 @@ def test_a_cached_kernel_follows_the_files_it_inlines(tmp_path):
     assert run(1.0) == ["2.0", "2.0", "1"]  # the entry of the earlier digest is still there
 
 
+@pytest.mark.parametrize("name, value", [("OPT", 0), ("ENABLE_PROFILING", 1),
+                                         ("DEBUGINFO_DEFAULT", 1), ("LOOP_VECTORIZE", 0)])
+def test_digest_covers_numba_settings_that_change_the_code(monkeypatch, name, value):
+    """A kernel compiled under another NUMBA_* code-generation setting (profiling made
+    the forward sweep 7 times slower) is not loaded by a run with the defaults."""
+    import numba
+
+    base = _cache.digest([], {"parallel": True})
+    monkeypatch.setattr(numba.config, name, value)
+    assert _cache.digest([], {"parallel": True}) != base
+
+
 def test_digest_covers_file_contents_and_options(tmp_path):
     source = tmp_path / "maths.py"
     source.write_text("x = 1\n")
