@@ -31,9 +31,10 @@ of functions its module no longer defines. Nothing is deleted at import; entries
 other digests of a current kernel stay (switching back finds them): delete the folder to
 reclaim their space.
 
-A kernel module that compiles from its own file only (:mod:`ptoc.kernels.rows`)
-needs none of this and passes ``cache=True`` to :func:`numba.njit` itself (the warm-up
-of MGRIT's kernels, below, compiles and saves its kernels too).
+A kernel module that compiles from its own file only (:mod:`ptoc.kernels.rows`) uses
+:func:`njit` too, with no ``depends_on``: its key still covers the compiler options and
+the Numba settings, and its old files are pruned (the warm-up of MGRIT's kernels, below,
+compiles its kernels too).
 
 Compiled here, run from the cache
 ---------------------------------
@@ -302,6 +303,8 @@ _GROUP_OF = {
     **{f"ptoc.kernels.cpu.{name}": "levels"
        for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
                     "_layer_grad_block", "_level_derivatives")},
+    **{f"ptoc.kernels.rows.{name}": "levels"
+       for name in ("_fas_rhs", "_correct", "_copy_rows", "_sumsq_diff")},
     **{f"ptoc.kernels.conv_cpu.{name}": "conv"
        for name in ("_layer", "_adjoint", "_sum_partials", "_state_runs", "_adjoint_runs",
                     "_state_points", "_adjoint_points")},

@@ -6,22 +6,24 @@ memory-bound loops; doing them in NumPy with fancy indexing made several full co
 per call, which cost MGRIT more than its relaxations at small widths. Each function
 states the NumPy expression it computes.
 
-These kernels compile from this file alone (they inline nothing from
-:mod:`ptoc._maths`), so Numba's own disk cache, keyed on this file, is never stale
-for them (compare :mod:`ptoc.kernels._cache`).
+They compile from this file alone (they inline nothing from :mod:`ptoc._maths`), and
+are cached on disk as every kernel is (:mod:`ptoc.kernels._cache`: keyed on the Numba
+settings that change the machine code, old files pruned).
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from .. import _config
+from . import _cache
 
-_opts = {"cache": _config.CACHE, "error_model": "numpy"}
+_njit = functools.partial(_cache.njit, error_model="numpy")
 
 
-@njit(parallel=True, **_opts)
+@_njit(parallel=True)
 def _fas_rhs(gc, cc, phi_f, u, c, g, has_g, v, phi_c):
     for r in prange(len(c)):
         dst = gc[cc[r]].ravel()
@@ -41,7 +43,7 @@ def fas_rhs(gc, cc, phi_f, u, c, g, v, phi_c) -> None:
     _fas_rhs(gc, cc, phi_f, u, c, g if has_g else u, has_g, v, phi_c)
 
 
-@njit(parallel=True, **_opts)
+@_njit(parallel=True)
 def _correct(u, c, uc, v, cc):
     for r in prange(len(c)):
         dst, a, b = u[c[r]].ravel(), uc[cc[r]].ravel(), v[cc[r]].ravel()
@@ -54,7 +56,7 @@ def correct(u, c, uc, v, cc) -> None:
     _correct(u, c, uc, v, cc)
 
 
-@njit(parallel=True, **_opts)
+@_njit(parallel=True)
 def _copy_rows(dst, di, src, si):
     for r in prange(len(di)):
         d, s = dst[di[r]].ravel(), src[si[r]].ravel()
@@ -67,7 +69,7 @@ def copy_rows(dst, di, src, si) -> None:
     _copy_rows(dst, di, src, si)
 
 
-@njit(parallel=True, **_opts)
+@_njit(parallel=True)
 def _sumsq_diff(a, ai, b, bi):
     part = np.zeros(len(ai))
     for r in prange(len(ai)):
