@@ -99,6 +99,22 @@ def test_evaluation_gives_the_numbers_of_forward_bitwise(target, depth):
         classifier_loss(params, x_N, y)[0] + regulariser(net, params)
 
 
+def test_huge_finite_params_pass_the_finiteness_check_without_a_warning():
+    """Entries near the largest float64 are finite: accepted, with no overflow warning;
+    NaN and inf are refused, naming the array."""
+    net = ptoc.ResNet(width=2, depth=2, n_in=2, n_classes=2)
+    p = net.init_params(0).to_dict()
+    p["K"] = np.full_like(p["K"], 1e308)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net.check_params(p)
+    for bad in (np.nan, np.inf, -np.inf):
+        p["b"] = np.zeros_like(p["b"])
+        p["b"][1, 0] = bad
+        with pytest.raises(ValueError, match=r"params\['b'\] contains non-finite values"):
+            net.check_params(p)
+
+
 def test_workspace_is_bounded_in_bytes():
     ws = Workspace(capacity=100, max_bytes=1000)
     big = ws.get("big", (200,), np.float64)  # 1600 bytes: returned, not kept
