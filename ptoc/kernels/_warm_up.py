@@ -1,0 +1,129 @@
+"""The warm-up workloads of :mod:`ptoc.kernels._cache`: small runs, each compiling what
+one kind of run needs (its group of kernels), run by name in helper processes, several
+at once, the first time a process needs a kernel of that group.
+
+Nothing imports this module by its name in the source (the helper does, with
+:func:`importlib.import_module`): it uses the whole package, which the kernel modules,
+and so :mod:`ptoc.kernels._cache`, must not depend on.
+"""
+
+from __future__ import annotations
+
+
+def _tiny_problem(depth: int = 8) -> tuple:
+    """A float64 ResNet of width 4, its parameters, 6 inputs and their labels."""
+    import numpy as np
+
+    import ptoc
+
+    net = ptoc.ResNet(width=4, depth=depth, n_in=2, n_classes=3)
+    X = np.random.default_rng(0).standard_normal((6, 2))
+    return net, net.init_params(0), X, np.arange(6) % 3
+
+
+def _warm_up_forward() -> None:
+    """The forward sweep of training and evaluation, and the adjoint sweep's sum of
+    gradient partials: their one-thread variants, which small jobs such as the default
+    ``ptoc train`` run (the parallel ones compile when a larger sweep first needs them,
+    ``ptoc._config.CPU_PARALLEL_MIN_WORK``)."""
+    import ptoc
+
+    net, params, X, _ = _tiny_problem()
+    ptoc.predict(net, params, X, target="cpu")
+    # the adjoint sweep's second kernel, a top-level one (called from Python): compiled
+    # here, after the forward sweep, it is in the cache before the adjoint part, which
+    # takes longer, needs it
+    import numpy as np
+
+    from ptoc.kernels import cpu
+
+    part_K, part_b = np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4))
+    cpu._add_partials_one_thread(part_K, part_b, np.zeros((1, 4, 4)), np.zeros((1, 4)), 0, 1)
+
+
+def _warm_up_adjoint() -> None:
+    """The adjoint sweep of ``loss_and_grad`` (its forward sweep in NumPy, compiling
+    nothing, so that this part runs beside :func:`_warm_up_forward`)."""
+    import ptoc
+    from ptoc.objective import classifier_loss
+
+    net, params, X, y = _tiny_problem()
+    fwd = ptoc.forward(net, params, X, target="numpy")
+    lam_N = classifier_loss(params, fwd.final_state, y)[1]
+    ptoc.adjoint(net, params, fwd, lam_N, target="cpu")
+
+
+def _mgrit_problem() -> tuple:
+    import ptoc
+    from ptoc.parallel import SingleRank
+
+    return (*_tiny_problem(depth=32), ptoc.MGRIT(), SingleRank())
+
+
+def _level_arrays(n: int = 4, S: int = 6, d: int = 4) -> tuple:
+    """Float64 arrays shaped as one level's: values, weights, step sizes, and the CPU
+    kernel module."""
+    import numpy as np
+
+    from ptoc.kernels import cpu
+
+    rng = np.random.default_rng(0)
+    u, K = rng.standard_normal((n, S, d)), rng.standard_normal((n, d, d))
+    return cpu, u, K, np.zeros((n, d)), np.full(n, 0.1)
+
+
+def _warm_up_level_states() -> None:
+    """An MGRIT forward solve: the state level kernels and the grid transfers; then the
+    derivatives of an adjoint level, which the adjoint part (the longer) needs first and
+    may find in the cache by then."""
+    from ptoc.parallel.driver import parallel_forward
+
+    net, params, X, _, solver, comm = _mgrit_problem()
+    parallel_forward(net, params, X, solver, comm=comm)
+    cpu, u, K, b, _ = _level_arrays()
+    cpu.level_derivatives(u, K, b, 0, u.copy(), 32)
+
+
+def _warm_up_level_adjoints() -> None:
+    """The adjoint level kernels on their own first (while the state part compiles the
+    derivatives they read), then an MGRIT adjoint solve (states from NumPy): the layer
+    gradients and the grid transfers."""
+    import ptoc
+    from ptoc.objective import classifier_loss
+    from ptoc.parallel.driver import parallel_adjoint
+
+    cpu, u, K, _, dt = _level_arrays()
+    KT = K.transpose(0, 2, 1).copy()
+    cpu.adjoint_runs(u, None, u.copy(), K, KT, dt, [1], [3], 32)
+    cpu.adjoint_points(u, u.copy(), K, KT, dt, [1, 2], u[:2].copy(), 32)
+    net, params, X, y, solver, comm = _mgrit_problem()
+    states = ptoc.forward(net, params, X, target="numpy").states
+    lam_N = classifier_loss(params, states[-1], y)[1]
+    parallel_adjoint(net, params, states, lam_N, solver, comm=comm)
+
+
+def _conv_problem() -> tuple:
+    import numpy as np
+
+    import ptoc
+
+    net = ptoc.ConvResNet(2, 4, image_shape=(1, 5, 5), n_classes=3)
+    X = np.random.default_rng(0).random((6, 25))
+    return net, net.init_params(0), X, np.arange(6) % 3
+
+
+def _warm_up_conv_gradient() -> None:
+    """The convolutional ResNet's serial gradient (a ``ptoc train --model conv`` step and
+    its evaluation)."""
+    import ptoc
+
+    net, params, X, y = _conv_problem()
+    ptoc.loss_and_grad(net, params, X, y, target="cpu")
+
+
+def _warm_up_conv_levels() -> None:
+    """An MGRIT gradient of the convolutional ResNet: its level kernels."""
+    import ptoc
+
+    net, params, X, y = _conv_problem()
+    ptoc.loss_and_grad(net, params, X, y, target="cpu", solver=ptoc.MGRIT(coarsening=2))
