@@ -576,8 +576,10 @@ def test_cpu_transposes_move_every_entry_and_nothing_else(S, d, lo, dtype, rever
 
 
 @given(d=st.integers(1, 40), m=st.integers(1, 128), lo=st.integers(0, 5),
-       dtype=st.sampled_from([np.float64, np.float32]), seed=st.integers(0, 2**32 - 1))
-def test_cpu_register_blocked_products_write_exactly_their_entries(d, m, lo, dtype, seed):
+       dtype=st.sampled_from([np.float64, np.float32]), strided=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_cpu_register_blocked_products_write_exactly_their_entries(d, m, lo, dtype, strided,
+                                                                   seed):
     """The three products of a layer step in register blocks (pre-activation, adjoint
     update, weight-gradient partial; ptoc.kernels._product) against NumPy, for every
     width and sample count (blocks of 16, 8, 4 and 1 samples or columns, rows in fours
@@ -612,6 +614,8 @@ def test_cpu_register_blocked_products_write_exactly_their_entries(d, m, lo, dty
     assert (lam[:, m:] == -7.0).all()
 
     rows = rng.standard_normal((lo + m, d)).astype(dtype)
+    if strided:  # sample rows whose entries are not adjacent: one column at a time
+        rows = np.repeat(rows, 2, axis=1)[:, ::2]
     t0 = int(rng.integers(0, m))
     t1 = int(rng.integers(t0 + 1, m + 1))
     g0 = g.copy()

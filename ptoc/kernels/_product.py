@@ -65,7 +65,12 @@ ZERO = 2
 
 def _block_intrinsic(R: int, V: int, L: int, mode: int):
     """The intrinsic ``f(M, src, dst, r, t, b, h)`` for rows ``r .. r+R-1`` and samples
-    ``t .. t + V*L - 1`` (``mode``: :data:`BIAS` or :data:`ADD_SCALED`)."""
+    ``t .. t + V*L - 1`` (``mode``: :data:`BIAS`, :data:`ADD_SCALED` or :data:`ZERO`).
+
+    ``M`` may have any strides (its entries are loaded one by one); with ``L > 1`` the
+    rows of ``src`` and ``dst`` must have adjacent entries (``strides[1] == itemsize``),
+    since ``L`` of them are one vector load. Nothing is checked: the callers pass scratch
+    tiles, or check the stride first."""
 
     def typer(typingctx, M, src, dst, r, t, b, h):
         arrays = (M, src, dst)

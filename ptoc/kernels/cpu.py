@@ -299,15 +299,20 @@ def _partial_t(g, rows, lo, h, pK, pb, t0, t1):
     # weight partial: pK = (h g)[:, t0:t1] @ rows[lo + t0:lo + t1]
     gm = g[:, t0:t1]
     xr = rows[lo + t0:lo + t1]
-    d4 = d - d % 4
-    d16 = d - d % 16
+    d4 = d - d % 4  # rows i in blocks of 8 and 4
     d8 = d - d % 8
-    for j in range(0, d16, 16):
+    # columns j in blocks of 16, 8 and 4 load whole vectors of a sample row, so they need
+    # its entries adjacent; otherwise every column goes one at a time (the same sums)
+    unit = xr.strides[1] == xr.itemsize
+    c4 = d4 if unit else 0
+    c8 = d8 if unit else 0
+    c16 = d - d % 16 if unit else 0
+    for j in range(0, c16, 16):
         for i in range(0, d4, 4):
             _product.zero_4x16(gm, xr, pK, i, j, pb, h)
         for i in range(d4, d):
             _product.zero_1x16(gm, xr, pK, i, j, pb, h)
-    for j in range(d16, d8, 8):
+    for j in range(c16, c8, 8):
         # eight rows at a time: eight accumulators, enough to hide the latency of the
         # multiply-adds (four, with one vector of columns, wait on each other)
         for i in range(0, d8, 8):
@@ -316,12 +321,12 @@ def _partial_t(g, rows, lo, h, pK, pb, t0, t1):
             _product.zero_4x8(gm, xr, pK, i, j, pb, h)
         for i in range(d4, d):
             _product.zero_1x8(gm, xr, pK, i, j, pb, h)
-    for j in range(d8, d4, 4):
+    for j in range(c8, c4, 4):
         for i in range(0, d4, 4):
             _product.zero_4x4(gm, xr, pK, i, j, pb, h)
         for i in range(d4, d):
             _product.zero_1x4(gm, xr, pK, i, j, pb, h)
-    for j in range(d4, d):
+    for j in range(c4, d):
         for i in range(0, d4, 4):
             _product.zero_4x1(gm, xr, pK, i, j, pb, h)
         for i in range(d4, d):
