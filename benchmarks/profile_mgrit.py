@@ -6,9 +6,10 @@ N = 1024, tanh, m = 4, FCF, V-cycles, tol 1e-10). Each phase of
 :class:`ptoc.parallel.mgrit.MGRITSolve` (relaxations, restriction, correction, the
 batched level kernels) is wrapped with a timer; the table gives the median over the
 runs of the milliseconds per solve, the calls per solve and, for the kernels, the
-microseconds per layer step. Phases nest (``_restrict`` contains ``points_apply``),
-so the column does not add up; ``solve`` is the whole iteration and ``total`` the
-whole call of ``parallel_forward`` (setup and the copy of the states included).
+microseconds per layer step. Phases nest (``_restrict`` contains ``points_residual``
+and ``points_tau``), so the column does not add up; ``solve`` is the whole iteration
+and ``total`` the whole call of ``parallel_forward`` (setup and the copy of the states
+included).
 
 It answers: how far is a solve from (layer steps) x (cost of one step), and what is
 the rest. Usage::
@@ -38,7 +39,7 @@ from ptoc.parallel import mgrit as _mgrit  # noqa: E402
 from ptoc.parallel.driver import parallel_forward  # noqa: E402
 
 PHASES = ("solve", "_f_relax", "_c_relax", "_c_relax_with_residual", "_restrict", "_correct")
-KERNELS = ("runs", "points_apply")
+KERNELS = ("runs", "points_apply", "points_residual", "points_tau")
 
 
 def _instrument(times: dict, calls: collections.Counter, steps: collections.Counter) -> None:
@@ -49,8 +50,11 @@ def _instrument(times: dict, calls: collections.Counter, steps: collections.Coun
         def timed(self, *args, **kwargs):
             if is_kernel:
                 key = f"{name} (level {self.plan.level})"
-                n = (int(np.sum(np.asarray(args[3]) - np.asarray(args[2]) + 1))
-                     if name == "runs" else len(args[1]))
+                if name == "runs":
+                    n = int(np.sum(np.asarray(args[3]) - np.asarray(args[2]) + 1))
+                else:  # the positions: points_apply(u, p), points_residual(u, g, p, ...),
+                    # points_tau(u, p, ...)
+                    n = len(args[2] if name == "points_residual" else args[1])
                 steps[key] += n
             else:
                 key = name

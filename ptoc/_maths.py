@@ -45,6 +45,13 @@ TANH = 0
 RELU = 1
 SMOOTHRELU = 2
 
+#: What a level kernel's point step does with its value ``phi`` of position ``k``
+#: (``state_points_into`` / ``adjoint_points_into`` of every kernel target):
+#: ``out[r] = phi``; ``out[rows[r]] = phi - u[k]``; ``out[rows[r]] = g[k] + (phi - u[k])``;
+#: ``out[rows[r]] = out[rows[r]] + (u[k] - phi)``. The middle two and the last are the
+#: halves of MGRIT's FAS right-hand side (:mod:`ptoc.parallel.mgrit`).
+POINT_APPLY, POINT_RESIDUAL, POINT_RESIDUAL_G, POINT_TAU = 0, 1, 2, 3
+
 #: Half-width of the quadratic blend of SmoothReLU (Günther et al. 2020, the Peaks experiments).
 SMOOTHRELU_ETA = 0.1
 

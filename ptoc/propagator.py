@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _config
+from . import _config, _maths
 from ._checks import check_inputs
 from ._workspace import Workspace
 from .hamiltonian import hamiltonian_grad
@@ -301,7 +301,11 @@ class LevelSteps:
     * :meth:`runs`: ``u[j] = step_j(u[j-1]) (+ g[j])`` for ``j = s..e`` of each run
       ``(s, e)``, in order (F- and C-relaxation, coarsest-grid sweep);
     * :meth:`points_apply`: ``step_j(u[j-1])`` for a list of ``j``, from the current
-      values (residuals, restriction).
+      values (residuals, restriction);
+    * :meth:`points_residual` and :meth:`points_tau`: the two halves of MGRIT's FAS
+      right-hand side, each a :meth:`points_apply` followed by a sum into a coarse array
+      (here in NumPy; a compiled level may form the sums while each step's value is in
+      the cache, with the same sums).
 
     This generic version calls the propagator once per step.
     """
@@ -334,6 +338,28 @@ class LevelSteps:
         if not len(positions):
             return np.empty((0,) + u.shape[1:], u.dtype)
         return np.stack([self.step(int(j), u[int(j) - 1]) for j in positions])
+
+    def points_residual(self, u: np.ndarray, g: np.ndarray | None, positions,
+                        out: np.ndarray, rows) -> None:
+        """``out[rows[r]] = g[j] + (step_j(u[j-1]) - u[j])`` for ``j = positions[r]``
+        (without ``g`` if it is None): the residual of ``A(u) = g`` at those positions,
+        written to the rows of a coarse array (the fine half of the FAS right-hand side,
+        :doc:`/theory/mgrit`)."""
+        if not len(positions):
+            return
+        positions = np.asarray(positions, dtype=np.int64)
+        res = self.points_apply(u, positions) - u[positions]
+        out[np.asarray(rows, dtype=np.int64)] = res if g is None else g[positions] + res
+
+    def points_tau(self, u: np.ndarray, positions, out: np.ndarray, rows) -> None:
+        """``out[rows[r]] += u[j] - step_j(u[j-1])`` for ``j = positions[r]``: on a coarse
+        level with ``u`` the restricted values, the coarse half of the FAS right-hand
+        side (added after :meth:`points_residual` of the finer level)."""
+        if not len(positions):
+            return
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        out[rows] = out[rows] + (u[positions] - self.points_apply(u, positions))
 
 
 # --- a rank's layers ------------------------------------------------------------------------------
@@ -691,15 +717,28 @@ class ResNetLevelSteps(LevelSteps):
     def points_apply(self, u, positions) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)
         out = np.empty((len(positions),) + u.shape[1:], u.dtype)
-        if len(positions) == 0:
-            return out
-        if self.D is None:
-            self.kern.state_points(u, self.K, self.b, self.dt, self.act, positions, out,
-                                   _config.CHUNK)
-        else:
-            self.kern.adjoint_points(u, self.D, self.K, self.KT, self.dt, positions, out,
-                                     _config.CHUNK)
+        self._points(u, positions, out, None, None, _maths.POINT_APPLY)
         return out
+
+    def points_residual(self, u, g, positions, out, rows) -> None:
+        self._points(u, positions, out, rows, g,
+                     _maths.POINT_RESIDUAL if g is None else _maths.POINT_RESIDUAL_G)
+
+    def points_tau(self, u, positions, out, rows) -> None:
+        self._points(u, positions, out, rows, None, _maths.POINT_TAU)
+
+    def _points(self, u, positions, out, rows, g, mode) -> None:
+        """One point kernel call; ``mode`` says what each step's value goes into
+        (:data:`ptoc._maths.POINT_APPLY`, ...)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) == 0:
+            return
+        if self.D is None:
+            self.kern.state_points_into(u, self.K, self.b, self.dt, self.act, positions, out,
+                                        rows, g, mode, _config.CHUNK)
+        else:
+            self.kern.adjoint_points_into(u, self.D, self.K, self.KT, self.dt, positions, out,
+                                          rows, g, mode, _config.CHUNK)
 
 
 # --- models: a propagator with an opening and a terminal objective -------------------------------
@@ -1014,6 +1053,19 @@ def _check_level_steps(prop: Propagator, states: np.ndarray, lamN: np.ndarray,
     points = prop.level_steps(forward).points_apply(states, picked)
     checks.append(Check("level points (state sweep) = step", _max_rel(points, states[picked]),
                         1e-12))
+    # the FAS halves, at values that are not the solution, into rows in reverse order
+    v = states * 1.25 + 0.5
+    g = 0.5 * states
+    phi = np.stack([prop.step(int(j) - 1, v[int(j) - 1]) for j in picked])
+    rows = np.arange(len(picked), dtype=np.int64)[::-1].copy()
+    out = np.zeros((len(picked),) + states.shape[1:])
+    prop.level_steps(forward).points_residual(v, g, picked, out, rows)
+    checks.append(Check("level points residual (state sweep) = g + step - u",
+                        _max_rel(out[rows], g[picked] + (phi - v[picked])), 1e-12))
+    out = v[: len(picked)].copy()
+    prop.level_steps(forward).points_tau(v, picked, out, rows)
+    checks.append(Check("level points tau (state sweep) = out + u - step",
+                        _max_rel(out[rows], v[rows] + (v[picked] - phi)), 1e-12))
     order = np.arange(N - 1, -1, -1, dtype=np.int64)  # adjoint step j is layer N - j
     backward = LevelPlan(level=0, backward=True, layers=order, spans=np.ones(N, np.int64),
                          states=states[order])
@@ -1095,7 +1147,8 @@ def check_propagator(prop: Propagator, x0: np.ndarray, *, n_layers_checked: int 
        ``gradient_forward`` and ``gradient_backward`` equal the loop over ``step`` and
        ``adjoint_step``;
     6. **level steps**: :meth:`Propagator.level_steps` on the fine grid (runs and single
-       points, state and adjoint sweeps) equals one step at a time;
+       points, state and adjoint sweeps, and the two halves of the FAS right-hand side,
+       ``points_residual`` and ``points_tau``) equals one step at a time;
     7. **coarse grid**, when the propagator has one (:attr:`Propagator.has_coarse_grid`):
        a coarse step over one layer with that layer's parameters equals ``step``; the
        dot-product test for ``coarse_adjoint_step`` against ``coarse_step``;

@@ -140,6 +140,12 @@ for S, d, n, chunk in [(1, 1, 4, 32), (11, 9, 5, 4), (5, 13, 6, 2)]:
             sp, ap = np.empty((3, S, d)), np.empty((3, S, d))
             kern.state_points(u, K, b, dt, act, points, sp, chunk)
             kern.adjoint_points(u, D, K, KT, dt, points, ap, chunk)
+            rows = np.array([2, 0, 1])
+            for mode in (1, 2, 3):  # ptoc._maths.POINT_RESIDUAL, POINT_RESIDUAL_G, POINT_TAU
+                sq, aq = np.full((3, S, d), 0.5), np.full((3, S, d), 0.5)
+                kern.state_points_into(u, K, b, dt, act, points, sq, rows, g, mode, chunk)
+                kern.adjoint_points_into(u, D, K, KT, dt, points, aq, rows, g, mode, chunk)
+                res += [sq, aq]
             gK, gb = np.ones_like(K), np.ones_like(b)
             kern.layer_gradients(X, u[::-1], K, b, 0.3, act, gK, gb, chunk)
             outs.append(res + [sp, ap, gK, gb])

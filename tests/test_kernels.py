@@ -478,7 +478,16 @@ def _level_calls(kern, u, g, K, b, dt, X, act, starts, ends, points, chunk):
     kern.state_points(u, K, b, dt, act, points, p, chunk)
     q = np.empty_like(p)
     kern.adjoint_points(u, D, K, KT, dt, points, q, chunk)
-    return out + [p, q]
+    out += [p, q]
+    # the point steps that end in a FAS half, into rows in reverse order of a larger array
+    rows = np.arange(len(points), dtype=np.int64)[::-1] + 1
+    for mode in (maths.POINT_RESIDUAL, maths.POINT_RESIDUAL_G, maths.POINT_TAU):
+        rhs = g if mode == maths.POINT_RESIDUAL_G else None
+        sp, ap = (np.full((len(points) + 2,) + u.shape[1:], 0.25, u.dtype) for _ in range(2))
+        kern.state_points_into(u, K, b, dt, act, points, sp, rows, rhs, mode, chunk)
+        kern.adjoint_points_into(u, D, K, KT, dt, points, ap, rows, rhs, mode, chunk)
+        out += [sp, ap]
+    return out
 
 
 @given(S=st.integers(1, 80), d=st.integers(1, 20), n=st.integers(2, 9),
@@ -496,6 +505,37 @@ def test_cpu_level_kernels_match_reference(S, d, n, act, seed, chunk, lanes, min
                            points, chunk)
     for r, c in zip(ref, got, strict=True):
         assert _rel(c, r) < 1e-12
+
+
+@given(S=st.integers(1, 70), d=st.integers(1, 20), n=st.integers(2, 9),
+       act=st.sampled_from(ACTS), seed=st.integers(0, 2**31), chunk=st.integers(1, 64))
+def test_cpu_fused_fas_points_equal_the_point_steps_then_the_sums_bitwise(S, d, n, act, seed,
+                                                                          chunk):
+    """A point kernel that ends in a FAS half (formed on the tile) gives the bits of the
+    plain point kernel followed by the NumPy sums of reference.point_ends, and writes only
+    the rows it is given."""
+    rng = np.random.default_rng(seed)
+    u, g, K, b, dt, X = _level_problem(rng, S, d, n)
+    _, _, points = _runs(rng, n)
+    rows = rng.permutation(len(points) + 2)[: len(points)]
+    cpu = kernels.backend("cpu")
+    KT = np.ascontiguousarray(np.swapaxes(K, 1, 2))
+    D = cpu.level_derivatives(X, K, b, act.code, None, chunk)
+    for mode in (maths.POINT_RESIDUAL, maths.POINT_RESIDUAL_G, maths.POINT_TAU):
+        rhs = g if mode == maths.POINT_RESIDUAL_G else None
+        start = rng.standard_normal((len(points) + 2, S, d))
+        for into, plain, args in (
+                (cpu.state_points_into, cpu.state_points, (u, K, b, dt, act.code)),
+                (cpu.adjoint_points_into, cpu.adjoint_points, (u, D, K, KT, dt))):
+            fused = start.copy()
+            into(*args, points, fused, rows, rhs, mode, chunk)
+            phi = np.empty((len(points), S, d))
+            plain(*args, points, phi, chunk)
+            want = start.copy()
+            reference.point_ends(phi, u, rhs, points, want, rows, mode)
+            assert np.array_equal(fused, want)
+            others = np.setdiff1d(np.arange(len(start)), rows)
+            assert np.array_equal(fused[others], start[others])
 
 
 @pytest.mark.parametrize("S, d, chunk", [(32, 16, 32), (45, 7, 16), (3, 9, 32)])

@@ -216,7 +216,11 @@ def test_checker_catches_wrong_level_steps():
     rng = np.random.default_rng(2)
     prop = BadLevels(rng.standard_normal((5, 3, 3)), target=np.zeros((2, 3)))
     report = check_propagator(prop, rng.standard_normal((2, 3)))
-    assert [c.name for c in report.failures] == ["level points (state sweep) = step"]
+    # the generic FAS halves are built on points_apply: they inherit the error
+    assert [c.name for c in report.failures] == [
+        "level points (state sweep) = step",
+        "level points residual (state sweep) = g + step - u",
+        "level points tau (state sweep) = out + u - step"]
 
 
 @pytest.mark.parametrize("target", ["numpy", "cpu"])
@@ -255,6 +259,17 @@ def test_resnet_compiled_level_steps_equal_the_generic_ones(target):
         np.testing.assert_array_equal(u, v)
         picked = np.array([1, n])
         np.testing.assert_array_equal(fast.points_apply(u, picked), slow.points_apply(u, picked))
+        # the FAS halves, with and without a right-hand side, into rows in reverse order
+        rows = np.array([1, 0])
+        for rhs in (None, g):
+            a, b = (np.full((2, 7, 5), 3.0) for _ in range(2))
+            fast.points_residual(u, rhs, picked, a, rows)
+            slow.points_residual(u, rhs, picked, b, rows)
+            np.testing.assert_array_equal(a, b)
+            assert not np.any(a == 3.0)
+            fast.points_tau(u, picked, a, rows)
+            slow.points_tau(u, picked, b, rows)
+            np.testing.assert_array_equal(a, b)
 
 
 def test_a_layer_slice_refuses_foreign_layers_in_level_steps():
@@ -266,3 +281,22 @@ def test_a_layer_slice_refuses_foreign_layers_in_level_steps():
         piece.level_steps(LevelPlan(0, False, np.array([3, 4]), np.ones(2, np.int64)))
     with pytest.raises(IndexError, match="layer 1 is not held here"):
         piece.stacked_parameters([1, 2])
+
+
+def test_checker_catches_a_wrong_fas_half():
+    """A LevelSteps whose FAS residual drops the right-hand side fails exactly that check."""
+    from ptoc.propagator import LevelSteps
+
+    class NoRhs(LevelSteps):
+        def points_residual(self, u, g, positions, out, rows):
+            super().points_residual(u, None, positions, out, rows)
+
+    class BadLevels(CoarseLinear):
+        def level_steps(self, plan):
+            return NoRhs(self, plan)
+
+    rng = np.random.default_rng(3)
+    prop = BadLevels(rng.standard_normal((5, 3, 3)), target=np.zeros((2, 3)))
+    report = check_propagator(prop, rng.standard_normal((2, 3)))
+    assert [c.name for c in report.failures] == [
+        "level points residual (state sweep) = g + step - u"]

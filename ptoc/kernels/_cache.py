@@ -304,7 +304,7 @@ _GROUP_OF = {
        for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
                     "_layer_grad_block", "_level_derivatives")},
     **{f"ptoc.kernels.rows.{name}": "levels"
-       for name in ("_fas_rhs", "_correct", "_copy_rows", "_sumsq_diff")},
+       for name in ("_correct", "_copy_rows", "_sumsq_diff")},
     **{f"ptoc.kernels.conv_cpu.{name}": "conv"
        for name in ("_layer", "_adjoint", "_sum_partials", "_state_runs", "_adjoint_runs",
                     "_state_points", "_adjoint_points")},

@@ -55,6 +55,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without numba-cu
     raise ImportError(f"numba.cuda is unavailable: {exc}") from exc
 
 from .. import _config, _maths
+from . import reference
 
 try:  # numba-cuda's registry; the simulator calls the plain Python functions directly
     from numba.cuda.extending import register_jitable as _register
@@ -568,6 +569,14 @@ def state_points(u, K, b, dt, act, positions, out, chunk):
     _state_level(u, None, K, b, dt, act, positions, positions, out)
 
 
+def state_points_into(u, K, b, dt, act, positions, out, rows, g, mode, chunk):
+    """:func:`state_points`, then the end that ``mode`` chooses, on the host
+    (:func:`ptoc.kernels.reference.point_ends`)."""
+    phi = np.empty((len(positions),) + u.shape[1:], u.dtype)
+    state_points(u, K, b, dt, act, positions, phi, chunk)
+    reference.point_ends(phi, u, g, positions, out, rows, mode)
+
+
 @_serialized
 def level_derivatives(X, K, b, act, out, chunk):
     """``out[k] = sigma'(X[k] K[k]^T + b[k])``, ``k >= 1``; ``out=None``: a new device array."""
@@ -589,6 +598,13 @@ def adjoint_runs(lam, g, D, K, KT, dt, starts, ends, chunk):
 @_serialized
 def adjoint_points(lam, D, K, KT, dt, positions, out, chunk):
     _adjoint_level(lam, None, D, K, dt, positions, positions, out)
+
+
+def adjoint_points_into(lam, D, K, KT, dt, positions, out, rows, g, mode, chunk):
+    """:func:`adjoint_points`, then the end that ``mode`` chooses, on the host."""
+    phi = np.empty((len(positions),) + lam.shape[1:], lam.dtype)
+    adjoint_points(lam, D, K, KT, dt, positions, phi, chunk)
+    reference.point_ends(phi, lam, g, positions, out, rows, mode)
 
 
 @_serialized

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _maths
 from ..activations import Activation, dsigma, sigma
 
 _BY_CODE = {a.code: a for a in Activation}
@@ -133,6 +134,31 @@ def state_points(u, K, b, dt, act, positions, out, chunk):
         step(u[k - 1], K[k], b[k], dt[k], act, out[r], None, chunk)
 
 
+def point_ends(phi, u, g, positions, out, rows, mode) -> None:
+    """What a point step does with its values ``phi[r]`` of positions ``k = positions[r]``
+    (``mode``: :data:`ptoc._maths.POINT_APPLY` and the next three): ``out[:] = phi``;
+    ``out[rows] = phi - u[k]``; ``out[rows] = g[k] + (phi - u[k])``;
+    ``out[rows] = out[rows] + (u[k] - phi)``."""
+    if mode == _maths.POINT_APPLY:
+        out[: len(phi)] = phi
+        return
+    positions = np.asarray(positions, dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64)
+    if mode == _maths.POINT_TAU:
+        out[rows] = out[rows] + (u[positions] - phi)
+        return
+    res = phi - u[positions]
+    out[rows] = g[positions] + res if mode == _maths.POINT_RESIDUAL_G else res
+
+
+def state_points_into(u, K, b, dt, act, positions, out, rows, g, mode, chunk):
+    """:func:`state_points` with the end of each step chosen by ``mode``
+    (:func:`point_ends`): MGRIT forms its FAS right-hand side this way."""
+    phi = np.empty((len(positions),) + u.shape[1:], u.dtype)
+    state_points(u, K, b, dt, act, positions, phi, chunk)
+    point_ends(phi, u, g, positions, out, rows, mode)
+
+
 def level_derivatives(X, K, b, act, out, chunk):
     """``out[k] = sigma'(X[k] K[k]^T + b[k])`` for ``k = 1 .. n-1`` (row 0 is not touched)."""
     if out is None:
@@ -162,6 +188,14 @@ def adjoint_points(lam, D, K, KT, dt, positions, out, chunk):
     """``out[r]`` = the adjoint step producing position ``k = positions[r]`` from ``lam[k-1]``."""
     for r, k in enumerate(positions):
         _adjoint_level_step(lam[k - 1], D, K, dt, k, out[r])
+
+
+def adjoint_points_into(lam, D, K, KT, dt, positions, out, rows, g, mode, chunk):
+    """:func:`adjoint_points` with the end of each step chosen by ``mode``
+    (:func:`point_ends`)."""
+    phi = np.empty((len(positions),) + lam.shape[1:], lam.dtype)
+    adjoint_points(lam, D, K, KT, dt, positions, phi, chunk)
+    point_ends(phi, lam, g, positions, out, rows, mode)
 
 
 def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):

@@ -24,26 +24,6 @@ _njit = functools.partial(_cache.njit, error_model="numpy")
 
 
 @_njit(parallel=True)
-def _fas_rhs(gc, cc, phi_f, u, c, g, has_g, v, phi_c):
-    for r in prange(len(c)):
-        dst = gc[cc[r]].ravel()
-        pf, uk, vk, pc = phi_f[r].ravel(), u[c[r]].ravel(), v[cc[r]].ravel(), phi_c[r].ravel()
-        if has_g:
-            gk = g[c[r]].ravel()
-            for t in range(dst.size):
-                dst[t] = (gk[t] + (pf[t] - uk[t])) + (vk[t] - pc[t])
-        else:
-            for t in range(dst.size):
-                dst[t] = (pf[t] - uk[t]) + (vk[t] - pc[t])
-
-
-def fas_rhs(gc, cc, phi_f, u, c, g, v, phi_c) -> None:
-    """``gc[cc] = ((g[c] +) (phi_f - u[c])) + (v[cc] - phi_c)``: the FAS right-hand side."""
-    has_g = g is not None
-    _fas_rhs(gc, cc, phi_f, u, c, g if has_g else u, has_g, v, phi_c)
-
-
-@_njit(parallel=True)
 def _correct(u, c, uc, v, cc):
     for r in prange(len(c)):
         dst, a, b = u[c[r]].ravel(), uc[cc[r]].ravel(), v[cc[r]].ravel()

@@ -321,9 +321,9 @@ class MGRITSolve:
             v[coarse.loc(0)] = u[fine.loc(0)]
         self._exchange_ghost(level + 1, v)
         if len(c):
-            phi_f = self.steps[level].points_apply(u, c)
-            phi_c = self.steps[level + 1].points_apply(v, cc)
-            _rows().fas_rhs(gc, cc, phi_f, u, c, g, v, phi_c)
+            # gc = (g + (Phi(u_{k-1}) - u_k)), then gc += v_k - Phi_c(v_{k-1})
+            self.steps[level].points_residual(u, g, c, gc, cc)
+            self.steps[level + 1].points_tau(v, cc, gc, cc)
         self.u[level + 1][...] = v
 
     def _correct(self, level: int) -> None:

@@ -258,3 +258,14 @@ class CountedSteps:
         if len(positions):
             self.comm.count(len(positions))
         return self.steps.points_apply(u, positions)
+
+    def points_residual(self, u: np.ndarray, g: np.ndarray | None, positions,
+                        out: np.ndarray, rows) -> None:
+        if len(positions):
+            self.comm.count(len(positions))
+            self.steps.points_residual(u, g, positions, out, rows)
+
+    def points_tau(self, u: np.ndarray, positions, out: np.ndarray, rows) -> None:
+        if len(positions):
+            self.comm.count(len(positions))
+            self.steps.points_tau(u, positions, out, rows)
