@@ -980,7 +980,7 @@ def _width(S: int, chunk: int) -> int:
     return chunk * _group(S, chunk)
 
 
-def _state_width(S: int, chunk: int, n_runs: int) -> int:
+def _state_width(S: int, chunk: int, n_runs: int, threads: int | None = None) -> int:
     """Work-item width of a kernel without gradient sums running ``n_runs`` independent
     runs (or points) on ``S`` samples: :func:`_width`, halved while there would be
     fewer than ``CPU_MIN_ITEMS`` work items, but not below ``CPU_MIN_LANES``, and not
@@ -992,8 +992,9 @@ def _state_width(S: int, chunk: int, n_runs: int) -> int:
     across samples, and every sample takes the same arithmetic whatever its work item,
     so the width changes no bit (as the widths that depend on ``n_runs`` already do);
     ``tests/test_kernels.py`` and ``tests/test_parallel.py`` check results on one and
-    two threads and between the serial sweeps and the level kernels."""
-    if numba.get_num_threads() == 1:
+    two threads and between the serial sweeps and the level kernels. ``threads``: the
+    Numba thread count if the caller has it (None: read it)."""
+    if (numba.get_num_threads() if threads is None else threads) == 1:
         return chunk * max(1, _config.CPU_LANES // chunk)
     W = _width(S, chunk)
     while W > _config.CPU_MIN_LANES and n_runs * -(-S // W) < _config.CPU_MIN_ITEMS:
@@ -1009,12 +1010,15 @@ def _idx(a) -> np.ndarray:
 _level_tiles = Workspace(capacity=8)
 
 
-def _tiles(u: np.ndarray, n_tasks: int, W: int, n_tiles: int) -> np.ndarray:
+def _tiles(u: np.ndarray, n_tasks: int, W: int, n_tiles: int,
+           threads: int | None = None) -> np.ndarray:
     """Scratch of a level kernel: ``n_tiles`` tiles for each of its slots, as many slots as
     tasks but at most ``CPU_SLOTS_PER_THREAD`` per Numba thread (a slot runs its tasks
     one after the other; how tasks are shared out changes no result, see the module
-    docstring). From a workspace: a relaxation allocates nothing."""
-    n_slots = max(1, min(n_tasks, _config.CPU_SLOTS_PER_THREAD * numba.get_num_threads()))
+    docstring). From a workspace: a relaxation allocates nothing. ``threads`` as in
+    :func:`_state_width`."""
+    threads = numba.get_num_threads() if threads is None else threads
+    n_slots = max(1, min(n_tasks, _config.CPU_SLOTS_PER_THREAD * threads))
     return _level_tiles.get("level-tiles", (n_slots, n_tiles, u.shape[2], _row_len.py_func(W)),
                             u.dtype)
 
@@ -1025,9 +1029,10 @@ def _tasks(u: np.ndarray, n_runs: int, W: int) -> int:
 
 def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
     has_g = g is not None
-    W = _state_width(u.shape[1], chunk, len(starts))
+    threads = numba.get_num_threads()
+    W = _state_width(u.shape[1], chunk, len(starts), threads)
     _state_runs(u, g if has_g else u, has_g, K, b, np.asarray(dt, u.dtype), act, _idx(starts),
-                _idx(ends), W, _tiles(u, _tasks(u, len(starts), W), W, 2))
+                _idx(ends), W, _tiles(u, _tasks(u, len(starts), W), W, 2, threads))
 
 
 def state_points(u, K, b, dt, act, positions, out, chunk):
@@ -1039,10 +1044,11 @@ def state_points_into(u, K, b, dt, act, positions, out, rows, g, mode, chunk):
     (:func:`_point_end_t`): ``out[rows[r]]`` receives ``phi - u[k]``, ``g[k] + (phi -
     u[k])`` or ``out[rows[r]] + (u[k] - phi)``."""
     positions = _idx(positions)
-    W = _state_width(u.shape[1], chunk, len(positions))
+    threads = numba.get_num_threads()
+    W = _state_width(u.shape[1], chunk, len(positions), threads)
     _state_points(u, K, b, np.asarray(dt, u.dtype), act, positions, out,
                   positions if rows is None else _idx(rows), u if g is None else g, mode, W,
-                  _tiles(u, _tasks(u, len(positions), W), W, 2))
+                  _tiles(u, _tasks(u, len(positions), W), W, 2, threads))
 
 
 def level_derivatives(X, K, b, act, out, chunk):
@@ -1057,9 +1063,11 @@ def level_derivatives(X, K, b, act, out, chunk):
 
 def adjoint_runs(lam, g, D, K, KT, dt, starts, ends, chunk):
     has_g = g is not None
-    W = _state_width(lam.shape[1], chunk, len(starts))
+    threads = numba.get_num_threads()
+    W = _state_width(lam.shape[1], chunk, len(starts), threads)
     _adjoint_runs(lam, g if has_g else lam, has_g, D, KT, np.asarray(dt, lam.dtype),
-                  _idx(starts), _idx(ends), W, _tiles(lam, _tasks(lam, len(starts), W), W, 2))
+                  _idx(starts), _idx(ends), W,
+                  _tiles(lam, _tasks(lam, len(starts), W), W, 2, threads))
 
 
 def adjoint_points(lam, D, K, KT, dt, positions, out, chunk):
@@ -1070,10 +1078,11 @@ def adjoint_points_into(lam, D, K, KT, dt, positions, out, rows, g, mode, chunk)
     """:func:`adjoint_points` with the end of each step chosen by ``mode``, as in
     :func:`state_points_into`."""
     positions = _idx(positions)
-    W = _state_width(lam.shape[1], chunk, len(positions))
+    threads = numba.get_num_threads()
+    W = _state_width(lam.shape[1], chunk, len(positions), threads)
     _adjoint_points(lam, D, KT, np.asarray(dt, lam.dtype), positions, out,
                     positions if rows is None else _idx(rows), lam if g is None else g, mode,
-                    W, _tiles(lam, _tasks(lam, len(positions), W), W, 2))
+                    W, _tiles(lam, _tasks(lam, len(positions), W), W, 2, threads))
 
 
 def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):

@@ -133,6 +133,7 @@ class _RelaxPlan:
         free = runs[len(self.waiting):]
         self.free_starts = np.array([r[0] for r in free], dtype=np.int64)
         self.free_ends = np.array([r[1] for r in free], dtype=np.int64)
+        self.free_steps = int(np.sum(self.free_ends - self.free_starts + 1))
         self.free_sends = bool(free) and self.send_last and free[-1][1] == lv.loc(lv.hi - 1)
         self.last = lv.loc(lv.hi - 1) if not lv.empty else -1
         # C-points, split so that a C-relaxation in place reads only old values: a C-point
@@ -217,16 +218,25 @@ class MGRITSolve:
 
         side = "adj" if problem.backward else "fwd"
 
-        def zeros(name: str, i: int) -> np.ndarray:
+        def grid(name: str, i: int, zero: bool) -> np.ndarray:
             lv = self.levels[i]
-            return scratch.zeros(f"mgrit-{name}{i}-{side}", (lv.hi - lv.base,) + tuple(shape),
-                                 dtype)
+            get = scratch.zeros if zero else scratch.get
+            return get(f"mgrit-{name}{i}-{side}", (lv.hi - lv.base,) + tuple(shape), dtype)
 
-        # the grids live in reused buffers: what leaves this object is copied first
+        # The grids live in reused buffers: what leaves this object is copied first. The
+        # finest values start at zero (the initial guess at the C-points; the F-points are
+        # relaxed before they are read). A coarse grid is written in full by the
+        # restriction before it is read (u, v and g at every coarse position; row 0 is the
+        # first position or a ghost, set or received before use), except in nested
+        # iteration, which starts from the coarse problems with g = 0.
         n = len(self.levels)
-        self.u = [zeros("u", i) for i in range(n)]
-        self.v = [None] + [zeros("v", i) for i in range(1, n)]
-        self.g = [None] + [zeros("g", i) for i in range(1, n)]
+        nested = options.nested_iteration and n > 1
+        self.u = [grid("u", 0, True)] + [grid("u", i, nested) for i in range(1, n)]
+        self.v = [None] + [grid("v", i, False) for i in range(1, n)]
+        self.g = [None] + [grid("g", i, nested) for i in range(1, n)]
+        self._c_before = scratch.get(f"mgrit-c-before-{side}",
+                                     (len(self._c_all),) + tuple(shape), dtype)
+        self._c_rows = np.arange(len(self._c_all), dtype=np.int64)
         for lv, u in zip(self.levels, self.u, strict=True):
             if not lv.empty and lv.lo == 0:
                 u[0] = u0
@@ -274,7 +284,7 @@ class MGRITSolve:
         if plan.send_at_start:
             self.comm.send(u[plan.last], lv.next, tag)
         if len(plan.free_starts):
-            steps.runs(u, g, plan.free_starts, plan.free_ends)
+            steps.runs(u, g, plan.free_starts, plan.free_ends, plan.free_steps)
             if plan.free_sends:
                 self.comm.send(u[plan.last], lv.next, tag)
         if plan.waiting:
@@ -292,21 +302,21 @@ class MGRITSolve:
         steps = self.steps[level]
         for c in (plan.c_first, plan.c_rest):
             if len(c):
-                steps.runs(u, g, c, c)
+                steps.runs(u, g, c, c, len(c))
 
     def _c_relax_with_residual(self) -> float:
         """C-relaxation on the finest level that also returns the residual of the iterate
         before it, ``sqrt(sum_k |Phi(u_{k-1}) - u_k|^2)`` over the C-points (collective):
         with ``g = 0`` there, the change of each C-point is its residual. The old values
         are kept in ``self._c_before`` so the sweep can be undone."""
-        c = self._c_all
-        self._c_before = self.u[0][c]
+        c, rows = self._c_all, self._c_rows
+        _rows().copy_rows(self._c_before, rows, self.u[0], c)
         self._c_relax(0)
-        sq = _rows().sumsq_diff(self.u[0], c, self._c_before, np.arange(len(c)))
+        sq = _rows().sumsq_diff(self.u[0], c, self._c_before, rows)
         return math.sqrt(self.comm.sum(sq))
 
     def _undo_c_relax(self) -> None:
-        self.u[0][self._c_all] = self._c_before
+        _rows().copy_rows(self.u[0], self._c_all, self._c_before, self._c_rows)
 
     def _restrict(self, level: int) -> None:
         """Inject ``u`` at the C-points into ``v`` and form the FAS right-hand side

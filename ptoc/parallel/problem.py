@@ -246,11 +246,13 @@ class CountedSteps:
         self.steps = steps
         self.comm = comm
 
-    def runs(self, u: np.ndarray, g: np.ndarray | None, starts, ends) -> None:
+    def runs(self, u: np.ndarray, g: np.ndarray | None, starts, ends,
+             n_steps: int | None = None) -> None:
+        """``n_steps``: the number of steps of the runs, if the caller knows it."""
         starts = np.asarray(starts, dtype=np.int64)
         ends = np.asarray(ends, dtype=np.int64)
         if len(starts):
-            self.comm.count(int(np.sum(ends - starts + 1)))
+            self.comm.count(int(np.sum(ends - starts + 1)) if n_steps is None else n_steps)
             self.steps.runs(u, g, starts, ends)
 
     def points_apply(self, u: np.ndarray, positions) -> np.ndarray:
