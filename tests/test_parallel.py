@@ -138,6 +138,41 @@ def test_mgrit_converges_to_the_serial_gradient(depth, m, ranks, levels, cycle, 
     assert abs(r.loss - loss) < 1e-10 * abs(loss) and grad_rel(r.grads, grads) < 1e-10
 
 
+@given(depth=st.integers(2, 24), m=st.integers(2, 4), ranks=st.integers(1, 4),
+       levels=st.integers(2, 4), cycle=st.sampled_from(["V", "F"]),
+       relax=st.sampled_from(["F", "FCF"]), nested=st.booleans(),
+       iterations=st.integers(1, 3))
+def test_mgrit_reads_no_buffer_before_writing_it(depth, m, ranks, levels, cycle, relax, nested,
+                                                 iterations):
+    """Reused buffers have undefined content: with every buffer handed out full of NaN,
+    an MGRIT gradient (states, adjoints, residual histories) has the same bits as with
+    fresh ones, on any layout, cycle, relaxation and number of iterations."""
+    from ptoc import _workspace
+
+    ranks = min(ranks, depth)
+    net, params, X, y = problem(depth=depth, seed=depth + m)
+    solver = MGRIT(coarsening=m, max_levels=levels, min_coarse_steps=1, cycle=cycle,
+                   relaxation=relax, nested_iteration=nested, tol=0,
+                   max_iterations=iterations)
+    clean = parallel_gradient(net, params, X, y, solver, comm=ranks)
+    get = _workspace.Workspace.get
+
+    def poisoned(self, name, shape, dtype):
+        buf = get(self, name, shape, dtype)
+        if np.issubdtype(buf.dtype, np.floating):
+            buf.fill(np.nan)
+        return buf
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_workspace.Workspace, "get", poisoned)
+        dirty = parallel_gradient(net, params, X, y, solver, comm=ranks)
+    assert np.array_equal(clean.states, dirty.states)
+    assert np.array_equal(clean.adjoints, dirty.adjoints)
+    assert all(np.array_equal(clean.grads[k], dirty.grads[k]) for k in clean.grads)
+    assert clean.forward.residuals == dirty.forward.residuals
+    assert clean.adjoint.residuals == dirty.adjoint.residuals
+
+
 @given(depth=st.integers(1, 20), chunks=st.integers(1, 6), seed=st.integers(0, 10_000),
        coarse=st.sampled_from(["inject", "average"]))
 def test_parareal_converges_to_the_serial_gradient(depth, chunks, seed, coarse):
