@@ -39,6 +39,7 @@ from . import (
     simultaneous,
     training,
 )
+from ._memory import keep_freed_memory
 from ._version import __version__ as __version__
 from .activations import Activation
 from .conv import ConvResNet, ConvResNetPropagator
@@ -86,6 +87,7 @@ from .sweeps import (
 from .training import History, TrainResult, train
 
 __all__ = [
+    "keep_freed_memory",
     "ConvResNet",
     "ConvResNetPropagator",
     "conv",

@@ -29,6 +29,11 @@ PTOC_WORKSPACE_BYTES
     Most bytes of reusable buffers that each of ptoc's workspaces keeps per thread
     after a call returns (default 268435456, 256 MiB; see :mod:`ptoc._workspace`).
     It can also be changed at run time: ``ptoc._config.WORKSPACE_BYTES = ...``.
+PTOC_KEEP_FREED_BYTES
+    Most bytes of freed memory that the ``ptoc`` command line lets its process keep
+    mapped for later arrays (default 268435456, 256 MiB; ``0`` leaves the C library's
+    settings alone). See :func:`ptoc.keep_freed_memory`: the library itself never
+    changes this process-wide setting.
 PTOC_STORED_DERIVATIVE_BYTES
     Most bytes of ``sigma'(a_n)`` that the convolutional ResNet's serial gradient keeps
     from its state sweep for its backward pass (default 2147483648, 2 GiB); layers past
@@ -129,6 +134,10 @@ WARM_UP: bool = _env_flag("PTOC_WARM_UP", True)
 #: a smaller bound costs page faults (speed), never a different result. Read at every
 #: request, so it may be changed at run time; ``0`` keeps nothing.
 WORKSPACE_BYTES: int = _env_int("PTOC_WORKSPACE_BYTES", 256 << 20, minimum=0)
+
+#: Most bytes of freed memory the ``ptoc`` command line keeps mapped for later arrays
+#: (:func:`ptoc.keep_freed_memory`, called by :func:`ptoc.cli.main`); ``0``: not called.
+KEEP_FREED_BYTES: int = _env_int("PTOC_KEEP_FREED_BYTES", 256 << 20, minimum=0)
 
 #: Most bytes of ``sigma'(a_n)`` kept by a serial gradient's state sweep for the backward
 #: pass (:meth:`ptoc.conv.ConvResNetPropagator.gradient_forward`): as many layers as fit,

@@ -303,3 +303,15 @@ def test_solve_that_stagnates_says_so_instead_of_asking_for_more_iterations(caps
     out = capsys.readouterr().out
     assert code == 3
     assert "stagnated at residual" in out and "raise --max-iterations" not in out
+
+
+@pytest.mark.parametrize("keep", [0, 1 << 20])
+def test_the_command_line_keeps_freed_memory_unless_told_not_to(keep, monkeypatch, capsys):
+    import ptoc.cli as cli
+    from ptoc import _config
+
+    calls = []
+    monkeypatch.setattr(_config, "KEEP_FREED_BYTES", keep)
+    monkeypatch.setattr(cli, "keep_freed_memory", calls.append)
+    assert main(["info"]) == 0
+    assert calls == ([keep] if keep else [])

@@ -31,6 +31,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .. import _config
+from .._memory import keep_freed_memory
 from .._version import __version__
 from . import info, solve, train, validate
 from .arguments import PROG, Parser
@@ -93,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as exc:  # --help, --version, or an argparse error
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if _config.KEEP_FREED_BYTES:  # this process is ptoc's own: reuse freed memory
+        keep_freed_memory(_config.KEEP_FREED_BYTES)
     try:
         return int(args.func(args))
     except CLIError as exc:
