@@ -79,11 +79,11 @@ def _loop_forward(K, b, x, a, h, rows, dsig, lo, m, reps):
 
 
 @njit
-def _loop_adjoint(K, KT, b, h, x, lam, g, pK, pb, rows, lo, m, chunk, reps):
+def _loop_adjoint(K, b, h, x, lam, g, pK, pb, rows, lo, m, chunk, reps):
     for _ in range(reps):
         cpu._load_t(rows, lo, m, x)
         cpu._adjoint_g_t(K, b, TANH, x, lam, g, m, False)
-        cpu._adjoint_lam_t(KT, h, g, lam, m)
+        cpu._adjoint_lam_t(K.T, h, g, lam, m)
         for t0 in range(0, m, chunk):
             cpu._partial_t(g, rows, lo, h, pK, pb, t0, min(m, t0 + chunk))
 
@@ -104,7 +104,6 @@ def measure(d: int, S: int, reps: int, rounds: int) -> dict[str, float]:
     W = cpu._state_width(S, chunk, 1)
     rng = np.random.default_rng(0)
     K = rng.standard_normal((d, d)) / np.sqrt(d)
-    KT = np.ascontiguousarray(K.T)
     b = 0.1 * rng.standard_normal(d)
     h = 1.0 / 256
     rows = rng.standard_normal((S, d))
@@ -124,7 +123,7 @@ def measure(d: int, S: int, reps: int, rounds: int) -> dict[str, float]:
             "copy": (_loop_copy, (a0, a, reps)),
             "transposes": (_loop_transposes, (x, a, rows, lo, m, reps)),
             "forward step": (_loop_forward, (K, b, x, a, h, rows, dsig, lo, m, reps)),
-            "adjoint step": (_loop_adjoint, (K, KT, b, h, x, lam, g, pK, pb, rows, lo, m,
+            "adjoint step": (_loop_adjoint, (K, b, h, x, lam, g, pK, pb, rows, lo, m,
                                              chunk, reps)),
         }
         for name, (fn, args) in parts.items():

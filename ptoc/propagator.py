@@ -680,7 +680,7 @@ class ResNetLevelSteps(LevelSteps):
         if plan.n_steps:
             stack = prop.stacked_parameters(plan.layers) if plan.fine else plan.weights
             self.K[1:], self.b[1:] = stack
-        self.D = self.KT = None
+        self.D = None
         on_device = prop.target is Target.CUDA
         self.kern, self.act = prop._kern, prop._act
         if on_device:
@@ -698,9 +698,6 @@ class ResNetLevelSteps(LevelSteps):
                 self.D = self.kern.level_derivatives(
                     X, self.K, self.b, self.act, level_workspace.get("D" + tag, X.shape, dtype),
                     _config.CHUNK)
-                # the CPU kernels read the rows of K^T (the CUDA ones read K's columns)
-                self.KT = level_workspace.get("KT" + tag, self.K.shape, dtype)
-                self.KT[...] = np.swapaxes(self.K, 1, 2)
 
     def runs(self, u, g, starts, ends) -> None:
         starts = np.asarray(starts, dtype=np.int64)
@@ -711,7 +708,7 @@ class ResNetLevelSteps(LevelSteps):
             self.kern.state_runs(u, g, self.K, self.b, self.dt, self.act, starts, ends,
                                  _config.CHUNK)
         else:
-            self.kern.adjoint_runs(u, g, self.D, self.K, self.KT, self.dt, starts, ends,
+            self.kern.adjoint_runs(u, g, self.D, self.K, self.dt, starts, ends,
                                    _config.CHUNK)
 
     def points_apply(self, u, positions) -> np.ndarray:
@@ -737,7 +734,7 @@ class ResNetLevelSteps(LevelSteps):
             self.kern.state_points_into(u, self.K, self.b, self.dt, self.act, positions, out,
                                         rows, g, mode, _config.CHUNK)
         else:
-            self.kern.adjoint_points_into(u, self.D, self.K, self.KT, self.dt, positions, out,
+            self.kern.adjoint_points_into(u, self.D, self.K, self.dt, positions, out,
                                           rows, g, mode, _config.CHUNK)
 
 

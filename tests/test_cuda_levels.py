@@ -123,7 +123,6 @@ for S, d, n, chunk in [(1, 1, 4, 32), (11, 9, 5, 4), (5, 13, 6, 2)]:
         rng = np.random.default_rng(S + d)
         u, g, X = (rng.standard_normal((n, S, d)) for _ in range(3))
         K, b = rng.standard_normal((n, d, d)) * 1.5 / np.sqrt(d), rng.standard_normal((n, d))
-        KT = np.ascontiguousarray(np.swapaxes(K, 1, 2))
         dt = rng.random(n)
         starts, ends = np.array([1, n // 2 + 1]), np.array([n // 2 - 1, n - 1])
         points = np.array([1, n - 1, 2])
@@ -135,16 +134,16 @@ for S, d, n, chunk in [(1, 1, 4, 32), (11, 9, 5, 4), (5, 13, 6, 2)]:
             for rhs in (None, g):
                 su, au = u.copy(), u.copy()
                 kern.state_runs(su, rhs, K, b, dt, act, starts, ends, chunk)
-                kern.adjoint_runs(au, rhs, D, K, KT, dt, starts, ends, chunk)
+                kern.adjoint_runs(au, rhs, D, K, dt, starts, ends, chunk)
                 res += [su, au]
             sp, ap = np.empty((3, S, d)), np.empty((3, S, d))
             kern.state_points(u, K, b, dt, act, points, sp, chunk)
-            kern.adjoint_points(u, D, K, KT, dt, points, ap, chunk)
+            kern.adjoint_points(u, D, K, dt, points, ap, chunk)
             rows = np.array([2, 0, 1])
             for mode in (1, 2, 3):  # ptoc._maths.POINT_RESIDUAL, POINT_RESIDUAL_G, POINT_TAU
                 sq, aq = np.full((3, S, d), 0.5), np.full((3, S, d), 0.5)
                 kern.state_points_into(u, K, b, dt, act, points, sq, rows, g, mode, chunk)
-                kern.adjoint_points_into(u, D, K, KT, dt, points, aq, rows, g, mode, chunk)
+                kern.adjoint_points_into(u, D, K, dt, points, aq, rows, g, mode, chunk)
                 res += [sq, aq]
             gK, gb = np.ones_like(K), np.ones_like(b)
             kern.layer_gradients(X, u[::-1], K, b, 0.3, act, gK, gb, chunk)

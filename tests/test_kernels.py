@@ -464,7 +464,6 @@ def _runs(rng, n):
 def _level_calls(kern, u, g, K, b, dt, X, act, starts, ends, points, chunk):
     """Every level kernel once, on copies; the outputs in a list (the adjoint steps with
     the derivatives ``D`` that ``level_derivatives`` computes from the states ``X``)."""
-    KT = np.ascontiguousarray(np.swapaxes(K, 1, 2))
     D = np.zeros_like(X)
     kern.level_derivatives(X, K, b, act, D, chunk)
     out = [D]
@@ -472,12 +471,12 @@ def _level_calls(kern, u, g, K, b, dt, X, act, starts, ends, points, chunk):
         v = u.copy()
         kern.state_runs(v, rhs, K, b, dt, act, starts, ends, chunk)
         lam = u.copy()
-        kern.adjoint_runs(lam, rhs, D, K, KT, dt, starts, ends, chunk)
+        kern.adjoint_runs(lam, rhs, D, K, dt, starts, ends, chunk)
         out += [v, lam]
     p = np.empty((len(points),) + u.shape[1:], u.dtype)
     kern.state_points(u, K, b, dt, act, points, p, chunk)
     q = np.empty_like(p)
-    kern.adjoint_points(u, D, K, KT, dt, points, q, chunk)
+    kern.adjoint_points(u, D, K, dt, points, q, chunk)
     out += [p, q]
     # the point steps that end in a FAS half, into rows in reverse order of a larger array
     rows = np.arange(len(points), dtype=np.int64)[::-1] + 1
@@ -485,7 +484,7 @@ def _level_calls(kern, u, g, K, b, dt, X, act, starts, ends, points, chunk):
         rhs = g if mode == maths.POINT_RESIDUAL_G else None
         sp, ap = (np.full((len(points) + 2,) + u.shape[1:], 0.25, u.dtype) for _ in range(2))
         kern.state_points_into(u, K, b, dt, act, points, sp, rows, rhs, mode, chunk)
-        kern.adjoint_points_into(u, D, K, KT, dt, points, ap, rows, rhs, mode, chunk)
+        kern.adjoint_points_into(u, D, K, dt, points, ap, rows, rhs, mode, chunk)
         out += [sp, ap]
     return out
 
@@ -519,14 +518,13 @@ def test_cpu_fused_fas_points_equal_the_point_steps_then_the_sums_bitwise(S, d, 
     _, _, points = _runs(rng, n)
     rows = rng.permutation(len(points) + 2)[: len(points)]
     cpu = kernels.backend("cpu")
-    KT = np.ascontiguousarray(np.swapaxes(K, 1, 2))
     D = cpu.level_derivatives(X, K, b, act.code, None, chunk)
     for mode in (maths.POINT_RESIDUAL, maths.POINT_RESIDUAL_G, maths.POINT_TAU):
         rhs = g if mode == maths.POINT_RESIDUAL_G else None
         start = rng.standard_normal((len(points) + 2, S, d))
         for into, plain, args in (
                 (cpu.state_points_into, cpu.state_points, (u, K, b, dt, act.code)),
-                (cpu.adjoint_points_into, cpu.adjoint_points, (u, D, K, KT, dt))):
+                (cpu.adjoint_points_into, cpu.adjoint_points, (u, D, K, dt))):
             fused = start.copy()
             into(*args, points, fused, rows, rhs, mode, chunk)
             phi = np.empty((len(points), S, d))
@@ -694,8 +692,7 @@ def test_cpu_level_runs_equal_the_serial_sweeps_bitwise(act):
     v = np.zeros_like(states)
     v[0] = lam
     D = cpu.level_derivatives(Xb, Kb, bb, act.code, None, 32)
-    cpu.adjoint_runs(v, None, D, Kb, np.ascontiguousarray(np.swapaxes(Kb, 1, 2)), dt, [1], [N],
-                     32)
+    cpu.adjoint_runs(v, None, D, Kb, dt, [1], [N], 32)
     assert np.array_equal(v, lams[::-1])
 
 

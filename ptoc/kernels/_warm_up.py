@@ -93,9 +93,8 @@ def _warm_up_level_adjoints() -> None:
     from ptoc.parallel.driver import parallel_adjoint
 
     cpu, u, K, _, dt = _level_arrays()
-    KT = K.transpose(0, 2, 1).copy()
-    cpu.adjoint_runs(u, None, u.copy(), K, KT, dt, [1], [3], 32)
-    cpu.adjoint_points(u, u.copy(), K, KT, dt, [1, 2], u[:2].copy(), 32)
+    cpu.adjoint_runs(u, None, u.copy(), K, dt, [1], [3], 32)
+    cpu.adjoint_points(u, u.copy(), K, dt, [1, 2], u[:2].copy(), 32)
     net, params, X, y, solver, comm = _mgrit_problem()
     states = ptoc.forward(net, params, X, target="numpy").states
     lam_N = classifier_loss(params, states[-1], y)[1]

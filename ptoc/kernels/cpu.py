@@ -361,33 +361,36 @@ def _times_t(g, lam, m):
 
 
 @_tile_jit()
-def _adjoint_lam_t(KT, h, g, lam, m):
-    """``lam[j, t] <- lam[j, t] + h sum_i K[i, j] g[i, t]`` for ``t < m`` (``KT = K^T``).
+def _adjoint_lam_t(Kt, h, g, lam, m):
+    """``lam[j, t] <- lam[j, t] + h sum_i K[i, j] g[i, t]`` for ``t < m``, with ``Kt`` the
+    view ``K.T`` (no copy: the blocks load its entries one by one, whatever the strides).
 
     The second half of one adjoint step: the sum of ``_maths.adjoint_entry``, its terms
     in ascending ``i``, added to ``lam`` after the sum is complete, in blocks of 4 rows
-    by 16, 8 or 1 samples held in registers (:mod:`ptoc.kernels._product`).
+    by 16, 8 or 1 samples held in registers (:mod:`ptoc.kernels._product`). Reading
+    ``K`` through the view costs nothing over a transposed copy, and the sweeps once
+    spent a tenth of an adjoint layer at d = 8 to 16 on making those copies in NumPy.
     """
-    R = KT.shape[0]
+    R = Kt.shape[0]
     R4 = R - R % 4
     m16 = m - m % 16
     m8 = m - m % 8
     unused = lam[0]  # the blocks' bias argument, which this mode does not read
     for t in range(0, m16, 16):
         for r in range(0, R4, 4):
-            _product.add_4x16(KT, g, lam, r, t, unused, h)
+            _product.add_4x16(Kt, g, lam, r, t, unused, h)
         for r in range(R4, R):
-            _product.add_1x16(KT, g, lam, r, t, unused, h)
+            _product.add_1x16(Kt, g, lam, r, t, unused, h)
     for t in range(m16, m8, 8):
         for r in range(0, R4, 4):
-            _product.add_4x8(KT, g, lam, r, t, unused, h)
+            _product.add_4x8(Kt, g, lam, r, t, unused, h)
         for r in range(R4, R):
-            _product.add_1x8(KT, g, lam, r, t, unused, h)
+            _product.add_1x8(Kt, g, lam, r, t, unused, h)
     for t in range(m8, m):
         for r in range(0, R4, 4):
-            _product.add_4x1(KT, g, lam, r, t, unused, h)
+            _product.add_4x1(Kt, g, lam, r, t, unused, h)
         for r in range(R4, R):
-            _product.add_1x1(KT, g, lam, r, t, unused, h)
+            _product.add_1x1(Kt, g, lam, r, t, unused, h)
 
 
 # --- sweeps (the compiled kernels) -----------------------------------------------------------
@@ -437,7 +440,7 @@ def _forward_one_thread(x0, K, b, h, act, outs, dsig, store, W):
 
 
 @_tile_jit()
-def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, part_K,
+def _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, part_K,
                   part_b, want_grad, lams, keep, lam_out, want_out, chunk, group, w, gK, gb,
                   direct):
     """Layers ``n1-1`` down to ``n0`` of :func:`_adjoint_block` for work item ``w``, its
@@ -464,7 +467,7 @@ def _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam, x, 
         _adjoint_g_t(K[n], b[n], act, x, lam, g, m, have_dsig)
         if want_out:
             # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]
-            _adjoint_lam_t(KT[n - n0], h, g, lam, m)
+            _adjoint_lam_t(K[n].T, h, g, lam, m)
             if keep:
                 _store_t(lam, lams[n], lo, m)
         if want_grad:
@@ -492,32 +495,32 @@ def _add_partial_into(pK, pb, gK, gb):
 
 
 @_jit(parallel=True)
-def _adjoint_block(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles, x_tiles,
+def _adjoint_block(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam_tiles, x_tiles,
                    g_tiles, part_K, part_b, want_grad, lams, keep, lam_out, want_out,
                    chunk, group, gK, gb, direct):
     """Layers ``n1-1`` down to ``n0`` of the adjoint sweep for every work item.
 
     The tile ``lam_tiles[w]`` holds ``lambda`` of work item ``w`` between blocks; it is
     loaded from ``lam_N`` in the first block and stored to ``lam_out`` in the last.
-    ``KT[n - n0]`` is ``K[n]^T``. Chunk ``c`` writes its gradient partial of layer ``n``
+    Chunk ``c`` writes its gradient partial of layer ``n``
     to ``part_K[c, n - n0]`` and ``part_b[c, n - n0]``.
     """
     n_items = lam_tiles.shape[0]
     for w in prange(n_items):
         # np.int64: Numba types a prange index over a shape as unsigned in the parallel
         # body and as signed elsewhere, and would compile the helper for both
-        _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
+        _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
                       x_tiles[w], g_tiles[w], part_K, part_b, want_grad, lams,
                       keep, lam_out, want_out, chunk, group, np.int64(w), gK, gb, direct)
 
 
 @_jit()
-def _adjoint_block_one_thread(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles,
+def _adjoint_block_one_thread(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam_tiles,
                               x_tiles, g_tiles, part_K, part_b, want_grad, lams, keep, lam_out,
                               want_out, chunk, group, gK, gb, direct):
     """:func:`_adjoint_block` on the calling thread (see :func:`_forward_one_thread`)."""
     for w in range(lam_tiles.shape[0]):
-        _adjoint_item(xs, lam_N, K, KT, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
+        _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
                       x_tiles[w], g_tiles[w], part_K, part_b, want_grad, lams,
                       keep, lam_out, want_out, chunk, group, w, gK, gb, direct)
 
@@ -753,17 +756,17 @@ def _level_derivatives(X, K, b, act, out, W, x, a):
 
 
 @_thin_jit()
-def _adjoint_tile_step(D, KT, dt, k, lam, g, lo, m):
-    """``lam <- lam + dt[k] (D[k] * lam) K[k]`` on a tile (``KT = K^T``), with ``D[k]`` the
+def _adjoint_tile_step(D, K, dt, k, lam, g, lo, m):
+    """``lam <- lam + dt[k] (D[k] * lam) K[k]`` on a tile, with ``D[k]`` the
     step's ``sigma'(a)`` (:func:`_level_derivatives`): the step of the adjoint sweep
     (:func:`_adjoint_block`) with a stored derivative."""
     _load_t(D[k], lo, m, g)
     _times_t(g, lam, m)
-    _adjoint_lam_t(KT[k], dt[k], g, lam, m)
+    _adjoint_lam_t(K[k].T, dt[k], g, lam, m)
 
 
 @_tile_jit()
-def _adjoint_runs_slot(lam, g, has_g, D, KT, dt, starts, ends, W, tiles, q0, q1):
+def _adjoint_runs_slot(lam, g, has_g, D, K, dt, starts, ends, W, tiles, q0, q1):
     """Tasks ``q0 .. q1-1`` of :func:`_adjoint_runs` on one slot's two tiles."""
     S = lam.shape[1]
     n_items = (S + W - 1) // W
@@ -775,23 +778,23 @@ def _adjoint_runs_slot(lam, g, has_g, D, KT, dt, starts, ends, W, tiles, q0, q1)
         m = min(S, lo + W) - lo
         _load_t(lam[starts[r] - 1], lo, m, lt)
         for k in range(starts[r], ends[r] + 1):
-            _adjoint_tile_step(D, KT, dt, k, lt, gg, lo, m)
+            _adjoint_tile_step(D, K, dt, k, lt, gg, lo, m)
             _store_add_t(lt, g[k], has_g, lam[k], lo, m)
 
 
 @_jit(parallel=True)
-def _adjoint_runs(lam, g, has_g, D, KT, dt, starts, ends, W, tiles):
+def _adjoint_runs(lam, g, has_g, D, K, dt, starts, ends, W, tiles):
     n, S, d = lam.shape
     n_items = (S + W - 1) // W
     n_tasks = len(starts) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
         q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
-        _adjoint_runs_slot(lam, g, has_g, D, KT, dt, starts, ends, W, tiles[p], q0, q1)
+        _adjoint_runs_slot(lam, g, has_g, D, K, dt, starts, ends, W, tiles[p], q0, q1)
 
 
 @_tile_jit()
-def _adjoint_points_slot(lam, D, KT, dt, positions, out, rows, g, mode, W, tiles, q0, q1):
+def _adjoint_points_slot(lam, D, K, dt, positions, out, rows, g, mode, W, tiles, q0, q1):
     """Tasks ``q0 .. q1-1`` of :func:`_adjoint_points` on one slot's two tiles."""
     S = lam.shape[1]
     n_items = (S + W - 1) // W
@@ -803,19 +806,19 @@ def _adjoint_points_slot(lam, D, KT, dt, positions, out, rows, g, mode, W, tiles
         m = min(S, lo + W) - lo
         k = positions[r]
         _load_t(lam[k - 1], lo, m, lt)
-        _adjoint_tile_step(D, KT, dt, k, lt, gg, lo, m)
+        _adjoint_tile_step(D, K, dt, k, lt, gg, lo, m)
         _point_end_t(lt, gg, lam, g, out, r, rows, k, mode, lo, m)
 
 
 @_jit(parallel=True)
-def _adjoint_points(lam, D, KT, dt, positions, out, rows, g, mode, W, tiles):
+def _adjoint_points(lam, D, K, dt, positions, out, rows, g, mode, W, tiles):
     n, S, d = lam.shape
     n_items = (S + W - 1) // W
     n_tasks = len(positions) * n_items
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
         q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
-        _adjoint_points_slot(lam, D, KT, dt, positions, out, rows, g, mode, W, tiles[p], q0,
+        _adjoint_points_slot(lam, D, K, dt, positions, out, rows, g, mode, W, tiles[p], q0,
                              q1)
 
 
@@ -891,7 +894,6 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
     direct = want_grad and n_items == 1
     L = max(N, 1) if direct else min(_layer_block(S, d, N, chunk, lam.itemsize), max(N, 1))
     tiles = np.empty((3, n_items, d, _row_len.py_func(W)), dt)
-    KT = np.empty((L, d, d), dt)
     part_K = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d, d), dt)
     part_b = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d), dt)
     dsig_arg = _dummy(lam, 3) if dsig is None else dsig
@@ -906,10 +908,9 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
     n1 = N
     while n1 > 0:
         n0 = max(0, n1 - L)
-        KT[:n1 - n0] = np.swapaxes(K[n0:n1], 1, 2)
         threaded = _threaded(n_items, S * d * d * (n1 - n0))
         block = _adjoint_block if threaded else _adjoint_block_one_thread
-        block(xs, lam, K, KT, b, h, act, dsig_arg, dsig is not None, n0, n1, tiles[0],
+        block(xs, lam, K, b, h, act, dsig_arg, dsig is not None, n0, n1, tiles[0],
               tiles[1], tiles[2], part_K, part_b, want_grad, lams_arg, keep, out_arg,
               want_out, chunk, group, gK_arg, gb_arg, direct)
         if want_grad and not direct:
@@ -1061,26 +1062,26 @@ def level_derivatives(X, K, b, act, out, chunk):
     return out
 
 
-def adjoint_runs(lam, g, D, K, KT, dt, starts, ends, chunk):
+def adjoint_runs(lam, g, D, K, dt, starts, ends, chunk):
     has_g = g is not None
     threads = numba.get_num_threads()
     W = _state_width(lam.shape[1], chunk, len(starts), threads)
-    _adjoint_runs(lam, g if has_g else lam, has_g, D, KT, np.asarray(dt, lam.dtype),
+    _adjoint_runs(lam, g if has_g else lam, has_g, D, K, np.asarray(dt, lam.dtype),
                   _idx(starts), _idx(ends), W,
                   _tiles(lam, _tasks(lam, len(starts), W), W, 2, threads))
 
 
-def adjoint_points(lam, D, K, KT, dt, positions, out, chunk):
-    adjoint_points_into(lam, D, K, KT, dt, positions, out, None, None, POINT_APPLY, chunk)
+def adjoint_points(lam, D, K, dt, positions, out, chunk):
+    adjoint_points_into(lam, D, K, dt, positions, out, None, None, POINT_APPLY, chunk)
 
 
-def adjoint_points_into(lam, D, K, KT, dt, positions, out, rows, g, mode, chunk):
+def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
     """:func:`adjoint_points` with the end of each step chosen by ``mode``, as in
     :func:`state_points_into`."""
     positions = _idx(positions)
     threads = numba.get_num_threads()
     W = _state_width(lam.shape[1], chunk, len(positions), threads)
-    _adjoint_points(lam, D, KT, np.asarray(dt, lam.dtype), positions, out,
+    _adjoint_points(lam, D, K, np.asarray(dt, lam.dtype), positions, out,
                     positions if rows is None else _idx(rows), lam if g is None else g, mode,
                     W, _tiles(lam, _tasks(lam, len(positions), W), W, 2, threads))
 

@@ -510,9 +510,9 @@ def adjoint_sweep(states, lam_N, K, b, h, act, dsig, gK, gb, lams, chunk):
 
 # --- level kernels: many steps of one MGRIT/parareal level in one call ---------------------------
 #
-# Same contract as in kernels.reference and kernels.cpu (``KT`` is not used here: a thread
-# reads a column of ``K`` directly). Each call copies its host arrays to the device once,
-# launches the kernels of all its steps there, and copies ``u`` (or ``out``) back once.
+# Same contract as in kernels.reference and kernels.cpu (the adjoint's thread reads a column
+# of ``K``). Each call copies its host arrays to the device once, launches the kernels of
+# all its steps there, and copies ``u`` (or ``out``) back once.
 
 def _index_pair(first, last) -> tuple[int, int, object]:
     """``(runs, longest run, device array (2, runs) of first and last positions)``."""
@@ -591,19 +591,19 @@ def level_derivatives(X, K, b, act, out, chunk):
 
 
 @_serialized
-def adjoint_runs(lam, g, D, K, KT, dt, starts, ends, chunk):
+def adjoint_runs(lam, g, D, K, dt, starts, ends, chunk):
     _adjoint_level(lam, g, D, K, dt, starts, ends, None)
 
 
 @_serialized
-def adjoint_points(lam, D, K, KT, dt, positions, out, chunk):
+def adjoint_points(lam, D, K, dt, positions, out, chunk):
     _adjoint_level(lam, None, D, K, dt, positions, positions, out)
 
 
-def adjoint_points_into(lam, D, K, KT, dt, positions, out, rows, g, mode, chunk):
+def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
     """:func:`adjoint_points`, then the end that ``mode`` chooses, on the host."""
     phi = np.empty((len(positions),) + lam.shape[1:], lam.dtype)
-    adjoint_points(lam, D, K, KT, dt, positions, phi, chunk)
+    adjoint_points(lam, D, K, dt, positions, phi, chunk)
     reference.point_ends(phi, lam, g, positions, out, rows, mode)
 
 

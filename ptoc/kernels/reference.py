@@ -115,8 +115,7 @@ def adjoint_sweep(states, lam_N, K, b, h, act, dsig, gK, gb, lams, chunk):
 # ``k`` from ``k - 1`` has weights ``K[k]``, ``b[k]``, size ``dt[k]`` and, for the adjoint,
 # the derivative ``D[k] = sigma'(X[k] K[k]^T + b[k])`` at its linearisation state ``X[k]``
 # (:func:`level_derivatives`, once per solve: the states do not change during an adjoint
-# solve); ``KT`` is ``K`` transposed (used by the compiled targets). ``g`` (or None) is a
-# right-hand side added after the step.
+# solve). ``g`` (or None) is a right-hand side added after the step.
 
 def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
     """In place, for each run ``r``: ``u[k] = u[k-1] + dt[k] sigma(u[k-1] K[k]^T + b[k]) (+ g[k])``
@@ -174,7 +173,7 @@ def _adjoint_level_step(lam, D, K, dt, k, out):
     out[...] = lam + dt[k] * ((D[k] * lam) @ K[k])
 
 
-def adjoint_runs(lam, g, D, K, KT, dt, starts, ends, chunk):
+def adjoint_runs(lam, g, D, K, dt, starts, ends, chunk):
     """In place, for each run: ``lam[k] = lam[k-1] + dt[k] (D[k] * lam[k-1]) K[k] (+ g[k])``
     for ``k = starts[r] .. ends[r]`` in order."""
     for s, e in zip(starts, ends, strict=True):
@@ -184,17 +183,17 @@ def adjoint_runs(lam, g, D, K, KT, dt, starts, ends, chunk):
                 lam[k] += g[k]
 
 
-def adjoint_points(lam, D, K, KT, dt, positions, out, chunk):
+def adjoint_points(lam, D, K, dt, positions, out, chunk):
     """``out[r]`` = the adjoint step producing position ``k = positions[r]`` from ``lam[k-1]``."""
     for r, k in enumerate(positions):
         _adjoint_level_step(lam[k - 1], D, K, dt, k, out[r])
 
 
-def adjoint_points_into(lam, D, K, KT, dt, positions, out, rows, g, mode, chunk):
+def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
     """:func:`adjoint_points` with the end of each step chosen by ``mode``
     (:func:`point_ends`)."""
     phi = np.empty((len(positions),) + lam.shape[1:], lam.dtype)
-    adjoint_points(lam, D, K, KT, dt, positions, phi, chunk)
+    adjoint_points(lam, D, K, dt, positions, phi, chunk)
     point_ends(phi, lam, g, positions, out, rows, mode)
 
 
