@@ -611,6 +611,12 @@ def test_cpu_transposes_move_every_entry_and_nothing_else(S, d, lo, dtype, rever
     untouched = np.ones(lo + S, bool)
     untouched[lo:lo + m] = False
     assert (dst[untouched] == -1.0).all()
+    # the transpose in that multiplies as it stores (the adjoint's sigma' * lambda)
+    lam = rng.standard_normal((d, L)).astype(dtype)
+    tile = np.full((d, L), -1.0, dtype)
+    cpu._load_times_t(src, lo, m, tile, lam)
+    np.testing.assert_array_equal(tile[:, :m], src[lo:lo + m].T * lam[:, :m])
+    assert (tile[:, m:] == -1.0).all()
 
 
 @given(d=st.integers(1, 40), m=st.integers(1, 128), lo=st.integers(0, 5),
@@ -658,13 +664,21 @@ def test_cpu_register_blocked_products_write_exactly_their_entries(d, m, lo, dty
     t1 = int(rng.integers(t0 + 1, m + 1))
     g0 = g.copy()
     pK, pb = np.full((d, d), -7.0, dtype), np.full(d, -7.0, dtype)
-    cpu._partial_t(g, rows, lo, h, pK, pb, t0, t1)
+    cpu._partial_t(g, rows, lo, h, pK, pb, t0, t1, False)
     hg = h * g0[:, t0:t1]
     np.testing.assert_array_equal(g[:, t0:t1], hg)  # g is scaled in place, there only
     np.testing.assert_array_equal(np.delete(g, np.s_[t0:t1], axis=1),
                                   np.delete(g0, np.s_[t0:t1], axis=1))
     close(pK, hg @ rows[lo + t0:lo + t1])
     close(pb, hg.sum(axis=1))
+    # the accumulating form adds each finished sum: the bits of adding the stored partial
+    qK, qb = rng.standard_normal((d, d)).astype(dtype), rng.standard_normal(d).astype(dtype)
+    sK, sb = qK.copy(), qb.copy()
+    g[...] = g0
+    cpu._partial_t(g, rows, lo, h, qK, qb, t0, t1, True)
+    np.testing.assert_array_equal(qK, sK + pK)
+    np.testing.assert_array_equal(qb, sb + pb)
+    np.testing.assert_array_equal(g[:, t0:t1], hg)
 
 
 @pytest.mark.parametrize("act", ACTS)

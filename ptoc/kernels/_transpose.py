@@ -11,7 +11,11 @@ shapes of layer-parallel work this was a third of a layer step (d = 16, S = 32: 
 eight two-input shuffles (pairs of entries, then pairs of pairs, then halves) and
 eight vector stores, as LLVM IR that is the same for every target (``shufflevector``;
 on AVX-512 each vector is one register, on AVX2 two). It moves entries and computes
-nothing, so results are bit for bit those of the scalar loops.
+nothing, so results are bit for bit those of the scalar loops. :func:`transpose8_times`
+multiplies each entry by one of another array on its way out (the adjoint's
+``sigma'(a) * lambda`` as the stored ``sigma'`` is transposed in): one multiplication
+per entry, the same as a pass of multiplications after the transpose, without that
+pass.
 """
 
 from __future__ import annotations
@@ -29,20 +33,8 @@ _ROUNDS = (
 )
 
 
-@intrinsic
-def transpose8(typingctx, a, a0, a1, b, b0, b1):
-    """``b[b0 + j, b1 + i] = a[a0 + i, a1 + j]`` for ``0 <= i, j < 8``.
-
-    ``a`` and ``b`` are 2-D float64 or float32 arrays (the same dtype) whose rows have
-    unit stride (``strides[1] == itemsize``; rows may be any distance apart, even
-    negative); both blocks must lie inside their arrays (nothing is checked: the
-    kernels that call this check the strides and the ranges).
-    """
-    ok = (isinstance(a, types.Array) and isinstance(b, types.Array) and a.ndim == b.ndim == 2
-          and a.dtype == b.dtype and a.dtype in (types.float64, types.float32))
-    if not ok:
-        return None
-    sig = types.void(a, types.intp, types.intp, b, types.intp, types.intp)
+def _codegen(times: bool):
+    """The code of :func:`transpose8` (``times``: of :func:`transpose8_times`)."""
 
     def codegen(context, builder, signature, args):
         arr_a = context.make_array(signature.args[0])(context, builder, args[0])
@@ -72,9 +64,46 @@ def transpose8(typingctx, a, a0, a1, b, b0, b1):
                     nxt[k] = builder.shuffle_vector(rows[k], rows[k + step], low_mask)
                     nxt[k + step] = builder.shuffle_vector(rows[k], rows[k + step], high_mask)
             rows = nxt
+        if times:
+            arr_c = context.make_array(signature.args[6])(context, builder, args[6])
         for j in range(8):
-            builder.store(rows[j], row(arr_b, builder.add(args[4], ir.Constant(intp, j)), args[5]),
-                          align=itemsize)
+            out = rows[j]
+            r = builder.add(args[4], ir.Constant(intp, j))
+            if times:  # one multiplication per entry, a[...] * c[...]
+                out = builder.fmul(out, builder.load(row(arr_c, r, args[5]), align=itemsize))
+            builder.store(out, row(arr_b, r, args[5]), align=itemsize)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+def _float_matrices(*arrays) -> bool:
+    return (all(isinstance(x, types.Array) and x.ndim == 2 for x in arrays)
+            and arrays[0].dtype in (types.float64, types.float32)
+            and all(x.dtype == arrays[0].dtype for x in arrays))
+
+
+@intrinsic
+def transpose8(typingctx, a, a0, a1, b, b0, b1):
+    """``b[b0 + j, b1 + i] = a[a0 + i, a1 + j]`` for ``0 <= i, j < 8``.
+
+    ``a`` and ``b`` are 2-D float64 or float32 arrays (the same dtype) whose rows have
+    unit stride (``strides[1] == itemsize``; rows may be any distance apart, even
+    negative); both blocks must lie inside their arrays (nothing is checked: the
+    kernels that call this check the strides and the ranges).
+    """
+    if not _float_matrices(a, b):
+        return None
+    return types.void(a, types.intp, types.intp, b, types.intp, types.intp), _codegen(False)
+
+
+@intrinsic
+def transpose8_times(typingctx, a, a0, a1, b, b0, b1, c):
+    """``b[b0 + j, b1 + i] = a[a0 + i, a1 + j] * c[b0 + j, b1 + i]``: :func:`transpose8`
+    with each entry multiplied, before it is stored, by the entry of ``c`` (shaped and
+    indexed as ``b``, unit-stride rows too) at its place; one rounding per entry, as
+    ``a * c`` entry by entry."""
+    if not _float_matrices(a, b, c):
+        return None
+    return (types.void(a, types.intp, types.intp, b, types.intp, types.intp, c),
+            _codegen(True))

@@ -93,7 +93,7 @@ from numba.extending import register_jitable
 from .. import _config, _maths
 from .._workspace import Workspace
 from . import _cache, _product, _transpose
-from ._transpose import transpose8
+from ._transpose import transpose8, transpose8_times
 
 for _f in _maths.CPU_FUNCTIONS:  # activation and tanh; the sums are the tile loops below
     register_jitable(_f)
@@ -174,6 +174,28 @@ def _load_t(rows, lo, m, tile):
         r = rows[lo + t]
         for j in range(d):
             tile[j, t] = r[j]
+
+
+@_tile_jit()
+def _load_times_t(rows, lo, m, tile, lam):
+    """``tile[j, t] = rows[lo + t, j] * lam[j, t]``: :func:`_load_t` of a stored
+    ``sigma'`` with the adjoint's ``g = sigma' * lambda`` formed on the way in
+    (:func:`ptoc.kernels._transpose.transpose8_times`; the same one multiplication per
+    entry as :func:`_times_t` after :func:`_load_t`)."""
+    d = rows.shape[1]
+    m8 = m - m % 8 if rows.strides[1] == rows.itemsize else 0
+    d8 = d - d % 8
+    for t0 in range(0, m8, 8):
+        for j0 in range(0, d8, 8):
+            transpose8_times(rows, lo + t0, j0, tile, j0, t0, lam)
+    for t in range(m8):
+        r = rows[lo + t]
+        for j in range(d8, d):
+            tile[j, t] = r[j] * lam[j, t]
+    for t in range(m8, m):
+        r = rows[lo + t]
+        for j in range(d):
+            tile[j, t] = r[j] * lam[j, t]
 
 
 @_thin_jit()
@@ -277,7 +299,7 @@ def _dsigma_t(a, act, m):
 
 
 @_tile_jit()
-def _partial_t(g, rows, lo, h, pK, pb, t0, t1):
+def _partial_t(g, rows, lo, h, pK, pb, t0, t1, into):
     """One chunk's gradient partial from tile columns ``t0:t1``; scales ``g`` by ``h`` there.
 
     ``pb[i] = sum_t h g[i, t]`` (a vectorised reduction, see the module docstring) and
@@ -287,6 +309,11 @@ def _partial_t(g, rows, lo, h, pK, pb, t0, t1):
     product of ``h g`` and those rows, in blocks of 4 rows ``i`` by 16, 8, 4 or 1 columns
     ``j`` held in registers (:mod:`ptoc.kernels._product`), each entry summed over the
     samples in order, as ``gradient_partial_entry`` sums them.
+
+    With ``into`` each sum is added to ``pK`` and ``pb`` instead (``pK += partial``,
+    as the block is stored: the same one addition to the same finished sum as adding
+    a stored partial afterwards), so the adjoint sweep of one work item accumulates
+    the gradient with no partial arrays and no pass of additions.
     """
     d = g.shape[0]
     m = t1 - t0
@@ -297,14 +324,31 @@ def _partial_t(g, rows, lo, h, pK, pb, t0, t1):
         for t in range(m):
             gi[t] = h * gi[t]
             acc += gi[t]
-        pb[i] = acc
-    # weight partial: pK = (h g)[:, t0:t1] @ rows[lo + t0:lo + t1]
+        if into:
+            # the sum rounded to pb's type first (as a stored partial is), then added
+            before = pb[i]
+            pb[i] = acc
+            pb[i] = before + pb[i]
+        else:
+            pb[i] = acc
+    # weight partial: pK (+)= (h g)[:, t0:t1] @ rows[lo + t0:lo + t1]
     gm = g[:, t0:t1]
     xr = rows[lo + t0:lo + t1]
-    d4 = d - d % 4  # rows i in blocks of 8 and 4
+    if into:
+        _partial_blocks_add(gm, xr, pK, pb, h * 0.0 + 1.0)
+    else:
+        _partial_blocks_zero(gm, xr, pK, pb, h)
+
+
+@_thin_jit()
+def _partial_blocks_zero(gm, xr, pK, pb, h):
+    """``pK = gm @ xr`` in register blocks (rows ``i`` in blocks of 8, 4 and 1; columns
+    ``j`` in blocks of 16, 8, 4 and 1). The blocks of 4 or more columns load whole vectors
+    of a sample row, so they need its entries adjacent; otherwise every column goes one
+    at a time (the same sums). ``pb`` and ``h`` are the blocks' unused arguments."""
+    d = gm.shape[0]
+    d4 = d - d % 4
     d8 = d - d % 8
-    # columns j in blocks of 16, 8 and 4 load whole vectors of a sample row, so they need
-    # its entries adjacent; otherwise every column goes one at a time (the same sums)
     unit = xr.strides[1] == xr.itemsize
     c4 = d4 if unit else 0
     c8 = d8 if unit else 0
@@ -336,17 +380,49 @@ def _partial_t(g, rows, lo, h, pK, pb, t0, t1):
 
 
 @_thin_jit()
-def _adjoint_g_t(K, b, act, x, lam, g, m, have_dsig):
-    """``g <- sigma'(a) * lam`` on a tile, ``a = K x + b``.
+def _partial_blocks_add(gm, xr, pK, pb, one):
+    """``pK += gm @ xr``: the blocks of :func:`_partial_blocks_zero`, each finished sum
+    added to ``pK`` as it is stored (``one`` = 1 is the blocks' scale)."""
+    d = gm.shape[0]
+    d4 = d - d % 4
+    d8 = d - d % 8
+    unit = xr.strides[1] == xr.itemsize
+    c4 = d4 if unit else 0
+    c8 = d8 if unit else 0
+    c16 = d - d % 16 if unit else 0
+    for j in range(0, c16, 16):
+        for i in range(0, d4, 4):
+            _product.add_4x16(gm, xr, pK, i, j, pb, one)
+        for i in range(d4, d):
+            _product.add_1x16(gm, xr, pK, i, j, pb, one)
+    for j in range(c16, c8, 8):
+        for i in range(0, d8, 8):
+            _product.add_8x8(gm, xr, pK, i, j, pb, one)
+        for i in range(d8, d4, 4):
+            _product.add_4x8(gm, xr, pK, i, j, pb, one)
+        for i in range(d4, d):
+            _product.add_1x8(gm, xr, pK, i, j, pb, one)
+    for j in range(c8, c4, 4):
+        for i in range(0, d4, 4):
+            _product.add_4x4(gm, xr, pK, i, j, pb, one)
+        for i in range(d4, d):
+            _product.add_1x4(gm, xr, pK, i, j, pb, one)
+    for j in range(c4, d):
+        for i in range(0, d4, 4):
+            _product.add_4x1(gm, xr, pK, i, j, pb, one)
+        for i in range(d4, d):
+            _product.add_1x1(gm, xr, pK, i, j, pb, one)
 
-    ``sigma'(a)`` is computed from the state tile ``x`` unless ``have_dsig`` (then ``g``
-    already holds the stored ``sigma'(a)``). The first half of one adjoint step, shared
-    by the adjoint sweep and the gradient kernels (the level kernels store ``sigma'``,
-    :func:`_level_derivatives`, and multiply with :func:`_times_t`).
-    """
-    if not have_dsig:
-        _preact_t(K, b, x, g, m)
-        _dsigma_t(g, act, m)
+
+@_thin_jit()
+def _adjoint_g_t(K, b, act, x, lam, g, m):
+    """``g <- sigma'(a) * lam`` on a tile, ``a = K x + b``, with ``sigma'(a)`` computed
+    from the state tile ``x``: the first half of one adjoint step that recomputes it,
+    shared by the adjoint sweep without stored derivatives and the gradient kernels.
+    With ``sigma'`` stored, :func:`_load_times_t` forms ``g`` as it loads it (the same
+    multiplication)."""
+    _preact_t(K, b, x, g, m)
+    _dsigma_t(g, act, m)
     _times_t(g, lam, m)
 
 
@@ -447,8 +523,9 @@ def _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, p
     ``lambda`` in tile ``lam`` (a tile helper: no reference counting of its views).
 
     With ``direct`` (the caller's only work item holds every chunk) each chunk's partial
-    goes through ``part_K[c, 0]``, ``part_b[c, 0]`` straight into ``gK[n]``, ``gb[n]``,
-    chunk after chunk: the additions of :func:`_add_partials`, in its order."""
+    is added to ``gK[n]``, ``gb[n]`` as its register blocks are stored, chunk after
+    chunk: the additions of :func:`_add_partials`, in its order (``part_K`` and
+    ``part_b`` are not used)."""
     N = K.shape[0]
     S = lam_N.shape[0]
     W = chunk * group
@@ -461,10 +538,10 @@ def _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, p
         # g = sigma'(a_n) * lambda_{n+1}, with a_n recomputed unless sigma' was stored (the
         # gradient partial reads x_n from its rows, not from the tile)
         if have_dsig:
-            _load_t(dsig[n], lo, m, g)
+            _load_times_t(dsig[n], lo, m, g, lam)
         else:
             _load_t(xs[n], lo, m, x)
-        _adjoint_g_t(K[n], b[n], act, x, lam, g, m, have_dsig)
+            _adjoint_g_t(K[n], b[n], act, x, lam, g, m)
         if want_out:
             # lambda_n = lambda_{n+1} + h sum_i K[i, :] g[i]
             _adjoint_lam_t(K[n].T, h, g, lam, m)
@@ -475,23 +552,13 @@ def _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, p
             for c in range(w * group, min(n_chunks, (w + 1) * group)):
                 t0 = c * chunk - lo
                 t1 = min(S, (c + 1) * chunk) - lo
-                slot = 0 if direct else n - n0
-                _partial_t(g, xs[n], lo, h, part_K[c, slot], part_b[c, slot], t0, t1)
                 if direct:
-                    _add_partial_into(part_K[c, 0], part_b[c, 0], gK[n], gb[n])
+                    _partial_t(g, xs[n], lo, h, gK[n], gb[n], t0, t1, True)
+                else:
+                    _partial_t(g, xs[n], lo, h, part_K[c, n - n0], part_b[c, n - n0], t0,
+                               t1, False)
     if n0 == 0 and want_out:
         _store_t(lam, lam_out, lo, m)
-
-
-@_tile_jit()
-def _add_partial_into(pK, pb, gK, gb):
-    """``gK += pK``, ``gb += pb`` (one layer, one chunk)."""
-    for i in range(pK.shape[0]):
-        gb[i] += pb[i]
-        gi = gK[i]
-        pi = pK[i]
-        for j in range(pK.shape[1]):
-            gi[j] += pi[j]
 
 
 @_jit(parallel=True)
@@ -760,8 +827,7 @@ def _adjoint_tile_step(D, K, dt, k, lam, g, lo, m):
     """``lam <- lam + dt[k] (D[k] * lam) K[k]`` on a tile, with ``D[k]`` the
     step's ``sigma'(a)`` (:func:`_level_derivatives`): the step of the adjoint sweep
     (:func:`_adjoint_block`) with a stored derivative."""
-    _load_t(D[k], lo, m, g)
-    _times_t(g, lam, m)
+    _load_times_t(D[k], lo, m, g, lam)
     _adjoint_lam_t(K[k].T, dt[k], g, lam, m)
 
 
@@ -840,10 +906,10 @@ def _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, gro
         lt = np.empty((d, _row_len(W)), xs.dtype)
         _load_t(xs[n], lo, m, x)
         _load_t(lams[n], lo, m, lt)
-        _adjoint_g_t(K[n], b[n], act, x, lt, g, m, False)
+        _adjoint_g_t(K[n], b[n], act, x, lt, g, m)
         for c in range(w * group, min(n_chunks, (w + 1) * group)):
             _partial_t(g, xs[n], lo, h, part_K[c, n - n0], part_b[c, n - n0], c * chunk - lo,
-                       min(S, (c + 1) * chunk) - lo)
+                       min(S, (c + 1) * chunk) - lo, False)
 
 
 # --- functions with the common signature of kernels.reference --------------------------------
@@ -894,8 +960,11 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
     direct = want_grad and n_items == 1
     L = max(N, 1) if direct else min(_layer_block(S, d, N, chunk, lam.itemsize), max(N, 1))
     tiles = np.empty((3, n_items, d, _row_len.py_func(W)), dt)
-    part_K = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d, d), dt)
-    part_b = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d), dt)
+    if direct:  # not read: the partials go straight into the gradient
+        part_K, part_b = np.empty((1, 1, d, d), dt), np.empty((1, 1, d), dt)
+    else:
+        part_K = np.empty((n_chunks if want_grad else 1, L, d, d), dt)
+        part_b = np.empty((n_chunks if want_grad else 1, L, d), dt)
     dsig_arg = _dummy(lam, 3) if dsig is None else dsig
     gK_arg, gb_arg = (gK, gb) if want_grad else (_dummy(lam, 3), _dummy(lam, 2))
     lams_arg = lams if keep else _dummy(lam, 3)
