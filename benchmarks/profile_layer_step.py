@@ -85,7 +85,7 @@ def _loop_adjoint(K, b, h, x, lam, g, pK, pb, rows, lo, m, chunk, reps):
         cpu._adjoint_g_t(K, b, TANH, x, lam, g, m)
         cpu._adjoint_lam_t(K.T, h, g, lam, m)
         for t0 in range(0, m, chunk):
-            cpu._partial_t(g, rows, lo, h, pK, pb, t0, min(m, t0 + chunk), False)
+            cpu._partial_t(g, rows, lo, h, pK, pb, t0, min(m, t0 + chunk))
 
 
 def _median_ns(fn, args, reps: int, rounds: int) -> float:

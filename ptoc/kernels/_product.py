@@ -11,8 +11,7 @@ over samples:
 * the weight-gradient partial of a chunk ``pK[i, j] = sum_t (h g[i, t]) x[t, j]``
   (``_maths.gradient_partial_entry``, mode :data:`ZERO`: ``M`` is the tile ``h g``
   restricted to the chunk, ``src`` the chunk's sample rows of ``x``, and the "samples"
-  of a block are the columns ``j``; or mode :data:`ADD_SCALED` with scale 1, which adds
-  each finished sum to the gradient itself).
+  of a block are the columns ``j``).
 
 Each intrinsic here computes one block of such outputs, ``R`` rows by ``V`` vectors of
 ``L`` samples (``R x V`` accumulators), as LLVM IR written out by hand: the
@@ -183,14 +182,11 @@ bias_4x1 = _block_intrinsic(4, 1, 1, BIAS)
 bias_1x16 = _block_intrinsic(1, 2, 8, BIAS)
 bias_1x8 = _block_intrinsic(1, 1, 8, BIAS)
 bias_1x1 = _block_intrinsic(1, 1, 1, BIAS)
-add_8x8 = _block_intrinsic(8, 1, 8, ADD_SCALED)
 add_4x16 = _block_intrinsic(4, 2, 8, ADD_SCALED)
 add_4x8 = _block_intrinsic(4, 1, 8, ADD_SCALED)
-add_4x4 = _block_intrinsic(4, 1, 4, ADD_SCALED)
 add_4x1 = _block_intrinsic(4, 1, 1, ADD_SCALED)
 add_1x16 = _block_intrinsic(1, 2, 8, ADD_SCALED)
 add_1x8 = _block_intrinsic(1, 1, 8, ADD_SCALED)
-add_1x4 = _block_intrinsic(1, 1, 4, ADD_SCALED)
 add_1x1 = _block_intrinsic(1, 1, 1, ADD_SCALED)
 zero_8x8 = _block_intrinsic(8, 1, 8, ZERO)
 zero_4x16 = _block_intrinsic(4, 2, 8, ZERO)

@@ -298,46 +298,33 @@ def _dsigma_t(a, act, m):
         _dsigma_code(a, m, _SMOOTHRELU)
 
 
-@_tile_jit()
-def _partial_t(g, rows, lo, h, pK, pb, t0, t1, into):
-    """One chunk's gradient partial from tile columns ``t0:t1``; scales ``g`` by ``h`` there.
-
-    ``pb[i] = sum_t h g[i, t]`` (a vectorised reduction, see the module docstring) and
-    ``pK[i, j] = sum_t (h g[i, t]) x[j, t]``, the sums of ``_maths.bias_partial_entry``
-    and ``gradient_partial_entry`` over the chunk's samples. ``x`` is read from the
-    sample rows ``rows[lo + t]`` (the state the tile was loaded from): ``pK`` is then the
-    product of ``h g`` and those rows, in blocks of 4 rows ``i`` by 16, 8, 4 or 1 columns
-    ``j`` held in registers (:mod:`ptoc.kernels._product`), each entry summed over the
-    samples in order, as ``gradient_partial_entry`` sums them.
-
-    With ``into`` each sum is added to ``pK`` and ``pb`` instead (``pK += partial``,
-    as the block is stored: the same one addition to the same finished sum as adding
-    a stored partial afterwards), so the adjoint sweep of one work item accumulates
-    the gradient with no partial arrays and no pass of additions.
-    """
-    d = g.shape[0]
-    m = t1 - t0
-    # h g, and the bias partial
-    for i in range(d):
+@_thin_jit()
+def _scale_and_bias_t(g, h, pb, t0, t1):
+    """``g[:, t0:t1] *= h`` and the bias partial ``pb[i] = sum_t h g[i, t]`` (a vectorised
+    reduction, see the module docstring)."""
+    for i in range(g.shape[0]):
         gi = g[i][t0:t1]
         acc = 0.0 * h
-        for t in range(m):
+        for t in range(t1 - t0):
             gi[t] = h * gi[t]
             acc += gi[t]
-        if into:
-            # the sum rounded to pb's type first (as a stored partial is), then added
-            before = pb[i]
-            pb[i] = acc
-            pb[i] = before + pb[i]
-        else:
-            pb[i] = acc
-    # weight partial: pK (+)= (h g)[:, t0:t1] @ rows[lo + t0:lo + t1]
-    gm = g[:, t0:t1]
-    xr = rows[lo + t0:lo + t1]
-    if into:
-        _partial_blocks_add(gm, xr, pK, pb, h * 0.0 + 1.0)
-    else:
-        _partial_blocks_zero(gm, xr, pK, pb, h)
+        pb[i] = acc
+
+
+@_tile_jit()
+def _partial_t(g, rows, lo, h, pK, pb, t0, t1):
+    """One chunk's gradient partial from tile columns ``t0:t1``; scales ``g`` by ``h`` there.
+
+    ``pb[i] = sum_t h g[i, t]`` and ``pK[i, j] = sum_t (h g[i, t]) x[j, t]``, the sums of
+    ``_maths.bias_partial_entry`` and ``gradient_partial_entry`` over the chunk's
+    samples. ``x`` is read from the sample rows ``rows[lo + t]`` (the state the tile was
+    loaded from): ``pK`` is then the product of ``h g`` and those rows, in blocks of 8
+    or 4 rows ``i`` by 16, 8, 4 or 1 columns ``j`` held in registers
+    (:mod:`ptoc.kernels._product`), each entry summed over the samples in order, as
+    ``gradient_partial_entry`` sums them.
+    """
+    _scale_and_bias_t(g, h, pb, t0, t1)
+    _partial_blocks_zero(g[:, t0:t1], rows[lo + t0:lo + t1], pK, pb, h)
 
 
 @_thin_jit()
@@ -379,39 +366,15 @@ def _partial_blocks_zero(gm, xr, pK, pb, h):
             _product.zero_1x1(gm, xr, pK, i, j, pb, h)
 
 
-@_thin_jit()
-def _partial_blocks_add(gm, xr, pK, pb, one):
-    """``pK += gm @ xr``: the blocks of :func:`_partial_blocks_zero`, each finished sum
-    added to ``pK`` as it is stored (``one`` = 1 is the blocks' scale)."""
-    d = gm.shape[0]
-    d4 = d - d % 4
-    d8 = d - d % 8
-    unit = xr.strides[1] == xr.itemsize
-    c4 = d4 if unit else 0
-    c8 = d8 if unit else 0
-    c16 = d - d % 16 if unit else 0
-    for j in range(0, c16, 16):
-        for i in range(0, d4, 4):
-            _product.add_4x16(gm, xr, pK, i, j, pb, one)
-        for i in range(d4, d):
-            _product.add_1x16(gm, xr, pK, i, j, pb, one)
-    for j in range(c16, c8, 8):
-        for i in range(0, d8, 8):
-            _product.add_8x8(gm, xr, pK, i, j, pb, one)
-        for i in range(d8, d4, 4):
-            _product.add_4x8(gm, xr, pK, i, j, pb, one)
-        for i in range(d4, d):
-            _product.add_1x8(gm, xr, pK, i, j, pb, one)
-    for j in range(c8, c4, 4):
-        for i in range(0, d4, 4):
-            _product.add_4x4(gm, xr, pK, i, j, pb, one)
-        for i in range(d4, d):
-            _product.add_1x4(gm, xr, pK, i, j, pb, one)
-    for j in range(c4, d):
-        for i in range(0, d4, 4):
-            _product.add_4x1(gm, xr, pK, i, j, pb, one)
-        for i in range(d4, d):
-            _product.add_1x1(gm, xr, pK, i, j, pb, one)
+@_tile_jit()
+def _add_partial_into(pK, pb, gK, gb):
+    """``gK += pK``, ``gb += pb`` (one layer, one chunk)."""
+    for i in range(pK.shape[0]):
+        gb[i] += pb[i]
+        gi = gK[i]
+        pi = pK[i]
+        for j in range(pK.shape[1]):
+            gi[j] += pi[j]
 
 
 @_thin_jit()
@@ -523,9 +486,10 @@ def _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, p
     ``lambda`` in tile ``lam`` (a tile helper: no reference counting of its views).
 
     With ``direct`` (the caller's only work item holds every chunk) each chunk's partial
-    is added to ``gK[n]``, ``gb[n]`` as its register blocks are stored, chunk after
-    chunk: the additions of :func:`_add_partials`, in its order (``part_K`` and
-    ``part_b`` are not used)."""
+    goes through ``part_K[c, 0]``, ``part_b[c, 0]`` straight into ``gK[n]``, ``gb[n]``,
+    chunk after chunk: the additions of :func:`_add_partials`, in its order. (Adding each
+    finished sum as its register block is stored was 4% faster at d = 8, S = 16 but took
+    1.3 s more to compile.)"""
     N = K.shape[0]
     S = lam_N.shape[0]
     W = chunk * group
@@ -552,11 +516,10 @@ def _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, p
             for c in range(w * group, min(n_chunks, (w + 1) * group)):
                 t0 = c * chunk - lo
                 t1 = min(S, (c + 1) * chunk) - lo
+                slot = 0 if direct else n - n0
+                _partial_t(g, xs[n], lo, h, part_K[c, slot], part_b[c, slot], t0, t1)
                 if direct:
-                    _partial_t(g, xs[n], lo, h, gK[n], gb[n], t0, t1, True)
-                else:
-                    _partial_t(g, xs[n], lo, h, part_K[c, n - n0], part_b[c, n - n0], t0,
-                               t1, False)
+                    _add_partial_into(part_K[c, 0], part_b[c, 0], gK[n], gb[n])
     if n0 == 0 and want_out:
         _store_t(lam, lam_out, lo, m)
 
@@ -909,7 +872,7 @@ def _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, gro
         _adjoint_g_t(K[n], b[n], act, x, lt, g, m)
         for c in range(w * group, min(n_chunks, (w + 1) * group)):
             _partial_t(g, xs[n], lo, h, part_K[c, n - n0], part_b[c, n - n0], c * chunk - lo,
-                       min(S, (c + 1) * chunk) - lo, False)
+                       min(S, (c + 1) * chunk) - lo)
 
 
 # --- functions with the common signature of kernels.reference --------------------------------
@@ -960,11 +923,8 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
     direct = want_grad and n_items == 1
     L = max(N, 1) if direct else min(_layer_block(S, d, N, chunk, lam.itemsize), max(N, 1))
     tiles = np.empty((3, n_items, d, _row_len.py_func(W)), dt)
-    if direct:  # not read: the partials go straight into the gradient
-        part_K, part_b = np.empty((1, 1, d, d), dt), np.empty((1, 1, d), dt)
-    else:
-        part_K = np.empty((n_chunks if want_grad else 1, L, d, d), dt)
-        part_b = np.empty((n_chunks if want_grad else 1, L, d), dt)
+    part_K = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d, d), dt)
+    part_b = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d), dt)
     dsig_arg = _dummy(lam, 3) if dsig is None else dsig
     gK_arg, gb_arg = (gK, gb) if want_grad else (_dummy(lam, 3), _dummy(lam, 2))
     lams_arg = lams if keep else _dummy(lam, 3)
