@@ -35,6 +35,7 @@ from ._checks import check_inputs
 from ._workspace import Workspace
 from .hamiltonian import hamiltonian_grad
 from .kernels import Target, backend
+from .kernels.reference import point_ends
 from .model import Params, ResNet
 from .objective import (
     classifier_loss,
@@ -345,21 +346,17 @@ class LevelSteps:
         (without ``g`` if it is None): the residual of ``A(u) = g`` at those positions,
         written to the rows of a coarse array (the fine half of the FAS right-hand side,
         :doc:`/theory/mgrit`)."""
-        if not len(positions):
-            return
-        positions = np.asarray(positions, dtype=np.int64)
-        res = self.points_apply(u, positions) - u[positions]
-        out[np.asarray(rows, dtype=np.int64)] = res if g is None else g[positions] + res
+        if len(positions):
+            mode = _maths.POINT_RESIDUAL if g is None else _maths.POINT_RESIDUAL_G
+            point_ends(self.points_apply(u, positions), u, g, positions, out, rows, mode)
 
     def points_tau(self, u: np.ndarray, positions, out: np.ndarray, rows) -> None:
         """``out[rows[r]] += u[j] - step_j(u[j-1])`` for ``j = positions[r]``: on a coarse
         level with ``u`` the restricted values, the coarse half of the FAS right-hand
         side (added after :meth:`points_residual` of the finer level)."""
-        if not len(positions):
-            return
-        positions = np.asarray(positions, dtype=np.int64)
-        rows = np.asarray(rows, dtype=np.int64)
-        out[rows] = out[rows] + (u[positions] - self.points_apply(u, positions))
+        if len(positions):
+            point_ends(self.points_apply(u, positions), u, None, positions, out, rows,
+                       _maths.POINT_TAU)
 
 
 # --- a rank's layers ------------------------------------------------------------------------------
