@@ -536,6 +536,49 @@ def test_cpu_fused_fas_points_equal_the_point_steps_then_the_sums_bitwise(S, d, 
             assert np.array_equal(fused[others], start[others])
 
 
+def _strided(a: np.ndarray) -> np.ndarray:
+    """The values of ``a`` in a view that is not C-ordered (every other sample of a
+    larger array)."""
+    big = np.full((a.shape[0], 2 * a.shape[1]) + a.shape[2:], np.nan, a.dtype)
+    view = big[:, ::2]
+    view[...] = a
+    return view
+
+
+@given(S=st.integers(1, 40), d=st.integers(1, 12), n=st.integers(2, 7),
+       seed=st.integers(0, 2**31))
+def test_cpu_level_kernels_on_strided_grids_equal_those_on_c_ordered_ones(S, d, n, seed):
+    # the CPU level kernels view their grids as flat rows; a grid that is not C-ordered
+    # is computed on a C-ordered copy and written back: same bits, in place, and only
+    # the rows a kernel writes change
+    rng = np.random.default_rng(seed)
+    u, g, K, b, dt, X = _level_problem(rng, S, d, n)
+    starts, ends, points = _runs(rng, n)
+    cpu = kernels.backend("cpu")
+    D = cpu.level_derivatives(X, K, b, maths.TANH, None, 32)
+    for rhs in (None, g):
+        for run, extra in ((cpu.state_runs, (K, b, dt, maths.TANH)),
+                           (cpu.adjoint_runs, (D, K, dt))):
+            want = u.copy()
+            run(want, rhs, *extra, starts, ends, 32)
+            got = _strided(u)
+            run(got, None if rhs is None else _strided(rhs), *extra, starts, ends, 32)
+            assert not got.flags.c_contiguous
+            assert np.array_equal(got, want)
+    rows = np.arange(len(points), dtype=np.int64)[::-1] + 1
+    for mode in (maths.POINT_RESIDUAL, maths.POINT_RESIDUAL_G, maths.POINT_TAU):
+        rhs = g if mode == maths.POINT_RESIDUAL_G else None
+        for into, extra in ((cpu.state_points_into, (K, b, dt, maths.TANH)),
+                            (cpu.adjoint_points_into, (D, K, dt))):
+            start = rng.standard_normal((len(points) + 2, S, d))
+            want = start.copy()
+            into(u, *extra, points, want, rows, rhs, mode, 32)
+            got = _strided(start)
+            into(_strided(u), *extra, points, got, rows,
+                 None if rhs is None else _strided(rhs), mode, 32)
+            assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("S, d, chunk", [(32, 16, 32), (45, 7, 16), (3, 9, 32)])
 def test_cpu_level_kernels_are_bitwise_independent_of_threads_and_work_split(S, d, chunk):
     # the work-item width of these kernels depends on the number of runs (a serial

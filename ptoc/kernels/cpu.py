@@ -121,6 +121,12 @@ _tile_jit = functools.partial(_jit, _nrt=False)
 #: with no change in speed. The large loops (the products, the activation, the gradient
 #: partial) stay separate functions: inlined at every call site, they tripled the time.
 _thin_jit = functools.partial(_jit, inline="always", _nrt=False)
+#: ``_tile_jit`` without fast-math flags, for tile helpers whose loops have no sum to
+#: vectorise and must keep the order of every expression (``reassoc`` may turn
+#: ``o + (u - p)`` into ``(o + u) - p``, which rounds differently).
+_strict_tile_jit = functools.partial(_cache.njit, depends_on=(_maths, _config, _product,
+                                                              _transpose),
+                                     fastmath=False, error_model="numpy", _nrt=False)
 _activation = _maths.activation
 POINT_APPLY, POINT_RESIDUAL = _maths.POINT_APPLY, _maths.POINT_RESIDUAL
 POINT_RESIDUAL_G, POINT_TAU = _maths.POINT_RESIDUAL_G, _maths.POINT_TAU
@@ -612,21 +618,39 @@ def _hamiltonian(x, p, K, b, h, act, chunk):
 # and run in parallel, each work item of samples keeping its tile across a run's steps; the
 # arithmetic of each step is that of the sweeps above, bit for bit.
 
+@_jit(inline="always")
+def _flat(a):
+    """A C-contiguous ``(n, S, d)`` array as ``n`` flat rows of ``S * d`` (a view, made by
+    the parallel kernels: the tile helpers run without reference counting and cannot
+    make one). A loop over the ``m * d`` entries of ``m`` consecutive samples is then
+    one loop: over the ``m`` rows of ``d`` one by one it took 2.5 times as long at
+    d = 16 (each short row loop checks its arrays for overlap and handles a remainder)."""
+    return a.reshape((a.shape[0], a.shape[1] * a.shape[2]))
+
+
+@_jit(inline="always")
+def _rows_of(tile):
+    """The memory of a scratch tile ``(d, row_len)`` seen as ``row_len`` rows of ``d``
+    (a view, made by the parallel kernels as :func:`_flat`)."""
+    return tile.reshape((tile.shape[1], tile.shape[0]))
+
+
 @_thin_jit()
-def _store_add_t(tile, g_rows, has_g, rows, lo, m):
-    """``tile[j, t] += g_rows[lo + t, j]`` if ``has_g``, then transpose out,
-    ``rows[lo + t, j] = tile[j, t]``: the end of a level step. With ``g`` the sum is formed
-    in the rows (one addition per entry) and read back into the tile: two block
-    transposes cost less than one pass of strided scalar updates (adding a transposed
-    tile of ``g`` instead measured the same)."""
+def _store_add_t(tile, g_flat, has_g, rows, rows_flat, lo, m):
+    """``tile[j, t] += g[lo + t, j]`` if ``has_g``, then transpose out,
+    ``rows[lo + t, j] = tile[j, t]``: the end of a level step (``rows_flat`` and
+    ``g_flat``: the step's rows, and those of ``g``, as flat arrays, :func:`_flat`). With
+    ``g`` the sum is formed in the rows (one addition per entry, in one flat loop) and
+    read back into the tile: two block transposes cost less than one pass of strided
+    scalar updates."""
     _store_t(tile, rows, lo, m)
     if has_g:
         d = rows.shape[1]
-        for t in range(m):
-            r = rows[lo + t]
-            gr = g_rows[lo + t]
-            for j in range(d):
-                r[j] = r[j] + gr[j]
+        n = m * d
+        r = rows_flat[lo * d:lo * d + n]
+        gr = g_flat[lo * d:lo * d + n]
+        for i in range(n):
+            r[i] = r[i] + gr[i]
         _load_t(rows, lo, m, tile)
 
 
@@ -638,8 +662,9 @@ def _slot_tasks(p, n_slots, n_tasks):
 
 
 @_tile_jit()
-def _state_runs_slot(u, g, has_g, K, b, dt, act, starts, ends, W, x, a, q0, q1):
-    """Tasks ``q0 .. q1-1`` of :func:`_state_runs` on one slot's tiles ``x``, ``a``."""
+def _state_runs_slot(u, uf, gf, has_g, K, b, dt, act, starts, ends, W, x, a, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_state_runs` on one slot's tiles ``x``, ``a``
+    (``uf``, ``gf``: ``u`` and ``g`` as flat rows, :func:`_flat`)."""
     S = u.shape[1]
     n_items = (S + W - 1) // W
     for q in range(q0, q1):
@@ -650,7 +675,7 @@ def _state_runs_slot(u, g, has_g, K, b, dt, act, starts, ends, W, x, a, q0, q1):
         for k in range(starts[r], ends[r] + 1):
             _preact_t(K[k], b[k], x, a, m)
             _activate_t(a, x, dt[k], act, m)
-            _store_add_t(x, g[k], has_g, u[k], lo, m)
+            _store_add_t(x, gf[k], has_g, u[k], uf[k], lo, m)
 
 
 @_jit(parallel=True)
@@ -664,13 +689,13 @@ def _state_runs(u, g, has_g, K, b, dt, act, starts, ends, W, tiles):
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
         q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
-        _state_runs_slot(u, g, has_g, K, b, dt, act, starts, ends, W, tiles[p, 0], tiles[p, 1],
-                         q0, q1)
+        _state_runs_slot(u, _flat(u), _flat(g), has_g, K, b, dt, act, starts, ends, W,
+                         tiles[p, 0], tiles[p, 1], q0, q1)
 
 
-@_tile_jit()
-def _point_end_t(x, a, u, g, out, r, rows, k, mode, lo, m):
-    """The end of a point step, with ``phi`` on the tile ``x`` and ``a`` free:
+@_strict_tile_jit()
+def _point_end_t(x, phi, phi_flat, uf, gf, out, outf, r, rows, k, mode, lo, m):
+    """The end of a point step, with ``phi`` on the tile ``x``:
 
     * ``POINT_APPLY``: ``out[r] = phi``;
     * ``POINT_RESIDUAL``: ``out[rows[r]] = phi - u[k]``;
@@ -680,48 +705,45 @@ def _point_end_t(x, a, u, g, out, r, rows, k, mode, lo, m):
     The last three give MGRIT's FAS right-hand side
     ``(g_k + (Phi(u_{k-1}) - u_k)) + (v_k - Phi_c(v_{k-1}))`` in two point calls, one per
     level (:meth:`ptoc.propagator.LevelSteps.points_residual` and ``points_tau``),
-    formed on the tile while the step's value is in the cache, instead of storing both
-    step values and summing them in a pass of their own over six arrays (what that saves
-    is small: a two-level forward solve at d = 16, S = 32 on one thread took 0.97 to 1.005
-    times as long, measured interleaved). Each entry is the same sum in the same order
-    either way; the modes are :data:`ptoc._maths.POINT_APPLY` and the next three.
+    formed while the step's value is in the cache, instead of storing both step values
+    and summing them in a pass of their own over six arrays. ``phi`` is transposed out
+    once, into scratch rows (``phi``, and ``phi_flat`` the same memory flat: that of a
+    tile that is free by then), and the sum is one flat loop over the rows of the work
+    item's samples, where ``u``, ``g`` and ``out`` are stored (``uf``, ``gf``, ``outf``:
+    :func:`_flat`). Transposing those into tiles instead, as before, cost two or three
+    transposes and passes more per point: a point of the restriction at d = 16, S = 32
+    on one thread took 0.8 us that way, against 0.58 us per step of a relaxation run.
+    Each entry is the same sum in the same order either way (compiled without fast-math
+    flags, so that LLVM cannot reassociate it); the modes are
+    :data:`ptoc._maths.POINT_APPLY` and the next three.
     """
     if mode == POINT_APPLY:
         _store_t(x, out[r], lo, m)
         return
     d = x.shape[0]
-    _load_t(u[k], lo, m, a)
+    n = m * d
+    _store_t(x, phi, 0, m)
+    p = phi_flat[:n]
+    dst = outf[rows[r]][lo * d:lo * d + n]
+    uk = uf[k][lo * d:lo * d + n]
     if mode == POINT_TAU:
-        for j in range(d):
-            aj = a[j]
-            xj = x[j]
-            for t in range(m):
-                aj[t] = aj[t] - xj[t]
-        _load_t(out[rows[r]], lo, m, x)
-        for j in range(d):
-            aj = a[j]
-            xj = x[j]
-            for t in range(m):
-                xj[t] = xj[t] + aj[t]
+        for i in range(n):
+            dst[i] = dst[i] + (uk[i] - p[i])
+    elif mode == POINT_RESIDUAL_G:
+        gk = gf[k][lo * d:lo * d + n]
+        for i in range(n):
+            dst[i] = gk[i] + (p[i] - uk[i])
     else:
-        for j in range(d):
-            aj = a[j]
-            xj = x[j]
-            for t in range(m):
-                xj[t] = xj[t] - aj[t]
-        if mode == POINT_RESIDUAL_G:
-            _load_t(g[k], lo, m, a)
-            for j in range(d):
-                aj = a[j]
-                xj = x[j]
-                for t in range(m):
-                    xj[t] = aj[t] + xj[t]
-    _store_t(x, out[rows[r]], lo, m)
+        for i in range(n):
+            dst[i] = p[i] - uk[i]
 
 
 @_tile_jit()
-def _state_points_slot(u, K, b, dt, act, positions, out, rows, g, mode, W, x, a, q0, q1):
-    """Tasks ``q0 .. q1-1`` of :func:`_state_points` on one slot's tiles ``x``, ``a``."""
+def _state_points_slot(u, uf, K, b, dt, act, positions, out, outf, rows, gf, mode, W, x, a,
+                       a_rows, a_flat, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_state_points` on one slot's tiles ``x``, ``a``
+    (``uf``, ``outf``, ``gf``: flat rows, :func:`_flat`; ``a_rows``, ``a_flat``: the
+    memory of ``a`` as rows of ``d`` and flat, :func:`_rows_of`)."""
     S = u.shape[1]
     n_items = (S + W - 1) // W
     for q in range(q0, q1):
@@ -732,7 +754,7 @@ def _state_points_slot(u, K, b, dt, act, positions, out, rows, g, mode, W, x, a,
         _load_t(u[k - 1], lo, m, x)
         _preact_t(K[k], b[k], x, a, m)
         _activate_t(a, x, dt[k], act, m)
-        _point_end_t(x, a, u, g, out, r, rows, k, mode, lo, m)
+        _point_end_t(x, a_rows, a_flat, uf, gf, out, outf, r, rows, k, mode, lo, m)
 
 
 @_jit(parallel=True)
@@ -743,8 +765,10 @@ def _state_points(u, K, b, dt, act, positions, out, rows, g, mode, W, tiles):
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
         q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
-        _state_points_slot(u, K, b, dt, act, positions, out, rows, g, mode, W, tiles[p, 0],
-                           tiles[p, 1], q0, q1)
+        a_rows = _rows_of(tiles[p, 1])
+        _state_points_slot(u, _flat(u), K, b, dt, act, positions, out, _flat(out), rows,
+                           _flat(g), mode, W, tiles[p, 0], tiles[p, 1], a_rows,
+                           a_rows.reshape(a_rows.size), q0, q1)
 
 
 @_tile_jit()
@@ -784,8 +808,9 @@ def _adjoint_tile_step(D, K, dt, k, lam, g, lo, m):
 
 
 @_tile_jit()
-def _adjoint_runs_slot(lam, g, has_g, D, K, dt, starts, ends, W, tiles, q0, q1):
-    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_runs` on one slot's two tiles."""
+def _adjoint_runs_slot(lam, lamf, gf, has_g, D, K, dt, starts, ends, W, tiles, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_runs` on one slot's two tiles (``lamf``,
+    ``gf``: flat rows, :func:`_flat`)."""
     S = lam.shape[1]
     n_items = (S + W - 1) // W
     lt = tiles[0]
@@ -797,7 +822,7 @@ def _adjoint_runs_slot(lam, g, has_g, D, K, dt, starts, ends, W, tiles, q0, q1):
         _load_t(lam[starts[r] - 1], lo, m, lt)
         for k in range(starts[r], ends[r] + 1):
             _adjoint_tile_step(D, K, dt, k, lt, gg, lo, m)
-            _store_add_t(lt, g[k], has_g, lam[k], lo, m)
+            _store_add_t(lt, gf[k], has_g, lam[k], lamf[k], lo, m)
 
 
 @_jit(parallel=True)
@@ -808,12 +833,16 @@ def _adjoint_runs(lam, g, has_g, D, K, dt, starts, ends, W, tiles):
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
         q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
-        _adjoint_runs_slot(lam, g, has_g, D, K, dt, starts, ends, W, tiles[p], q0, q1)
+        _adjoint_runs_slot(lam, _flat(lam), _flat(g), has_g, D, K, dt, starts, ends, W,
+                           tiles[p], q0, q1)
 
 
 @_tile_jit()
-def _adjoint_points_slot(lam, D, K, dt, positions, out, rows, g, mode, W, tiles, q0, q1):
-    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_points` on one slot's two tiles."""
+def _adjoint_points_slot(lam, lamf, D, K, dt, positions, out, outf, rows, gf, mode, W, tiles,
+                         g_rows, g_flat, q0, q1):
+    """Tasks ``q0 .. q1-1`` of :func:`_adjoint_points` on one slot's two tiles (``lamf``,
+    ``outf``, ``gf``: flat rows, :func:`_flat`; ``g_rows``, ``g_flat``: the memory of the
+    second tile as rows of ``d`` and flat, :func:`_rows_of`)."""
     S = lam.shape[1]
     n_items = (S + W - 1) // W
     lt = tiles[0]
@@ -825,7 +854,7 @@ def _adjoint_points_slot(lam, D, K, dt, positions, out, rows, g, mode, W, tiles,
         k = positions[r]
         _load_t(lam[k - 1], lo, m, lt)
         _adjoint_tile_step(D, K, dt, k, lt, gg, lo, m)
-        _point_end_t(lt, gg, lam, g, out, r, rows, k, mode, lo, m)
+        _point_end_t(lt, g_rows, g_flat, lamf, gf, out, outf, r, rows, k, mode, lo, m)
 
 
 @_jit(parallel=True)
@@ -836,8 +865,10 @@ def _adjoint_points(lam, D, K, dt, positions, out, rows, g, mode, W, tiles):
     n_slots = tiles.shape[0]
     for p in prange(n_slots):
         q0, q1 = _slot_tasks(np.int64(p), n_slots, n_tasks)
-        _adjoint_points_slot(lam, D, K, dt, positions, out, rows, g, mode, W, tiles[p], q0,
-                             q1)
+        g_rows = _rows_of(tiles[p, 1])
+        _adjoint_points_slot(lam, _flat(lam), D, K, dt, positions, out, _flat(out), rows,
+                             _flat(g), mode, W, tiles[p], g_rows, g_rows.reshape(g_rows.size),
+                             q0, q1)
 
 
 @_jit(parallel=True)
@@ -867,7 +898,15 @@ def _layer_grad_block(xs, lams, K, b, h, act, n0, n1, part_K, part_b, chunk, gro
 # --- functions with the common signature of kernels.reference --------------------------------
 
 def _dummy(x: np.ndarray, ndim: int) -> np.ndarray:
-    return np.zeros((1,) * ndim, dtype=x.dtype)
+    """A one-entry array of ``x``'s dtype and ``ndim`` dimensions, passed where a kernel
+    argument is switched off (it is never read or written). One per dtype and ``ndim``,
+    made once: making them took a fifth of a microsecond each, per call."""
+    return _dummy_of(x.dtype, ndim)
+
+
+@functools.cache
+def _dummy_of(dtype: np.dtype, ndim: int) -> np.ndarray:
+    return np.zeros((1,) * ndim, dtype=dtype)
 
 
 def _group(S: int, chunk: int) -> int:
@@ -1046,12 +1085,27 @@ def _tasks(u: np.ndarray, n_runs: int, W: int) -> int:
     return n_runs * -(-u.shape[1] // W)
 
 
+def _c(a: np.ndarray) -> np.ndarray:
+    """``a``, or a C-ordered copy: the level kernels view their grids as flat rows
+    (:func:`_flat`); the grids of MGRIT and parareal are C-ordered, so this copies
+    nothing there."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _copy_back(result: np.ndarray, target: np.ndarray) -> None:
+    """Write a kernel's result back where it was computed on a C-ordered copy."""
+    if result is not target:
+        target[...] = result
+
+
 def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
     has_g = g is not None
     threads = numba.get_num_threads()
     W = _state_width(u.shape[1], chunk, len(starts), threads)
-    _state_runs(u, g if has_g else u, has_g, K, b, np.asarray(dt, u.dtype), act, _idx(starts),
-                _idx(ends), W, _tiles(u, _tasks(u, len(starts), W), W, 2, threads))
+    uc = _c(u)
+    _state_runs(uc, _c(g) if has_g else uc, has_g, K, b, np.asarray(dt, u.dtype), act,
+                _idx(starts), _idx(ends), W, _tiles(u, _tasks(u, len(starts), W), W, 2, threads))
+    _copy_back(uc, u)
 
 
 def state_points(u, K, b, dt, act, positions, out, chunk):
@@ -1065,9 +1119,11 @@ def state_points_into(u, K, b, dt, act, positions, out, rows, g, mode, chunk):
     positions = _idx(positions)
     threads = numba.get_num_threads()
     W = _state_width(u.shape[1], chunk, len(positions), threads)
-    _state_points(u, K, b, np.asarray(dt, u.dtype), act, positions, out,
-                  positions if rows is None else _idx(rows), u if g is None else g, mode, W,
-                  _tiles(u, _tasks(u, len(positions), W), W, 2, threads))
+    uc, outc = _c(u), _c(out)
+    _state_points(uc, K, b, np.asarray(dt, u.dtype), act, positions, outc,
+                  positions if rows is None else _idx(rows), uc if g is None else _c(g), mode,
+                  W, _tiles(u, _tasks(u, len(positions), W), W, 2, threads))
+    _copy_back(outc, out)
 
 
 def level_derivatives(X, K, b, act, out, chunk):
@@ -1084,9 +1140,11 @@ def adjoint_runs(lam, g, D, K, dt, starts, ends, chunk):
     has_g = g is not None
     threads = numba.get_num_threads()
     W = _state_width(lam.shape[1], chunk, len(starts), threads)
-    _adjoint_runs(lam, g if has_g else lam, has_g, D, K, np.asarray(dt, lam.dtype),
+    lc = _c(lam)
+    _adjoint_runs(lc, _c(g) if has_g else lc, has_g, D, K, np.asarray(dt, lam.dtype),
                   _idx(starts), _idx(ends), W,
                   _tiles(lam, _tasks(lam, len(starts), W), W, 2, threads))
+    _copy_back(lc, lam)
 
 
 def adjoint_points(lam, D, K, dt, positions, out, chunk):
@@ -1099,9 +1157,11 @@ def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
     positions = _idx(positions)
     threads = numba.get_num_threads()
     W = _state_width(lam.shape[1], chunk, len(positions), threads)
-    _adjoint_points(lam, D, K, np.asarray(dt, lam.dtype), positions, out,
-                    positions if rows is None else _idx(rows), lam if g is None else g, mode,
+    lc, outc = _c(lam), _c(out)
+    _adjoint_points(lc, D, K, np.asarray(dt, lam.dtype), positions, outc,
+                    positions if rows is None else _idx(rows), lc if g is None else _c(g), mode,
                     W, _tiles(lam, _tasks(lam, len(positions), W), W, 2, threads))
+    _copy_back(outc, out)
 
 
 def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):

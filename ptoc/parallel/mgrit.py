@@ -237,6 +237,12 @@ class MGRITSolve:
         self._c_before = scratch.get(f"mgrit-c-before-{side}",
                                      (len(self._c_all),) + tuple(shape), dtype)
         self._c_rows = np.arange(len(self._c_all), dtype=np.int64)
+        # the rows of a coarse grid that its cycle reads before writing: its first row
+        # (position 0 or the ghost) and its C-points (an F-relaxation comes first and
+        # writes the F-points; on the coarsest level the serial sweep writes them all)
+        self._starts = [None] + [
+            np.concatenate(([0], self._c_local[i])).astype(np.int64)
+            if not self.levels[i].empty else np.empty(0, np.int64) for i in range(1, n)]
         for lv, u in zip(self.levels, self.u, strict=True):
             if not lv.empty and lv.lo == 0:
                 u[0] = u0
@@ -334,7 +340,11 @@ class MGRITSolve:
             # gc = (g + (Phi(u_{k-1}) - u_k)), then gc += v_k - Phi_c(v_{k-1})
             self.steps[level].points_residual(u, g, c, gc, cc)
             self.steps[level + 1].points_tau(v, cc, gc, cc)
-        self.u[level + 1][...] = v
+        # u = v where the coarse cycle reads u before writing it (not the whole grid: the
+        # F-points are relaxed before they are read, and copying them was a pass over
+        # the coarse grid per cycle for nothing)
+        start = self._starts[level + 1]
+        _rows().copy_rows(self.u[level + 1], start, v, start)
 
     def _correct(self, level: int) -> None:
         """``u_k += u_c - v`` at this rank's C-points."""
