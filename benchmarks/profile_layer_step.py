@@ -8,7 +8,10 @@ one adjoint layer step of a sweep run, each part repeated in a compiled loop ove
 the serial sweep splits the batch:
 
 * ``product``: the pre-activation ``a = K x + b`` (``_preact_t``);
-* ``activation``: ``x <- x + h tanh(a)``, ``a <- tanh'(a)`` (``_activate_t``);
+* ``activation``: ``x <- x + h tanh(a)``, ``a <- tanh'(a)`` (``_activate_t``, the step
+  of a sweep that stores ``sigma'``);
+* ``activation, value``: ``x <- x + h tanh(a)`` alone (``_activate_value_t``, the step
+  of the forward solves of MGRIT and parareal and of a sweep that stores nothing);
 * ``transposes``: the two transposes out of a forward step (``x`` and ``sigma'``,
   ``_store_t``) and one transpose in (``_load_t``);
 * ``forward step``: the three together, as ``_forward`` runs them;
@@ -52,6 +55,12 @@ def _loop_activation(a0, a, x, h, m, reps):
     for _ in range(reps):
         a[:, :] = a0  # sigma' overwrites a: restore the pre-activation (a copy; timed apart)
         cpu._activate_t(a, x, h, TANH, m)
+
+
+@njit
+def _loop_activation_value(a, x, h, m, reps):
+    for _ in range(reps):
+        cpu._activate_value_t(a, x, h, TANH, m)
 
 
 @njit
@@ -121,6 +130,7 @@ def measure(d: int, S: int, reps: int, rounds: int) -> dict[str, float]:
             "product": (_loop_product, (K, b, x, a, m, reps)),
             "activation + copy": (_loop_activation, (a0, a, x, h, m, reps)),
             "copy": (_loop_copy, (a0, a, reps)),
+            "activation, value": (_loop_activation_value, (a0, x, h, m, reps)),
             "transposes": (_loop_transposes, (x, a, rows, lo, m, reps)),
             "forward step": (_loop_forward, (K, b, x, a, h, rows, dsig, lo, m, reps)),
             "adjoint step": (_loop_adjoint, (K, b, h, x, lam, g, pK, pb, rows, lo, m,
@@ -140,13 +150,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     numba.set_num_threads(1)
-    names = ("product", "activation", "transposes", "forward step", "adjoint step")
+    names = ("product", "activation", "activation, value", "transposes", "forward step",
+             "adjoint step")
     print("ns per layer step (whole batch, one thread); product GFLOP/s = 2 S d^2 / time")
-    print(f"{'d':>3s} {'S':>4s} " + " ".join(f"{n:>13s}" for n in names) + "  product GFLOP/s")
+    print(f"{'d':>3s} {'S':>4s} " + " ".join(f"{n:>17s}" for n in names) + "  product GFLOP/s")
     for d in args.widths:
         for S in args.batches:
             t = measure(d, S, args.reps, args.rounds)
-            print(f"{d:3d} {S:4d} " + " ".join(f"{t[n]:13.0f}" for n in names)
+            print(f"{d:3d} {S:4d} " + " ".join(f"{t[n]:17.0f}" for n in names)
                   + f"  {2 * S * d * d / t['product']:.1f}", flush=True)
     return 0
 

@@ -72,6 +72,13 @@ _EXPM1_P = (2.5105206480259365e-08, 2.762635737968284e-07, 2.755725542549107e-06
             0.5000000000000006)
 
 
+def power_of_two(k):
+    """``2**k`` for an integral float ``k`` in ``[-58, 0]``, exactly (the scaling of
+    :func:`tanh`). The CPU kernels compile a version that writes the exponent bits
+    (:mod:`ptoc.kernels._bits`, the same values)."""
+    return float(1 << int(58 + k)) * _TWO_M58
+
+
 def tanh(a):
     """Hyperbolic tangent to about 2 ulp, written so that a loop of it vectorises.
 
@@ -101,7 +108,7 @@ def tanh(a):
     p = p * r + _EXPM1_P[9]
     p = p * r + 1.0
     em1_r = p * r
-    two_k = float(1 << int(58 + k)) * _TWO_M58  # exact: k >= -58 because y <= 20
+    two_k = power_of_two(k)  # exact: k >= -58 because y <= 20
     u = two_k * em1_r + (two_k - 1.0)
     t = math.copysign(-u / (2.0 + u), a)
     return t if a == a else a
@@ -173,9 +180,10 @@ def bias_partial_entry(g, h, i, lo, hi):
 
 
 #: The functions the CPU kernels call, registered as jitable by :mod:`ptoc.kernels.cpu`
-#: (in dependency order: :func:`activation` calls :func:`tanh`).
+#: (in dependency order: :func:`activation` calls :func:`tanh`, which calls
+#: :func:`power_of_two`, registered for the CPU by :mod:`ptoc.kernels._bits`).
 CPU_FUNCTIONS = (tanh, activation)
 
 #: The functions the CUDA kernels call, registered by :mod:`ptoc.kernels.cuda`: all of them.
-CUDA_FUNCTIONS = CPU_FUNCTIONS + (preactivation, adjoint_entry, gradient_partial_entry,
-                                  bias_partial_entry)
+CUDA_FUNCTIONS = (power_of_two,) + CPU_FUNCTIONS + (
+    preactivation, adjoint_entry, gradient_partial_entry, bias_partial_entry)

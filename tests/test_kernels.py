@@ -788,3 +788,28 @@ def test_activation_maps_nan_to_nan(act):
     kernels.backend("cuda").step(np.full((1, 1), np.nan), np.ones((1, 1)), np.zeros(1), 0.1,
                                  act.code, cuda_out, None, 32)
     assert np.isnan(cuda_out).all()
+
+
+@given(S=st.integers(1, 140), d=st.integers(1, 20), N=st.integers(1, 6),
+       act=st.sampled_from(ACTS), seed=st.integers(0, 2**31),
+       dtype=st.sampled_from([np.float64, np.float32]), chunk=st.integers(1, 64),
+       lanes=st.sampled_from([1, 16, 128]))
+def test_cpu_forward_sweep_gives_the_same_states_whether_or_not_it_stores_sigma_prime(
+        S, d, N, act, seed, dtype, chunk, lanes):
+    # with sigma' stored the step runs _activate_t, without it _activate_value_t (which
+    # falls back to the former where LLVM would round a row's last entries differently):
+    # the states must be the same bits (or a checkpointed gradient would differ) for
+    # every work-item width, on one thread and in the parallel kernel
+    rng = np.random.default_rng(seed)
+    K = (rng.standard_normal((N, d, d)) * 1.5 / np.sqrt(d)).astype(dtype)
+    b = rng.standard_normal((N, d)).astype(dtype)
+    x0 = rng.standard_normal((S, d)).astype(dtype)
+    cpu = kernels.backend("cpu")
+    for _ in _thread_counts():
+        with _cpu_settings(lanes, 1 << 20, min(lanes, 8)):
+            stored = np.empty((N + 1, S, d), dtype)
+            stored[0] = x0
+            bare = stored.copy()
+            cpu.forward_sweep(stored, K, b, 0.3, act.code, np.empty((N, S, d), dtype), chunk)
+            cpu.forward_sweep(bare, K, b, 0.3, act.code, None, chunk)
+            assert np.array_equal(stored, bare)

@@ -40,10 +40,10 @@ from numba import prange
 
 from .. import _config, _maths
 from .._workspace import Workspace
-from . import _cache
+from . import _bits, _cache
 from . import cpu as _dense_cpu  # noqa: F401 - registers ptoc._maths.activation as jitable
 
-_jit = functools.partial(_cache.njit, depends_on=(_maths, _config),
+_jit = functools.partial(_cache.njit, depends_on=(_maths, _config, _bits),
                          fastmath=_config.CPU_FASTMATH, error_model="numpy")
 _activation = _maths.activation
 _TANH = _maths.TANH
