@@ -101,6 +101,10 @@ _INT_COLUMNS = ("epoch", "steps")
 
 #: File name of the checkpoint in a run's output folder.
 CHECKPOINT_NAME = "checkpoint.npz"
+
+#: The files a run writes into ``output_dir`` (:func:`train`); a folder that holds any of
+#: them holds an earlier run, which a new run replaces only with ``overwrite=True``.
+RUN_OUTPUTS = (CHECKPOINT_NAME, "model.npz", "history.json", "history.csv", "training.png")
 CHECKPOINT_FORMAT = "ptoc-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -453,6 +457,7 @@ def train(
     output_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool | Literal["force"] = True,
     callback: Callable[[dict[str, Any], Params], bool | None] | None = None,
     divergence_factor: float | None = 100.0,
@@ -517,6 +522,11 @@ def train(
         batch size, seed, ``eval_every`` and data must be those of that run (else
         ValueError); ``epochs`` may be larger. The result then equals, bit for bit,
         that of a run never interrupted (the ``time`` column aside).
+    overwrite : bool
+        Start a new run in an ``output_dir`` that holds an earlier run's files
+        (:data:`RUN_OUTPUTS`), replacing them. Without it (and without ``resume``) such a
+        folder is refused before any work, so that an earlier run is never overwritten
+        by mistake.
     progress : bool or "force"
         True: a tqdm bar over epochs on stderr, shown only when stderr is a terminal;
         False: none; ``"force"``: always.
@@ -543,6 +553,9 @@ def train(
         another run or is corrupt (the message names the file).
     FileNotFoundError
         When resuming and ``output_dir`` holds no checkpoint.
+    FileExistsError
+        When ``output_dir`` holds an earlier run and neither ``resume`` nor
+        ``overwrite`` is given (the message names its files).
     ptoc.io.RunFolderInUseError
         When another running process holds ``output_dir``.
     ImportError
@@ -596,6 +609,9 @@ def train(
     if (checkpoint_every is not None or resume) and output_dir is None:
         raise ValueError("checkpoint_every and resume need output_dir (where the "
                          "checkpoint lives)")
+    if resume and overwrite:
+        raise ValueError("resume continues the run in output_dir and overwrite replaces it: "
+                         "give one of them")
     if divergence_factor is not None:
         divergence_factor = check_real("divergence_factor", divergence_factor, low=1.0)
     divergence_patience = check_positive_int("divergence_patience", divergence_patience)
@@ -625,6 +641,13 @@ def train(
     if out_dir is not None and writer:
         if resume and not ckpt_path.is_file():
             raise FileNotFoundError(f"no checkpoint at {str(ckpt_path)!r}")
+        if not resume and not overwrite:
+            earlier = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+            if earlier:
+                raise FileExistsError(
+                    f"output_dir {str(out_dir)!r} holds an earlier run ({', '.join(earlier)}); "
+                    "continue it with resume=True, choose another folder, or pass "
+                    "overwrite=True to replace it")
         _io.prepare_output_dir(out_dir, "output_dir")
         folder_lock = _io.RunFolderLock(out_dir)
     with folder_lock:

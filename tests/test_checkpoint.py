@@ -311,3 +311,25 @@ def test_cli_killed_with_sigkill_then_resumed_gives_identical_parameters(tmp_pat
     ha = json.loads((tmp_path / "killed" / "history.json").read_text())
     hb = json.loads((tmp_path / "whole" / "history.json").read_text())
     assert [r["train_loss"] for r in ha] == [r["train_loss"] for r in hb]
+
+
+def test_a_new_run_refuses_a_folder_that_holds_an_earlier_run(tmp_path, net, data):
+    kw = dict(optimizer=Adam(lr=0.01), epochs=1, batch_size=20, progress=False)
+    first = train(net, net.init_params(0), data, output_dir=tmp_path, **kw)
+    model = (tmp_path / "model.npz").read_bytes()
+    with pytest.raises(FileExistsError, match=r"earlier run \(.*model\.npz.*overwrite=True"):
+        train(net, net.init_params(1), data, output_dir=tmp_path, **kw)
+    assert (tmp_path / "model.npz").read_bytes() == model  # refused before any work
+    with pytest.raises(ValueError, match="give one of them"):
+        train(net, net.init_params(1), data, output_dir=tmp_path, resume=True,
+              overwrite=True, **kw)
+    second = train(net, net.init_params(1), data, output_dir=tmp_path, overwrite=True, **kw)
+    assert (tmp_path / "model.npz").read_bytes() != model
+    assert not all(np.array_equal(first.params[k], second.params[k]) for k in first.params)
+    # any one file of a run is enough to refuse
+    for name in ptoc.training.RUN_OUTPUTS:
+        folder = tmp_path / f"only-{name}"
+        folder.mkdir()
+        (folder / name).write_bytes(b"")
+        with pytest.raises(FileExistsError, match=name.replace(".", r"\.")):
+            train(net, net.init_params(0), data, output_dir=folder, **kw)

@@ -650,6 +650,7 @@ def _train_and_report(args: argparse.Namespace, network, params, data, method, h
             batch_size=args.batch_size, target=args.target, seed=args.seed,
             eval_every=args.eval_every, output_dir=output, progress=not args.quiet,
             checkpoint_every=args.checkpoint_every, resume=resume,
+            overwrite=not resume,  # the folder was checked above (--overwrite)
             divergence_factor=args.divergence_factor,
             divergence_patience=args.divergence_patience,
         )
