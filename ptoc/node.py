@@ -629,8 +629,10 @@ def _step_tangent(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float, schem
 
 def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
                   scheme: Scheme, act: Activation, gK: np.ndarray,
-                  gb: np.ndarray) -> np.ndarray:
+                  gb: np.ndarray, count: SolveCount | None = None) -> np.ndarray:
     """Exact reverse-mode adjoint of one step: adds to ``gK``, ``gb`` and returns ``lambda``.
+    Its work goes into ``count``: the Newton updates that recompute an implicit step's
+    stages, and one transposed linear system per sample and implicit group.
 
     From ``bar k_i = tau w_i lambda_+`` (``lambda_+`` the sensitivity to ``x_+``;
     :doc:`/theory/adjoint`), group by group from the last: an implicit group first solves
@@ -643,8 +645,10 @@ def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, 
     starting from ``lambda = lambda_+``: the transpose of the tangent map.
     """
     tab = _TABLEAUS[scheme]
-    Xs, As, _ = _stages(x, K, b, tau, scheme, act)
+    Xs, As, _ = _stages(x, K, b, tau, scheme, act, count)
     d = x.shape[1]
+    if count is not None:
+        count.steps += 1
     kbar: list = [(tau * wi) * lam if wi else None for wi in tab.w]
     lam_in = lam
     for group in reversed(tab.groups):
@@ -654,6 +658,9 @@ def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, 
         if tab.solves(group):
             JT = _group_jacobian(As, group, tab, K, tau, act).swapaxes(1, 2)
             sol = _linear_solve(JT, np.concatenate(mu, axis=1), f"the {scheme.value} adjoint")
+            if count is not None:
+                count.linear_systems += x.shape[0]
+                count.linear_cost += x.shape[0] * (len(group) * d) ** 3
             mu = [sol[:, p * d:(p + 1) * d] for p in range(len(group))]
         for p in range(len(group) - 1, -1, -1):
             i = group[p]
@@ -705,13 +712,14 @@ def _fine_trajectory(x0: np.ndarray, K: np.ndarray, b: np.ndarray, h: float, m: 
 
 def _adjoint_trajectory(traj: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray,
                         h: float, m: int, scheme: Scheme, act: Activation, gK: np.ndarray,
-                        gb: np.ndarray) -> np.ndarray:
-    """Adjoint of :func:`_fine_trajectory` from ``lambda`` at its end; returns it at its start."""
+                        gb: np.ndarray, count: SolveCount | None = None) -> np.ndarray:
+    """Adjoint of :func:`_fine_trajectory` from ``lambda`` at its end; returns it at its start
+    (its work added to ``count``, :func:`_step_adjoint`)."""
     tau = h / m
     for n in range(K.shape[0] - 1, -1, -1):
         for q in range(m - 1, -1, -1):
             lam = _step_adjoint(traj[n * m + q], lam, K[n], b[n], tau, scheme, act, gK[n],
-                                gb[n])
+                                gb[n], count)
     return lam
 
 
@@ -1127,6 +1135,10 @@ class NODESolution:
         The same of the coarse steps that formed each iterate ``U^0 .. U^K``.
     final_solves : SolveCount
         The same of the final sweep (serial: of the whole solve).
+    adjoint_solves : SolveCount
+        The same of the adjoint sweep that :func:`node_loss_and_grad` runs on the
+        trajectories (its steps, the Newton updates that recompute implicit stages and
+        the transposed stage systems); empty after a solve alone.
     iterates : list of ndarray or None
         ``U^0, U^1, ..., U^K`` when requested (``keep_iterates=True``).
     """
@@ -1150,6 +1162,7 @@ class NODESolution:
     fine_solves: list[SolveCount] = field(default_factory=list)
     coarse_solves: list[SolveCount] = field(default_factory=list)
     final_solves: SolveCount = field(default_factory=SolveCount)
+    adjoint_solves: SolveCount = field(default_factory=SolveCount)
 
     #: The counts of :meth:`to_dict` (all but the arrays).
     _RECORD: ClassVar[tuple[str, ...]] = (
@@ -1196,6 +1209,12 @@ class NODESolution:
             return self.trajectories[0]
         parts = [t[:-1] for t in self.trajectories[:-1]] + [self.trajectories[-1]]
         return np.concatenate(parts, axis=0)
+
+    @property
+    def forward_solves(self) -> SolveCount:
+        """The work of the whole forward solve: every iteration's coarse and fine steps
+        and the final sweep (Newton updates and linear systems included)."""
+        return sum(self.coarse_solves + self.fine_solves, SolveCount()) + self.final_solves
 
     @property
     def total_fine_steps(self) -> int:
@@ -1488,7 +1507,8 @@ def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray
     for j in range(len(bounds) - 2, -1, -1):
         lo, hi = bounds[j], bounds[j + 1]
         lam = _adjoint_trajectory(sol.trajectories[j], lam, p.K[lo:hi], p.b[lo:hi], network.h,
-                                  sol.substeps, sol.scheme, act, gK[lo:hi], gb[lo:hi])
+                                  sol.substeps, sol.scheme, act, gK[lo:hi], gb[lo:hi],
+                                  sol.adjoint_solves)
     grads, reg = assemble_gradient(network, p, X, gK, gb, lam, dsig_in, dW, dmu)
     total = loss + reg
     return total, (grads.to_dict(copy=False) if as_dict else grads), sol
@@ -1517,6 +1537,11 @@ class NODEStepRecord:
         and on the critical path.
     rhs_evaluations, rhs_evaluations_critical : int
         The same in right-hand-side evaluations.
+    forward_solves, adjoint_solves : SolveCount
+        Steps, Newton updates and linear systems of the forward solve (all of it:
+        coarse, fine and final steps, :attr:`NODESolution.forward_solves`) and of the
+        adjoint sweep (:attr:`NODESolution.adjoint_solves`): for an implicit scheme the
+        linear systems are most of a step's cost (Lorin 2020).
     """
 
     loss: float
@@ -1527,6 +1552,8 @@ class NODEStepRecord:
     fine_steps_critical: int
     rhs_evaluations: int
     rhs_evaluations_critical: int
+    forward_solves: SolveCount = field(default_factory=SolveCount)
+    adjoint_solves: SolveCount = field(default_factory=SolveCount)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON-ready)."""
@@ -1611,5 +1638,6 @@ class NeuralODEGradient(GradientFunction):
             changes=list(sol.changes), fine_steps=sol.total_fine_steps,
             fine_steps_critical=sol.critical_fine_steps,
             rhs_evaluations=sol.total_rhs_evaluations,
-            rhs_evaluations_critical=sol.critical_rhs_evaluations))
+            rhs_evaluations_critical=sol.critical_rhs_evaluations,
+            forward_solves=sol.forward_solves, adjoint_solves=sol.adjoint_solves))
         return float(loss), grads

@@ -389,6 +389,51 @@ def test_gradient_class_keeps_records_and_the_key_types():
     assert grad.records == []
 
 
+@pytest.mark.parametrize("scheme, group_sizes", [("heun", ()), ("backward-euler", (1,)),
+                                                  ("sdirk2", (1, 1)), ("gauss-2", (2,))])
+def test_records_count_the_linear_systems_of_the_forward_solve_and_the_adjoint(scheme,
+                                                                             group_sizes):
+    # the adjoint of an implicit step recomputes its stages (the same Newton updates as the
+    # final forward sweep) and solves one transposed system per sample and implicit group
+    net = _network(3, 4)
+    p = _params(net, 0)
+    S = 5
+    X, y = _batch(net, S, 0)
+    grad = NeuralODEGradient(net, scheme=scheme, substeps=2)
+    grad(p, X, y)
+    record = grad.records[0]
+    _, _, info = node_loss_and_grad(net, p, X, y, scheme=scheme, substeps=2)
+    steps, d = 4 * 2, 3
+    forward, adjoint = record.forward_solves, record.adjoint_solves
+    assert forward == info.forward_solves == info.final_solves  # serial: one sweep
+    assert forward.steps == adjoint.steps == steps
+    assert adjoint.newton_iterations == forward.newton_iterations
+    assert adjoint.linear_systems == forward.linear_systems + steps * S * len(group_sizes)
+    assert adjoint.linear_cost == forward.linear_cost + steps * S * sum(
+        (g * d) ** 3 for g in group_sizes)
+    if not group_sizes:
+        assert forward.linear_systems == adjoint.linear_systems == 0
+    else:
+        assert forward.newton_iterations >= steps * len(group_sizes)
+        assert forward.linear_systems == S * forward.newton_iterations
+    assert record.to_dict()["adjoint_solves"]["linear_systems"] == adjoint.linear_systems
+
+
+def test_a_parareal_record_counts_every_coarse_and_fine_solve():
+    net = _network(3, 8)
+    p = _params(net, 0)
+    X, y = _batch(net, 4, 0)
+    opts = NODEParareal(4, schedule=("backward-euler",), max_iterations=2)
+    grad = NeuralODEGradient(net, parareal=opts)
+    grad(p, X, y)
+    _, _, info = node_loss_and_grad(net, p, X, y, parareal=opts)
+    total = info.final_solves
+    for c in info.coarse_solves + info.fine_solves:
+        total = total + c
+    assert grad.records[0].forward_solves == total
+    assert total.linear_systems > info.final_solves.linear_systems > 0
+
+
 # ----------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------
