@@ -52,6 +52,7 @@ def compiled_tanh_loop():
     from numba.extending import register_jitable
 
     from ptoc import _config
+    from ptoc.kernels import _bits  # noqa: F401 - power_of_two for the CPU, as in the kernels
 
     tanh = register_jitable(maths.tanh)
 
@@ -717,7 +718,7 @@ def test_cpu_register_blocked_products_write_exactly_their_entries(d, m, lo, dty
     # adding a partial into the gradient: one addition per entry
     qK, qb = rng.standard_normal((d, d)).astype(dtype), rng.standard_normal(d).astype(dtype)
     sK, sb = qK.copy(), qb.copy()
-    cpu._add_partial_into(pK, pb, qK, qb)
+    cpu._add_partial_into(pK.reshape(-1), pb, qK.reshape(-1), qb)  # flat rows, as the sweep
     np.testing.assert_array_equal(qK, sK + pK)
     np.testing.assert_array_equal(qb, sb + pb)
 
@@ -813,3 +814,30 @@ def test_cpu_forward_sweep_gives_the_same_states_whether_or_not_it_stores_sigma_
             cpu.forward_sweep(stored, K, b, 0.3, act.code, np.empty((N, S, d), dtype), chunk)
             cpu.forward_sweep(bare, K, b, 0.3, act.code, None, chunk)
             assert np.array_equal(stored, bare)
+
+
+@pytest.mark.parametrize("S", [5, 300])  # one work item (partials added as made), several
+def test_cpu_adjoint_sweep_adds_into_a_strided_gradient_as_into_a_c_ordered_one(S):
+    # the sweep views gK as flat rows; a gK that is not C-ordered is summed into a copy
+    # of itself and written back: the same bits, added to what it held
+    rng = np.random.default_rng(4)
+    N, d = 3, 6
+    K = rng.standard_normal((N, d, d)) / np.sqrt(d)
+    b = rng.standard_normal((N, d))
+    states = np.empty((N + 1, S, d))
+    states[0] = rng.standard_normal((S, d))
+    cpu = kernels.backend("cpu")
+    dsig = np.empty((N, S, d))
+    cpu.forward_sweep(states, K, b, 0.2, maths.TANH, dsig, 32)
+    lam = rng.standard_normal((S, d))
+    start_K, start_b = rng.standard_normal((N, d, d)), rng.standard_normal((N, d))
+    gK, gb = start_K.copy(), start_b.copy()
+    cpu.adjoint_sweep(states, lam, K, b, 0.2, maths.TANH, dsig, gK, gb, None, 32)
+    wide = np.full((N, d, 2 * d), np.nan)
+    strided = wide[:, :, ::2]
+    strided[...] = start_K
+    gb2 = start_b.copy()
+    cpu.adjoint_sweep(states, lam, K, b, 0.2, maths.TANH, dsig, strided, gb2, None, 32)
+    assert not strided.flags.c_contiguous
+    assert np.array_equal(strided, gK) and np.array_equal(gb2, gb)
+    assert np.all(np.isnan(wide[:, :, 1::2]))

@@ -391,14 +391,15 @@ def _partial_blocks_zero(gm, xr, pK, pb, h):
 
 
 @_tile_jit()
-def _add_partial_into(pK, pb, gK, gb):
-    """``gK += pK``, ``gb += pb`` (one layer, one chunk)."""
-    for i in range(pK.shape[0]):
+def _add_partial_into(pK_flat, pb, gK_flat, gb):
+    """``gK += pK``, ``gb += pb`` (one layer, one chunk), the ``(d, d)`` arrays as flat
+    rows of ``d^2`` (:func:`_adjoint_block` makes those views): one loop instead of one
+    per row, each of which checks its arrays for overlap (measured on its own: 9.5 ns
+    against 15 at d = 8, 23 against 29 at d = 16)."""
+    for i in range(pb.shape[0]):
         gb[i] += pb[i]
-        gi = gK[i]
-        pi = pK[i]
-        for j in range(pK.shape[1]):
-            gi[j] += pi[j]
+    for i in range(pK_flat.shape[0]):
+        gK_flat[i] += pK_flat[i]
 
 
 @_thin_jit()
@@ -507,8 +508,8 @@ def _forward_one_thread(x0, K, b, h, act, outs, dsig, store, W):
 
 @_tile_jit()
 def _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, part_K,
-                  part_b, want_grad, lams, keep, lam_out, want_out, chunk, group, w, gK, gb,
-                  direct):
+                  part_K_flat, part_b, want_grad, lams, keep, lam_out, want_out, chunk, group,
+                  w, gK_flat, gb, direct):
     """Layers ``n1-1`` down to ``n0`` of :func:`_adjoint_block` for work item ``w``, its
     ``lambda`` in tile ``lam`` (a tile helper: no reference counting of its views).
 
@@ -546,9 +547,17 @@ def _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam, x, g, p
                 slot = 0 if direct else n - n0
                 _partial_t(g, xs[n], lo, h, part_K[c, slot], part_b[c, slot], t0, t1)
                 if direct:
-                    _add_partial_into(part_K[c, 0], part_b[c, 0], gK[n], gb[n])
+                    _add_partial_into(part_K_flat[c, 0], part_b[c, 0], gK_flat[n], gb[n])
     if n0 == 0 and want_out:
         _store_t(lam, lam_out, lo, m)
+
+
+@_jit(inline="always")
+def _flat_partials(part_K, gK):
+    """``part_K`` (chunks, layers, d, d) and ``gK`` (N, d, d), C-ordered, with each
+    ``(d, d)`` matrix as a flat row (views, for :func:`_add_partial_into`)."""
+    return (part_K.reshape((part_K.shape[0], part_K.shape[1], part_K.shape[2] * part_K.shape[3])),
+            gK.reshape((gK.shape[0], gK.shape[1] * gK.shape[2])))
 
 
 @_jit(parallel=True)
@@ -563,12 +572,13 @@ def _adjoint_block(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam_tiles, 
     ``part_b[c, n - n0]``.
     """
     n_items = lam_tiles.shape[0]
+    part_K_flat, gK_flat = _flat_partials(part_K, gK)
     for w in prange(n_items):
         # np.int64: Numba types a prange index over a shape as unsigned in the parallel
         # body and as signed elsewhere, and would compile the helper for both
         _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
-                      x_tiles[w], g_tiles[w], part_K, part_b, want_grad, lams,
-                      keep, lam_out, want_out, chunk, group, np.int64(w), gK, gb, direct)
+                      x_tiles[w], g_tiles[w], part_K, part_K_flat, part_b, want_grad, lams,
+                      keep, lam_out, want_out, chunk, group, np.int64(w), gK_flat, gb, direct)
 
 
 @_jit()
@@ -576,10 +586,11 @@ def _adjoint_block_one_thread(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, 
                               x_tiles, g_tiles, part_K, part_b, want_grad, lams, keep, lam_out,
                               want_out, chunk, group, gK, gb, direct):
     """:func:`_adjoint_block` on the calling thread (see :func:`_forward_one_thread`)."""
+    part_K_flat, gK_flat = _flat_partials(part_K, gK)
     for w in range(lam_tiles.shape[0]):
         _adjoint_item(xs, lam_N, K, b, h, act, dsig, have_dsig, n0, n1, lam_tiles[w],
-                      x_tiles[w], g_tiles[w], part_K, part_b, want_grad, lams,
-                      keep, lam_out, want_out, chunk, group, w, gK, gb, direct)
+                      x_tiles[w], g_tiles[w], part_K, part_K_flat, part_b, want_grad, lams,
+                      keep, lam_out, want_out, chunk, group, w, gK_flat, gb, direct)
 
 
 @_jit(parallel=True)
@@ -987,7 +998,9 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
     part_K = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d, d), dt)
     part_b = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d), dt)
     dsig_arg = _dummy(lam, 3) if dsig is None else dsig
-    gK_arg, gb_arg = (gK, gb) if want_grad else (_dummy(lam, 3), _dummy(lam, 2))
+    # the kernels view gK as flat rows: one that is not C-ordered is summed into a
+    # C-ordered copy of itself (the same additions) and written back at the end
+    gK_arg, gb_arg = (_c(gK), gb) if want_grad else (_dummy(lam, 3), _dummy(lam, 2))
     lams_arg = lams if keep else _dummy(lam, 3)
     out_arg = out if want_out else _dummy(lam, 2)
     if keep:
@@ -1007,6 +1020,8 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
             add = _add_partials if threaded else _add_partials_one_thread
             add(part_K, part_b, gK_arg, gb_arg, n0, n1)
         n1 = n0
+    if want_grad:
+        _copy_back(gK_arg, gK)
 
 
 def _threaded(n_items: int, work: int) -> bool:
