@@ -32,10 +32,12 @@ allocate the scratch tiles and hand each work item (or slot) to such a helper.
 Sums and their order
 --------------------
 The activation and its derivative are :func:`ptoc._maths.activation`, called per
-entry. The sums are the ones :mod:`ptoc._maths` writes per entry (``preactivation``,
-``adjoint_entry``, ``gradient_partial_entry``, ``bias_partial_entry``, which the CUDA
-kernels call), rewritten as loops over tile rows, because calling the per-entry
-functions here costs 8x to 22x in speed (see :mod:`ptoc._maths`):
+entry (a step that keeps no ``sigma'`` uses only its value, :func:`_activate_value_t`,
+which gives the same states bit for bit). The sums are the ones :mod:`ptoc._maths`
+writes per entry (``preactivation``, ``adjoint_entry``, ``gradient_partial_entry``,
+``bias_partial_entry``, which the CUDA kernels call), rewritten as loops over tile
+rows, because calling the per-entry functions here costs 8x to 22x in speed (see
+:mod:`ptoc._maths`):
 
 * Pre-activation ``a[i] = b[i] + sum_j K[i, j] x[j]`` and the adjoint product
   ``sum_i K[i, j] g[i]`` (:func:`_preact_t`, :func:`_adjoint_lam_t`): the terms are
