@@ -252,36 +252,35 @@ def _preact_t(K, b, x, a, m):
 
 
 @_jit(inline="always")
-def _activate_code(a, x, h, m, code):
-    # ``code`` is a constant at each call site below, so the branches of
-    # ``_maths.activation`` fold away and the loop vectorises.
+def _activate_code(a, x, h, m, code, slope):
+    # ``code`` and ``slope`` are constants at each call site below, so the branches of
+    # ``_maths.activation`` fold away (and, without ``slope``, the slope's arithmetic and
+    # store) and the loop vectorises.
     for i in range(a.shape[0]):
         ai = a[i]
         xi = x[i]
         for t in range(m):
             sig, dsg = _activation(ai[t], code)
             xi[t] = xi[t] + h * sig
-            ai[t] = dsg
+            if slope:
+                ai[t] = dsg
+
+
+@_jit(inline="always")
+def _activate_any(a, x, h, act, m, slope):
+    # one loop per activation code, each with its code as a constant
+    if act == _TANH:
+        _activate_code(a, x, h, m, _TANH, slope)
+    elif act == _RELU:
+        _activate_code(a, x, h, m, _RELU, slope)
+    else:
+        _activate_code(a, x, h, m, _SMOOTHRELU, slope)
 
 
 @_tile_jit()
 def _activate_t(a, x, h, act, m):
     """The residual step on a tile: ``x <- x + h sigma(a)`` and ``a <- sigma'(a)``."""
-    if act == _TANH:
-        _activate_code(a, x, h, m, _TANH)
-    elif act == _RELU:
-        _activate_code(a, x, h, m, _RELU)
-    else:
-        _activate_code(a, x, h, m, _SMOOTHRELU)
-
-
-@_jit(inline="always")
-def _activate_value_code(a, x, h, m, code):
-    for i in range(a.shape[0]):
-        ai = a[i]
-        xi = x[i]
-        for t in range(m):
-            xi[t] = xi[t] + h * _activation(ai[t], code)[0]
+    _activate_any(a, x, h, act, m, True)
 
 
 @_tile_jit()
@@ -297,12 +296,8 @@ def _activate_value_t(a, x, h, act, m):
     differently), while their whole vectors agree."""
     if m % 8 != 0:
         _activate_t(a, x, h, act, m)
-    elif act == _TANH:
-        _activate_value_code(a, x, h, m, _TANH)
-    elif act == _RELU:
-        _activate_value_code(a, x, h, m, _RELU)
     else:
-        _activate_value_code(a, x, h, m, _SMOOTHRELU)
+        _activate_any(a, x, h, act, m, False)
 
 
 @_jit(inline="always")
