@@ -14,6 +14,11 @@ What is timed (each call from the same X_0 and parameters; one call = one sample
 * ``ptoc serial``: ``ptoc.forward(net, params, X_0, target="cpu")`` (the serial sweep
   of the library; it also stores sigma' for an adjoint sweep) and the same with
   ``store_derivatives=False`` (states only, the work MGRIT replaces);
+* ``ptoc serial kernel, 1 thread``: the CPU kernel of that sweep,
+  ``ptoc.kernels.backend("cpu").forward_sweep(states, K, b, h, tanh, None, CHUNK)``,
+  into one (N+1, S, d) array made once: what a layer step costs with nothing around
+  it. Each MGRIT solve's time per layer step on one thread is compared with it
+  (target: at most 1.2 times);
 * ``ptoc MGRIT``: ``ptoc.parallel.driver.parallel_forward(net, params, X_0,
   MGRIT(...))`` on one rank: setup (level structure, stacking the weights of every
   level), the iterations and the copy of all N+1 states; with ``--threads`` Numba
@@ -105,6 +110,7 @@ COARSENING, TOL = 4, 1e-10
 #: PyMGRIT's grids (down to 2 points for N = 1024, m = 4).
 CONFIGS = (("two-level", 2, 2), ("max-level", 6, 10))
 TARGET_RATIO = 20.0
+TARGET_STEP_RATIO = 1.2  # an MGRIT layer step against one of the serial sweep's kernel
 STATE_TOL = 1e-11  # "about 1e-12 or better" for the final state against the serial sweep
 RESULTS = Path(__file__).resolve().parent / "out"
 
@@ -253,6 +259,19 @@ def make_runners(net, params, X0, threads: int) -> tuple[dict, dict]:
     meta["ptoc serial, states only"] = {
         "kind": "serial", "threads": threads,
         "call": 'ptoc.forward(net, params, X0, target="cpu", store_derivatives=False)'}
+    kern = ptoc.kernels.backend("cpu")
+    sweep_states = np.empty((len(K) + 1,) + X0.shape)  # opening "identity": x_0 = X_0
+
+    def kernel_sweep():
+        sweep_states[0] = X0
+        kern.forward_sweep(sweep_states, K, b, h, ptoc.Activation.TANH.code, None,
+                           ptoc._config.CHUNK)
+        return sweep_states, None
+    runners["ptoc serial kernel, 1 thread"] = timed(kernel_sweep, 1)
+    meta["ptoc serial kernel, 1 thread"] = {
+        "kind": "serial", "threads": 1,
+        "call": 'ptoc.kernels.backend("cpu").forward_sweep(states, K, b, h, tanh, None, '
+                'CHUNK) into one reused (N+1, S, d) array'}
     thread_counts = [threads] + ([1] if threads > 1 else [])
     for label, level, max_levels in CONFIGS:
         solver = ptoc.MGRIT(coarsening=COARSENING, max_levels=max_levels, min_coarse_steps=1,
@@ -406,6 +425,17 @@ def main(argv=None) -> int:
     del outputs
 
     samples = time_rounds(runners, repeats)
+    # the same one-thread solves and the serial kernel again, each call after one of the
+    # same kind (warm caches): interleaved with NumPy and PyMGRIT, the serial sweep
+    # starts from caches the others have filled, and MGRIT, which passes over its grids
+    # many times, less so
+    alone = {}
+    for name in ["ptoc serial kernel, 1 thread"] + [
+            f"ptoc MGRIT {label}, 1 thread" for label, _, _ in CONFIGS]:
+        for _ in range(3):
+            runners[name]()
+        alone[name] = float(np.median([runners[name]()[0]["call"]
+                                       for _ in range(max(5, repeats // 2))]))
     floor = step_floor()
     elapsed = time.perf_counter() - t_start
     info["numba_threading_layer"] = numba.threading_layer()
@@ -422,7 +452,8 @@ def main(argv=None) -> int:
 
     loop = results["numpy loop"]["median"]
     print(f"Serial sweeps (median / min of {repeats} interleaved calls):")
-    for name in ("numpy loop", "ptoc serial", "ptoc serial, states only"):
+    for name in ("numpy loop", "ptoc serial", "ptoc serial, states only",
+                 "ptoc serial kernel, 1 thread"):
         r = results[name]
         print(f"  {name:26s} {_fmt_ms(r['median'])} ms / {_fmt_ms(r['min'])} ms  "
               f"({r['median'] / loop:.2f}x the NumPy loop, "
@@ -481,6 +512,26 @@ def main(argv=None) -> int:
                 f"({'match within one' if it_ok else 'DIFFER by more than one'}); "
                 f"on one core no MGRIT of these {one['steps_total']} steps can exceed "
                 f"{bound:.1f}x (the floor below)")
+    kernel_us = results["ptoc serial kernel, 1 thread"]["median"] / DEPTH * 1e6
+    kernel_alone_us = alone["ptoc serial kernel, 1 thread"] / DEPTH * 1e6
+    results["ptoc serial kernel, 1 thread"]["median_alone_s"] = \
+        alone["ptoc serial kernel, 1 thread"]
+    for label, _, _ in CONFIGS:
+        name = f"ptoc MGRIT {label}, 1 thread"
+        one = results[name]
+        step_us = one["median"] / one["steps_total"] * 1e6
+        alone_us = alone[name] / one["steps_total"] * 1e6
+        one["median_alone_s"] = alone[name]
+        one["step_ratio_to_serial_kernel"] = step_us / kernel_us
+        one["step_ratio_to_serial_kernel_alone"] = alone_us / kernel_alone_us
+        verdict = ("met" if max(step_us / kernel_us, alone_us / kernel_alone_us)
+                   <= TARGET_STEP_RATIO else "NOT met")
+        summary.append(
+            f"{label}: one thread, {step_us:.2f} us per layer step = "
+            f"{step_us / kernel_us:.2f}x the serial sweep kernel's {kernel_us:.2f} us in the "
+            f"interleaved rounds; {alone_us:.2f} us = {alone_us / kernel_alone_us:.2f}x "
+            f"its {kernel_alone_us:.2f} us timed alone, caches warm (target <= "
+            f"{TARGET_STEP_RATIO:g}x both ways: {verdict})")
     print("\n".join(lines))
     print()
     print(f"Floor of one layer step on one thread (d={WIDTH}, S={BATCH}, the kernels' tile "
