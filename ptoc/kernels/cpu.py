@@ -753,7 +753,9 @@ def _point_end_t(x, phi, phi_flat, uf, gf, out, outf, r, rows, k, mode, lo, m):
     item's samples, where ``u``, ``g`` and ``out`` are stored (``uf``, ``gf``, ``outf``:
     :func:`_flat`). Transposing those into tiles instead, as before, cost two or three
     transposes and passes more per point: a point of the restriction at d = 16, S = 32
-    on one thread took 0.8 us that way, against 0.58 us per step of a relaxation run.
+    on one thread took 0.78 to 0.81 us that way against 0.58 per step of a relaxation
+    run, and takes 0.65 to 0.74 this way against 0.54 to 0.56 (``profile_mgrit.py``;
+    the rest is the transpose in of the state it starts from).
     Each entry is the same sum in the same order either way (compiled without fast-math
     flags, so that LLVM cannot reassociate it); the modes are
     :data:`ptoc._maths.POINT_APPLY` and the next three.
