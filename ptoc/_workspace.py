@@ -80,7 +80,16 @@ class Workspace(threading.local):
             fits the bounds after the least recently used buffers are dropped.
         """
         key = (name, tuple(shape), np.dtype(dtype))
-        buf = self.buffers.pop(key, None)
+        buffers = self.buffers
+        buf = buffers.get(key)
+        if (buf is not None and self._held <= self.byte_limit
+                and len(buffers) <= self.capacity):
+            # a kept buffer, within bounds that have not been lowered since: only its
+            # place in the order changes (what the general path below does then too)
+            del buffers[key]
+            buffers[key] = buf
+            return buf
+        buf = buffers.pop(key, None)
         if buf is None:
             buf = np.empty(shape, dtype)
         else:

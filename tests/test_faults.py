@@ -143,6 +143,36 @@ def test_workspace_counts_the_bytes_it_keeps(ops, capacity, max_bytes):
     assert ws.held_bytes == 0 and not ws.buffers
 
 
+@given(ops=st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 40),
+                              st.sampled_from([None, 0, 300, 700, 2000])), max_size=40),
+       capacity=st.integers(1, 4))
+def test_workspace_keeps_the_least_recently_used_order(ops, capacity):
+    """Against a plain model of the documented rules (LRU order, both bounds, a buffer
+    too big for the byte bound returned and not kept), with the byte bound changed
+    between requests: the same buffers are reused, and the same ones kept, in order."""
+    ws = Workspace(capacity=capacity, max_bytes=2000)
+    model: list[tuple[str, int]] = []  # kept keys, least recently used first
+    seen: dict[tuple[str, int], np.ndarray] = {}
+    for name, n, new_limit in ops:
+        if new_limit is not None:
+            ws.max_bytes = new_limit
+        key, limit = (name, n), ws.max_bytes
+        charge = 8 * n + BUFFER_OVERHEAD_BYTES
+        reused = key in model
+        if reused:
+            model.remove(key)
+        if charge <= limit:
+            while model and (len(model) >= capacity
+                             or sum(8 * k[1] + BUFFER_OVERHEAD_BYTES for k in model)
+                             + charge > limit):
+                model.pop(0)
+            model.append(key)
+        buf = ws.get(name, (n,), np.float64)
+        assert (buf is seen.get(key)) == reused
+        seen[key] = buf
+        assert [(k[0], k[1][0]) for k in ws.buffers] == model
+
+
 def test_workspace_bound_follows_the_setting(monkeypatch):
     monkeypatch.setattr(ptoc._config, "WORKSPACE_BYTES", 0)
     net, params, X = small()

@@ -841,3 +841,24 @@ def test_cpu_adjoint_sweep_adds_into_a_strided_gradient_as_into_a_c_ordered_one(
     assert not strided.flags.c_contiguous
     assert np.array_equal(strided, gK) and np.array_equal(gb2, gb)
     assert np.all(np.isnan(wide[:, :, 1::2]))
+
+
+def test_cpu_thread_count_follows_set_num_threads(monkeypatch):
+    """The kernels' cheap thread count is Numba's (per thread, after set_num_threads), with
+    or without Numba's C getter."""
+    import numba
+
+    from ptoc.kernels import cpu
+
+    before = numba.get_num_threads()
+    try:
+        for fast in (True, False):
+            if not fast:
+                monkeypatch.setattr(cpu, "_fast_thread_count", None)
+                monkeypatch.setattr(cpu, "_started_thread_count", numba.get_num_threads)
+            for n in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+                numba.set_num_threads(n)
+                assert cpu._num_threads() == n == numba.get_num_threads()
+    finally:
+        numba.set_num_threads(before)
+    assert cpu._num_threads() == before

@@ -956,8 +956,15 @@ def _group(S: int, chunk: int) -> int:
     """Chunks per work item: ``CPU_LANES // chunk``, halved while there would be fewer
     than ``CPU_MIN_ITEMS`` work items (a function of the shapes only, never of the
     thread count, so results do not depend on it)."""
-    group = max(1, _config.CPU_LANES // chunk)
-    while group > 1 and -(-S // (group * chunk)) < _config.CPU_MIN_ITEMS:
+    return _group_for(S, chunk, _config.CPU_LANES, _config.CPU_MIN_ITEMS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _group_for(S: int, chunk: int, lanes: int, min_items: int) -> int:
+    """:func:`_group` for the settings in force (remembered: a kernel call asks for the
+    same few shapes over and over, and the loop took a third of a microsecond)."""
+    group = max(1, lanes // chunk)
+    while group > 1 and -(-S // (group * chunk)) < min_items:
         group //= 2
     return group
 
@@ -1023,6 +1030,34 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
         _copy_back(gK_arg, gK)
 
 
+def _num_threads() -> int:
+    """``numba.get_num_threads()``, the thread count of the calling thread.
+
+    That function takes two locks on every call to make sure the threads are started
+    (0.52 us a call on the development machine, about a tenth of a level kernel call's
+    fixed cost). Once they are, it reads the count with Numba's own C getter, which
+    takes 0.08 us; where that getter is missing (another Numba version), or answers
+    nothing valid, it falls back to the public function."""
+    getter = _fast_thread_count
+    if getter is not None:
+        n = getter()
+        if n > 0:
+            return n
+    return _started_thread_count()
+
+
+def _started_thread_count() -> int:
+    global _fast_thread_count
+    n = numba.get_num_threads()  # starts the threads if needed
+    parallel = getattr(getattr(numba.np, "ufunc", None), "parallel", None)
+    if getattr(parallel, "_is_initialized", False):
+        _fast_thread_count = getattr(parallel, "_get_num_threads", None)
+    return n
+
+
+_fast_thread_count = None
+
+
 def _threaded(n_items: int, work: int) -> bool:
     """Whether a sweep kernel of ``n_items`` work items and ``work`` multiply-adds per
     product (``S d^2`` times the layers) runs its parallel variant: with two or more
@@ -1033,7 +1068,7 @@ def _threaded(n_items: int, work: int) -> bool:
     so the same bits) is as fast; it is also the only variant a small job compiles
     (the parallel loop is most of a first run's compile time).
     """
-    return (n_items > 1 and numba.get_num_threads() > 1
+    return (n_items > 1 and _num_threads() > 1
             and work >= _config.CPU_PARALLEL_MIN_WORK)
 
 
@@ -1099,11 +1134,19 @@ def _state_width(S: int, chunk: int, n_runs: int, threads: int | None = None) ->
     ``tests/test_kernels.py`` and ``tests/test_parallel.py`` check results on one and
     two threads and between the serial sweeps and the level kernels. ``threads``: the
     Numba thread count if the caller has it (None: read it)."""
-    if (numba.get_num_threads() if threads is None else threads) == 1:
-        return chunk * max(1, _config.CPU_LANES // chunk)
-    W = _width(S, chunk)
-    while W > _config.CPU_MIN_LANES and n_runs * -(-S // W) < _config.CPU_MIN_ITEMS:
-        W = max(_config.CPU_MIN_LANES, W // 2)
+    return _state_width_for(S, chunk, n_runs, _num_threads() if threads is None else threads,
+                            _config.CPU_LANES, _config.CPU_MIN_ITEMS, _config.CPU_MIN_LANES)
+
+
+@functools.lru_cache(maxsize=1024)
+def _state_width_for(S: int, chunk: int, n_runs: int, threads: int, lanes: int,
+                     min_items: int, min_lanes: int) -> int:
+    """:func:`_state_width` for the settings in force (remembered, as :func:`_group_for`)."""
+    if threads == 1:
+        return chunk * max(1, lanes // chunk)
+    W = chunk * _group_for(S, chunk, lanes, min_items)
+    while W > min_lanes and n_runs * -(-S // W) < min_items:
+        W = max(min_lanes, W // 2)
     return W
 
 
@@ -1122,7 +1165,7 @@ def _tiles(u: np.ndarray, n_tasks: int, W: int, n_tiles: int,
     one after the other; how tasks are shared out changes no result, see the module
     docstring). From a workspace: a relaxation allocates nothing. ``threads`` as in
     :func:`_state_width`."""
-    threads = numba.get_num_threads() if threads is None else threads
+    threads = _num_threads() if threads is None else threads
     n_slots = max(1, min(n_tasks, _config.CPU_SLOTS_PER_THREAD * threads))
     return _level_tiles.get("level-tiles", (n_slots, n_tiles, u.shape[2], _row_len.py_func(W)),
                             u.dtype)
@@ -1147,7 +1190,7 @@ def _copy_back(result: np.ndarray, target: np.ndarray) -> None:
 
 def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
     has_g = g is not None
-    threads = numba.get_num_threads()
+    threads = _num_threads()
     W = _state_width(u.shape[1], chunk, len(starts), threads)
     uc = _c(u)
     _state_runs(uc, _c(g) if has_g else uc, has_g, K, b, np.asarray(dt, u.dtype), act,
@@ -1164,7 +1207,7 @@ def state_points_into(u, K, b, dt, act, positions, out, rows, g, mode, chunk):
     (:func:`_point_end_t`): ``out[rows[r]]`` receives ``phi - u[k]``, ``g[k] + (phi -
     u[k])`` or ``out[rows[r]] + (u[k] - phi)``."""
     positions = _idx(positions)
-    threads = numba.get_num_threads()
+    threads = _num_threads()
     W = _state_width(u.shape[1], chunk, len(positions), threads)
     uc, outc = _c(u), _c(out)
     _state_points(uc, K, b, np.asarray(dt, u.dtype), act, positions, outc,
@@ -1185,7 +1228,7 @@ def level_derivatives(X, K, b, act, out, chunk):
 
 def adjoint_runs(lam, g, D, K, dt, starts, ends, chunk):
     has_g = g is not None
-    threads = numba.get_num_threads()
+    threads = _num_threads()
     W = _state_width(lam.shape[1], chunk, len(starts), threads)
     lc = _c(lam)
     _adjoint_runs(lc, _c(g) if has_g else lc, has_g, D, K, np.asarray(dt, lam.dtype),
@@ -1202,7 +1245,7 @@ def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
     """:func:`adjoint_points` with the end of each step chosen by ``mode``, as in
     :func:`state_points_into`."""
     positions = _idx(positions)
-    threads = numba.get_num_threads()
+    threads = _num_threads()
     W = _state_width(lam.shape[1], chunk, len(positions), threads)
     lc, outc = _c(lam), _c(out)
     _adjoint_points(lc, D, K, np.asarray(dt, lam.dtype), positions, outc,
