@@ -862,3 +862,55 @@ def test_cpu_thread_count_follows_set_num_threads(monkeypatch):
     finally:
         numba.set_num_threads(before)
     assert cpu._num_threads() == before
+
+
+@pytest.mark.parametrize("fastmath", [False, True])
+def test_compiled_tanh_equals_the_python_one_bitwise(fastmath):
+    """The CPU versions of ``floor_value`` and ``power_of_two`` (no test for NaN, the
+    exponent from bits) give tanh the same bits as the Python functions, which the CUDA
+    target compiles, when nothing is contracted; NaN in, NaN out with the kernels'
+    fast-math flags too (their accuracy: the test above)."""
+    from numba import njit
+    from numba.extending import register_jitable
+
+    from ptoc import _config
+    from ptoc.kernels import _bits  # noqa: F401 - the CPU versions
+
+    tanh = register_jitable(maths.tanh)
+
+    @njit(fastmath=_config.CPU_FASTMATH if fastmath else False, error_model="numpy")
+    def loop(a, out):
+        for t in range(a.size):
+            out[t] = tanh(a[t])
+
+    rng = np.random.default_rng(7)
+    a = np.concatenate([rng.standard_normal(20000) * 5, rng.uniform(-21, 21, 20000),
+                        10.0 ** rng.uniform(-320, 3, 5000), -np.arange(0, 41) * math.log(2) / 2,
+                        [0.0, -0.0, 20.0, -20.0, np.inf, -np.inf, 1e308]])
+    a = np.concatenate([a, np.full(9, np.nan)])  # a whole vector of NaN, and a remainder
+    a[::97] = np.nan
+    out = np.empty_like(a)
+    loop(a, out)
+    nan = np.isnan(a)
+    assert np.isnan(out[nan]).all() and not np.isnan(out[~nan]).any()
+    if not fastmath:
+        python = np.array([maths.tanh(float(v)) for v in a[~nan]])
+        assert np.array_equal(out[~nan].view(np.int64), python.view(np.int64))
+
+
+def test_floor_value_and_power_of_two_pass_nan_through():
+    from numba import njit
+
+    from ptoc.kernels import _bits  # noqa: F401 - the CPU versions
+
+    @njit(error_model="numpy")
+    def both(x, k):
+        return maths.floor_value(x), maths.power_of_two(k)
+
+    for x in (-3.5, -0.5, 0.0, 2.25, -40.0):
+        assert both(x, 0.0)[0] == maths.floor_value(x) == math.floor(x)
+    for k in range(-58, 1):
+        assert both(0.0, float(k))[1] == maths.power_of_two(float(k)) == 2.0**k
+    assert all(math.isnan(v) for v in (maths.floor_value(math.nan), maths.power_of_two(math.nan),
+                                        both(math.nan, 0.0)[0]))
+    assert maths.floor_value(math.inf) == math.inf and both(-math.inf, 0.0)[0] == -math.inf
