@@ -37,7 +37,9 @@ PTOC_KEEP_FREED_BYTES
 PTOC_STORED_DERIVATIVE_BYTES
     Most bytes of ``sigma'(a_n)`` that the convolutional ResNet's serial gradient keeps
     from its state sweep for its backward pass (default 2147483648, 2 GiB); layers past
-    the bound recompute it (the same numbers, one more convolution each).
+    the bound recompute it (the same numbers, one more convolution each). The same bound
+    applies to the implicit stages a neural ODE's gradient keeps from its forward sweep
+    (all or none; without them the adjoint runs Newton's method again).
 PTOC_CUDA_THREADS
     Threads per block along each axis of the 2-D CUDA launches (default 16, so
     16 x 16 = 256 threads per block).
@@ -141,7 +143,9 @@ KEEP_FREED_BYTES: int = _env_int("PTOC_KEEP_FREED_BYTES", 256 << 20, minimum=0)
 
 #: Most bytes of ``sigma'(a_n)`` kept by a serial gradient's state sweep for the backward
 #: pass (:meth:`ptoc.conv.ConvResNetPropagator.gradient_forward`): as many layers as fit,
-#: the others recompute their convolution. Read at every call; ``0`` keeps none.
+#: the others recompute their convolution; and of the stages of an implicit neural-ODE
+#: scheme kept by its gradient (:func:`ptoc.node.node_loss_and_grad`: all of them or
+#: none). Read at every call; ``0`` keeps none.
 STORED_DERIVATIVE_BYTES: int = _env_int("PTOC_STORED_DERIVATIVE_BYTES", 2 << 30, minimum=0)
 
 #: Threads per block along each axis of the 2-D CUDA grids (the level kernels of the

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from . import _config
 from ._checks import check_inputs, check_integer, check_positive_float, check_positive_int
 from ._options import OptionEnum
 from .activations import Activation, dsigma, sigma
@@ -629,10 +630,14 @@ def _step_tangent(x: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float, schem
 
 def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, tau: float,
                   scheme: Scheme, act: Activation, gK: np.ndarray,
-                  gb: np.ndarray, count: SolveCount | None = None) -> np.ndarray:
+                  gb: np.ndarray, count: SolveCount | None = None,
+                  stages: tuple[list, list] | None = None) -> np.ndarray:
     """Exact reverse-mode adjoint of one step: adds to ``gK``, ``gb`` and returns ``lambda``.
-    Its work goes into ``count``: the Newton updates that recompute an implicit step's
-    stages, and one transposed linear system per sample and implicit group.
+    ``stages``: the step's stage inputs and pre-activations ``(X_i, a_i)`` as the forward
+    step computed them (:func:`_fine_trajectory`), or None to compute them again from
+    ``x`` (for an implicit scheme, Newton's method once more: the same numbers). Its work
+    goes into ``count``: the Newton updates of that recomputation, and one transposed
+    linear system per sample and implicit group.
 
     From ``bar k_i = tau w_i lambda_+`` (``lambda_+`` the sensitivity to ``x_+``;
     :doc:`/theory/adjoint`), group by group from the last: an implicit group first solves
@@ -645,7 +650,7 @@ def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, 
     starting from ``lambda = lambda_+``: the transpose of the tangent map.
     """
     tab = _TABLEAUS[scheme]
-    Xs, As, _ = _stages(x, K, b, tau, scheme, act, count)
+    Xs, As = _stages(x, K, b, tau, scheme, act, count)[:2] if stages is None else stages
     d = x.shape[1]
     if count is not None:
         count.steps += 1
@@ -683,22 +688,30 @@ def _step_adjoint(x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray, 
 
 def _fine_trajectory(x0: np.ndarray, K: np.ndarray, b: np.ndarray, h: float, m: int,
                      scheme: Scheme, act: Activation,
-                     count: SolveCount | None = None, first: int = 0) -> np.ndarray:
+                     count: SolveCount | None = None, first: int = 0,
+                     stages: list | None = None) -> np.ndarray:
     """All substep states of ``scheme`` over pieces ``K, b`` from ``x0``: (L m + 1, S, d).
 
     The steps and Newton's work are added to ``count``; a :class:`NewtonConvergenceError`
     names the piece (``first`` is the number of the piece of ``K[0]``) and the substep.
+    ``stages``: a list that receives each substep's stage inputs and pre-activations
+    ``(X_i, a_i)``, in order, for :func:`_adjoint_trajectory` (the steps are the same bits
+    either way, :func:`_step`).
     """
     L = K.shape[0]
     out = np.empty((L * m + 1,) + x0.shape, x0.dtype)
     out[0] = x0
     tau = h / m
+    w = _TABLEAUS[scheme].w
     x = x0
     r = 0
     for n in range(L):
         for q in range(m):
             try:
-                x = _step(x, K[n], b[n], tau, scheme, act, count)
+                Xs, As, ks = _stages(x, K[n], b[n], tau, scheme, act, count)
+                x = _combine(x, tau, w, ks)
+                if stages is not None:
+                    stages.append((Xs, As))
             except NewtonConvergenceError as exc:
                 raise NewtonConvergenceError(f"piece {first + n}, substep {q + 1} of {m}: "
                                              f"{exc}") \
@@ -712,15 +725,32 @@ def _fine_trajectory(x0: np.ndarray, K: np.ndarray, b: np.ndarray, h: float, m: 
 
 def _adjoint_trajectory(traj: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray,
                         h: float, m: int, scheme: Scheme, act: Activation, gK: np.ndarray,
-                        gb: np.ndarray, count: SolveCount | None = None) -> np.ndarray:
+                        gb: np.ndarray, count: SolveCount | None = None,
+                        stages: list | None = None) -> np.ndarray:
     """Adjoint of :func:`_fine_trajectory` from ``lambda`` at its end; returns it at its start
-    (its work added to ``count``, :func:`_step_adjoint`)."""
+    (its work added to ``count``, :func:`_step_adjoint`). ``stages``: those the
+    trajectory kept, one entry per substep, or None to compute them again."""
     tau = h / m
     for n in range(K.shape[0] - 1, -1, -1):
         for q in range(m - 1, -1, -1):
-            lam = _step_adjoint(traj[n * m + q], lam, K[n], b[n], tau, scheme, act, gK[n],
-                                gb[n], count)
+            r = n * m + q
+            lam = _step_adjoint(traj[r], lam, K[n], b[n], tau, scheme, act, gK[n],
+                                gb[n], count, None if stages is None else stages[r])
     return lam
+
+
+def _keeps_stages(scheme: Scheme, n_substeps: int, shape: tuple[int, ...],
+                  itemsize: int) -> bool:
+    """Whether a gradient keeps the stages of ``n_substeps`` substeps of states of
+    ``shape`` from its forward sweep: for an implicit scheme (whose stages the adjoint
+    would otherwise compute again by Newton's method, as many updates as the forward
+    sweep took), when their ``2 s`` arrays per substep fit in
+    ``_config.STORED_DERIVATIVE_BYTES``. An explicit scheme's stages cost one product
+    each to recompute, about what reading them back would: they are not kept."""
+    if not scheme.implicit:
+        return False
+    per_substep = 2 * scheme.stages * int(np.prod(shape)) * itemsize
+    return n_substeps * per_substep <= _config.STORED_DERIVATIVE_BYTES
 
 
 # ----------------------------------------------------------------------------------------
@@ -775,6 +805,10 @@ class RKPropagator(Propagator):
         Work of the state steps run so far (:meth:`step`, :meth:`propagate`,
         :meth:`coarse_step` and the level steps' runs): steps, Newton updates, linear
         systems. Adjoint and tangent steps recompute the stages and are not counted.
+    keep_stages : bool
+        Whether the fine runs of :class:`RKLevelSteps` keep the stages of their substeps
+        with their states (:attr:`RKLevelSteps.stages`), for a gradient; default False.
+        :meth:`with_scheme` passes it on.
 
     Examples
     --------
@@ -800,22 +834,36 @@ class RKPropagator(Propagator):
         self.h = network.h
         self.activation = network.activation
         self.count = SolveCount()
+        self.keep_stages = False
 
     def with_scheme(self, scheme: Scheme | str, substeps: int | None = None) -> RKPropagator:
         """The same network and parameters (shared, live) with another scheme or number
         of substeps."""
-        return RKPropagator(self.network, self.params, self.labels, scheme=scheme,
-                            substeps=self.substeps if substeps is None else substeps,
-                            check=False)
+        other = RKPropagator(self.network, self.params, self.labels, scheme=scheme,
+                             substeps=self.substeps if substeps is None else substeps,
+                             check=False)
+        other.keep_stages = self.keep_stages
+        return other
 
     def _trajectory(self, x: np.ndarray, K: np.ndarray, b: np.ndarray,
-                    dt: float, counted: bool = False, first: int = 0) -> np.ndarray:
+                    dt: float, counted: bool = False, first: int = 0,
+                    stages: list | None = None) -> np.ndarray:
         """The ``m + 1`` substep states over one piece of length ``dt`` with weights
         ``K`` (L=1, d, d) and ``b`` (1, d) (numbered ``first``); ``counted``: add the
         work to :attr:`count` (the state steps; adjoint and tangent steps recompute the
-        stages and are not counted)."""
+        stages and are not counted); ``stages`` as in :func:`_fine_trajectory`."""
         return _fine_trajectory(x, K, b, dt, self.substeps, self.scheme, self.activation,
-                                self.count if counted else None, first)
+                                self.count if counted else None, first, stages)
+
+    def _piece_adjoint(self, x: np.ndarray, lam: np.ndarray, K: np.ndarray, b: np.ndarray,
+                       dt: float, gK: np.ndarray, gb: np.ndarray) -> np.ndarray:
+        """The adjoint of the ``m`` substeps over one piece from ``x``: the substeps run
+        again, keeping the stages of an implicit scheme for the adjoint (one Newton
+        solve per stage group and substep, not two)."""
+        stages = [] if self.scheme.implicit else None
+        traj = self._trajectory(x, K, b, dt, stages=stages)
+        return _adjoint_trajectory(traj, lam, K, b, dt, self.substeps, self.scheme,
+                                   self.activation, gK, gb, stages=stages)
 
     def step(self, n: int, x: np.ndarray) -> np.ndarray:
         p = self.params
@@ -841,9 +889,7 @@ class RKPropagator(Propagator):
             gK, gb = np.zeros_like(K), np.zeros_like(b)
         else:
             gK, gb = grad[0][n:n + 1], grad[1][n:n + 1]
-        traj = self._trajectory(x, K, b, self.h)
-        return _adjoint_trajectory(traj, lam, K, b, self.h, self.substeps, self.scheme,
-                                   self.activation, gK, gb)
+        return self._piece_adjoint(x, lam, K, b, self.h, gK, gb)
 
     def tangent_step(self, n: int, x: np.ndarray, dx: np.ndarray) -> np.ndarray:
         """``Phi_n'(x) dx``: the tangent of every substep in the state."""
@@ -883,10 +929,8 @@ class RKPropagator(Propagator):
                             x: np.ndarray, lam: np.ndarray) -> np.ndarray:
         """The transposed Jacobian of :meth:`coarse_step` at ``x``, applied to ``lam``."""
         K, b = (np.asarray(a)[None] for a in params)
-        dt = n_layers * self.h
-        traj = self._trajectory(x, K, b, dt)
-        return _adjoint_trajectory(traj, lam, K, b, dt, self.substeps, self.scheme,
-                                   self.activation, np.zeros_like(K), np.zeros_like(b))
+        return self._piece_adjoint(x, lam, K, b, n_layers * self.h, np.zeros_like(K),
+                                   np.zeros_like(b))
 
     def level_steps(self, plan: LevelPlan) -> RKLevelSteps:
         return RKLevelSteps(self, plan)
@@ -905,11 +949,15 @@ class RKLevelSteps(LevelSteps):
     ----------
     trajectory : ndarray or None
         The substep states of the latest such run, ``(L m + 1, S, d)``.
+    stages : list or None
+        The stage inputs and pre-activations ``(X_i, a_i)`` of each substep of that run,
+        when the propagator's ``keep_stages`` is set (else None).
     """
 
     def __init__(self, prop: RKPropagator, plan: LevelPlan):
         super().__init__(prop, plan)
         self.trajectory: np.ndarray | None = None
+        self.stages: list | None = None
 
     def runs(self, u: np.ndarray, g: np.ndarray | None, starts, ends) -> None:
         plan, prop = self.plan, self.prop
@@ -925,14 +973,15 @@ class RKLevelSteps(LevelSteps):
             first = int(layers[0])
             if not np.array_equal(layers, np.arange(first, first + len(layers))):
                 super().runs(u, g, [s], [e])
-                self.trajectory = None
+                self.trajectory = self.stages = None
                 continue
             stop = first + len(layers)
+            stages = [] if prop.keep_stages else None
             traj = _fine_trajectory(u[s - 1], prop.params.K[first:stop],
                                     prop.params.b[first:stop], prop.h, m, prop.scheme,
-                                    prop.activation, prop.count, first)
+                                    prop.activation, prop.count, first, stages)
             u[s:e + 1] = traj[m::m]
-            self.trajectory = traj
+            self.trajectory, self.stages = traj, stages
 
 
 # ----------------------------------------------------------------------------------------
@@ -1137,8 +1186,15 @@ class NODESolution:
         The same of the final sweep (serial: of the whole solve).
     adjoint_solves : SolveCount
         The same of the adjoint sweep that :func:`node_loss_and_grad` runs on the
-        trajectories (its steps, the Newton updates that recompute implicit stages and
-        the transposed stage systems); empty after a solve alone.
+        trajectories (its steps, the transposed stage systems, and the Newton updates
+        that recompute implicit stages where they were not kept); empty after a solve
+        alone.
+    stages : list or None
+        Per chunk, the stage inputs and pre-activations ``(X_i, a_i)`` of every substep
+        of its trajectory, kept by :func:`node_loss_and_grad` for an implicit scheme
+        while they fit in ``ptoc._config.STORED_DERIVATIVE_BYTES``, so that its adjoint
+        does not run Newton's method again (the same gradient, bit for bit); None
+        otherwise.
     iterates : list of ndarray or None
         ``U^0, U^1, ..., U^K`` when requested (``keep_iterates=True``).
     """
@@ -1163,6 +1219,7 @@ class NODESolution:
     coarse_solves: list[SolveCount] = field(default_factory=list)
     final_solves: SolveCount = field(default_factory=SolveCount)
     adjoint_solves: SolveCount = field(default_factory=SolveCount)
+    stages: list | None = field(default=None, repr=False, compare=False)
 
     #: The counts of :meth:`to_dict` (all but the arrays).
     _RECORD: ClassVar[tuple[str, ...]] = (
@@ -1295,14 +1352,16 @@ def _check_x0(network: ResNet, x0: Any) -> np.ndarray:
     return x0
 
 
-def _serial(network: ResNet, params: Params, x0: np.ndarray, opts: _Options) -> NODESolution:
+def _serial(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
+            keep_stages: bool = False) -> NODESolution:
     m, s = opts.substeps, opts.scheme
     count = SolveCount()
+    stages = [] if keep_stages else None
     traj = _fine_trajectory(x0, params.K, params.b, network.h, m, s, network.activation,
-                            count)
+                            count, stages=stages)
     return NODESolution(s, m, opts.bounds, [traj], traj[[0, -1]].copy(),
                         final_fine_steps=count.steps, final_fine_steps_critical=count.steps,
-                        final_solves=count)
+                        final_solves=count, stages=None if stages is None else [stages])
 
 
 #: Seconds a simulated rank of :func:`node_solve` may wait for a message (no real limit).
@@ -1310,13 +1369,14 @@ _RANK_WAIT = 1e9
 
 
 def _parareal(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
-              keep_iterates: bool) -> NODESolution:
+              keep_iterates: bool, keep_stages: bool = False) -> NODESolution:
     """The parareal neural ODE: :func:`_parareal_sweep` on one simulated rank per chunk
     (threads of this process), its records assembled into a :class:`NODESolution`."""
     par = opts.parareal
     assert par is not None
     bounds, m = opts.bounds, opts.substeps
     prop = RKPropagator(network, params, scheme=par.final_scheme, substeps=m, check=False)
+    prop.keep_stages = keep_stages
 
     def program(comm: Communicator) -> _NODESweep:
         problem = SweepProblem(comm, prop, bounds, backward=False)
@@ -1332,6 +1392,7 @@ def _parareal(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
     fine = [s.fine for s in sweeps]
     coarse = [s.coarse for s in sweeps]
     trajectories = [s.solve.last_sweep.steps.trajectory for s in sweeps]
+    stages = [s.solve.last_sweep.steps.stages for s in sweeps] if keep_stages else None
     for j, traj in enumerate(trajectories):
         if not np.all(np.isfinite(traj[-1])):
             raise _diverged(K, f"non-finite states in the final fine sweep of chunk {j}")
@@ -1348,14 +1409,21 @@ def _parareal(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
         final_fine_steps=fine_total[K].steps,
         final_fine_steps_critical=fine_critical[K], iterates=rule.iterates,
         fine_solves=fine_total[:K], final_solves=fine_total[K],
-        coarse_solves=[sum((c[k] for c in coarse), SolveCount()) for k in range(K + 1)])
+        coarse_solves=[sum((c[k] for c in coarse), SolveCount()) for k in range(K + 1)],
+        stages=stages)
 
 
 def _solve(network: ResNet, params: Params, x0: np.ndarray, opts: _Options,
-           keep_iterates: bool = False) -> NODESolution:
+           keep_iterates: bool = False, keep_stages: bool = False) -> NODESolution:
+    """The serial or parareal solve; ``keep_stages``: keep the final trajectories' stages
+    for a gradient where :func:`_keeps_stages` allows (the scheme of those trajectories,
+    all their substeps)."""
+    final = opts.scheme if opts.parareal is None else opts.parareal.final_scheme
+    keep_stages = keep_stages and _keeps_stages(final, network.depth * opts.substeps,
+                                                x0.shape, x0.itemsize)
     if opts.parareal is None:
-        return _serial(network, params, x0, opts)
-    return _parareal(network, params, x0, opts, keep_iterates)
+        return _serial(network, params, x0, opts, keep_stages)
+    return _parareal(network, params, x0, opts, keep_iterates, keep_stages)
 
 
 def node_solve(network: ResNet, params: Params | Mapping[str, np.ndarray], x0: np.ndarray, *,
@@ -1499,7 +1567,7 @@ def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray
     p = network.check_params(params)
     X, y = check_inputs(network, X, labels)
     x0, dsig_in = opening_forward(network, p, X)
-    sol = _solve(network, p, x0, opts)
+    sol = _solve(network, p, x0, opts, keep_stages=True)
     loss, lam, dW, dmu = classifier_loss(p, sol.final_state, y)
     gK = np.zeros_like(p.K)
     gb = np.zeros_like(p.b)
@@ -1508,7 +1576,8 @@ def node_loss_and_grad(network: ResNet, params: Params | Mapping[str, np.ndarray
         lo, hi = bounds[j], bounds[j + 1]
         lam = _adjoint_trajectory(sol.trajectories[j], lam, p.K[lo:hi], p.b[lo:hi], network.h,
                                   sol.substeps, sol.scheme, act, gK[lo:hi], gb[lo:hi],
-                                  sol.adjoint_solves)
+                                  sol.adjoint_solves,
+                                  None if sol.stages is None else sol.stages[j])
     grads, reg = assemble_gradient(network, p, X, gK, gb, lam, dsig_in, dW, dmu)
     total = loss + reg
     return total, (grads.to_dict(copy=False) if as_dict else grads), sol

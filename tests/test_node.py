@@ -389,12 +389,16 @@ def test_gradient_class_keeps_records_and_the_key_types():
     assert grad.records == []
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("scheme, group_sizes", [("heun", ()), ("backward-euler", (1,)),
                                                   ("sdirk2", (1, 1)), ("gauss-2", (2,))])
-def test_records_count_the_linear_systems_of_the_forward_solve_and_the_adjoint(scheme,
-                                                                             group_sizes):
-    # the adjoint of an implicit step recomputes its stages (the same Newton updates as the
-    # final forward sweep) and solves one transposed system per sample and implicit group
+def test_records_count_the_linear_systems_of_the_forward_solve_and_the_adjoint(
+        scheme, group_sizes, keep, monkeypatch):
+    # the adjoint of an implicit step solves one transposed system per sample and
+    # implicit group; it recomputes the stages (the same Newton updates as the final
+    # forward sweep) only where the forward sweep could not keep them
+    if not keep:
+        monkeypatch.setattr(ptoc._config, "STORED_DERIVATIVE_BYTES", 0)
     net = _network(3, 4)
     p = _params(net, 0)
     S = 5
@@ -407,9 +411,12 @@ def test_records_count_the_linear_systems_of_the_forward_solve_and_the_adjoint(s
     forward, adjoint = record.forward_solves, record.adjoint_solves
     assert forward == info.forward_solves == info.final_solves  # serial: one sweep
     assert forward.steps == adjoint.steps == steps
-    assert adjoint.newton_iterations == forward.newton_iterations
-    assert adjoint.linear_systems == forward.linear_systems + steps * S * len(group_sizes)
-    assert adjoint.linear_cost == forward.linear_cost + steps * S * sum(
+    recomputed = 0 if (keep and group_sizes) else 1
+    assert (info.stages is not None) == (keep and bool(group_sizes))
+    assert adjoint.newton_iterations == recomputed * forward.newton_iterations
+    assert adjoint.linear_systems == (recomputed * forward.linear_systems
+                                      + steps * S * len(group_sizes))
+    assert adjoint.linear_cost == recomputed * forward.linear_cost + steps * S * sum(
         (g * d) ** 3 for g in group_sizes)
     if not group_sizes:
         assert forward.linear_systems == adjoint.linear_systems == 0
@@ -417,6 +424,31 @@ def test_records_count_the_linear_systems_of_the_forward_solve_and_the_adjoint(s
         assert forward.newton_iterations >= steps * len(group_sizes)
         assert forward.linear_systems == S * forward.newton_iterations
     assert record.to_dict()["adjoint_solves"]["linear_systems"] == adjoint.linear_systems
+
+
+@pytest.mark.parametrize("scheme", ["backward-euler", "sdirk2", "gauss-2", "trapezoidal"])
+@pytest.mark.parametrize("chunks", [None, 2])
+def test_kept_stages_give_the_gradient_of_recomputed_ones_bitwise(scheme, chunks, monkeypatch):
+    """Keeping an implicit scheme's stages from the forward sweep (serial, or the final
+    parareal sweep of each chunk) changes no bit of the loss or the gradient; a bound too
+    small for all of them keeps none."""
+    net = _network(3, 4)
+    p = _params(net, 1)
+    X, y = _batch(net, 6, 1)
+    parareal = None if chunks is None else NODEParareal(chunks, schedule=("euler", scheme))
+    kw = dict(scheme=None if chunks else scheme, substeps=2, parareal=parareal)
+    loss, grads, info = node_loss_and_grad(net, p, X, y, **kw)
+    assert info.stages is not None and len(info.stages) == (chunks or 1)
+    assert sum(len(c) for c in info.stages) == 4 * 2
+    needed = 4 * 2 * 2 * Scheme.parse(scheme).stages * 6 * 3 * 8
+    for bound, kept in ((needed, True), (needed - 1, False), (0, False)):
+        monkeypatch.setattr(ptoc._config, "STORED_DERIVATIVE_BYTES", bound)
+        loss2, grads2, info2 = node_loss_and_grad(net, p, X, y, **kw)
+        assert (info2.stages is not None) == kept
+        assert loss2 == loss and _max_diff(grads2, grads) == 0.0
+        assert (info2.adjoint_solves.newton_iterations == 0) == kept
+        assert info2.adjoint_solves.linear_systems == info.adjoint_solves.linear_systems + (
+            0 if kept else info2.adjoint_solves.newton_iterations * 6)
 
 
 def test_a_parareal_record_counts_every_coarse_and_fine_solve():
