@@ -914,3 +914,72 @@ def test_floor_value_and_power_of_two_pass_nan_through():
     assert all(math.isnan(v) for v in (maths.floor_value(math.nan), maths.power_of_two(math.nan),
                                         both(math.nan, 0.0)[0]))
     assert maths.floor_value(math.inf) == math.inf and both(-math.inf, 0.0)[0] == -math.inf
+
+
+@contextlib.contextmanager
+def _one_thread():
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("store", [True, False])
+@pytest.mark.parametrize("act", ACTS)
+@given(S8=st.integers(1, 24), N=st.integers(1, 8), seed=st.integers(0, 2**31),
+       dtype=st.sampled_from([np.float64, np.float32]), h=st.floats(0.01, 1.0))
+def test_cpu_width_8_forward_on_sample_rows_gives_the_bits_of_the_tiles(
+        store, act, S8, N, seed, dtype, h):
+    """At width 8 with a batch of whole vectors a one-thread forward sweep (and step)
+    runs on the sample-major rows (no tiles, no transposes): the same states and sigma'
+    bit for bit as the tile kernels, which the level kernels and the other widths run."""
+    from ptoc.kernels import cpu as cpu_module
+
+    S = 8 * S8
+    rng = np.random.default_rng(seed)
+    K = (rng.standard_normal((N, 8, 8)) * 1.5 / np.sqrt(8)).astype(dtype)
+    b = rng.standard_normal((N, 8)).astype(dtype)
+    x0 = (rng.standard_normal((S, 8)) * 2).astype(dtype)
+    cpu = kernels.backend("cpu")
+    calls = []
+    rows8 = cpu_module._forward_rows8_one_thread
+    results = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_module, "_forward_rows8_one_thread",
+                   lambda *a: (calls.append(1), rows8(*a)))
+        for enabled in (True, False):
+            mp.setattr(cpu_module, "_rows8_enabled", enabled)
+            with _one_thread():
+                states = np.empty((N + 1, S, 8), dtype)
+                states[0] = x0
+                dsig = np.empty((N, S, 8), dtype) if store else None
+                cpu.forward_sweep(states, K, b, h, act.code, dsig, 32)
+                out = np.empty((S, 8), dtype)
+                cpu.step(x0, K[0], b[0], h, act.code, out, None, 32)
+            results.append((states, dsig, out))
+    assert len(calls) == 2  # the sweep and the step of the first pass took the rows path
+    (s1, d1, o1), (s2, d2, o2) = results
+    assert np.array_equal(s1, s2) and np.array_equal(o1, o2) and np.array_equal(o1, s1[1])
+    if store:
+        assert np.array_equal(d1, d2)
+
+
+def test_cpu_width_8_rows_path_is_taken_only_where_it_applies():
+    from ptoc.kernels import cpu as cpu_module
+
+    x = np.zeros((16, 8))
+    K, b = np.zeros((3, 8, 8)), np.zeros((3, 8))
+    outs, dsig = np.zeros((3, 16, 8)), np.zeros((3, 16, 8))
+    ok = cpu_module._rows8_path
+    assert ok(x, K, b, outs, dsig, True) and ok(x, K, b, outs, None, False)
+    assert not ok(np.zeros((12, 8)), K, b, np.zeros((3, 12, 8)), None, False)  # 12 % 8
+    assert not ok(np.zeros((16, 6)), np.zeros((3, 6, 6)), np.zeros((3, 6)),
+                  np.zeros((3, 16, 6)), None, False)
+    assert not ok(np.zeros((16, 16))[:, ::2], K, b, outs, None, False)  # strided states
+    assert not ok(x, np.zeros((3, 8, 16))[:, :, ::2], b, outs, None, False)  # strided K
+    assert not ok(x, K, np.zeros((3, 16))[:, ::2], outs, None, False)  # strided b
+    assert not ok(x, K, b, outs, np.zeros((3, 16, 16))[:, :, ::2], True)  # strided sigma'

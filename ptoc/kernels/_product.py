@@ -13,6 +13,11 @@ over samples:
   restricted to the chunk, ``src`` the chunk's sample rows of ``x``, and the "samples"
   of a block are the columns ``j``).
 
+At width 8 the forward sweep may skip the tiles (:func:`ptoc.kernels.cpu._preact_rows8`):
+its pre-activation is then mode :data:`BIAS_COLS`, with ``M`` the sample-major states
+(a block's rows are samples), ``src`` the transpose of ``K`` and the 8 features one
+vector, the same chain ``b[i] + x[s, 0] K[i, 0] + x[s, 1] K[i, 1] + ...`` per entry.
+
 Each intrinsic here computes one block of such outputs, ``R`` rows by ``V`` vectors of
 ``L`` samples (``R x V`` accumulators), as LLVM IR written out by hand: the
 accumulators start from the bias (or from zero), then one loop over the ``k`` terms
@@ -61,11 +66,15 @@ BIAS = 0
 ADD_SCALED = 1
 #: Start from zero and store the block (the weight-gradient partial).
 ZERO = 2
+#: Start from the vector ``b[t .. t+L-1]``, the same for every row, and store the block
+#: (the pre-activation of sample-major rows: ``M`` the states, ``src`` ``K^T``).
+BIAS_COLS = 3
 
 
 def _block_intrinsic(R: int, V: int, L: int, mode: int):
     """The intrinsic ``f(M, src, dst, r, t, b, h)`` for rows ``r .. r+R-1`` and samples
-    ``t .. t + V*L - 1`` (``mode``: :data:`BIAS`, :data:`ADD_SCALED` or :data:`ZERO`).
+    ``t .. t + V*L - 1`` (``mode``: :data:`BIAS`, :data:`ADD_SCALED`, :data:`ZERO` or
+    :data:`BIAS_COLS`).
 
     ``M`` may have any strides (its entries are loaded one by one); with ``L > 1`` the
     rows of ``src`` and ``dst`` must have adjacent entries (``strides[1] == itemsize``),
@@ -128,7 +137,16 @@ def _block_intrinsic(R: int, V: int, L: int, mode: int):
 
             # starting values
             accs = [[cgutils.alloca_once(builder, vec) for _ in range(V)] for _ in range(R)]
-            if mode == BIAS:
+            if mode == BIAS_COLS:  # b[t + v L ...] as vectors (unit stride: the caller checks)
+                arr_b = context.make_array(signature.args[5])(context, builder, b_)
+                for v in range(V):
+                    where = builder.add(builder.ptrtoint(arr_b.data, intp),
+                                        builder.mul(cols(v), const(itemsize)))
+                    bias = builder.load(builder.inttoptr(where, vec.as_pointer()),
+                                        align=itemsize)
+                    for i in range(R):
+                        builder.store(bias, accs[i][v])
+            elif mode == BIAS:
                 arr_b = context.make_array(signature.args[5])(context, builder, b_)
                 s0 = builder.extract_value(arr_b.strides, 0)
                 for i in range(R):
@@ -171,7 +189,7 @@ def _block_intrinsic(R: int, V: int, L: int, mode: int):
 
         return sig, codegen
 
-    typer.__name__ = f"_block_{('bias', 'add', 'zero')[mode]}_{R}x{V * L}"
+    typer.__name__ = f"_block_{('bias', 'add', 'zero', 'bias_cols')[mode]}_{R}x{V * L}"
     return intrinsic(typer)
 
 
@@ -197,4 +215,8 @@ zero_1x16 = _block_intrinsic(1, 2, 8, ZERO)
 zero_1x8 = _block_intrinsic(1, 1, 8, ZERO)
 zero_1x4 = _block_intrinsic(1, 1, 4, ZERO)
 zero_1x1 = _block_intrinsic(1, 1, 1, ZERO)
+#: Eight (or one) sample-major rows of width 8 by the 8 features: ``M`` the rows, ``src``
+#: ``K^T`` (8 x 8, unit-stride rows), ``b`` a unit-stride row.
+bias_cols_8x8 = _block_intrinsic(8, 1, 8, BIAS_COLS)
+bias_cols_1x8 = _block_intrinsic(1, 1, 8, BIAS_COLS)
 

@@ -30,13 +30,17 @@ def _warm_up_forward() -> None:
 
     net, params, X, _ = _tiny_problem()
     ptoc.predict(net, params, X, target="cpu")
-    # the adjoint sweep's second kernel, a top-level one (called from Python): compiled
-    # here, after the forward sweep, it is in the cache before the adjoint part, which
-    # takes longer, needs it
+    # width 8 with a batch of whole vectors runs the sweep on sample-major rows (the
+    # default ``ptoc train`` network is 8 wide)
     import numpy as np
 
     from ptoc.kernels import cpu
 
+    cpu.forward_sweep(np.zeros((2, 8, 8)), np.zeros((1, 8, 8)), np.zeros((1, 8)), 0.1, 0,
+                      np.zeros((1, 8, 8)), 32)
+    # the adjoint sweep's second kernel, a top-level one (called from Python): compiled
+    # here, after the forward sweep, it is in the cache before the adjoint part, which
+    # takes longer, needs it
     part_K, part_b = np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4))
     cpu._add_partials_one_thread(part_K, part_b, np.zeros((1, 4, 4)), np.zeros((1, 4)), 0, 1)
 
