@@ -930,35 +930,37 @@ def _one_thread():
 
 @pytest.mark.parametrize("store", [True, False])
 @pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("d", [8, 16])
 @given(S8=st.integers(1, 24), N=st.integers(1, 8), seed=st.integers(0, 2**31),
        dtype=st.sampled_from([np.float64, np.float32]), h=st.floats(0.01, 1.0))
-def test_cpu_width_8_forward_on_sample_rows_gives_the_bits_of_the_tiles(
-        store, act, S8, N, seed, dtype, h):
-    """At width 8 with a batch of whole vectors a one-thread forward sweep (and step)
-    runs on the sample-major rows (no tiles, no transposes): the same states and sigma'
-    bit for bit as the tile kernels, which the level kernels and the other widths run."""
+def test_cpu_width_8_and_16_forward_on_sample_rows_gives_the_bits_of_the_tiles(
+        d, store, act, S8, N, seed, dtype, h):
+    """At width 8 or 16 with a batch of whole vectors a one-thread forward sweep (and
+    step) runs on the sample-major rows (no tiles, no transposes): the same states and
+    sigma' bit for bit as the tile kernels, which the level kernels and the other widths
+    run."""
     from ptoc.kernels import cpu as cpu_module
 
     S = 8 * S8
     rng = np.random.default_rng(seed)
-    K = (rng.standard_normal((N, 8, 8)) * 1.5 / np.sqrt(8)).astype(dtype)
-    b = rng.standard_normal((N, 8)).astype(dtype)
-    x0 = (rng.standard_normal((S, 8)) * 2).astype(dtype)
+    K = (rng.standard_normal((N, d, d)) * 1.5 / np.sqrt(d)).astype(dtype)
+    b = rng.standard_normal((N, d)).astype(dtype)
+    x0 = (rng.standard_normal((S, d)) * 2).astype(dtype)
     cpu = kernels.backend("cpu")
     calls = []
-    rows8 = cpu_module._forward_rows8_one_thread
+    rows8 = cpu_module._forward_rows_one_thread
     results = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu_module, "_forward_rows8_one_thread",
+        mp.setattr(cpu_module, "_forward_rows_one_thread",
                    lambda *a: (calls.append(1), rows8(*a)))
         for enabled in (True, False):
-            mp.setattr(cpu_module, "_rows8_enabled", enabled)
+            mp.setattr(cpu_module, "_rows_enabled", enabled)
             with _one_thread():
-                states = np.empty((N + 1, S, 8), dtype)
+                states = np.empty((N + 1, S, d), dtype)
                 states[0] = x0
-                dsig = np.empty((N, S, 8), dtype) if store else None
+                dsig = np.empty((N, S, d), dtype) if store else None
                 cpu.forward_sweep(states, K, b, h, act.code, dsig, 32)
-                out = np.empty((S, 8), dtype)
+                out = np.empty((S, d), dtype)
                 cpu.step(x0, K[0], b[0], h, act.code, out, None, 32)
             results.append((states, dsig, out))
     assert len(calls) == 2  # the sweep and the step of the first pass took the rows path
@@ -968,18 +970,70 @@ def test_cpu_width_8_forward_on_sample_rows_gives_the_bits_of_the_tiles(
         assert np.array_equal(d1, d2)
 
 
-def test_cpu_width_8_rows_path_is_taken_only_where_it_applies():
+def test_cpu_rows_path_is_taken_only_where_it_applies():
     from ptoc.kernels import cpu as cpu_module
 
     x = np.zeros((16, 8))
     K, b = np.zeros((3, 8, 8)), np.zeros((3, 8))
     outs, dsig = np.zeros((3, 16, 8)), np.zeros((3, 16, 8))
-    ok = cpu_module._rows8_path
+    ok = cpu_module._rows_path
     assert ok(x, K, b, outs, dsig, True) and ok(x, K, b, outs, None, False)
     assert not ok(np.zeros((12, 8)), K, b, np.zeros((3, 12, 8)), None, False)  # 12 % 8
-    assert not ok(np.zeros((16, 6)), np.zeros((3, 6, 6)), np.zeros((3, 6)),
-                  np.zeros((3, 16, 6)), None, False)
+    for d in (6, 24, 32):
+        assert not ok(np.zeros((16, d)), np.zeros((3, d, d)), np.zeros((3, d)),
+                      np.zeros((3, 16, d)), None, False)
+    assert ok(np.zeros((16, 16)), np.zeros((3, 16, 16)), np.zeros((3, 16)),
+              np.zeros((3, 16, 16)), None, False)
     assert not ok(np.zeros((16, 16))[:, ::2], K, b, outs, None, False)  # strided states
     assert not ok(x, np.zeros((3, 8, 16))[:, :, ::2], b, outs, None, False)  # strided K
     assert not ok(x, K, np.zeros((3, 16))[:, ::2], outs, None, False)  # strided b
     assert not ok(x, K, b, outs, np.zeros((3, 16, 16))[:, :, ::2], True)  # strided sigma'
+
+
+@pytest.mark.parametrize("d", [8, 16])
+@pytest.mark.parametrize("act", ACTS)
+@given(S8=st.integers(1, 8), n=st.integers(3, 14), seed=st.integers(0, 2**31),
+       dtype=st.sampled_from([np.float64, np.float32]), with_g=st.booleans())
+def test_cpu_state_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
+        d, act, S8, n, seed, dtype, with_g):
+    """On one thread at width 8 or 16 with a batch of whole vectors the state runs and
+    points of MGRIT and parareal run on the grid's rows: every mode gives the bits of the
+    tile kernels (runs with and without a right-hand side, points that apply the step or
+    form either half of the FAS right-hand side)."""
+    from ptoc.kernels import cpu as cpu_module
+
+    S = 8 * S8
+    rng = np.random.default_rng(seed)
+    K = (rng.standard_normal((n, d, d)) * 1.5 / np.sqrt(d)).astype(dtype)
+    b = rng.standard_normal((n, d)).astype(dtype)
+    dt = rng.uniform(0.05, 0.6, n).astype(dtype)
+    u0 = (rng.standard_normal((n, S, d)) * 2).astype(dtype)
+    g = rng.standard_normal((n, S, d)).astype(dtype) if with_g else None
+    cut = int(rng.integers(1, n - 1))
+    starts, ends = np.array([1, cut + 1]), np.array([cut - 1, n - 1])
+    positions = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(1, n - 1)),
+                                   replace=False))
+    rows = rng.permutation(len(positions))
+    base = rng.standard_normal((len(positions), S, d)).astype(dtype)
+    cpu = kernels.backend("cpu")
+    results = []
+    with pytest.MonkeyPatch.context() as mp:
+        for enabled in (True, False):
+            mp.setattr(cpu_module, "_rows_enabled", enabled)
+            with _one_thread():
+                u = u0.copy()
+                cpu.state_runs(u, g, K, b, dt, act.code, starts, ends, 32)
+                outs = []
+                for mode in (maths.POINT_APPLY, maths.POINT_RESIDUAL, maths.POINT_RESIDUAL_G,
+                             maths.POINT_TAU):
+                    out = base.copy()
+                    gm = (g if g is not None else u0) if mode == maths.POINT_RESIDUAL_G else None
+                    cpu.state_points_into(u, K, b, dt, act.code, positions, out,
+                                          None if mode == maths.POINT_APPLY else rows, gm,
+                                          mode, 32)
+                    outs.append(out)
+            results.append((u, outs))
+    (u1, o1), (u2, o2) = results
+    assert np.array_equal(u1, u2)
+    for a, c in zip(o1, o2, strict=True):
+        assert np.array_equal(a, c)

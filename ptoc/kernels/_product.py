@@ -13,10 +13,11 @@ over samples:
   restricted to the chunk, ``src`` the chunk's sample rows of ``x``, and the "samples"
   of a block are the columns ``j``).
 
-At width 8 the forward sweep may skip the tiles (:func:`ptoc.kernels.cpu._preact_rows8`):
+At width 8 and 16 the forward sweep may skip the tiles (:func:`ptoc.kernels.cpu._preact_rows`):
 its pre-activation is then mode :data:`BIAS_COLS`, with ``M`` the sample-major states
-(a block's rows are samples), ``src`` the transpose of ``K`` and the 8 features one
-vector, the same chain ``b[i] + x[s, 0] K[i, 0] + x[s, 1] K[i, 1] + ...`` per entry.
+(a block's rows are samples), ``src`` the transpose of ``K`` and the features one or
+two vectors, the same chain ``b[i] + x[s, 0] K[i, 0] + x[s, 1] K[i, 1] + ...`` per
+entry.
 
 Each intrinsic here computes one block of such outputs, ``R`` rows by ``V`` vectors of
 ``L`` samples (``R x V`` accumulators), as LLVM IR written out by hand: the
@@ -215,8 +216,10 @@ zero_1x16 = _block_intrinsic(1, 2, 8, ZERO)
 zero_1x8 = _block_intrinsic(1, 1, 8, ZERO)
 zero_1x4 = _block_intrinsic(1, 1, 4, ZERO)
 zero_1x1 = _block_intrinsic(1, 1, 1, ZERO)
-#: Eight (or one) sample-major rows of width 8 by the 8 features: ``M`` the rows, ``src``
-#: ``K^T`` (8 x 8, unit-stride rows), ``b`` a unit-stride row.
+#: Eight (or one) sample-major rows of width 8 (16) by all their features: ``M`` the
+#: rows, ``src`` ``K^T`` (unit-stride rows), ``b`` a unit-stride row.
 bias_cols_8x8 = _block_intrinsic(8, 1, 8, BIAS_COLS)
 bias_cols_1x8 = _block_intrinsic(1, 1, 8, BIAS_COLS)
+bias_cols_8x16 = _block_intrinsic(8, 2, 8, BIAS_COLS)
+bias_cols_1x16 = _block_intrinsic(1, 2, 8, BIAS_COLS)
 

@@ -17,7 +17,7 @@ transposes out and one in take about 0.1 us of its 0.7 us.
 
 Width 8 is the exception for a one-thread forward sweep with a batch of whole vectors:
 a sample's state is then one vector of 8 entries, and the sweep runs on the
-sample-major rows themselves (:func:`_forward_rows8`): the pre-activation of 8 samples
+sample-major rows themselves (:func:`_forward_rows`): the pre-activation of 8 samples
 in registers from ``K^T``, the activation in one loop over the batch's entries, and
 the states and ``sigma'`` written where they are kept, with no tile and no transpose.
 Every entry is the same arithmetic in the same order as in the tiles, so the same bits
@@ -463,20 +463,30 @@ def _adjoint_lam_t(Kt, h, g, lam, m):
             _product.add_1x1(Kt, g, lam, r, t, unused, h)
 
 
-# --- width 8: the forward sweep on sample-major rows --------------------------------------
+# --- widths 8 and 16: the forward sweep on sample-major rows -------------------------------
 
 @_tile_jit()
-def _preact_rows8(K, b, xin, KT, a, m):
+def _preact_rows(K, b, xin, KT, a, m):
     """``a[s, i] = b[i] + sum_j K[i, j] xin[s, j]`` for the ``m`` samples of sample-major
-    rows of width 8, with ``K^T`` formed in ``KT`` (8 x 8 scratch): blocks of 8 samples by
-    the 8 features in registers (:data:`ptoc.kernels._product.BIAS_COLS`), each entry
-    the chain of :func:`_preact_t`, in the same order."""
-    transpose8(K, 0, 0, KT, 0, 0)
+    rows of width ``d`` = 8 or 16, with ``K^T`` formed in ``KT`` (d x d scratch): blocks
+    of 8 samples by all ``d`` features in registers
+    (:data:`ptoc.kernels._product.BIAS_COLS`), each entry the chain of
+    :func:`_preact_t`, in the same order."""
+    d = K.shape[0]
+    for i0 in range(0, d, 8):
+        for j0 in range(0, d, 8):
+            transpose8(K, i0, j0, KT, j0, i0)
     m8 = m - m % 8
-    for s in range(0, m8, 8):
-        _product.bias_cols_8x8(xin, KT, a, s, 0, b, 0.0)
-    for s in range(m8, m):
-        _product.bias_cols_1x8(xin, KT, a, s, 0, b, 0.0)
+    if d == 8:
+        for s in range(0, m8, 8):
+            _product.bias_cols_8x8(xin, KT, a, s, 0, b, 0.0)
+        for s in range(m8, m):
+            _product.bias_cols_1x8(xin, KT, a, s, 0, b, 0.0)
+    else:
+        for s in range(0, m8, 8):
+            _product.bias_cols_8x16(xin, KT, a, s, 0, b, 0.0)
+        for s in range(m8, m):
+            _product.bias_cols_1x16(xin, KT, a, s, 0, b, 0.0)
 
 
 @_jit(inline="always")
@@ -512,8 +522,8 @@ def _activate_rows_t(a, xin, xout, h, act, slope):
 
 
 @_tile_jit()
-def _forward_rows8(x0, K, b, h, act, outs, dsig, store, KT, a, x0f, outsf, dsigf, af):
-    """The layers of :func:`_forward` at width 8 on the sample-major rows themselves:
+def _forward_rows(x0, K, b, h, act, outs, dsig, store, KT, a, x0f, outsf, dsigf, af):
+    """The layers of :func:`_forward` at width 8 or 16 on the sample-major rows themselves:
     ``outs[n]`` (and ``dsig[n]``, which receives the pre-activation first) are written
     where they are kept, with no tiles and no transposes (``x0f``, ``outsf``, ``dsigf``,
     ``af``: the same arrays flat)."""
@@ -522,25 +532,25 @@ def _forward_rows8(x0, K, b, h, act, outs, dsig, store, KT, a, x0f, outsf, dsigf
         xin = x0 if n == 0 else outs[n - 1]
         xinf = x0f if n == 0 else outsf[n - 1]
         if store:
-            _preact_rows8(K[n], b[n], xin, KT, dsig[n], S)
+            _preact_rows(K[n], b[n], xin, KT, dsig[n], S)
             _activate_rows_t(dsigf[n], xinf, outsf[n], h, act, True)
         else:
-            _preact_rows8(K[n], b[n], xin, KT, a, S)
+            _preact_rows(K[n], b[n], xin, KT, a, S)
             _activate_rows_t(af, xinf, outsf[n], h, act, False)
 
 
 @_jit()
-def _forward_rows8_one_thread(x0, K, b, h, act, outs, dsig, store):
-    """:func:`_forward_one_thread` for width 8 and ``S % 8 == 0``, C-ordered arrays and
-    unit-stride rows of ``K`` and ``b`` (:func:`_rows8_path`): the same bits, without
-    the transposes of the tiles (:func:`_forward_rows8`)."""
-    S = x0.shape[0]
-    KT = np.empty((8, 8), x0.dtype)
-    a = np.empty((S, 8), x0.dtype)
-    _forward_rows8(x0, K, b, h, act, outs, dsig, store, KT, a, x0.reshape(S * 8),
-                   outs.reshape((outs.shape[0], S * 8)),
-                   dsig.reshape((dsig.shape[0], dsig.shape[1] * dsig.shape[2])),
-                   a.reshape(S * 8))
+def _forward_rows_one_thread(x0, K, b, h, act, outs, dsig, store):
+    """:func:`_forward_one_thread` for width 8 or 16 and ``S % 8 == 0``, C-ordered arrays and
+    unit-stride rows of ``K`` and ``b`` (:func:`_rows_path`): the same bits, without
+    the transposes of the tiles (:func:`_forward_rows`)."""
+    S, d = x0.shape
+    KT = np.empty((d, d), x0.dtype)
+    a = np.empty((S, d), x0.dtype)
+    _forward_rows(x0, K, b, h, act, outs, dsig, store, KT, a, x0.reshape(S * d),
+                  outs.reshape((outs.shape[0], S * d)),
+                  dsig.reshape((dsig.shape[0], dsig.shape[1] * dsig.shape[2])),
+                  a.reshape(S * d))
 
 
 # --- sweeps (the compiled kernels) -----------------------------------------------------------
@@ -855,14 +865,20 @@ def _point_end_t(x, phi, phi_flat, uf, gf, out, outf, r, rows, k, mode, lo, m):
     d = x.shape[0]
     n = m * d
     _store_t(x, phi, 0, m)
-    p = phi_flat[:n]
-    dst = outf[rows[r]][lo * d:lo * d + n]
-    uk = uf[k][lo * d:lo * d + n]
+    _point_sum(phi_flat[:n], outf[rows[r]][lo * d:lo * d + n], uf[k][lo * d:lo * d + n],
+               gf[k][lo * d:lo * d + n] if mode == POINT_RESIDUAL_G else phi_flat[:n], mode)
+
+
+@_strict_tile_jit()
+def _point_sum(p, dst, uk, gk, mode):
+    """The FAS sums of a point step's value ``p`` into ``dst`` (flat, one work item's
+    entries), for the modes of :func:`_point_end_t` other than ``POINT_APPLY``; compiled
+    without fast-math flags, so that each entry is the sum as written, in its order."""
+    n = p.shape[0]
     if mode == POINT_TAU:
         for i in range(n):
             dst[i] = dst[i] + (uk[i] - p[i])
     elif mode == POINT_RESIDUAL_G:
-        gk = gf[k][lo * d:lo * d + n]
         for i in range(n):
             dst[i] = gk[i] + (p[i] - uk[i])
     else:
@@ -901,6 +917,63 @@ def _state_points(u, K, b, dt, act, positions, out, rows, g, mode, W, tiles):
         _state_points_slot(u, _flat(u), K, b, dt, act, positions, out, _flat(out), rows,
                            _flat(g), mode, W, tiles[p, 0], tiles[p, 1], a_rows,
                            a_rows.reshape(a_rows.size), q0, q1)
+
+
+# --- widths 8 and 16: the state level kernels on sample-major rows -------------------------
+
+@_tile_jit()
+def _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KT, a, af):
+    """:func:`_state_runs` on one thread at width 8 or 16 with a batch of whole vectors, on
+    the grid's sample-major rows (:func:`_forward_rows`): each step reads ``u[k-1]`` and
+    writes ``u[k]`` where it is kept, then adds ``g[k]`` in a pass of its own, as
+    :func:`_store_add_t` does; the same bits as the tiles."""
+    S = u.shape[1]
+    for r in range(len(starts)):
+        for k in range(starts[r], ends[r] + 1):
+            _preact_rows(K[k], b[k], u[k - 1], KT, a, S)
+            _activate_rows_t(af, uf[k - 1], uf[k], dt[k], act, False)
+            if has_g:
+                dst = uf[k]
+                gk = gf[k]
+                for i in range(dst.shape[0]):
+                    dst[i] = dst[i] + gk[i]
+
+
+@_jit()
+def _state_runs_rows_one_thread(u, g, has_g, K, b, dt, act, starts, ends):
+    n, S, d = u.shape
+    KT = np.empty((d, d), u.dtype)
+    a = np.empty((S, d), u.dtype)
+    _state_runs_rows(u, _flat(u), _flat(g), has_g, K, b, dt, act, starts, ends, KT, a,
+                     a.reshape(S * d))
+
+
+@_tile_jit()
+def _state_points_rows(u, uf, K, b, dt, act, positions, outf, rows, gf, mode, KT, a, af, phi):
+    """:func:`_state_points` on one thread on sample-major rows (as
+    :func:`_state_runs_rows`): the step's value goes straight into ``out[r]``
+    (``POINT_APPLY``) or into ``phi``, and from there into the sums of
+    :func:`_point_sum`, the same as the tiles' :func:`_point_end_t`."""
+    S = u.shape[1]
+    for r in range(len(positions)):
+        k = positions[r]
+        _preact_rows(K[k], b[k], u[k - 1], KT, a, S)
+        if mode == POINT_APPLY:
+            _activate_rows_t(af, uf[k - 1], outf[r], dt[k], act, False)
+        else:
+            _activate_rows_t(af, uf[k - 1], phi, dt[k], act, False)
+            _point_sum(phi, outf[rows[r]], uf[k],
+                       gf[k] if mode == POINT_RESIDUAL_G else phi, mode)
+
+
+@_jit()
+def _state_points_rows_one_thread(u, K, b, dt, act, positions, out, rows, g, mode):
+    n, S, d = u.shape
+    KT = np.empty((d, d), u.dtype)
+    a = np.empty((S, d), u.dtype)
+    phi = np.empty(S * d, u.dtype)
+    _state_points_rows(u, _flat(u), K, b, dt, act, positions, _flat(out), rows, _flat(g), mode,
+                       KT, a, a.reshape(S * d), phi)
 
 
 @_tile_jit()
@@ -1165,29 +1238,29 @@ def _sweep_forward(x0, K, b, h, act, outs, dsig, store, W):
     S, d = x0.shape
     if _threaded(-(-S // W), S * d * d * K.shape[0]):
         _forward(x0, K, b, h, act, outs, dsig, store, W)
-    elif _rows8_path(x0, K, b, outs, dsig, store):
-        _forward_rows8_one_thread(x0, K, b, h, act, outs, dsig, store)
+    elif _rows_path(x0, K, b, outs, dsig, store):
+        _forward_rows_one_thread(x0, K, b, h, act, outs, dsig, store)
     else:
         _forward_one_thread(x0, K, b, h, act, outs, dsig, store, W)
 
 
-def _rows8_path(x0, K, b, outs, dsig, store) -> bool:
+def _rows_path(x0, K, b, outs, dsig, store) -> bool:
     """Whether a one-thread forward sweep runs on the sample-major rows
-    (:func:`_forward_rows8_one_thread`): width 8, a batch of whole vectors (so that the
+    (:func:`_forward_rows_one_thread`): width 8 or 16, a batch of whole vectors (so that the
     tile version computes every entry in a full vector too, which the two share), the
     states (and ``sigma'``) C-ordered, and unit-stride rows of ``K`` and ``b``.
 
     At width 8 and batch 16 a layer of the tile version spends 39 of its 144 ns on
     transposes, and its activation loop over tile rows of 16 entries takes 78 ns where
     one loop over the 128 entries takes 63."""
-    return (x0.shape[1] == 8 and x0.shape[0] % 8 == 0 and _rows8_enabled
+    return (x0.shape[1] in (8, 16) and x0.shape[0] % 8 == 0 and _rows_enabled
             and x0.flags.c_contiguous and outs.flags.c_contiguous
             and (not store or dsig.flags.c_contiguous)
             and K.strides[2] == K.itemsize and b.strides[1] == b.itemsize)
 
 
-#: The tests switch :func:`_rows8_path` off to compare it with the tiles.
-_rows8_enabled = True
+#: The tests switch :func:`_rows_path` off to compare it with the tiles.
+_rows_enabled = True
 
 
 def step(x, K, b, h, act, out, dsig, chunk):
@@ -1300,9 +1373,24 @@ def _copy_back(result: np.ndarray, target: np.ndarray) -> None:
         target[...] = result
 
 
+def _level_rows(u, K, b, threads: int) -> bool:
+    """Whether a state level kernel runs on the grid's sample-major rows
+    (:func:`_state_runs_rows`, :func:`_state_points_rows`): one thread, and what
+    :func:`_rows_path` asks of a sweep (width 8 or 16, a batch of whole vectors,
+    unit-stride rows of the stacked weights; the grids are C-ordered, or copied so)."""
+    return (threads == 1 and _rows_enabled and u.shape[2] in (8, 16) and u.shape[1] % 8 == 0
+            and K.strides[2] == K.itemsize and b.strides[1] == b.itemsize)
+
+
 def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
     has_g = g is not None
     threads = _num_threads()
+    if _level_rows(u, K, b, threads):
+        uc = _c(u)
+        _state_runs_rows_one_thread(uc, _c(g) if has_g else uc, has_g, K, b,
+                                    np.asarray(dt, u.dtype), act, _idx(starts), _idx(ends))
+        _copy_back(uc, u)
+        return
     W = _state_width(u.shape[1], chunk, len(starts), threads)
     uc = _c(u)
     _state_runs(uc, _c(g) if has_g else uc, has_g, K, b, np.asarray(dt, u.dtype), act,
@@ -1320,8 +1408,14 @@ def state_points_into(u, K, b, dt, act, positions, out, rows, g, mode, chunk):
     u[k])`` or ``out[rows[r]] + (u[k] - phi)``."""
     positions = _idx(positions)
     threads = _num_threads()
-    W = _state_width(u.shape[1], chunk, len(positions), threads)
     uc, outc = _c(u), _c(out)
+    if _level_rows(u, K, b, threads):
+        _state_points_rows_one_thread(uc, K, b, np.asarray(dt, u.dtype), act, positions, outc,
+                                      positions if rows is None else _idx(rows),
+                                      uc if g is None else _c(g), mode)
+        _copy_back(outc, out)
+        return
+    W = _state_width(u.shape[1], chunk, len(positions), threads)
     _state_points(uc, K, b, np.asarray(dt, u.dtype), act, positions, outc,
                   positions if rows is None else _idx(rows), uc if g is None else _c(g), mode,
                   W, _tiles(u, _tasks(u, len(positions), W), W, 2, threads))
