@@ -16,7 +16,11 @@ the serial sweep splits the batch:
   ``_store_t``) and one transpose in (``_load_t``);
 * ``forward step``: the three together, as ``_forward`` runs them;
 * ``adjoint step``: ``g = sigma' * lam``, ``lam += h K^T g`` and the chunk's gradient
-  partial (``_adjoint_g_t``, ``_adjoint_lam_t``, ``_partial_t``) with one transpose in.
+  partial (``_adjoint_g_t``, ``_adjoint_lam_t``, ``_partial_t``) with one transpose in;
+* at widths 8 and 16 with a batch of whole vectors, where a one-thread forward sweep and
+  the state level kernels skip the tiles: ``rows product`` (``_preact_rows``, with the
+  transpose of ``K``) and ``rows activation, value`` (``_activate_rows_t`` over the
+  batch's entries, ``x_out = x_in + h tanh(a)``).
 
 Reported: nanoseconds per call for the whole batch (all work items), the median of
 ``--rounds`` rounds, and the product's GFLOP/s (``2 S d^2`` flops). These are the
@@ -97,6 +101,23 @@ def _loop_adjoint(K, b, h, x, lam, g, pK, pb, rows, lo, m, chunk, reps):
             cpu._partial_t(g, rows, lo, h, pK, pb, t0, min(m, t0 + chunk))
 
 
+@njit
+def _loop_rows_product(K, b, rows, KT, a, S, reps):
+    for _ in range(reps):
+        cpu._preact_rows(K, b, rows, KT, a, S)
+
+
+@njit
+def _loop_rows_activation_value(a, xin, xout, h, reps):
+    for _ in range(reps):
+        cpu._activate_rows_t(a, xin, xout, h, TANH, False)
+
+
+def rows_apply(d: int, S: int) -> bool:
+    """Whether the forward steps at this shape run on sample-major rows (one thread)."""
+    return d in (8, 16) and S % 8 == 0
+
+
 def _median_ns(fn, args, reps: int, rounds: int) -> float:
     fn(*args[:-1], 1)  # compile
     ts = []
@@ -139,6 +160,16 @@ def measure(d: int, S: int, reps: int, rounds: int) -> dict[str, float]:
         for name, (fn, args) in parts.items():
             times[name] = times.get(name, 0.0) + _median_ns(fn, args, reps, rounds)
     times["activation"] = times.pop("activation + copy") - times.pop("copy")
+    if rows_apply(d, S):
+        a_rows = np.empty((S, d))
+        K_T = np.empty((d, d))
+        cpu._preact_rows(K, b, rows, K_T, a_rows, S)
+        out = np.empty(S * d)
+        times["rows product"] = _median_ns(_loop_rows_product, (K, b, rows, K_T, np.empty((S, d)),
+                                                                S, reps), reps, rounds)
+        times["rows activation, value"] = _median_ns(
+            _loop_rows_activation_value, (a_rows.reshape(S * d), rows.reshape(S * d), out, h,
+                                          reps), reps, rounds)
     return times
 
 
@@ -151,13 +182,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     numba.set_num_threads(1)
     names = ("product", "activation", "activation, value", "transposes", "forward step",
-             "adjoint step")
+             "adjoint step", "rows product", "rows activation, value")
     print("ns per layer step (whole batch, one thread); product GFLOP/s = 2 S d^2 / time")
     print(f"{'d':>3s} {'S':>4s} " + " ".join(f"{n:>17s}" for n in names) + "  product GFLOP/s")
     for d in args.widths:
         for S in args.batches:
             t = measure(d, S, args.reps, args.rounds)
-            print(f"{d:3d} {S:4d} " + " ".join(f"{t[n]:17.0f}" for n in names)
+            print(f"{d:3d} {S:4d} " + " ".join(f"{t[n]:17.0f}" if n in t else f"{'-':>17s}"
+                                                for n in names)
                   + f"  {2 * S * d * d / t['product']:.1f}", flush=True)
     return 0
 
