@@ -86,14 +86,17 @@ def _warm_up_level_states() -> None:
     parallel_forward(net, params, X, solver, comm=comm)
     cpu, u, K, b, _ = _level_arrays()
     cpu.level_derivatives(u, K, b, 0, u.copy(), 32)
-    # one thread at width 8 or 16 (a rank of ``mpiexec -n 2 ptoc solve``) runs the state
-    # level kernels on the grid's rows, whatever this helper's thread count
+    # at width 8 or 16 (``ptoc solve``'s 16) the state level kernels run on the grid's
+    # rows: compiled here whatever this helper's thread count
     import numpy as np
 
     cpu, u, K, b, dt = _level_arrays(S=8, d=16)
     idx = np.array([1, 2], dtype=np.int64)
     cpu._state_runs_rows_one_thread(u, u, False, K, b, dt, 0, idx, idx)
     cpu._state_points_rows_one_thread(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0)
+    # and their parallel variants, which a solve with threads runs on larger levels
+    cpu._state_runs_rows_parallel(u, u, False, K, b, dt, 0, idx, idx, 2)
+    cpu._state_points_rows_parallel(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0, 2)
 
 
 def _warm_up_level_adjoints() -> None:

@@ -922,13 +922,13 @@ def _state_points(u, K, b, dt, act, positions, out, rows, g, mode, W, tiles):
 # --- widths 8 and 16: the state level kernels on sample-major rows -------------------------
 
 @_tile_jit()
-def _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KT, a, af):
-    """:func:`_state_runs` on one thread at width 8 or 16 with a batch of whole vectors, on
-    the grid's sample-major rows (:func:`_forward_rows`): each step reads ``u[k-1]`` and
-    writes ``u[k]`` where it is kept, then adds ``g[k]`` in a pass of its own, as
-    :func:`_store_add_t` does; the same bits as the tiles."""
+def _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KT, a, af, r0, r1):
+    """Runs ``r0 .. r1-1`` of :func:`_state_runs` at width 8 or 16 with a batch of whole
+    vectors, on the grid's sample-major rows (:func:`_forward_rows`): each step reads
+    ``u[k-1]`` and writes ``u[k]`` where it is kept, then adds ``g[k]`` in a pass of its
+    own, as :func:`_store_add_t` does; the same bits as the tiles."""
     S = u.shape[1]
-    for r in range(len(starts)):
+    for r in range(r0, r1):
         for k in range(starts[r], ends[r] + 1):
             _preact_rows(K[k], b[k], u[k - 1], KT, a, S)
             _activate_rows_t(af, uf[k - 1], uf[k], dt[k], act, False)
@@ -945,17 +945,32 @@ def _state_runs_rows_one_thread(u, g, has_g, K, b, dt, act, starts, ends):
     KT = np.empty((d, d), u.dtype)
     a = np.empty((S, d), u.dtype)
     _state_runs_rows(u, _flat(u), _flat(g), has_g, K, b, dt, act, starts, ends, KT, a,
-                     a.reshape(S * d))
+                     a.reshape(S * d), 0, len(starts))
+
+
+@_jit(parallel=True)
+def _state_runs_rows_parallel(u, g, has_g, K, b, dt, act, starts, ends, n_slots):
+    """:func:`_state_runs_rows_one_thread` with the runs shared by ``n_slots`` slots in
+    contiguous ranges (each run is done by one thread, whole: the same bits)."""
+    n, S, d = u.shape
+    KTs = np.empty((n_slots, d, d), u.dtype)
+    As = np.empty((n_slots, S, d), u.dtype)
+    uf, gf = _flat(u), _flat(g)
+    for p in prange(n_slots):
+        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(starts))
+        _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KTs[p], As[p],
+                         As[p].reshape(S * d), r0, r1)
 
 
 @_tile_jit()
-def _state_points_rows(u, uf, K, b, dt, act, positions, outf, rows, gf, mode, KT, a, af, phi):
-    """:func:`_state_points` on one thread on sample-major rows (as
+def _state_points_rows(u, uf, K, b, dt, act, positions, outf, rows, gf, mode, KT, a, af, phi,
+                       r0, r1):
+    """Points ``r0 .. r1-1`` of :func:`_state_points` on sample-major rows (as
     :func:`_state_runs_rows`): the step's value goes straight into ``out[r]``
     (``POINT_APPLY``) or into ``phi``, and from there into the sums of
     :func:`_point_sum`, the same as the tiles' :func:`_point_end_t`."""
     S = u.shape[1]
-    for r in range(len(positions)):
+    for r in range(r0, r1):
         k = positions[r]
         _preact_rows(K[k], b[k], u[k - 1], KT, a, S)
         if mode == POINT_APPLY:
@@ -973,7 +988,21 @@ def _state_points_rows_one_thread(u, K, b, dt, act, positions, out, rows, g, mod
     a = np.empty((S, d), u.dtype)
     phi = np.empty(S * d, u.dtype)
     _state_points_rows(u, _flat(u), K, b, dt, act, positions, _flat(out), rows, _flat(g), mode,
-                       KT, a, a.reshape(S * d), phi)
+                       KT, a, a.reshape(S * d), phi, 0, len(positions))
+
+
+@_jit(parallel=True)
+def _state_points_rows_parallel(u, K, b, dt, act, positions, out, rows, g, mode, n_slots):
+    """:func:`_state_points_rows_one_thread` with the points shared by ``n_slots`` slots."""
+    n, S, d = u.shape
+    KTs = np.empty((n_slots, d, d), u.dtype)
+    As = np.empty((n_slots, S, d), u.dtype)
+    phis = np.empty((n_slots, S * d), u.dtype)
+    uf, outf, gf = _flat(u), _flat(out), _flat(g)
+    for p in prange(n_slots):
+        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(positions))
+        _state_points_rows(u, uf, K, b, dt, act, positions, outf, rows, gf, mode, KTs[p],
+                           As[p], As[p].reshape(S * d), phis[p], r0, r1)
 
 
 @_tile_jit()
@@ -1373,22 +1402,39 @@ def _copy_back(result: np.ndarray, target: np.ndarray) -> None:
         target[...] = result
 
 
-def _level_rows(u, K, b, threads: int) -> bool:
+def _level_rows(u, K, b) -> bool:
     """Whether a state level kernel runs on the grid's sample-major rows
-    (:func:`_state_runs_rows`, :func:`_state_points_rows`): one thread, and what
-    :func:`_rows_path` asks of a sweep (width 8 or 16, a batch of whole vectors,
-    unit-stride rows of the stacked weights; the grids are C-ordered, or copied so)."""
-    return (threads == 1 and _rows_enabled and u.shape[2] in (8, 16) and u.shape[1] % 8 == 0
+    (:func:`_state_runs_rows`, :func:`_state_points_rows`): what :func:`_rows_path` asks
+    of a sweep (width 8 or 16, a batch of whole vectors, unit-stride rows of the stacked
+    weights; the grids are C-ordered, or copied so)."""
+    return (_rows_enabled and u.shape[2] in (8, 16) and u.shape[1] % 8 == 0
             and K.strides[2] == K.itemsize and b.strides[1] == b.itemsize)
+
+
+def _row_slots(u, n_tasks: int, n_steps: int, threads: int) -> int:
+    """Slots of a rows level kernel: one on one thread, or for work too small to gain
+    from threads (:func:`_threaded`'s bound, ``S d^2`` multiply-adds per step), else up
+    to ``CPU_SLOTS_PER_THREAD`` per thread (a task, a whole run or point, is never split,
+    so the slots change no result)."""
+    S, d = u.shape[1], u.shape[2]
+    if threads == 1 or n_tasks < 2 or S * d * d * n_steps < _config.CPU_PARALLEL_MIN_WORK:
+        return 1
+    return min(n_tasks, _config.CPU_SLOTS_PER_THREAD * threads)
 
 
 def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
     has_g = g is not None
     threads = _num_threads()
-    if _level_rows(u, K, b, threads):
+    if _level_rows(u, K, b):
         uc = _c(u)
-        _state_runs_rows_one_thread(uc, _c(g) if has_g else uc, has_g, K, b,
-                                    np.asarray(dt, u.dtype), act, _idx(starts), _idx(ends))
+        starts, ends = _idx(starts), _idx(ends)
+        slots = _row_slots(u, len(starts), int(np.sum(ends - starts + 1)), threads)
+        args = (uc, _c(g) if has_g else uc, has_g, K, b, np.asarray(dt, u.dtype), act, starts,
+                ends)
+        if slots == 1:
+            _state_runs_rows_one_thread(*args)
+        else:
+            _state_runs_rows_parallel(*args, slots)
         _copy_back(uc, u)
         return
     W = _state_width(u.shape[1], chunk, len(starts), threads)
@@ -1409,10 +1455,14 @@ def state_points_into(u, K, b, dt, act, positions, out, rows, g, mode, chunk):
     positions = _idx(positions)
     threads = _num_threads()
     uc, outc = _c(u), _c(out)
-    if _level_rows(u, K, b, threads):
-        _state_points_rows_one_thread(uc, K, b, np.asarray(dt, u.dtype), act, positions, outc,
-                                      positions if rows is None else _idx(rows),
-                                      uc if g is None else _c(g), mode)
+    if _level_rows(u, K, b):
+        slots = _row_slots(u, len(positions), len(positions), threads)
+        args = (uc, K, b, np.asarray(dt, u.dtype), act, positions, outc,
+                positions if rows is None else _idx(rows), uc if g is None else _c(g), mode)
+        if slots == 1:
+            _state_points_rows_one_thread(*args)
+        else:
+            _state_points_rows_parallel(*args, slots)
         _copy_back(outc, out)
         return
     W = _state_width(u.shape[1], chunk, len(positions), threads)
