@@ -1047,3 +1047,62 @@ def test_cpu_state_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
     assert np.array_equal(u1, u2)
     for a, c in zip(o1, o2, strict=True):
         assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("d", [8, 16])
+@given(S8=st.integers(1, 8), n=st.integers(3, 14), seed=st.integers(0, 2**31),
+       dtype=st.sampled_from([np.float64, np.float32]), with_g=st.booleans())
+def test_cpu_adjoint_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
+        parallel, d, S8, n, seed, dtype, with_g):
+    """The adjoint runs and points of MGRIT and parareal on the grid's rows (width 8 or 16,
+    a batch of whole vectors), on one thread or shared by slots: the bits of the tiles in
+    every mode."""
+    from ptoc.kernels import cpu as cpu_module
+
+    S = 8 * S8
+    rng = np.random.default_rng(seed)
+    K = (rng.standard_normal((n, d, d)) * 1.5 / np.sqrt(d)).astype(dtype)
+    D = rng.uniform(0.0, 1.0, (n, S, d)).astype(dtype)
+    dt = rng.uniform(0.05, 0.6, n).astype(dtype)
+    lam0 = rng.standard_normal((n, S, d)).astype(dtype)
+    g = rng.standard_normal((n, S, d)).astype(dtype) if with_g else None
+    cut = int(rng.integers(1, n - 1))
+    starts, ends = np.array([1, cut + 1]), np.array([cut - 1, n - 1])
+    positions = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(1, n - 1)),
+                                   replace=False))
+    rows = rng.permutation(len(positions))
+    base = rng.standard_normal((len(positions), S, d)).astype(dtype)
+    cpu = kernels.backend("cpu")
+    results = []
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        if parallel:
+            mp.setattr(cpu_module, "_row_slots", lambda *a: 3)
+            for name in ("_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel"):
+                kernel = getattr(cpu_module, name)
+                mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
+        else:
+            for name in ("_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread"):
+                kernel = getattr(cpu_module, name)
+                mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
+        for enabled in (True, False):
+            mp.setattr(cpu_module, "_rows_enabled", enabled)
+            with _one_thread():
+                lam = lam0.copy()
+                cpu.adjoint_runs(lam, g, D, K, dt, starts, ends, 32)
+                outs = []
+                for mode in (maths.POINT_APPLY, maths.POINT_RESIDUAL, maths.POINT_RESIDUAL_G,
+                             maths.POINT_TAU):
+                    out = base.copy()
+                    gm = (g if g is not None else lam0) if mode == maths.POINT_RESIDUAL_G else None
+                    cpu.adjoint_points_into(lam, D, K, dt, positions, out,
+                                            None if mode == maths.POINT_APPLY else rows, gm,
+                                            mode, 32)
+                    outs.append(out)
+            results.append((lam, outs))
+    assert len(calls) == 5
+    (l1, o1), (l2, o2) = results
+    assert np.array_equal(l1, l2)
+    for a, c in zip(o1, o2, strict=True):
+        assert np.array_equal(a, c)

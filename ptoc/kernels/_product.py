@@ -222,4 +222,8 @@ bias_cols_8x8 = _block_intrinsic(8, 1, 8, BIAS_COLS)
 bias_cols_1x8 = _block_intrinsic(1, 1, 8, BIAS_COLS)
 bias_cols_8x16 = _block_intrinsic(8, 2, 8, BIAS_COLS)
 bias_cols_1x16 = _block_intrinsic(1, 2, 8, BIAS_COLS)
+#: The adjoint update of eight sample-major rows of width 8 (16): ``M`` the rows of
+#: ``g = sigma' * lambda``, ``src`` ``K`` itself, ``dst`` the rows of ``lambda``.
+add_8x8 = _block_intrinsic(8, 1, 8, ADD_SCALED)
+add_8x16 = _block_intrinsic(8, 2, 8, ADD_SCALED)
 

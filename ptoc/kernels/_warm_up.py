@@ -110,6 +110,16 @@ def _warm_up_level_adjoints() -> None:
     cpu, u, K, _, dt = _level_arrays()
     cpu.adjoint_runs(u, None, u.copy(), K, dt, [1], [3], 32)
     cpu.adjoint_points(u, u.copy(), K, dt, [1, 2], u[:2].copy(), 32)
+    # the rows variants (width 8 or 16), one thread and parallel
+    import numpy as np
+
+    cpu, u, K, _, dt = _level_arrays(S=8, d=16)
+    idx = np.array([1, 2], dtype=np.int64)
+    D = u.copy()
+    cpu._adjoint_runs_rows_one_thread(u, u, False, D, K, dt, idx, idx)
+    cpu._adjoint_points_rows_one_thread(u, D, K, dt, idx, u[:2].copy(), idx, u, 0)
+    cpu._adjoint_runs_rows_parallel(u, u, False, D, K, dt, idx, idx, 2)
+    cpu._adjoint_points_rows_parallel(u, D, K, dt, idx, u[:2].copy(), idx, u, 0, 2)
     net, params, X, y, solver, comm = _mgrit_problem()
     states = ptoc.forward(net, params, X, target="numpy").states
     lam_N = classifier_loss(params, states[-1], y)[1]

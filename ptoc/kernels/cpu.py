@@ -1005,6 +1005,105 @@ def _state_points_rows_parallel(u, K, b, dt, act, positions, out, rows, g, mode,
                            As[p], As[p].reshape(S * d), phis[p], r0, r1)
 
 
+# --- widths 8 and 16: the adjoint level kernels on sample-major rows ------------------------
+
+@_tile_jit()
+def _adjoint_rows_step(Dk, Kk, h, lin, lout, g, linf, loutf, gf):
+    """``lout = lin + h (D_k * lin) K_k`` on sample-major rows of width 8 or 16 (``*f``: the
+    same rows flat): ``g = D_k * lin`` in one pass, ``lout`` a copy of ``lin``, then the
+    update of 8 samples at a time in registers
+    (:data:`ptoc.kernels._product.ADD_SCALED`, ``M`` the rows of ``g``, ``src`` ``K_k``):
+    the multiplications and the chain of :func:`_adjoint_tile_step`, the same bits."""
+    for i in range(gf.shape[0]):
+        gf[i] = Dk[i] * linf[i]
+        loutf[i] = linf[i]
+    S, d = lout.shape
+    S8 = S - S % 8
+    if d == 8:
+        for s in range(0, S8, 8):
+            _product.add_8x8(g, Kk, lout, s, 0, lout[0], h)
+        for s in range(S8, S):
+            _product.add_1x8(g, Kk, lout, s, 0, lout[0], h)
+    else:
+        for s in range(0, S8, 8):
+            _product.add_8x16(g, Kk, lout, s, 0, lout[0], h)
+        for s in range(S8, S):
+            _product.add_1x16(g, Kk, lout, s, 0, lout[0], h)
+
+
+@_tile_jit()
+def _adjoint_runs_rows(lam, lamf, gf, has_g, Df, K, dt, starts, ends, g, gflat, r0, r1):
+    """Runs ``r0 .. r1-1`` of :func:`_adjoint_runs` on the grid's sample-major rows
+    (``Df``: the stored ``sigma'`` as flat rows; ``g``, ``gflat``: scratch), then ``g[k]``
+    added in a pass of its own, as :func:`_store_add_t` does: the same bits."""
+    for r in range(r0, r1):
+        for k in range(starts[r], ends[r] + 1):
+            _adjoint_rows_step(Df[k], K[k], dt[k], lam[k - 1], lam[k], g, lamf[k - 1],
+                               lamf[k], gflat)
+            if has_g:
+                dst = lamf[k]
+                gk = gf[k]
+                for i in range(dst.shape[0]):
+                    dst[i] = dst[i] + gk[i]
+
+
+@_jit()
+def _adjoint_runs_rows_one_thread(lam, g, has_g, D, K, dt, starts, ends):
+    n, S, d = lam.shape
+    scratch = np.empty((S, d), lam.dtype)
+    _adjoint_runs_rows(lam, _flat(lam), _flat(g), has_g, _flat(D), K, dt, starts, ends, scratch,
+                       scratch.reshape(S * d), 0, len(starts))
+
+
+@_jit(parallel=True)
+def _adjoint_runs_rows_parallel(lam, g, has_g, D, K, dt, starts, ends, n_slots):
+    n, S, d = lam.shape
+    scratch = np.empty((n_slots, S, d), lam.dtype)
+    lamf, gf, Df = _flat(lam), _flat(g), _flat(D)
+    for p in prange(n_slots):
+        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(starts))
+        _adjoint_runs_rows(lam, lamf, gf, has_g, Df, K, dt, starts, ends, scratch[p],
+                           scratch[p].reshape(S * d), r0, r1)
+
+
+@_tile_jit()
+def _adjoint_points_rows(lam, lamf, Df, K, dt, positions, out, outf, rows, gf, mode, g, gflat,
+                         phi, phif, r0, r1):
+    """Points ``r0 .. r1-1`` of :func:`_adjoint_points` on sample-major rows: the step's
+    value goes into ``out[r]`` (``POINT_APPLY``) or into ``phi``, and from there into the
+    sums of :func:`_point_sum`, as the tiles' :func:`_point_end_t`."""
+    for r in range(r0, r1):
+        k = positions[r]
+        if mode == POINT_APPLY:
+            _adjoint_rows_step(Df[k], K[k], dt[k], lam[k - 1], out[r], g, lamf[k - 1], outf[r],
+                               gflat)
+        else:
+            _adjoint_rows_step(Df[k], K[k], dt[k], lam[k - 1], phi, g, lamf[k - 1], phif, gflat)
+            _point_sum(phif, outf[rows[r]], lamf[k], gf[k] if mode == POINT_RESIDUAL_G else phif,
+                       mode)
+
+
+@_jit()
+def _adjoint_points_rows_one_thread(lam, D, K, dt, positions, out, rows, g, mode):
+    n, S, d = lam.shape
+    scratch = np.empty((2, S, d), lam.dtype)
+    _adjoint_points_rows(lam, _flat(lam), _flat(D), K, dt, positions, out, _flat(out), rows,
+                         _flat(g), mode, scratch[0], scratch[0].reshape(S * d), scratch[1],
+                         scratch[1].reshape(S * d), 0, len(positions))
+
+
+@_jit(parallel=True)
+def _adjoint_points_rows_parallel(lam, D, K, dt, positions, out, rows, g, mode, n_slots):
+    n, S, d = lam.shape
+    scratch = np.empty((n_slots, 2, S, d), lam.dtype)
+    lamf, Df, outf, gf = _flat(lam), _flat(D), _flat(out), _flat(g)
+    for p in prange(n_slots):
+        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(positions))
+        _adjoint_points_rows(lam, lamf, Df, K, dt, positions, out, outf, rows, gf, mode,
+                             scratch[p, 0], scratch[p, 0].reshape(S * d), scratch[p, 1],
+                             scratch[p, 1].reshape(S * d), r0, r1)
+
+
 @_tile_jit()
 def _derivatives_slot(X, K, b, act, out, W, x, a, q0, q1):
     """Tasks ``q0 .. q1-1`` of :func:`_level_derivatives` on one slot's tiles ``x``, ``a``."""
@@ -1411,6 +1510,13 @@ def _level_rows(u, K, b) -> bool:
             and K.strides[2] == K.itemsize and b.strides[1] == b.itemsize)
 
 
+def _adjoint_level_rows(lam, K, D) -> bool:
+    """:func:`_level_rows` for an adjoint level kernel (no bias; ``K`` itself is read by
+    rows, and the stored ``sigma'`` flat)."""
+    return (_rows_enabled and lam.shape[2] in (8, 16) and lam.shape[1] % 8 == 0
+            and K.strides[2] == K.itemsize and D.flags.c_contiguous)
+
+
 def _row_slots(u, n_tasks: int, n_steps: int, threads: int) -> int:
     """Slots of a rows level kernel: one on one thread, or for work too small to gain
     from threads (:func:`_threaded`'s bound, ``S d^2`` multiply-adds per step), else up
@@ -1485,6 +1591,18 @@ def level_derivatives(X, K, b, act, out, chunk):
 def adjoint_runs(lam, g, D, K, dt, starts, ends, chunk):
     has_g = g is not None
     threads = _num_threads()
+    if _adjoint_level_rows(lam, K, D):
+        lc = _c(lam)
+        starts, ends = _idx(starts), _idx(ends)
+        slots = _row_slots(lam, len(starts), int(np.sum(ends - starts + 1)), threads)
+        args = (lc, _c(g) if has_g else lc, has_g, D, K, np.asarray(dt, lam.dtype), starts,
+                ends)
+        if slots == 1:
+            _adjoint_runs_rows_one_thread(*args)
+        else:
+            _adjoint_runs_rows_parallel(*args, slots)
+        _copy_back(lc, lam)
+        return
     W = _state_width(lam.shape[1], chunk, len(starts), threads)
     lc = _c(lam)
     _adjoint_runs(lc, _c(g) if has_g else lc, has_g, D, K, np.asarray(dt, lam.dtype),
@@ -1502,8 +1620,18 @@ def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
     :func:`state_points_into`."""
     positions = _idx(positions)
     threads = _num_threads()
-    W = _state_width(lam.shape[1], chunk, len(positions), threads)
     lc, outc = _c(lam), _c(out)
+    if _adjoint_level_rows(lam, K, D):
+        slots = _row_slots(lam, len(positions), len(positions), threads)
+        args = (lc, D, K, np.asarray(dt, lam.dtype), positions, outc,
+                positions if rows is None else _idx(rows), lc if g is None else _c(g), mode)
+        if slots == 1:
+            _adjoint_points_rows_one_thread(*args)
+        else:
+            _adjoint_points_rows_parallel(*args, slots)
+        _copy_back(outc, out)
+        return
+    W = _state_width(lam.shape[1], chunk, len(positions), threads)
     _adjoint_points(lc, D, K, np.asarray(dt, lam.dtype), positions, outc,
                     positions if rows is None else _idx(rows), lc if g is None else _c(g), mode,
                     W, _tiles(lam, _tasks(lam, len(positions), W), W, 2, threads))
