@@ -19,7 +19,7 @@ the serial sweep splits the batch:
   partial (``_adjoint_g_t``, ``_adjoint_lam_t``, ``_partial_t``) with one transpose in;
 * at widths 8 and 16 with a batch of whole vectors, where a one-thread forward sweep and
   the state level kernels skip the tiles: ``rows product`` (``_preact_rows``, with the
-  transpose of ``K``) and ``rows activation, value`` (``_activate_rows_t`` over the
+  transpose of ``K``) and ``rows activation, value`` (``_activate_rows_value_t`` over the
   batch's entries, ``x_out = x_in + h tanh(a)``).
 
 Reported: nanoseconds per call for the whole batch (all work items), the median of
@@ -110,7 +110,7 @@ def _loop_rows_product(K, b, rows, KT, a, S, reps):
 @njit
 def _loop_rows_activation_value(a, xin, xout, h, reps):
     for _ in range(reps):
-        cpu._activate_rows_t(a, xin, xout, h, TANH, False)
+        cpu._activate_rows_value_t(a, xin, xout, h, TANH)
 
 
 def rows_apply(d: int, S: int) -> bool:

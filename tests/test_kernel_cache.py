@@ -340,3 +340,53 @@ def test_every_grouped_kernel_exists_and_every_group_has_its_warm_up():
     for parts in _cache._WARM_UPS.values():
         for part in parts:
             assert callable(getattr(warm_up, part)), part
+
+
+@pytest.mark.parametrize("threads, compiled", [(1, True), (2, False)])
+def test_level_warm_ups_compile_the_rows_kernels_only_for_one_thread_callers(
+        threads, compiled, monkeypatch):
+    """The level kernels on sample-major rows run on one thread only: a helper started by a
+    process with more threads leaves them out of its warm-up (compile time of
+    ``ptoc solve``), one started by a one-thread rank compiles them."""
+    from ptoc.kernels import _warm_up, cpu
+
+    calls = []
+    names = ("_state_runs_rows_one_thread", "_state_points_rows_one_thread",
+             "_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread")
+    for name in names:
+        monkeypatch.setattr(cpu, name, lambda *a, n=name: calls.append(n))
+    monkeypatch.setattr(_warm_up, "CALLER_THREADS", threads)
+    _warm_up._warm_up_level_states()
+    _warm_up._warm_up_level_adjoints()
+    assert sorted(calls) == (sorted(names) if compiled else [])
+
+
+def test_helpers_are_told_the_callers_thread_count(monkeypatch):
+    import numba
+
+    from ptoc.kernels import _cache
+
+    sent = []
+
+    class FakeHelper:
+        def __init__(self, *args, **kwargs):
+            self.stdin = self
+
+        def write(self, data):
+            import pickle
+
+            sent.append(pickle.loads(data))
+
+        def close(self):
+            pass
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(_cache.subprocess, "Popen", FakeHelper)
+    monkeypatch.setattr(_cache, "_warmed", set())
+    from ptoc.kernels import cpu
+
+    _cache._run_helpers(cpu._state_runs, ())
+    assert len(sent) == 2 and all(
+        job["caller_threads"] == numba.get_num_threads() for job in sent)

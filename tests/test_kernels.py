@@ -990,18 +990,16 @@ def test_cpu_rows_path_is_taken_only_where_it_applies():
     assert not ok(x, K, b, outs, np.zeros((3, 16, 16))[:, :, ::2], True)  # strided sigma'
 
 
-@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("d", [8, 16])
 @pytest.mark.parametrize("act", ACTS)
 @given(S8=st.integers(1, 8), n=st.integers(3, 14), seed=st.integers(0, 2**31),
        dtype=st.sampled_from([np.float64, np.float32]), with_g=st.booleans())
 def test_cpu_state_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
-        parallel, d, act, S8, n, seed, dtype, with_g):
-    """At width 8 or 16 with a batch of whole vectors the state runs and points of MGRIT
-    and parareal run on the grid's rows, on one thread or with the runs and points shared
-    by slots of the parallel kernels: every mode gives the bits of the tile kernels (runs
-    with and without a right-hand side, points that apply the step or form either half of
-    the FAS right-hand side)."""
+        d, act, S8, n, seed, dtype, with_g):
+    """On one thread at width 8 or 16 with a batch of whole vectors the state runs and
+    points of MGRIT and parareal run on the grid's rows: every mode gives the bits of the
+    tile kernels (runs with and without a right-hand side, points that apply the step or
+    form either half of the FAS right-hand side)."""
     from ptoc.kernels import cpu as cpu_module
 
     S = 8 * S8
@@ -1021,12 +1019,9 @@ def test_cpu_state_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
     results = []
     calls = []
     with pytest.MonkeyPatch.context() as mp:
-        if parallel:  # the parallel kernels, with three slots, on however many threads
-            mp.setattr(cpu_module, "_row_slots", lambda *a: 3)
-            for name in ("_state_runs_rows_parallel", "_state_points_rows_parallel"):
-                kernel = getattr(cpu_module, name)
-                mp.setattr(cpu_module, name,
-                           lambda *a, k=kernel: (calls.append(1), k(*a)))
+        for name in ("_state_runs_rows_one_thread", "_state_points_rows_one_thread"):
+            kernel = getattr(cpu_module, name)
+            mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
         for enabled in (True, False):
             mp.setattr(cpu_module, "_rows_enabled", enabled)
             with _one_thread():
@@ -1042,22 +1037,20 @@ def test_cpu_state_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
                                           mode, 32)
                     outs.append(out)
             results.append((u, outs))
-    assert len(calls) == (5 if parallel else 0)
+    assert len(calls) == 5
     (u1, o1), (u2, o2) = results
     assert np.array_equal(u1, u2)
     for a, c in zip(o1, o2, strict=True):
         assert np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("d", [8, 16])
 @given(S8=st.integers(1, 8), n=st.integers(3, 14), seed=st.integers(0, 2**31),
        dtype=st.sampled_from([np.float64, np.float32]), with_g=st.booleans())
 def test_cpu_adjoint_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
-        parallel, d, S8, n, seed, dtype, with_g):
-    """The adjoint runs and points of MGRIT and parareal on the grid's rows (width 8 or 16,
-    a batch of whole vectors), on one thread or shared by slots: the bits of the tiles in
-    every mode."""
+        d, S8, n, seed, dtype, with_g):
+    """The adjoint runs and points of MGRIT and parareal on the grid's rows (one thread,
+    width 8 or 16, a batch of whole vectors): the bits of the tiles in every mode."""
     from ptoc.kernels import cpu as cpu_module
 
     S = 8 * S8
@@ -1077,15 +1070,9 @@ def test_cpu_adjoint_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
     results = []
     calls = []
     with pytest.MonkeyPatch.context() as mp:
-        if parallel:
-            mp.setattr(cpu_module, "_row_slots", lambda *a: 3)
-            for name in ("_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel"):
-                kernel = getattr(cpu_module, name)
-                mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
-        else:
-            for name in ("_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread"):
-                kernel = getattr(cpu_module, name)
-                mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
+        for name in ("_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread"):
+            kernel = getattr(cpu_module, name)
+            mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
         for enabled in (True, False):
             mp.setattr(cpu_module, "_rows_enabled", enabled)
             with _one_thread():

@@ -305,9 +305,7 @@ _GROUP_OF = {
        for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
                     "_layer_grad_block", "_level_derivatives",
                     "_state_runs_rows_one_thread", "_state_points_rows_one_thread",
-                    "_state_runs_rows_parallel", "_state_points_rows_parallel",
-                    "_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread",
-                    "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel")},
+                    "_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread")},
     **{f"ptoc.kernels.rows.{name}": "levels"
        for name in ("_correct", "_copy_rows", "_sumsq_diff")},
     **{f"ptoc.kernels.conv_cpu.{name}": "conv"
@@ -396,9 +394,10 @@ def _run_helpers(fn: Callable, sig: tuple) -> bool:
         print("ptoc: compiling the Numba kernels for this machine (once, 10 to 30 s; later "
               "runs load them from Numba's disk cache)", file=sys.stderr, flush=True)
         _said = True
+    threads = numba.get_num_threads()  # the warm-ups compile what this thread count runs
     jobs = [{"module": fn.__module__, "name": fn.__qualname__, "sig": sig,
-             "warm_up": parts[:1]}]
-    jobs += [{"warm_up": (part,)} for part in parts[1:]]
+             "warm_up": parts[:1], "caller_threads": threads}]
+    jobs += [{"warm_up": (part,), "caller_threads": threads} for part in parts[1:]]
     helpers = []
     try:
         for job in jobs:
@@ -437,9 +436,12 @@ def _helper_main() -> int:
         for part in job["name"].split("."):
             dispatcher = getattr(dispatcher, part)
         dispatcher.compile(job["sig"])
+    warm_up = importlib.import_module(_WARM_UP_MODULE) if job["warm_up"] else None
+    if warm_up is not None:
+        warm_up.CALLER_THREADS = job.get("caller_threads", 1)
     for part in job["warm_up"]:
         try:
-            getattr(importlib.import_module(_WARM_UP_MODULE), part)()
+            getattr(warm_up, part)()
         except Exception:  # noqa: BLE001 - a warm-up only: what it misses compiles later
             pass
     return 0

@@ -9,6 +9,11 @@ and so :mod:`ptoc.kernels._cache`, must not depend on.
 
 from __future__ import annotations
 
+#: Numba threads of the process that started this helper (set by the helper): the level
+#: kernels on sample-major rows run on one thread only, so a process with more threads
+#: does not have them compiled (they took 3 to 4 s of a first ``ptoc solve``).
+CALLER_THREADS: int = 1
+
 
 def _tiny_problem(depth: int = 8) -> tuple:
     """A float64 ResNet of width 4, its parameters, 6 inputs and their labels."""
@@ -86,17 +91,15 @@ def _warm_up_level_states() -> None:
     parallel_forward(net, params, X, solver, comm=comm)
     cpu, u, K, b, _ = _level_arrays()
     cpu.level_derivatives(u, K, b, 0, u.copy(), 32)
-    # at width 8 or 16 (``ptoc solve``'s 16) the state level kernels run on the grid's
-    # rows: compiled here whatever this helper's thread count
-    import numpy as np
+    # on one thread at width 8 or 16 (a rank of ``mpiexec -n 2 ptoc solve``) the state
+    # level kernels run on the grid's rows
+    if CALLER_THREADS == 1:
+        import numpy as np
 
-    cpu, u, K, b, dt = _level_arrays(S=8, d=16)
-    idx = np.array([1, 2], dtype=np.int64)
-    cpu._state_runs_rows_one_thread(u, u, False, K, b, dt, 0, idx, idx)
-    cpu._state_points_rows_one_thread(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0)
-    # and their parallel variants, which a solve with threads runs on larger levels
-    cpu._state_runs_rows_parallel(u, u, False, K, b, dt, 0, idx, idx, 2)
-    cpu._state_points_rows_parallel(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0, 2)
+        cpu, u, K, b, dt = _level_arrays(S=8, d=16)
+        idx = np.array([1, 2], dtype=np.int64)
+        cpu._state_runs_rows_one_thread(u, u, False, K, b, dt, 0, idx, idx)
+        cpu._state_points_rows_one_thread(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0)
 
 
 def _warm_up_level_adjoints() -> None:
@@ -110,16 +113,15 @@ def _warm_up_level_adjoints() -> None:
     cpu, u, K, _, dt = _level_arrays()
     cpu.adjoint_runs(u, None, u.copy(), K, dt, [1], [3], 32)
     cpu.adjoint_points(u, u.copy(), K, dt, [1, 2], u[:2].copy(), 32)
-    # the rows variants (width 8 or 16), one thread and parallel
-    import numpy as np
+    # the rows variants (one thread, width 8 or 16)
+    if CALLER_THREADS == 1:
+        import numpy as np
 
-    cpu, u, K, _, dt = _level_arrays(S=8, d=16)
-    idx = np.array([1, 2], dtype=np.int64)
-    D = u.copy()
-    cpu._adjoint_runs_rows_one_thread(u, u, False, D, K, dt, idx, idx)
-    cpu._adjoint_points_rows_one_thread(u, D, K, dt, idx, u[:2].copy(), idx, u, 0)
-    cpu._adjoint_runs_rows_parallel(u, u, False, D, K, dt, idx, idx, 2)
-    cpu._adjoint_points_rows_parallel(u, D, K, dt, idx, u[:2].copy(), idx, u, 0, 2)
+        cpu, u, K, _, dt = _level_arrays(S=8, d=16)
+        idx = np.array([1, 2], dtype=np.int64)
+        D = u.copy()
+        cpu._adjoint_runs_rows_one_thread(u, u, False, D, K, dt, idx, idx)
+        cpu._adjoint_points_rows_one_thread(u, D, K, dt, idx, u[:2].copy(), idx, u, 0)
     net, params, X, y, solver, comm = _mgrit_problem()
     states = ptoc.forward(net, params, X, target="numpy").states
     lam_N = classifier_loss(params, states[-1], y)[1]

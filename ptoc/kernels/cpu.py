@@ -502,18 +502,23 @@ def _activate_rows_code(a, xin, xout, h, code, slope):
 
 
 @_tile_jit()
-def _activate_rows_t(a, xin, xout, h, act, slope):
-    """``xout = xin + h sigma(a)`` over flat sample-major rows, ``a <- sigma'(a)`` if
-    ``slope``: the same per-entry arithmetic as :func:`_activate_t` and
-    :func:`_activate_value_t` on whole vectors."""
-    if slope:
-        if act == _TANH:
-            _activate_rows_code(a, xin, xout, h, _TANH, True)
-        elif act == _RELU:
-            _activate_rows_code(a, xin, xout, h, _RELU, True)
-        else:
-            _activate_rows_code(a, xin, xout, h, _SMOOTHRELU, True)
-    elif act == _TANH:
+def _activate_rows_t(a, xin, xout, h, act):
+    """``xout = xin + h sigma(a)`` and ``a <- sigma'(a)`` over flat sample-major rows: the
+    same per-entry arithmetic as :func:`_activate_t` on whole vectors."""
+    if act == _TANH:
+        _activate_rows_code(a, xin, xout, h, _TANH, True)
+    elif act == _RELU:
+        _activate_rows_code(a, xin, xout, h, _RELU, True)
+    else:
+        _activate_rows_code(a, xin, xout, h, _SMOOTHRELU, True)
+
+
+@_tile_jit()
+def _activate_rows_value_t(a, xin, xout, h, act):
+    """``xout = xin + h sigma(a)`` over flat sample-major rows: :func:`_activate_value_t`
+    on whole vectors (a function of its own, so that the level kernels, which keep no
+    ``sigma'``, compile no loop that stores it)."""
+    if act == _TANH:
         _activate_rows_code(a, xin, xout, h, _TANH, False)
     elif act == _RELU:
         _activate_rows_code(a, xin, xout, h, _RELU, False)
@@ -533,10 +538,10 @@ def _forward_rows(x0, K, b, h, act, outs, dsig, store, KT, a, x0f, outsf, dsigf,
         xinf = x0f if n == 0 else outsf[n - 1]
         if store:
             _preact_rows(K[n], b[n], xin, KT, dsig[n], S)
-            _activate_rows_t(dsigf[n], xinf, outsf[n], h, act, True)
+            _activate_rows_t(dsigf[n], xinf, outsf[n], h, act)
         else:
             _preact_rows(K[n], b[n], xin, KT, a, S)
-            _activate_rows_t(af, xinf, outsf[n], h, act, False)
+            _activate_rows_value_t(af, xinf, outsf[n], h, act)
 
 
 @_jit()
@@ -931,7 +936,7 @@ def _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KT, a, af, r
     for r in range(r0, r1):
         for k in range(starts[r], ends[r] + 1):
             _preact_rows(K[k], b[k], u[k - 1], KT, a, S)
-            _activate_rows_t(af, uf[k - 1], uf[k], dt[k], act, False)
+            _activate_rows_value_t(af, uf[k - 1], uf[k], dt[k], act)
             if has_g:
                 dst = uf[k]
                 gk = gf[k]
@@ -948,20 +953,6 @@ def _state_runs_rows_one_thread(u, g, has_g, K, b, dt, act, starts, ends):
                      a.reshape(S * d), 0, len(starts))
 
 
-@_jit(parallel=True)
-def _state_runs_rows_parallel(u, g, has_g, K, b, dt, act, starts, ends, n_slots):
-    """:func:`_state_runs_rows_one_thread` with the runs shared by ``n_slots`` slots in
-    contiguous ranges (each run is done by one thread, whole: the same bits)."""
-    n, S, d = u.shape
-    KTs = np.empty((n_slots, d, d), u.dtype)
-    As = np.empty((n_slots, S, d), u.dtype)
-    uf, gf = _flat(u), _flat(g)
-    for p in prange(n_slots):
-        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(starts))
-        _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KTs[p], As[p],
-                         As[p].reshape(S * d), r0, r1)
-
-
 @_tile_jit()
 def _state_points_rows(u, uf, K, b, dt, act, positions, outf, rows, gf, mode, KT, a, af, phi,
                        r0, r1):
@@ -974,9 +965,9 @@ def _state_points_rows(u, uf, K, b, dt, act, positions, outf, rows, gf, mode, KT
         k = positions[r]
         _preact_rows(K[k], b[k], u[k - 1], KT, a, S)
         if mode == POINT_APPLY:
-            _activate_rows_t(af, uf[k - 1], outf[r], dt[k], act, False)
+            _activate_rows_value_t(af, uf[k - 1], outf[r], dt[k], act)
         else:
-            _activate_rows_t(af, uf[k - 1], phi, dt[k], act, False)
+            _activate_rows_value_t(af, uf[k - 1], phi, dt[k], act)
             _point_sum(phi, outf[rows[r]], uf[k],
                        gf[k] if mode == POINT_RESIDUAL_G else phi, mode)
 
@@ -989,20 +980,6 @@ def _state_points_rows_one_thread(u, K, b, dt, act, positions, out, rows, g, mod
     phi = np.empty(S * d, u.dtype)
     _state_points_rows(u, _flat(u), K, b, dt, act, positions, _flat(out), rows, _flat(g), mode,
                        KT, a, a.reshape(S * d), phi, 0, len(positions))
-
-
-@_jit(parallel=True)
-def _state_points_rows_parallel(u, K, b, dt, act, positions, out, rows, g, mode, n_slots):
-    """:func:`_state_points_rows_one_thread` with the points shared by ``n_slots`` slots."""
-    n, S, d = u.shape
-    KTs = np.empty((n_slots, d, d), u.dtype)
-    As = np.empty((n_slots, S, d), u.dtype)
-    phis = np.empty((n_slots, S * d), u.dtype)
-    uf, outf, gf = _flat(u), _flat(out), _flat(g)
-    for p in prange(n_slots):
-        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(positions))
-        _state_points_rows(u, uf, K, b, dt, act, positions, outf, rows, gf, mode, KTs[p],
-                           As[p], As[p].reshape(S * d), phis[p], r0, r1)
 
 
 # --- widths 8 and 16: the adjoint level kernels on sample-major rows ------------------------
@@ -1055,17 +1032,6 @@ def _adjoint_runs_rows_one_thread(lam, g, has_g, D, K, dt, starts, ends):
                        scratch.reshape(S * d), 0, len(starts))
 
 
-@_jit(parallel=True)
-def _adjoint_runs_rows_parallel(lam, g, has_g, D, K, dt, starts, ends, n_slots):
-    n, S, d = lam.shape
-    scratch = np.empty((n_slots, S, d), lam.dtype)
-    lamf, gf, Df = _flat(lam), _flat(g), _flat(D)
-    for p in prange(n_slots):
-        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(starts))
-        _adjoint_runs_rows(lam, lamf, gf, has_g, Df, K, dt, starts, ends, scratch[p],
-                           scratch[p].reshape(S * d), r0, r1)
-
-
 @_tile_jit()
 def _adjoint_points_rows(lam, lamf, Df, K, dt, positions, out, outf, rows, gf, mode, g, gflat,
                          phi, phif, r0, r1):
@@ -1090,18 +1056,6 @@ def _adjoint_points_rows_one_thread(lam, D, K, dt, positions, out, rows, g, mode
     _adjoint_points_rows(lam, _flat(lam), _flat(D), K, dt, positions, out, _flat(out), rows,
                          _flat(g), mode, scratch[0], scratch[0].reshape(S * d), scratch[1],
                          scratch[1].reshape(S * d), 0, len(positions))
-
-
-@_jit(parallel=True)
-def _adjoint_points_rows_parallel(lam, D, K, dt, positions, out, rows, g, mode, n_slots):
-    n, S, d = lam.shape
-    scratch = np.empty((n_slots, 2, S, d), lam.dtype)
-    lamf, Df, outf, gf = _flat(lam), _flat(D), _flat(out), _flat(g)
-    for p in prange(n_slots):
-        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(positions))
-        _adjoint_points_rows(lam, lamf, Df, K, dt, positions, out, outf, rows, gf, mode,
-                             scratch[p, 0], scratch[p, 0].reshape(S * d), scratch[p, 1],
-                             scratch[p, 1].reshape(S * d), r0, r1)
 
 
 @_tile_jit()
@@ -1501,46 +1455,36 @@ def _copy_back(result: np.ndarray, target: np.ndarray) -> None:
         target[...] = result
 
 
-def _level_rows(u, K, b) -> bool:
+def _level_rows(u, K, b, threads: int) -> bool:
     """Whether a state level kernel runs on the grid's sample-major rows
-    (:func:`_state_runs_rows`, :func:`_state_points_rows`): what :func:`_rows_path` asks
-    of a sweep (width 8 or 16, a batch of whole vectors, unit-stride rows of the stacked
-    weights; the grids are C-ordered, or copied so)."""
-    return (_rows_enabled and u.shape[2] in (8, 16) and u.shape[1] % 8 == 0
+    (:func:`_state_runs_rows`, :func:`_state_points_rows`): on one thread, with what
+    :func:`_rows_path` asks of a sweep (width 8 or 16, a batch of whole vectors,
+    unit-stride rows of the stacked weights; the grids are C-ordered, or copied so).
+
+    With more threads the tile kernels run (the same bits): parallel variants of these
+    kernels took the default two-thread ``bench_pymgrit.py`` run from 19x to 23x against
+    PyMGRIT, but added 8 s to the first compilation of ``ptoc solve`` (22 s against the
+    17 s that the cold-start target allows)."""
+    return (threads == 1 and _rows_enabled and u.shape[2] in (8, 16) and u.shape[1] % 8 == 0
             and K.strides[2] == K.itemsize and b.strides[1] == b.itemsize)
 
 
-def _adjoint_level_rows(lam, K, D) -> bool:
+def _adjoint_level_rows(lam, K, D, threads: int) -> bool:
     """:func:`_level_rows` for an adjoint level kernel (no bias; ``K`` itself is read by
     rows, and the stored ``sigma'`` flat)."""
-    return (_rows_enabled and lam.shape[2] in (8, 16) and lam.shape[1] % 8 == 0
-            and K.strides[2] == K.itemsize and D.flags.c_contiguous)
-
-
-def _row_slots(u, n_tasks: int, n_steps: int, threads: int) -> int:
-    """Slots of a rows level kernel: one on one thread, or for work too small to gain
-    from threads (:func:`_threaded`'s bound, ``S d^2`` multiply-adds per step), else up
-    to ``CPU_SLOTS_PER_THREAD`` per thread (a task, a whole run or point, is never split,
-    so the slots change no result)."""
-    S, d = u.shape[1], u.shape[2]
-    if threads == 1 or n_tasks < 2 or S * d * d * n_steps < _config.CPU_PARALLEL_MIN_WORK:
-        return 1
-    return min(n_tasks, _config.CPU_SLOTS_PER_THREAD * threads)
+    return (threads == 1 and _rows_enabled and lam.shape[2] in (8, 16)
+            and lam.shape[1] % 8 == 0 and K.strides[2] == K.itemsize
+            and D.flags.c_contiguous)
 
 
 def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
     has_g = g is not None
     threads = _num_threads()
-    if _level_rows(u, K, b):
+    if _level_rows(u, K, b, threads):
         uc = _c(u)
         starts, ends = _idx(starts), _idx(ends)
-        slots = _row_slots(u, len(starts), int(np.sum(ends - starts + 1)), threads)
-        args = (uc, _c(g) if has_g else uc, has_g, K, b, np.asarray(dt, u.dtype), act, starts,
-                ends)
-        if slots == 1:
-            _state_runs_rows_one_thread(*args)
-        else:
-            _state_runs_rows_parallel(*args, slots)
+        _state_runs_rows_one_thread(uc, _c(g) if has_g else uc, has_g, K, b,
+                                    np.asarray(dt, u.dtype), act, starts, ends)
         _copy_back(uc, u)
         return
     W = _state_width(u.shape[1], chunk, len(starts), threads)
@@ -1561,14 +1505,10 @@ def state_points_into(u, K, b, dt, act, positions, out, rows, g, mode, chunk):
     positions = _idx(positions)
     threads = _num_threads()
     uc, outc = _c(u), _c(out)
-    if _level_rows(u, K, b):
-        slots = _row_slots(u, len(positions), len(positions), threads)
-        args = (uc, K, b, np.asarray(dt, u.dtype), act, positions, outc,
-                positions if rows is None else _idx(rows), uc if g is None else _c(g), mode)
-        if slots == 1:
-            _state_points_rows_one_thread(*args)
-        else:
-            _state_points_rows_parallel(*args, slots)
+    if _level_rows(u, K, b, threads):
+        _state_points_rows_one_thread(uc, K, b, np.asarray(dt, u.dtype), act, positions, outc,
+                                      positions if rows is None else _idx(rows),
+                                      uc if g is None else _c(g), mode)
         _copy_back(outc, out)
         return
     W = _state_width(u.shape[1], chunk, len(positions), threads)
@@ -1591,16 +1531,11 @@ def level_derivatives(X, K, b, act, out, chunk):
 def adjoint_runs(lam, g, D, K, dt, starts, ends, chunk):
     has_g = g is not None
     threads = _num_threads()
-    if _adjoint_level_rows(lam, K, D):
+    if _adjoint_level_rows(lam, K, D, threads):
         lc = _c(lam)
         starts, ends = _idx(starts), _idx(ends)
-        slots = _row_slots(lam, len(starts), int(np.sum(ends - starts + 1)), threads)
-        args = (lc, _c(g) if has_g else lc, has_g, D, K, np.asarray(dt, lam.dtype), starts,
-                ends)
-        if slots == 1:
-            _adjoint_runs_rows_one_thread(*args)
-        else:
-            _adjoint_runs_rows_parallel(*args, slots)
+        _adjoint_runs_rows_one_thread(lc, _c(g) if has_g else lc, has_g, D, K,
+                                      np.asarray(dt, lam.dtype), starts, ends)
         _copy_back(lc, lam)
         return
     W = _state_width(lam.shape[1], chunk, len(starts), threads)
@@ -1621,14 +1556,10 @@ def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
     positions = _idx(positions)
     threads = _num_threads()
     lc, outc = _c(lam), _c(out)
-    if _adjoint_level_rows(lam, K, D):
-        slots = _row_slots(lam, len(positions), len(positions), threads)
-        args = (lc, D, K, np.asarray(dt, lam.dtype), positions, outc,
-                positions if rows is None else _idx(rows), lc if g is None else _c(g), mode)
-        if slots == 1:
-            _adjoint_points_rows_one_thread(*args)
-        else:
-            _adjoint_points_rows_parallel(*args, slots)
+    if _adjoint_level_rows(lam, K, D, threads):
+        _adjoint_points_rows_one_thread(lc, D, K, np.asarray(dt, lam.dtype), positions, outc,
+                                        positions if rows is None else _idx(rows),
+                                        lc if g is None else _c(g), mode)
         _copy_back(outc, out)
         return
     W = _state_width(lam.shape[1], chunk, len(positions), threads)
