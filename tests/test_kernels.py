@@ -990,6 +990,56 @@ def test_cpu_rows_path_is_taken_only_where_it_applies():
     assert not ok(x, K, b, outs, np.zeros((3, 16, 16))[:, :, ::2], True)  # strided sigma'
 
 
+def _level_case(S8, n, d, seed, dtype, with_g):
+    """A level's values, weights, derivatives, step sizes, two runs and some points (with
+    rows of an output to sum into), for the rows-against-tiles tests below."""
+    S = 8 * S8
+    rng = np.random.default_rng(seed)
+    positions = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(1, n - 1)),
+                                   replace=False))
+    cut = int(rng.integers(1, n - 1))
+    return dict(
+        K=(rng.standard_normal((n, d, d)) * 1.5 / np.sqrt(d)).astype(dtype),
+        b=rng.standard_normal((n, d)).astype(dtype),
+        D=rng.uniform(0.0, 1.0, (n, S, d)).astype(dtype),
+        dt=rng.uniform(0.05, 0.6, n).astype(dtype),
+        u0=(rng.standard_normal((n, S, d)) * 2).astype(dtype),
+        g=rng.standard_normal((n, S, d)).astype(dtype) if with_g else None,
+        starts=np.array([1, cut + 1]), ends=np.array([cut - 1, n - 1]), positions=positions,
+        rows=rng.permutation(len(positions)),
+        base=rng.standard_normal((len(positions), S, d)).astype(dtype))
+
+
+def _rows_against_tiles(names, compute):
+    """``compute()`` on one thread with the rows paths on, then off; returns both results,
+    after checking that the rows kernels ``names`` ran five times (runs, four point modes)
+    in the first pass."""
+    from ptoc.kernels import cpu as cpu_module
+
+    calls, results = [], []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in names:
+            kernel = getattr(cpu_module, name)
+            mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
+        for enabled in (True, False):
+            mp.setattr(cpu_module, "_rows_enabled", enabled)
+            with _one_thread():
+                results.append(compute())
+    assert len(calls) == 5
+    return results
+
+
+_POINT_MODES = (maths.POINT_APPLY, maths.POINT_RESIDUAL, maths.POINT_RESIDUAL_G,
+                maths.POINT_TAU)
+
+
+def _assert_same_level_results(results):
+    (u1, o1), (u2, o2) = results
+    assert np.array_equal(u1, u2)
+    for a, c in zip(o1, o2, strict=True):
+        assert np.array_equal(a, c)
+
+
 @pytest.mark.parametrize("d", [8, 16])
 @pytest.mark.parametrize("act", ACTS)
 @given(S8=st.integers(1, 8), n=st.integers(3, 14), seed=st.integers(0, 2**31),
@@ -1000,48 +1050,24 @@ def test_cpu_state_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
     points of MGRIT and parareal run on the grid's rows: every mode gives the bits of the
     tile kernels (runs with and without a right-hand side, points that apply the step or
     form either half of the FAS right-hand side)."""
-    from ptoc.kernels import cpu as cpu_module
-
-    S = 8 * S8
-    rng = np.random.default_rng(seed)
-    K = (rng.standard_normal((n, d, d)) * 1.5 / np.sqrt(d)).astype(dtype)
-    b = rng.standard_normal((n, d)).astype(dtype)
-    dt = rng.uniform(0.05, 0.6, n).astype(dtype)
-    u0 = (rng.standard_normal((n, S, d)) * 2).astype(dtype)
-    g = rng.standard_normal((n, S, d)).astype(dtype) if with_g else None
-    cut = int(rng.integers(1, n - 1))
-    starts, ends = np.array([1, cut + 1]), np.array([cut - 1, n - 1])
-    positions = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(1, n - 1)),
-                                   replace=False))
-    rows = rng.permutation(len(positions))
-    base = rng.standard_normal((len(positions), S, d)).astype(dtype)
+    c = _level_case(S8, n, d, seed, dtype, with_g)
     cpu = kernels.backend("cpu")
-    results = []
-    calls = []
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("_state_runs_rows_one_thread", "_state_points_rows_one_thread"):
-            kernel = getattr(cpu_module, name)
-            mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
-        for enabled in (True, False):
-            mp.setattr(cpu_module, "_rows_enabled", enabled)
-            with _one_thread():
-                u = u0.copy()
-                cpu.state_runs(u, g, K, b, dt, act.code, starts, ends, 32)
-                outs = []
-                for mode in (maths.POINT_APPLY, maths.POINT_RESIDUAL, maths.POINT_RESIDUAL_G,
-                             maths.POINT_TAU):
-                    out = base.copy()
-                    gm = (g if g is not None else u0) if mode == maths.POINT_RESIDUAL_G else None
-                    cpu.state_points_into(u, K, b, dt, act.code, positions, out,
-                                          None if mode == maths.POINT_APPLY else rows, gm,
-                                          mode, 32)
-                    outs.append(out)
-            results.append((u, outs))
-    assert len(calls) == 5
-    (u1, o1), (u2, o2) = results
-    assert np.array_equal(u1, u2)
-    for a, c in zip(o1, o2, strict=True):
-        assert np.array_equal(a, c)
+
+    def compute():
+        u = c["u0"].copy()
+        cpu.state_runs(u, c["g"], c["K"], c["b"], c["dt"], act.code, c["starts"], c["ends"], 32)
+        outs = []
+        for mode in _POINT_MODES:
+            out = c["base"].copy()
+            gm = (c["u0"] if c["g"] is None else c["g"]) if mode == maths.POINT_RESIDUAL_G \
+                else None
+            cpu.state_points_into(u, c["K"], c["b"], c["dt"], act.code, c["positions"], out,
+                                  None if mode == maths.POINT_APPLY else c["rows"], gm, mode, 32)
+            outs.append(out)
+        return u, outs
+
+    _assert_same_level_results(_rows_against_tiles(
+        ("_state_runs_rows_one_thread", "_state_points_rows_one_thread"), compute))
 
 
 @pytest.mark.parametrize("d", [8, 16])
@@ -1051,45 +1077,22 @@ def test_cpu_adjoint_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
         d, S8, n, seed, dtype, with_g):
     """The adjoint runs and points of MGRIT and parareal on the grid's rows (one thread,
     width 8 or 16, a batch of whole vectors): the bits of the tiles in every mode."""
-    from ptoc.kernels import cpu as cpu_module
-
-    S = 8 * S8
-    rng = np.random.default_rng(seed)
-    K = (rng.standard_normal((n, d, d)) * 1.5 / np.sqrt(d)).astype(dtype)
-    D = rng.uniform(0.0, 1.0, (n, S, d)).astype(dtype)
-    dt = rng.uniform(0.05, 0.6, n).astype(dtype)
-    lam0 = rng.standard_normal((n, S, d)).astype(dtype)
-    g = rng.standard_normal((n, S, d)).astype(dtype) if with_g else None
-    cut = int(rng.integers(1, n - 1))
-    starts, ends = np.array([1, cut + 1]), np.array([cut - 1, n - 1])
-    positions = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(1, n - 1)),
-                                   replace=False))
-    rows = rng.permutation(len(positions))
-    base = rng.standard_normal((len(positions), S, d)).astype(dtype)
+    c = _level_case(S8, n, d, seed, dtype, with_g)
     cpu = kernels.backend("cpu")
-    results = []
-    calls = []
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread"):
-            kernel = getattr(cpu_module, name)
-            mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
-        for enabled in (True, False):
-            mp.setattr(cpu_module, "_rows_enabled", enabled)
-            with _one_thread():
-                lam = lam0.copy()
-                cpu.adjoint_runs(lam, g, D, K, dt, starts, ends, 32)
-                outs = []
-                for mode in (maths.POINT_APPLY, maths.POINT_RESIDUAL, maths.POINT_RESIDUAL_G,
-                             maths.POINT_TAU):
-                    out = base.copy()
-                    gm = (g if g is not None else lam0) if mode == maths.POINT_RESIDUAL_G else None
-                    cpu.adjoint_points_into(lam, D, K, dt, positions, out,
-                                            None if mode == maths.POINT_APPLY else rows, gm,
-                                            mode, 32)
-                    outs.append(out)
-            results.append((lam, outs))
-    assert len(calls) == 5
-    (l1, o1), (l2, o2) = results
-    assert np.array_equal(l1, l2)
-    for a, c in zip(o1, o2, strict=True):
-        assert np.array_equal(a, c)
+
+    def compute():
+        lam = c["u0"].copy()
+        cpu.adjoint_runs(lam, c["g"], c["D"], c["K"], c["dt"], c["starts"], c["ends"], 32)
+        outs = []
+        for mode in _POINT_MODES:
+            out = c["base"].copy()
+            gm = (c["u0"] if c["g"] is None else c["g"]) if mode == maths.POINT_RESIDUAL_G \
+                else None
+            cpu.adjoint_points_into(lam, c["D"], c["K"], c["dt"], c["positions"], out,
+                                    None if mode == maths.POINT_APPLY else c["rows"], gm, mode,
+                                    32)
+            outs.append(out)
+        return lam, outs
+
+    _assert_same_level_results(_rows_against_tiles(
+        ("_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread"), compute))

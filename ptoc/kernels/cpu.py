@@ -501,16 +501,22 @@ def _activate_rows_code(a, xin, xout, h, code, slope):
             a[t] = dsg
 
 
+@_jit(inline="always")
+def _activate_rows_any(a, xin, xout, h, act, slope):
+    # as _activate_any: one loop per activation code, each with its code as a constant
+    if act == _TANH:
+        _activate_rows_code(a, xin, xout, h, _TANH, slope)
+    elif act == _RELU:
+        _activate_rows_code(a, xin, xout, h, _RELU, slope)
+    else:
+        _activate_rows_code(a, xin, xout, h, _SMOOTHRELU, slope)
+
+
 @_tile_jit()
 def _activate_rows_t(a, xin, xout, h, act):
     """``xout = xin + h sigma(a)`` and ``a <- sigma'(a)`` over flat sample-major rows: the
     same per-entry arithmetic as :func:`_activate_t` on whole vectors."""
-    if act == _TANH:
-        _activate_rows_code(a, xin, xout, h, _TANH, True)
-    elif act == _RELU:
-        _activate_rows_code(a, xin, xout, h, _RELU, True)
-    else:
-        _activate_rows_code(a, xin, xout, h, _SMOOTHRELU, True)
+    _activate_rows_any(a, xin, xout, h, act, True)
 
 
 @_tile_jit()
@@ -518,12 +524,7 @@ def _activate_rows_value_t(a, xin, xout, h, act):
     """``xout = xin + h sigma(a)`` over flat sample-major rows: :func:`_activate_value_t`
     on whole vectors (a function of its own, so that the level kernels, which keep no
     ``sigma'``, compile no loop that stores it)."""
-    if act == _TANH:
-        _activate_rows_code(a, xin, xout, h, _TANH, False)
-    elif act == _RELU:
-        _activate_rows_code(a, xin, xout, h, _RELU, False)
-    else:
-        _activate_rows_code(a, xin, xout, h, _SMOOTHRELU, False)
+    _activate_rows_any(a, xin, xout, h, act, False)
 
 
 @_tile_jit()
