@@ -1464,8 +1464,8 @@ def _level_rows(u, K, b, threads: int) -> bool:
 
     With more threads the tile kernels run (the same bits): parallel variants of these
     kernels took the default two-thread ``bench_pymgrit.py`` run from 19x to 23x against
-    PyMGRIT, but added 8 s to the first compilation of ``ptoc solve`` (22 s against the
-    17 s that the cold-start target allows)."""
+    PyMGRIT, but added about 4 s to the first compilation of ``ptoc solve`` (22.0 s
+    against 17.7 s, measured side by side), so they are not built."""
     return (threads == 1 and _rows_enabled and u.shape[2] in (8, 16) and u.shape[1] % 8 == 0
             and K.strides[2] == K.itemsize and b.strides[1] == b.itemsize)
 
