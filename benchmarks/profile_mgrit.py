@@ -38,8 +38,14 @@ from ptoc import propagator as _propagator  # noqa: E402
 from ptoc.parallel import mgrit as _mgrit  # noqa: E402
 from ptoc.parallel.driver import parallel_forward  # noqa: E402
 
-PHASES = ("solve", "_f_relax", "_c_relax", "_c_relax_with_residual", "_restrict", "_correct")
-KERNELS = ("runs", "points_apply", "points_residual", "points_tau")
+PHASES = ("solve", "_f_relax", "_c_relax", "_c_relax_with_residual", "_restrict", "_correct",
+          "_f_relax_and_restrict", "_correct_and_f_relax", "_correct_relax_with_residual")
+KERNELS = ("runs", "points_apply", "points_residual", "points_tau", "runs_then_residuals",
+           "correct_then_runs")
+
+
+def _run_steps(starts, ends) -> int:
+    return int(np.sum(np.asarray(ends) - np.asarray(starts) + 1))
 
 
 def _instrument(times: dict, calls: collections.Counter, steps: collections.Counter) -> None:
@@ -51,7 +57,14 @@ def _instrument(times: dict, calls: collections.Counter, steps: collections.Coun
             if is_kernel:
                 key = f"{name} (level {self.plan.level})"
                 if name == "runs":
-                    n = int(np.sum(np.asarray(args[3]) - np.asarray(args[2]) + 1))
+                    n = _run_steps(args[2], args[3])
+                elif name == "runs_then_residuals":  # (u, g, starts, ends, positions, ...)
+                    n = _run_steps(args[2], args[3]) + len(args[4])
+                elif name == "correct_then_runs":  # (u, g, positions, uc, v, rows, starts,
+                    # ends, before): the C-relaxation's steps with before
+                    before = args[8] if len(args) > 8 else kwargs.get("before")
+                    n = _run_steps(args[6], args[7]) + (len(args[2]) if before is not None
+                                                        else 0)
                 else:  # the positions: points_apply(u, p), points_residual(u, g, p, ...),
                     # points_tau(u, p, ...)
                     n = len(args[2] if name == "points_residual" else args[1])
@@ -79,6 +92,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
                         help="Numba threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=30, help="timed solves (default 30)")
+    parser.add_argument("--cold", action="store_true",
+                        help="evict the caches before each solve (write 64 MiB), as the other "
+                             "implementations between two ptoc solves of bench_pymgrit.py do")
     args = parser.parse_args(argv)
     if args.levels < 2 or args.threads < 1 or args.repeats < 1:
         parser.error("--levels must be >= 2, --threads and --repeats >= 1")
@@ -92,7 +108,10 @@ def main(argv=None) -> int:
     _instrument(times := {}, calls := collections.Counter(), steps := collections.Counter())
     per_run: dict[str, list[float]] = collections.defaultdict(list)
     totals = []
+    flush = np.zeros(8 << 20) if args.cold else None
     for _ in range(args.repeats):
+        if flush is not None:
+            flush += 1.0
         times.clear()
         t0 = time.perf_counter()
         _, record = parallel_forward(net, params, X0, solver)

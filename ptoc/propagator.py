@@ -350,6 +350,62 @@ class LevelSteps:
             mode = _maths.POINT_RESIDUAL if g is None else _maths.POINT_RESIDUAL_G
             point_ends(self.points_apply(u, positions), u, g, positions, out, rows, mode)
 
+    def runs_then_residuals(self, u: np.ndarray, g: np.ndarray | None, starts, ends,
+                            positions, out: np.ndarray, rows, inject: np.ndarray) -> None:
+        """An F-relaxation followed by the fine half of MGRIT's restriction
+        (:doc:`/theory/mgrit`): :meth:`runs`, then ``inject[rows[r]] = u[j]`` and
+        :meth:`points_residual` at ``j = positions[r]``. ``positions`` ascend and none lies
+        inside a run.
+
+        This version does the three one after the other; a compiled level may do each
+        position right after the run that ends before it, while that run's last value is
+        in the cache, with the same bits (a position's residual reads ``u[j-1]``, which no
+        later run writes, and ``u[j]``, which no run writes).
+        """
+        self.runs(u, g, starts, ends)
+        if len(positions):
+            from .kernels import rows as rowops
+
+            rowops.copy_rows(inject, np.asarray(rows, dtype=np.int64), u,
+                             np.asarray(positions, dtype=np.int64))
+            self.points_residual(u, g, positions, out, rows)
+
+    def correct_then_runs(self, u: np.ndarray, g: np.ndarray | None, positions, uc: np.ndarray,
+                          v: np.ndarray, rows, starts, ends,
+                          before: np.ndarray | None = None) -> float:
+        """MGRIT's coarse-grid correction followed by an F-relaxation and, with ``before``,
+        the next C-relaxation and its change (:doc:`/theory/mgrit`).
+
+        ``u[j] += uc[rows[r]] - v[rows[r]]`` at ``j = positions[r]`` (ascending, none
+        inside a run), then :meth:`runs`; with ``before``: ``before[r] = u[j]``, then
+        ``u[j] = step_j(u[j-1]) (+ g[j])`` at every position, each from the values
+        before this C-relaxation (a position right after another reads that one's old
+        value), and the return value is ``sum_r |u[j] - before[r]|^2`` (each row's sum
+        by :func:`ptoc.kernels.rows.sumsq_row`, the rows added in order); 0.0 without.
+
+        This version does them one after the other (the C-relaxation: the positions that
+        follow a position one at a time, last first, then the others as one batch of
+        :meth:`runs`); a compiled level may do them interval by interval, with the same
+        bits.
+        """
+        from .kernels import rows as rowops
+
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(positions):
+            rowops.correct(u, positions, uc, v, rows)
+        self.runs(u, g, starts, ends)
+        if before is None or not len(positions):
+            return 0.0
+        order = np.arange(len(positions), dtype=np.int64)
+        rowops.copy_rows(before, order, u, positions)
+        follows = np.concatenate(([False], np.diff(positions) == 1))
+        for j in positions[follows][::-1]:  # one at a time: batched runs may run in parallel
+            self.runs(u, g, j[None], j[None])
+        rest = positions[~follows]
+        self.runs(u, g, rest, rest)
+        return rowops.sumsq_diff(u, positions, before, order)
+
     def points_tau(self, u: np.ndarray, positions, out: np.ndarray, rows) -> None:
         """``out[rows[r]] += u[j] - step_j(u[j-1])`` for ``j = positions[r]``: on a coarse
         level with ``u`` the restricted values, the coarse half of the FAS right-hand
@@ -713,6 +769,37 @@ class ResNetLevelSteps(LevelSteps):
         out = np.empty((len(positions),) + u.shape[1:], u.dtype)
         self._points(u, positions, out, None, None, _maths.POINT_APPLY)
         return out
+
+    def runs_then_residuals(self, u, g, starts, ends, positions, out, rows, inject) -> None:
+        """:meth:`LevelSteps.runs_then_residuals` in one compiled pass where the target
+        has one for these arrays (the CPU's ``state_runs_residuals`` and
+        ``adjoint_runs_residuals``), else composed."""
+        if self.D is None:
+            fused = getattr(self.kern, "state_runs_residuals", None)
+            args = (self.K, self.b, self.dt, self.act)
+        else:
+            fused = getattr(self.kern, "adjoint_runs_residuals", None)
+            args = (self.D, self.K, self.dt)
+        if fused is None or not len(starts) or not fused(
+                u, g, *args, starts, ends, positions, out, rows, inject, _config.CHUNK):
+            super().runs_then_residuals(u, g, starts, ends, positions, out, rows, inject)
+
+    def correct_then_runs(self, u, g, positions, uc, v, rows, starts, ends,
+                          before=None) -> float:
+        """:meth:`LevelSteps.correct_then_runs` in one compiled pass where the target has
+        one for these arrays (the CPU's ``state_correct_runs`` and
+        ``adjoint_correct_runs``), else composed."""
+        if self.D is None:
+            fused = getattr(self.kern, "state_correct_runs", None)
+            args = (self.K, self.b, self.dt, self.act)
+        else:
+            fused = getattr(self.kern, "adjoint_correct_runs", None)
+            args = (self.D, self.K, self.dt)
+        if fused is not None and len(positions):
+            sq = fused(u, g, *args, positions, uc, v, rows, starts, ends, before, _config.CHUNK)
+            if sq is not None:
+                return sq
+        return super().correct_then_runs(u, g, positions, uc, v, rows, starts, ends, before)
 
     def points_residual(self, u, g, positions, out, rows) -> None:
         self._points(u, positions, out, rows, g,

@@ -345,14 +345,15 @@ def test_every_grouped_kernel_exists_and_every_group_has_its_warm_up():
 @pytest.mark.parametrize("threads, compiled", [(1, True), (2, False)])
 def test_level_warm_ups_compile_the_rows_kernels_only_for_one_thread_callers(
         threads, compiled, monkeypatch):
-    """The level kernels on sample-major rows run on one thread only: a helper started by a
-    process with more threads leaves them out of its warm-up (compile time of
-    ``ptoc solve``), one started by a one-thread rank compiles them."""
+    """The level kernels on sample-major rows (MGRIT's fused passes among them) run on one
+    thread only: a helper started by a process with more threads leaves them out of its
+    warm-up (compile time of ``ptoc solve``), one started by a one-thread rank compiles
+    them."""
     from ptoc.kernels import _warm_up, cpu
 
     calls = []
-    names = ("_state_runs_rows_one_thread", "_state_points_rows_one_thread",
-             "_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread")
+    names = tuple(f"_{sweep}_{kind}_rows_one_thread" for sweep in ("state", "adjoint")
+                  for kind in ("runs", "points", "runs_residuals", "correct_runs"))
     for name in names:
         monkeypatch.setattr(cpu, name, lambda *a, n=name: calls.append(n))
     monkeypatch.setattr(_warm_up, "CALLER_THREADS", threads)

@@ -39,9 +39,9 @@ def test_row_operations_equal_their_numpy_expressions(seed, n, S, d, data):
        d=st.integers(1, 20), data=st.data())
 def test_sum_of_squared_differences_is_exact_to_rounding_and_thread_independent(
         seed, n, S, d, data):
-    """Eight interleaved sums per row (every entry counted once: sizes not a multiple of
-    eight included), rows in order: NumPy's value to rounding, the same bits on one and
-    on all threads."""
+    """Each row's sum split into vector lanes (every entry counted once: sizes not a
+    multiple of the vector length included), rows in order: NumPy's value to rounding,
+    the same bits on one and on all threads."""
     k = data.draw(st.integers(1, n))
     _, a, b, ai, bi = _problem(seed, n, S, d, k)
     want = float(np.sum((a[ai] - b[bi]) ** 2))

@@ -305,7 +305,11 @@ _GROUP_OF = {
        for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
                     "_layer_grad_block", "_level_derivatives",
                     "_state_runs_rows_one_thread", "_state_points_rows_one_thread",
-                    "_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread")},
+                    "_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread",
+                    "_state_runs_residuals_rows_one_thread",
+                    "_state_correct_runs_rows_one_thread",
+                    "_adjoint_runs_residuals_rows_one_thread",
+                    "_adjoint_correct_runs_rows_one_thread")},
     **{f"ptoc.kernels.rows.{name}": "levels"
        for name in ("_correct", "_copy_rows", "_sumsq_diff")},
     **{f"ptoc.kernels.conv_cpu.{name}": "conv"

@@ -100,6 +100,14 @@ def _warm_up_level_states() -> None:
         idx = np.array([1, 2], dtype=np.int64)
         cpu._state_runs_rows_one_thread(u, u, False, K, b, dt, 0, idx, idx)
         cpu._state_points_rows_one_thread(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0)
+        # and MGRIT's fused passes of a level that a rank holds alone
+        one, three = np.array([1], dtype=np.int64), np.array([3], dtype=np.int64)
+        c = np.array([2], dtype=np.int64)
+        cpu._state_runs_residuals_rows_one_thread(u, u, False, K, b, dt, 0, one, one, c,
+                                                  u[:2].copy(), one, u[:2].copy(), 1)
+        cpu._state_correct_runs_rows_one_thread(u, u, False, K, b, dt, 0, c, u[:2].copy(),
+                                                u[:2].copy(), one, three, three, u[:1].copy(),
+                                                True)
 
 
 def _warm_up_level_adjoints() -> None:
@@ -122,6 +130,13 @@ def _warm_up_level_adjoints() -> None:
         D = u.copy()
         cpu._adjoint_runs_rows_one_thread(u, u, False, D, K, dt, idx, idx)
         cpu._adjoint_points_rows_one_thread(u, D, K, dt, idx, u[:2].copy(), idx, u, 0)
+        one, three = np.array([1], dtype=np.int64), np.array([3], dtype=np.int64)
+        c = np.array([2], dtype=np.int64)
+        cpu._adjoint_runs_residuals_rows_one_thread(u, u, False, D, K, dt, one, one, c,
+                                                    u[:2].copy(), one, u[:2].copy(), 1)
+        cpu._adjoint_correct_runs_rows_one_thread(u, u, False, D, K, dt, c, u[:2].copy(),
+                                                  u[:2].copy(), one, three, three,
+                                                  u[:1].copy(), True)
     net, params, X, y, solver, comm = _mgrit_problem()
     states = ptoc.forward(net, params, X, target="numpy").states
     lam_N = classifier_loss(params, states[-1], y)[1]

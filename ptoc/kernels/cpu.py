@@ -104,6 +104,7 @@ from numba.extending import register_jitable
 from .. import _config, _maths
 from .._workspace import Workspace
 from . import _bits, _cache, _product, _transpose
+from . import rows as _rowops
 from ._transpose import transpose8, transpose8_times
 
 for _f in _maths.CPU_FUNCTIONS:  # activation and tanh; the sums are the tile loops below
@@ -112,7 +113,8 @@ for _f in _maths.CPU_FUNCTIONS:  # activation and tanh; the sums are the tile lo
 #: ``numba.njit`` for this module: its kernels inline ``_maths`` and ``_transpose`` and take
 #: their flags from ``_config``, so their disk cache is keyed on those files too
 #: (:mod:`ptoc.kernels._cache`).
-_jit = functools.partial(_cache.njit, depends_on=(_maths, _config, _product, _transpose, _bits),
+_jit = functools.partial(_cache.njit, depends_on=(_maths, _config, _product, _transpose, _bits,
+                                                  _rowops),
                          fastmath=_config.CPU_FASTMATH, error_model="numpy")
 #: ``_jit`` for the tile helpers, the loops over one work item's tiles that the parallel
 #: kernels call: compiled without Numba's reference counting (``_nrt=False``). They only
@@ -983,6 +985,84 @@ def _state_points_rows_one_thread(u, K, b, dt, act, positions, out, rows, g, mod
                        KT, a, a.reshape(S * d), phi, 0, len(positions))
 
 
+# --- widths 8 and 16: MGRIT's fused level passes on sample-major rows ------------------------
+#
+# Two passes over a level that does not talk to other ranks, each the work of several
+# level kernels done interval by interval, while an interval's rows are in the cache
+# (:meth:`ptoc.propagator.LevelSteps.runs_then_residuals` and ``correct_then_runs`` say
+# what they compute; composed of the other level operations, they give the same bits).
+
+@_jit()
+def _state_runs_residuals_rows_one_thread(u, g, has_g, K, b, dt, act, starts, ends, positions,
+                                          out, rows, inject, mode):
+    """The runs of :func:`_state_runs_rows`, each followed by the points of
+    :func:`_state_points_rows` (``mode``: ``POINT_RESIDUAL`` or ``POINT_RESIDUAL_G``)
+    up to the position after its end, and the copy ``inject[rows[r]] = u[k]`` of each
+    point ``k = positions[r]`` (ascending, none inside a run)."""
+    n, S, d = u.shape
+    KT = np.empty((d, d), u.dtype)
+    a = np.empty((S, d), u.dtype)
+    af = a.reshape(S * d)
+    phi = np.empty(S * d, u.dtype)
+    uf, gf, outf, injf = _flat(u), _flat(g), _flat(out), _flat(inject)
+    p = 0
+    for r in range(len(starts) + 1):
+        if r < len(starts):
+            _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KT, a, af, r, r + 1)
+        while p < len(positions) and (r == len(starts) or positions[p] <= ends[r] + 1):
+            _state_points_rows(u, uf, K, b, dt, act, positions, outf, rows, gf, mode, KT, a,
+                               af, phi, p, p + 1)
+            src, dst = uf[positions[p]], injf[rows[p]]
+            for t in range(dst.shape[0]):
+                dst[t] = src[t]
+            p += 1
+
+
+@_jit()
+def _state_correct_runs_rows_one_thread(u, g, has_g, K, b, dt, act, positions, uc, v, rows,
+                                        starts, ends, before, measure):
+    """At each point ``k = positions[r]`` (ascending, none inside a run), in order: the
+    correction ``u[k] += uc[rows[r]] - v[rows[r]]`` (:func:`ptoc.kernels.rows.correct_row`),
+    the runs that start up to ``k + 1`` (:func:`_state_runs_rows`: the run after ``k``
+    reads the corrected value) and, with ``measure``, ``before[r] = u[k]`` and the
+    C-relaxation step ``u[k] = Phi_k(u[k-1]) (+ g[k])`` from the value ``u[k-1]`` had
+    before any C-relaxation (``before[r-1]`` where ``k-1`` is the point before), whose
+    change ``|u[k] - before[r]|^2`` (:func:`ptoc.kernels.rows.sumsq_row`) goes into the
+    returned sum, the points' sums added in order. The runs left after the last point
+    come last."""
+    n, S, d = u.shape
+    KT = np.empty((d, d), u.dtype)
+    a = np.empty((S, d), u.dtype)
+    af = a.reshape(S * d)
+    uf, gf, ucf, vf, bf = _flat(u), _flat(g), _flat(uc), _flat(v), _flat(before)
+    part = np.zeros(len(positions))
+    q = 0
+    for r in range(len(positions)):
+        k = positions[r]
+        _rowops.correct_row(uf[k], ucf[rows[r]], vf[rows[r]])
+        while q < len(starts) and starts[q] <= k + 1:
+            _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KT, a, af, q, q + 1)
+            q += 1
+        if measure:
+            keep = bf[r]
+            for t in range(keep.shape[0]):
+                keep[t] = uf[k][t]
+            after_point = r > 0 and positions[r - 1] == k - 1
+            xin = before[r - 1] if after_point else u[k - 1]
+            xinf = bf[r - 1] if after_point else uf[k - 1]
+            _preact_rows(K[k], b[k], xin, KT, a, S)
+            _activate_rows_value_t(af, xinf, uf[k], dt[k], act)
+            if has_g:
+                dst, gk = uf[k], gf[k]
+                for i in range(dst.shape[0]):
+                    dst[i] = dst[i] + gk[i]
+            part[r] = _rowops.sumsq_row(uf[k], keep)
+    while q < len(starts):
+        _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KT, a, af, q, q + 1)
+        q += 1
+    return _rowops.sum_in_order(part)
+
+
 # --- widths 8 and 16: the adjoint level kernels on sample-major rows ------------------------
 
 @_tile_jit()
@@ -1048,6 +1128,67 @@ def _adjoint_points_rows(lam, lamf, Df, K, dt, positions, out, outf, rows, gf, m
             _adjoint_rows_step(Df[k], K[k], dt[k], lam[k - 1], phi, g, lamf[k - 1], phif, gflat)
             _point_sum(phif, outf[rows[r]], lamf[k], gf[k] if mode == POINT_RESIDUAL_G else phif,
                        mode)
+
+
+@_jit()
+def _adjoint_runs_residuals_rows_one_thread(lam, g, has_g, D, K, dt, starts, ends, positions,
+                                            out, rows, inject, mode):
+    """:func:`_state_runs_residuals_rows_one_thread` for adjoint steps
+    (:func:`_adjoint_runs_rows`, :func:`_adjoint_points_rows`)."""
+    n, S, d = lam.shape
+    scratch = np.empty((2, S, d), lam.dtype)
+    lamf, gf, Df, outf, injf = _flat(lam), _flat(g), _flat(D), _flat(out), _flat(inject)
+    p = 0
+    for r in range(len(starts) + 1):
+        if r < len(starts):
+            _adjoint_runs_rows(lam, lamf, gf, has_g, Df, K, dt, starts, ends, scratch[0],
+                               scratch[0].reshape(S * d), r, r + 1)
+        while p < len(positions) and (r == len(starts) or positions[p] <= ends[r] + 1):
+            _adjoint_points_rows(lam, lamf, Df, K, dt, positions, out, outf, rows, gf, mode,
+                                 scratch[0], scratch[0].reshape(S * d), scratch[1],
+                                 scratch[1].reshape(S * d), p, p + 1)
+            src, dst = lamf[positions[p]], injf[rows[p]]
+            for t in range(dst.shape[0]):
+                dst[t] = src[t]
+            p += 1
+
+
+@_jit()
+def _adjoint_correct_runs_rows_one_thread(lam, g, has_g, D, K, dt, positions, uc, v, rows,
+                                          starts, ends, before, measure):
+    """:func:`_state_correct_runs_rows_one_thread` for adjoint steps
+    (:func:`_adjoint_runs_rows`, :func:`_adjoint_rows_step`)."""
+    n, S, d = lam.shape
+    scratch = np.empty((S, d), lam.dtype)
+    sf = scratch.reshape(S * d)
+    lamf, gf, Df, ucf, vf, bf = _flat(lam), _flat(g), _flat(D), _flat(uc), _flat(v), \
+        _flat(before)
+    part = np.zeros(len(positions))
+    q = 0
+    for r in range(len(positions)):
+        k = positions[r]
+        _rowops.correct_row(lamf[k], ucf[rows[r]], vf[rows[r]])
+        while q < len(starts) and starts[q] <= k + 1:
+            _adjoint_runs_rows(lam, lamf, gf, has_g, Df, K, dt, starts, ends, scratch, sf, q,
+                               q + 1)
+            q += 1
+        if measure:
+            keep = bf[r]
+            for t in range(keep.shape[0]):
+                keep[t] = lamf[k][t]
+            after_point = r > 0 and positions[r - 1] == k - 1
+            lin = before[r - 1] if after_point else lam[k - 1]
+            linf = bf[r - 1] if after_point else lamf[k - 1]
+            _adjoint_rows_step(Df[k], K[k], dt[k], lin, lam[k], scratch, linf, lamf[k], sf)
+            if has_g:
+                dst, gk = lamf[k], gf[k]
+                for i in range(dst.shape[0]):
+                    dst[i] = dst[i] + gk[i]
+            part[r] = _rowops.sumsq_row(lamf[k], keep)
+    while q < len(starts):
+        _adjoint_runs_rows(lam, lamf, gf, has_g, Df, K, dt, starts, ends, scratch, sf, q, q + 1)
+        q += 1
+    return _rowops.sum_in_order(part)
 
 
 @_jit()
@@ -1495,6 +1636,40 @@ def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
     _copy_back(uc, u)
 
 
+def _fused_rows(u, K, b, *others) -> bool:
+    """Whether MGRIT's fused level passes run here: where the level kernels run on rows
+    (:func:`_level_rows`) and every grid is C-ordered (else the caller composes them)."""
+    return (_level_rows(u, K, b, _num_threads()) and u.flags.c_contiguous
+            and all(x is None or x.flags.c_contiguous for x in others))
+
+
+def state_runs_residuals(u, g, K, b, dt, act, starts, ends, positions, out, rows, inject,
+                         chunk) -> bool:
+    """:meth:`ptoc.propagator.LevelSteps.runs_then_residuals` in one pass, where
+    :func:`_fused_rows` allows (returns True); else returns False, having done nothing."""
+    if not _fused_rows(u, K, b, g, out, inject):
+        return False
+    _state_runs_residuals_rows_one_thread(
+        u, u if g is None else g, g is not None, K, b, np.asarray(dt, u.dtype), act,
+        _idx(starts), _idx(ends), _idx(positions), out, _idx(rows), inject,
+        POINT_RESIDUAL if g is None else POINT_RESIDUAL_G)
+    return True
+
+
+def state_correct_runs(u, g, K, b, dt, act, positions, uc, v, rows, starts, ends, before,
+                       chunk) -> float | None:
+    """:meth:`ptoc.propagator.LevelSteps.correct_then_runs` in one pass, where
+    :func:`_fused_rows` allows (returns the sum of squared changes, 0.0 without
+    ``before``); else returns None, having done nothing."""
+    if not _fused_rows(u, K, b, g, uc, v, before):
+        return None
+    measure = before is not None
+    return float(_state_correct_runs_rows_one_thread(
+        u, u if g is None else g, g is not None, K, b, np.asarray(dt, u.dtype), act,
+        _idx(positions), uc, v, _idx(rows), _idx(starts), _idx(ends),
+        before if measure else u, measure))
+
+
 def state_points(u, K, b, dt, act, positions, out, chunk):
     state_points_into(u, K, b, dt, act, positions, out, None, None, POINT_APPLY, chunk)
 
@@ -1545,6 +1720,36 @@ def adjoint_runs(lam, g, D, K, dt, starts, ends, chunk):
                   _idx(starts), _idx(ends), W,
                   _tiles(lam, _tasks(lam, len(starts), W), W, 2, threads))
     _copy_back(lc, lam)
+
+
+def _adjoint_fused_rows(lam, K, D, *others) -> bool:
+    """:func:`_fused_rows` for an adjoint level (:func:`_adjoint_level_rows`)."""
+    return (_adjoint_level_rows(lam, K, D, _num_threads()) and lam.flags.c_contiguous
+            and all(x is None or x.flags.c_contiguous for x in others))
+
+
+def adjoint_runs_residuals(lam, g, D, K, dt, starts, ends, positions, out, rows, inject,
+                           chunk) -> bool:
+    """:func:`state_runs_residuals` for an adjoint level."""
+    if not _adjoint_fused_rows(lam, K, D, g, out, inject):
+        return False
+    _adjoint_runs_residuals_rows_one_thread(
+        lam, lam if g is None else g, g is not None, D, K, np.asarray(dt, lam.dtype),
+        _idx(starts), _idx(ends), _idx(positions), out, _idx(rows), inject,
+        POINT_RESIDUAL if g is None else POINT_RESIDUAL_G)
+    return True
+
+
+def adjoint_correct_runs(lam, g, D, K, dt, positions, uc, v, rows, starts, ends, before,
+                         chunk) -> float | None:
+    """:func:`state_correct_runs` for an adjoint level."""
+    if not _adjoint_fused_rows(lam, K, D, g, uc, v, before):
+        return None
+    measure = before is not None
+    return float(_adjoint_correct_runs_rows_one_thread(
+        lam, lam if g is None else g, g is not None, D, K, np.asarray(dt, lam.dtype),
+        _idx(positions), uc, v, _idx(rows), _idx(starts), _idx(ends),
+        before if measure else lam, measure))
 
 
 def adjoint_points(lam, D, K, dt, positions, out, chunk):

@@ -173,8 +173,7 @@ def _structure(n_steps: int, owner: tuple[int, ...], rank: int, size: int, coars
         np.array([levels[i + 1].loc(int(lv.coarse_of[k])) for k in lv.c_points()],
                  dtype=np.int64) if i + 1 < len(levels) else np.empty(0, np.int64)
         for i, lv in enumerate(levels)]
-    c_all = np.concatenate([plans[0].c_first, plans[0].c_rest])
-    return levels, needs, plans, c_local, cc_local, c_all
+    return levels, needs, plans, c_local, cc_local
 
 
 def _rows():
@@ -207,10 +206,10 @@ class MGRITSolve:
         self.comm = comm
         self.problem = problem
         self.opt = options
-        (self.levels, needs, self._plan, self._c_local, self._cc_local,
-         self._c_all) = _structure(problem.n_steps, tuple(problem.owner.tolist()), comm.rank,
-                                   comm.size, options.coarsening, options.max_levels,
-                                   options.min_coarse_steps, problem.backward)
+        self.levels, needs, self._plan, self._c_local, self._cc_local = _structure(
+            problem.n_steps, tuple(problem.owner.tolist()), comm.rank, comm.size,
+            options.coarsening, options.max_levels, options.min_coarse_steps,
+            problem.backward)
         if len(self.levels) > 1:
             problem.gather_coarse_weights(needs, options.coarse_weights)
         self.steps = [None if lv.empty else problem.level_steps(i, lv.points, lv.base, lv.hi)
@@ -223,20 +222,31 @@ class MGRITSolve:
             get = scratch.zeros if zero else scratch.get
             return get(f"mgrit-{name}{i}-{side}", (lv.hi - lv.base,) + tuple(shape), dtype)
 
-        # The grids live in reused buffers: what leaves this object is copied first. The
-        # finest values start at zero (the initial guess at the C-points; the F-points are
-        # relaxed before they are read). A coarse grid is written in full by the
-        # restriction before it is read (u, v and g at every coarse position; row 0 is the
-        # first position or a ghost, set or received before use), except in nested
+        # The coarse grids live in reused buffers. The finest grid is a new array, which
+        # leaves this object as it is (local_solution): a reused one had to be set to zero
+        # and copied out at the end, two passes over the largest grid per solve (0.2 to
+        # 0.3 ms of an 11 ms solve at d = 16, S = 32, N = 1024). Its values start at zero
+        # (the initial guess at the C-points; the F-points are relaxed before they are
+        # read), pages the system hands out zeroed. A coarse grid is written in full by
+        # the restriction before it is read (u, v and g at every coarse position; row 0 is
+        # the first position or a ghost, set or received before use), except in nested
         # iteration, which starts from the coarse problems with g = 0.
         n = len(self.levels)
         nested = options.nested_iteration and n > 1
-        self.u = [grid("u", 0, True)] + [grid("u", i, nested) for i in range(1, n)]
+        lv0 = self.levels[0]
+        self.u = [np.zeros((lv0.hi - lv0.base,) + tuple(shape), dtype)] + [
+            grid("u", i, nested) for i in range(1, n)]
         self.v = [None] + [grid("v", i, False) for i in range(1, n)]
         self.g = [None] + [grid("g", i, nested) for i in range(1, n)]
+        # the finest C-points' values before a C-relaxation, row r for the r-th C-point
         self._c_before = scratch.get(f"mgrit-c-before-{side}",
-                                     (len(self._c_all),) + tuple(shape), dtype)
-        self._c_rows = np.arange(len(self._c_all), dtype=np.int64)
+                                     (len(self._c_local[0]),) + tuple(shape), dtype)
+        self._c_rows = np.arange(len(self._c_local[0]), dtype=np.int64)
+        # levels this rank holds alone (no neighbour on it): there a relaxation and the
+        # grid transfer next to it are one level-steps call, which a compiled level does
+        # interval by interval (runs_then_residuals, correct_then_runs)
+        self._alone = [not lv.empty and lv.prev is None and lv.next is None
+                       for lv in self.levels]
         # the rows of a coarse grid that its cycle reads before writing: its first row
         # (position 0 or the ghost) and its C-points (an F-relaxation comes first and
         # writes the F-points; on the coarsest level the serial sweep writes them all)
@@ -302,49 +312,93 @@ class MGRITSolve:
 
     def _c_relax(self, level: int) -> None:
         """``u_k = Phi(u_{k-1}) + g_k`` at the C-points, all from the values before the sweep
-        (in place: C-points that follow a C-point first, then the others in parallel)."""
+        (in place: C-points that follow a C-point first, one at a time and the last
+        first, then the others in parallel)."""
         u, g, plan = self.u[level], self.g[level], self._plan[level]
         self._exchange_c_ghost(level, u)
         steps = self.steps[level]
-        for c in (plan.c_first, plan.c_rest):
-            if len(c):
-                steps.runs(u, g, c, c, len(c))
+        for c in plan.c_first:
+            steps.runs(u, g, c[None], c[None], 1)
+        if len(plan.c_rest):
+            steps.runs(u, g, plan.c_rest, plan.c_rest, len(plan.c_rest))
 
     def _c_relax_with_residual(self) -> float:
         """C-relaxation on the finest level that also returns the residual of the iterate
         before it, ``sqrt(sum_k |Phi(u_{k-1}) - u_k|^2)`` over the C-points (collective):
         with ``g = 0`` there, the change of each C-point is its residual. The old values
         are kept in ``self._c_before`` so the sweep can be undone."""
-        c, rows = self._c_all, self._c_rows
+        c, rows = self._c_local[0], self._c_rows
         _rows().copy_rows(self._c_before, rows, self.u[0], c)
         self._c_relax(0)
         sq = _rows().sumsq_diff(self.u[0], c, self._c_before, rows)
         return math.sqrt(self.comm.sum(sq))
 
-    def _undo_c_relax(self) -> None:
-        _rows().copy_rows(self.u[0], self._c_all, self._c_before, self._c_rows)
+    def _correct_relax_with_residual(self) -> float:
+        """The end of a cycle on the finest level (correction, F-relaxation) and the
+        C-relaxation of :meth:`_c_relax_with_residual`, in one level-steps call, on a
+        rank that holds the level alone; the same values and residual."""
+        plan = self._plan[0]
+        sq = self.steps[0].correct_then_runs(
+            self.u[0], self.g[0], self._c_local[0], self.u[1], self.v[1], self._cc_local[0],
+            plan.free_starts, plan.free_ends, self._c_before, n_steps=plan.free_steps)
+        return math.sqrt(self.comm.sum(sq))
 
-    def _restrict(self, level: int) -> None:
+    def _undo_c_relax(self) -> None:
+        _rows().copy_rows(self.u[0], self._c_local[0], self._c_before, self._c_rows)
+
+    def _restrict(self, level: int, fine_half_done: bool = False) -> None:
         """Inject ``u`` at the C-points into ``v`` and form the FAS right-hand side
-        ``g_c = (g + Phi(u_{k-1}) - u_k) + (v_k - Phi_c(v_{k-1}))``."""
+        ``g_c = (g + Phi(u_{k-1}) - u_k) + (v_k - Phi_c(v_{k-1}))``; ``fine_half_done``:
+        the injection and the first half were done with the F-relaxation
+        (:meth:`_f_relax_and_restrict`)."""
         fine, coarse = self.levels[level], self.levels[level + 1]
         u, g = self.u[level], self.g[level]
         v, gc = self.v[level + 1], self.g[level + 1]
         self._exchange_c_ghost(level, u)
         c, cc = self._c_local[level], self._cc_local[level]
-        _rows().copy_rows(v, cc, u, c)
+        if not fine_half_done:
+            _rows().copy_rows(v, cc, u, c)
         if not fine.empty and fine.lo == 0 and not coarse.empty:
             v[coarse.loc(0)] = u[fine.loc(0)]
         self._exchange_ghost(level + 1, v)
         if len(c):
             # gc = (g + (Phi(u_{k-1}) - u_k)), then gc += v_k - Phi_c(v_{k-1})
-            self.steps[level].points_residual(u, g, c, gc, cc)
+            if not fine_half_done:
+                self.steps[level].points_residual(u, g, c, gc, cc)
             self.steps[level + 1].points_tau(v, cc, gc, cc)
         # u = v where the coarse cycle reads u before writing it (not the whole grid: the
         # F-points are relaxed before they are read, and copying them was a pass over
         # the coarse grid per cycle for nothing)
         start = self._starts[level + 1]
         _rows().copy_rows(self.u[level + 1], start, v, start)
+
+    def _f_relax_and_restrict(self, level: int) -> None:
+        """:meth:`_f_relax` then :meth:`_restrict`; on a level this rank holds alone, the
+        F-relaxation, the injection and the fine half of the right-hand side are one
+        level-steps call (``runs_then_residuals``), the same values."""
+        if not self._alone[level]:
+            self._f_relax(level)
+            self._restrict(level)
+            return
+        plan = self._plan[level]
+        self.steps[level].runs_then_residuals(
+            self.u[level], self.g[level], plan.free_starts, plan.free_ends,
+            self._c_local[level], self.g[level + 1], self._cc_local[level], self.v[level + 1],
+            n_steps=plan.free_steps)
+        self._restrict(level, fine_half_done=True)
+
+    def _correct_and_f_relax(self, level: int) -> None:
+        """:meth:`_correct` then :meth:`_f_relax`; one level-steps call
+        (``correct_then_runs``) on a level this rank holds alone."""
+        if not self._alone[level]:
+            self._correct(level)
+            self._f_relax(level)
+            return
+        plan = self._plan[level]
+        self.steps[level].correct_then_runs(
+            self.u[level], self.g[level], self._c_local[level], self.u[level + 1],
+            self.v[level + 1], self._cc_local[level], plan.free_starts, plan.free_ends,
+            n_steps=plan.free_steps)
 
     def _correct(self, level: int) -> None:
         """``u_k += u_c - v`` at this rank's C-points."""
@@ -365,22 +419,35 @@ class MGRITSolve:
 
     # --- cycles --------------------------------------------------------------------------------
     def _cycle(self, level: int, iteration: int, first_f: bool, cycle: Cycle,
-               c_done: bool = False) -> None:
+               c_done: bool = False, defer_end: bool = False) -> None:
         """One V- (or F-) cycle from ``level``; ``c_done``: the first C-relaxation of this
-        level was already done (by :meth:`_c_relax_with_residual`)."""
+        level was already done (by :meth:`_c_relax_with_residual`); ``defer_end``: stop
+        before the correction and the last F-relaxation of this level, which the caller
+        does (:meth:`_correct_relax_with_residual`)."""
         if level == len(self.levels) - 1:
             self._f_relax(level)  # coarsest level: the serial sweep
             return
-        if first_f and (level > 0 or iteration == 0):
-            self._f_relax(level)
-        for sweep in range(self.opt.relaxation_on(level).cf_sweeps):
-            if not (c_done and sweep == 0):
-                self._c_relax(level)
-            self._f_relax(level)
-        self._restrict(level)
+        f_first = first_f and (level > 0 or iteration == 0)
+        sweeps = self.opt.relaxation_on(level).cf_sweeps
+        # the F-relaxation right before the restriction, if any, goes with it
+        if sweeps == 0:
+            if f_first:
+                self._f_relax_and_restrict(level)
+            else:
+                self._restrict(level)
+        else:
+            if f_first:
+                self._f_relax(level)
+            for sweep in range(sweeps):
+                if not (c_done and sweep == 0):
+                    self._c_relax(level)
+                if sweep < sweeps - 1:
+                    self._f_relax(level)
+            self._f_relax_and_restrict(level)
         self._cycle(level + 1, iteration, True, cycle)
-        self._correct(level)
-        self._f_relax(level)
+        if defer_end:
+            return
+        self._correct_and_f_relax(level)
         if level > 0 and cycle is Cycle.F:
             self._cycle(level, iteration, False, Cycle.V)
 
@@ -413,9 +480,15 @@ class MGRITSolve:
         # with exactly the steps the residual needs: measure it there (PyMGRIT's
         # residual, without spending steps on it) and undo that sweep when stopping.
         reuse = len(self.levels) > 1 and self.opt.relaxation_on(0).cf_sweeps > 0
-        self._cycle(0, 0, True, opt.cycle)
+        # and where this rank holds the finest level alone, the end of each cycle (the
+        # correction and the F-relaxation) goes into the same level-steps call
+        fuse = reuse and self._alone[0]
+        self._cycle(0, 0, True, opt.cycle, defer_end=fuse)
         for it in range(1, opt.max_iterations + 1):
-            r = self._c_relax_with_residual() if reuse else self._residual()
+            if fuse:
+                r = self._correct_relax_with_residual()
+            else:
+                r = self._c_relax_with_residual() if reuse else self._residual()
             self.residuals.append(r)
             if not math.isfinite(r):
                 raise DivergenceError(f"MGRIT diverged: residual {r} at iteration {it}")
@@ -429,13 +502,13 @@ class MGRITSolve:
                 if reuse:
                     self._undo_c_relax()
                 return converged, it
-            self._cycle(0, it, True, opt.cycle, c_done=reuse)
+            self._cycle(0, it, True, opt.cycle, c_done=reuse, defer_end=fuse)
         raise AssertionError("unreachable")
 
     def local_solution(self) -> Block:
-        """This rank's finest-level values, ghost ``lo - 1`` included (a copy: the grids
-        are reused by the next solve)."""
-        return Block(self.levels[0].base, self.u[0].copy())
+        """This rank's finest-level values, ghost ``lo - 1`` included (the finest grid
+        itself: it is made for this solve, and the solve is over)."""
+        return Block(self.levels[0].base, self.u[0])
 
 
 _FLOAT64_EPS = float(np.finfo(np.float64).eps)

@@ -267,6 +267,31 @@ class CountedSteps:
             self.comm.count(len(positions))
             self.steps.points_residual(u, g, positions, out, rows)
 
+    def runs_then_residuals(self, u, g, starts, ends, positions, out, rows, inject,
+                            n_steps: int | None = None) -> None:
+        """``n_steps``: the number of steps of the runs, if the caller knows it."""
+        starts = np.asarray(starts, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        n = int(np.sum(ends - starts + 1)) if n_steps is None else n_steps
+        if n + len(positions):
+            self.comm.count(n + len(positions))
+            self.steps.runs_then_residuals(u, g, starts, ends, positions, out, rows, inject)
+
+    def correct_then_runs(self, u, g, positions, uc, v, rows, starts, ends, before=None,
+                          n_steps: int | None = None) -> float:
+        """``n_steps``: the number of steps of the runs, if the caller knows it."""
+        starts = np.asarray(starts, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        n = int(np.sum(ends - starts + 1)) if n_steps is None else n_steps
+        if before is not None:
+            n += len(positions)
+        if n:
+            self.comm.count(n)
+        if n or len(positions):
+            return self.steps.correct_then_runs(u, g, positions, uc, v, rows, starts, ends,
+                                                before)
+        return 0.0
+
     def points_tau(self, u: np.ndarray, positions, out: np.ndarray, rows) -> None:
         if len(positions):
             self.comm.count(len(positions))
