@@ -992,6 +992,28 @@ def _state_points_rows_one_thread(u, K, b, dt, act, positions, out, rows, g, mod
 # (:meth:`ptoc.propagator.LevelSteps.runs_then_residuals` and ``correct_then_runs`` say
 # what they compute; composed of the other level operations, they give the same bits).
 
+@_thin_jit()
+def _keep_and_c_input(u, uf, before, bf, positions, r, k):
+    """``before[r] = u[k]``, then the value a C-relaxation step at ``k = positions[r]``
+    starts from, as rows and flat: ``u[k-1]``, or ``before[r-1]`` where ``k-1`` is the
+    point before (relaxed already, its old value kept there)."""
+    keep, src = bf[r], uf[k]
+    for t in range(keep.shape[0]):
+        keep[t] = src[t]
+    if r > 0 and positions[r - 1] == k - 1:
+        return before[r - 1], bf[r - 1]
+    return u[k - 1], uf[k - 1]
+
+
+@_thin_jit()
+def _add_row(dst, src, add):
+    """``dst += src`` on flat rows where ``add`` (a right-hand side ``g``, added in a pass of
+    its own as :func:`_store_add_t` adds it)."""
+    if add:
+        for i in range(dst.shape[0]):
+            dst[i] = dst[i] + src[i]
+
+
 @_jit()
 def _state_runs_residuals_rows_one_thread(u, g, has_g, K, b, dt, act, starts, ends, positions,
                                           out, rows, inject, mode):
@@ -1044,19 +1066,11 @@ def _state_correct_runs_rows_one_thread(u, g, has_g, K, b, dt, act, positions, u
             _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KT, a, af, q, q + 1)
             q += 1
         if measure:
-            keep = bf[r]
-            for t in range(keep.shape[0]):
-                keep[t] = uf[k][t]
-            after_point = r > 0 and positions[r - 1] == k - 1
-            xin = before[r - 1] if after_point else u[k - 1]
-            xinf = bf[r - 1] if after_point else uf[k - 1]
+            xin, xinf = _keep_and_c_input(u, uf, before, bf, positions, r, k)
             _preact_rows(K[k], b[k], xin, KT, a, S)
             _activate_rows_value_t(af, xinf, uf[k], dt[k], act)
-            if has_g:
-                dst, gk = uf[k], gf[k]
-                for i in range(dst.shape[0]):
-                    dst[i] = dst[i] + gk[i]
-            part[r] = _rowops.sumsq_row(uf[k], keep)
+            _add_row(uf[k], gf[k], has_g)
+            part[r] = _rowops.sumsq_row(uf[k], bf[r])
     while q < len(starts):
         _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KT, a, af, q, q + 1)
         q += 1
@@ -1173,18 +1187,10 @@ def _adjoint_correct_runs_rows_one_thread(lam, g, has_g, D, K, dt, positions, uc
                                q + 1)
             q += 1
         if measure:
-            keep = bf[r]
-            for t in range(keep.shape[0]):
-                keep[t] = lamf[k][t]
-            after_point = r > 0 and positions[r - 1] == k - 1
-            lin = before[r - 1] if after_point else lam[k - 1]
-            linf = bf[r - 1] if after_point else lamf[k - 1]
+            lin, linf = _keep_and_c_input(lam, lamf, before, bf, positions, r, k)
             _adjoint_rows_step(Df[k], K[k], dt[k], lin, lam[k], scratch, linf, lamf[k], sf)
-            if has_g:
-                dst, gk = lamf[k], gf[k]
-                for i in range(dst.shape[0]):
-                    dst[i] = dst[i] + gk[i]
-            part[r] = _rowops.sumsq_row(lamf[k], keep)
+            _add_row(lamf[k], gf[k], has_g)
+            part[r] = _rowops.sumsq_row(lamf[k], bf[r])
     while q < len(starts):
         _adjoint_runs_rows(lam, lamf, gf, has_g, Df, K, dt, starts, ends, scratch, sf, q, q + 1)
         q += 1
