@@ -55,3 +55,42 @@ def test_sum_of_squared_differences_is_exact_to_rounding_and_thread_independent(
     assert values[0] == values[1]
     assert abs(values[0] - want) <= 1e-13 * want
     assert rows.sumsq_diff(a, ai[:0], b, bi[:0]) == 0.0
+
+
+def test_row_operations_stay_strict_when_a_fast_math_kernel_compiles_them_first(tmp_path):
+    """Numba compiles a function that sets no ``fastmath`` of its own with the flags of the
+    compiled caller that first calls it, and keeps that code for later calls. The row
+    operations say ``fastmath=False``: compiled first from a fast-math caller (in a fresh
+    process, nothing cached), ``correct_row`` still computes ``dst + (a - b)`` as written,
+    not ``(dst + a) - b``, and the sums of squares still add the rows in order."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, numba
+from ptoc.kernels import rows
+
+@numba.njit(fastmath=True)
+def caller(dst, a, b, part):
+    rows.correct_row(dst, a, b)
+    return rows.sum_in_order(part)
+
+rng = np.random.default_rng(0)
+x, a, b = rng.standard_normal(4096), rng.standard_normal(4096), rng.standard_normal(4096)
+part = rng.standard_normal(1000)
+caller(x.copy(), a, b, part)
+y = x.copy()
+rows.correct_row(y, a, b)
+assert np.array_equal(y, x + (a - b)), "correct_row reassociated"
+assert not np.array_equal(x + (a - b), (x + a) - b)  # the data tell the two apart
+total = 0.0
+for p in part:
+    total += p
+assert rows.sum_in_order(part) == total, "sum_in_order reassociated"
+print("strict")
+"""
+    env = dict(os.environ, PTOC_CACHE="0", NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "strict" in out.stdout, out.stderr
