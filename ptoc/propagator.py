@@ -1147,6 +1147,7 @@ def _check_level_steps(prop: Propagator, states: np.ndarray, lamN: np.ndarray,
     prop.level_steps(forward).points_tau(v, picked, out, rows)
     checks.append(Check("level points tau (state sweep) = out + u - step",
                         _max_rel(out[rows], v[rows] + (v[picked] - phi)), 1e-12))
+    checks.extend(_check_fused_level_steps(prop, prop.level_steps(forward), v, g))
     order = np.arange(N - 1, -1, -1, dtype=np.int64)  # adjoint step j is layer N - j
     backward = LevelPlan(level=0, backward=True, layers=order, spans=np.ones(N, np.int64),
                          states=states[order])
@@ -1158,6 +1159,48 @@ def _check_level_steps(prop: Propagator, states: np.ndarray, lamN: np.ndarray,
         loop.append(prop.adjoint_step(n, states[n], loop[-1]))
     checks.append(Check("level steps (adjoint sweep) = loop over adjoint_step",
                         _max_rel(lams, np.stack(loop)), 1e-12))
+    return checks
+
+
+def _check_fused_level_steps(prop: Propagator, steps: LevelSteps, v: np.ndarray,
+                             g: np.ndarray) -> list[Check]:
+    """``runs_then_residuals`` and ``correct_then_runs`` on a grid whose C-points are the
+    even positions (runs of one F-point between them), against one step at a time."""
+    N = len(v) - 1
+    c = np.arange(2, N + 1, 2, dtype=np.int64)
+    if not len(c):
+        return []
+    f = np.arange(1, N + 1, 2, dtype=np.int64)
+    rows = np.arange(1, len(c) + 1, dtype=np.int64)
+    coarse = (len(c) + 1,) + v.shape[1:]
+
+    def step(j, x):  # position j from position j - 1
+        return prop.step(int(j) - 1, x)
+
+    u, out, inject = v.copy(), np.zeros(coarse), np.zeros(coarse)
+    steps.runs_then_residuals(u, g, f, f, c, out, rows, inject)
+    ref = v.copy()
+    for j in f:
+        ref[j] = step(j, ref[j - 1]) + g[j]
+    residual = np.stack([g[j] + (step(j, ref[j - 1]) - ref[j]) for j in c])
+    checks = [Check("level F-relaxation with the restriction's residuals = step by step",
+                    max(_max_rel(u, ref), _max_rel(out[1:], residual),
+                        _max_rel(inject[1:], ref[c])), 1e-12)]
+    uc, vc = np.zeros(coarse), np.zeros(coarse)
+    uc[1:], vc[1:] = 0.75 * v[c], 1.25 * v[c]
+    u, before = v.copy(), np.zeros((len(c),) + v.shape[1:])
+    sq = steps.correct_then_runs(u, g, c, uc, vc, rows, f, f, before)
+    ref = v.copy()
+    ref[c] = ref[c] + (uc[1:] - vc[1:])
+    for j in f:
+        ref[j] = step(j, ref[j - 1]) + g[j]
+    old = ref.copy()
+    for j in c:
+        ref[j] = step(j, old[j - 1]) + g[j]
+    sq_ref = float(np.sum((ref[c] - old[c]) ** 2))
+    checks.append(Check("level correction, F- and C-relaxation = step by step",
+                        max(_max_rel(u, ref), _max_rel(before, old[c]),
+                            abs(sq - sq_ref) / max(sq_ref, np.finfo(float).tiny)), 1e-12))
     return checks
 
 
@@ -1228,8 +1271,9 @@ def check_propagator(prop: Propagator, x0: np.ndarray, *, n_layers_checked: int 
        ``gradient_forward`` and ``gradient_backward`` equal the loop over ``step`` and
        ``adjoint_step``;
     6. **level steps**: :meth:`Propagator.level_steps` on the fine grid (runs and single
-       points, state and adjoint sweeps, and the two halves of the FAS right-hand side,
-       ``points_residual`` and ``points_tau``) equals one step at a time;
+       points, state and adjoint sweeps, the two halves of the FAS right-hand side,
+       ``points_residual`` and ``points_tau``, and the fused operations
+       ``runs_then_residuals`` and ``correct_then_runs``) equals one step at a time;
     7. **coarse grid**, when the propagator has one (:attr:`Propagator.has_coarse_grid`):
        a coarse step over one layer with that layer's parameters equals ``step``; the
        dot-product test for ``coarse_adjoint_step`` against ``coarse_step``;

@@ -216,11 +216,14 @@ def test_checker_catches_wrong_level_steps():
     rng = np.random.default_rng(2)
     prop = BadLevels(rng.standard_normal((5, 3, 3)), target=np.zeros((2, 3)))
     report = check_propagator(prop, rng.standard_normal((2, 3)))
-    # the generic FAS halves are built on points_apply: they inherit the error
+    # the generic FAS halves are built on points_apply, and the F-relaxation with the
+    # restriction's residuals on points_residual: they inherit the error (the correction
+    # with the relaxations is built on runs, which are right)
     assert [c.name for c in report.failures] == [
         "level points (state sweep) = step",
         "level points residual (state sweep) = g + step - u",
-        "level points tau (state sweep) = out + u - step"]
+        "level points tau (state sweep) = out + u - step",
+        "level F-relaxation with the restriction's residuals = step by step"]
 
 
 @pytest.mark.parametrize("target", ["numpy", "cpu"])
@@ -284,7 +287,8 @@ def test_a_layer_slice_refuses_foreign_layers_in_level_steps():
 
 
 def test_checker_catches_a_wrong_fas_half():
-    """A LevelSteps whose FAS residual drops the right-hand side fails exactly that check."""
+    """A LevelSteps whose FAS residual drops the right-hand side fails exactly that check,
+    and the fused F-relaxation with the restriction's residuals, built on it."""
     from ptoc.propagator import LevelSteps
 
     class NoRhs(LevelSteps):
@@ -299,4 +303,44 @@ def test_checker_catches_a_wrong_fas_half():
     prop = BadLevels(rng.standard_normal((5, 3, 3)), target=np.zeros((2, 3)))
     report = check_propagator(prop, rng.standard_normal((2, 3)))
     assert [c.name for c in report.failures] == [
-        "level points residual (state sweep) = g + step - u"]
+        "level points residual (state sweep) = g + step - u",
+        "level F-relaxation with the restriction's residuals = step by step"]
+
+
+@pytest.mark.parametrize("broken", ["correction", "c_relaxation", "injection"])
+def test_checker_catches_wrong_fused_level_steps(broken):
+    """A LevelSteps whose fused operations go wrong (the correction's sign, a C-point
+    relaxed from its new neighbour, the injection of the wrong row) fails that check only."""
+    from ptoc.propagator import LevelSteps
+
+    class Broken(LevelSteps):
+        def correct_then_runs(self, u, g, positions, uc, v, rows, starts, ends, before=None):
+            if broken == "correction":
+                return super().correct_then_runs(u, g, positions, v, uc, rows, starts, ends,
+                                                 before)
+            if broken == "c_relaxation" and before is not None:
+                super().correct_then_runs(u, g, positions, uc, v, rows, starts, ends)
+                before[:] = u[positions]
+                for j in positions:
+                    u[j] = self.step(int(j), u[int(j) - 1]) + g[j]
+                    u[j - 1] += 1e-3  # the next point then reads a changed value
+                return float(np.sum((u[positions] - before) ** 2))
+            return super().correct_then_runs(u, g, positions, uc, v, rows, starts, ends,
+                                             before)
+
+        def runs_then_residuals(self, u, g, starts, ends, positions, out, rows, inject):
+            super().runs_then_residuals(u, g, starts, ends, positions, out, rows, inject)
+            if broken == "injection":
+                inject[rows] = u[np.asarray(positions) - 1]
+
+    class BadLevels(CoarseLinear):
+        def level_steps(self, plan):
+            return Broken(self, plan)
+
+    rng = np.random.default_rng(5)
+    prop = BadLevels(rng.standard_normal((6, 3, 3)), target=np.zeros((2, 3)))
+    report = check_propagator(prop, rng.standard_normal((2, 3)))
+    expected = ("level F-relaxation with the restriction's residuals = step by step"
+                if broken == "injection" else
+                "level correction, F- and C-relaxation = step by step")
+    assert [c.name for c in report.failures] == [expected]
