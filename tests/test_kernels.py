@@ -80,6 +80,45 @@ def test_compiled_tanh_is_accurate_over_the_whole_range(compiled_tanh_loop):
     assert np.array_equal(np.signbit(out), np.signbit(ref))  # -0.0 stays -0.0
 
 
+@pytest.mark.skipif(np.finfo(np.longdouble).nmant < 63,
+                    reason="needs an extended-precision long double (x86-64) as the reference")
+def test_tanh_error_against_an_extended_precision_reference():
+    """Against ``tanh`` in 64-bit-mantissa arithmetic (error about 1e-19, far below one
+    float64 ulp): the compiled loop, which the CPU kernels run, stays under 3 ulp (2.97
+    measured over these 8e5 arguments; mean 0.44, against 0.56 of the expm1 form it
+    replaced). The Python function (the CUDA simulator's), where no product is fused
+    into a sum, rounds about four times more per entry: under 4.5 (4.15; mean 0.67).
+    NumPy's own tanh is 1.17 ulp off on the same arguments."""
+    from numba import njit
+    from numba.extending import register_jitable
+
+    from ptoc import _config
+    from ptoc.kernels import _bits  # noqa: F401 - the CPU versions, as in the kernels
+
+    tanh = register_jitable(maths.tanh)
+
+    @njit(fastmath=_config.CPU_FASTMATH, error_model="numpy")
+    def loop(a, out):
+        for t in range(a.size):
+            out[t] = tanh(a[t])
+
+    rng = np.random.default_rng(1)
+    a = np.concatenate([rng.standard_normal(400000) * 4, rng.uniform(-30, 30, 100000),
+                        10.0 ** rng.uniform(-320, 2, 100000), np.linspace(-1, 1, 200001)])
+    ref = np.tanh(a.astype(np.longdouble))
+    spacing = np.spacing(np.abs(ref).astype(np.float64)).astype(np.longdouble)
+
+    def ulps(values):
+        return (np.abs(values.astype(np.longdouble) - ref) / spacing).astype(np.float64)
+
+    out = np.empty_like(a)
+    loop(a, out)
+    compiled = ulps(out)
+    assert compiled.max() < 3.0 and compiled.mean() < 0.5
+    python = ulps(np.array([maths.tanh(float(v)) for v in a]))
+    assert python.max() < 4.5 and python.mean() < 0.7
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="reads x86-64 assembly")
 def test_compiled_tanh_loop_is_vectorised(compiled_tanh_loop):
