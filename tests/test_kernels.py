@@ -226,7 +226,8 @@ import numpy as np
 from ptoc import _config, kernels
 assert _config.CPU_FASTMATH is False
 cpu, cuda = kernels.backend("cpu"), kernels.backend("cuda")
-for S, d, N, chunk in [(1, 1, 1, 32), (37, 9, 2, 16), (70, 13, 3, 32), (5, 20, 2, 2)]:
+for S, d, N, chunk in [(1, 1, 1, 32), (37, 9, 2, 16), (70, 13, 3, 32), (5, 20, 2, 2),
+                       (21, 8, 3, 32), (40, 16, 2, 16)]:
     for act in (0, 1, 2):
         rng = np.random.default_rng(S + d)
         x, lam = rng.standard_normal((S, d)), rng.standard_normal((S, d))
@@ -238,12 +239,16 @@ for S, d, N, chunk in [(1, 1, 1, 32), (37, 9, 2, 16), (70, 13, 3, 32), (5, 20, 2
             kern.forward_sweep(st, K, b, 0.3, act, ds, chunk)
             gK, gb, lams = np.ones_like(K), np.ones_like(b), np.empty((N + 1, S, d))
             lam0 = kern.adjoint_sweep(st, lam, K, b, 0.3, act, None, gK, gb, lams, chunk)
+            # with sigma' stored (at d = 8 and 16 the CPU's sample-major rows path)
+            gKs, gbs, lamss = np.ones_like(K), np.ones_like(b), np.empty((N + 1, S, d))
+            lam0s = kern.adjoint_sweep(st, lam, K, b, 0.3, act, ds, gKs, gbs, lamss, chunk)
             out = np.empty_like(x)
             kern.step(x, K[0], b[0], 0.3, act, out, None, chunk)
             adj, gK1, gb1 = np.empty_like(x), np.ones((d, d)), np.ones(d)
             kern.adjoint_step(x, lam, K[0], b[0], 0.3, act, adj, gK1, gb1, None, chunk)
             H = kern.hamiltonian(x, lam, K[0], b[0], 0.3, act, chunk)
-            outs.append([st, ds, gK, gb, lams, lam0, out, adj, gK1, gb1, np.array(H)])
+            outs.append([st, ds, gK, gb, lams, lam0, out, adj, gK1, gb1, np.array(H), gKs,
+                         gbs, lamss, lam0s])
         for i, (c, g) in enumerate(zip(*outs, strict=True)):
             assert np.array_equal(c, g), (S, d, N, chunk, act, i)
 print("ok")
@@ -1027,6 +1032,102 @@ def test_cpu_rows_path_is_taken_only_where_it_applies():
     assert not ok(x, np.zeros((3, 8, 16))[:, :, ::2], b, outs, None, False)  # strided K
     assert not ok(x, K, np.zeros((3, 16))[:, ::2], outs, None, False)  # strided b
     assert not ok(x, K, b, outs, np.zeros((3, 16, 16))[:, :, ::2], True)  # strided sigma'
+
+
+@pytest.mark.parametrize("d", [8, 16])
+@given(S=st.integers(1, 80), N=st.integers(1, 5), seed=st.integers(0, 2**31),
+       dtype=st.sampled_from([np.float64, np.float32]), chunk=st.sampled_from([8, 16, 32]),
+       keep=st.booleans(), grad=st.booleans(), h=st.floats(0.01, 1.0))
+def test_cpu_width_8_and_16_adjoint_on_sample_rows_gives_the_bits_of_the_tiles(
+        d, S, N, seed, dtype, chunk, keep, grad, h):
+    """At width 8 or 16 with sigma' stored, a one-thread adjoint sweep (and adjoint step,
+    and parameter gradient) runs on the sample-major rows: the same lambdas and the
+    same gradient sums, added to what gK and gb held, bit for bit as the tiles, for any
+    batch (whole vectors or not) and chunk."""
+    from ptoc.kernels import cpu as cpu_module
+
+    rng = np.random.default_rng(seed)
+    K = (rng.standard_normal((N, d, d)) * 1.5 / np.sqrt(d)).astype(dtype)
+    b = rng.standard_normal((N, d)).astype(dtype)
+    states = (rng.standard_normal((N + 1, S, d)) * 2).astype(dtype)
+    dsig = rng.uniform(0.0, 1.0, (N, S, d)).astype(dtype)
+    lam_N = rng.standard_normal((S, d)).astype(dtype)
+    start_K, start_b = rng.standard_normal((N, d, d)), rng.standard_normal((N, d))
+    cpu = kernels.backend("cpu")
+    calls, results = [], []
+    rows = cpu_module._adjoint_rows_one_thread
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_module, "_adjoint_rows_one_thread",
+                   lambda *a: (calls.append(1), rows(*a)))
+        for enabled in (True, False):
+            mp.setattr(cpu_module, "_rows_enabled", enabled)
+            with _one_thread():
+                gK = start_K.astype(dtype) if grad else None
+                gb = start_b.astype(dtype) if grad else None
+                lams = np.empty((N + 1, S, d), dtype) if keep else None
+                lam_0 = cpu.adjoint_sweep(states, lam_N, K, b, h, 0, dsig, gK, gb, lams, chunk)
+                out = np.empty((S, d), dtype)
+                gK1, gb1 = start_K[0].astype(dtype), start_b[0].astype(dtype)
+                cpu.adjoint_step(states[0], lam_N, K[0], b[0], h, 0, out, gK1, gb1, dsig[0],
+                                 chunk)
+                gK2, gb2 = start_K[0].astype(dtype), start_b[0].astype(dtype)
+                cpu.param_grad(states[0], lam_N, K[0], b[0], h, 0, gK2, gb2, dsig[0], chunk)
+            results.append([lam_0, gK, gb, lams, out, gK1, gb1, gK2, gb2])
+    assert len(calls) == 3  # the sweep, the step and the gradient of the first pass
+    for a, c in zip(*results, strict=True):
+        assert (a is None and c is None) or np.array_equal(a, c)
+
+
+def test_cpu_adjoint_rows_path_is_taken_only_where_it_applies():
+    from ptoc.kernels import cpu as cpu_module
+
+    ok = cpu_module._adjoint_rows_path
+    xs, lam, K = np.zeros((4, 16, 8)), np.zeros((16, 8)), np.zeros((3, 8, 8))
+    dsig, lams, out = np.zeros((3, 16, 8)), np.zeros((4, 16, 8)), np.zeros((16, 8))
+    assert ok(xs, lam, K, dsig, lams, out) and ok(xs, lam, K, dsig, None, None)
+    assert ok(np.zeros((4, 13, 8)), np.zeros((13, 8)), K, np.zeros((3, 13, 8)), None, None)
+    assert not ok(xs, lam, K, None, None, None)  # sigma' recomputed: the tiles
+    for d in (4, 12, 32):
+        assert not ok(np.zeros((4, 16, d)), np.zeros((16, d)), np.zeros((3, d, d)),
+                      np.zeros((3, 16, d)), None, None)
+    assert not ok(np.zeros((4, 16, 16))[:, :, ::2], lam, K, dsig, None, None)
+    assert not ok(xs, np.zeros((16, 16))[:, ::2], K, dsig, None, None)
+    assert not ok(xs, lam, np.zeros((3, 8, 16))[:, :, ::2], dsig, None, None)
+    assert not ok(xs, lam, K, np.zeros((3, 16, 16))[:, :, ::2], None, None)
+    assert not ok(xs, lam, K, dsig, np.zeros((4, 16, 16))[:, :, ::2], None)
+    assert not ok(xs, lam, K, dsig, None, np.zeros((16, 16))[:, ::2])
+
+
+@given(n=st.integers(0, 70), seed=st.integers(0, 2**31),
+       dtype=st.sampled_from([np.float64, np.float32]),
+       h_dtype=st.sampled_from([np.float64, np.float32]), h=st.floats(-2.0, 2.0))
+def test_cpu_bias_partial_adds_the_samples_in_eight_lanes_in_a_fixed_order(
+        n, seed, dtype, h_dtype, h):
+    """The tiles' bias partial (which the sample-major rows reproduce) scales a row of
+    samples by h and sums it as written: sample t in lane t % 8 in float64, each lane
+    in order, the lanes as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), or, with
+    PTOC_FASTMATH=0, in sample order; checked against those orders in Python, with
+    scales of many magnitudes, so that another order would round differently."""
+    from ptoc.kernels import cpu as cpu_module
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 8, n)).astype(dtype)
+    hh = h_dtype(h)
+    expected_x = np.array([dtype(hh * v) for v in x], dtype)  # h * x in the wider type
+    lanes = [0.0 * float(hh)] * 8
+    for t, v in enumerate(expected_x):
+        lanes[t % 8] = lanes[t % 8] + float(v)
+    expected = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + \
+        ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+    in_order = 0.0 * float(hh)  # PTOC_FASTMATH=0: the samples one after the other
+    for v in expected_x:
+        in_order = in_order + float(v)
+    y = x.copy()
+    got = cpu_module._lane_sum_scaled(x, hh)
+    got_in_order = cpu_module._sum_scaled_in_order(y, hh)
+    assert np.array_equal(x, expected_x) and np.array_equal(y, expected_x)
+    assert got == expected or (math.isnan(got) and math.isnan(expected))
+    assert got_in_order == in_order or (math.isnan(got_in_order) and math.isnan(in_order))
 
 
 def _level_case(S8, n, d, seed, dtype, with_g):

@@ -299,7 +299,7 @@ _warmed: set[str] = set()
 _GROUP_OF = {
     **{f"ptoc.kernels.cpu.{name}": "sweeps"
        for name in ("_forward", "_adjoint_block", "_add_partials", "_forward_one_thread",
-                    "_forward_rows_one_thread",
+                    "_forward_rows_one_thread", "_adjoint_rows_one_thread",
                     "_adjoint_block_one_thread", "_add_partials_one_thread")},
     **{f"ptoc.kernels.cpu.{name}": "levels"
        for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",

@@ -227,3 +227,91 @@ bias_cols_1x16 = _block_intrinsic(1, 2, 8, BIAS_COLS)
 add_8x8 = _block_intrinsic(8, 1, 8, ADD_SCALED)
 add_8x16 = _block_intrinsic(8, 2, 8, ADD_SCALED)
 
+
+
+@intrinsic
+def lane_sum_scaled(typingctx, x, h):
+    """``x <- h x`` on a unit-stride row of samples, and the sum of the scaled entries in
+    eight lanes: entry ``t`` goes to lane ``t % 8``, each lane adds its entries (as
+    stored in ``x``) in order, in float64, from ``0.0 * h``, and the lanes are added as
+    ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``; returns a float64.
+
+    The whole blocks of eight are one vector multiplication, store and addition each;
+    the last ``len(x) % 8`` entries go to the first lanes one by one. Written out
+    because LLVM does not make one vector of eight scalar chains, and a loop of them
+    in a function without ``reassoc`` took twice the time of the reduction LLVM chose
+    with it (``ptoc.kernels.cpu._lane_sum_scaled``). Its instructions carry no fast-math
+    flags; called from a function compiled without fast-math (whose module Numba's
+    fast-math pass does not rewrite), the order is the one written."""
+    if not (isinstance(x, types.Array) and x.ndim == 1
+            and x.dtype in (types.float64, types.float32)
+            and h in (types.float64, types.float32)):
+        return None
+    sig = types.float64(x, h)
+
+    def codegen(context, builder, signature, args):
+        x_, h_ = args
+        arr = context.make_array(signature.args[0])(context, builder, x_)
+        element = context.get_data_type(signature.args[0].dtype)
+        double = ir.DoubleType()
+        intp = context.get_value_type(types.intp)
+        itemsize = context.get_abi_sizeof(element)
+        vec = ir.VectorType(element, 8)
+        dvec = ir.VectorType(double, 8)
+        # h x in the wider of the two types, as Python's h * x[t], then stored in x's
+        # type; the lanes add the stored value, in float64
+        h_double = signature.args[1] == types.float64
+        wide = h_double or element == double
+        compute = double if wide else element
+        h_c = h_ if (h_double or not wide) else builder.fpext(h_, double)
+
+        def widen(v, ty):
+            return v if element == double else builder.fpext(v, ty)
+
+        def splat(value, ty):
+            undef = ir.Constant(ty, ir.Undefined)
+            one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+            return builder.shuffle_vector(one, undef, mask)
+
+        def scaled(v, vector):
+            """``h v`` as stored in ``x``: ``v`` of ``x``'s type, a vector or a scalar."""
+            cty = ir.VectorType(compute, 8) if vector else compute
+            if compute != element:
+                v = builder.fpext(v, cty)
+            out = builder.fmul(v, splat(h_c, cty) if vector else h_c)
+            if compute != element:
+                out = builder.fptrunc(out, vec if vector else element)
+            return out
+
+        n = builder.extract_value(arr.shape, 0)
+        n8 = builder.and_(n, ir.Constant(intp, -8))
+        zero = builder.fmul(ir.Constant(double, 0.0),
+                            h_ if h_double else builder.fpext(h_, double))
+        acc = cgutils.alloca_once(builder, dvec)
+        builder.store(splat(zero, dvec), acc)
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), n8,
+                                     ir.Constant(intp, 8), intp=intp) as (t, _):
+            ptr = builder.bitcast(builder.gep(arr.data, [t]), vec.as_pointer())
+            v = scaled(builder.load(ptr, align=itemsize), True)
+            builder.store(v, ptr, align=itemsize)
+            builder.store(builder.fadd(builder.load(acc), widen(v, dvec)), acc)
+        total = builder.load(acc)
+        lanes = [cgutils.alloca_once_value(
+            builder, builder.extract_element(total, ir.Constant(ir.IntType(32), j)))
+            for j in range(8)]
+        for j in range(7):  # the remainder: at most 7 entries, lanes 0 .. 6
+            t = builder.add(n8, ir.Constant(intp, j))
+            with builder.if_then(builder.icmp_signed("<", t, n)):
+                ptr = builder.gep(arr.data, [t])
+                v = scaled(builder.load(ptr, align=itemsize), False)
+                builder.store(v, ptr, align=itemsize)
+                builder.store(builder.fadd(builder.load(lanes[j]), widen(v, double)),
+                              lanes[j])
+        ls = [builder.load(lane) for lane in lanes]
+        return builder.fadd(builder.fadd(builder.fadd(ls[0], ls[1]),
+                                         builder.fadd(ls[2], ls[3])),
+                            builder.fadd(builder.fadd(ls[4], ls[5]),
+                                         builder.fadd(ls[6], ls[7])))
+
+    return sig, codegen

@@ -51,15 +51,18 @@ def _warm_up_forward() -> None:
 
 
 def _warm_up_adjoint() -> None:
-    """The adjoint sweep of ``loss_and_grad`` (its forward sweep in NumPy, compiling
-    nothing, so that this part runs beside :func:`_warm_up_forward`)."""
-    import ptoc
-    from ptoc.objective import classifier_loss
+    """The adjoint sweep of training and ``loss_and_grad`` on the default network, 8
+    wide, which keeps ``sigma'`` from its forward sweep: the one-thread sweep on
+    sample-major rows (whatever the batch). Other widths, or a sweep that recomputes
+    ``sigma'``, run the tile kernels, which compile when first needed."""
+    import numpy as np
 
-    net, params, X, y = _tiny_problem()
-    fwd = ptoc.forward(net, params, X, target="numpy")
-    lam_N = classifier_loss(params, fwd.final_state, y)[1]
-    ptoc.adjoint(net, params, fwd, lam_N, target="cpu")
+    from ptoc.kernels import cpu
+
+    S, d = 8, 8
+    cpu.adjoint_sweep(np.zeros((2, S, d)), np.zeros((S, d)), np.zeros((1, d, d)),
+                      np.zeros((1, d)), 0.1, 0, np.zeros((1, S, d)), np.zeros((1, d, d)),
+                      np.zeros((1, d)), None, 32)
 
 
 def _mgrit_problem() -> tuple:

@@ -15,14 +15,18 @@ registers (:mod:`ptoc.kernels._transpose`), a fraction of a cycle per entry, aga
 ``d`` multiply-adds per entry in each product; at d = 16, S = 32 a layer step's two
 transposes out and one in take about 0.1 us of its 0.7 us.
 
-Width 8 is the exception for a one-thread forward sweep with a batch of whole vectors:
-a sample's state is then one vector of 8 entries, and the sweep runs on the
-sample-major rows themselves (:func:`_forward_rows`): the pre-activation of 8 samples
-in registers from ``K^T``, the activation in one loop over the batch's entries, and
-the states and ``sigma'`` written where they are kept, with no tile and no transpose.
-Every entry is the same arithmetic in the same order as in the tiles, so the same bits
-(a test compares the two); at width 8, batch 16 it takes 28 us where the tiles take 37
-(256 layers, storing ``sigma'``).
+Widths 8 and 16 are the exception for one-thread sweeps: a sample's state is then one
+or two vectors of 8 entries, and the sweeps run on the sample-major rows themselves.
+The forward sweep (with a batch of whole vectors, :func:`_forward_rows`): the
+pre-activation of 8 samples in registers from ``K^T``, the activation in one loop over
+the batch's entries, and the states and ``sigma'`` written where they are kept, with no
+tile and no transpose; at width 8, batch 16 it takes 28 us where the tiles take 37 (256
+layers, storing ``sigma'``). The adjoint sweep with ``sigma'`` stored
+(:func:`_adjoint_rows`): ``lambda`` updated by 8 samples at a time in registers, and the
+gradient partials from the rows of ``h g`` read through a transposed view; the whole
+gradient (both sweeps) at widths 8 and 16, batches 16 to 1024, takes 5 to 25% less time
+than with the tile adjoint (``benchmarks/README.md``). Every entry is the same
+arithmetic in the same order as in the tiles, so the same bits (tests compare the two).
 
 ``prange`` runs over work items. Samples never interact in the forward sweep or in
 the adjoint recursion, so a work item keeps its tile in scratch across all layers:
@@ -57,12 +61,15 @@ rows, because calling the per-entry functions here costs 8x to 22x in speed (see
 * Weight gradient ``h sum_s g[s, i] x[s, j]`` (:func:`_partial_t`): summed per chunk
   of ``chunk`` samples, as in ``gradient_partial_entry``, each entry over the chunk's
   samples in order (a product of the tile ``h g`` and the chunk's sample rows of ``x``,
-  in register blocks as above). The bias gradient's chunk sum is a vectorised
-  reduction over the samples (partial sums per vector lane, then combined): a
-  reassociation that the ``reassoc`` fast-math flag allows. The chunk partials are
-  then added in chunk order, so every result is bitwise independent of the number of
-  threads (the work-item width ``W`` and the layer blocks depend on the shapes and
-  ``chunk`` only, and change no result).
+  in register blocks as above). The bias gradient's chunk sum adds the samples in
+  eight lanes (sample ``t`` of the chunk in lane ``t % 8``, each lane in order, the
+  lanes combined in a fixed tree: :func:`_lane_sum_scaled`), a reassociation of
+  ``bias_partial_entry`` written out, so that the sample-major rows can reproduce it
+  (LLVM's own vectorised reduction, which the ``reassoc`` flag allowed before, is not
+  an order anything else can follow). The chunk partials are then added in chunk
+  order, so every result is bitwise independent of the number of threads (the
+  work-item width ``W`` and the layer blocks depend on the shapes and ``chunk`` only,
+  and change no result).
 * With ``PTOC_FASTMATH=0`` nothing is reassociated or contracted, and every result
   equals the element functions of :mod:`ptoc._maths` bit for bit (slowly); the tests
   check this against the CUDA kernels, which call them.
@@ -330,17 +337,50 @@ def _dsigma_t(a, act, m):
         _dsigma_code(a, m, _SMOOTHRELU)
 
 
+#: Whether the bias partials sum over samples in eight interleaved lanes
+#: (:func:`_lane_sum_scaled`); without ``reassoc`` in the kernels' fast-math flags they
+#: add the samples one after the other, as ``_maths.bias_partial_entry`` does.
+_LANE_SUMS = _config.CPU_FASTMATH is True or (
+    isinstance(_config.CPU_FASTMATH, (set, frozenset)) and "reassoc" in _config.CPU_FASTMATH)
+
+
+@_strict_tile_jit()
+def _lane_sum_scaled(x, h):
+    """``x <- h x`` on a row of samples, and the sum of the scaled entries (as stored) in
+    a fixed order: entry ``t`` goes to lane ``t % 8``, each lane adds its entries in
+    order, in float64, and the lanes are added as
+    ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``.
+
+    Compiled without fast-math flags, so that this order is the one written; the lanes
+    are one vector (:func:`ptoc.kernels._product.lane_sum_scaled`). The sample-major
+    rows compute the same sums feature by feature (:func:`_scale_and_bias_rows`), so the
+    two layouts give the same bits."""
+    return _product.lane_sum_scaled(x, h)
+
+
+@_strict_tile_jit()
+def _sum_scaled_in_order(x, h):
+    """:func:`_lane_sum_scaled` with the entries added one after the other, as
+    ``_maths.bias_partial_entry`` adds them (without ``_LANE_SUMS``)."""
+    acc = 0.0 * h
+    for t in range(x.shape[0]):
+        x[t] = h * x[t]
+        acc = acc + x[t]
+    return acc
+
+
 @_thin_jit()
 def _scale_and_bias_t(g, h, pb, t0, t1):
-    """``g[:, t0:t1] *= h`` and the bias partial ``pb[i] = sum_t h g[i, t]`` (a vectorised
-    reduction, see the module docstring)."""
+    """``g[:, t0:t1] *= h`` and the bias partial ``pb[i] = sum_t h g[i, t]``, each row's
+    sum in the order of :func:`_lane_sum_scaled` (see the module docstring), or in
+    sample order without ``_LANE_SUMS``. The choice is made here, in a function compiled
+    with the kernels' flags (part of the key of Numba's disk cache), not in the two
+    strict functions, whose cached code would otherwise serve either setting."""
     for i in range(g.shape[0]):
-        gi = g[i][t0:t1]
-        acc = 0.0 * h
-        for t in range(t1 - t0):
-            gi[t] = h * gi[t]
-            acc += gi[t]
-        pb[i] = acc
+        if _LANE_SUMS:
+            pb[i] = _lane_sum_scaled(g[i][t0:t1], h)
+        else:
+            pb[i] = _sum_scaled_in_order(g[i][t0:t1], h)
 
 
 @_tile_jit()
@@ -1116,6 +1156,125 @@ def _adjoint_rows_step(Dk, Kk, h, lin, lout, g, linf, loutf, gf):
             _product.add_1x16(g, Kk, lout, s, 0, lout[0], h)
 
 
+@_strict_tile_jit()
+def _scale_and_bias_rows(g, h, pb, lanes, width):
+    """:func:`_scale_and_bias_t` on the sample-major rows ``g`` (m, d) of one chunk:
+    ``g <- h g`` and ``pb[i] = sum_t g[t, i]``, sample ``t`` in lane ``t % width`` of
+    ``lanes`` (8, d), float64 as the tiles' lane sums are. With ``width`` 8 the lanes
+    are combined in the order of :func:`_lane_sum_scaled`, and eight consecutive samples
+    are one block of ``8 d`` entries added to the lanes in one loop; with ``width`` 1
+    (``_LANE_SUMS`` off, passed by the caller for the reason given in
+    :func:`_scale_and_bias_t`) each feature's sum is in sample order. The same bits as
+    the tiles."""
+    m, d = g.shape
+    gf = g.reshape(m * d)
+    lf = lanes.reshape(8 * d)
+    for q in range(8 * d):
+        lf[q] = 0.0 * h
+    if width == 1:
+        for t in range(m):
+            row = gf[t * d:(t + 1) * d]
+            for i in range(d):
+                row[i] = h * row[i]
+                lf[i] = lf[i] + row[i]
+        for i in range(d):
+            pb[i] = lanes[0, i]
+        return
+    m8 = m - m % 8
+    for t in range(0, m8, 8):
+        block = gf[t * d:(t + 8) * d]
+        for q in range(8 * d):
+            block[q] = h * block[q]
+            lf[q] = lf[q] + block[q]
+    rest = gf[m8 * d:m * d]
+    for q in range(rest.shape[0]):
+        rest[q] = h * rest[q]
+        lf[q] = lf[q] + rest[q]
+    for i in range(d):
+        pb[i] = (((lanes[0, i] + lanes[1, i]) + (lanes[2, i] + lanes[3, i]))
+                 + ((lanes[4, i] + lanes[5, i]) + (lanes[6, i] + lanes[7, i])))
+
+
+@_tile_jit()
+def _adjoint_rows_update(Df, Kk, h, lam, lamf, g, gf):
+    """``g = D * lam``, then ``lam <- lam + h g K`` in place: :func:`_adjoint_rows_step`
+    with ``lout`` the same rows as ``lin`` (whose copy would make LLVM find the rows
+    overlapping at run time and take its scalar loop: 128 against 57 ns per layer at
+    d = 8, S = 16)."""
+    for i in range(gf.shape[0]):
+        gf[i] = Df[i] * lamf[i]
+    S, d = lam.shape
+    S8 = S - S % 8
+    if d == 8:
+        for s in range(0, S8, 8):
+            _product.add_8x8(g, Kk, lam, s, 0, lam[0], h)
+        for s in range(S8, S):
+            _product.add_1x8(g, Kk, lam, s, 0, lam[0], h)
+    else:
+        for s in range(0, S8, 8):
+            _product.add_8x16(g, Kk, lam, s, 0, lam[0], h)
+        for s in range(S8, S):
+            _product.add_1x16(g, Kk, lam, s, 0, lam[0], h)
+
+
+@_tile_jit()
+def _adjoint_rows(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_out, want_out, chunk,
+                  gK_flat, gb, lam, lamf, g, gf, pK, pKf, pb, lanes):
+    """The adjoint sweep of :func:`_adjoint_block` (every layer, ``sigma'`` stored) at
+    width 8 or 16 on the sample-major rows, one thread: per layer ``g = sigma' * lambda``
+    and ``lambda += h g K`` (:func:`_adjoint_rows_step`, in place), then per chunk
+    the partials of :func:`_partial_t` (``h g``, the bias sum of
+    :func:`_scale_and_bias_rows`, and ``pK`` from the transposed view of the chunk's
+    rows of ``h g``, which the register blocks read entry by entry) added to ``gK[n]``
+    and ``gb[n]`` in chunk order, as the tiles' direct mode does: the same bits, with
+    no tile and no transpose. ``lam``, ``g``, ``pK``, ``pb``, ``lanes``: scratch
+    (``*f``: flat views)."""
+    N = K.shape[0]
+    S, d = lam_N.shape
+    lam_Nf = lam_N.reshape(S * d)
+    for t in range(lamf.shape[0]):
+        lamf[t] = lam_Nf[t]
+    n_chunks = (S + chunk - 1) // chunk
+    for n in range(N - 1, -1, -1):
+        Df = dsig[n].reshape(S * d)
+        if want_out:
+            _adjoint_rows_update(Df, K[n], h, lam, lamf, g, gf)
+            if keep:
+                kept = lams[n].reshape(S * d)
+                for t in range(kept.shape[0]):
+                    kept[t] = lamf[t]
+        else:
+            for t in range(gf.shape[0]):
+                gf[t] = Df[t] * lamf[t]
+        if want_grad:
+            x = xs[n]
+            for c in range(n_chunks):
+                t0 = c * chunk
+                t1 = min(S, t0 + chunk)
+                _scale_and_bias_rows(g[t0:t1], h, pb, lanes, 8 if _LANE_SUMS else 1)
+                _partial_blocks_zero(g[t0:t1].T, x[t0:t1], pK, pb, h)
+                _add_partial_into(pKf, pb, gK_flat[n], gb[n])
+    if want_out:
+        out = lam_out.reshape(S * d)
+        for t in range(out.shape[0]):
+            out[t] = lamf[t]
+
+
+@_jit()
+def _adjoint_rows_one_thread(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_out, want_out,
+                             chunk, gK, gb):
+    S, d = lam_N.shape
+    lam = np.empty((S, d), lam_N.dtype)
+    g = np.empty((S, d), lam_N.dtype)
+    pK = np.empty((d, d), lam_N.dtype)
+    pb = np.empty(d, lam_N.dtype)
+    lanes = np.empty((8, d), np.float64)
+    _adjoint_rows(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_out, want_out, chunk,
+                  gK.reshape((gK.shape[0], gK.shape[1] * gK.shape[2])), gb, lam,
+                  lam.reshape(S * d), g,
+                  g.reshape(S * d), pK, pK.reshape(d * d), pb, lanes)
+
+
 @_tile_jit()
 def _adjoint_runs_rows(lam, lamf, gf, has_g, Df, K, dt, starts, ends, g, gflat, r0, r1):
     """Runs ``r0 .. r1-1`` of :func:`_adjoint_runs` on the grid's sample-major rows
@@ -1429,6 +1588,13 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
     if N == 0 and want_out:
         out[...] = lam
     h = dt.type(h)
+    if (N > 0 and not _threaded(n_items, S * d * d * N)
+            and _adjoint_rows_path(xs, lam, K, dsig, lams, out)):
+        _adjoint_rows_one_thread(xs, lam, K, h, dsig, want_grad, lams_arg, keep, out_arg,
+                                 want_out, chunk, gK_arg, gb_arg)
+        if want_grad:
+            _copy_back(gK_arg, gK)
+        return
     n1 = N
     while n1 > 0:
         n0 = max(0, n1 - L)
@@ -1443,6 +1609,22 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
         n1 = n0
     if want_grad:
         _copy_back(gK_arg, gK)
+
+
+def _adjoint_rows_path(xs, lam, K, dsig, lams, out) -> bool:
+    """Whether a one-thread adjoint sweep runs on the sample-major rows
+    (:func:`_adjoint_rows_one_thread`): width 8 or 16, ``sigma'`` stored, every array it
+    views as flat rows C-ordered, and unit-stride rows of ``K``. The same bits as the
+    tiles (a test compares them), whatever the batch.
+
+    At width 8, batch 16 (256 layers, with the gradient) the tiles' adjoint sweep took
+    43 to 54 us per process, most of it in transposes and loops over tile rows of 16
+    entries."""
+    return (lam.shape[1] in (8, 16) and _rows_enabled and dsig is not None
+            and xs.flags.c_contiguous and lam.flags.c_contiguous
+            and dsig.flags.c_contiguous and K.strides[2] == K.itemsize
+            and (lams is None or lams.flags.c_contiguous)
+            and (out is None or out.flags.c_contiguous))
 
 
 def _num_threads() -> int:
