@@ -1569,15 +1569,6 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
     group = _group(S, chunk)
     W = chunk * group
     n_items = -(-S // W)
-    n_chunks = -(-S // chunk)
-    # one work item holds every chunk: it adds its partials to the gradient itself, in
-    # chunk order, and the sweep needs neither a partial per layer nor blocks of layers
-    direct = want_grad and n_items == 1
-    L = max(N, 1) if direct else min(_layer_block(S, d, N, chunk, lam.itemsize), max(N, 1))
-    tiles = np.empty((3, n_items, d, _row_len.py_func(W)), dt)
-    part_K = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d, d), dt)
-    part_b = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d), dt)
-    dsig_arg = _dummy(lam, 3) if dsig is None else dsig
     # the kernels view gK as flat rows: one that is not C-ordered is summed into a
     # C-ordered copy of itself (the same additions) and written back at the end
     gK_arg, gb_arg = (_c(gK), gb) if want_grad else (_dummy(lam, 3), _dummy(lam, 2))
@@ -1590,11 +1581,22 @@ def _adjoint_call(xs, lam, K, b, h, act, dsig, gK, gb, lams, out, chunk):
     h = dt.type(h)
     if (N > 0 and not _threaded(n_items, S * d * d * N)
             and _adjoint_rows_path(xs, lam, K, dsig, lams, out)):
+        # decided before the tiles' scratch is made: at d = 8, S = 16 the fixed cost of
+        # a sweep is a few microseconds of its 50
         _adjoint_rows_one_thread(xs, lam, K, h, dsig, want_grad, lams_arg, keep, out_arg,
                                  want_out, chunk, gK_arg, gb_arg)
         if want_grad:
             _copy_back(gK_arg, gK)
         return
+    n_chunks = -(-S // chunk)
+    # one work item holds every chunk: it adds its partials to the gradient itself, in
+    # chunk order, and the sweep needs neither a partial per layer nor blocks of layers
+    direct = want_grad and n_items == 1
+    L = max(N, 1) if direct else min(_layer_block(S, d, N, chunk, lam.itemsize), max(N, 1))
+    tiles = np.empty((3, n_items, d, _row_len.py_func(W)), dt)
+    part_K = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d, d), dt)
+    part_b = np.empty((n_chunks if want_grad else 1, 1 if direct else L, d), dt)
+    dsig_arg = _dummy(lam, 3) if dsig is None else dsig
     n1 = N
     while n1 > 0:
         n0 = max(0, n1 - L)
