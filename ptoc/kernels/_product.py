@@ -229,6 +229,13 @@ add_8x16 = _block_intrinsic(8, 2, 8, ADD_SCALED)
 
 
 
+#: The flags of :func:`lane_sum_scaled`'s arithmetic: ``arcp`` (reciprocals may replace
+#: divisions, of which there are none) changes nothing here, but Numba's fast-math pass
+#: only adds its flags to instructions that have none, so with it the order written
+#: stays the order computed in any caller, fast-math or not.
+_KEEP_ORDER = ("arcp",)
+
+
 @intrinsic
 def lane_sum_scaled(typingctx, x, h):
     """``x <- h x`` on a unit-stride row of samples, and the sum of the scaled entries in
@@ -240,9 +247,9 @@ def lane_sum_scaled(typingctx, x, h):
     the last ``len(x) % 8`` entries go to the first lanes one by one. Written out
     because LLVM does not make one vector of eight scalar chains, and a loop of them
     in a function without ``reassoc`` took twice the time of the reduction LLVM chose
-    with it (``ptoc.kernels.cpu._lane_sum_scaled``). Its instructions carry no fast-math
-    flags; called from a function compiled without fast-math (whose module Numba's
-    fast-math pass does not rewrite), the order is the one written."""
+    with it (``ptoc.kernels.cpu._lane_sum_scaled``). Its arithmetic carries the flag
+    :data:`_KEEP_ORDER` only, so it may be inlined into fast-math kernels and still
+    add in the order written."""
     if not (isinstance(x, types.Array) and x.ndim == 1
             and x.dtype in (types.float64, types.float32)
             and h in (types.float64, types.float32)):
@@ -251,6 +258,13 @@ def lane_sum_scaled(typingctx, x, h):
 
     def codegen(context, builder, signature, args):
         x_, h_ = args
+
+        def _fmul(a, b):
+            return builder.fmul(a, b, flags=_KEEP_ORDER)
+
+        def _fadd(a, b):
+            return builder.fadd(a, b, flags=_KEEP_ORDER)
+
         arr = context.make_array(signature.args[0])(context, builder, x_)
         element = context.get_data_type(signature.args[0].dtype)
         double = ir.DoubleType()
@@ -279,14 +293,14 @@ def lane_sum_scaled(typingctx, x, h):
             cty = ir.VectorType(compute, 8) if vector else compute
             if compute != element:
                 v = builder.fpext(v, cty)
-            out = builder.fmul(v, splat(h_c, cty) if vector else h_c)
+            out = _fmul(v, splat(h_c, cty) if vector else h_c)
             if compute != element:
                 out = builder.fptrunc(out, vec if vector else element)
             return out
 
         n = builder.extract_value(arr.shape, 0)
         n8 = builder.and_(n, ir.Constant(intp, -8))
-        zero = builder.fmul(ir.Constant(double, 0.0),
+        zero = _fmul(ir.Constant(double, 0.0),
                             h_ if h_double else builder.fpext(h_, double))
         acc = cgutils.alloca_once(builder, dvec)
         builder.store(splat(zero, dvec), acc)
@@ -295,23 +309,39 @@ def lane_sum_scaled(typingctx, x, h):
             ptr = builder.bitcast(builder.gep(arr.data, [t]), vec.as_pointer())
             v = scaled(builder.load(ptr, align=itemsize), True)
             builder.store(v, ptr, align=itemsize)
-            builder.store(builder.fadd(builder.load(acc), widen(v, dvec)), acc)
+            builder.store(_fadd(builder.load(acc), widen(v, dvec)), acc)
         total = builder.load(acc)
-        lanes = [cgutils.alloca_once_value(
-            builder, builder.extract_element(total, ir.Constant(ir.IntType(32), j)))
-            for j in range(8)]
-        for j in range(7):  # the remainder: at most 7 entries, lanes 0 .. 6
-            t = builder.add(n8, ir.Constant(intp, j))
-            with builder.if_then(builder.icmp_signed("<", t, n)):
-                ptr = builder.gep(arr.data, [t])
-                v = scaled(builder.load(ptr, align=itemsize), False)
-                builder.store(v, ptr, align=itemsize)
-                builder.store(builder.fadd(builder.load(lanes[j]), widen(v, double)),
-                              lanes[j])
-        ls = [builder.load(lane) for lane in lanes]
-        return builder.fadd(builder.fadd(builder.fadd(ls[0], ls[1]),
-                                         builder.fadd(ls[2], ls[3])),
-                            builder.fadd(builder.fadd(ls[4], ls[5]),
-                                         builder.fadd(ls[6], ls[7])))
+        result = cgutils.alloca_once(builder, double)
+
+        def tree(ls):
+            return _fadd(_fadd(_fadd(ls[0], ls[1]), _fadd(ls[2], ls[3])),
+                         _fadd(_fadd(ls[4], ls[5]), _fadd(ls[6], ls[7])))
+
+        i32 = ir.IntType(32)
+        with builder.if_else(builder.icmp_signed("<", n8, n)) as (remainder, whole):
+            with remainder:  # the last n % 8 entries to lanes 0 .. 6, then the tree
+                lanes = [cgutils.alloca_once_value(
+                    builder, builder.extract_element(total, ir.Constant(i32, j)))
+                    for j in range(8)]
+                for j in range(7):
+                    t = builder.add(n8, ir.Constant(intp, j))
+                    with builder.if_then(builder.icmp_signed("<", t, n)):
+                        ptr = builder.gep(arr.data, [t])
+                        v = scaled(builder.load(ptr, align=itemsize), False)
+                        builder.store(v, ptr, align=itemsize)
+                        builder.store(_fadd(builder.load(lanes[j]), widen(v, double)),
+                                      lanes[j])
+                builder.store(tree([builder.load(lane) for lane in lanes]), result)
+            with whole:  # the same tree on the vector: pairs, pairs of pairs, the two
+                def halves(v, size):
+                    ty = ir.VectorType(i32, size // 2)
+                    even = builder.shuffle_vector(v, v, ir.Constant(ty, list(range(0, size, 2))))
+                    odd = builder.shuffle_vector(v, v, ir.Constant(ty, list(range(1, size, 2))))
+                    return _fadd(even, odd)
+                pairs = halves(halves(total, 8), 4)
+                builder.store(_fadd(builder.extract_element(pairs, ir.Constant(i32, 0)),
+                                    builder.extract_element(pairs, ir.Constant(i32, 1))),
+                              result)
+        return builder.load(result)
 
     return sig, codegen
