@@ -1261,19 +1261,37 @@ def _adjoint_rows(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_out, want_ou
             out[t] = lamf[t]
 
 
+@_jit(inline="always")
+def _lines(n_bytes):
+    """Whole 64-byte lines (float64 entries) holding ``n_bytes``, plus one free line."""
+    return (n_bytes + 63) // 64 * 8 + 8
+
+
 @_jit()
 def _adjoint_rows_one_thread(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_out, want_out,
                              chunk, gK, gb):
+    """:func:`_adjoint_rows` with its scratch in one allocation, each array starting on
+    a 64-byte line, with a free line after it. The sweep's time still depends on the
+    process at d = 8, S = 16 (256 layers: 37 to 39 us in most processes, up to 52 in
+    some, the same code; see ``benchmarks/README.md``)."""
     S, d = lam_N.shape
-    lam = np.empty((S, d), lam_N.dtype)
-    g = np.empty((S, d), lam_N.dtype)
-    pK = np.empty((d, d), lam_N.dtype)
-    pb = np.empty(d, lam_N.dtype)
-    lanes = np.empty((8, d), np.float64)
+    item = lam_N.itemsize
+    n_state, n_pK, n_pb = _lines(S * d * item), _lines(d * d * item), _lines(d * item)
+    buf = np.empty(8 + 2 * n_state + n_pK + n_pb + _lines(8 * d * 8), np.float64)
+    at = (-(buf.ctypes.data // 8)) % 8
+    lamf = buf[at:at + n_state].view(lam_N.dtype)[:S * d]
+    at += n_state
+    gf = buf[at:at + n_state].view(lam_N.dtype)[:S * d]
+    at += n_state
+    pKf = buf[at:at + n_pK].view(lam_N.dtype)[:d * d]
+    at += n_pK
+    pb = buf[at:at + n_pb].view(lam_N.dtype)[:d]
+    at += n_pb
+    lanes = buf[at:at + 8 * d].reshape((8, d))
     _adjoint_rows(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_out, want_out, chunk,
-                  gK.reshape((gK.shape[0], gK.shape[1] * gK.shape[2])), gb, lam,
-                  lam.reshape(S * d), g,
-                  g.reshape(S * d), pK, pK.reshape(d * d), pb, lanes)
+                  gK.reshape((gK.shape[0], gK.shape[1] * gK.shape[2])), gb,
+                  lamf.reshape((S, d)), lamf, gf.reshape((S, d)), gf, pKf.reshape((d, d)),
+                  pKf, pb, lanes)
 
 
 @_tile_jit()
