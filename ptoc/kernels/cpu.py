@@ -1133,16 +1133,11 @@ def _state_correct_runs_rows_one_thread(u, g, has_g, K, b, dt, act, positions, u
 
 # --- widths 8 and 16: the adjoint level kernels on sample-major rows ------------------------
 
-@_tile_jit()
-def _adjoint_rows_step(Dk, Kk, h, lin, lout, g, linf, loutf, gf):
-    """``lout = lin + h (D_k * lin) K_k`` on sample-major rows of width 8 or 16 (``*f``: the
-    same rows flat): ``g = D_k * lin`` in one pass, ``lout`` a copy of ``lin``, then the
-    update of 8 samples at a time in registers
-    (:data:`ptoc.kernels._product.ADD_SCALED`, ``M`` the rows of ``g``, ``src`` ``K_k``):
-    the multiplications and the chain of :func:`_adjoint_tile_step`, the same bits."""
-    for i in range(gf.shape[0]):
-        gf[i] = Dk[i] * linf[i]
-        loutf[i] = linf[i]
+@_thin_jit()
+def _add_scaled_rows(g, Kk, lout, h):
+    """``lout += h g K_k`` on sample-major rows of width 8 or 16, 8 samples at a time in
+    registers (:data:`ptoc.kernels._product.ADD_SCALED`, ``M`` the rows of ``g``, ``src``
+    ``K_k``), the chain of :func:`_adjoint_lam_t` per entry."""
     S, d = lout.shape
     S8 = S - S % 8
     if d == 8:
@@ -1155,6 +1150,19 @@ def _adjoint_rows_step(Dk, Kk, h, lin, lout, g, linf, loutf, gf):
             _product.add_8x16(g, Kk, lout, s, 0, lout[0], h)
         for s in range(S8, S):
             _product.add_1x16(g, Kk, lout, s, 0, lout[0], h)
+
+
+@_tile_jit()
+def _adjoint_rows_step(Dk, Kk, h, lin, lout, g, linf, loutf, gf):
+    """``lout = lin + h (D_k * lin) K_k`` on sample-major rows of width 8 or 16 (``*f``: the
+    same rows flat): ``g = D_k * lin`` in one pass, ``lout`` a copy of ``lin``, then the
+    update of 8 samples at a time in registers
+    (:data:`ptoc.kernels._product.ADD_SCALED`, ``M`` the rows of ``g``, ``src`` ``K_k``):
+    the multiplications and the chain of :func:`_adjoint_tile_step`, the same bits."""
+    for i in range(gf.shape[0]):
+        gf[i] = Dk[i] * linf[i]
+        loutf[i] = linf[i]
+    _add_scaled_rows(g, Kk, lout, h)
 
 
 @_strict_tile_jit()
@@ -1204,18 +1212,7 @@ def _adjoint_rows_update(Df, Kk, h, lam, lamf, g, gf):
     d = 8, S = 16)."""
     for i in range(gf.shape[0]):
         gf[i] = Df[i] * lamf[i]
-    S, d = lam.shape
-    S8 = S - S % 8
-    if d == 8:
-        for s in range(0, S8, 8):
-            _product.add_8x8(g, Kk, lam, s, 0, lam[0], h)
-        for s in range(S8, S):
-            _product.add_1x8(g, Kk, lam, s, 0, lam[0], h)
-    else:
-        for s in range(0, S8, 8):
-            _product.add_8x16(g, Kk, lam, s, 0, lam[0], h)
-        for s in range(S8, S):
-            _product.add_1x16(g, Kk, lam, s, 0, lam[0], h)
+    _add_scaled_rows(g, Kk, lam, h)
 
 
 @_tile_jit()
