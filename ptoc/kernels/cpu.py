@@ -1268,9 +1268,9 @@ def _lines(n_bytes):
 def _adjoint_rows_one_thread(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_out, want_out,
                              chunk, gK, gb):
     """:func:`_adjoint_rows` with its scratch in one allocation, each array starting on
-    a 64-byte line, with a free line after it. The sweep's time still depends on the
-    process at d = 8, S = 16 (256 layers: 37 to 39 us in most processes, up to 52 in
-    some, the same code; see ``benchmarks/README.md``)."""
+    a 64-byte line, with a free line after it. At d = 8, S = 16 (256 layers) the sweep
+    takes 37 to 39 us, or up to 62 in some periods, the same code in the same process
+    (most likely the host's other hardware thread; ``benchmarks/README.md``)."""
     S, d = lam_N.shape
     item = lam_N.itemsize
     n_state, n_pK, n_pb = _lines(S * d * item), _lines(d * d * item), _lines(d * item)
