@@ -1236,3 +1236,80 @@ def test_cpu_adjoint_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
 
     _assert_same_level_results(_rows_against_tiles(
         ("_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread"), compute))
+
+
+@pytest.mark.parametrize("d", [8, 16])
+@pytest.mark.parametrize("act", ACTS)
+@given(S8=st.integers(1, 6), n=st.integers(1, 9), seed=st.integers(0, 2**31),
+       dtype=st.sampled_from([np.float64, np.float32]), backwards=st.booleans(),
+       chunk=st.sampled_from([8, 16, 32]))
+def test_cpu_layer_gradients_and_level_derivatives_on_sample_rows_give_the_bits_of_the_tiles(
+        d, act, S8, n, seed, dtype, backwards, chunk):
+    """On one thread at width 8 or 16 with a batch of whole vectors, the layer gradients
+    of the layer-parallel solvers (from ``x_n`` and ``lambda_{n+1}``, the adjoints also
+    as the backward view the solvers pass) and the ``sigma'`` of an adjoint level run on
+    the sample-major rows: the bits of the tile kernels, added into gradients that
+    already hold values."""
+    from ptoc.kernels import cpu as cpu_module
+
+    S = 8 * S8
+    rng = np.random.default_rng(seed)
+    xs = (rng.standard_normal((n, S, d)) * 2).astype(dtype)
+    lam_rows = rng.standard_normal((n, S, d)).astype(dtype)
+    lams = lam_rows[::-1] if backwards else lam_rows
+    K = (rng.standard_normal((n, d, d)) * 1.5 / np.sqrt(d)).astype(dtype)
+    b = rng.standard_normal((n, d)).astype(dtype)
+    gK0 = rng.standard_normal((n, d, d)).astype(dtype)
+    gb0 = rng.standard_normal((n, d)).astype(dtype)
+    h = float(rng.uniform(0.01, 0.5))
+    cpu = kernels.backend("cpu")
+
+    def compute():
+        gK, gb = gK0.copy(), gb0.copy()
+        cpu.layer_gradients(xs, lams, K, b, h, act.code, gK, gb, chunk)
+        D = cpu.level_derivatives(xs, K, b, act.code, None, chunk)
+        return gK, gb, D[1:]
+
+    calls, results = [], []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("_layer_gradients_rows_one_thread", "_level_derivatives_rows"):
+            kernel = getattr(cpu_module, name)
+            mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
+        for enabled in (True, False):
+            mp.setattr(cpu_module, "_rows_enabled", enabled)
+            with _one_thread():
+                results.append(compute())
+    assert len(calls) == (2 if n > 1 else 1)
+    for a, c in zip(*results, strict=True):
+        assert np.array_equal(a, c)
+
+
+def test_cpu_layer_gradients_take_the_rows_only_where_they_apply():
+    """The rows path of the layer gradients needs one thread, width 8 or 16, a batch of
+    whole vectors, states and adjoints stored as whole layers (either direction) and
+    unit-stride weights; otherwise the tiles run."""
+    from ptoc.kernels import cpu as cpu_module
+
+    def ok(S=16, d=8, lams=None, K=None):
+        xs = np.zeros((3, S, d))
+        lams = np.zeros((3, S, d)) if lams is None else lams
+        K = np.zeros((3, d, d)) if K is None else K
+        return cpu_module._gradients_rows(xs, lams, K, np.zeros((3, d)), np.zeros((3, d, d)),
+                                          np.zeros((3, d)))
+
+    with _one_thread():
+        assert ok() and ok(d=16) and ok(lams=np.zeros((3, 16, 8))[::-1])
+        assert not ok(d=4) and not ok(d=32) and not ok(S=12)
+        assert not ok(lams=np.zeros((6, 16, 8))[::2])  # every other layer of a grid
+        assert not ok(lams=np.zeros((3, 16, 8), order="F"))
+        assert not ok(lams=np.zeros((3, 16, 8), np.float32))
+        assert not ok(K=np.zeros((3, 8, 8)).transpose(0, 2, 1))
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS > 1:
+        before = numba.get_num_threads()
+        numba.set_num_threads(2)
+        try:
+            assert not ok()
+        finally:
+            numba.set_num_threads(before)

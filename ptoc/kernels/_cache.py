@@ -304,6 +304,7 @@ _GROUP_OF = {
     **{f"ptoc.kernels.cpu.{name}": "levels"
        for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
                     "_layer_grad_block", "_level_derivatives",
+                    "_layer_gradients_rows_one_thread", "_level_derivatives_rows",
                     "_state_runs_rows_one_thread", "_state_points_rows_one_thread",
                     "_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread",
                     "_state_runs_residuals_rows_one_thread",

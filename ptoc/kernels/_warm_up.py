@@ -104,6 +104,7 @@ def _warm_up_level_states() -> None:
         idx = np.array([1, 2], dtype=np.int64)
         cpu._state_runs_rows_one_thread(u, u, False, K, b, dt, 0, idx, idx)
         cpu._state_points_rows_one_thread(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0)
+        cpu._level_derivatives_rows(u, K, b, 0, u.copy())  # an adjoint level's sigma'
         # and MGRIT's fused passes of a level that a rank holds alone
         one, three = np.array([1], dtype=np.int64), np.array([3], dtype=np.int64)
         c = np.array([2], dtype=np.int64)
@@ -141,6 +142,9 @@ def _warm_up_level_adjoints() -> None:
         cpu._adjoint_correct_runs_rows_one_thread(u, u, False, D, K, dt, c, u[:2].copy(),
                                                   u[:2].copy(), one, three, three,
                                                   u[:1].copy(), True)
+        # and the layer gradients of such a rank
+        b = np.zeros((len(K), 16))
+        cpu._layer_gradients_rows_one_thread(u, u, True, K, b, 0.1, 0, 32, np.zeros_like(K), b)
     net, params, X, y, solver, comm = _mgrit_problem()
     states = ptoc.forward(net, params, X, target="numpy").states
     lam_N = classifier_loss(params, states[-1], y)[1]

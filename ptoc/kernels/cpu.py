@@ -1232,7 +1232,6 @@ def _adjoint_rows(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_out, want_ou
     lam_Nf = lam_N.reshape(S * d)
     for t in range(lamf.shape[0]):
         lamf[t] = lam_Nf[t]
-    n_chunks = (S + chunk - 1) // chunk
     for n in range(N - 1, -1, -1):
         Df = dsig[n].reshape(S * d)
         if want_out:
@@ -1245,17 +1244,28 @@ def _adjoint_rows(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_out, want_ou
             for t in range(gf.shape[0]):
                 gf[t] = Df[t] * lamf[t]
         if want_grad:
-            x = xs[n]
-            for c in range(n_chunks):
-                t0 = c * chunk
-                t1 = min(S, t0 + chunk)
-                _scale_and_bias_rows(g[t0:t1], h, pb, lanes, 8 if _LANE_SUMS else 1)
-                _partial_blocks_zero(g[t0:t1].T, x[t0:t1], pK, pb, h)
-                _add_partial_into(pKf, pb, gK_flat[n], gb[n])
+            _rows_partials(g, xs[n], h, chunk, pK, pKf, pb, lanes, gK_flat[n], gb[n])
     if want_out:
         out = lam_out.reshape(S * d)
         for t in range(out.shape[0]):
             out[t] = lamf[t]
+
+
+@_thin_jit()
+def _rows_partials(g, x, h, chunk, pK, pKf, pb, lanes, gK_n, gb_n):
+    """One layer's gradient from ``g = sigma' * lambda`` on sample-major rows (S, d):
+    per chunk of samples, ``g <- h g``, the bias sum of :func:`_scale_and_bias_rows`
+    into ``pb``, ``pK = (h g)^T x`` from the transposed view of the chunk's rows
+    (:func:`_partial_blocks_zero`), both added to the layer's ``gK_n`` (flat) and
+    ``gb_n`` in chunk order: the partials of :func:`_partial_t` and their sum, as the
+    tiles form them (the same bits). ``pK``, ``pKf``, ``pb``, ``lanes``: scratch."""
+    S = g.shape[0]
+    for c in range((S + chunk - 1) // chunk):
+        t0 = c * chunk
+        t1 = min(S, t0 + chunk)
+        _scale_and_bias_rows(g[t0:t1], h, pb, lanes, 8 if _LANE_SUMS else 1)
+        _partial_blocks_zero(g[t0:t1].T, x[t0:t1], pK, pb, h)
+        _add_partial_into(pKf, pb, gK_n, gb_n)
 
 
 @_jit(inline="always")
@@ -1289,6 +1299,48 @@ def _adjoint_rows_one_thread(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_o
                   gK.reshape((gK.shape[0], gK.shape[1] * gK.shape[2])), gb,
                   lamf.reshape((S, d)), lamf, gf.reshape((S, d)), gf, pKf.reshape((d, d)),
                   pKf, pb, lanes)
+
+
+@_jit()
+def _layer_gradients_rows_one_thread(xs, lams, reverse, K, b, h, act, chunk, gK, gb):
+    """:func:`_layer_grad_block` and :func:`_add_partials` for every layer at width 8 or
+    16 on the sample-major rows, one thread: per layer ``n``, ``g = sigma'(K_n x_n + b_n)
+    * lambda_{n+1}`` (:func:`_preact_rows`, then the tiles' own :func:`_dsigma_t` and
+    :func:`_times_t` over the ``S d`` entries as one row) and the partials of
+    :func:`_rows_partials` added into ``gK[n]``, ``gb[n]``: the same bits as the tiles,
+    with no tile, no transpose of the states and no allocation per layer. ``lams[n]``
+    is ``lambda_{n+1}``, or, with ``reverse``, ``lams[N - 1 - n]`` (the adjoint solve's
+    positions, in which the caller's view runs backwards)."""
+    N = K.shape[0]
+    S, d = xs.shape[1], xs.shape[2]
+    KT = np.empty((d, d), xs.dtype)
+    g = np.empty((S, d), xs.dtype)
+    g_row = g.reshape((1, S * d))
+    pK = np.empty((d, d), xs.dtype)
+    pb = np.empty(d, xs.dtype)
+    lanes = np.empty((8, d), np.float64)
+    lam_rows = _flat(lams)
+    gK_flat = gK.reshape((N, d * d))
+    for n in range(N):
+        ln = N - 1 - n if reverse else n
+        _preact_rows(K[n], b[n], xs[n], KT, g, S)
+        _dsigma_t(g_row, act, S * d)
+        _times_t(g_row, lam_rows[ln:ln + 1], S * d)
+        _rows_partials(g, xs[n], h, chunk, pK, pK.reshape(d * d), pb, lanes, gK_flat[n],
+                       gb[n])
+
+
+@_jit()
+def _level_derivatives_rows(X, K, b, act, out):
+    """:func:`_level_derivatives` at width 8 or 16 on the sample-major rows, one thread:
+    ``out[k] = sigma'(X[k] K[k]^T + b[k])`` by :func:`_preact_rows` and the tiles' own
+    :func:`_dsigma_t` over the ``S d`` entries as one row (the same bits)."""
+    n, S, d = X.shape
+    KT = np.empty((d, d), X.dtype)
+    rows = _flat(out)
+    for k in range(1, n):
+        _preact_rows(K[k], b[k], X[k], KT, out[k], S)
+        _dsigma_t(rows[k:k + 1], act, S * d)
 
 
 @_tile_jit()
@@ -1840,6 +1892,32 @@ def _level_rows(u, K, b, threads: int) -> bool:
             and K.strides[2] == K.itemsize and b.strides[1] == b.itemsize)
 
 
+def _derivatives_rows(X, K, b, out) -> bool:
+    """Whether :func:`level_derivatives` runs on the sample-major rows
+    (:func:`_level_derivatives_rows`): :func:`_level_rows` for its arrays, ``X`` and
+    ``out`` C-ordered. It runs once per adjoint solve on each level; the tiles took
+    0.94 to 1.0 ms for 1024 steps at d = 16, S = 32 on one thread."""
+    return (_level_rows(X, K, b, _num_threads()) and X.flags.c_contiguous
+            and out.flags.c_contiguous)
+
+
+def _gradients_rows(xs, lams, K, b, gK, gb) -> bool:
+    """Whether :func:`layer_gradients` runs on the sample-major rows
+    (:func:`_layer_gradients_rows_one_thread`): one thread, width 8 or 16, a batch of
+    whole vectors, the states C-ordered, the adjoints C-ordered in either direction
+    along the layers (the solvers pass a backward view), unit-stride rows of ``K`` and
+    ``b``, and C-ordered gradients. The tile kernel, parallel over layers, allocates
+    its tiles per work item; it took 1.9 to 2.3 ms for 1024 layers at d = 16, S = 32
+    on one thread."""
+    item = xs.itemsize
+    S, d = xs.shape[1], xs.shape[2]
+    return (_level_rows(xs, K, b, _num_threads()) and xs.flags.c_contiguous
+            and lams.shape == xs.shape and lams.dtype == xs.dtype
+            and abs(lams.strides[0]) == S * d * item and lams.strides[1] == d * item
+            and lams.strides[2] == item
+            and gK.flags.c_contiguous and gb.flags.c_contiguous)
+
+
 def _adjoint_level_rows(lam, K, D, threads: int) -> bool:
     """:func:`_level_rows` for an adjoint level kernel (no bias; ``K`` itself is read by
     rows, and the stored ``sigma'`` flat)."""
@@ -1926,6 +2004,9 @@ def state_points_into(u, K, b, dt, act, positions, out, rows, g, mode, chunk):
 def level_derivatives(X, K, b, act, out, chunk):
     if out is None:
         out = np.empty_like(X)
+    if X.shape[0] > 1 and _derivatives_rows(X, K, b, out):
+        _level_derivatives_rows(X, K, b, act, out)
+        return out
     W = _width(X.shape[1], chunk)
     if X.shape[0] > 1:
         tiles = _tiles(X, 1, W, 2)
@@ -2006,9 +2087,15 @@ def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
 
 def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):
     """Every layer's gradient from the states and adjoints, in blocks of layers (the loop
-    over blocks in Python, as in :func:`_adjoint_call`)."""
+    over blocks in Python, as in :func:`_adjoint_call`); on one thread at width 8 or 16,
+    on the sample-major rows (:func:`_layer_gradients_rows_one_thread`, the same bits)."""
     N = K.shape[0]
     S, d = xs.shape[1], xs.shape[2]
+    if N and _gradients_rows(xs, lams, K, b, gK, gb):
+        reverse = lams.strides[0] < 0
+        _layer_gradients_rows_one_thread(xs, lams[::-1] if reverse else lams, reverse, K, b,
+                                         xs.dtype.type(h), act, chunk, gK, gb)
+        return
     L = min(_layer_block(S, d, N, chunk, xs.itemsize), max(N, 1))
     n_chunks = -(-S // chunk)
     part_K = np.empty((n_chunks, L, d, d), xs.dtype)
