@@ -1174,7 +1174,9 @@ def _scale_and_bias_rows(g, h, pb, lanes, width):
     are one block of ``8 d`` entries added to the lanes in one loop; with ``width`` 1
     (``_LANE_SUMS`` off, passed by the caller for the reason given in
     :func:`_scale_and_bias_t`) each feature's sum is in sample order. The same bits as
-    the tiles."""
+    the tiles. With the lanes on, the rows paths (widths 8 and 16) call
+    :func:`ptoc.kernels._product.scale_and_bias_8` and ``_16`` instead, the same sums
+    in registers (:func:`_rows_partials`)."""
     m, d = g.shape
     gf = g.reshape(m * d)
     lf = lanes.reshape(8 * d)
@@ -1244,7 +1246,7 @@ def _adjoint_rows(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_out, want_ou
             for t in range(gf.shape[0]):
                 gf[t] = Df[t] * lamf[t]
         if want_grad:
-            _rows_partials(g, xs[n], h, chunk, pK, pKf, pb, lanes, gK_flat[n], gb[n])
+            _rows_partials(g, gf, xs[n], h, chunk, pK, pKf, pb, lanes, gK_flat[n], gb[n])
     if want_out:
         out = lam_out.reshape(S * d)
         for t in range(out.shape[0]):
@@ -1252,18 +1254,26 @@ def _adjoint_rows(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_out, want_ou
 
 
 @_thin_jit()
-def _rows_partials(g, x, h, chunk, pK, pKf, pb, lanes, gK_n, gb_n):
-    """One layer's gradient from ``g = sigma' * lambda`` on sample-major rows (S, d):
-    per chunk of samples, ``g <- h g``, the bias sum of :func:`_scale_and_bias_rows`
-    into ``pb``, ``pK = (h g)^T x`` from the transposed view of the chunk's rows
-    (:func:`_partial_blocks_zero`), both added to the layer's ``gK_n`` (flat) and
-    ``gb_n`` in chunk order: the partials of :func:`_partial_t` and their sum, as the
-    tiles form them (the same bits). ``pK``, ``pKf``, ``pb``, ``lanes``: scratch."""
-    S = g.shape[0]
+def _rows_partials(g, gf, x, h, chunk, pK, pKf, pb, lanes, gK_n, gb_n):
+    """One layer's gradient from ``g = sigma' * lambda`` on sample-major rows (S, d)
+    (``gf``: the same, flat): per chunk of samples, ``g <- h g``, the bias sum of
+    :func:`_scale_and_bias_rows` into ``pb`` (at widths 8 and 16 with the lanes on,
+    :func:`ptoc.kernels._product.scale_and_bias_8` and ``_16``, its arithmetic in
+    registers and inlined here), ``pK = (h g)^T x`` from the transposed view of the
+    chunk's rows (:func:`_partial_blocks_zero`), both added to the layer's ``gK_n``
+    (flat) and ``gb_n`` in chunk order: the partials of :func:`_partial_t` and their
+    sum, as the tiles form them (the same bits). ``pK``, ``pKf``, ``pb``, ``lanes``:
+    scratch."""
+    S, d = g.shape
     for c in range((S + chunk - 1) // chunk):
         t0 = c * chunk
         t1 = min(S, t0 + chunk)
-        _scale_and_bias_rows(g[t0:t1], h, pb, lanes, 8 if _LANE_SUMS else 1)
+        if _LANE_SUMS and d == 8:
+            _product.scale_and_bias_8(gf[t0 * d:t1 * d], h, pb)
+        elif _LANE_SUMS and d == 16:
+            _product.scale_and_bias_16(gf[t0 * d:t1 * d], h, pb)
+        else:
+            _scale_and_bias_rows(g[t0:t1], h, pb, lanes, 8 if _LANE_SUMS else 1)
         _partial_blocks_zero(g[t0:t1].T, x[t0:t1], pK, pb, h)
         _add_partial_into(pKf, pb, gK_n, gb_n)
 
@@ -1326,8 +1336,8 @@ def _layer_gradients_rows_one_thread(xs, lams, reverse, K, b, h, act, chunk, gK,
         _preact_rows(K[n], b[n], xs[n], KT, g, S)
         _dsigma_t(g_row, act, S * d)
         _times_t(g_row, lam_rows[ln:ln + 1], S * d)
-        _rows_partials(g, xs[n], h, chunk, pK, pK.reshape(d * d), pb, lanes, gK_flat[n],
-                       gb[n])
+        _rows_partials(g, g_row[0], xs[n], h, chunk, pK, pK.reshape(d * d), pb, lanes,
+                       gK_flat[n], gb[n])
 
 
 @_jit()
