@@ -13,8 +13,8 @@ import numpy as np
 
 
 def cpuinfo() -> dict[str, str]:
-    """Model name, vendor, family, nominal MHz and flags from /proc/cpuinfo (Linux; empty
-    elsewhere), each from the first processor listed."""
+    """Model name, vendor, family, model number, nominal MHz and flags from /proc/cpuinfo
+    (Linux; empty elsewhere), each from the first processor listed."""
     info: dict[str, str] = {}
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -23,7 +23,7 @@ def cpuinfo() -> dict[str, str]:
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key, value = key.strip(), value.strip()
-        if key in ("model name", "vendor_id", "cpu family", "cpu MHz", "flags") \
+        if key in ("model name", "vendor_id", "cpu family", "model", "cpu MHz", "flags") \
                 and key not in info:
             info[key] = value
     return info
@@ -47,7 +47,9 @@ def dist_version(dist: str) -> str | None:
 
 
 def machine_info() -> dict:
-    """CPU, core count, platform, Python, NumPy, Numba, ptoc and the git commit."""
+    """CPU (with its family and model numbers: machines that name themselves alike, such
+    as "AMD EPYC", differ in their vector units), core count, platform, Python, NumPy,
+    Numba, ptoc and the git commit."""
     import numba
 
     import ptoc
@@ -55,6 +57,7 @@ def machine_info() -> dict:
     cpu = cpuinfo()
     return {
         "cpu_model": cpu.get("model name") or platform.processor() or "unknown",
+        "cpu_family": cpu.get("cpu family"), "cpu_model_number": cpu.get("model"),
         "cpu_mhz": float(cpu["cpu MHz"]) if "cpu MHz" in cpu else None,
         "logical_cpus": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "numpy": np.__version__,

@@ -336,35 +336,48 @@ def test_every_grouped_kernel_exists_and_every_group_has_its_warm_up():
         kernel = getattr(importlib.import_module(module), name, None)
         assert isinstance(kernel, CPUDispatcher), qualified
     assert set(_cache._GROUP_OF.values()) == set(_cache._WARM_UPS)
+    assert _cache._ROWS_KERNELS <= set(_cache._GROUP_OF)
     warm_up = importlib.import_module(_cache._WARM_UP_MODULE)
     for parts in _cache._WARM_UPS.values():
         for part in parts:
             assert callable(getattr(warm_up, part)), part
 
 
-@pytest.mark.parametrize("threads, compiled", [(1, True), (2, False)])
-def test_level_warm_ups_compile_the_rows_kernels_only_for_one_thread_callers(
-        threads, compiled, monkeypatch):
+_ROWS_LEVEL_KERNELS = tuple(
+    f"_{sweep}_{kind}_rows_one_thread" for sweep in ("state", "adjoint")
+    for kind in ("runs", "points", "runs_residuals", "correct_runs")) + (
+    "_layer_gradients_rows_one_thread", "_level_derivatives_rows")
+_TILE_LEVEL_KERNELS = ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
+                       "_layer_grad_block", "_level_derivatives")
+
+
+@pytest.mark.parametrize("rows", [True, False])
+def test_level_warm_ups_compile_the_rows_kernels_or_the_tiles_as_the_caller_runs(
+        rows, monkeypatch):
     """The level kernels on sample-major rows (MGRIT's fused passes among them) run on one
-    thread only: a helper started by a process with more threads leaves them out of its
-    warm-up (compile time of ``ptoc solve``), one started by a one-thread rank compiles
-    them."""
+    thread at widths 8 and 16 only, and such a caller runs no tile level kernel: a helper
+    started by a rows kernel warms up every rows level kernel and no tile kernel (the
+    compile time of ``mpiexec -n 2 ptoc solve``), one started by a tile kernel the tiles
+    and no rows kernel (that of ``ptoc solve`` on two threads). The kernels are replaced
+    by stand-ins that only record their calls (the solves then see a zero residual)."""
     from ptoc.kernels import _warm_up, cpu
 
     calls = []
-    names = tuple(f"_{sweep}_{kind}_rows_one_thread" for sweep in ("state", "adjoint")
-                  for kind in ("runs", "points", "runs_residuals", "correct_runs"))
-    for name in names:
-        monkeypatch.setattr(cpu, name, lambda *a, n=name: calls.append(n))
-    monkeypatch.setattr(_warm_up, "CALLER_THREADS", threads)
+    for name in _ROWS_LEVEL_KERNELS + _TILE_LEVEL_KERNELS:
+        value = 0.0 if name.endswith("correct_runs_rows_one_thread") else None
+        monkeypatch.setattr(cpu, name, lambda *a, n=name, v=value: (calls.append(n), v)[1])
+    monkeypatch.setattr(_warm_up, "CALLER_ROWS", rows)
     _warm_up._warm_up_level_states()
     _warm_up._warm_up_level_adjoints()
-    assert sorted(calls) == (sorted(names) if compiled else [])
+    expected, absent = ((_ROWS_LEVEL_KERNELS, _TILE_LEVEL_KERNELS) if rows
+                        else (_TILE_LEVEL_KERNELS, _ROWS_LEVEL_KERNELS))
+    assert set(expected) <= set(calls)
+    assert not set(absent) & set(calls)
 
 
-def test_helpers_are_told_the_callers_thread_count(monkeypatch):
-    import numba
-
+def test_helpers_are_told_whether_the_caller_runs_on_the_rows(monkeypatch):
+    """Every helper of a group's warm-up learns whether the kernel that started it is one
+    of the rows kernels (:data:`ptoc.kernels._cache._ROWS_KERNELS`)."""
     from ptoc.kernels import _cache
 
     sent = []
@@ -385,9 +398,10 @@ def test_helpers_are_told_the_callers_thread_count(monkeypatch):
             return 0
 
     monkeypatch.setattr(_cache.subprocess, "Popen", FakeHelper)
-    monkeypatch.setattr(_cache, "_warmed", set())
     from ptoc.kernels import cpu
 
-    _cache._run_helpers(cpu._state_runs, ())
-    assert len(sent) == 2 and all(
-        job["caller_threads"] == numba.get_num_threads() for job in sent)
+    for kernel, rows in ((cpu._state_runs, False), (cpu._state_runs_rows_one_thread, True)):
+        sent.clear()
+        monkeypatch.setattr(_cache, "_warmed", set())
+        _cache._run_helpers(kernel, ())
+        assert len(sent) == 2 and all(job["caller_rows"] is rows for job in sent)

@@ -65,6 +65,9 @@ so once on stderr. Three rules keep it short:
   (:data:`_WARM_UPS`, small workloads in :mod:`ptoc.kernels._warm_up`), each part in a
   helper of its own, all at once: one round of helpers compiles what such a run needs,
   on several cores, and nothing of the other groups (``PTOC_WARM_UP=0``: only what is asked for).
+  Where the kernel that starts the round runs on the sample-major rows
+  (:data:`_ROWS_KERNELS`: one thread, widths 8 and 16), the level warm-ups compile the
+  rows kernels and no tile kernel, which such a run never calls.
 * One process of a machine compiles at a time (a lock file in the cache directory):
   the ranks under ``mpiexec`` need the same kernels at the same moment; the first
   compiles them, the others wait and load them.
@@ -319,6 +322,20 @@ _GROUP_OF = {
 }
 
 
+#: The level kernels that only a caller on the sample-major rows runs (one thread, width 8
+#: or 16, a batch of whole vectors): when one of them starts the group's warm-up, the
+#: warm-up compiles the rows kernels and no tile kernel (``_warm_up.CALLER_ROWS``).
+_ROWS_KERNELS = frozenset(
+    f"ptoc.kernels.cpu.{name}"
+    for name in ("_layer_gradients_rows_one_thread", "_level_derivatives_rows",
+                 "_state_runs_rows_one_thread", "_state_points_rows_one_thread",
+                 "_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread",
+                 "_state_runs_residuals_rows_one_thread",
+                 "_state_correct_runs_rows_one_thread",
+                 "_adjoint_runs_residuals_rows_one_thread",
+                 "_adjoint_correct_runs_rows_one_thread"))
+
+
 def _importable(fn: Callable) -> bool:
     """Whether a helper process can find ``fn`` by module and name."""
     return fn.__module__ not in ("__main__", None) and "<locals>" not in fn.__qualname__
@@ -399,10 +416,12 @@ def _run_helpers(fn: Callable, sig: tuple) -> bool:
         print("ptoc: compiling the Numba kernels for this machine (once, 10 to 30 s; later "
               "runs load them from Numba's disk cache)", file=sys.stderr, flush=True)
         _said = True
-    threads = numba.get_num_threads()  # the warm-ups compile what this thread count runs
+    # a caller on the rows (one thread, widths 8 and 16) gets the rows kernels warmed up,
+    # any other the tiles
+    caller = {"caller_rows": f"{fn.__module__}.{fn.__qualname__}" in _ROWS_KERNELS}
     jobs = [{"module": fn.__module__, "name": fn.__qualname__, "sig": sig,
-             "warm_up": parts[:1], "caller_threads": threads}]
-    jobs += [{"warm_up": (part,), "caller_threads": threads} for part in parts[1:]]
+             "warm_up": parts[:1]} | caller]
+    jobs += [{"warm_up": (part,)} | caller for part in parts[1:]]
     helpers = []
     try:
         for job in jobs:
@@ -443,7 +462,7 @@ def _helper_main() -> int:
         dispatcher.compile(job["sig"])
     warm_up = importlib.import_module(_WARM_UP_MODULE) if job["warm_up"] else None
     if warm_up is not None:
-        warm_up.CALLER_THREADS = job.get("caller_threads", 1)
+        warm_up.CALLER_ROWS = job.get("caller_rows", False)
     for part in job["warm_up"]:
         try:
             getattr(warm_up, part)()

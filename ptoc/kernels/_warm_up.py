@@ -9,21 +9,26 @@ and so :mod:`ptoc.kernels._cache`, must not depend on.
 
 from __future__ import annotations
 
-#: Numba threads of the process that started this helper (set by the helper): the level
-#: kernels on sample-major rows run on one thread only, so a process with more threads
-#: does not have them compiled (they took 3 to 4 s of a first ``ptoc solve``).
-CALLER_THREADS: int = 1
+#: Whether the kernel whose compilation started this helper runs on the sample-major rows
+#: (one thread, width 8 or 16, a batch of whole vectors: a rank of ``mpiexec -n 2 ptoc
+#: solve``; set by the helper). Such a caller runs no tile level kernel, so the level
+#: warm-ups compile the rows kernels only (the tiles took about 10 s of that first run's
+#: compilation); where it later needs a tile kernel (another width), that one compiles
+#: then.
+CALLER_ROWS: bool = False
 
 
-def _tiny_problem(depth: int = 8) -> tuple:
-    """A float64 ResNet of width 4, its parameters, 6 inputs and their labels."""
+def _tiny_problem(depth: int = 8, width: int = 4, batch: int = 6) -> tuple:
+    """A float64 ResNet of ``width`` (4: the tile kernels; 8 or 16 with a batch of whole
+    vectors: the sample-major rows on one thread), its parameters, ``batch`` inputs and
+    their labels."""
     import numpy as np
 
     import ptoc
 
-    net = ptoc.ResNet(width=4, depth=depth, n_in=2, n_classes=3)
-    X = np.random.default_rng(0).standard_normal((6, 2))
-    return net, net.init_params(0), X, np.arange(6) % 3
+    net = ptoc.ResNet(width=width, depth=depth, n_in=2, n_classes=3)
+    X = np.random.default_rng(0).standard_normal((batch, 2))
+    return net, net.init_params(0), X, np.arange(batch) % 3
 
 
 def _warm_up_forward() -> None:
@@ -67,10 +72,14 @@ def _warm_up_adjoint() -> None:
 
 
 def _mgrit_problem() -> tuple:
+    """The tiny problem of :func:`_tiny_problem`, 32 layers, on the kernels the caller
+    runs (:data:`CALLER_ROWS`: width 16 and a batch of 8, else width 4), MGRIT's
+    defaults and one rank."""
     import ptoc
     from ptoc.parallel import SingleRank
 
-    return (*_tiny_problem(depth=32), ptoc.MGRIT(), SingleRank())
+    shape = dict(width=16, batch=8) if CALLER_ROWS else {}
+    return (*_tiny_problem(depth=32, **shape), ptoc.MGRIT(), SingleRank())
 
 
 def _level_arrays(n: int = 4, S: int = 6, d: int = 4) -> tuple:
@@ -86,65 +95,50 @@ def _level_arrays(n: int = 4, S: int = 6, d: int = 4) -> tuple:
 
 
 def _warm_up_level_states() -> None:
-    """An MGRIT forward solve: the state level kernels and the grid transfers; then the
-    derivatives of an adjoint level, which the adjoint part (the longer) needs first and
-    may find in the cache by then."""
+    """An MGRIT forward solve: the state level kernels and the grid transfers (on one
+    rank, which holds every level alone: the fused passes); then the derivatives of an
+    adjoint level, which the adjoint part (the longer) needs first and may find in the
+    cache by then. A caller on the rows (:data:`CALLER_ROWS`) also gets the kernels of a
+    level shared with other ranks (runs, points, correction, sums of squares), and no
+    tile kernel."""
     from ptoc.parallel.driver import parallel_forward
 
     net, params, X, _, solver, comm = _mgrit_problem()
     parallel_forward(net, params, X, solver, comm=comm)
-    cpu, u, K, b, _ = _level_arrays()
-    cpu.level_derivatives(u, K, b, 0, u.copy(), 32)
-    # on one thread at width 8 or 16 (a rank of ``mpiexec -n 2 ptoc solve``) the state
-    # level kernels run on the grid's rows
-    if CALLER_THREADS == 1:
-        import numpy as np
+    if not CALLER_ROWS:
+        cpu, u, K, b, _ = _level_arrays()
+        cpu.level_derivatives(u, K, b, 0, u.copy(), 32)
+        return
+    import numpy as np
 
-        cpu, u, K, b, dt = _level_arrays(S=8, d=16)
-        idx = np.array([1, 2], dtype=np.int64)
-        cpu._state_runs_rows_one_thread(u, u, False, K, b, dt, 0, idx, idx)
-        cpu._state_points_rows_one_thread(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0)
-        cpu._level_derivatives_rows(u, K, b, 0, u.copy())  # an adjoint level's sigma'
-        # and MGRIT's fused passes of a level that a rank holds alone
-        one, three = np.array([1], dtype=np.int64), np.array([3], dtype=np.int64)
-        c = np.array([2], dtype=np.int64)
-        cpu._state_runs_residuals_rows_one_thread(u, u, False, K, b, dt, 0, one, one, c,
-                                                  u[:2].copy(), one, u[:2].copy(), 1)
-        cpu._state_correct_runs_rows_one_thread(u, u, False, K, b, dt, 0, c, u[:2].copy(),
-                                                u[:2].copy(), one, three, three, u[:1].copy(),
-                                                True)
+    from ptoc.kernels import rows
+
+    cpu, u, K, b, dt = _level_arrays(S=8, d=16)
+    idx = np.array([1, 2], dtype=np.int64)
+    cpu.state_runs(u, None, K, b, dt, 0, idx, idx, 32)
+    cpu.state_points_into(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0, 32)
+    cpu.level_derivatives(u, K, b, 0, u.copy(), 32)
+    rows.correct(u, idx, u[:2].copy(), u[:2].copy(), np.array([0, 1], dtype=np.int64))
+    rows.sumsq_diff(u, idx, u, idx)
 
 
 def _warm_up_level_adjoints() -> None:
-    """The adjoint level kernels on their own first (while the state part compiles the
-    derivatives they read), then an MGRIT adjoint solve (states from NumPy): the layer
-    gradients and the grid transfers."""
+    """An MGRIT adjoint solve (states from NumPy) on one rank: the adjoint level kernels,
+    the layer gradients and the grid transfers; a caller on the rows
+    (:data:`CALLER_ROWS`) also gets the adjoint runs and points of a level shared with
+    other ranks, and no tile kernel."""
     import ptoc
     from ptoc.objective import classifier_loss
     from ptoc.parallel.driver import parallel_adjoint
 
-    cpu, u, K, _, dt = _level_arrays()
-    cpu.adjoint_runs(u, None, u.copy(), K, dt, [1], [3], 32)
-    cpu.adjoint_points(u, u.copy(), K, dt, [1, 2], u[:2].copy(), 32)
-    # the rows variants (one thread, width 8 or 16)
-    if CALLER_THREADS == 1:
+    if CALLER_ROWS:
         import numpy as np
 
         cpu, u, K, _, dt = _level_arrays(S=8, d=16)
         idx = np.array([1, 2], dtype=np.int64)
         D = u.copy()
-        cpu._adjoint_runs_rows_one_thread(u, u, False, D, K, dt, idx, idx)
-        cpu._adjoint_points_rows_one_thread(u, D, K, dt, idx, u[:2].copy(), idx, u, 0)
-        one, three = np.array([1], dtype=np.int64), np.array([3], dtype=np.int64)
-        c = np.array([2], dtype=np.int64)
-        cpu._adjoint_runs_residuals_rows_one_thread(u, u, False, D, K, dt, one, one, c,
-                                                    u[:2].copy(), one, u[:2].copy(), 1)
-        cpu._adjoint_correct_runs_rows_one_thread(u, u, False, D, K, dt, c, u[:2].copy(),
-                                                  u[:2].copy(), one, three, three,
-                                                  u[:1].copy(), True)
-        # and the layer gradients of such a rank
-        b = np.zeros((len(K), 16))
-        cpu._layer_gradients_rows_one_thread(u, u, True, K, b, 0.1, 0, 32, np.zeros_like(K), b)
+        cpu.adjoint_runs(u, None, D, K, dt, idx, idx, 32)
+        cpu.adjoint_points_into(u, D, K, dt, idx, u[:2].copy(), idx, u, 0, 32)
     net, params, X, y, solver, comm = _mgrit_problem()
     states = ptoc.forward(net, params, X, target="numpy").states
     lam_N = classifier_loss(params, states[-1], y)[1]
