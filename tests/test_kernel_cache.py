@@ -367,8 +367,16 @@ def test_level_warm_ups_compile_the_rows_kernels_or_the_tiles_as_the_caller_runs
         value = 0.0 if name.endswith("correct_runs_rows_one_thread") else None
         monkeypatch.setattr(cpu, name, lambda *a, n=name, v=value: (calls.append(n), v)[1])
     monkeypatch.setattr(_warm_up, "CALLER_ROWS", rows)
-    _warm_up._warm_up_level_states()
-    _warm_up._warm_up_level_adjoints()
+    import numba
+
+    before = numba.get_num_threads()
+    if rows:  # a caller on the rows runs on one thread, and so does its helper
+        numba.set_num_threads(1)
+    try:
+        _warm_up._warm_up_level_states()
+        _warm_up._warm_up_level_adjoints()
+    finally:
+        numba.set_num_threads(before)
     expected, absent = ((_ROWS_LEVEL_KERNELS, _TILE_LEVEL_KERNELS) if rows
                         else (_TILE_LEVEL_KERNELS, _ROWS_LEVEL_KERNELS))
     assert set(expected) <= set(calls)
@@ -376,8 +384,11 @@ def test_level_warm_ups_compile_the_rows_kernels_or_the_tiles_as_the_caller_runs
 
 
 def test_helpers_are_told_whether_the_caller_runs_on_the_rows(monkeypatch):
-    """Every helper of a group's warm-up learns whether the kernel that started it is one
-    of the rows kernels (:data:`ptoc.kernels._cache._ROWS_KERNELS`)."""
+    """Every helper of a group's warm-up learns the caller's thread count, on which it
+    runs its workloads, and whether the kernel that started it is one of the rows
+    kernels (:data:`ptoc.kernels._cache._ROWS_KERNELS`)."""
+    import numba
+
     from ptoc.kernels import _cache
 
     sent = []
@@ -405,3 +416,4 @@ def test_helpers_are_told_whether_the_caller_runs_on_the_rows(monkeypatch):
         monkeypatch.setattr(_cache, "_warmed", set())
         _cache._run_helpers(kernel, ())
         assert len(sent) == 2 and all(job["caller_rows"] is rows for job in sent)
+        assert all(job["caller_threads"] == numba.get_num_threads() for job in sent)

@@ -416,9 +416,11 @@ def _run_helpers(fn: Callable, sig: tuple) -> bool:
         print("ptoc: compiling the Numba kernels for this machine (once, 10 to 30 s; later "
               "runs load them from Numba's disk cache)", file=sys.stderr, flush=True)
         _said = True
-    # a caller on the rows (one thread, widths 8 and 16) gets the rows kernels warmed up,
-    # any other the tiles
-    caller = {"caller_rows": f"{fn.__module__}.{fn.__qualname__}" in _ROWS_KERNELS}
+    # the warm-ups run on the caller's thread count (the kernels that a run picks depend
+    # on it), and a caller on the rows (one thread, widths 8 and 16) gets the rows
+    # kernels warmed up, any other the tiles
+    caller = {"caller_threads": numba.get_num_threads(),
+              "caller_rows": f"{fn.__module__}.{fn.__qualname__}" in _ROWS_KERNELS}
     jobs = [{"module": fn.__module__, "name": fn.__qualname__, "sig": sig,
              "warm_up": parts[:1]} | caller]
     jobs += [{"warm_up": (part,)} | caller for part in parts[1:]]
@@ -463,6 +465,11 @@ def _helper_main() -> int:
     warm_up = importlib.import_module(_WARM_UP_MODULE) if job["warm_up"] else None
     if warm_up is not None:
         warm_up.CALLER_ROWS = job.get("caller_rows", False)
+        # the caller's thread count (a rank of ``mpiexec`` sets one thread in the program,
+        # not in the environment the helper inherits), so that the workloads take the
+        # paths the caller's run takes
+        numba.set_num_threads(max(1, min(job.get("caller_threads", 1),
+                                         numba.config.NUMBA_NUM_THREADS)))
     for part in job["warm_up"]:
         try:
             getattr(warm_up, part)()
