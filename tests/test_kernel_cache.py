@@ -343,44 +343,54 @@ def test_every_grouped_kernel_exists_and_every_group_has_its_warm_up():
             assert callable(getattr(warm_up, part)), part
 
 
+_FUSED_ROWS_KERNELS = tuple(f"_{sweep}_{kind}_rows_one_thread" for sweep in ("state", "adjoint")
+                            for kind in ("runs_residuals", "correct_runs"))
 _ROWS_LEVEL_KERNELS = tuple(
     f"_{sweep}_{kind}_rows_one_thread" for sweep in ("state", "adjoint")
-    for kind in ("runs", "points", "runs_residuals", "correct_runs")) + (
+    for kind in ("runs", "points")) + (
     "_layer_gradients_rows_one_thread", "_level_derivatives_rows")
+_PARALLEL_ROWS_KERNELS = tuple(f"_{sweep}_{kind}_rows_parallel" for sweep in ("state", "adjoint")
+                               for kind in ("runs", "points"))
 _TILE_LEVEL_KERNELS = ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
                        "_layer_grad_block", "_level_derivatives")
 
 
-@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize("rows, threads", [(True, 1), (True, 2), (False, 1), (False, 2)])
 def test_level_warm_ups_compile_the_rows_kernels_or_the_tiles_as_the_caller_runs(
-        rows, monkeypatch):
-    """The level kernels on sample-major rows (MGRIT's fused passes among them) run on one
-    thread at widths 8 and 16 only, and such a caller runs no tile level kernel: a helper
-    started by a rows kernel warms up every rows level kernel and no tile kernel (the
-    compile time of ``mpiexec -n 2 ptoc solve``), one started by a tile kernel the tiles
-    and no rows kernel (that of ``ptoc solve`` on two threads). The kernels are replaced
-    by stand-ins that only record their calls (the solves then see a zero residual)."""
-    from ptoc.kernels import _warm_up, cpu
-
-    calls = []
-    for name in _ROWS_LEVEL_KERNELS + _TILE_LEVEL_KERNELS:
-        value = 0.0 if name.endswith("correct_runs_rows_one_thread") else None
-        monkeypatch.setattr(cpu, name, lambda *a, n=name, v=value: (calls.append(n), v)[1])
-    monkeypatch.setattr(_warm_up, "CALLER_ROWS", rows)
+        rows, threads, monkeypatch):
+    """The level kernels on sample-major rows run at widths 8 and 16, and such a caller
+    runs no tile level kernel: a helper started by a rows kernel warms up the rows level
+    kernels and no tile kernel (with MGRIT's fused passes on one thread, with the
+    parallel variants on more), one started by a tile kernel the tiles and no rows
+    kernel. The helper runs on the caller's thread count. Every call of a level kernel is
+    recorded."""
     import numba
 
+    from ptoc.kernels import _warm_up, cpu
+
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        threads = numba.config.NUMBA_NUM_THREADS  # a one-core machine: both cases alike
+    calls = []
+    names = (_FUSED_ROWS_KERNELS + _ROWS_LEVEL_KERNELS + _PARALLEL_ROWS_KERNELS
+             + _TILE_LEVEL_KERNELS)
+    for name in names:
+        kernel = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, n=name, k=kernel: (calls.append(n), k(*a))[1])
+    monkeypatch.setattr(_warm_up, "CALLER_ROWS", rows)
     before = numba.get_num_threads()
-    if rows:  # a caller on the rows runs on one thread, and so does its helper
-        numba.set_num_threads(1)
+    numba.set_num_threads(threads)
     try:
         _warm_up._warm_up_level_states()
         _warm_up._warm_up_level_adjoints()
     finally:
         numba.set_num_threads(before)
-    expected, absent = ((_ROWS_LEVEL_KERNELS, _TILE_LEVEL_KERNELS) if rows
-                        else (_TILE_LEVEL_KERNELS, _ROWS_LEVEL_KERNELS))
+    if rows:
+        extra = _FUSED_ROWS_KERNELS if threads == 1 else _PARALLEL_ROWS_KERNELS
+        expected = _ROWS_LEVEL_KERNELS + extra
+    else:
+        expected = _TILE_LEVEL_KERNELS
     assert set(expected) <= set(calls)
-    assert not set(absent) & set(calls)
+    assert not (set(names) - set(expected)) & set(calls)
 
 
 def test_helpers_are_told_whether_the_caller_runs_on_the_rows(monkeypatch):

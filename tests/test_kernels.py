@@ -1150,22 +1150,33 @@ def _level_case(S8, n, d, seed, dtype, with_g):
         base=rng.standard_normal((len(positions), S, d)).astype(dtype))
 
 
-def _rows_against_tiles(names, compute):
-    """``compute()`` on one thread with the rows paths on, then off; returns both results,
-    after checking that the rows kernels ``names`` ran five times (runs, four point modes)
-    in the first pass."""
+def _rows_against_tiles(names, compute, parallel=False):
+    """``compute()`` with the rows paths on, then off; returns both results, after checking
+    that the rows kernels ``names`` (their one-thread variants) ran five times (runs, four
+    point modes) in the first pass. ``parallel``: as on two threads (the kernels' thread
+    count says 2, whatever Numba runs) with every level kernel parallel
+    (``CPU_PARALLEL_MIN_WORK = 0``), where the parallel variants ran at least once (a
+    single point runs on one thread)."""
+    from ptoc import _config
     from ptoc.kernels import cpu as cpu_module
 
     calls, results = [], []
     with pytest.MonkeyPatch.context() as mp:
-        for name in names:
+        for name in names + tuple(n.replace("_one_thread", "_parallel") for n in names):
             kernel = getattr(cpu_module, name)
-            mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
+            mp.setattr(cpu_module, name, lambda *a, k=kernel, n=name: (calls.append(n), k(*a)))
+        if parallel:
+            mp.setattr(_config, "CPU_PARALLEL_MIN_WORK", 0)
+            mp.setattr(cpu_module, "_num_threads", lambda: 2)
         for enabled in (True, False):
             mp.setattr(cpu_module, "_rows_enabled", enabled)
-            with _one_thread():
+            if parallel:
                 results.append(compute())
+            else:
+                with _one_thread():
+                    results.append(compute())
     assert len(calls) == 5
+    assert any(n.endswith("_parallel") for n in calls) == parallel
     return results
 
 
@@ -1180,12 +1191,13 @@ def _assert_same_level_results(results):
         assert np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("d", [8, 16])
 @pytest.mark.parametrize("act", ACTS)
 @given(S8=st.integers(1, 8), n=st.integers(3, 14), seed=st.integers(0, 2**31),
        dtype=st.sampled_from([np.float64, np.float32]), with_g=st.booleans())
 def test_cpu_state_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
-        d, act, S8, n, seed, dtype, with_g):
+        parallel, d, act, S8, n, seed, dtype, with_g):
     """On one thread at width 8 or 16 with a batch of whole vectors the state runs and
     points of MGRIT and parareal run on the grid's rows: every mode gives the bits of the
     tile kernels (runs with and without a right-hand side, points that apply the step or
@@ -1207,14 +1219,15 @@ def test_cpu_state_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
         return u, outs
 
     _assert_same_level_results(_rows_against_tiles(
-        ("_state_runs_rows_one_thread", "_state_points_rows_one_thread"), compute))
+        ("_state_runs_rows_one_thread", "_state_points_rows_one_thread"), compute, parallel))
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("d", [8, 16])
 @given(S8=st.integers(1, 8), n=st.integers(3, 14), seed=st.integers(0, 2**31),
        dtype=st.sampled_from([np.float64, np.float32]), with_g=st.booleans())
 def test_cpu_adjoint_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
-        d, S8, n, seed, dtype, with_g):
+        parallel, d, S8, n, seed, dtype, with_g):
     """The adjoint runs and points of MGRIT and parareal on the grid's rows (one thread,
     width 8 or 16, a batch of whole vectors): the bits of the tiles in every mode."""
     c = _level_case(S8, n, d, seed, dtype, with_g)
@@ -1235,7 +1248,8 @@ def test_cpu_adjoint_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
         return lam, outs
 
     _assert_same_level_results(_rows_against_tiles(
-        ("_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread"), compute))
+        ("_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread"), compute,
+        parallel))
 
 
 @pytest.mark.parametrize("d", [8, 16])
@@ -1285,9 +1299,9 @@ def test_cpu_layer_gradients_and_level_derivatives_on_sample_rows_give_the_bits_
 
 
 def test_cpu_layer_gradients_take_the_rows_only_where_they_apply():
-    """The rows path of the layer gradients needs one thread, width 8 or 16, a batch of
-    whole vectors, states and adjoints stored as whole layers (either direction) and
-    unit-stride weights; otherwise the tiles run."""
+    """The rows path of the layer gradients needs width 8 or 16, a batch of whole vectors,
+    states and adjoints stored as whole layers (either direction) and unit-stride
+    weights, on any number of threads; otherwise the tiles run."""
     from ptoc.kernels import cpu as cpu_module
 
     def ok(S=16, d=8, lams=None, K=None):
@@ -1306,10 +1320,10 @@ def test_cpu_layer_gradients_take_the_rows_only_where_they_apply():
         assert not ok(K=np.zeros((3, 8, 8)).transpose(0, 2, 1))
     import numba
 
-    if numba.config.NUMBA_NUM_THREADS > 1:
+    if numba.config.NUMBA_NUM_THREADS > 1:  # on more threads as well (a one-thread kernel)
         before = numba.get_num_threads()
         numba.set_num_threads(2)
         try:
-            assert not ok()
+            assert ok()
         finally:
             numba.set_num_threads(before)

@@ -66,8 +66,8 @@ so once on stderr. Three rules keep it short:
   helper of its own, all at once: one round of helpers compiles what such a run needs,
   on several cores, and nothing of the other groups (``PTOC_WARM_UP=0``: only what is asked for).
   Where the kernel that starts the round runs on the sample-major rows
-  (:data:`_ROWS_KERNELS`: one thread, widths 8 and 16), the level warm-ups compile the
-  rows kernels and no tile kernel, which such a run never calls.
+  (:data:`_ROWS_KERNELS`: widths 8 and 16), the level warm-ups compile the rows kernels
+  and no tile kernel, which such a run never calls.
 * One process of a machine compiles at a time (a lock file in the cache directory):
   the ranks under ``mpiexec`` need the same kernels at the same moment; the first
   compiles them, the others wait and load them.
@@ -313,7 +313,9 @@ _GROUP_OF = {
                     "_state_runs_residuals_rows_one_thread",
                     "_state_correct_runs_rows_one_thread",
                     "_adjoint_runs_residuals_rows_one_thread",
-                    "_adjoint_correct_runs_rows_one_thread")},
+                    "_adjoint_correct_runs_rows_one_thread",
+                    "_state_runs_rows_parallel", "_state_points_rows_parallel",
+                    "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel")},
     **{f"ptoc.kernels.rows.{name}": "levels"
        for name in ("_correct", "_copy_rows", "_sumsq_diff")},
     **{f"ptoc.kernels.conv_cpu.{name}": "conv"
@@ -322,9 +324,9 @@ _GROUP_OF = {
 }
 
 
-#: The level kernels that only a caller on the sample-major rows runs (one thread, width 8
-#: or 16, a batch of whole vectors): when one of them starts the group's warm-up, the
-#: warm-up compiles the rows kernels and no tile kernel (``_warm_up.CALLER_ROWS``).
+#: The level kernels that only a caller on the sample-major rows runs (width 8 or 16, a
+#: batch of whole vectors): when one of them starts the group's warm-up, the warm-up
+#: compiles the rows kernels and no tile kernel (``_warm_up.CALLER_ROWS``).
 _ROWS_KERNELS = frozenset(
     f"ptoc.kernels.cpu.{name}"
     for name in ("_layer_gradients_rows_one_thread", "_level_derivatives_rows",
@@ -333,7 +335,9 @@ _ROWS_KERNELS = frozenset(
                  "_state_runs_residuals_rows_one_thread",
                  "_state_correct_runs_rows_one_thread",
                  "_adjoint_runs_residuals_rows_one_thread",
-                 "_adjoint_correct_runs_rows_one_thread"))
+                 "_adjoint_correct_runs_rows_one_thread",
+                 "_state_runs_rows_parallel", "_state_points_rows_parallel",
+                 "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel"))
 
 
 def _importable(fn: Callable) -> bool:
@@ -417,8 +421,8 @@ def _run_helpers(fn: Callable, sig: tuple) -> bool:
               "runs load them from Numba's disk cache)", file=sys.stderr, flush=True)
         _said = True
     # the warm-ups run on the caller's thread count (the kernels that a run picks depend
-    # on it), and a caller on the rows (one thread, widths 8 and 16) gets the rows
-    # kernels warmed up, any other the tiles
+    # on it), and a caller on the rows (widths 8 and 16) gets the rows kernels warmed up,
+    # any other the tiles
     caller = {"caller_threads": numba.get_num_threads(),
               "caller_rows": f"{fn.__module__}.{fn.__qualname__}" in _ROWS_KERNELS}
     jobs = [{"module": fn.__module__, "name": fn.__qualname__, "sig": sig,

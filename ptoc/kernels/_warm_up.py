@@ -10,12 +10,19 @@ and so :mod:`ptoc.kernels._cache`, must not depend on.
 from __future__ import annotations
 
 #: Whether the kernel whose compilation started this helper runs on the sample-major rows
-#: (one thread, width 8 or 16, a batch of whole vectors: a rank of ``mpiexec -n 2 ptoc
-#: solve``; set by the helper). Such a caller runs no tile level kernel, so the level
-#: warm-ups compile the rows kernels only (the tiles took about 10 s of that first run's
-#: compilation); where it later needs a tile kernel (another width), that one compiles
-#: then.
+#: (width 8 or 16, a batch of whole vectors: ``ptoc solve`` and the ranks of ``mpiexec
+#: -n 2 ptoc solve``; set by the helper). Such a caller runs no tile level kernel, so the
+#: level warm-ups compile the rows kernels only (one-thread variants, the fused passes
+#: on one thread, the parallel variants on more); where it later needs a tile kernel
+#: (another width), that one compiles then.
 CALLER_ROWS: bool = False
+
+
+def _threads() -> int:
+    """Numba's thread count here: the helper runs its workloads on the caller's."""
+    import numba
+
+    return numba.get_num_threads()
 
 
 def _tiny_problem(depth: int = 8, width: int = 4, batch: int = 6) -> tuple:
@@ -117,6 +124,9 @@ def _warm_up_level_states() -> None:
     idx = np.array([1, 2], dtype=np.int64)
     cpu.state_runs(u, None, K, b, dt, 0, idx, idx, 32)
     cpu.state_points_into(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0, 32)
+    if _threads() > 1:  # the parallel variants, which a larger level of the caller runs
+        cpu._state_runs_rows_parallel(u, u, False, K, b, dt, 0, idx, idx, 2)
+        cpu._state_points_rows_parallel(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0, 2)
     cpu.level_derivatives(u, K, b, 0, u.copy(), 32)
     rows.correct(u, idx, u[:2].copy(), u[:2].copy(), np.array([0, 1], dtype=np.int64))
     rows.sumsq_diff(u, idx, u, idx)
@@ -139,6 +149,9 @@ def _warm_up_level_adjoints() -> None:
         D = u.copy()
         cpu.adjoint_runs(u, None, D, K, dt, idx, idx, 32)
         cpu.adjoint_points_into(u, D, K, dt, idx, u[:2].copy(), idx, u, 0, 32)
+        if _threads() > 1:
+            cpu._adjoint_runs_rows_parallel(u, u, False, D, K, dt, idx, idx, 2)
+            cpu._adjoint_points_rows_parallel(u, D, K, dt, idx, u[:2].copy(), idx, u, 0, 2)
     net, params, X, y, solver, comm = _mgrit_problem()
     states = ptoc.forward(net, params, X, target="numpy").states
     lam_N = classifier_loss(params, states[-1], y)[1]

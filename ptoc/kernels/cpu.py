@@ -1010,6 +1010,21 @@ def _state_runs_rows_one_thread(u, g, has_g, K, b, dt, act, starts, ends):
                      a.reshape(S * d), 0, len(starts))
 
 
+@_jit(parallel=True)
+def _state_runs_rows_parallel(u, g, has_g, K, b, dt, act, starts, ends, n_slots):
+    """:func:`_state_runs_rows_one_thread` with the runs shared by ``n_slots`` slots in
+    contiguous ranges, each with its own scratch (a run is done whole by one thread:
+    the same bits). For two or more threads and enough work (:func:`_row_slots`)."""
+    n, S, d = u.shape
+    KTs = np.empty((n_slots, d, d), u.dtype)
+    As = np.empty((n_slots, S, d), u.dtype)
+    uf, gf = _flat(u), _flat(g)
+    for p in prange(n_slots):
+        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(starts))
+        _state_runs_rows(u, uf, gf, has_g, K, b, dt, act, starts, ends, KTs[p], As[p],
+                         As[p].reshape(S * d), r0, r1)
+
+
 @_tile_jit()
 def _state_points_rows(u, uf, K, b, dt, act, positions, outf, rows, gf, mode, KT, a, af, phi,
                        r0, r1):
@@ -1037,6 +1052,21 @@ def _state_points_rows_one_thread(u, K, b, dt, act, positions, out, rows, g, mod
     phi = np.empty(S * d, u.dtype)
     _state_points_rows(u, _flat(u), K, b, dt, act, positions, _flat(out), rows, _flat(g), mode,
                        KT, a, a.reshape(S * d), phi, 0, len(positions))
+
+
+@_jit(parallel=True)
+def _state_points_rows_parallel(u, K, b, dt, act, positions, out, rows, g, mode, n_slots):
+    """:func:`_state_points_rows_one_thread` with the points shared by ``n_slots`` slots
+    (as :func:`_state_runs_rows_parallel`)."""
+    n, S, d = u.shape
+    KTs = np.empty((n_slots, d, d), u.dtype)
+    As = np.empty((n_slots, S, d), u.dtype)
+    phis = np.empty((n_slots, S * d), u.dtype)
+    uf, outf, gf = _flat(u), _flat(out), _flat(g)
+    for p in prange(n_slots):
+        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(positions))
+        _state_points_rows(u, uf, K, b, dt, act, positions, outf, rows, gf, mode, KTs[p],
+                           As[p], As[p].reshape(S * d), phis[p], r0, r1)
 
 
 # --- widths 8 and 16: MGRIT's fused level passes on sample-major rows ------------------------
@@ -1387,6 +1417,19 @@ def _adjoint_runs_rows_one_thread(lam, g, has_g, D, K, dt, starts, ends):
                        scratch.reshape(S * d), 0, len(starts))
 
 
+@_jit(parallel=True)
+def _adjoint_runs_rows_parallel(lam, g, has_g, D, K, dt, starts, ends, n_slots):
+    """:func:`_adjoint_runs_rows_one_thread` with the runs shared by ``n_slots`` slots
+    (as :func:`_state_runs_rows_parallel`)."""
+    n, S, d = lam.shape
+    scratch = np.empty((n_slots, S, d), lam.dtype)
+    lamf, gf, Df = _flat(lam), _flat(g), _flat(D)
+    for p in prange(n_slots):
+        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(starts))
+        _adjoint_runs_rows_g(lam, lamf, gf, has_g, Df, K, dt, starts, ends, scratch[p],
+                             scratch[p].reshape(S * d), r0, r1)
+
+
 @_tile_jit()
 def _adjoint_points_rows(lam, lamf, Df, K, dt, positions, out, outf, rows, gf, mode, g, gflat,
                          phi, phif, r0, r1):
@@ -1464,6 +1507,20 @@ def _adjoint_points_rows_one_thread(lam, D, K, dt, positions, out, rows, g, mode
     _adjoint_points_rows(lam, _flat(lam), _flat(D), K, dt, positions, out, _flat(out), rows,
                          _flat(g), mode, scratch[0], scratch[0].reshape(S * d), scratch[1],
                          scratch[1].reshape(S * d), 0, len(positions))
+
+
+@_jit(parallel=True)
+def _adjoint_points_rows_parallel(lam, D, K, dt, positions, out, rows, g, mode, n_slots):
+    """:func:`_adjoint_points_rows_one_thread` with the points shared by ``n_slots`` slots
+    (as :func:`_state_runs_rows_parallel`)."""
+    n, S, d = lam.shape
+    scratch = np.empty((n_slots, 2, S, d), lam.dtype)
+    lamf, Df, outf, gf = _flat(lam), _flat(D), _flat(out), _flat(g)
+    for p in prange(n_slots):
+        r0, r1 = _slot_tasks(np.int64(p), n_slots, len(positions))
+        _adjoint_points_rows(lam, lamf, Df, K, dt, positions, out, outf, rows, gf, mode,
+                             scratch[p, 0], scratch[p, 0].reshape(S * d), scratch[p, 1],
+                             scratch[p, 1].reshape(S * d), r0, r1)
 
 
 @_tile_jit()
@@ -1888,62 +1945,75 @@ def _copy_back(result: np.ndarray, target: np.ndarray) -> None:
         target[...] = result
 
 
-def _level_rows(u, K, b, threads: int) -> bool:
+def _level_rows(u, K, b) -> bool:
     """Whether a state level kernel runs on the grid's sample-major rows
-    (:func:`_state_runs_rows`, :func:`_state_points_rows`): on one thread, with what
-    :func:`_rows_path` asks of a sweep (width 8 or 16, a batch of whole vectors,
-    unit-stride rows of the stacked weights; the grids are C-ordered, or copied so).
-
-    With more threads the tile kernels run (the same bits): parallel variants of these
-    kernels took the default two-thread ``bench_pymgrit.py`` run from 19x to 23x against
-    PyMGRIT, but added about 4 s to the first compilation of ``ptoc solve`` (22.0 s
-    against 17.7 s, measured side by side), so they are not built."""
-    return (threads == 1 and _rows_enabled and u.shape[2] in (8, 16) and u.shape[1] % 8 == 0
+    (:func:`_state_runs_rows`, :func:`_state_points_rows`): what :func:`_rows_path` asks
+    of a sweep (width 8 or 16, a batch of whole vectors, unit-stride rows of the stacked
+    weights; the grids are C-ordered, or copied so), on any number of threads
+    (:func:`_row_slots`). A run of this kind then runs no tile level kernel, and its
+    first compilation builds none (:data:`ptoc.kernels._cache._ROWS_KERNELS`)."""
+    return (_rows_enabled and u.shape[2] in (8, 16) and u.shape[1] % 8 == 0
             and K.strides[2] == K.itemsize and b.strides[1] == b.itemsize)
+
+
+def _row_slots(u, n_tasks: int, n_steps: int, threads: int) -> int:
+    """Slots of a rows level kernel: one (the one-thread variant) on one thread, or for
+    work too small to gain from threads (:func:`_threaded`'s bound, ``S d^2``
+    multiply-adds per step), else up to ``CPU_SLOTS_PER_THREAD`` per thread (a task, a
+    whole run or point, is never split, so the slots change no result)."""
+    S, d = u.shape[1], u.shape[2]
+    if threads == 1 or n_tasks < 2 or S * d * d * n_steps < _config.CPU_PARALLEL_MIN_WORK:
+        return 1
+    return min(n_tasks, _config.CPU_SLOTS_PER_THREAD * threads)
 
 
 def _derivatives_rows(X, K, b, out) -> bool:
     """Whether :func:`level_derivatives` runs on the sample-major rows
-    (:func:`_level_derivatives_rows`): :func:`_level_rows` for its arrays, ``X`` and
-    ``out`` C-ordered. It runs once per adjoint solve on each level; the tiles took
-    0.94 to 1.0 ms for 1024 steps at d = 16, S = 32 on one thread."""
-    return (_level_rows(X, K, b, _num_threads()) and X.flags.c_contiguous
+    (:func:`_level_derivatives_rows`, one thread, whatever the thread count: it runs once
+    per adjoint solve and level): :func:`_level_rows` for its arrays, ``X`` and ``out``
+    C-ordered. The tiles took 0.94 to 1.0 ms for 1024 steps at d = 16, S = 32 on one
+    thread."""
+    return (_level_rows(X, K, b) and X.flags.c_contiguous
             and out.flags.c_contiguous)
 
 
 def _gradients_rows(xs, lams, K, b, gK, gb) -> bool:
     """Whether :func:`layer_gradients` runs on the sample-major rows
-    (:func:`_layer_gradients_rows_one_thread`): one thread, width 8 or 16, a batch of
-    whole vectors, the states C-ordered, the adjoints C-ordered in either direction
-    along the layers (the solvers pass a backward view), unit-stride rows of ``K`` and
-    ``b``, and C-ordered gradients. The tile kernel, parallel over layers, allocates
-    its tiles per work item; it took 1.9 to 2.3 ms for 1024 layers at d = 16, S = 32
-    on one thread."""
+    (:func:`_layer_gradients_rows_one_thread`, whatever the thread count): width 8 or 16,
+    a batch of whole vectors, the states C-ordered, the adjoints C-ordered in either
+    direction along the layers (the solvers pass a backward view), unit-stride rows of
+    ``K`` and ``b``, and C-ordered gradients. The tile kernel, parallel over layers,
+    allocates its tiles per work item; it took 1.9 to 2.3 ms for 1024 layers at
+    d = 16, S = 32 on one thread."""
     item = xs.itemsize
     S, d = xs.shape[1], xs.shape[2]
-    return (_level_rows(xs, K, b, _num_threads()) and xs.flags.c_contiguous
+    return (_level_rows(xs, K, b) and xs.flags.c_contiguous
             and lams.shape == xs.shape and lams.dtype == xs.dtype
             and abs(lams.strides[0]) == S * d * item and lams.strides[1] == d * item
             and lams.strides[2] == item
             and gK.flags.c_contiguous and gb.flags.c_contiguous)
 
 
-def _adjoint_level_rows(lam, K, D, threads: int) -> bool:
+def _adjoint_level_rows(lam, K, D) -> bool:
     """:func:`_level_rows` for an adjoint level kernel (no bias; ``K`` itself is read by
     rows, and the stored ``sigma'`` flat)."""
-    return (threads == 1 and _rows_enabled and lam.shape[2] in (8, 16)
-            and lam.shape[1] % 8 == 0 and K.strides[2] == K.itemsize
-            and D.flags.c_contiguous)
+    return (_rows_enabled and lam.shape[2] in (8, 16) and lam.shape[1] % 8 == 0
+            and K.strides[2] == K.itemsize and D.flags.c_contiguous)
 
 
 def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
     has_g = g is not None
     threads = _num_threads()
-    if _level_rows(u, K, b, threads):
+    if _level_rows(u, K, b):
         uc = _c(u)
         starts, ends = _idx(starts), _idx(ends)
-        _state_runs_rows_one_thread(uc, _c(g) if has_g else uc, has_g, K, b,
-                                    np.asarray(dt, u.dtype), act, starts, ends)
+        args = (uc, _c(g) if has_g else uc, has_g, K, b, np.asarray(dt, u.dtype), act, starts,
+                ends)
+        slots = _row_slots(u, len(starts), int(np.sum(ends - starts + 1)), threads)
+        if slots == 1:
+            _state_runs_rows_one_thread(*args)
+        else:
+            _state_runs_rows_parallel(*args, slots)
         _copy_back(uc, u)
         return
     W = _state_width(u.shape[1], chunk, len(starts), threads)
@@ -1954,9 +2024,11 @@ def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
 
 
 def _fused_rows(u, K, b, *others) -> bool:
-    """Whether MGRIT's fused level passes run here: where the level kernels run on rows
-    (:func:`_level_rows`) and every grid is C-ordered (else the caller composes them)."""
-    return (_level_rows(u, K, b, _num_threads()) and u.flags.c_contiguous
+    """Whether MGRIT's fused level passes run here: on one thread (they go interval by
+    interval; on more threads the caller composes them from the parallel level kernels),
+    where the level kernels run on rows (:func:`_level_rows`) and every grid is
+    C-ordered."""
+    return (_num_threads() == 1 and _level_rows(u, K, b) and u.flags.c_contiguous
             and all(x is None or x.flags.c_contiguous for x in others))
 
 
@@ -1998,10 +2070,14 @@ def state_points_into(u, K, b, dt, act, positions, out, rows, g, mode, chunk):
     positions = _idx(positions)
     threads = _num_threads()
     uc, outc = _c(u), _c(out)
-    if _level_rows(u, K, b, threads):
-        _state_points_rows_one_thread(uc, K, b, np.asarray(dt, u.dtype), act, positions, outc,
-                                      positions if rows is None else _idx(rows),
-                                      uc if g is None else _c(g), mode)
+    if _level_rows(u, K, b):
+        args = (uc, K, b, np.asarray(dt, u.dtype), act, positions, outc,
+                positions if rows is None else _idx(rows), uc if g is None else _c(g), mode)
+        slots = _row_slots(u, len(positions), len(positions), threads)
+        if slots == 1:
+            _state_points_rows_one_thread(*args)
+        else:
+            _state_points_rows_parallel(*args, slots)
         _copy_back(outc, out)
         return
     W = _state_width(u.shape[1], chunk, len(positions), threads)
@@ -2027,11 +2103,16 @@ def level_derivatives(X, K, b, act, out, chunk):
 def adjoint_runs(lam, g, D, K, dt, starts, ends, chunk):
     has_g = g is not None
     threads = _num_threads()
-    if _adjoint_level_rows(lam, K, D, threads):
+    if _adjoint_level_rows(lam, K, D):
         lc = _c(lam)
         starts, ends = _idx(starts), _idx(ends)
-        _adjoint_runs_rows_one_thread(lc, _c(g) if has_g else lc, has_g, D, K,
-                                      np.asarray(dt, lam.dtype), starts, ends)
+        args = (lc, _c(g) if has_g else lc, has_g, D, K, np.asarray(dt, lam.dtype), starts,
+                ends)
+        slots = _row_slots(lam, len(starts), int(np.sum(ends - starts + 1)), threads)
+        if slots == 1:
+            _adjoint_runs_rows_one_thread(*args)
+        else:
+            _adjoint_runs_rows_parallel(*args, slots)
         _copy_back(lc, lam)
         return
     W = _state_width(lam.shape[1], chunk, len(starts), threads)
@@ -2044,7 +2125,7 @@ def adjoint_runs(lam, g, D, K, dt, starts, ends, chunk):
 
 def _adjoint_fused_rows(lam, K, D, *others) -> bool:
     """:func:`_fused_rows` for an adjoint level (:func:`_adjoint_level_rows`)."""
-    return (_adjoint_level_rows(lam, K, D, _num_threads()) and lam.flags.c_contiguous
+    return (_num_threads() == 1 and _adjoint_level_rows(lam, K, D) and lam.flags.c_contiguous
             and all(x is None or x.flags.c_contiguous for x in others))
 
 
@@ -2082,10 +2163,14 @@ def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
     positions = _idx(positions)
     threads = _num_threads()
     lc, outc = _c(lam), _c(out)
-    if _adjoint_level_rows(lam, K, D, threads):
-        _adjoint_points_rows_one_thread(lc, D, K, np.asarray(dt, lam.dtype), positions, outc,
-                                        positions if rows is None else _idx(rows),
-                                        lc if g is None else _c(g), mode)
+    if _adjoint_level_rows(lam, K, D):
+        args = (lc, D, K, np.asarray(dt, lam.dtype), positions, outc,
+                positions if rows is None else _idx(rows), lc if g is None else _c(g), mode)
+        slots = _row_slots(lam, len(positions), len(positions), threads)
+        if slots == 1:
+            _adjoint_points_rows_one_thread(*args)
+        else:
+            _adjoint_points_rows_parallel(*args, slots)
         _copy_back(outc, out)
         return
     W = _state_width(lam.shape[1], chunk, len(positions), threads)
@@ -2097,8 +2182,9 @@ def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
 
 def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):
     """Every layer's gradient from the states and adjoints, in blocks of layers (the loop
-    over blocks in Python, as in :func:`_adjoint_call`); on one thread at width 8 or 16,
-    on the sample-major rows (:func:`_layer_gradients_rows_one_thread`, the same bits)."""
+    over blocks in Python, as in :func:`_adjoint_call`); at width 8 or 16, on the
+    sample-major rows on one thread (:func:`_layer_gradients_rows_one_thread`, the same
+    bits)."""
     N = K.shape[0]
     S, d = xs.shape[1], xs.shape[2]
     if N and _gradients_rows(xs, lams, K, b, gK, gb):
