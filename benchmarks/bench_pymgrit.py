@@ -434,17 +434,23 @@ def main(argv=None) -> int:
     del outputs
 
     samples = time_rounds(runners, repeats)
-    # the same one-thread solves and the serial kernel again, each call after one of the
-    # same kind (warm caches): interleaved with NumPy and PyMGRIT, the serial sweep
-    # starts from caches the others have filled, and MGRIT, which passes over its grids
-    # many times, less so
-    alone = {}
-    for name in ["ptoc serial kernel, 1 thread"] + [
-            f"ptoc MGRIT {label}, 1 thread" for label, _, _ in CONFIGS]:
+    # the same one-thread solves and the serial kernel again, each timed call right after
+    # an untimed one of the same kind (warm caches): interleaved with NumPy and PyMGRIT,
+    # the serial sweep starts from caches the others have filled, and MGRIT, which passes
+    # over its grids many times, less so. The three alternate in rounds, so that the
+    # machine's drift (10-20% within minutes) hits them alike: timed one after the other
+    # in blocks, the kernel's time moved from 0.72 to 0.91 us per step between two runs
+    alone_names = ["ptoc serial kernel, 1 thread"] + [
+        f"ptoc MGRIT {label}, 1 thread" for label, _, _ in CONFIGS]
+    for name in alone_names:
         for _ in range(3):
             runners[name]()
-        alone[name] = float(np.median([runners[name]()[0]["call"]
-                                       for _ in range(max(5, repeats // 2))]))
+    alone_samples: dict[str, list[float]] = {name: [] for name in alone_names}
+    for _ in range(max(5, repeats // 2)):
+        for name in alone_names:
+            runners[name]()
+            alone_samples[name].append(runners[name]()[0]["call"])
+    alone = {name: float(np.median(v)) for name, v in alone_samples.items()}
     floor = step_floor()
     elapsed = time.perf_counter() - t_start
     info["numba_threading_layer"] = numba.threading_layer()

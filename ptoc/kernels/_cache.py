@@ -315,7 +315,8 @@ _GROUP_OF = {
                     "_adjoint_runs_residuals_rows_one_thread",
                     "_adjoint_correct_runs_rows_one_thread",
                     "_state_runs_rows_parallel", "_state_points_rows_parallel",
-                    "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel")},
+                    "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel",
+                    "_layer_gradients_rows_parallel", "_level_derivatives_rows_parallel")},
     **{f"ptoc.kernels.rows.{name}": "levels"
        for name in ("_correct", "_copy_rows", "_sumsq_diff")},
     **{f"ptoc.kernels.conv_cpu.{name}": "conv"
@@ -337,7 +338,8 @@ _ROWS_KERNELS = frozenset(
                  "_adjoint_runs_residuals_rows_one_thread",
                  "_adjoint_correct_runs_rows_one_thread",
                  "_state_runs_rows_parallel", "_state_points_rows_parallel",
-                 "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel"))
+                 "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel",
+                 "_layer_gradients_rows_parallel", "_level_derivatives_rows_parallel"))
 
 
 def _importable(fn: Callable) -> bool:
