@@ -350,8 +350,7 @@ _ROWS_LEVEL_KERNELS = tuple(
     for kind in ("runs", "points")) + (
     "_layer_gradients_rows_one_thread", "_level_derivatives_rows")
 _PARALLEL_ROWS_KERNELS = tuple(f"_{sweep}_{kind}_rows_parallel" for sweep in ("state", "adjoint")
-                               for kind in ("runs", "points")) + (
-    "_layer_gradients_rows_parallel", "_level_derivatives_rows_parallel")
+                               for kind in ("runs", "points"))
 _TILE_LEVEL_KERNELS = ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
                        "_layer_grad_block", "_level_derivatives")
 

@@ -1252,21 +1252,18 @@ def test_cpu_adjoint_level_kernels_on_sample_rows_give_the_bits_of_the_tiles(
         parallel))
 
 
-@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("d", [8, 16])
 @pytest.mark.parametrize("act", ACTS)
 @given(S8=st.integers(1, 6), n=st.integers(1, 9), seed=st.integers(0, 2**31),
        dtype=st.sampled_from([np.float64, np.float32]), backwards=st.booleans(),
        chunk=st.sampled_from([8, 16, 32]))
 def test_cpu_layer_gradients_and_level_derivatives_on_sample_rows_give_the_bits_of_the_tiles(
-        parallel, d, act, S8, n, seed, dtype, backwards, chunk):
+        d, act, S8, n, seed, dtype, backwards, chunk):
     """On one thread at width 8 or 16 with a batch of whole vectors, the layer gradients
     of the layer-parallel solvers (from ``x_n`` and ``lambda_{n+1}``, the adjoints also
     as the backward view the solvers pass) and the ``sigma'`` of an adjoint level run on
     the sample-major rows: the bits of the tile kernels, added into gradients that
-    already hold values. ``parallel``: as on two threads with every kernel parallel
-    (the layers shared by slots)."""
-    from ptoc import _config
+    already hold values."""
     from ptoc.kernels import cpu as cpu_module
 
     S = 8 * S8
@@ -1288,25 +1285,15 @@ def test_cpu_layer_gradients_and_level_derivatives_on_sample_rows_give_the_bits_
         return gK, gb, D[1:]
 
     calls, results = [], []
-    names = ("_layer_gradients_rows_one_thread", "_level_derivatives_rows")
     with pytest.MonkeyPatch.context() as mp:
-        for name in names + tuple(n.replace("_one_thread", "") + "_parallel" for n in names):
+        for name in ("_layer_gradients_rows_one_thread", "_level_derivatives_rows"):
             kernel = getattr(cpu_module, name)
-            mp.setattr(cpu_module, name, lambda *a, k=kernel, m=name: (calls.append(m), k(*a)))
-        if parallel:
-            mp.setattr(_config, "CPU_PARALLEL_MIN_WORK", 0)
-            mp.setattr(cpu_module, "_num_threads", lambda: 2)
+            mp.setattr(cpu_module, name, lambda *a, k=kernel: (calls.append(1), k(*a)))
         for enabled in (True, False):
             mp.setattr(cpu_module, "_rows_enabled", enabled)
-            if parallel:
+            with _one_thread():
                 results.append(compute())
-            else:
-                with _one_thread():
-                    results.append(compute())
     assert len(calls) == (2 if n > 1 else 1)
-    assert calls[0].endswith("_parallel") == (parallel and n >= 2)  # the layer gradients
-    if n > 1:  # the derivatives of n - 1 steps
-        assert calls[1].endswith("_parallel") == (parallel and n >= 3)
     for a, c in zip(*results, strict=True):
         assert np.array_equal(a, c)
 

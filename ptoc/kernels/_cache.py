@@ -315,8 +315,7 @@ _GROUP_OF = {
                     "_adjoint_runs_residuals_rows_one_thread",
                     "_adjoint_correct_runs_rows_one_thread",
                     "_state_runs_rows_parallel", "_state_points_rows_parallel",
-                    "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel",
-                    "_layer_gradients_rows_parallel", "_level_derivatives_rows_parallel")},
+                    "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel")},
     **{f"ptoc.kernels.rows.{name}": "levels"
        for name in ("_correct", "_copy_rows", "_sumsq_diff")},
     **{f"ptoc.kernels.conv_cpu.{name}": "conv"
@@ -338,8 +337,7 @@ _ROWS_KERNELS = frozenset(
                  "_adjoint_runs_residuals_rows_one_thread",
                  "_adjoint_correct_runs_rows_one_thread",
                  "_state_runs_rows_parallel", "_state_points_rows_parallel",
-                 "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel",
-                 "_layer_gradients_rows_parallel", "_level_derivatives_rows_parallel"))
+                 "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel"))
 
 
 def _importable(fn: Callable) -> bool:

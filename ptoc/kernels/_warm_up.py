@@ -127,7 +127,6 @@ def _warm_up_level_states() -> None:
     if _threads() > 1:  # the parallel variants, which a larger level of the caller runs
         cpu._state_runs_rows_parallel(u, u, False, K, b, dt, 0, idx, idx, 2)
         cpu._state_points_rows_parallel(u, K, b, dt, 0, idx, u[:2].copy(), idx, u, 0, 2)
-        cpu._level_derivatives_rows_parallel(u, K, b, 0, u.copy(), 2)
     cpu.level_derivatives(u, K, b, 0, u.copy(), 32)
     rows.correct(u, idx, u[:2].copy(), u[:2].copy(), np.array([0, 1], dtype=np.int64))
     rows.sumsq_diff(u, idx, u, idx)
@@ -153,9 +152,6 @@ def _warm_up_level_adjoints() -> None:
         if _threads() > 1:
             cpu._adjoint_runs_rows_parallel(u, u, False, D, K, dt, idx, idx, 2)
             cpu._adjoint_points_rows_parallel(u, D, K, dt, idx, u[:2].copy(), idx, u, 0, 2)
-            b = np.zeros((len(K), 16))
-            cpu._layer_gradients_rows_parallel(u, u, True, K, b, 0.1, 0, 32, np.zeros_like(K),
-                                               b, 2)
     net, params, X, y, solver, comm = _mgrit_problem()
     states = ptoc.forward(net, params, X, target="numpy").states
     lam_N = classifier_loss(params, states[-1], y)[1]

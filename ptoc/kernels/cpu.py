@@ -1341,91 +1341,46 @@ def _adjoint_rows_one_thread(xs, lam_N, K, h, dsig, want_grad, lams, keep, lam_o
                   pKf, pb, lanes)
 
 
-@_tile_jit()
-def _layer_gradients_rows(xs, lam_rows, reverse, K, b, h, act, chunk, gK_flat, gb, KT, g, pK,
-                          pb, lanes, n0, n1):
-    """Layers ``n0 .. n1-1`` of :func:`_layer_grad_block` and :func:`_add_partials` at
-    width 8 or 16 on the sample-major rows: per layer ``n``, ``g = sigma'(K_n x_n + b_n)
+@_jit()
+def _layer_gradients_rows_one_thread(xs, lams, reverse, K, b, h, act, chunk, gK, gb):
+    """:func:`_layer_grad_block` and :func:`_add_partials` for every layer at width 8 or
+    16 on the sample-major rows, one thread: per layer ``n``, ``g = sigma'(K_n x_n + b_n)
     * lambda_{n+1}`` (:func:`_preact_rows`, then the tiles' own :func:`_dsigma_t` and
     :func:`_times_t` over the ``S d`` entries as one row) and the partials of
     :func:`_rows_partials` added into ``gK[n]``, ``gb[n]``: the same bits as the tiles,
-    with no tile and no transpose of the states. ``lam_rows[n]`` (flat rows) is
-    ``lambda_{n+1}``, or, with ``reverse``, ``lam_rows[N - 1 - n]`` (the adjoint solve's
-    positions, in which the caller's view runs backwards). ``KT``, ``g``, ``pK``, ``pb``,
-    ``lanes``: scratch."""
+    with no tile, no transpose of the states and no allocation per layer. ``lams[n]``
+    is ``lambda_{n+1}``, or, with ``reverse``, ``lams[N - 1 - n]`` (the adjoint solve's
+    positions, in which the caller's view runs backwards)."""
     N = K.shape[0]
     S, d = xs.shape[1], xs.shape[2]
+    KT = np.empty((d, d), xs.dtype)
+    g = np.empty((S, d), xs.dtype)
     g_row = g.reshape((1, S * d))
-    pKf = pK.reshape(d * d)
-    for n in range(n0, n1):
+    pK = np.empty((d, d), xs.dtype)
+    pb = np.empty(d, xs.dtype)
+    lanes = np.empty((8, d), np.float64)
+    lam_rows = _flat(lams)
+    gK_flat = gK.reshape((N, d * d))
+    for n in range(N):
         ln = N - 1 - n if reverse else n
         _preact_rows(K[n], b[n], xs[n], KT, g, S)
         _dsigma_t(g_row, act, S * d)
         _times_t(g_row, lam_rows[ln:ln + 1], S * d)
-        _rows_partials(g, g_row[0], xs[n], h, chunk, pK, pKf, pb, lanes, gK_flat[n], gb[n])
-
-
-@_jit()
-def _layer_gradients_rows_one_thread(xs, lams, reverse, K, b, h, act, chunk, gK, gb):
-    """:func:`_layer_gradients_rows` for every layer on the calling thread (``lams`` the
-    adjoints as whole layers)."""
-    N = K.shape[0]
-    S, d = xs.shape[1], xs.shape[2]
-    _layer_gradients_rows(xs, _flat(lams), reverse, K, b, h, act, chunk, gK.reshape((N, d * d)),
-                          gb, np.empty((d, d), xs.dtype), np.empty((S, d), xs.dtype),
-                          np.empty((d, d), xs.dtype), np.empty(d, xs.dtype),
-                          np.empty((8, d), np.float64), 0, N)
-
-
-@_jit(parallel=True)
-def _layer_gradients_rows_parallel(xs, lams, reverse, K, b, h, act, chunk, gK, gb, n_slots):
-    """:func:`_layer_gradients_rows_one_thread` with the layers shared by ``n_slots`` slots
-    in contiguous ranges, each with its own scratch (a layer's gradient is done whole by
-    one thread: the same bits)."""
-    N = K.shape[0]
-    S, d = xs.shape[1], xs.shape[2]
-    KTs = np.empty((n_slots, d, d), xs.dtype)
-    gs = np.empty((n_slots, S, d), xs.dtype)
-    pKs = np.empty((n_slots, d, d), xs.dtype)
-    pbs = np.empty((n_slots, d), xs.dtype)
-    laness = np.empty((n_slots, 8, d), np.float64)
-    lam_rows, gK_flat = _flat(lams), gK.reshape((N, d * d))
-    for p in prange(n_slots):
-        n0, n1 = _slot_tasks(np.int64(p), n_slots, N)
-        _layer_gradients_rows(xs, lam_rows, reverse, K, b, h, act, chunk, gK_flat, gb, KTs[p],
-                              gs[p], pKs[p], pbs[p], laness[p], n0, n1)
-
-
-@_tile_jit()
-def _level_derivatives_rows_range(X, K, b, act, out, rows, KT, k0, k1):
-    """Steps ``k0 .. k1-1`` of :func:`_level_derivatives` at width 8 or 16 on the
-    sample-major rows: ``out[k] = sigma'(X[k] K[k]^T + b[k])`` by :func:`_preact_rows` and
-    the tiles' own :func:`_dsigma_t` over the ``S d`` entries as one row (``rows``:
-    ``out`` as flat rows), the same bits."""
-    S, d = X.shape[1], X.shape[2]
-    for k in range(k0, k1):
-        _preact_rows(K[k], b[k], X[k], KT, out[k], S)
-        _dsigma_t(rows[k:k + 1], act, S * d)
+        _rows_partials(g, g_row[0], xs[n], h, chunk, pK, pK.reshape(d * d), pb, lanes,
+                       gK_flat[n], gb[n])
 
 
 @_jit()
 def _level_derivatives_rows(X, K, b, act, out):
-    """:func:`_level_derivatives_rows_range` for ``k = 1 .. n-1`` (row 0 is unused) on the
-    calling thread."""
-    d = X.shape[2]
-    _level_derivatives_rows_range(X, K, b, act, out, _flat(out), np.empty((d, d), X.dtype), 1,
-                                  X.shape[0])
-
-
-@_jit(parallel=True)
-def _level_derivatives_rows_parallel(X, K, b, act, out, n_slots):
-    """:func:`_level_derivatives_rows` with the steps shared by ``n_slots`` slots."""
-    n, d = X.shape[0], X.shape[2]
-    KTs = np.empty((n_slots, d, d), X.dtype)
+    """:func:`_level_derivatives` at width 8 or 16 on the sample-major rows, one thread:
+    ``out[k] = sigma'(X[k] K[k]^T + b[k])`` by :func:`_preact_rows` and the tiles' own
+    :func:`_dsigma_t` over the ``S d`` entries as one row (the same bits)."""
+    n, S, d = X.shape
+    KT = np.empty((d, d), X.dtype)
     rows = _flat(out)
-    for p in prange(n_slots):
-        k0, k1 = _slot_tasks(np.int64(p), n_slots, n - 1)
-        _level_derivatives_rows_range(X, K, b, act, out, rows, KTs[p], 1 + k0, 1 + k1)
+    for k in range(1, n):
+        _preact_rows(K[k], b[k], X[k], KT, out[k], S)
+        _dsigma_t(rows[k:k + 1], act, S * d)
 
 
 @_tile_jit()
@@ -2014,18 +1969,17 @@ def _row_slots(u, n_tasks: int, n_steps: int, threads: int) -> int:
 
 def _derivatives_rows(X, K, b, out) -> bool:
     """Whether :func:`level_derivatives` runs on the sample-major rows
-    (:func:`_level_derivatives_rows`, or its parallel variant as :func:`_row_slots`
-    says): :func:`_level_rows` for its arrays, ``X`` and ``out`` C-ordered. The tiles
-    took 0.94 to 1.0 ms for 1024 steps at d = 16, S = 32 on one thread, the rows 0.79
-    to 0.82."""
+    (:func:`_level_derivatives_rows`, one thread, whatever the thread count: it runs once
+    per adjoint solve and level): :func:`_level_rows` for its arrays, ``X`` and ``out``
+    C-ordered. The tiles took 0.94 to 1.0 ms for 1024 steps at d = 16, S = 32 on one
+    thread."""
     return (_level_rows(X, K, b) and X.flags.c_contiguous
             and out.flags.c_contiguous)
 
 
 def _gradients_rows(xs, lams, K, b, gK, gb) -> bool:
     """Whether :func:`layer_gradients` runs on the sample-major rows
-    (:func:`_layer_gradients_rows_one_thread`, or its parallel variant as
-    :func:`_row_slots` says): width 8 or 16,
+    (:func:`_layer_gradients_rows_one_thread`, whatever the thread count): width 8 or 16,
     a batch of whole vectors, the states C-ordered, the adjoints C-ordered in either
     direction along the layers (the solvers pass a backward view), unit-stride rows of
     ``K`` and ``b``, and C-ordered gradients. The tile kernel, parallel over layers,
@@ -2137,12 +2091,7 @@ def level_derivatives(X, K, b, act, out, chunk):
     if out is None:
         out = np.empty_like(X)
     if X.shape[0] > 1 and _derivatives_rows(X, K, b, out):
-        n = X.shape[0] - 1
-        slots = _row_slots(X, n, n, _num_threads())
-        if slots == 1:
-            _level_derivatives_rows(X, K, b, act, out)
-        else:
-            _level_derivatives_rows_parallel(X, K, b, act, out, slots)
+        _level_derivatives_rows(X, K, b, act, out)
         return out
     W = _width(X.shape[1], chunk)
     if X.shape[0] > 1:
@@ -2234,18 +2183,14 @@ def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
 def layer_gradients(xs, lams, K, b, h, act, gK, gb, chunk):
     """Every layer's gradient from the states and adjoints, in blocks of layers (the loop
     over blocks in Python, as in :func:`_adjoint_call`); at width 8 or 16, on the
-    sample-major rows (:func:`_layer_gradients_rows`, the same bits)."""
+    sample-major rows on one thread (:func:`_layer_gradients_rows_one_thread`, the same
+    bits)."""
     N = K.shape[0]
     S, d = xs.shape[1], xs.shape[2]
     if N and _gradients_rows(xs, lams, K, b, gK, gb):
         reverse = lams.strides[0] < 0
-        args = (xs, lams[::-1] if reverse else lams, reverse, K, b, xs.dtype.type(h), act,
-                chunk, gK, gb)
-        slots = _row_slots(xs, N, N, _num_threads())
-        if slots == 1:
-            _layer_gradients_rows_one_thread(*args)
-        else:
-            _layer_gradients_rows_parallel(*args, slots)
+        _layer_gradients_rows_one_thread(xs, lams[::-1] if reverse else lams, reverse, K, b,
+                                         xs.dtype.type(h), act, chunk, gK, gb)
         return
     L = min(_layer_block(S, d, N, chunk, xs.itemsize), max(N, 1))
     n_chunks = -(-S // chunk)
