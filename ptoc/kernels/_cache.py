@@ -296,34 +296,6 @@ _said = False
 #: The groups of kernels whose warm-up this process has run (or left to another process).
 _warmed: set[str] = set()
 
-#: The group of each kernel that one kind of run needs together with others
-#: (``module.name``). The first helper that a process starts for a kernel of a group also
-#: runs the group's warm-up parts (:data:`_WARM_UPS`).
-_GROUP_OF = {
-    **{f"ptoc.kernels.cpu.{name}": "sweeps"
-       for name in ("_forward", "_adjoint_block", "_add_partials", "_forward_one_thread",
-                    "_forward_rows_one_thread", "_adjoint_rows_one_thread",
-                    "_adjoint_block_one_thread", "_add_partials_one_thread")},
-    **{f"ptoc.kernels.cpu.{name}": "levels"
-       for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
-                    "_layer_grad_block", "_level_derivatives",
-                    "_layer_gradients_rows_one_thread", "_level_derivatives_rows",
-                    "_state_runs_rows_one_thread", "_state_points_rows_one_thread",
-                    "_adjoint_runs_rows_one_thread", "_adjoint_points_rows_one_thread",
-                    "_state_runs_residuals_rows_one_thread",
-                    "_state_correct_runs_rows_one_thread",
-                    "_adjoint_runs_residuals_rows_one_thread",
-                    "_adjoint_correct_runs_rows_one_thread",
-                    "_state_runs_rows_parallel", "_state_points_rows_parallel",
-                    "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel")},
-    **{f"ptoc.kernels.rows.{name}": "levels"
-       for name in ("_correct", "_copy_rows", "_sumsq_diff")},
-    **{f"ptoc.kernels.conv_cpu.{name}": "conv"
-       for name in ("_layer", "_adjoint", "_sum_partials", "_state_runs", "_adjoint_runs",
-                    "_state_points", "_adjoint_points")},
-}
-
-
 #: The level kernels that only a caller on the sample-major rows runs (width 8 or 16, a
 #: batch of whole vectors): when one of them starts the group's warm-up, the warm-up
 #: compiles the rows kernels and no tile kernel (``_warm_up.CALLER_ROWS``).
@@ -338,6 +310,25 @@ _ROWS_KERNELS = frozenset(
                  "_adjoint_correct_runs_rows_one_thread",
                  "_state_runs_rows_parallel", "_state_points_rows_parallel",
                  "_adjoint_runs_rows_parallel", "_adjoint_points_rows_parallel"))
+
+#: The group of each kernel that one kind of run needs together with others
+#: (``module.name``). The first helper that a process starts for a kernel of a group also
+#: runs the group's warm-up parts (:data:`_WARM_UPS`).
+_GROUP_OF = {
+    **{f"ptoc.kernels.cpu.{name}": "sweeps"
+       for name in ("_forward", "_adjoint_block", "_add_partials", "_forward_one_thread",
+                    "_forward_rows_one_thread", "_adjoint_rows_one_thread",
+                    "_adjoint_block_one_thread", "_add_partials_one_thread")},
+    **{f"ptoc.kernels.cpu.{name}": "levels"
+       for name in ("_state_runs", "_state_points", "_adjoint_runs", "_adjoint_points",
+                    "_layer_grad_block", "_level_derivatives")},
+    **dict.fromkeys(_ROWS_KERNELS, "levels"),
+    **{f"ptoc.kernels.rows.{name}": "levels"
+       for name in ("_correct", "_copy_rows", "_sumsq_diff")},
+    **{f"ptoc.kernels.conv_cpu.{name}": "conv"
+       for name in ("_layer", "_adjoint", "_sum_partials", "_state_runs", "_adjoint_runs",
+                    "_state_points", "_adjoint_points")},
+}
 
 
 def _importable(fn: Callable) -> bool:
