@@ -27,8 +27,8 @@ def _threads() -> int:
 
 def _tiny_problem(depth: int = 8, width: int = 4, batch: int = 6) -> tuple:
     """A float64 ResNet of ``width`` (4: the tile kernels; 8 or 16 with a batch of whole
-    vectors: the sample-major rows on one thread), its parameters, ``batch`` inputs and
-    their labels."""
+    vectors: the sample-major rows), its parameters, ``batch`` inputs and their
+    labels."""
     import numpy as np
 
     import ptoc
