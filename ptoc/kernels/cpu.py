@@ -1956,15 +1956,30 @@ def _level_rows(u, K, b) -> bool:
             and K.strides[2] == K.itemsize and b.strides[1] == b.itemsize)
 
 
-def _row_slots(u, n_tasks: int, n_steps: int, threads: int) -> int:
-    """Slots of a rows level kernel: one (the one-thread variant) on one thread, or for
-    work too small to gain from threads (:func:`_threaded`'s bound, ``S d^2``
-    multiply-adds per step), else up to ``CPU_SLOTS_PER_THREAD`` per thread (a task, a
-    whole run or point, is never split, so the slots change no result)."""
+def _row_slots(u, threads: int, n_tasks: int, starts=None, ends=None) -> int:
+    """Slots of a rows level kernel over ``n_tasks`` points (one step each) or, with
+    ``starts``/``ends``, the runs ``starts[r]..ends[r]``: one (the one-thread variant) on
+    one thread, or for work too small to gain from threads (:func:`_threaded`'s bound,
+    ``S d^2`` multiply-adds per step), else up to ``CPU_SLOTS_PER_THREAD`` per thread (a
+    task, a whole run or point, is never split, so the slots change no result). The
+    steps of the runs are counted only on more than one thread: a level kernel call of
+    one step costs about 1.6 us, and the count 2 to 5 us of NumPy calls."""
+    if threads == 1 or n_tasks < 2:
+        return 1
+    n_steps = n_tasks if starts is None else int(np.sum(ends - starts + 1))
     S, d = u.shape[1], u.shape[2]
-    if threads == 1 or n_tasks < 2 or S * d * d * n_steps < _config.CPU_PARALLEL_MIN_WORK:
+    if S * d * d * n_steps < _config.CPU_PARALLEL_MIN_WORK:
         return 1
     return min(n_tasks, _config.CPU_SLOTS_PER_THREAD * threads)
+
+
+def _call_rows(one_thread, parallel, args, slots: int) -> None:
+    """A rows level kernel on ``slots`` slots (:func:`_row_slots`): its one-thread
+    variant for one, else its parallel variant."""
+    if slots == 1:
+        one_thread(*args)
+    else:
+        parallel(*args, slots)
 
 
 def _derivatives_rows(X, K, b, out) -> bool:
@@ -2009,11 +2024,8 @@ def state_runs(u, g, K, b, dt, act, starts, ends, chunk):
         starts, ends = _idx(starts), _idx(ends)
         args = (uc, _c(g) if has_g else uc, has_g, K, b, np.asarray(dt, u.dtype), act, starts,
                 ends)
-        slots = _row_slots(u, len(starts), int(np.sum(ends - starts + 1)), threads)
-        if slots == 1:
-            _state_runs_rows_one_thread(*args)
-        else:
-            _state_runs_rows_parallel(*args, slots)
+        slots = _row_slots(u, threads, len(starts), starts, ends)
+        _call_rows(_state_runs_rows_one_thread, _state_runs_rows_parallel, args, slots)
         _copy_back(uc, u)
         return
     W = _state_width(u.shape[1], chunk, len(starts), threads)
@@ -2073,11 +2085,8 @@ def state_points_into(u, K, b, dt, act, positions, out, rows, g, mode, chunk):
     if _level_rows(u, K, b):
         args = (uc, K, b, np.asarray(dt, u.dtype), act, positions, outc,
                 positions if rows is None else _idx(rows), uc if g is None else _c(g), mode)
-        slots = _row_slots(u, len(positions), len(positions), threads)
-        if slots == 1:
-            _state_points_rows_one_thread(*args)
-        else:
-            _state_points_rows_parallel(*args, slots)
+        slots = _row_slots(u, threads, len(positions))
+        _call_rows(_state_points_rows_one_thread, _state_points_rows_parallel, args, slots)
         _copy_back(outc, out)
         return
     W = _state_width(u.shape[1], chunk, len(positions), threads)
@@ -2108,11 +2117,8 @@ def adjoint_runs(lam, g, D, K, dt, starts, ends, chunk):
         starts, ends = _idx(starts), _idx(ends)
         args = (lc, _c(g) if has_g else lc, has_g, D, K, np.asarray(dt, lam.dtype), starts,
                 ends)
-        slots = _row_slots(lam, len(starts), int(np.sum(ends - starts + 1)), threads)
-        if slots == 1:
-            _adjoint_runs_rows_one_thread(*args)
-        else:
-            _adjoint_runs_rows_parallel(*args, slots)
+        slots = _row_slots(lam, threads, len(starts), starts, ends)
+        _call_rows(_adjoint_runs_rows_one_thread, _adjoint_runs_rows_parallel, args, slots)
         _copy_back(lc, lam)
         return
     W = _state_width(lam.shape[1], chunk, len(starts), threads)
@@ -2166,11 +2172,8 @@ def adjoint_points_into(lam, D, K, dt, positions, out, rows, g, mode, chunk):
     if _adjoint_level_rows(lam, K, D):
         args = (lc, D, K, np.asarray(dt, lam.dtype), positions, outc,
                 positions if rows is None else _idx(rows), lc if g is None else _c(g), mode)
-        slots = _row_slots(lam, len(positions), len(positions), threads)
-        if slots == 1:
-            _adjoint_points_rows_one_thread(*args)
-        else:
-            _adjoint_points_rows_parallel(*args, slots)
+        slots = _row_slots(lam, threads, len(positions))
+        _call_rows(_adjoint_points_rows_one_thread, _adjoint_points_rows_parallel, args, slots)
         _copy_back(outc, out)
         return
     W = _state_width(lam.shape[1], chunk, len(positions), threads)

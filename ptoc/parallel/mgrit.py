@@ -176,11 +176,18 @@ def _structure(n_steps: int, owner: tuple[int, ...], rank: int, size: int, coars
     return levels, needs, plans, c_local, cc_local
 
 
-def _rows():
-    """The compiled row operations, imported on first use (importing ptoc loads no numba)."""
-    from ..kernels import rows as module
+_ROW_OPERATIONS = None
 
-    return module
+
+def _rows():
+    """The compiled row operations, imported on first use (importing ptoc loads no numba)
+    and kept: an import statement in a solve's inner calls took about 1 us each."""
+    global _ROW_OPERATIONS
+    if _ROW_OPERATIONS is None:
+        from ..kernels import rows as module
+
+        _ROW_OPERATIONS = module
+    return _ROW_OPERATIONS
 
 
 class MGRITSolve:
