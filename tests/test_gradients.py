@@ -4,7 +4,7 @@ docs/theory/maximum_principle.md)."""
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import ptoc
@@ -102,16 +102,32 @@ def test_dot_product_identity_of_tangent_and_adjoint(act):
     assert abs(lhs - rhs) <= 1e-10 * abs(lhs)
 
 
+def _crosses_a_kink(net, params, X, v, eps) -> bool:
+    """Whether a pre-activation ``K_n x_n + b_n`` of a relu network changes sign between
+    the parameters moved by ``-eps v`` and by ``+eps v``: central differences then
+    straddle a kink, where the loss has one-sided derivatives along ``v`` but none."""
+    signs = []
+    for t in (-eps, 0.0, eps):
+        p = params.unravel(params.ravel() + t * v.ravel())
+        xs = ptoc.forward(net, p, X).states
+        signs.append(np.einsum("nsd,ned->nse", xs[:-1], p.K) + p.b[:, None, :] > 0)
+    return not (np.array_equal(signs[0], signs[1]) and np.array_equal(signs[1], signs[2]))
+
+
 @given(width=st.integers(1, 9), depth=st.integers(1, 12), S=st.integers(1, 40),
        T=st.floats(0.1, 5.0), act=st.sampled_from(ACTS), seed=st.integers(0, 2**20))
 def test_gradient_property_random_networks(width, depth, S, T, act, seed):
-    """Directional derivative along a random direction = <grad, direction>."""
+    """Directional derivative along a random direction = <grad, direction>, wherever the
+    loss has one along the segment the central difference spans (for relu: no
+    pre-activation changes sign on it; random exploration drew one 2e-6 from zero, where
+    the forward difference matched the gradient and the backward one did not)."""
     net, params, X, y = problem(act, width=width, depth=depth, S=S, T=T, seed=seed, n_in=2,
                                 n_classes=3)
     _, grads = ptoc.loss_and_grad(net, params, X, y)
     rng = np.random.default_rng(seed + 1)
     v = params.unravel(rng.standard_normal(params.ravel().size))
     eps = 1e-6
+    assume(act != "relu" or not _crosses_a_kink(net, params, X, v, eps))
 
     def J(t):
         return ptoc.loss(net, params.unravel(params.ravel() + t * v.ravel()), X, y)
