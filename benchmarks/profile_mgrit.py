@@ -12,7 +12,10 @@ and ``total`` the whole call of ``parallel_forward`` (setup and the copy of the 
 included).
 
 It answers: how far is a solve from (layer steps) x (cost of one step), and what is
-the rest. Usage::
+the rest. A first set of solves, timed with only the compiled kernels wrapped (about
+0.3 us a call), splits a solve into the time inside the compiled kernels and the time
+outside them (the orchestration in Python, the wrappers' checks, the setup) and lists
+the largest gaps between two compiled calls. Usage::
 
     python benchmarks/profile_mgrit.py                       # two-level, all cores
     python benchmarks/profile_mgrit.py --levels 10 --threads 1
@@ -84,6 +87,44 @@ def _instrument(times: dict, calls: collections.Counter, steps: collections.Coun
         wrap(_propagator.ResNetLevelSteps, name, True)
 
 
+def _time_compiled(calls: list) -> None:
+    """Append ``(name, start, end)`` to ``calls`` for every call of a compiled level or
+    row kernel (the functions that the wrappers of ``ptoc.kernels.cpu`` and
+    ``ptoc.kernels.rows`` call): the rest of a solve is Python (orchestration, setup,
+    the wrappers' checks) and NumPy."""
+    from ptoc.kernels import cpu, rows
+
+    def wrap(module, name):
+        kernel = getattr(module, name)
+
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = kernel(*args)
+            calls.append((name, t0, time.perf_counter()))
+            return out
+        setattr(module, name, timed)
+
+    for name in dir(cpu):
+        if name.endswith(("_one_thread", "_parallel")) and hasattr(getattr(cpu, name), "py_func"):
+            wrap(cpu, name)
+    for name in dir(rows):
+        if name.startswith("_") and hasattr(getattr(rows, name), "py_func"):
+            wrap(rows, name)
+
+
+def _gaps(calls: list, start: float, end: float) -> dict:
+    """The time between consecutive compiled calls of one solve, by the pair of kernels
+    around it (``"(call)"`` before the first, ``"(return)"`` after the last):
+    ``{(before, after): [seconds, ...]}``."""
+    out = collections.defaultdict(list)
+    prev_name, prev_end = "(call)", start
+    for name, t0, t1 in calls:
+        out[(prev_name, name)].append(t0 - prev_end)
+        prev_name, prev_end = name, t1
+    out[(prev_name, "(return)")].append(end - prev_end)
+    return out
+
+
 def main(argv=None) -> int:
     import numba
 
@@ -105,10 +146,23 @@ def main(argv=None) -> int:
                         nested_iteration=False)
     for _ in range(3):  # compile and warm the caches
         parallel_forward(net, params, X0, solver)
+    flush = np.zeros(8 << 20) if args.cold else None
+    # first the split inside / outside the compiled kernels, with no other timer on
+    _time_compiled(compiled := [])
+    split, gaps = [], collections.defaultdict(list)
+    for _ in range(args.repeats):
+        if flush is not None:
+            flush += 1.0
+        compiled.clear()
+        t0 = time.perf_counter()
+        parallel_forward(net, params, X0, solver)
+        t1 = time.perf_counter()
+        split.append((t1 - t0, sum(b - a for _, a, b in compiled)))
+        for pair, seconds in _gaps(compiled, t0, t1).items():
+            gaps[pair] += seconds
     _instrument(times := {}, calls := collections.Counter(), steps := collections.Counter())
     per_run: dict[str, list[float]] = collections.defaultdict(list)
     totals = []
-    flush = np.zeros(8 << 20) if args.cold else None
     for _ in range(args.repeats):
         if flush is not None:
             flush += 1.0
@@ -122,6 +176,15 @@ def main(argv=None) -> int:
     print(f"MGRIT, {args.levels} levels max, N = {bench.DEPTH}, d = {bench.WIDTH}, "
           f"S = {bench.BATCH}, {args.threads} thread(s): {record.iterations} iterations, "
           f"{record.steps_total} layer steps")
+    whole, inside = np.median(split, axis=0)
+    outside = np.median([t - c for t, c in split])
+    print(f"without phase timers: {1e3 * whole:.3f} ms a solve, {1e3 * inside:.3f} inside the "
+          f"compiled kernels, {1e3 * outside:.3f} outside them (Python, NumPy, setup)")
+    print("the largest gaps between compiled calls (ms per solve, times per solve, median "
+          "us each):")
+    for (before, after), seconds in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:8]:
+        print(f"  {1e3 * sum(seconds) / args.repeats:7.3f} {len(seconds) / args.repeats:4.0f}x "
+              f"{1e6 * np.median(seconds):8.1f}  {before} -> {after}")
     print(f"{'phase':32s} {'ms/solve':>9s} {'calls':>6s} {'us/step':>8s}")
     print(f"{'total (parallel_forward)':32s} {1e3 * np.median(totals):9.3f}")
     for k in sorted(per_run, key=lambda k: -np.median(per_run[k])):
